@@ -1,0 +1,318 @@
+//! The continuous-batching loop: prefill waiting requests, decode the running batch, let new
+//! requests join between decode steps, send each request its tokens, and drop finished or
+//! cancelled requests from the shards' batches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use medley_proto::shard::v1 as pb;
+use tokio::sync::Notify;
+
+use super::client::{ClientError, ShardedClient};
+use super::queue::{BatchBudget, Entry, Queue};
+use crate::config::BatchingConfig;
+use crate::error::InferError;
+use crate::infer::{FinishReason, GeneratedText, InferStreamResponse, PrefillToken, Token};
+
+/// Budgets of the loop, resolved after warmup.
+#[derive(Debug, Clone)]
+pub(crate) struct LoopConfig {
+    /// From the router flags.
+    pub batching: BatchingConfig,
+    /// Tokens all running requests may hold together.
+    pub max_batch_total_tokens: u32,
+}
+
+/// Metric names of the batching loop.
+mod names {
+    pub const QUEUE_SIZE: &str = "medley_queue_size";
+    pub const BATCH_SIZE: &str = "medley_batch_current_size";
+    pub const BATCH_MAX_TOKENS: &str = "medley_batch_current_max_tokens";
+    pub const CANCELLED: &str = "medley_request_cancelled";
+    pub const FORWARD: &str = "medley_batch_forward_duration";
+    pub const STEP: &str = "medley_batch_inference_duration";
+}
+
+type Entries = HashMap<u64, Entry>;
+
+/// Runs forever (until the queue handle is dropped and the task aborted).
+pub(crate) async fn batching_task(
+    client: ShardedClient,
+    queue: Arc<Queue>,
+    notify: Arc<Notify>,
+    cfg: LoopConfig,
+) {
+    let b = &cfg.batching;
+    loop {
+        notify.notified().await;
+        while let Some(next) = queue.next_batch(BatchBudget {
+            min_size: None,
+            max_size: b.max_batch_size,
+            prefill_tokens: b.max_batch_prefill_tokens,
+            total_tokens: cfg.max_batch_total_tokens,
+        }) {
+            metrics::gauge!(names::QUEUE_SIZE).set(queue.len() as f64);
+            let mut entries = next.entries;
+            let mut cached = prefill(&client, next.batch, &mut entries).await;
+            let mut waiting_steps = 1usize;
+            while let Some(batch) = cached {
+                let mut batches = vec![batch];
+                let (size, max_tokens) = (batches[0].size as usize, batches[0].max_tokens);
+                metrics::gauge!(names::BATCH_SIZE).set(size as f64);
+                metrics::gauge!(names::BATCH_MAX_TOKENS).set(max_tokens as f64);
+                let min_size = (waiting_steps < b.max_waiting_tokens)
+                    .then(|| (size as f32 * b.waiting_served_ratio).floor() as usize);
+                if let Some(next) = queue.next_batch(BatchBudget {
+                    min_size: min_size.filter(|m| *m > 0),
+                    max_size: b
+                        .max_batch_size
+                        .map(|m| m.saturating_sub(size))
+                        .filter(|m| *m > 0),
+                    prefill_tokens: b.max_batch_prefill_tokens,
+                    total_tokens: cfg.max_batch_total_tokens.saturating_sub(max_tokens),
+                }) {
+                    metrics::gauge!(names::QUEUE_SIZE).set(queue.len() as f64);
+                    let mut new_entries = next.entries;
+                    if let Some(new_batch) = prefill(&client, next.batch, &mut new_entries).await {
+                        batches.push(new_batch);
+                    }
+                    entries.extend(new_entries);
+                    waiting_steps = 1;
+                } else {
+                    waiting_steps += 1;
+                }
+                // Drop requests whose client went away before spending a step on them.
+                let mut live = vec![];
+                for batch in batches {
+                    if let Some(b) = filter_batch(&client, batch, &mut entries).await {
+                        live.push(b);
+                    }
+                }
+                cached = if live.is_empty() {
+                    None
+                } else {
+                    decode(&client, live, &mut entries).await
+                };
+            }
+            metrics::gauge!(names::BATCH_SIZE).set(0.0);
+            metrics::gauge!(names::BATCH_MAX_TOKENS).set(0.0);
+        }
+    }
+}
+
+async fn prefill(
+    client: &ShardedClient,
+    batch: pb::Batch,
+    entries: &mut Entries,
+) -> Option<pb::CachedBatch> {
+    let id = batch.id;
+    let start = Instant::now();
+    match client.prefill(batch).await {
+        Ok(resp) => {
+            record_timings(resp.timings.as_ref(), "prefill", start);
+            send_generations(resp.generations, entries);
+            filter_next(client, resp.batch, entries).await
+        }
+        Err(e) => {
+            fail_all(client, Some(id), entries, e).await;
+            None
+        }
+    }
+}
+
+async fn decode(
+    client: &ShardedClient,
+    batches: Vec<pb::CachedBatch>,
+    entries: &mut Entries,
+) -> Option<pb::CachedBatch> {
+    let start = Instant::now();
+    let ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
+    match client.decode(batches).await {
+        Ok(resp) => {
+            record_timings(resp.timings.as_ref(), "decode", start);
+            send_generations(resp.generations, entries);
+            filter_next(client, resp.batch, entries).await
+        }
+        Err(e) => {
+            for id in ids {
+                let _ = client.clear_cache(Some(id)).await;
+            }
+            fail_all(client, None, entries, e).await;
+            None
+        }
+    }
+}
+
+fn record_timings(t: Option<&pb::Timings>, method: &'static str, start: Instant) {
+    if let Some(t) = t {
+        metrics::histogram!(names::FORWARD, "method" => method).record(t.forward_ns as f64 / 1e9);
+    }
+    metrics::histogram!(names::STEP, "method" => method).record(start.elapsed().as_secs_f64());
+}
+
+/// Filters the shard's next batch to the entries still alive.
+async fn filter_next(
+    client: &ShardedClient,
+    next: Option<pb::CachedBatch>,
+    entries: &mut Entries,
+) -> Option<pb::CachedBatch> {
+    match next {
+        Some(batch) => filter_batch(client, batch, entries).await,
+        None => None,
+    }
+}
+
+/// Removes from `batch` the requests that finished or whose client left.
+async fn filter_batch(
+    client: &ShardedClient,
+    batch: pb::CachedBatch,
+    entries: &mut Entries,
+) -> Option<pb::CachedBatch> {
+    let before = entries.len();
+    entries.retain(|_, e| !e.response_tx.is_closed());
+    let cancelled = before - entries.len();
+    if cancelled > 0 {
+        metrics::counter!(names::CANCELLED).increment(cancelled as u64);
+        tracing::debug!(cancelled, "dropping cancelled requests");
+    }
+    let keep: Vec<u64> = batch
+        .request_ids
+        .iter()
+        .copied()
+        .filter(|id| entries.contains_key(id))
+        .collect();
+    if keep.len() == batch.request_ids.len() {
+        return Some(batch);
+    }
+    if keep.is_empty() {
+        if let Err(e) = client.clear_cache(Some(batch.id)).await {
+            tracing::error!("clear_cache({}) failed: {e}", batch.id);
+        }
+        return None;
+    }
+    match client.filter_batch(batch.id, keep).await {
+        Ok(b) => b,
+        Err(e) => {
+            fail_all(client, Some(batch.id), entries, e).await;
+            None
+        }
+    }
+}
+
+/// Fails every entry with the shard's error and clears the batch.
+async fn fail_all(
+    client: &ShardedClient,
+    batch_id: Option<u64>,
+    entries: &mut Entries,
+    e: ClientError,
+) {
+    tracing::error!("shard call failed: {e}");
+    if let Some(id) = batch_id {
+        let _ = client.clear_cache(Some(id)).await;
+    }
+    let err = if e.is_unavailable() {
+        InferError::Unavailable(e.to_string())
+    } else {
+        InferError::Generation(e.to_string())
+    };
+    for (_, entry) in entries.drain() {
+        let _ = entry.response_tx.send(Err(err.clone()));
+    }
+}
+
+/// Sends each generation to its request; removes entries that finished or whose client left.
+fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
+    for g in generations {
+        let id = g.request_id;
+        let Some(entry) = entries.get(&id) else {
+            continue;
+        };
+        match send_generation(g, entry) {
+            Ok(false) => {}
+            Ok(true) => {
+                entries.remove(&id);
+            }
+            Err(()) => {
+                // The client left: drop the request from the batch.
+                metrics::counter!(names::CANCELLED).increment(1);
+                tracing::debug!(request = id, "client gone, dropping request");
+                entries.remove(&id);
+            }
+        }
+    }
+}
+
+type SendResult = Result<bool, ()>;
+
+/// Sends the events of one generation; Ok(true) when the request finished.
+fn send_generation(g: pb::Generation, entry: &Entry) -> SendResult {
+    let tx = &entry.response_tx;
+    if let Some(prefill) = g.prefill_tokens {
+        let tokens = prefill
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| PrefillToken {
+                id: *id,
+                text: prefill.texts.get(i).cloned().unwrap_or_default(),
+                logprob: prefill.logprobs.get(i).copied().filter(|l| !l.is_nan()),
+            })
+            .collect();
+        tx.send(Ok(InferStreamResponse::Prefill(tokens)))
+            .map_err(|_| ())?;
+    }
+    let Some(tokens) = g.tokens else {
+        return Ok(false);
+    };
+    let n = tokens.ids.len();
+    let mut top = g.top_tokens.into_iter();
+    for i in 0..n {
+        let token = Token {
+            id: tokens.ids[i],
+            text: tokens.texts.get(i).cloned().unwrap_or_default(),
+            logprob: tokens.logprobs.get(i).copied().unwrap_or(f32::NAN),
+            special: tokens.is_special.get(i).copied().unwrap_or(false),
+        };
+        let top_tokens = top.next().map(to_tokens).unwrap_or_default();
+        let last = i + 1 == n;
+        let event = match (&g.generated_text, last) {
+            (Some(gt), true) => InferStreamResponse::End {
+                token,
+                top_tokens,
+                generated_text: GeneratedText {
+                    text: gt.text.clone(),
+                    generated_tokens: gt.generated_tokens,
+                    finish_reason: finish_reason(gt.finish_reason),
+                    seed: gt.seed,
+                },
+                queued: entry.queued,
+                start: entry.batch_time.unwrap_or(entry.queued),
+            },
+            _ => InferStreamResponse::Intermediate { token, top_tokens },
+        };
+        tx.send(Ok(event)).map_err(|_| ())?;
+    }
+    Ok(g.generated_text.is_some())
+}
+
+fn to_tokens(t: pb::Tokens) -> Vec<Token> {
+    t.ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Token {
+            id: *id,
+            text: t.texts.get(i).cloned().unwrap_or_default(),
+            logprob: t.logprobs.get(i).copied().unwrap_or(f32::NAN),
+            special: t.is_special.get(i).copied().unwrap_or(false),
+        })
+        .collect()
+}
+
+fn finish_reason(code: i32) -> FinishReason {
+    match pb::FinishReason::try_from(code) {
+        Ok(pb::FinishReason::EosToken) => FinishReason::EosToken,
+        Ok(pb::FinishReason::StopSequence) => FinishReason::StopSequence,
+        _ => FinishReason::Length,
+    }
+}

@@ -1,0 +1,182 @@
+//! gRPC clients of the shards: one per rank over its Unix socket, and a fan-out wrapper that
+//! sends every call to every rank (so collectives stay in lock-step) and reads rank 0's answer.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use hyper_util::rt::TokioIo;
+use medley_proto::shard::v1 as pb;
+use medley_proto::shard::v1::shard_service_client::ShardServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Errors talking to shards.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached.
+    #[error("cannot connect to shard at {path}: {message}")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        message: String,
+    },
+    /// The shard answered with an error or the connection broke.
+    #[error("{}", .0.message())]
+    Rpc(tonic::Status),
+    /// No shard configured.
+    #[error("no shard sockets configured")]
+    NoShards,
+}
+
+impl ClientError {
+    /// True when the shard is unreachable (as opposed to failing the request).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::NoShards => true,
+            Self::Rpc(s) => matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled),
+        }
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Rpc(s)
+    }
+}
+
+/// Opens a gRPC channel over a Unix socket.
+pub async fn connect_uds(path: &Path) -> Result<Channel, ClientError> {
+    let socket = path.to_path_buf();
+    // The URI is required by tonic but unused: the connector dials the socket.
+    Endpoint::from_static("http://[::]:50051")
+        .connect_timeout(Duration::from_secs(10))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| ClientError::Connect {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// All ranks of one model.
+#[derive(Clone)]
+pub struct ShardedClient {
+    clients: Vec<ShardServiceClient<Channel>>,
+}
+
+const MAX_MESSAGE: usize = 256 << 20;
+
+impl ShardedClient {
+    /// Connects to every socket, rank 0 first.
+    pub async fn connect(paths: &[PathBuf]) -> Result<Self, ClientError> {
+        if paths.is_empty() {
+            return Err(ClientError::NoShards);
+        }
+        let mut clients = Vec::with_capacity(paths.len());
+        for p in paths {
+            clients.push(
+                ShardServiceClient::new(connect_uds(p).await?)
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            );
+        }
+        Ok(Self { clients })
+    }
+
+    /// Sends the same call to every rank concurrently; returns rank 0's response.
+    async fn all<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(ShardServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let results = try_join_all(self.clients.iter().cloned().map(call)).await?;
+        results
+            .into_iter()
+            .next()
+            .map(tonic::Response::into_inner)
+            .ok_or(ClientError::NoShards)
+    }
+
+    /// Model facts from rank 0.
+    pub async fn info(&self) -> Result<pb::InfoResponse, ClientError> {
+        self.all(|mut c| async move { c.info(pb::InfoRequest {}).await })
+            .await
+    }
+
+    /// Health of every rank.
+    pub async fn health(&self) -> Result<(), ClientError> {
+        self.all(|mut c| async move { c.health(pb::HealthRequest {}).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Warms up every rank; returns the smallest KV capacity.
+    pub async fn warmup(&self, req: pb::WarmupRequest) -> Result<u64, ClientError> {
+        let results = try_join_all(self.clients.iter().cloned().map(|mut c| {
+            let req = req.clone();
+            async move { c.warmup(req).await }
+        }))
+        .await?;
+        results
+            .into_iter()
+            .map(|r| r.into_inner().max_supported_total_tokens)
+            .min()
+            .ok_or(ClientError::NoShards)
+    }
+
+    /// Prefill on every rank.
+    pub async fn prefill(&self, batch: pb::Batch) -> Result<pb::PrefillResponse, ClientError> {
+        self.all(|mut c| {
+            let batch = batch.clone();
+            async move { c.prefill(pb::PrefillRequest { batch: Some(batch) }).await }
+        })
+        .await
+    }
+
+    /// Decode on every rank.
+    pub async fn decode(
+        &self,
+        batches: Vec<pb::CachedBatch>,
+    ) -> Result<pb::DecodeResponse, ClientError> {
+        self.all(|mut c| {
+            let batches = batches.clone();
+            async move { c.decode(pb::DecodeRequest { batches }).await }
+        })
+        .await
+    }
+
+    /// FilterBatch on every rank.
+    pub async fn filter_batch(
+        &self,
+        batch_id: u64,
+        request_ids: Vec<u64>,
+    ) -> Result<Option<pb::CachedBatch>, ClientError> {
+        self.all(|mut c| {
+            let request_ids = request_ids.clone();
+            async move {
+                c.filter_batch(pb::FilterBatchRequest {
+                    batch_id,
+                    request_ids,
+                })
+                .await
+            }
+        })
+        .await
+        .map(|r| r.batch)
+    }
+
+    /// ClearCache on every rank.
+    pub async fn clear_cache(&self, id: Option<u64>) -> Result<(), ClientError> {
+        self.all(|mut c| async move { c.clear_cache(pb::ClearCacheRequest { id }).await })
+            .await
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,47 @@
+//! `medley`: the user-facing executable.
+//!
+//! `medley serve [--model ID|DIR] ...` resolves the model, starts the `medley-shard` processes
+//! and serves the LoRAX-compatible HTTP API and the `medley.v1` gRPC API. See
+//! `medley_router::launcher` for the flags, the model resolution order and the exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use medley_router::launcher::logging::{self, LogFormat};
+use medley_router::launcher::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            if let Err(e) = logging::init(LogFormat::from_json_flag(args.router.json_output)) {
+                eprintln!("medley: cannot set up logging: {e}");
+                return ExitCode::from(2);
+            }
+            run(medley_router::launcher::serve(*args))
+        }
+    }
+}
+
+/// Runs `future` on a multi-threaded Tokio runtime and turns its result into the exit code.
+fn run(
+    future: impl std::future::Future<Output = Result<(), medley_router::launcher::LauncherError>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("medley: cannot start the async runtime: {e}");
+            return ExitCode::from(6);
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Generation routes: `POST /generate` (object), `POST /` and `POST /invocations` (LoRAX compat:
+//! a one-element array, or SSE when `stream` is true).
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::extract::JsonBody;
+use super::types::{CompatGenerateBody, GenerateBody, GenerateResponse};
+use super::{AppState, headers, sse};
+use crate::infer::GenerateRequest;
+
+async fn generate_one(
+    state: &AppState,
+    request: GenerateRequest,
+) -> Result<(axum::http::HeaderMap, GenerateResponse), ApiError> {
+    let opts = request.parameters.response_options();
+    let out = state.infer.generate(request).await?;
+    let h = headers::finished(state, &out);
+    tracing::debug!(
+        generated_tokens = out.generated_text.generated_tokens,
+        total_ms = out.timings.total.as_millis() as u64,
+        "generation finished"
+    );
+    Ok((h, GenerateResponse::new(out, opts)))
+}
+
+/// `POST /generate`: one JSON object.
+#[tracing::instrument(skip_all)]
+pub(super) async fn generate(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<GenerateBody>,
+) -> Result<Response, ApiError> {
+    let (h, resp) = generate_one(&state, body.into()).await?;
+    Ok((h, Json(resp)).into_response())
+}
+
+/// `POST /` and `POST /invocations`: `[GenerateResponse]`, or SSE when `stream` is true.
+#[tracing::instrument(skip_all)]
+pub(super) async fn compat_generate(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<CompatGenerateBody>,
+) -> Result<Response, ApiError> {
+    let (request, stream) = body.into_parts();
+    if stream {
+        return sse::stream(state, request).await;
+    }
+    let (h, resp) = generate_one(&state, request).await?;
+    Ok((h, Json(vec![resp])).into_response())
+}
+
+/// `POST /generate_stream`: server-sent events.
+#[tracing::instrument(skip_all)]
+pub(super) async fn generate_stream(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<GenerateBody>,
+) -> Result<Response, ApiError> {
+    sse::stream(state, body.into()).await
+}

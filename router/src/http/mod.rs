@@ -1,0 +1,64 @@
+//! LoRAX/TGI-compatible REST front (axum).
+//!
+//! | route | |
+//! |---|---|
+//! | `POST /`, `POST /invocations` | LoRAX compat: `{inputs, parameters, stream}` → `[GenerateResponse]` or SSE |
+//! | `POST /generate` | `{inputs, parameters}` → `GenerateResponse` |
+//! | `POST /generate_stream` | `{inputs, parameters}` → SSE of `StreamResponse` |
+//! | `GET /health`, `GET /ping`, `GET /` | 200, or 503 `{"error":"unhealthy","error_type":"healthcheck"}` |
+//! | `GET /info` | model and limits |
+//! | `POST /tokenize` | `{inputs, add_special_tokens?}` → `[{id, text, start, stop}]` |
+//! | `GET /metrics` | Prometheus text |
+//!
+//! Every error body is `{"error": "...", "error_type": "..."}`, body-parsing errors, unknown
+//! routes (404 `not_found`) and wrong methods (405 `method_not_allowed`) included.
+
+mod error;
+mod extract;
+mod generate;
+mod headers;
+mod meta;
+mod sse;
+#[cfg(test)]
+mod tests;
+pub mod types;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+pub use error::{ApiError, ErrorBody};
+pub use extract::JsonBody;
+
+use crate::config::RouterConfig;
+use crate::infer::Infer;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The generation facade.
+    pub infer: Infer,
+    /// Server configuration (model id, limits).
+    pub config: Arc<RouterConfig>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+/// The REST routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(meta::health).post(generate::compat_generate))
+        .route("/invocations", post(generate::compat_generate))
+        .route("/generate", post(generate::generate))
+        .route("/generate_stream", post(generate::generate_stream))
+        .route("/health", get(meta::health))
+        .route("/ping", get(meta::health))
+        .route("/info", get(meta::info))
+        .route("/tokenize", post(meta::tokenize))
+        .route("/metrics", get(meta::metrics))
+        .fallback(meta::not_found)
+        .method_not_allowed_fallback(meta::method_not_allowed)
+        .with_state(state)
+}

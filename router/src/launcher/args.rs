@@ -1,0 +1,254 @@
+//! `medley serve` arguments. Every flag can also be given as an environment variable (TGI and
+//! LoRAX names where they exist), which is how the Helm chart and containers configure it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::RouterArgs;
+
+/// Compute dtype requested from the shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DType {
+    /// The checkpoint's own dtype (f32 on CPU when the checkpoint is half precision and the
+    /// device cannot run it; the shard decides).
+    Auto,
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+impl DType {
+    /// The value passed to `medley-shard --dtype`.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            DType::Auto => "auto",
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+/// Arguments of `medley serve`: the launcher's own flags plus the router's ([`RouterArgs`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Model to serve: a local directory (config.json, tokenizer.json, model.safetensors or an
+    /// index + shards) or a Hugging Face hub id `org/name`. Without it, the tiny random Llama
+    /// embedded in this binary is served as `medley/tiny-random-llama`.
+    #[arg(long, env = "MODEL_ID")]
+    pub model: Option<String>,
+    /// Hub revision (branch, tag or commit sha) of `--model`; defaults to `main`.
+    #[arg(long, env = "REVISION")]
+    pub revision: Option<String>,
+    /// Number of tensor-parallel shards (one `medley-shard` process each).
+    #[arg(long, env = "NUM_SHARD", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub num_shard: u32,
+    /// Compute dtype of the shards.
+    #[arg(long, env = "DTYPE", value_enum, default_value_t = DType::Auto)]
+    pub dtype: DType,
+    /// Prefix of the shards' Unix sockets: rank `r` listens on `{path}-{r}`.
+    #[arg(long, env = "SHARD_UDS_PATH", default_value = "/tmp/medley-server")]
+    pub shard_uds_path: PathBuf,
+    /// The shard executable; defaults to `medley-shard` next to this executable, else on `PATH`.
+    #[arg(long, env = "MEDLEY_SHARD_BIN")]
+    pub shard_bin: Option<PathBuf>,
+    /// Tokens the KV cache of each shard may hold; defaults to what the shard derives from
+    /// available memory.
+    #[arg(long, env = "KV_CACHE_TOKENS")]
+    pub kv_cache_tokens: Option<u64>,
+    /// Seconds to wait for every shard to become ready.
+    #[arg(long, env = "SHARD_STARTUP_TIMEOUT", default_value_t = 600)]
+    pub shard_startup_timeout: u64,
+    /// Seconds the router and the shards get to stop after SIGTERM/SIGINT before they are killed.
+    #[arg(long, env = "GRACEFUL_TERMINATION_TIMEOUT", default_value_t = 90)]
+    pub graceful_termination_timeout: u64,
+    /// Hugging Face hub cache directory; defaults to `HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+    /// `~/.cache/huggingface/hub`.
+    #[arg(long, env = "HUGGINGFACE_HUB_CACHE")]
+    pub huggingface_hub_cache: Option<PathBuf>,
+    /// Router flags (ports, limits, batching, logging).
+    #[command(flatten)]
+    pub router: RouterArgs,
+}
+
+impl ServeArgs {
+    /// `--shard-startup-timeout` as a duration.
+    pub fn startup_timeout(&self) -> Duration {
+        Duration::from_secs(self.shard_startup_timeout)
+    }
+
+    /// `--graceful-termination-timeout` as a duration.
+    pub fn termination_timeout(&self) -> Duration {
+        Duration::from_secs(self.graceful_termination_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::launcher::cli::{Cli, Command};
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(std::iter::once("medley").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("parse {args:?}: {e}"));
+        match cli.command {
+            Command::Serve(args) => *args,
+        }
+    }
+
+    /// Marker variable that turns [`env_probe`] from a no-op into the real check; only the child
+    /// process started by [`env_vars_are_honoured`] sets it.
+    const PROBE_MARKER: &str = "MEDLEY_TEST_ENV_PROBE";
+
+    #[test]
+    fn flags_parse() {
+        let args = serve(&[
+            "serve",
+            "--model",
+            "org/name",
+            "--revision",
+            "v1",
+            "--num-shard",
+            "2",
+            "--dtype",
+            "bf16",
+            "--shard-uds-path",
+            "/run/x",
+            "--shard-bin",
+            "/opt/medley-shard",
+            "--kv-cache-tokens",
+            "4096",
+            "--shard-startup-timeout",
+            "5",
+            "--graceful-termination-timeout",
+            "7",
+            "--huggingface-hub-cache",
+            "/data/hub",
+            "--port",
+            "9000",
+            "--grpc-port",
+            "9001",
+            "--max-input-length",
+            "100",
+        ]);
+        assert_eq!(args.model.as_deref(), Some("org/name"));
+        assert_eq!(args.revision.as_deref(), Some("v1"));
+        assert_eq!(args.num_shard, 2);
+        assert_eq!(args.dtype, DType::Bf16);
+        assert_eq!(args.shard_uds_path, PathBuf::from("/run/x"));
+        assert_eq!(args.shard_bin, Some(PathBuf::from("/opt/medley-shard")));
+        assert_eq!(args.kv_cache_tokens, Some(4096));
+        assert_eq!(args.startup_timeout(), Duration::from_secs(5));
+        assert_eq!(args.termination_timeout(), Duration::from_secs(7));
+        assert_eq!(args.huggingface_hub_cache, Some(PathBuf::from("/data/hub")));
+        assert_eq!(args.router.port, 9000);
+        assert_eq!(args.router.grpc_port, 9001);
+        assert_eq!(args.router.max_input_length, 100);
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        for bad in [
+            &["serve", "--num-shard", "0"][..],
+            &["serve", "--dtype", "f64"],
+            &["serve", "--shard-startup-timeout", "-1"],
+            &["serve", "--bogus"],
+        ] {
+            let argv = std::iter::once("medley").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} should fail");
+        }
+    }
+
+    /// Runs `env_probe` in a child process of this test binary with `env` as its whole
+    /// environment, so no test mutates the environment of this (multi-threaded) process.
+    fn run_probe(mode: &str, env: &[(&str, &str)]) {
+        let exe = std::env::current_exe().expect("test binary path");
+        let output = std::process::Command::new(exe)
+            .args(["--exact", "launcher::args::tests::env_probe", "--nocapture"])
+            .env_clear()
+            .env(PROBE_MARKER, mode)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run the env probe");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "env probe ({mode}) failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Guard against the filter matching nothing (which would also succeed).
+        assert!(stdout.contains("1 passed"), "probe did not run:\n{stdout}");
+    }
+
+    #[test]
+    fn env_vars_are_honoured() {
+        run_probe(
+            "env",
+            &[
+                ("MODEL_ID", "org/from-env"),
+                ("REVISION", "refs/pr/1"),
+                ("NUM_SHARD", "3"),
+                ("DTYPE", "f16"),
+                ("SHARD_UDS_PATH", "/tmp/env-sock"),
+                ("MEDLEY_SHARD_BIN", "/env/medley-shard"),
+                ("KV_CACHE_TOKENS", "77"),
+                ("SHARD_STARTUP_TIMEOUT", "11"),
+                ("GRACEFUL_TERMINATION_TIMEOUT", "12"),
+                ("HUGGINGFACE_HUB_CACHE", "/env/hub"),
+                ("PORT", "18080"),
+                ("JSON_OUTPUT", "true"),
+            ],
+        );
+    }
+
+    #[test]
+    fn defaults_without_env() {
+        run_probe("defaults", &[]);
+    }
+
+    /// The child side of [`run_probe`]; a no-op in a normal test run.
+    #[test]
+    fn env_probe() {
+        let Some(mode) = std::env::var_os(PROBE_MARKER) else {
+            return;
+        };
+        let args = serve(&["serve"]);
+        if mode == "defaults" {
+            assert_eq!(args.model, None);
+            assert_eq!(args.revision, None);
+            assert_eq!(args.num_shard, 1);
+            assert_eq!(args.dtype, DType::Auto);
+            assert_eq!(args.shard_uds_path, PathBuf::from("/tmp/medley-server"));
+            assert_eq!(args.shard_bin, None);
+            assert_eq!(args.kv_cache_tokens, None);
+            assert_eq!(args.startup_timeout(), Duration::from_secs(600));
+            assert_eq!(args.termination_timeout(), Duration::from_secs(90));
+            assert_eq!(args.huggingface_hub_cache, None);
+            assert_eq!(args.router.port, 8080);
+            assert_eq!(args.router.grpc_port, 8081);
+            assert!(!args.router.json_output);
+            return;
+        }
+        assert_eq!(args.model.as_deref(), Some("org/from-env"));
+        assert_eq!(args.revision.as_deref(), Some("refs/pr/1"));
+        assert_eq!(args.num_shard, 3);
+        assert_eq!(args.dtype, DType::F16);
+        assert_eq!(args.shard_uds_path, PathBuf::from("/tmp/env-sock"));
+        assert_eq!(args.shard_bin, Some(PathBuf::from("/env/medley-shard")));
+        assert_eq!(args.kv_cache_tokens, Some(77));
+        assert_eq!(args.shard_startup_timeout, 11);
+        assert_eq!(args.graceful_termination_timeout, 12);
+        assert_eq!(args.huggingface_hub_cache, Some(PathBuf::from("/env/hub")));
+        assert_eq!(args.router.port, 18080);
+        assert!(args.router.json_output);
+        // A flag still wins over its environment variable.
+        let args = serve(&["serve", "--num-shard", "1", "--model", "/m"]);
+        assert_eq!(args.num_shard, 1);
+        assert_eq!(args.model.as_deref(), Some("/m"));
+    }
+}

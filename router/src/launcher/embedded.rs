@@ -1,0 +1,266 @@
+//! The default model compiled into `medley`: the committed tiny random Llama
+//! (`tests/fixtures/tiny-llama`), written to disk on first use so `medley serve` works offline on
+//! a fresh machine without any argument.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Model id reported for the embedded model.
+pub const EMBEDDED_MODEL_ID: &str = "medley/tiny-random-llama";
+
+macro_rules! fixture_file {
+    ($name:literal) => {
+        (
+            $name,
+            include_bytes!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/fixtures/tiny-llama/",
+                $name
+            ))
+            .as_slice(),
+        )
+    };
+}
+
+/// The files of the embedded default model.
+static DEFAULT_FILES: [(&str, &[u8]); 5] = [
+    fixture_file!("config.json"),
+    fixture_file!("generation_config.json"),
+    fixture_file!("model.safetensors"),
+    fixture_file!("tokenizer.json"),
+    fixture_file!("tokenizer_config.json"),
+];
+
+/// A set of named files with a content hash, extracted into `<base>/<hash>/`.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedModel {
+    files: &'static [(&'static str, &'static [u8])],
+}
+
+/// Why the embedded model could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    /// No candidate directory could hold it.
+    #[error("cannot write the embedded model to any of: {}", attempts.join("; "))]
+    NoWritableDir {
+        /// `dir: error` per candidate tried.
+        attempts: Vec<String>,
+    },
+}
+
+impl EmbeddedModel {
+    /// The tiny random Llama compiled into this binary.
+    pub fn default_model() -> Self {
+        Self {
+            files: &DEFAULT_FILES,
+        }
+    }
+
+    /// File names and contents.
+    pub fn files(&self) -> &'static [(&'static str, &'static [u8])] {
+        self.files
+    }
+
+    /// Hex SHA-256 prefix over every file's name, length and bytes; names the extraction dir.
+    pub fn content_hash(&self) -> String {
+        let mut hasher = Sha256::new();
+        for (name, bytes) in self.files {
+            hasher.update((name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        }
+        hex::encode(&hasher.finalize()[..8])
+    }
+
+    /// Writes the model below the first usable directory of [`default_bases`] and returns the
+    /// model directory.
+    pub fn materialize(&self) -> Result<PathBuf, EmbeddedError> {
+        self.materialize_in(&default_bases())
+    }
+
+    /// Writes the model below the first of `bases` where that works.
+    pub fn materialize_in(&self, bases: &[PathBuf]) -> Result<PathBuf, EmbeddedError> {
+        let mut attempts = Vec::new();
+        for base in bases {
+            match self.extract_to(base) {
+                Ok(dir) => return Ok(dir),
+                Err(e) => {
+                    tracing::debug!(base = %base.display(), error = %e, "cannot extract the embedded model here");
+                    attempts.push(format!("{}: {e}", base.display()));
+                }
+            }
+        }
+        Err(EmbeddedError::NoWritableDir { attempts })
+    }
+
+    /// Returns `<base>/<hash>/` holding exactly these files, writing it if needed.
+    ///
+    /// Idempotent and safe against concurrent launchers: the files go to a private temporary
+    /// directory in `base` that is renamed into place in one step. An existing directory is
+    /// reused after its contents are verified; a damaged one is replaced.
+    pub fn extract_to(&self, base: &Path) -> std::io::Result<PathBuf> {
+        let target = base.join(self.content_hash());
+        if self.verify(&target) {
+            return Ok(target);
+        }
+        std::fs::create_dir_all(base)?;
+        let staging = tempfile::Builder::new()
+            .prefix(".staging-")
+            .tempdir_in(base)?;
+        for (name, bytes) in self.files {
+            let mut file = std::fs::File::create(staging.path().join(name))?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+        }
+        if target.exists() {
+            // Damaged (verify failed above): move it aside and drop it.
+            let trash = tempfile::Builder::new()
+                .prefix(".trash-")
+                .tempdir_in(base)?;
+            let _ = std::fs::rename(&target, trash.path().join("old"));
+        }
+        let staging = staging.keep();
+        match std::fs::rename(&staging, &target) {
+            Ok(()) => Ok(target),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                // Another launcher may have won the race with the same content.
+                if self.verify(&target) {
+                    Ok(target)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// True when `dir` holds every file with the expected bytes.
+    fn verify(&self, dir: &Path) -> bool {
+        self.files.iter().all(|(name, bytes)| {
+            std::fs::read(dir.join(name)).is_ok_and(|on_disk| on_disk == *bytes)
+        })
+    }
+}
+
+/// Candidate base directories: `$XDG_CACHE_HOME/medley/embedded`, `~/.cache/medley/embedded`,
+/// then `<temp dir>/medley/embedded`.
+pub fn default_bases() -> Vec<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let mut bases = Vec::new();
+    if let Some(xdg) = var("XDG_CACHE_HOME") {
+        bases.push(PathBuf::from(xdg).join("medley/embedded"));
+    }
+    if let Some(home) = var("HOME") {
+        bases.push(PathBuf::from(home).join(".cache/medley/embedded"));
+    }
+    bases.push(std::env::temp_dir().join("medley/embedded"));
+    bases
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launcher::model_dir::{check_model_dir, tests::fixture_dir};
+
+    #[test]
+    fn embedded_bytes_are_the_fixture() {
+        let model = EmbeddedModel::default_model();
+        for (name, bytes) in model.files() {
+            let on_disk = std::fs::read(fixture_dir().join(name)).expect("fixture file");
+            assert_eq!(on_disk, *bytes, "{name}");
+        }
+    }
+
+    #[test]
+    fn extraction_is_complete_verified_and_idempotent() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let model = EmbeddedModel::default_model();
+        let dir = model.extract_to(tmp.path()).expect("extract");
+        assert_eq!(dir, tmp.path().join(model.content_hash()));
+        check_model_dir(&dir).expect("a complete model dir");
+        let mtime = |p: &Path| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .expect("mtime")
+        };
+        let before = mtime(&dir.join("model.safetensors"));
+        // Second call reuses the directory untouched; no staging leftovers.
+        assert_eq!(model.extract_to(tmp.path()).expect("again"), dir);
+        assert_eq!(mtime(&dir.join("model.safetensors")), before);
+        let entries: Vec<_> = std::fs::read_dir(tmp.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(
+            entries,
+            vec![std::ffi::OsString::from(model.content_hash())]
+        );
+    }
+
+    #[test]
+    fn damaged_extraction_is_replaced() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let model = EmbeddedModel::default_model();
+        let dir = model.extract_to(tmp.path()).expect("extract");
+        std::fs::write(dir.join("tokenizer.json"), b"truncated").expect("damage");
+        std::fs::remove_file(dir.join("config.json")).expect("damage");
+        let again = model.extract_to(tmp.path()).expect("repair");
+        assert_eq!(again, dir);
+        for (name, bytes) in model.files() {
+            assert_eq!(
+                std::fs::read(dir.join(name)).expect("read"),
+                *bytes,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn concurrent_extractions_agree() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let model = EmbeddedModel::default_model();
+        let dirs: Vec<PathBuf> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| model.extract_to(tmp.path()).expect("extract")))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("join"))
+                .collect()
+        });
+        assert!(dirs.iter().all(|d| *d == dirs[0]));
+        check_model_dir(&dirs[0]).expect("complete");
+    }
+
+    #[test]
+    fn falls_back_past_unwritable_bases() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        // A regular file where a directory is expected cannot hold the model, even as root.
+        let blocked = tmp.path().join("blocked");
+        std::fs::write(&blocked, b"").expect("file");
+        let good = tmp.path().join("good");
+        let model = EmbeddedModel::default_model();
+        let dir = model
+            .materialize_in(&[blocked.join("sub"), good.clone()])
+            .expect("fallback");
+        assert!(dir.starts_with(&good));
+        let err = model
+            .materialize_in(&[blocked.join("a"), blocked.join("b")])
+            .expect_err("nothing writable");
+        assert!(err.to_string().contains("blocked"), "{err}");
+    }
+
+    #[test]
+    fn hash_depends_on_names_and_contents() {
+        static A: [(&str, &[u8]); 1] = [("a", b"xy")];
+        static B: [(&str, &[u8]); 1] = [("b", b"xy")];
+        static C: [(&str, &[u8]); 1] = [("a", b"xz")];
+        let hash = |files| EmbeddedModel { files }.content_hash();
+        assert_ne!(hash(&A), hash(&B));
+        assert_ne!(hash(&A), hash(&C));
+        assert_eq!(hash(&A).len(), 16);
+    }
+}

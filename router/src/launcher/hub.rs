@@ -1,0 +1,326 @@
+//! Hugging Face hub models: the settings (from the `HF_*` environment), the local cache layout
+//! (`models--{org}--{name}/refs/{revision}` → `snapshots/{sha}/`) and downloads with `hf-hub`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hf_hub::api::tokio::{ApiBuilder, ApiError, ApiRepo};
+use hf_hub::{Cache, Repo, RepoType};
+
+use super::model_dir::{
+    CONFIG_FILE, ModelDirError, ModelFiles, OPTIONAL_FILES, TOKENIZER_FILE, WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE, check_model_dir, index_shard_names,
+};
+
+/// The public hub.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+/// The branch used when no revision is given.
+pub const DEFAULT_REVISION: &str = "main";
+
+/// How to reach the hub and where its cache is.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// The cache directory (`.../hub`), if one could be determined.
+    pub cache_dir: Option<PathBuf>,
+    /// `HF_HUB_OFFLINE` is set: never touch the network.
+    pub offline: bool,
+    /// `HF_ENDPOINT`, without a trailing slash.
+    pub endpoint: String,
+    /// `HF_TOKEN` (or the legacy `HUGGING_FACE_HUB_TOKEN`); else the token file of the cache.
+    pub token: Option<String>,
+    /// Limit on listing the repository, the first request: an unreachable endpoint fails
+    /// within it instead of hanging.
+    pub request_timeout: Duration,
+}
+
+impl HubSettings {
+    /// Reads the settings from the process environment; `cache_override` is
+    /// `--huggingface-hub-cache`.
+    pub fn from_env(cache_override: Option<PathBuf>) -> Self {
+        Self::from_vars(cache_override, |name| {
+            std::env::var(name).ok().filter(|v| !v.is_empty())
+        })
+    }
+
+    /// Like [`HubSettings::from_env`] with a custom variable lookup (for tests).
+    pub fn from_vars(
+        cache_override: Option<PathBuf>,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Self {
+        let cache_dir = cache_override
+            .or_else(|| var("HF_HUB_CACHE").map(PathBuf::from))
+            .or_else(|| var("HF_HOME").map(|home| PathBuf::from(home).join("hub")))
+            .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache/huggingface/hub")));
+        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| is_truthy(&v));
+        let endpoint = var("HF_ENDPOINT")
+            .map(|e| e.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let token = var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN"));
+        Self {
+            cache_dir,
+            offline,
+            endpoint,
+            token,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `huggingface_hub`'s notion of a true environment flag.
+fn is_truthy(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}
+
+/// True when `id` is a valid hub repository id (`name` or `org/name`), following
+/// `huggingface_hub.utils.validate_repo_id`.
+pub fn is_valid_repo_id(id: &str) -> bool {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !p.starts_with(['-', '.'])
+            && !p.ends_with(['-', '.'])
+    };
+    let mut parts = id.split('/');
+    let ok_parts = match (parts.next(), parts.next(), parts.next()) {
+        (Some(name), None, None) => part_ok(name),
+        (Some(org), Some(name), None) => part_ok(org) && part_ok(name),
+        _ => false,
+    };
+    ok_parts && id.len() <= 96 && !id.contains("--") && !id.contains("..")
+}
+
+/// What the cache holds for one repository revision.
+#[derive(Debug)]
+pub enum CacheLookup {
+    /// A complete snapshot.
+    Hit(ModelFiles),
+    /// Nothing for this revision.
+    Miss,
+    /// A snapshot exists but lacks files (an interrupted download, or a repo without them).
+    Incomplete(ModelDirError),
+}
+
+/// Looks `repo_id` at `revision` up in the cache at `cache_dir` (read-only).
+///
+/// `revision` is resolved through `refs/{revision}`; a full commit sha also matches
+/// `snapshots/{sha}` directly (as `huggingface_hub` does).
+pub fn lookup_cache(cache_dir: &Path, repo_id: &str, revision: &str) -> CacheLookup {
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+    let repo_dir = cache_dir.join(repo.folder_name());
+    let commit = match std::fs::read_to_string(repo_dir.join("refs").join(revision)) {
+        Ok(sha) => sha.trim().to_string(),
+        Err(_) if is_commit_sha(revision) => revision.to_string(),
+        Err(_) => return CacheLookup::Miss,
+    };
+    if !is_commit_sha(&commit) {
+        return CacheLookup::Miss;
+    }
+    let snapshot = repo_dir.join("snapshots").join(&commit);
+    if !snapshot.is_dir() {
+        return CacheLookup::Miss;
+    }
+    match check_model_dir(&snapshot) {
+        Ok(files) => CacheLookup::Hit(files),
+        Err(err) => CacheLookup::Incomplete(err),
+    }
+}
+
+/// A 40-hex-digit git commit id (what the cache names snapshots after).
+fn is_commit_sha(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Why a download failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// The endpoint did not answer within the request timeout.
+    #[error("no answer from {endpoint} within {}s while listing {repo_id}@{revision}", timeout.as_secs())]
+    Timeout {
+        /// The hub endpoint.
+        endpoint: String,
+        /// The repository.
+        repo_id: String,
+        /// The revision.
+        revision: String,
+        /// The limit that passed.
+        timeout: Duration,
+    },
+    /// A request to the hub failed.
+    #[error("{what} {repo_id}@{revision} from {endpoint} failed: {detail}")]
+    Api {
+        /// What was being done ("listing", "downloading config.json of").
+        what: String,
+        /// The hub endpoint.
+        endpoint: String,
+        /// The repository.
+        repo_id: String,
+        /// The revision.
+        revision: String,
+        /// The error with its causes.
+        detail: String,
+    },
+    /// The repository lacks files a model needs.
+    #[error("{repo_id}@{revision} on {endpoint} has no {missing}")]
+    MissingInRepo {
+        /// The hub endpoint.
+        endpoint: String,
+        /// The repository.
+        repo_id: String,
+        /// The revision.
+        revision: String,
+        /// What it lacks.
+        missing: String,
+    },
+    /// The files landed in different snapshots (the branch moved during the download).
+    #[error("{repo_id}@{revision} changed during the download; start again")]
+    RevisionMoved {
+        /// The repository.
+        repo_id: String,
+        /// The revision.
+        revision: String,
+    },
+    /// The downloaded snapshot is not a usable model directory.
+    #[error(transparent)]
+    Layout(#[from] ModelDirError),
+}
+
+/// Downloads `repo_id` at `revision` into the cache at `cache_dir` and returns the snapshot.
+///
+/// Fetches `config.json`, `tokenizer.json`, the optional files the repository has
+/// (`tokenizer_config.json`, `generation_config.json`), and `model.safetensors` or the index
+/// plus every shard it names. Files already in the cache blob store are not fetched again.
+pub async fn download(
+    settings: &HubSettings,
+    cache_dir: &Path,
+    repo_id: &str,
+    revision: &str,
+) -> Result<ModelFiles, DownloadError> {
+    let ctx = Ctx {
+        endpoint: &settings.endpoint,
+        repo_id,
+        revision,
+    };
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir.to_path_buf()))
+        .with_endpoint(settings.endpoint.clone())
+        .with_progress(false);
+    if settings.token.is_some() {
+        builder = builder.with_token(settings.token.clone());
+    }
+    let api = builder.build().map_err(|e| ctx.api("setting up", &e))?;
+    let repo = api.repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    ));
+    tracing::info!(repo_id, revision, endpoint = %settings.endpoint, "listing the repository");
+    let info = tokio::time::timeout(settings.request_timeout, repo.info())
+        .await
+        .map_err(|_| DownloadError::Timeout {
+            endpoint: settings.endpoint.clone(),
+            repo_id: repo_id.to_string(),
+            revision: revision.to_string(),
+            timeout: settings.request_timeout,
+        })?
+        .map_err(|e| ctx.api("listing", &e))?;
+    let available: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    for required in [CONFIG_FILE, TOKENIZER_FILE] {
+        if !available.contains(required) {
+            return Err(ctx.missing(required));
+        }
+    }
+    let mut fetched = Vec::new();
+    for name in [CONFIG_FILE, TOKENIZER_FILE]
+        .into_iter()
+        .chain(OPTIONAL_FILES.into_iter().filter(|f| available.contains(f)))
+    {
+        fetched.push(fetch(&repo, &ctx, name).await?);
+    }
+    if available.contains(WEIGHTS_FILE) {
+        fetched.push(fetch(&repo, &ctx, WEIGHTS_FILE).await?);
+    } else if available.contains(WEIGHTS_INDEX_FILE) {
+        let index = fetch(&repo, &ctx, WEIGHTS_INDEX_FILE).await?;
+        for shard in index_shard_names(&index)? {
+            fetched.push(fetch(&repo, &ctx, &shard).await?);
+        }
+        fetched.push(index);
+    } else {
+        return Err(ctx.missing(&format!("{WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")));
+    }
+    // Every file sits at snapshots/<sha>/<name>; all must share one snapshot.
+    let snapshots: BTreeSet<PathBuf> = fetched
+        .iter()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect();
+    let mut snapshots = snapshots.into_iter();
+    match (snapshots.next(), snapshots.next()) {
+        (Some(dir), None) => Ok(check_model_dir(&dir)?),
+        _ => Err(DownloadError::RevisionMoved {
+            repo_id: repo_id.to_string(),
+            revision: revision.to_string(),
+        }),
+    }
+}
+
+/// What every download error names.
+struct Ctx<'a> {
+    endpoint: &'a str,
+    repo_id: &'a str,
+    revision: &'a str,
+}
+
+impl Ctx<'_> {
+    fn api(&self, what: &str, err: &ApiError) -> DownloadError {
+        DownloadError::Api {
+            what: what.to_string(),
+            endpoint: self.endpoint.to_string(),
+            repo_id: self.repo_id.to_string(),
+            revision: self.revision.to_string(),
+            detail: error_chain(err),
+        }
+    }
+
+    fn missing(&self, what: &str) -> DownloadError {
+        DownloadError::MissingInRepo {
+            endpoint: self.endpoint.to_string(),
+            repo_id: self.repo_id.to_string(),
+            revision: self.revision.to_string(),
+            missing: what.to_string(),
+        }
+    }
+}
+
+/// Downloads one file (or finds its blob) and returns its snapshot path.
+async fn fetch(repo: &ApiRepo, ctx: &Ctx<'_>, name: &str) -> Result<PathBuf, DownloadError> {
+    tracing::info!(repo_id = ctx.repo_id, file = name, "downloading");
+    let path = repo
+        .download(name)
+        .await
+        .map_err(|e| ctx.api(&format!("downloading {name} of"), &e))?;
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    tracing::info!(repo_id = ctx.repo_id, file = name, bytes, "downloaded");
+    Ok(path)
+}
+
+/// `err: cause: cause...` (reqwest hides the interesting part, e.g. "Connection refused", in
+/// its sources).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,363 @@
+//! Hub settings, cache layout and download tests (the download ones against local fake
+//! servers: no network).
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::launcher::model_dir::tests::{copy_fixture, write_sharded};
+
+pub(crate) const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// Builds `models--org--name/snapshots/{SHA}/` (filled by `fill`) + `refs/{revision}` under
+/// `cache`; returns the snapshot dir.
+pub(crate) fn fake_cache(
+    cache: &Path,
+    repo_id: &str,
+    revision: &str,
+    fill: impl FnOnce(&Path),
+) -> PathBuf {
+    let repo_dir = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    let snapshot = repo_dir.join("snapshots").join(SHA);
+    fill(&snapshot);
+    let ref_path = repo_dir.join("refs").join(revision);
+    std::fs::create_dir_all(ref_path.parent().expect("parent")).expect("mkdir refs");
+    std::fs::write(ref_path, format!("{SHA}\n")).expect("ref");
+    snapshot
+}
+
+fn settings(vars: &[(&str, &str)], cache: Option<&str>) -> HubSettings {
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    HubSettings::from_vars(cache.map(PathBuf::from), |k| map.get(k).cloned())
+}
+
+#[test]
+fn cache_dir_precedence() {
+    let all = [("HF_HUB_CACHE", "/a"), ("HF_HOME", "/b"), ("HOME", "/c")];
+    assert_eq!(
+        settings(&all, Some("/flag")).cache_dir,
+        Some("/flag".into())
+    );
+    assert_eq!(settings(&all, None).cache_dir, Some("/a".into()));
+    assert_eq!(settings(&all[1..], None).cache_dir, Some("/b/hub".into()));
+    assert_eq!(
+        settings(&all[2..], None).cache_dir,
+        Some("/c/.cache/huggingface/hub".into())
+    );
+    assert_eq!(settings(&[], None).cache_dir, None);
+}
+
+#[test]
+fn offline_endpoint_and_token() {
+    let s = settings(&[], None);
+    assert!(!s.offline);
+    assert_eq!(s.endpoint, DEFAULT_ENDPOINT);
+    assert_eq!(s.token, None);
+    for on in ["1", "true", "YES", "on"] {
+        assert!(settings(&[("HF_HUB_OFFLINE", on)], None).offline, "{on}");
+    }
+    assert!(!settings(&[("HF_HUB_OFFLINE", "0")], None).offline);
+    let s = settings(
+        &[
+            ("HF_ENDPOINT", "http://mirror:8000/"),
+            ("HUGGING_FACE_HUB_TOKEN", "old"),
+        ],
+        None,
+    );
+    assert_eq!(s.endpoint, "http://mirror:8000");
+    assert_eq!(s.token.as_deref(), Some("old"));
+    let s = settings(
+        &[("HF_TOKEN", "new"), ("HUGGING_FACE_HUB_TOKEN", "old")],
+        None,
+    );
+    assert_eq!(s.token.as_deref(), Some("new"));
+}
+
+#[test]
+fn repo_ids() {
+    for ok in [
+        "org/name",
+        "gpt2",
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "a_b/c.d",
+    ] {
+        assert!(is_valid_repo_id(ok), "{ok}");
+    }
+    for bad in [
+        "", "a/b/c", "org/", "/name", "a--b/c", "a/b..c", "-a/b", "a/b.", "a b/c",
+    ] {
+        assert!(!is_valid_repo_id(bad), "{bad}");
+    }
+}
+
+#[test]
+fn cache_hit_by_ref_and_by_sha() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let snapshot = fake_cache(tmp.path(), "org/name", "main", copy_fixture);
+    match lookup_cache(tmp.path(), "org/name", "main") {
+        CacheLookup::Hit(files) => assert_eq!(files.dir, snapshot),
+        other => panic!("expected a hit, got {other:?}"),
+    }
+    match lookup_cache(tmp.path(), "org/name", SHA) {
+        CacheLookup::Hit(files) => assert_eq!(files.dir, snapshot),
+        other => panic!("expected a hit by sha, got {other:?}"),
+    }
+    assert!(matches!(
+        lookup_cache(tmp.path(), "org/name", "v2"),
+        CacheLookup::Miss
+    ));
+    assert!(matches!(
+        lookup_cache(tmp.path(), "org/other", "main"),
+        CacheLookup::Miss
+    ));
+}
+
+#[test]
+fn cache_ref_with_slashes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    fake_cache(tmp.path(), "org/name", "refs/pr/1", copy_fixture);
+    assert!(matches!(
+        lookup_cache(tmp.path(), "org/name", "refs/pr/1"),
+        CacheLookup::Hit(_)
+    ));
+}
+
+#[test]
+fn cache_with_missing_shard_is_incomplete() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let shards = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    fake_cache(tmp.path(), "org/name", "main", |dir| {
+        write_sharded(dir, &shards, &shards[..1])
+    });
+    match lookup_cache(tmp.path(), "org/name", "main") {
+        CacheLookup::Incomplete(err) => {
+            assert!(err.to_string().contains(shards[1]), "{err}")
+        }
+        other => panic!("expected incomplete, got {other:?}"),
+    }
+}
+
+/// An endpoint nobody listens on fails fast with an error naming it (no hang).
+#[tokio::test]
+async fn unreachable_endpoint_fails_fast() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut s = settings(&[("HF_ENDPOINT", "http://127.0.0.1:1")], None);
+    s.request_timeout = Duration::from_secs(20);
+    let started = std::time::Instant::now();
+    let err = download(&s, tmp.path(), "org/name", "main")
+        .await
+        .expect_err("nothing listens on port 1");
+    let msg = err.to_string();
+    assert!(msg.contains("http://127.0.0.1:1"), "{msg}");
+    assert!(msg.contains("org/name"), "{msg}");
+    assert!(matches!(err, DownloadError::Api { .. }), "{err:?}");
+    // A refused connection is immediate; the bound only guards against a hang.
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// An endpoint that accepts connections but never answers hits the request timeout.
+#[tokio::test]
+async fn silent_endpoint_times_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    let tmp = tempfile::tempdir().expect("tmp");
+    let endpoint = format!("http://{addr}");
+    let mut s = settings(&[("HF_ENDPOINT", &endpoint)], None);
+    s.request_timeout = Duration::from_millis(300);
+    let err = download(&s, tmp.path(), "org/name", "main")
+        .await
+        .expect_err("silent server");
+    assert!(matches!(err, DownloadError::Timeout { .. }), "{err:?}");
+    assert!(err.to_string().contains(&endpoint), "{err}");
+    hold.abort();
+}
+
+/// A minimal hub: the repo listing API and `resolve/` with HTTP ranges, ETag and
+/// `X-Repo-Commit`, like huggingface.co. Records every file fetched and the `Authorization`
+/// header.
+mod fake_hub {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{HeaderMap, StatusCode, header};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+    use sha2::{Digest, Sha256};
+
+    use super::SHA;
+
+    #[derive(Default)]
+    pub(super) struct Hub {
+        pub(super) files: BTreeMap<String, Vec<u8>>,
+        /// Files fetched through `resolve/` with a body (not the 1-byte metadata probe).
+        pub(super) fetched: Mutex<Vec<String>>,
+        pub(super) auth: Mutex<Option<String>>,
+    }
+
+    /// Serves `hub` on a free loopback port; returns the endpoint URL.
+    pub(super) async fn serve(hub: Arc<Hub>) -> String {
+        let app = axum::Router::new()
+            .route("/api/models/{org}/{name}/revision/{rev}", get(listing))
+            .route("/{org}/{name}/resolve/{rev}/{*file}", get(resolve))
+            .with_state(hub);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}")
+    }
+
+    async fn listing(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> impl IntoResponse {
+        *hub.auth.lock().expect("lock") = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let siblings: Vec<_> = hub
+            .files
+            .keys()
+            .map(|name| serde_json::json!({ "rfilename": name }))
+            .collect();
+        axum::Json(serde_json::json!({ "sha": SHA, "siblings": siblings }))
+    }
+
+    async fn resolve(
+        State(hub): State<Arc<Hub>>,
+        UrlPath((_org, _name, _rev, file)): UrlPath<(String, String, String, String)>,
+        headers: HeaderMap,
+    ) -> Response {
+        let Some(bytes) = hub.files.get(&file) else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        let total = bytes.len();
+        let (start, stop) = headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes="))
+            .and_then(|v| v.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+            .unwrap_or((0, total.saturating_sub(1)));
+        let stop = stop.min(total - 1);
+        if stop > start || total == 1 {
+            hub.fetched.lock().expect("lock").push(file.clone());
+        }
+        let etag = hex::encode(Sha256::digest(bytes));
+        (
+            StatusCode::PARTIAL_CONTENT,
+            [
+                (header::ETAG.as_str(), format!("\"{etag}\"")),
+                ("x-repo-commit", SHA.to_string()),
+                (
+                    header::CONTENT_RANGE.as_str(),
+                    format!("bytes {start}-{stop}/{total}"),
+                ),
+            ],
+            bytes[start..=stop].to_vec(),
+        )
+            .into_response()
+    }
+}
+
+/// The whole download path against the fake hub: sharded weights, optional files only when the
+/// repo has them, nothing else fetched, the token sent, and the result reusable offline.
+#[tokio::test]
+async fn download_sharded_repo_from_fake_hub() {
+    use std::sync::Arc;
+
+    let staging = tempfile::tempdir().expect("tmp");
+    let shards = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    write_sharded(staging.path(), &shards, &shards);
+    std::fs::remove_file(staging.path().join("generation_config.json")).expect("rm");
+    let mut hub = fake_hub::Hub::default();
+    for entry in std::fs::read_dir(staging.path()).expect("ls") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name().into_string().expect("utf8");
+        hub.files
+            .insert(name, std::fs::read(entry.path()).expect("read"));
+    }
+    hub.files.insert("README.md".into(), b"not needed".to_vec());
+    let hub = Arc::new(hub);
+    let endpoint = fake_hub::serve(hub.clone()).await;
+
+    let cache = tempfile::tempdir().expect("cache");
+    let mut s = settings(&[("HF_ENDPOINT", &endpoint), ("HF_TOKEN", "tok")], None);
+    s.request_timeout = Duration::from_secs(10);
+    let files = download(&s, cache.path(), "org/name", "main")
+        .await
+        .expect("download");
+    let snapshot = cache.path().join("models--org--name/snapshots").join(SHA);
+    assert_eq!(files.dir, snapshot);
+    for (name, bytes) in &hub.files {
+        let path = snapshot.join(name);
+        if name == "README.md" {
+            assert!(!path.exists(), "README.md was downloaded");
+        } else {
+            assert_eq!(&std::fs::read(&path).expect("downloaded"), bytes, "{name}");
+        }
+    }
+    let mut fetched = hub.fetched.lock().expect("lock").clone();
+    fetched.sort();
+    fetched.dedup();
+    let mut expected: Vec<String> = hub
+        .files
+        .keys()
+        .filter(|n| *n != "README.md")
+        .cloned()
+        .collect();
+    expected.sort();
+    assert_eq!(fetched, expected);
+    assert_eq!(
+        hub.auth.lock().expect("lock").as_deref(),
+        Some("Bearer tok")
+    );
+    assert_eq!(
+        std::fs::read_to_string(cache.path().join("models--org--name/refs/main"))
+            .expect("ref")
+            .trim(),
+        SHA
+    );
+    // Offline, the cache now answers.
+    assert!(matches!(
+        lookup_cache(cache.path(), "org/name", "main"),
+        CacheLookup::Hit(_)
+    ));
+}
+
+#[tokio::test]
+async fn repo_without_weights_is_a_clear_error() {
+    use std::sync::Arc;
+
+    let mut hub = fake_hub::Hub::default();
+    hub.files.insert("config.json".into(), b"{}".to_vec());
+    hub.files.insert("tokenizer.json".into(), b"{}".to_vec());
+    let endpoint = fake_hub::serve(Arc::new(hub)).await;
+    let cache = tempfile::tempdir().expect("cache");
+    let s = settings(&[("HF_ENDPOINT", &endpoint)], None);
+    let err = download(&s, cache.path(), "org/name", "main")
+        .await
+        .expect_err("no weights");
+    assert!(
+        matches!(err, DownloadError::MissingInRepo { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+}

@@ -1,0 +1,86 @@
+//! `medley serve`: resolves the model, starts one `medley-shard` process per rank, waits until
+//! they answer, then runs the router until SIGINT/SIGTERM and stops everything in order.
+//!
+//! * [`cli`] / [`args`] — the command line (every flag also an environment variable).
+//! * [`resolve`] — local directory → Hugging Face cache → hub download → embedded default,
+//!   built on [`model_dir`] (layout checks), [`hub`] (cache + `hf-hub`) and [`embedded`].
+//! * [`supervisor`] — shard processes, their logs ([`shard_logs`]), readiness ([`probe`]),
+//!   SIGTERM/SIGKILL.
+//! * [`serve`] — the whole sequence, [`signals`] and [`logging`].
+//!
+//! # Exit codes of `medley serve`
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | stopped by SIGINT/SIGTERM (at any stage), everything shut down |
+//! | 1 | the router failed (could not bind, lost the shards, ...) |
+//! | 2 | invalid arguments (clap's own code, also used for inconsistent router limits) |
+//! | 3 | the model could not be resolved (missing files, not cached offline, download failed) |
+//! | 4 | a shard could not be started, exited before it was ready, or was not ready in time |
+//! | 5 | a shard died while serving |
+//! | 6 | launcher I/O failure (installing signal handlers) |
+
+pub mod args;
+pub mod cli;
+pub mod embedded;
+pub mod hub;
+pub mod logging;
+pub mod model_dir;
+pub mod probe;
+pub mod resolve;
+pub mod serve;
+pub mod shard_logs;
+pub mod signals;
+pub mod supervisor;
+
+pub use args::ServeArgs;
+pub use cli::{Cli, Command};
+pub use serve::{run_router, serve, serve_with};
+
+use crate::config::ConfigError;
+use resolve::ResolveError;
+use supervisor::{ShardExit, SupervisorError};
+
+/// Boxed error of the router stage (its concrete errors belong to `server` and `backend`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Everything `medley serve` can fail with; [`LauncherError::exit_code`] maps it to the
+/// process exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum LauncherError {
+    /// Router flags are inconsistent.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// No model to serve.
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// The shard executable was not found.
+    #[error("cannot find the shard executable: {0}")]
+    ShardBinary(String),
+    /// The shards did not start.
+    #[error(transparent)]
+    Startup(#[from] SupervisorError),
+    /// A shard died while serving.
+    #[error("{0}")]
+    ShardDied(ShardExit),
+    /// The router failed.
+    #[error("router failed: {0}")]
+    Router(BoxError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+impl LauncherError {
+    /// The process exit code (see the table in the module docs).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            LauncherError::Router(_) => 1,
+            LauncherError::Config(_) => 2,
+            LauncherError::Resolve(_) => 3,
+            LauncherError::ShardBinary(_) | LauncherError::Startup(_) => 4,
+            LauncherError::ShardDied(_) => 5,
+            LauncherError::Signals(_) => 6,
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! Turns `--model` into a complete model directory: a local directory, else a hub id found in the
+//! Hugging Face cache, else downloaded (unless `HF_HUB_OFFLINE`), and without `--model` the
+//! model embedded in the binary.
+
+use std::path::{Path, PathBuf};
+
+use super::embedded::{EMBEDDED_MODEL_ID, EmbeddedError, EmbeddedModel};
+use super::hub::{
+    CacheLookup, DEFAULT_REVISION, DownloadError, HubSettings, download, is_valid_repo_id,
+    lookup_cache,
+};
+use super::model_dir::{ModelDirError, ModelFiles, check_model_dir};
+
+/// What to resolve.
+#[derive(Debug, Clone)]
+pub struct ResolveRequest {
+    /// `--model`; `None` selects the embedded model.
+    pub model: Option<String>,
+    /// `--revision`; `None` means `main`.
+    pub revision: Option<String>,
+    /// Hub access and cache location.
+    pub hub: HubSettings,
+    /// Where the embedded model may be written, in order of preference.
+    pub embedded_bases: Vec<PathBuf>,
+}
+
+/// Where a resolved model came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A local directory given as `--model`.
+    LocalDir,
+    /// Found complete in the Hugging Face cache.
+    HubCache,
+    /// Downloaded from the hub just now.
+    HubDownload,
+    /// The model compiled into the binary.
+    Embedded,
+}
+
+/// A model ready to be served.
+#[derive(Debug, Clone)]
+pub struct ResolvedModel {
+    /// The id reported to clients and passed to the shards.
+    pub model_id: String,
+    /// Its files.
+    pub files: ModelFiles,
+    /// Where it came from.
+    pub source: ModelSource,
+}
+
+/// Why no model could be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// `--model` names a local directory that is not a complete model.
+    #[error("--model {model}: {source}")]
+    LocalDir {
+        /// The argument.
+        model: String,
+        /// What is wrong with the directory.
+        source: ModelDirError,
+    },
+    /// `--model` is neither an existing directory nor a hub id.
+    #[error("--model {0}: no such directory, and not a hub id of the form `org/name`")]
+    NotFound(String),
+    /// No cache directory could be determined (no `HOME`).
+    #[error(
+        "cannot locate the Hugging Face cache: pass --huggingface-hub-cache or set HF_HUB_CACHE or HF_HOME"
+    )]
+    NoCacheDir,
+    /// Offline and the cache does not have it.
+    #[error(
+        "{repo_id}@{revision} is not in the Hugging Face cache at {} ({detail}) and HF_HUB_OFFLINE=1",
+        cache_dir.display()
+    )]
+    Offline {
+        /// The hub id.
+        repo_id: String,
+        /// The revision.
+        revision: String,
+        /// The cache that was searched.
+        cache_dir: PathBuf,
+        /// What the cache has.
+        detail: String,
+    },
+    /// The download failed.
+    #[error("--model {repo_id}: {source}")]
+    Download {
+        /// The hub id.
+        repo_id: String,
+        /// The failure (boxed: it is large and rare).
+        source: Box<DownloadError>,
+    },
+    /// The embedded model could not be written to disk.
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+}
+
+/// Resolves the model to serve (see the module docs for the order).
+pub async fn resolve_model(request: &ResolveRequest) -> Result<ResolvedModel, ResolveError> {
+    let Some(model) = request.model.as_deref() else {
+        let dir = EmbeddedModel::default_model().materialize_in(&request.embedded_bases)?;
+        let files = check_model_dir(&dir).map_err(|source| ResolveError::LocalDir {
+            model: dir.display().to_string(),
+            source,
+        })?;
+        tracing::info!(dir = %dir.display(), "no --model given: serving the embedded {EMBEDDED_MODEL_ID}");
+        return Ok(ResolvedModel {
+            model_id: EMBEDDED_MODEL_ID.to_string(),
+            files,
+            source: ModelSource::Embedded,
+        });
+    };
+    let path = Path::new(model);
+    if path.exists() || looks_like_path(model) {
+        if request.revision.is_some() {
+            tracing::warn!(model, "--revision is ignored for a local directory");
+        }
+        let files = check_model_dir(path).map_err(|source| ResolveError::LocalDir {
+            model: model.to_string(),
+            source,
+        })?;
+        return Ok(ResolvedModel {
+            model_id: model.to_string(),
+            files,
+            source: ModelSource::LocalDir,
+        });
+    }
+    if !is_valid_repo_id(model) {
+        return Err(ResolveError::NotFound(model.to_string()));
+    }
+    let revision = request.revision.as_deref().unwrap_or(DEFAULT_REVISION);
+    let cache_dir = request
+        .hub
+        .cache_dir
+        .as_deref()
+        .ok_or(ResolveError::NoCacheDir)?;
+    let detail = match lookup_cache(cache_dir, model, revision) {
+        CacheLookup::Hit(files) => {
+            tracing::info!(model, revision, dir = %files.dir.display(), "found in the Hugging Face cache");
+            return Ok(ResolvedModel {
+                model_id: model.to_string(),
+                files,
+                source: ModelSource::HubCache,
+            });
+        }
+        CacheLookup::Miss => "no snapshot for this revision".to_string(),
+        CacheLookup::Incomplete(err) => err.to_string(),
+    };
+    if request.hub.offline {
+        return Err(ResolveError::Offline {
+            repo_id: model.to_string(),
+            revision: revision.to_string(),
+            cache_dir: cache_dir.to_path_buf(),
+            detail,
+        });
+    }
+    tracing::info!(model, revision, cache = %cache_dir.display(), %detail, "not in the cache: downloading");
+    let files = download(&request.hub, cache_dir, model, revision)
+        .await
+        .map_err(|source| ResolveError::Download {
+            repo_id: model.to_string(),
+            source: Box::new(source),
+        })?;
+    Ok(ResolvedModel {
+        model_id: model.to_string(),
+        files,
+        source: ModelSource::HubDownload,
+    })
+}
+
+/// Arguments that can only be meant as paths (so a missing one is reported as a missing
+/// directory, not looked up on the hub).
+fn looks_like_path(model: &str) -> bool {
+    model.starts_with(['/', '.', '~'])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::launcher::hub::tests::{SHA, fake_cache};
+    use crate::launcher::model_dir::tests::{copy_fixture, fixture_dir, write_sharded};
+
+    fn request(model: Option<&str>, cache: &Path, offline: bool) -> ResolveRequest {
+        ResolveRequest {
+            model: model.map(str::to_string),
+            revision: None,
+            hub: HubSettings {
+                cache_dir: Some(cache.to_path_buf()),
+                offline,
+                endpoint: "http://127.0.0.1:1".into(),
+                token: None,
+                request_timeout: Duration::from_secs(10),
+            },
+            embedded_bases: vec![cache.join("embedded")],
+        }
+    }
+
+    #[tokio::test]
+    async fn local_directory() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let fixture = fixture_dir();
+        let arg = fixture.to_str().expect("utf8 path");
+        let model = resolve_model(&request(Some(arg), tmp.path(), true))
+            .await
+            .expect("local dir");
+        assert_eq!(model.source, ModelSource::LocalDir);
+        assert_eq!(model.model_id, arg);
+        assert_eq!(model.files.dir, fixture);
+    }
+
+    #[tokio::test]
+    async fn local_directory_missing_files() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("model");
+        copy_fixture(&dir);
+        std::fs::remove_file(dir.join("config.json")).expect("rm");
+        let arg = dir.to_str().expect("utf8");
+        let err = resolve_model(&request(Some(arg), tmp.path(), false))
+            .await
+            .expect_err("incomplete");
+        assert!(matches!(err, ResolveError::LocalDir { .. }), "{err:?}");
+        assert!(err.to_string().contains("config.json"), "{err}");
+        // A path that does not exist is not sent to the hub.
+        let err = resolve_model(&request(Some("./no/such/dir"), tmp.path(), false))
+            .await
+            .expect_err("missing");
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        let err = resolve_model(&request(Some("a/b/c"), tmp.path(), false))
+            .await
+            .expect_err("bad id");
+        assert!(matches!(err, ResolveError::NotFound(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn hub_id_from_cache_even_offline() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let snapshot = fake_cache(tmp.path(), "org/name", "main", copy_fixture);
+        let model = resolve_model(&request(Some("org/name"), tmp.path(), true))
+            .await
+            .expect("cache hit");
+        assert_eq!(model.source, ModelSource::HubCache);
+        assert_eq!(model.model_id, "org/name");
+        assert_eq!(model.files.dir, snapshot);
+        assert!(snapshot.ends_with(SHA));
+        let mut pinned = request(Some("org/name"), tmp.path(), true);
+        pinned.revision = Some(SHA.into());
+        assert_eq!(
+            resolve_model(&pinned).await.expect("by sha").files.dir,
+            snapshot
+        );
+    }
+
+    #[tokio::test]
+    async fn offline_miss_and_incomplete_are_explained() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let err = resolve_model(&request(Some("org/name"), tmp.path(), true))
+            .await
+            .expect_err("not cached");
+        let msg = err.to_string();
+        assert!(matches!(err, ResolveError::Offline { .. }), "{err:?}");
+        assert!(msg.contains("HF_HUB_OFFLINE=1"), "{msg}");
+        assert!(msg.contains(&tmp.path().display().to_string()), "{msg}");
+        let shards = [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ];
+        fake_cache(tmp.path(), "org/name", "main", |dir| {
+            write_sharded(dir, &shards, &shards[..1])
+        });
+        let msg = resolve_model(&request(Some("org/name"), tmp.path(), true))
+            .await
+            .expect_err("missing shard")
+            .to_string();
+        assert!(
+            msg.contains(shards[1]) && msg.contains("HF_HUB_OFFLINE=1"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn online_miss_reports_the_unreachable_endpoint() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let err = resolve_model(&request(Some("org/name"), tmp.path(), false))
+            .await
+            .expect_err("no hub here");
+        assert!(matches!(err, ResolveError::Download { .. }), "{err:?}");
+        assert!(err.to_string().contains("http://127.0.0.1:1"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn no_cache_dir() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut req = request(Some("org/name"), tmp.path(), false);
+        req.hub.cache_dir = None;
+        assert!(matches!(
+            resolve_model(&req).await,
+            Err(ResolveError::NoCacheDir)
+        ));
+    }
+
+    #[tokio::test]
+    async fn embedded_default() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let model = resolve_model(&request(None, tmp.path(), true))
+            .await
+            .expect("embedded");
+        assert_eq!(model.source, ModelSource::Embedded);
+        assert_eq!(model.model_id, EMBEDDED_MODEL_ID);
+        assert!(model.files.dir.starts_with(tmp.path().join("embedded")));
+    }
+}

@@ -1,0 +1,287 @@
+//! The `medley serve` sequence: check flags → resolve the model → start the shards → wait until
+//! they are ready → run the router → on a signal or a shard's death, stop the router, then the
+//! shards. A second signal during the shutdown skips the grace periods.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use super::args::ServeArgs;
+use super::embedded;
+use super::hub::HubSettings;
+use super::probe::{HealthRpcProbe, ReadinessProbe};
+use super::resolve::{ResolveRequest, resolve_model};
+use super::signals::{ShutdownSignals, SignalSource};
+use super::supervisor::{ShardCommand, ShardExit, Supervisor, SupervisorConfig, socket_path};
+use super::{BoxError, LauncherError};
+use crate::config::RouterConfig;
+
+/// Name of the shard executable.
+pub const SHARD_BIN_NAME: &str = "medley-shard";
+
+/// The router stage: runs until its shutdown future resolves, then returns.
+pub type RouterFuture = BoxFuture<'static, Result<(), BoxError>>;
+
+/// Everything `serve_with` needs besides the signals and the router.
+pub struct ServePlan {
+    /// The parsed flags.
+    pub args: ServeArgs,
+    /// Model resolution inputs (flags + `HF_*` environment).
+    pub resolve: ResolveRequest,
+    /// The shard executable.
+    pub shard_bin: PathBuf,
+    /// How shard readiness is checked.
+    pub probe: Arc<dyn ReadinessProbe>,
+}
+
+impl ServePlan {
+    /// Builds the plan from the flags and the process environment.
+    pub fn from_args(args: ServeArgs) -> Result<Self, LauncherError> {
+        let shard_bin = find_shard_binary(args.shard_bin.as_deref())?;
+        let resolve = ResolveRequest {
+            model: args.model.clone(),
+            revision: args.revision.clone(),
+            hub: HubSettings::from_env(args.huggingface_hub_cache.clone()),
+            embedded_bases: embedded::default_bases(),
+        };
+        Ok(Self {
+            args,
+            resolve,
+            shard_bin,
+            probe: Arc::new(HealthRpcProbe::default()),
+        })
+    }
+}
+
+/// `medley serve` with the real signals, shards and router.
+pub async fn serve(args: ServeArgs) -> Result<(), LauncherError> {
+    let signals = ShutdownSignals::install().map_err(LauncherError::Signals)?;
+    serve_with(ServePlan::from_args(args)?, signals, run_router).await
+}
+
+/// The production router stage: connect to the shards, then serve HTTP + gRPC.
+pub fn run_router(config: RouterConfig, shutdown: BoxFuture<'static, ()>) -> RouterFuture {
+    Box::pin(async move {
+        let backend = crate::backend::connect(&config).await?;
+        crate::server::run(config, backend, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// How the serving stage ended.
+enum Outcome {
+    Signal,
+    ShardDied(ShardExit),
+    RouterReturned(Result<(), BoxError>),
+}
+
+/// The whole sequence with injectable signals and router stage (see the module docs).
+pub async fn serve_with<S, R>(
+    plan: ServePlan,
+    mut signals: S,
+    router: R,
+) -> Result<(), LauncherError>
+where
+    S: SignalSource,
+    R: FnOnce(RouterConfig, BoxFuture<'static, ()>) -> RouterFuture,
+{
+    let ServePlan {
+        args,
+        resolve,
+        shard_bin,
+        probe,
+    } = plan;
+    // Fail on inconsistent limits before downloading anything.
+    args.router
+        .clone()
+        .into_config(String::new(), PathBuf::new(), Vec::new())?;
+    let model = tokio::select! {
+        model = resolve_model(&resolve) => model?,
+        signal = signals.next() => {
+            tracing::info!(%signal, "stopping during model resolution");
+            return Ok(());
+        }
+    };
+    let world_size = args.num_shard as usize;
+    let sockets = (0..world_size)
+        .map(|rank| socket_path(&args.shard_uds_path, rank))
+        .collect();
+    let grace = args.termination_timeout();
+    let router_config = args.router.clone().into_config(
+        model.model_id.clone(),
+        model.files.tokenizer.clone(),
+        sockets,
+    )?;
+    tracing::info!(
+        model_id = %model.model_id,
+        dir = %model.files.dir.display(),
+        source = ?model.source,
+        shards = world_size,
+        shard_bin = %shard_bin.display(),
+        "starting the shards"
+    );
+    let mut supervisor = Supervisor::spawn(SupervisorConfig {
+        command: ShardCommand {
+            program: shard_bin,
+            model_dir: model.files.dir.clone(),
+            model_id: model.model_id.clone(),
+            dtype: args.dtype,
+            kv_cache_tokens: args.kv_cache_tokens,
+        },
+        world_size,
+        uds_prefix: args.shard_uds_path.clone(),
+        startup_timeout: args.startup_timeout(),
+        termination_timeout: grace,
+    })
+    .await?;
+
+    let ready = tokio::select! {
+        ready = supervisor.wait_ready(probe.as_ref()) => ready.map(|()| false),
+        signal = signals.next() => {
+            tracing::info!(%signal, "stopping during shard startup");
+            Ok(true)
+        }
+    };
+    match ready {
+        Ok(false) => {}
+        Ok(true) => {
+            stop_shards(supervisor, &mut signals).await;
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "shards failed to start");
+            stop_shards(supervisor, &mut signals).await;
+            return Err(e.into());
+        }
+    }
+
+    tracing::info!(
+        http = %router_config.http_addr,
+        grpc = %router_config.grpc_addr,
+        "shards ready: starting the router"
+    );
+    let stop_router = CancellationToken::new();
+    let mut router_run = router(
+        router_config,
+        Box::pin(stop_router.clone().cancelled_owned()),
+    );
+    let outcome = tokio::select! {
+        result = &mut router_run => Outcome::RouterReturned(result),
+        signal = signals.next() => {
+            tracing::info!(%signal, "shutting down");
+            Outcome::Signal
+        }
+        exit = supervisor.unexpected_exit() => {
+            tracing::error!("{exit}; shutting down");
+            Outcome::ShardDied(exit)
+        }
+    };
+    if !matches!(outcome, Outcome::RouterReturned(_)) {
+        stop_router.cancel();
+        match drain_router(router_run, grace, &mut signals).await {
+            Some(Err(e)) => tracing::warn!(error = %e, "router failed while stopping"),
+            Some(Ok(())) => tracing::info!("router stopped"),
+            None => {}
+        }
+    }
+    stop_shards(supervisor, &mut signals).await;
+    match outcome {
+        Outcome::Signal => Ok(()),
+        Outcome::ShardDied(exit) => Err(LauncherError::ShardDied(exit)),
+        Outcome::RouterReturned(Err(e)) => Err(LauncherError::Router(e)),
+        Outcome::RouterReturned(Ok(())) => {
+            tracing::warn!("the router stopped on its own");
+            Ok(())
+        }
+    }
+}
+
+/// Waits for the router to finish after its shutdown was requested, at most `grace`, or until
+/// another signal. `None` when it was abandoned.
+async fn drain_router(
+    run: RouterFuture,
+    grace: Duration,
+    signals: &mut impl SignalSource,
+) -> Option<Result<(), BoxError>> {
+    tokio::select! {
+        result = tokio::time::timeout(grace, run) => match result {
+            Ok(result) => Some(result),
+            Err(_) => {
+                tracing::warn!(grace_s = grace.as_secs(), "router did not stop in time");
+                None
+            }
+        },
+        signal = signals.next() => {
+            tracing::warn!(%signal, "signal received again: not waiting for the router");
+            None
+        }
+    }
+}
+
+/// Stops the shards; another signal meanwhile kills them at once.
+async fn stop_shards(supervisor: Supervisor, signals: &mut impl SignalSource) {
+    let kill = supervisor.kill_switch();
+    let shutdown = supervisor.shutdown();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = &mut shutdown => return,
+        signal = signals.next() => {
+            tracing::warn!(%signal, "signal received again: killing the shards");
+            kill.cancel();
+        }
+    }
+    shutdown.await;
+}
+
+/// The shard executable: `explicit` (a path, or a name looked up on `PATH`), else
+/// `medley-shard` next to the current executable, else on `PATH`.
+pub fn find_shard_binary(explicit: Option<&Path>) -> Result<PathBuf, LauncherError> {
+    let path_dirs =
+        || std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    if let Some(bin) = explicit {
+        if bin.components().count() > 1 {
+            return if is_executable(bin) {
+                Ok(bin.to_path_buf())
+            } else {
+                Err(LauncherError::ShardBinary(format!(
+                    "--shard-bin {} is not an executable file",
+                    bin.display()
+                )))
+            };
+        }
+        return find_in_dirs(&path_dirs().unwrap_or_default(), bin).ok_or_else(|| {
+            LauncherError::ShardBinary(format!("--shard-bin {} is not on PATH", bin.display()))
+        });
+    }
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    exe_dir
+        .iter()
+        .map(|dir| dir.join(SHARD_BIN_NAME))
+        .find(|p| is_executable(p))
+        .or_else(|| find_in_dirs(&path_dirs().unwrap_or_default(), Path::new(SHARD_BIN_NAME)))
+        .ok_or_else(|| {
+            LauncherError::ShardBinary(format!(
+                "{SHARD_BIN_NAME} is neither next to this executable ({}) nor on PATH; \
+                 pass --shard-bin or set MEDLEY_SHARD_BIN",
+                exe_dir.map(|d| d.display().to_string()).unwrap_or_default()
+            ))
+        })
+}
+
+/// First `dir/name` among `dirs` that is an executable file.
+fn find_in_dirs(dirs: &[PathBuf], name: &Path) -> Option<PathBuf> {
+    dirs.iter().map(|d| d.join(name)).find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests;

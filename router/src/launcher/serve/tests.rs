@@ -1,0 +1,240 @@
+//! The `serve` sequence with the fake shard script, a fake router and signals from a channel.
+
+use std::sync::Mutex;
+
+use clap::Parser;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::launcher::cli::{Cli, Command};
+use crate::launcher::model_dir::tests::copy_fixture;
+use crate::launcher::signals::Termination;
+use crate::launcher::supervisor::tests::{FileProbe, fake_shard};
+
+/// A plan serving `<tmp>/<mode>` (a copy of the fixture, so the fake shard runs in `mode`).
+fn plan(tmp: &Path, mode: &str, extra: &[&str]) -> ServePlan {
+    let model_dir = tmp.join(mode);
+    copy_fixture(&model_dir);
+    let model = model_dir.to_str().expect("utf8").to_string();
+    let sockets = tmp.join("sock");
+    let mut argv = vec![
+        "medley".to_string(),
+        "serve".into(),
+        "--model".into(),
+        model.clone(),
+        "--shard-uds-path".into(),
+        sockets.to_str().expect("utf8").into(),
+        "--graceful-termination-timeout".into(),
+        "5".into(),
+        "--shard-startup-timeout".into(),
+        "10".into(),
+    ];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    let Command::Serve(args) = Cli::try_parse_from(argv).expect("parse").command;
+    ServePlan {
+        resolve: ResolveRequest {
+            model: Some(model),
+            revision: None,
+            hub: HubSettings::from_vars(Some(tmp.join("hub")), |_| None),
+            embedded_bases: vec![tmp.join("embedded")],
+        },
+        args: *args,
+        shard_bin: fake_shard(),
+        probe: Arc::new(FileProbe),
+    }
+}
+
+/// What the fake router saw.
+#[derive(Default)]
+struct RouterLog {
+    config: Option<RouterConfig>,
+    stopped: bool,
+}
+
+/// A router that records its config and returns when asked to stop (or with `fail` at once).
+fn fake_router(
+    log: Arc<Mutex<RouterLog>>,
+    fail: Option<&'static str>,
+) -> impl FnOnce(RouterConfig, BoxFuture<'static, ()>) -> RouterFuture {
+    move |config, shutdown| {
+        Box::pin(async move {
+            log.lock().expect("lock").config = Some(config);
+            if let Some(message) = fail {
+                return Err(message.into());
+            }
+            shutdown.await;
+            log.lock().expect("lock").stopped = true;
+            Ok(())
+        })
+    }
+}
+
+fn args_written(tmp: &Path, mode: &str) -> bool {
+    tmp.join(mode).join("args-0").exists()
+}
+
+#[tokio::test]
+async fn signal_stops_router_then_shards() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let plan = plan(
+        tmp.path(),
+        "ready",
+        &["--num-shard", "2", "--port", "18123"],
+    );
+    let model_dir = tmp.path().join("ready");
+    let log = Arc::new(Mutex::new(RouterLog::default()));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let run = tokio::spawn(serve_with(plan, rx, fake_router(log.clone(), None)));
+    // Wait until the router runs, then ask to stop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while log.lock().expect("lock").config.is_none() {
+        assert!(std::time::Instant::now() < deadline, "router never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tx.send(Termination::Terminate).expect("send");
+    let result = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("stops")
+        .expect("join");
+    assert!(result.is_ok(), "{result:?}");
+    let log = log.lock().expect("lock");
+    assert!(log.stopped, "router was not asked to stop");
+    let config = log.config.as_ref().expect("config");
+    assert_eq!(config.model_id, model_dir.to_str().expect("utf8"));
+    assert_eq!(config.tokenizer_path, model_dir.join("tokenizer.json"));
+    assert_eq!(config.http_addr.port(), 18123);
+    let expected: Vec<PathBuf> = (0..2)
+        .map(|r| socket_path(&tmp.path().join("sock"), r))
+        .collect();
+    assert_eq!(config.shard_uds_paths, expected);
+    assert!(expected.iter().all(|s| !s.exists()), "sockets left behind");
+}
+
+#[tokio::test]
+async fn shard_death_while_serving_exits_5() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = Arc::new(Mutex::new(RouterLog::default()));
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let err = serve_with(
+        plan(tmp.path(), "die7", &[]),
+        rx,
+        fake_router(log.clone(), None),
+    )
+    .await
+    .expect_err("shard died");
+    assert_eq!(err.exit_code(), 5, "{err}");
+    assert!(err.to_string().contains("shard 0 exited"), "{err}");
+    assert!(log.lock().expect("lock").stopped, "router kept running");
+}
+
+#[tokio::test]
+async fn shard_startup_failure_exits_4_without_router() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = Arc::new(Mutex::new(RouterLog::default()));
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let err = serve_with(
+        plan(tmp.path(), "fail3", &[]),
+        rx,
+        fake_router(log.clone(), None),
+    )
+    .await
+    .expect_err("shard failed");
+    assert_eq!(err.exit_code(), 4, "{err}");
+    assert!(err.to_string().contains("boom"), "{err}");
+    assert!(log.lock().expect("lock").config.is_none());
+}
+
+#[tokio::test]
+async fn router_failure_exits_1_and_stops_shards() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = Arc::new(Mutex::new(RouterLog::default()));
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let err = serve_with(
+        plan(tmp.path(), "ready", &[]),
+        rx,
+        fake_router(log, Some("address in use")),
+    )
+    .await
+    .expect_err("router failed");
+    assert_eq!(err.exit_code(), 1);
+    assert!(err.to_string().contains("address in use"), "{err}");
+    assert!(!socket_path(&tmp.path().join("sock"), 0).exists());
+}
+
+#[tokio::test]
+async fn bad_limits_exit_2_before_any_shard() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = Arc::new(Mutex::new(RouterLog::default()));
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let plan = plan(
+        tmp.path(),
+        "ready",
+        &["--max-input-length", "4096", "--max-total-tokens", "100"],
+    );
+    let err = serve_with(plan, rx, fake_router(log, None))
+        .await
+        .expect_err("invalid");
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(!args_written(tmp.path(), "ready"), "a shard was started");
+}
+
+#[tokio::test]
+async fn unresolvable_model_exits_3() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut plan = plan(tmp.path(), "ready", &[]);
+    std::fs::remove_file(tmp.path().join("ready/config.json")).expect("rm");
+    plan.resolve.hub.offline = true;
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let log = Arc::new(Mutex::new(RouterLog::default()));
+    let err = serve_with(plan, rx, fake_router(log, None))
+        .await
+        .expect_err("incomplete model");
+    assert_eq!(err.exit_code(), 3, "{err}");
+    assert!(err.to_string().contains("config.json"), "{err}");
+}
+
+#[tokio::test]
+async fn signal_during_startup_stops_cleanly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = Arc::new(Mutex::new(RouterLog::default()));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let run = tokio::spawn(serve_with(
+        plan(tmp.path(), "never", &[]),
+        rx,
+        fake_router(log.clone(), None),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !args_written(tmp.path(), "never") {
+        assert!(std::time::Instant::now() < deadline, "shard never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tx.send(Termination::Interrupt).expect("send");
+    let result = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("stops")
+        .expect("join");
+    assert!(result.is_ok(), "{result:?}");
+    assert!(log.lock().expect("lock").config.is_none());
+}
+
+#[test]
+fn shard_binary_lookup() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let script = fake_shard();
+    assert_eq!(find_shard_binary(Some(&script)).expect("explicit"), script);
+    let err = find_shard_binary(Some(&tmp.path().join("nope"))).expect_err("missing");
+    assert_eq!(err.exit_code(), 4);
+    assert!(err.to_string().contains("nope"), "{err}");
+    let plain = tmp.path().join("not-executable");
+    std::fs::write(&plain, b"").expect("write");
+    assert!(find_shard_binary(Some(&plain)).is_err());
+    let dirs = vec![
+        tmp.path().to_path_buf(),
+        script.parent().expect("dir").to_path_buf(),
+    ];
+    assert_eq!(
+        find_in_dirs(&dirs, Path::new(SHARD_BIN_NAME)),
+        Some(script.clone())
+    );
+    assert_eq!(find_in_dirs(&dirs, Path::new("not-executable")), None);
+}

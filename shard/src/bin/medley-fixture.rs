@@ -1,0 +1,93 @@
+//! `medley-fixture`: writes the deterministic random checkpoints (and later adapters) that Medley's
+//! tests and benchmarks use.
+//!
+//! ```text
+//! medley-fixture model --preset tiny --dtype f32 --out tests/fixtures/tiny-llama
+//! medley-fixture model --preset tinyllama --layers 4 --out /tmp/tinyllama-4l
+//! ```
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
+
+#[derive(Parser)]
+#[command(version, about = "Write Medley's deterministic test fixtures")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Preset {
+    /// 2 layers, hidden 64, GQA 4/2 heads, vocab 512 (the committed fixture).
+    Tiny,
+    /// TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32/4 heads, vocab 32000.
+    Tinyllama,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A random Llama checkpoint in Hugging Face layout.
+    Model {
+        #[arg(long, value_enum, default_value = "tiny")]
+        preset: Preset,
+        /// f32 | bf16 | f16
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the weights (defaults to the preset's).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Keep only this many decoder layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Split weights into shards of at most this many bytes (writes an index file).
+        #[arg(long)]
+        max_shard_bytes: Option<usize>,
+        /// Add a Llama-3 `rope_scaling` block.
+        #[arg(long)]
+        llama3_rope: bool,
+        /// Tie `lm_head` to the embedding (no `lm_head.weight` written).
+        #[arg(long)]
+        tie_embeddings: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Model {
+            preset,
+            dtype,
+            out,
+            seed,
+            layers,
+            max_shard_bytes,
+            llama3_rope,
+            tie_embeddings,
+        } => {
+            let dtype = FixtureDType::parse(&dtype)
+                .ok_or_else(|| anyhow::anyhow!("unknown dtype `{dtype}` (f32, bf16, f16)"))?;
+            let mut fx = ModelFixture::tiny(dtype);
+            if let Preset::Tinyllama = preset {
+                fx.shape = ModelShape::tinyllama();
+            }
+            if let Some(seed) = seed {
+                fx.seed = seed;
+            }
+            if let Some(layers) = layers {
+                fx.shape.num_hidden_layers = layers;
+            }
+            if llama3_rope {
+                fx.shape.rope_scaling = Some(ModelShape::llama3_rope_scaling());
+            }
+            fx.shape.tie_word_embeddings = tie_embeddings;
+            fx.max_shard_bytes = max_shard_bytes;
+            write_model(&out, &fx)?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! The engine thread and the async handle the gRPC server uses to reach it.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use medley_proto::shard::v1 as pb;
+use tokio::sync::oneshot;
+
+use super::{Engine, EngineError};
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// Work for the engine thread.
+enum Command {
+    Info(Reply<pb::InfoResponse>),
+    Health(Reply<()>),
+    Warmup(pb::WarmupRequest, Reply<pb::WarmupResponse>),
+    Prefill(pb::Batch, Reply<pb::PrefillResponse>),
+    Decode(Vec<pb::CachedBatch>, Reply<pb::DecodeResponse>),
+    Filter(u64, Vec<u64>, Reply<pb::FilterBatchResponse>),
+    Clear(Option<u64>, Reply<()>),
+    ActiveSequences(Reply<usize>),
+}
+
+/// Cheap, clonable handle to the engine thread. Commands run one at a time, in order.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    /// Moves `engine` onto its own thread and returns the handle plus the thread's join handle.
+    /// The thread exits when every handle is dropped.
+    pub fn spawn(engine: Engine) -> std::io::Result<(Self, JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel();
+        let join = std::thread::Builder::new()
+            .name("medley-engine".into())
+            .spawn(move || run(engine, rx))?;
+        Ok((Self { tx }, join))
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// See [`Engine::info`].
+    pub async fn info(&self) -> Result<pb::InfoResponse, EngineError> {
+        self.call(Command::Info).await
+    }
+
+    /// Round trip through the engine thread.
+    pub async fn health(&self) -> Result<(), EngineError> {
+        self.call(Command::Health).await
+    }
+
+    /// See [`Engine::warmup`].
+    pub async fn warmup(&self, req: pb::WarmupRequest) -> Result<pb::WarmupResponse, EngineError> {
+        self.call(|r| Command::Warmup(req, r)).await
+    }
+
+    /// See [`Engine::prefill`].
+    pub async fn prefill(&self, batch: pb::Batch) -> Result<pb::PrefillResponse, EngineError> {
+        self.call(|r| Command::Prefill(batch, r)).await
+    }
+
+    /// See [`Engine::decode`].
+    pub async fn decode(
+        &self,
+        batches: Vec<pb::CachedBatch>,
+    ) -> Result<pb::DecodeResponse, EngineError> {
+        self.call(|r| Command::Decode(batches, r)).await
+    }
+
+    /// See [`Engine::filter`].
+    pub async fn filter(
+        &self,
+        batch_id: u64,
+        ids: Vec<u64>,
+    ) -> Result<pb::FilterBatchResponse, EngineError> {
+        self.call(|r| Command::Filter(batch_id, ids, r)).await
+    }
+
+    /// See [`Engine::clear`].
+    pub async fn clear(&self, id: Option<u64>) -> Result<(), EngineError> {
+        self.call(|r| Command::Clear(id, r)).await
+    }
+
+    /// See [`Engine::active_sequences`].
+    pub async fn active_sequences(&self) -> Result<usize, EngineError> {
+        self.call(Command::ActiveSequences).await
+    }
+}
+
+fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
+    while let Ok(cmd) = rx.recv() {
+        // A send error only means the caller gave up waiting; the work is done either way.
+        match cmd {
+            Command::Info(r) => {
+                let _ = r.send(Ok(engine.info()));
+            }
+            Command::Health(r) => {
+                let _ = r.send(Ok(()));
+            }
+            Command::Warmup(req, r) => {
+                let _ = r.send(engine.warmup(&req));
+            }
+            Command::Prefill(batch, r) => {
+                let _ = r.send(engine.prefill(batch));
+            }
+            Command::Decode(batches, r) => {
+                let _ = r.send(engine.decode(batches));
+            }
+            Command::Filter(id, ids, r) => {
+                let _ = r.send(engine.filter(id, &ids));
+            }
+            Command::Clear(id, r) => {
+                engine.clear(id);
+                let _ = r.send(Ok(()));
+            }
+            Command::ActiveSequences(r) => {
+                let _ = r.send(Ok(engine.active_sequences()));
+            }
+        }
+    }
+    tracing::info!("engine thread stopped");
+}

@@ -1,0 +1,16 @@
+//! Medley shard: one tensor-parallel rank of a Llama-family model with its KV cache and LoRA
+//! adapters, served to the router over gRPC.
+//!
+//! * [`model`] — the Llama forward pass over a ragged batch (candle).
+//! * [`kv_cache`] — per-sequence key/value storage under a token budget.
+//! * [`generation`] — logits processing, sampling, stopping criteria, incremental detokenization.
+//! * [`engine`] — the thread that owns the model and runs prefill/decode steps on cached batches.
+//! * [`server`] — the tonic service in front of the engine.
+//! * [`fixture`] — deterministic random checkpoints for tests and benchmarks.
+
+pub mod engine;
+pub mod fixture;
+pub mod generation;
+pub mod kv_cache;
+pub mod model;
+pub mod server;

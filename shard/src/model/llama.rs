@@ -1,0 +1,206 @@
+//! The Llama decoder: loading from a Hugging Face checkpoint and the batched forward step.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::{Attention, AttentionWeights, Rope};
+use super::batch::{BatchPlan, ForwardBatch};
+use super::layers::{Linear, RmsNorm, silu};
+use super::lora::{LoraDelta, TargetModule};
+use super::weights::Checkpoint;
+use super::{LoadOptions, ModelConfig, ModelError};
+use crate::kv_cache::KvCache;
+
+/// The SiLU-gated MLP of one decoder layer.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        lora: &dyn LoraDelta,
+        slots: &[u32],
+    ) -> candle_core::Result<Tensor> {
+        let gate = lora.apply(layer, TargetModule::Gate, x, self.gate.forward(x)?, slots)?;
+        let up = lora.apply(layer, TargetModule::Up, x, self.up.forward(x)?, slots)?;
+        let act = (silu(&gate)? * up)?;
+        lora.apply(
+            layer,
+            TargetModule::Down,
+            &act,
+            self.down.forward(&act)?,
+            slots,
+        )
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama-family causal language model ready to run forward steps.
+#[derive(Debug)]
+pub struct LlamaModel {
+    cfg: ModelConfig,
+    dtype: DType,
+    device: Device,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+}
+
+impl LlamaModel {
+    /// Loads `config.json` and the safetensors weights of `model_dir`.
+    pub fn load(model_dir: &Path, opts: &LoadOptions) -> Result<Self, ModelError> {
+        let cfg = ModelConfig::from_file(&model_dir.join("config.json"))?;
+        let dtype = opts.dtype.unwrap_or(cfg.torch_dtype);
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(ModelError::Unsupported(format!("compute dtype {dtype:?}")));
+        }
+        let ckpt = Checkpoint::open(model_dir)?;
+        let model = Self::from_checkpoint(cfg, &ckpt, dtype, &opts.device)?;
+        tracing::info!(
+            dir = %model_dir.display(),
+            files = ckpt.files().len(),
+            layers = model.cfg.num_hidden_layers,
+            hidden = model.cfg.hidden_size,
+            ?dtype,
+            device = ?opts.device,
+            "loaded llama model"
+        );
+        Ok(model)
+    }
+
+    fn from_checkpoint(
+        cfg: ModelConfig,
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let get = |name: &str, shape: &[usize]| ckpt.tensor(name, shape, dtype, device);
+        let (hid, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qs, kvs) = (cfg.q_size(), cfg.kv_size());
+        let linear = |name: String, shape: &[usize]| -> Result<Linear, ModelError> {
+            Ok(Linear::new(get(&name, shape)?, dtype)?)
+        };
+        let norm = |name: String| -> Result<RmsNorm, ModelError> {
+            Ok(RmsNorm::new(get(&name, &[hid])?, cfg.rms_norm_eps)?)
+        };
+        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, hid])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let attn = AttentionWeights {
+                q: linear(format!("{p}.self_attn.q_proj.weight"), &[qs, hid])?,
+                k: linear(format!("{p}.self_attn.k_proj.weight"), &[kvs, hid])?,
+                v: linear(format!("{p}.self_attn.v_proj.weight"), &[kvs, hid])?,
+                o: linear(format!("{p}.self_attn.o_proj.weight"), &[hid, qs])?,
+            };
+            layers.push(DecoderLayer {
+                input_norm: norm(format!("{p}.input_layernorm.weight"))?,
+                attn: Attention::new(&cfg, attn),
+                post_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate: linear(format!("{p}.mlp.gate_proj.weight"), &[inter, hid])?,
+                    up: linear(format!("{p}.mlp.up_proj.weight"), &[inter, hid])?,
+                    down: linear(format!("{p}.mlp.down_proj.weight"), &[hid, inter])?,
+                },
+            });
+        }
+        let final_norm = norm("model.norm.weight".into())?;
+        // Like transformers, tied models ignore a stored lm_head.weight.
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed.clone(), dtype)?
+        } else {
+            linear("lm_head.weight".into(), &[cfg.vocab_size, hid])?
+        };
+        let rope = Rope::new(&cfg, device)?;
+        Ok(Self {
+            cfg,
+            dtype,
+            device: device.clone(),
+            embed,
+            layers,
+            norm: final_norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The compute dtype (activations, KV cache).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// One forward step over a ragged batch (prefill chunks and decode steps may be mixed).
+    /// Returns f32 logits of shape `[rows, vocab_size]`: for each chunk in order, one row per
+    /// token if `all_logits`, else one row (its last token).
+    ///
+    /// Every chunk's tokens are appended to its KV cache entry, whose length advances only when
+    /// the whole step succeeded; on error nothing visible changes (buffers may have grown).
+    pub fn forward(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvCache,
+        lora: &dyn LoraDelta,
+    ) -> Result<Tensor, ModelError> {
+        kv.check_compatible(&self.cfg, self.dtype)?;
+        if !kv.device().same_device(&self.device) {
+            return Err(ModelError::InvalidBatch(
+                "kv cache lives on another device".into(),
+            ));
+        }
+        let plan = BatchPlan::new(batch, kv, self.cfg.vocab_size)?;
+        for c in &plan.chunks {
+            kv.reserve_buffers(c.seq_id, c.start + c.len)?;
+        }
+        let rows = plan.num_rows();
+        let ids = Tensor::from_slice(&plan.tokens, rows, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let rope = self.rope.tables(&plan.positions, self.dtype)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            let a = layer.attn.forward(l, &h, &rope, &plan, kv, lora)?;
+            x = (x + a)?;
+            let h = layer.post_norm.forward(&x)?;
+            let m = layer.mlp.forward(l, &h, lora, &plan.row_slots)?;
+            x = (x + m)?;
+        }
+        // Normalise and project only the rows whose logits are returned.
+        let x = if plan.logit_rows.len() == rows {
+            x
+        } else {
+            let idx = Tensor::from_slice(&plan.logit_rows, plan.logit_rows.len(), &self.device)?;
+            x.index_select(&idx, 0)?
+        };
+        let logits = self.lm_head.forward_f32(&self.norm.forward(&x)?)?;
+        for c in &plan.chunks {
+            kv.set_len(c.seq_id, c.start + c.len)?;
+        }
+        Ok(logits)
+    }
+}

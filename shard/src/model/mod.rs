@@ -1,0 +1,95 @@
+//! The Llama-family forward pass (candle; CPU today, device-generic code).
+//!
+//! * [`config`] — `config.json` parsing and validation ([`ModelConfig`], [`RopeScaling`]).
+//! * [`weights`] — memory-mapped single-file or sharded safetensors checkpoints.
+//! * [`layers`] — linear, RMSNorm and activation numerics matching transformers.
+//! * [`attention`] — rotary embeddings and per-sequence causal GQA over the KV cache.
+//! * [`batch`] — the ragged batch of one step ([`ForwardBatch`], [`SeqChunk`]).
+//! * [`lora`] — the LoRA hook ([`LoraDelta`], [`TargetModule`], [`NoLora`]).
+//! * [`llama`] — [`LlamaModel`]: loading and the batched forward step.
+//!
+//! All linear layers run once over the rows of every chunk of a step (continuous batching);
+//! attention runs per sequence. Half-precision models compute in their dtype with RMSNorm, SiLU
+//! and softmax evaluated in f32, as transformers does.
+
+pub mod attention;
+pub mod batch;
+pub mod config;
+pub mod layers;
+pub mod llama;
+pub mod lora;
+pub mod weights;
+
+use std::path::PathBuf;
+
+pub use batch::{ForwardBatch, SeqChunk};
+pub use config::{ModelConfig, RopeScaling};
+pub use llama::LlamaModel;
+pub use lora::{LoraDelta, NoLora, TargetModule};
+
+use crate::kv_cache::KvCacheError;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype; `None` uses the checkpoint's `torch_dtype`.
+    pub dtype: Option<candle_core::DType>,
+    /// Device for weights, activations and the KV cache.
+    pub device: candle_core::Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: None,
+            device: candle_core::Device::Cpu,
+        }
+    }
+}
+
+/// Errors of model loading and of forward steps.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `config.json` is malformed or inconsistent.
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+    /// The checkpoint uses a feature this implementation does not support.
+    #[error("unsupported model feature: {0}")]
+    Unsupported(String),
+    /// A weight the architecture needs is absent.
+    #[error("checkpoint has no tensor `{name}`")]
+    MissingTensor {
+        /// Tensor name.
+        name: String,
+    },
+    /// A weight has the wrong shape.
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    WrongShape {
+        /// Tensor name.
+        name: String,
+        /// Shape implied by the config.
+        expected: Vec<usize>,
+        /// Shape in the checkpoint.
+        actual: Vec<usize>,
+    },
+    /// The weight files are missing or unreadable.
+    #[error("invalid checkpoint: {0}")]
+    Weights(String),
+    /// The forward batch is inconsistent with the model or the KV cache.
+    #[error("invalid forward batch: {0}")]
+    InvalidBatch(String),
+    /// KV cache failure (unknown sequence, reservation exceeded, ...).
+    #[error(transparent)]
+    KvCache(#[from] KvCacheError),
+    /// Tensor operation failure.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,148 @@
+//! Memory-mapped safetensors checkpoints: a single `model.safetensors` or a sharded
+//! `model.safetensors.index.json` with its shard files.
+//!
+//! Every tensor is looked up by name and checked against the shape the architecture expects before
+//! it is copied to the device and converted to the requested dtype, so a broken checkpoint fails
+//! with an error naming the tensor instead of a shape error deep inside the forward pass.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Tensor};
+
+use super::ModelError;
+
+/// File name of a single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// File name of the index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// An opened checkpoint: the memory maps of its files and their headers.
+pub struct Checkpoint {
+    st: MmapedSafetensors,
+    files: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    /// Opens the safetensors weights of `dir` (the index file wins over a single file).
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let index = dir.join(INDEX_FILE);
+        let files = if index.exists() {
+            shard_files(dir, &index)?
+        } else if dir.join(SINGLE_FILE).exists() {
+            vec![dir.join(SINGLE_FILE)]
+        } else {
+            return Err(ModelError::Weights(format!(
+                "no {SINGLE_FILE} or {INDEX_FILE} in {}",
+                dir.display()
+            )));
+        };
+        for f in &files {
+            if !f.is_file() {
+                return Err(ModelError::Weights(format!(
+                    "missing shard {}",
+                    f.display()
+                )));
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on the
+        // checkpoint not being truncated or rewritten while the model is loading. Tensors are
+        // copied out of the map before `Checkpoint` is dropped.
+        let st = unsafe { MmapedSafetensors::multi(&files) }
+            .map_err(|e| ModelError::Weights(format!("reading safetensors headers: {e}")))?;
+        Ok(Self { st, files })
+    }
+
+    /// The weight files, in index order.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Whether the checkpoint holds a tensor called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.st.get(name).is_ok()
+    }
+
+    /// Loads tensor `name`, checking that its shape is `shape`, converted to `dtype` on `device`.
+    pub fn tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
+        let view = self.st.get(name).map_err(|_| ModelError::MissingTensor {
+            name: name.to_string(),
+        })?;
+        if view.shape() != shape {
+            return Err(ModelError::WrongShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: view.shape().to_vec(),
+            });
+        }
+        match view.dtype() {
+            safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16 => {}
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "tensor `{name}` stored as {other:?} (f32, bf16 and f16 are supported)"
+                )));
+            }
+        }
+        let t = view
+            .load(device)
+            .map_err(|e| ModelError::Weights(format!("loading `{name}`: {e}")))?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// The distinct shard files named by a `model.safetensors.index.json`, in order of appearance.
+fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Weights(format!("{}: {e}", index.display())))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::Weights(format!("{}: no weight_map object", index.display())))?;
+    let mut seen = BTreeSet::new();
+    let mut files = vec![];
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            ModelError::Weights(format!(
+                "{}: weight_map[{name}] is not a string",
+                index.display()
+            ))
+        })?;
+        // Shards must live next to the index: no absolute paths or `..` escapes.
+        let rel = Path::new(file);
+        if rel.components().count() != 1 || rel.is_absolute() {
+            return Err(ModelError::Weights(format!(
+                "{}: shard path `{file}` must be a plain file name",
+                index.display()
+            )));
+        }
+        if seen.insert(file.to_string()) {
+            files.push(dir.join(rel));
+        }
+    }
+    if files.is_empty() {
+        return Err(ModelError::Weights(format!(
+            "{}: empty weight_map",
+            index.display()
+        )));
+    }
+    Ok(files)
+}

@@ -1,0 +1,353 @@
+//! Harness for Medley's end-to-end tests: builds the real binaries once, starts `medley serve`
+//! on free loopback ports with its own shard sockets, waits until it is healthy, and stops the
+//! whole process tree when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The committed tiny model fixture.
+pub fn tiny_model_dir() -> PathBuf {
+    workspace_root().join("tests/fixtures/tiny-llama")
+}
+
+/// Directory holding the binaries of the current profile (next to this test executable).
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test-exe>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .context("cannot locate the target directory from the test executable")
+}
+
+/// Builds `medley` and `medley-shard` once per test process (a no-op when up to date) and
+/// returns the directory holding them.
+pub fn binaries() -> anyhow::Result<&'static Path> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let dir = bin_dir().map_err(|e| e.to_string())?;
+        let profile = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug")
+            .to_string();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root()).args([
+            "build",
+            "-p",
+            "medley-router",
+            "-p",
+            "medley-shard",
+            "--bins",
+        ]);
+        if profile == "release" {
+            cmd.arg("--release");
+        } else if profile != "debug" {
+            cmd.args(["--profile", &profile]);
+        }
+        if let Some(target) = dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target);
+        }
+        let status = cmd
+            .status()
+            .map_err(|e| format!("running cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build of the binaries failed: {status}"));
+        }
+        Ok(dir)
+    });
+    match built {
+        Ok(p) => Ok(p.as_path()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Options for [`Server::start`].
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Model directory (`None` = the embedded default).
+    pub model: Option<PathBuf>,
+    /// Extra flags for `medley serve`.
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+/// A running `medley serve` process tree.
+pub struct Server {
+    child: Option<Child>,
+    /// HTTP base URL, e.g. `http://127.0.0.1:1234`.
+    pub http: String,
+    /// gRPC endpoint URL.
+    pub grpc: String,
+    /// HTTP port.
+    pub port: u16,
+    /// Private directory (shard sockets, cache).
+    pub dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `medley serve` and waits (up to 120 s) until `/health` answers 200.
+    pub async fn start(opts: ServerOptions) -> anyhow::Result<Self> {
+        let bins = binaries()?;
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let grpc_port = free_port()?;
+        let mut cmd = Command::new(bins.join("medley"));
+        cmd.arg("serve")
+            .args(["--hostname", "127.0.0.1"])
+            .args(["--port", &port.to_string()])
+            .args(["--grpc-port", &grpc_port.to_string()])
+            .arg("--shard-uds-path")
+            .arg(dir.path().join("shard"))
+            .arg("--shard-bin")
+            .arg(bins.join("medley-shard"))
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .env("HF_HUB_OFFLINE", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null());
+        if let Some(m) = &opts.model {
+            cmd.arg("--model").arg(m);
+        }
+        cmd.args(&opts.args);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("spawning medley serve")?;
+        let mut server = Self {
+            child: Some(child),
+            http: format!("http://127.0.0.1:{port}"),
+            grpc: format!("http://127.0.0.1:{grpc_port}"),
+            port,
+            dir,
+        };
+        server.wait_healthy(Duration::from_secs(120)).await?;
+        Ok(server)
+    }
+
+    async fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("medley serve exited before becoming healthy: {status}");
+            }
+            if let Ok(r) = client.get(format!("{}/health", self.http)).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("medley serve not healthy after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process tree to exit; returns the exit status.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("already stopped");
+        };
+        terminate(&child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("medley serve did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Process id of the launcher.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// Sends SIGTERM to the launcher (it forwards shutdown to its shards).
+pub fn terminate(child: &Child) {
+    // SAFETY: kill(2) on a pid this process spawned, with a valid signal number.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// A JSON response: status code and parsed body (`Value::Null` when the body is not JSON).
+#[derive(Debug)]
+pub struct JsonResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Parsed body.
+    pub body: serde_json::Value,
+}
+
+impl Server {
+    /// POSTs a JSON value to `path`.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<JsonResponse> {
+        self.post_raw(path, "application/json", body.to_string())
+            .await
+    }
+
+    /// POSTs raw bytes with a content type (for malformed-body tests).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: String,
+    ) -> anyhow::Result<JsonResponse> {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.http))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok(JsonResponse {
+            status,
+            body: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        })
+    }
+
+    /// GETs `path` and returns status and text.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let r = reqwest::get(format!("{}{path}", self.http)).await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+
+    /// POSTs to an SSE route and collects every `data:` event until the stream ends.
+    pub async fn sse(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
+        use futures::StreamExt;
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.http))
+            .json(body)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "status {}", r.status());
+        let mut stream = r.bytes_stream();
+        let mut buf = String::new();
+        while let Some(chunk) = stream.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk?));
+        }
+        Ok(parse_sse(&buf))
+    }
+
+    /// Current value of a Prometheus metric (sum over label sets), if exported.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
+        let (_, text) = self.get("/metrics").await?;
+        let mut found = None;
+        for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let metric = key.split('{').next().unwrap_or(key);
+            if metric == name {
+                *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Parses the `data:` lines of a server-sent-events body.
+pub fn parse_sse(body: &str) -> Vec<serde_json::Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str(d.trim()).ok())
+        .collect()
+}
+
+/// A Python interpreter with `lorax-client` installed: `$MEDLEY_PYTHON` when set (CI), else a
+/// venv created once under the target directory.
+pub fn python_with_lorax_client() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("MEDLEY_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    static VENV: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let venv = VENV.get_or_init(|| {
+        let target = bin_dir()
+            .map_err(|e| e.to_string())?
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or("no target dir")?;
+        let venv = target.join("medley-pyenv");
+        let python = venv.join("bin/python");
+        if !python.exists() {
+            let ok = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .map_err(|e| format!("python3 -m venv: {e}"))?;
+            if !ok.success() {
+                return Err("python3 -m venv failed".into());
+            }
+        }
+        let req = workspace_root().join("tests/python/requirements.txt");
+        let ok = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(req)
+            .status()
+            .map_err(|e| format!("pip install: {e}"))?;
+        if !ok.success() {
+            return Err(
+                "pip install -r tests/python/requirements.txt failed (is PyPI reachable?)".into(),
+            );
+        }
+        Ok(python)
+    });
+    match venv {
+        Ok(p) => Ok(p.clone()),
+        Err(e) => bail!("{e}"),
+    }
+}

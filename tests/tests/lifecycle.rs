@@ -1,0 +1,124 @@
+//! Process lifecycle: the embedded default model, clean shutdown on SIGTERM, and what clients see
+//! when the shard goes away under a running router.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use medley_e2e::{Server, ServerOptions, binaries, free_port, terminate, tiny_model_dir};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_default_serves_offline_and_stops_cleanly() {
+    // No --model: the launcher extracts the embedded tiny model (HF_HUB_OFFLINE=1 is set).
+    let mut s = Server::start(ServerOptions::default()).await.unwrap();
+    let r = s
+        .post(
+            "/generate",
+            &json!({"inputs": "Hello", "parameters": {"max_new_tokens": 5}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.body["generated_text"].is_string());
+    let (_, info) = s.get("/info").await.unwrap();
+    assert!(info.contains("medley/tiny-random-llama"), "{info}");
+    let socket = s.dir.path().join("shard-0");
+    assert!(socket.exists());
+    let status = s.stop().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert!(!socket.exists(), "shard socket left behind");
+}
+
+/// Starts `medley-shard` alone on a socket and waits for the socket file.
+fn start_shard(dir: &std::path::Path) -> std::process::Child {
+    let bins = binaries().unwrap();
+    let socket = dir.join("shard-0");
+    let child = Command::new(bins.join("medley-shard"))
+        .arg("--model-dir")
+        .arg(tiny_model_dir())
+        .arg("--uds-path")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "shard socket never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_reports_unavailable_when_the_shard_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = start_shard(dir.path());
+    let bins = binaries().unwrap();
+    let port = free_port().unwrap();
+    let grpc_port = free_port().unwrap();
+    let mut router = Command::new(bins.join("medley-router"))
+        .args(["--model-id", "tiny", "--hostname", "127.0.0.1"])
+        .arg("--tokenizer")
+        .arg(tiny_model_dir().join("tokenizer.json"))
+        .arg("--shard-uds-path")
+        .arg(dir.path().join("shard-0"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--grpc-port",
+            &grpc_port.to_string(),
+        ])
+        .args(["--max-input-length", "64", "--max-total-tokens", "128"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = client.get(format!("{http}/health")).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "router never became healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = json!({"inputs": "Hello", "parameters": {"max_new_tokens": 3}});
+    let r = client
+        .post(format!("{http}/generate"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    shard.kill().unwrap();
+    shard.wait().unwrap();
+    let r = client
+        .post(format!("{http}/generate"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(status == 503 || status == 424, "status {status}: {v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("shard"),
+        "{v}"
+    );
+    let r = client.get(format!("{http}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+
+    terminate(&router);
+    let _ = router.wait();
+}

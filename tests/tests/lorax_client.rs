@@ -1,0 +1,39 @@
+//! Wire compatibility with the LoRAX Python client (`lorax-client` 0.6.3): its `generate` and
+//! `generate_stream` POST to `/`, expect a JSON array or `data:` SSE events, and map error bodies
+//! to its exception types.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+use std::process::Command;
+
+use medley_e2e::{Server, ServerOptions, python_with_lorax_client, tiny_model_dir, workspace_root};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lorax_client_generate_stream_and_errors() {
+    let python = python_with_lorax_client().expect("python with lorax-client");
+    let s = Server::start(ServerOptions {
+        model: Some(tiny_model_dir()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let script = workspace_root().join("tests/python/lorax_client_check.py");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .arg(&s.http)
+            .output()
+            .map(|o| (o, s))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let (out, _server) = out;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "lorax client check failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("ALL OK"), "{stdout}\n{stderr}");
+}
