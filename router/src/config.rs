@@ -19,12 +19,13 @@ pub struct RouterArgs {
     /// Maximum number of requests in flight (queued or running); more get 429.
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 128)]
     pub max_concurrent_requests: usize,
-    /// Maximum number of prompt tokens.
-    #[arg(long, env = "MAX_INPUT_LENGTH", default_value_t = 1024)]
-    pub max_input_length: u32,
-    /// Maximum prompt + generated tokens of one request.
-    #[arg(long, env = "MAX_TOTAL_TOKENS", default_value_t = 2048)]
-    pub max_total_tokens: u32,
+    /// Maximum number of prompt tokens [default: min(1024, max total tokens - 1)].
+    #[arg(long, env = "MAX_INPUT_LENGTH")]
+    pub max_input_length: Option<u32>,
+    /// Maximum prompt + generated tokens of one request [default: min(2048, the model's
+    /// `max_position_embeddings`)].
+    #[arg(long, env = "MAX_TOTAL_TOKENS")]
+    pub max_total_tokens: Option<u32>,
     /// Maximum number of stop sequences.
     #[arg(long, env = "MAX_STOP_SEQUENCES", default_value_t = 4)]
     pub max_stop_sequences: usize,
@@ -120,33 +121,53 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Default of `--max-total-tokens` when the model allows it.
+pub const DEFAULT_MAX_TOTAL_TOKENS: u32 = 2048;
+/// Default of `--max-input-length` when `--max-total-tokens` allows it.
+pub const DEFAULT_MAX_INPUT_LENGTH: u32 = 1024;
+
 impl RouterArgs {
+    /// `(max_input_length, max_total_tokens)`: the flags when given, else defaults that fit
+    /// the model's positions (`model_positions`, when known).
+    pub fn token_limits(&self, model_positions: Option<u32>) -> (u32, u32) {
+        let total = self.max_total_tokens.unwrap_or_else(|| {
+            model_positions.map_or(DEFAULT_MAX_TOTAL_TOKENS, |p| {
+                p.min(DEFAULT_MAX_TOTAL_TOKENS)
+            })
+        });
+        let input = self
+            .max_input_length
+            .unwrap_or_else(|| DEFAULT_MAX_INPUT_LENGTH.min(total.saturating_sub(1)));
+        (input, total)
+    }
+
     /// Builds the router config for the given model and shard sockets, checking cross-flag
-    /// constraints.
+    /// constraints. `model_positions` is the model's `max_position_embeddings` when known; it
+    /// only shapes the defaults.
     pub fn into_config(
         self,
         model_id: String,
         tokenizer_path: PathBuf,
         shard_uds_paths: Vec<PathBuf>,
+        model_positions: Option<u32>,
     ) -> Result<RouterConfig, ConfigError> {
-        if self.max_input_length >= self.max_total_tokens {
+        let (max_input_length, max_total_tokens) = self.token_limits(model_positions);
+        if max_input_length == 0 || max_input_length >= max_total_tokens {
             return Err(ConfigError::Invalid(format!(
-                "--max-input-length ({}) must be smaller than --max-total-tokens ({})",
-                self.max_input_length, self.max_total_tokens
+                "--max-input-length ({max_input_length}) must be positive and smaller than --max-total-tokens ({max_total_tokens})"
             )));
         }
-        if self.max_batch_prefill_tokens < self.max_input_length {
+        if self.max_batch_prefill_tokens < max_input_length {
             return Err(ConfigError::Invalid(format!(
-                "--max-batch-prefill-tokens ({}) must be at least --max-input-length ({})",
-                self.max_batch_prefill_tokens, self.max_input_length
+                "--max-batch-prefill-tokens ({}) must be at least --max-input-length ({max_input_length})",
+                self.max_batch_prefill_tokens
             )));
         }
         if let Some(total) = self.max_batch_total_tokens
-            && total < self.max_total_tokens
+            && total < max_total_tokens
         {
             return Err(ConfigError::Invalid(format!(
-                "--max-batch-total-tokens ({total}) must be at least --max-total-tokens ({})",
-                self.max_total_tokens
+                "--max-batch-total-tokens ({total}) must be at least --max-total-tokens ({max_total_tokens})"
             )));
         }
         if self.max_concurrent_requests == 0 || self.validation_workers == 0 {
@@ -171,8 +192,8 @@ impl RouterArgs {
             shard_uds_paths,
             limits: Limits {
                 max_concurrent_requests: self.max_concurrent_requests,
-                max_input_length: self.max_input_length,
-                max_total_tokens: self.max_total_tokens,
+                max_input_length,
+                max_total_tokens,
                 max_stop_sequences: self.max_stop_sequences,
                 max_top_n_tokens: self.max_top_n_tokens,
                 default_max_new_tokens: self.default_max_new_tokens,
@@ -186,5 +207,48 @@ impl RouterArgs {
                 max_waiting_tokens: self.max_waiting_tokens,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        router: RouterArgs,
+    }
+
+    fn args(flags: &[&str]) -> RouterArgs {
+        Cli::try_parse_from(std::iter::once("x").chain(flags.iter().copied()))
+            .unwrap()
+            .router
+    }
+
+    #[test]
+    fn token_limit_defaults_follow_the_model() {
+        assert_eq!(args(&[]).token_limits(None), (1024, 2048));
+        assert_eq!(args(&[]).token_limits(Some(1024)), (1023, 1024));
+        assert_eq!(args(&[]).token_limits(Some(131072)), (1024, 2048));
+        let a = args(&["--max-total-tokens", "4096"]);
+        assert_eq!(a.token_limits(Some(1024)), (1024, 4096), "flags win");
+    }
+
+    #[test]
+    fn inconsistent_flags_are_rejected() {
+        let cfg =
+            |flags: &[&str]| args(flags).into_config("m".into(), PathBuf::new(), vec![], None);
+        assert!(cfg(&[]).is_ok());
+        assert!(cfg(&["--max-input-length", "2048"]).is_err());
+        assert!(cfg(&["--max-input-length", "0"]).is_err());
+        assert!(cfg(&["--max-batch-prefill-tokens", "10"]).is_err());
+        assert!(cfg(&["--max-batch-total-tokens", "100"]).is_err());
+        assert!(cfg(&["--waiting-served-ratio", "2"]).is_err());
+        assert!(cfg(&["--hostname", "not-an-ip"]).is_err());
+        let ok = cfg(&["--hostname", "127.0.0.1", "--port", "9"]).unwrap();
+        assert_eq!(ok.http_addr.to_string(), "127.0.0.1:9");
     }
 }

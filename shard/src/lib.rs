@@ -8,6 +8,7 @@
 //! * [`server`] — the tonic service in front of the engine.
 //! * [`fixture`] — deterministic random checkpoints for tests and benchmarks.
 
+pub mod cli;
 pub mod engine;
 pub mod fixture;
 pub mod generation;

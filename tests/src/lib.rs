@@ -119,8 +119,6 @@ impl Server {
             .args(["--grpc-port", &grpc_port.to_string()])
             .arg("--shard-uds-path")
             .arg(dir.path().join("shard"))
-            .arg("--shard-bin")
-            .arg(bins.join("medley-shard"))
             .env("XDG_CACHE_HOME", dir.path().join("cache"))
             .env("HF_HUB_OFFLINE", "1")
             .env(

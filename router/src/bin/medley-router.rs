@@ -60,9 +60,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let config = args
-        .router
-        .into_config(args.model_id, args.tokenizer, args.shard_uds_paths)?;
+    let config =
+        args.router
+            .into_config(args.model_id, args.tokenizer, args.shard_uds_paths, None)?;
     let mut signals = ShutdownSignals::install()?;
     let backend = medley_router::backend::connect(&config).await?;
     medley_router::server::run(config, backend, async move {

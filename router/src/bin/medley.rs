@@ -20,6 +20,17 @@ fn main() -> ExitCode {
             }
             run(medley_router::launcher::serve(*args))
         }
+        Command::Shard(args) => {
+            medley_shard::cli::init_logging(args.json_output);
+            match medley_shard::cli::run(*args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("Error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

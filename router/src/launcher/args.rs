@@ -52,7 +52,8 @@ pub struct ServeArgs {
     /// Prefix of the shards' Unix sockets: rank `r` listens on `{path}-{r}`.
     #[arg(long, env = "SHARD_UDS_PATH", default_value = "/tmp/medley-server")]
     pub shard_uds_path: PathBuf,
-    /// The shard executable; defaults to `medley-shard` next to this executable, else on `PATH`.
+    /// A separate shard executable (e.g. `medley-shard`); by default `medley` runs its own
+    /// hidden `shard` subcommand.
     #[arg(long, env = "MEDLEY_SHARD_BIN")]
     pub shard_bin: Option<PathBuf>,
     /// Tokens the KV cache of each shard may hold; defaults to what the shard derives from
@@ -98,6 +99,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("parse {args:?}: {e}"));
         match cli.command {
             Command::Serve(args) => *args,
+            other => panic!("expected serve, got {other:?}"),
         }
     }
 
@@ -148,7 +150,7 @@ mod tests {
         assert_eq!(args.huggingface_hub_cache, Some(PathBuf::from("/data/hub")));
         assert_eq!(args.router.port, 9000);
         assert_eq!(args.router.grpc_port, 9001);
-        assert_eq!(args.router.max_input_length, 100);
+        assert_eq!(args.router.max_input_length, Some(100));
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub struct ServePlan {
     /// Model resolution inputs (flags + `HF_*` environment).
     pub resolve: ResolveRequest,
     /// The shard executable.
-    pub shard_bin: PathBuf,
+    pub shard_bin: ShardProgram,
     /// How shard readiness is checked.
     pub probe: Arc<dyn ReadinessProbe>,
 }
@@ -97,7 +97,7 @@ where
     // Fail on inconsistent limits before downloading anything.
     args.router
         .clone()
-        .into_config(String::new(), PathBuf::new(), Vec::new())?;
+        .into_config(String::new(), PathBuf::new(), Vec::new(), None)?;
     let model = tokio::select! {
         model = resolve_model(&resolve) => model?,
         signal = signals.next() => {
@@ -110,22 +110,29 @@ where
         .map(|rank| socket_path(&args.shard_uds_path, rank))
         .collect();
     let grace = args.termination_timeout();
+    // Default token limits follow the model's positions (the shard reports a bad config).
+    let positions =
+        medley_shard::model::ModelConfig::from_file(&model.files.dir.join("config.json"))
+            .ok()
+            .and_then(|c| u32::try_from(c.max_position_embeddings).ok());
     let router_config = args.router.clone().into_config(
         model.model_id.clone(),
         model.files.tokenizer.clone(),
         sockets,
+        positions,
     )?;
     tracing::info!(
         model_id = %model.model_id,
         dir = %model.files.dir.display(),
         source = ?model.source,
         shards = world_size,
-        shard_bin = %shard_bin.display(),
+        shard_bin = %shard_bin.path.display(),
         "starting the shards"
     );
     let mut supervisor = Supervisor::spawn(SupervisorConfig {
         command: ShardCommand {
-            program: shard_bin,
+            program: shard_bin.path,
+            program_args: shard_bin.leading_args,
             model_dir: model.files.dir.clone(),
             model_id: model.model_id.clone(),
             dtype: args.dtype,
@@ -236,15 +243,28 @@ async fn stop_shards(supervisor: Supervisor, signals: &mut impl SignalSource) {
     shutdown.await;
 }
 
-/// The shard executable: `explicit` (a path, or a name looked up on `PATH`), else
-/// `medley-shard` next to the current executable, else on `PATH`.
-pub fn find_shard_binary(explicit: Option<&Path>) -> Result<PathBuf, LauncherError> {
+/// The program that runs a shard, and the arguments placed before the shard flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardProgram {
+    /// Executable.
+    pub path: PathBuf,
+    /// Leading arguments (`["shard"]` when re-executing `medley` itself).
+    pub leading_args: Vec<std::ffi::OsString>,
+}
+
+/// The shard executable: `explicit` (a path, or a name looked up on `PATH`, run as
+/// `medley-shard`), else this very executable run as `medley shard ...` — one binary serves.
+pub fn find_shard_binary(explicit: Option<&Path>) -> Result<ShardProgram, LauncherError> {
     let path_dirs =
         || std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    let standalone = |path: PathBuf| ShardProgram {
+        path,
+        leading_args: vec![],
+    };
     if let Some(bin) = explicit {
         if bin.components().count() > 1 {
             return if is_executable(bin) {
-                Ok(bin.to_path_buf())
+                Ok(standalone(bin.to_path_buf()))
             } else {
                 Err(LauncherError::ShardBinary(format!(
                     "--shard-bin {} is not an executable file",
@@ -252,25 +272,21 @@ pub fn find_shard_binary(explicit: Option<&Path>) -> Result<PathBuf, LauncherErr
                 )))
             };
         }
-        return find_in_dirs(&path_dirs().unwrap_or_default(), bin).ok_or_else(|| {
-            LauncherError::ShardBinary(format!("--shard-bin {} is not on PATH", bin.display()))
-        });
+        return find_in_dirs(&path_dirs().unwrap_or_default(), bin)
+            .map(standalone)
+            .ok_or_else(|| {
+                LauncherError::ShardBinary(format!("--shard-bin {} is not on PATH", bin.display()))
+            });
     }
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(Path::to_path_buf));
-    exe_dir
-        .iter()
-        .map(|dir| dir.join(SHARD_BIN_NAME))
-        .find(|p| is_executable(p))
-        .or_else(|| find_in_dirs(&path_dirs().unwrap_or_default(), Path::new(SHARD_BIN_NAME)))
-        .ok_or_else(|| {
-            LauncherError::ShardBinary(format!(
-                "{SHARD_BIN_NAME} is neither next to this executable ({}) nor on PATH; \
-                 pass --shard-bin or set MEDLEY_SHARD_BIN",
-                exe_dir.map(|d| d.display().to_string()).unwrap_or_default()
-            ))
-        })
+    let exe = std::env::current_exe().map_err(|e| {
+        LauncherError::ShardBinary(format!(
+            "cannot locate this executable to run the shards ({e}); pass --shard-bin"
+        ))
+    })?;
+    Ok(ShardProgram {
+        path: exe,
+        leading_args: vec!["shard".into()],
+    })
 }
 
 /// First `dir/name` among `dirs` that is an executable file.

@@ -34,8 +34,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// The shard command line, identical for every rank but the rank-specific flags.
 #[derive(Debug, Clone)]
 pub struct ShardCommand {
-    /// The `medley-shard` executable.
+    /// The shard executable (`medley-shard`, or `medley` itself).
     pub program: PathBuf,
+    /// Arguments placed before the shard flags (`["shard"]` when `program` is `medley`).
+    pub program_args: Vec<OsString>,
     /// `--model-dir`.
     pub model_dir: PathBuf,
     /// `--model-id`.
@@ -49,7 +51,8 @@ pub struct ShardCommand {
 impl ShardCommand {
     /// The arguments of rank `rank` out of `world_size`, listening on `uds_path`.
     pub fn args(&self, rank: usize, world_size: usize, uds_path: &Path) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = self.program_args.clone();
+        args.extend::<[OsString; 12]>([
             "--model-dir".into(),
             self.model_dir.clone().into(),
             "--uds-path".into(),
@@ -62,7 +65,7 @@ impl ShardCommand {
             self.dtype.as_arg().into(),
             "--model-id".into(),
             self.model_id.clone().into(),
-        ];
+        ]);
         if let Some(tokens) = self.kv_cache_tokens {
             args.extend(["--kv-cache-tokens".into(), tokens.to_string().into()]);
         }

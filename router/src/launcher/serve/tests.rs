@@ -30,7 +30,9 @@ fn plan(tmp: &Path, mode: &str, extra: &[&str]) -> ServePlan {
         "10".into(),
     ];
     argv.extend(extra.iter().map(|s| s.to_string()));
-    let Command::Serve(args) = Cli::try_parse_from(argv).expect("parse").command;
+    let Command::Serve(args) = Cli::try_parse_from(argv).expect("parse").command else {
+        panic!("expected the serve subcommand");
+    };
     ServePlan {
         resolve: ResolveRequest {
             model: Some(model),
@@ -39,7 +41,10 @@ fn plan(tmp: &Path, mode: &str, extra: &[&str]) -> ServePlan {
             embedded_bases: vec![tmp.join("embedded")],
         },
         args: *args,
-        shard_bin: fake_shard(),
+        shard_bin: ShardProgram {
+            path: fake_shard(),
+            leading_args: vec![],
+        },
         probe: Arc::new(FileProbe),
     }
 }
@@ -221,7 +226,19 @@ async fn signal_during_startup_stops_cleanly() {
 fn shard_binary_lookup() {
     let tmp = tempfile::tempdir().expect("tmp");
     let script = fake_shard();
-    assert_eq!(find_shard_binary(Some(&script)).expect("explicit"), script);
+    assert_eq!(
+        find_shard_binary(Some(&script)).expect("explicit").path,
+        script
+    );
+    assert!(
+        find_shard_binary(Some(&script))
+            .expect("explicit")
+            .leading_args
+            .is_empty()
+    );
+    let own = find_shard_binary(None).expect("self");
+    assert_eq!(own.leading_args, vec![std::ffi::OsString::from("shard")]);
+    assert_eq!(own.path, std::env::current_exe().expect("exe"));
     let err = find_shard_binary(Some(&tmp.path().join("nope"))).expect_err("missing");
     assert_eq!(err.exit_code(), 4);
     assert!(err.to_string().contains("nope"), "{err}");

@@ -75,6 +75,7 @@ pub(crate) fn config(dir: &Path, mode: &str, world_size: usize) -> SupervisorCon
     std::fs::create_dir_all(&model_dir).expect("mkdir");
     SupervisorConfig {
         command: ShardCommand {
+            program_args: vec![],
             program: fake_shard(),
             model_dir,
             model_id: "org/fake".to_string(),
@@ -108,6 +109,7 @@ pub(crate) async fn spawn(config: SupervisorConfig) -> Result<Supervisor, Superv
 #[test]
 fn command_line() {
     let command = ShardCommand {
+        program_args: vec![],
         program: "medley-shard".into(),
         model_dir: "/m".into(),
         model_id: "org/name".into(),
@@ -125,6 +127,7 @@ fn command_line() {
          --model-id org/name --json-output"
     );
     let with_kv = ShardCommand {
+        program_args: vec![],
         kv_cache_tokens: Some(4096),
         ..command
     };

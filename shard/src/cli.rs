@@ -1,0 +1,136 @@
+//! The shard's command line: `medley-shard ...` and the hidden `medley shard ...` (the launcher
+//! re-executes itself so one binary is enough to serve).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::engine::{Engine, EngineHandle, EngineInfo, TextContext};
+use crate::kv_cache::KvCache;
+use crate::model::{LlamaModel, LoadOptions};
+
+/// Flags of one shard process (each also readable from the environment).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ShardArgs {
+    /// Model directory in Hugging Face layout.
+    #[arg(long, env = "MEDLEY_MODEL_DIR")]
+    pub model_dir: PathBuf,
+    /// Unix socket to serve on.
+    #[arg(long, env = "MEDLEY_UDS_PATH")]
+    pub uds_path: PathBuf,
+    /// This shard's rank.
+    #[arg(long, env = "RANK", default_value_t = 0)]
+    pub rank: u32,
+    /// Number of ranks.
+    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+    pub world_size: u32,
+    /// Compute dtype: auto (the checkpoint's), f32, bf16, f16.
+    #[arg(long, env = "DTYPE", default_value = "auto")]
+    pub dtype: String,
+    /// Model name reported by `Info`.
+    #[arg(long, env = "MODEL_ID")]
+    pub model_id: Option<String>,
+    /// KV-cache capacity in tokens (overrides --kv-cache-bytes).
+    #[arg(long, env = "KV_CACHE_TOKENS")]
+    pub kv_cache_tokens: Option<usize>,
+    /// KV-cache budget in bytes.
+    #[arg(long, env = "KV_CACHE_BYTES", default_value_t = 2 << 30)]
+    pub kv_cache_bytes: usize,
+    /// Log as JSON lines.
+    #[arg(long, env = "JSON_OUTPUT")]
+    pub json_output: bool,
+}
+
+fn parse_dtype(s: &str) -> anyhow::Result<Option<candle_core::DType>> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "auto" => None,
+        "f32" | "float32" => Some(candle_core::DType::F32),
+        "bf16" | "bfloat16" => Some(candle_core::DType::BF16),
+        "f16" | "float16" => Some(candle_core::DType::F16),
+        other => anyhow::bail!("unknown --dtype `{other}` (auto, f32, bf16, f16)"),
+    })
+}
+
+/// Installs the log subscriber of a shard process (stderr, text or JSON).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// Loads the model and serves it on `args.uds_path` until SIGTERM/SIGINT.
+pub fn run(args: ShardArgs) -> anyhow::Result<()> {
+    if args.world_size != 1 || args.rank != 0 {
+        anyhow::bail!(
+            "tensor parallelism (world size {}) is not supported yet: run one shard",
+            args.world_size
+        );
+    }
+    let device = candle_core::Device::Cpu;
+    let opts = LoadOptions {
+        dtype: parse_dtype(&args.dtype)?,
+        device: device.clone(),
+    };
+    let t0 = std::time::Instant::now();
+    let model = LlamaModel::load(&args.model_dir, &opts)
+        .with_context(|| format!("loading model from {}", args.model_dir.display()))?;
+    let cfg = model.config().clone();
+    let tokenizer = tokenizers::Tokenizer::from_file(args.model_dir.join("tokenizer.json"))
+        .map_err(|e| anyhow::anyhow!("loading tokenizer.json: {e}"))?;
+    let capacity = args.kv_cache_tokens.unwrap_or_else(|| {
+        args.kv_cache_bytes / KvCache::bytes_per_token(&cfg, model.dtype()).max(1)
+    });
+    let kv = KvCache::new(&cfg, model.dtype(), &device, capacity);
+    tracing::info!(
+        model = %args.model_dir.display(),
+        dtype = ?model.dtype(),
+        kv_cache_tokens = capacity,
+        load_ms = t0.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    let info = EngineInfo {
+        model_id: args
+            .model_id
+            .unwrap_or_else(|| args.model_dir.display().to_string()),
+        rank: args.rank,
+        world_size: args.world_size,
+    };
+    let text = TextContext::new(tokenizer, cfg.eos_token_ids.clone());
+    let engine = Engine::new(model, kv, text, info);
+    let (handle, join) = EngineHandle::spawn(engine)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::server::serve_uds(
+        handle,
+        &args.uds_path,
+        shutdown_signal(),
+    ))?;
+    drop(runtime);
+    let _ = join.join();
+    Ok(())
+}
