@@ -12,6 +12,7 @@ pub mod cli;
 pub mod engine;
 pub mod fixture;
 pub mod generation;
+pub mod hub;
 pub mod kv_cache;
 pub mod model;
 pub mod server;

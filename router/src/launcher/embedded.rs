@@ -163,7 +163,7 @@ pub fn default_bases() -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::launcher::model_dir::{check_model_dir, tests::fixture_dir};
+    use crate::launcher::model_dir::{check_model_dir, testing::fixture_dir};
 
     #[test]
     fn embedded_bytes_are_the_fixture() {

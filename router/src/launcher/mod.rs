@@ -20,12 +20,13 @@
 //! | 5 | a shard died while serving |
 //! | 6 | launcher I/O failure (installing signal handlers) |
 
+pub use medley_shard::hub;
+pub use medley_shard::hub::model_dir;
+
 pub mod args;
 pub mod cli;
 pub mod embedded;
-pub mod hub;
 pub mod logging;
-pub mod model_dir;
 pub mod probe;
 pub mod resolve;
 pub mod serve;

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::launcher::cli::{Cli, Command};
-use crate::launcher::model_dir::tests::copy_fixture;
+use crate::launcher::model_dir::testing::copy_fixture;
 use crate::launcher::signals::Termination;
 use crate::launcher::supervisor::tests::{FileProbe, fake_shard};
 

@@ -149,17 +149,18 @@ pub fn index_shard_names(index: &Path) -> Result<Vec<String>, ModelDirError> {
     Ok(names.into_iter().collect())
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// Helpers for tests of model-directory consumers (here and in the router).
+#[doc(hidden)]
+pub mod testing {
     use super::*;
 
     /// The committed tiny checkpoint (single `model.safetensors`).
-    pub(crate) fn fixture_dir() -> PathBuf {
+    pub fn fixture_dir() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
     }
 
     /// Copies the fixture into `dest` (created).
-    pub(crate) fn copy_fixture(dest: &Path) {
+    pub fn copy_fixture(dest: &Path) {
         std::fs::create_dir_all(dest).expect("mkdir");
         for entry in std::fs::read_dir(fixture_dir()).expect("fixture dir") {
             let entry = entry.expect("entry");
@@ -169,7 +170,7 @@ pub(crate) mod tests {
 
     /// Writes a sharded layout into `dir`: the fixture's config/tokenizer, an index naming
     /// `shards`, and (empty) shard files for the names in `present`.
-    pub(crate) fn write_sharded(dir: &Path, shards: &[&str], present: &[&str]) {
+    pub fn write_sharded(dir: &Path, shards: &[&str], present: &[&str]) {
         copy_fixture(dir);
         std::fs::remove_file(dir.join(WEIGHTS_FILE)).expect("rm weights");
         let map: serde_json::Map<_, _> = shards
@@ -183,6 +184,12 @@ pub(crate) mod tests {
             std::fs::write(dir.join(p), b"x").expect("shard");
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
 
     #[test]
     fn fixture_is_complete() {

@@ -3,27 +3,9 @@
 
 use std::collections::HashMap;
 
+use super::model_dir::testing::{copy_fixture, write_sharded};
+use super::testing::{SHA, fake_cache};
 use super::*;
-use crate::launcher::model_dir::tests::{copy_fixture, write_sharded};
-
-pub(crate) const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
-
-/// Builds `models--org--name/snapshots/{SHA}/` (filled by `fill`) + `refs/{revision}` under
-/// `cache`; returns the snapshot dir.
-pub(crate) fn fake_cache(
-    cache: &Path,
-    repo_id: &str,
-    revision: &str,
-    fill: impl FnOnce(&Path),
-) -> PathBuf {
-    let repo_dir = cache.join(format!("models--{}", repo_id.replace('/', "--")));
-    let snapshot = repo_dir.join("snapshots").join(SHA);
-    fill(&snapshot);
-    let ref_path = repo_dir.join("refs").join(revision);
-    std::fs::create_dir_all(ref_path.parent().expect("parent")).expect("mkdir refs");
-    std::fs::write(ref_path, format!("{SHA}\n")).expect("ref");
-    snapshot
-}
 
 fn settings(vars: &[(&str, &str)], cache: Option<&str>) -> HubSettings {
     let map: HashMap<String, String> = vars

@@ -8,7 +8,9 @@ use std::time::Duration;
 use hf_hub::api::tokio::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
-use super::model_dir::{
+pub mod model_dir;
+
+use model_dir::{
     CONFIG_FILE, ModelDirError, ModelFiles, OPTIONAL_FILES, TOKENIZER_FILE, WEIGHTS_FILE,
     WEIGHTS_INDEX_FILE, check_model_dir, index_shard_names,
 };
@@ -322,5 +324,8 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+#[doc(hidden)]
+pub mod testing;
+
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;
