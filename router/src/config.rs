@@ -3,6 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use medley_merge::Semantics;
+
+use crate::infer::AdapterSource;
 
 /// Serving limits and defaults, shared by the `medley-router` binary and `medley serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -55,9 +60,44 @@ pub struct RouterArgs {
     /// Decode steps a waiting request may be held back before it is forced into the batch.
     #[arg(long, env = "MAX_WAITING_TOKENS", default_value_t = 20)]
     pub max_waiting_tokens: usize,
+    /// Most adapters one `merged_adapters` may list.
+    #[arg(long, env = "MAX_MERGE_ADAPTERS", default_value_t = 8)]
+    pub max_merge_adapters: usize,
+    /// Most distinct adapters (merges included, the base model not) in the running batch.
+    #[arg(long, env = "MAX_ACTIVE_ADAPTERS", default_value_t = 128)]
+    pub max_active_adapters: usize,
+    /// Seconds an adapter may stay active before it yields to adapters that are waiting for a
+    /// slot or a place in the batch.
+    #[arg(long, env = "ADAPTER_CYCLE_TIME", default_value_t = 2.0)]
+    pub adapter_cycle_time: f64,
+    /// Math of per-request merges: `peft` (PEFT `add_weighted_adapter`) or `lorax`.
+    #[arg(long, env = "MERGE_SEMANTICS", default_value = "peft")]
+    pub merge_semantics: Semantics,
+    /// Directory that adapters with `adapter_source: local` may come from (repeat the flag or
+    /// separate with commas); without one, local adapters are refused.
+    #[arg(long = "adapter-root", env = "ADAPTER_ROOTS", value_delimiter = ',')]
+    pub adapter_roots: Vec<PathBuf>,
+    /// Source of adapters whose request names none: `hub` or `local`.
+    #[arg(long, env = "DEFAULT_ADAPTER_SOURCE", default_value = "hub")]
+    pub default_adapter_source: AdapterSource,
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
+}
+
+/// How adapter selectors are validated.
+#[derive(Debug, Clone)]
+pub struct AdapterPolicy {
+    /// See [`RouterArgs::max_merge_adapters`].
+    pub max_merge_adapters: usize,
+    /// See [`RouterArgs::adapter_roots`] (absolute paths).
+    pub adapter_roots: Vec<PathBuf>,
+    /// See [`RouterArgs::default_adapter_source`].
+    pub default_source: AdapterSource,
+    /// See [`RouterArgs::merge_semantics`].
+    pub merge_semantics: Semantics,
+    /// The served model id: naming it as an adapter means the base model.
+    pub served_model_id: String,
 }
 
 /// Limits enforced by validation.
@@ -77,6 +117,8 @@ pub struct Limits {
     pub default_max_new_tokens: u32,
     /// See [`RouterArgs::validation_workers`].
     pub validation_workers: usize,
+    /// Adapter and merge rules.
+    pub adapters: AdapterPolicy,
 }
 
 /// Continuous-batching budgets.
@@ -92,6 +134,10 @@ pub struct BatchingConfig {
     pub waiting_served_ratio: f32,
     /// See [`RouterArgs::max_waiting_tokens`].
     pub max_waiting_tokens: usize,
+    /// See [`RouterArgs::max_active_adapters`].
+    pub max_active_adapters: usize,
+    /// See [`RouterArgs::adapter_cycle_time`].
+    pub adapter_cycle_time: Duration,
 }
 
 /// Everything the router needs to run.
@@ -180,6 +226,28 @@ impl RouterArgs {
                 "--waiting-served-ratio must be in [0, 1]".into(),
             ));
         }
+        if self.max_merge_adapters == 0 || self.max_active_adapters == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-merge-adapters and --max-active-adapters must be positive".into(),
+            ));
+        }
+        let adapter_cycle_time =
+            Duration::try_from_secs_f64(self.adapter_cycle_time).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "--adapter-cycle-time must be a non-negative number of seconds. Given: {}",
+                    self.adapter_cycle_time
+                ))
+            })?;
+        let adapter_roots = self
+            .adapter_roots
+            .iter()
+            .filter(|r| !r.as_os_str().is_empty())
+            .map(|r| {
+                std::path::absolute(r).map_err(|e| {
+                    ConfigError::Invalid(format!("--adapter-root {}: {e}", r.display()))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let ip: std::net::IpAddr = self
             .hostname
             .parse()
@@ -187,7 +255,7 @@ impl RouterArgs {
         Ok(RouterConfig {
             http_addr: SocketAddr::new(ip, self.port),
             grpc_addr: SocketAddr::new(ip, self.grpc_port),
-            model_id,
+            model_id: model_id.clone(),
             tokenizer_path,
             shard_uds_paths,
             limits: Limits {
@@ -198,6 +266,13 @@ impl RouterArgs {
                 max_top_n_tokens: self.max_top_n_tokens,
                 default_max_new_tokens: self.default_max_new_tokens,
                 validation_workers: self.validation_workers,
+                adapters: AdapterPolicy {
+                    max_merge_adapters: self.max_merge_adapters,
+                    adapter_roots,
+                    default_source: self.default_adapter_source,
+                    merge_semantics: self.merge_semantics,
+                    served_model_id: model_id,
+                },
             },
             batching: BatchingConfig {
                 max_batch_prefill_tokens: self.max_batch_prefill_tokens,
@@ -205,6 +280,8 @@ impl RouterArgs {
                 max_batch_size: self.max_batch_size,
                 waiting_served_ratio: self.waiting_served_ratio,
                 max_waiting_tokens: self.max_waiting_tokens,
+                max_active_adapters: self.max_active_adapters,
+                adapter_cycle_time,
             },
         })
     }
@@ -250,5 +327,57 @@ mod tests {
         assert!(cfg(&["--hostname", "not-an-ip"]).is_err());
         let ok = cfg(&["--hostname", "127.0.0.1", "--port", "9"]).unwrap();
         assert_eq!(ok.http_addr.to_string(), "127.0.0.1:9");
+        assert!(cfg(&["--max-merge-adapters", "0"]).is_err());
+        assert!(cfg(&["--max-active-adapters", "0"]).is_err());
+        assert!(cfg(&["--adapter-cycle-time=-1"]).is_err());
+        assert!(cfg(&["--adapter-cycle-time", "NaN"]).is_err());
+    }
+
+    #[test]
+    fn adapter_flags() {
+        let c = args(&[])
+            .into_config("m".into(), PathBuf::new(), vec![], None)
+            .unwrap();
+        let a = &c.limits.adapters;
+        assert_eq!(a.max_merge_adapters, 8);
+        assert!(a.adapter_roots.is_empty());
+        assert_eq!(a.default_source, AdapterSource::Hub);
+        assert_eq!(a.merge_semantics, Semantics::Peft);
+        assert_eq!(a.served_model_id, "m");
+        assert_eq!(c.batching.max_active_adapters, 128);
+        assert_eq!(c.batching.adapter_cycle_time, Duration::from_secs(2));
+        let c = args(&[
+            "--max-merge-adapters",
+            "3",
+            "--max-active-adapters",
+            "4",
+            "--adapter-cycle-time",
+            "0.5",
+            "--merge-semantics",
+            "LoRAX",
+            "--adapter-root",
+            "/srv/a,/srv/b",
+            "--adapter-root",
+            "rel",
+            "--default-adapter-source",
+            "local",
+        ])
+        .into_config("m".into(), PathBuf::new(), vec![], None)
+        .unwrap();
+        let a = &c.limits.adapters;
+        assert_eq!(a.max_merge_adapters, 3);
+        assert_eq!(a.merge_semantics, Semantics::Lorax);
+        assert_eq!(a.default_source, AdapterSource::Local);
+        assert_eq!(
+            a.adapter_roots[..2],
+            [PathBuf::from("/srv/a"), PathBuf::from("/srv/b")]
+        );
+        assert!(a.adapter_roots[2].is_absolute() && a.adapter_roots[2].ends_with("rel"));
+        assert_eq!(c.batching.max_active_adapters, 4);
+        assert_eq!(c.batching.adapter_cycle_time, Duration::from_millis(500));
+        let bad = Cli::try_parse_from(["x", "--merge-semantics", "mergekit"]);
+        assert!(bad.is_err());
+        let bad = Cli::try_parse_from(["x", "--default-adapter-source", "s3"]);
+        assert!(bad.is_err());
     }
 }

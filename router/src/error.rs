@@ -4,6 +4,7 @@
 //! |---|---|---|---|
 //! | [`InferError::Validation`] | 422 | `validation` | INVALID_ARGUMENT |
 //! | [`InferError::Overloaded`] | 429 | `overloaded` | RESOURCE_EXHAUSTED |
+//! | [`InferError::AdapterNotFound`] | 404 | `not_found` | NOT_FOUND |
 //! | [`InferError::Generation`] | 424 | `generation` | FAILED_PRECONDITION |
 //! | [`InferError::IncompleteGeneration`] | 500 | `incomplete_generation` | INTERNAL |
 //! | [`InferError::Unavailable`] | 503 | `unavailable` | UNAVAILABLE |
@@ -64,12 +65,107 @@ pub enum ValidationError {
     /// `adapter_id` and `merged_adapters` were both given.
     #[error("at most one of `adapter_id` or `merged_adapters` may be provided")]
     ConflictingAdapters,
+    /// The adapter selector is invalid.
+    #[error(transparent)]
+    Adapter(#[from] AdapterValidationError),
+    /// The shards refused the adapter or merge (e.g. mixed ranks for an equal-rank strategy);
+    /// the message is the shard's.
+    #[error("{0}")]
+    AdapterRejected(String),
     /// The request asks for a feature this server does not provide.
     #[error("{0}")]
     Unsupported(String),
     /// Tokenization failed.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+}
+
+/// An invalid `adapter_id` / `adapter_source` / `merged_adapters` selector.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AdapterValidationError {
+    /// `merged_adapters.ids` is missing or empty.
+    #[error("`merged_adapters.ids` must list at least one adapter id")]
+    EmptyMerge,
+    /// More adapters than `--max-merge-adapters`.
+    #[error("`merged_adapters.ids` may list at most {max} adapters. Given: {given}")]
+    TooManyAdapters {
+        /// Server limit.
+        max: usize,
+        /// Number given.
+        given: usize,
+    },
+    /// `weights` does not have one entry per id.
+    #[error(
+        "`merged_adapters.weights` must have one weight per adapter id. Given: {ids} ids and {weights} weights"
+    )]
+    WeightCount {
+        /// Number of ids.
+        ids: usize,
+        /// Number of weights.
+        weights: usize,
+    },
+    /// A weight is NaN or infinite.
+    #[error("`merged_adapters.weights` must be finite numbers. Given: {value} at index {index}")]
+    NonFiniteWeight {
+        /// Position in `weights`.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// Unknown `merge_strategy` or `majority_sign_method`.
+    #[error("`merged_adapters.{field}`: {error}")]
+    UnknownName {
+        /// `merge_strategy` or `majority_sign_method`.
+        field: &'static str,
+        /// The parse error (lists the valid names).
+        error: medley_merge::ParseNameError,
+    },
+    /// A pruning strategy without a density.
+    #[error(
+        "`merged_adapters.density` is required by the `{strategy}` merge strategy (the fraction of values kept, in [0, 1])"
+    )]
+    MissingDensity {
+        /// Canonical strategy name.
+        strategy: &'static str,
+    },
+    /// Density outside [0, 1] (or not finite).
+    #[error("`merged_adapters.density` must be in [0, 1]. Given: {0}")]
+    DensityRange(f32),
+    /// `svd_rank` of 0.
+    #[error("`merged_adapters.svd_rank` must be strictly positive. Given: 0")]
+    SvdRank,
+    /// The base model named inside a merge.
+    #[error(
+        "the base model (`{0}`) cannot be part of a merge; list only adapters in `merged_adapters.ids`"
+    )]
+    BaseInMerge(String),
+    /// An empty id inside a merge.
+    #[error("`merged_adapters.ids` cannot contain empty ids")]
+    EmptyId,
+    /// `adapter_source` is not `hub` or `local`.
+    #[error(transparent)]
+    UnknownSource(#[from] crate::infer::UnknownAdapterSource),
+    /// A hub id that is not `name` or `org/name`.
+    #[error(
+        "adapter id `{0}` is not a valid hub repository id (`name` or `org/name`: letters, digits, '-', '_' and '.', without '--' or '..')"
+    )]
+    InvalidHubId(String),
+    /// A local id with `..` components (or otherwise not a plain path).
+    #[error("adapter path `{0}` must be a plain path without `..` components")]
+    EscapesRoot(String),
+    /// An absolute local path outside every `--adapter-root`.
+    #[error("adapter path `{0}` is outside the allowed adapter roots")]
+    OutsideRoots(String),
+    /// `adapter_source: local` while no `--adapter-root` is configured.
+    #[error(
+        "adapter `{0}` has `adapter_source: local`, but local adapters are disabled on this server (start it with --adapter-root DIR)"
+    )]
+    LocalDisabled(String),
+    /// The shards have no adapter slots.
+    #[error(
+        "LoRA adapters are not enabled on this server (the shards report no adapter slots); omit `adapter_id` and `merged_adapters` to run the base model"
+    )]
+    AdaptersDisabled,
 }
 
 /// Every way a generation request can fail, from admission to the last token.
@@ -81,7 +177,10 @@ pub enum InferError {
     /// Too many requests in flight.
     #[error("Model is overloaded")]
     Overloaded,
-    /// The model failed while generating.
+    /// An adapter of the request does not exist (the message names it).
+    #[error("{0}")]
+    AdapterNotFound(String),
+    /// The model failed while generating (or an adapter failed to load or merge).
     #[error("Request failed during generation: {0}")]
     Generation(String),
     /// The stream ended before the last token.
@@ -98,6 +197,7 @@ impl InferError {
         match self {
             Self::Validation(_) => "validation",
             Self::Overloaded => "overloaded",
+            Self::AdapterNotFound(_) => "not_found",
             Self::Generation(_) => "generation",
             Self::IncompleteGeneration => "incomplete_generation",
             Self::Unavailable(_) => "unavailable",
@@ -109,6 +209,7 @@ impl InferError {
         match self {
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Self::AdapterNotFound(_) => StatusCode::NOT_FOUND,
             Self::Generation(_) => StatusCode::FAILED_DEPENDENCY,
             Self::IncompleteGeneration => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -120,6 +221,7 @@ impl InferError {
         match self {
             Self::Validation(_) => tonic::Code::InvalidArgument,
             Self::Overloaded => tonic::Code::ResourceExhausted,
+            Self::AdapterNotFound(_) => tonic::Code::NotFound,
             Self::Generation(_) => tonic::Code::FailedPrecondition,
             Self::IncompleteGeneration => tonic::Code::Internal,
             Self::Unavailable(_) => tonic::Code::Unavailable,
@@ -151,6 +253,12 @@ mod tests {
                 429,
                 "overloaded",
                 tonic::Code::ResourceExhausted,
+            ),
+            (
+                InferError::AdapterNotFound("x".into()),
+                404,
+                "not_found",
+                tonic::Code::NotFound,
             ),
             (
                 InferError::Generation("x".into()),

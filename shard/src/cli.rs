@@ -2,10 +2,16 @@
 //! re-executes itself so one binary is enough to serve).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::adapters::config::{DEFAULT_MAX_SLOTS, default_merge_threads};
+use crate::adapters::{
+    AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend, parse_byte_size,
+};
 use crate::engine::{Engine, EngineHandle, EngineInfo, TextContext};
+use crate::hub::HubSettings;
 use crate::kv_cache::KvCache;
 use crate::model::{LlamaModel, LoadOptions};
 
@@ -36,9 +42,47 @@ pub struct ShardArgs {
     /// KV-cache budget in bytes.
     #[arg(long, env = "KV_CACHE_BYTES", default_value_t = 2 << 30)]
     pub kv_cache_bytes: usize,
+    /// Directory local adapters may be loaded from (repeat the flag, or separate with commas).
+    /// Relative adapter ids resolve under the first root; absolute ids must lie inside one.
+    /// Without roots, local adapters are refused.
+    #[arg(long = "adapter-root", env = "ADAPTER_ROOTS", value_delimiter = ',')]
+    pub adapter_roots: Vec<PathBuf>,
+    /// Bytes of adapter weights all slots may hold together: plain bytes or a unit (512MiB,
+    /// 2GiB, 1.5GB).
+    #[arg(long, env = "ADAPTER_MEMORY_BUDGET", default_value = "1GiB", value_parser = parse_byte_size)]
+    pub adapter_memory_budget: u64,
+    /// Number of adapter slots (slot 0, the base model, excluded), at most 65536.
+    #[arg(
+        long,
+        env = "MAX_ADAPTER_SLOTS",
+        default_value_t = DEFAULT_MAX_SLOTS,
+        value_parser = clap::value_parser!(u32).range(0..=65536)
+    )]
+    pub max_adapter_slots: u32,
+    /// Threads for adapter merges, apart from the forward pass's (default: half the cores).
+    #[arg(long, env = "MERGE_THREADS")]
+    pub merge_threads: Option<usize>,
+    /// Hugging Face cache directory for hub adapters (default: HF_HUB_CACHE, HF_HOME/hub,
+    /// ~/.cache/huggingface/hub).
+    #[arg(long, env = "HUGGINGFACE_HUB_CACHE")]
+    pub huggingface_hub_cache: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
+}
+
+impl ShardArgs {
+    /// The adapter settings these flags describe (the parsed-adapter cache is as large as the
+    /// slot budget).
+    pub fn adapter_settings(&self) -> AdapterSettings {
+        let mut s = AdapterSettings::new(HubSettings::from_env(self.huggingface_hub_cache.clone()));
+        s.roots = self.adapter_roots.clone();
+        s.memory_budget = self.adapter_memory_budget;
+        s.source_cache_bytes = self.adapter_memory_budget;
+        s.max_slots = self.max_adapter_slots;
+        s.merge_threads = self.merge_threads.unwrap_or_else(default_merge_threads);
+        s
+    }
 }
 
 fn parse_dtype(s: &str) -> anyhow::Result<Option<candle_core::DType>> {
@@ -114,23 +158,103 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
     let info = EngineInfo {
         model_id: args
             .model_id
+            .clone()
             .unwrap_or_else(|| args.model_dir.display().to_string()),
         rank: args.rank,
         world_size: args.world_size,
     };
     let text = TextContext::new(tokenizer, cfg.eos_token_ids.clone());
-    let engine = Engine::new(model, kv, text, info);
+    let settings = args.adapter_settings();
+    let loader = AdapterLoader::new(
+        &settings,
+        BaseModules::from_config(&cfg),
+        &device,
+        model.dtype(),
+    )
+    .context("setting up adapters")?;
+    tracing::info!(
+        roots = ?settings.roots,
+        budget = settings.memory_budget,
+        slots = settings.max_slots,
+        merge_threads = settings.merge_threads,
+        "adapter slots ready"
+    );
+    let store = AdapterStore::new(
+        settings.max_slots,
+        settings.memory_budget,
+        LoraBackend::Kernels,
+    );
+    let engine = Engine::new(model, kv, text, info, store);
     let (handle, join) = EngineHandle::spawn(engine)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let server = crate::server::ShardServer::new(handle, Arc::new(loader));
     runtime.block_on(crate::server::serve_uds(
-        handle,
+        server,
         &args.uds_path,
         shutdown_signal(),
     ))?;
     drop(runtime);
     let _ = join.join();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ShardArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<ShardArgs, clap::Error> {
+        let base = ["shard", "--model-dir", "/m", "--uds-path", "/s"];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.args)
+    }
+
+    #[test]
+    fn adapter_flags() {
+        let a = parse(&[
+            "--adapter-root",
+            "/a,/b",
+            "--adapter-root",
+            "/c",
+            "--adapter-memory-budget",
+            "512MiB",
+            "--max-adapter-slots",
+            "8",
+            "--merge-threads",
+            "3",
+        ])
+        .expect("valid");
+        assert_eq!(
+            a.adapter_roots,
+            vec![
+                PathBuf::from("/a"),
+                PathBuf::from("/b"),
+                PathBuf::from("/c")
+            ]
+        );
+        let s = a.adapter_settings();
+        assert_eq!(
+            (s.memory_budget, s.max_slots, s.merge_threads),
+            (512 << 20, 8, 3)
+        );
+        assert_eq!(s.source_cache_bytes, 512 << 20);
+        // Plain bytes, as the launcher passes them.
+        let b = parse(&["--adapter-memory-budget", "1000000"]).expect("bytes");
+        assert_eq!(b.adapter_memory_budget, 1_000_000);
+        for bad in [
+            &["--adapter-memory-budget", "lots"][..],
+            &["--max-adapter-slots", "100000"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
 }

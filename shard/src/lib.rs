@@ -4,10 +4,12 @@
 //! * [`model`] — the Llama forward pass over a ragged batch (candle).
 //! * [`kv_cache`] — per-sequence key/value storage under a token budget.
 //! * [`generation`] — logits processing, sampling, stopping criteria, incremental detokenization.
+//! * [`adapters`] — LoRA adapter sources, merges, slots and the batched LoRA forward.
 //! * [`engine`] — the thread that owns the model and runs prefill/decode steps on cached batches.
 //! * [`server`] — the tonic service in front of the engine.
 //! * [`fixture`] — deterministic random checkpoints for tests and benchmarks.
 
+pub mod adapters;
 pub mod cli;
 pub mod engine;
 pub mod fixture;

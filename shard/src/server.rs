@@ -2,6 +2,7 @@
 //! served on a Unix socket.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use medley_proto::shard::v1 as pb;
 use medley_proto::shard::v1::shard_service_server::{ShardService, ShardServiceServer};
@@ -9,17 +10,20 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
+use crate::adapters::{AdapterLoader, LoadPlan};
 use crate::engine::EngineHandle;
 
-/// The gRPC service; every call is forwarded to the engine thread.
+/// The gRPC service: model calls are forwarded to the engine thread; adapter loads are resolved,
+/// read and merged by the [`AdapterLoader`] on worker threads and only installed by the engine.
 pub struct ShardServer {
     engine: EngineHandle,
+    loader: Arc<AdapterLoader>,
 }
 
 impl ShardServer {
-    /// Wraps an engine handle.
-    pub fn new(engine: EngineHandle) -> Self {
-        Self { engine }
+    /// Wraps an engine handle and the adapter loader of the same model.
+    pub fn new(engine: EngineHandle, loader: Arc<AdapterLoader>) -> Self {
+        Self { engine, loader }
     }
 }
 
@@ -84,6 +88,53 @@ impl ShardService for ShardServer {
         self.engine.clear(req.into_inner().id).await?;
         Ok(Response::new(pb::ClearCacheResponse {}))
     }
+
+    async fn load_adapter(
+        &self,
+        req: Request<pb::LoadAdapterRequest>,
+    ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+        let req = req.into_inner();
+        let plan = LoadPlan::from_proto(req.spec)?;
+        // The slot is checked once more when the engine installs the adapter; failing early
+        // saves the work of a load that cannot be installed.
+        let max = self.loader.max_slots();
+        if req.slot == 0 || req.slot > max {
+            return Err(crate::adapters::AdapterError::BadSlot {
+                slot: req.slot,
+                max,
+            }
+            .into());
+        }
+        let prepared = self.loader.prepare(plan).await?;
+        let report = self
+            .engine
+            .install_adapter(req.slot, prepared.adapter)
+            .await?;
+        Ok(Response::new(pb::LoadAdapterResponse {
+            bytes: report.bytes,
+            rank: report.rank,
+            content_hash: report.content_hash,
+            load_ns: prepared.load_ns,
+            merge_ns: prepared.merge_ns,
+        }))
+    }
+
+    async fn offload_adapter(
+        &self,
+        req: Request<pb::OffloadAdapterRequest>,
+    ) -> Result<Response<pb::OffloadAdapterResponse>, Status> {
+        self.engine.offload_adapter(req.into_inner().slot).await?;
+        Ok(Response::new(pb::OffloadAdapterResponse {}))
+    }
+
+    async fn list_adapters(
+        &self,
+        _: Request<pb::ListAdaptersRequest>,
+    ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
+        Ok(Response::new(pb::ListAdaptersResponse {
+            slots: self.engine.list_adapters().await?,
+        }))
+    }
 }
 
 /// Removes the socket file on drop.
@@ -95,10 +146,10 @@ impl Drop for SocketGuard {
     }
 }
 
-/// Serves `engine` on the Unix socket `path` until `shutdown` resolves. A stale socket file
+/// Serves `server` on the Unix socket `path` until `shutdown` resolves. A stale socket file
 /// from an earlier run is replaced; the file is removed on exit.
 pub async fn serve_uds(
-    engine: EngineHandle,
+    server: ShardServer,
     path: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
@@ -115,7 +166,7 @@ pub async fn serve_uds(
     tracing::info!(socket = %path.display(), "shard serving");
     tonic::transport::Server::builder()
         .add_service(
-            ShardServiceServer::new(ShardServer::new(engine))
+            ShardServiceServer::new(server)
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
         )

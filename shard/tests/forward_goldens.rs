@@ -1,6 +1,7 @@
 //! The Llama forward pass against transformers goldens (committed outputs of
 //! `scripts/goldens/forward_goldens.py`; no Python needed here), plus batching, LoRA-hook,
-//! checkpoint-error and sharded-checkpoint checks on the committed tiny fixtures.
+//! checkpoint-error and sharded-checkpoint checks on the tiny fixtures (f32 committed, bf16 made by
+//! code at test time).
 
 // Helpers outside `#[test]` functions are test code too.
 #![allow(clippy::unwrap_used)]
@@ -13,11 +14,40 @@ use candle_core::{DType, Device, Tensor};
 use medley_shard::fixture::{FixtureDType, ModelFixture, write_model};
 use medley_shard::kv_cache::KvCache;
 use medley_shard::model::{
-    ForwardBatch, LlamaModel, LoadOptions, LoraDelta, ModelError, NoLora, SeqChunk, TargetModule,
+    ForwardBatch, LlamaModel, LoadOptions, LoraDelta, ModelError, NoLora, RowSlots, SeqChunk,
+    TargetModule,
 };
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// SHA-256 of the bf16 fixture's `model.safetensors` the goldens were computed on. The fixture is
+/// not committed (it is made by code); if the generator changes, this check fails first: rerun
+/// `medley-fixture model --preset tiny --dtype bf16 --llama3-rope --tie-embeddings` and
+/// `scripts/goldens/forward_goldens.py` (see scripts/goldens/README.md) and update the hash.
+const BF16_FIXTURE_SHA256: &str =
+    "146fda5532e5c58a4f0910e0c970655a5a5659f1dd992b37df02bb1e345ea858";
+
+/// The bf16 fixture (llama3 RoPE scaling, tied embeddings), generated once per test process.
+fn bf16_fixture() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let mut fx = ModelFixture::tiny(FixtureDType::BF16);
+        fx.shape.rope_scaling = Some(medley_shard::fixture::ModelShape::llama3_rope_scaling());
+        fx.shape.tie_word_embeddings = true;
+        write_model(dir.path(), &fx).unwrap();
+        let weights = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&weights)),
+            BF16_FIXTURE_SHA256,
+            "the bf16 fixture generator changed: regenerate the goldens"
+        );
+        dir
+    })
+    .path()
 }
 
 fn load(dir: &Path) -> LlamaModel {
@@ -171,7 +201,7 @@ fn f32_matches_transformers() {
 /// it in ~40% of the elements, by up to 20x.
 #[test]
 fn bf16_matches_transformers() {
-    let model = load(&fixtures().join("tiny-llama-bf16"));
+    let model = load(bf16_fixture());
     assert_eq!(model.dtype(), DType::BF16);
     assert!(model.config().tie_word_embeddings && model.config().rope_scaling.is_some());
     check_goldens(&model, "bf16", |r| bf16_step(r) + 0.01);
@@ -339,8 +369,9 @@ impl LoraDelta for Recorder {
         module: TargetModule,
         x: &Tensor,
         y: Tensor,
-        row_slots: &[u32],
+        rows: &RowSlots,
     ) -> candle_core::Result<Tensor> {
+        let row_slots = rows.slots();
         self.calls.lock().unwrap().push((
             layer,
             module,

@@ -3,14 +3,14 @@
 //! cancelled requests from the shards' batches.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 use medley_proto::shard::v1 as pb;
-use tokio::sync::Notify;
 
-use super::client::{ClientError, ShardedClient};
-use super::queue::{BatchBudget, Entry, Queue};
+use super::client::ClientError;
+use super::queue::{BatchBudget, Entry};
+use super::scheduler::Scheduler;
+use super::shard_api::ShardApi;
 use crate::config::BatchingConfig;
 use crate::error::InferError;
 use crate::infer::{FinishReason, GeneratedText, InferStreamResponse, PrefillToken, Token};
@@ -26,7 +26,6 @@ pub(crate) struct LoopConfig {
 
 /// Metric names of the batching loop.
 mod names {
-    pub const QUEUE_SIZE: &str = "medley_queue_size";
     pub const BATCH_SIZE: &str = "medley_batch_current_size";
     pub const BATCH_MAX_TOKENS: &str = "medley_batch_current_max_tokens";
     pub const CANCELLED: &str = "medley_request_cancelled";
@@ -36,23 +35,17 @@ mod names {
 
 type Entries = HashMap<u64, Entry>;
 
-/// Runs forever (until the queue handle is dropped and the task aborted).
-pub(crate) async fn batching_task(
-    client: ShardedClient,
-    queue: Arc<Queue>,
-    notify: Arc<Notify>,
-    cfg: LoopConfig,
-) {
+/// Runs forever (until the task is aborted).
+pub(crate) async fn batching_task<S: ShardApi>(client: S, queue: Scheduler, cfg: LoopConfig) {
     let b = &cfg.batching;
     loop {
-        notify.notified().await;
+        queue.wait_for_work().await;
         while let Some(next) = queue.next_batch(BatchBudget {
             min_size: None,
             max_size: b.max_batch_size,
             prefill_tokens: b.max_batch_prefill_tokens,
             total_tokens: cfg.max_batch_total_tokens,
         }) {
-            metrics::gauge!(names::QUEUE_SIZE).set(queue.len() as f64);
             let mut entries = next.entries;
             let mut cached = prefill(&client, next.batch, &mut entries).await;
             let mut waiting_steps = 1usize;
@@ -63,16 +56,19 @@ pub(crate) async fn batching_task(
                 metrics::gauge!(names::BATCH_MAX_TOKENS).set(max_tokens as f64);
                 let min_size = (waiting_steps < b.max_waiting_tokens)
                     .then(|| (size as f32 * b.waiting_served_ratio).floor() as usize);
-                if let Some(next) = queue.next_batch(BatchBudget {
-                    min_size: min_size.filter(|m| *m > 0),
-                    max_size: b
-                        .max_batch_size
-                        .map(|m| m.saturating_sub(size))
-                        .filter(|m| *m > 0),
-                    prefill_tokens: b.max_batch_prefill_tokens,
-                    total_tokens: cfg.max_batch_total_tokens.saturating_sub(max_tokens),
-                }) {
-                    metrics::gauge!(names::QUEUE_SIZE).set(queue.len() as f64);
+                // A full batch takes no one (`Some(0)`); `None` means no size limit.
+                let room = b.max_batch_size.map(|m| m.saturating_sub(size));
+                let next = (room != Some(0))
+                    .then(|| {
+                        queue.next_batch(BatchBudget {
+                            min_size: min_size.filter(|m| *m > 0),
+                            max_size: room,
+                            prefill_tokens: b.max_batch_prefill_tokens,
+                            total_tokens: cfg.max_batch_total_tokens.saturating_sub(max_tokens),
+                        })
+                    })
+                    .flatten();
+                if let Some(next) = next {
                     let mut new_entries = next.entries;
                     if let Some(new_batch) = prefill(&client, next.batch, &mut new_entries).await {
                         batches.push(new_batch);
@@ -102,7 +98,7 @@ pub(crate) async fn batching_task(
 }
 
 async fn prefill(
-    client: &ShardedClient,
+    client: &impl ShardApi,
     batch: pb::Batch,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
@@ -122,7 +118,7 @@ async fn prefill(
 }
 
 async fn decode(
-    client: &ShardedClient,
+    client: &impl ShardApi,
     batches: Vec<pb::CachedBatch>,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
@@ -153,7 +149,7 @@ fn record_timings(t: Option<&pb::Timings>, method: &'static str, start: Instant)
 
 /// Filters the shard's next batch to the entries still alive.
 async fn filter_next(
-    client: &ShardedClient,
+    client: &impl ShardApi,
     next: Option<pb::CachedBatch>,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
@@ -165,7 +161,7 @@ async fn filter_next(
 
 /// Removes from `batch` the requests that finished or whose client left.
 async fn filter_batch(
-    client: &ShardedClient,
+    client: &impl ShardApi,
     batch: pb::CachedBatch,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
@@ -202,7 +198,7 @@ async fn filter_batch(
 
 /// Fails every entry with the shard's error and clears the batch.
 async fn fail_all(
-    client: &ShardedClient,
+    client: &impl ShardApi,
     batch_id: Option<u64>,
     entries: &mut Entries,
     e: ClientError,

@@ -10,6 +10,8 @@ use medley_proto::shard::v1 as pb;
 use medley_proto::shard::v1::shard_service_client::ShardServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use super::shard_api::ShardApi;
+
 /// Errors talking to shards.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -104,22 +106,21 @@ impl ShardedClient {
             .map(tonic::Response::into_inner)
             .ok_or(ClientError::NoShards)
     }
+}
 
-    /// Model facts from rank 0.
-    pub async fn info(&self) -> Result<pb::InfoResponse, ClientError> {
+impl ShardApi for ShardedClient {
+    async fn info(&self) -> Result<pb::InfoResponse, ClientError> {
         self.all(|mut c| async move { c.info(pb::InfoRequest {}).await })
             .await
     }
 
-    /// Health of every rank.
-    pub async fn health(&self) -> Result<(), ClientError> {
+    async fn health(&self) -> Result<(), ClientError> {
         self.all(|mut c| async move { c.health(pb::HealthRequest {}).await })
             .await
             .map(|_| ())
     }
 
-    /// Warms up every rank; returns the smallest KV capacity.
-    pub async fn warmup(&self, req: pb::WarmupRequest) -> Result<u64, ClientError> {
+    async fn warmup(&self, req: pb::WarmupRequest) -> Result<u64, ClientError> {
         let results = try_join_all(self.clients.iter().cloned().map(|mut c| {
             let req = req.clone();
             async move { c.warmup(req).await }
@@ -132,8 +133,7 @@ impl ShardedClient {
             .ok_or(ClientError::NoShards)
     }
 
-    /// Prefill on every rank.
-    pub async fn prefill(&self, batch: pb::Batch) -> Result<pb::PrefillResponse, ClientError> {
+    async fn prefill(&self, batch: pb::Batch) -> Result<pb::PrefillResponse, ClientError> {
         self.all(|mut c| {
             let batch = batch.clone();
             async move { c.prefill(pb::PrefillRequest { batch: Some(batch) }).await }
@@ -141,8 +141,7 @@ impl ShardedClient {
         .await
     }
 
-    /// Decode on every rank.
-    pub async fn decode(
+    async fn decode(
         &self,
         batches: Vec<pb::CachedBatch>,
     ) -> Result<pb::DecodeResponse, ClientError> {
@@ -153,8 +152,7 @@ impl ShardedClient {
         .await
     }
 
-    /// FilterBatch on every rank.
-    pub async fn filter_batch(
+    async fn filter_batch(
         &self,
         batch_id: u64,
         request_ids: Vec<u64>,
@@ -173,10 +171,39 @@ impl ShardedClient {
         .map(|r| r.batch)
     }
 
-    /// ClearCache on every rank.
-    pub async fn clear_cache(&self, id: Option<u64>) -> Result<(), ClientError> {
+    async fn clear_cache(&self, id: Option<u64>) -> Result<(), ClientError> {
         self.all(|mut c| async move { c.clear_cache(pb::ClearCacheRequest { id }).await })
             .await
             .map(|_| ())
+    }
+
+    async fn load_adapter(
+        &self,
+        req: pb::LoadAdapterRequest,
+    ) -> Result<pb::LoadAdapterResponse, ClientError> {
+        let results = try_join_all(self.clients.iter().cloned().map(|mut c| {
+            let req = req.clone();
+            async move { c.load_adapter(req).await }
+        }))
+        .await?;
+        let mut answers = results.into_iter().map(tonic::Response::into_inner);
+        let mut first = answers.next().ok_or(ClientError::NoShards)?;
+        for other in answers {
+            first.bytes = first.bytes.max(other.bytes);
+            first.load_ns = first.load_ns.max(other.load_ns);
+            first.merge_ns = first.merge_ns.max(other.merge_ns);
+        }
+        Ok(first)
+    }
+
+    async fn offload_adapter(&self, slot: u32) -> Result<(), ClientError> {
+        self.all(|mut c| async move { c.offload_adapter(pb::OffloadAdapterRequest { slot }).await })
+            .await
+            .map(|_| ())
+    }
+
+    async fn list_adapters(&self) -> Result<pb::ListAdaptersResponse, ClientError> {
+        self.all(|mut c| async move { c.list_adapters(pb::ListAdaptersRequest {}).await })
+            .await
     }
 }

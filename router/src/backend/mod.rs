@@ -2,24 +2,34 @@
 //! production implementation, [`ShardBackend`]: continuous batching over gRPC shards.
 //!
 //! * [`client`] — gRPC clients of the shards (Unix sockets, fan-out to every rank).
-//! * `queue` — waiting requests and the batch builder.
+//! * [`shard_api`] — the calls made to the shards ([`ShardApi`]), so tests can use a fake shard.
+//! * `registry` — per-adapter queues and adapter residency (slots, bytes, pins, LRU, errors).
+//! * `queue` — the batch builder over those queues.
+//! * `scheduler` — the registry behind a lock, adapter leases, and the adapter loader task.
 //! * `batcher` — the batching loop.
 
 mod batcher;
 pub mod client;
 mod queue;
+mod registry;
+mod scheduler;
+pub mod shard_api;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use medley_proto::shard::v1 as pb;
-use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::config::RouterConfig;
 use client::{ClientError, ShardedClient};
-use queue::{Entry, Queue};
+use registry::RegistryConfig;
+use scheduler::Scheduler;
+pub use shard_api::ShardApi;
 
 use crate::error::InferError;
 use crate::infer::{InferStreamResponse, ValidGenerateRequest};
@@ -35,6 +45,10 @@ pub struct BackendInfo {
     pub world_size: u32,
     /// Tokens (prompt + new) all running requests may hold together.
     pub max_batch_total_tokens: u32,
+    /// Adapter slots of the shards (0 = adapters disabled).
+    pub max_adapter_slots: u32,
+    /// Bytes of adapter weights the shards may hold (0 = not limited by the router).
+    pub adapter_memory_bytes: u64,
 }
 
 /// Runs validated requests and streams their tokens back.
@@ -64,33 +78,44 @@ pub enum BackendError {
     Config(String),
 }
 
-/// Continuous batching over the shards of one model.
-pub struct ShardBackend {
-    client: ShardedClient,
-    queue: Arc<Queue>,
-    notify: Arc<Notify>,
+/// Loads and merges the loader runs at once (merges are CPU-heavy on the shards).
+const MAX_CONCURRENT_LOADS: usize = 4;
+/// How long a failed adapter load answers new requests with its error before it is retried.
+const ADAPTER_ERROR_TTL: Duration = Duration::from_secs(10);
+/// Evicted adapters remembered (for their size) before they are forgotten.
+const MAX_TRACKED_ADAPTERS: usize = 4096;
+
+/// Continuous batching over the shards of one model, with adapter scheduling.
+pub struct ShardBackend<S: ShardApi = ShardedClient> {
+    client: S,
+    scheduler: Scheduler,
     info: BackendInfo,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Drop for ShardBackend {
+impl<S: ShardApi> Drop for ShardBackend<S> {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
-/// Connects to every shard in `config.shard_uds_paths`, clears their caches, warms them up,
-/// sizes the batch budget and starts the batching loop.
-pub async fn connect(config: &RouterConfig) -> Result<Arc<dyn Backend>, BackendError> {
-    Ok(Arc::new(ShardBackend::connect(config).await?))
+/// Connects to every shard in `config.shard_uds_paths`, clears their caches and adapter slots,
+/// warms them up, sizes the batch budget and starts the batching loop and the adapter loader.
+pub async fn connect(config: &RouterConfig) -> Result<std::sync::Arc<dyn Backend>, BackendError> {
+    let client = ShardedClient::connect(&config.shard_uds_paths).await?;
+    Ok(std::sync::Arc::new(
+        ShardBackend::start(client, config).await?,
+    ))
 }
 
-impl ShardBackend {
-    /// See [`connect`].
-    pub async fn connect(config: &RouterConfig) -> Result<Self, BackendError> {
-        let client = ShardedClient::connect(&config.shard_uds_paths).await?;
+impl<S: ShardApi> ShardBackend<S> {
+    /// Sets up `client` (see [`connect`]) and starts the background tasks.
+    pub async fn start(client: S, config: &RouterConfig) -> Result<Self, BackendError> {
         let info = client.info().await?;
         client.clear_cache(None).await?;
+        clear_adapter_slots(&client).await;
         let limits = &config.limits;
         if limits.max_total_tokens as u64 > info.max_position_embeddings as u64 {
             tracing::warn!(
@@ -127,50 +152,86 @@ impl ShardBackend {
         tracing::info!(
             max_batch_total_tokens,
             warmup_ms = t0.elapsed().as_millis() as u64,
+            adapter_slots = info.max_adapter_slots,
+            adapter_memory_bytes = info.adapter_memory_bytes,
             "shards warmed up"
         );
-        let queue = Arc::new(Queue::default());
-        let notify = Arc::new(Notify::new());
-        let task = tokio::spawn(batcher::batching_task(
-            client.clone(),
-            queue.clone(),
-            notify.clone(),
-            batcher::LoopConfig {
-                batching: config.batching.clone(),
-                max_batch_total_tokens,
+        if info.max_adapter_slots > 0 && info.adapter_memory_bytes == 0 {
+            tracing::warn!(
+                "the shards report adapter slots but no adapter memory budget; the router will not limit adapter bytes"
+            );
+        }
+        let scheduler = Scheduler::new(RegistryConfig {
+            max_slots: info.max_adapter_slots,
+            budget_bytes: match info.adapter_memory_bytes {
+                0 => u64::MAX,
+                b => b,
             },
-        ));
+            max_active_adapters: config.batching.max_active_adapters,
+            cycle_time: config.batching.adapter_cycle_time,
+            max_concurrent_loads: MAX_CONCURRENT_LOADS,
+            error_ttl: ADAPTER_ERROR_TTL,
+            max_tracked: MAX_TRACKED_ADAPTERS,
+        });
+        let tasks = vec![
+            tokio::spawn(batcher::batching_task(
+                client.clone(),
+                scheduler.clone(),
+                batcher::LoopConfig {
+                    batching: config.batching.clone(),
+                    max_batch_total_tokens,
+                },
+            )),
+            tokio::spawn(scheduler::loader_task(client.clone(), scheduler.clone())),
+        ];
         Ok(Self {
             client,
-            queue,
-            notify,
+            scheduler,
             info: BackendInfo {
                 model_dtype: info.dtype,
                 model_device_type: info.device_type,
                 world_size: info.world_size,
                 max_batch_total_tokens,
+                max_adapter_slots: info.max_adapter_slots,
+                adapter_memory_bytes: info.adapter_memory_bytes,
             },
-            task,
+            tasks,
         })
     }
 }
 
-impl Backend for ShardBackend {
+/// Frees adapter slots a previous router left filled (their keys are unknown here).
+async fn clear_adapter_slots(client: &impl ShardApi) {
+    match client.list_adapters().await {
+        Ok(list) => {
+            for s in list.slots {
+                tracing::info!(
+                    slot = s.slot,
+                    bytes = s.bytes,
+                    "freeing an adapter slot left by a previous router"
+                );
+                if let Err(e) = client.offload_adapter(s.slot).await {
+                    tracing::warn!(slot = s.slot, "cannot free adapter slot: {e}");
+                }
+            }
+        }
+        Err(ClientError::Rpc(s)) if s.code() == tonic::Code::Unimplemented => {
+            tracing::debug!("the shards do not list adapters: {}", s.message());
+        }
+        Err(e) => tracing::warn!("cannot list the shards' adapter slots: {e}"),
+    }
+}
+
+impl<S: ShardApi> Backend for ShardBackend<S> {
     fn schedule(
         &self,
         request: ValidGenerateRequest,
     ) -> Result<UnboundedReceiver<Result<InferStreamResponse, InferError>>, InferError> {
-        if self.task.is_finished() {
+        if self.tasks.iter().any(|t| t.is_finished()) {
             return Err(InferError::Unavailable("the batching loop stopped".into()));
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.queue.append(Entry {
-            request,
-            response_tx: tx,
-            queued: Instant::now(),
-            batch_time: None,
-        });
-        self.notify.notify_one();
+        self.scheduler.append(request, tx)?;
         Ok(rx)
     }
 

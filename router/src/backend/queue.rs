@@ -1,15 +1,24 @@
-//! The waiting queue and the batch builder: which waiting requests join the next prefill, under
-//! the prefill-token, total-token and batch-size budgets (TGI v3 policy, FIFO, no preemption).
+//! The batch builder: which waiting requests, across the base model's queue and the queues of
+//! resident adapters, join the next prefill under the prefill-token, total-token and batch-size
+//! budgets (TGI v3 policy, no preemption) and the cap on distinct adapters per batch.
+//!
+//! Requests are taken one at a time from the queue that comes first in
+//! [`Priority`](super::registry::Priority) order (oldest request first, adapters whose turn is
+//! spent after the others). Queues of adapters that are not resident are skipped, not waited
+//! for; so are adapters that would exceed `max_active_adapters`, and, while another adapter is
+//! starved, adapters whose turn (`--adapter-cycle-time`) is spent. When the request that comes
+//! first does not fit the token budgets, the batch ends there (FIFO, as in TGI).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::HashSet;
 use std::time::Instant;
 
 use medley_proto::shard::v1 as pb;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::registry::{Priority, Registry};
+use super::scheduler::AdapterLease;
 use crate::error::InferError;
-use crate::infer::{InferStreamResponse, ValidGenerateRequest};
+use crate::infer::{AdapterKey, InferStreamResponse, ValidGenerateRequest};
 
 /// A request with the channel its events go to.
 pub(crate) struct Entry {
@@ -21,16 +30,32 @@ pub(crate) struct Entry {
     pub queued: Instant,
     /// When its prefill started.
     pub batch_time: Option<Instant>,
+    /// Pins its adapter while it runs (None for the base model and while queued).
+    pub lease: Option<AdapterLease>,
 }
 
 impl Entry {
+    /// A queued entry.
+    pub fn new(
+        request: ValidGenerateRequest,
+        response_tx: UnboundedSender<Result<InferStreamResponse, InferError>>,
+    ) -> Self {
+        Self {
+            request,
+            response_tx,
+            queued: Instant::now(),
+            batch_time: None,
+            lease: None,
+        }
+    }
+
     /// Tokens this request may hold in the KV cache.
     pub fn max_tokens(&self) -> u32 {
         self.request.input_length() + self.request.stopping_parameters.max_new_tokens
     }
 }
 
-/// Budgets for one `next_batch` call.
+/// Budgets for one batch.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchBudget {
     /// Don't form a batch smaller than this (None = any size).
@@ -43,107 +68,99 @@ pub(crate) struct BatchBudget {
     pub total_tokens: u32,
 }
 
-/// A batch ready for prefill.
-pub(crate) struct NextBatch {
-    /// Its entries by request id.
-    pub entries: HashMap<u64, Entry>,
-    /// The wire batch.
-    pub batch: pb::Batch,
+/// A request taken for the next batch.
+pub(crate) struct Taken {
+    /// Request id.
+    pub id: u64,
+    /// The request.
+    pub entry: Entry,
+    /// Its adapter and slot (None for the base model).
+    pub adapter: Option<(AdapterKey, u32)>,
 }
 
-#[derive(Default)]
-struct State {
-    entries: VecDeque<(u64, Entry)>,
-    next_id: u64,
-    next_batch_id: u64,
-}
-
-/// FIFO of waiting requests.
-#[derive(Default)]
-pub(crate) struct Queue {
-    state: Mutex<State>,
-}
-
-impl Queue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A poisoned lock only means another thread panicked mid-update of plain data.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Appends a request; returns its id.
-    pub fn append(&self, entry: Entry) -> u64 {
-        let mut s = self.lock();
-        let id = s.next_id;
-        s.next_id += 1;
-        s.entries.push_back((id, entry));
-        id
-    }
-
-    /// Number of waiting requests.
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    /// Takes waiting requests in FIFO order while they fit the budget. Requests whose client is
-    /// gone are dropped on the way.
-    pub fn next_batch(&self, budget: BatchBudget) -> Option<NextBatch> {
-        let mut s = self.lock();
-        s.entries.retain(|(_, e)| !e.response_tx.is_closed());
-        if s.entries.is_empty() {
-            return None;
+/// Takes the requests of the next batch out of their queues and marks their adapters running;
+/// empty when no batch can be formed. Requests whose client is gone are dropped on the way.
+pub(crate) fn take_batch(reg: &mut Registry, budget: BatchBudget, now: Instant) -> Vec<Taken> {
+    reg.prune_cancelled();
+    let mut in_batch: HashSet<AdapterKey> = reg
+        .adapters
+        .iter()
+        .filter(|(_, a)| a.running > 0)
+        .map(|(k, _)| *k)
+        .collect();
+    let starved = reg.starved(in_batch.len());
+    let (cap, cycle) = (reg.cfg.max_active_adapters, reg.cfg.cycle_time);
+    let mut taken: Vec<Taken> = Vec::new();
+    let (mut prefill, mut total) = (0u32, 0u32);
+    loop {
+        if budget.max_size.is_some_and(|m| taken.len() >= m) {
+            break;
         }
-        let mut taken: Vec<(u64, Entry)> = vec![];
-        let mut prefill = 0u32;
-        let mut total = 0u32;
-        while let Some((id, entry)) = s.entries.pop_front() {
-            let input = entry.request.input_length();
-            let max = entry.max_tokens();
-            let too_big = prefill.saturating_add(input) > budget.prefill_tokens
-                || total.saturating_add(max) > budget.total_tokens
-                || budget.max_size.is_some_and(|m| taken.len() >= m);
-            if too_big {
-                s.entries.push_front((id, entry));
-                break;
+        let mut best: Option<(Priority, Option<(AdapterKey, u32)>)> =
+            reg.base.front().map(|(id, _)| (Priority::Fresh(*id), None));
+        for (key, a) in &reg.adapters {
+            let (Some(slot), Some(priority)) = (a.resident_slot(), a.priority(cycle, now)) else {
+                continue;
+            };
+            if !in_batch.contains(key) && in_batch.len() >= cap {
+                continue;
             }
-            prefill += input;
-            total += max;
-            taken.push((id, entry));
-        }
-        if taken.is_empty() || budget.min_size.is_some_and(|m| taken.len() < m) {
-            for e in taken.into_iter().rev() {
-                s.entries.push_front(e);
+            if starved && a.over_cycle(cycle, now) {
+                continue;
             }
-            return None;
+            if best.as_ref().is_none_or(|(b, _)| priority < *b) {
+                best = Some((priority, Some((*key, slot))));
+            }
         }
-        let batch_id = s.next_batch_id;
-        s.next_batch_id += 1;
-        drop(s);
-        let now = Instant::now();
-        let requests = taken
-            .iter()
-            .map(|(id, e)| to_proto_request(*id, &e.request))
-            .collect::<Vec<_>>();
-        let entries = taken
-            .into_iter()
-            .map(|(id, mut e)| {
-                e.batch_time = Some(now);
-                (id, e)
-            })
-            .collect::<HashMap<_, _>>();
-        Some(NextBatch {
-            batch: pb::Batch {
-                id: batch_id,
-                size: requests.len() as u32,
-                max_tokens: total,
-                requests,
-            },
-            entries,
-        })
+        let Some((_, adapter)) = best else {
+            break;
+        };
+        let Some(queue) = (match adapter {
+            None => Some(&mut reg.base),
+            Some((key, _)) => reg.adapters.get_mut(&key).map(|a| &mut a.queue),
+        }) else {
+            break;
+        };
+        let Some((id, entry)) = queue.pop_front() else {
+            break;
+        };
+        let input = entry.request.input_length();
+        let max = entry.max_tokens();
+        if prefill.saturating_add(input) > budget.prefill_tokens
+            || total.saturating_add(max) > budget.total_tokens
+        {
+            queue.push_front((id, entry));
+            break;
+        }
+        prefill += input;
+        total += max;
+        if let Some((key, _)) = adapter {
+            in_batch.insert(key);
+        }
+        taken.push(Taken { id, entry, adapter });
     }
+    if taken.is_empty() || budget.min_size.is_some_and(|m| taken.len() < m) {
+        for t in taken.into_iter().rev() {
+            let queue = match t.adapter {
+                None => Some(&mut reg.base),
+                Some((key, _)) => reg.adapters.get_mut(&key).map(|a| &mut a.queue),
+            };
+            if let Some(q) = queue {
+                q.push_front((t.id, t.entry));
+            }
+        }
+        return Vec::new();
+    }
+    for t in &taken {
+        if let Some((key, _)) = &t.adapter {
+            reg.mark_running(key, now);
+        }
+    }
+    taken
 }
 
-/// The shard's view of a request.
-fn to_proto_request(id: u64, r: &ValidGenerateRequest) -> pb::Request {
+/// The shard's view of a request running on adapter `slot` (0 = base model).
+pub(crate) fn to_proto_request(id: u64, r: &ValidGenerateRequest, slot: u32) -> pb::Request {
     let p = &r.parameters;
     let s = &r.stopping_parameters;
     pb::Request {
@@ -167,107 +184,10 @@ fn to_proto_request(id: u64, r: &ValidGenerateRequest) -> pb::Request {
         }),
         prefill_logprobs: r.decoder_input_details,
         top_n_tokens: r.top_n_tokens,
-        adapter_slot: 0,
+        adapter_slot: slot,
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::infer::{AdapterSpec, ValidParameters, ValidStoppingParameters};
-
-    fn request(input: usize, max_new: u32) -> ValidGenerateRequest {
-        ValidGenerateRequest {
-            inputs: "x".into(),
-            input_ids: vec![1; input],
-            parameters: ValidParameters {
-                temperature: 1.0,
-                top_k: 0,
-                top_p: 1.0,
-                typical_p: 1.0,
-                do_sample: false,
-                seed: 0,
-                repetition_penalty: 1.0,
-                frequency_penalty: 0.0,
-                presence_penalty: 0.0,
-            },
-            stopping_parameters: ValidStoppingParameters {
-                max_new_tokens: max_new,
-                stop_sequences: vec![],
-                ignore_eos_token: false,
-            },
-            decoder_input_details: false,
-            top_n_tokens: 0,
-            adapter: AdapterSpec::Base,
-        }
-    }
-
-    fn push(
-        q: &Queue,
-        input: usize,
-        max_new: u32,
-    ) -> tokio::sync::mpsc::UnboundedReceiver<Result<InferStreamResponse, InferError>> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        q.append(Entry {
-            request: request(input, max_new),
-            response_tx: tx,
-            queued: Instant::now(),
-            batch_time: None,
-        });
-        rx
-    }
-
-    fn budget(prefill: u32, total: u32) -> BatchBudget {
-        BatchBudget {
-            min_size: None,
-            max_size: None,
-            prefill_tokens: prefill,
-            total_tokens: total,
-        }
-    }
-
-    #[test]
-    fn respects_token_budgets_in_fifo_order() {
-        let q = Queue::default();
-        let _r: Vec<_> = [(10, 10), (10, 10), (10, 10)]
-            .iter()
-            .map(|(i, m)| push(&q, *i, *m))
-            .collect();
-        let b = q.next_batch(budget(25, 1000)).unwrap();
-        assert_eq!(
-            b.batch.requests.iter().map(|r| r.id).collect::<Vec<_>>(),
-            vec![0, 1]
-        );
-        assert_eq!(b.batch.max_tokens, 40);
-        assert_eq!(q.len(), 1);
-        let b = q.next_batch(budget(100, 15)).map(|b| b.batch.size);
-        assert_eq!(b, None, "20 total tokens do not fit 15");
-        assert_eq!(q.len(), 1);
-    }
-
-    #[test]
-    fn min_and_max_size() {
-        let q = Queue::default();
-        let _r: Vec<_> = (0..3).map(|_| push(&q, 1, 1)).collect();
-        let mut b = budget(100, 100);
-        b.min_size = Some(4);
-        assert!(q.next_batch(b).is_none());
-        assert_eq!(q.len(), 3);
-        b.min_size = None;
-        b.max_size = Some(2);
-        assert_eq!(q.next_batch(b).unwrap().batch.size, 2);
-    }
-
-    #[test]
-    fn cancelled_requests_are_dropped() {
-        let q = Queue::default();
-        let r0 = push(&q, 1, 1);
-        let _r1 = push(&q, 1, 1);
-        drop(r0);
-        let b = q.next_batch(budget(100, 100)).unwrap();
-        assert_eq!(
-            b.batch.requests.iter().map(|r| r.id).collect::<Vec<_>>(),
-            vec![1]
-        );
-    }
-}
+#[path = "queue_tests.rs"]
+mod tests;

@@ -143,21 +143,27 @@ async fn validation_errors_are_invalid_argument_with_the_http_message() {
         status.message(),
         "Input validation error: `inputs` cannot be empty"
     );
+    // The adapter fields are validated like REST's (same messages).
     let status = c
         .generate(request(
             "hi",
             pb::GenerateParameters {
-                adapter_id: Some("org/lora".into()),
+                merged_adapters: Some(pb::MergedAdapters {
+                    ids: vec!["org/a".into(), "org/b".into()],
+                    weights: vec![1.0],
+                    merge_strategy: Some("ties".into()),
+                    density: Some(0.5),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
         ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(
-        status.message().contains("not available yet"),
-        "{}",
-        status.message()
+    assert_eq!(
+        status.message(),
+        "Input validation error: `merged_adapters.weights` must have one weight per adapter id. Given: 2 ids and 1 weights"
     );
     assert!(server.backend.requests().is_empty());
     server.stop().await;

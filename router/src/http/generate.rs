@@ -3,6 +3,7 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
@@ -10,6 +11,22 @@ use super::extract::JsonBody;
 use super::types::{CompatGenerateBody, GenerateBody, GenerateResponse};
 use super::{AppState, headers, sse};
 use crate::infer::GenerateRequest;
+
+/// Like LoRAX: without `api_token` in the body, an `Authorization: Bearer <token>` header is the
+/// token used to fetch private hub adapters.
+fn with_bearer_token(headers: &HeaderMap, mut request: GenerateRequest) -> GenerateRequest {
+    if request.parameters.api_token.is_none()
+        && let Some(token) = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    {
+        request.parameters.api_token = Some(token.to_string());
+    }
+    request
+}
 
 async fn generate_one(
     state: &AppState,
@@ -30,9 +47,10 @@ async fn generate_one(
 #[tracing::instrument(skip_all)]
 pub(super) async fn generate(
     State(state): State<AppState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<GenerateBody>,
 ) -> Result<Response, ApiError> {
-    let (h, resp) = generate_one(&state, body.into()).await?;
+    let (h, resp) = generate_one(&state, with_bearer_token(&headers, body.into())).await?;
     Ok((h, Json(resp)).into_response())
 }
 
@@ -40,9 +58,11 @@ pub(super) async fn generate(
 #[tracing::instrument(skip_all)]
 pub(super) async fn compat_generate(
     State(state): State<AppState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<CompatGenerateBody>,
 ) -> Result<Response, ApiError> {
     let (request, stream) = body.into_parts();
+    let request = with_bearer_token(&headers, request);
     if stream {
         return sse::stream(state, request).await;
     }
@@ -54,7 +74,8 @@ pub(super) async fn compat_generate(
 #[tracing::instrument(skip_all)]
 pub(super) async fn generate_stream(
     State(state): State<AppState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<GenerateBody>,
 ) -> Result<Response, ApiError> {
-    sse::stream(state, body.into()).await
+    sse::stream(state, with_bearer_token(&headers, body.into())).await
 }

@@ -32,6 +32,10 @@ pub(super) fn admitted(state: &AppState, meta: &RequestMeta) -> HeaderMap {
     );
     insert(&mut h, "x-prompt-tokens", meta.input_length);
     insert(&mut h, "x-validation-time", millis(meta.validation_time));
+    if let Some((ids, source)) = &meta.adapter {
+        insert(&mut h, "x-adapter-id", ids);
+        insert(&mut h, "x-adapter-source", source);
+    }
     h
 }
 

@@ -1,6 +1,7 @@
 //! Server-sent events of a streamed generation: one `data:<StreamResponse>` event per token,
 //! `generated_text`/`details` on the last one, `data:{"error", "error_type"}` if the generation
-//! fails midway. Errors before the first token (validation, overload) are plain HTTP errors.
+//! fails midway. Errors before the first event (validation, overload, adapter load failures) are
+//! plain HTTP errors.
 //!
 //! The event stream owns the request's [`crate::infer::GenerateStream`]: when the client goes away,
 //! hyper drops the body, which drops the backend receiver and cancels the request.
@@ -63,14 +64,21 @@ pub(super) async fn stream(
     request: GenerateRequest,
 ) -> Result<Response, ApiError> {
     let opts = request.parameters.response_options();
-    let generation = state.infer.generate_stream(request).await?;
+    let mut generation = state.infer.generate_stream(request).await?;
+    // Wait for the first event before committing a 200: a request that fails before its first
+    // token (unknown adapter, failed merge, shard down) gets a proper HTTP error status.
+    let first = generation.next().await;
+    if let Some(Err(e)) = first {
+        return Err(e.into());
+    }
     let mut h = headers::admitted(&state, generation.meta());
     h.insert(
         HeaderName::from_static("x-accel-buffering"),
         HeaderValue::from_static("no"),
     );
     let prompt_tokens = generation.meta().input_length;
-    let events = generation
+    let events = futures::stream::iter(first)
+        .chain(generation)
         .filter_map(move |item| future::ready(to_event(item, opts, prompt_tokens)))
         .map(Ok::<_, Infallible>);
     Ok((h, Sse::new(events).keep_alive(KeepAlive::default())).into_response())

@@ -5,6 +5,7 @@
 //! [`GenerateStream`] of its events; [`Infer::generate`] collects that stream into a
 //! [`GenerateOutput`]. Metrics (`medley_request_*`) are recorded here, once for both fronts.
 
+mod adapter;
 mod request;
 mod stream;
 #[cfg(test)]
@@ -17,6 +18,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 
+pub use adapter::*;
 pub use request::*;
 pub use stream::{GenerateStream, RequestMeta, Timings};
 pub use types::*;
@@ -115,6 +117,10 @@ impl Infer {
             seed: valid.parameters.do_sample.then_some(valid.parameters.seed),
             validation_time: received.elapsed(),
             received,
+            adapter: valid
+                .adapter
+                .source()
+                .map(|source| (valid.adapter.ids(), source.name().to_string())),
         };
         metrics::histogram!(names::REQUEST_VALIDATION_DURATION)
             .record(meta.validation_time.as_secs_f64());
@@ -162,7 +168,7 @@ impl Infer {
                         prefill,
                         tokens,
                         top_tokens,
-                        meta: *stream.meta(),
+                        meta: stream.meta().clone(),
                         timings: stream.timings().copied().unwrap_or_default(),
                     });
                 }

@@ -14,7 +14,7 @@ use crate::error::InferError;
 use crate::metrics as names;
 
 /// What is known about an admitted request before its first token.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RequestMeta {
     /// Prompt tokens after truncation.
     pub input_length: u32,
@@ -25,6 +25,9 @@ pub struct RequestMeta {
     pub validation_time: Duration,
     /// When the request arrived.
     pub received: Instant,
+    /// Adapter ids joined with `,` and their source, when not the base model (LoRAX's
+    /// `x-adapter-id` / `x-adapter-source`).
+    pub adapter: Option<(String, String)>,
 }
 
 /// Where the time of a finished request went.

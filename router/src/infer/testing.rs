@@ -13,12 +13,13 @@ use tokenizers::Tokenizer;
 use tokio::sync::Notify;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
+use super::AdapterSource;
 use super::{
     FinishReason, GeneratedText, Infer, InferStreamResponse, PrefillToken, Token,
     ValidGenerateRequest,
 };
 use crate::backend::{Backend, BackendInfo};
-use crate::config::{BatchingConfig, Limits, RouterConfig};
+use crate::config::{AdapterPolicy, BatchingConfig, Limits, RouterConfig};
 use crate::error::InferError;
 use crate::server::{Server, ServerError};
 use crate::validation::Validation;
@@ -70,7 +71,8 @@ pub(crate) fn word_tokenizer() -> Tokenizer {
 }
 
 /// Small limits: input 32, total 64, default new tokens 16, 4 stop sequences, 5 alternatives,
-/// 8 concurrent requests.
+/// 8 concurrent requests; merges of at most 3 adapters, local adapters under
+/// [`TEST_ADAPTER_ROOT`], PEFT semantics, served model `test/tiny-model`.
 pub(crate) fn test_limits() -> Limits {
     Limits {
         max_concurrent_requests: 8,
@@ -80,8 +82,20 @@ pub(crate) fn test_limits() -> Limits {
         max_top_n_tokens: 5,
         default_max_new_tokens: 16,
         validation_workers: 2,
+        adapters: AdapterPolicy {
+            max_merge_adapters: 3,
+            adapter_roots: vec![PathBuf::from(TEST_ADAPTER_ROOT)],
+            default_source: AdapterSource::Hub,
+            merge_semantics: medley_merge::Semantics::Peft,
+            served_model_id: TEST_MODEL_ID.into(),
+        },
     }
 }
+
+/// The `--adapter-root` of [`test_limits`] (never read: validation checks paths lexically).
+pub(crate) const TEST_ADAPTER_ROOT: &str = "/srv/medley-test-adapters";
+/// The model id of test servers.
+pub(crate) const TEST_MODEL_ID: &str = "test/tiny-model";
 
 /// An [`Infer`] over `backend` with [`test_limits`] but only 2 concurrent requests.
 pub(crate) fn test_infer(backend: FakeBackend) -> Infer {
@@ -331,6 +345,8 @@ impl Backend for FakeBackend {
             model_device_type: "cpu".into(),
             world_size: 1,
             max_batch_total_tokens: 4096,
+            max_adapter_slots: 4,
+            adapter_memory_bytes: 1 << 20,
         }
     }
 }
@@ -353,7 +369,7 @@ pub(crate) fn test_config(limits: Limits, tokenizer_path: PathBuf) -> RouterConf
     RouterConfig {
         http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        model_id: "test/tiny-model".into(),
+        model_id: TEST_MODEL_ID.into(),
         tokenizer_path,
         shard_uds_paths: Vec::new(),
         limits,
@@ -363,6 +379,8 @@ pub(crate) fn test_config(limits: Limits, tokenizer_path: PathBuf) -> RouterConf
             max_batch_size: None,
             waiting_served_ratio: 0.3,
             max_waiting_tokens: 20,
+            max_active_adapters: 128,
+            adapter_cycle_time: Duration::from_secs(2),
         },
     }
 }

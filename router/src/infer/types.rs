@@ -2,13 +2,7 @@
 
 use std::time::Instant;
 
-/// Which weights a request runs with.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub enum AdapterSpec {
-    /// The base model (adapter slot 0).
-    #[default]
-    Base,
-}
+use super::AdapterSpec;
 
 /// Sampling parameters after validation (defaults resolved).
 #[derive(Debug, Clone, PartialEq)]

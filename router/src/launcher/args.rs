@@ -60,6 +60,15 @@ pub struct ServeArgs {
     /// available memory.
     #[arg(long, env = "KV_CACHE_TOKENS")]
     pub kv_cache_tokens: Option<u64>,
+    /// Bytes of adapter weights each shard may hold in its adapter slots (`medley-shard
+    /// --adapter-memory-budget`); defaults to the shard's own choice.
+    /// Plain bytes or with a unit (`512MiB`, `2GiB`).
+    #[arg(long, env = "ADAPTER_MEMORY_BUDGET", value_parser = medley_shard::adapters::config::parse_byte_size)]
+    pub adapter_memory_budget: Option<u64>,
+    /// Number of adapter slots of each shard (`medley-shard --max-adapter-slots`); defaults to
+    /// the shard's own choice.
+    #[arg(long, env = "MAX_ADAPTER_SLOTS")]
+    pub max_adapter_slots: Option<u32>,
     /// Seconds to wait for every shard to become ready.
     #[arg(long, env = "SHARD_STARTUP_TIMEOUT", default_value_t = 600)]
     pub shard_startup_timeout: u64,
@@ -125,6 +134,12 @@ mod tests {
             "/opt/medley-shard",
             "--kv-cache-tokens",
             "4096",
+            "--adapter-memory-budget",
+            "1000000",
+            "--max-adapter-slots",
+            "16",
+            "--adapter-root",
+            "/srv/adapters",
             "--shard-startup-timeout",
             "5",
             "--graceful-termination-timeout",
@@ -145,6 +160,12 @@ mod tests {
         assert_eq!(args.shard_uds_path, PathBuf::from("/run/x"));
         assert_eq!(args.shard_bin, Some(PathBuf::from("/opt/medley-shard")));
         assert_eq!(args.kv_cache_tokens, Some(4096));
+        assert_eq!(args.adapter_memory_budget, Some(1_000_000));
+        assert_eq!(args.max_adapter_slots, Some(16));
+        assert_eq!(
+            args.router.adapter_roots,
+            vec![PathBuf::from("/srv/adapters")]
+        );
         assert_eq!(args.startup_timeout(), Duration::from_secs(5));
         assert_eq!(args.termination_timeout(), Duration::from_secs(7));
         assert_eq!(args.huggingface_hub_cache, Some(PathBuf::from("/data/hub")));
@@ -199,6 +220,10 @@ mod tests {
                 ("SHARD_UDS_PATH", "/tmp/env-sock"),
                 ("MEDLEY_SHARD_BIN", "/env/medley-shard"),
                 ("KV_CACHE_TOKENS", "77"),
+                ("ADAPTER_MEMORY_BUDGET", "4096"),
+                ("MAX_ADAPTER_SLOTS", "3"),
+                ("ADAPTER_ROOTS", "/a,/b"),
+                ("MERGE_SEMANTICS", "lorax"),
                 ("SHARD_STARTUP_TIMEOUT", "11"),
                 ("GRACEFUL_TERMINATION_TIMEOUT", "12"),
                 ("HUGGINGFACE_HUB_CACHE", "/env/hub"),
@@ -228,6 +253,9 @@ mod tests {
             assert_eq!(args.shard_uds_path, PathBuf::from("/tmp/medley-server"));
             assert_eq!(args.shard_bin, None);
             assert_eq!(args.kv_cache_tokens, None);
+            assert_eq!(args.adapter_memory_budget, None);
+            assert_eq!(args.max_adapter_slots, None);
+            assert!(args.router.adapter_roots.is_empty());
             assert_eq!(args.startup_timeout(), Duration::from_secs(600));
             assert_eq!(args.termination_timeout(), Duration::from_secs(90));
             assert_eq!(args.huggingface_hub_cache, None);
@@ -243,6 +271,13 @@ mod tests {
         assert_eq!(args.shard_uds_path, PathBuf::from("/tmp/env-sock"));
         assert_eq!(args.shard_bin, Some(PathBuf::from("/env/medley-shard")));
         assert_eq!(args.kv_cache_tokens, Some(77));
+        assert_eq!(args.adapter_memory_budget, Some(4096));
+        assert_eq!(args.max_adapter_slots, Some(3));
+        assert_eq!(
+            args.router.adapter_roots,
+            vec![PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        assert_eq!(args.router.merge_semantics, medley_merge::Semantics::Lorax);
         assert_eq!(args.shard_startup_timeout, 11);
         assert_eq!(args.graceful_termination_timeout, 12);
         assert_eq!(args.huggingface_hub_cache, Some(PathBuf::from("/env/hub")));

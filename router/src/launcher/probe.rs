@@ -118,6 +118,24 @@ pub(crate) mod tests {
         ) -> Result<Response<pb::ClearCacheResponse>, Status> {
             unimplemented()
         }
+        async fn load_adapter(
+            &self,
+            _: Request<pb::LoadAdapterRequest>,
+        ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+            unimplemented()
+        }
+        async fn offload_adapter(
+            &self,
+            _: Request<pb::OffloadAdapterRequest>,
+        ) -> Result<Response<pb::OffloadAdapterResponse>, Status> {
+            unimplemented()
+        }
+        async fn list_adapters(
+            &self,
+            _: Request<pb::ListAdaptersRequest>,
+        ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
+            unimplemented()
+        }
     }
 
     /// Serves [`HealthOnly`] on `path` until the task is aborted.

@@ -46,6 +46,14 @@ pub struct ShardCommand {
     pub dtype: DType,
     /// `--kv-cache-tokens`, if set.
     pub kv_cache_tokens: Option<u64>,
+    /// `--adapter-root`, once per directory.
+    pub adapter_roots: Vec<PathBuf>,
+    /// `--adapter-memory-budget`, if set.
+    pub adapter_memory_budget: Option<u64>,
+    /// `--max-adapter-slots`, if set.
+    pub max_adapter_slots: Option<u32>,
+    /// `--huggingface-hub-cache`, if set (adapters from the hub use the same cache as the model).
+    pub huggingface_hub_cache: Option<PathBuf>,
 }
 
 impl ShardCommand {
@@ -68,6 +76,18 @@ impl ShardCommand {
         ]);
         if let Some(tokens) = self.kv_cache_tokens {
             args.extend(["--kv-cache-tokens".into(), tokens.to_string().into()]);
+        }
+        for root in &self.adapter_roots {
+            args.extend(["--adapter-root".into(), root.clone().into()]);
+        }
+        if let Some(bytes) = self.adapter_memory_budget {
+            args.extend(["--adapter-memory-budget".into(), bytes.to_string().into()]);
+        }
+        if let Some(slots) = self.max_adapter_slots {
+            args.extend(["--max-adapter-slots".into(), slots.to_string().into()]);
+        }
+        if let Some(cache) = &self.huggingface_hub_cache {
+            args.extend(["--huggingface-hub-cache".into(), cache.clone().into()]);
         }
         args.push("--json-output".into());
         args

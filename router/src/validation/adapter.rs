@@ -1,82 +1,505 @@
-//! The adapter selector of a request → [`AdapterSpec`].
+//! The adapter selector of a request (`adapter_id`, `adapter_source`, `api_token`,
+//! `merged_adapters`) → [`AdapterSpec`], checked against the server's [`AdapterPolicy`].
 //!
-//! Only the base model is served for now: a request naming an adapter or a merge is rejected
-//! with a clear message. The adapters work replaces [`resolve_adapter`]'s non-base branches; the
-//! fields are already parsed ([`crate::infer::MergedAdapters`]). `adapter_source` and `api_token`
-//! are accepted and ignored.
+//! * No adapter, an empty id, `__base_model__` or the served model id mean the base model.
+//! * `adapter_id` and `merged_adapters` are mutually exclusive.
+//! * Hub ids must be `name` or `org/name`; local ids must stay inside an `--adapter-root`
+//!   (relative paths without `..`, or absolute paths under a root) and are normalised.
+//! * Merges: 1..=`max_merge_adapters` ids, one finite weight per id, strategy and sign method
+//!   parsed case-insensitively by `medley-merge` (defaults `linear`, `total`), a density in
+//!   [0, 1] (required by the pruning strategies), a positive `svd_rank`, no base model inside;
+//!   a DARE merge without a seed gets one derived from the merge itself.
 
-use crate::error::ValidationError;
-use crate::infer::{AdapterSpec, GenerateParameters};
+use std::path::{Component, Path};
+
+use medley_merge::{MergeSpec, SignMethod, Strategy};
+
+use crate::config::AdapterPolicy;
+use crate::error::{AdapterValidationError as E, ValidationError};
+use crate::infer::{
+    AdapterRef, AdapterSource, AdapterSpec, GenerateParameters, MergedAdapterSpec, MergedAdapters,
+    derived_merge_seed,
+};
 
 /// LoRAX's pseudo adapter id for the base model.
 pub const BASE_MODEL_ADAPTER_ID: &str = "__base_model__";
 
 /// Resolves the adapter fields of a request.
-pub(crate) fn resolve_adapter(p: &GenerateParameters) -> Result<AdapterSpec, ValidationError> {
+pub(crate) fn resolve_adapter(
+    p: &GenerateParameters,
+    policy: &AdapterPolicy,
+) -> Result<AdapterSpec, ValidationError> {
     let single = p
         .adapter_id
         .as_deref()
-        .filter(|id| !id.is_empty() && *id != BASE_MODEL_ADAPTER_ID);
+        .filter(|id| !id.is_empty() && !is_base(id, policy));
+    let source = match p.adapter_source.as_deref().map(str::trim) {
+        None | Some("") => policy.default_source,
+        Some(s) => s.parse().map_err(E::from)?,
+    };
+    let token = p.api_token.clone().filter(|t| !t.is_empty());
     match (single, &p.merged_adapters) {
         (Some(_), Some(_)) => Err(ValidationError::ConflictingAdapters),
-        (Some(id), None) => Err(ValidationError::Unsupported(format!(
-            "adapter `{id}` was requested, but LoRA adapters are not available yet on this server; \
-             omit `adapter_id` (or use \"{BASE_MODEL_ADAPTER_ID}\") to run the base model"
-        ))),
-        (None, Some(_)) => Err(ValidationError::Unsupported(
-            "`merged_adapters` was requested, but LoRA adapters and adapter merging are not \
-             available yet on this server; omit `merged_adapters` to run the base model"
-                .into(),
-        )),
+        (Some(id), None) => Ok(AdapterSpec::Single(adapter_ref(id, source, token, policy)?)),
+        (None, Some(m)) => Ok(AdapterSpec::Merged(merge(m, source, token, policy)?)),
         (None, None) => Ok(AdapterSpec::Base),
     }
 }
 
+fn is_base(id: &str, policy: &AdapterPolicy) -> bool {
+    id == BASE_MODEL_ADAPTER_ID || id == policy.served_model_id
+}
+
+fn merge(
+    m: &MergedAdapters,
+    source: AdapterSource,
+    token: Option<String>,
+    policy: &AdapterPolicy,
+) -> Result<MergedAdapterSpec, E> {
+    let ids = m.ids.as_deref().unwrap_or_default();
+    if ids.is_empty() {
+        return Err(E::EmptyMerge);
+    }
+    if ids.len() > policy.max_merge_adapters {
+        return Err(E::TooManyAdapters {
+            max: policy.max_merge_adapters,
+            given: ids.len(),
+        });
+    }
+    let weights = m.weights.clone().unwrap_or_default();
+    if weights.len() != ids.len() {
+        return Err(E::WeightCount {
+            ids: ids.len(),
+            weights: weights.len(),
+        });
+    }
+    if let Some((index, &value)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
+        return Err(E::NonFiniteWeight { index, value });
+    }
+    let components = ids
+        .iter()
+        .map(|id| {
+            if id.is_empty() {
+                Err(E::EmptyId)
+            } else if is_base(id, policy) {
+                Err(E::BaseInMerge(id.clone()))
+            } else {
+                adapter_ref(id, source, token.clone(), policy)
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let strategy = match nonempty(&m.merge_strategy) {
+        None => Strategy::Linear,
+        Some(s) => s.parse().map_err(|error| E::UnknownName {
+            field: "merge_strategy",
+            error,
+        })?,
+    };
+    let sign_method = match nonempty(&m.majority_sign_method) {
+        None => SignMethod::Total,
+        Some(s) => s.parse().map_err(|error| E::UnknownName {
+            field: "majority_sign_method",
+            error,
+        })?,
+    };
+    if let Some(d) = m.density
+        && !(d.is_finite() && (0.0..=1.0).contains(&d))
+    {
+        return Err(E::DensityRange(d));
+    }
+    if strategy.uses_density() && m.density.is_none() {
+        return Err(E::MissingDensity {
+            strategy: strategy.name(),
+        });
+    }
+    let mut spec = MergeSpec::new(strategy, weights)
+        .with_sign_method(sign_method)
+        .with_semantics(policy.merge_semantics);
+    spec.density = m.density;
+    match m.svd_rank {
+        Some(0) => return Err(E::SvdRank),
+        Some(r) => spec = spec.with_svd_rank(r as usize),
+        None => {}
+    }
+    let seed = m
+        .seed
+        .unwrap_or_else(|| derived_merge_seed(&components, &spec));
+    Ok(MergedAdapterSpec {
+        components,
+        merge: spec.with_seed(seed),
+    })
+}
+
+fn nonempty(s: &Option<String>) -> Option<&str> {
+    s.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Checks one adapter id for its source and normalises it.
+fn adapter_ref(
+    id: &str,
+    source: AdapterSource,
+    api_token: Option<String>,
+    policy: &AdapterPolicy,
+) -> Result<AdapterRef, E> {
+    let id = match source {
+        AdapterSource::Hub if is_hub_id(id) => id.to_string(),
+        AdapterSource::Hub => return Err(E::InvalidHubId(id.to_string())),
+        AdapterSource::Local => local_id(id, policy)?,
+    };
+    Ok(AdapterRef {
+        id,
+        source,
+        revision: None,
+        api_token,
+    })
+}
+
+/// Hugging Face repository id rules: `name` or `org/name`; letters, digits, `-`, `_`, `.`; no
+/// `--` or `..`; `-` and `.` neither first nor last; at most 96 characters per part.
+fn is_hub_id(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('/').collect();
+    (1..=2).contains(&parts.len())
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 96
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && !p.contains("--")
+                && !p.contains("..")
+                && !p.starts_with(['-', '.'])
+                && !p.ends_with(['-', '.'])
+        })
+}
+
+/// A local adapter path, normalised (`.` components dropped): relative paths are resolved by
+/// the shard against its roots; absolute ones must lie under one of them.
+fn local_id(id: &str, policy: &AdapterPolicy) -> Result<String, E> {
+    if policy.adapter_roots.is_empty() {
+        return Err(E::LocalDisabled(id.to_string()));
+    }
+    let path = Path::new(id);
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_str().unwrap_or_default()),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(E::EscapesRoot(id.to_string()));
+            }
+        }
+    }
+    if parts.is_empty() || parts.iter().any(|p| p.is_empty()) {
+        return Err(E::EscapesRoot(id.to_string()));
+    }
+    let joined = parts.join("/");
+    if path.is_absolute() {
+        let absolute = format!("/{joined}");
+        if !policy
+            .adapter_roots
+            .iter()
+            .any(|root| Path::new(&absolute).starts_with(root))
+        {
+            return Err(E::OutsideRoots(id.to_string()));
+        }
+        return Ok(absolute);
+    }
+    Ok(joined)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::infer::MergedAdapters;
+    use std::path::PathBuf;
 
-    fn with(adapter_id: Option<&str>, merged: bool) -> GenerateParameters {
+    use medley_merge::Semantics;
+
+    use super::*;
+
+    fn policy() -> AdapterPolicy {
+        AdapterPolicy {
+            max_merge_adapters: 3,
+            adapter_roots: vec![PathBuf::from("/srv/adapters")],
+            default_source: AdapterSource::Hub,
+            merge_semantics: Semantics::Peft,
+            served_model_id: "org/base".into(),
+        }
+    }
+
+    fn single(id: &str, source: Option<&str>) -> GenerateParameters {
         GenerateParameters {
-            adapter_id: adapter_id.map(String::from),
-            merged_adapters: merged.then(|| MergedAdapters {
-                ids: Some(vec!["a".into(), "b".into()]),
-                weights: Some(vec![1.0, 0.5]),
-                ..Default::default()
-            }),
-            adapter_source: Some("hub".into()),
-            api_token: Some("secret".into()),
+            adapter_id: Some(id.into()),
+            adapter_source: source.map(String::from),
             ..Default::default()
+        }
+    }
+
+    fn merged(m: MergedAdapters) -> GenerateParameters {
+        GenerateParameters {
+            merged_adapters: Some(m),
+            ..Default::default()
+        }
+    }
+
+    fn two(strategy: Option<&str>, density: Option<f32>) -> MergedAdapters {
+        MergedAdapters {
+            ids: Some(vec!["org/a".into(), "org/b".into()]),
+            weights: Some(vec![1.0, 0.5]),
+            merge_strategy: strategy.map(String::from),
+            density,
+            ..Default::default()
+        }
+    }
+
+    fn resolve(p: GenerateParameters) -> Result<AdapterSpec, ValidationError> {
+        resolve_adapter(&p, &policy())
+    }
+
+    fn err(p: GenerateParameters) -> E {
+        match resolve(p) {
+            Err(ValidationError::Adapter(e)) => e,
+            other => panic!("expected an adapter error, got {other:?}"),
         }
     }
 
     #[test]
     fn base_model_spellings_resolve_to_base() {
-        for id in [None, Some(""), Some(BASE_MODEL_ADAPTER_ID)] {
-            assert_eq!(
-                resolve_adapter(&with(id, false)).unwrap(),
-                AdapterSpec::Base
-            );
+        for id in [
+            None,
+            Some(""),
+            Some(BASE_MODEL_ADAPTER_ID),
+            Some("org/base"),
+        ] {
+            let p = GenerateParameters {
+                adapter_id: id.map(String::from),
+                ..Default::default()
+            };
+            assert_eq!(resolve(p).unwrap(), AdapterSpec::Base, "{id:?}");
         }
     }
 
     #[test]
-    fn adapters_are_rejected_with_a_clear_message() {
-        let single = resolve_adapter(&with(Some("org/lora"), false)).unwrap_err();
-        assert!(single.to_string().contains("`org/lora`"), "{single}");
-        assert!(single.to_string().contains("not available yet"), "{single}");
-        let merged = resolve_adapter(&with(None, true)).unwrap_err();
-        assert!(merged.to_string().contains("`merged_adapters`"), "{merged}");
-        assert!(merged.to_string().contains("not available yet"), "{merged}");
-        // An empty adapter_id next to a merge is not a conflict (the lorax client sends null).
-        assert!(matches!(
-            resolve_adapter(&with(Some(""), true)).unwrap_err(),
-            ValidationError::Unsupported(_)
-        ));
+    fn single_adapters_resolve_with_source_and_token() {
+        let mut p = single("org/lora", Some("HUB"));
+        p.api_token = Some("tok".into());
+        let AdapterSpec::Single(r) = resolve(p).unwrap() else {
+            panic!("single")
+        };
         assert_eq!(
-            resolve_adapter(&with(Some("x"), true)).unwrap_err(),
+            (r.id.as_str(), r.source, r.api_token.as_deref()),
+            ("org/lora", AdapterSource::Hub, Some("tok"))
+        );
+        let AdapterSpec::Single(r) = resolve(single("./team/./lora/", Some("local"))).unwrap()
+        else {
+            panic!("single")
+        };
+        assert_eq!(
+            (r.id.as_str(), r.source),
+            ("team/lora", AdapterSource::Local)
+        );
+        let AdapterSpec::Single(r) = resolve(single("/srv/adapters/x", Some("local"))).unwrap()
+        else {
+            panic!("single")
+        };
+        assert_eq!(r.id, "/srv/adapters/x");
+    }
+
+    #[test]
+    fn adapter_ids_are_checked() {
+        assert_eq!(
+            resolve(GenerateParameters {
+                adapter_id: Some("x".into()),
+                merged_adapters: Some(two(None, None)),
+                ..Default::default()
+            })
+            .unwrap_err(),
             ValidationError::ConflictingAdapters
         );
+        for bad in [
+            "../etc", "/abs", "a/b/c", "a--b", "a..b", "-a", "a b", "org/",
+        ] {
+            assert_eq!(err(single(bad, None)), E::InvalidHubId(bad.into()), "{bad}");
+        }
+        for bad in ["../x", "a/../../x", ".", "/srv/adapters/../etc"] {
+            assert_eq!(
+                err(single(bad, Some("local"))),
+                E::EscapesRoot(bad.into()),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            err(single("/etc/lora", Some("local"))),
+            E::OutsideRoots("/etc/lora".into())
+        );
+        assert_eq!(
+            err(single("/srv/adapters-evil/x", Some("local"))),
+            E::OutsideRoots("/srv/adapters-evil/x".into()),
+            "roots match whole components"
+        );
+        let no_roots = AdapterPolicy {
+            adapter_roots: vec![],
+            ..policy()
+        };
+        assert_eq!(
+            resolve_adapter(&single("x", Some("local")), &no_roots).unwrap_err(),
+            ValidationError::Adapter(E::LocalDisabled("x".into()))
+        );
+        assert!(matches!(err(single("x", Some("s3"))), E::UnknownSource(_)));
+    }
+
+    #[test]
+    fn merges_are_checked() {
+        let cases: Vec<(MergedAdapters, E)> = vec![
+            (
+                MergedAdapters {
+                    ids: Some(vec![]),
+                    ..Default::default()
+                },
+                E::EmptyMerge,
+            ),
+            (MergedAdapters::default(), E::EmptyMerge),
+            (
+                MergedAdapters {
+                    ids: Some(vec!["a".into(); 4]),
+                    weights: Some(vec![1.0; 4]),
+                    ..Default::default()
+                },
+                E::TooManyAdapters { max: 3, given: 4 },
+            ),
+            (
+                MergedAdapters {
+                    weights: Some(vec![1.0]),
+                    ..two(None, None)
+                },
+                E::WeightCount { ids: 2, weights: 1 },
+            ),
+            (
+                MergedAdapters {
+                    weights: None,
+                    ..two(None, None)
+                },
+                E::WeightCount { ids: 2, weights: 0 },
+            ),
+            (
+                MergedAdapters {
+                    weights: Some(vec![1.0, f32::INFINITY]),
+                    ..two(None, None)
+                },
+                E::NonFiniteWeight {
+                    index: 1,
+                    value: f32::INFINITY,
+                },
+            ),
+            (
+                MergedAdapters {
+                    ids: Some(vec!["org/a".into(), BASE_MODEL_ADAPTER_ID.into()]),
+                    ..two(None, None)
+                },
+                E::BaseInMerge(BASE_MODEL_ADAPTER_ID.into()),
+            ),
+            (
+                MergedAdapters {
+                    ids: Some(vec!["org/base".into(), "org/a".into()]),
+                    ..two(None, None)
+                },
+                E::BaseInMerge("org/base".into()),
+            ),
+            (
+                MergedAdapters {
+                    ids: Some(vec!["org/a".into(), String::new()]),
+                    ..two(None, None)
+                },
+                E::EmptyId,
+            ),
+            (
+                two(Some("ties"), None),
+                E::MissingDensity { strategy: "ties" },
+            ),
+            (
+                two(Some("DARE_linear_SVD"), None),
+                E::MissingDensity {
+                    strategy: "dare_linear_svd",
+                },
+            ),
+            (two(Some("ties"), Some(1.5)), E::DensityRange(1.5)),
+            (two(Some("linear"), Some(-0.1)), E::DensityRange(-0.1)),
+            (
+                MergedAdapters {
+                    svd_rank: Some(0),
+                    ..two(Some("svd"), None)
+                },
+                E::SvdRank,
+            ),
+        ];
+        for (m, expected) in cases {
+            assert_eq!(err(merged(m.clone())), expected, "{m:?}");
+        }
+        let nan = err(merged(MergedAdapters {
+            weights: Some(vec![f32::NAN, 1.0]),
+            ..two(None, None)
+        }));
+        assert!(matches!(nan, E::NonFiniteWeight { index: 0, value } if value.is_nan()));
+        let nan = err(merged(two(Some("ties"), Some(f32::NAN))));
+        assert!(matches!(nan, E::DensityRange(d) if d.is_nan()));
+        let unknown = err(merged(two(Some("slerp"), None)));
+        assert_eq!(
+            unknown.to_string(),
+            "`merged_adapters.merge_strategy`: unknown merge strategy 'slerp'; valid values: linear, ties, dare_linear, dare_ties, magnitude_prune, cat, svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd"
+        );
+        let unknown = err(merged(MergedAdapters {
+            majority_sign_method: Some("majority".into()),
+            ..two(None, None)
+        }));
+        assert_eq!(
+            unknown.to_string(),
+            "`merged_adapters.majority_sign_method`: unknown majority sign method 'majority'; valid values: total, frequency"
+        );
+    }
+
+    #[test]
+    fn merges_resolve_to_canonical_specs() {
+        let AdapterSpec::Merged(m) = resolve(merged(MergedAdapters {
+            majority_sign_method: Some("Frequency".into()),
+            ..two(Some("TIES"), Some(0.2))
+        }))
+        .unwrap() else {
+            panic!("merged")
+        };
+        assert_eq!(m.components.len(), 2);
+        assert_eq!(m.merge.strategy, Strategy::Ties);
+        assert_eq!(m.merge.sign_method, SignMethod::Frequency);
+        assert_eq!(m.merge.density, Some(0.2));
+        assert_eq!(m.merge.semantics, Semantics::Peft);
+        // Defaults: linear, total; the density may be omitted for linear.
+        let AdapterSpec::Merged(m) = resolve(merged(two(None, None))).unwrap() else {
+            panic!("merged")
+        };
+        assert_eq!(
+            (m.merge.strategy, m.merge.sign_method),
+            (Strategy::Linear, SignMethod::Total)
+        );
+        // A DARE merge without a seed gets the derived one, so repeats share a key.
+        let dare = || resolve(merged(two(Some("dare_ties"), Some(0.5)))).unwrap();
+        let (a, b) = (dare(), dare());
+        assert_eq!(a.key(), b.key());
+        let AdapterSpec::Merged(m) = a else {
+            panic!("merged")
+        };
+        assert_eq!(
+            m.merge.seed,
+            derived_merge_seed(&m.components, &m.merge),
+            "seed derived from the merge"
+        );
+        let seeded = resolve(merged(MergedAdapters {
+            seed: Some(m.merge.seed ^ 1),
+            ..two(Some("dare_ties"), Some(0.5))
+        }))
+        .unwrap();
+        assert_ne!(seeded.key(), b.key());
+        // The semantics flag reaches the spec and the key.
+        let lorax = AdapterPolicy {
+            merge_semantics: Semantics::Lorax,
+            ..policy()
+        };
+        let l = resolve_adapter(&merged(two(None, None)), &lorax).unwrap();
+        assert_ne!(l.key(), resolve(merged(two(None, None))).unwrap().key());
     }
 }

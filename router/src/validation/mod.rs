@@ -51,7 +51,7 @@ impl Validation {
             return Err(ValidationError::EmptyInput);
         }
         let checked = params::check_parameters(&request.parameters, limits)?;
-        let adapter = adapter::resolve_adapter(&request.parameters)?;
+        let adapter = adapter::resolve_adapter(&request.parameters, &limits.adapters)?;
 
         let encoded = self.inner.pool.encode(request.inputs.clone(), true).await?;
         let input_ids = params::truncate_left(encoded.ids, checked.truncate);

@@ -7,6 +7,7 @@ use medley_proto::shard::v1 as pb;
 use tokio::sync::oneshot;
 
 use super::{Engine, EngineError};
+use crate::adapters::{InstallReport, SlotAdapter};
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
@@ -20,6 +21,9 @@ enum Command {
     Filter(u64, Vec<u64>, Reply<pb::FilterBatchResponse>),
     Clear(Option<u64>, Reply<()>),
     ActiveSequences(Reply<usize>),
+    InstallAdapter(u32, Box<SlotAdapter>, Reply<InstallReport>),
+    OffloadAdapter(u32, Reply<u64>),
+    ListAdapters(Reply<Vec<pb::AdapterSlot>>),
 }
 
 /// Cheap, clonable handle to the engine thread. Commands run one at a time, in order.
@@ -93,6 +97,26 @@ impl EngineHandle {
     pub async fn active_sequences(&self) -> Result<usize, EngineError> {
         self.call(Command::ActiveSequences).await
     }
+
+    /// See [`Engine::install_adapter`]; `adapter` was prepared off the engine thread.
+    pub async fn install_adapter(
+        &self,
+        slot: u32,
+        adapter: SlotAdapter,
+    ) -> Result<InstallReport, EngineError> {
+        self.call(|r| Command::InstallAdapter(slot, Box::new(adapter), r))
+            .await
+    }
+
+    /// See [`Engine::offload_adapter`].
+    pub async fn offload_adapter(&self, slot: u32) -> Result<u64, EngineError> {
+        self.call(|r| Command::OffloadAdapter(slot, r)).await
+    }
+
+    /// See [`Engine::list_adapters`].
+    pub async fn list_adapters(&self) -> Result<Vec<pb::AdapterSlot>, EngineError> {
+        self.call(Command::ListAdapters).await
+    }
 }
 
 fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
@@ -123,6 +147,15 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
             }
             Command::ActiveSequences(r) => {
                 let _ = r.send(Ok(engine.active_sequences()));
+            }
+            Command::InstallAdapter(slot, adapter, r) => {
+                let _ = r.send(engine.install_adapter(slot, *adapter));
+            }
+            Command::OffloadAdapter(slot, r) => {
+                let _ = r.send(engine.offload_adapter(slot));
+            }
+            Command::ListAdapters(r) => {
+                let _ = r.send(Ok(engine.list_adapters()));
             }
         }
     }

@@ -2,6 +2,7 @@
 //! steps. It is driven from a single thread (see [`EngineHandle`]) so device and collective calls
 //! never interleave.
 
+mod adapters;
 mod handle;
 mod sequence;
 mod text;
@@ -11,8 +12,9 @@ use std::time::Instant;
 
 use medley_proto::shard::v1 as pb;
 
+use crate::adapters::{AdapterError, AdapterStore};
 use crate::kv_cache::KvCache;
-use crate::model::{ForwardBatch, LlamaModel, LoraDelta, NoLora, SeqChunk};
+use crate::model::{ForwardBatch, LlamaModel, SeqChunk};
 
 pub use handle::EngineHandle;
 use sequence::Sequence;
@@ -36,6 +38,9 @@ pub enum EngineError {
     /// Detokenization failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// An adapter slot operation failed, or a request uses an unusable slot.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
     /// The engine thread is gone.
     #[error("engine stopped")]
     Stopped,
@@ -48,6 +53,7 @@ impl From<EngineError> for tonic::Status {
             EngineError::UnknownBatch(_) => tonic::Code::NotFound,
             EngineError::KvCache(_) => tonic::Code::ResourceExhausted,
             EngineError::Model(_) | EngineError::Tokenizer(_) => tonic::Code::Internal,
+            EngineError::Adapter(a) => a.code(),
             EngineError::Stopped => tonic::Code::Unavailable,
         };
         tonic::Status::new(code, e.to_string())
@@ -70,25 +76,31 @@ struct BatchState {
     seqs: Vec<Sequence>,
 }
 
-/// Owns the model, the KV cache and every cached batch.
+/// Owns the model, the KV cache, the adapter slots and every cached batch.
 pub struct Engine {
     model: LlamaModel,
     kv: KvCache,
     text: TextContext,
     info: EngineInfo,
-    lora: Box<dyn LoraDelta>,
+    adapters: AdapterStore,
     batches: HashMap<u64, BatchState>,
 }
 
 impl Engine {
-    /// Builds an engine around a loaded model.
-    pub fn new(model: LlamaModel, kv: KvCache, text: TextContext, info: EngineInfo) -> Self {
+    /// Builds an engine around a loaded model and its (usually empty) adapter slots.
+    pub fn new(
+        model: LlamaModel,
+        kv: KvCache,
+        text: TextContext,
+        info: EngineInfo,
+        adapters: AdapterStore,
+    ) -> Self {
         Self {
             model,
             kv,
             text,
             info,
-            lora: Box::new(NoLora),
+            adapters,
             batches: HashMap::new(),
         }
     }
@@ -119,6 +131,8 @@ impl Engine {
             max_position_embeddings: cfg.max_position_embeddings as u32,
             eos_token_ids: self.text.eos_token_ids.clone(),
             kv_cache_tokens: self.kv.capacity_tokens() as u64,
+            adapter_memory_bytes: self.adapters.budget(),
+            max_adapter_slots: self.adapters.max_slots(),
         }
     }
 
@@ -150,7 +164,7 @@ impl Engine {
                     .map_err(|e| EngineError::KvCache(e.to_string()))?;
             }
             self.model
-                .forward(&ForwardBatch { chunks }, &mut self.kv, self.lora.as_ref())
+                .forward(&ForwardBatch { chunks }, &mut self.kv, &self.adapters)
                 .map_err(|e| EngineError::Model(e.to_string()))
         })();
         for id in ids {
@@ -173,6 +187,9 @@ impl Engine {
         }
         let mut seqs = Vec::with_capacity(batch.requests.len());
         for req in &batch.requests {
+            self.adapters
+                .check_usable(req.adapter_slot)
+                .map_err(|e| EngineError::InvalidRequest(format!("request {}: {e}", req.id)))?;
             seqs.push(Sequence::new(
                 req,
                 self.vocab(),
@@ -267,7 +284,7 @@ impl Engine {
         let t0 = Instant::now();
         let logits = self
             .model
-            .forward(&ForwardBatch { chunks }, &mut self.kv, self.lora.as_ref())
+            .forward(&ForwardBatch { chunks }, &mut self.kv, &self.adapters)
             .map_err(|e| EngineError::Model(e.to_string()))
             .and_then(|t| {
                 t.flatten_all()

@@ -1,5 +1,7 @@
-//! Hugging Face hub models: the settings (from the `HF_*` environment), the local cache layout
-//! (`models--{org}--{name}/refs/{revision}` → `snapshots/{sha}/`) and downloads with `hf-hub`.
+//! Hugging Face hub repositories: the settings (from the `HF_*` environment), the local cache
+//! layout (`models--{org}--{name}/refs/{revision}` → `snapshots/{sha}/`) and downloads with
+//! `hf-hub`. Every function works on a [`RepoLayout`] (the files a kind of repository holds);
+//! [`lookup_cache`] and [`download`] are the model ([`MODEL_LAYOUT`]) versions.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -11,8 +13,8 @@ use hf_hub::{Cache, Repo, RepoType};
 pub mod model_dir;
 
 use model_dir::{
-    CONFIG_FILE, ModelDirError, ModelFiles, OPTIONAL_FILES, TOKENIZER_FILE, WEIGHTS_FILE,
-    WEIGHTS_INDEX_FILE, check_model_dir, index_shard_names,
+    MODEL_LAYOUT, ModelDirError, ModelFiles, RepoFiles, RepoLayout, check_repo_dir,
+    index_shard_names,
 };
 
 /// The public hub.
@@ -98,20 +100,39 @@ pub fn is_valid_repo_id(id: &str) -> bool {
 
 /// What the cache holds for one repository revision.
 #[derive(Debug)]
-pub enum CacheLookup {
+pub enum CacheLookup<F = ModelFiles> {
     /// A complete snapshot.
-    Hit(ModelFiles),
+    Hit(F),
     /// Nothing for this revision.
     Miss,
     /// A snapshot exists but lacks files (an interrupted download, or a repo without them).
     Incomplete(ModelDirError),
 }
 
-/// Looks `repo_id` at `revision` up in the cache at `cache_dir` (read-only).
+/// Looks the model `repo_id` at `revision` up in the cache at `cache_dir` (read-only); see
+/// [`lookup_repo`].
+pub fn lookup_cache(cache_dir: &Path, repo_id: &str, revision: &str) -> CacheLookup {
+    match lookup_repo(cache_dir, repo_id, revision, &MODEL_LAYOUT) {
+        CacheLookup::Hit(files) => match ModelFiles::from_repo(files) {
+            Ok(files) => CacheLookup::Hit(files),
+            Err(err) => CacheLookup::Incomplete(err),
+        },
+        CacheLookup::Miss => CacheLookup::Miss,
+        CacheLookup::Incomplete(err) => CacheLookup::Incomplete(err),
+    }
+}
+
+/// Looks `repo_id` at `revision` up in the cache at `cache_dir` (read-only) and checks the
+/// snapshot against `layout`.
 ///
 /// `revision` is resolved through `refs/{revision}`; a full commit sha also matches
 /// `snapshots/{sha}` directly (as `huggingface_hub` does).
-pub fn lookup_cache(cache_dir: &Path, repo_id: &str, revision: &str) -> CacheLookup {
+pub fn lookup_repo(
+    cache_dir: &Path,
+    repo_id: &str,
+    revision: &str,
+    layout: &RepoLayout,
+) -> CacheLookup<RepoFiles> {
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
     let repo_dir = cache_dir.join(repo.folder_name());
     let commit = match std::fs::read_to_string(repo_dir.join("refs").join(revision)) {
@@ -126,7 +147,7 @@ pub fn lookup_cache(cache_dir: &Path, repo_id: &str, revision: &str) -> CacheLoo
     if !snapshot.is_dir() {
         return CacheLookup::Miss;
     }
-    match check_model_dir(&snapshot) {
+    match check_repo_dir(&snapshot, layout) {
         Ok(files) => CacheLookup::Hit(files),
         Err(err) => CacheLookup::Incomplete(err),
     }
@@ -155,6 +176,8 @@ pub enum DownloadError {
     /// A request to the hub failed.
     #[error("{what} {repo_id}@{revision} from {endpoint} failed: {detail}")]
     Api {
+        /// The HTTP status the hub answered with, if it answered.
+        status: Option<u16>,
         /// What was being done ("listing", "downloading config.json of").
         what: String,
         /// The hub endpoint.
@@ -166,7 +189,7 @@ pub enum DownloadError {
         /// The error with its causes.
         detail: String,
     },
-    /// The repository lacks files a model needs.
+    /// The repository lacks files its layout needs.
     #[error("{repo_id}@{revision} on {endpoint} has no {missing}")]
     MissingInRepo {
         /// The hub endpoint.
@@ -191,7 +214,21 @@ pub enum DownloadError {
     Layout(#[from] ModelDirError),
 }
 
-/// Downloads `repo_id` at `revision` into the cache at `cache_dir` and returns the snapshot.
+impl DownloadError {
+    /// True when the hub says the repository or revision does not exist or is not accessible
+    /// with the token (401, 403, 404: the hub answers 401 for unknown repositories without a
+    /// token), or the repository lacks the files of its layout.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            DownloadError::Api { status, .. } => matches!(status, Some(401 | 403 | 404)),
+            DownloadError::MissingInRepo { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Downloads the model `repo_id` at `revision` into the cache at `cache_dir` and returns the
+/// snapshot; see [`download_repo`].
 ///
 /// Fetches `config.json`, `tokenizer.json`, the optional files the repository has
 /// (`tokenizer_config.json`, `generation_config.json`), and `model.safetensors` or the index
@@ -202,6 +239,20 @@ pub async fn download(
     repo_id: &str,
     revision: &str,
 ) -> Result<ModelFiles, DownloadError> {
+    let files = download_repo(settings, cache_dir, repo_id, revision, &MODEL_LAYOUT).await?;
+    Ok(ModelFiles::from_repo(files)?)
+}
+
+/// Downloads the files `layout` names from `repo_id` at `revision` into the cache at
+/// `cache_dir` and returns the snapshot: every required file, the optional files the repository
+/// has, and the single-file or sharded weights of layouts that have them.
+pub async fn download_repo(
+    settings: &HubSettings,
+    cache_dir: &Path,
+    repo_id: &str,
+    revision: &str,
+    layout: &RepoLayout,
+) -> Result<RepoFiles, DownloadError> {
     let ctx = Ctx {
         endpoint: &settings.endpoint,
         repo_id,
@@ -219,7 +270,7 @@ pub async fn download(
         RepoType::Model,
         revision.to_string(),
     ));
-    tracing::info!(repo_id, revision, endpoint = %settings.endpoint, "listing the repository");
+    tracing::info!(repo_id, revision, endpoint = %settings.endpoint, kind = layout.kind, "listing the repository");
     let info = tokio::time::timeout(settings.request_timeout, repo.info())
         .await
         .map_err(|_| DownloadError::Timeout {
@@ -230,28 +281,29 @@ pub async fn download(
         })?
         .map_err(|e| ctx.api("listing", &e))?;
     let available: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    for required in [CONFIG_FILE, TOKENIZER_FILE] {
-        if !available.contains(required) {
-            return Err(ctx.missing(required));
-        }
+    if let Some(required) = layout.required.iter().find(|f| !available.contains(*f)) {
+        return Err(ctx.missing(required));
     }
     let mut fetched = Vec::new();
-    for name in [CONFIG_FILE, TOKENIZER_FILE]
-        .into_iter()
-        .chain(OPTIONAL_FILES.into_iter().filter(|f| available.contains(f)))
+    for name in layout
+        .required
+        .iter()
+        .chain(layout.optional.iter().filter(|f| available.contains(*f)))
     {
         fetched.push(fetch(&repo, &ctx, name).await?);
     }
-    if available.contains(WEIGHTS_FILE) {
-        fetched.push(fetch(&repo, &ctx, WEIGHTS_FILE).await?);
-    } else if available.contains(WEIGHTS_INDEX_FILE) {
-        let index = fetch(&repo, &ctx, WEIGHTS_INDEX_FILE).await?;
-        for shard in index_shard_names(&index)? {
-            fetched.push(fetch(&repo, &ctx, &shard).await?);
+    if let Some(rule) = layout.weights {
+        if available.contains(rule.single) {
+            fetched.push(fetch(&repo, &ctx, rule.single).await?);
+        } else if available.contains(rule.index) {
+            let index = fetch(&repo, &ctx, rule.index).await?;
+            for shard in index_shard_names(&index)? {
+                fetched.push(fetch(&repo, &ctx, &shard).await?);
+            }
+            fetched.push(index);
+        } else {
+            return Err(ctx.missing(&format!("{} or {}", rule.single, rule.index)));
         }
-        fetched.push(index);
-    } else {
-        return Err(ctx.missing(&format!("{WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")));
     }
     // Every file sits at snapshots/<sha>/<name>; all must share one snapshot.
     let snapshots: BTreeSet<PathBuf> = fetched
@@ -260,7 +312,7 @@ pub async fn download(
         .collect();
     let mut snapshots = snapshots.into_iter();
     match (snapshots.next(), snapshots.next()) {
-        (Some(dir), None) => Ok(check_model_dir(&dir)?),
+        (Some(dir), None) => Ok(check_repo_dir(&dir, layout)?),
         _ => Err(DownloadError::RevisionMoved {
             repo_id: repo_id.to_string(),
             revision: revision.to_string(),
@@ -277,7 +329,12 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn api(&self, what: &str, err: &ApiError) -> DownloadError {
+        let status = match err {
+            ApiError::RequestError(e) => e.status().map(|s| s.as_u16()),
+            _ => None,
+        };
         DownloadError::Api {
+            status,
             what: what.to_string(),
             endpoint: self.endpoint.to_string(),
             repo_id: self.repo_id.to_string(),

@@ -1,4 +1,6 @@
-//! The on-disk layout of a servable model (Hugging Face layout) and its completeness check.
+//! On-disk repository layouts (Hugging Face layout) and their completeness checks: a
+//! [`RepoLayout`] names the files a kind of repository must and may hold; [`MODEL_LAYOUT`] is a
+//! servable model, and other kinds (PEFT adapters) describe themselves the same way.
 
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
@@ -14,6 +16,40 @@ pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 /// Files used when present, never required.
 pub const OPTIONAL_FILES: [&str; 2] = ["tokenizer_config.json", "generation_config.json"];
 
+/// Safetensors weights stored either as one file or as an index plus the shards it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardedWeights {
+    /// The single-file name (`model.safetensors`).
+    pub single: &'static str,
+    /// The index name (`model.safetensors.index.json`).
+    pub index: &'static str,
+}
+
+/// What a kind of repository directory must and may contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepoLayout {
+    /// The kind, for messages (`model`, `adapter`).
+    pub kind: &'static str,
+    /// Files that must exist.
+    pub required: &'static [&'static str],
+    /// Files used (and downloaded) when the repository has them.
+    pub optional: &'static [&'static str],
+    /// Weights that may be single-file or sharded; `None` when the weights are a plain entry of
+    /// `required`.
+    pub weights: Option<ShardedWeights>,
+}
+
+/// A servable model: config, tokenizer, single or sharded safetensors weights.
+pub const MODEL_LAYOUT: RepoLayout = RepoLayout {
+    kind: "model",
+    required: &[CONFIG_FILE, TOKENIZER_FILE],
+    optional: &OPTIONAL_FILES,
+    weights: Some(ShardedWeights {
+        single: WEIGHTS_FILE,
+        index: WEIGHTS_INDEX_FILE,
+    }),
+};
+
 /// Where the weights of a model are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Weights {
@@ -26,6 +62,15 @@ pub enum Weights {
         /// The shard files.
         shards: Vec<PathBuf>,
     },
+}
+
+/// A complete repository directory of some [`RepoLayout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoFiles {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The weights, for layouts with [`RepoLayout::weights`].
+    pub weights: Option<Weights>,
 }
 
 /// A complete model directory.
@@ -41,15 +86,36 @@ pub struct ModelFiles {
     pub weights: Weights,
 }
 
-/// Why a directory is not a servable model.
+impl ModelFiles {
+    /// The model view of a directory checked against [`MODEL_LAYOUT`].
+    pub fn from_repo(files: RepoFiles) -> Result<Self, ModelDirError> {
+        match files.weights {
+            Some(weights) => Ok(Self {
+                config: files.dir.join(CONFIG_FILE),
+                tokenizer: files.dir.join(TOKENIZER_FILE),
+                dir: files.dir,
+                weights,
+            }),
+            None => Err(ModelDirError::Missing {
+                kind: MODEL_LAYOUT.kind,
+                dir: files.dir,
+                missing: vec![format!("{WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")],
+            }),
+        }
+    }
+}
+
+/// Why a directory is not a complete repository of its layout.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelDirError {
     /// The path does not exist or is not a directory.
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
     /// Required files are absent.
-    #[error("model directory {dir} is missing {}", missing.join(", "))]
+    #[error("{kind} directory {dir} is missing {}", missing.join(", "))]
     Missing {
+        /// The layout's kind (`model`, `adapter`).
+        kind: &'static str,
         /// The directory.
         dir: PathBuf,
         /// What is missing, in words (file names, or "model.safetensors or model.safetensors.index.json").
@@ -65,52 +131,58 @@ pub enum ModelDirError {
     },
 }
 
-/// Checks that `dir` holds everything a shard and the router need and returns their paths.
-pub fn check_model_dir(dir: &Path) -> Result<ModelFiles, ModelDirError> {
+/// Checks that `dir` holds every file `layout` requires and returns them.
+pub fn check_repo_dir(dir: &Path, layout: &RepoLayout) -> Result<RepoFiles, ModelDirError> {
     if !dir.is_dir() {
         return Err(ModelDirError::NotADirectory(dir.to_path_buf()));
     }
-    let mut missing = Vec::new();
-    let mut require = |name: &str| {
-        let path = dir.join(name);
-        if !path.is_file() {
-            missing.push(name.to_string());
-        }
-        path
-    };
-    let config = require(CONFIG_FILE);
-    let tokenizer = require(TOKENIZER_FILE);
-    let single = dir.join(WEIGHTS_FILE);
-    let index = dir.join(WEIGHTS_INDEX_FILE);
-    let weights = if single.is_file() {
-        Some(Weights::Single(single))
-    } else if index.is_file() {
-        let names = index_shard_names(&index)?;
-        let mut shards = Vec::with_capacity(names.len());
-        for name in names {
-            let path = dir.join(&name);
-            if !path.is_file() {
-                missing.push(format!("{name} (named by {WEIGHTS_INDEX_FILE})"));
+    let mut missing: Vec<String> = layout
+        .required
+        .iter()
+        .filter(|name| !dir.join(name).is_file())
+        .map(|name| name.to_string())
+        .collect();
+    let weights = match layout.weights {
+        None => None,
+        Some(rule) => {
+            let single = dir.join(rule.single);
+            let index = dir.join(rule.index);
+            if single.is_file() {
+                Some(Weights::Single(single))
+            } else if index.is_file() {
+                let names = index_shard_names(&index)?;
+                let mut shards = Vec::with_capacity(names.len());
+                for name in names {
+                    let path = dir.join(&name);
+                    if !path.is_file() {
+                        missing.push(format!("{name} (named by {})", rule.index));
+                    }
+                    shards.push(path);
+                }
+                Some(Weights::Sharded { index, shards })
+            } else {
+                missing.push(format!("{} or {}", rule.single, rule.index));
+                None
             }
-            shards.push(path);
         }
-        Some(Weights::Sharded { index, shards })
-    } else {
-        missing.push(format!("{WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}"));
-        None
     };
-    match weights {
-        Some(weights) if missing.is_empty() => Ok(ModelFiles {
+    if missing.is_empty() {
+        Ok(RepoFiles {
             dir: dir.to_path_buf(),
-            config,
-            tokenizer,
             weights,
-        }),
-        _ => Err(ModelDirError::Missing {
+        })
+    } else {
+        Err(ModelDirError::Missing {
+            kind: layout.kind,
             dir: dir.to_path_buf(),
             missing,
-        }),
+        })
     }
+}
+
+/// Checks that `dir` holds everything a shard and the router need and returns their paths.
+pub fn check_model_dir(dir: &Path) -> Result<ModelFiles, ModelDirError> {
+    ModelFiles::from_repo(check_repo_dir(dir, &MODEL_LAYOUT)?)
 }
 
 /// The shard files a `model.safetensors.index.json` names, sorted and deduplicated.
@@ -215,6 +287,30 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("config.json"), "{msg}");
+    }
+
+    #[test]
+    fn other_layouts_use_the_same_check() {
+        const LAYOUT: RepoLayout = RepoLayout {
+            kind: "adapter",
+            required: &["adapter_config.json", "adapter_model.safetensors"],
+            optional: &[],
+            weights: None,
+        };
+        let tmp = tempfile::tempdir().expect("tmp");
+        std::fs::write(tmp.path().join("adapter_config.json"), b"{}").expect("w");
+        let msg = check_repo_dir(tmp.path(), &LAYOUT)
+            .expect_err("no weights")
+            .to_string();
+        assert!(
+            msg.starts_with("adapter directory") && msg.ends_with("adapter_model.safetensors"),
+            "{msg}"
+        );
+        std::fs::write(tmp.path().join("adapter_model.safetensors"), b"x").expect("w");
+        let files = check_repo_dir(tmp.path(), &LAYOUT).expect("complete");
+        assert_eq!((files.dir.as_path(), files.weights), (tmp.path(), None));
+        // The fixture model is not an adapter.
+        assert!(check_repo_dir(&fixture_dir(), &LAYOUT).is_err());
     }
 
     #[test]

@@ -188,6 +188,8 @@ mod fake_hub {
         /// Files fetched through `resolve/` with a body (not the 1-byte metadata probe).
         pub(super) fetched: Mutex<Vec<String>>,
         pub(super) auth: Mutex<Option<String>>,
+        /// Answer the listing with 404 (an unknown repository).
+        pub(super) unknown: bool,
     }
 
     /// Serves `hub` on a free loopback port; returns the endpoint URL.
@@ -206,17 +208,20 @@ mod fake_hub {
         format!("http://{addr}")
     }
 
-    async fn listing(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> impl IntoResponse {
+    async fn listing(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
         *hub.auth.lock().expect("lock") = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        if hub.unknown {
+            return StatusCode::NOT_FOUND.into_response();
+        }
         let siblings: Vec<_> = hub
             .files
             .keys()
             .map(|name| serde_json::json!({ "rfilename": name }))
             .collect();
-        axum::Json(serde_json::json!({ "sha": SHA, "siblings": siblings }))
+        axum::Json(serde_json::json!({ "sha": SHA, "siblings": siblings })).into_response()
     }
 
     async fn resolve(
@@ -342,4 +347,99 @@ async fn repo_without_weights_is_a_clear_error() {
         "{err:?}"
     );
     assert!(err.to_string().contains("model.safetensors"), "{err}");
+}
+
+/// The adapter layout: only the required files are fetched (no weights rule, no optional files),
+/// and the result is found offline through `lookup_repo`.
+#[tokio::test]
+async fn download_repo_with_another_layout() {
+    use std::sync::Arc;
+
+    use model_dir::RepoLayout;
+
+    const LAYOUT: RepoLayout = RepoLayout {
+        kind: "adapter",
+        required: &["adapter_config.json", "adapter_model.safetensors"],
+        optional: &["README.md"],
+        weights: None,
+    };
+    let mut hub = fake_hub::Hub::default();
+    for (name, body) in [
+        ("adapter_config.json", &b"{}"[..]),
+        ("adapter_model.safetensors", b"weights"),
+        ("model.safetensors", b"not wanted"),
+    ] {
+        hub.files.insert(name.into(), body.to_vec());
+    }
+    let hub = Arc::new(hub);
+    let endpoint = fake_hub::serve(hub.clone()).await;
+    let cache = tempfile::tempdir().expect("cache");
+    let s = settings(&[("HF_ENDPOINT", &endpoint)], None);
+    let files = download_repo(&s, cache.path(), "org/adapter", "main", &LAYOUT)
+        .await
+        .expect("download");
+    assert_eq!(files.weights, None);
+    assert!(files.dir.join("adapter_model.safetensors").is_file());
+    assert!(!files.dir.join("model.safetensors").exists());
+    let mut fetched = hub.fetched.lock().expect("lock").clone();
+    fetched.sort();
+    fetched.dedup();
+    assert_eq!(
+        fetched,
+        vec!["adapter_config.json", "adapter_model.safetensors"]
+    );
+    assert!(matches!(
+        lookup_repo(cache.path(), "org/adapter", "main", &LAYOUT),
+        CacheLookup::Hit(_)
+    ));
+    // The model view of the same snapshot is incomplete.
+    assert!(matches!(
+        lookup_cache(cache.path(), "org/adapter", "main"),
+        CacheLookup::Incomplete(_)
+    ));
+    // A repository without the required files counts as not found.
+    let err = download_repo(
+        &s,
+        cache.path(),
+        "org/adapter",
+        "main",
+        &model_dir::MODEL_LAYOUT,
+    )
+    .await
+    .expect_err("not a model");
+    assert!(err.is_not_found(), "{err:?}");
+}
+
+/// An unknown repository (404 on the listing) is reported as not found, with the status.
+#[tokio::test]
+async fn unknown_repo_is_not_found() {
+    use std::sync::Arc;
+
+    let hub = fake_hub::Hub {
+        unknown: true,
+        ..Default::default()
+    };
+    let endpoint = fake_hub::serve(Arc::new(hub)).await;
+    let cache = tempfile::tempdir().expect("cache");
+    let s = settings(&[("HF_ENDPOINT", &endpoint)], None);
+    let err = download(&s, cache.path(), "org/nothing", "main")
+        .await
+        .expect_err("unknown");
+    assert!(
+        matches!(
+            err,
+            DownloadError::Api {
+                status: Some(404),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_not_found());
+    // A refused connection is not "not found".
+    let s = settings(&[("HF_ENDPOINT", "http://127.0.0.1:1")], None);
+    let err = download(&s, cache.path(), "org/nothing", "main")
+        .await
+        .expect_err("unreachable");
+    assert!(!err.is_not_found(), "{err:?}");
 }

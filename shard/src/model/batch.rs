@@ -4,6 +4,8 @@ use std::collections::HashSet;
 
 use crate::kv_cache::KvCache;
 
+use super::lora::RowSlots;
+
 use super::ModelError;
 
 /// New tokens of one sequence in a forward step: a prefill chunk or a single decode token.
@@ -61,7 +63,7 @@ pub(crate) struct BatchPlan {
     pub chunks: Vec<ChunkPlan>,
     pub tokens: Vec<u32>,
     pub positions: Vec<u32>,
-    pub row_slots: Vec<u32>,
+    pub row_slots: RowSlots,
     /// Rows whose logits are returned, in output order.
     pub logit_rows: Vec<u32>,
 }
@@ -79,11 +81,12 @@ impl BatchPlan {
             return bad(format!("{total} tokens in one batch"));
         }
         let mut seen = HashSet::new();
+        let mut row_slots = Vec::with_capacity(total);
         let mut plan = Self {
             chunks: Vec::with_capacity(batch.chunks.len()),
             tokens: Vec::with_capacity(total),
             positions: Vec::with_capacity(total),
-            row_slots: Vec::with_capacity(total),
+            row_slots: RowSlots::default(),
             logit_rows: Vec::with_capacity(batch.num_logit_rows()),
         };
         for c in &batch.chunks {
@@ -126,8 +129,7 @@ impl BatchPlan {
             });
             plan.tokens.extend_from_slice(&c.tokens);
             plan.positions.extend((c.start_pos..end).map(|p| p as u32));
-            plan.row_slots
-                .extend(std::iter::repeat_n(c.adapter_slot, n));
+            row_slots.extend(std::iter::repeat_n(c.adapter_slot, n));
             if c.all_logits {
                 plan.logit_rows
                     .extend((offset..offset + n).map(|r| r as u32));
@@ -135,6 +137,7 @@ impl BatchPlan {
                 plan.logit_rows.push((offset + n - 1) as u32);
             }
         }
+        plan.row_slots = RowSlots::new(row_slots);
         Ok(plan)
     }
 

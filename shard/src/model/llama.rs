@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention::{Attention, AttentionWeights, Rope};
 use super::batch::{BatchPlan, ForwardBatch};
 use super::layers::{Linear, RmsNorm, silu};
-use super::lora::{LoraDelta, TargetModule};
+use super::lora::{LoraDelta, RowSlots, TargetModule};
 use super::weights::Checkpoint;
 use super::{LoadOptions, ModelConfig, ModelError};
 use crate::kv_cache::KvCache;
@@ -26,7 +26,7 @@ impl Mlp {
         layer: usize,
         x: &Tensor,
         lora: &dyn LoraDelta,
-        slots: &[u32],
+        slots: &RowSlots,
     ) -> candle_core::Result<Tensor> {
         let gate = lora.apply(layer, TargetModule::Gate, x, self.gate.forward(x)?, slots)?;
         let up = lora.apply(layer, TargetModule::Up, x, self.up.forward(x)?, slots)?;

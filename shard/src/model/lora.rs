@@ -69,18 +69,103 @@ impl TargetModule {
     }
 }
 
+/// A maximal run of consecutive rows of a forward step that use the same (non-base) adapter slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotRun {
+    /// The adapter slot (never 0).
+    pub slot: u32,
+    /// First row of the run.
+    pub start: usize,
+    /// Number of rows.
+    pub len: usize,
+}
+
+/// The adapter slot of every row of one forward step, grouped once per step (not per projection):
+/// the runs of consecutive rows sharing a slot (what segmented kernels consume) and, per distinct
+/// slot, its rows (what gather/scatter implementations consume). Slot 0 (the base model) appears
+/// in neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowSlots {
+    slots: Vec<u32>,
+    runs: Vec<SlotRun>,
+    groups: Vec<(u32, Vec<u32>)>,
+}
+
+impl RowSlots {
+    /// Groups `slots` (one per row).
+    pub fn new(slots: Vec<u32>) -> Self {
+        let mut runs: Vec<SlotRun> = Vec::new();
+        let mut groups: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+        for (row, &slot) in slots.iter().enumerate() {
+            if slot == 0 {
+                continue;
+            }
+            groups.entry(slot).or_default().push(row as u32);
+            match runs.last_mut() {
+                Some(r) if r.slot == slot && r.start + r.len == row => r.len += 1,
+                _ => runs.push(SlotRun {
+                    slot,
+                    start: row,
+                    len: 1,
+                }),
+            }
+        }
+        Self {
+            slots,
+            runs,
+            groups: groups.into_iter().collect(),
+        }
+    }
+
+    /// The slot of every row.
+    pub fn slots(&self) -> &[u32] {
+        &self.slots
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True for a step without rows.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Runs of consecutive rows with the same non-zero slot, in row order.
+    pub fn runs(&self) -> &[SlotRun] {
+        &self.runs
+    }
+
+    /// Every distinct non-zero slot (ascending) with its rows (ascending).
+    pub fn groups(&self) -> &[(u32, Vec<u32>)] {
+        &self.groups
+    }
+
+    /// True when some row uses an adapter.
+    pub fn has_adapters(&self) -> bool {
+        !self.runs.is_empty()
+    }
+}
+
+impl From<Vec<u32>> for RowSlots {
+    fn from(slots: Vec<u32>) -> Self {
+        Self::new(slots)
+    }
+}
+
 /// Adds LoRA contributions to the output of a base projection.
 pub trait LoraDelta: Send + Sync {
     /// Returns `y` plus the LoRA contribution of `module` in `layer` for every row whose slot is
     /// non-zero. `x`: `[rows, in]` input of the projection, `y`: `[rows, out]` base output (both in
-    /// the model's compute dtype), `row_slots[i]` = adapter slot of row `i`.
+    /// the model's compute dtype), `rows`: the adapter slot of every row, grouped once per step.
     fn apply(
         &self,
         layer: usize,
         module: TargetModule,
         x: &Tensor,
         y: Tensor,
-        row_slots: &[u32],
+        rows: &RowSlots,
     ) -> candle_core::Result<Tensor>;
 }
 
@@ -95,7 +180,7 @@ impl LoraDelta for NoLora {
         _module: TargetModule,
         _x: &Tensor,
         y: Tensor,
-        _row_slots: &[u32],
+        _rows: &RowSlots,
     ) -> candle_core::Result<Tensor> {
         Ok(y)
     }
@@ -112,5 +197,21 @@ mod tests {
             assert!(m.path().ends_with(m.name()));
         }
         assert_eq!(TargetModule::from_name("lm_head"), None);
+    }
+
+    #[test]
+    fn row_slots_runs_and_groups() {
+        let rows = RowSlots::new(vec![0, 3, 3, 1, 0, 3, 1, 1]);
+        assert_eq!(rows.len(), 8);
+        assert!(rows.has_adapters());
+        let runs: Vec<(u32, usize, usize)> = rows
+            .runs()
+            .iter()
+            .map(|r| (r.slot, r.start, r.len))
+            .collect();
+        assert_eq!(runs, vec![(3, 1, 2), (1, 3, 1), (3, 5, 1), (1, 6, 2)]);
+        assert_eq!(rows.groups(), &[(1, vec![3, 6, 7]), (3, vec![1, 2, 5])][..]);
+        let base = RowSlots::from(vec![0, 0]);
+        assert!(!base.has_adapters() && base.groups().is_empty());
     }
 }

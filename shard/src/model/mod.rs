@@ -5,7 +5,7 @@
 //! * [`layers`] — linear, RMSNorm and activation numerics matching transformers.
 //! * [`attention`] — rotary embeddings and per-sequence causal GQA over the KV cache.
 //! * [`batch`] — the ragged batch of one step ([`ForwardBatch`], [`SeqChunk`]).
-//! * [`lora`] — the LoRA hook ([`LoraDelta`], [`TargetModule`], [`NoLora`]).
+//! * [`lora`] — the LoRA hook ([`LoraDelta`], [`RowSlots`], [`TargetModule`], [`NoLora`]).
 //! * [`llama`] — [`LlamaModel`]: loading and the batched forward step.
 //!
 //! All linear layers run once over the rows of every chunk of a step (continuous batching);
@@ -25,7 +25,7 @@ use std::path::PathBuf;
 pub use batch::{ForwardBatch, SeqChunk};
 pub use config::{ModelConfig, RopeScaling};
 pub use llama::LlamaModel;
-pub use lora::{LoraDelta, NoLora, TargetModule};
+pub use lora::{LoraDelta, NoLora, RowSlots, SlotRun, TargetModule};
 
 use crate::kv_cache::KvCacheError;
 

@@ -105,8 +105,8 @@ async fn every_validation_error_is_422_with_its_message() {
             "`response_format` (constrained generation) is not supported by this server; omit it",
         ),
         (
-            json!({"inputs": "hi", "parameters": {"adapter_id": "org/lora", "adapter_source": "hub", "api_token": "t"}}),
-            "adapter `org/lora` was requested, but LoRA adapters are not available yet on this server; omit `adapter_id` (or use \"__base_model__\") to run the base model",
+            json!({"inputs": "hi", "parameters": {"adapter_id": "../org/lora", "adapter_source": "hub", "api_token": "t"}}),
+            "adapter id `../org/lora` is not a valid hub repository id (`name` or `org/name`: letters, digits, '-', '_' and '.', without '--' or '..')",
         ),
         (
             json!({"inputs": "hi", "parameters": {"adapter_id": "x", "merged_adapters": {"ids": ["a"], "weights": [1.0]}}}),

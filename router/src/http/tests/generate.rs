@@ -3,7 +3,10 @@
 use serde_json::{Value, json};
 
 use super::{LORAX_CLIENT_MERGED_BODY, lorax_client_base_body, post_json};
+use medley_merge::{Semantics, SignMethod, Strategy};
+
 use crate::infer::testing::{FakeBackend, TestServer};
+use crate::infer::{AdapterSource, AdapterSpec};
 
 fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
     h.get(name)
@@ -72,7 +75,7 @@ async fn lorax_client_body_gets_a_one_element_array() {
 }
 
 #[tokio::test]
-async fn lorax_client_merged_body_is_parsed_and_rejected_for_now() {
+async fn lorax_client_merged_body_becomes_a_canonical_merge() {
     let server = TestServer::start(FakeBackend::new()).await;
     assert_eq!(
         LORAX_CLIENT_MERGED_BODY.len(),
@@ -80,15 +83,26 @@ async fn lorax_client_merged_body_is_parsed_and_rejected_for_now() {
         "the body as captured on the wire"
     );
     let (status, _, body) = post_json(&server.url("/"), LORAX_CLIENT_MERGED_BODY).await;
-    assert_eq!(status, 422);
+    assert_eq!(status, 200, "{body}");
+    let requests = server.backend.requests();
+    let AdapterSpec::Merged(m) = &requests[0].adapter else {
+        panic!("a merge: {:?}", requests[0].adapter)
+    };
+    let ids: Vec<&str> = m.components.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(
-        body,
-        json!({
-            "error": "Input validation error: `merged_adapters` was requested, but LoRA adapters and adapter merging are not available yet on this server; omit `merged_adapters` to run the base model",
-            "error_type": "validation"
-        })
+        ids,
+        [
+            "smangrul/tinyllama_lora_norobots",
+            "smangrul/tinyllama_lora_sql",
+            "smangrul/tinyllama_lora_adcopy"
+        ]
     );
-    assert!(server.backend.requests().is_empty());
+    assert!(m.components.iter().all(|c| c.source == AdapterSource::Hub));
+    assert_eq!(m.merge.strategy, Strategy::Ties);
+    assert_eq!(m.merge.weights, vec![2.0, 0.3, 0.7]);
+    assert_eq!(m.merge.density, Some(0.2));
+    assert_eq!(m.merge.sign_method, SignMethod::Total);
+    assert_eq!(m.merge.semantics, Semantics::Peft);
     server.stop().await;
 }
 

@@ -81,6 +81,10 @@ pub(crate) fn config(dir: &Path, mode: &str, world_size: usize) -> SupervisorCon
             model_id: "org/fake".to_string(),
             dtype: DType::F32,
             kv_cache_tokens: Some(64),
+            adapter_roots: vec![],
+            adapter_memory_budget: None,
+            max_adapter_slots: None,
+            huggingface_hub_cache: None,
         },
         world_size,
         uds_prefix: dir.join("sock"),
@@ -115,6 +119,10 @@ fn command_line() {
         model_id: "org/name".into(),
         dtype: DType::Bf16,
         kv_cache_tokens: None,
+        adapter_roots: vec![],
+        adapter_memory_budget: None,
+        max_adapter_slots: None,
+        huggingface_hub_cache: None,
     };
     let args: Vec<String> = command
         .args(1, 2, Path::new("/tmp/s-1"))
@@ -125,6 +133,25 @@ fn command_line() {
         args.join(" "),
         "--model-dir /m --uds-path /tmp/s-1 --rank 1 --world-size 2 --dtype bf16 \
          --model-id org/name --json-output"
+    );
+    let with_adapters = ShardCommand {
+        adapter_roots: vec!["/a".into(), "/b".into()],
+        adapter_memory_budget: Some(1 << 30),
+        max_adapter_slots: Some(8),
+        huggingface_hub_cache: None,
+        ..command.clone()
+    };
+    let args: Vec<String> = with_adapters
+        .args(0, 1, Path::new("/s"))
+        .into_iter()
+        .map(|a| a.into_string().expect("utf8"))
+        .collect();
+    assert!(
+        args.join(" ").ends_with(
+            "--adapter-root /a --adapter-root /b --adapter-memory-budget 1073741824 \
+             --max-adapter-slots 8 --json-output"
+        ),
+        "{args:?}"
     );
     let with_kv = ShardCommand {
         program_args: vec![],

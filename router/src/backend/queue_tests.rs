@@ -1,0 +1,206 @@
+//! Batch builder tests: TGI budgets, oldest head across queues, skip-not-block, the cap on
+//! distinct adapters, spent turns yielding to starved adapters.
+
+use std::time::Duration;
+
+use super::*;
+use crate::backend::registry::RegistryConfig;
+use crate::backend::testing::{Events, entry, request, single};
+use crate::infer::AdapterSpec;
+
+fn registry(cap: usize) -> Registry {
+    Registry::new(RegistryConfig {
+        max_slots: 8,
+        budget_bytes: 1000,
+        max_active_adapters: cap,
+        cycle_time: Duration::from_secs(1),
+        max_concurrent_loads: 8,
+        error_ttl: Duration::from_secs(10),
+        max_tracked: 100,
+    })
+}
+
+struct Queues {
+    reg: Registry,
+    next_id: u64,
+    receivers: Vec<Events>,
+    t0: Instant,
+}
+
+impl Queues {
+    fn new(cap: usize) -> Self {
+        Self {
+            reg: registry(cap),
+            next_id: 0,
+            receivers: Vec::new(),
+            t0: Instant::now(),
+        }
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    /// Queues a request; returns its id.
+    fn push(&mut self, spec: &AdapterSpec, input: usize, max_new: u32) -> u64 {
+        let (e, rx) = entry(request(spec.clone(), input, max_new));
+        self.receivers.push(rx);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.reg
+            .enqueue(id, e, spec.key(), self.t0)
+            .expect("enqueue");
+        id
+    }
+
+    /// Makes `spec` resident (as if its load finished).
+    fn resident(&mut self, spec: &AdapterSpec) {
+        let plan = self.reg.plan(self.t0);
+        for j in plan.jobs {
+            self.reg.loaded(&j.key, j.slot, 1, self.t0);
+        }
+        assert!(
+            self.reg.adapters[&spec.key()].resident_slot().is_some(),
+            "resident"
+        );
+    }
+
+    fn take(&mut self, budget: BatchBudget, ms: u64) -> Vec<u64> {
+        let now = self.at(ms);
+        take_batch(&mut self.reg, budget, now)
+            .iter()
+            .map(|t| t.id)
+            .collect()
+    }
+}
+
+fn budget(prefill: u32, total: u32) -> BatchBudget {
+    BatchBudget {
+        min_size: None,
+        max_size: None,
+        prefill_tokens: prefill,
+        total_tokens: total,
+    }
+}
+
+#[test]
+fn respects_token_budgets_in_fifo_order() {
+    let mut q = Queues::new(8);
+    for _ in 0..3 {
+        q.push(&AdapterSpec::Base, 10, 10);
+    }
+    assert_eq!(q.take(budget(25, 1000), 0), vec![0, 1]);
+    assert_eq!(q.reg.queued(), 1);
+    assert!(
+        q.take(budget(100, 15), 0).is_empty(),
+        "20 total tokens do not fit 15"
+    );
+    assert_eq!(q.reg.queued(), 1);
+}
+
+#[test]
+fn min_and_max_size() {
+    let mut q = Queues::new(8);
+    let a = single("a");
+    q.push(&AdapterSpec::Base, 1, 1);
+    q.push(&a, 1, 1);
+    q.push(&AdapterSpec::Base, 1, 1);
+    q.resident(&a);
+    let mut b = budget(100, 100);
+    b.min_size = Some(4);
+    assert!(q.take(b, 0).is_empty());
+    assert_eq!(q.reg.queued(), 3, "rolled back into their queues");
+    assert_eq!(q.reg.adapters[&a.key()].running, 0, "not marked running");
+    b.min_size = None;
+    b.max_size = Some(2);
+    assert_eq!(q.take(b, 0), vec![0, 1], "order kept after the rollback");
+}
+
+#[test]
+fn cancelled_requests_are_dropped() {
+    let mut q = Queues::new(8);
+    q.push(&AdapterSpec::Base, 1, 1);
+    q.push(&AdapterSpec::Base, 1, 1);
+    q.receivers.remove(0);
+    assert_eq!(q.take(budget(100, 100), 0), vec![1]);
+}
+
+#[test]
+fn oldest_head_across_ready_queues_and_skip_not_ready() {
+    let mut q = Queues::new(8);
+    let (a, b, c) = (single("a"), single("b"), single("c"));
+    q.push(&a, 1, 1); // 0
+    q.push(&AdapterSpec::Base, 1, 1); // 1
+    q.push(&b, 1, 1); // 2
+    q.push(&a, 1, 1); // 3
+    q.push(&AdapterSpec::Base, 1, 1); // 4
+    q.resident(&a);
+    q.resident(&b);
+    q.push(&c, 1, 1); // 5: c is waiting (not planned)
+    q.push(&b, 1, 1); // 6
+    assert_eq!(
+        q.take(budget(100, 100), 0),
+        vec![0, 1, 2, 3, 4, 6],
+        "c skipped"
+    );
+    assert_eq!(q.reg.adapters[&c.key()].queue.len(), 1);
+    assert_eq!(q.reg.adapters[&a.key()].running, 2);
+    // The batch stops at the first request that does not fit (FIFO, as in TGI).
+    q.resident(&c);
+    q.push(&AdapterSpec::Base, 50, 1); // 7
+    assert_eq!(q.take(budget(40, 1000), 0), vec![5]);
+}
+
+#[test]
+fn distinct_adapters_per_batch_are_capped() {
+    let mut q = Queues::new(2);
+    let (a, b, c) = (single("a"), single("b"), single("c"));
+    for spec in [&a, &b, &c] {
+        q.push(spec, 1, 1);
+    }
+    for spec in [&a, &b, &c] {
+        q.resident(spec);
+    }
+    q.push(&AdapterSpec::Base, 1, 1); // 3
+    q.push(&a, 1, 1); // 4
+    assert_eq!(
+        q.take(budget(100, 100), 0),
+        vec![0, 1, 3, 4],
+        "c skipped: cap 2"
+    );
+    // While a and b run, c cannot join; once a finishes, it can.
+    assert!(q.take(budget(100, 100), 0).is_empty());
+    q.reg.release(&a.key(), q.at(1));
+    q.reg.release(&a.key(), q.at(1));
+    assert_eq!(q.take(budget(100, 100), 1), vec![2]);
+}
+
+#[test]
+fn spent_turns_yield_to_starved_adapters() {
+    let mut q = Queues::new(1);
+    let (a, b) = (single("a"), single("b"));
+    q.push(&a, 1, 1); // 0
+    q.resident(&a);
+    q.push(&b, 1, 1); // 1
+    q.resident(&b);
+    assert_eq!(q.take(budget(100, 100), 0), vec![0], "cap 1: a only");
+    for _ in 0..3 {
+        q.push(&a, 1, 1); // 2, 3, 4
+    }
+    // a is inside its turn: it keeps being served although b waits.
+    assert_eq!(q.take(budget(1, 100), 500), vec![2]);
+    // a's turn (1 s, started at 0) is spent and b is starved: a yields.
+    assert!(q.take(budget(100, 100), 1000).is_empty());
+    // Once a's requests finished, b goes first although a's queued requests are older.
+    q.reg.release(&a.key(), q.at(1001));
+    q.reg.release(&a.key(), q.at(1001));
+    assert_eq!(q.take(budget(100, 100), 1002), vec![1]);
+    // b's turn is fresh; when it is spent and a is starved, a comes back (round robin).
+    q.push(&b, 1, 1); // 5
+    assert!(
+        q.take(budget(100, 100), 2002).is_empty(),
+        "b yields, a capped out"
+    );
+    q.reg.release(&b.key(), q.at(2003));
+    assert_eq!(q.take(budget(100, 100), 2004), vec![3, 4]);
+}

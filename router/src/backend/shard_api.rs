@@ -1,0 +1,61 @@
+//! [`ShardApi`]: the calls the batching loop and the adapter loader make to the shards of one
+//! model. [`super::client::ShardedClient`] implements it over gRPC; tests use an in-memory shard.
+
+use std::future::Future;
+
+use medley_proto::shard::v1 as pb;
+
+use super::client::ClientError;
+
+/// The shards of one model, seen as one: every call reaches every rank, answers come from rank
+/// 0 (or are combined where noted).
+pub trait ShardApi: Clone + Send + Sync + 'static {
+    /// Model facts from rank 0.
+    fn info(&self) -> impl Future<Output = Result<pb::InfoResponse, ClientError>> + Send;
+
+    /// Health of every rank.
+    fn health(&self) -> impl Future<Output = Result<(), ClientError>> + Send;
+
+    /// Warms up every rank; returns the smallest KV capacity in tokens.
+    fn warmup(
+        &self,
+        req: pb::WarmupRequest,
+    ) -> impl Future<Output = Result<u64, ClientError>> + Send;
+
+    /// Runs the prompts of a new batch.
+    fn prefill(
+        &self,
+        batch: pb::Batch,
+    ) -> impl Future<Output = Result<pb::PrefillResponse, ClientError>> + Send;
+
+    /// One decode step over the cached batches (concatenated by the shard).
+    fn decode(
+        &self,
+        batches: Vec<pb::CachedBatch>,
+    ) -> impl Future<Output = Result<pb::DecodeResponse, ClientError>> + Send;
+
+    /// Keeps only `request_ids` of a cached batch.
+    fn filter_batch(
+        &self,
+        batch_id: u64,
+        request_ids: Vec<u64>,
+    ) -> impl Future<Output = Result<Option<pb::CachedBatch>, ClientError>> + Send;
+
+    /// Drops one cached batch, or all of them.
+    fn clear_cache(&self, id: Option<u64>) -> impl Future<Output = Result<(), ClientError>> + Send;
+
+    /// Loads an adapter (or computes a merge) into a slot on every rank; the answer carries the
+    /// largest byte count over the ranks (each rank enforces its own budget).
+    fn load_adapter(
+        &self,
+        req: pb::LoadAdapterRequest,
+    ) -> impl Future<Output = Result<pb::LoadAdapterResponse, ClientError>> + Send;
+
+    /// Frees a slot on every rank.
+    fn offload_adapter(&self, slot: u32) -> impl Future<Output = Result<(), ClientError>> + Send;
+
+    /// The occupied slots of rank 0.
+    fn list_adapters(
+        &self,
+    ) -> impl Future<Output = Result<pb::ListAdaptersResponse, ClientError>> + Send;
+}

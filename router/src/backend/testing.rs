@@ -1,0 +1,568 @@
+//! An in-memory [`ShardApi`] for scheduler tests: cached batches, adapter slots with a byte
+//! budget, configurable adapters (size, rank, failures), gates that hold loads, and a record of
+//! every call plus any rule the router broke (a request on an empty slot, an offload of a slot
+//! that running requests use, a slot out of range).
+//!
+//! Generated token `i` of a request has id = its slot and text `" <label>"`, where the label is
+//! `base` for slot 0, the adapter id for a single adapter and `merge(<ids>)` for a merge, so a
+//! response shows which weights produced it.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use medley_merge::{MergeSpec, Strategy};
+use medley_proto::shard::v1 as pb;
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use super::client::ClientError;
+use super::queue::Entry;
+use super::shard_api::ShardApi;
+use crate::error::InferError;
+use crate::infer::{
+    AdapterRef, AdapterSource, AdapterSpec, InferStreamResponse, MergedAdapterSpec,
+    ValidGenerateRequest, ValidParameters, ValidStoppingParameters,
+};
+
+/// An adapter the fake shard knows.
+#[derive(Debug, Clone)]
+pub(crate) struct FakeAdapter {
+    /// Bytes it occupies in a slot.
+    pub bytes: u64,
+    /// LoRA rank.
+    pub rank: u32,
+    /// Loading it fails with this status.
+    pub failure: Option<(tonic::Code, String)>,
+}
+
+impl FakeAdapter {
+    /// A loadable adapter.
+    pub fn new(bytes: u64, rank: u32) -> Self {
+        Self {
+            bytes,
+            rank,
+            failure: None,
+        }
+    }
+
+    /// An adapter whose load fails with `code`.
+    pub fn failing(code: tonic::Code, message: &str) -> Self {
+        Self {
+            bytes: 1,
+            rank: 8,
+            failure: Some((code, message.into())),
+        }
+    }
+}
+
+/// Shape of the fake shard.
+#[derive(Debug, Clone)]
+pub(crate) struct FakeShardConfig {
+    /// Adapter slots.
+    pub slots: u32,
+    /// Adapter bytes the shard holds.
+    pub budget: u64,
+    /// Pause before every prefill and decode step.
+    pub step_delay: Duration,
+    /// Known adapters by id.
+    pub adapters: HashMap<String, FakeAdapter>,
+}
+
+impl Default for FakeShardConfig {
+    fn default() -> Self {
+        Self {
+            slots: 4,
+            budget: 1000,
+            step_delay: Duration::ZERO,
+            adapters: HashMap::new(),
+        }
+    }
+}
+
+struct Seq {
+    id: u64,
+    slot: u32,
+    generated: u32,
+    max_new: u32,
+    text: String,
+}
+
+struct Slot {
+    label: String,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct State {
+    batches: HashMap<u64, Vec<Seq>>,
+    slots: HashMap<u32, Slot>,
+    loads: Vec<pb::LoadAdapterRequest>,
+    offloads: Vec<u32>,
+    /// Slots of the requests of every prefill, in order.
+    prefills: Vec<Vec<u32>>,
+    violations: Vec<String>,
+    /// Most distinct adapter slots (0 excluded) in one forward pass.
+    max_distinct_adapters: usize,
+}
+
+/// The fake shard; clones share state.
+#[derive(Clone)]
+pub(crate) struct FakeShard {
+    cfg: Arc<FakeShardConfig>,
+    state: Arc<Mutex<State>>,
+    gates: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+/// A slot label: what a request running on it reports.
+fn label(spec: &pb::AdapterSpec) -> String {
+    match &spec.kind {
+        Some(pb::adapter_spec::Kind::Single(r)) => r.id.clone(),
+        Some(pb::adapter_spec::Kind::Merged(m)) => format!(
+            "merge({})",
+            m.components
+                .iter()
+                .filter_map(|c| c.adapter.as_ref().map(|a| a.id.as_str()))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        None => "none".into(),
+    }
+}
+
+impl FakeShard {
+    /// A fake shard with `cfg`.
+    pub fn new(cfg: FakeShardConfig) -> Self {
+        Self {
+            cfg: Arc::new(cfg),
+            state: Arc::default(),
+            gates: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("fake shard lock")
+    }
+
+    /// Holds every load involving `id` until [`release`](Self::release).
+    pub fn hold(&self, id: &str) {
+        self.gates
+            .lock()
+            .expect("gates")
+            .insert(id.into(), Arc::new(Semaphore::new(0)));
+    }
+
+    /// Lets loads involving `id` proceed.
+    pub fn release(&self, id: &str) {
+        if let Some(g) = self.gates.lock().expect("gates").remove(id) {
+            g.add_permits(Semaphore::MAX_PERMITS >> 4);
+        }
+    }
+
+    /// Every LoadAdapter call so far.
+    pub fn loads(&self) -> Vec<pb::LoadAdapterRequest> {
+        self.lock().loads.clone()
+    }
+
+    /// Labels of the LoadAdapter calls so far.
+    pub fn load_labels(&self) -> Vec<String> {
+        self.lock()
+            .loads
+            .iter()
+            .filter_map(|l| l.spec.as_ref().map(label))
+            .collect()
+    }
+
+    /// Every OffloadAdapter call so far.
+    pub fn offloads(&self) -> Vec<u32> {
+        self.lock().offloads.clone()
+    }
+
+    /// Rules the router broke (empty when it behaved).
+    pub fn violations(&self) -> Vec<String> {
+        self.lock().violations.clone()
+    }
+
+    /// Slots of the requests of every prefill, in order.
+    pub fn prefills(&self) -> Vec<Vec<u32>> {
+        self.lock().prefills.clone()
+    }
+
+    /// Most distinct adapters in one forward pass.
+    pub fn max_distinct_adapters(&self) -> usize {
+        self.lock().max_distinct_adapters
+    }
+
+    /// Occupied slots and their labels.
+    pub fn resident(&self) -> HashMap<u32, String> {
+        self.lock()
+            .slots
+            .iter()
+            .map(|(s, l)| (*s, l.label.clone()))
+            .collect()
+    }
+
+    /// One step of `seqs`: each gets a token; returns generations and the unfinished ones.
+    fn step(state: &mut State, seqs: Vec<Seq>) -> (Vec<pb::Generation>, Vec<Seq>) {
+        let distinct: std::collections::HashSet<u32> =
+            seqs.iter().map(|s| s.slot).filter(|s| *s > 0).collect();
+        state.max_distinct_adapters = state.max_distinct_adapters.max(distinct.len());
+        let mut generations = Vec::with_capacity(seqs.len());
+        let mut alive = Vec::new();
+        for mut s in seqs {
+            let label = if s.slot == 0 {
+                "base".to_string()
+            } else if let Some(l) = state.slots.get(&s.slot) {
+                l.label.clone()
+            } else {
+                state
+                    .violations
+                    .push(format!("request {} ran on empty slot {}", s.id, s.slot));
+                "EMPTY".to_string()
+            };
+            let text = format!(" {label}");
+            s.text.push_str(&text);
+            s.generated += 1;
+            let done = s.generated >= s.max_new;
+            generations.push(pb::Generation {
+                request_id: s.id,
+                prefill_tokens: None,
+                tokens: Some(pb::Tokens {
+                    ids: vec![s.slot],
+                    logprobs: vec![-0.5],
+                    texts: vec![text],
+                    is_special: vec![false],
+                }),
+                generated_text: done.then(|| pb::GeneratedText {
+                    text: s.text.clone(),
+                    generated_tokens: s.generated,
+                    finish_reason: pb::FinishReason::Length as i32,
+                    seed: None,
+                }),
+                top_tokens: vec![],
+            });
+            if !done {
+                alive.push(s);
+            }
+        }
+        (generations, alive)
+    }
+
+    fn cached(id: u64, seqs: &[Seq]) -> Option<pb::CachedBatch> {
+        (!seqs.is_empty()).then(|| pb::CachedBatch {
+            id,
+            request_ids: seqs.iter().map(|s| s.id).collect(),
+            size: seqs.len() as u32,
+            max_tokens: 0,
+            current_tokens: 0,
+        })
+    }
+
+    fn check_load(
+        &self,
+        state: &State,
+        req: &pb::LoadAdapterRequest,
+    ) -> Result<u64, tonic::Status> {
+        let spec = req
+            .spec
+            .as_ref()
+            .and_then(|s| s.kind.as_ref())
+            .ok_or_else(|| tonic::Status::invalid_argument("no spec"))?;
+        let lookup = |id: &str| -> Result<FakeAdapter, tonic::Status> {
+            let a = self
+                .cfg
+                .adapters
+                .get(id)
+                .ok_or_else(|| tonic::Status::not_found(format!("adapter '{id}' not found")))?;
+            match &a.failure {
+                Some((code, msg)) => Err(tonic::Status::new(*code, msg.clone())),
+                None => Ok(a.clone()),
+            }
+        };
+        let bytes = match spec {
+            pb::adapter_spec::Kind::Single(r) => lookup(&r.id)?.bytes,
+            pb::adapter_spec::Kind::Merged(m) => {
+                let parts = m
+                    .components
+                    .iter()
+                    .map(|c| lookup(c.adapter.as_ref().map_or("", |a| a.id.as_str())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let strategy = medley_merge::Strategy::from_str(&m.strategy)
+                    .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+                let ranks: std::collections::BTreeSet<u32> = parts.iter().map(|p| p.rank).collect();
+                if strategy.requires_equal_rank() && ranks.len() > 1 {
+                    return Err(tonic::Status::invalid_argument(format!(
+                        "cannot merge adapters of different ranks {ranks:?} with `{}`; use `cat` (or an SVD strategy)",
+                        m.strategy
+                    )));
+                }
+                parts.iter().map(|p| p.bytes).sum()
+            }
+        };
+        let used: u64 = state
+            .slots
+            .iter()
+            .filter(|(s, _)| **s != req.slot)
+            .map(|(_, l)| l.bytes)
+            .sum();
+        if used + bytes > self.cfg.budget {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "adapter needs {bytes} bytes but only {} of {} are free",
+                self.cfg.budget.saturating_sub(used),
+                self.cfg.budget
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
+impl ShardApi for FakeShard {
+    async fn info(&self) -> Result<pb::InfoResponse, ClientError> {
+        Ok(pb::InfoResponse {
+            model_id: "fake".into(),
+            dtype: "float32".into(),
+            device_type: "cpu".into(),
+            rank: 0,
+            world_size: 1,
+            vocab_size: 100,
+            max_position_embeddings: 1024,
+            eos_token_ids: vec![2],
+            kv_cache_tokens: 1 << 16,
+            adapter_memory_bytes: self.cfg.budget,
+            max_adapter_slots: self.cfg.slots,
+        })
+    }
+
+    async fn health(&self) -> Result<(), ClientError> {
+        Ok(())
+    }
+
+    async fn warmup(&self, _req: pb::WarmupRequest) -> Result<u64, ClientError> {
+        Ok(1 << 16)
+    }
+
+    async fn prefill(&self, batch: pb::Batch) -> Result<pb::PrefillResponse, ClientError> {
+        tokio::time::sleep(self.cfg.step_delay).await;
+        let mut state = self.lock();
+        let seqs: Vec<Seq> = batch
+            .requests
+            .iter()
+            .map(|r| Seq {
+                id: r.id,
+                slot: r.adapter_slot,
+                generated: 0,
+                max_new: r
+                    .stopping_parameters
+                    .as_ref()
+                    .map_or(1, |s| s.max_new_tokens),
+                text: String::new(),
+            })
+            .collect();
+        state.prefills.push(seqs.iter().map(|s| s.slot).collect());
+        let (generations, alive) = Self::step(&mut state, seqs);
+        let cached = Self::cached(batch.id, &alive);
+        if !alive.is_empty() {
+            state.batches.insert(batch.id, alive);
+        }
+        Ok(pb::PrefillResponse {
+            generations,
+            batch: cached,
+            timings: None,
+        })
+    }
+
+    async fn decode(
+        &self,
+        batches: Vec<pb::CachedBatch>,
+    ) -> Result<pb::DecodeResponse, ClientError> {
+        tokio::time::sleep(self.cfg.step_delay).await;
+        let mut state = self.lock();
+        let id = batches.first().map_or(0, |b| b.id);
+        let mut seqs = Vec::new();
+        for b in &batches {
+            match state.batches.remove(&b.id) {
+                Some(s) => seqs.extend(s),
+                None => state
+                    .violations
+                    .push(format!("decode of unknown batch {}", b.id)),
+            }
+        }
+        let (generations, alive) = Self::step(&mut state, seqs);
+        let cached = Self::cached(id, &alive);
+        if !alive.is_empty() {
+            state.batches.insert(id, alive);
+        }
+        Ok(pb::DecodeResponse {
+            generations,
+            batch: cached,
+            timings: None,
+        })
+    }
+
+    async fn filter_batch(
+        &self,
+        batch_id: u64,
+        request_ids: Vec<u64>,
+    ) -> Result<Option<pb::CachedBatch>, ClientError> {
+        let mut state = self.lock();
+        let Some(seqs) = state.batches.get_mut(&batch_id) else {
+            return Err(ClientError::Rpc(tonic::Status::not_found("no such batch")));
+        };
+        seqs.retain(|s| request_ids.contains(&s.id));
+        let cached = Self::cached(batch_id, seqs);
+        if cached.is_none() {
+            state.batches.remove(&batch_id);
+        }
+        Ok(cached)
+    }
+
+    async fn clear_cache(&self, id: Option<u64>) -> Result<(), ClientError> {
+        let mut state = self.lock();
+        match id {
+            Some(id) => {
+                state.batches.remove(&id);
+            }
+            None => state.batches.clear(),
+        }
+        Ok(())
+    }
+
+    async fn load_adapter(
+        &self,
+        req: pb::LoadAdapterRequest,
+    ) -> Result<pb::LoadAdapterResponse, ClientError> {
+        let ids: Vec<String> = match req.spec.as_ref().and_then(|s| s.kind.as_ref()) {
+            Some(pb::adapter_spec::Kind::Single(r)) => vec![r.id.clone()],
+            Some(pb::adapter_spec::Kind::Merged(m)) => m
+                .components
+                .iter()
+                .filter_map(|c| c.adapter.as_ref().map(|a| a.id.clone()))
+                .collect(),
+            None => vec![],
+        };
+        self.lock().loads.push(req.clone());
+        let gates: Vec<Arc<Semaphore>> = {
+            let g = self.gates.lock().expect("gates");
+            ids.iter().filter_map(|id| g.get(id).cloned()).collect()
+        };
+        for gate in gates {
+            let _permit = gate.acquire().await;
+        }
+        let mut state = self.lock();
+        if req.slot == 0 || req.slot > self.cfg.slots {
+            state.violations.push(format!(
+                "load into slot {} out of 1..={}",
+                req.slot, self.cfg.slots
+            ));
+        }
+        let bytes = self.check_load(&state, &req).map_err(ClientError::Rpc)?;
+        let label = req.spec.as_ref().map(label).unwrap_or_default();
+        state.slots.insert(req.slot, Slot { label, bytes });
+        Ok(pb::LoadAdapterResponse {
+            bytes,
+            rank: 8,
+            content_hash: String::new(),
+            load_ns: 1_000_000,
+            merge_ns: if ids.len() > 1 { 2_000_000 } else { 0 },
+        })
+    }
+
+    async fn offload_adapter(&self, slot: u32) -> Result<(), ClientError> {
+        let mut state = self.lock();
+        state.offloads.push(slot);
+        let users: Vec<u64> = state
+            .batches
+            .values()
+            .flatten()
+            .filter(|s| s.slot == slot)
+            .map(|s| s.id)
+            .collect();
+        if !users.is_empty() {
+            state.violations.push(format!(
+                "slot {slot} offloaded while requests {users:?} use it"
+            ));
+        }
+        state.slots.remove(&slot);
+        Ok(())
+    }
+
+    async fn list_adapters(&self) -> Result<pb::ListAdaptersResponse, ClientError> {
+        Ok(pb::ListAdaptersResponse {
+            slots: self
+                .lock()
+                .slots
+                .iter()
+                .map(|(s, l)| pb::AdapterSlot {
+                    slot: *s,
+                    content_hash: String::new(),
+                    bytes: l.bytes,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// A request of `input` prompt tokens and `max_new` new tokens on `adapter`.
+pub(crate) fn request(adapter: AdapterSpec, input: usize, max_new: u32) -> ValidGenerateRequest {
+    ValidGenerateRequest {
+        inputs: "x".into(),
+        input_ids: vec![1; input],
+        parameters: ValidParameters {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            typical_p: 1.0,
+            do_sample: false,
+            seed: 0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+        },
+        stopping_parameters: ValidStoppingParameters {
+            max_new_tokens: max_new,
+            stop_sequences: vec![],
+            ignore_eos_token: false,
+        },
+        decoder_input_details: false,
+        top_n_tokens: 0,
+        adapter,
+    }
+}
+
+/// The receiving end of a request's events.
+pub(crate) type Events = UnboundedReceiver<Result<InferStreamResponse, InferError>>;
+
+/// A queued entry for `request` and the receiver of its events.
+pub(crate) fn entry(request: ValidGenerateRequest) -> (Entry, Events) {
+    let (tx, rx) = unbounded_channel();
+    (Entry::new(request, tx), rx)
+}
+
+/// One hub adapter.
+pub(crate) fn single(id: &str) -> AdapterSpec {
+    AdapterSpec::Single(AdapterRef {
+        id: id.into(),
+        source: AdapterSource::Hub,
+        revision: None,
+        api_token: None,
+    })
+}
+
+/// A merge of hub adapters with weight 1 each (density 0.5 when the strategy needs one).
+pub(crate) fn merge(ids: &[&str], strategy: Strategy) -> AdapterSpec {
+    let mut spec = MergeSpec::new(strategy, vec![1.0; ids.len()]);
+    if strategy.uses_density() {
+        spec = spec.with_density(0.5);
+    }
+    AdapterSpec::Merged(MergedAdapterSpec {
+        components: ids
+            .iter()
+            .map(|id| match single(id) {
+                AdapterSpec::Single(r) => r,
+                _ => unreachable!("single() builds a single adapter"),
+            })
+            .collect(),
+        merge: spec,
+    })
+}

@@ -1,0 +1,343 @@
+//! [`LoraDelta`] for the [`AdapterStore`]: adds `x Aᵀ (s Bᵀ)` to the rows of every projection
+//! whose slot holds an adapter with that module.
+//!
+//! The rows were grouped once for the step ([`RowSlots`]). The kernel path hands the runs of
+//! consecutive rows to `medley_kernels` as SGMV segments (prefill) or, when every run is one row
+//! long (decode), as a BGMV row table, through a candle custom op that reads the activations and
+//! the slot factors in place. The candle path gathers each slot's rows with `index_select`,
+//! multiplies, and scatters with `index_add`. In half precision on the CPU the product runs in
+//! f32 and is added to the f32-widened base output, which is rounded once.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, StorageRef, Tensor};
+use medley_kernels::cpu::CpuKernels;
+use medley_kernels::{Factors, NO_ADAPTER, RowMapping, Segment, Shape as KernelShape};
+
+use super::store::{AdapterStore, LoraBackend};
+use super::weights::DeviceModule;
+use crate::model::{LoraDelta, RowSlots, TargetModule};
+
+impl LoraDelta for AdapterStore {
+    fn apply(
+        &self,
+        layer: usize,
+        module: TargetModule,
+        x: &Tensor,
+        y: Tensor,
+        rows: &RowSlots,
+    ) -> candle_core::Result<Tensor> {
+        if !rows.has_adapters() {
+            return Ok(y);
+        }
+        // The slots of this step that have the module, ascending.
+        let mut used: Vec<(u32, &DeviceModule)> = Vec::with_capacity(rows.groups().len());
+        for (slot, _) in rows.groups() {
+            let adapter = self
+                .get(*slot)
+                .ok_or_else(|| candle_core::Error::Msg(format!("adapter slot {slot} is empty")))?;
+            if let Some(m) = adapter.module(layer, module) {
+                used.push((*slot, m));
+            }
+        }
+        let Some(first) = used.first() else {
+            return Ok(y);
+        };
+        let out_dtype = y.dtype();
+        let dtype = first.1.a.dtype();
+        let x = x.to_dtype(dtype)?.contiguous()?;
+        let y = y.to_dtype(dtype)?.contiguous()?;
+        let out = if self.backend() == LoraBackend::Kernels && y.device().is_cpu() {
+            apply_kernels(&x, &y, rows, &used)?
+        } else {
+            apply_candle(&x, y, rows, &used)?
+        };
+        out.to_dtype(out_dtype)
+    }
+}
+
+/// The slice of an f32 CPU tensor's storage.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => f32_slice(cpu, layout),
+        _ => candle_core::bail!("lora kernels need f32 tensors on the CPU"),
+    }
+}
+
+fn apply_kernels(
+    x: &Tensor,
+    y: &Tensor,
+    rows: &RowSlots,
+    used: &[(u32, &DeviceModule)],
+) -> candle_core::Result<Tensor> {
+    let guards: Vec<(StorageRef<'_>, &Layout)> = used
+        .iter()
+        .flat_map(|(_, m)| [m.a.storage_and_layout(), m.b_t.storage_and_layout()])
+        .collect();
+    let mut factors = Vec::with_capacity(used.len());
+    for (pair, (_, m)) in guards.chunks_exact(2).zip(used) {
+        factors.push(Factors {
+            rank: m.rank,
+            a: cpu_f32(&pair[0].0, pair[0].1)?,
+            b_t: cpu_f32(&pair[1].0, pair[1].1)?,
+        });
+    }
+    let adapter_of = |slot: u32| used.binary_search_by_key(&slot, |(s, _)| *s).ok();
+    let segments: Vec<Segment> = rows
+        .runs()
+        .iter()
+        .filter_map(|r| {
+            adapter_of(r.slot).map(|adapter| Segment {
+                start: r.start,
+                len: r.len,
+                adapter,
+            })
+        })
+        .collect();
+    let per_row = segments.iter().all(|s| s.len == 1).then(|| {
+        let mut table = vec![NO_ADAPTER; rows.len()];
+        for s in &segments {
+            if let Some(entry) = table.get_mut(s.start) {
+                *entry = s.adapter as u32;
+            }
+        }
+        table
+    });
+    let op = LoraOp {
+        mapping: match &per_row {
+            Some(table) => RowMapping::PerRow(table),
+            None => RowMapping::Segments(&segments),
+        },
+        factors,
+    };
+    y.apply_op2_no_bwd(x, &op)
+}
+
+/// The values of a contiguous f32 CPU storage.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => v
+            .get(a..b)
+            .ok_or_else(|| candle_core::Error::Msg("tensor view out of range".into())),
+        _ => candle_core::bail!("lora op needs contiguous f32 tensors"),
+    }
+}
+
+/// `y + LoRA(x)` as a candle op over the CPU storages of `y` (first operand) and `x`.
+struct LoraOp<'a> {
+    mapping: RowMapping<'a>,
+    factors: Vec<Factors<'a, [f32]>>,
+}
+
+impl CustomOp2 for LoraOp<'_> {
+    fn name(&self) -> &'static str {
+        "medley-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, out_features) = yl.shape().dims2()?;
+        let (x_rows, in_features) = xl.shape().dims2()?;
+        if x_rows != rows {
+            candle_core::bail!("lora op: x has {x_rows} rows, y has {rows}");
+        }
+        let mut out = f32_slice(ys, yl)?.to_vec();
+        let x = f32_slice(xs, xl)?;
+        CpuKernels
+            .apply(
+                KernelShape {
+                    rows,
+                    in_features,
+                    out_features,
+                },
+                x,
+                self.mapping,
+                &self.factors,
+                &mut out,
+            )
+            .map_err(|e| candle_core::Error::Msg(format!("lora kernel: {e}")))?;
+        Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+}
+
+fn apply_candle(
+    x: &Tensor,
+    mut y: Tensor,
+    rows: &RowSlots,
+    used: &[(u32, &DeviceModule)],
+) -> candle_core::Result<Tensor> {
+    for (slot, idx) in rows.groups() {
+        let Ok(i) = used.binary_search_by_key(slot, |(s, _)| *s) else {
+            continue;
+        };
+        let m = used[i].1;
+        let first = idx.first().copied().unwrap_or(0) as usize;
+        let contiguous = idx
+            .iter()
+            .enumerate()
+            .all(|(k, &r)| r as usize == first + k);
+        if contiguous {
+            let xg = x.narrow(0, first, idx.len())?;
+            let delta = xg.matmul(&m.a.t()?)?.matmul(&m.b_t)?;
+            let yg = (y.narrow(0, first, idx.len())? + delta)?;
+            y = y.slice_scatter0(&yg, first)?;
+        } else {
+            let ids = Tensor::from_slice(idx, idx.len(), x.device())?;
+            let delta = x.index_select(&ids, 0)?.matmul(&m.a.t()?)?.matmul(&m.b_t)?;
+            y = y.index_add(&ids, &delta, 0)?;
+        }
+    }
+    Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+    use medley_merge::fixture::{AdapterFixture, LlamaShape};
+
+    use super::*;
+    use crate::adapters::base::BaseModules;
+    use crate::adapters::base::tests::tiny_config;
+    use crate::adapters::weights::SlotWeights;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A store with adapters in slots 1 (q, v, down; rank 4) and 3 (all modules; rank 2).
+    fn store(backend: LoraBackend) -> AdapterStore {
+        let base = BaseModules::from_config(&tiny_config());
+        let shapes = LlamaShape::tiny().module_shapes();
+        let mut st = AdapterStore::new(4, 1 << 30, backend);
+        let mut one = AdapterFixture::new(4, 21);
+        one.targets = vec!["q_proj".into(), "v_proj".into(), "down_proj".into()];
+        for (slot, fx) in [(1, one), (3, AdapterFixture::new(2, 22))] {
+            let w = SlotWeights::from_adapter(&fx.adapter(&shapes).expect("fx"), &base)
+                .expect("weights");
+            st.install(
+                slot,
+                w.to_device(&base, &Device::Cpu, DType::F32).expect("dev"),
+            )
+            .expect("install");
+        }
+        st
+    }
+
+    /// `y + x Aᵀ (s Bᵀ)` per row, from the stored factors, in f64.
+    fn dense(
+        st: &AdapterStore,
+        module: TargetModule,
+        x: &[f32],
+        y: &[f32],
+        slots: &[u32],
+    ) -> Vec<f32> {
+        let (inf, outf) = (x.len() / slots.len(), y.len() / slots.len());
+        let mut out = y.to_vec();
+        for (row, &slot) in slots.iter().enumerate() {
+            let Some(m) = st.get(slot).and_then(|a| a.module(1, module)) else {
+                continue;
+            };
+            let a = m.a.to_vec2::<f32>().expect("a");
+            let b = m.b_t.to_vec2::<f32>().expect("b");
+            for o in 0..outf {
+                let mut acc = 0f64;
+                for j in 0..m.rank {
+                    let t: f64 = (0..inf)
+                        .map(|k| x[row * inf + k] as f64 * a[j][k] as f64)
+                        .sum();
+                    acc += t * b[j][o] as f64;
+                }
+                out[row * outf + o] = (y[row * outf + o] as f64 + acc) as f32;
+            }
+        }
+        out
+    }
+
+    fn run(
+        st: &AdapterStore,
+        module: TargetModule,
+        slots: &[u32],
+        dtype: DType,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (out, inp) = BaseModules::from_config(&tiny_config()).shape(module);
+        let n = slots.len();
+        let (xv, yv) = (values(n * inp, 5), values(n * out, 6));
+        let x = Tensor::from_slice(&xv, (n, inp), &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("x");
+        let y = Tensor::from_slice(&yv, (n, out), &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("y");
+        let got = st
+            .apply(1, module, &x, y, &RowSlots::new(slots.to_vec()))
+            .expect("apply");
+        assert_eq!(got.dtype(), dtype);
+        let got = got
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("vec");
+        // The reference sees the same (rounded) inputs.
+        let round = |v: &[f32]| -> Vec<f32> {
+            Tensor::from_slice(v, v.len(), &Device::Cpu)
+                .and_then(|t| t.to_dtype(dtype))
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.to_vec1())
+                .expect("round")
+        };
+        (got, dense(st, module, &round(&xv), &round(&yv), slots))
+    }
+
+    /// f32: sums of at most 176 products of values below 1 in magnitude, f32 vs f64 accumulation:
+    /// well below 1e-5. bf16: one rounding of the result to bf16 (relative 2⁻⁸).
+    #[test]
+    fn both_backends_match_the_dense_formula() {
+        let prefill = [0, 1, 1, 1, 3, 3, 0, 1];
+        let decode = [3, 1, 0, 3, 1, 2, 0];
+        for backend in [LoraBackend::Kernels, LoraBackend::Candle] {
+            let mut st = store(backend);
+            // Slot 2 is empty: using it is an error.
+            assert!(
+                st.apply(
+                    1,
+                    TargetModule::Q,
+                    &Tensor::zeros((7, 64), DType::F32, &Device::Cpu).expect("x"),
+                    Tensor::zeros((7, 64), DType::F32, &Device::Cpu).expect("y"),
+                    &RowSlots::new(decode.to_vec())
+                )
+                .is_err()
+            );
+            let decode = [3, 1, 0, 3, 1, 0, 1];
+            for module in TargetModule::ALL {
+                for slots in [&prefill[..], &decode[..]] {
+                    let (got, want) = run(&st, module, slots, DType::F32);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - w).abs() <= 1e-5, "{backend:?} {module:?}: {g} vs {w}");
+                    }
+                    let (got, want) = run(&st, module, slots, DType::BF16);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 2f32.powi(-8) * w.abs() + 1e-6,
+                            "{backend:?} bf16 {module:?}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+            // Rows of the base model are returned unchanged, bit for bit.
+            let (got, want) = run(&st, TargetModule::K, &[0, 0], DType::F32);
+            assert_eq!(got, want);
+            st.set_backend(LoraBackend::Candle);
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! LoRA adapters on the shard: resolving and loading PEFT adapters, computing per-request merges,
+//! holding the results in slots under a byte budget, and applying many adapters in one batched
+//! forward pass.
+//!
+//! * [`source`] — `LOCAL` ids under the `--adapter-root`s (no `..`, no symlink escapes) and `HUB`
+//!   ids from the Hugging Face cache or downloaded into it.
+//! * [`loader`] — [`AdapterLoader`]: resolve, read (through a byte-bounded LRU of parsed adapters),
+//!   shape-check against the base model ([`base`]), merge with `medley_merge` on a dedicated pool,
+//!   copy to the device — all off the engine thread.
+//! * [`weights`] — a slot's factors: `A [r, in]` and `scale · Bᵀ [r, out]` per `(layer, module)`,
+//!   with a content hash.
+//! * [`store`] — [`AdapterStore`]: the slot table and budget, owned by the engine; it implements
+//!   [`crate::model::LoraDelta`] with `medley_kernels` SGMV/BGMV or candle ops.
+//! * [`config`] — [`AdapterSettings`] from the command line.
+
+mod cache;
+mod delta;
+mod error;
+
+pub mod base;
+pub mod config;
+pub mod loader;
+pub mod source;
+pub mod store;
+pub mod weights;
+
+pub use base::BaseModules;
+pub use config::{AdapterSettings, parse_byte_size};
+pub use error::AdapterError;
+pub use loader::{AdapterLoader, LoadPlan, PreparedAdapter};
+pub use source::{ADAPTER_LAYOUT, AdapterSources, ResolvedSource};
+pub use store::{AdapterStore, InstallReport, LoraBackend};
+pub use weights::{SlotAdapter, SlotWeights, lora_dtype};

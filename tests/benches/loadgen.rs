@@ -1,0 +1,527 @@
+//! Load generator: starts the real `medley serve` on a random model, drives N concurrent SSE
+//! streams over M adapters/merges, and prints throughput, time-to-first-token and inter-token
+//! latency percentiles.
+//!
+//! ```text
+//! cargo bench -p medley-e2e --bench loadgen -- --preset tinyllama --layers 4 --cache-dir /tmp/medley-load
+//! cargo bench -p medley-e2e --bench loadgen -- --soak --requests 1000 --concurrency 64 --adapters 16
+//! ```
+//!
+//! Scenarios (default: `single`, `base`, `merges`):
+//! * `single` — one request at a time on the base model (the reference throughput);
+//! * `base` — `--concurrency` streams, all on the base model;
+//! * `merges` — `--concurrency` streams spread over `--merges` distinct merges (each merge is
+//!   warmed once first so its merge time is reported apart from decoding);
+//! * `--soak` — `--requests` requests at `--concurrency` over `--adapters` adapters and merges,
+//!   counting errors by status and sampling the server's RSS every 200 requests.
+//!
+//! Use a release build for meaningful numbers (`cargo bench` builds with the bench profile).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use futures::StreamExt;
+use medley_e2e::{Server, ServerOptions};
+use serde_json::{Value, json};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Preset {
+    /// The 2-layer test fixture shape.
+    Tiny,
+    /// TinyLlama-1.1B's shape (random weights).
+    Tinyllama,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Concurrent streams over adapters and merges against a real medley server")]
+struct Args {
+    /// Shape of the random model.
+    #[arg(long, value_enum, default_value = "tinyllama")]
+    preset: Preset,
+    /// Keep only this many decoder layers.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Where generated models and adapters are kept between runs.
+    #[arg(long, default_value = "/tmp/medley-loadgen")]
+    cache_dir: PathBuf,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Requests per stream in the timed scenarios.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Distinct merges in the `merges` scenario.
+    #[arg(long, default_value_t = 8)]
+    merges: usize,
+    /// New tokens per request.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: u32,
+    /// Approximate prompt length in words.
+    #[arg(long, default_value_t = 24)]
+    prompt_words: usize,
+    /// LoRA rank of the generated adapters.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Scenarios to run.
+    #[arg(long, value_delimiter = ',', default_value = "single,base,merges")]
+    scenarios: Vec<String>,
+    /// Run the soak test instead.
+    #[arg(long)]
+    soak: bool,
+    /// Soak: total requests.
+    #[arg(long, default_value_t = 1000)]
+    requests: usize,
+    /// Soak: distinct adapters and merges.
+    #[arg(long, default_value_t = 16)]
+    adapters: usize,
+    /// Extra flags for `medley serve`.
+    #[arg(long, allow_hyphen_values = true)]
+    serve_args: Vec<String>,
+}
+
+/// What one stream observed.
+#[derive(Debug, Default, Clone)]
+struct StreamStats {
+    ttft: Option<Duration>,
+    itl: Vec<Duration>,
+    tokens: usize,
+    status: u16,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Generates (or reuses) the model and the adapters.
+fn prepare(args: &Args) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    use medley_merge::fixture::{AdapterFixture, LlamaShape};
+    use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
+    let (shape, mut lshape, tag) = match args.preset {
+        Preset::Tiny => (ModelShape::tiny(), LlamaShape::tiny(), "tiny"),
+        Preset::Tinyllama => (
+            ModelShape::tinyllama(),
+            LlamaShape::tinyllama(),
+            "tinyllama",
+        ),
+    };
+    let model_dir = args.cache_dir.join(format!("{tag}-{}l", args.layers));
+    if !model_dir.join("config.json").exists() {
+        let mut fx = ModelFixture::tiny(FixtureDType::F32);
+        fx.shape = shape;
+        fx.shape.num_hidden_layers = args.layers;
+        eprintln!("writing the model to {}", model_dir.display());
+        write_model(&model_dir, &fx)?;
+    }
+    lshape.layers = args.layers;
+    let shapes = lshape.module_shapes();
+    let n = args.adapters.max(4);
+    let mut adapters = vec![];
+    for i in 0..n {
+        let dir = args
+            .cache_dir
+            .join(format!("adapters-{tag}-{}l-r{}", args.layers, args.rank))
+            .join(format!("a{i}"));
+        if !dir.join("adapter_model.safetensors").exists() {
+            AdapterFixture::new(args.rank, 1000 + i as u64).write(&dir, &shapes)?;
+        }
+        adapters.push(dir);
+    }
+    Ok((model_dir, adapters))
+}
+
+/// The `parameters` of request `k` for the `merges` scenario: merge `k % merges`.
+fn merge_params(k: usize, adapters: &[PathBuf]) -> Value {
+    let strategies = ["linear", "ties", "dare_ties", "cat"];
+    let n = adapters.len();
+    let ids: Vec<String> = (0..3)
+        .map(|j| adapters[(k + j) % n].display().to_string())
+        .collect();
+    let strategy = strategies[k % strategies.len()];
+    json!({
+        "adapter_source": "local",
+        "merged_adapters": {
+            "ids": ids,
+            "weights": [1.0, 0.5 + 0.1 * (k % 4) as f64, -0.3],
+            "merge_strategy": strategy,
+            "density": 0.5,
+        }
+    })
+}
+
+fn prompt(k: usize, words: usize) -> String {
+    const W: [&str; 12] = [
+        "the", "model", "merges", "adapters", "for", "every", "request", "quickly", "and", "then",
+        "streams", "tokens",
+    ];
+    (0..words + (k % 7))
+        .map(|i| W[(i * 7 + k) % W.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn stream_one(http: &str, body: Value) -> StreamStats {
+    let start = Instant::now();
+    let client = reqwest::Client::new();
+    let mut stats = StreamStats::default();
+    let resp = match client
+        .post(format!("{http}/generate_stream"))
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => {
+            stats.status = 599;
+            return stats;
+        }
+    };
+    stats.status = resp.status().as_u16();
+    if !resp.status().is_success() {
+        return stats;
+    }
+    let mut last = start;
+    let mut buf = String::new();
+    let mut bytes = resp.bytes_stream();
+    while let Some(chunk) = bytes.next().await {
+        let Ok(chunk) = chunk else {
+            stats.status = 598;
+            break;
+        };
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(pos) = buf.find("\n\n") {
+            let event: String = buf.drain(..pos + 2).collect();
+            if !event.contains("data:") {
+                continue;
+            }
+            if event.contains("\"error\"") {
+                stats.status = 597;
+                continue;
+            }
+            let now = Instant::now();
+            if stats.ttft.is_none() {
+                stats.ttft = Some(now - start);
+            } else {
+                stats.itl.push(now - last);
+            }
+            last = now;
+            stats.tokens += 1;
+        }
+    }
+    stats
+}
+
+/// Runs `total` requests with `concurrency` workers; `params(k)` gives request k's adapter fields.
+async fn run_load(
+    http: &str,
+    args: &Args,
+    total: usize,
+    concurrency: usize,
+    params: Arc<dyn Fn(usize) -> Value + Send + Sync>,
+    on_done: Option<Arc<dyn Fn(usize) + Send + Sync>>,
+) -> (Vec<StreamStats>, Duration) {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = vec![];
+    for _ in 0..concurrency {
+        let next = next.clone();
+        let params = params.clone();
+        let on_done = on_done.clone();
+        let http = http.to_string();
+        let (words, max_new) = (args.prompt_words, args.max_new_tokens);
+        tasks.push(tokio::spawn(async move {
+            let mut out = vec![];
+            loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if k >= total {
+                    break;
+                }
+                let mut p = params(k);
+                if let Some(obj) = p.as_object_mut() {
+                    obj.insert("max_new_tokens".into(), json!(max_new));
+                    obj.insert("ignore_eos_token".into(), json!(true));
+                }
+                out.push(
+                    stream_one(&http, json!({"inputs": prompt(k, words), "parameters": p})).await,
+                );
+                if let Some(f) = &on_done {
+                    f(k);
+                }
+            }
+            out
+        }));
+    }
+    let mut all = vec![];
+    for t in tasks {
+        if let Ok(v) = t.await {
+            all.extend(v);
+        }
+    }
+    (all, start.elapsed())
+}
+
+fn report(name: &str, stats: &[StreamStats], wall: Duration) -> f64 {
+    let ok: Vec<&StreamStats> = stats.iter().filter(|s| s.status == 200).collect();
+    let tokens: usize = ok.iter().map(|s| s.tokens).sum();
+    let mut ttft: Vec<f64> = ok
+        .iter()
+        .filter_map(|s| s.ttft)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    let mut itl: Vec<f64> = ok
+        .iter()
+        .flat_map(|s| s.itl.iter().map(|d| d.as_secs_f64() * 1e3))
+        .collect();
+    ttft.sort_by(f64::total_cmp);
+    itl.sort_by(f64::total_cmp);
+    let tps = tokens as f64 / wall.as_secs_f64();
+    println!(
+        "| {name:<28} | {:>4}/{:<4} | {:>9.1} | {:>7.0} | {:>7.0} | {:>7.0} | {:>6.1} | {:>6.1} | {:>6.1} |",
+        ok.len(),
+        stats.len(),
+        tps,
+        percentile(&ttft, 0.5),
+        percentile(&ttft, 0.9),
+        percentile(&ttft, 0.99),
+        percentile(&itl, 0.5),
+        percentile(&itl, 0.9),
+        percentile(&itl, 0.99),
+    );
+    tps
+}
+
+fn header() {
+    println!(
+        "| scenario                     | ok/total  | tokens/s  | TTFT50  | TTFT90  | TTFT99  | ITL50  | ITL90  | ITL99  |"
+    );
+    println!(
+        "|------------------------------|-----------|-----------|---------|---------|---------|--------|--------|--------|"
+    );
+}
+
+/// Resident memory (KiB) of `pid` and all its descendants.
+fn tree_rss_kib(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+            total += status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
+                    stack.extend(
+                        children
+                            .split_whitespace()
+                            .filter_map(|c| c.parse::<u32>().ok()),
+                    );
+                }
+            }
+        }
+    }
+    total
+}
+
+async fn start_server(args: &Args, model: &Path, adapters: &[PathBuf]) -> anyhow::Result<Server> {
+    let root = adapters
+        .first()
+        .and_then(|a| a.parent())
+        .context("no adapters")?
+        .to_path_buf();
+    let mut serve = vec![
+        "--adapter-root".to_string(),
+        root.display().to_string(),
+        "--max-input-length".into(),
+        "256".into(),
+        "--max-total-tokens".into(),
+        "512".into(),
+        "--max-batch-prefill-tokens".into(),
+        "1024".into(),
+        "--max-concurrent-requests".into(),
+        "256".into(),
+    ];
+    serve.extend(args.serve_args.iter().cloned());
+    Server::start(ServerOptions {
+        model: Some(model.to_path_buf()),
+        args: serve,
+        env: vec![],
+    })
+    .await
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (model, adapters) = prepare(&args)?;
+    eprintln!("starting medley serve on {}", model.display());
+    let server = start_server(&args, &model, &adapters).await?;
+    let http = server.http.clone();
+    if args.soak {
+        return soak(&args, &server, &adapters).await;
+    }
+    println!(
+        "model: {:?} with {} layers, rank-{} adapters, {} new tokens per request, concurrency {}",
+        args.preset, args.layers, args.rank, args.max_new_tokens, args.concurrency
+    );
+    header();
+    let mut results = BTreeMap::new();
+    for scenario in &args.scenarios {
+        match scenario.as_str() {
+            "single" => {
+                let (s, wall) = run_load(&http, &args, 4, 1, Arc::new(|_| json!({})), None).await;
+                results.insert("single", report("single (base, 1 stream)", &s, wall));
+            }
+            "base" => {
+                let total = args.concurrency * args.rounds;
+                let (s, wall) = run_load(
+                    &http,
+                    &args,
+                    total,
+                    args.concurrency,
+                    Arc::new(|_| json!({})),
+                    None,
+                )
+                .await;
+                results.insert(
+                    "base",
+                    report(&format!("base x{}", args.concurrency), &s, wall),
+                );
+            }
+            "merges" => {
+                let merges = args.merges;
+                let ad = Arc::new(adapters.clone());
+                // Warm every merge once (its merge time is not decode throughput).
+                let warm = Instant::now();
+                let ad2 = ad.clone();
+                let (w, _) = run_load(
+                    &http,
+                    &args,
+                    merges,
+                    merges,
+                    Arc::new(move |k| merge_params(k, &ad2)),
+                    None,
+                )
+                .await;
+                let failed = w.iter().filter(|s| s.status != 200).count();
+                eprintln!(
+                    "warmed {merges} merges in {:.2} s ({failed} failed)",
+                    warm.elapsed().as_secs_f64()
+                );
+                let total = args.concurrency * args.rounds;
+                let ad3 = ad.clone();
+                let (s, wall) = run_load(
+                    &http,
+                    &args,
+                    total,
+                    args.concurrency,
+                    Arc::new(move |k| merge_params(k % merges, &ad3)),
+                    None,
+                )
+                .await;
+                results.insert(
+                    "merges",
+                    report(&format!("{merges} merges x{}", args.concurrency), &s, wall),
+                );
+            }
+            other => anyhow::bail!("unknown scenario `{other}`"),
+        }
+    }
+    if let (Some(single), Some(merges)) = (results.get("single"), results.get("merges")) {
+        println!("\nmerges / single throughput: {:.2}x", merges / single);
+    }
+    if let (Some(base), Some(merges)) = (results.get("base"), results.get("merges")) {
+        println!(
+            "base / merges throughput: {:.2}x (heterogeneous-adapter overhead {:.1}%)",
+            base / merges,
+            (base / merges - 1.0) * 100.0
+        );
+    }
+    drop(server);
+    Ok(())
+}
+
+async fn soak(args: &Args, server: &Server, adapters: &[PathBuf]) -> anyhow::Result<()> {
+    let pid = server.pid().context("server pid")?;
+    let ad = Arc::new(adapters.to_vec());
+    let kinds = args.adapters.max(1);
+    let params = Arc::new(move |k: usize| {
+        let slot = k % kinds;
+        if slot.is_multiple_of(2) {
+            json!({"adapter_source": "local", "adapter_id": ad[slot % ad.len()].display().to_string()})
+        } else {
+            merge_params(slot, &ad)
+        }
+    });
+    let rss = Arc::new(std::sync::Mutex::new(Vec::<(usize, u64)>::new()));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (rss2, done2) = (rss.clone(), done.clone());
+    let on_done = Arc::new(move |_k: usize| {
+        let n = done2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if n % 200 == 0
+            && let Ok(mut v) = rss2.lock()
+        {
+            v.push((n, tree_rss_kib(pid)));
+        }
+    });
+    let (stats, wall) = run_load(
+        &server.http,
+        args,
+        args.requests,
+        args.concurrency,
+        params,
+        Some(on_done),
+    )
+    .await;
+    let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
+    for s in &stats {
+        *by_status.entry(s.status).or_default() += 1;
+    }
+    println!(
+        "soak: {} requests, concurrency {}, {} adapters/merges, {:.1} s",
+        args.requests,
+        args.concurrency,
+        kinds,
+        wall.as_secs_f64()
+    );
+    println!(
+        "completed {} of {} (lost: {})",
+        stats.len(),
+        args.requests,
+        args.requests - stats.len()
+    );
+    println!("by status: {by_status:?}");
+    let short = stats
+        .iter()
+        .filter(|s| s.status == 200 && s.tokens != args.max_new_tokens as usize)
+        .count();
+    println!("successful streams with a wrong token count: {short}");
+    header();
+    report("soak", &stats, wall);
+    println!("\nRSS of the server process tree after every 200 requests:");
+    if let Ok(v) = rss.lock() {
+        for (n, kib) in v.iter() {
+            println!("  after {n:>5}: {:>8.1} MiB", *kib as f64 / 1024.0);
+        }
+        if v.len() >= 2 {
+            let second = v[0].1 as f64;
+            let last = v[v.len() - 1].1 as f64;
+            println!(
+                "growth from the first sample to the last: {:+.1}%",
+                (last / second - 1.0) * 100.0
+            );
+        }
+    }
+    Ok(())
+}
