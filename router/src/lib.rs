@@ -7,6 +7,7 @@
 //! * [`infer`] — the facade both fronts call: admission, validation, scheduling, streams.
 //! * [`backend`] — continuous batching and the gRPC client of the shards.
 //! * [`launcher`] — `medley serve`: resolves the model, spawns shards, runs the router.
+//! * [`offline_merge`] — `medley merge`: merges PEFT adapters into a new adapter directory.
 
 pub mod backend;
 pub mod config;
@@ -16,5 +17,6 @@ pub mod http;
 pub mod infer;
 pub mod launcher;
 pub mod metrics;
+pub mod offline_merge;
 pub mod server;
 pub mod validation;

@@ -20,6 +20,35 @@ fn main() -> ExitCode {
             }
             run(medley_router::launcher::serve(*args))
         }
+        Command::Merge(args) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("medley merge: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let out = args.out.clone();
+            match runtime.block_on(medley_router::offline_merge::run(*args)) {
+                Ok(r) => {
+                    println!(
+                        "wrote {} (rank {}, {} modules, {:.1} MB): read {:.0} ms, merge {:.0} ms, write {:.0} ms",
+                        out.display(),
+                        r.rank,
+                        r.modules,
+                        r.bytes as f64 / 1e6,
+                        r.read.as_secs_f64() * 1e3,
+                        r.merge.as_secs_f64() * 1e3,
+                        r.write.as_secs_f64() * 1e3,
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("medley merge: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
         Command::Shard(args) => {
             medley_shard::cli::init_logging(args.json_output);
             match medley_shard::cli::run(*args) {

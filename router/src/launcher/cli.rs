@@ -21,6 +21,9 @@ pub enum Command {
     /// 3 model resolution failed, 4 a shard failed to start, 5 a shard died while serving,
     /// 6 launcher I/O failure (signals, sockets).
     Serve(Box<ServeArgs>),
+    /// Merge PEFT LoRA adapters into a new PEFT adapter directory (same strategies and numerics
+    /// as per-request merges in the server).
+    Merge(Box<crate::offline_merge::MergeArgs>),
     /// Serve one shard (what `medley serve` starts for each rank; the same as `medley-shard`).
     #[command(hide = true)]
     Shard(Box<medley_shard::cli::ShardArgs>),

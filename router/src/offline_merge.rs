@@ -1,0 +1,364 @@
+//! `medley merge`: merge PEFT LoRA adapters offline into a new PEFT adapter directory, with the
+//! same strategies, parameters and numerics as per-request merges in the server.
+//!
+//! ```text
+//! medley merge --adapters DIR_OR_ID,DIR_OR_ID,... --weights 2.0,0.3,0.7 \
+//!     --strategy ties --density 0.2 [--majority-sign-method total] [--seed N] --out DIR
+//! ```
+//!
+//! Each adapter is a local directory (used as is) or a Hugging Face hub id (the cache first, then
+//! a download, like the server). The output loads in PEFT (`PeftModel.from_pretrained`) and in
+//! Medley (`adapter_id` with `adapter_source: local` under an `--adapter-root`), where it gives the
+//! same outputs as the on-the-fly merge of the same request.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use medley_merge::peft::{
+    PeftAdapter, TensorDtype, WriteOptions, merged_target_modules, read_adapter_dir,
+    write_merged_dir,
+};
+use medley_merge::{MergeSpec, Semantics, SignMethod, Strategy};
+use medley_shard::adapters::source::AdapterSources;
+use medley_shard::hub::HubSettings;
+
+use crate::infer::{AdapterRef, AdapterSource, derived_merge_seed};
+
+/// Flags of `medley merge`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MergeArgs {
+    /// Adapters to merge, in order: local directories or hub ids, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub adapters: Vec<String>,
+    /// One weight per adapter, comma-separated (default: 1 each).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub weights: Vec<f32>,
+    /// linear | ties | dare_linear | dare_ties | magnitude_prune | cat | svd | ties_svd |
+    /// dare_linear_svd | dare_ties_svd | magnitude_prune_svd (case-insensitive).
+    #[arg(long, default_value = "linear")]
+    pub strategy: String,
+    /// Fraction of entries kept by ties / dare / magnitude_prune, in [0, 1].
+    #[arg(long)]
+    pub density: Option<f32>,
+    /// Sign election of ties: total | frequency.
+    #[arg(long, default_value = "total")]
+    pub majority_sign_method: String,
+    /// Seed of the DARE masks (default: derived from the merge, like the server's default for
+    /// the same adapter ids; pass it explicitly to reproduce a server merge whose ids differ).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Rank of SVD-family results (default: the largest component rank).
+    #[arg(long)]
+    pub svd_rank: Option<usize>,
+    /// Clamp SVD factors to this quantile of their entries (PEFT's `svd_clamp`).
+    #[arg(long)]
+    pub svd_clamp: Option<f32>,
+    /// peft (PEFT >= 0.19 `add_weighted_adapter`) | lorax (LoRAX's per-side math).
+    #[arg(long, default_value = "peft")]
+    pub semantics: String,
+    /// Hub revision of hub adapters.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Tensor dtype of the output: f32 | bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// `base_model_name_or_path` of the output (default: the first adapter's).
+    #[arg(long)]
+    pub base_model: Option<String>,
+    /// Output directory (created; must not exist unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace the files of an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Errors of `medley merge` (exit code 2 for bad arguments, 1 otherwise).
+#[derive(Debug, thiserror::Error)]
+pub enum MergeCmdError {
+    /// A flag is invalid.
+    #[error("{0}")]
+    Usage(String),
+    /// An adapter could not be found or read.
+    #[error("{0}")]
+    Adapter(String),
+    /// The merge itself failed (e.g. mixed ranks with an equal-rank strategy).
+    #[error("merge failed: {0}")]
+    Merge(#[from] medley_merge::MergeError),
+    /// Writing the output failed.
+    #[error("writing {path}: {message}")]
+    Write {
+        /// Output directory.
+        path: PathBuf,
+        /// Cause.
+        message: String,
+    },
+}
+
+impl MergeCmdError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// What a merge did, for the summary line.
+#[derive(Debug, Clone)]
+pub struct MergeReport {
+    /// Rank of the output.
+    pub rank: usize,
+    /// Modules written.
+    pub modules: usize,
+    /// Bytes of the merged factors.
+    pub bytes: usize,
+    /// Time spent resolving and reading the adapters.
+    pub read: Duration,
+    /// Time spent merging.
+    pub merge: Duration,
+    /// Time spent writing the output.
+    pub write: Duration,
+}
+
+fn parse_spec(args: &MergeArgs, refs: &[AdapterRef]) -> Result<MergeSpec, MergeCmdError> {
+    let strategy: Strategy = args
+        .strategy
+        .parse()
+        .map_err(|e| MergeCmdError::Usage(format!("--strategy: {e}")))?;
+    let sign: SignMethod = args
+        .majority_sign_method
+        .parse()
+        .map_err(|e| MergeCmdError::Usage(format!("--majority-sign-method: {e}")))?;
+    let semantics: Semantics = args
+        .semantics
+        .parse()
+        .map_err(|e| MergeCmdError::Usage(format!("--semantics: {e}")))?;
+    let weights = if args.weights.is_empty() {
+        vec![1.0; args.adapters.len()]
+    } else {
+        args.weights.clone()
+    };
+    if weights.len() != args.adapters.len() {
+        return Err(MergeCmdError::Usage(format!(
+            "{} adapters but {} weights",
+            args.adapters.len(),
+            weights.len()
+        )));
+    }
+    let mut spec = MergeSpec::new(strategy, weights)
+        .with_sign_method(sign)
+        .with_semantics(semantics);
+    if let Some(d) = args.density {
+        spec = spec.with_density(d);
+    }
+    if let Some(r) = args.svd_rank {
+        spec = spec.with_svd_rank(r);
+    }
+    if let Some(q) = args.svd_clamp {
+        spec = spec.with_svd_clamp(q);
+    }
+    let seed = args.seed.unwrap_or_else(|| derived_merge_seed(refs, &spec));
+    Ok(spec.with_seed(seed))
+}
+
+/// Where one adapter argument points, and its identity for the default DARE seed.
+async fn resolve(
+    arg: &str,
+    revision: Option<&str>,
+    sources: &AdapterSources,
+) -> Result<(PathBuf, AdapterRef), MergeCmdError> {
+    let path = Path::new(arg);
+    if path.is_dir() {
+        let dir = path
+            .canonicalize()
+            .map_err(|e| MergeCmdError::Adapter(format!("{arg}: {e}")))?;
+        let r = AdapterRef {
+            id: arg.to_string(),
+            source: AdapterSource::Local,
+            revision: None,
+            api_token: None,
+        };
+        return Ok((dir, r));
+    }
+    let resolved = sources
+        .resolve_hub(arg, revision, None)
+        .await
+        .map_err(|e| MergeCmdError::Adapter(format!("{arg} is not a directory, and as a hub id: {e}")))?;
+    let r = AdapterRef {
+        id: arg.to_string(),
+        source: AdapterSource::Hub,
+        revision: revision.map(str::to_string),
+        api_token: None,
+    };
+    Ok((resolved.dir, r))
+}
+
+/// Runs `medley merge`.
+pub async fn run(args: MergeArgs) -> Result<MergeReport, MergeCmdError> {
+    let t0 = Instant::now();
+    if args.adapters.is_empty() {
+        return Err(MergeCmdError::Usage("--adapters is empty".into()));
+    }
+    let dtype = match args.dtype.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => TensorDtype::F32,
+        "bf16" | "bfloat16" => TensorDtype::Bf16,
+        other => return Err(MergeCmdError::Usage(format!("--dtype {other}: use f32 or bf16"))),
+    };
+    if args.out.exists() && !args.force {
+        return Err(MergeCmdError::Usage(format!(
+            "{} already exists (pass --force to replace its files)",
+            args.out.display()
+        )));
+    }
+    let sources = AdapterSources::new(&[], HubSettings::from_env(None))
+        .map_err(|e| MergeCmdError::Adapter(e.to_string()))?;
+    let mut dirs = Vec::with_capacity(args.adapters.len());
+    let mut refs = Vec::with_capacity(args.adapters.len());
+    for a in &args.adapters {
+        let (dir, r) = resolve(a, args.revision.as_deref(), &sources).await?;
+        dirs.push(dir);
+        refs.push(r);
+    }
+    let spec = parse_spec(&args, &refs)?;
+    // Read every adapter in parallel (file reads and f32 decoding dominate).
+    let adapters: Vec<PeftAdapter> = std::thread::scope(|scope| {
+        let handles: Vec<_> = dirs
+            .iter()
+            .map(|d| scope.spawn(move || read_adapter_dir(d)))
+            .collect();
+        handles
+            .into_iter()
+            .zip(&args.adapters)
+            .map(|(h, name)| match h.join() {
+                Ok(Ok(a)) => Ok(a),
+                Ok(Err(e)) => Err(MergeCmdError::Adapter(format!("{name}: {e}"))),
+                Err(_) => Err(MergeCmdError::Adapter(format!("{name}: reader panicked"))),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    let read = t0.elapsed();
+    let t1 = Instant::now();
+    let components: Vec<&medley_merge::LoraAdapter> = adapters.iter().map(|a| &a.adapter).collect();
+    let merged = medley_merge::merge(&spec, &components)?;
+    let merge = t1.elapsed();
+    let t2 = Instant::now();
+    let configs: Vec<&medley_merge::peft::AdapterConfig> = adapters.iter().map(|a| &a.config).collect();
+    let target_modules =
+        merged_target_modules(&configs, merged.modules.keys().map(String::as_str));
+    let base_model_name_or_path = args
+        .base_model
+        .clone()
+        .or_else(|| adapters.first().and_then(|a| a.config.base_model_name_or_path.clone()));
+    write_merged_dir(
+        &args.out,
+        &merged,
+        &WriteOptions {
+            target_modules,
+            base_model_name_or_path,
+            dtype,
+        },
+    )
+    .map_err(|e| MergeCmdError::Write {
+        path: args.out.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(MergeReport {
+        rank: merged.rank(),
+        modules: merged.modules.len(),
+        bytes: merged.byte_size(),
+        read,
+        merge,
+        write: t2.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapters_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/adapters")
+    }
+
+    fn args(adapters: &[&str], strategy: &str, out: &Path) -> MergeArgs {
+        MergeArgs {
+            adapters: adapters
+                .iter()
+                .map(|a| adapters_dir().join(a).display().to_string())
+                .collect(),
+            weights: vec![],
+            strategy: strategy.into(),
+            density: None,
+            majority_sign_method: "total".into(),
+            seed: None,
+            svd_rank: None,
+            svd_clamp: None,
+            semantics: "peft".into(),
+            revision: None,
+            dtype: "f32".into(),
+            base_model: None,
+            out: out.to_path_buf(),
+            force: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_a_peft_dir_equal_to_the_in_memory_merge() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let mut a = args(&["strong_a_r8", "strong_b_r8_attn"], "TIES", &out);
+        a.weights = vec![1.0, -0.5];
+        a.density = Some(0.5);
+        let report = run(a.clone()).await.unwrap();
+        assert_eq!(report.rank, 8);
+        let written = read_adapter_dir(&out).unwrap();
+        // Same merge in memory: the written factors (scale 1) reproduce B·A exactly.
+        let inputs: Vec<PeftAdapter> = ["strong_a_r8", "strong_b_r8_attn"]
+            .iter()
+            .map(|n| read_adapter_dir(&adapters_dir().join(n)).unwrap())
+            .collect();
+        let refs: Vec<&medley_merge::LoraAdapter> = inputs.iter().map(|p| &p.adapter).collect();
+        let spec = MergeSpec::new(Strategy::Ties, vec![1.0, -0.5]).with_density(0.5);
+        let merged = medley_merge::merge(&spec, &refs).unwrap();
+        assert_eq!(written.adapter.modules().len(), merged.modules.len());
+        for (path, m) in &merged.modules {
+            let w = &written.adapter.modules()[path];
+            assert_eq!(w.scale(), 1.0, "{path}");
+            assert_eq!(w.a().data(), m.a.data(), "{path} A");
+            assert_eq!(w.b().data(), m.b.data(), "{path} B");
+        }
+        // The output exists now: a second run needs --force.
+        let err = run(a.clone()).await.unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{err}");
+        a.force = true;
+        run(a).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_arguments_are_clear_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("m");
+        let mut a = args(&["strong_a_r8", "strong_b_r8_attn"], "nope", &out);
+        let e = run(a.clone()).await.unwrap_err();
+        assert!(e.to_string().contains("--strategy"), "{e}");
+        a.strategy = "ties".into();
+        let e = run(a.clone()).await.unwrap_err();
+        assert!(e.to_string().to_lowercase().contains("density"), "{e}");
+        a.density = Some(0.5);
+        a.weights = vec![1.0];
+        let e = run(a.clone()).await.unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
+        // Mixed ranks with an equal-rank strategy: the message suggests `cat`.
+        let mixed = args(&["strong_a_r8", "a_r4"], "linear", &out);
+        let e = run(mixed).await.unwrap_err();
+        assert!(e.to_string().contains("cat"), "{e}");
+        // Neither a directory nor a valid hub id.
+        let mut missing = args(&["strong_a_r8"], "linear", &out);
+        missing.adapters = vec!["/definitely/not/here".into()];
+        let e = run(missing).await.unwrap_err();
+        assert!(e.to_string().contains("/definitely/not/here"), "{e}");
+        assert!(!out.exists());
+    }
+}
