@@ -1,6 +1,29 @@
 //! A small dense row-major `f32` matrix: the tensor type of the merge engine.
+//!
+//! Values are either owned or borrowed from a shared byte buffer (a memory-mapped `f32`
+//! safetensors file), so reading an f32 adapter copies nothing; writing through
+//! [`Matrix::data_mut`] turns a borrowed matrix into an owned one first.
+
+use std::sync::Arc;
 
 use thiserror::Error;
+
+/// Immutable bytes that matrices may borrow `f32` values from (e.g. a memory-mapped file).
+pub trait SharedBytes: AsRef<[u8]> + Send + Sync {}
+
+impl<T: AsRef<[u8]> + Send + Sync> SharedBytes for T {}
+
+/// Where a matrix's values live.
+#[derive(Clone)]
+enum Storage {
+    Owned(Vec<f32>),
+    /// `len` little-endian `f32`s at byte `offset` of `buf` (alignment checked at creation).
+    Shared {
+        buf: Arc<dyn SharedBytes>,
+        offset: usize,
+        len: usize,
+    },
+}
 
 /// A matrix whose data length does not match its shape.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -16,12 +39,28 @@ pub struct ShapeError {
     pub expected: usize,
 }
 
-/// Dense row-major `f32` matrix. The invariant `data.len() == rows * cols` always holds.
-#[derive(Debug, Clone, PartialEq)]
+/// Dense row-major `f32` matrix. The invariant `data().len() == rows * cols` always holds.
+#[derive(Clone)]
 pub struct Matrix {
     rows: usize,
     cols: usize,
-    data: Vec<f32>,
+    data: Storage,
+}
+
+impl std::fmt::Debug for Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Matrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("shared", &matches!(self.data, Storage::Shared { .. }))
+            .finish()
+    }
+}
+
+impl PartialEq for Matrix {
+    fn eq(&self, other: &Self) -> bool {
+        self.shape() == other.shape() && self.data() == other.data()
+    }
 }
 
 impl Matrix {
@@ -36,22 +75,49 @@ impl Matrix {
                 expected,
             });
         }
-        Ok(Self { rows, cols, data })
+        Ok(Self {
+            rows,
+            cols,
+            data: Storage::Owned(data),
+        })
+    }
+
+    /// Borrows `rows * cols` little-endian `f32`s at byte `offset` of `buf` without copying.
+    /// Returns `None` when the range is out of bounds, misaligned for `f32`, or the target is
+    /// big-endian (callers then decode into an owned matrix).
+    pub fn shared(
+        rows: usize,
+        cols: usize,
+        buf: Arc<dyn SharedBytes>,
+        offset: usize,
+    ) -> Option<Self> {
+        if cfg!(target_endian = "big") {
+            return None;
+        }
+        let len = rows.checked_mul(cols)?;
+        let end = offset.checked_add(len.checked_mul(4)?)?;
+        let bytes = (*buf).as_ref().get(offset..end)?;
+        bytemuck::try_cast_slice::<u8, f32>(bytes).ok()?;
+        Some(Self {
+            rows,
+            cols,
+            data: Storage::Shared { buf, offset, len },
+        })
     }
 
     /// Wraps data whose length the caller guarantees to be `rows * cols` (engine outputs).
     pub(crate) fn from_vec(rows: usize, cols: usize, data: Vec<f32>) -> Self {
         debug_assert_eq!(data.len(), rows * cols);
-        Self { rows, cols, data }
+        Self {
+            rows,
+            cols,
+            data: Storage::Owned(data),
+        }
     }
 
     /// An all-zero `rows x cols` matrix.
     pub fn zeros(rows: usize, cols: usize) -> Self {
-        Self {
-            rows,
-            cols,
-            data: vec![0.0; rows * cols],
-        }
+        Self::from_vec(rows, cols, vec![0.0; rows * cols])
     }
 
     /// Number of rows.
@@ -71,42 +137,61 @@ impl Matrix {
 
     /// Row-major values.
     pub fn data(&self) -> &[f32] {
-        &self.data
+        match &self.data {
+            Storage::Owned(v) => v,
+            Storage::Shared { buf, offset, len } => {
+                let bytes = &(**buf).as_ref()[*offset..*offset + *len * 4];
+                // Bounds and alignment were checked when the matrix was created and `buf` is
+                // immutable, so this cannot fail.
+                bytemuck::try_cast_slice(bytes).unwrap_or(&[])
+            }
+        }
     }
 
-    /// Mutable row-major values.
+    /// Mutable row-major values (a borrowed matrix is copied into an owned one first).
     pub fn data_mut(&mut self) -> &mut [f32] {
-        &mut self.data
+        if let Storage::Shared { .. } = self.data {
+            self.data = Storage::Owned(self.data().to_vec());
+        }
+        match &mut self.data {
+            Storage::Owned(v) => v,
+            Storage::Shared { .. } => &mut [],
+        }
     }
 
     /// Consumes the matrix, returning its row-major values.
     pub fn into_data(self) -> Vec<f32> {
-        self.data
+        match self.data {
+            Storage::Owned(v) => v,
+            Storage::Shared { .. } => self.data().to_vec(),
+        }
+    }
+
+    /// True when the values are borrowed from a shared buffer.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.data, Storage::Shared { .. })
     }
 
     /// Size of the values in bytes (`4 * rows * cols`).
     pub fn byte_size(&self) -> usize {
-        self.data.len() * std::mem::size_of::<f32>()
+        self.rows * self.cols * std::mem::size_of::<f32>()
     }
 
     /// The transpose, as a new matrix.
     pub fn transposed(&self) -> Matrix {
-        let mut out = vec![0.0f32; self.data.len()];
-        for (r, row) in self.data.chunks_exact(self.cols.max(1)).enumerate() {
+        let data = self.data();
+        let mut out = vec![0.0f32; data.len()];
+        for (r, row) in data.chunks_exact(self.cols.max(1)).enumerate() {
             for (c, &v) in row.iter().enumerate() {
                 out[c * self.rows + r] = v;
             }
         }
-        Matrix {
-            rows: self.cols,
-            cols: self.rows,
-            data: out,
-        }
+        Matrix::from_vec(self.cols, self.rows, out)
     }
 
     /// Whether every value is finite (no NaN, no infinity).
     pub fn is_finite(&self) -> bool {
-        self.data.iter().all(|v| v.is_finite())
+        self.data().iter().all(|v| v.is_finite())
     }
 
     /// `self @ other` computed in `f32` (used by tests and tools; the engine uses its own kernels).
@@ -115,18 +200,18 @@ impl Matrix {
             return Err(ShapeError {
                 rows: other.rows,
                 cols: other.cols,
-                len: other.data.len(),
+                len: other.data().len(),
                 expected: self.cols.saturating_mul(other.cols),
             });
         }
-        let mut out = Matrix::zeros(self.rows, other.cols);
+        let mut out = vec![0.0f32; self.rows * other.cols];
         crate::linalg::gemm_f32(
-            crate::linalg::MatRef::row_major(&self.data, self.rows, self.cols),
-            crate::linalg::MatRef::row_major(&other.data, other.rows, other.cols),
-            &mut out.data,
+            crate::linalg::MatRef::row_major(self.data(), self.rows, self.cols),
+            crate::linalg::MatRef::row_major(other.data(), other.rows, other.cols),
+            &mut out,
             1,
         );
-        Ok(out)
+        Ok(Matrix::from_vec(self.rows, other.cols, out))
     }
 }
 

@@ -2,13 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
 use super::{AdapterConfig, CONFIG_FILE, PeftError, TENSOR_PREFIX, WEIGHTS_FILE};
 use crate::adapter::{LoraAdapter, LoraModule};
-use crate::matrix::Matrix;
+use crate::matrix::{Matrix, SharedBytes};
 
 /// An adapter read from PEFT files: its config and its factors.
 #[derive(Debug, Clone)]
@@ -20,12 +21,20 @@ pub struct PeftAdapter {
 }
 
 /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
+///
+/// The weights file is memory-mapped and f32 tensors are used in place (no copy); bf16/f16
+/// tensors are decoded. Like every reader of memory-mapped weights, this assumes the file is not
+/// truncated or rewritten in place while the adapter is alive (replacing it by a rename is fine).
 pub fn read_adapter_dir(dir: &Path) -> Result<PeftAdapter, PeftError> {
     let cfg_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| PeftError::io(&cfg_path, e))?;
     let st_path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&st_path).map_err(|e| PeftError::io(&st_path, e))?;
-    parse_adapter(&text, &bytes)
+    let file = std::fs::File::open(&st_path).map_err(|e| PeftError::io(&st_path, e))?;
+    // SAFETY: the mapping is read-only and only read through `&[u8]`; see the note above about
+    // concurrent modification of the file.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| PeftError::io(&st_path, e))?;
+    let bytes: Arc<dyn SharedBytes> = Arc::new(map);
+    parse(&text, &bytes)
 }
 
 /// Which factor a tensor name holds.
@@ -62,8 +71,13 @@ fn classify(name: &str) -> Result<(&str, Factor), PeftError> {
     }
 }
 
-/// Decodes a 2-D f32/bf16/f16 tensor to an f32 matrix.
-fn decode(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Matrix, PeftError> {
+/// Decodes a 2-D f32/bf16/f16 tensor to an f32 matrix; f32 data inside `shared` is borrowed
+/// instead of copied.
+fn decode(
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+    shared: Option<&Arc<dyn SharedBytes>>,
+) -> Result<Matrix, PeftError> {
     let bad = |detail: String| PeftError::Tensor {
         name: name.to_string(),
         detail,
@@ -75,6 +89,18 @@ fn decode(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Matr
         )));
     };
     let bytes = view.data();
+    if let (Dtype::F32, Some(buf)) = (view.dtype(), shared) {
+        let base = (**buf).as_ref().as_ptr() as usize;
+        let offset = (bytes.as_ptr() as usize).wrapping_sub(base);
+        if let Some(m) = Matrix::shared(rows, cols, Arc::clone(buf), offset) {
+            if !m.is_finite() {
+                return Err(PeftError::NonFinite {
+                    name: name.to_string(),
+                });
+            }
+            return Ok(m);
+        }
+    }
     let data: Vec<f32> = match view.dtype() {
         Dtype::F32 => bytes
             .chunks_exact(4)
@@ -102,15 +128,28 @@ fn decode(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Matr
     Matrix::new(rows, cols, data).map_err(|e| bad(e.to_string()))
 }
 
-/// Parses an adapter from the config text and the safetensors bytes.
+/// Parses an adapter from the config text and the safetensors bytes (values are copied).
 pub fn parse_adapter(config_json: &str, safetensors: &[u8]) -> Result<PeftAdapter, PeftError> {
+    parse_with(config_json, safetensors, None)
+}
+
+/// Parses an adapter whose f32 tensors borrow from `bytes`.
+fn parse(config_json: &str, bytes: &Arc<dyn SharedBytes>) -> Result<PeftAdapter, PeftError> {
+    parse_with(config_json, (**bytes).as_ref(), Some(bytes))
+}
+
+fn parse_with(
+    config_json: &str,
+    safetensors: &[u8],
+    shared: Option<&Arc<dyn SharedBytes>>,
+) -> Result<PeftAdapter, PeftError> {
     let config = AdapterConfig::from_json(config_json)?;
     let st =
         SafeTensors::deserialize(safetensors).map_err(|e| PeftError::Safetensors(e.to_string()))?;
     let mut factors: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
     for (name, view) in st.iter() {
         let (path, factor) = classify(name)?;
-        let m = decode(name, &view)?;
+        let m = decode(name, &view, shared)?;
         let slot = factors.entry(path.to_string()).or_default();
         match factor {
             Factor::A => slot.0 = Some(m),

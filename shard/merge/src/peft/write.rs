@@ -1,11 +1,9 @@
 //! Writing PEFT adapter directories.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use half::bf16;
-use safetensors::Dtype;
-use safetensors::tensor::TensorView;
 use serde_json::Value;
 
 use super::config::merged_config_json;
@@ -34,39 +32,79 @@ pub struct WriteOptions {
     pub dtype: TensorDtype,
 }
 
-/// Serializes named matrices to safetensors bytes (metadata `{"format": "pt"}`, as PEFT writes).
+/// Writes named matrices in the safetensors format to `w`, streaming each tensor's values
+/// (no intermediate copy of the data): an 8-byte little-endian header length, the JSON header
+/// (tensors by name, `__metadata__ = {"format": "pt"}` as PEFT writes, padded with spaces to a
+/// multiple of 8 bytes), then the tensors' bytes in name order.
+pub fn write_safetensors<W: std::io::Write>(
+    w: &mut W,
+    tensors: &[(&str, &Matrix)],
+    dtype: TensorDtype,
+) -> std::io::Result<()> {
+    let mut order: Vec<&(&str, &Matrix)> = tensors.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(b.0));
+    let (name, elem) = match dtype {
+        TensorDtype::F32 => ("F32", 4usize),
+        TensorDtype::Bf16 => ("BF16", 2usize),
+    };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for (tensor, m) in &order {
+        let len = m.rows() * m.cols() * elem;
+        header.insert(
+            (*tensor).to_string(),
+            serde_json::json!({
+                "dtype": name,
+                "shape": [m.rows(), m.cols()],
+                "data_offsets": [offset, offset + len],
+            }),
+        );
+        offset += len;
+    }
+    let mut text = serde_json::to_string(&header).map_err(std::io::Error::other)?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    w.write_all(&(text.len() as u64).to_le_bytes())?;
+    w.write_all(text.as_bytes())?;
+    let mut chunk: Vec<u8> = Vec::new();
+    for (_, m) in &order {
+        match dtype {
+            TensorDtype::F32 if cfg!(target_endian = "little") => {
+                w.write_all(bytemuck::cast_slice(m.data()))?;
+            }
+            TensorDtype::F32 => {
+                for part in m.data().chunks(1 << 14) {
+                    chunk.clear();
+                    chunk.extend(part.iter().flat_map(|v| v.to_le_bytes()));
+                    w.write_all(&chunk)?;
+                }
+            }
+            TensorDtype::Bf16 => {
+                for part in m.data().chunks(1 << 14) {
+                    chunk.clear();
+                    chunk.extend(
+                        part.iter()
+                            .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes()),
+                    );
+                    w.write_all(&chunk)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Serializes named matrices to safetensors bytes (see [`write_safetensors`]).
 pub fn encode_safetensors(
     tensors: &[(String, Matrix)],
     dtype: TensorDtype,
 ) -> Result<Vec<u8>, PeftError> {
-    let buffers: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, m)| {
-            let bytes = match dtype {
-                TensorDtype::F32 => m.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
-                TensorDtype::Bf16 => m
-                    .data()
-                    .iter()
-                    .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())
-                    .collect(),
-            };
-            (name.clone(), vec![m.rows(), m.cols()], bytes)
-        })
-        .collect();
-    let st_dtype = match dtype {
-        TensorDtype::F32 => Dtype::F32,
-        TensorDtype::Bf16 => Dtype::BF16,
-    };
-    let views = buffers
-        .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(st_dtype, shape.clone(), bytes)
-                .map(|v| (name.as_str(), v))
-                .map_err(|e| PeftError::Safetensors(e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, Some(meta)).map_err(|e| PeftError::Safetensors(e.to_string()))
+    let refs: Vec<(&str, &Matrix)> = tensors.iter().map(|(n, m)| (n.as_str(), m)).collect();
+    let mut out = Vec::new();
+    write_safetensors(&mut out, &refs, dtype).map_err(|e| PeftError::Safetensors(e.to_string()))?;
+    Ok(out)
 }
 
 /// Writes `dir/adapter_config.json` (pretty JSON) and `dir/adapter_model.safetensors`, creating
@@ -77,14 +115,28 @@ pub fn write_adapter_files(
     tensors: &[(String, Matrix)],
     dtype: TensorDtype,
 ) -> Result<(), PeftError> {
+    let refs: Vec<(&str, &Matrix)> = tensors.iter().map(|(n, m)| (n.as_str(), m)).collect();
+    write_adapter_refs(dir, config, &refs, dtype)
+}
+
+/// [`write_adapter_files`] over borrowed matrices.
+fn write_adapter_refs(
+    dir: &Path,
+    config: &Value,
+    tensors: &[(&str, &Matrix)],
+    dtype: TensorDtype,
+) -> Result<(), PeftError> {
     std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
     let text = serde_json::to_string_pretty(config)
         .map_err(|e| PeftError::Config(format!("cannot serialize config: {e}")))?;
     let cfg_path = dir.join(CONFIG_FILE);
     std::fs::write(&cfg_path, text).map_err(|e| PeftError::io(&cfg_path, e))?;
-    let bytes = encode_safetensors(tensors, dtype)?;
     let st_path = dir.join(WEIGHTS_FILE);
-    std::fs::write(&st_path, bytes).map_err(|e| PeftError::io(&st_path, e))
+    let file = std::fs::File::create(&st_path).map_err(|e| PeftError::io(&st_path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    write_safetensors(&mut w, tensors, dtype)
+        .and_then(|()| std::io::Write::flush(&mut w))
+        .map_err(|e| PeftError::io(&st_path, e))
 }
 
 /// Escapes a module path for use as a PEFT pattern key (a regular expression).
@@ -102,23 +154,38 @@ pub fn write_merged_dir(
 ) -> Result<(), PeftError> {
     let r = merged.rank();
     let mut rank_pattern = Vec::new();
-    let mut tensors = Vec::with_capacity(2 * merged.modules.len());
     let fold = merged.scale as f32;
+    // Only a non-unit (LoRAX) scale needs new B matrices; otherwise the factors are written as
+    // they are.
+    let folded: Vec<Matrix> = if merged.scale == 1.0 {
+        Vec::new()
+    } else {
+        merged
+            .modules
+            .values()
+            .map(|m| {
+                Matrix::from_vec(
+                    m.b.rows(),
+                    m.b.cols(),
+                    m.b.data().iter().map(|v| v * fold).collect(),
+                )
+            })
+            .collect()
+    };
+    let mut names = Vec::with_capacity(2 * merged.modules.len());
     for (path, m) in &merged.modules {
         if m.rank() != r {
             rank_pattern.push((escape_key(path), m.rank()));
         }
-        let b = if merged.scale == 1.0 {
-            m.b.clone()
-        } else {
-            Matrix::from_vec(
-                m.b.rows(),
-                m.b.cols(),
-                m.b.data().iter().map(|v| v * fold).collect(),
-            )
-        };
-        tensors.push((format!("{TENSOR_PREFIX}{path}.lora_A.weight"), m.a.clone()));
-        tensors.push((format!("{TENSOR_PREFIX}{path}.lora_B.weight"), b));
+        names.push((
+            format!("{TENSOR_PREFIX}{path}.lora_A.weight"),
+            format!("{TENSOR_PREFIX}{path}.lora_B.weight"),
+        ));
+    }
+    let mut tensors: Vec<(&str, &Matrix)> = Vec::with_capacity(2 * merged.modules.len());
+    for (i, ((a_name, b_name), m)) in names.iter().zip(merged.modules.values()).enumerate() {
+        tensors.push((a_name, &m.a));
+        tensors.push((b_name, folded.get(i).unwrap_or(&m.b)));
     }
     let config = merged_config_json(
         r,
@@ -126,7 +193,7 @@ pub fn write_merged_dir(
         &opts.target_modules,
         opts.base_model_name_or_path.as_deref(),
     );
-    write_adapter_files(dir, &config, &tensors, opts.dtype)
+    write_adapter_refs(dir, &config, &tensors, opts.dtype)
 }
 
 /// `target_modules` for a merge of adapters with these configs, like PEFT: all lists -> the
