@@ -12,6 +12,9 @@
 //! * `base` — `--concurrency` streams, all on the base model;
 //! * `merges` — `--concurrency` streams spread over `--merges` distinct merges (each merge is
 //!   warmed once first so its merge time is reported apart from decoding);
+//! * `cache` — request latency of the base model, one adapter, and one merge (first request:
+//!   the merge is computed; then cache hits), one request at a time with `max_new_tokens` 1: the
+//!   difference between a cached merge and a single adapter is what the merge cache costs;
 //! * `--soak` — `--requests` requests at `--concurrency` over `--adapters` adapters and merges,
 //!   counting errors by status and sampling the server's RSS every 200 requests.
 //!
@@ -78,6 +81,9 @@ struct Args {
     /// Soak: distinct adapters and merges.
     #[arg(long, default_value_t = 16)]
     adapters: usize,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
     /// Extra flags for `medley serve`.
     #[arg(long, allow_hyphen_values = true)]
     serve_args: Vec<String>,
@@ -435,6 +441,7 @@ async fn main() -> anyhow::Result<()> {
                     report(&format!("{merges} merges x{}", args.concurrency), &s, wall),
                 );
             }
+            "cache" => cache_latency(&http, &adapters).await?,
             other => anyhow::bail!("unknown scenario `{other}`"),
         }
     }
@@ -449,6 +456,57 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     drop(server);
+    Ok(())
+}
+
+/// Latency of one-token requests: base, a single adapter, and a merge (cold, then cached).
+async fn cache_latency(http: &str, adapters: &[PathBuf]) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let once = |params: Value| {
+        let client = client.clone();
+        let url = format!("{http}/generate");
+        async move {
+            let mut p = params;
+            if let Some(o) = p.as_object_mut() {
+                o.insert("max_new_tokens".into(), json!(1));
+            }
+            let t = Instant::now();
+            let r = client
+                .post(url)
+                .json(&json!({"inputs": "hello world", "parameters": p}))
+                .send()
+                .await?;
+            anyhow::ensure!(r.status().is_success(), "status {}", r.status());
+            r.bytes().await?;
+            Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64() * 1e3)
+        }
+    };
+    let single = json!({"adapter_source": "local", "adapter_id": adapters[0].display().to_string()});
+    let merge = merge_params(1, adapters);
+    let cold = once(merge.clone()).await?;
+    println!("\nfirst request of a new merge (merge computed): {cold:.1} ms");
+    let n = 200;
+    println!("| request (max_new_tokens 1, n={n}) | p50 ms | p90 ms | mean ms |");
+    println!("|---|---|---|---|");
+    let mut means = BTreeMap::new();
+    for (name, params) in [("base", json!({})), ("single adapter", single), ("cached merge", merge)] {
+        once(params.clone()).await?; // warm
+        let mut ms = vec![];
+        for _ in 0..n {
+            ms.push(once(params.clone()).await?);
+        }
+        ms.sort_by(f64::total_cmp);
+        let mean = ms.iter().sum::<f64>() / ms.len() as f64;
+        println!(
+            "| {name} | {:.3} | {:.3} | {mean:.3} |",
+            percentile(&ms, 0.5),
+            percentile(&ms, 0.9)
+        );
+        means.insert(name, mean);
+    }
+    if let (Some(m), Some(s)) = (means.get("cached merge"), means.get("single adapter")) {
+        println!("cached merge - single adapter: {:+.3} ms per request", m - s);
+    }
     Ok(())
 }
 

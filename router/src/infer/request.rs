@@ -71,8 +71,8 @@ pub struct GenerateParameters {
     pub response_format: Option<serde_json::Value>,
 }
 
-/// LoRAX's `merged_adapters` object, every field nullable. Parsed now so that the adapters work
-/// can validate it; requests carrying it are rejected until then.
+/// LoRAX's `merged_adapters` object, every field nullable (validation turns it into an
+/// [`crate::infer::AdapterSpec::Merged`]), plus Medley's `seed` and `svd_rank`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct MergedAdapters {
