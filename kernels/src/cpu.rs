@@ -269,6 +269,7 @@ fn expand(dims: Dims, t: &[f32], items: &[Item], adapters: &[Factors<'_, [f32]>]
 mod tests {
     use super::*;
     use crate::reference;
+    use crate::testing::values;
 
     fn shape(rows: usize, in_features: usize, out_features: usize) -> Shape {
         Shape {
@@ -276,21 +277,6 @@ mod tests {
             in_features,
             out_features,
         }
-    }
-
-    /// Deterministic values in [-1, 1) (a small LCG; no dependency needed).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
     }
 
     struct Case {

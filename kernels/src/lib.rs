@@ -19,10 +19,34 @@
 //! Layouts (all row-major, `f32`): `x: [rows, in]`, `y: [rows, out]`, `t: [rows, t_stride]` with
 //! `t_stride >= max rank`, and per adapter `A: [rank, in]` (PEFT's `lora_A`), `Bᵀ: [rank, out]`
 //! (the transpose of PEFT's `lora_B`, multiplied by the adapter's scale).
+//!
+//! [`matmul`] holds the base-model side of a decode step: `y = x Wᵀ` for a few rows of `x`,
+//! streaming the projection weight once per call.
 
 pub mod cpu;
+pub mod matmul;
 pub mod reference;
 mod simd;
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Shared test inputs.
+
+    /// Deterministic values in [-1, 1) (a small LCG; no dependency needed).
+    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+}
 
 /// Marks a row without an adapter in a BGMV row mapping.
 pub const NO_ADAPTER: u32 = u32::MAX;
@@ -144,6 +168,12 @@ pub enum KernelError {
         len: usize,
         /// Rows.
         rows: usize,
+    },
+    /// A kernel was asked for an instruction set this CPU does not support.
+    #[error("this CPU does not support the {isa} kernels")]
+    IsaUnavailable {
+        /// The instruction set ([`matmul::Isa`] as text).
+        isa: String,
     },
 }
 

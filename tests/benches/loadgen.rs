@@ -481,7 +481,8 @@ async fn cache_latency(http: &str, adapters: &[PathBuf]) -> anyhow::Result<()> {
             Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64() * 1e3)
         }
     };
-    let single = json!({"adapter_source": "local", "adapter_id": adapters[0].display().to_string()});
+    let single =
+        json!({"adapter_source": "local", "adapter_id": adapters[0].display().to_string()});
     let merge = merge_params(1, adapters);
     let cold = once(merge.clone()).await?;
     println!("\nfirst request of a new merge (merge computed): {cold:.1} ms");
@@ -489,7 +490,11 @@ async fn cache_latency(http: &str, adapters: &[PathBuf]) -> anyhow::Result<()> {
     println!("| request (max_new_tokens 1, n={n}) | p50 ms | p90 ms | mean ms |");
     println!("|---|---|---|---|");
     let mut means = BTreeMap::new();
-    for (name, params) in [("base", json!({})), ("single adapter", single), ("cached merge", merge)] {
+    for (name, params) in [
+        ("base", json!({})),
+        ("single adapter", single),
+        ("cached merge", merge),
+    ] {
         once(params.clone()).await?; // warm
         let mut ms = vec![];
         for _ in 0..n {
@@ -505,7 +510,10 @@ async fn cache_latency(http: &str, adapters: &[PathBuf]) -> anyhow::Result<()> {
         means.insert(name, mean);
     }
     if let (Some(m), Some(s)) = (means.get("cached merge"), means.get("single adapter")) {
-        println!("cached merge - single adapter: {:+.3} ms per request", m - s);
+        println!(
+            "cached merge - single adapter: {:+.3} ms per request",
+            m - s
+        );
     }
     Ok(())
 }

@@ -7,8 +7,14 @@
 //! back to bf16. That is what PyTorch's bf16 CPU gemm computes too (f32 accumulation, one rounding
 //! of the output); it costs twice the weight memory of a native bf16 kernel. On CUDA the weights
 //! stay in bf16.
+//!
+//! CPU projections of up to `KERNEL_MAX_ROWS` rows (decode steps and small prefills) run through
+//! `medley_kernels::matmul`, which streams the weight once per call instead of letting the gemm
+//! pack it (see the constant for the measurements).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use medley_kernels::Shape as KernelShape;
+use medley_kernels::matmul::matmul_nt;
 
 /// The dtype matmuls run in for activations of `compute` dtype on `device`.
 pub fn matmul_dtype(device: &Device, compute: DType) -> DType {
@@ -25,10 +31,25 @@ pub fn matmul_in(a: &Tensor, b: &Tensor, out: DType) -> candle_core::Result<Tens
     a.to_dtype(mm)?.matmul(&b.to_dtype(mm)?)?.to_dtype(out)
 }
 
-/// Up to this many rows, CPU projections are computed as `(W xᵀ)ᵀ` (see `Linear::matmul`);
-/// measured with candle 0.11 on 2 cores for W = 5632x2048: 1 row 3.3 ms either way, 4 rows
-/// 17.7 vs 9.1 ms, 16 rows 29.6 vs 9.0 ms, 32 rows 18.5 vs 13.2 ms, 64 rows about equal, 256+
-/// rows slower.
+/// Up to this many rows, CPU projections of f32 models use `medley_kernels::matmul`.
+///
+/// Half-precision models keep candle's matmul (on f32-widened weights): the kernel sums each dot
+/// product in a different order (16 strided lanes, then a tree) than candle's gemm, and although
+/// both are within f32 rounding of the exact sum, a changed order moves some outputs across a
+/// bf16 rounding boundary. The bf16 transformers goldens (`tests/forward_goldens.rs`) allow one
+/// bf16 step of each logit plus 0.01 and fail with the kernel (max error 6.25e-2 on the fixture).
+/// Measured on 2 cores (AMD EPYC, AVX-512; `cargo bench -p medley-kernels --bench matmul`), against
+/// the better of candle 0.11's `x Wᵀ` and `(W xᵀ)ᵀ`: for the TinyLlama shapes the kernel is ahead
+/// from 1 row (bandwidth-bound, 30+ vs 20-25 GB/s) through 64 rows (about 160 vs 110-150
+/// GFLOP/s); past that candle's packed gemm keeps the weight panels in cache across many more
+/// rows and wins.
+const KERNEL_MAX_ROWS: usize = 64;
+
+/// Up to this many rows, CPU projections that do not use the kernel (half-precision models) are
+/// computed
+/// as `(W xᵀ)ᵀ`; measured with candle 0.11 on 2 cores for W = 5632x2048 in f32: 1 row 3.3 ms
+/// either way, 4 rows 17.7 vs 9.1 ms, 16 rows 29.6 vs 9.0 ms, 32 rows 18.5 vs 13.2 ms, 64 rows
+/// about equal, 256+ rows slower.
 const SMALL_BATCH_ROWS: usize = 32;
 
 /// A bias-free linear layer `y = x Wᵀ` with `W: [out, in]`.
@@ -41,7 +62,10 @@ pub struct Linear {
 impl Linear {
     /// Wraps `weight` (`[out, in]`, any float dtype) for inputs of dtype `compute`.
     pub fn new(weight: Tensor, compute: DType) -> candle_core::Result<Self> {
-        let weight = weight.to_dtype(matmul_dtype(weight.device(), compute))?;
+        // Contiguous, so the CPU kernel can read it in place.
+        let weight = weight
+            .to_dtype(matmul_dtype(weight.device(), compute))?
+            .contiguous()?;
         Ok(Self { weight, compute })
     }
 
@@ -65,13 +89,67 @@ impl Linear {
     fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.to_dtype(self.weight.dtype())?;
         let rows = x.dim(0)?;
-        if self.weight.device().is_cpu() && rows > 1 && rows <= SMALL_BATCH_ROWS {
+        let cpu = self.weight.device().is_cpu();
+        if cpu && self.compute == DType::F32 && x.rank() == 2 && rows <= KERNEL_MAX_ROWS {
+            return x
+                .contiguous()?
+                .apply_op2_no_bwd(&self.weight, &ProjectionOp);
+        }
+        if cpu && rows > 1 && rows <= SMALL_BATCH_ROWS {
             // The CPU gemm packs the transposed weight when the left side has a few rows, which
             // made batched decode steps 2-3x slower than one row; `(W xᵀ)ᵀ` streams W as it is.
             self.weight.matmul(&x.t()?)?.t()?.contiguous()
         } else {
             x.matmul(&self.weight.t()?)
         }
+    }
+}
+
+/// The values of a contiguous f32 CPU storage.
+pub(crate) fn cpu_f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => v
+            .get(a..b)
+            .ok_or_else(|| candle_core::Error::Msg("tensor view out of range".into())),
+        _ => candle_core::bail!("expected a contiguous f32 tensor"),
+    }
+}
+
+/// `x Wᵀ` by `medley_kernels::matmul` over the CPU storages of `x: [rows, in]` (first operand)
+/// and `W: [out, in]`, both contiguous f32.
+struct ProjectionOp;
+
+impl CustomOp2 for ProjectionOp {
+    fn name(&self) -> &'static str {
+        "medley-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, in_features) = xl.shape().dims2()?;
+        let (out_features, w_in) = wl.shape().dims2()?;
+        if w_in != in_features {
+            candle_core::bail!("linear: x has {in_features} features, the weight {w_in}");
+        }
+        let mut y = vec![0f32; rows * out_features];
+        let shape = KernelShape {
+            rows,
+            in_features,
+            out_features,
+        };
+        matmul_nt(
+            shape,
+            cpu_f32_slice(xs, xl)?,
+            cpu_f32_slice(ws, wl)?,
+            &mut y,
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("linear kernel: {e}")))?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, out_features))))
     }
 }
 
@@ -163,6 +241,51 @@ mod tests {
         for r in 0..2 {
             for c in 0..6 {
                 assert!((gb[r][c] - got[r][c]).abs() <= 2f32.powi(-6) * got[r][c].abs().max(1.0));
+            }
+        }
+    }
+
+    /// Every row count on both sides of `KERNEL_MAX_ROWS` (and a non-contiguous input) against an
+    /// f64 evaluation: f32 sums of K = 37 products differ from the exact sum by at most
+    /// `K · eps · Σ|products|` (the standard bound for recursive summation, any order).
+    #[test]
+    fn cpu_projection_matches_f64_for_all_row_counts() {
+        let dev = Device::Cpu;
+        let (inf, outf) = (37usize, 19usize);
+        let val = |i: usize, seed: usize| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0;
+        let wv: Vec<f32> = (0..outf * inf).map(|i| val(i, 1)).collect();
+        let lin = Linear::new(
+            Tensor::from_vec(wv.clone(), (outf, inf), &dev).unwrap(),
+            DType::F32,
+        )
+        .unwrap();
+        for rows in [1, 3, 17, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1] {
+            let xv: Vec<f32> = (0..rows * inf).map(|i| val(i, 2)).collect();
+            // A transposed copy viewed back: same values, non-contiguous layout.
+            let xt = Tensor::from_vec(xv.clone(), (rows, inf), &dev)
+                .unwrap()
+                .t()
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            for x in [
+                Tensor::from_vec(xv.clone(), (rows, inf), &dev).unwrap(),
+                xt.t().unwrap(),
+            ] {
+                let y = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                for r in 0..rows {
+                    for o in 0..outf {
+                        let terms =
+                            (0..inf).map(|i| xv[r * inf + i] as f64 * wv[o * inf + i] as f64);
+                        let want: f64 = terms.clone().sum();
+                        let abs: f64 = terms.map(f64::abs).sum();
+                        let bound = inf as f64 * f32::EPSILON as f64 * abs;
+                        assert!(
+                            (y[r][o] as f64 - want).abs() <= bound,
+                            "{rows} rows, ({r}, {o})"
+                        );
+                    }
+                }
             }
         }
     }
