@@ -185,7 +185,9 @@ async fn resolve(
     let resolved = sources
         .resolve_hub(arg, revision, None)
         .await
-        .map_err(|e| MergeCmdError::Adapter(format!("{arg} is not a directory, and as a hub id: {e}")))?;
+        .map_err(|e| {
+            MergeCmdError::Adapter(format!("{arg} is not a directory, and as a hub id: {e}"))
+        })?;
     let r = AdapterRef {
         id: arg.to_string(),
         source: AdapterSource::Hub,
@@ -204,7 +206,11 @@ pub async fn run(args: MergeArgs) -> Result<MergeReport, MergeCmdError> {
     let dtype = match args.dtype.to_ascii_lowercase().as_str() {
         "f32" | "float32" => TensorDtype::F32,
         "bf16" | "bfloat16" => TensorDtype::Bf16,
-        other => return Err(MergeCmdError::Usage(format!("--dtype {other}: use f32 or bf16"))),
+        other => {
+            return Err(MergeCmdError::Usage(format!(
+                "--dtype {other}: use f32 or bf16"
+            )));
+        }
     };
     if args.out.exists() && !args.force {
         return Err(MergeCmdError::Usage(format!(
@@ -244,13 +250,14 @@ pub async fn run(args: MergeArgs) -> Result<MergeReport, MergeCmdError> {
     let merged = medley_merge::merge(&spec, &components)?;
     let merge = t1.elapsed();
     let t2 = Instant::now();
-    let configs: Vec<&medley_merge::peft::AdapterConfig> = adapters.iter().map(|a| &a.config).collect();
-    let target_modules =
-        merged_target_modules(&configs, merged.modules.keys().map(String::as_str));
-    let base_model_name_or_path = args
-        .base_model
-        .clone()
-        .or_else(|| adapters.first().and_then(|a| a.config.base_model_name_or_path.clone()));
+    let configs: Vec<&medley_merge::peft::AdapterConfig> =
+        adapters.iter().map(|a| &a.config).collect();
+    let target_modules = merged_target_modules(&configs, merged.modules.keys().map(String::as_str));
+    let base_model_name_or_path = args.base_model.clone().or_else(|| {
+        adapters
+            .first()
+            .and_then(|a| a.config.base_model_name_or_path.clone())
+    });
     write_merged_dir(
         &args.out,
         &merged,

@@ -21,7 +21,10 @@ fn main() -> ExitCode {
             run(medley_router::launcher::serve(*args))
         }
         Command::Merge(args) => {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("medley merge: cannot start the async runtime: {e}");
