@@ -71,6 +71,22 @@ impl CpuKernels {
 impl LoraKernels for CpuKernels {
     type Buffer = [f32];
 
+    fn add_lora(
+        &self,
+        dims: Dims,
+        x: &[f32],
+        mapping: RowMapping<'_>,
+        adapters: &[Factors<'_, [f32]>],
+        t: &mut [f32],
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let [xl, tl] = shrink_lens(dims, x.len(), t.len());
+        let [_, yl] = expand_lens(dims, t.len(), y.len());
+        check_call(dims, &[xl, tl, yl], mapping, adapters)?;
+        shrink_expand(dims, x, &work_items(dims.rows, mapping), adapters, t, y);
+        Ok(())
+    }
+
     fn sgmv_shrink(
         &self,
         dims: Dims,
@@ -207,62 +223,125 @@ fn split_rows<'a>(
 
 /// `t[row, :r] = x[row] Aᵀ` for every row of every item (inputs checked).
 fn shrink(dims: Dims, x: &[f32], items: &[Item], adapters: &[Factors<'_, [f32]>], t: &mut [f32]) {
-    let inf = dims.in_features;
     let owned = split_rows(t, dims.t_stride, dims.rows, items);
     let max_rank = adapters.iter().map(|f| f.rank).max().unwrap_or(0);
-    for_each_item(items, owned, max_rank * inf, |item, mut t_rows| {
-        let f = adapters[item.adapter];
-        let xs: Vec<&[f32]> = item
-            .rows
-            .iter()
-            .map(|&r| &x[r * inf..(r + 1) * inf])
-            .collect();
-        for (xb, tb) in xs.chunks(4).zip(t_rows.chunks_mut(4)) {
-            for j in 0..f.rank {
-                let a = &f.a[j * inf..(j + 1) * inf];
-                let d: [f32; 4] = match xb {
-                    [x0] => [dots(a, [*x0])[0], 0., 0., 0.],
-                    [x0, x1] => {
-                        let [p, q] = dots(a, [*x0, *x1]);
-                        [p, q, 0., 0.]
-                    }
-                    [x0, x1, x2] => {
-                        let [p, q, r] = dots(a, [*x0, *x1, *x2]);
-                        [p, q, r, 0.]
-                    }
-                    [x0, x1, x2, x3] => dots(a, [*x0, *x1, *x2, *x3]),
-                    _ => [0.; 4],
-                };
-                for (t_row, v) in tb.iter_mut().zip(d) {
-                    t_row[j] = v;
-                }
-            }
-        }
-    });
+    for_each_item(
+        items,
+        owned,
+        max_rank * dims.in_features,
+        |item, mut t_rows| {
+            shrink_item(dims, x, item, adapters[item.adapter], &mut t_rows);
+        },
+    );
 }
 
 /// `y[row] += t[row, :r] Bᵀ` for every row of every item (inputs checked).
 fn expand(dims: Dims, t: &[f32], items: &[Item], adapters: &[Factors<'_, [f32]>], y: &mut [f32]) {
-    let outf = dims.out_features;
-    let owned = split_rows(y, outf, dims.rows, items);
+    let owned = split_rows(y, dims.out_features, dims.rows, items);
     let max_rank = adapters.iter().map(|f| f.rank).max().unwrap_or(0);
-    for_each_item(items, owned, max_rank * outf, |item, mut y_rows| {
+    for_each_item(
+        items,
+        owned,
+        max_rank * dims.out_features,
+        |item, mut y_rows| {
+            let ts: Vec<&[f32]> = item
+                .rows
+                .iter()
+                .map(|&r| &t[r * dims.t_stride..(r + 1) * dims.t_stride])
+                .collect();
+            expand_item(dims, &ts, adapters[item.adapter], &mut y_rows);
+        },
+    );
+}
+
+/// Shrink then expand, item by item, in one parallel pass: each item's `t` rows are still in
+/// cache when its expand reads them, and a decode step pays for one fork-join per projection
+/// instead of two (inputs checked).
+fn shrink_expand(
+    dims: Dims,
+    x: &[f32],
+    items: &[Item],
+    adapters: &[Factors<'_, [f32]>],
+    t: &mut [f32],
+    y: &mut [f32],
+) {
+    let t_owned = split_rows(t, dims.t_stride, dims.rows, items);
+    let y_owned = split_rows(y, dims.out_features, dims.rows, items);
+    let owned: Vec<_> = t_owned.into_iter().zip(y_owned).collect();
+    let macs = |item: &Item| {
+        item.rows.len() * adapters[item.adapter].rank * (dims.in_features + dims.out_features)
+    };
+    let run = |(item, (mut t_rows, mut y_rows)): (&Item, ItemRows<'_>)| {
         let f = adapters[item.adapter];
-        let ts: Vec<&[f32]> = item
-            .rows
-            .iter()
-            .map(|&r| &t[r * dims.t_stride..r * dims.t_stride + f.rank])
-            .collect();
-        for c0 in (0..outf).step_by(COL_TILE) {
-            let c1 = (c0 + COL_TILE).min(outf);
-            for j in 0..f.rank {
-                let b = &f.b_t[j * outf + c0..j * outf + c1];
-                for (y_row, t_row) in y_rows.iter_mut().zip(&ts) {
-                    axpy(t_row[j], b, &mut y_row[c0..c1]);
+        shrink_item(dims, x, item, f, &mut t_rows);
+        let ts: Vec<&[f32]> = t_rows.iter().map(|r| &**r).collect();
+        expand_item(dims, &ts, f, &mut y_rows);
+    };
+    if items.len() > 1 && items.iter().map(macs).sum::<usize>() >= FUSED_PARALLEL_MIN_MACS {
+        items.par_iter().zip(owned).for_each(run);
+    } else {
+        items.iter().zip(owned).for_each(run);
+    }
+}
+
+/// The `t` rows and the `y` rows one work item owns.
+type ItemRows<'a> = (Vec<&'a mut [f32]>, Vec<&'a mut [f32]>);
+
+/// Below this many multiply-adds a fused shrink + expand runs on the calling thread. Lower than
+/// `PARALLEL_MIN_MACS`: the fused pass forks once, and with several adapters in a decode step
+/// the work is reading their factors, which one core alone does at well under the memory
+/// bandwidth.
+const FUSED_PARALLEL_MIN_MACS: usize = 1 << 17;
+
+/// `t_rows[i][:r] = x[item.rows[i]] Aᵀ`.
+fn shrink_item(
+    dims: Dims,
+    x: &[f32],
+    item: &Item,
+    f: Factors<'_, [f32]>,
+    t_rows: &mut [&mut [f32]],
+) {
+    let inf = dims.in_features;
+    let xs: Vec<&[f32]> = item
+        .rows
+        .iter()
+        .map(|&r| &x[r * inf..(r + 1) * inf])
+        .collect();
+    for (xb, tb) in xs.chunks(4).zip(t_rows.chunks_mut(4)) {
+        for j in 0..f.rank {
+            let a = &f.a[j * inf..(j + 1) * inf];
+            let d: [f32; 4] = match xb {
+                [x0] => [dots(a, [*x0])[0], 0., 0., 0.],
+                [x0, x1] => {
+                    let [p, q] = dots(a, [*x0, *x1]);
+                    [p, q, 0., 0.]
                 }
+                [x0, x1, x2] => {
+                    let [p, q, r] = dots(a, [*x0, *x1, *x2]);
+                    [p, q, r, 0.]
+                }
+                [x0, x1, x2, x3] => dots(a, [*x0, *x1, *x2, *x3]),
+                _ => [0.; 4],
+            };
+            for (t_row, v) in tb.iter_mut().zip(d) {
+                t_row[j] = v;
             }
         }
-    });
+    }
+}
+
+/// `y_rows[i] += ts[i][:r] Bᵀ`, in column tiles that stay in cache.
+fn expand_item(dims: Dims, ts: &[&[f32]], f: Factors<'_, [f32]>, y_rows: &mut [&mut [f32]]) {
+    let outf = dims.out_features;
+    for c0 in (0..outf).step_by(COL_TILE) {
+        let c1 = (c0 + COL_TILE).min(outf);
+        for j in 0..f.rank {
+            let b = &f.b_t[j * outf + c0..j * outf + c1];
+            for (y_row, t_row) in y_rows.iter_mut().zip(ts) {
+                axpy(t_row[j], b, &mut y_row[c0..c1]);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -382,6 +461,41 @@ mod tests {
         assert_eq!(want[5 * 29..7 * 29], c.y0[5 * 29..7 * 29]);
         assert_eq!(want[13 * 29..], c.y0[13 * 29..]);
         assert_ne!(want[..29], c.y0[..29]);
+    }
+
+    /// Large enough for the fused pass to fork (`FUSED_PARALLEL_MIN_MACS`): the fused
+    /// `add_lora` equals the reference and the separate shrink and expand calls, bit for bit
+    /// against the latter (same per-row arithmetic).
+    #[test]
+    fn fused_parallel_pass_matches_reference_and_split_calls() {
+        let c = Case::new(40, 300, 500, &[16, 4, 16, 8]);
+        let per_row: Vec<u32> = (0..40u32)
+            .map(|r| if r % 7 == 6 { NO_ADAPTER } else { r % 4 })
+            .collect();
+        let macs: usize = per_row
+            .iter()
+            .filter(|&&a| a != NO_ADAPTER)
+            .map(|&a| c.factors[a as usize].0 * (300 + 500))
+            .sum();
+        assert!(macs >= FUSED_PARALLEL_MIN_MACS);
+        let mapping = RowMapping::PerRow(&per_row);
+        let fused = c.cpu(mapping);
+        assert_close(&fused, &c.reference(mapping));
+        let dims = Dims {
+            rows: 40,
+            in_features: 300,
+            out_features: 500,
+            t_stride: 16,
+        };
+        let mut t = vec![0f32; 40 * 16];
+        let mut split = c.y0.clone();
+        CpuKernels
+            .bgmv_shrink(dims, &c.x, &per_row, &c.adapters(), &mut t)
+            .unwrap();
+        CpuKernels
+            .bgmv_expand(dims, &t, &per_row, &c.adapters(), &mut split)
+            .unwrap();
+        assert_eq!(fused, split);
     }
 
     #[test]

@@ -54,6 +54,12 @@ struct Args {
     /// Rounds of one prefill and the decode steps, per configuration.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Configurations to run (`base`, `kernels`, `candle`); e.g. one of them under a profiler.
+    #[arg(long, value_delimiter = ',', default_value = "base,kernels,candle")]
+    configs: Vec<String>,
+    /// Skip the per-projection `apply` table.
+    #[arg(long)]
+    no_apply_table: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -263,7 +269,7 @@ fn main() -> anyhow::Result<()> {
     let lora_slots: Vec<u32> = (0..args.batch)
         .map(|i| (i % args.adapters) as u32 + 1)
         .collect();
-    let mut sessions = [
+    let all = [
         Session::new(
             "base model only".into(),
             &model,
@@ -289,6 +295,16 @@ fn main() -> anyhow::Result<()> {
             &args,
         ),
     ];
+    let mut sessions: Vec<Session> = all
+        .into_iter()
+        .zip(["base", "kernels", "candle"])
+        .filter(|(_, key)| args.configs.iter().any(|c| c == key))
+        .map(|(s, _)| s)
+        .collect();
+    anyhow::ensure!(
+        !sessions.is_empty(),
+        "--configs names none of base, kernels, candle"
+    );
     // The configurations take turns (each prefills, then each decodes one step at a time), so a
     // change of the machine's background load affects all of them alike.
     let vocab = cfg.vocab_size as u32;
@@ -306,7 +322,8 @@ fn main() -> anyhow::Result<()> {
         eprintln!("round {} of {} done", round + 1, args.rounds);
     }
     let base_step = median(&mut sessions[0].step_ms.clone());
-    println!("| configuration | prefill ms | decode ms / step | decode vs base |");
+    let base_name = sessions[0].name.clone();
+    println!("| configuration | prefill ms | decode ms / step | decode vs {base_name} |");
     println!("|---|---:|---:|---:|");
     for s in sessions.iter_mut() {
         let step = median(&mut s.step_ms);
@@ -318,7 +335,9 @@ fn main() -> anyhow::Result<()> {
             step / base_step
         );
     }
-
+    if args.no_apply_table {
+        return Ok(());
+    }
     println!(
         "\nLoRA `apply` alone, layer 0, median µs (decode: {} rows; prefill: {} rows)\n",
         args.batch,

@@ -66,9 +66,37 @@ pub struct ShardArgs {
     /// ~/.cache/huggingface/hub).
     #[arg(long, env = "HUGGINGFACE_HUB_CACHE")]
     pub huggingface_hub_cache: Option<PathBuf>,
+    /// Threads of the forward pass (default: RAYON_NUM_THREADS if set, else the CPUs this
+    /// process may use).
+    #[arg(long, env = "MEDLEY_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
+}
+
+/// Fixes the forward pass's thread count for this process and returns it: `requested`, else a
+/// positive `RAYON_NUM_THREADS`, else the CPUs available to the process. The count is written
+/// to `RAYON_NUM_THREADS`, which sizes rayon's global pool (the `medley_kernels` projections)
+/// and which candle reads on every CPU matmul: without it candle counts physical cores by
+/// parsing `/proc/cpuinfo` each time (about 2% of a decode step on 2 cores, more on large
+/// hosts).
+///
+/// # Safety
+/// Changes the environment: call it before the process starts any other thread.
+pub unsafe fn configure_threads(requested: Option<u16>) -> usize {
+    let from_env = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    let n = requested
+        .map(usize::from)
+        .or(from_env)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // SAFETY: the caller guarantees no other thread exists yet, so nothing reads the
+    // environment concurrently.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    n
 }
 
 impl ShardArgs {
@@ -152,6 +180,7 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
         model = %args.model_dir.display(),
         dtype = ?model.dtype(),
         kv_cache_tokens = capacity,
+        threads = rayon::current_num_threads(),
         load_ms = t0.elapsed().as_millis() as u64,
         "model loaded"
     );

@@ -1,7 +1,7 @@
 //! `medley-shard`: serves one tensor-parallel rank of a model over a Unix socket.
 
 use clap::Parser;
-use medley_shard::cli::{ShardArgs, init_logging, run};
+use medley_shard::cli::{ShardArgs, configure_threads, init_logging, run};
 
 /// Command line of the standalone shard binary.
 #[derive(Parser, Debug)]
@@ -16,6 +16,8 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // SAFETY: nothing has started a thread yet.
+    unsafe { configure_threads(cli.args.threads) };
     init_logging(cli.args.json_output);
     run(cli.args)
 }

@@ -72,6 +72,9 @@ struct Args {
     /// Scenarios to run.
     #[arg(long, value_delimiter = ',', default_value = "single,base,merges")]
     scenarios: Vec<String>,
+    /// Rounds in which every scenario runs once (ratios are medians over rounds).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
     /// Run the soak test instead.
     #[arg(long)]
     soak: bool,
@@ -94,8 +97,49 @@ struct Args {
 struct StreamStats {
     ttft: Option<Duration>,
     itl: Vec<Duration>,
+    /// When each token event arrived.
+    times: Vec<Instant>,
     tokens: usize,
     status: u16,
+}
+
+/// Aggregate decode throughput: the tokens that are not a request's first token and arrive while
+/// `concurrency` streams are all in their decode phase (between their first and last token),
+/// divided by the length of those periods. Prefill of requests that join later and the ramp-up
+/// and drain at the ends are left out, so this is the steady-state decode rate of `concurrency`
+/// streams. `None` when the streams never decoded all at once.
+fn decode_tps(stats: &[StreamStats], concurrency: usize) -> Option<f64> {
+    let mut edges: Vec<(Instant, i32)> = vec![];
+    for s in stats
+        .iter()
+        .filter(|s| s.status == 200 && s.times.len() >= 2)
+    {
+        edges.push((s.times[0], 1));
+        edges.push((*s.times.last()?, -1));
+    }
+    // Ends sort before starts at the same instant (a finished stream no longer decodes).
+    edges.sort_by_key(|&(t, d)| (t, d));
+    let mut periods: Vec<(Instant, Instant)> = vec![];
+    let (mut active, mut since) = (0i32, None);
+    for (t, d) in edges {
+        active += d;
+        if active as usize >= concurrency {
+            since.get_or_insert(t);
+        } else if let Some(a) = since.take() {
+            periods.push((a, t));
+        }
+    }
+    let span: f64 = periods.iter().map(|(a, b)| (*b - *a).as_secs_f64()).sum();
+    if span <= 0.0 {
+        return None;
+    }
+    let tokens = stats
+        .iter()
+        .filter(|s| s.status == 200)
+        .flat_map(|s| s.times.iter().skip(1))
+        .filter(|t| periods.iter().any(|(a, b)| *t > a && *t <= b))
+        .count();
+    Some(tokens as f64 / span)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -219,6 +263,7 @@ async fn stream_one(http: &str, body: Value) -> StreamStats {
             }
             last = now;
             stats.tokens += 1;
+            stats.times.push(now);
         }
     }
     stats
@@ -273,7 +318,16 @@ async fn run_load(
     (all, start.elapsed())
 }
 
-fn report(name: &str, stats: &[StreamStats], wall: Duration) -> f64 {
+/// Throughput of one scenario.
+#[derive(Debug, Clone, Copy)]
+struct Throughput {
+    /// All tokens over the wall time (prefill included).
+    end_to_end: f64,
+    /// See [`decode_tps`].
+    decode: Option<f64>,
+}
+
+fn report(name: &str, stats: &[StreamStats], wall: Duration, concurrency: usize) -> Throughput {
     let ok: Vec<&StreamStats> = stats.iter().filter(|s| s.status == 200).collect();
     let tokens: usize = ok.iter().map(|s| s.tokens).sum();
     let mut ttft: Vec<f64> = ok
@@ -287,12 +341,14 @@ fn report(name: &str, stats: &[StreamStats], wall: Duration) -> f64 {
         .collect();
     ttft.sort_by(f64::total_cmp);
     itl.sort_by(f64::total_cmp);
-    let tps = tokens as f64 / wall.as_secs_f64();
+    let end_to_end = tokens as f64 / wall.as_secs_f64();
+    let decode = decode_tps(stats, concurrency);
     println!(
-        "| {name:<28} | {:>4}/{:<4} | {:>9.1} | {:>7.0} | {:>7.0} | {:>7.0} | {:>6.1} | {:>6.1} | {:>6.1} |",
+        "| {name:<28} | {:>4}/{:<4} | {:>9.1} | {:>9.1} | {:>7.0} | {:>7.0} | {:>7.0} | {:>6.1} | {:>6.1} | {:>6.1} |",
         ok.len(),
         stats.len(),
-        tps,
+        end_to_end,
+        decode.unwrap_or(f64::NAN),
         percentile(&ttft, 0.5),
         percentile(&ttft, 0.9),
         percentile(&ttft, 0.99),
@@ -300,15 +356,18 @@ fn report(name: &str, stats: &[StreamStats], wall: Duration) -> f64 {
         percentile(&itl, 0.9),
         percentile(&itl, 0.99),
     );
-    tps
+    Throughput { end_to_end, decode }
 }
 
 fn header() {
     println!(
-        "| scenario                     | ok/total  | tokens/s  | TTFT50  | TTFT90  | TTFT99  | ITL50  | ITL90  | ITL99  |"
+        "| scenario                     | ok/total  | e2e tok/s | dec tok/s | TTFT50  | TTFT90  | TTFT99  | ITL50  | ITL90  | ITL99  |"
     );
     println!(
-        "|------------------------------|-----------|-----------|---------|---------|---------|--------|--------|--------|"
+        "|------------------------------|-----------|-----------|-----------|---------|---------|---------|--------|--------|--------|"
+    );
+    println!(
+        "(e2e: all tokens / wall time; dec: aggregate decode rate while every stream decodes; ms)"
     );
 }
 
@@ -382,81 +441,109 @@ async fn main() -> anyhow::Result<()> {
         args.preset, args.layers, args.rank, args.max_new_tokens, args.concurrency
     );
     header();
-    let mut results = BTreeMap::new();
-    for scenario in &args.scenarios {
-        match scenario.as_str() {
-            "single" => {
-                let (s, wall) = run_load(&http, &args, 4, 1, Arc::new(|_| json!({})), None).await;
-                results.insert("single", report("single (base, 1 stream)", &s, wall));
+    // Scenarios take turns for `--repeats` rounds, so a change of the (shared) machine's speed
+    // hits all of them alike; ratios are taken within a round and their median reported.
+    let mut results: BTreeMap<String, Vec<Throughput>> = BTreeMap::new();
+    let mut warmed = false;
+    for _ in 0..args.repeats.max(1) {
+        for scenario in &args.scenarios {
+            if let Some(t) = run_scenario(scenario, &http, &args, &adapters, &mut warmed).await? {
+                results.entry(scenario.clone()).or_default().push(t);
             }
-            "base" => {
-                let total = args.concurrency * args.rounds;
-                let (s, wall) = run_load(
-                    &http,
-                    &args,
-                    total,
-                    args.concurrency,
-                    Arc::new(|_| json!({})),
-                    None,
-                )
-                .await;
-                results.insert(
-                    "base",
-                    report(&format!("base x{}", args.concurrency), &s, wall),
-                );
-            }
-            "merges" => {
-                let merges = args.merges;
-                let ad = Arc::new(adapters.clone());
+        }
+    }
+    let summary = |a: &str, b: &str, what: &str, target: &str| {
+        let (Some(x), Some(y)) = (results.get(a), results.get(b)) else {
+            return;
+        };
+        let mut dec: Vec<f64> = x
+            .iter()
+            .zip(y)
+            .filter_map(|(p, q)| Some(p.decode? / q.decode?))
+            .collect();
+        let mut e2e: Vec<f64> = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| p.end_to_end / q.end_to_end)
+            .collect();
+        dec.sort_by(f64::total_cmp);
+        e2e.sort_by(f64::total_cmp);
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "{what}: decode median {:.2}x [{}], end to end median {:.2}x [{}] (target: {target})",
+            percentile(&dec, 0.5),
+            list(&dec),
+            percentile(&e2e, 0.5),
+            list(&e2e),
+        );
+    };
+    println!();
+    summary(
+        "merges",
+        "single",
+        "merges / single throughput",
+        "decode >= 6x",
+    );
+    summary(
+        "base",
+        "merges",
+        "base / merges throughput",
+        "decode <= 1.15x",
+    );
+    drop(server);
+    Ok(())
+}
+
+/// Runs one scenario and prints its row; `None` for scenarios without a throughput.
+async fn run_scenario(
+    scenario: &str,
+    http: &str,
+    args: &Args,
+    adapters: &[PathBuf],
+    warmed: &mut bool,
+) -> anyhow::Result<Option<Throughput>> {
+    let n = args.concurrency;
+    let total = n * args.rounds;
+    Ok(Some(match scenario {
+        "single" => {
+            let (s, wall) = run_load(http, args, 4, 1, Arc::new(|_| json!({})), None).await;
+            report("single (base, 1 stream)", &s, wall, 1)
+        }
+        "base" => {
+            let (s, wall) = run_load(http, args, total, n, Arc::new(|_| json!({})), None).await;
+            report(&format!("base x{n}"), &s, wall, n)
+        }
+        "merges" => {
+            let merges = args.merges;
+            let ad = Arc::new(adapters.to_vec());
+            if !*warmed {
                 // Warm every merge once (its merge time is not decode throughput).
                 let warm = Instant::now();
                 let ad2 = ad.clone();
-                let (w, _) = run_load(
-                    &http,
-                    &args,
-                    merges,
-                    merges,
-                    Arc::new(move |k| merge_params(k, &ad2)),
-                    None,
-                )
-                .await;
+                let params = Arc::new(move |k| merge_params(k, &ad2));
+                let (w, _) = run_load(http, args, merges, merges, params, None).await;
                 let failed = w.iter().filter(|s| s.status != 200).count();
                 eprintln!(
                     "warmed {merges} merges in {:.2} s ({failed} failed)",
                     warm.elapsed().as_secs_f64()
                 );
-                let total = args.concurrency * args.rounds;
-                let ad3 = ad.clone();
-                let (s, wall) = run_load(
-                    &http,
-                    &args,
-                    total,
-                    args.concurrency,
-                    Arc::new(move |k| merge_params(k % merges, &ad3)),
-                    None,
-                )
-                .await;
-                results.insert(
-                    "merges",
-                    report(&format!("{merges} merges x{}", args.concurrency), &s, wall),
-                );
+                *warmed = true;
             }
-            "cache" => cache_latency(&http, &adapters).await?,
-            other => anyhow::bail!("unknown scenario `{other}`"),
+            let params = Arc::new(move |k| merge_params(k % merges, &ad));
+            let (s, wall) = run_load(http, args, total, n, params, None).await;
+            report(&format!("{merges} merges x{n}"), &s, wall, n)
         }
-    }
-    if let (Some(single), Some(merges)) = (results.get("single"), results.get("merges")) {
-        println!("\nmerges / single throughput: {:.2}x", merges / single);
-    }
-    if let (Some(base), Some(merges)) = (results.get("base"), results.get("merges")) {
-        println!(
-            "base / merges throughput: {:.2}x (heterogeneous-adapter overhead {:.1}%)",
-            base / merges,
-            (base / merges - 1.0) * 100.0
-        );
-    }
-    drop(server);
-    Ok(())
+        "cache" => {
+            cache_latency(http, adapters).await?;
+            return Ok(None);
+        }
+        other => anyhow::bail!("unknown scenario `{other}`"),
+    }))
 }
 
 /// Latency of one-token requests: base, a single adapter, and a merge (cold, then cached).
@@ -574,17 +661,21 @@ async fn soak(args: &Args, server: &Server, adapters: &[PathBuf]) -> anyhow::Res
         .count();
     println!("successful streams with a wrong token count: {short}");
     header();
-    report("soak", &stats, wall);
+    report("soak", &stats, wall, args.concurrency);
     println!("\nRSS of the server process tree after every 200 requests:");
     if let Ok(v) = rss.lock() {
         for (n, kib) in v.iter() {
             println!("  after {n:>5}: {:>8.1} MiB", *kib as f64 / 1024.0);
         }
-        if v.len() >= 2 {
-            let second = v[0].1 as f64;
+        // The first 200 requests include warm-up (allocator arenas, merges computed, caches
+        // filled); stability is judged from the end of the second 200 to the end.
+        if v.len() >= 3 {
+            let second = v[1].1 as f64;
             let last = v[v.len() - 1].1 as f64;
             println!(
-                "growth from the first sample to the last: {:+.1}%",
+                "growth from after request {} to after request {}: {:+.1}%",
+                v[1].0,
+                v[v.len() - 1].0,
                 (last / second - 1.0) * 100.0
             );
         }

@@ -53,6 +53,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Shard(args) => {
+            // SAFETY: the shard subcommand runs on the main thread before any other starts.
+            unsafe { medley_shard::cli::configure_threads(args.threads) };
             medley_shard::cli::init_logging(args.json_output);
             match medley_shard::cli::run(*args) {
                 Ok(()) => ExitCode::SUCCESS,
