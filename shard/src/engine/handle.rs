@@ -6,6 +6,7 @@ use std::thread::JoinHandle;
 use medley_proto::shard::v1 as pb;
 use tokio::sync::oneshot;
 
+use super::heap::{HeapTrimmer, TRIM_INTERVAL};
 use super::{Engine, EngineError};
 use crate::adapters::{InstallReport, SlotAdapter};
 
@@ -120,6 +121,7 @@ impl EngineHandle {
 }
 
 fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
+    let mut heap = HeapTrimmer::new(TRIM_INTERVAL);
     while let Ok(cmd) = rx.recv() {
         // A send error only means the caller gave up waiting; the work is done either way.
         match cmd {
@@ -158,6 +160,8 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
                 let _ = r.send(Ok(engine.list_adapters()));
             }
         }
+        // After the reply, so the trim delays no caller that is waiting for this command.
+        heap.maybe_trim();
     }
     tracing::info!("engine thread stopped");
 }

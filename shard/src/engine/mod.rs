@@ -4,6 +4,7 @@
 
 mod adapters;
 mod handle;
+mod heap;
 mod sequence;
 mod text;
 
