@@ -8,19 +8,8 @@
 use std::time::Instant;
 
 use medley_kernels::cpu::CpuKernels;
+use medley_kernels::testing::values;
 use medley_kernels::{Factors, RowMapping, Segment, Shape};
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn median_us(mut f: impl FnMut()) -> f64 {
     let mut t: Vec<f64> = (0..31)

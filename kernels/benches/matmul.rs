@@ -14,18 +14,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use medley_kernels::Shape;
 use medley_kernels::matmul::{Isa, matmul_nt_with};
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use medley_kernels::testing::values;
 
 /// Median seconds of `f(i)` over calls cycling `i` through the weight copies (at least 7 calls
 /// and about a quarter of a second).

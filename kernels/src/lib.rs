@@ -28,12 +28,11 @@ pub mod matmul;
 pub mod reference;
 mod simd;
 
-#[cfg(test)]
-pub(crate) mod testing {
-    //! Shared test inputs.
+pub mod testing {
+    //! Deterministic inputs for the tests and benchmarks of the kernels.
 
-    /// Deterministic values in [-1, 1) (a small LCG; no dependency needed).
-    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
+    /// `n` deterministic values in [-1, 1) from `seed` (a small LCG; no dependency needed).
+    pub fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

@@ -14,6 +14,7 @@ use medley_kernels::{Factors, NO_ADAPTER, RowMapping, Segment, Shape as KernelSh
 
 use super::store::{AdapterStore, LoraBackend};
 use super::weights::DeviceModule;
+use crate::model::layers::cpu_f32_slice as f32_slice;
 use crate::model::{LoraDelta, RowSlots, TargetModule};
 
 impl LoraDelta for AdapterStore {
@@ -109,16 +110,6 @@ fn apply_kernels(
         factors,
     };
     y.apply_op2_no_bwd(x, &op)
-}
-
-/// The values of a contiguous f32 CPU storage.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => v
-            .get(a..b)
-            .ok_or_else(|| candle_core::Error::Msg("tensor view out of range".into())),
-        _ => candle_core::bail!("lora op needs contiguous f32 tensors"),
-    }
 }
 
 /// `y + LoRA(x)` as a candle op over the CPU storages of `y` (first operand) and `x`.

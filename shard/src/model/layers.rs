@@ -46,8 +46,7 @@ pub fn matmul_in(a: &Tensor, b: &Tensor, out: DType) -> candle_core::Result<Tens
 const KERNEL_MAX_ROWS: usize = 64;
 
 /// Up to this many rows, CPU projections that do not use the kernel (half-precision models) are
-/// computed
-/// as `(W xᵀ)ᵀ`; measured with candle 0.11 on 2 cores for W = 5632x2048 in f32: 1 row 3.3 ms
+/// computed as `(W xᵀ)ᵀ`; measured with candle 0.11 on 2 cores for W = 5632x2048 in f32: 1 row 3.3 ms
 /// either way, 4 rows 17.7 vs 9.1 ms, 16 rows 29.6 vs 9.0 ms, 32 rows 18.5 vs 13.2 ms, 64 rows
 /// about equal, 256+ rows slower.
 const SMALL_BATCH_ROWS: usize = 32;
@@ -105,7 +104,8 @@ impl Linear {
     }
 }
 
-/// The values of a contiguous f32 CPU storage.
+/// The values of a contiguous f32 CPU storage (the custom ops here and in
+/// `crate::adapters::delta` read their operands in place through it).
 pub(crate) fn cpu_f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => v
