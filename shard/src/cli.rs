@@ -10,7 +10,7 @@ use crate::adapters::config::{DEFAULT_MAX_SLOTS, default_merge_threads};
 use crate::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend, parse_byte_size,
 };
-use crate::engine::{Engine, EngineHandle, EngineInfo, TextContext};
+use crate::engine::{Engine, EngineHandle, EngineInfo, EngineThreadSettings, TextContext};
 use crate::hub::HubSettings;
 use crate::kv_cache::KvCache;
 use crate::model::{LlamaModel, LoadOptions};
@@ -70,6 +70,10 @@ pub struct ShardArgs {
     /// process may use).
     #[arg(long, env = "MEDLEY_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
+    /// Shortest time in milliseconds between two returns of freed heap memory to the operating
+    /// system (glibc `malloc_trim`, on the engine thread between commands); 0 never trims.
+    #[arg(long, env = "HEAP_TRIM_INTERVAL_MS", default_value_t = 1000)]
+    pub heap_trim_interval_ms: u64,
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
@@ -214,7 +218,11 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
         LoraBackend::Kernels,
     );
     let engine = Engine::new(model, kv, text, info, store);
-    let (handle, join) = EngineHandle::spawn(engine)?;
+    let thread = EngineThreadSettings {
+        heap_trim_interval: (args.heap_trim_interval_ms > 0)
+            .then(|| std::time::Duration::from_millis(args.heap_trim_interval_ms)),
+    };
+    let (handle, join) = EngineHandle::spawn_with(engine, thread)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -2,6 +2,7 @@
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use medley_proto::shard::v1 as pb;
 use tokio::sync::oneshot;
@@ -33,14 +34,37 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
 }
 
+/// Settings of the engine thread itself.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineThreadSettings {
+    /// Shortest time between two heap trims (see `heap.rs`); `None` never trims.
+    pub heap_trim_interval: Option<Duration>,
+}
+
+impl Default for EngineThreadSettings {
+    fn default() -> Self {
+        Self {
+            heap_trim_interval: Some(TRIM_INTERVAL),
+        }
+    }
+}
+
 impl EngineHandle {
-    /// Moves `engine` onto its own thread and returns the handle plus the thread's join handle.
-    /// The thread exits when every handle is dropped.
+    /// Moves `engine` onto its own thread with the default [`EngineThreadSettings`] and returns
+    /// the handle plus the thread's join handle. The thread exits when every handle is dropped.
     pub fn spawn(engine: Engine) -> std::io::Result<(Self, JoinHandle<()>)> {
+        Self::spawn_with(engine, EngineThreadSettings::default())
+    }
+
+    /// [`EngineHandle::spawn`] with explicit thread settings.
+    pub fn spawn_with(
+        engine: Engine,
+        settings: EngineThreadSettings,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
         let join = std::thread::Builder::new()
             .name("medley-engine".into())
-            .spawn(move || run(engine, rx))?;
+            .spawn(move || run(engine, rx, settings))?;
         Ok((Self { tx }, join))
     }
 
@@ -120,8 +144,8 @@ impl EngineHandle {
     }
 }
 
-fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
-    let mut heap = HeapTrimmer::new(TRIM_INTERVAL);
+fn run(mut engine: Engine, rx: mpsc::Receiver<Command>, settings: EngineThreadSettings) {
+    let mut heap = settings.heap_trim_interval.map(HeapTrimmer::new);
     while let Ok(cmd) = rx.recv() {
         // A send error only means the caller gave up waiting; the work is done either way.
         match cmd {
@@ -161,7 +185,9 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>) {
             }
         }
         // After the reply, so the trim delays no caller that is waiting for this command.
-        heap.maybe_trim();
+        if let Some(h) = heap.as_mut() {
+            h.maybe_trim();
+        }
     }
     tracing::info!("engine thread stopped");
 }

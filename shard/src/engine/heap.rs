@@ -8,7 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-/// Shortest time between two trims (a trim of a few GiB of heap takes a few milliseconds).
+/// Default shortest time between two trims (a trim of a few GiB of heap takes a few
+/// milliseconds); `--heap-trim-interval-ms` changes it.
 pub(crate) const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Rate-limits heap trims.

@@ -17,7 +17,7 @@ use crate::adapters::{AdapterError, AdapterStore};
 use crate::kv_cache::KvCache;
 use crate::model::{ForwardBatch, LlamaModel, SeqChunk};
 
-pub use handle::EngineHandle;
+pub use handle::{EngineHandle, EngineThreadSettings};
 use sequence::Sequence;
 pub use text::TextContext;
 
