@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::batch::BatchPlan;
+use super::batch::{BatchPlan, ChunkPlan};
+use super::decode_attention::{self, Heads, SeqKv};
 use super::layers::{Linear, matmul_in};
 use super::lora::{LoraDelta, TargetModule};
 use super::{ModelConfig, ModelError};
@@ -126,26 +127,63 @@ impl Attention {
         let k = rope.apply(&k.reshape((rows, kvh, d))?)?;
         let v = v.reshape((rows, kvh, d))?;
 
-        let mut outs = Vec::with_capacity(plan.chunks.len());
-        for c in &plan.chunks {
-            let kc = k.narrow(0, c.offset, c.len)?.transpose(0, 1)?;
-            let vc = v.narrow(0, c.offset, c.len)?.transpose(0, 1)?;
-            kv.write(c.seq_id, layer, c.start, &kc, &vc)?;
-            // Keys visible to the first query of the chunk start here (sliding window).
-            let lo = match self.sliding_window {
-                Some(w) => (c.start + 1).saturating_sub(w),
-                None => 0,
+        // A decode step (one new row per sequence, rows in chunk order) on the CPU in f32: one
+        // parallel pass over all sequences (see `decode_attention`).
+        let decode_step = plan
+            .chunks
+            .iter()
+            .enumerate()
+            .all(|(i, c)| c.len == 1 && c.offset == i);
+        let attn = if decode_step && decode_attention::supported(&q) {
+            let mut seqs = Vec::with_capacity(plan.chunks.len());
+            for c in &plan.chunks {
+                let (keys, values, _) = self.store_and_view(layer, c, &k, &v, kv)?;
+                seqs.push(SeqKv { keys, values });
+            }
+            let heads = Heads {
+                heads: h,
+                kv_heads: kvh,
+                dim: d,
+                scale: self.scale,
             };
-            let (keys, values) = kv.view(c.seq_id, layer, lo, c.start + c.len - lo)?;
-            let qc = q.narrow(0, c.offset, c.len)?;
-            outs.push(self.attend(&qc, &keys, &values, c.start, lo)?);
-        }
-        let attn = if outs.len() == 1 {
-            outs.swap_remove(0)
+            decode_attention::decode_attention(&q, &seqs, heads)?
         } else {
-            Tensor::cat(&outs, 0)?
+            let mut outs = Vec::with_capacity(plan.chunks.len());
+            for c in &plan.chunks {
+                let (keys, values, lo) = self.store_and_view(layer, c, &k, &v, kv)?;
+                let qc = q.narrow(0, c.offset, c.len)?;
+                outs.push(self.attend(&qc, &keys, &values, c.start, lo)?);
+            }
+            if outs.len() == 1 {
+                outs.swap_remove(0)
+            } else {
+                Tensor::cat(&outs, 0)?
+            }
         };
         Ok(lora.apply(layer, TargetModule::O, &attn, self.o.forward(&attn)?, slots)?)
+    }
+
+    /// Writes chunk `c`'s keys and values (rows of `k`, `v: [rows, kv_heads, d]`) into `kv` and
+    /// returns the views `[kv_heads, len, d]` of every key its queries may see, with the position
+    /// of the first (`lo`, later than 0 only with a sliding window).
+    fn store_and_view(
+        &self,
+        layer: usize,
+        c: &ChunkPlan,
+        k: &Tensor,
+        v: &Tensor,
+        kv: &KvCache,
+    ) -> Result<(Tensor, Tensor, usize), ModelError> {
+        let kc = k.narrow(0, c.offset, c.len)?.transpose(0, 1)?;
+        let vc = v.narrow(0, c.offset, c.len)?.transpose(0, 1)?;
+        kv.write(c.seq_id, layer, c.start, &kc, &vc)?;
+        // Keys visible to the first query of the chunk start here (sliding window).
+        let lo = match self.sliding_window {
+            Some(w) => (c.start + 1).saturating_sub(w),
+            None => 0,
+        };
+        let (keys, values) = kv.view(c.seq_id, layer, lo, c.start + c.len - lo)?;
+        Ok((keys, values, lo))
     }
 
     /// Attention of one sequence's new queries `q: [n, heads, d]` (positions `start..start+n`)

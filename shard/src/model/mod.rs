@@ -4,6 +4,7 @@
 //! * [`weights`] — memory-mapped single-file or sharded safetensors checkpoints.
 //! * [`layers`] — linear, RMSNorm and activation numerics matching transformers.
 //! * [`attention`] — rotary embeddings and per-sequence causal GQA over the KV cache.
+//! * `decode_attention` — one-pass CPU attention of a decode step (one query per sequence).
 //! * [`batch`] — the ragged batch of one step ([`ForwardBatch`], [`SeqChunk`]).
 //! * [`lora`] — the LoRA hook ([`LoraDelta`], [`RowSlots`], [`TargetModule`], [`NoLora`]).
 //! * [`llama`] — [`LlamaModel`]: loading and the batched forward step.
@@ -15,6 +16,7 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
+mod decode_attention;
 pub mod layers;
 pub mod llama;
 pub mod lora;
