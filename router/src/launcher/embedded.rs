@@ -115,26 +115,34 @@ impl EmbeddedModel {
             file.write_all(bytes)?;
             file.sync_all()?;
         }
-        if target.exists() {
-            // Damaged (verify failed above): move it aside and drop it.
-            let trash = tempfile::Builder::new()
-                .prefix(".trash-")
-                .tempdir_in(base)?;
-            let _ = std::fs::rename(&target, trash.path().join("old"));
-        }
         let staging = staging.keep();
-        match std::fs::rename(&staging, &target) {
-            Ok(()) => Ok(target),
-            Err(e) => {
+        // Other launchers may be extracting the same content at the same time: a target that
+        // verifies (theirs, identical) wins; otherwise a damaged one is moved aside and ours is
+        // put in its place, again if another launcher swapped in between.
+        let mut last = None;
+        for _ in 0..EXTRACT_ATTEMPTS {
+            if self.verify(&target) {
                 let _ = std::fs::remove_dir_all(&staging);
-                // Another launcher may have won the race with the same content.
-                if self.verify(&target) {
-                    Ok(target)
-                } else {
-                    Err(e)
+                return Ok(target);
+            }
+            if target.exists() {
+                match tempfile::Builder::new().prefix(".trash-").tempdir_in(base) {
+                    Ok(trash) => {
+                        let _ = std::fs::rename(&target, trash.path().join("old"));
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&staging);
+                        return Err(e);
+                    }
                 }
             }
+            match std::fs::rename(&staging, &target) {
+                Ok(()) => return Ok(target),
+                Err(e) => last = Some(e),
+            }
         }
+        let _ = std::fs::remove_dir_all(&staging);
+        Err(last.unwrap_or_else(|| std::io::Error::other("extraction raced too often")))
     }
 
     /// True when `dir` holds every file with the expected bytes.
@@ -144,6 +152,9 @@ impl EmbeddedModel {
         })
     }
 }
+
+/// Rounds of verify / move aside / rename before a contended extraction gives up.
+const EXTRACT_ATTEMPTS: usize = 8;
 
 /// Candidate base directories: `$XDG_CACHE_HOME/medley/embedded`, `~/.cache/medley/embedded`,
 /// then `<temp dir>/medley/embedded`.
