@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use medley_proto::shard::v1 as pb;
+use rayon::prelude::*;
 
 use crate::adapters::{AdapterError, AdapterStore};
 use crate::kv_cache::KvCache;
@@ -303,26 +304,13 @@ impl Engine {
         };
         let forward_ns = t0.elapsed().as_nanos() as u64;
         let t1 = Instant::now();
-        let vocab = self.vocab();
-        let max_positions = self.max_positions();
+        let outputs = self.sample_all(&mut seqs, &logits, prefill);
         let mut generations = Vec::with_capacity(seqs.len());
         let mut kept = Vec::with_capacity(seqs.len());
-        let mut row = 0usize;
         let mut failure = None;
-        for mut s in seqs.drain(..) {
-            let rows = if prefill && s.prefill_logprobs {
-                s.prompt_len
-            } else {
-                1
-            };
-            let block = &logits[row * vocab..(row + rows) * vocab];
-            row += rows;
-            let prompt_tokens =
-                (prefill && s.prefill_logprobs).then(|| s.prompt_tokens(block, vocab, &self.text));
-            let last = &block[(rows - 1) * vocab..];
-            match s.step(last, &self.text, max_positions) {
-                Ok(mut out) => {
-                    out.generation.prefill_tokens = prompt_tokens;
+        for (s, out) in seqs.drain(..).zip(outputs) {
+            match out {
+                Ok(out) => {
                     generations.push(out.generation);
                     if out.finished {
                         self.kv.free(s.id);
@@ -342,12 +330,66 @@ impl Engine {
             }
             return Err(e);
         }
-        Ok((
-            generations,
-            kept,
-            forward_ns,
-            t1.elapsed().as_nanos() as u64,
-        ))
+        let decode_ns = t1.elapsed().as_nanos() as u64;
+        tracing::debug!(
+            prefill,
+            sequences = generations.len(),
+            forward_ms = forward_ns as f64 / 1e6,
+            sample_ms = decode_ns as f64 / 1e6,
+            "step"
+        );
+        Ok((generations, kept, forward_ns, decode_ns))
+    }
+
+    /// Picks every sequence's next token from its logits rows (and, in a prefill that asked
+    /// for them, the prompt's logprobs), in parallel over the sequences on the model's pool.
+    fn sample_all(
+        &self,
+        seqs: &mut [Sequence],
+        logits: &[f32],
+        prefill: bool,
+    ) -> Vec<Result<sequence::StepOutput, EngineError>> {
+        let vocab = self.vocab();
+        let max_positions = self.max_positions();
+        let text = &self.text;
+        let rows_of = |s: &Sequence| {
+            if prefill && s.prefill_logprobs {
+                s.prompt_len.max(1)
+            } else {
+                1
+            }
+        };
+        let needed: usize = seqs.iter().map(|s| rows_of(s) * vocab).sum();
+        if logits.len() != needed {
+            let msg = format!("{} logits, expected {needed}", logits.len());
+            return seqs
+                .iter()
+                .map(|_| Err(EngineError::Model(msg.clone())))
+                .collect();
+        }
+        let mut rest = logits;
+        let mut work = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            let rows = rows_of(s);
+            let (block, tail) = rest.split_at(rows * vocab);
+            rest = tail;
+            work.push((s, block, rows));
+        }
+        let run = |(s, block, rows): (&mut Sequence, &[f32], usize)| {
+            let prompt_tokens =
+                (prefill && s.prefill_logprobs).then(|| s.prompt_tokens(block, vocab, text));
+            let last = &block[(rows - 1) * vocab..];
+            s.step(last, text, max_positions).map(|mut out| {
+                out.generation.prefill_tokens = prompt_tokens;
+                out
+            })
+        };
+        if work.len() < 2 {
+            return work.into_iter().map(run).collect();
+        }
+        self.model
+            .device()
+            .with_context(|| work.into_par_iter().map(run).collect())
     }
 
     /// Keeps `seqs` as batch `id` and returns its handle (None when empty).

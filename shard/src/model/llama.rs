@@ -162,7 +162,22 @@ impl LlamaModel {
     ///
     /// Every chunk's tokens are appended to its KV cache entry, whose length advances only when
     /// the whole step succeeded; on error nothing visible changes (buffers may have grown).
+    ///
+    /// On the CPU the step runs inside candle's thread pool (`Device::with_context`): the many
+    /// short parallel sections of a step (projections, LoRA, attention, candle's ops) then fork
+    /// from a pool thread that takes part in the work, instead of waking the pool from outside
+    /// and sleeping until it finishes, once per section.
     pub fn forward(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvCache,
+        lora: &dyn LoraDelta,
+    ) -> Result<Tensor, ModelError> {
+        self.device
+            .with_context(|| self.forward_in_pool(batch, kv, lora))
+    }
+
+    fn forward_in_pool(
         &self,
         batch: &ForwardBatch,
         kv: &mut KvCache,
