@@ -2,9 +2,9 @@
 //!
 //! Rows are grouped by adapter (a segment, or every row of a BGMV table with the same adapter)
 //! into work items of at most `ITEM_ROWS` (8) rows; items run in parallel (rayon) and each streams
-//! its adapter's factors once for all of its rows: the shrink dots every row of `A` with up to
-//! four `x` rows at a time, the expand adds every row of `Bᵀ` into the item's `y` rows in column
-//! tiles that stay in cache. On a decode step with rows of the same adapter scattered over the
+//! its adapter's factors once for all of its rows: the shrink dots each `x` row with four rows of
+//! `A` at a time, the expand adds every row of `Bᵀ` into the item's `y` rows in column tiles
+//! that stay in cache. On a decode step with rows of the same adapter scattered over the
 //! batch, each adapter's factors are therefore read once per projection, not once per row.
 //! Inner loops use AVX2 + FMA when the CPU has them (`simd.rs`).
 
@@ -20,9 +20,12 @@ use crate::{
 /// spread a single adapter's rows over the threads.
 const ITEM_ROWS: usize = 8;
 
-/// Columns of `y` updated together by the expand (4 KiB per row: the tile of every row of an
-/// item stays in L1/L2 while `Bᵀ` streams through).
-const COL_TILE: usize = 1024;
+/// Columns of `y` updated together by the expand: every row of `Bᵀ` of a projection up to this
+/// wide is one sequential stream (short 4 KiB tiles made each row of `Bᵀ` a separate short
+/// stream from memory and cost about 2% of a 16-row decode step with 8 adapters, in
+/// `benches/adapters.rs` of the shard); an item's `y` rows stay in L2 (8 rows of a 14336-wide
+/// projection take 448 KiB).
+const COL_TILE: usize = 1 << 16;
 
 /// Below this many multiply-adds a product runs on the calling thread: waking rayon workers
 /// costs more than it saves (measured with `benches/lora.rs`: k/v projections of a 16-row decode
@@ -293,7 +296,11 @@ type ItemRows<'a> = (Vec<&'a mut [f32]>, Vec<&'a mut [f32]>);
 /// bandwidth.
 const FUSED_PARALLEL_MIN_MACS: usize = 1 << 17;
 
-/// `t_rows[i][:r] = x[item.rows[i]] Aᵀ`.
+/// `t_rows[i][:r] = x[item.rows[i]] Aᵀ`, four rows of `A` at a time against one row of `x`:
+/// four independent sums keep the FMA units busy (one or two rows per adapter, as in a decode
+/// step, would otherwise wait on a single chain each), `A` comes from memory once per block and
+/// is reread from cache for the item's other rows. A product has the same value whichever block
+/// size computes it ([`dots`] sums lane by lane in index order).
 fn shrink_item(
     dims: Dims,
     x: &[f32],
@@ -302,29 +309,20 @@ fn shrink_item(
     t_rows: &mut [&mut [f32]],
 ) {
     let inf = dims.in_features;
-    let xs: Vec<&[f32]> = item
-        .rows
-        .iter()
-        .map(|&r| &x[r * inf..(r + 1) * inf])
-        .collect();
-    for (xb, tb) in xs.chunks(4).zip(t_rows.chunks_mut(4)) {
-        for j in 0..f.rank {
-            let a = &f.a[j * inf..(j + 1) * inf];
-            let d: [f32; 4] = match xb {
-                [x0] => [dots(a, [*x0])[0], 0., 0., 0.],
-                [x0, x1] => {
-                    let [p, q] = dots(a, [*x0, *x1]);
-                    [p, q, 0., 0.]
-                }
-                [x0, x1, x2] => {
-                    let [p, q, r] = dots(a, [*x0, *x1, *x2]);
-                    [p, q, r, 0.]
-                }
-                [x0, x1, x2, x3] => dots(a, [*x0, *x1, *x2, *x3]),
-                _ => [0.; 4],
-            };
-            for (t_row, v) in tb.iter_mut().zip(d) {
-                t_row[j] = v;
+    let a_row = |j: usize| &f.a[j * inf..(j + 1) * inf];
+    for j0 in (0..f.rank).step_by(4) {
+        let n = (f.rank - j0).min(4);
+        for (&r, t_row) in item.rows.iter().zip(t_rows.iter_mut()) {
+            let xr = &x[r * inf..(r + 1) * inf];
+            let out = &mut t_row[j0..j0 + n];
+            match n {
+                1 => out.copy_from_slice(&dots(xr, [a_row(j0)])),
+                2 => out.copy_from_slice(&dots(xr, [a_row(j0), a_row(j0 + 1)])),
+                3 => out.copy_from_slice(&dots(xr, [a_row(j0), a_row(j0 + 1), a_row(j0 + 2)])),
+                _ => out.copy_from_slice(&dots(
+                    xr,
+                    [a_row(j0), a_row(j0 + 1), a_row(j0 + 2), a_row(j0 + 3)],
+                )),
             }
         }
     }
