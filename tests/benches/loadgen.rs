@@ -69,11 +69,13 @@ struct Args {
     /// LoRA rank of the generated adapters.
     #[arg(long, default_value_t = 16)]
     rank: usize,
-    /// Scenarios to run.
-    #[arg(long, value_delimiter = ',', default_value = "single,base,merges")]
+    /// Scenarios to run, in this order in every round (`merges` sits next to both scenarios it
+    /// is compared with, so a drift of the machine's speed within a round touches its ratios
+    /// least).
+    #[arg(long, value_delimiter = ',', default_value = "base,merges,single")]
     scenarios: Vec<String>,
     /// Rounds in which every scenario runs once (ratios are medians over rounds).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Run the soak test instead.
     #[arg(long)]
