@@ -98,15 +98,7 @@ impl LoraKernels for CpuKernels {
         adapters: &[Factors<'_, [f32]>],
         t: &mut [f32],
     ) -> Result<(), KernelError> {
-        let mapping = RowMapping::Segments(segments);
-        check_call(
-            dims,
-            &shrink_lens(dims, x.len(), t.len()),
-            mapping,
-            adapters,
-        )?;
-        shrink(dims, x, &work_items(dims.rows, mapping), adapters, t);
-        Ok(())
+        checked_shrink(dims, x, RowMapping::Segments(segments), adapters, t)
     }
 
     fn sgmv_expand(
@@ -117,15 +109,7 @@ impl LoraKernels for CpuKernels {
         adapters: &[Factors<'_, [f32]>],
         y: &mut [f32],
     ) -> Result<(), KernelError> {
-        let mapping = RowMapping::Segments(segments);
-        check_call(
-            dims,
-            &expand_lens(dims, t.len(), y.len()),
-            mapping,
-            adapters,
-        )?;
-        expand(dims, t, &work_items(dims.rows, mapping), adapters, y);
-        Ok(())
+        checked_expand(dims, t, RowMapping::Segments(segments), adapters, y)
     }
 
     fn bgmv_shrink(
@@ -136,15 +120,7 @@ impl LoraKernels for CpuKernels {
         adapters: &[Factors<'_, [f32]>],
         t: &mut [f32],
     ) -> Result<(), KernelError> {
-        let mapping = RowMapping::PerRow(row_adapters);
-        check_call(
-            dims,
-            &shrink_lens(dims, x.len(), t.len()),
-            mapping,
-            adapters,
-        )?;
-        shrink(dims, x, &work_items(dims.rows, mapping), adapters, t);
-        Ok(())
+        checked_shrink(dims, x, RowMapping::PerRow(row_adapters), adapters, t)
     }
 
     fn bgmv_expand(
@@ -155,16 +131,44 @@ impl LoraKernels for CpuKernels {
         adapters: &[Factors<'_, [f32]>],
         y: &mut [f32],
     ) -> Result<(), KernelError> {
-        let mapping = RowMapping::PerRow(row_adapters);
-        check_call(
-            dims,
-            &expand_lens(dims, t.len(), y.len()),
-            mapping,
-            adapters,
-        )?;
-        expand(dims, t, &work_items(dims.rows, mapping), adapters, y);
-        Ok(())
+        checked_expand(dims, t, RowMapping::PerRow(row_adapters), adapters, y)
     }
+}
+
+/// Checks a shrink call's buffers and mapping, then runs it.
+fn checked_shrink(
+    dims: Dims,
+    x: &[f32],
+    mapping: RowMapping<'_>,
+    adapters: &[Factors<'_, [f32]>],
+    t: &mut [f32],
+) -> Result<(), KernelError> {
+    check_call(
+        dims,
+        &shrink_lens(dims, x.len(), t.len()),
+        mapping,
+        adapters,
+    )?;
+    shrink(dims, x, &work_items(dims.rows, mapping), adapters, t);
+    Ok(())
+}
+
+/// Checks an expand call's buffers and mapping, then runs it.
+fn checked_expand(
+    dims: Dims,
+    t: &[f32],
+    mapping: RowMapping<'_>,
+    adapters: &[Factors<'_, [f32]>],
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    check_call(
+        dims,
+        &expand_lens(dims, t.len(), y.len()),
+        mapping,
+        adapters,
+    )?;
+    expand(dims, t, &work_items(dims.rows, mapping), adapters, y);
+    Ok(())
 }
 
 /// One unit of parallel work: some rows (ascending, distinct) that use one adapter.
