@@ -8,13 +8,13 @@
 //! multiplies, and scatters with `index_add`. In half precision on the CPU the product runs in
 //! f32 and is added to the f32-widened base output, which is rounded once.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, StorageRef, Tensor};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, StorageRef, Tensor};
 use medley_kernels::cpu::CpuKernels;
 use medley_kernels::{Factors, NO_ADAPTER, RowMapping, Segment, Shape as KernelShape};
 
 use super::store::{AdapterStore, LoraBackend};
 use super::weights::DeviceModule;
-use crate::model::layers::cpu_f32_slice as f32_slice;
+use crate::model::layers::{cpu_f32_slice as f32_slice, cpu_f32_slice_mut};
 use crate::model::{LoraDelta, RowSlots, TargetModule};
 
 impl LoraDelta for AdapterStore {
@@ -109,33 +109,37 @@ fn apply_kernels(
         },
         factors,
     };
-    y.apply_op2_no_bwd(x, &op)
+    // `y` is this projection's own fresh output (nothing else holds it): add in place instead
+    // of copying it.
+    y.inplace_op2(x, &op)?;
+    Ok(y.clone())
 }
 
-/// `y + LoRA(x)` as a candle op over the CPU storages of `y` (first operand) and `x`.
+/// `y += LoRA(x)` as an in-place candle op over the CPU storages of `y` (first operand) and
+/// `x`.
 struct LoraOp<'a> {
     mapping: RowMapping<'a>,
     factors: Vec<Factors<'a, [f32]>>,
 }
 
-impl CustomOp2 for LoraOp<'_> {
+impl InplaceOp2 for LoraOp<'_> {
     fn name(&self) -> &'static str {
         "medley-lora"
     }
 
     fn cpu_fwd(
         &self,
-        ys: &CpuStorage,
+        ys: &mut CpuStorage,
         yl: &Layout,
         xs: &CpuStorage,
         xl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> candle_core::Result<()> {
         let (rows, out_features) = yl.shape().dims2()?;
         let (x_rows, in_features) = xl.shape().dims2()?;
         if x_rows != rows {
             candle_core::bail!("lora op: x has {x_rows} rows, y has {rows}");
         }
-        let mut out = f32_slice(ys, yl)?.to_vec();
+        let out = cpu_f32_slice_mut(ys, yl)?;
         let x = f32_slice(xs, xl)?;
         CpuKernels
             .apply(
@@ -147,10 +151,9 @@ impl CustomOp2 for LoraOp<'_> {
                 x,
                 self.mapping,
                 &self.factors,
-                &mut out,
+                out,
             )
-            .map_err(|e| candle_core::Error::Msg(format!("lora kernel: {e}")))?;
-        Ok((CpuStorage::F32(out), yl.shape().clone()))
+            .map_err(|e| candle_core::Error::Msg(format!("lora kernel: {e}")))
     }
 }
 

@@ -115,6 +115,19 @@ pub(crate) fn cpu_f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::R
     }
 }
 
+/// The mutable slice of a contiguous f32 CPU storage (for in-place ops).
+pub(crate) fn cpu_f32_slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => v
+            .get_mut(a..b)
+            .ok_or_else(|| candle_core::Error::Msg("tensor view out of range".into())),
+        _ => candle_core::bail!("expected a contiguous f32 tensor"),
+    }
+}
+
 /// `x Wᵀ` by `medley_kernels::matmul` over the CPU storages of `x: [rows, in]` (first operand)
 /// and `W: [out, in]`, both contiguous f32.
 struct ProjectionOp;
