@@ -28,6 +28,7 @@ pub mod matmul;
 pub mod reference;
 mod simd;
 
+#[cfg(any(test, feature = "testing"))]
 pub mod testing {
     //! Deterministic inputs for the tests and benchmarks of the kernels.
 

@@ -5,9 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use medley_merge::Semantics;
-
-use crate::infer::AdapterSource;
+pub use medley_spec::AdapterPolicy;
+use medley_spec::{AdapterSource, Semantics};
 
 /// Serving limits and defaults, shared by the `medley-router` binary and `medley serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -85,21 +84,6 @@ pub struct RouterArgs {
     pub json_output: bool,
 }
 
-/// How adapter selectors are validated.
-#[derive(Debug, Clone)]
-pub struct AdapterPolicy {
-    /// See [`RouterArgs::max_merge_adapters`].
-    pub max_merge_adapters: usize,
-    /// See [`RouterArgs::adapter_roots`] (absolute paths).
-    pub adapter_roots: Vec<PathBuf>,
-    /// See [`RouterArgs::default_adapter_source`].
-    pub default_source: AdapterSource,
-    /// See [`RouterArgs::merge_semantics`].
-    pub merge_semantics: Semantics,
-    /// The served model id: naming it as an adapter means the base model.
-    pub served_model_id: String,
-}
-
 /// Limits enforced by validation.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -155,8 +139,36 @@ pub struct RouterConfig {
     pub shard_uds_paths: Vec<PathBuf>,
     /// Validation limits.
     pub limits: Limits,
+    /// `--max-input-length` and `--max-total-tokens` as given: the limits they leave open
+    /// follow the model ([`RouterConfig::fit_model`]).
+    pub token_flags: TokenFlags,
     /// Batching budgets.
     pub batching: BatchingConfig,
+}
+
+/// The token-limit flags as given (`None`: follow the model).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenFlags {
+    /// `--max-input-length`.
+    pub max_input_length: Option<u32>,
+    /// `--max-total-tokens`.
+    pub max_total_tokens: Option<u32>,
+}
+
+impl TokenFlags {
+    /// `(max_input_length, max_total_tokens)`: the flags when given, else defaults that fit
+    /// the model's positions (`model_positions`, when known).
+    pub fn resolve(self, model_positions: Option<u32>) -> (u32, u32) {
+        let total = self.max_total_tokens.unwrap_or_else(|| {
+            model_positions.map_or(DEFAULT_MAX_TOTAL_TOKENS, |p| {
+                p.min(DEFAULT_MAX_TOTAL_TOKENS)
+            })
+        });
+        let input = self
+            .max_input_length
+            .unwrap_or_else(|| DEFAULT_MAX_INPUT_LENGTH.min(total.saturating_sub(1)));
+        (input, total)
+    }
 }
 
 /// Errors in the router's own configuration.
@@ -173,49 +185,31 @@ pub const DEFAULT_MAX_TOTAL_TOKENS: u32 = 2048;
 pub const DEFAULT_MAX_INPUT_LENGTH: u32 = 1024;
 
 impl RouterArgs {
-    /// `(max_input_length, max_total_tokens)`: the flags when given, else defaults that fit
-    /// the model's positions (`model_positions`, when known).
-    pub fn token_limits(&self, model_positions: Option<u32>) -> (u32, u32) {
-        let total = self.max_total_tokens.unwrap_or_else(|| {
-            model_positions.map_or(DEFAULT_MAX_TOTAL_TOKENS, |p| {
-                p.min(DEFAULT_MAX_TOTAL_TOKENS)
-            })
-        });
-        let input = self
-            .max_input_length
-            .unwrap_or_else(|| DEFAULT_MAX_INPUT_LENGTH.min(total.saturating_sub(1)));
-        (input, total)
+    /// The token-limit flags as given.
+    pub fn token_flags(&self) -> TokenFlags {
+        TokenFlags {
+            max_input_length: self.max_input_length,
+            max_total_tokens: self.max_total_tokens,
+        }
     }
 
     /// Builds the router config for the given model and shard sockets, checking cross-flag
-    /// constraints. `model_positions` is the model's `max_position_embeddings` when known; it
-    /// only shapes the defaults.
+    /// constraints. Token limits the flags leave open take their defaults for an unknown model
+    /// until [`RouterConfig::fit_model`] learns its positions.
     pub fn into_config(
         self,
         model_id: String,
         tokenizer_path: PathBuf,
         shard_uds_paths: Vec<PathBuf>,
-        model_positions: Option<u32>,
     ) -> Result<RouterConfig, ConfigError> {
-        let (max_input_length, max_total_tokens) = self.token_limits(model_positions);
-        if max_input_length == 0 || max_input_length >= max_total_tokens {
-            return Err(ConfigError::Invalid(format!(
-                "--max-input-length ({max_input_length}) must be positive and smaller than --max-total-tokens ({max_total_tokens})"
-            )));
-        }
-        if self.max_batch_prefill_tokens < max_input_length {
-            return Err(ConfigError::Invalid(format!(
-                "--max-batch-prefill-tokens ({}) must be at least --max-input-length ({max_input_length})",
-                self.max_batch_prefill_tokens
-            )));
-        }
-        if let Some(total) = self.max_batch_total_tokens
-            && total < max_total_tokens
-        {
-            return Err(ConfigError::Invalid(format!(
-                "--max-batch-total-tokens ({total}) must be at least --max-total-tokens ({max_total_tokens})"
-            )));
-        }
+        let token_flags = self.token_flags();
+        let (max_input_length, max_total_tokens) = token_flags.resolve(None);
+        check_token_limits(
+            max_input_length,
+            max_total_tokens,
+            self.max_batch_prefill_tokens,
+            self.max_batch_total_tokens,
+        )?;
         if self.max_concurrent_requests == 0 || self.validation_workers == 0 {
             return Err(ConfigError::Invalid(
                 "--max-concurrent-requests and --validation-workers must be positive".into(),
@@ -258,6 +252,7 @@ impl RouterArgs {
             model_id: model_id.clone(),
             tokenizer_path,
             shard_uds_paths,
+            token_flags,
             limits: Limits {
                 max_concurrent_requests: self.max_concurrent_requests,
                 max_input_length,
@@ -287,6 +282,50 @@ impl RouterArgs {
     }
 }
 
+impl RouterConfig {
+    /// Sets the token limits the flags left open to the defaults for a model with
+    /// `model_positions` positions (what the shards report), and checks them again.
+    pub fn fit_model(&mut self, model_positions: u32) -> Result<(), ConfigError> {
+        let (input, total) = self.token_flags.resolve(Some(model_positions));
+        check_token_limits(
+            input,
+            total,
+            self.batching.max_batch_prefill_tokens,
+            self.batching.max_batch_total_tokens,
+        )?;
+        self.limits.max_input_length = input;
+        self.limits.max_total_tokens = total;
+        Ok(())
+    }
+}
+
+/// The rules between the token limits and the batch budgets.
+fn check_token_limits(
+    max_input_length: u32,
+    max_total_tokens: u32,
+    max_batch_prefill_tokens: u32,
+    max_batch_total_tokens: Option<u32>,
+) -> Result<(), ConfigError> {
+    if max_input_length == 0 || max_input_length >= max_total_tokens {
+        return Err(ConfigError::Invalid(format!(
+            "--max-input-length ({max_input_length}) must be positive and smaller than --max-total-tokens ({max_total_tokens})"
+        )));
+    }
+    if max_batch_prefill_tokens < max_input_length {
+        return Err(ConfigError::Invalid(format!(
+            "--max-batch-prefill-tokens ({max_batch_prefill_tokens}) must be at least --max-input-length ({max_input_length})"
+        )));
+    }
+    if let Some(total) = max_batch_total_tokens
+        && total < max_total_tokens
+    {
+        return Err(ConfigError::Invalid(format!(
+            "--max-batch-total-tokens ({total}) must be at least --max-total-tokens ({max_total_tokens})"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -307,17 +346,37 @@ mod tests {
 
     #[test]
     fn token_limit_defaults_follow_the_model() {
-        assert_eq!(args(&[]).token_limits(None), (1024, 2048));
-        assert_eq!(args(&[]).token_limits(Some(1024)), (1023, 1024));
-        assert_eq!(args(&[]).token_limits(Some(131072)), (1024, 2048));
-        let a = args(&["--max-total-tokens", "4096"]);
-        assert_eq!(a.token_limits(Some(1024)), (1024, 4096), "flags win");
+        let limits = |flags: &[&str], positions| args(flags).token_flags().resolve(positions);
+        assert_eq!(limits(&[], None), (1024, 2048));
+        assert_eq!(limits(&[], Some(1024)), (1023, 1024));
+        assert_eq!(limits(&[], Some(131072)), (1024, 2048));
+        let a = &["--max-total-tokens", "4096"];
+        assert_eq!(limits(a, Some(1024)), (1024, 4096), "flags win");
+        // The config follows the model once the shards report its positions.
+        let mut c = args(&[])
+            .into_config("m".into(), PathBuf::new(), vec![])
+            .unwrap();
+        assert_eq!(
+            (c.limits.max_input_length, c.limits.max_total_tokens),
+            (1024, 2048)
+        );
+        c.fit_model(512).unwrap();
+        assert_eq!(
+            (c.limits.max_input_length, c.limits.max_total_tokens),
+            (511, 512)
+        );
+        let mut c = args(&["--max-input-length", "1000"])
+            .into_config("m".into(), PathBuf::new(), vec![])
+            .unwrap();
+        assert!(
+            c.fit_model(512).is_err(),
+            "1000 prompt tokens cannot fit 512 positions"
+        );
     }
 
     #[test]
     fn inconsistent_flags_are_rejected() {
-        let cfg =
-            |flags: &[&str]| args(flags).into_config("m".into(), PathBuf::new(), vec![], None);
+        let cfg = |flags: &[&str]| args(flags).into_config("m".into(), PathBuf::new(), vec![]);
         assert!(cfg(&[]).is_ok());
         assert!(cfg(&["--max-input-length", "2048"]).is_err());
         assert!(cfg(&["--max-input-length", "0"]).is_err());
@@ -336,7 +395,7 @@ mod tests {
     #[test]
     fn adapter_flags() {
         let c = args(&[])
-            .into_config("m".into(), PathBuf::new(), vec![], None)
+            .into_config("m".into(), PathBuf::new(), vec![])
             .unwrap();
         let a = &c.limits.adapters;
         assert_eq!(a.max_merge_adapters, 8);
@@ -362,7 +421,7 @@ mod tests {
             "--default-adapter-source",
             "local",
         ])
-        .into_config("m".into(), PathBuf::new(), vec![], None)
+        .into_config("m".into(), PathBuf::new(), vec![])
         .unwrap();
         let a = &c.limits.adapters;
         assert_eq!(a.max_merge_adapters, 3);

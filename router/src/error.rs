@@ -10,6 +10,7 @@
 //! | [`InferError::Unavailable`] | 503 | `unavailable` | UNAVAILABLE |
 
 use axum::http::StatusCode;
+use medley_spec::SpecError;
 
 /// A request that failed validation (HTTP 422 / gRPC INVALID_ARGUMENT).
 ///
@@ -62,12 +63,15 @@ pub enum ValidationError {
     /// A stop sequence is the empty string.
     #[error("`stop` sequences cannot be empty strings")]
     EmptyStopSequence,
-    /// `adapter_id` and `merged_adapters` were both given.
-    #[error("at most one of `adapter_id` or `merged_adapters` may be provided")]
-    ConflictingAdapters,
-    /// The adapter selector is invalid.
+    /// The adapter selector or merge is invalid (the rules and messages of `medley-spec`,
+    /// shared with the shard and `medley merge`).
     #[error(transparent)]
-    Adapter(#[from] AdapterValidationError),
+    Adapter(#[from] SpecError),
+    /// The shards have no adapter slots.
+    #[error(
+        "LoRA adapters are not enabled on this server (the shards report no adapter slots); omit `adapter_id` and `merged_adapters` to run the base model"
+    )]
+    AdaptersDisabled,
     /// The shards refused the adapter or merge (e.g. mixed ranks for an equal-rank strategy);
     /// the message is the shard's.
     #[error("{0}")]
@@ -78,94 +82,6 @@ pub enum ValidationError {
     /// Tokenization failed.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
-}
-
-/// An invalid `adapter_id` / `adapter_source` / `merged_adapters` selector.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum AdapterValidationError {
-    /// `merged_adapters.ids` is missing or empty.
-    #[error("`merged_adapters.ids` must list at least one adapter id")]
-    EmptyMerge,
-    /// More adapters than `--max-merge-adapters`.
-    #[error("`merged_adapters.ids` may list at most {max} adapters. Given: {given}")]
-    TooManyAdapters {
-        /// Server limit.
-        max: usize,
-        /// Number given.
-        given: usize,
-    },
-    /// `weights` does not have one entry per id.
-    #[error(
-        "`merged_adapters.weights` must have one weight per adapter id. Given: {ids} ids and {weights} weights"
-    )]
-    WeightCount {
-        /// Number of ids.
-        ids: usize,
-        /// Number of weights.
-        weights: usize,
-    },
-    /// A weight is NaN or infinite.
-    #[error("`merged_adapters.weights` must be finite numbers. Given: {value} at index {index}")]
-    NonFiniteWeight {
-        /// Position in `weights`.
-        index: usize,
-        /// The value.
-        value: f32,
-    },
-    /// Unknown `merge_strategy` or `majority_sign_method`.
-    #[error("`merged_adapters.{field}`: {error}")]
-    UnknownName {
-        /// `merge_strategy` or `majority_sign_method`.
-        field: &'static str,
-        /// The parse error (lists the valid names).
-        error: medley_merge::ParseNameError,
-    },
-    /// A pruning strategy without a density.
-    #[error(
-        "`merged_adapters.density` is required by the `{strategy}` merge strategy (the fraction of values kept, in [0, 1])"
-    )]
-    MissingDensity {
-        /// Canonical strategy name.
-        strategy: &'static str,
-    },
-    /// Density outside [0, 1] (or not finite).
-    #[error("`merged_adapters.density` must be in [0, 1]. Given: {0}")]
-    DensityRange(f32),
-    /// `svd_rank` of 0.
-    #[error("`merged_adapters.svd_rank` must be strictly positive. Given: 0")]
-    SvdRank,
-    /// The base model named inside a merge.
-    #[error(
-        "the base model (`{0}`) cannot be part of a merge; list only adapters in `merged_adapters.ids`"
-    )]
-    BaseInMerge(String),
-    /// An empty id inside a merge.
-    #[error("`merged_adapters.ids` cannot contain empty ids")]
-    EmptyId,
-    /// `adapter_source` is not `hub` or `local`.
-    #[error(transparent)]
-    UnknownSource(#[from] crate::infer::UnknownAdapterSource),
-    /// A hub id that is not `name` or `org/name`.
-    #[error(
-        "adapter id `{0}` is not a valid hub repository id (`name` or `org/name`: letters, digits, '-', '_' and '.', without '--' or '..')"
-    )]
-    InvalidHubId(String),
-    /// A local id with `..` components (or otherwise not a plain path).
-    #[error("adapter path `{0}` must be a plain path without `..` components")]
-    EscapesRoot(String),
-    /// An absolute local path outside every `--adapter-root`.
-    #[error("adapter path `{0}` is outside the allowed adapter roots")]
-    OutsideRoots(String),
-    /// `adapter_source: local` while no `--adapter-root` is configured.
-    #[error(
-        "adapter `{0}` has `adapter_source: local`, but local adapters are disabled on this server (start it with --adapter-root DIR)"
-    )]
-    LocalDisabled(String),
-    /// The shards have no adapter slots.
-    #[error(
-        "LoRA adapters are not enabled on this server (the shards report no adapter slots); omit `adapter_id` and `merged_adapters` to run the base model"
-    )]
-    AdaptersDisabled,
 }
 
 /// Every way a generation request can fail, from admission to the last token.

@@ -6,8 +6,10 @@
 //! * [`validation`] — parameter checks and tokenization into a [`infer::ValidGenerateRequest`].
 //! * [`infer`] — the facade both fronts call: admission, validation, scheduling, streams.
 //! * [`backend`] — continuous batching and the gRPC client of the shards.
-//! * [`launcher`] — `medley serve`: resolves the model, spawns shards, runs the router.
-//! * [`offline_merge`] — `medley merge`: merges PEFT adapters into a new adapter directory.
+//! * [`logging`], [`signals`] — process setup shared with the `medley` launcher.
+//!
+//! The adapter/merge request model (names, validation, canonical keys, proto conversion) is
+//! `medley-spec`; this crate links no model code (no candle, no shard, no merge engine).
 
 pub mod backend;
 pub mod config;
@@ -15,8 +17,8 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod infer;
-pub mod launcher;
+pub mod logging;
 pub mod metrics;
-pub mod offline_merge;
 pub mod server;
+pub mod signals;
 pub mod validation;

@@ -1,6 +1,6 @@
 //! Runs the router's two fronts: HTTP (axum) on `config.http_addr` and gRPC (tonic: generation,
-//! `grpc.health.v1`, reflection v1) on `config.grpc_addr`, until a shutdown future completes;
-//! both then stop gracefully (in-flight requests finish).
+//! `grpc.health.v1`, reflection v1 and v1alpha) on `config.grpc_addr`, until a shutdown future
+//! completes; both then stop gracefully (in-flight requests finish).
 //!
 //! ```ignore
 //! // Production: bind the configured addresses.
@@ -39,8 +39,20 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 /// gRPC name of the standard health service (listed by reflection).
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
-/// gRPC name of the reflection service (listed by reflection).
+/// gRPC name of the reflection v1 service (listed by reflection).
 const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+/// gRPC name of the reflection v1alpha service (listed by reflection), still the only version
+/// spoken by Python's `grpcio-reflection`, older grpcurl and several GUI clients.
+const REFLECTION_V1ALPHA_SERVICE: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+/// Every service the gRPC port serves, sorted (what both reflection versions list).
+#[cfg(test)]
+pub(crate) const SERVED_SERVICES: [&str; 4] = [
+    HEALTH_SERVICE,
+    REFLECTION_SERVICE,
+    REFLECTION_V1ALPHA_SERVICE,
+    "medley.v1.GenerationService",
+];
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -179,13 +191,8 @@ impl Server {
         report_health(&self.infer, &reporter).await;
         tokio::spawn(refresh_health(self.infer.clone(), reporter, stop.clone()));
 
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(medley_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(GenerationServiceServer::<GenerationGrpc>::NAME)
-            .with_service_name(HEALTH_SERVICE)
-            .with_service_name(REFLECTION_SERVICE)
-            .build_v1()?;
+        let reflection = reflection_builder().build_v1()?;
+        let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
         let app = http::router(AppState {
             infer: self.infer.clone(),
@@ -197,6 +204,7 @@ impl Server {
         let grpc_server = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(
                 GenerationGrpc::new(self.infer.clone(), Arc::clone(&self.config)).into_server(),
             )
@@ -239,6 +247,20 @@ pub async fn run_with_listeners(
     Server::from_listeners(config, backend, http, grpc)?
         .serve(shutdown)
         .await
+}
+
+/// A reflection builder over the same descriptor sets and service list for both reflection
+/// versions; each version also describes the other's service, since both are listed.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(medley_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .with_service_name(GenerationServiceServer::<GenerationGrpc>::NAME)
+        .with_service_name(HEALTH_SERVICE)
+        .with_service_name(REFLECTION_SERVICE)
+        .with_service_name(REFLECTION_V1ALPHA_SERVICE)
 }
 
 async fn report_health(infer: &Infer, reporter: &HealthReporter) {
@@ -328,5 +350,85 @@ mod tests {
                 .is_err(),
             "the listener is closed after shutdown"
         );
+    }
+
+    /// The parts of a `google.protobuf.FileDescriptorProto` the reflection test looks at.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct FileDescriptorHead {
+        #[prost(string, optional, tag = "2")]
+        package: Option<String>,
+        #[prost(message, repeated, tag = "6")]
+        service: Vec<ServiceDescriptorHead>,
+    }
+
+    /// The name of a `google.protobuf.ServiceDescriptorProto`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct ServiceDescriptorHead {
+        #[prost(string, optional, tag = "1")]
+        name: Option<String>,
+    }
+
+    /// Clients that speak only reflection v1alpha (`grpcio-reflection`, older grpcurl) see the
+    /// same services and descriptors as v1 clients.
+    #[tokio::test]
+    async fn reflection_v1alpha_lists_and_describes_the_services() {
+        use futures::StreamExt;
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+        use crate::infer::testing::TestServer;
+
+        let server = TestServer::start(FakeBackend::new()).await;
+        let channel = tonic::transport::Channel::from_shared(server.grpc_url())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut c = ServerReflectionClient::new(channel);
+        let requests = [
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("medley.v1.GenerationService".into()),
+        ]
+        .map(|message| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(message),
+        });
+        let mut replies = c
+            .server_reflection_info(futures::stream::iter(requests))
+            .await
+            .expect("reflection v1alpha")
+            .into_inner();
+
+        let reply = replies.next().await.expect("a reply").expect("ok");
+        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("unexpected reply {reply:?}");
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        assert_eq!(names, SERVED_SERVICES);
+
+        let reply = replies.next().await.expect("a reply").expect("ok");
+        let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else {
+            panic!("unexpected reply {reply:?}");
+        };
+        let [file] = files.file_descriptor_proto.as_slice() else {
+            panic!(
+                "expected one descriptor, got {}",
+                files.file_descriptor_proto.len()
+            );
+        };
+        let file = <FileDescriptorHead as prost::Message>::decode(file.as_slice())
+            .expect("a FileDescriptorProto");
+        assert_eq!(file.package.as_deref(), Some("medley.v1"));
+        assert!(
+            file.service
+                .iter()
+                .any(|s| s.name.as_deref() == Some("GenerationService")),
+            "{file:?}"
+        );
+        drop(replies);
+        server.stop().await;
     }
 }

@@ -78,7 +78,7 @@ MERGES = [
 
 
 def make_adapters():
-    subprocess.run(["cargo", "build", "-q", "-p", "medley-merge", "--bin", "medley-merge-dev"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "-q", "-p", "medley-merge", "--features", "testing", "--bin", "medley-merge-dev"], cwd=ROOT, check=True)
     tool = os.path.join(ROOT, "target", "debug", "medley-merge-dev")
     for name, args in ADAPTER_SPECS.items():
         out = os.path.join(ADAPTERS, name)

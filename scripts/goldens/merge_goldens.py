@@ -252,7 +252,7 @@ def make_goldens():
 
 def verify_writer():
     """Merge with the Rust tool, load its output with PEFT and compare logits with PEFT's merge."""
-    subprocess.run(["cargo", "build", "-q", "-p", "medley-merge", "--bin", "medley-merge-dev"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "-q", "-p", "medley-merge", "--features", "testing", "--bin", "medley-merge-dev"], cwd=ROOT, check=True)
     tool = os.path.join(ROOT, "target", "debug", "medley-merge-dev")
     ids = torch.tensor([[1, 17, 99, 254, 3, 77, 410, 5]])
     failures = 0
@@ -306,7 +306,7 @@ def main():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     if not os.path.exists(os.path.join(BASE, "config.json")):
-        sys.exit(f"{BASE} is missing; run: cargo run -p medley-shard --bin medley-fixture -- model "
+        sys.exit(f"{BASE} is missing; run: cargo run -p medley-shard --features testing --bin medley-fixture -- model "
                  "--preset tiny --dtype f32 --out tests/fixtures/tiny-llama")
     if not args.skip_goldens:
         make_adapters()

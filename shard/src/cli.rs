@@ -11,9 +11,13 @@ use crate::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend, parse_byte_size,
 };
 use crate::engine::{Engine, EngineHandle, EngineInfo, EngineThreadSettings, TextContext};
-use crate::hub::HubSettings;
 use crate::kv_cache::KvCache;
 use crate::model::{LlamaModel, LoadOptions};
+use medley_hub::HubSettings;
+
+/// Default `--kv-cache-bytes`: a fixed 2 GiB KV-cache budget per shard, whatever the device's
+/// memory. The capacity in tokens is this divided by [`KvCache::bytes_per_token`].
+pub const DEFAULT_KV_CACHE_BYTES: usize = 2 << 30;
 
 /// Flags of one shard process (each also readable from the environment).
 #[derive(clap::Args, Debug, Clone)]
@@ -39,8 +43,9 @@ pub struct ShardArgs {
     /// KV-cache capacity in tokens (overrides --kv-cache-bytes).
     #[arg(long, env = "KV_CACHE_TOKENS")]
     pub kv_cache_tokens: Option<usize>,
-    /// KV-cache budget in bytes.
-    #[arg(long, env = "KV_CACHE_BYTES", default_value_t = 2 << 30)]
+    /// KV-cache budget in bytes (default 2 GiB); the capacity in tokens is this divided by the
+    /// bytes one token takes (layers x KV heads x head dim x dtype size, for K and V).
+    #[arg(long, env = "KV_CACHE_BYTES", default_value_t = DEFAULT_KV_CACHE_BYTES)]
     pub kv_cache_bytes: usize,
     /// Directory local adapters may be loaded from (repeat the flag, or separate with commas).
     /// Relative adapter ids resolve under the first root; absolute ids must lie inside one.

@@ -7,14 +7,16 @@
 //! * [`adapters`] — LoRA adapter sources, merges, slots and the batched LoRA forward.
 //! * [`engine`] — the thread that owns the model and runs prefill/decode steps on cached batches.
 //! * [`server`] — the tonic service in front of the engine.
-//! * [`fixture`] — deterministic random checkpoints for tests and benchmarks.
+//! * `fixture` (feature `testing`) — deterministic random checkpoints for tests and benchmarks.
+//!
+//! Model files are found with `medley-hub`; the adapter/merge request model is `medley-spec`.
 
 pub mod adapters;
 pub mod cli;
 pub mod engine;
+#[cfg(any(test, feature = "testing"))]
 pub mod fixture;
 pub mod generation;
-pub mod hub;
 pub mod kv_cache;
 pub mod model;
 pub mod server;

@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use medley_hub::HubSettings;
 use medley_merge::{MergeSpec, SignMethod, Strategy};
 use medley_shard::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
 };
-use medley_shard::hub::HubSettings;
 use medley_shard::kv_cache::KvCache;
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, SeqChunk};
 

@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use medley_hub::HubSettings;
 use medley_proto::shard::v1 as pb;
 use medley_proto::shard::v1::shard_service_client::ShardServiceClient;
 use medley_shard::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
 };
 use medley_shard::engine::{Engine, EngineHandle, EngineInfo, TextContext};
-use medley_shard::hub::HubSettings;
 use medley_shard::kv_cache::KvCache;
 use medley_shard::model::{LlamaModel, LoadOptions};
 use medley_shard::server::{ShardServer, serve_uds};
@@ -147,8 +147,49 @@ fn local(id: &str) -> pb::AdapterRef {
     }
 }
 
-fn single(slot: u32, id: &str) -> pb::LoadAdapterRequest {
-    pb::LoadAdapterRequest {
+/// What to load into which slot.
+struct LoadRequest {
+    slot: u32,
+    spec: Option<pb::AdapterSpec>,
+}
+
+/// What a load (prepare, then install) reported.
+#[derive(Debug)]
+struct Loaded {
+    bytes: u64,
+    rank: u32,
+    content_hash: String,
+    merge_ns: u64,
+}
+
+/// Prepares `req.spec` under a fresh staging id and installs it into `req.slot`, as the router
+/// does.
+async fn load(
+    c: &mut ShardServiceClient<Channel>,
+    req: LoadRequest,
+) -> Result<Loaded, tonic::Status> {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let prepared = c
+        .prepare_adapter(pb::PrepareAdapterRequest { id, spec: req.spec })
+        .await?
+        .into_inner();
+    let installed = c
+        .install_adapter(pb::InstallAdapterRequest { id, slot: req.slot })
+        .await?
+        .into_inner();
+    assert_eq!(installed.bytes, prepared.bytes);
+    assert_eq!(installed.content_hash, prepared.content_hash);
+    Ok(Loaded {
+        bytes: prepared.bytes,
+        rank: prepared.rank,
+        content_hash: prepared.content_hash,
+        merge_ns: prepared.merge_ns,
+    })
+}
+
+fn single(slot: u32, id: &str) -> LoadRequest {
+    LoadRequest {
         slot,
         spec: Some(pb::AdapterSpec {
             kind: Some(pb::adapter_spec::Kind::Single(local(id))),
@@ -156,9 +197,9 @@ fn single(slot: u32, id: &str) -> pb::LoadAdapterRequest {
     }
 }
 
-fn ties(slot: u32) -> pb::LoadAdapterRequest {
+fn ties(slot: u32) -> LoadRequest {
     let ids = ["strong_a_r8", "strong_b_r8_attn", "strong_c_r8_rslora"];
-    pb::LoadAdapterRequest {
+    LoadRequest {
         slot,
         spec: Some(pb::AdapterSpec {
             kind: Some(pb::adapter_spec::Kind::Merged(pb::MergeParameters {
@@ -176,6 +217,7 @@ fn ties(slot: u32) -> pb::LoadAdapterRequest {
                 seed: 0,
                 svd_rank: None,
                 semantics: "peft".into(),
+                svd_clamp: None,
             })),
         }),
     }
@@ -257,11 +299,7 @@ async fn loaded_adapter_changes_generation_and_slots_are_accounted() {
     assert_eq!(info.max_adapter_slots, 3);
     assert_eq!(info.adapter_memory_bytes, 1 << 30);
 
-    let loaded = c
-        .load_adapter(single(1, "strong_a_r8"))
-        .await
-        .unwrap()
-        .into_inner();
+    let loaded = load(c, single(1, "strong_a_r8")).await.unwrap();
     assert_eq!(loaded.rank, 8);
     assert!(loaded.bytes > 0 && loaded.merge_ns == 0);
     assert_eq!(loaded.content_hash.len(), 64);
@@ -293,21 +331,28 @@ async fn loaded_adapter_changes_generation_and_slots_are_accounted() {
     let e = c.prefill(batch(3, vec![request(13, 2)])).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert!(e.message().contains("slot 2 is empty"), "{e}");
-    let e = c.load_adapter(single(0, "strong_a_r8")).await.unwrap_err();
+    let e = load(c, single(0, "strong_a_r8")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
-    let e = c.load_adapter(single(4, "strong_a_r8")).await.unwrap_err();
+    let e = load(c, single(4, "strong_a_r8")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
-    let e = c
-        .load_adapter(single(2, "no_such_adapter"))
-        .await
-        .unwrap_err();
+    let e = load(c, single(2, "no_such_adapter")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
     assert!(e.message().contains("no_such_adapter"), "{e}");
-    let e = c
-        .load_adapter(single(2, "../tiny-llama"))
-        .await
-        .unwrap_err();
+    let e = load(c, single(2, "../tiny-llama")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    // Installs take a prepared adapter: an unknown or discarded staging id is NOT_FOUND.
+    let install = |id| pb::InstallAdapterRequest { id, slot: 2 };
+    let e = c.install_adapter(install(999_999)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let spec = single(2, "strong_a_r8").spec;
+    c.prepare_adapter(pb::PrepareAdapterRequest { id: 777_777, spec })
+        .await
+        .unwrap();
+    c.discard_adapter(pb::DiscardAdapterRequest { id: Some(777_777) })
+        .await
+        .unwrap();
+    let e = c.install_adapter(install(777_777)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
 
     // A slot used by a cached batch can be neither offloaded nor replaced.
     let resp = c
@@ -321,20 +366,13 @@ async fn loaded_adapter_changes_generation_and_slots_are_accounted() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
-    let e = c
-        .load_adapter(single(1, "strong_b_r8_attn"))
-        .await
-        .unwrap_err();
+    let e = load(c, single(1, "strong_b_r8_attn")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     c.clear_cache(pb::ClearCacheRequest { id: Some(4) })
         .await
         .unwrap();
     // Now both work; replacing reports the new adapter.
-    let replaced = c
-        .load_adapter(single(1, "strong_b_r8_attn"))
-        .await
-        .unwrap()
-        .into_inner();
+    let replaced = load(c, single(1, "strong_b_r8_attn")).await.unwrap();
     assert_ne!(replaced.content_hash, loaded.content_hash);
     c.offload_adapter(pb::OffloadAdapterRequest { slot: 1 })
         .await
@@ -351,7 +389,7 @@ async fn loaded_adapter_changes_generation_and_slots_are_accounted() {
 async fn decode_keeps_running_while_a_merge_is_in_progress() {
     let shard = start().await;
     let mut c = shard.client.clone();
-    c.load_adapter(single(1, "strong_a_r8")).await.unwrap();
+    load(&mut c, single(1, "strong_a_r8")).await.unwrap();
     let resp = c
         .prefill(batch(1, vec![request(1, 1), request(2, 0)]))
         .await
@@ -361,7 +399,7 @@ async fn decode_keeps_running_while_a_merge_is_in_progress() {
 
     // Start a merge into slot 2; the hook holds it until released.
     let mut merging_client = c.clone();
-    let merge = tokio::spawn(async move { merging_client.load_adapter(ties(2)).await });
+    let merge = tokio::spawn(async move { load(&mut merging_client, ties(2)).await });
     let gate = shard.gate.clone();
     tokio::task::spawn_blocking(move || {
         gate.started
@@ -397,7 +435,7 @@ async fn decode_keeps_running_while_a_merge_is_in_progress() {
     assert_eq!(other[&3].len(), 8);
     tokio::time::timeout(
         Duration::from_secs(20),
-        c.load_adapter(single(3, "strong_c_r8_rslora")),
+        load(&mut c, single(3, "strong_c_r8_rslora")),
     )
     .await
     .expect("single load blocked by the merge")
@@ -414,7 +452,7 @@ async fn decode_keeps_running_while_a_merge_is_in_progress() {
     );
 
     shard.gate.release.lock().unwrap().send(()).unwrap();
-    let merged = merge.await.unwrap().unwrap().into_inner();
+    let merged = merge.await.unwrap().unwrap();
     assert!(merged.merge_ns > 0);
     assert_eq!(merged.rank, 8);
     let out = generate(&mut c, 3, vec![request(4, 2), request(5, 0)]).await;

@@ -32,7 +32,7 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
         .context("cannot locate the target directory from the test executable")
 }
 
-/// Builds `medley` and `medley-shard` once per test process (a no-op when up to date) and
+/// Builds `medley`, `medley-router` and `medley-shard` once per test process (a no-op when up to date) and
 /// returns the directory holding them.
 pub fn binaries() -> anyhow::Result<&'static Path> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
@@ -47,6 +47,8 @@ pub fn binaries() -> anyhow::Result<&'static Path> {
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root()).args([
             "build",
+            "-p",
+            "medley",
             "-p",
             "medley-router",
             "-p",
@@ -73,6 +75,11 @@ pub fn binaries() -> anyhow::Result<&'static Path> {
         Ok(p) => Ok(p.as_path()),
         Err(e) => bail!("{e}"),
     }
+}
+
+/// The committed PEFT adapter fixtures.
+pub fn fixture_adapters() -> PathBuf {
+    workspace_root().join("tests/fixtures/adapters")
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
@@ -143,6 +150,29 @@ impl Server {
         };
         server.wait_healthy(Duration::from_secs(120)).await?;
         Ok(server)
+    }
+
+    /// Starts `medley serve` on the tiny model with `root` as its adapter root (prompts up to
+    /// 128 tokens, 256 in all).
+    pub async fn with_adapter_root(root: &Path) -> anyhow::Result<Self> {
+        Self::start(ServerOptions {
+            model: Some(tiny_model_dir()),
+            args: vec![
+                "--adapter-root".into(),
+                root.display().to_string(),
+                "--max-input-length".into(),
+                "128".into(),
+                "--max-total-tokens".into(),
+                "256".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Socket of the shard of `rank` (the router's internal gRPC endpoint).
+    pub fn shard_socket(&self, rank: usize) -> PathBuf {
+        self.dir.path().join(format!("shard-{rank}"))
     }
 
     async fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {

@@ -6,11 +6,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use medley_e2e::{
-    Server, ServerOptions, binaries, python_with_lorax_client, tiny_model_dir, workspace_root,
+    Server, binaries, fixture_adapters, python_with_lorax_client, tiny_model_dir, workspace_root,
 };
 use serde_json::{Value, json};
 
@@ -124,24 +124,7 @@ fn token_ids(reply: &Value) -> Vec<u64> {
 }
 
 async fn server_with_root(root: &Path) -> Server {
-    Server::start(ServerOptions {
-        model: Some(tiny_model_dir()),
-        args: vec![
-            "--adapter-root".into(),
-            root.display().to_string(),
-            "--max-input-length".into(),
-            "128".into(),
-            "--max-total-tokens".into(),
-            "256".into(),
-        ],
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-}
-
-fn fixture_adapters() -> PathBuf {
-    workspace_root().join("tests/fixtures/adapters")
+    Server::with_adapter_root(root).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

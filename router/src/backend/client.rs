@@ -177,13 +177,13 @@ impl ShardApi for ShardedClient {
             .map(|_| ())
     }
 
-    async fn load_adapter(
+    async fn prepare_adapter(
         &self,
-        req: pb::LoadAdapterRequest,
-    ) -> Result<pb::LoadAdapterResponse, ClientError> {
+        req: pb::PrepareAdapterRequest,
+    ) -> Result<pb::PrepareAdapterResponse, ClientError> {
         let results = try_join_all(self.clients.iter().cloned().map(|mut c| {
             let req = req.clone();
-            async move { c.load_adapter(req).await }
+            async move { c.prepare_adapter(req).await }
         }))
         .await?;
         let mut answers = results.into_iter().map(tonic::Response::into_inner);
@@ -194,6 +194,30 @@ impl ShardApi for ShardedClient {
             first.merge_ns = first.merge_ns.max(other.merge_ns);
         }
         Ok(first)
+    }
+
+    async fn install_adapter(
+        &self,
+        id: u64,
+        slot: u32,
+    ) -> Result<pb::InstallAdapterResponse, ClientError> {
+        let results = try_join_all(self.clients.iter().cloned().map(|mut c| async move {
+            c.install_adapter(pb::InstallAdapterRequest { id, slot })
+                .await
+        }))
+        .await?;
+        let mut answers = results.into_iter().map(tonic::Response::into_inner);
+        let mut first = answers.next().ok_or(ClientError::NoShards)?;
+        for other in answers {
+            first.bytes = first.bytes.max(other.bytes);
+        }
+        Ok(first)
+    }
+
+    async fn discard_adapter(&self, id: Option<u64>) -> Result<(), ClientError> {
+        self.all(|mut c| async move { c.discard_adapter(pb::DiscardAdapterRequest { id }).await })
+            .await
+            .map(|_| ())
     }
 
     async fn offload_adapter(&self, slot: u32) -> Result<(), ClientError> {

@@ -3,8 +3,9 @@
 //!
 //! * [`client`] — gRPC clients of the shards (Unix sockets, fan-out to every rank).
 //! * [`shard_api`] — the calls made to the shards ([`ShardApi`]), so tests can use a fake shard.
-//! * `registry` — per-adapter queues and adapter residency (slots, bytes, pins, LRU, errors).
-//! * `queue` — the batch builder over those queues.
+//! * `registry` — the one owner of per-adapter queues and adapter residency (slots, the byte
+//!   budget, pins, LRU, errors) and of the batch builder over those queues.
+//! * `queue` — a queued request and the budgets of one batch.
 //! * `scheduler` — the registry behind a lock, adapter leases, and the adapter loader task.
 //! * `batcher` — the batching loop.
 
@@ -78,7 +79,8 @@ pub enum BackendError {
     Config(String),
 }
 
-/// Loads and merges the loader runs at once (merges are CPU-heavy on the shards).
+/// Adapters being prepared (read, merged), prepared or installed at once: merges are CPU-heavy
+/// on the shards, and prepared adapters wait there outside the adapter budget.
 const MAX_CONCURRENT_LOADS: usize = 4;
 /// How long a failed adapter load answers new requests with its error before it is retried.
 const ADAPTER_ERROR_TTL: Duration = Duration::from_secs(10);
@@ -101,13 +103,20 @@ impl<S: ShardApi> Drop for ShardBackend<S> {
     }
 }
 
-/// Connects to every shard in `config.shard_uds_paths`, clears their caches and adapter slots,
-/// warms them up, sizes the batch budget and starts the batching loop and the adapter loader.
-pub async fn connect(config: &RouterConfig) -> Result<std::sync::Arc<dyn Backend>, BackendError> {
+/// Connects to every shard in `config.shard_uds_paths`, fits the token limits the flags left
+/// open to the model the shards report, clears their caches and adapter slots, warms them up,
+/// sizes the batch budget and starts the batching loop and the adapter loader. Returns the
+/// fitted config with the backend.
+pub async fn connect(
+    mut config: RouterConfig,
+) -> Result<(RouterConfig, std::sync::Arc<dyn Backend>), BackendError> {
     let client = ShardedClient::connect(&config.shard_uds_paths).await?;
-    Ok(std::sync::Arc::new(
-        ShardBackend::start(client, config).await?,
-    ))
+    let info = client.info().await?;
+    config
+        .fit_model(info.max_position_embeddings)
+        .map_err(|e| BackendError::Config(e.to_string()))?;
+    let backend = ShardBackend::start(client, &config).await?;
+    Ok((config, std::sync::Arc::new(backend)))
 }
 
 impl<S: ShardApi> ShardBackend<S> {
@@ -200,8 +209,11 @@ impl<S: ShardApi> ShardBackend<S> {
     }
 }
 
-/// Frees adapter slots a previous router left filled (their keys are unknown here).
+/// Frees adapter slots and staged adapters a previous router left (their keys are unknown here).
 async fn clear_adapter_slots(client: &impl ShardApi) {
+    if let Err(e) = client.discard_adapter(None).await {
+        tracing::warn!("cannot drop the shards' staged adapters: {e}");
+    }
     match client.list_adapters().await {
         Ok(list) => {
             for s in list.slots {

@@ -1,24 +1,15 @@
-//! The batch builder: which waiting requests, across the base model's queue and the queues of
-//! resident adapters, join the next prefill under the prefill-token, total-token and batch-size
-//! budgets (TGI v3 policy, no preemption) and the cap on distinct adapters per batch.
-//!
-//! Requests are taken one at a time from the queue that comes first in
-//! [`Priority`](super::registry::Priority) order (oldest request first, adapters whose turn is
-//! spent after the others). Queues of adapters that are not resident are skipped, not waited
-//! for; so are adapters that would exceed `max_active_adapters`, and, while another adapter is
-//! starved, adapters whose turn (`--adapter-cycle-time`) is spent. When the request that comes
-//! first does not fit the token budgets, the batch ends there (FIFO, as in TGI).
+//! A queued request ([`Entry`]), the budgets of one batch ([`BatchBudget`]) and the shard's
+//! view of a request. The batch builder itself belongs to the registry
+//! (`registry::take`), which owns the queues.
 
-use std::collections::HashSet;
 use std::time::Instant;
 
 use medley_proto::shard::v1 as pb;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::registry::{Priority, Registry};
 use super::scheduler::AdapterLease;
 use crate::error::InferError;
-use crate::infer::{AdapterKey, InferStreamResponse, ValidGenerateRequest};
+use crate::infer::{InferStreamResponse, ValidGenerateRequest};
 
 /// A request with the channel its events go to.
 pub(crate) struct Entry {
@@ -68,97 +59,6 @@ pub(crate) struct BatchBudget {
     pub total_tokens: u32,
 }
 
-/// A request taken for the next batch.
-pub(crate) struct Taken {
-    /// Request id.
-    pub id: u64,
-    /// The request.
-    pub entry: Entry,
-    /// Its adapter and slot (None for the base model).
-    pub adapter: Option<(AdapterKey, u32)>,
-}
-
-/// Takes the requests of the next batch out of their queues and marks their adapters running;
-/// empty when no batch can be formed. Requests whose client is gone are dropped on the way.
-pub(crate) fn take_batch(reg: &mut Registry, budget: BatchBudget, now: Instant) -> Vec<Taken> {
-    reg.prune_cancelled();
-    let mut in_batch: HashSet<AdapterKey> = reg
-        .adapters
-        .iter()
-        .filter(|(_, a)| a.running > 0)
-        .map(|(k, _)| *k)
-        .collect();
-    let starved = reg.starved(in_batch.len());
-    let (cap, cycle) = (reg.cfg.max_active_adapters, reg.cfg.cycle_time);
-    let mut taken: Vec<Taken> = Vec::new();
-    let (mut prefill, mut total) = (0u32, 0u32);
-    loop {
-        if budget.max_size.is_some_and(|m| taken.len() >= m) {
-            break;
-        }
-        let mut best: Option<(Priority, Option<(AdapterKey, u32)>)> =
-            reg.base.front().map(|(id, _)| (Priority::Fresh(*id), None));
-        for (key, a) in &reg.adapters {
-            let (Some(slot), Some(priority)) = (a.resident_slot(), a.priority(cycle, now)) else {
-                continue;
-            };
-            if !in_batch.contains(key) && in_batch.len() >= cap {
-                continue;
-            }
-            if starved && a.over_cycle(cycle, now) {
-                continue;
-            }
-            if best.as_ref().is_none_or(|(b, _)| priority < *b) {
-                best = Some((priority, Some((*key, slot))));
-            }
-        }
-        let Some((_, adapter)) = best else {
-            break;
-        };
-        let Some(queue) = (match adapter {
-            None => Some(&mut reg.base),
-            Some((key, _)) => reg.adapters.get_mut(&key).map(|a| &mut a.queue),
-        }) else {
-            break;
-        };
-        let Some((id, entry)) = queue.pop_front() else {
-            break;
-        };
-        let input = entry.request.input_length();
-        let max = entry.max_tokens();
-        if prefill.saturating_add(input) > budget.prefill_tokens
-            || total.saturating_add(max) > budget.total_tokens
-        {
-            queue.push_front((id, entry));
-            break;
-        }
-        prefill += input;
-        total += max;
-        if let Some((key, _)) = adapter {
-            in_batch.insert(key);
-        }
-        taken.push(Taken { id, entry, adapter });
-    }
-    if taken.is_empty() || budget.min_size.is_some_and(|m| taken.len() < m) {
-        for t in taken.into_iter().rev() {
-            let queue = match t.adapter {
-                None => Some(&mut reg.base),
-                Some((key, _)) => reg.adapters.get_mut(&key).map(|a| &mut a.queue),
-            };
-            if let Some(q) = queue {
-                q.push_front((t.id, t.entry));
-            }
-        }
-        return Vec::new();
-    }
-    for t in &taken {
-        if let Some((key, _)) = &t.adapter {
-            reg.mark_running(key, now);
-        }
-    }
-    taken
-}
-
 /// The shard's view of a request running on adapter `slot` (0 = base model).
 pub(crate) fn to_proto_request(id: u64, r: &ValidGenerateRequest, slot: u32) -> pb::Request {
     let p = &r.parameters;
@@ -187,7 +87,3 @@ pub(crate) fn to_proto_request(id: u64, r: &ValidGenerateRequest, slot: u32) -> 
         adapter_slot: slot,
     }
 }
-
-#[cfg(test)]
-#[path = "queue_tests.rs"]
-mod tests;

@@ -1,10 +1,16 @@
 //! The scheduler shared by the batching loop and the adapter loader: the [`Registry`] (queues
 //! and adapter residency) behind one lock, the wake-ups of both tasks, leases that pin an
-//! adapter while its requests run, and the loader task that loads adapters and computes merges
-//! concurrently with the batching loop.
+//! adapter while its requests run, and the loader task that prepares adapters, computes merges
+//! and installs them concurrently with the batching loop.
 //!
-//! Single flight: a key has one record; the first request for it starts one load, later ones
-//! wait in its queue, so N concurrent identical merges make one `LoadAdapter` call.
+//! Why a lock and not a queue actor (TGI's choice): every registry operation is short,
+//! synchronous and allocation-light; the lock keeps it so (no task hop, no reply channel per
+//! request), a lease can release its pin synchronously in `Drop`, and the registry stays a plain
+//! struct whose methods are unit-tested without a runtime. The lock is never held across an
+//! await: shard calls run outside it, and their outcomes come back through registry methods.
+//!
+//! Single flight: a key has one record; the first request for it starts one prepare, later ones
+//! wait in its queue, so N concurrent identical merges make one `PrepareAdapter` call.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,13 +22,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 
 use super::client::ClientError;
-use super::queue::{BatchBudget, Entry, take_batch, to_proto_request};
-use super::registry::{self, Enqueued, LoadFailure, LoadJob, Registry, RegistryConfig};
+use super::queue::{BatchBudget, Entry, to_proto_request};
+use super::registry::{self, Enqueued, Failure, Job, Registry, RegistryConfig};
 use super::shard_api::ShardApi;
 use crate::error::{InferError, ValidationError};
-use crate::infer::{
-    AdapterKey, AdapterRef, AdapterSource, AdapterSpec, InferStreamResponse, ValidGenerateRequest,
-};
+use crate::infer::{AdapterKey, AdapterSpec, InferStreamResponse, ValidGenerateRequest};
 
 /// Metric names of the scheduler and the loader.
 mod names {
@@ -112,8 +116,8 @@ impl Scheduler {
         response_tx: UnboundedSender<Result<InferStreamResponse, InferError>>,
     ) -> Result<(), InferError> {
         let spec = &request.adapter;
-        let kind = spec.kind();
-        let key = if spec.is_base() {
+        let (is_base, kind) = (spec.is_base(), spec.kind());
+        let key = if is_base {
             AdapterKey::base()
         } else {
             spec.key()
@@ -128,7 +132,7 @@ impl Scheduler {
             metrics::gauge!(names::QUEUE_SIZE).set(s.registry.queued() as f64);
             enqueued
         };
-        if kind != "base" {
+        if !is_base {
             let name = if enqueued == Enqueued::Miss {
                 registry::names::MISSES
             } else {
@@ -148,7 +152,7 @@ impl Scheduler {
         let now = Instant::now();
         let (taken, batch_id) = {
             let mut s = self.shared.lock();
-            let taken = take_batch(&mut s.registry, budget, now);
+            let taken = s.registry.take_batch(budget, now);
             metrics::gauge!(names::QUEUE_SIZE).set(s.registry.queued() as f64);
             if taken.is_empty() {
                 return None;
@@ -188,11 +192,11 @@ impl Scheduler {
         self.shared.batch.notified().await;
     }
 
-    fn plan(&self) -> (Vec<LoadJob>, bool) {
+    fn plan(&self) -> (Vec<Job>, bool) {
         let (plan, blocked) = {
             let mut s = self.shared.lock();
             let plan = s.registry.plan(Instant::now());
-            (plan, s.registry.adapters.values().any(|a| a.blocked))
+            (plan, s.registry.any_blocked())
         };
         for (error, entries) in plan.failed {
             fail_entries(&error, entries);
@@ -200,38 +204,69 @@ impl Scheduler {
         (plan.jobs, blocked)
     }
 
-    fn finish(&self, done: JobDone) {
-        let JobDone { job, result } = done;
+    /// Records the outcome of a shard call; returns a staging id to discard, if any.
+    fn finish(&self, done: JobDone) -> Option<u64> {
         let now = Instant::now();
-        let kind = job.spec.kind();
+        let mut discard = None;
         let failed = {
             let mut s = self.shared.lock();
-            s.registry.free_slots(&job.free_after);
-            match result {
-                Ok(resp) => {
+            match done {
+                JobDone::Prepared {
+                    key,
+                    id,
+                    spec,
+                    result: Ok(resp),
+                } => {
                     tracing::info!(
-                        adapter = %job.spec.ids(), key = %job.key, slot = job.slot,
-                        bytes = resp.bytes, rank = resp.rank,
+                        adapter = %spec.ids(), key = %key, bytes = resp.bytes, rank = resp.rank,
                         load_ms = resp.load_ns / 1_000_000, merge_ms = resp.merge_ns / 1_000_000,
-                        "adapter resident"
+                        "adapter prepared"
                     );
-                    metrics::histogram!(names::LOAD, "kind" => kind)
+                    metrics::histogram!(names::LOAD, "kind" => spec.kind())
                         .record(resp.load_ns as f64 / 1e9);
-                    if resp.merge_ns > 0 || matches!(job.spec, AdapterSpec::Merged(_)) {
+                    if matches!(spec, AdapterSpec::Merged(_)) {
                         metrics::histogram!(names::MERGE).record(resp.merge_ns as f64 / 1e9);
                     }
-                    s.registry.loaded(&job.key, job.slot, resp.bytes, now);
+                    if !s.registry.prepared(&key, id, resp.bytes) {
+                        discard = Some(id);
+                    }
                     None
                 }
-                Err(e) => {
-                    let code = match &e {
-                        ClientError::Rpc(status) => format!("{:?}", status.code()),
-                        _ => "Unavailable".to_string(),
+                JobDone::Installed {
+                    key,
+                    slot,
+                    free_after,
+                    spec,
+                    result: Ok(resp),
+                } => {
+                    s.registry.free_slots(&free_after);
+                    tracing::info!(adapter = %spec.ids(), key = %key, slot, bytes = resp.bytes, "adapter resident");
+                    s.registry.installed(&key, resp.bytes, now);
+                    None
+                }
+                JobDone::Prepared {
+                    key,
+                    spec,
+                    result: Err(e),
+                    ..
+                } => {
+                    let failure = prepare_failure(&spec, e);
+                    s.registry.job_failed(&key, failure, now)
+                }
+                JobDone::Installed {
+                    key,
+                    free_after,
+                    spec,
+                    result: Err(e),
+                    ..
+                } => {
+                    s.registry.free_slots(&free_after);
+                    tracing::error!(adapter = %spec.ids(), key = %key, "adapter install failed: {e}");
+                    let failure = Failure {
+                        error: InferError::Generation(format!("Server error: {e}")),
+                        cache: false,
                     };
-                    tracing::warn!(adapter = %job.spec.ids(), key = %job.key, slot = job.slot, "adapter load failed: {e}");
-                    metrics::counter!(names::FAILURES, "code" => code).increment(1);
-                    let failure = load_failure(&job.spec, e);
-                    s.registry.load_failed(&job.key, job.slot, failure, now)
+                    s.registry.job_failed(&key, failure, now)
                 }
             }
         };
@@ -240,6 +275,7 @@ impl Scheduler {
         }
         self.shared.batch.notify_one();
         self.shared.loader.notify_one();
+        discard
     }
 }
 
@@ -249,14 +285,19 @@ fn fail_entries(error: &InferError, entries: Vec<Entry>) {
     }
 }
 
-/// The error requests get for a failed load, from the shard's status (the shard contract:
-/// NOT_FOUND names the missing adapter, INVALID_ARGUMENT explains what is wrong with it,
-/// RESOURCE_EXHAUSTED means not enough adapter memory is free).
-fn load_failure(spec: &AdapterSpec, e: ClientError) -> LoadFailure {
+/// The error requests get for a failed prepare, from the shard's status (the shard contract:
+/// NOT_FOUND names the missing adapter, INVALID_ARGUMENT explains what is wrong with it).
+fn prepare_failure(spec: &AdapterSpec, e: ClientError) -> Failure {
+    let code = match &e {
+        ClientError::Rpc(status) => format!("{:?}", status.code()),
+        _ => "Unavailable".to_string(),
+    };
+    tracing::warn!(adapter = %spec.ids(), "adapter load failed: {e}");
+    metrics::counter!(names::FAILURES, "code" => code).increment(1);
     let status = match e {
         ClientError::Rpc(status) => status,
         other => {
-            return LoadFailure::Failed {
+            return Failure {
                 error: InferError::Unavailable(other.to_string()),
                 cache: false,
             };
@@ -264,7 +305,6 @@ fn load_failure(spec: &AdapterSpec, e: ClientError) -> LoadFailure {
     };
     let msg = status.message().to_string();
     let (error, cache) = match status.code() {
-        tonic::Code::ResourceExhausted => return LoadFailure::NoRoom(msg),
         tonic::Code::NotFound => (InferError::AdapterNotFound(not_found(spec, &msg)), true),
         tonic::Code::InvalidArgument => (
             InferError::Validation(ValidationError::AdapterRejected(msg)),
@@ -273,7 +313,7 @@ fn load_failure(spec: &AdapterSpec, e: ClientError) -> LoadFailure {
         tonic::Code::Unavailable | tonic::Code::Cancelled => (InferError::Unavailable(msg), false),
         _ => (InferError::Generation(format!("Server error: {msg}")), true),
     };
-    LoadFailure::Failed { error, cache }
+    Failure { error, cache }
 }
 
 fn not_found(spec: &AdapterSpec, msg: &str) -> String {
@@ -286,95 +326,123 @@ fn not_found(spec: &AdapterSpec, msg: &str) -> String {
     }
 }
 
-/// The shard's form of an adapter spec.
-pub(crate) fn to_proto_spec(spec: &AdapterSpec) -> Option<pb::AdapterSpec> {
-    use pb::adapter_spec::Kind;
-    let adapter_ref = |r: &AdapterRef| pb::AdapterRef {
-        id: r.id.clone(),
-        source: match r.source {
-            AdapterSource::Hub => pb::AdapterSource::Hub,
-            AdapterSource::Local => pb::AdapterSource::Local,
-        } as i32,
-        revision: r.revision.clone(),
-        api_token: r.api_token.clone(),
-    };
-    let kind = match spec {
-        AdapterSpec::Base => return None,
-        AdapterSpec::Single(r) => Kind::Single(adapter_ref(r)),
-        AdapterSpec::Merged(m) => {
-            let c = m.merge.canonical();
-            Kind::Merged(pb::MergeParameters {
-                components: m
-                    .components
-                    .iter()
-                    .zip(&c.weights)
-                    .map(|(r, w)| pb::MergeComponent {
-                        adapter: Some(adapter_ref(r)),
-                        weight: *w,
-                    })
-                    .collect(),
-                strategy: c.strategy.name().into(),
-                density: c.density,
-                majority_sign_method: c.sign_method.name().into(),
-                seed: c.seed,
-                svd_rank: c.svd_rank.and_then(|r| u32::try_from(r).ok()),
-                semantics: c.semantics.name().into(),
+/// The outcome of a shard call.
+enum JobDone {
+    Prepared {
+        key: AdapterKey,
+        id: u64,
+        spec: AdapterSpec,
+        result: Result<pb::PrepareAdapterResponse, ClientError>,
+    },
+    Installed {
+        key: AdapterKey,
+        slot: u32,
+        free_after: Vec<u32>,
+        spec: AdapterSpec,
+        result: Result<pb::InstallAdapterResponse, ClientError>,
+    },
+}
+
+/// Runs one job on the shards. A failed prepare or install drops what the ranks staged (some
+/// may have succeeded); a failed install also empties its slot (best effort).
+async fn run_job<S: ShardApi>(shard: S, job: Job) -> Option<JobDone> {
+    match job {
+        Job::Prepare { key, id, spec } => {
+            let result = match medley_spec::wire::spec_to_proto(&spec) {
+                Some(wire) => {
+                    shard
+                        .prepare_adapter(pb::PrepareAdapterRequest {
+                            id,
+                            spec: Some(wire),
+                        })
+                        .await
+                }
+                None => Err(ClientError::Rpc(tonic::Status::invalid_argument(
+                    "the base model is not loaded into a slot",
+                ))),
+            };
+            if result.is_err() {
+                discard(&shard, id).await;
+            }
+            Some(JobDone::Prepared {
+                key,
+                id,
+                spec,
+                result,
             })
         }
-    };
-    Some(pb::AdapterSpec { kind: Some(kind) })
-}
-
-struct JobDone {
-    job: LoadJob,
-    result: Result<pb::LoadAdapterResponse, ClientError>,
-}
-
-/// Offloads the job's victims, then loads its adapter; on failure the slot is offloaded too
-/// (best effort: some ranks may have filled it).
-async fn run_job<S: ShardApi>(shard: S, job: LoadJob) -> JobDone {
-    for slot in &job.offload {
-        if let Err(e) = shard.offload_adapter(*slot).await {
-            tracing::warn!(slot, "offloading an evicted adapter failed: {e}");
+        Job::Install {
+            key,
+            id,
+            slot,
+            offload,
+            free_after,
+            spec,
+        } => {
+            for victim in &offload {
+                if let Err(e) = shard.offload_adapter(*victim).await {
+                    tracing::warn!(slot = victim, "offloading an evicted adapter failed: {e}");
+                }
+            }
+            let result = shard.install_adapter(id, slot).await;
+            if result.is_err() {
+                discard(&shard, id).await;
+                if let Err(e) = shard.offload_adapter(slot).await {
+                    tracing::debug!(slot, "offload after a failed install: {e}");
+                }
+            }
+            Some(JobDone::Installed {
+                key,
+                slot,
+                free_after,
+                spec,
+                result,
+            })
+        }
+        Job::Discard { id } => {
+            discard(&shard, id).await;
+            None
         }
     }
-    let result = match to_proto_spec(&job.spec) {
-        Some(spec) => {
-            shard
-                .load_adapter(pb::LoadAdapterRequest {
-                    slot: job.slot,
-                    spec: Some(spec),
-                })
-                .await
-        }
-        None => Err(ClientError::Rpc(tonic::Status::invalid_argument(
-            "the base model is not loaded into a slot",
-        ))),
-    };
-    if result.is_err()
-        && let Err(e) = shard.offload_adapter(job.slot).await
-    {
-        tracing::debug!(slot = job.slot, "offload after a failed load: {e}");
+}
+
+async fn discard(shard: &impl ShardApi, id: u64) {
+    if let Err(e) = shard.discard_adapter(Some(id)).await {
+        tracing::debug!(id, "discarding a staged adapter failed: {e}");
     }
-    JobDone { job, result }
 }
 
 /// How often the loader re-plans while an adapter is blocked (turns expire with time, not only
 /// with events).
 const BLOCKED_RECHECK: Duration = Duration::from_millis(50);
 
-/// The loader: plans loads whenever something changed and runs them concurrently (with each
-/// other and with the batching loop), recording their outcome. Runs until aborted.
+/// The loader: plans shard calls whenever something changed and runs them concurrently (with
+/// each other and with the batching loop), recording their outcome. Runs until aborted.
 pub(crate) async fn loader_task<S: ShardApi>(shard: S, scheduler: Scheduler) {
-    let mut jobs: JoinSet<JobDone> = JoinSet::new();
-    let mut running: HashMap<tokio::task::Id, (AdapterKey, u32)> = HashMap::new();
+    let mut jobs: JoinSet<Option<JobDone>> = JoinSet::new();
+    let mut running: HashMap<tokio::task::Id, Option<AdapterKey>> = HashMap::new();
     loop {
         let (planned, blocked) = scheduler.plan();
         for job in planned {
-            tracing::debug!(adapter = %job.spec.ids(), key = %job.key, slot = job.slot, evict = ?job.offload, "loading adapter");
-            let meta = (job.key, job.slot);
+            let key = match &job {
+                Job::Prepare { key, id, spec } => {
+                    tracing::debug!(adapter = %spec.ids(), key = %key, id, "preparing adapter");
+                    Some(*key)
+                }
+                Job::Install {
+                    key,
+                    id,
+                    slot,
+                    offload,
+                    ..
+                } => {
+                    tracing::debug!(key = %key, id, slot, evict = ?offload, "installing adapter");
+                    Some(*key)
+                }
+                Job::Discard { .. } => None,
+            };
             let handle = jobs.spawn(run_job(shard.clone(), job));
-            running.insert(handle.id(), meta);
+            running.insert(handle.id(), key);
         }
         let recheck = if blocked {
             BLOCKED_RECHECK
@@ -386,16 +454,17 @@ pub(crate) async fn loader_task<S: ShardApi>(shard: S, scheduler: Scheduler) {
             Some(done) = jobs.join_next_with_id(), if !jobs.is_empty() => match done {
                 Ok((id, done)) => {
                     running.remove(&id);
-                    scheduler.finish(done);
+                    if let Some(stale) = done.and_then(|d| scheduler.finish(d)) {
+                        jobs.spawn(run_job(shard.clone(), Job::Discard { id: stale }));
+                    }
                 }
                 Err(e) => {
-                    // A load task panicked or was cancelled: fail its adapter's requests.
-                    tracing::error!("adapter load task failed: {e}");
-                    if let Some((key, slot)) = running.remove(&e.id()) {
-                        let failed = scheduler.shared.lock().registry.load_failed(
+                    // A job task panicked or was cancelled: fail its adapter's requests.
+                    tracing::error!("adapter job failed: {e}");
+                    if let Some(Some(key)) = running.remove(&e.id()) {
+                        let failed = scheduler.shared.lock().registry.job_failed(
                             &key,
-                            slot,
-                            LoadFailure::Failed {
+                            Failure {
                                 error: InferError::Generation(format!("Server error: {e}")),
                                 cache: false,
                             },

@@ -44,12 +44,25 @@ pub trait ShardApi: Clone + Send + Sync + 'static {
     /// Drops one cached batch, or all of them.
     fn clear_cache(&self, id: Option<u64>) -> impl Future<Output = Result<(), ClientError>> + Send;
 
-    /// Loads an adapter (or computes a merge) into a slot on every rank; the answer carries the
-    /// largest byte count over the ranks (each rank enforces its own budget).
-    fn load_adapter(
+    /// Reads an adapter (or computes a merge) on every rank and stages it under `req.id`; the
+    /// answer carries the largest byte count over the ranks (what the router budgets with).
+    fn prepare_adapter(
         &self,
-        req: pb::LoadAdapterRequest,
-    ) -> impl Future<Output = Result<pb::LoadAdapterResponse, ClientError>> + Send;
+        req: pb::PrepareAdapterRequest,
+    ) -> impl Future<Output = Result<pb::PrepareAdapterResponse, ClientError>> + Send;
+
+    /// Moves staged adapter `id` into `slot` on every rank (the router checked the budget).
+    fn install_adapter(
+        &self,
+        id: u64,
+        slot: u32,
+    ) -> impl Future<Output = Result<pb::InstallAdapterResponse, ClientError>> + Send;
+
+    /// Drops staged adapter `id` (or every staged adapter) on every rank.
+    fn discard_adapter(
+        &self,
+        id: Option<u64>,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send;
 
     /// Frees a slot on every rank.
     fn offload_adapter(&self, slot: u32) -> impl Future<Output = Result<(), ClientError>> + Send;

@@ -1,7 +1,8 @@
-//! An in-memory [`ShardApi`] for scheduler tests: cached batches, adapter slots with a byte
-//! budget, configurable adapters (size, rank, failures), gates that hold loads, and a record of
-//! every call plus any rule the router broke (a request on an empty slot, an offload of a slot
-//! that running requests use, a slot out of range).
+//! An in-memory [`ShardApi`] for scheduler tests: cached batches, staged (prepared) adapters,
+//! adapter slots with a byte budget, configurable adapters (size, rank, failures), gates that
+//! hold prepares, and a record of every call plus any rule the router broke (a request on an
+//! empty slot, an offload of a slot that running requests use, a slot out of range, an install
+//! over the byte budget or of an adapter that was never prepared).
 //!
 //! Generated token `i` of a request has id = its slot and text `" <label>"`, where the label is
 //! `base` for slot 0, the adapter id for a single adapter and `merge(<ids>)` for a merge, so a
@@ -12,8 +13,8 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use medley_merge::{MergeSpec, Strategy};
 use medley_proto::shard::v1 as pb;
+use medley_spec::{MergeSpec, Strategy};
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -98,8 +99,12 @@ struct Slot {
 struct State {
     batches: HashMap<u64, Vec<Seq>>,
     slots: HashMap<u32, Slot>,
-    loads: Vec<pb::LoadAdapterRequest>,
+    staged: HashMap<u64, Slot>,
+    prepares: Vec<pb::PrepareAdapterRequest>,
+    installs: Vec<(u64, u32)>,
     offloads: Vec<u32>,
+    /// Most bytes the slots held at once.
+    max_used_bytes: u64,
     /// Slots of the requests of every prefill, in order.
     prefills: Vec<Vec<u32>>,
     violations: Vec<String>,
@@ -160,18 +165,33 @@ impl FakeShard {
         }
     }
 
-    /// Every LoadAdapter call so far.
-    pub fn loads(&self) -> Vec<pb::LoadAdapterRequest> {
-        self.lock().loads.clone()
+    /// Every PrepareAdapter call so far.
+    pub fn loads(&self) -> Vec<pb::PrepareAdapterRequest> {
+        self.lock().prepares.clone()
     }
 
-    /// Labels of the LoadAdapter calls so far.
+    /// Labels of the PrepareAdapter calls so far.
     pub fn load_labels(&self) -> Vec<String> {
         self.lock()
-            .loads
+            .prepares
             .iter()
             .filter_map(|l| l.spec.as_ref().map(label))
             .collect()
+    }
+
+    /// Target slots of the InstallAdapter calls so far.
+    pub fn install_slots(&self) -> Vec<u32> {
+        self.lock().installs.iter().map(|(_, slot)| *slot).collect()
+    }
+
+    /// Most bytes the slots held at once.
+    pub fn max_used_bytes(&self) -> u64 {
+        self.lock().max_used_bytes
+    }
+
+    /// Adapters staged now (prepared, not installed or discarded).
+    pub fn staged(&self) -> usize {
+        self.lock().staged.len()
     }
 
     /// Every OffloadAdapter call so far.
@@ -259,14 +279,9 @@ impl FakeShard {
         })
     }
 
-    fn check_load(
-        &self,
-        state: &State,
-        req: &pb::LoadAdapterRequest,
-    ) -> Result<u64, tonic::Status> {
-        let spec = req
-            .spec
-            .as_ref()
+    /// The size of the adapter `spec` names, or the error its prepare fails with.
+    fn check_prepare(&self, spec: Option<&pb::AdapterSpec>) -> Result<u64, tonic::Status> {
+        let spec = spec
             .and_then(|s| s.kind.as_ref())
             .ok_or_else(|| tonic::Status::invalid_argument("no spec"))?;
         let lookup = |id: &str| -> Result<FakeAdapter, tonic::Status> {
@@ -280,7 +295,7 @@ impl FakeShard {
                 None => Ok(a.clone()),
             }
         };
-        let bytes = match spec {
+        Ok(match spec {
             pb::adapter_spec::Kind::Single(r) => lookup(&r.id)?.bytes,
             pb::adapter_spec::Kind::Merged(m) => {
                 let parts = m
@@ -288,7 +303,7 @@ impl FakeShard {
                     .iter()
                     .map(|c| lookup(c.adapter.as_ref().map_or("", |a| a.id.as_str())))
                     .collect::<Result<Vec<_>, _>>()?;
-                let strategy = medley_merge::Strategy::from_str(&m.strategy)
+                let strategy = medley_spec::Strategy::from_str(&m.strategy)
                     .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
                 let ranks: std::collections::BTreeSet<u32> = parts.iter().map(|p| p.rank).collect();
                 if strategy.requires_equal_rank() && ranks.len() > 1 {
@@ -299,21 +314,7 @@ impl FakeShard {
                 }
                 parts.iter().map(|p| p.bytes).sum()
             }
-        };
-        let used: u64 = state
-            .slots
-            .iter()
-            .filter(|(s, _)| **s != req.slot)
-            .map(|(_, l)| l.bytes)
-            .sum();
-        if used + bytes > self.cfg.budget {
-            return Err(tonic::Status::resource_exhausted(format!(
-                "adapter needs {bytes} bytes but only {} of {} are free",
-                self.cfg.budget.saturating_sub(used),
-                self.cfg.budget
-            )));
-        }
-        Ok(bytes)
+        })
     }
 }
 
@@ -428,10 +429,10 @@ impl ShardApi for FakeShard {
         Ok(())
     }
 
-    async fn load_adapter(
+    async fn prepare_adapter(
         &self,
-        req: pb::LoadAdapterRequest,
-    ) -> Result<pb::LoadAdapterResponse, ClientError> {
+        req: pb::PrepareAdapterRequest,
+    ) -> Result<pb::PrepareAdapterResponse, ClientError> {
         let ids: Vec<String> = match req.spec.as_ref().and_then(|s| s.kind.as_ref()) {
             Some(pb::adapter_spec::Kind::Single(r)) => vec![r.id.clone()],
             Some(pb::adapter_spec::Kind::Merged(m)) => m
@@ -441,7 +442,7 @@ impl ShardApi for FakeShard {
                 .collect(),
             None => vec![],
         };
-        self.lock().loads.push(req.clone());
+        self.lock().prepares.push(req.clone());
         let gates: Vec<Arc<Semaphore>> = {
             let g = self.gates.lock().expect("gates");
             ids.iter().filter_map(|id| g.get(id).cloned()).collect()
@@ -449,23 +450,79 @@ impl ShardApi for FakeShard {
         for gate in gates {
             let _permit = gate.acquire().await;
         }
-        let mut state = self.lock();
-        if req.slot == 0 || req.slot > self.cfg.slots {
-            state.violations.push(format!(
-                "load into slot {} out of 1..={}",
-                req.slot, self.cfg.slots
-            ));
-        }
-        let bytes = self.check_load(&state, &req).map_err(ClientError::Rpc)?;
+        let bytes = self
+            .check_prepare(req.spec.as_ref())
+            .map_err(ClientError::Rpc)?;
         let label = req.spec.as_ref().map(label).unwrap_or_default();
-        state.slots.insert(req.slot, Slot { label, bytes });
-        Ok(pb::LoadAdapterResponse {
+        let mut state = self.lock();
+        if state.staged.insert(req.id, Slot { label, bytes }).is_some() {
+            state
+                .violations
+                .push(format!("staging id {} prepared twice", req.id));
+        }
+        Ok(pb::PrepareAdapterResponse {
             bytes,
             rank: 8,
             content_hash: String::new(),
             load_ns: 1_000_000,
             merge_ns: if ids.len() > 1 { 2_000_000 } else { 0 },
         })
+    }
+
+    async fn install_adapter(
+        &self,
+        id: u64,
+        slot: u32,
+    ) -> Result<pb::InstallAdapterResponse, ClientError> {
+        let mut state = self.lock();
+        state.installs.push((id, slot));
+        if slot == 0 || slot > self.cfg.slots {
+            state.violations.push(format!(
+                "install into slot {slot} out of 1..={}",
+                self.cfg.slots
+            ));
+        }
+        let Some(staged) = state.staged.remove(&id) else {
+            state
+                .violations
+                .push(format!("install of staging id {id}, which is not staged"));
+            return Err(ClientError::Rpc(tonic::Status::not_found("not staged")));
+        };
+        let used: u64 = state
+            .slots
+            .iter()
+            .filter(|(s, _)| **s != slot)
+            .map(|(_, l)| l.bytes)
+            .sum();
+        if used + staged.bytes > self.cfg.budget {
+            state.violations.push(format!(
+                "install of {} bytes into slot {slot} with {} of {} bytes free",
+                staged.bytes,
+                self.cfg.budget.saturating_sub(used),
+                self.cfg.budget
+            ));
+            return Err(ClientError::Rpc(tonic::Status::internal(
+                "the router over-committed the adapter memory budget",
+            )));
+        }
+        let bytes = staged.bytes;
+        state.slots.insert(slot, staged);
+        state.max_used_bytes = state.max_used_bytes.max(used + bytes);
+        Ok(pb::InstallAdapterResponse {
+            bytes,
+            content_hash: String::new(),
+        })
+    }
+
+    async fn discard_adapter(&self, id: Option<u64>) -> Result<(), ClientError> {
+        let mut state = self.lock();
+        match id {
+            Some(id) => {
+                state.staged.remove(&id);
+            }
+            None => state.staged.clear(),
+        }
+        Ok(())
     }
 
     async fn offload_adapter(&self, slot: u32) -> Result<(), ClientError> {

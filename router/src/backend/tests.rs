@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use medley_merge::Strategy;
+use medley_spec::Strategy;
 
 use super::testing::{FakeAdapter, FakeShard, FakeShardConfig, merge, request, single};
 use super::{Backend, ShardBackend};
 use crate::config::RouterConfig;
-use crate::error::{AdapterValidationError, InferError, ValidationError};
+use crate::error::{InferError, ValidationError};
 use crate::infer::testing::{test_config, test_limits, word_tokenizer};
 use crate::infer::{
     AdapterSpec, GenerateParameters, GenerateRequest, Infer, InferStreamResponse,
@@ -165,7 +165,11 @@ async fn identical_merges_load_once() {
     for (r, _) in results {
         assert_eq!(r.expect("merged"), text("merge(a,b)", 2));
     }
-    assert_eq!(shard.loads().len(), 1, "N identical merges, 1 LoadAdapter");
+    assert_eq!(
+        shard.loads().len(),
+        1,
+        "N identical merges, 1 PrepareAdapter"
+    );
     // Once resident, more of the same merge are cache hits; another weight is another merge.
     assert!(run(&backend, request(m, 2, 1)).await.0.is_ok());
     assert_eq!(shard.loads().len(), 1);
@@ -254,7 +258,7 @@ async fn slots_are_reused() {
         let (r, _) = run(&backend, request(single(name), 2, 1)).await;
         assert_eq!(r.expect(name), text(name, 1));
     }
-    let slots: Vec<u32> = shard.loads().iter().map(|l| l.slot).collect();
+    let slots: Vec<u32> = shard.install_slots();
     assert_eq!(
         slots,
         vec![1, 2, 1, 2, 1, 2],
@@ -430,10 +434,31 @@ async fn adapters_are_refused_when_the_shards_have_no_slots() {
         .expect_err("refused at once");
     assert!(matches!(
         err,
-        InferError::Validation(ValidationError::Adapter(
-            AdapterValidationError::AdaptersDisabled
-        ))
+        InferError::Validation(ValidationError::AdaptersDisabled)
     ));
     let (base, _) = run(&backend, request(AdapterSpec::Base, 2, 1)).await;
     assert_eq!(base.expect("base"), text("base", 1));
+}
+
+#[tokio::test]
+async fn concurrent_first_loads_never_overcommit_the_shards() {
+    // Four adapters never seen before, 10 bytes each, a 30-byte budget, all requested at once:
+    // the router learns each size from its prepare and installs only what fits, so the shards
+    // never refuse an install (the fake shard records any over-budget install as a violation).
+    let shard = shard(8, 30, 2);
+    let backend = start(&shard, &config(128, 2000, None)).await;
+    let names = ["a", "b", "c", "d"];
+    let results = join_all(
+        names
+            .iter()
+            .map(|n| run(&backend, request(single(n), 2, 6))),
+    )
+    .await;
+    for (name, (result, _)) in names.iter().zip(results) {
+        assert_eq!(result.expect(name), text(name, 6));
+    }
+    assert!(shard.violations().is_empty(), "{:?}", shard.violations());
+    assert_eq!(shard.max_used_bytes(), 30, "exactly three fit at once");
+    assert_eq!(shard.loads().len(), 4, "one prepare each, no retries");
+    assert_eq!(shard.staged(), 0, "nothing left staged");
 }

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use medley_router::config::RouterArgs;
-use medley_router::launcher::logging::{self, LogFormat};
-use medley_router::launcher::signals::ShutdownSignals;
+use medley_router::logging::{self, LogFormat};
+use medley_router::signals::ShutdownSignals;
 
 /// Flags (each also read from an environment variable).
 #[derive(Parser, Debug)]
@@ -60,11 +60,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let config =
-        args.router
-            .into_config(args.model_id, args.tokenizer, args.shard_uds_paths, None)?;
+    let config = args
+        .router
+        .into_config(args.model_id, args.tokenizer, args.shard_uds_paths)?;
     let mut signals = ShutdownSignals::install()?;
-    let backend = medley_router::backend::connect(&config).await?;
+    let (config, backend) = medley_router::backend::connect(config).await?;
     medley_router::server::run(config, backend, async move {
         let sig = signals.recv().await;
         tracing::info!("{sig} received, shutting down");

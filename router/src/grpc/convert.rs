@@ -24,6 +24,7 @@ pub(super) fn request(r: pb::GenerateRequest) -> GenerateRequest {
                 majority_sign_method: m.majority_sign_method,
                 seed: m.seed,
                 svd_rank: m.svd_rank,
+                svd_clamp: m.svd_clamp,
             }),
             api_token: p.api_token,
             do_sample: Some(p.do_sample),

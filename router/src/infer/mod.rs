@@ -5,7 +5,6 @@
 //! [`GenerateStream`] of its events; [`Infer::generate`] collects that stream into a
 //! [`GenerateOutput`]. Metrics (`medley_request_*`) are recorded here, once for both fronts.
 
-mod adapter;
 mod request;
 mod stream;
 #[cfg(test)]
@@ -18,7 +17,10 @@ use std::time::Instant;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 
-pub use adapter::*;
+pub use medley_spec::{
+    AdapterKey, AdapterRef, AdapterSource, AdapterSpec, MergedAdapterSpec, UnknownAdapterSource,
+    derived_merge_seed,
+};
 pub use request::*;
 pub use stream::{GenerateStream, RequestMeta, Timings};
 pub use types::*;

@@ -3,6 +3,7 @@
 //! and a missing key mean the same thing) and unknown keys are ignored; validation resolves the
 //! defaults.
 
+pub use medley_spec::MergedAdapters;
 use serde::Deserialize;
 
 /// A generation request before validation.
@@ -23,11 +24,13 @@ pub struct GenerateRequest {
 pub struct GenerateParameters {
     /// Single adapter to apply; empty or `__base_model__` means the base model.
     pub adapter_id: Option<String>,
-    /// Where to fetch the adapter from (`hub`, `local`, ...). Accepted and not used yet.
+    /// Where to fetch the adapter (or every adapter of a merge) from: `hub` or `local`
+    /// (default: `--default-adapter-source`).
     pub adapter_source: Option<String>,
     /// A per-request merge of several adapters.
     pub merged_adapters: Option<MergedAdapters>,
-    /// Token for private adapter sources. Accepted and not used yet.
+    /// Token for private hub adapters (also `Authorization: Bearer`); part of the adapter's
+    /// identity, never logged.
     pub api_token: Option<String>,
     /// Sample instead of taking the most likely token.
     pub do_sample: Option<bool>,
@@ -69,27 +72,6 @@ pub struct GenerateParameters {
     pub return_k_alternatives: Option<i64>,
     /// Constrained output format (not supported).
     pub response_format: Option<serde_json::Value>,
-}
-
-/// LoRAX's `merged_adapters` object, every field nullable (validation turns it into an
-/// [`crate::infer::AdapterSpec::Merged`]), plus Medley's `seed` and `svd_rank`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct MergedAdapters {
-    /// Adapter ids, in merge order.
-    pub ids: Option<Vec<String>>,
-    /// One weight per id.
-    pub weights: Option<Vec<f32>>,
-    /// Strategy name (case-insensitive).
-    pub merge_strategy: Option<String>,
-    /// Fraction kept by pruning strategies, in [0, 1].
-    pub density: Option<f32>,
-    /// `total` or `frequency` (case-insensitive).
-    pub majority_sign_method: Option<String>,
-    /// Seed of DARE masks.
-    pub seed: Option<u64>,
-    /// Rank of SVD-family results.
-    pub svd_rank: Option<u32>,
 }
 
 /// How the response to a request should be shaped; read from the parameters before the request

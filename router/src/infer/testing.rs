@@ -19,7 +19,7 @@ use super::{
     ValidGenerateRequest,
 };
 use crate::backend::{Backend, BackendInfo};
-use crate::config::{AdapterPolicy, BatchingConfig, Limits, RouterConfig};
+use crate::config::{AdapterPolicy, BatchingConfig, Limits, RouterConfig, TokenFlags};
 use crate::error::InferError;
 use crate::server::{Server, ServerError};
 use crate::validation::Validation;
@@ -86,7 +86,7 @@ pub(crate) fn test_limits() -> Limits {
             max_merge_adapters: 3,
             adapter_roots: vec![PathBuf::from(TEST_ADAPTER_ROOT)],
             default_source: AdapterSource::Hub,
-            merge_semantics: medley_merge::Semantics::Peft,
+            merge_semantics: medley_spec::Semantics::Peft,
             served_model_id: TEST_MODEL_ID.into(),
         },
     }
@@ -372,6 +372,10 @@ pub(crate) fn test_config(limits: Limits, tokenizer_path: PathBuf) -> RouterConf
         model_id: TEST_MODEL_ID.into(),
         tokenizer_path,
         shard_uds_paths: Vec::new(),
+        token_flags: TokenFlags {
+            max_input_length: Some(limits.max_input_length),
+            max_total_tokens: Some(limits.max_total_tokens),
+        },
         limits,
         batching: BatchingConfig {
             max_batch_prefill_tokens: 4096,

@@ -1,13 +1,12 @@
 //! Validation: parameter checks, tokenization on a pool of blocking workers, truncation and
 //! length rules, producing a [`ValidGenerateRequest`] with every default resolved.
 
-mod adapter;
 mod params;
 mod tokenizer;
 
 use std::sync::Arc;
 
-pub use adapter::BASE_MODEL_ADAPTER_ID;
+pub use medley_spec::BASE_MODEL_ADAPTER_ID;
 pub use tokenizer::{Encoded, TokenSpan};
 
 use crate::config::Limits;
@@ -51,7 +50,14 @@ impl Validation {
             return Err(ValidationError::EmptyInput);
         }
         let checked = params::check_parameters(&request.parameters, limits)?;
-        let adapter = adapter::resolve_adapter(&request.parameters, &limits.adapters)?;
+        let p = &request.parameters;
+        let selector = medley_spec::AdapterSelector {
+            adapter_id: p.adapter_id.as_deref(),
+            adapter_source: p.adapter_source.as_deref(),
+            api_token: p.api_token.as_deref(),
+            merged_adapters: p.merged_adapters.as_ref(),
+        };
+        let adapter = medley_spec::resolve_selector(selector, &limits.adapters)?;
 
         let encoded = self.inner.pool.encode(request.inputs.clone(), true).await?;
         let input_ids = params::truncate_left(encoded.ids, checked.truncate);

@@ -51,6 +51,7 @@ pub(crate) fn keyed_stream(
     ChaCha8Rng::from_seed(h.finalize().into())
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// A ChaCha8 stream for fixture tensors, keyed by `(seed, module, side)` in its own domain.
 pub(crate) fn fixture_stream(seed: u64, module: &str, side: StreamSide) -> ChaCha8Rng {
     let mut h = Sha256::new();

@@ -126,7 +126,7 @@ mod tests {
 
     use super::*;
     use crate::adapters::source::AdapterSources;
-    use crate::hub::HubSettings;
+    use medley_hub::HubSettings;
     use medley_merge::fixture::{AdapterFixture, LlamaShape};
 
     /// Keys of three distinct adapter directories written into `root`.

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::hub::HubSettings;
+use medley_hub::HubSettings;
 
 /// Default adapter memory budget: 1 GiB.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 1 << 30;

@@ -38,11 +38,12 @@ pub enum AdapterError {
         /// The slot.
         slot: u32,
     },
-    /// Installing the adapter would exceed the memory budget now. `RESOURCE_EXHAUSTED`.
+    /// Installing the adapter would exceed the memory budget. The router plans the budget with
+    /// the sizes prepares report, so this is a router bug, not flow control. `INTERNAL`.
     #[error(
-        "adapter slot {slot} needs {needed} bytes but only {free} of the {budget}-byte adapter memory budget are free; offload adapters first"
+        "adapter slot {slot} needs {needed} bytes but only {free} of the {budget}-byte adapter memory budget are free: the router over-committed adapter memory (a bug)"
     )]
-    BudgetExceeded {
+    OverBudget {
         /// The slot.
         slot: u32,
         /// Bytes of the new adapter.
@@ -52,16 +53,14 @@ pub enum AdapterError {
         /// The budget.
         budget: u64,
     },
-    /// The adapter is larger than the whole budget. `FAILED_PRECONDITION`.
-    #[error(
-        "the adapter needs {needed} bytes, more than the whole adapter memory budget of {budget} bytes; raise --adapter-memory-budget"
-    )]
-    LargerThanBudget {
-        /// Bytes of the adapter.
-        needed: u64,
-        /// The budget.
-        budget: u64,
-    },
+    /// No staged adapter has this id (never prepared, already installed, or discarded).
+    /// `NOT_FOUND`.
+    #[error("no prepared adapter with staging id {0}")]
+    NotStaged(u64),
+    /// Too many adapters are staged at once (the router bounds this; a bug otherwise).
+    /// `RESOURCE_EXHAUSTED`.
+    #[error("{0} adapters are staged already; install or discard some first")]
+    TooManyStaged(usize),
     /// The slot is used by running requests and cannot be replaced or offloaded.
     /// `FAILED_PRECONDITION`.
     #[error(
@@ -95,13 +94,20 @@ impl AdapterError {
             AdapterError::Invalid(_)
             | AdapterError::BadSlot { .. }
             | AdapterError::EmptySlot { .. } => tonic::Code::InvalidArgument,
-            AdapterError::BudgetExceeded { .. } => tonic::Code::ResourceExhausted,
+            AdapterError::NotStaged(_) => tonic::Code::NotFound,
+            AdapterError::TooManyStaged(_) => tonic::Code::ResourceExhausted,
             AdapterError::LocalDisabled { .. }
-            | AdapterError::LargerThanBudget { .. }
             | AdapterError::SlotInUse { .. }
             | AdapterError::Hub { .. } => tonic::Code::FailedPrecondition,
-            AdapterError::Internal(_) => tonic::Code::Internal,
+            AdapterError::OverBudget { .. } | AdapterError::Internal(_) => tonic::Code::Internal,
         }
+    }
+}
+
+impl From<medley_spec::SpecError> for AdapterError {
+    /// An invalid spec: the message every entry point gives for it.
+    fn from(e: medley_spec::SpecError) -> Self {
+        AdapterError::Invalid(e.to_string())
     }
 }
 

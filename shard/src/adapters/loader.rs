@@ -1,7 +1,7 @@
-//! Turning a `LoadAdapter` spec into slot weights, off the engine thread: resolve every
+//! Turning a prepare's adapter spec into slot weights, off the engine thread: resolve every
 //! component (cache or download), read and shape-check it (through the parsed-adapter cache),
-//! merge on a dedicated thread pool, and copy the result to the device. The engine then only
-//! swaps the finished [`SlotAdapter`] into its slot.
+//! merge on a dedicated thread pool, and copy the result to the device. The result waits staged
+//! until the router installs it; the engine then only swaps it into its slot.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use medley_merge::peft::{PeftError, read_adapter_dir};
-use medley_merge::{LoraAdapter, MergeSpec, Semantics, SignMethod, Strategy};
-use medley_proto::shard::v1 as pb;
+use medley_merge::{LoraAdapter, MergeSpec};
+use medley_spec::{AdapterRef, AdapterSpec};
 
 use super::AdapterError;
 use super::base::BaseModules;
@@ -30,71 +30,31 @@ pub struct PreparedAdapter {
     pub merge_ns: u64,
 }
 
-/// What a `LoadAdapter` asks for: the components and, for a merge, how to combine them.
+/// What a prepare asks for: the components and, for a merge, how to combine them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadPlan {
     /// The adapters to read, in component order.
-    pub components: Vec<pb::AdapterRef>,
+    pub components: Vec<AdapterRef>,
     /// `None` for a single adapter (served with its own per-module scales).
     pub merge: Option<MergeSpec>,
 }
 
 impl LoadPlan {
-    /// Validates a proto spec.
-    pub fn from_proto(spec: Option<pb::AdapterSpec>) -> Result<Self, AdapterError> {
-        match spec.and_then(|s| s.kind) {
-            None => Err(AdapterError::Invalid(
-                "LoadAdapter without an adapter spec".into(),
+    /// The plan of an (already validated) adapter spec; the base model is not loadable.
+    pub fn from_spec(spec: AdapterSpec) -> Result<Self, AdapterError> {
+        match spec {
+            AdapterSpec::Base => Err(AdapterError::Invalid(
+                "the base model is not loaded into an adapter slot".into(),
             )),
-            Some(pb::adapter_spec::Kind::Single(r)) => Ok(Self {
+            AdapterSpec::Single(r) => Ok(Self {
                 components: vec![r],
                 merge: None,
             }),
-            Some(pb::adapter_spec::Kind::Merged(m)) => Self::from_merge(m),
+            AdapterSpec::Merged(m) => Ok(Self {
+                components: m.components,
+                merge: Some(m.merge),
+            }),
         }
-    }
-
-    fn from_merge(m: pb::MergeParameters) -> Result<Self, AdapterError> {
-        let invalid = |e: medley_merge::ParseNameError| AdapterError::Invalid(e.to_string());
-        if m.components.is_empty() {
-            return Err(AdapterError::Invalid(
-                "a merge needs at least one component adapter".into(),
-            ));
-        }
-        let strategy: Strategy = m.strategy.parse().map_err(invalid)?;
-        let sign = match m.majority_sign_method.as_str() {
-            "" => SignMethod::Total,
-            s => s.parse().map_err(invalid)?,
-        };
-        let semantics = match m.semantics.as_str() {
-            "" => Semantics::Peft,
-            s => s.parse().map_err(invalid)?,
-        };
-        let weights = m.components.iter().map(|c| c.weight).collect();
-        let mut spec = MergeSpec::new(strategy, weights)
-            .with_sign_method(sign)
-            .with_seed(m.seed)
-            .with_semantics(semantics);
-        if let Some(d) = m.density {
-            spec = spec.with_density(d);
-        }
-        if let Some(r) = m.svd_rank {
-            spec = spec.with_svd_rank(r as usize);
-        }
-        let components = m
-            .components
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| {
-                c.adapter.ok_or_else(|| {
-                    AdapterError::Invalid(format!("merge component {i} names no adapter"))
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            components,
-            merge: Some(spec),
-        })
     }
 }
 

@@ -4,13 +4,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use medley_merge::Matrix;
+use medley_merge::Strategy;
 use medley_merge::fixture::{AdapterFixture, LlamaShape};
 use medley_merge::peft::{TENSOR_PREFIX, TensorDtype, write_adapter_files};
+use medley_proto::shard::v1 as pb;
 
 use super::*;
 use crate::adapters::base::tests::tiny_config;
-use crate::hub::HubSettings;
 use crate::model::TargetModule;
+use medley_hub::HubSettings;
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -54,6 +56,21 @@ fn local(id: &str) -> pb::AdapterRef {
     }
 }
 
+/// The decoded form of [`local`].
+fn local_ref(id: &str) -> AdapterRef {
+    AdapterRef {
+        id: id.into(),
+        source: medley_spec::AdapterSource::Local,
+        revision: None,
+        api_token: None,
+    }
+}
+
+/// A plan from a wire spec, as the shard's server decodes it.
+fn plan(spec: Option<pb::AdapterSpec>) -> Result<LoadPlan, AdapterError> {
+    LoadPlan::from_spec(medley_spec::wire::spec_from_proto(spec)?)
+}
+
 fn merged(ids: &[&str], weights: &[f32], strategy: &str) -> pb::AdapterSpec {
     pb::AdapterSpec {
         kind: Some(pb::adapter_spec::Kind::Merged(pb::MergeParameters {
@@ -71,6 +88,7 @@ fn merged(ids: &[&str], weights: &[f32], strategy: &str) -> pb::AdapterSpec {
             seed: 3,
             svd_rank: None,
             semantics: "peft".into(),
+            svd_clamp: None,
         })),
     }
 }
@@ -87,28 +105,28 @@ fn invalid_message(r: Result<PreparedAdapter, AdapterError>) -> String {
 
 #[test]
 fn plans_from_proto() {
-    let plan = LoadPlan::from_proto(Some(merged(&["a", "b"], &[1.0, -0.5], "TIES"))).expect("ok");
-    let spec = plan.merge.expect("merge");
+    let p = plan(Some(merged(&["a", "b"], &[1.0, -0.5], "TIES"))).expect("ok");
+    let spec = p.merge.expect("merge");
     assert_eq!(spec.strategy, Strategy::Ties);
     assert_eq!(spec.weights, vec![1.0, -0.5]);
     assert_eq!((spec.density, spec.seed), (Some(0.5), 3));
-    assert_eq!(plan.components, vec![local("a"), local("b")]);
+    assert_eq!(p.components, vec![local_ref("a"), local_ref("b")]);
     let single = pb::AdapterSpec {
         kind: Some(pb::adapter_spec::Kind::Single(local("a"))),
     };
     assert_eq!(
-        LoadPlan::from_proto(Some(single)).expect("single"),
+        plan(Some(single)).expect("single"),
         LoadPlan {
-            components: vec![local("a")],
+            components: vec![local_ref("a")],
             merge: None
         }
     );
     for (spec, needle) in [
-        (None, "without an adapter spec"),
+        (None, "the adapter spec is empty"),
         (Some(merged(&[], &[], "linear")), "at least one"),
         (Some(merged(&["a"], &[1.0], "average")), "valid values"),
     ] {
-        let e = LoadPlan::from_proto(spec).expect_err(needle);
+        let e = plan(spec).expect_err(needle);
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.to_string().contains(needle), "{e}");
     }
@@ -117,7 +135,8 @@ fn plans_from_proto() {
         p.components[0].adapter = None;
         p.semantics = "lorax".into();
     }
-    assert!(LoadPlan::from_proto(Some(m)).is_err());
+    assert!(plan(Some(m)).is_err());
+    assert!(LoadPlan::from_spec(AdapterSpec::Base).is_err());
 }
 
 #[test]
@@ -154,8 +173,8 @@ fn merges_run_on_the_pool_and_reuse_parsed_sources() {
             .map(|id| loader.sources().resolve_local(id).expect("resolve"))
             .collect()
     };
-    let plan = LoadPlan::from_proto(Some(merged(&["a", "b"], &[1.0, 0.6], "ties"))).expect("plan");
-    let spec = plan.merge.expect("merge");
+    let ties = plan(Some(merged(&["a", "b"], &[1.0, 0.6], "ties"))).expect("plan");
+    let spec = ties.merge.expect("merge");
     let first = loader
         .build(&srcs(&["a", "b"]), Some(&spec))
         .expect("merge");
@@ -172,7 +191,7 @@ fn merges_run_on_the_pool_and_reuse_parsed_sources() {
     assert_ne!(swapped.adapter.content_hash(), first.adapter.content_hash());
     assert_eq!(loader.cache_stats().0, 2, "still two parsed sources");
     // cat of mixed ranks: rank 4 + 2.
-    let cat = LoadPlan::from_proto(Some(merged(&["a", "c"], &[1.0, 0.5], "cat"))).expect("plan");
+    let cat = plan(Some(merged(&["a", "c"], &[1.0, 0.5], "cat"))).expect("plan");
     let p = loader
         .build(&srcs(&["a", "c"]), cat.merge.as_ref())
         .expect("cat");
@@ -186,8 +205,8 @@ fn mixed_ranks_with_an_equal_rank_strategy_suggest_cat() {
         .iter()
         .map(|id| f.loader.sources().resolve_local(id).expect("resolve"))
         .collect();
-    let plan = LoadPlan::from_proto(Some(merged(&["a", "c"], &[1.0, 0.5], "ties"))).expect("plan");
-    let msg = invalid_message(f.loader.build(&srcs, plan.merge.as_ref()));
+    let ties = plan(Some(merged(&["a", "c"], &[1.0, 0.5], "ties"))).expect("plan");
+    let msg = invalid_message(f.loader.build(&srcs, ties.merge.as_ref()));
     assert!(msg.contains("`cat`") && msg.contains("[a, c]"), "{msg}");
 }
 
@@ -260,13 +279,11 @@ fn adapters_for_another_model_are_refused_clearly() {
 async fn prepare_resolves_then_builds() {
     let f = fixture();
     let loader = std::sync::Arc::new(f.loader);
-    let plan =
-        LoadPlan::from_proto(Some(merged(&["a", "b"], &[1.0, 0.6], "linear"))).expect("plan");
-    let p = loader.prepare(plan).await.expect("prepared");
+    let linear = plan(Some(merged(&["a", "b"], &[1.0, 0.6], "linear"))).expect("plan");
+    let p = loader.prepare(linear).await.expect("prepared");
     assert!(p.merge_ns > 0);
     assert_eq!(p.adapter.rank(), 4);
-    let missing =
-        LoadPlan::from_proto(Some(merged(&["a", "zz"], &[1.0, 0.6], "linear"))).expect("plan");
+    let missing = plan(Some(merged(&["a", "zz"], &[1.0, 0.6], "linear"))).expect("plan");
     let e = loader.prepare(missing).await.expect_err("missing");
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(e.to_string().contains("zz"), "{e}");

@@ -29,5 +29,5 @@ pub use config::{AdapterSettings, parse_byte_size};
 pub use error::AdapterError;
 pub use loader::{AdapterLoader, LoadPlan, PreparedAdapter};
 pub use source::{ADAPTER_LAYOUT, AdapterSources, ResolvedSource};
-pub use store::{AdapterStore, InstallReport, LoraBackend};
+pub use store::{AdapterSlotInfo, AdapterStore, InstallReport, LoraBackend};
 pub use weights::{SlotAdapter, SlotWeights, lora_dtype};

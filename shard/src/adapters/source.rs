@@ -4,11 +4,11 @@
 use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
-use medley_proto::shard::v1 as pb;
+use medley_spec::{AdapterRef, AdapterSource};
 
 use super::AdapterError;
-use crate::hub::model_dir::{ModelDirError, RepoLayout, check_repo_dir};
-use crate::hub::{
+use medley_hub::model_dir::{ModelDirError, RepoLayout, check_repo_dir};
+use medley_hub::{
     CacheLookup, DEFAULT_REVISION, HubSettings, download_repo, is_valid_repo_id, lookup_repo,
 };
 
@@ -42,7 +42,7 @@ pub struct ResolvedSource {
     pub key: SourceKey,
 }
 
-/// Resolves [`pb::AdapterRef`]s to adapter directories.
+/// Resolves [`AdapterRef`]s to adapter directories.
 #[derive(Debug, Clone)]
 pub struct AdapterSources {
     /// Canonical adapter roots, in the configured order.
@@ -78,17 +78,13 @@ impl AdapterSources {
     }
 
     /// Resolves one adapter reference (the hub path may download).
-    pub async fn resolve(&self, r: &pb::AdapterRef) -> Result<ResolvedSource, AdapterError> {
-        match pb::AdapterSource::try_from(r.source) {
-            Ok(pb::AdapterSource::Local) => self.resolve_local(&r.id),
-            Ok(pb::AdapterSource::Hub) => {
+    pub async fn resolve(&self, r: &AdapterRef) -> Result<ResolvedSource, AdapterError> {
+        match r.source {
+            AdapterSource::Local => self.resolve_local(&r.id),
+            AdapterSource::Hub => {
                 self.resolve_hub(&r.id, r.revision.as_deref(), r.api_token.as_deref())
                     .await
             }
-            Err(_) => Err(AdapterError::Invalid(format!(
-                "adapter {}: unknown adapter source {}",
-                r.id, r.source
-            ))),
         }
     }
 

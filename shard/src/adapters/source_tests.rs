@@ -5,7 +5,7 @@ use std::os::unix::fs::symlink;
 use std::time::Duration;
 
 use super::*;
-use crate::hub::testing::{SHA, fake_cache};
+use medley_hub::testing::{SHA, fake_cache};
 
 fn fixture_adapter() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/adapters/a_r4")
@@ -188,10 +188,10 @@ async fn hub_ids_from_the_cache_or_not_found_offline() {
         .await
         .expect_err("bad id");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    // Through the proto reference.
-    let r = pb::AdapterRef {
+    // Through an adapter reference.
+    let r = medley_spec::AdapterRef {
         id: "org/adapter".into(),
-        source: pb::AdapterSource::Hub as i32,
+        source: medley_spec::AdapterSource::Hub,
         revision: None,
         api_token: None,
     };

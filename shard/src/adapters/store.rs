@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use medley_proto::shard::v1 as pb;
-
 use super::AdapterError;
 use super::weights::SlotAdapter;
 
@@ -30,6 +28,17 @@ pub struct InstallReport {
     pub content_hash: String,
     /// Content hash of the adapter the slot held before, if any.
     pub replaced: Option<String>,
+}
+
+/// One occupied slot, as [`AdapterStore::list`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterSlotInfo {
+    /// The slot (`>= 1`).
+    pub slot: u32,
+    /// Hex SHA-256 of the slot weights.
+    pub content_hash: String,
+    /// Bytes the slot holds.
+    pub bytes: u64,
 }
 
 /// Slots `1..=max_slots` (slot 0 is the base model and holds nothing).
@@ -104,8 +113,9 @@ impl AdapterStore {
     }
 
     /// Puts `adapter` into `slot`, replacing what it held, if the budget allows (the replaced
-    /// adapter's bytes count as free). On error nothing changes; on success the slot switches to
-    /// the new adapter in one assignment.
+    /// adapter's bytes count as free). The router plans the budget, so an adapter that does not
+    /// fit is refused as a router bug ([`AdapterError::OverBudget`]). On error nothing changes;
+    /// on success the slot switches to the new adapter in one assignment.
     pub fn install(
         &mut self,
         slot: u32,
@@ -113,16 +123,10 @@ impl AdapterStore {
     ) -> Result<InstallReport, AdapterError> {
         let i = self.index(slot)?;
         let needed = adapter.bytes();
-        if needed > self.budget {
-            return Err(AdapterError::LargerThanBudget {
-                needed,
-                budget: self.budget,
-            });
-        }
         let old = self.slots[i].as_ref().map_or(0, |a| a.bytes());
-        let free = self.budget - (self.used - old);
+        let free = self.budget.saturating_sub(self.used - old);
         if needed > free {
-            return Err(AdapterError::BudgetExceeded {
+            return Err(AdapterError::OverBudget {
                 slot,
                 needed,
                 free,
@@ -149,12 +153,12 @@ impl AdapterStore {
     }
 
     /// The occupied slots, ascending.
-    pub fn list(&self) -> Vec<pb::AdapterSlot> {
+    pub fn list(&self) -> Vec<AdapterSlotInfo> {
         self.slots
             .iter()
             .enumerate()
             .filter_map(|(i, a)| {
-                a.as_ref().map(|a| pb::AdapterSlot {
+                a.as_ref().map(|a| AdapterSlotInfo {
                     slot: i as u32 + 1,
                     content_hash: a.content_hash().to_string(),
                     bytes: a.bytes(),
@@ -208,9 +212,10 @@ mod tests {
         assert_eq!((r1.bytes, r1.rank, r1.replaced.as_deref()), (per, 2, None));
         store.install(2, adapter(2, 2)).expect("fits");
         assert_eq!(store.used_bytes(), 2 * per);
-        // A third adapter exceeds the budget: RESOURCE_EXHAUSTED naming needed and free bytes.
+        // A third adapter exceeds the budget: a router bug (INTERNAL) naming needed and free
+        // bytes.
         let e = store.install(3, adapter(2, 3)).expect_err("over budget");
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(e.code(), tonic::Code::Internal);
         let msg = e.to_string();
         assert!(
             msg.contains(&per.to_string()) && msg.contains(&(per / 2).to_string()),
@@ -221,10 +226,10 @@ mod tests {
         let r = store.install(2, adapter(2, 4)).expect("replace");
         assert_eq!(r.replaced.as_deref(), Some(adapter(2, 2).content_hash()));
         assert_eq!(store.used_bytes(), 2 * per);
-        // Larger than the whole budget: a different error (retrying cannot help).
+        // Larger than the whole budget: the same refusal.
         let e = store.install(3, adapter(8, 5)).expect_err("too large");
-        assert!(matches!(e, AdapterError::LargerThanBudget { .. }), "{e}");
-        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(matches!(e, AdapterError::OverBudget { .. }), "{e}");
+        assert_eq!(e.code(), tonic::Code::Internal);
         // Offload frees the bytes; then the third adapter fits.
         assert_eq!(store.offload(1).expect("offload"), per);
         assert_eq!(store.offload(1).expect("idempotent"), 0);
@@ -244,11 +249,11 @@ mod tests {
         store.install(1, small).expect("fits");
         // Rank 8 is 4x the bytes: replacing slot 1 would need 4·per with 3·per free.
         let e = store.install(1, adapter(8, 2)).expect_err("over budget");
-        assert!(matches!(e, AdapterError::LargerThanBudget { .. }));
+        assert!(matches!(e, AdapterError::OverBudget { .. }));
         store.install(2, adapter(2, 3)).expect("fits");
         // Rank 6 (3·per) fits the budget but not the 2·per that would be free.
         let e = store.install(1, adapter(6, 2)).expect_err("over budget");
-        assert!(matches!(e, AdapterError::BudgetExceeded { .. }), "{e}");
+        assert!(matches!(e, AdapterError::OverBudget { .. }), "{e}");
         assert_eq!(store.get(1).map(|a| a.content_hash()), Some(hash.as_str()));
         assert_eq!(store.used_bytes(), 2 * per);
     }

@@ -2,10 +2,8 @@
 //! thread), offloading, listing. Each runs between two forward steps, so a step sees a slot
 //! either before or after the change, never half of it.
 
-use medley_proto::shard::v1 as pb;
-
 use super::{Engine, EngineError};
-use crate::adapters::{AdapterError, AdapterStore, InstallReport, SlotAdapter};
+use crate::adapters::{AdapterError, AdapterSlotInfo, AdapterStore, InstallReport, SlotAdapter};
 
 impl Engine {
     /// Requests of cached batches that use `slot`.
@@ -64,7 +62,7 @@ impl Engine {
     }
 
     /// The occupied slots.
-    pub fn list_adapters(&self) -> Vec<pb::AdapterSlot> {
+    pub fn list_adapters(&self) -> Vec<AdapterSlotInfo> {
         self.adapters.list()
     }
 

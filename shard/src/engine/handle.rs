@@ -4,10 +4,12 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use medley_proto::shard::v1 as pb;
 use tokio::sync::oneshot;
 
 use super::heap::{HeapTrimmer, TRIM_INTERVAL};
+use super::types::{
+    AdapterSlotInfo, Batch, CachedBatch, ShardInfo, StepResponse, WarmupParams, WarmupResult,
+};
 use super::{Engine, EngineError};
 use crate::adapters::{InstallReport, SlotAdapter};
 
@@ -15,17 +17,17 @@ type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 /// Work for the engine thread.
 enum Command {
-    Info(Reply<pb::InfoResponse>),
+    Info(Reply<ShardInfo>),
     Health(Reply<()>),
-    Warmup(pb::WarmupRequest, Reply<pb::WarmupResponse>),
-    Prefill(pb::Batch, Reply<pb::PrefillResponse>),
-    Decode(Vec<pb::CachedBatch>, Reply<pb::DecodeResponse>),
-    Filter(u64, Vec<u64>, Reply<pb::FilterBatchResponse>),
+    Warmup(WarmupParams, Reply<WarmupResult>),
+    Prefill(Batch, Reply<StepResponse>),
+    Decode(Vec<CachedBatch>, Reply<StepResponse>),
+    Filter(u64, Vec<u64>, Reply<Option<CachedBatch>>),
     Clear(Option<u64>, Reply<()>),
     ActiveSequences(Reply<usize>),
     InstallAdapter(u32, Box<SlotAdapter>, Reply<InstallReport>),
     OffloadAdapter(u32, Reply<u64>),
-    ListAdapters(Reply<Vec<pb::AdapterSlot>>),
+    ListAdapters(Reply<Vec<AdapterSlotInfo>>),
 }
 
 /// Cheap, clonable handle to the engine thread. Commands run one at a time, in order.
@@ -77,7 +79,7 @@ impl EngineHandle {
     }
 
     /// See [`Engine::info`].
-    pub async fn info(&self) -> Result<pb::InfoResponse, EngineError> {
+    pub async fn info(&self) -> Result<ShardInfo, EngineError> {
         self.call(Command::Info).await
     }
 
@@ -87,20 +89,17 @@ impl EngineHandle {
     }
 
     /// See [`Engine::warmup`].
-    pub async fn warmup(&self, req: pb::WarmupRequest) -> Result<pb::WarmupResponse, EngineError> {
+    pub async fn warmup(&self, req: WarmupParams) -> Result<WarmupResult, EngineError> {
         self.call(|r| Command::Warmup(req, r)).await
     }
 
     /// See [`Engine::prefill`].
-    pub async fn prefill(&self, batch: pb::Batch) -> Result<pb::PrefillResponse, EngineError> {
+    pub async fn prefill(&self, batch: Batch) -> Result<StepResponse, EngineError> {
         self.call(|r| Command::Prefill(batch, r)).await
     }
 
     /// See [`Engine::decode`].
-    pub async fn decode(
-        &self,
-        batches: Vec<pb::CachedBatch>,
-    ) -> Result<pb::DecodeResponse, EngineError> {
+    pub async fn decode(&self, batches: Vec<CachedBatch>) -> Result<StepResponse, EngineError> {
         self.call(|r| Command::Decode(batches, r)).await
     }
 
@@ -109,7 +108,7 @@ impl EngineHandle {
         &self,
         batch_id: u64,
         ids: Vec<u64>,
-    ) -> Result<pb::FilterBatchResponse, EngineError> {
+    ) -> Result<Option<CachedBatch>, EngineError> {
         self.call(|r| Command::Filter(batch_id, ids, r)).await
     }
 
@@ -139,7 +138,7 @@ impl EngineHandle {
     }
 
     /// See [`Engine::list_adapters`].
-    pub async fn list_adapters(&self) -> Result<Vec<pb::AdapterSlot>, EngineError> {
+    pub async fn list_adapters(&self) -> Result<Vec<AdapterSlotInfo>, EngineError> {
         self.call(Command::ListAdapters).await
     }
 }

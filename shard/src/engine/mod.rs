@@ -7,11 +7,11 @@ mod handle;
 mod heap;
 mod sequence;
 mod text;
+mod types;
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use medley_proto::shard::v1 as pb;
 use rayon::prelude::*;
 
 use crate::adapters::{AdapterError, AdapterStore};
@@ -21,6 +21,11 @@ use crate::model::{ForwardBatch, LlamaModel, SeqChunk};
 pub use handle::{EngineHandle, EngineThreadSettings};
 use sequence::Sequence;
 pub use text::TextContext;
+pub use types::{
+    AdapterSlotInfo, Batch, CachedBatch, FinishReason, GeneratedText, Generation, Request,
+    SamplingParams, ShardInfo, StepResponse, StepTimings, StopParams, Tokens, WarmupParams,
+    WarmupResult,
+};
 
 /// Errors of the engine, mapped to gRPC statuses by the server.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +67,8 @@ impl From<EngineError> for tonic::Status {
     }
 }
 
-/// Static facts reported by `Info`.
+/// The shard's identity, given when the engine is built (part of what `Info` reports, see
+/// [`ShardInfo`]).
 #[derive(Debug, Clone)]
 pub struct EngineInfo {
     /// Model name for logs and `/info`.
@@ -115,18 +121,17 @@ impl Engine {
         self.model.config().max_position_embeddings
     }
 
-    /// The `Info` response.
-    pub fn info(&self) -> pb::InfoResponse {
+    /// What `Info` reports.
+    pub fn info(&self) -> ShardInfo {
         let cfg = self.model.config();
-        pb::InfoResponse {
+        ShardInfo {
             model_id: self.info.model_id.clone(),
-            dtype: dtype_name(self.model.dtype()).to_string(),
+            dtype: dtype_name(self.model.dtype()),
             device_type: if self.model.device().is_cpu() {
                 "cpu"
             } else {
                 "cuda"
-            }
-            .to_string(),
+            },
             rank: self.info.rank,
             world_size: self.info.world_size,
             vocab_size: cfg.vocab_size as u32,
@@ -140,7 +145,7 @@ impl Engine {
 
     /// Runs a worst-case prefill (the router's prefill budget, split into requests of at most
     /// `max_input_tokens`) to check the model runs, then frees it. Returns the KV capacity.
-    pub fn warmup(&mut self, req: &pb::WarmupRequest) -> Result<pb::WarmupResponse, EngineError> {
+    pub fn warmup(&mut self, req: &WarmupParams) -> Result<WarmupResult, EngineError> {
         let per_req = (req.max_input_tokens as usize).clamp(1, self.max_positions() - 1);
         let mut remaining = (req.max_prefill_tokens as usize).max(1);
         let mut chunks = vec![];
@@ -173,13 +178,13 @@ impl Engine {
             self.kv.free(id);
         }
         result?;
-        Ok(pb::WarmupResponse {
+        Ok(WarmupResult {
             max_supported_total_tokens: self.kv.capacity_tokens() as u64,
         })
     }
 
     /// Prefills a new batch: runs every prompt, samples each first token.
-    pub fn prefill(&mut self, batch: pb::Batch) -> Result<pb::PrefillResponse, EngineError> {
+    pub fn prefill(&mut self, batch: Batch) -> Result<StepResponse, EngineError> {
         let start = Instant::now();
         if self.batches.contains_key(&batch.id) {
             return Err(EngineError::InvalidRequest(format!(
@@ -221,23 +226,20 @@ impl Engine {
             .collect();
         let (generations, kept, forward_ns, decode_ns) = self.step(seqs, chunks, true)?;
         let cached = self.store(batch.id, kept);
-        Ok(pb::PrefillResponse {
+        Ok(StepResponse {
             generations,
             batch: cached,
-            timings: Some(pb::Timings {
+            timings: StepTimings {
                 forward_ns,
                 decode_ns,
                 total_ns: start.elapsed().as_nanos() as u64,
-            }),
+            },
         })
     }
 
     /// Merges the given cached batches into the first one and generates one token for each
     /// of their requests.
-    pub fn decode(
-        &mut self,
-        batches: Vec<pb::CachedBatch>,
-    ) -> Result<pb::DecodeResponse, EngineError> {
+    pub fn decode(&mut self, batches: Vec<CachedBatch>) -> Result<StepResponse, EngineError> {
         let start = Instant::now();
         let Some(first) = batches.first() else {
             return Err(EngineError::InvalidRequest("decode of no batch".into()));
@@ -264,14 +266,14 @@ impl Engine {
             .collect();
         let (generations, kept, forward_ns, decode_ns) = self.step(seqs, chunks, false)?;
         let cached = self.store(id, kept);
-        Ok(pb::DecodeResponse {
+        Ok(StepResponse {
             generations,
             batch: cached,
-            timings: Some(pb::Timings {
+            timings: StepTimings {
                 forward_ns,
                 decode_ns,
                 total_ns: start.elapsed().as_nanos() as u64,
-            }),
+            },
         })
     }
 
@@ -282,7 +284,7 @@ impl Engine {
         mut seqs: Vec<Sequence>,
         chunks: Vec<SeqChunk>,
         prefill: bool,
-    ) -> Result<(Vec<pb::Generation>, Vec<Sequence>, u64, u64), EngineError> {
+    ) -> Result<(Vec<Generation>, Vec<Sequence>, u64, u64), EngineError> {
         let t0 = Instant::now();
         let logits = self
             .model
@@ -393,7 +395,7 @@ impl Engine {
     }
 
     /// Keeps `seqs` as batch `id` and returns its handle (None when empty).
-    fn store(&mut self, id: u64, seqs: Vec<Sequence>) -> Option<pb::CachedBatch> {
+    fn store(&mut self, id: u64, seqs: Vec<Sequence>) -> Option<CachedBatch> {
         if seqs.is_empty() {
             return None;
         }
@@ -402,12 +404,13 @@ impl Engine {
         Some(cached)
     }
 
-    /// Keeps only `request_ids` in batch `batch_id`, freeing the others.
+    /// Keeps only `request_ids` in batch `batch_id`, freeing the others. Returns the batch's
+    /// new handle (None when no request is left).
     pub fn filter(
         &mut self,
         batch_id: u64,
         request_ids: &[u64],
-    ) -> Result<pb::FilterBatchResponse, EngineError> {
+    ) -> Result<Option<CachedBatch>, EngineError> {
         let state = self
             .batches
             .remove(&batch_id)
@@ -419,9 +422,7 @@ impl Engine {
         for s in &drop {
             self.kv.free(s.id);
         }
-        Ok(pb::FilterBatchResponse {
-            batch: self.store(batch_id, keep),
-        })
+        Ok(self.store(batch_id, keep))
     }
 
     /// Drops batch `id`, or every batch.
@@ -445,8 +446,8 @@ impl Engine {
     }
 }
 
-fn cached_batch(id: u64, seqs: &[Sequence], kv: &KvCache) -> pb::CachedBatch {
-    pb::CachedBatch {
+fn cached_batch(id: u64, seqs: &[Sequence], kv: &KvCache) -> CachedBatch {
+    CachedBatch {
         id,
         request_ids: seqs.iter().map(|s| s.id).collect(),
         size: seqs.len() as u32,

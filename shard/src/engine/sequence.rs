@@ -1,10 +1,8 @@
 //! One running request on the shard: its tokens, sampler, stopping criteria and detokenizer.
 
-use crate::generation::{
-    IncrementalDecoder, Sample, Sampler, SamplingParams, StopParams, StoppingCriteria,
-};
-use medley_proto::shard::v1 as pb;
+use crate::generation::{FinishReason, IncrementalDecoder, Sample, Sampler, StoppingCriteria};
 
+use super::types::{GeneratedText, Generation, Request, Tokens};
 use super::{EngineError, TextContext};
 
 /// State of one sequence between steps.
@@ -31,8 +29,8 @@ pub(crate) struct Sequence {
 
 /// What one step produced for a sequence.
 pub(crate) struct StepOutput {
-    /// The proto message for the router.
-    pub generation: pb::Generation,
+    /// What the step reports for the sequence.
+    pub generation: Generation,
     /// True when the sequence is done and must be freed.
     pub finished: bool,
 }
@@ -40,7 +38,7 @@ pub(crate) struct StepOutput {
 impl Sequence {
     /// Validates a request and builds its state.
     pub fn new(
-        req: &pb::Request,
+        req: &Request,
         vocab_size: usize,
         max_positions: usize,
         eos_token_ids: &[u32],
@@ -57,8 +55,7 @@ impl Sequence {
                 req.id
             )));
         }
-        let params = req.parameters.unwrap_or_default();
-        let stop = req.stopping_parameters.clone().unwrap_or_default();
+        let stop = &req.stopping;
         if stop.max_new_tokens == 0 {
             return Err(EngineError::InvalidRequest(format!(
                 "request {}: max_new_tokens must be positive",
@@ -73,8 +70,8 @@ impl Sequence {
                 req.id
             )));
         }
-        let seed = params.seed;
-        let sampler = Sampler::new(SamplingParams::from(params))
+        let seed = req.sampling.seed;
+        let sampler = Sampler::new(req.sampling)
             .map_err(|e| EngineError::InvalidRequest(format!("request {}: {e}", req.id)))?;
         Ok(Self {
             id: req.id,
@@ -85,7 +82,7 @@ impl Sequence {
             max_tokens: max_tokens.min(max_positions),
             prefill_logprobs: req.prefill_logprobs,
             sampler,
-            stopping: StoppingCriteria::new(StopParams::from(stop), eos_token_ids.to_vec()),
+            stopping: StoppingCriteria::new(req.stopping.clone(), eos_token_ids.to_vec()),
             decoder: IncrementalDecoder::new(&req.input_ids),
             seed,
         })
@@ -113,17 +110,17 @@ impl Sequence {
         let mut finish = self.stopping.check(id, &text);
         if finish.is_none() && self.tokens.len() >= max_positions {
             // The model cannot attend further than its positions: stop as if by length.
-            finish = Some(pb::FinishReason::Length);
+            finish = Some(FinishReason::Length);
         }
         let special = ctx.eos_token_ids.contains(&id) || ctx.is_special(id);
-        let tokens = pb::Tokens {
+        let tokens = Tokens {
             ids: vec![id],
             logprobs: vec![logprob],
             texts: vec![text],
             is_special: vec![special],
         };
         let top_tokens = if self.top_n > 0 {
-            vec![pb::Tokens {
+            vec![Tokens {
                 ids: top.iter().map(|(t, _)| *t).collect(),
                 logprobs: top.iter().map(|(_, l)| *l).collect(),
                 texts: top.iter().map(|(t, _)| ctx.token_text(*t)).collect(),
@@ -137,20 +134,20 @@ impl Sequence {
                 let text = tokenizer
                     .decode(self.decoder.generated_ids(), true)
                     .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-                Some(pb::GeneratedText {
+                Some(GeneratedText {
                     text,
                     generated_tokens: self.generated() as u32,
-                    finish_reason: reason as i32,
+                    finish_reason: reason,
                     seed: (!self.sampler.is_greedy()).then_some(self.seed),
                 })
             }
             None => None,
         };
         Ok(StepOutput {
-            generation: pb::Generation {
+            generation: Generation {
                 request_id: self.id,
                 prefill_tokens: None,
-                tokens: Some(tokens),
+                tokens,
                 generated_text,
                 top_tokens,
             },
@@ -160,7 +157,7 @@ impl Sequence {
 
     /// The prompt tokens with the logprob of each given its prefix (NaN for the first token,
     /// which has no context). `logits` holds one row per prompt token.
-    pub fn prompt_tokens(&self, logits: &[f32], vocab: usize, ctx: &TextContext) -> pb::Tokens {
+    pub fn prompt_tokens(&self, logits: &[f32], vocab: usize, ctx: &TextContext) -> Tokens {
         let prompt = &self.tokens[..self.prompt_len];
         let mut logprobs = Vec::with_capacity(prompt.len());
         logprobs.push(f32::NAN);
@@ -168,7 +165,7 @@ impl Sequence {
             let rows = &logits[..(prompt.len() - 1) * vocab];
             logprobs.extend(crate::generation::token_logprobs(rows, vocab, &prompt[1..]));
         }
-        pb::Tokens {
+        Tokens {
             ids: prompt.to_vec(),
             logprobs,
             texts: prompt.iter().map(|t| ctx.token_text(*t)).collect(),

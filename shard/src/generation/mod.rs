@@ -4,10 +4,9 @@
 //!   token, with its logprob and top-n alternatives; [`token_logprobs`] for prompt logprobs.
 //! * [`StoppingCriteria`] — EOS tokens, stop sequences and the token budget.
 //! * [`IncrementalDecoder`] — streaming detokenization that never splits a character.
-//! * [`SamplingParams`], [`StopParams`] — the per-request parameters, with conversions from
-//!   the shard proto (`NextTokenChooserParameters`, `StoppingCriteriaParameters`).
-//! * [`FinishReason`] — the proto's enum, re-exported: the engine puts it on the wire as is,
-//!   and [`StoppingCriteria`] never returns its `Unspecified` value.
+//! * [`SamplingParams`], [`StopParams`] — the per-request parameters (the server converts
+//!   them from the shard proto's `NextTokenChooserParameters` and `StoppingCriteriaParameters`).
+//! * [`FinishReason`] — why a sequence finished, as [`StoppingCriteria`] decides it.
 //!
 //! The semantics follow TGI, LoRAX and `transformers`; each type documents where it differs
 //! and why. The engine calls, per sequence and step: `Sampler::next` on the last position's
@@ -23,7 +22,6 @@ mod stopping;
 
 pub use detok::{DetokError, IncrementalDecoder};
 pub use logits::token_logprobs;
-pub use medley_proto::shard::v1::FinishReason;
 pub use params::{SamplingError, SamplingParams, StopParams};
 pub use sampling::{Sample, Sampler};
-pub use stopping::StoppingCriteria;
+pub use stopping::{FinishReason, StoppingCriteria};

@@ -1,7 +1,5 @@
-//! Per-request generation parameters, their range checks and the conversions from the
-//! internal proto messages.
-
-use medley_proto::shard::v1 as pb;
+//! Per-request generation parameters and their range checks. The server converts them from
+//! the internal proto messages (`crate::server`), mapping proto3's unset zeros to neutral values.
 
 /// Errors raised by [`SamplingParams::validate`] (and so by [`super::Sampler::new`]).
 ///
@@ -119,39 +117,6 @@ impl SamplingParams {
     }
 }
 
-/// Maps a proto3 field left at its default 0 to the neutral value `neutral`.
-fn unset_to(value: f32, neutral: f32) -> f32 {
-    if value == 0.0 { neutral } else { value }
-}
-
-impl From<&pb::NextTokenChooserParameters> for SamplingParams {
-    /// proto3 cannot tell "unset" from 0, and the router never sends 0 for `top_p`,
-    /// `typical_p` or `repetition_penalty` (it rejects them), so a 0 there means "off" and
-    /// becomes the neutral 1. `temperature` keeps 0, which means greedy (the proto's own
-    /// comment: "0 or 1 with do_sample = false and no other warper means greedy"). Range
-    /// checks happen in [`super::Sampler::new`].
-    fn from(p: &pb::NextTokenChooserParameters) -> Self {
-        Self {
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: unset_to(p.top_p, 1.0),
-            typical_p: unset_to(p.typical_p, 1.0),
-            do_sample: p.do_sample,
-            seed: p.seed,
-            repetition_penalty: unset_to(p.repetition_penalty, 1.0),
-            frequency_penalty: p.frequency_penalty,
-            presence_penalty: p.presence_penalty,
-        }
-    }
-}
-
-impl From<pb::NextTokenChooserParameters> for SamplingParams {
-    /// See the conversion from a reference.
-    fn from(p: pb::NextTokenChooserParameters) -> Self {
-        Self::from(&p)
-    }
-}
-
 /// When a sequence stops, besides an EOS token.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StopParams {
@@ -161,28 +126,6 @@ pub struct StopParams {
     pub stop_sequences: Vec<String>,
     /// Keep generating after an EOS token.
     pub ignore_eos_token: bool,
-}
-
-impl From<&pb::StoppingCriteriaParameters> for StopParams {
-    /// Field by field.
-    fn from(p: &pb::StoppingCriteriaParameters) -> Self {
-        Self {
-            max_new_tokens: p.max_new_tokens,
-            stop_sequences: p.stop_sequences.clone(),
-            ignore_eos_token: p.ignore_eos_token,
-        }
-    }
-}
-
-impl From<pb::StoppingCriteriaParameters> for StopParams {
-    /// Field by field, without copying the stop strings.
-    fn from(p: pb::StoppingCriteriaParameters) -> Self {
-        Self {
-            max_new_tokens: p.max_new_tokens,
-            stop_sequences: p.stop_sequences,
-            ignore_eos_token: p.ignore_eos_token,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -305,57 +248,5 @@ mod tests {
             ..base
         };
         assert!(edge.validate().is_ok());
-    }
-
-    #[test]
-    fn proto_zeros_mean_off() {
-        let p = SamplingParams::from(pb::NextTokenChooserParameters::default());
-        assert_eq!(p.top_p, 1.0);
-        assert_eq!(p.typical_p, 1.0);
-        assert_eq!(p.repetition_penalty, 1.0);
-        assert_eq!(p.temperature, 0.0);
-        assert!(p.validate().is_ok());
-        assert!(!p.is_sampling());
-
-        let msg = pb::NextTokenChooserParameters {
-            temperature: 0.5,
-            top_k: 7,
-            top_p: 0.9,
-            typical_p: 0.8,
-            do_sample: true,
-            seed: 42,
-            repetition_penalty: 1.2,
-            frequency_penalty: 0.1,
-            presence_penalty: -0.3,
-        };
-        let p = SamplingParams::from(&msg);
-        assert_eq!(
-            p,
-            SamplingParams {
-                temperature: 0.5,
-                top_k: 7,
-                top_p: 0.9,
-                typical_p: 0.8,
-                do_sample: true,
-                seed: 42,
-                repetition_penalty: 1.2,
-                frequency_penalty: 0.1,
-                presence_penalty: -0.3,
-            }
-        );
-    }
-
-    #[test]
-    fn stop_params_convert() {
-        let msg = pb::StoppingCriteriaParameters {
-            max_new_tokens: 9,
-            stop_sequences: vec!["\n\n".into()],
-            ignore_eos_token: true,
-        };
-        let p = StopParams::from(&msg);
-        assert_eq!(p, StopParams::from(msg));
-        assert_eq!(p.max_new_tokens, 9);
-        assert_eq!(p.stop_sequences, vec!["\n\n".to_string()]);
-        assert!(p.ignore_eos_token);
     }
 }

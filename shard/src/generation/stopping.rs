@@ -2,7 +2,17 @@
 //! token budget.
 
 use super::params::StopParams;
-use medley_proto::shard::v1::FinishReason;
+
+/// Why a sequence finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// The token budget (`max_new_tokens`, or the model's positions) is spent.
+    Length,
+    /// The model produced an end-of-sequence token.
+    EosToken,
+    /// The generated text contains a stop sequence.
+    StopSequence,
+}
 
 /// Decides after each generated token whether the sequence is finished.
 ///

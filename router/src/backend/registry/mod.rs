@@ -1,30 +1,40 @@
 //! Per-adapter queues and adapter residency: which adapter (or merge) lives in which shard slot,
-//! the bytes it holds, who uses it, and what happened when it was loaded.
+//! the bytes it holds, who uses it, and what happened when it was loaded. The registry is the
+//! one owner of this state: everything else (the batch builder, the loader, leases) changes it
+//! through the methods below.
 //!
 //! States of an adapter key:
 //!
 //! ```text
-//!            enqueue            plan: slot + bytes found       LoadAdapter ok
-//! (absent) ─────────▶ Waiting ─────────────────────────▶ Staging ─────────────▶ Resident
-//!                      ▲  ▲  │ plan: no room → skipped      │ RESOURCE_EXHAUSTED      │
-//!                      │  │  ▼ (others keep being served)   │ → Waiting + must evict  │ LRU or
-//!                      │  └─────────────────────────────────┘                         │ rotation
-//!                      │ new request                     other failure                ▼
-//!                      └──────────────────── Evicted ◀──── Errored (TTL) ◀─── ... Evicted
+//!            enqueue           plan: staging room          PrepareAdapter ok (bytes)
+//! (absent) ─────────▶ Waiting ───────────────────▶ Preparing ─────────────────────────▶ Prepared
+//!                      ▲  ▲                          │ failure                         │ plan: slot +
+//!                      │  │ (rotation: queue kept)   ▼                                 │ bytes found
+//!                      │  └──────── Resident ◀── Installing ◀──────────────────────────┘
+//!                      │ new request   │ LRU                 (no slot or bytes yet: skipped,
+//!                      └── Evicted ◀───┘                      others keep being served)
+//!                          Errored (TTL) ◀── any failure
 //! ```
 //!
 //! The base model is not tracked here: it has its own queue and is always ready (slot 0).
 //!
+//! Byte budget: the router owns it. A prepared adapter's size is what the shards reported for
+//! it; an install reserves exactly that, after evicting idle adapters (LRU) as needed, so the
+//! shards never see an install that does not fit (they refuse one as a router bug). Prepared
+//! and in-flight adapters count against `max_concurrent_loads`, which bounds what the shards
+//! hold staged outside the budget.
+//!
 //! Pinning: an adapter with running requests is never evicted. An adapter with queued requests
 //! is not evicted either, with one exception that keeps slots fair: once it has been active for
-//! `cycle_time`, it may be rotated out (its queue kept) in favour of an adapter that could not
-//! get a slot or bytes. Idle adapters stay resident as a cache and are evicted LRU only when
-//! another adapter needs their slot or bytes.
+//! `cycle_time`, it may be rotated out (its queue kept) in favour of a prepared adapter that
+//! could not get a slot or bytes. Idle adapters stay resident as a cache and are evicted LRU
+//! only when another adapter needs their slot or bytes.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 mod plan;
+mod take;
 
 use super::queue::Entry;
 use crate::error::InferError;
@@ -55,7 +65,8 @@ pub(crate) struct RegistryConfig {
     pub max_active_adapters: usize,
     /// How long an adapter may be active before it yields to starved adapters.
     pub cycle_time: Duration,
-    /// Loads and merges in flight at once.
+    /// Adapters being prepared, prepared or being installed at once (merges are CPU-heavy, and
+    /// staged adapters hold shard memory outside the budget).
     pub max_concurrent_loads: usize,
     /// How long a failed load answers new requests with its error before it is retried.
     pub error_ttl: Duration,
@@ -66,12 +77,26 @@ pub(crate) struct RegistryConfig {
 /// Where an adapter is.
 #[derive(Debug, Clone)]
 pub(crate) enum Status {
-    /// Needs a slot; its queued requests wait.
+    /// Not on the shards; its queued requests wait for a prepare.
     Waiting,
-    /// A load or merge is in flight, with `reserved` bytes set aside.
-    Staging {
-        /// Bytes reserved (its size when known from an earlier load, else 0).
-        reserved: u64,
+    /// The shards are reading (and merging) it into staging area `id`.
+    Preparing {
+        /// Staging id.
+        id: u64,
+    },
+    /// Staged on the shards as `id`, `bytes` large; waits for a slot and room in the budget.
+    Prepared {
+        /// Staging id.
+        id: u64,
+        /// Its size in a slot (largest over the ranks).
+        bytes: u64,
+    },
+    /// Being moved from staging into `slot`, with `bytes` reserved.
+    Installing {
+        /// Target slot.
+        slot: u32,
+        /// Bytes reserved.
+        bytes: u64,
     },
     /// Loaded; requests may run on it.
     Resident {
@@ -91,30 +116,36 @@ pub(crate) enum Status {
     },
 }
 
+impl Status {
+    /// Holds shard staging memory or a load in flight.
+    fn is_staged(&self) -> bool {
+        matches!(
+            self,
+            Status::Preparing { .. } | Status::Prepared { .. } | Status::Installing { .. }
+        )
+    }
+}
+
 /// One adapter key: its spec, queue, residency and use.
 pub(crate) struct Adapter {
-    /// What to load.
-    pub spec: AdapterSpec,
-    /// Where it is.
-    pub status: Status,
+    spec: AdapterSpec,
+    status: Status,
     /// Waiting requests, oldest first, with their ids.
-    pub queue: VecDeque<(u64, Entry)>,
+    queue: VecDeque<(u64, Entry)>,
     /// Requests in the running batch (pins the adapter).
-    pub running: usize,
+    running: usize,
     /// Last time a request started or finished on it.
-    pub last_used: Instant,
+    last_used: Instant,
     /// When its current turn started: set when it joins the running batch without a turn (or
     /// with a spent one), kept while it has requests running or queued, cleared when idle.
-    pub active_since: Option<Instant>,
+    active_since: Option<Instant>,
     /// Requests ran on it since it was last loaded (a freshly loaded adapter is never rotated
     /// out before it served anything).
-    pub served_since_load: bool,
-    /// Bytes of its last successful load.
-    pub known_bytes: Option<u64>,
-    /// The shards said it did not fit: evict something before the next try.
-    pub must_evict: bool,
+    served_since_load: bool,
+    /// Bytes of its last prepare (an adapter known to exceed the budget is failed at once).
+    known_bytes: Option<u64>,
     /// The last plan found no slot or bytes for it.
-    pub blocked: bool,
+    blocked: bool,
 }
 
 impl Adapter {
@@ -128,13 +159,12 @@ impl Adapter {
             active_since: None,
             served_since_load: false,
             known_bytes: None,
-            must_evict: false,
             blocked: false,
         }
     }
 
     /// The slot of a resident adapter.
-    pub fn resident_slot(&self) -> Option<u32> {
+    fn resident_slot(&self) -> Option<u32> {
         match self.status {
             Status::Resident { slot, .. } => Some(slot),
             _ => None,
@@ -142,18 +172,18 @@ impl Adapter {
     }
 
     /// Id of its oldest queued request.
-    pub fn head(&self) -> Option<u64> {
+    fn head(&self) -> Option<u64> {
         self.queue.front().map(|(id, _)| *id)
     }
 
     /// Its turn (started at `active_since`) lasted at least `cycle` at `now`.
-    pub fn over_cycle(&self, cycle: Duration, now: Instant) -> bool {
+    fn over_cycle(&self, cycle: Duration, now: Instant) -> bool {
         self.active_since
             .is_some_and(|t| now.saturating_duration_since(t) >= cycle)
     }
 
     /// Its place in line (`None` with an empty queue): see [`Priority`].
-    pub fn priority(&self, cycle: Duration, now: Instant) -> Option<Priority> {
+    fn priority(&self, cycle: Duration, now: Instant) -> Option<Priority> {
         let head = self.head()?;
         Some(match self.active_since {
             Some(t) if self.over_cycle(cycle, now) => Priority::Spent(t, head),
@@ -163,6 +193,26 @@ impl Adapter {
 
     fn idle(&self) -> bool {
         self.running == 0 && self.queue.is_empty()
+    }
+
+    /// Fails its queued requests with `error`: remembered for `ttl` when given, else forgotten
+    /// at once (the next request tries again).
+    fn fail(
+        &mut self,
+        error: InferError,
+        ttl: Option<(Instant, Duration)>,
+    ) -> (InferError, Vec<Entry>) {
+        self.status = match ttl {
+            Some((now, ttl)) => Status::Errored {
+                error: error.clone(),
+                until: now + ttl,
+            },
+            None => Status::Evicted,
+        };
+        self.active_since = None;
+        self.blocked = false;
+        let entries = self.queue.drain(..).map(|(_, e)| e).collect();
+        (error, entries)
     }
 }
 
@@ -180,8 +230,8 @@ pub(crate) enum Priority {
 /// What a planning round decided.
 #[derive(Default)]
 pub(crate) struct Plan {
-    /// Loads to start.
-    pub jobs: Vec<LoadJob>,
+    /// Shard calls to start.
+    pub jobs: Vec<Job>,
     /// Adapters that can never fit, with the requests to fail.
     pub failed: Vec<(InferError, Vec<Entry>)>,
 }
@@ -197,49 +247,63 @@ pub(crate) enum Enqueued {
     Miss,
 }
 
-/// A load (or merge) the loader should run: offload `offload` first, then load `spec` into
-/// `slot`; `free_after` are slots to return to the free list once that is done.
+/// A shard call the loader should run; its outcome goes back through [`Registry::prepared`],
+/// [`Registry::installed`] or [`Registry::job_failed`].
 #[derive(Debug, Clone)]
-pub(crate) struct LoadJob {
-    /// The adapter.
-    pub key: AdapterKey,
-    /// What to load.
-    pub spec: AdapterSpec,
-    /// Target slot.
-    pub slot: u32,
-    /// Slots of evicted adapters to free on the shards first.
-    pub offload: Vec<u32>,
-    /// Evicted slots not reused by this load.
-    pub free_after: Vec<u32>,
+pub(crate) enum Job {
+    /// Read (and merge) `spec` on the shards, staged as `id`.
+    Prepare {
+        /// The adapter.
+        key: AdapterKey,
+        /// Staging id.
+        id: u64,
+        /// What to load.
+        spec: AdapterSpec,
+    },
+    /// Offload `offload` (evicted adapters), then install staged `id` into `slot`; `free_after`
+    /// are evicted slots not reused, returned to the free list once offloaded.
+    Install {
+        /// The adapter.
+        key: AdapterKey,
+        /// Staging id.
+        id: u64,
+        /// Target slot.
+        slot: u32,
+        /// Slots of evicted adapters to free on the shards first.
+        offload: Vec<u32>,
+        /// Evicted slots not reused by this install.
+        free_after: Vec<u32>,
+        /// What it is (for logs).
+        spec: AdapterSpec,
+    },
+    /// Drop staged `id`: nobody waits for it any more, or it can never fit.
+    Discard {
+        /// Staging id.
+        id: u64,
+    },
 }
 
-/// Why a load failed, as the shards reported it.
+/// A failed shard call, mapped to the error its requests receive; `cache` says whether new
+/// requests get it too until the TTL expires.
 #[derive(Debug, Clone)]
-pub(crate) enum LoadFailure {
-    /// Not enough adapter memory left on a shard.
-    NoRoom(String),
-    /// Any other failure, already mapped to the error its requests receive; `cache` says
-    /// whether new requests get it too until the TTL expires.
-    Failed {
-        /// The requests' error.
-        error: InferError,
-        /// Remember the failure for `error_ttl`.
-        cache: bool,
-    },
+pub(crate) struct Failure {
+    /// The requests' error.
+    pub error: InferError,
+    /// Remember the failure for `error_ttl`.
+    pub cache: bool,
 }
 
 /// Per-adapter queues, the base model's queue, slots and bytes.
 pub(crate) struct Registry {
-    /// Limits.
-    pub cfg: RegistryConfig,
-    /// Every tracked adapter key.
-    pub adapters: HashMap<AdapterKey, Adapter>,
-    /// Requests on the base model.
-    pub base: VecDeque<(u64, Entry)>,
+    cfg: RegistryConfig,
+    adapters: HashMap<AdapterKey, Adapter>,
+    base: VecDeque<(u64, Entry)>,
     free_slots: BTreeSet<u32>,
-    /// Bytes resident plus bytes reserved by loads in flight.
+    /// Bytes resident plus bytes reserved by installs in flight.
     used_bytes: u64,
-    staging: usize,
+    /// Adapters preparing, prepared or installing.
+    staged: usize,
+    next_stage_id: u64,
 }
 
 impl Registry {
@@ -251,7 +315,8 @@ impl Registry {
             adapters: HashMap::new(),
             base: VecDeque::new(),
             used_bytes: 0,
-            staging: 0,
+            staged: 0,
+            next_stage_id: 1,
         }
     }
 
@@ -271,7 +336,7 @@ impl Registry {
         }
         if self.cfg.max_slots == 0 {
             return Err(InferError::Validation(
-                crate::error::AdapterValidationError::AdaptersDisabled.into(),
+                crate::error::ValidationError::AdaptersDisabled,
             ));
         }
         let adapter = self
@@ -280,10 +345,10 @@ impl Registry {
             .or_insert_with(|| Adapter::new(spec.clone(), now));
         let kind = match &adapter.status {
             Status::Resident { .. } => Enqueued::Ready,
-            Status::Staging { .. } => Enqueued::Pending,
+            s if s.is_staged() => Enqueued::Pending,
             Status::Waiting if !adapter.queue.is_empty() => Enqueued::Pending,
             Status::Errored { error, until } if now < *until => return Err(error.clone()),
-            Status::Waiting | Status::Evicted | Status::Errored { .. } => {
+            _ => {
                 adapter.status = Status::Waiting;
                 Enqueued::Miss
             }
@@ -297,7 +362,7 @@ impl Registry {
         self.base.retain(|(_, e)| !e.response_tx.is_closed());
         for a in self.adapters.values_mut() {
             a.queue.retain(|(_, e)| !e.response_tx.is_closed());
-            if a.running == 0 && a.queue.is_empty() {
+            if a.idle() {
                 a.active_since = None;
             }
         }
@@ -306,20 +371,6 @@ impl Registry {
     /// Number of queued requests (base model included).
     pub fn queued(&self) -> usize {
         self.base.len() + self.adapters.values().map(|a| a.queue.len()).sum::<usize>()
-    }
-
-    /// A request on `key` joined the running batch. An adapter that had no turn, or whose turn
-    /// is spent, starts a new one (a turn survives the batch draining between two requests).
-    pub fn mark_running(&mut self, key: &AdapterKey, now: Instant) {
-        let cycle = self.cfg.cycle_time;
-        if let Some(a) = self.adapters.get_mut(key) {
-            if a.running == 0 && (a.active_since.is_none() || a.over_cycle(cycle, now)) {
-                a.active_since = Some(now);
-            }
-            a.running += 1;
-            a.last_used = now;
-            a.served_since_load = true;
-        }
     }
 
     /// A request on `key` left the running batch (finished, cancelled or failed).
@@ -333,14 +384,14 @@ impl Registry {
         }
     }
 
-    /// True when some adapter with queued requests cannot run: no slot or bytes for it, or the
-    /// running batch already holds `max_active_adapters` other adapters. `in_batch` is the
-    /// number of distinct adapters in the running batch.
-    pub fn starved(&self, in_batch: usize) -> bool {
+    /// True when some adapter with queued requests cannot run: prepared but no slot or bytes
+    /// for it, or resident while the running batch already holds `max_active_adapters` other
+    /// adapters. `in_batch` is the number of distinct adapters in the running batch.
+    fn starved(&self, in_batch: usize) -> bool {
         self.adapters.values().any(|a| {
             !a.queue.is_empty()
                 && match a.status {
-                    Status::Waiting => a.blocked,
+                    Status::Prepared { .. } => a.blocked,
                     Status::Resident { .. } => {
                         a.running == 0 && in_batch >= self.cfg.max_active_adapters
                     }
@@ -349,80 +400,85 @@ impl Registry {
         })
     }
 
+    /// True when the last plan left a prepared adapter without a slot or bytes (turns expire
+    /// with time, so the loader plans again soon).
+    pub fn any_blocked(&self) -> bool {
+        self.adapters.values().any(|a| a.blocked)
+    }
+
     /// Returns offloaded slots to the free list.
     pub fn free_slots(&mut self, slots: &[u32]) {
         self.free_slots
             .extend(slots.iter().copied().filter(|s| *s > 0));
     }
 
-    /// A load finished: the adapter is resident with `bytes`.
-    pub fn loaded(&mut self, key: &AdapterKey, slot: u32, bytes: u64, now: Instant) {
-        self.staging = self.staging.saturating_sub(1);
+    /// A prepare finished: the adapter is staged as `id`, `bytes` large in a slot. False when
+    /// nothing waits for that staging id (the caller discards it).
+    pub fn prepared(&mut self, key: &AdapterKey, id: u64, bytes: u64) -> bool {
+        match self.adapters.get_mut(key) {
+            Some(a) if matches!(a.status, Status::Preparing { id: i } if i == id) => {
+                a.status = Status::Prepared { id, bytes };
+                a.known_bytes = Some(bytes);
+                true
+            }
+            _ => {
+                tracing::warn!(adapter = %key, id, "a prepare finished for an adapter that no longer waits for it");
+                false
+            }
+        }
+    }
+
+    /// An install finished: the adapter is resident with `bytes` (what it reserved, unless the
+    /// shards disagree).
+    pub fn installed(&mut self, key: &AdapterKey, bytes: u64, now: Instant) {
         let Some(a) = self.adapters.get_mut(key) else {
-            self.free_slots.insert(slot);
             return;
         };
-        if let Status::Staging { reserved, .. } = a.status {
-            self.used_bytes = self.used_bytes.saturating_sub(reserved);
+        let Status::Installing {
+            slot,
+            bytes: reserved,
+            ..
+        } = a.status
+        else {
+            return;
+        };
+        self.staged = self.staged.saturating_sub(1);
+        if bytes != reserved {
+            tracing::warn!(adapter = %key, reserved, bytes, "the shards installed a different size than they prepared");
         }
+        self.used_bytes = self.used_bytes.saturating_sub(reserved) + bytes;
         a.status = Status::Resident { slot, bytes };
         a.known_bytes = Some(bytes);
         a.last_used = now;
         // A turn spent before a rotation is over: the next one starts when it is served.
         a.active_since = None;
-        self.used_bytes += bytes;
         self.record_residency();
     }
 
-    /// A load failed. Returns the queued requests to fail with the returned error (none when
-    /// the adapter only has to wait for room).
-    pub fn load_failed(
+    /// A prepare or install failed: the adapter's reservation is returned and its queued
+    /// requests are returned with the error to send them.
+    pub fn job_failed(
         &mut self,
         key: &AdapterKey,
-        slot: u32,
-        failure: LoadFailure,
+        failure: Failure,
         now: Instant,
     ) -> Option<(InferError, Vec<Entry>)> {
-        self.staging = self.staging.saturating_sub(1);
-        self.free_slots.insert(slot);
-        let others_hold_memory = self.adapters.iter().any(|(k, a)| {
-            k != key && matches!(a.status, Status::Resident { .. } | Status::Staging { .. })
-        });
         let a = self.adapters.get_mut(key)?;
-        if let Status::Staging { reserved, .. } = a.status {
-            self.used_bytes = self.used_bytes.saturating_sub(reserved);
+        match a.status {
+            Status::Preparing { .. } | Status::Prepared { .. } => {}
+            Status::Installing { slot, bytes, .. } => {
+                self.used_bytes = self.used_bytes.saturating_sub(bytes);
+                self.free_slots.insert(slot);
+            }
+            _ => return None,
         }
-        let (error, cache) = match failure {
-            LoadFailure::NoRoom(_) if others_hold_memory => {
-                // Room may appear once others finish: wait, evicting before the next try.
-                a.status = Status::Waiting;
-                a.must_evict = true;
-                return None;
-            }
-            LoadFailure::NoRoom(msg) => (
-                InferError::Generation(format!(
-                    "Server error: the adapter does not fit the shards' adapter memory: {msg}"
-                )),
-                true,
-            ),
-            LoadFailure::Failed { error, cache } => (error, cache),
-        };
-        a.status = if cache {
-            Status::Errored {
-                error: error.clone(),
-                until: now + self.cfg.error_ttl,
-            }
-        } else {
-            Status::Evicted
-        };
-        a.active_since = None;
-        a.must_evict = false;
-        let entries = a.queue.drain(..).map(|(_, e)| e).collect();
-        Some((error, entries))
+        self.staged = self.staged.saturating_sub(1);
+        let ttl = failure.cache.then_some((now, self.cfg.error_ttl));
+        Some(a.fail(failure.error, ttl))
     }
 
     /// Forgets evicted or expired records once there are more than `max_tracked`.
-    pub(super) fn forget_old(&mut self, now: Instant) {
+    fn forget_old(&mut self, now: Instant) {
         if self.adapters.len() <= self.cfg.max_tracked {
             return;
         }
@@ -436,19 +492,7 @@ impl Registry {
         });
     }
 
-    /// Bytes resident or reserved.
-    #[cfg(test)]
-    pub fn used_bytes(&self) -> u64 {
-        self.used_bytes
-    }
-
-    /// Number of free slots.
-    #[cfg(test)]
-    pub fn free_slot_count(&self) -> usize {
-        self.free_slots.len()
-    }
-
-    pub(super) fn record_residency(&self) {
+    fn record_residency(&self) {
         let (count, bytes) = self
             .adapters
             .values()
@@ -462,5 +506,7 @@ impl Registry {
     }
 }
 
+#[cfg(test)]
+mod take_tests;
 #[cfg(test)]
 mod tests;

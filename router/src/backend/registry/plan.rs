@@ -1,46 +1,35 @@
-//! Planning loads: which waiting adapters get a slot and bytes now, and which resident
-//! adapters are evicted for them (LRU among idle ones first, then rotation of adapters whose
-//! turn is spent).
+//! Planning shard calls: prepared adapters that get a slot and bytes now (evicting resident
+//! adapters for them: LRU among idle ones first, then rotation of adapters whose turn is
+//! spent), waiting adapters that start preparing, and staged adapters nobody wants any more.
 
 use std::time::Instant;
 
-use super::{Entry, LoadJob, Plan, Priority, Registry, Status, names};
+use super::{Entry, Job, Plan, Priority, Registry, Status, names};
 use crate::error::InferError;
 use crate::infer::AdapterKey;
 
 impl Registry {
-    /// Chooses the next loads: waiting adapters in [`Priority`] order, each given a free slot
-    /// (or an evicted one) and room in the byte budget. An adapter that does not fit is
-    /// skipped, not waited for: the ones behind it may fit.
+    /// Chooses the next shard calls:
+    ///
+    /// 1. staged adapters whose requests all went away are discarded;
+    /// 2. prepared adapters, in [`Priority`] order, are installed when a slot (free or evicted)
+    ///    and room in the byte budget exist for their reported size — one that does not fit is
+    ///    skipped, not waited for, so the ones behind it may fit; one larger than the whole
+    ///    budget fails;
+    /// 3. waiting adapters, in [`Priority`] order, start preparing while fewer than
+    ///    `max_concurrent_loads` are staged.
     pub fn plan(&mut self, now: Instant) -> Plan {
         self.prune_cancelled();
-        let cycle = self.cfg.cycle_time;
-        let mut waiting: Vec<(Priority, AdapterKey)> = Vec::new();
-        for (key, a) in self.adapters.iter_mut() {
-            if !matches!(a.status, Status::Waiting) {
-                continue;
-            }
-            match a.priority(cycle, now) {
-                Some(p) => waiting.push((p, *key)),
-                None => {
-                    a.status = Status::Evicted;
-                    a.blocked = false;
-                }
-            }
-        }
-        waiting.sort_unstable();
         let mut plan = Plan::default();
-        for (_, key) in waiting {
-            if self.staging >= self.cfg.max_concurrent_loads {
-                break;
-            }
-            if let Some(failed) = self.fail_if_too_big(&key, now) {
+        self.drop_unwanted(&mut plan);
+        for key in self.in_line(now, |s| matches!(s, Status::Prepared { .. })) {
+            if let Some(failed) = self.fail_if_too_big(&key, &mut plan, now) {
                 plan.failed.push(failed);
                 continue;
             }
             let job = self
                 .choose_victims(&key, now)
-                .and_then(|victims| self.start_load(key, victims, now));
+                .and_then(|victims| self.start_install(key, victims, now));
             match job {
                 Some(job) => plan.jobs.push(job),
                 None => {
@@ -50,54 +39,99 @@ impl Registry {
                 }
             }
         }
+        for key in self.in_line(now, |s| matches!(s, Status::Waiting)) {
+            if self.staged >= self.cfg.max_concurrent_loads {
+                break;
+            }
+            if let Some(failed) = self.fail_if_too_big(&key, &mut plan, now) {
+                plan.failed.push(failed);
+                continue;
+            }
+            if let Some(job) = self.start_prepare(key) {
+                plan.jobs.push(job);
+            }
+        }
         self.forget_old(now);
         plan
     }
 
-    /// Fails an adapter whose known size exceeds the whole budget.
+    /// Waiting adapters without requests are evicted; prepared ones are discarded too.
+    fn drop_unwanted(&mut self, plan: &mut Plan) {
+        for a in self.adapters.values_mut() {
+            if !a.queue.is_empty() {
+                continue;
+            }
+            match a.status {
+                Status::Waiting => {}
+                Status::Prepared { id, .. } => {
+                    plan.jobs.push(Job::Discard { id });
+                    self.staged = self.staged.saturating_sub(1);
+                }
+                _ => continue,
+            }
+            a.status = Status::Evicted;
+            a.blocked = false;
+        }
+    }
+
+    /// Keys whose status matches, with queued requests, in [`Priority`] order.
+    fn in_line(&self, now: Instant, status: impl Fn(&Status) -> bool) -> Vec<AdapterKey> {
+        let cycle = self.cfg.cycle_time;
+        let mut line: Vec<(Priority, AdapterKey)> = self
+            .adapters
+            .iter()
+            .filter(|(_, a)| status(&a.status))
+            .filter_map(|(k, a)| a.priority(cycle, now).map(|p| (p, *k)))
+            .collect();
+        line.sort_unstable();
+        line.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// Fails an adapter whose size (reported by a prepare, now or earlier) exceeds the whole
+    /// budget; a staged one is discarded.
     fn fail_if_too_big(
         &mut self,
         key: &AdapterKey,
+        plan: &mut Plan,
         now: Instant,
     ) -> Option<(InferError, Vec<Entry>)> {
         let budget = self.cfg.budget_bytes;
-        let bytes = self
-            .adapters
-            .get(key)?
-            .known_bytes
-            .filter(|b| *b > budget)?;
-        let error = InferError::Generation(format!(
-            "Server error: the adapter needs {bytes} bytes but the shards hold at most {budget} bytes of adapters"
-        ));
         let a = self.adapters.get_mut(key)?;
-        a.status = Status::Errored {
-            error: error.clone(),
-            until: now + self.cfg.error_ttl,
+        let bytes = match a.status {
+            Status::Prepared { bytes, .. } => bytes,
+            _ => a.known_bytes?,
         };
-        a.active_since = None;
-        let entries = a.queue.drain(..).map(|(_, e)| e).collect();
-        Some((error, entries))
+        if bytes <= budget {
+            return None;
+        }
+        if let Status::Prepared { id, .. } = a.status {
+            plan.jobs.push(Job::Discard { id });
+            self.staged = self.staged.saturating_sub(1);
+        }
+        let error = InferError::Generation(format!(
+            "Server error: the adapter needs {bytes} bytes but the shards hold at most {budget} bytes of adapters (--adapter-memory-budget)"
+        ));
+        Some(a.fail(error, Some((now, self.cfg.error_ttl))))
     }
 
-    /// The adapters to evict so that `key` gets a slot and its known size; `None` when even
+    /// The adapters to evict so that prepared `key` gets a slot and its bytes; `None` when even
     /// evicting every evictable adapter is not enough.
     fn choose_victims(&self, key: &AdapterKey, now: Instant) -> Option<Vec<AdapterKey>> {
-        let a = self.adapters.get(key)?;
-        let need = a.known_bytes.unwrap_or(0);
-        let mut must_evict = a.must_evict;
+        let Status::Prepared { bytes: need, .. } = self.adapters.get(key)?.status else {
+            return None;
+        };
         let mut victims: Vec<AdapterKey> = Vec::new();
         let mut freed = 0u64;
         let mut slots = self.free_slots.len();
         loop {
             let free = self.cfg.budget_bytes.saturating_sub(self.used_bytes) + freed;
-            if slots > 0 && free >= need && !must_evict {
+            if slots > 0 && free >= need {
                 return Some(victims);
             }
             let (victim, bytes) = self.evictable(now, &victims)?;
             victims.push(victim);
             freed += bytes;
             slots += 1;
-            must_evict = false;
         }
     }
 
@@ -129,15 +163,29 @@ impl Registry {
         lru(false).or_else(|| lru(true))
     }
 
-    fn start_load(
+    fn start_prepare(&mut self, key: AdapterKey) -> Option<Job> {
+        let a = self.adapters.get_mut(&key)?;
+        let id = self.next_stage_id;
+        self.next_stage_id += 1;
+        a.status = Status::Preparing { id };
+        a.blocked = false;
+        self.staged += 1;
+        Some(Job::Prepare {
+            key,
+            id,
+            spec: a.spec.clone(),
+        })
+    }
+
+    fn start_install(
         &mut self,
         key: AdapterKey,
         victims: Vec<AdapterKey>,
         now: Instant,
-    ) -> Option<LoadJob> {
-        if !self.adapters.contains_key(&key) {
+    ) -> Option<Job> {
+        let Status::Prepared { id, bytes } = self.adapters.get(&key)?.status else {
             return None;
-        }
+        };
         let mut offload = Vec::with_capacity(victims.len());
         for v in &victims {
             if let Some(slot) = self.evict(v, now) {
@@ -146,26 +194,24 @@ impl Registry {
         }
         let (slot, free_after) = match self.free_slots.pop_first() {
             Some(s) => (s, offload.clone()),
-            // A victim's slot: the loader offloads it before loading into it.
+            // A victim's slot: the loader offloads it before installing into it.
             None => {
                 let (first, rest) = offload.split_first()?;
                 (*first, rest.to_vec())
             }
         };
         let a = self.adapters.get_mut(&key)?;
-        let reserved = a.known_bytes.unwrap_or(0);
-        a.status = Status::Staging { reserved };
-        a.must_evict = false;
+        a.status = Status::Installing { slot, bytes };
         a.blocked = false;
         a.served_since_load = false;
-        self.used_bytes += reserved;
-        self.staging += 1;
-        Some(LoadJob {
+        self.used_bytes += bytes;
+        Some(Job::Install {
             key,
-            spec: a.spec.clone(),
+            id,
             slot,
             offload,
             free_after,
+            spec: a.spec.clone(),
         })
     }
 

@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 
 use super::{LORAX_CLIENT_MERGED_BODY, lorax_client_base_body, post_json};
-use medley_merge::{Semantics, SignMethod, Strategy};
+use medley_spec::{Semantics, SignMethod, Strategy};
 
 use crate::infer::testing::{FakeBackend, TestServer};
 use crate::infer::{AdapterSource, AdapterSpec};
@@ -103,6 +103,34 @@ async fn lorax_client_merged_body_becomes_a_canonical_merge() {
     assert_eq!(m.merge.density, Some(0.2));
     assert_eq!(m.merge.sign_method, SignMethod::Total);
     assert_eq!(m.merge.semantics, Semantics::Peft);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_merge_field_survives_http_router_and_wire() {
+    let server = TestServer::start(FakeBackend::new()).await;
+    let body = json!({"inputs": "hello", "parameters": {"max_new_tokens": 1, "merged_adapters": {
+        "ids": ["org/a", "org/b"], "weights": [1.5, -0.25], "merge_strategy": "Dare_Ties_SVD",
+        "density": 0.4, "majority_sign_method": "FREQUENCY", "seed": 99, "svd_rank": 6,
+        "svd_clamp": 0.95}}});
+    let (status, _, reply) = post_json(&server.url("/generate"), &body.to_string()).await;
+    assert_eq!(status, 200, "{reply}");
+    let spec = server.backend.requests()[0].adapter.clone();
+    let AdapterSpec::Merged(m) = &spec else {
+        panic!("a merge: {spec:?}")
+    };
+    let expected = medley_spec::MergeSpec::new(Strategy::DareTiesSvd, vec![1.5, -0.25])
+        .with_density(0.4)
+        .with_sign_method(SignMethod::Frequency)
+        .with_seed(99)
+        .with_svd_rank(6)
+        .with_svd_clamp(0.95);
+    assert_eq!(m.merge, expected, "HTTP -> router");
+    // Router -> shard: what the scheduler sends and the shard decodes (one conversion each).
+    let wire = medley_spec::wire::spec_to_proto(&spec).expect("a loadable spec");
+    let decoded = medley_spec::wire::spec_from_proto(Some(wire)).expect("the shard accepts it");
+    assert_eq!(decoded, spec, "router -> proto -> shard");
+    assert_eq!(decoded.key(), spec.key());
     server.stop().await;
 }
 

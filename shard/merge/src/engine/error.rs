@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use crate::strategy::Strategy;
+use crate::Strategy;
 
 /// Why a merge was refused.
 #[derive(Debug, Clone, PartialEq, Error)]

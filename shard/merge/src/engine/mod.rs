@@ -28,11 +28,11 @@ use rayon::prelude::*;
 
 pub use error::MergeError;
 
+use crate::MergeSpec;
 use crate::adapter::{LoraAdapter, LoraModule, MergedAdapter, MergedModule};
 use crate::matrix::Matrix;
 use crate::rng::{StreamSide, keyed_stream};
-use crate::spec::MergeSpec;
-use crate::strategy::{Combination, Semantics, Strategy};
+use crate::{Combination, Semantics, Strategy};
 use side::{Combine, Prune, merge_slices};
 
 /// A component that has a given module.

@@ -5,8 +5,8 @@
 use rand_chacha::ChaCha8Rng;
 
 use super::select::{KeepRule, MagnitudeMask, keep_count, select_slice};
+use crate::SignMethod;
 use crate::rng::Bernoulli;
-use crate::strategy::SignMethod;
 
 /// Elements per block of the fused loops (fits L1 for a handful of components).
 pub(crate) const BLOCK: usize = 1024;

@@ -28,6 +28,7 @@ use rayon::prelude::*;
 use super::select::{Bracket, KeepRule, RadixSelect, RangeSelect, keep_count};
 use super::side::{Combine, Prune, Pruner, Scratch};
 use super::{MergeError, Present, check_finite, prune_and_combine};
+use crate::MergeSpec;
 use crate::adapter::{LoraAdapter, MergedModule};
 use crate::linalg::svd::{
     KrylovSvd, truncated_dense_exact, truncated_from_factors, truncated_randomized,
@@ -35,8 +36,7 @@ use crate::linalg::svd::{
 use crate::linalg::{MatMut, MatRef, gemm};
 use crate::matrix::Matrix;
 use crate::rng::{StreamSide, keyed_stream};
-use crate::spec::MergeSpec;
-use crate::strategy::{Combination, Strategy};
+use crate::{Combination, Strategy};
 
 /// Largest `min(out, in)` factorized by the exact dense Jacobi SVD.
 pub(crate) const EXACT_DENSE_MAX_DIM: usize = 128;
@@ -329,8 +329,8 @@ fn quantile_sorted(sorted: &[f32], q: f32) -> f32 {
 mod tests {
     use super::*;
 
+    use crate::SignMethod;
     use crate::adapter::{LoraAdapter, LoraModule};
-    use crate::strategy::SignMethod;
 
     fn component(seed: u32, m: usize, n: usize, r: usize) -> LoraModule {
         let f = |i: usize, k: f32| ((i as f32 + 1.0) * k + seed as f32).sin();

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use super::*;
+use crate::SignMethod;
 use crate::fixture::{AdapterFixture, LlamaShape};
-use crate::strategy::SignMethod;
 
 fn module(r: usize, out: usize, inp: usize, salt: f32, scale: f64) -> LoraModule {
     let a = (0..r * inp)

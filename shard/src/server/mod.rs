@@ -1,8 +1,12 @@
 //! The `medley.shard.v1.ShardService` gRPC service: a thin async front of the engine thread,
-//! served on a Unix socket.
+//! served on a Unix socket. Wire messages stop here: `convert` maps them to and from the
+//! engine's types.
 
+mod convert;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use medley_proto::shard::v1 as pb;
 use medley_proto::shard::v1::shard_service_server::{ShardService, ShardServiceServer};
@@ -10,20 +14,36 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
-use crate::adapters::{AdapterLoader, LoadPlan};
-use crate::engine::EngineHandle;
+use crate::adapters::{AdapterError, AdapterLoader, LoadPlan, SlotAdapter};
+use crate::engine::{CachedBatch, EngineHandle, WarmupParams};
 
-/// The gRPC service: model calls are forwarded to the engine thread; adapter loads are resolved,
-/// read and merged by the [`AdapterLoader`] on worker threads and only installed by the engine.
+/// Most adapters staged at once. The router keeps at most a handful in flight; this only bounds
+/// what a misbehaving client could make the shard hold outside the adapter budget.
+pub const MAX_STAGED: usize = 64;
+
+/// The gRPC service: model calls are forwarded to the engine thread; adapters are resolved,
+/// read and merged by the [`AdapterLoader`] on worker threads, kept staged under the router's id
+/// until the router installs them (after planning the byte budget with their reported size),
+/// and only swapped into a slot by the engine.
 pub struct ShardServer {
     engine: EngineHandle,
     loader: Arc<AdapterLoader>,
+    staged: Mutex<HashMap<u64, SlotAdapter>>,
 }
 
 impl ShardServer {
     /// Wraps an engine handle and the adapter loader of the same model.
     pub fn new(engine: EngineHandle, loader: Arc<AdapterLoader>) -> Self {
-        Self { engine, loader }
+        Self {
+            engine,
+            loader,
+            staged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn staged(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SlotAdapter>> {
+        // A poisoned lock only means a thread panicked between two map operations.
+        self.staged.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -33,7 +53,7 @@ impl ShardService for ShardServer {
         &self,
         _: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
-        Ok(Response::new(self.engine.info().await?))
+        Ok(Response::new(self.engine.info().await?.into()))
     }
 
     async fn health(
@@ -48,7 +68,8 @@ impl ShardService for ShardServer {
         &self,
         req: Request<pb::WarmupRequest>,
     ) -> Result<Response<pb::WarmupResponse>, Status> {
-        Ok(Response::new(self.engine.warmup(req.into_inner()).await?))
+        let params = WarmupParams::from(&req.into_inner());
+        Ok(Response::new(self.engine.warmup(params).await?.into()))
     }
 
     async fn prefill(
@@ -59,16 +80,22 @@ impl ShardService for ShardServer {
             .into_inner()
             .batch
             .ok_or_else(|| Status::invalid_argument("prefill without a batch"))?;
-        Ok(Response::new(self.engine.prefill(batch).await?))
+        Ok(Response::new(
+            self.engine.prefill(batch.into()).await?.into(),
+        ))
     }
 
     async fn decode(
         &self,
         req: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
-        Ok(Response::new(
-            self.engine.decode(req.into_inner().batches).await?,
-        ))
+        let batches = req
+            .into_inner()
+            .batches
+            .into_iter()
+            .map(CachedBatch::from)
+            .collect();
+        Ok(Response::new(self.engine.decode(batches).await?.into()))
     }
 
     async fn filter_batch(
@@ -76,9 +103,10 @@ impl ShardService for ShardServer {
         req: Request<pb::FilterBatchRequest>,
     ) -> Result<Response<pb::FilterBatchResponse>, Status> {
         let req = req.into_inner();
-        Ok(Response::new(
-            self.engine.filter(req.batch_id, req.request_ids).await?,
-        ))
+        let batch = self.engine.filter(req.batch_id, req.request_ids).await?;
+        Ok(Response::new(pb::FilterBatchResponse {
+            batch: batch.map(pb::CachedBatch::from),
+        }))
     }
 
     async fn clear_cache(
@@ -89,34 +117,63 @@ impl ShardService for ShardServer {
         Ok(Response::new(pb::ClearCacheResponse {}))
     }
 
-    async fn load_adapter(
+    async fn prepare_adapter(
         &self,
-        req: Request<pb::LoadAdapterRequest>,
-    ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+        req: Request<pb::PrepareAdapterRequest>,
+    ) -> Result<Response<pb::PrepareAdapterResponse>, Status> {
         let req = req.into_inner();
-        let plan = LoadPlan::from_proto(req.spec)?;
-        // The slot is checked once more when the engine installs the adapter; failing early
-        // saves the work of a load that cannot be installed.
-        let max = self.loader.max_slots();
-        if req.slot == 0 || req.slot > max {
-            return Err(crate::adapters::AdapterError::BadSlot {
-                slot: req.slot,
-                max,
-            }
-            .into());
+        let spec = medley_spec::wire::spec_from_proto(req.spec).map_err(AdapterError::from)?;
+        let plan = LoadPlan::from_spec(spec)?;
+        let staged = self.staged().len();
+        if staged >= MAX_STAGED {
+            return Err(AdapterError::TooManyStaged(staged).into());
         }
         let prepared = self.loader.prepare(plan).await?;
-        let report = self
-            .engine
-            .install_adapter(req.slot, prepared.adapter)
-            .await?;
-        Ok(Response::new(pb::LoadAdapterResponse {
-            bytes: report.bytes,
-            rank: report.rank,
-            content_hash: report.content_hash,
+        let response = pb::PrepareAdapterResponse {
+            bytes: prepared.adapter.bytes(),
+            rank: prepared.adapter.rank(),
+            content_hash: prepared.adapter.content_hash().to_string(),
             load_ns: prepared.load_ns,
             merge_ns: prepared.merge_ns,
+        };
+        if let Some(old) = self.staged().insert(req.id, prepared.adapter) {
+            tracing::warn!(
+                id = req.id,
+                hash = old.content_hash(),
+                "a staged adapter was replaced under the same id"
+            );
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn install_adapter(
+        &self,
+        req: Request<pb::InstallAdapterRequest>,
+    ) -> Result<Response<pb::InstallAdapterResponse>, Status> {
+        let req = req.into_inner();
+        let adapter = self
+            .staged()
+            .remove(&req.id)
+            .ok_or(AdapterError::NotStaged(req.id))?;
+        let report = self.engine.install_adapter(req.slot, adapter).await?;
+        Ok(Response::new(pb::InstallAdapterResponse {
+            bytes: report.bytes,
+            content_hash: report.content_hash,
         }))
+    }
+
+    async fn discard_adapter(
+        &self,
+        req: Request<pb::DiscardAdapterRequest>,
+    ) -> Result<Response<pb::DiscardAdapterResponse>, Status> {
+        let mut staged = self.staged();
+        match req.into_inner().id {
+            Some(id) => {
+                staged.remove(&id);
+            }
+            None => staged.clear(),
+        }
+        Ok(Response::new(pb::DiscardAdapterResponse {}))
     }
 
     async fn offload_adapter(
@@ -131,8 +188,9 @@ impl ShardService for ShardServer {
         &self,
         _: Request<pb::ListAdaptersRequest>,
     ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
+        let slots = self.engine.list_adapters().await?;
         Ok(Response::new(pb::ListAdaptersResponse {
-            slots: self.engine.list_adapters().await?,
+            slots: slots.into_iter().map(pb::AdapterSlot::from).collect(),
         }))
     }
 }

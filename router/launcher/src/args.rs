@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::RouterArgs;
+use medley_router::config::RouterArgs;
 
 /// Compute dtype requested from the shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -56,8 +56,10 @@ pub struct ServeArgs {
     /// hidden `shard` subcommand.
     #[arg(long, env = "MEDLEY_SHARD_BIN")]
     pub shard_bin: Option<PathBuf>,
-    /// Tokens the KV cache of each shard may hold; defaults to what the shard derives from
-    /// available memory.
+    /// Tokens the KV cache of each shard may hold. Unset, each shard sizes it from a fixed 2 GiB
+    /// budget (the shard's `KV_CACHE_BYTES`, inherited from this environment) divided by the
+    /// bytes one token takes for the model (K and V over layers x KV heads x head dim x dtype
+    /// size), whatever the device's memory; set this to choose the token count.
     #[arg(long, env = "KV_CACHE_TOKENS")]
     pub kv_cache_tokens: Option<u64>,
     /// Bytes of adapter weights each shard may hold in its adapter slots (`medley-shard
@@ -101,7 +103,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::launcher::cli::{Cli, Command};
+    use crate::cli::{Cli, Command};
 
     fn serve(args: &[&str]) -> ServeArgs {
         let cli = Cli::try_parse_from(std::iter::once("medley").chain(args.iter().copied()))
@@ -187,12 +189,76 @@ mod tests {
         }
     }
 
+    /// Wording that would claim the KV cache is sized from the device's memory (it is not).
+    const MEMORY_DERIVATION: [&str; 3] = ["available memory", "free memory", "derives from"];
+
+    /// `--kv-cache-tokens`'s help states the real default: the shard's fixed 2 GiB budget
+    /// (`medley_shard::cli::DEFAULT_KV_CACHE_BYTES`) divided by the bytes per token.
+    #[test]
+    fn kv_cache_tokens_help_states_the_fixed_budget() {
+        assert_eq!(
+            medley_shard::cli::DEFAULT_KV_CACHE_BYTES,
+            2 << 30,
+            "the shard's default KV-cache budget changed: update the `--kv-cache-tokens` help, \
+             the chart's `kvCacheTokens` comment and the README"
+        );
+        let mut cli = <Cli as clap::CommandFactory>::command();
+        let serve = cli.find_subcommand_mut("serve").expect("serve subcommand");
+        let arg = serve
+            .get_arguments()
+            .find(|a| a.get_long() == Some("kv-cache-tokens"))
+            .expect("--kv-cache-tokens");
+        let help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .expect("help text")
+            .to_string();
+        // The rendered help, with line wrapping undone.
+        let rendered = serve.render_long_help().to_string();
+        let rendered = rendered.split_whitespace().collect::<Vec<_>>().join(" ");
+        for text in [&help, &rendered] {
+            assert!(text.contains("2 GiB"), "{text}");
+            assert!(text.contains("bytes one token takes"), "{text}");
+        }
+        for wrong in MEMORY_DERIVATION {
+            assert!(!help.contains(wrong), "{wrong:?} in {help}");
+        }
+    }
+
+    /// The chart's comment on `model.kvCacheTokens` states the same default as the flag.
+    #[test]
+    fn chart_kv_cache_tokens_comment_states_the_fixed_budget() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/helm/medley/values.yaml");
+        let values = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let lines: Vec<&str> = values.lines().map(str::trim).collect();
+        let key = lines
+            .iter()
+            .position(|l| l.starts_with("kvCacheTokens:"))
+            .expect("kvCacheTokens in values.yaml");
+        let first = lines[..key]
+            .iter()
+            .rposition(|l| !l.starts_with('#'))
+            .map_or(0, |i| i + 1);
+        let comment = lines[first..key]
+            .iter()
+            .map(|l| l.trim_start_matches('#').trim())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(!comment.is_empty(), "no comment above kvCacheTokens");
+        assert!(comment.contains("2 GiB"), "{comment}");
+        for wrong in MEMORY_DERIVATION {
+            assert!(!comment.contains(wrong), "{wrong:?} in {comment}");
+        }
+    }
+
     /// Runs `env_probe` in a child process of this test binary with `env` as its whole
     /// environment, so no test mutates the environment of this (multi-threaded) process.
     fn run_probe(mode: &str, env: &[(&str, &str)]) {
         let exe = std::env::current_exe().expect("test binary path");
         let output = std::process::Command::new(exe)
-            .args(["--exact", "launcher::args::tests::env_probe", "--nocapture"])
+            .args(["--exact", "args::tests::env_probe", "--nocapture"])
             .env_clear()
             .env(PROBE_MARKER, mode)
             .envs(env.iter().copied())
@@ -277,7 +343,7 @@ mod tests {
             args.router.adapter_roots,
             vec![PathBuf::from("/a"), PathBuf::from("/b")]
         );
-        assert_eq!(args.router.merge_semantics, medley_merge::Semantics::Lorax);
+        assert_eq!(args.router.merge_semantics, medley_spec::Semantics::Lorax);
         assert_eq!(args.shard_startup_timeout, 11);
         assert_eq!(args.graceful_termination_timeout, 12);
         assert_eq!(args.huggingface_hub_cache, Some(PathBuf::from("/env/hub")));

@@ -3,7 +3,7 @@
 //! same weights share one adapter slot (and one merge), and nothing else does.
 //!
 //! The encoding covers, per component, the source, the normalised id and the revision; for a
-//! merge, the [`MergeSpec`] canonical bytes of `medley-merge` (strategy, weights and density as
+//! merge, the [`MergeSpec`] canonical bytes (strategy, weights and density as
 //! `f32` bits with `-0.0` mapped to `0.0`, lower-case names, the effective seed, the SVD rank, the
 //! semantics, fields the strategy ignores reset); and the SHA-256 of the `api_token` when one is
 //! given, so that an adapter fetched with a token is never served to a request without it.
@@ -11,7 +11,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use medley_merge::MergeSpec;
+use crate::merge::MergeSpec;
 use sha2::{Digest, Sha256};
 
 /// Where an adapter's files come from.
@@ -254,7 +254,7 @@ fn put_token_scope<'a>(out: &mut Vec<u8>, refs: impl Iterator<Item = &'a Adapter
 #[cfg(test)]
 mod tests {
     use super::*;
-    use medley_merge::{Semantics, SignMethod, Strategy};
+    use crate::names::{Semantics, SignMethod, Strategy};
 
     fn hub(id: &str) -> AdapterRef {
         AdapterRef {

@@ -221,14 +221,14 @@ pub fn index_shard_names(index: &Path) -> Result<Vec<String>, ModelDirError> {
     Ok(names.into_iter().collect())
 }
 
-/// Helpers for tests of model-directory consumers (here and in the router).
-#[doc(hidden)]
+/// Helpers for tests of model-directory consumers (here and in the launcher).
+#[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use super::*;
 
     /// The committed tiny checkpoint (single `model.safetensors`).
     pub fn fixture_dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama")
     }
 
     /// Copies the fixture into `dest` (created).

@@ -2,13 +2,13 @@
 //!
 //! `medley serve [--model ID|DIR] ...` resolves the model, starts the `medley-shard` processes
 //! and serves the LoRAX-compatible HTTP API and the `medley.v1` gRPC API. See
-//! `medley_router::launcher` for the flags, the model resolution order and the exit codes.
+//! the `medley` library crate for the flags, the model resolution order and the exit codes.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use medley_router::launcher::logging::{self, LogFormat};
-use medley_router::launcher::{Cli, Command};
+use medley::{Cli, Command};
+use medley_router::logging::{self, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -18,7 +18,7 @@ fn main() -> ExitCode {
                 eprintln!("medley: cannot set up logging: {e}");
                 return ExitCode::from(2);
             }
-            run(medley_router::launcher::serve(*args))
+            run(medley::serve(*args))
         }
         Command::Merge(args) => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
                 }
             };
             let out = args.out.clone();
-            match runtime.block_on(medley_router::offline_merge::run(*args)) {
+            match runtime.block_on(medley::merge::run(*args)) {
                 Ok(r) => {
                     println!(
                         "wrote {} (rank {}, {} modules, {:.1} MB): read {:.0} ms, merge {:.0} ms, write {:.0} ms",
@@ -69,9 +69,7 @@ fn main() -> ExitCode {
 }
 
 /// Runs `future` on a multi-threaded Tokio runtime and turns its result into the exit code.
-fn run(
-    future: impl std::future::Future<Output = Result<(), medley_router::launcher::LauncherError>>,
-) -> ExitCode {
+fn run(future: impl std::future::Future<Output = Result<(), medley::LauncherError>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -4,7 +4,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::strategy::{Semantics, SignMethod, Strategy};
+use crate::names::{Semantics, SignMethod, Strategy};
 
 /// Version of the engine's numerics folded into every encoding; bumped whenever the same
 /// description would produce different tensors (e.g. a change of the randomized SVD parameters).

@@ -16,7 +16,7 @@ macro_rules! fixture_file {
             $name,
             include_bytes!(concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../tests/fixtures/tiny-llama/",
+                "/../../tests/fixtures/tiny-llama/",
                 $name
             ))
             .as_slice(),
@@ -174,7 +174,7 @@ pub fn default_bases() -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::launcher::model_dir::{check_model_dir, testing::fixture_dir};
+    use crate::model_dir::{check_model_dir, testing::fixture_dir};
 
     #[test]
     fn embedded_bytes_are_the_fixture() {

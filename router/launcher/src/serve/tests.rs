@@ -6,10 +6,10 @@ use clap::Parser;
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::launcher::cli::{Cli, Command};
-use crate::launcher::model_dir::testing::copy_fixture;
-use crate::launcher::signals::Termination;
-use crate::launcher::supervisor::tests::{FileProbe, fake_shard};
+use crate::cli::{Cli, Command};
+use crate::model_dir::testing::copy_fixture;
+use crate::signals::Termination;
+use crate::supervisor::tests::{FileProbe, fake_shard};
 
 /// A plan serving `<tmp>/<mode>` (a copy of the fixture, so the fake shard runs in `mode`).
 fn plan(tmp: &Path, mode: &str, extra: &[&str]) -> ServePlan {

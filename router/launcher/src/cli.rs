@@ -23,7 +23,7 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Merge PEFT LoRA adapters into a new PEFT adapter directory (same strategies and numerics
     /// as per-request merges in the server).
-    Merge(Box<crate::offline_merge::MergeArgs>),
+    Merge(Box<crate::merge::MergeArgs>),
     /// Serve one shard (what `medley serve` starts for each rank; the same as `medley-shard`).
     #[command(hide = true)]
     Shard(Box<medley_shard::cli::ShardArgs>),

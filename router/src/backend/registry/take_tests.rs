@@ -1,12 +1,11 @@
 //! Batch builder tests: TGI budgets, oldest head across queues, skip-not-block, the cap on
 //! distinct adapters, spent turns yielding to starved adapters.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::*;
-use crate::backend::registry::RegistryConfig;
+use crate::backend::queue::BatchBudget;
 use crate::backend::testing::{Events, entry, request, single};
-use crate::infer::AdapterSpec;
 
 fn registry(cap: usize) -> Registry {
     Registry::new(RegistryConfig {
@@ -53,11 +52,17 @@ impl Queues {
         id
     }
 
-    /// Makes `spec` resident (as if its load finished).
+    /// Makes `spec` resident (as if its prepare and install finished).
     fn resident(&mut self, spec: &AdapterSpec) {
-        let plan = self.reg.plan(self.t0);
-        for j in plan.jobs {
-            self.reg.loaded(&j.key, j.slot, 1, self.t0);
+        for j in self.reg.plan(self.t0).jobs {
+            if let Job::Prepare { key, id, .. } = j {
+                self.reg.prepared(&key, id, 1);
+            }
+        }
+        for j in self.reg.plan(self.t0).jobs {
+            if let Job::Install { key, .. } = j {
+                self.reg.installed(&key, 1, self.t0);
+            }
         }
         assert!(
             self.reg.adapters[&spec.key()].resident_slot().is_some(),
@@ -67,7 +72,8 @@ impl Queues {
 
     fn take(&mut self, budget: BatchBudget, ms: u64) -> Vec<u64> {
         let now = self.at(ms);
-        take_batch(&mut self.reg, budget, now)
+        self.reg
+            .take_batch(budget, now)
             .iter()
             .map(|t| t.id)
             .collect()

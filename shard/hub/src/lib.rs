@@ -381,7 +381,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 #[cfg(test)]

@@ -1,12 +1,18 @@
-//! `medley serve`: resolves the model, starts one `medley-shard` process per rank, waits until
-//! they answer, then runs the router until SIGINT/SIGTERM and stops everything in order.
+//! `medley`: the one-binary launcher on top of the router and the shard.
+//!
+//! * `medley serve` resolves the model, starts one shard process per rank (this executable's
+//!   hidden `medley shard`, or `--shard-bin medley-shard`), waits until they answer, then runs
+//!   the router (the `medley-router` library) until SIGINT/SIGTERM and stops everything in order.
+//! * `medley merge` ([`merge`]) merges PEFT adapters offline with the shard's merge engine.
+//!
+//! This crate may link both sides; the router library itself links no model code.
 //!
 //! * [`cli`] / [`args`] — the command line (every flag also an environment variable).
 //! * [`resolve`] — local directory → Hugging Face cache → hub download → embedded default,
 //!   built on [`model_dir`] (layout checks), [`hub`] (cache + `hf-hub`) and [`embedded`].
 //! * [`supervisor`] — shard processes, their logs ([`shard_logs`]), readiness ([`probe`]),
 //!   SIGTERM/SIGKILL.
-//! * [`serve`] — the whole sequence, [`signals`] and [`logging`].
+//! * [`serve`] — the whole sequence; [`signals`] and [`logging`] come from the router.
 //!
 //! # Exit codes of `medley serve`
 //!
@@ -20,25 +26,25 @@
 //! | 5 | a shard died while serving |
 //! | 6 | launcher I/O failure (installing signal handlers) |
 
-pub use medley_shard::hub;
-pub use medley_shard::hub::model_dir;
+pub use medley_hub as hub;
+pub use medley_hub::model_dir;
+pub use medley_router::{logging, signals};
 
 pub mod args;
 pub mod cli;
 pub mod embedded;
-pub mod logging;
+pub mod merge;
 pub mod probe;
 pub mod resolve;
 pub mod serve;
 pub mod shard_logs;
-pub mod signals;
 pub mod supervisor;
 
 pub use args::ServeArgs;
 pub use cli::{Cli, Command};
 pub use serve::{run_router, serve, serve_with};
 
-use crate::config::ConfigError;
+use medley_router::config::ConfigError;
 use resolve::ResolveError;
 use supervisor::{ShardExit, SupervisorError};
 

@@ -14,15 +14,16 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use medley_hub::HubSettings;
 use medley_merge::peft::{
     PeftAdapter, TensorDtype, WriteOptions, merged_target_modules, read_adapter_dir,
     write_merged_dir,
 };
-use medley_merge::{MergeSpec, Semantics, SignMethod, Strategy};
 use medley_shard::adapters::source::AdapterSources;
-use medley_shard::hub::HubSettings;
-
-use crate::infer::{AdapterRef, AdapterSource, derived_merge_seed};
+use medley_spec::{
+    AdapterRef, AdapterSource, MergeLimits, MergeSpec, MergedAdapters, Semantics, SpecError,
+    is_hub_id,
+};
 
 /// Flags of `medley merge`.
 #[derive(Debug, Clone, clap::Args)]
@@ -79,6 +80,15 @@ pub enum MergeCmdError {
     /// A flag is invalid.
     #[error("{0}")]
     Usage(String),
+    /// The merge the flags describe is invalid: the same message as the server's for the same
+    /// `merged_adapters`, with the flag that carries the field.
+    #[error("{error} ({flag})")]
+    Spec {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        error: SpecError,
+    },
     /// An adapter could not be found or read.
     #[error("{0}")]
     Adapter(String),
@@ -99,7 +109,7 @@ impl MergeCmdError {
     /// The process exit code.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Usage(_) => 2,
+            Self::Usage(_) | Self::Spec { .. } => 2,
             _ => 1,
         }
     }
@@ -122,79 +132,100 @@ pub struct MergeReport {
     pub write: Duration,
 }
 
-fn parse_spec(args: &MergeArgs, refs: &[AdapterRef]) -> Result<MergeSpec, MergeCmdError> {
-    let strategy: Strategy = args
-        .strategy
-        .parse()
-        .map_err(|e| MergeCmdError::Usage(format!("--strategy: {e}")))?;
-    let sign: SignMethod = args
-        .majority_sign_method
-        .parse()
-        .map_err(|e| MergeCmdError::Usage(format!("--majority-sign-method: {e}")))?;
-    let semantics: Semantics = args
-        .semantics
-        .parse()
-        .map_err(|e| MergeCmdError::Usage(format!("--semantics: {e}")))?;
-    let weights = if args.weights.is_empty() {
-        vec![1.0; args.adapters.len()]
-    } else {
-        args.weights.clone()
-    };
-    if weights.len() != args.adapters.len() {
-        return Err(MergeCmdError::Usage(format!(
-            "{} adapters but {} weights",
-            args.adapters.len(),
-            weights.len()
-        )));
+/// The flag of `medley merge` that carries the field a [`SpecError`] is about.
+fn flag_of(e: &SpecError) -> &'static str {
+    match e {
+        SpecError::UnknownName {
+            field: "majority_sign_method",
+            ..
+        } => "--majority-sign-method",
+        SpecError::UnknownName {
+            field: "semantics", ..
+        } => "--semantics",
+        SpecError::UnknownName { .. } => "--strategy",
+        SpecError::MissingDensity { .. } | SpecError::DensityRange(_) => "--density",
+        SpecError::WeightCount { .. } | SpecError::NonFiniteWeight { .. } => "--weights",
+        SpecError::SvdRank => "--svd-rank",
+        SpecError::SvdClampRange(_) => "--svd-clamp",
+        _ => "--adapters",
     }
-    let mut spec = MergeSpec::new(strategy, weights)
-        .with_sign_method(sign)
-        .with_semantics(semantics);
-    if let Some(d) = args.density {
-        spec = spec.with_density(d);
-    }
-    if let Some(r) = args.svd_rank {
-        spec = spec.with_svd_rank(r);
-    }
-    if let Some(q) = args.svd_clamp {
-        spec = spec.with_svd_clamp(q);
-    }
-    let seed = args.seed.unwrap_or_else(|| derived_merge_seed(refs, &spec));
-    Ok(spec.with_seed(seed))
 }
 
-/// Where one adapter argument points, and its identity for the default DARE seed.
-async fn resolve(
-    arg: &str,
-    revision: Option<&str>,
-    sources: &AdapterSources,
-) -> Result<(PathBuf, AdapterRef), MergeCmdError> {
-    let path = Path::new(arg);
-    if path.is_dir() {
-        let dir = path
-            .canonicalize()
-            .map_err(|e| MergeCmdError::Adapter(format!("{arg}: {e}")))?;
-        let r = AdapterRef {
-            id: arg.to_string(),
-            source: AdapterSource::Local,
-            revision: None,
-            api_token: None,
-        };
-        return Ok((dir, r));
-    }
-    let resolved = sources
-        .resolve_hub(arg, revision, None)
-        .await
-        .map_err(|e| {
-            MergeCmdError::Adapter(format!("{arg} is not a directory, and as a hub id: {e}"))
-        })?;
-    let r = AdapterRef {
-        id: arg.to_string(),
-        source: AdapterSource::Hub,
-        revision: revision.map(str::to_string),
-        api_token: None,
+/// The merge the flags describe, checked by the same rules as a request's `merged_adapters`
+/// (`refs` are the adapters, in order). Weights default to 1 each.
+fn parse_spec(args: &MergeArgs, refs: &[AdapterRef]) -> Result<MergeSpec, MergeCmdError> {
+    let invalid = |error: SpecError| MergeCmdError::Spec {
+        flag: flag_of(&error),
+        error,
     };
-    Ok((resolved.dir, r))
+    let semantics: Semantics = args.semantics.parse().map_err(|error| {
+        invalid(SpecError::UnknownName {
+            field: "semantics",
+            error,
+        })
+    })?;
+    let request = MergedAdapters {
+        ids: Some(args.adapters.clone()),
+        weights: Some(if args.weights.is_empty() {
+            vec![1.0; args.adapters.len()]
+        } else {
+            args.weights.clone()
+        }),
+        merge_strategy: Some(args.strategy.clone()),
+        density: args.density,
+        majority_sign_method: Some(args.majority_sign_method.clone()),
+        seed: args.seed,
+        svd_rank: args.svd_rank.map(|r| u32::try_from(r).unwrap_or(u32::MAX)),
+        svd_clamp: args.svd_clamp,
+    };
+    let limits = MergeLimits {
+        max_adapters: usize::MAX,
+        semantics,
+    };
+    let mut refs = refs.iter().cloned();
+    let merged = request
+        .validate(limits, |_| {
+            refs.next()
+                .ok_or(SpecError::Incomplete("an adapter has no source"))
+        })
+        .map_err(invalid)?;
+    Ok(merged.merge)
+}
+
+/// Where one adapter argument points, and its identity for the default DARE seed: an existing
+/// directory is a local adapter, anything else must be a hub id.
+fn classify(arg: &str, revision: Option<&str>) -> Result<AdapterRef, MergeCmdError> {
+    let (source, revision) = if Path::new(arg).is_dir() {
+        (AdapterSource::Local, None)
+    } else if is_hub_id(arg) {
+        (AdapterSource::Hub, revision.map(str::to_string))
+    } else {
+        return Err(MergeCmdError::Adapter(format!(
+            "{arg} is not a directory, and not a hub repository id (`name` or `org/name`)"
+        )));
+    };
+    Ok(AdapterRef {
+        id: arg.to_string(),
+        source,
+        revision,
+        api_token: None,
+    })
+}
+
+/// The directory of an adapter (a hub adapter from the cache, or downloaded).
+async fn resolve(r: &AdapterRef, sources: &AdapterSources) -> Result<PathBuf, MergeCmdError> {
+    match r.source {
+        AdapterSource::Local => Path::new(&r.id)
+            .canonicalize()
+            .map_err(|e| MergeCmdError::Adapter(format!("{}: {e}", r.id))),
+        AdapterSource::Hub => sources
+            .resolve_hub(&r.id, r.revision.as_deref(), None)
+            .await
+            .map(|resolved| resolved.dir)
+            .map_err(|e| {
+                MergeCmdError::Adapter(format!("{} is not a directory, and as a hub id: {e}", r.id))
+            }),
+    }
 }
 
 /// Runs `medley merge`.
@@ -218,16 +249,18 @@ pub async fn run(args: MergeArgs) -> Result<MergeReport, MergeCmdError> {
             args.out.display()
         )));
     }
+    let refs = args
+        .adapters
+        .iter()
+        .map(|a| classify(a, args.revision.as_deref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let spec = parse_spec(&args, &refs)?;
     let sources = AdapterSources::new(&[], HubSettings::from_env(None))
         .map_err(|e| MergeCmdError::Adapter(e.to_string()))?;
-    let mut dirs = Vec::with_capacity(args.adapters.len());
-    let mut refs = Vec::with_capacity(args.adapters.len());
-    for a in &args.adapters {
-        let (dir, r) = resolve(a, args.revision.as_deref(), &sources).await?;
-        dirs.push(dir);
-        refs.push(r);
+    let mut dirs = Vec::with_capacity(refs.len());
+    for r in &refs {
+        dirs.push(resolve(r, &sources).await?);
     }
-    let spec = parse_spec(&args, &refs)?;
     // Read every adapter in parallel (file reads and f32 decoding dominate).
     let adapters: Vec<PeftAdapter> = std::thread::scope(|scope| {
         let handles: Vec<_> = dirs
@@ -283,10 +316,12 @@ pub async fn run(args: MergeArgs) -> Result<MergeReport, MergeCmdError> {
 
 #[cfg(test)]
 mod tests {
+    use medley_spec::Strategy;
+
     use super::*;
 
     fn adapters_dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/adapters")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/adapters")
     }
 
     fn args(adapters: &[&str], strategy: &str, out: &Path) -> MergeArgs {

@@ -179,8 +179,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::launcher::hub::testing::{SHA, fake_cache};
-    use crate::launcher::model_dir::testing::{copy_fixture, fixture_dir, write_sharded};
+    use crate::hub::testing::{SHA, fake_cache};
+    use crate::model_dir::testing::{copy_fixture, fixture_dir, write_sharded};
 
     fn request(model: Option<&str>, cache: &Path, offline: bool) -> ResolveRequest {
         ResolveRequest {

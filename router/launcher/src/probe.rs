@@ -52,7 +52,7 @@ impl ReadinessProbe for HealthRpcProbe {
 
 /// One `Health` call over `uds_path`.
 async fn health_rpc(uds_path: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let channel = crate::backend::client::connect_uds(uds_path).await?;
+    let channel = medley_router::backend::client::connect_uds(uds_path).await?;
     ShardServiceClient::new(channel)
         .health(HealthRequest {})
         .await?;
@@ -118,10 +118,22 @@ pub(crate) mod tests {
         ) -> Result<Response<pb::ClearCacheResponse>, Status> {
             unimplemented()
         }
-        async fn load_adapter(
+        async fn prepare_adapter(
             &self,
-            _: Request<pb::LoadAdapterRequest>,
-        ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+            _: Request<pb::PrepareAdapterRequest>,
+        ) -> Result<Response<pb::PrepareAdapterResponse>, Status> {
+            unimplemented()
+        }
+        async fn install_adapter(
+            &self,
+            _: Request<pb::InstallAdapterRequest>,
+        ) -> Result<Response<pb::InstallAdapterResponse>, Status> {
+            unimplemented()
+        }
+        async fn discard_adapter(
+            &self,
+            _: Request<pb::DiscardAdapterRequest>,
+        ) -> Result<Response<pb::DiscardAdapterResponse>, Status> {
             unimplemented()
         }
         async fn offload_adapter(

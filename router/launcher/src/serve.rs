@@ -17,7 +17,7 @@ use super::resolve::{ResolveRequest, resolve_model};
 use super::signals::{ShutdownSignals, SignalSource};
 use super::supervisor::{ShardCommand, ShardExit, Supervisor, SupervisorConfig, socket_path};
 use super::{BoxError, LauncherError};
-use crate::config::RouterConfig;
+use medley_router::config::RouterConfig;
 
 /// Name of the shard executable.
 pub const SHARD_BIN_NAME: &str = "medley-shard";
@@ -65,8 +65,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), LauncherError> {
 /// The production router stage: connect to the shards, then serve HTTP + gRPC.
 pub fn run_router(config: RouterConfig, shutdown: BoxFuture<'static, ()>) -> RouterFuture {
     Box::pin(async move {
-        let backend = crate::backend::connect(&config).await?;
-        crate::server::run(config, backend, shutdown).await?;
+        let (config, backend) = medley_router::backend::connect(config).await?;
+        medley_router::server::run(config, backend, shutdown).await?;
         Ok(())
     })
 }
@@ -97,7 +97,7 @@ where
     // Fail on inconsistent limits before downloading anything.
     args.router
         .clone()
-        .into_config(String::new(), PathBuf::new(), Vec::new(), None)?;
+        .into_config(String::new(), PathBuf::new(), Vec::new())?;
     let model = tokio::select! {
         model = resolve_model(&resolve) => model?,
         signal = signals.next() => {
@@ -110,16 +110,12 @@ where
         .map(|rank| socket_path(&args.shard_uds_path, rank))
         .collect();
     let grace = args.termination_timeout();
-    // Default token limits follow the model's positions (the shard reports a bad config).
-    let positions =
-        medley_shard::model::ModelConfig::from_file(&model.files.dir.join("config.json"))
-            .ok()
-            .and_then(|c| u32::try_from(c.max_position_embeddings).ok());
+    // Default token limits follow the model's positions, which the router reads from the
+    // shards' `Info` once they run.
     let router_config = args.router.clone().into_config(
         model.model_id.clone(),
         model.files.tokenizer.clone(),
         sockets,
-        positions,
     )?;
     tracing::info!(
         model_id = %model.model_id,

@@ -1,0 +1,141 @@
+//! The batch builder: which waiting requests, across the base model's queue and the queues of
+//! resident adapters, join the next prefill under the prefill-token, total-token and batch-size
+//! budgets (TGI v3 policy, no preemption) and the cap on distinct adapters per batch.
+//!
+//! Requests are taken one at a time from the queue that comes first in [`Priority`] order
+//! (oldest request first, adapters whose turn is spent after the others). Queues of adapters
+//! that are not resident are skipped, not waited for; so are adapters that would exceed
+//! `max_active_adapters`, and, while another adapter is starved, adapters whose turn
+//! (`--adapter-cycle-time`) is spent. When the request that comes first does not fit the token
+//! budgets, the batch ends there (FIFO, as in TGI).
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Instant;
+
+use super::{Priority, Registry};
+use crate::backend::queue::{BatchBudget, Entry};
+use crate::infer::AdapterKey;
+
+/// A request taken for the next batch.
+pub(crate) struct Taken {
+    /// Request id.
+    pub id: u64,
+    /// The request.
+    pub entry: Entry,
+    /// Its adapter and slot (None for the base model).
+    pub adapter: Option<(AdapterKey, u32)>,
+}
+
+impl Registry {
+    /// Takes the requests of the next batch out of their queues and marks their adapters
+    /// running; empty when no batch can be formed. Requests whose client is gone are dropped on
+    /// the way.
+    pub fn take_batch(&mut self, budget: BatchBudget, now: Instant) -> Vec<Taken> {
+        self.prune_cancelled();
+        let mut in_batch: HashSet<AdapterKey> = self
+            .adapters
+            .iter()
+            .filter(|(_, a)| a.running > 0)
+            .map(|(k, _)| *k)
+            .collect();
+        let starved = self.starved(in_batch.len());
+        let mut taken: Vec<Taken> = Vec::new();
+        let (mut prefill, mut total) = (0u32, 0u32);
+        loop {
+            if budget.max_size.is_some_and(|m| taken.len() >= m) {
+                break;
+            }
+            let Some(adapter) = self.next_queue(&in_batch, starved, now) else {
+                break;
+            };
+            let Some(queue) = self.queue_mut(adapter) else {
+                break;
+            };
+            let Some((id, entry)) = queue.pop_front() else {
+                break;
+            };
+            let input = entry.request.input_length();
+            let max = entry.max_tokens();
+            if prefill.saturating_add(input) > budget.prefill_tokens
+                || total.saturating_add(max) > budget.total_tokens
+            {
+                queue.push_front((id, entry));
+                break;
+            }
+            prefill += input;
+            total += max;
+            if let Some((key, _)) = adapter {
+                in_batch.insert(key);
+            }
+            taken.push(Taken { id, entry, adapter });
+        }
+        if taken.is_empty() || budget.min_size.is_some_and(|m| taken.len() < m) {
+            for t in taken.into_iter().rev() {
+                if let Some(q) = self.queue_mut(t.adapter) {
+                    q.push_front((t.id, t.entry));
+                }
+            }
+            return Vec::new();
+        }
+        for t in &taken {
+            if let Some((key, _)) = &t.adapter {
+                self.mark_running(key, now);
+            }
+        }
+        taken
+    }
+
+    /// The queue whose head goes next: the base model's (`Some(None)`) or a resident adapter's
+    /// (`Some(Some((key, slot)))`); `None` when no queue may give a request.
+    fn next_queue(
+        &self,
+        in_batch: &HashSet<AdapterKey>,
+        starved: bool,
+        now: Instant,
+    ) -> Option<Option<(AdapterKey, u32)>> {
+        let (cap, cycle) = (self.cfg.max_active_adapters, self.cfg.cycle_time);
+        let mut best: Option<(Priority, Option<(AdapterKey, u32)>)> = self
+            .base
+            .front()
+            .map(|(id, _)| (Priority::Fresh(*id), None));
+        for (key, a) in &self.adapters {
+            let (Some(slot), Some(priority)) = (a.resident_slot(), a.priority(cycle, now)) else {
+                continue;
+            };
+            if !in_batch.contains(key) && in_batch.len() >= cap {
+                continue;
+            }
+            if starved && a.over_cycle(cycle, now) {
+                continue;
+            }
+            if best.as_ref().is_none_or(|(b, _)| priority < *b) {
+                best = Some((priority, Some((*key, slot))));
+            }
+        }
+        best.map(|(_, adapter)| adapter)
+    }
+
+    fn queue_mut(
+        &mut self,
+        adapter: Option<(AdapterKey, u32)>,
+    ) -> Option<&mut VecDeque<(u64, Entry)>> {
+        match adapter {
+            None => Some(&mut self.base),
+            Some((key, _)) => self.adapters.get_mut(&key).map(|a| &mut a.queue),
+        }
+    }
+
+    /// A request on `key` joined the running batch. An adapter that had no turn, or whose turn
+    /// is spent, starts a new one (a turn survives the batch draining between two requests).
+    fn mark_running(&mut self, key: &AdapterKey, now: Instant) {
+        let cycle = self.cfg.cycle_time;
+        if let Some(a) = self.adapters.get_mut(key) {
+            if a.running == 0 && (a.active_since.is_none() || a.over_cycle(cycle, now)) {
+                a.active_since = Some(now);
+            }
+            a.running += 1;
+            a.last_used = now;
+            a.served_since_load = true;
+        }
+    }
+}
