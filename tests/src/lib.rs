@@ -329,8 +329,9 @@ pub fn parse_sse(body: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A Python interpreter with `lorax-client` installed: `$MEDLEY_PYTHON` when set (CI), else a
-/// venv created once under the target directory.
+/// A Python interpreter with the test requirements (`tests/python/requirements.txt`:
+/// `lorax-client`, `grpcio-reflection`) installed: `$MEDLEY_PYTHON` when set (CI), else a venv
+/// created once under the target directory.
 pub fn python_with_lorax_client() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("MEDLEY_PYTHON") {
         return Ok(PathBuf::from(p));

@@ -1,8 +1,11 @@
-//! End to end over the public gRPC API (`medley.v1`) with the generated tonic client.
+//! End to end over the public gRPC API (`medley.v1`) with the generated tonic client, and with
+//! Python's grpcio-reflection client (reflection v1alpha) as a new user would try it.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
-use medley_e2e::{Server, ServerOptions, tiny_model_dir};
+use std::process::Command;
+
+use medley_e2e::{Server, ServerOptions, python_with_lorax_client, tiny_model_dir, workspace_root};
 use medley_proto::v1::generation_service_client::GenerationServiceClient;
 use medley_proto::v1::{FinishReason, GenerateParameters, GenerateRequest, InfoRequest};
 use serde_json::json;
@@ -87,4 +90,26 @@ async fn grpc_generate_and_stream_match_http() {
     assert!(err.message().contains("top_p"), "{}", err.message());
     let err = client.generate(request("", 5)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpc_reflection_finds_and_calls_the_service() {
+    let python = python_with_lorax_client().expect("python with the test requirements");
+    let s = Server::start(ServerOptions {
+        model: Some(tiny_model_dir()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = s.grpc.trim_start_matches("http://").to_string();
+    let script = workspace_root().join("tests/python/grpc_reflection_check.py");
+    let out =
+        tokio::task::spawn_blocking(move || Command::new(python).arg(script).arg(target).output())
+            .await
+            .unwrap()
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("ALL OK"), "{stdout}\n{stderr}");
 }
