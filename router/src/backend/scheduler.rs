@@ -262,6 +262,7 @@ impl Scheduler {
                 } => {
                     s.registry.free_slots(&free_after);
                     tracing::error!(adapter = %spec.ids(), key = %key, "adapter install failed: {e}");
+                    count_failure(&e);
                     let failure = Failure {
                         error: InferError::Generation(format!("Server error: {e}")),
                         cache: false,
@@ -285,15 +286,20 @@ fn fail_entries(error: &InferError, entries: Vec<Entry>) {
     }
 }
 
-/// The error requests get for a failed prepare, from the shard's status (the shard contract:
-/// NOT_FOUND names the missing adapter, INVALID_ARGUMENT explains what is wrong with it).
-fn prepare_failure(spec: &AdapterSpec, e: ClientError) -> Failure {
-    let code = match &e {
+/// Counts a failed prepare or install by the shard's gRPC code.
+fn count_failure(e: &ClientError) {
+    let code = match e {
         ClientError::Rpc(status) => format!("{:?}", status.code()),
         _ => "Unavailable".to_string(),
     };
-    tracing::warn!(adapter = %spec.ids(), "adapter load failed: {e}");
     metrics::counter!(names::FAILURES, "code" => code).increment(1);
+}
+
+/// The error requests get for a failed prepare, from the shard's status (the shard contract:
+/// NOT_FOUND names the missing adapter, INVALID_ARGUMENT explains what is wrong with it).
+fn prepare_failure(spec: &AdapterSpec, e: ClientError) -> Failure {
+    tracing::warn!(adapter = %spec.ids(), "adapter load failed: {e}");
+    count_failure(&e);
     let status = match e {
         ClientError::Rpc(status) => status,
         other => {

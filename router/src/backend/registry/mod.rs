@@ -301,8 +301,6 @@ pub(crate) struct Registry {
     free_slots: BTreeSet<u32>,
     /// Bytes resident plus bytes reserved by installs in flight.
     used_bytes: u64,
-    /// Adapters preparing, prepared or installing.
-    staged: usize,
     next_stage_id: u64,
 }
 
@@ -315,7 +313,6 @@ impl Registry {
             adapters: HashMap::new(),
             base: VecDeque::new(),
             used_bytes: 0,
-            staged: 0,
             next_stage_id: 1,
         }
     }
@@ -442,7 +439,6 @@ impl Registry {
         else {
             return;
         };
-        self.staged = self.staged.saturating_sub(1);
         if bytes != reserved {
             tracing::warn!(adapter = %key, reserved, bytes, "the shards installed a different size than they prepared");
         }
@@ -472,9 +468,16 @@ impl Registry {
             }
             _ => return None,
         }
-        self.staged = self.staged.saturating_sub(1);
         let ttl = failure.cache.then_some((now, self.cfg.error_ttl));
         Some(a.fail(failure.error, ttl))
+    }
+
+    /// Adapters preparing, prepared or installing (what the shards hold staged or in flight).
+    fn staged(&self) -> usize {
+        self.adapters
+            .values()
+            .filter(|a| a.status.is_staged())
+            .count()
     }
 
     /// Forgets evicted or expired records once there are more than `max_tracked`.

@@ -39,8 +39,9 @@ impl Registry {
                 }
             }
         }
+        let mut staged = self.staged();
         for key in self.in_line(now, |s| matches!(s, Status::Waiting)) {
-            if self.staged >= self.cfg.max_concurrent_loads {
+            if staged >= self.cfg.max_concurrent_loads {
                 break;
             }
             if let Some(failed) = self.fail_if_too_big(&key, &mut plan, now) {
@@ -49,6 +50,7 @@ impl Registry {
             }
             if let Some(job) = self.start_prepare(key) {
                 plan.jobs.push(job);
+                staged += 1;
             }
         }
         self.forget_old(now);
@@ -63,10 +65,7 @@ impl Registry {
             }
             match a.status {
                 Status::Waiting => {}
-                Status::Prepared { id, .. } => {
-                    plan.jobs.push(Job::Discard { id });
-                    self.staged = self.staged.saturating_sub(1);
-                }
+                Status::Prepared { id, .. } => plan.jobs.push(Job::Discard { id }),
                 _ => continue,
             }
             a.status = Status::Evicted;
@@ -106,7 +105,6 @@ impl Registry {
         }
         if let Status::Prepared { id, .. } = a.status {
             plan.jobs.push(Job::Discard { id });
-            self.staged = self.staged.saturating_sub(1);
         }
         let error = InferError::Generation(format!(
             "Server error: the adapter needs {bytes} bytes but the shards hold at most {budget} bytes of adapters (--adapter-memory-budget)"
@@ -169,7 +167,6 @@ impl Registry {
         self.next_stage_id += 1;
         a.status = Status::Preparing { id };
         a.blocked = false;
-        self.staged += 1;
         Some(Job::Prepare {
             key,
             id,

@@ -384,7 +384,7 @@ fn failed_loads_fail_only_their_requests_and_are_cached() {
         .expect("requests to fail");
     assert_eq!(entries.len(), 2);
     assert_eq!(err.to_string(), error.to_string());
-    assert_eq!(h.reg.staged, 1, "only good is staged");
+    assert_eq!(h.reg.staged(), 1, "only good is staged");
     // good is untouched.
     let good_jobs: Vec<Job> = jobs
         .iter()
@@ -418,7 +418,7 @@ fn a_failed_install_returns_its_slot_and_bytes() {
     let (_, entries) = h.reg.job_failed(&a.key(), failure, h.at(2)).expect("fails");
     assert_eq!(entries.len(), 1);
     assert_eq!(
-        (h.reg.used_bytes, h.reg.free_slots.len(), h.reg.staged),
+        (h.reg.used_bytes, h.reg.free_slots.len(), h.reg.staged()),
         (0, 2, 0)
     );
     assert!(
@@ -447,7 +447,7 @@ fn larger_than_the_budget_is_an_error() {
         matches!(plan.jobs.as_slice(), [Job::Discard { .. }]),
         "the staged adapter is dropped"
     );
-    assert_eq!(h.reg.staged, 0);
+    assert_eq!(h.reg.staged(), 0);
     // After the TTL, a known size above the whole budget fails at planning time, unprepared.
     assert_eq!(h.enqueue(&huge, 20_000).unwrap(), Enqueued::Miss);
     let plan = h.reg.plan(h.at(20_000));
@@ -473,7 +473,7 @@ fn staged_adapters_nobody_wants_are_discarded() {
     let jobs = h.plan(5);
     assert!(matches!(jobs.as_slice(), [Job::Discard { .. }]), "{jobs:?}");
     assert!(matches!(h.status(&b), Status::Evicted));
-    assert_eq!(h.reg.staged, 0);
+    assert_eq!(h.reg.staged(), 0);
 }
 
 #[test]
