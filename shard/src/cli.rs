@@ -10,6 +10,7 @@ use crate::adapters::config::{DEFAULT_MAX_SLOTS, default_merge_threads};
 use crate::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend, parse_byte_size,
 };
+use crate::device::DeviceSpec;
 use crate::engine::{Engine, EngineHandle, EngineInfo, EngineThreadSettings, TextContext};
 use crate::kv_cache::KvCache;
 use crate::model::{LlamaModel, LoadOptions};
@@ -34,6 +35,10 @@ pub struct ShardArgs {
     /// Number of ranks.
     #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
     pub world_size: u32,
+    /// Device: cpu, cuda (rank r on GPU r) or cuda:N (rank r on GPU N + r). CUDA needs a
+    /// binary built with the `cuda` feature.
+    #[arg(long, env = "MEDLEY_DEVICE", default_value = "cpu", value_parser = DeviceSpec::parse_flag)]
+    pub device: DeviceSpec,
     /// Compute dtype: auto (the checkpoint's), f32, bf16, f16.
     #[arg(long, env = "DTYPE", default_value = "auto")]
     pub dtype: String,
@@ -180,7 +185,8 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
             args.world_size
         );
     }
-    let device = candle_core::Device::Cpu;
+    let device = args.device.open(args.rank)?;
+    tracing::info!(device = %args.device, location = ?device.location(), "device opened");
     let opts = LoadOptions {
         dtype: parse_dtype(&args.dtype)?,
         device: device.clone(),
@@ -195,6 +201,10 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
         args.kv_cache_bytes / KvCache::bytes_per_token(&cfg, model.dtype()).max(1)
     });
     let kv = KvCache::new(&cfg, model.dtype(), &device, capacity);
+    // The engine thread computes on its own CUDA stream: finish this thread's uploads first.
+    device
+        .synchronize()
+        .context("waiting for the model upload")?;
     tracing::info!(
         model = %args.model_dir.display(),
         dtype = ?model.dtype(),
@@ -301,9 +311,13 @@ mod tests {
         assert_eq!(s.source_cache_bytes, 512 << 20);
         // Plain bytes, as the launcher passes them.
         let b = parse(&["--adapter-memory-budget", "1000000"]).expect("bytes");
+        assert_eq!(b.device, DeviceSpec::Cpu);
+        let g = parse(&["--device", "cuda:1"]).expect("cuda:1");
+        assert_eq!(g.device, DeviceSpec::Cuda { first: 1 });
         assert_eq!(b.adapter_memory_budget, 1_000_000);
         for bad in [
-            &["--adapter-memory-budget", "lots"][..],
+            &["--device", "tpu"][..],
+            &["--adapter-memory-budget", "lots"],
             &["--max-adapter-slots", "100000"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use medley_router::config::RouterArgs;
+use medley_shard::device::DeviceSpec;
 
 /// Compute dtype requested from the shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -46,6 +47,10 @@ pub struct ServeArgs {
     /// Number of tensor-parallel shards (one `medley-shard` process each).
     #[arg(long, env = "NUM_SHARD", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub num_shard: u32,
+    /// Device of the shards: cpu, cuda (rank r on GPU r) or cuda:N (rank r on GPU N + r).
+    /// CUDA needs a binary built with the `cuda` feature (scripts/cuda/build.sh).
+    #[arg(long, env = "MEDLEY_DEVICE", default_value = "cpu", value_parser = DeviceSpec::parse_flag)]
+    pub device: DeviceSpec,
     /// Compute dtype of the shards.
     #[arg(long, env = "DTYPE", value_enum, default_value_t = DType::Auto)]
     pub dtype: DType,
@@ -257,9 +262,14 @@ mod tests {
     /// environment, so no test mutates the environment of this (multi-threaded) process.
     fn run_probe(mode: &str, env: &[(&str, &str)]) {
         let exe = std::env::current_exe().expect("test binary path");
-        let output = std::process::Command::new(exe)
+        let mut command = std::process::Command::new(exe);
+        command.env_clear();
+        // The loader's search path is not configuration: a CUDA build needs it to start at all.
+        if let Some(path) = std::env::var_os("LD_LIBRARY_PATH") {
+            command.env("LD_LIBRARY_PATH", path);
+        }
+        let output = command
             .args(["--exact", "args::tests::env_probe", "--nocapture"])
-            .env_clear()
             .env(PROBE_MARKER, mode)
             .envs(env.iter().copied())
             .output()

@@ -20,7 +20,7 @@
 //! |---|---|
 //! | 0 | stopped by SIGINT/SIGTERM (at any stage), everything shut down |
 //! | 1 | the router failed (could not bind, lost the shards, ...) |
-//! | 2 | invalid arguments (clap's own code, also used for inconsistent router limits) |
+//! | 2 | invalid arguments (clap's own code, also used for inconsistent router limits and for `--device cuda` on a binary built without CUDA) |
 //! | 3 | the model could not be resolved (missing files, not cached offline, download failed) |
 //! | 4 | a shard could not be started, exited before it was ready, or was not ready in time |
 //! | 5 | a shard died while serving |
@@ -61,6 +61,9 @@ pub enum LauncherError {
     /// No model to serve.
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    /// `--device` asks for a device kind this binary cannot drive.
+    #[error(transparent)]
+    Device(#[from] medley_shard::device::DeviceError),
     /// The shard executable was not found.
     #[error("cannot find the shard executable: {0}")]
     ShardBinary(String),
@@ -83,7 +86,7 @@ impl LauncherError {
     pub fn exit_code(&self) -> u8 {
         match self {
             LauncherError::Router(_) => 1,
-            LauncherError::Config(_) => 2,
+            LauncherError::Config(_) | LauncherError::Device(_) => 2,
             LauncherError::Resolve(_) => 3,
             LauncherError::ShardBinary(_) | LauncherError::Startup(_) => 4,
             LauncherError::ShardDied(_) => 5,

@@ -40,6 +40,11 @@ pub struct ServePlan {
 impl ServePlan {
     /// Builds the plan from the flags and the process environment.
     pub fn from_args(args: ServeArgs) -> Result<Self, LauncherError> {
+        if args.shard_bin.is_none() {
+            // The shards are this binary: refuse a device it was built without before resolving
+            // (and maybe downloading) the model. A separate `--shard-bin` decides for itself.
+            args.device.check_built()?;
+        }
         let shard_bin = find_shard_binary(args.shard_bin.as_deref())?;
         let resolve = ResolveRequest {
             model: args.model.clone(),
@@ -131,6 +136,7 @@ where
             program_args: shard_bin.leading_args,
             model_dir: model.files.dir.clone(),
             model_id: model.model_id.clone(),
+            device: args.device,
             dtype: args.dtype,
             kv_cache_tokens: args.kv_cache_tokens,
             adapter_roots: router_config.limits.adapters.adapter_roots.clone(),

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::args::DType;
 use super::probe::ReadinessProbe;
 use super::shard_logs::{OutputTail, Stream, TailSnapshot, forward};
+use medley_shard::device::DeviceSpec;
 
 /// Longest Unix socket path (`sun_path` is 108 bytes including the terminating NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -42,6 +43,8 @@ pub struct ShardCommand {
     pub model_dir: PathBuf,
     /// `--model-id`.
     pub model_id: String,
+    /// `--device`.
+    pub device: DeviceSpec,
     /// `--dtype`.
     pub dtype: DType,
     /// `--kv-cache-tokens`, if set.
@@ -60,7 +63,7 @@ impl ShardCommand {
     /// The arguments of rank `rank` out of `world_size`, listening on `uds_path`.
     pub fn args(&self, rank: usize, world_size: usize, uds_path: &Path) -> Vec<OsString> {
         let mut args: Vec<OsString> = self.program_args.clone();
-        args.extend::<[OsString; 12]>([
+        args.extend::<[OsString; 14]>([
             "--model-dir".into(),
             self.model_dir.clone().into(),
             "--uds-path".into(),
@@ -69,6 +72,8 @@ impl ShardCommand {
             rank.to_string().into(),
             "--world-size".into(),
             world_size.to_string().into(),
+            "--device".into(),
+            self.device.to_string().into(),
             "--dtype".into(),
             self.dtype.as_arg().into(),
             "--model-id".into(),

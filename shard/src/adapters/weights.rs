@@ -118,6 +118,9 @@ impl SlotWeights {
                 b_t,
             });
         }
+        // Uploads run on merge threads; on CUDA each thread has its own stream, so wait for the
+        // copies here rather than let the engine thread's stream race them.
+        device.synchronize().map_err(internal)?;
         Ok(SlotAdapter {
             layers,
             bytes,

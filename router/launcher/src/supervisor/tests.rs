@@ -79,6 +79,7 @@ pub(crate) fn config(dir: &Path, mode: &str, world_size: usize) -> SupervisorCon
             program: fake_shard(),
             model_dir,
             model_id: "org/fake".to_string(),
+            device: DeviceSpec::Cpu,
             dtype: DType::F32,
             kv_cache_tokens: Some(64),
             adapter_roots: vec![],
@@ -117,6 +118,7 @@ fn command_line() {
         program: "medley-shard".into(),
         model_dir: "/m".into(),
         model_id: "org/name".into(),
+        device: DeviceSpec::Cuda { first: 0 },
         dtype: DType::Bf16,
         kv_cache_tokens: None,
         adapter_roots: vec![],
@@ -131,7 +133,7 @@ fn command_line() {
         .collect();
     assert_eq!(
         args.join(" "),
-        "--model-dir /m --uds-path /tmp/s-1 --rank 1 --world-size 2 --dtype bf16 \
+        "--model-dir /m --uds-path /tmp/s-1 --rank 1 --world-size 2 --device cuda --dtype bf16 \
          --model-id org/name --json-output"
     );
     let with_adapters = ShardCommand {
