@@ -69,6 +69,9 @@ enum Command {
         seed: u64,
         #[arg(long)]
         rslora: bool,
+        /// Keep only this many decoder layers of the preset (match `medley-fixture --layers`).
+        #[arg(long)]
+        layers: Option<usize>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -117,12 +120,16 @@ fn main() -> Result<(), Box<dyn Error>> {
             dtype,
             seed,
             rslora,
+            layers,
             out,
         } => {
-            let shape = match preset {
+            let mut shape = match preset {
                 Preset::Tiny => LlamaShape::tiny(),
                 Preset::Tinyllama => LlamaShape::tinyllama(),
             };
+            if let Some(layers) = layers {
+                shape.layers = layers;
+            }
             let mut fx = AdapterFixture::new(rank, seed);
             fx.alpha = alpha.unwrap_or(2.0 * rank as f64);
             fx.targets = targets;

@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# Medley's GPU check: the CUDA build on a real GPU against transformers + PEFT on the same GPU,
+# and a first speed table. Runs on a machine with an NVIDIA GPU, a CUDA 13 driver and Python with
+# torch, transformers, peft and tokenizers, without a Rust toolchain: it takes the binaries
+# scripts/cuda/build.sh made (plain or .xz).
+#
+#   scripts/gpu-check.sh [--bin-dir DIR] [--out DIR] [--python PY] [--layers N] [--new-tokens N]
+#   scripts/gpu-check.sh --cpu [...]     # dry run on a CPU machine: everything but the GPU
+#
+#   --bin-dir   folder of medley, medley-fixture, medley-merge-dev (or their .xz); default
+#               <target>/release-cuda, or with --cpu <target>/debug after building them with cargo
+#   --out       where the report and logs go (default $OUT, else bench/results)
+#   --python    the Python with torch/transformers/peft (default python3)
+#   --layers    decoder layers of the TinyLlama-shaped model (default 22, all of TinyLlama-1.1B);
+#               --cpu without --layers uses the 2-layer, hidden-64 `tiny` preset instead
+#
+# Steps (each under a time limit; the report is rewritten after every step, so a run that is cut
+# short still says what finished):
+#   1. versions (GPU, driver, Python packages, library paths, what the binary links)
+#   2. a random TinyLlama-shaped f32 checkpoint and 8 rank-16 PEFT adapters (the repo's fixtures)
+#   3. greedy tokens of base / adapter a0 / TIES merge of a0..a2 from Medley on the GPU (f32 and
+#      bf16) and on the CPU (f32), and from transformers + PEFT on the GPU (f32 and bf16);
+#      required: f32 all 32 tokens equal (GPU vs transformers, GPU vs CPU), bf16 the first 16
+#      (reported only in the CPU dry run)
+#   4. decode tokens/s at 1, 8, 32 streams for base, one adapter and 8 distinct merges (bf16),
+#      and transformers' generate at batch 1 and 32 (bf16)
+# Writes <out>/gpu-<date>.md (--cpu: cpu-dry-<date>.md) and <out>/gpu-check-logs.tar.xz.
+# Exit status: 0 when every token comparison passed, 1 otherwise.
+#
+# On the project's lent GPU machine (no Rust there): run scripts/cuda/build.sh here, then one call
+# that carries target/release-cuda/{medley,medley-fixture,medley-merge-dev}.xz (about 18 MB) with
+#   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~5 min, limit 540 s)
+# and commit the returned report under bench/results/.
+set -uo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+mode=gpu
+bin_dir=""
+out_dir="${OUT:-$root/bench/results}"
+py=python3
+layers=""
+new_tokens=64
+cmdline="scripts/gpu-check.sh $*"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu) mode=cpu ;;
+    --bin-dir) bin_dir="$2"; shift ;;
+    --out) out_dir="$2"; shift ;;
+    --python) py="$2"; shift ;;
+    --layers) layers="$2"; shift ;;
+    --new-tokens) new_tokens="$2"; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+stamp="$(date -u +%Y-%m-%d)"
+if [ "$mode" = gpu ]; then
+  report_name="gpu-$stamp.md"; device=cuda; torch_device=cuda; title="GPU check $stamp"
+else
+  report_name="cpu-dry-$stamp.md"; device=cpu; torch_device=cpu; title="GPU check, CPU dry run $stamp"
+fi
+# TinyLlama's shape (all 22 layers unless --layers); the dry run without --layers uses the
+# 2-layer `tiny` preset (hidden 64), which takes seconds on a CPU.
+if [ "$mode" = cpu ] && [ -z "$layers" ]; then
+  preset="tiny"; layers=2
+else
+  preset="tinyllama"; layers="${layers:-22}"
+fi
+mkdir -p "$out_dir"
+work="$(mktemp -d "${TMPDIR:-/tmp}/medley-gpu-check.XXXXXX")"
+res="$work/results"
+mkdir -p "$res" "$work/bin" "$work/lib"
+log="$res/log.txt"
+steps="$res/steps.txt"
+exec > >(tee -a "$log") 2>&1
+echo "gpu-check: mode $mode, work dir $work, report $out_dir/$report_name"
+check="$root/scripts/gpu_check/check.py"
+check_steps="$root/scripts/gpu_check/steps.sh"
+failed=0
+mkdir -p "$work/pids"
+
+# The step functions (fixtures, servers, comparisons) run in child shells: they read these.
+export work res py check check_steps mode preset layers new_tokens device
+# shellcheck source=gpu_check/steps.sh
+source "$check_steps"
+
+cleanup() {
+  stop_servers
+  tar -C "$work" -cJf "$out_dir/gpu-check-logs.tar.xz" results 2>/dev/null
+  [ -n "${KEEP_WORK:-}" ] || rm -rf "$work"
+}
+trap cleanup EXIT
+
+report() {
+  "$py" "$check" report --dir "$res" --title "$title" --command "$cmdline" \
+    >"$out_dir/$report_name.tmp" && mv "$out_dir/$report_name.tmp" "$out_dir/$report_name"
+}
+
+# step NAME LIMIT_S CMD...: runs CMD (a command or one of the functions below) in a child
+# shell under a time limit (timeout signals the child's whole process group, servers included)
+# and records how it went.
+step() {
+  local name="$1" limit="$2"; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" bash -c 'source "$check_steps"; "$@"' step "$@"
+  local rc=$?
+  stop_servers
+  local what="ok"
+  [ $rc -eq 0 ] || what="FAILED rc=$rc$([ $rc -eq 124 ] && echo ' (time limit)')"
+  printf '%-40s %4ss  %s\n' "$name" "$((SECONDS - t0))" "$what" >>"$steps"
+  [ $rc -eq 0 ] || failed=1
+  report
+  return $rc
+}
+
+# --- 1. versions and binaries -------------------------------------------------------------
+if [ -z "$bin_dir" ]; then
+  target="${CARGO_TARGET_DIR:-$root/target}"
+  if [ "$mode" = gpu ]; then
+    bin_dir="$target/release-cuda"
+  else
+    bin_dir="$target/debug"
+    (cd "$root" && cargo build -q -p medley -p medley-shard -p medley-merge \
+      --features medley-shard/testing,medley-merge/testing \
+      --bin medley --bin medley-fixture --bin medley-merge-dev) || exit 1
+  fi
+fi
+for b in medley medley-fixture medley-merge-dev; do
+  if [ -x "$bin_dir/$b" ]; then
+    ln -s "$(cd "$bin_dir" && pwd)/$b" "$work/bin/$b"
+  elif [ -f "$bin_dir/$b.xz" ]; then
+    xz -dc "$bin_dir/$b.xz" >"$work/bin/$b" && chmod +x "$work/bin/$b"
+  else
+    echo "gpu-check: no $b or $b.xz in $bin_dir (build with scripts/cuda/build.sh)" >&2
+    exit 1
+  fi
+done
+medley="$work/bin/medley"
+
+if [ "$mode" = gpu ]; then
+  # The CUDA libraries come from this machine's Python wheels (nvidia-*-cu13); NCCL ships only
+  # libnccl.so.2, and cudarc looks for libnccl.so.
+  nv_libs="$("$py" - <<'EOF'
+import glob, os
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except ImportError:
+    roots = []
+dirs = sorted({os.path.dirname(p) for r in roots for p in glob.glob(os.path.join(r, "**", "lib*.so*"), recursive=True)})
+print(":".join(dirs))
+EOF
+)"
+  nccl="$(echo "$nv_libs" | tr ':' '\n' | while read -r d; do ls "$d"/libnccl.so.* 2>/dev/null; done | head -n1)"
+  [ -n "$nccl" ] && ln -sf "$nccl" "$work/lib/libnccl.so"
+  export LD_LIBRARY_PATH="$work/lib${nv_libs:+:$nv_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "host: $(uname -srm), $(nproc) CPUs"
+  echo "git: $(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
+    nvidia-smi | sed -n '3p'
+  else
+    echo "nvidia-smi: not found"
+  fi
+  "$py" -c 'import json, sys; sys.path.insert(0, sys.argv[1]); import check; print(json.dumps(check.versions()))' \
+    "$root/scripts/gpu_check"
+  echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  echo "medley links:"
+  ldd "$medley" | grep -E 'cuda|cublas|curand|nvrtc|nccl|not found' || echo "  (no CUDA libraries)"
+} >"$res/versions.txt" 2>&1
+cat "$res/versions.txt"
+report
+
+# --- 2. fixtures ---------------------------------------------------------------------------
+export medley model="$work/model" adapters="$work/adapters"
+step "fixtures (model $layers layers, 8 adapters)" 300 make_fixtures || exit 1
+
+# --- 3. tokens -------------------------------------------------------------------------------
+tag="$device"
+step "medley $tag f32 tokens" 240 medley_tokens "$tag-f32" "$device" f32
+step "transformers+peft $torch_device f32 tokens" 240 \
+  "$py" "$check" hf-tokens --model "$model" --adapters "$adapters" --dtype f32 \
+  --device "$torch_device" --out "$res/tokens-hf-f32.json"
+step "compare f32" 30 compare "medley $tag f32 vs transformers+peft $torch_device f32" \
+  tokens-hf-f32.json "tokens-medley-$tag-f32.json"
+
+step "medley $tag bf16 tokens + speed" 300 medley_tokens_and_speed "$tag-bf16" "$device" bf16
+step "transformers+peft $torch_device bf16 tokens" 240 \
+  "$py" "$check" hf-tokens --model "$model" --adapters "$adapters" --dtype bf16 \
+  --device "$torch_device" --out "$res/tokens-hf-bf16.json"
+# On the GPU both sides run cuBLAS bf16 GEMMs: the first 16 tokens must agree. On the CPU the
+# dry run only reports: Medley's CPU bf16 path multiplies f32-widened weights (see
+# shard/src/model/layers.rs) while torch's CPU bf16 GEMM differs by CPU, so near-ties may flip;
+# the CPU bf16 contract is the logit goldens of shard/tests/forward_goldens.rs.
+bf16_require=16
+[ "$mode" = gpu ] || bf16_require=0
+step "compare bf16" 30 compare "medley $tag bf16 vs transformers+peft $torch_device bf16" \
+  tokens-hf-bf16.json "tokens-medley-$tag-bf16.json" --require "$bf16_require"
+
+if [ "$mode" = gpu ]; then
+  step "medley cpu f32 tokens" 300 medley_tokens cpu-f32 cpu f32
+  step "compare gpu vs cpu" 30 compare "medley cuda f32 vs medley cpu f32" \
+    tokens-medley-cpu-f32.json tokens-medley-cuda-f32.json
+else
+  # The dry run has one device; a second CPU server still exercises the comparison.
+  step "medley cpu f32 tokens (second server)" 240 medley_tokens cpu2-f32 cpu f32
+  step "compare cpu vs cpu" 30 compare "medley cpu f32 vs medley cpu f32 (second server)" \
+    tokens-medley-cpu2-f32.json tokens-medley-cpu-f32.json
+fi
+
+# --- 4. transformers speed --------------------------------------------------------------------
+step "transformers generate speed" 200 \
+  "$py" "$check" hf-speed --model "$model" --dtype bf16 --device "$torch_device" \
+  --new-tokens "$new_tokens" --budget-s 120 --out "$res/speed-hf.json"
+
+report
+echo "gpu-check: report $out_dir/$report_name"
+cat "$out_dir/$report_name"
+exit $failed

@@ -1,0 +1,372 @@
+#!/usr/bin/env python3
+"""The Python half of scripts/gpu-check.sh: the oracle (transformers + PEFT), Medley's HTTP
+client, the comparisons and the report. Each subcommand writes one JSON file, so the shell
+driver can run the steps under time limits and a partial run still reports what finished.
+
+    check.py medley-tokens --url URL --out F        greedy tokens of every case from a server
+    check.py hf-tokens --model DIR --adapters DIR --dtype D --device DEV --out F
+    check.py compare --name N --reference F --candidate F [--require K] --out F
+    check.py medley-speed --url URL --streams 1,8,32 --new-tokens N --out F
+    check.py hf-speed --model DIR --dtype D --device DEV --batches 1,32 --new-tokens N --out F
+    check.py report --dir DIR --title T --command C > report.md
+
+Cases: the base model, one adapter (a0) and a TIES merge of a0, a1, a2 (weights 1.0/0.6/-0.3,
+density 0.5, total sign election), on two prompts, 32 greedy tokens each (EOS ignored). A comparison requires the first K tokens
+of every case to be equal (all 32 by default) and reports where any later divergence starts. The
+oracle recomputes every greedy step from the whole sequence (no KV cache), with eager attention,
+so it shares nothing with Medley but the checkpoint files.
+
+stdlib only, except hf-* (torch, transformers, peft, tokenizers).
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+STEPS = 32
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog",
+    "SELECT name, price FROM products WHERE price > 10 ORDER BY price",
+]
+MERGE = dict(ids=["a0", "a1", "a2"], weights=[1.0, 0.6, -0.3], strategy="ties", density=0.5)
+CASES = ["base", "adapter", "ties"]
+# Speed: 8 distinct merges (each of two adapters with its own weights), one per stream mod 8.
+SPEED_MERGES = [dict(ids=[f"a{i}", f"a{(i + 1) % 8}"], weights=[1.0, 0.25 + 0.1 * i]) for i in range(8)]
+SPEED_PROMPT = "Once upon a time in a land far away there lived a"
+
+
+# ---------------------------------------------------------------- Medley over HTTP
+
+def post(url, body, timeout=600):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')}")
+
+
+def case_params(case):
+    if case == "base":
+        return {}
+    if case == "adapter":
+        return {"adapter_id": "a0", "adapter_source": "local"}
+    return {"adapter_source": "local", "merged_adapters": {
+        "ids": MERGE["ids"], "weights": MERGE["weights"], "merge_strategy": MERGE["strategy"],
+        "density": MERGE["density"], "majority_sign_method": "total"}}
+
+
+def generate(url, prompt, params, new_tokens):
+    p = {"max_new_tokens": new_tokens, "details": True, "ignore_eos_token": True, **params}
+    reply = post(f"{url}/generate", {"inputs": prompt, "parameters": p})
+    return [t["id"] for t in reply["details"]["tokens"]]
+
+
+def medley_tokens(args):
+    out = {"prompts": [], "cases": {}}
+    for prompt in PROMPTS:
+        out["prompts"].append([t["id"] for t in post(f"{args.url}/tokenize", {"inputs": prompt})])
+    for case in CASES:
+        out["cases"][case] = [generate(args.url, p, case_params(case), STEPS) for p in PROMPTS]
+    write(args.out, out)
+
+
+def medley_speed(args):
+    rows = []
+    deadline = time.monotonic() + args.budget_s
+    configs = [("base", lambda i: {}), ("1 adapter", lambda i: case_params("adapter")),
+               ("8 merges", lambda i: {"adapter_source": "local", "merged_adapters": {
+                   "ids": SPEED_MERGES[i % 8]["ids"], "weights": SPEED_MERGES[i % 8]["weights"],
+                   "merge_strategy": "linear"}})]
+    for name, params in configs:
+        # Warm-up: loads the adapters and computes the merges once, outside the timing.
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: generate(args.url, SPEED_PROMPT, params(i), 2), range(8)))
+        for streams in args.streams:
+            if time.monotonic() > deadline:
+                rows.append(dict(config=name, streams=streams, skipped="time budget"))
+                continue
+            t0 = time.monotonic()
+            with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+                got = list(pool.map(
+                    lambda i: generate(args.url, SPEED_PROMPT, params(i), args.new_tokens),
+                    range(streams)))
+            dt = time.monotonic() - t0
+            n = sum(len(g) for g in got)
+            rows.append(dict(config=name, streams=streams, tokens=n, seconds=round(dt, 3),
+                             tokens_per_s=round(n / dt, 1)))
+            print(f"medley {name} x{streams}: {n / dt:.1f} tok/s", file=sys.stderr)
+            write(args.out, {"rows": rows, "new_tokens": args.new_tokens})
+    write(args.out, {"rows": rows, "new_tokens": args.new_tokens})
+
+
+# ---------------------------------------------------------------- transformers + PEFT
+
+def torch_dtype(name):
+    import torch
+    return {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[name]
+
+
+def load_hf(model_dir, dtype, device):
+    import transformers
+    from transformers import LlamaForCausalLM
+    kw = {"attn_implementation": "eager"}
+    # transformers 4.56 renamed `torch_dtype` to `dtype` (5.x drops the old name).
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch_dtype(dtype)
+    return LlamaForCausalLM.from_pretrained(model_dir, **kw).to(device).eval()
+
+
+def greedy(model, ids, device):
+    """Greedy tokens, each step a full forward of the whole sequence; and the smallest gap
+    between the best and second-best logit at each step."""
+    import torch
+    out, gaps = [], []
+    cur = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        for _ in range(STEPS):
+            logits = model(cur).logits[0, -1].float()
+            top = torch.topk(logits, 2).values
+            gaps.append(float(top[0] - top[1]))
+            t = int(logits.argmax())
+            out.append(t)
+            cur = torch.cat([cur, torch.tensor([[t]], device=device)], 1)
+    return out, gaps
+
+
+def hf_tokens(args):
+    import torch
+    from peft import PeftModel
+    from tokenizers import Tokenizer
+    torch.manual_seed(0)
+    tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
+    prompts = [tok.encode(p).ids for p in PROMPTS]
+    out = {"prompts": prompts, "cases": {}, "gaps": {}}
+    base = load_hf(args.model, args.dtype, args.device)
+    res = [greedy(base, ids, args.device) for ids in prompts]
+    out["cases"]["base"] = [r[0] for r in res]
+    out["gaps"]["base"] = [r[1] for r in res]
+    model = PeftModel.from_pretrained(base, os.path.join(args.adapters, "a0"), adapter_name="a0")
+    for name in MERGE["ids"][1:]:
+        model.load_adapter(os.path.join(args.adapters, name), adapter_name=name)
+    model.eval()
+    model.set_adapter("a0")
+    res = [greedy(model, ids, args.device) for ids in prompts]
+    out["cases"]["adapter"] = [r[0] for r in res]
+    out["gaps"]["adapter"] = [r[1] for r in res]
+    model.add_weighted_adapter(MERGE["ids"], MERGE["weights"], "ties", combination_type="ties",
+                               density=MERGE["density"], majority_sign_method="total")
+    model.set_adapter("ties")
+    res = [greedy(model, ids, args.device) for ids in prompts]
+    out["cases"]["ties"] = [r[0] for r in res]
+    out["gaps"]["ties"] = [r[1] for r in res]
+    out["versions"] = versions()
+    write(args.out, out)
+
+
+def hf_speed(args):
+    import torch
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
+    ids = tok.encode(SPEED_PROMPT).ids
+    model = load_hf(args.model, args.dtype, args.device)
+    rows = []
+    deadline = time.monotonic() + args.budget_s
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for batch in args.batches:
+        if time.monotonic() > deadline:
+            rows.append(dict(batch=batch, skipped="time budget"))
+            continue
+        x = torch.tensor([ids] * batch, device=args.device)
+        mask = torch.ones_like(x)
+        kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  min_new_tokens=args.new_tokens)
+        with torch.no_grad():
+            model.generate(x, max_new_tokens=2, **{**kw, "min_new_tokens": 2})  # warm-up
+            sync()
+            t0 = time.monotonic()
+            y = model.generate(x, max_new_tokens=args.new_tokens, **kw)
+            sync()
+        dt = time.monotonic() - t0
+        n = (y.shape[1] - x.shape[1]) * batch
+        rows.append(dict(batch=batch, tokens=n, seconds=round(dt, 3), tokens_per_s=round(n / dt, 1)))
+        print(f"transformers batch {batch}: {n / dt:.1f} tok/s", file=sys.stderr)
+        write(args.out, {"rows": rows, "new_tokens": args.new_tokens, "dtype": args.dtype})
+    write(args.out, {"rows": rows, "new_tokens": args.new_tokens, "dtype": args.dtype})
+
+
+def versions():
+    v = {}
+    for m in ("torch", "transformers", "peft", "tokenizers"):
+        try:
+            v[m] = __import__(m).__version__
+        except Exception as e:  # noqa: BLE001 - a missing module is reported, not fatal
+            v[m] = f"unavailable ({e})"
+    try:
+        import torch
+        v["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            v["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        pass
+    return v
+
+
+# ---------------------------------------------------------------- comparison and report
+
+def compare(args):
+    ref, cand = read(args.reference), read(args.candidate)
+    need = STEPS if args.require is None else args.require
+    result = {"name": args.name, "require": need, "cases": {}, "pass": True}
+    if ref.get("prompts") != cand.get("prompts"):
+        result["pass"] = False
+        result["prompt_ids"] = {"reference": ref.get("prompts"), "candidate": cand.get("prompts")}
+    for case in CASES:
+        per = []
+        for i, (r, c) in enumerate(zip(ref["cases"].get(case, []), cand["cases"].get(case, []))):
+            first = next((j for j, (a, b) in enumerate(zip(r, c)) if a != b), None)
+            if first is None and len(r) != len(c):
+                first = min(len(r), len(c))
+            entry = {"prompt": i, "equal": first is None, "first_divergence": first}
+            gaps = ref.get("gaps", {}).get(case)
+            if first is not None and gaps:
+                entry["oracle_gap_at_divergence"] = gaps[i][first]
+            per.append(entry)
+            if first is not None and first < need:
+                result["pass"] = False
+        if len(per) != len(PROMPTS):
+            result["pass"] = False
+            per.append({"missing": True})
+        result["cases"][case] = per
+    write(args.out, result)
+    print(f"{args.name}: {'pass' if result['pass'] else 'FAIL'}", file=sys.stderr)
+    return 0 if result["pass"] else 1
+
+
+def report(args):
+    d = args.dir
+    lines = [f"# {args.title}", "", f"Command: `{args.command}`", ""]
+    env = os.path.join(d, "versions.txt")
+    if os.path.exists(env):
+        lines += ["## Versions", "", "```", open(env).read().strip(), "```", ""]
+    lines += [f"## Greedy tokens ({STEPS} per prompt, 2 prompts; base, adapter a0, TIES merge a0+a1+a2)", "",
+              "| comparison | requirement | base | adapter | ties | result |", "|---|---|---|---|---|---|"]
+    for f in sorted(x for x in os.listdir(d) if x.startswith("compare-")):
+        c = read(os.path.join(d, f))
+        cells = []
+        for case in CASES:
+            per = c["cases"].get(case, [])
+            cells.append(", ".join("missing" if e.get("missing") else
+                                   ("equal" if e["equal"] else f"differs at {e['first_divergence']}"
+                                    + (f" (oracle gap {e['oracle_gap_at_divergence']:.2e})"
+                                       if "oracle_gap_at_divergence" in e else ""))
+                                   for e in per) or "missing")
+        req = f"first {c['require']} equal"
+        lines.append(f"| {c['name']} | {req} | " + " | ".join(cells)
+                     + f" | {'pass' if c['pass'] else 'FAIL'} |")
+    lines.append("")
+    ref = os.path.join(d, "tokens-hf-f32.json")
+    if os.path.exists(ref):
+        r = read(ref)["cases"]
+        differ = {c: sum(a != b for a, b in zip(r.get(c, []), r["base"])) for c in CASES[1:]}
+        lines += ["Cases whose tokens differ from the base model's (transformers f32; a case equal to "
+                  "the base would not test the adapter path): "
+                  + ", ".join(f"{c} {n}/{len(PROMPTS)} prompts" for c, n in differ.items()), ""]
+    ms = os.path.join(d, "speed-medley.json")
+    if os.path.exists(ms):
+        s = read(ms)
+        lines += [f"## Medley decode speed (bf16, {s['new_tokens']} new tokens per stream, HTTP /generate; "
+                  "8 merges = linear merges of two adapters, stream i uses merge i mod 8)", "",
+                  "| adapters | streams | tokens | seconds | tokens/s |", "|---|---|---|---|---|"]
+        for r in s["rows"]:
+            if "skipped" in r:
+                lines.append(f"| {r['config']} | {r['streams']} | skipped ({r['skipped']}) | | |")
+            else:
+                lines.append(f"| {r['config']} | {r['streams']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} |")
+        lines.append("")
+    hs = os.path.join(d, "speed-hf.json")
+    if os.path.exists(hs):
+        s = read(hs)
+        lines += [f"## transformers `generate` ({s['dtype']}, {s['new_tokens']} new tokens, greedy)", "",
+                  "| batch | tokens | seconds | tokens/s |", "|---|---|---|---|"]
+        for r in s["rows"]:
+            if "skipped" in r:
+                lines.append(f"| {r['batch']} | skipped ({r['skipped']}) | | |")
+            else:
+                lines.append(f"| {r['batch']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} |")
+        lines.append("")
+    steps = os.path.join(d, "steps.txt")
+    if os.path.exists(steps):
+        lines += ["## Steps", "", "```", open(steps).read().strip(), "```", ""]
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------- plumbing
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write(path, value):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("medley-tokens")
+    p.add_argument("--url", required=True)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("hf-tokens")
+    for a in ("--model", "--adapters", "--out"):
+        p.add_argument(a, required=True)
+    p.add_argument("--dtype", default="f32")
+    p.add_argument("--device", default="cuda")
+    p = sub.add_parser("compare")
+    for a in ("--name", "--reference", "--candidate", "--out"):
+        p.add_argument(a, required=True)
+    p.add_argument("--require", type=int, default=None,
+                   help=f"leading tokens that must be equal (default all {STEPS})")
+    p = sub.add_parser("medley-speed")
+    p.add_argument("--url", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--streams", type=ints, default=[1, 8, 32])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--budget-s", type=float, default=120)
+    p = sub.add_parser("hf-speed")
+    for a in ("--model", "--out"):
+        p.add_argument(a, required=True)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batches", type=ints, default=[1, 32])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--budget-s", type=float, default=60)
+    p = sub.add_parser("report")
+    for a in ("--dir", "--title", "--command"):
+        p.add_argument(a, required=True)
+    args = ap.parse_args()
+    fn = {"medley-tokens": medley_tokens, "hf-tokens": hf_tokens, "compare": compare,
+          "medley-speed": medley_speed, "hf-speed": hf_speed, "report": report}[args.cmd]
+    sys.exit(fn(args) or 0)
+
+
+if __name__ == "__main__":
+    main()

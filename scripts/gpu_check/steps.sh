@@ -1,0 +1,79 @@
+# shellcheck shell=bash
+# The steps of scripts/gpu-check.sh that run in child shells under a time limit. They read the
+# variables the driver exports: work res py check mode preset layers new_tokens medley model
+# adapters.
+
+# Writes the f32 checkpoint (medley-fixture) and 8 rank-16 PEFT adapters (medley-merge-dev).
+make_fixtures() {
+  local shape=(--preset "$preset")
+  [ "$preset" = tiny ] || shape+=(--layers "$layers")
+  "$work/bin/medley-fixture" model "${shape[@]}" --dtype f32 --out "$model" || return 1
+  local i
+  for i in 0 1 2 3 4 5 6 7; do
+    "$work/bin/medley-merge-dev" fixture --preset "$preset" --layers "$layers" --rank 16 \
+      --alpha 32 --seed "$((100 + i))" --out "$adapters/a$i" >/dev/null || return 1
+  done
+  du -sh "$model" "$adapters"
+}
+
+# Stops every server a step started (pid files: steps run in child shells).
+stop_servers() {
+  local f pid
+  for f in "$work"/pids/*; do
+    [ -e "$f" ] || continue
+    pid="$(cat "$f")"
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+    rm -f "$f"
+  done
+}
+
+# start_server NAME DEVICE DTYPE: starts `medley serve` on ports of its own and waits until
+# /health answers; sets server_url.
+start_server() {
+  local name="$1" dev="$2" dtype="$3"
+  local n port
+  n="$(find "$res" -name 'server-*.log' | wc -l)"
+  port=$((20000 + ($$ % 10000) * 2 + 100 * n))
+  "$medley" serve --model "$model" --device "$dev" --dtype "$dtype" --adapter-root "$adapters" \
+    --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$work/sock-$name" \
+    >"$res/server-$name.log" 2>&1 &
+  local pid=$!
+  mkdir -p "$work/pids"
+  echo "$pid" >"$work/pids/$name"
+  server_url="http://127.0.0.1:$port"
+  for _ in $(seq 1 1200); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "server $name exited:"
+      tail -n 20 "$res/server-$name.log"
+      return 1
+    fi
+    "$py" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/health", timeout=2)' \
+      "$server_url" 2>/dev/null && { echo "server $name ready at $server_url"; return 0; }
+    sleep 0.5
+  done
+  echo "server $name not ready"
+  return 1
+}
+
+# medley_tokens NAME DEVICE DTYPE: greedy tokens of every case -> tokens-medley-NAME.json.
+medley_tokens() {
+  start_server "$@" || return 1
+  "$py" "$check" medley-tokens --url "$server_url" --out "$res/tokens-medley-$1.json"
+}
+
+# medley_tokens_and_speed NAME DEVICE DTYPE: the tokens, then the speed table, on one server.
+medley_tokens_and_speed() {
+  medley_tokens "$@" || return 1
+  "$py" "$check" medley-speed --url "$server_url" --out "$res/speed-medley.json" \
+    --new-tokens "$new_tokens" --budget-s 150
+}
+
+# compare NAME REFERENCE CANDIDATE [--require K]: token comparison -> compare-NAME.json.
+compare() {
+  local name="$1" ref="$2" cand="$3"
+  shift 3
+  "$py" "$check" compare --name "$name" --reference "$res/$ref" --candidate "$res/$cand" "$@" \
+    --out "$res/compare-$(echo "$name" | tr -c 'a-zA-Z0-9\n' '-').json"
+}
