@@ -150,6 +150,9 @@ def common_checks(case: str, docs: list[dict[str, Any]], values: dict[str, Any])
         got.pop(resource, None)
         if {k: str(v) for k, v in got.items()} != {k: str(v) for k, v in want.items()}:
             fail(case, f"resources.{side} rendered as {got}, values say {want}")
+    device = values.get("model", {}).get("device") or ("cuda" if gpus > 0 else "cpu")
+    if flag(args, "--device") != device:
+        fail(case, f"--device {flag(args, '--device')}, expected {device}")
     shards = int(flag(args, "--num-shard") or 0)
     wanted = values.get("model", {}).get("numShard") or max(1, gpus)
     if shards != int(wanted):
@@ -201,6 +204,8 @@ INLINE_CASES: dict[str, tuple[dict[str, Any], Callable[..., None] | None]] = {
         },
         expect_everything_on,
     ),
+    "gpu-explicit-device": ({"gpu": {"count": 1}, "model": {"device": "cuda:1"}}, None),
+    "cpu-with-defaults": ({"model": {"device": "cpu"}}, None),
 }
 
 # Values that must be refused at render time.
@@ -211,6 +216,7 @@ BAD_CASES: dict[str, dict[str, Any]] = {
     },
     "schema-typo": {"modle": {"id": "org/name"}},
     "schema-bad-dtype": {"model": {"dtype": "f64"}},
+    "schema-bad-device": {"model": {"device": "tpu"}},
     "schema-shard-count-as-text": {"model": {"numShard": "two"}},
 }
 

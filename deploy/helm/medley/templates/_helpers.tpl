@@ -59,6 +59,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* Device of the shards: model.device, else cuda with GPUs, else cpu. */}}
+{{- define "medley.device" -}}
+{{- if .Values.model.device }}
+{{- .Values.model.device }}
+{{- else if gt (.Values.gpu.count | int) 0 }}
+{{- "cuda" }}
+{{- else }}
+{{- "cpu" }}
+{{- end }}
+{{- end }}
+
 {{- define "medley.pvcName" -}}
 {{- .Values.cache.persistence.existingClaim | default (printf "%s-hf-cache" (include "medley.fullname" .)) }}
 {{- end }}
@@ -80,6 +91,7 @@ from values first, then extraArgs in their order. A pair with an empty value is 
 {{- $args = append $args (dict "name" "--revision" "value" (toString .)) }}
 {{- end }}
 {{- $args = append $args (dict "name" "--num-shard" "value" (include "medley.numShard" .)) }}
+{{- $args = append $args (dict "name" "--device" "value" (include "medley.device" .)) }}
 {{- $args = append $args (dict "name" "--dtype" "value" ($v.model.dtype | toString)) }}
 {{- with $v.model.kvCacheTokens }}
 {{- $args = append $args (dict "name" "--kv-cache-tokens" "value" (. | int64 | toString)) }}
