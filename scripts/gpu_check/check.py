@@ -285,30 +285,35 @@ def report(args):
     ms = os.path.join(d, "speed-medley.json")
     if os.path.exists(ms):
         s = read(ms)
-        lines += [f"## Medley decode speed (bf16, {s['new_tokens']} new tokens per stream, HTTP /generate; "
-                  "8 merges = linear merges of two adapters, stream i uses merge i mod 8)", "",
-                  "| adapters | streams | tokens | seconds | tokens/s |", "|---|---|---|---|---|"]
-        for r in s["rows"]:
-            if "skipped" in r:
-                lines.append(f"| {r['config']} | {r['streams']} | skipped ({r['skipped']}) | | |")
-            else:
-                lines.append(f"| {r['config']} | {r['streams']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} |")
-        lines.append("")
+        lines += speed_table(
+            f"Medley decode speed (bf16, {s['new_tokens']} new tokens per stream, HTTP /generate; "
+            "8 merges = linear merges of two adapters, stream i uses merge i mod 8)",
+            [("adapters", "config"), ("streams", "streams")], s["rows"])
     hs = os.path.join(d, "speed-hf.json")
     if os.path.exists(hs):
         s = read(hs)
-        lines += [f"## transformers `generate` ({s['dtype']}, {s['new_tokens']} new tokens, greedy)", "",
-                  "| batch | tokens | seconds | tokens/s |", "|---|---|---|---|"]
-        for r in s["rows"]:
-            if "skipped" in r:
-                lines.append(f"| {r['batch']} | skipped ({r['skipped']}) | | |")
-            else:
-                lines.append(f"| {r['batch']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} |")
-        lines.append("")
+        lines += speed_table(
+            f"transformers `generate` ({s['dtype']}, {s['new_tokens']} new tokens, greedy)",
+            [("batch", "batch")], s["rows"])
     steps = os.path.join(d, "steps.txt")
     if os.path.exists(steps):
         lines += ["## Steps", "", "```", open(steps).read().strip(), "```", ""]
     print("\n".join(lines))
+
+
+def speed_table(title, keys, rows):
+    """A markdown table of speed rows: the `keys` columns (header, field), then tokens, seconds
+    and tokens/s, or why the row was skipped."""
+    lines = [f"## {title}", "", "| " + " | ".join([h for h, _ in keys] + ["tokens", "seconds", "tokens/s"]) + " |",
+             "|" + "---|" * (len(keys) + 3)]
+    for r in rows:
+        cells = [str(r[f]) for _, f in keys]
+        if "skipped" in r:
+            cells += [f"skipped ({r['skipped']})", "", ""]
+        else:
+            cells += [str(r["tokens"]), str(r["seconds"]), str(r["tokens_per_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 # ---------------------------------------------------------------- plumbing
