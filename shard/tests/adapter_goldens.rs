@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use medley_hub::HubSettings;
 use medley_merge::{MergeSpec, SignMethod, Strategy};
 use medley_shard::adapters::{
@@ -96,7 +96,6 @@ fn setup(backend: LoraBackend) -> (LlamaModel, AdapterStore) {
         &settings,
         BaseModules::from_config(model.config()),
         &Device::Cpu,
-        DType::F32,
     )
     .unwrap();
     let mut store = AdapterStore::new(8, 1 << 30, backend);

@@ -54,21 +54,16 @@ async fn start() -> Shard {
     let (started_tx, started_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel::<()>();
     let (started_tx, release_rx) = (Mutex::new(started_tx), Mutex::new(release_rx));
-    let loader = AdapterLoader::new(
-        &settings,
-        BaseModules::from_config(&cfg),
-        model.device(),
-        model.dtype(),
-    )
-    .unwrap()
-    .with_before_merge(Arc::new(move || {
-        started_tx.lock().unwrap().send(()).unwrap();
-        release_rx
-            .lock()
-            .unwrap()
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap();
-    }));
+    let loader = AdapterLoader::new(&settings, BaseModules::from_config(&cfg), model.device())
+        .unwrap()
+        .with_before_merge(Arc::new(move || {
+            started_tx.lock().unwrap().send(()).unwrap();
+            release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap();
+        }));
     let store = AdapterStore::new(
         settings.max_slots,
         settings.memory_budget,

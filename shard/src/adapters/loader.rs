@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use medley_merge::peft::{PeftError, read_adapter_dir};
 use medley_merge::{LoraAdapter, MergeSpec};
 use medley_spec::{AdapterRef, AdapterSpec};
@@ -17,7 +17,7 @@ use super::base::BaseModules;
 use super::cache::SourceCache;
 use super::config::AdapterSettings;
 use super::source::{AdapterSources, ResolvedSource};
-use super::weights::{SlotAdapter, SlotWeights, lora_dtype};
+use super::weights::{LORA_DTYPE, SlotAdapter, SlotWeights};
 
 /// A finished adapter, ready to install.
 #[derive(Debug)]
@@ -68,7 +68,6 @@ pub struct AdapterLoader {
     cache: SourceCache,
     pool: rayon::ThreadPool,
     device: Device,
-    dtype: DType,
     max_slots: u32,
     before_merge: Option<MergeHook>,
 }
@@ -79,18 +78,18 @@ impl std::fmt::Debug for AdapterLoader {
             .field("roots", &self.sources.roots())
             .field("cache", &self.cache)
             .field("merge_threads", &self.pool.current_num_threads())
-            .field("dtype", &self.dtype)
+            .field("device", &self.device)
             .finish()
     }
 }
 
 impl AdapterLoader {
-    /// A loader for a model with projections `base`, computing in `compute` on `device`.
+    /// A loader for a model with projections `base` on `device` (adapter factors are uploaded
+    /// in [`LORA_DTYPE`] whatever the model's dtype).
     pub fn new(
         settings: &AdapterSettings,
         base: BaseModules,
         device: &Device,
-        compute: DType,
     ) -> Result<Self, AdapterError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(settings.merge_threads.max(1))
@@ -103,7 +102,6 @@ impl AdapterLoader {
             cache: SourceCache::new(settings.source_cache_bytes),
             pool,
             device: device.clone(),
-            dtype: lora_dtype(device, compute),
             max_slots: settings.max_slots,
             before_merge: None,
         })
@@ -195,7 +193,7 @@ impl AdapterLoader {
                 (weights, t1.elapsed().as_nanos() as u64)
             }
         };
-        let adapter = weights.to_device(&self.base, &self.device, self.dtype)?;
+        let adapter = weights.to_device(&self.base, &self.device, LORA_DTYPE)?;
         tracing::info!(
             components = sources.len(),
             bytes = adapter.bytes(),

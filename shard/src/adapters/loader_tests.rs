@@ -37,7 +37,6 @@ fn fixture() -> Fixture {
         &settings,
         BaseModules::from_config(&tiny_config()),
         &Device::Cpu,
-        DType::F32,
     )
     .expect("loader");
     Fixture {

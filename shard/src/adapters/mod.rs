@@ -30,4 +30,4 @@ pub use error::AdapterError;
 pub use loader::{AdapterLoader, LoadPlan, PreparedAdapter};
 pub use source::{ADAPTER_LAYOUT, AdapterSources, ResolvedSource};
 pub use store::{AdapterSlotInfo, AdapterStore, InstallReport, LoraBackend};
-pub use weights::{SlotAdapter, SlotWeights, lora_dtype};
+pub use weights::{LORA_DTYPE, SlotAdapter, SlotWeights};

@@ -12,12 +12,13 @@ use super::AdapterError;
 use super::base::{BaseModules, module_index};
 use crate::model::TargetModule;
 
-/// The dtype adapter factors are stored and multiplied in: f32 on the CPU (candle has no bf16
-/// CPU matmul, and the base projections of a bf16 model also run in f32 there), the compute
-/// dtype elsewhere.
-pub fn lora_dtype(device: &Device, compute: DType) -> DType {
-    if device.is_cpu() { DType::F32 } else { compute }
-}
+/// The dtype adapter factors are stored and multiplied in: f32 on every device and for every
+/// compute dtype. That is PEFT's arithmetic for half-precision models (`autocast_adapter_dtype`,
+/// its default, keeps adapter weights in f32; the input is widened, the LoRA term computed in f32
+/// and added to the base layer's half-precision output before one rounding), which Medley's
+/// outputs are checked against; it costs twice the adapter memory of half-precision factors, and
+/// LoRA's matmuls are small beside the base model's.
+pub const LORA_DTYPE: DType = DType::F32;
 
 /// One module's factors on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,7 +89,7 @@ impl SlotWeights {
         hex::encode(h.finalize())
     }
 
-    /// Copies the factors to `device` in `dtype` (see [`lora_dtype`]).
+    /// Copies the factors to `device` in `dtype` (see [`LORA_DTYPE`]).
     pub fn to_device(
         &self,
         base: &BaseModules,
