@@ -2,6 +2,7 @@
 //! adapters, served to the router over gRPC.
 //!
 //! * [`model`] — the Llama forward pass over a ragged batch (candle).
+//! * [`comm`] — collectives between tensor-parallel ranks ([`comm::Comm`]).
 //! * [`device`] — `--device cpu|cuda[:N]`: which device a rank computes on.
 //! * [`kv_cache`] — per-sequence key/value storage under a token budget.
 //! * [`generation`] — logits processing, sampling, stopping criteria, incremental detokenization.
@@ -14,6 +15,7 @@
 
 pub mod adapters;
 pub mod cli;
+pub mod comm;
 pub mod device;
 pub mod engine;
 #[cfg(any(test, feature = "testing"))]
