@@ -47,7 +47,7 @@ fn run_rank(args: &Args, comm: &ShmComm) -> anyhow::Result<()> {
     for rows in sizes {
         let n = rows.map_or(0, |r| r * args.hidden);
         let mut buf: Vec<f32> = (0..n).map(|i| (i % 13) as f32).collect();
-        let mut op = |buf: &mut Vec<f32>| -> anyhow::Result<()> {
+        let op = |buf: &mut Vec<f32>| -> anyhow::Result<()> {
             match rows {
                 Some(_) => comm.all_reduce_sum(buf)?,
                 None => comm.barrier()?,
