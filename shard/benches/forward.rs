@@ -209,6 +209,7 @@ fn main() -> anyhow::Result<()> {
         &LoadOptions {
             dtype,
             device: Device::Cpu,
+            ..LoadOptions::default()
         },
     )
     .with_context(|| format!("loading {}", dir.display()))?;

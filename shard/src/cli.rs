@@ -190,6 +190,7 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
         dtype: parse_dtype(&args.dtype)?,
         device: device.clone(),
+        ..LoadOptions::default()
     };
     let t0 = std::time::Instant::now();
     let model = LlamaModel::load(&args.model_dir, &opts)
@@ -198,9 +199,9 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
     let tokenizer = tokenizers::Tokenizer::from_file(args.model_dir.join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("loading tokenizer.json: {e}"))?;
     let capacity = args.kv_cache_tokens.unwrap_or_else(|| {
-        args.kv_cache_bytes / KvCache::bytes_per_token(&cfg, model.dtype()).max(1)
+        args.kv_cache_bytes / KvCache::bytes_per_token(model.kv_config(), model.dtype()).max(1)
     });
-    let kv = KvCache::new(&cfg, model.dtype(), &device, capacity);
+    let kv = KvCache::new(model.kv_config(), model.dtype(), &device, capacity);
     // The engine thread computes on its own CUDA stream: finish this thread's uploads first.
     device
         .synchronize()

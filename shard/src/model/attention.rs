@@ -7,7 +7,7 @@ use super::batch::{BatchPlan, ChunkPlan};
 use super::decode_attention::{self, Heads, SeqKv};
 use super::layers::{Linear, matmul_in};
 use super::lora::{LoraDelta, TargetModule};
-use super::{ModelConfig, ModelError};
+use super::{LocalShape, ModelConfig, ModelError};
 use crate::kv_cache::KvCache;
 
 /// Rotary position embedding (non-interleaved "rotate_half" layout, as transformers' Llama).
@@ -91,15 +91,15 @@ pub struct AttentionWeights {
 }
 
 impl Attention {
-    /// Builds the block from its weights.
-    pub fn new(cfg: &ModelConfig, w: AttentionWeights) -> Self {
+    /// Builds the block from this rank's weights (`local` says which heads they hold).
+    pub fn new(cfg: &ModelConfig, w: AttentionWeights, local: &LocalShape) -> Self {
         Self {
             q: w.q,
             k: w.k,
             v: w.v,
             o: w.o,
-            num_heads: cfg.num_attention_heads,
-            num_kv_heads: cfg.num_key_value_heads,
+            num_heads: local.heads,
+            num_kv_heads: local.kv_heads,
             head_dim: cfg.head_dim,
             scale: 1.0 / (cfg.head_dim as f64).sqrt(),
             sliding_window: cfg.sliding_window,
@@ -285,6 +285,7 @@ mod tests {
             )
             .unwrap()
         };
+        let local = crate::model::TpLayout::SINGLE.split(&c).unwrap();
         Attention::new(
             &c,
             AttentionWeights {
@@ -293,6 +294,7 @@ mod tests {
                 v: eye(4, 8),
                 o: eye(8, 8),
             },
+            &local,
         )
     }
 

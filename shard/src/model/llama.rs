@@ -1,6 +1,7 @@
 //! The Llama decoder: loading from a Hugging Face checkpoint and the batched forward step.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -8,8 +9,9 @@ use super::attention::{Attention, AttentionWeights, Rope};
 use super::batch::{BatchPlan, ForwardBatch};
 use super::layers::{Linear, RmsNorm, silu};
 use super::lora::{LoraDelta, RowSlots, TargetModule};
-use super::weights::Checkpoint;
+use super::weights::{Checkpoint, Part};
 use super::{LoadOptions, ModelConfig, ModelError};
+use crate::comm::Comm;
 use crate::kv_cache::KvCache;
 
 /// The SiLU-gated MLP of one decoder layer.
@@ -54,8 +56,12 @@ struct DecoderLayer {
 #[derive(Debug)]
 pub struct LlamaModel {
     cfg: ModelConfig,
+    /// `cfg` with this rank's head counts (see [`LlamaModel::kv_config`]).
+    kv_cfg: ModelConfig,
     dtype: DType,
     device: Device,
+    /// The collectives of this rank's tensor-parallel group.
+    comm: Arc<dyn Comm>,
     embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -72,7 +78,7 @@ impl LlamaModel {
             return Err(ModelError::Unsupported(format!("compute dtype {dtype:?}")));
         }
         let ckpt = Checkpoint::open(model_dir)?;
-        let model = Self::from_checkpoint(cfg, &ckpt, dtype, &opts.device)?;
+        let model = Self::from_checkpoint(cfg, &ckpt, dtype, opts)?;
         tracing::info!(
             dir = %model_dir.display(),
             files = ckpt.files().len(),
@@ -80,6 +86,8 @@ impl LlamaModel {
             hidden = model.cfg.hidden_size,
             ?dtype,
             device = ?opts.device,
+            rank = opts.tp.rank,
+            world = opts.tp.world,
             "loaded llama model"
         );
         Ok(model)
@@ -89,35 +97,78 @@ impl LlamaModel {
         cfg: ModelConfig,
         ckpt: &Checkpoint,
         dtype: DType,
-        device: &Device,
+        opts: &LoadOptions,
     ) -> Result<Self, ModelError> {
+        let device = &opts.device;
+        let local = opts.tp.split(&cfg)?;
+        if opts.comm.world_size() != opts.tp.world || opts.comm.rank() != opts.tp.rank {
+            return Err(ModelError::InvalidConfig(format!(
+                "rank {} of {} with a communicator for rank {} of {}",
+                opts.tp.rank,
+                opts.tp.world,
+                opts.comm.rank(),
+                opts.comm.world_size()
+            )));
+        }
         let get = |name: &str, shape: &[usize]| ckpt.tensor(name, shape, dtype, device);
         let (hid, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let (qs, kvs) = (cfg.q_size(), cfg.kv_size());
-        let linear = |name: String, shape: &[usize]| -> Result<Linear, ModelError> {
-            Ok(Linear::new(get(&name, shape)?, dtype)?)
+        let linear = |name: String, shape: &[usize], part: Part| -> Result<Linear, ModelError> {
+            Ok(Linear::new(
+                ckpt.tensor_part(&name, shape, part, dtype, device)?,
+                dtype,
+            )?)
         };
         let norm = |name: String| -> Result<RmsNorm, ModelError> {
             Ok(RmsNorm::new(get(&name, &[hid])?, cfg.rms_norm_eps)?)
         };
+        let (rows, cols) = (Part::Rows, Part::Cols);
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, hid])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let attn = AttentionWeights {
-                q: linear(format!("{p}.self_attn.q_proj.weight"), &[qs, hid])?,
-                k: linear(format!("{p}.self_attn.k_proj.weight"), &[kvs, hid])?,
-                v: linear(format!("{p}.self_attn.v_proj.weight"), &[kvs, hid])?,
-                o: linear(format!("{p}.self_attn.o_proj.weight"), &[hid, qs])?,
+                q: linear(
+                    format!("{p}.self_attn.q_proj.weight"),
+                    &[qs, hid],
+                    rows(local.q_rows.clone()),
+                )?,
+                k: linear(
+                    format!("{p}.self_attn.k_proj.weight"),
+                    &[kvs, hid],
+                    rows(local.kv_rows.clone()),
+                )?,
+                v: linear(
+                    format!("{p}.self_attn.v_proj.weight"),
+                    &[kvs, hid],
+                    rows(local.kv_rows.clone()),
+                )?,
+                o: linear(
+                    format!("{p}.self_attn.o_proj.weight"),
+                    &[hid, qs],
+                    cols(local.q_rows.clone()),
+                )?,
             };
             layers.push(DecoderLayer {
                 input_norm: norm(format!("{p}.input_layernorm.weight"))?,
-                attn: Attention::new(&cfg, attn),
+                attn: Attention::new(&cfg, attn, &local),
                 post_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate: linear(format!("{p}.mlp.gate_proj.weight"), &[inter, hid])?,
-                    up: linear(format!("{p}.mlp.up_proj.weight"), &[inter, hid])?,
-                    down: linear(format!("{p}.mlp.down_proj.weight"), &[hid, inter])?,
+                    gate: linear(
+                        format!("{p}.mlp.gate_proj.weight"),
+                        &[inter, hid],
+                        rows(local.mlp_rows.clone()),
+                    )?,
+                    up: linear(
+                        format!("{p}.mlp.up_proj.weight"),
+                        &[inter, hid],
+                        rows(local.mlp_rows.clone()),
+                    )?,
+                    down: linear(
+                        format!("{p}.mlp.down_proj.weight"),
+                        &[hid, inter],
+                        cols(local.mlp_rows.clone()),
+                    )?,
                 },
             });
         }
@@ -126,19 +177,30 @@ impl LlamaModel {
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed.clone(), dtype)?
         } else {
-            linear("lm_head.weight".into(), &[cfg.vocab_size, hid])?
+            linear("lm_head.weight".into(), &[cfg.vocab_size, hid], Part::Whole)?
         };
         let rope = Rope::new(&cfg, device)?;
+        let mut kv_cfg = cfg.clone();
+        kv_cfg.num_attention_heads = local.heads;
+        kv_cfg.num_key_value_heads = local.kv_heads;
         Ok(Self {
             cfg,
+            kv_cfg,
             dtype,
             device: device.clone(),
+            comm: opts.comm.clone(),
             embed,
             layers,
             norm: final_norm,
             lm_head,
             rope,
         })
+    }
+
+    /// The shape of this rank's KV cache: the model's, with this rank's heads (all of them
+    /// unless tensor-parallel). Size the [`KvCache`] with it.
+    pub fn kv_config(&self) -> &ModelConfig {
+        &self.kv_cfg
     }
 
     /// The resolved configuration.
@@ -183,7 +245,7 @@ impl LlamaModel {
         kv: &mut KvCache,
         lora: &dyn LoraDelta,
     ) -> Result<Tensor, ModelError> {
-        kv.check_compatible(&self.cfg, self.dtype)?;
+        kv.check_compatible(&self.kv_cfg, self.dtype)?;
         if !kv.device().same_device(&self.device) {
             return Err(ModelError::InvalidBatch(
                 "kv cache lives on another device".into(),
@@ -199,11 +261,12 @@ impl LlamaModel {
         let rope = self.rope.tables(&plan.positions, self.dtype)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
+            // o_proj and down_proj produce this rank's partial sums (LoRA included).
             let a = layer.attn.forward(l, &h, &rope, &plan, kv, lora)?;
-            x = (x + a)?;
+            x = (x + self.comm.all_reduce_sum_tensor(&a)?)?;
             let h = layer.post_norm.forward(&x)?;
             let m = layer.mlp.forward(l, &h, lora, &plan.row_slots)?;
-            x = (x + m)?;
+            x = (x + self.comm.all_reduce_sum_tensor(&m)?)?;
         }
         // Normalise and project only the rows whose logits are returned.
         let x = if plan.logit_rows.len() == rows {

@@ -7,6 +7,7 @@
 //! * `decode_attention` — one-pass CPU attention of a decode step (one query per sequence).
 //! * [`batch`] — the ragged batch of one step ([`ForwardBatch`], [`SeqChunk`]).
 //! * [`lora`] — the LoRA hook ([`LoraDelta`], [`RowSlots`], [`TargetModule`], [`NoLora`]).
+//! * [`tp`] — how the layers are split over tensor-parallel ranks ([`TpLayout`]).
 //! * [`llama`] — [`LlamaModel`]: loading and the batched forward step.
 //!
 //! All linear layers run once over the rows of every chunk of a step (continuous batching);
@@ -20,6 +21,7 @@ mod decode_attention;
 pub mod layers;
 pub mod llama;
 pub mod lora;
+pub mod tp;
 pub mod weights;
 
 use std::path::PathBuf;
@@ -28,6 +30,7 @@ pub use batch::{ForwardBatch, SeqChunk};
 pub use config::{ModelConfig, RopeScaling};
 pub use llama::LlamaModel;
 pub use lora::{LoraDelta, NoLora, RowSlots, SlotRun, TargetModule};
+pub use tp::{LocalShape, TpLayout};
 
 use crate::kv_cache::KvCacheError;
 
@@ -38,6 +41,10 @@ pub struct LoadOptions {
     pub dtype: Option<candle_core::DType>,
     /// Device for weights, activations and the KV cache.
     pub device: candle_core::Device,
+    /// This rank's part of the model (whole by default).
+    pub tp: TpLayout,
+    /// The collectives of this rank's group (the identity for a group of one).
+    pub comm: std::sync::Arc<dyn crate::comm::Comm>,
 }
 
 impl Default for LoadOptions {
@@ -45,6 +52,8 @@ impl Default for LoadOptions {
         Self {
             dtype: None,
             device: candle_core::Device::Cpu,
+            tp: TpLayout::SINGLE,
+            comm: std::sync::Arc::new(crate::comm::Single),
         }
     }
 }

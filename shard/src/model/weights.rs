@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
@@ -80,6 +80,20 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor, ModelError> {
+        self.tensor_part(name, shape, Part::Whole, dtype, device)
+    }
+
+    /// Loads `part` of the 2-D tensor `name` (whole shape `shape`), converted to `dtype` on
+    /// `device`. Only the part's bytes are read from the memory-mapped file, so the ranks of a
+    /// tensor-parallel group do not each hold a full copy.
+    pub fn tensor_part(
+        &self,
+        name: &str,
+        shape: &[usize],
+        part: Part,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
         let view = self.st.get(name).map_err(|_| ModelError::MissingTensor {
             name: name.to_string(),
         })?;
@@ -90,19 +104,52 @@ impl Checkpoint {
                 actual: view.shape().to_vec(),
             });
         }
-        match view.dtype() {
-            safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16 => {}
+        let stored = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
             other => {
                 return Err(ModelError::Unsupported(format!(
                     "tensor `{name}` stored as {other:?} (f32, bf16 and f16 are supported)"
                 )));
             }
-        }
-        let t = view
-            .load(device)
+        };
+        let elem = stored.size_in_bytes();
+        let data = view.data();
+        let (bytes, part_shape): (std::borrow::Cow<'_, [u8]>, Vec<usize>) = match (part, shape) {
+            (Part::Whole, _) => (data.into(), shape.to_vec()),
+            (Part::Rows(r), &[rows, cols]) if r.start <= r.end && r.end <= rows => (
+                data[r.start * cols * elem..r.end * cols * elem].into(),
+                vec![r.len(), cols],
+            ),
+            (Part::Cols(c), &[rows, cols]) if c.start <= c.end && c.end <= cols => {
+                let mut out = Vec::with_capacity(rows * c.len() * elem);
+                for row in data.chunks_exact(cols * elem) {
+                    out.extend_from_slice(&row[c.start * elem..c.end * elem]);
+                }
+                (out.into(), vec![rows, c.len()])
+            }
+            (part, _) => {
+                return Err(ModelError::Weights(format!(
+                    "`{name}` of shape {shape:?} has no part {part:?}"
+                )));
+            }
+        };
+        let t = Tensor::from_raw_buffer(&bytes, stored, &part_shape, device)
             .map_err(|e| ModelError::Weights(format!("loading `{name}`: {e}")))?;
         Ok(t.to_dtype(dtype)?)
     }
+}
+
+/// Which part of a 2-D weight a rank loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// All of it.
+    Whole,
+    /// These rows (output features).
+    Rows(std::ops::Range<usize>),
+    /// These columns (input features).
+    Cols(std::ops::Range<usize>),
 }
 
 /// The distinct shard files named by a `model.safetensors.index.json`, in order of appearance.

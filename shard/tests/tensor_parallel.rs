@@ -1,0 +1,180 @@
+//! The tensor-parallel model: the tiny fixture (4 query heads, 2 KV heads) split over 2 and 4
+//! ranks, each a process (a child of this test binary) with its shared-memory communicator and
+//! only its slice of the weights, gives the single-rank logits within 1e-4 (f32; only the order of the partial sums of
+//! o_proj and down_proj differs) and the same greedy tokens, over a mixed prefill and decode
+//! steps. World 4 has fewer KV heads than ranks (replicated KV heads). Every rank of a group
+//! computes bitwise the same logits.
+
+// Helpers outside `#[test]` functions are test code too.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use medley_shard::comm::{ShmComm, ShmCommConfig};
+use medley_shard::kv_cache::KvCache;
+use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk, TpLayout};
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
+}
+
+const PROMPTS: [&[u32]; 2] = [&[1, 42, 361, 78, 81], &[1, 282, 223, 313, 75, 69, 77, 271]];
+const STEPS: usize = 6;
+
+fn chunk(seq_id: u64, tokens: Vec<u32>, start_pos: usize) -> SeqChunk {
+    SeqChunk {
+        seq_id,
+        tokens,
+        start_pos,
+        adapter_slot: 0,
+        all_logits: false,
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 { (i, x) } else { best }
+        })
+        .0 as u32
+}
+
+/// One prefill of both prompts in one batch, then greedy decode steps of both; every step's
+/// logits (2 rows each).
+fn run(model: &LlamaModel) -> Vec<Vec<Vec<f32>>> {
+    let mut kv = KvCache::new(model.kv_config(), model.dtype(), model.device(), 1024);
+    for (i, p) in PROMPTS.iter().enumerate() {
+        kv.allocate(i as u64, p.len() + STEPS).unwrap();
+    }
+    let mut chunks: Vec<SeqChunk> = PROMPTS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| chunk(i as u64, p.to_vec(), 0))
+        .collect();
+    let mut pos: Vec<usize> = PROMPTS.iter().map(|p| p.len()).collect();
+    let mut out = Vec::new();
+    for _ in 0..STEPS {
+        let logits = model
+            .forward(&ForwardBatch { chunks }, &mut kv, &NoLora)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        chunks = logits
+            .iter()
+            .enumerate()
+            .map(|(i, row)| chunk(i as u64, vec![argmax(row)], pos[i]))
+            .collect();
+        for p in &mut pos {
+            *p += 1;
+        }
+        out.push(logits);
+    }
+    out
+}
+
+/// Set in the child processes [`rank_process`] runs in: `rank,world,group path,output path`.
+const RANK_ENV: &str = "MEDLEY_TEST_TP_RANK";
+
+/// One rank of [`run_group`] (a no-op unless started by it): loads its slice, runs, and writes
+/// its logits as JSON.
+#[test]
+fn rank_process() {
+    let Ok(spec) = std::env::var(RANK_ENV) else {
+        return;
+    };
+    let parts: Vec<&str> = spec.splitn(4, ',').collect();
+    let (rank, world): (usize, usize) = (parts[0].parse().unwrap(), parts[1].parse().unwrap());
+    let comm = ShmComm::join(&ShmCommConfig::new(parts[2], rank, world)).unwrap();
+    let opts = LoadOptions {
+        tp: TpLayout::new(rank, world).unwrap(),
+        comm: Arc::new(comm),
+        ..LoadOptions::default()
+    };
+    let logits = run(&LlamaModel::load(&tiny(), &opts).unwrap());
+    std::fs::write(parts[3], serde_json::to_vec(&logits).unwrap()).unwrap();
+}
+
+/// The logits of every rank of a group of `world` processes (threads of one process would share
+/// candle's CPU thread pool, whose threads block in the collectives).
+fn run_group(world: usize) -> Vec<Vec<Vec<Vec<f32>>>> {
+    let dir = tempfile::tempdir().unwrap();
+    let group = dir.path().join("group");
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            let out = dir.path().join(format!("rank{rank}.json"));
+            let spec = format!("{rank},{world},{},{}", group.display(), out.display());
+            let child = std::process::Command::new(&exe)
+                .args(["--exact", "rank_process", "--nocapture"])
+                .env(RANK_ENV, spec)
+                .env("RAYON_NUM_THREADS", "1")
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (child, out)
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|(child, out)| {
+            let o = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success() && stdout.contains("1 passed"),
+                "rank failed:\n{stdout}"
+            );
+            serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn split_models_match_the_whole_model() {
+    let whole = run(&LlamaModel::load(&tiny(), &LoadOptions::default()).unwrap());
+    let tokens = |steps: &Vec<Vec<Vec<f32>>>| -> Vec<Vec<u32>> {
+        steps
+            .iter()
+            .map(|rows| rows.iter().map(|r| argmax(r)).collect())
+            .collect()
+    };
+    for world in [2, 4] {
+        let ranks = run_group(world);
+        for (rank, got) in ranks.iter().enumerate() {
+            assert_eq!(
+                got, &ranks[0],
+                "world {world}: rank {rank} differs from rank 0"
+            );
+        }
+        let worst = whole
+            .iter()
+            .flatten()
+            .flatten()
+            .zip(ranks[0].iter().flatten().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("world {world}: max |logit - single rank| = {worst:.2e}");
+        assert!(worst <= 1e-4, "world {world}: logits differ by {worst}");
+        assert_eq!(
+            tokens(&ranks[0]),
+            tokens(&whole),
+            "world {world}: greedy tokens"
+        );
+    }
+}
+
+#[test]
+fn indivisible_heads_are_refused_at_load() {
+    // 4 heads over 3 ranks; the communicator is not needed to refuse.
+    let opts = LoadOptions {
+        tp: TpLayout::new(1, 3).unwrap(),
+        comm: Arc::new(medley_shard::comm::Single),
+        ..LoadOptions::default()
+    };
+    let err = LlamaModel::load(&tiny(), &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("4 attention heads do not divide by 3"),
+        "{err}"
+    );
+}
