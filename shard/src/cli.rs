@@ -224,8 +224,12 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
     };
     let text = TextContext::new(tokenizer, cfg.eos_token_ids.clone());
     let settings = args.adapter_settings();
-    let loader = AdapterLoader::new(&settings, BaseModules::from_config(&cfg), &device)
-        .context("setting up adapters")?;
+    let loader = AdapterLoader::new(
+        &settings,
+        BaseModules::from_config(&cfg).split(model.local_shape()),
+        &device,
+    )
+    .context("setting up adapters")?;
     tracing::info!(
         roots = ?settings.roots,
         budget = settings.memory_budget,

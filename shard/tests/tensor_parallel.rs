@@ -2,8 +2,10 @@
 //! ranks, each a process (a child of this test binary) with its shared-memory communicator and
 //! only its slice of the weights, gives the single-rank logits within 1e-4 (f32; only the order of the partial sums of
 //! o_proj and down_proj differs) and the same greedy tokens, over a mixed prefill and decode
-//! steps. World 4 has fewer KV heads than ranks (replicated KV heads). Every rank of a group
-//! computes bitwise the same logits.
+//! steps of three sequences: one on the base model, one on a LoRA adapter and one on a TIES
+//! merge (adapters split like their layers, merges computed whole and then split). World 4 has
+//! fewer KV heads than ranks (replicated KV heads). Every rank of a group computes bitwise the
+//! same logits.
 
 // Helpers outside `#[test]` functions are test code too.
 #![allow(clippy::unwrap_used)]
@@ -11,15 +13,52 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use medley_hub::HubSettings;
+use medley_merge::{MergeSpec, SignMethod, Strategy};
+use medley_shard::adapters::{
+    AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
+};
 use medley_shard::comm::{ShmComm, ShmCommConfig};
 use medley_shard::kv_cache::KvCache;
-use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk, TpLayout};
+use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, SeqChunk, TpLayout};
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
-const PROMPTS: [&[u32]; 2] = [&[1, 42, 361, 78, 81], &[1, 282, 223, 313, 75, 69, 77, 271]];
+fn tiny() -> PathBuf {
+    fixtures().join("tiny-llama")
+}
+
+const PROMPTS: [&[u32]; 3] = [
+    &[1, 42, 361, 78, 81],
+    &[1, 282, 223, 313, 75, 69, 77, 271],
+    &[1, 42, 361, 78, 81],
+];
+/// The adapter slot of each prompt's sequence: base, adapter, merge (on the base's prompt).
+const SLOTS: [u32; 3] = [0, 1, 2];
+const ADAPTERS: [&str; 3] = ["strong_a_r8", "strong_b_r8_attn", "strong_c_r8_rslora"];
+
+/// An adapter store for `model`'s part of the layers: slot 1 = strong_a_r8, slot 2 = a TIES merge
+/// of the three strong adapters.
+fn store_for(model: &LlamaModel) -> AdapterStore {
+    let mut settings = AdapterSettings::new(HubSettings::from_vars(None, |_| None));
+    settings.roots = vec![fixtures().join("adapters")];
+    settings.merge_threads = 1;
+    let base = BaseModules::from_config(model.config()).split(model.local_shape());
+    let loader = AdapterLoader::new(&settings, base, model.device()).unwrap();
+    let source = |id: &str| loader.sources().resolve_local(id).unwrap();
+    let mut store = AdapterStore::new(4, 1 << 30, LoraBackend::Kernels);
+    let single = loader.build(&[source(ADAPTERS[0])], None).unwrap();
+    store.install(1, single.adapter).unwrap();
+    let ties = MergeSpec::new(Strategy::Ties, vec![1.0, 0.6, -0.3])
+        .with_density(0.5)
+        .with_sign_method(SignMethod::Total);
+    let sources: Vec<_> = ADAPTERS.iter().map(|id| source(id)).collect();
+    let merged = loader.build(&sources, Some(&ties)).unwrap();
+    store.install(2, merged.adapter).unwrap();
+    store
+}
 const STEPS: usize = 6;
 
 fn chunk(seq_id: u64, tokens: Vec<u32>, start_pos: usize) -> SeqChunk {
@@ -27,7 +66,7 @@ fn chunk(seq_id: u64, tokens: Vec<u32>, start_pos: usize) -> SeqChunk {
         seq_id,
         tokens,
         start_pos,
-        adapter_slot: 0,
+        adapter_slot: SLOTS[seq_id as usize],
         all_logits: false,
     }
 }
@@ -41,9 +80,10 @@ fn argmax(v: &[f32]) -> u32 {
         .0 as u32
 }
 
-/// One prefill of both prompts in one batch, then greedy decode steps of both; every step's
-/// logits (2 rows each).
+/// One prefill of every prompt in one batch, then greedy decode steps of all; every step's
+/// logits (one row per sequence).
 fn run(model: &LlamaModel) -> Vec<Vec<Vec<f32>>> {
+    let store = store_for(model);
     let mut kv = KvCache::new(model.kv_config(), model.dtype(), model.device(), 1024);
     for (i, p) in PROMPTS.iter().enumerate() {
         kv.allocate(i as u64, p.len() + STEPS).unwrap();
@@ -57,7 +97,7 @@ fn run(model: &LlamaModel) -> Vec<Vec<Vec<f32>>> {
     let mut out = Vec::new();
     for _ in 0..STEPS {
         let logits = model
-            .forward(&ForwardBatch { chunks }, &mut kv, &NoLora)
+            .forward(&ForwardBatch { chunks }, &mut kv, &store)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();

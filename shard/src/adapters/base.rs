@@ -2,17 +2,21 @@
 //! (`model.layers.{i}.self_attn.q_proj`, ...) to `(layer, TargetModule)`.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use medley_merge::LoraAdapter;
 
 use super::AdapterError;
-use crate::model::{ModelConfig, TargetModule};
+use crate::model::{LocalShape, ModelConfig, TargetModule};
 
 /// `(out, in)` of every projection of every decoder layer of the base model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseModules {
     layers: usize,
     shapes: [(usize, usize); 7],
+    /// The `(out, in)` ranges of every projection this rank holds (all of it unless
+    /// tensor-parallel; see [`BaseModules::split`]).
+    parts: [(Range<usize>, Range<usize>); 7],
     by_path: BTreeMap<String, (usize, usize)>,
 }
 
@@ -37,9 +41,32 @@ impl BaseModules {
         }
         Self {
             layers: cfg.num_hidden_layers,
+            parts: shapes.map(|(out, inp)| (0..out, 0..inp)),
             shapes,
             by_path,
         }
+    }
+
+    /// The same projections as held by one tensor-parallel rank: q/k/v/gate/up keep the rows
+    /// (output features) of `local`, o/down its columns (input features). Adapter files are still
+    /// checked against the whole shapes; [`BaseModules::part`] says what a rank uploads.
+    pub fn split(mut self, local: &LocalShape) -> Self {
+        for m in TargetModule::ALL {
+            let (out, inp) = self.shape(m);
+            self.parts[module_index(m)] = match m {
+                TargetModule::Q => (local.q_rows.clone(), 0..inp),
+                TargetModule::K | TargetModule::V => (local.kv_rows.clone(), 0..inp),
+                TargetModule::Gate | TargetModule::Up => (local.mlp_rows.clone(), 0..inp),
+                TargetModule::O => (0..out, local.q_rows.clone()),
+                TargetModule::Down => (0..out, local.mlp_rows.clone()),
+            };
+        }
+        self
+    }
+
+    /// The `(out, in)` ranges of `module` this rank holds.
+    pub fn part(&self, module: TargetModule) -> (Range<usize>, Range<usize>) {
+        self.parts[module_index(module)].clone()
     }
 
     /// Number of decoder layers.
@@ -116,6 +143,23 @@ pub(crate) mod tests {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama");
         ModelConfig::from_file(&dir.join("config.json")).expect("fixture config")
+    }
+
+    #[test]
+    fn a_rank_holds_rows_of_output_split_and_columns_of_input_split_projections() {
+        let cfg = tiny_config();
+        let whole = BaseModules::from_config(&cfg);
+        assert_eq!(whole.part(TargetModule::Q), (0..64, 0..64));
+        let local = crate::model::TpLayout::new(1, 2)
+            .and_then(|t| t.split(&cfg))
+            .expect("split");
+        let half = whole.clone().split(&local);
+        assert_eq!(half.shape(TargetModule::Q), (64, 64), "files keep the whole shape");
+        assert_eq!(half.part(TargetModule::Q), (32..64, 0..64));
+        assert_eq!(half.part(TargetModule::K), (16..32, 0..64));
+        assert_eq!(half.part(TargetModule::Up), (88..176, 0..64));
+        assert_eq!(half.part(TargetModule::O), (0..64, 32..64));
+        assert_eq!(half.part(TargetModule::Down), (0..64, 88..176));
     }
 
     #[test]

@@ -102,14 +102,20 @@ impl SlotWeights {
         let internal =
             |e: candle_core::Error| AdapterError::Internal(format!("adapter upload: {e}"));
         for ((layer, module), m) in &self.modules {
+            // A tensor-parallel rank takes the columns of A (input features) and of Bᵀ (output
+            // features) its part of the projection has: for output-split layers A is whole and
+            // B split, for input-split layers A split and B whole.
             let (out, inp) = base.shape(*module);
-            let a = Tensor::from_slice(&m.a, (m.rank, inp), device)
+            let (out_part, in_part) = base.part(*module);
+            let a = columns(&m.a, m.rank, inp, &in_part);
+            let b_t = columns(&m.b_t, m.rank, out, &out_part);
+            bytes += ((a.len() + b_t.len()) * dtype.size_in_bytes()) as u64;
+            let a = Tensor::from_slice(&a, (m.rank, in_part.len()), device)
                 .and_then(|t| t.to_dtype(dtype))
                 .map_err(internal)?;
-            let b_t = Tensor::from_slice(&m.b_t, (m.rank, out), device)
+            let b_t = Tensor::from_slice(&b_t, (m.rank, out_part.len()), device)
                 .and_then(|t| t.to_dtype(dtype))
                 .map_err(internal)?;
-            bytes += ((m.a.len() + m.b_t.len()) * dtype.size_in_bytes()) as u64;
             let entry = layers
                 .get_mut(*layer)
                 .ok_or_else(|| AdapterError::Internal(format!("layer {layer} out of range")))?;
@@ -129,6 +135,23 @@ impl SlotWeights {
             content_hash: self.content_hash(),
         })
     }
+}
+
+/// Columns `part` of the row-major `[rows, cols]` matrix `m` (borrowed when that is all of it).
+fn columns<'a>(
+    m: &'a [f32],
+    rows: usize,
+    cols: usize,
+    part: &std::ops::Range<usize>,
+) -> std::borrow::Cow<'a, [f32]> {
+    if *part == (0..cols) {
+        return m.into();
+    }
+    let mut out = Vec::with_capacity(rows * part.len());
+    for row in m.chunks_exact(cols.max(1)).take(rows) {
+        out.extend_from_slice(&row[part.clone()]);
+    }
+    out.into()
 }
 
 /// `A` as is, `Bᵀ` scaled (the product in f64, rounded once).

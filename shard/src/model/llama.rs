@@ -10,7 +10,7 @@ use super::batch::{BatchPlan, ForwardBatch};
 use super::layers::{Linear, RmsNorm, silu};
 use super::lora::{LoraDelta, RowSlots, TargetModule};
 use super::weights::{Checkpoint, Part};
-use super::{LoadOptions, ModelConfig, ModelError};
+use super::{LoadOptions, LocalShape, ModelConfig, ModelError};
 use crate::comm::Comm;
 use crate::kv_cache::KvCache;
 
@@ -58,6 +58,8 @@ pub struct LlamaModel {
     cfg: ModelConfig,
     /// `cfg` with this rank's head counts (see [`LlamaModel::kv_config`]).
     kv_cfg: ModelConfig,
+    /// The part of every layer this rank holds.
+    local: LocalShape,
     dtype: DType,
     device: Device,
     /// The collectives of this rank's tensor-parallel group.
@@ -186,6 +188,7 @@ impl LlamaModel {
         Ok(Self {
             cfg,
             kv_cfg,
+            local,
             dtype,
             device: device.clone(),
             comm: opts.comm.clone(),
@@ -195,6 +198,12 @@ impl LlamaModel {
             lm_head,
             rope,
         })
+    }
+
+    /// The part of every layer this rank holds (all of it unless tensor-parallel); adapters are
+    /// split the same way (`BaseModules::split`).
+    pub fn local_shape(&self) -> &LocalShape {
+        &self.local
     }
 
     /// The shape of this rank's KV cache: the model's, with this rank's heads (all of them

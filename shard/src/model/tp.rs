@@ -7,9 +7,13 @@
 //! as many as ranks, otherwise each rank holds the one KV head its query heads use (replicated,
 //! as vLLM does). Embeddings, norms and `lm_head` are whole on every rank.
 //!
-//! Status: the model splits and its collectives are tested (`shard/tests/tensor_parallel.rs`);
-//! LoRA adapters are not split yet, and the router does not drive a group yet, so the shard
-//! command line still refuses world sizes above 1.
+//! LoRA factors are split like their layers (`BaseModules::split`): A whole and B split for
+//! output-split layers, A split and B whole for input-split ones, so the LoRA term joins the
+//! layer's partial sum with no collective of its own; merges are computed whole, then split.
+//!
+//! Status: the split model, adapters and merges are tested against one rank
+//! (`shard/tests/tensor_parallel.rs`); the launcher and router do not drive a group yet, so the
+//! shard command line still refuses world sizes above 1.
 
 use std::ops::Range;
 
