@@ -10,10 +10,11 @@ use crate::adapters::config::{DEFAULT_MAX_SLOTS, default_merge_threads};
 use crate::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend, parse_byte_size,
 };
+use crate::comm::{Comm, ShmComm, ShmCommConfig, Single};
 use crate::device::DeviceSpec;
 use crate::engine::{Engine, EngineHandle, EngineInfo, EngineThreadSettings, TextContext};
 use crate::kv_cache::KvCache;
-use crate::model::{LlamaModel, LoadOptions};
+use crate::model::{LlamaModel, LoadOptions, TpLayout};
 use medley_hub::HubSettings;
 
 /// Default `--kv-cache-bytes`: a fixed 2 GiB KV-cache budget per shard, whatever the device's
@@ -35,6 +36,15 @@ pub struct ShardArgs {
     /// Number of ranks.
     #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
     pub world_size: u32,
+    /// The group's shared-memory file (the CPU collectives between ranks), the same for every
+    /// rank and unique to the group; required with a world size above 1 (`medley serve` sets
+    /// it). Best on a memory file system such as /dev/shm.
+    #[arg(long, env = "MEDLEY_COMM_PATH")]
+    pub comm_path: Option<PathBuf>,
+    /// Seconds a rank waits for the others at a collective (or to join) before the group is
+    /// declared failed.
+    #[arg(long, env = "MEDLEY_COMM_TIMEOUT", default_value_t = 60)]
+    pub comm_timeout: u64,
     /// Device: cpu, cuda (rank r on GPU r) or cuda:N (rank r on GPU N + r). CUDA needs a
     /// binary built with the `cuda` feature.
     #[arg(long, env = "MEDLEY_DEVICE", default_value = "cpu", value_parser = DeviceSpec::parse_flag)]
@@ -177,20 +187,42 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// The collectives of this rank: none at world size 1, else the shared-memory group at
+/// `--comm-path` (waits until every rank has joined).
+fn join_group(args: &ShardArgs, tp: TpLayout) -> anyhow::Result<Arc<dyn Comm>> {
+    if tp.world == 1 {
+        return Ok(Arc::new(Single));
+    }
+    let path = args.comm_path.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--comm-path (MEDLEY_COMM_PATH) is required with a world size of {}",
+            tp.world
+        )
+    })?;
+    let mut cfg = ShmCommConfig::new(path, tp.rank, tp.world);
+    cfg.timeout = std::time::Duration::from_secs(args.comm_timeout.max(1));
+    let t0 = std::time::Instant::now();
+    let comm = ShmComm::join(&cfg).context("joining the tensor-parallel group")?;
+    tracing::info!(
+        rank = tp.rank,
+        world = tp.world,
+        join_ms = t0.elapsed().as_millis() as u64,
+        "joined the tensor-parallel group"
+    );
+    Ok(Arc::new(comm))
+}
+
 /// Loads the model and serves it on `args.uds_path` until SIGTERM/SIGINT.
 pub fn run(args: ShardArgs) -> anyhow::Result<()> {
-    if args.world_size != 1 || args.rank != 0 {
-        anyhow::bail!(
-            "tensor parallelism (world size {}) is not supported yet: run one shard",
-            args.world_size
-        );
-    }
+    let tp = TpLayout::new(args.rank as usize, args.world_size as usize)?;
     let device = args.device.open(args.rank)?;
     tracing::info!(device = %args.device, location = ?device.location(), "device opened");
+    let comm = join_group(&args, tp)?;
     let opts = LoadOptions {
         dtype: parse_dtype(&args.dtype)?,
         device: device.clone(),
-        ..LoadOptions::default()
+        tp,
+        comm,
     };
     let t0 = std::time::Instant::now();
     let model = LlamaModel::load(&args.model_dir, &opts)

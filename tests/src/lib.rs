@@ -155,6 +155,11 @@ impl Server {
     /// Starts `medley serve` on the tiny model with `root` as its adapter root (prompts up to
     /// 128 tokens, 256 in all).
     pub async fn with_adapter_root(root: &Path) -> anyhow::Result<Self> {
+        Self::with_adapter_root_and_shards(root, 1).await
+    }
+
+    /// [`Server::with_adapter_root`] split over `num_shard` tensor-parallel ranks.
+    pub async fn with_adapter_root_and_shards(root: &Path, num_shard: u32) -> anyhow::Result<Self> {
         Self::start(ServerOptions {
             model: Some(tiny_model_dir()),
             args: vec![
@@ -164,6 +169,8 @@ impl Server {
                 "128".into(),
                 "--max-total-tokens".into(),
                 "256".into(),
+                "--num-shard".into(),
+                num_shard.to_string(),
             ],
             ..Default::default()
         })

@@ -129,8 +129,24 @@ async fn server_with_root(root: &Path) -> Server {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapters_and_merges_match_peft_and_survive_mixed_batches() {
+    adapters_and_merges_match_peft(1).await;
+}
+
+/// The same over tensor-parallel groups: 2 ranks, and 4 (more ranks than the fixture's 2 KV
+/// heads, which are then replicated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensor_parallel_adapters_and_merges_match_peft() {
+    for num_shard in [2, 4] {
+        adapters_and_merges_match_peft(num_shard).await;
+    }
+}
+
+/// Every golden case alone and all of them in mixed batches, served over `num_shard` ranks.
+async fn adapters_and_merges_match_peft(num_shard: u32) {
     let g = goldens();
-    let s = server_with_root(&fixture_adapters()).await;
+    let s = Server::with_adapter_root_and_shards(&fixture_adapters(), num_shard)
+        .await
+        .unwrap();
     let texts: Vec<String> = g.prompts.iter().map(|p| prompt_text(p)).collect();
     for (text, ids) in texts.iter().zip(&g.prompts) {
         let r = s.post("/tokenize", &json!({"inputs": text})).await.unwrap();
@@ -152,7 +168,11 @@ async fn adapters_and_merges_match_peft_and_survive_mixed_batches() {
             .post("/generate", &body(text, &json!({}), 20))
             .await
             .unwrap();
-        assert_eq!(token_ids(&r.body), g.base[i], "base, prompt {i}");
+        assert_eq!(
+            token_ids(&r.body),
+            g.base[i],
+            "base, prompt {i}, {num_shard} shards"
+        );
     }
     for case in &g.cases {
         for (i, text) in texts.iter().enumerate() {
@@ -164,7 +184,7 @@ async fn adapters_and_merges_match_peft_and_survive_mixed_batches() {
             assert_eq!(
                 token_ids(&r.body),
                 case.greedy[i],
-                "{} prompt {i} vs PEFT",
+                "{} prompt {i} vs PEFT, {num_shard} shards",
                 case.name
             );
             assert_ne!(

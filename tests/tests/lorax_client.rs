@@ -10,9 +10,19 @@ use medley_e2e::{Server, ServerOptions, python_with_lorax_client, tiny_model_dir
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lorax_client_generate_stream_and_errors() {
+    lorax_client_check(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lorax_client_works_with_two_tensor_parallel_shards() {
+    lorax_client_check(2).await;
+}
+
+async fn lorax_client_check(num_shard: u32) {
     let python = python_with_lorax_client().expect("python with lorax-client");
     let s = Server::start(ServerOptions {
         model: Some(tiny_model_dir()),
+        args: vec!["--num-shard".into(), num_shard.to_string()],
         ..Default::default()
     })
     .await

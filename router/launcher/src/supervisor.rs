@@ -206,6 +206,8 @@ pub enum SupervisorError {
 pub struct Supervisor {
     config: SupervisorConfig,
     sockets: Vec<PathBuf>,
+    /// The group's shared-memory file for collectives (world size > 1).
+    comm_path: Option<PathBuf>,
     tasks: Vec<JoinHandle<ShardExit>>,
     /// First unexpected exit, if any.
     exits: watch::Receiver<Option<ShardExit>>,
@@ -223,10 +225,12 @@ impl Supervisor {
         for path in &sockets {
             prepare_socket(path)?;
         }
+        let comm_path = (config.world_size > 1).then(|| comm_path_for(&config.uds_prefix));
         let (exit_tx, exits) = watch::channel(None);
         let mut supervisor = Self {
             config,
             sockets,
+            comm_path,
             tasks: Vec::new(),
             exits,
             stop: CancellationToken::new(),
@@ -261,6 +265,16 @@ impl Supervisor {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
+        if let Some(path) = &self.comm_path {
+            command.env("MEDLEY_COMM_PATH", path);
+            // Ranks share the machine's CPUs unless told otherwise.
+            if std::env::var_os("MEDLEY_THREADS").is_none() {
+                command.env(
+                    "MEDLEY_THREADS",
+                    threads_per_rank(config.world_size).to_string(),
+                );
+            }
+        }
         die_with_launcher(&mut command);
         let mut child = command.spawn().map_err(|source| SupervisorError::Spawn {
             rank,
@@ -384,8 +398,32 @@ impl Supervisor {
         for path in &self.sockets {
             remove_socket_file(path);
         }
+        // Rank 0 removes it once the group has formed; this covers a group that never did.
+        if let Some(path) = &self.comm_path {
+            let _ = std::fs::remove_file(path);
+        }
         exits
     }
+}
+
+/// A fresh shared-memory file name for a group started by this launcher: on /dev/shm (a memory
+/// file system) when there is one, else next to the sockets.
+fn comm_path_for(uds_prefix: &Path) -> PathBuf {
+    static GROUPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = GROUPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        shm
+    } else {
+        uds_prefix.parent().unwrap_or(Path::new("/tmp"))
+    };
+    dir.join(format!("medley-comm-{}-{n}", std::process::id()))
+}
+
+/// The forward-pass threads of each of `world` ranks: the CPUs this process may use, shared.
+fn threads_per_rank(world: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / world.max(1)).max(1)
 }
 
 /// Makes sure `path` can be bound: creates its directory, removes a stale socket file, refuses

@@ -154,7 +154,11 @@ pub(crate) mod tests {
             .and_then(|t| t.split(&cfg))
             .expect("split");
         let half = whole.clone().split(&local);
-        assert_eq!(half.shape(TargetModule::Q), (64, 64), "files keep the whole shape");
+        assert_eq!(
+            half.shape(TargetModule::Q),
+            (64, 64),
+            "files keep the whole shape"
+        );
         assert_eq!(half.part(TargetModule::Q), (32..64, 0..64));
         assert_eq!(half.part(TargetModule::K), (16..32, 0..64));
         assert_eq!(half.part(TargetModule::Up), (88..176, 0..64));

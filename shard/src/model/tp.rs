@@ -11,9 +11,8 @@
 //! output-split layers, A split and B whole for input-split ones, so the LoRA term joins the
 //! layer's partial sum with no collective of its own; merges are computed whole, then split.
 //!
-//! Status: the split model, adapters and merges are tested against one rank
-//! (`shard/tests/tensor_parallel.rs`); the launcher and router do not drive a group yet, so the
-//! shard command line still refuses world sizes above 1.
+//! The split model, adapters and merges are tested against one rank
+//! (`shard/tests/tensor_parallel.rs`) and end to end (`medley serve --num-shard N`).
 
 use std::ops::Range;
 
