@@ -9,6 +9,7 @@ use super::attention::{Attention, AttentionWeights, Rope};
 use super::batch::{BatchPlan, ForwardBatch};
 use super::layers::{Linear, RmsNorm, silu};
 use super::lora::{LoraDelta, RowSlots, TargetModule};
+use super::vocab;
 use super::weights::{Checkpoint, Part};
 use super::{LoadOptions, LocalShape, ModelConfig, ModelError};
 use crate::comm::Comm;
@@ -125,7 +126,14 @@ impl LlamaModel {
             Ok(RmsNorm::new(get(&name, &[hid])?, cfg.rms_norm_eps)?)
         };
         let (rows, cols) = (Part::Rows, Part::Cols);
-        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, hid])?;
+        let vocab_rows = || rows(local.vocab_rows.clone());
+        let embed = ckpt.tensor_part(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, hid],
+            vocab_rows(),
+            dtype,
+            device,
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -179,7 +187,11 @@ impl LlamaModel {
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed.clone(), dtype)?
         } else {
-            linear("lm_head.weight".into(), &[cfg.vocab_size, hid], Part::Whole)?
+            linear(
+                "lm_head.weight".into(),
+                &[cfg.vocab_size, hid],
+                vocab_rows(),
+            )?
         };
         let rope = Rope::new(&cfg, device)?;
         let mut kv_cfg = cfg.clone();
@@ -265,8 +277,8 @@ impl LlamaModel {
             kv.reserve_buffers(c.seq_id, c.start + c.len)?;
         }
         let rows = plan.num_rows();
-        let ids = Tensor::from_slice(&plan.tokens, rows, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let comm = self.comm.as_ref();
+        let mut x = vocab::lookup(&self.embed, &self.local.vocab_rows, &plan.tokens, comm)?;
         let rope = self.rope.tables(&plan.positions, self.dtype)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
@@ -285,6 +297,7 @@ impl LlamaModel {
             x.index_select(&idx, 0)?
         };
         let logits = self.lm_head.forward_f32(&self.norm.forward(&x)?)?;
+        let logits = vocab::gather_logits(&logits, self.cfg.vocab_size, comm)?;
         for c in &plan.chunks {
             kv.set_len(c.seq_id, c.start + c.len)?;
         }

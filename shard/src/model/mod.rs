@@ -22,6 +22,7 @@ pub mod layers;
 pub mod llama;
 pub mod lora;
 pub mod tp;
+mod vocab;
 pub mod weights;
 
 use std::path::PathBuf;

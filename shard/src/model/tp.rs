@@ -5,7 +5,9 @@
 //! communication and the partial outputs of o and down are summed across ranks (one all-reduce
 //! each per layer). Query heads are divided evenly; key/value heads too when there are at least
 //! as many as ranks, otherwise each rank holds the one KV head its query heads use (replicated,
-//! as vLLM does). Embeddings, norms and `lm_head` are whole on every rank.
+//! as vLLM does). The embedding and `lm_head` are split by vocabulary (rows): a rank looks up
+//! the tokens in its range (zeros elsewhere, summed across ranks) and computes the logits of its
+//! range (gathered across ranks); see `vocab`. Norms are whole on every rank.
 //!
 //! LoRA factors are split like their layers (`BaseModules::split`): A whole and B split for
 //! output-split layers, A split and B whole for input-split ones, so the LoRA term joins the
@@ -46,6 +48,9 @@ pub struct LocalShape {
     pub kv_rows: Range<usize>,
     /// Rows of gate_proj and up_proj (and columns of down_proj) on this rank.
     pub mlp_rows: Range<usize>,
+    /// Rows of the embedding and `lm_head` (vocabulary ids) on this rank: consecutive chunks of
+    /// `ceil(vocab / world)`, the last one shorter when the vocabulary does not divide.
+    pub vocab_rows: Range<usize>,
 }
 
 impl TpLayout {
@@ -98,7 +103,10 @@ impl TpLayout {
         };
         let heads = h / w;
         let mlp = inter / w;
+        let chunk = cfg.vocab_size.div_ceil(w);
+        let vocab_rows = (r * chunk).min(cfg.vocab_size)..((r + 1) * chunk).min(cfg.vocab_size);
         Ok(LocalShape {
+            vocab_rows,
             heads,
             kv_heads,
             q_rows: r * heads * d..(r + 1) * heads * d,
@@ -132,6 +140,10 @@ mod tests {
         assert_eq!(s.q_rows, 128..256);
         assert_eq!(s.kv_rows, 16..32);
         assert_eq!(s.mlp_rows, 1408..2816);
+        assert_eq!(
+            s.vocab_rows,
+            c.vocab_size.div_ceil(4)..2 * c.vocab_size.div_ceil(4)
+        );
         let one = TpLayout::SINGLE.split(&c).expect("single");
         assert_eq!((one.heads, one.kv_heads), (32, 4));
         assert_eq!(

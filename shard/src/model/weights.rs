@@ -137,7 +137,27 @@ impl Checkpoint {
         };
         let t = Tensor::from_raw_buffer(&bytes, stored, &part_shape, device)
             .map_err(|e| ModelError::Weights(format!("loading `{name}`: {e}")))?;
+        drop(bytes);
+        release_pages(data);
         Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// Drops the pages of the memory-mapped `bytes` from this process's resident set once they have
+/// been copied (they stay in the page cache; a later read faults them in again). Without it a
+/// rank's peak memory counts every checkpoint page it touched on top of its copies, and a
+/// column slice touches nearly every page of its tensor.
+fn release_pages(bytes: &[u8]) {
+    const PAGE: usize = 4096;
+    let start = bytes.as_ptr() as usize & !(PAGE - 1);
+    let end = bytes.as_ptr() as usize + bytes.len();
+    if end > start {
+        // SAFETY: the range covers whole pages of a read-only shared file mapping that stays
+        // mapped; MADV_DONTNEED only drops their resident copies, and their contents are read
+        // back from the file on the next access, so no reference observes a change.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        }
     }
 }
 
