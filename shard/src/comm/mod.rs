@@ -42,6 +42,19 @@ pub enum CommError {
     /// Buffers of the wrong size.
     #[error("{0}")]
     Size(String),
+    /// The shared-memory file system cannot hold the group's buffers.
+    #[error(
+        "shared memory {path}: cannot reserve {bytes} bytes ({reason}); is the file system \
+         (/dev/shm, a container's --shm-size) large enough?"
+    )]
+    NoSpace {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Bytes the group needs.
+        bytes: usize,
+        /// What the system said.
+        reason: String,
+    },
     /// The shared-memory file could not be set up.
     #[error("shared memory {path}: {source}")]
     Io {

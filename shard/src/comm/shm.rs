@@ -137,6 +137,20 @@ impl ShmComm {
         if len < bytes as u64 {
             file.set_len(bytes as u64).map_err(io)?;
         }
+        // Reserve the space now: on a full memory file system (a container's small /dev/shm)
+        // touching an unbacked page of the mapping later would kill the process with SIGBUS.
+        // SAFETY: the descriptor is open for writing for the duration of the call.
+        let rc = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t)
+        };
+        if rc != 0 {
+            return Err(CommError::NoSpace {
+                path: cfg.path.clone(),
+                bytes,
+                reason: std::io::Error::from_raw_os_error(rc).to_string(),
+            });
+        }
         // SAFETY: the file is only ever mapped by the ranks of this group, which access it under
         // the protocol in the module docs.
         let mut map = unsafe { MmapOptions::new().len(bytes).map_mut(&file) }.map_err(io)?;
