@@ -33,6 +33,16 @@ pub enum CommError {
         /// How long it waited.
         waited: Duration,
     },
+    /// Another rank's process exited while this one waited for it.
+    #[error("rank {rank}: rank {peer} (pid {pid}) exited; the tensor-parallel group is broken")]
+    PeerGone {
+        /// This rank.
+        rank: usize,
+        /// The rank that is gone.
+        peer: usize,
+        /// Its process id.
+        pid: u32,
+    },
     /// A rank gave up on the group before (timeout or failure): the group must be restarted.
     #[error("rank {rank}: the communicator is poisoned (a rank failed earlier)")]
     Poisoned {

@@ -9,8 +9,10 @@
 //! in round `k + 2`, after the barrier of round `k + 1`, which no rank reaches before it has
 //! finished reading round `k`.
 //!
-//! A rank that does not arrive within the timeout (dead, hung, or out of step) makes the waiting
-//! rank fail and poison the group, so every rank fails fast from then on instead of hanging.
+//! A rank that does not arrive within the timeout (hung, or out of step) makes the waiting rank
+//! fail and poison the group, so every rank fails fast from then on instead of hanging. A rank
+//! whose process has exited is noticed sooner: every rank records its pid, and a waiting rank
+//! checks its peers each time it wakes (at least every 100 ms).
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -35,6 +37,8 @@ const GENERATION: usize = 1;
 const POISONED: usize = 2;
 const WORLD: usize = 3;
 const SLOT_ELEMS: usize = 4;
+/// First of the words holding each rank's process id (0 until it joins).
+const PIDS: usize = 8;
 
 /// How to join a shared-memory group.
 #[derive(Debug, Clone)]
@@ -120,7 +124,9 @@ impl ShmComm {
         let slot_elems = u32::try_from(cfg.slot_elems)
             .map_err(|_| CommError::Size(format!("{} values per slot", cfg.slot_elems)))?;
         let world = u32::try_from(cfg.world_size)
-            .map_err(|_| CommError::Size(format!("world size {}", cfg.world_size)))?;
+            .ok()
+            .filter(|_| PIDS + cfg.world_size <= HEADER_BYTES / 4)
+            .ok_or_else(|| CommError::Size(format!("world size {}", cfg.world_size)))?;
         let bytes = HEADER_BYTES + 2 * cfg.world_size * cfg.slot_elems * 4;
         let io = |source| CommError::Io {
             path: cfg.path.clone(),
@@ -167,6 +173,8 @@ impl ShmComm {
         };
         comm.claim_shape(WORLD, world)?;
         comm.claim_shape(SLOT_ELEMS, slot_elems)?;
+        comm.word(PIDS + comm.rank)
+            .store(std::process::id(), Ordering::Release);
         comm.wait_all("join")?;
         if comm.rank == 0 {
             let _ = std::fs::remove_file(&comm.path);
@@ -210,6 +218,21 @@ impl ShmComm {
         futex::wake_all(self.word(GENERATION));
     }
 
+    /// A rank whose process no longer exists (it recorded its pid when it joined): waiting for
+    /// it would only end at the timeout.
+    fn dead_peer(&self) -> Option<(usize, u32)> {
+        (0..self.world).filter(|&r| r != self.rank).find_map(|r| {
+            let pid = self.word(PIDS + r).load(Ordering::Acquire);
+            if pid == 0 || pid == std::process::id() {
+                return None;
+            }
+            // SAFETY: signal 0 only checks that the process exists; nothing is delivered.
+            let gone = unsafe { libc::kill(pid as libc::pid_t, 0) } != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            gone.then_some((r, pid))
+        })
+    }
+
     /// The barrier (sense by generation): the last rank to arrive resets the count and advances
     /// the generation; the others wait for the generation to change.
     fn wait_all(&self, op: &'static str) -> Result<(), CommError> {
@@ -237,6 +260,14 @@ impl ShmComm {
             }
             if self.word(POISONED).load(Ordering::Acquire) != 0 {
                 return Err(CommError::Poisoned { rank: self.rank });
+            }
+            if let Some((peer, pid)) = self.dead_peer() {
+                self.poison();
+                return Err(CommError::PeerGone {
+                    rank: self.rank,
+                    peer,
+                    pid,
+                });
             }
             let waited = start.elapsed();
             if waited >= self.timeout {

@@ -241,6 +241,50 @@ fn ranks_in_two_processes() {
     assert!(stdout.contains("1 passed"), "rank 1 did not run:\n{stdout}");
 }
 
+/// Marker that turns [`child_joins_then_exits`] into rank 1 of [`a_dead_peer_is_noticed_fast`].
+const EXIT_MARKER: &str = "MEDLEY_TEST_SHM_EXIT";
+
+#[test]
+fn child_joins_then_exits() {
+    let Some(path) = std::env::var_os(EXIT_MARKER) else {
+        return;
+    };
+    let _c = ShmComm::join(&config(Path::new(&path), 1, 2, 8)).expect("child join");
+    // Leaves without taking part in anything (as if killed).
+    std::process::exit(0);
+}
+
+#[test]
+fn a_dead_peer_is_noticed_fast() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("group");
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = std::process::Command::new(exe)
+        .args(["--exact", "comm::shm::tests::child_joins_then_exits"])
+        .env(EXIT_MARKER, &path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn rank 1");
+    let c = ShmComm::join(&config(&path, 0, 2, 8)).expect("join");
+    child.wait().expect("rank 1 exits");
+    let t0 = std::time::Instant::now();
+    let err = c.all_reduce_sum(&mut [1.0]).expect_err("rank 1 is gone");
+    assert!(
+        matches!(
+            err,
+            CommError::PeerGone {
+                rank: 0,
+                peer: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The timeout is 20 s; the pid check answers within a futex sleep.
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert!(matches!(c.barrier(), Err(CommError::Poisoned { .. })));
+}
+
 #[test]
 fn tensors_reduce_through_the_host_path() {
     let results = on_ranks(2, 5, |c| {
