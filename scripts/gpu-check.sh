@@ -57,9 +57,9 @@ done
 
 stamp="$(date -u +%Y-%m-%d)"
 if [ "$mode" = gpu ]; then
-  report_name="gpu-$stamp.md"; device=cuda; torch_device=cuda; title="GPU check $stamp"
+  report_name="gpu-$stamp.md"; device=cuda; title="GPU check $stamp"
 else
-  report_name="cpu-dry-$stamp.md"; device=cpu; torch_device=cpu; title="GPU check, CPU dry run $stamp"
+  report_name="cpu-dry-$stamp.md"; device=cpu; title="GPU check, CPU dry run $stamp"
 fi
 # TinyLlama's shape (all 22 layers unless --layers); the dry run without --layers uses the
 # 2-layer `tiny` preset (hidden 64), which takes seconds on a CPU.
@@ -183,26 +183,25 @@ export medley model="$work/model" adapters="$work/adapters"
 step "fixtures (model $layers layers, 8 adapters)" 300 make_fixtures || exit 1
 
 # --- 3. tokens -------------------------------------------------------------------------------
-tag="$device"
-step "medley $tag f32 tokens" 240 medley_tokens "$tag-f32" "$device" f32
-step "transformers+peft $torch_device f32 tokens" 240 \
+step "medley $device f32 tokens" 240 medley_tokens "$device-f32" "$device" f32
+step "transformers+peft $device f32 tokens" 240 \
   "$py" "$check" hf-tokens --model "$model" --adapters "$adapters" --dtype f32 \
-  --device "$torch_device" --out "$res/tokens-hf-f32.json"
-step "compare f32" 30 compare "medley $tag f32 vs transformers+peft $torch_device f32" \
-  tokens-hf-f32.json "tokens-medley-$tag-f32.json"
+  --device "$device" --out "$res/tokens-hf-f32.json"
+step "compare f32" 30 compare "medley $device f32 vs transformers+peft $device f32" \
+  tokens-hf-f32.json "tokens-medley-$device-f32.json"
 
-step "medley $tag bf16 tokens + speed" 300 medley_tokens_and_speed "$tag-bf16" "$device" bf16
-step "transformers+peft $torch_device bf16 tokens" 240 \
+step "medley $device bf16 tokens + speed" 300 medley_tokens_and_speed "$device-bf16" "$device" bf16
+step "transformers+peft $device bf16 tokens" 240 \
   "$py" "$check" hf-tokens --model "$model" --adapters "$adapters" --dtype bf16 \
-  --device "$torch_device" --out "$res/tokens-hf-bf16.json"
+  --device "$device" --out "$res/tokens-hf-bf16.json"
 # On the GPU both sides run cuBLAS bf16 GEMMs: the first 16 tokens must agree. On the CPU the
 # dry run only reports: Medley's CPU bf16 path multiplies f32-widened weights (see
 # shard/src/model/layers.rs) while torch's CPU bf16 GEMM differs by CPU, so near-ties may flip;
 # the CPU bf16 contract is the logit goldens of shard/tests/forward_goldens.rs.
 bf16_require=16
 [ "$mode" = gpu ] || bf16_require=0
-step "compare bf16" 30 compare "medley $tag bf16 vs transformers+peft $torch_device bf16" \
-  tokens-hf-bf16.json "tokens-medley-$tag-bf16.json" --require "$bf16_require"
+step "compare bf16" 30 compare "medley $device bf16 vs transformers+peft $device bf16" \
+  tokens-hf-bf16.json "tokens-medley-$device-bf16.json" --require "$bf16_require"
 
 if [ "$mode" = gpu ]; then
   step "medley cpu f32 tokens" 300 medley_tokens cpu-f32 cpu f32
@@ -217,7 +216,7 @@ fi
 
 # --- 4. transformers speed --------------------------------------------------------------------
 step "transformers generate speed" 200 \
-  "$py" "$check" hf-speed --model "$model" --dtype bf16 --device "$torch_device" \
+  "$py" "$check" hf-speed --model "$model" --dtype bf16 --device "$device" \
   --new-tokens "$new_tokens" --budget-s 120 --out "$res/speed-hf.json"
 
 report

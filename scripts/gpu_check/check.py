@@ -148,24 +148,24 @@ def hf_tokens(args):
     tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
     prompts = [tok.encode(p).ids for p in PROMPTS]
     out = {"prompts": prompts, "cases": {}, "gaps": {}}
+
+    def record(case, model):
+        res = [greedy(model, ids, args.device) for ids in prompts]
+        out["cases"][case] = [r[0] for r in res]
+        out["gaps"][case] = [r[1] for r in res]
+
     base = load_hf(args.model, args.dtype, args.device)
-    res = [greedy(base, ids, args.device) for ids in prompts]
-    out["cases"]["base"] = [r[0] for r in res]
-    out["gaps"]["base"] = [r[1] for r in res]
+    record("base", base)
     model = PeftModel.from_pretrained(base, os.path.join(args.adapters, "a0"), adapter_name="a0")
     for name in MERGE["ids"][1:]:
         model.load_adapter(os.path.join(args.adapters, name), adapter_name=name)
     model.eval()
     model.set_adapter("a0")
-    res = [greedy(model, ids, args.device) for ids in prompts]
-    out["cases"]["adapter"] = [r[0] for r in res]
-    out["gaps"]["adapter"] = [r[1] for r in res]
+    record("adapter", model)
     model.add_weighted_adapter(MERGE["ids"], MERGE["weights"], "ties", combination_type="ties",
                                density=MERGE["density"], majority_sign_method="total")
     model.set_adapter("ties")
-    res = [greedy(model, ids, args.device) for ids in prompts]
-    out["cases"]["ties"] = [r[0] for r in res]
-    out["gaps"]["ties"] = [r[1] for r in res]
+    record("ties", model)
     out["versions"] = versions()
     write(args.out, out)
 

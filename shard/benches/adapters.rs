@@ -109,7 +109,7 @@ fn store(
     for slot in 1..=n {
         let adapter = AdapterFixture::new(rank, 1000 + slot as u64).adapter(&shape)?;
         let w = SlotWeights::from_adapter(&adapter, &base)?;
-        st.install(slot as u32, w.to_device(&base, model.device(), DType::F32)?)?;
+        st.install(slot as u32, w.to_device(&base, model.device())?)?;
     }
     Ok(st)
 }

@@ -219,11 +219,8 @@ mod tests {
         for (slot, fx) in [(1, one), (3, AdapterFixture::new(2, 22))] {
             let w = SlotWeights::from_adapter(&fx.adapter(&shapes).expect("fx"), &base)
                 .expect("weights");
-            st.install(
-                slot,
-                w.to_device(&base, &Device::Cpu, DType::F32).expect("dev"),
-            )
-            .expect("install");
+            st.install(slot, w.to_device(&base, &Device::Cpu).expect("dev"))
+                .expect("install");
         }
         st
     }

@@ -17,7 +17,7 @@ use super::base::BaseModules;
 use super::cache::SourceCache;
 use super::config::AdapterSettings;
 use super::source::{AdapterSources, ResolvedSource};
-use super::weights::{LORA_DTYPE, SlotAdapter, SlotWeights};
+use super::weights::{SlotAdapter, SlotWeights};
 
 /// A finished adapter, ready to install.
 #[derive(Debug)]
@@ -85,7 +85,7 @@ impl std::fmt::Debug for AdapterLoader {
 
 impl AdapterLoader {
     /// A loader for a model with projections `base` on `device` (adapter factors are uploaded
-    /// in [`LORA_DTYPE`] whatever the model's dtype).
+    /// in [`super::LORA_DTYPE`] whatever the model's dtype).
     pub fn new(
         settings: &AdapterSettings,
         base: BaseModules,
@@ -193,7 +193,7 @@ impl AdapterLoader {
                 (weights, t1.elapsed().as_nanos() as u64)
             }
         };
-        let adapter = weights.to_device(&self.base, &self.device, LORA_DTYPE)?;
+        let adapter = weights.to_device(&self.base, &self.device)?;
         tracing::info!(
             components = sources.len(),
             bytes = adapter.bytes(),

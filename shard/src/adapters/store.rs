@@ -170,7 +170,7 @@ impl AdapterStore {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device};
+    use candle_core::Device;
     use medley_merge::fixture::{AdapterFixture, LlamaShape};
 
     use super::*;
@@ -185,7 +185,7 @@ mod tests {
             .expect("fixture");
         SlotWeights::from_adapter(&fx, &base)
             .expect("weights")
-            .to_device(&base, &Device::Cpu, DType::F32)
+            .to_device(&base, &Device::Cpu)
             .expect("upload")
     }
 

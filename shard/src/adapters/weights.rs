@@ -89,13 +89,14 @@ impl SlotWeights {
         hex::encode(h.finalize())
     }
 
-    /// Copies the factors to `device` in `dtype` (see [`LORA_DTYPE`]).
+    /// Copies this rank's part of the factors (see [`BaseModules::part`]) to `device`, in
+    /// [`LORA_DTYPE`].
     pub fn to_device(
         &self,
         base: &BaseModules,
         device: &Device,
-        dtype: DType,
     ) -> Result<SlotAdapter, AdapterError> {
+        let dtype = LORA_DTYPE;
         let mut layers: Vec<[Option<DeviceModule>; 7]> =
             (0..base.layers()).map(|_| Default::default()).collect();
         let mut bytes = 0u64;
@@ -240,9 +241,7 @@ mod tests {
                 assert_eq!(m.b_t[j * out + o], want);
             }
         }
-        let dev = w
-            .to_device(&base, &Device::Cpu, DType::F32)
-            .expect("upload");
+        let dev = w.to_device(&base, &Device::Cpu).expect("upload");
         assert_eq!(dev.bytes(), 4 * (4 * 64 + 4 * 64 + 4 * 176 + 4 * 64) * 2);
         assert_eq!(dev.content_hash(), w.content_hash());
         assert_eq!(
