@@ -226,6 +226,24 @@ impl Server {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
+
+    /// Process id of the running shard of `rank` (found by its socket on its command line in
+    /// `/proc`), if there is one.
+    pub fn shard_pid(&self, rank: usize) -> Option<u32> {
+        let socket = self.shard_socket(rank);
+        let socket = socket.to_str()?;
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .find_map(|entry| {
+                let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                args.windows(2)
+                    .any(|w| w[0] == b"--uds-path" && w[1] == socket.as_bytes())
+                    .then_some(pid)
+            })
+    }
 }
 
 /// Sends SIGTERM to the launcher (it forwards shutdown to its shards).

@@ -33,6 +33,15 @@ impl DType {
     }
 }
 
+/// What `medley serve` does when a shard dies or stops answering while serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShardRestart {
+    /// Restart every shard of the group (the router reconnects by itself).
+    OnFailure,
+    /// Stop everything and exit with code 5.
+    Never,
+}
+
 /// Arguments of `medley serve`: the launcher's own flags plus the router's ([`RouterArgs`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -76,6 +85,12 @@ pub struct ServeArgs {
     /// the shard's own choice.
     #[arg(long, env = "MAX_ADAPTER_SLOTS")]
     pub max_adapter_slots: Option<u32>,
+    /// When a shard dies, or stops answering health checks (it hangs, or its tensor-parallel
+    /// group broke): `on-failure` restarts every shard of the group while the router keeps
+    /// running (requests in flight fail with 503 / UNAVAILABLE, `/health` is red until the
+    /// shards are back, adapters load again on demand); `never` stops and exits with code 5.
+    #[arg(long, env = "SHARD_RESTART", value_enum, default_value_t = ShardRestart::OnFailure)]
+    pub shard_restart: ShardRestart,
     /// Seconds to wait for every shard to become ready.
     #[arg(long, env = "SHARD_STARTUP_TIMEOUT", default_value_t = 600)]
     pub shard_startup_timeout: u64,

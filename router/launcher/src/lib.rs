@@ -12,6 +12,7 @@
 //!   built on [`model_dir`] (layout checks), [`hub`] (cache + `hf-hub`) and [`embedded`].
 //! * [`supervisor`] — shard processes, their logs ([`shard_logs`]), readiness ([`probe`]),
 //!   SIGTERM/SIGKILL.
+//! * [`group`] — the shard group while serving: health watch, restart with back-off.
 //! * [`serve`] — the whole sequence; [`signals`] and [`logging`] come from the router.
 //!
 //! # Exit codes of `medley serve`
@@ -23,7 +24,7 @@
 //! | 2 | invalid arguments (clap's own code, also used for inconsistent router limits and for `--device cuda` on a binary built without CUDA) |
 //! | 3 | the model could not be resolved (missing files, not cached offline, download failed) |
 //! | 4 | a shard could not be started, exited before it was ready, or was not ready in time |
-//! | 5 | a shard died while serving |
+//! | 5 | a shard died or hung while serving and was not restarted (`--shard-restart never`), or the restarted shards did not start |
 //! | 6 | launcher I/O failure (installing signal handlers) |
 
 pub use medley_hub as hub;
@@ -33,6 +34,7 @@ pub use medley_router::{logging, signals};
 pub mod args;
 pub mod cli;
 pub mod embedded;
+pub mod group;
 pub mod merge;
 pub mod probe;
 pub mod resolve;
@@ -44,9 +46,10 @@ pub use args::ServeArgs;
 pub use cli::{Cli, Command};
 pub use serve::{run_router, serve, serve_with};
 
+use group::GroupFailure;
 use medley_router::config::ConfigError;
 use resolve::ResolveError;
-use supervisor::{ShardExit, SupervisorError};
+use supervisor::SupervisorError;
 
 /// Boxed error of the router stage (its concrete errors belong to `server` and `backend`).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -70,9 +73,18 @@ pub enum LauncherError {
     /// The shards did not start.
     #[error(transparent)]
     Startup(#[from] SupervisorError),
-    /// A shard died while serving.
+    /// A shard died or hung while serving, and the group was not restarted
+    /// (`--shard-restart never`).
     #[error("{0}")]
-    ShardDied(ShardExit),
+    ShardDied(GroupFailure),
+    /// A shard died or hung while serving, and the restarted group did not start.
+    #[error("{failure}; restarting the shards failed: {error}")]
+    RestartFailed {
+        /// What happened first.
+        failure: Box<GroupFailure>,
+        /// Why the last restart failed.
+        error: Box<SupervisorError>,
+    },
     /// The router failed.
     #[error("router failed: {0}")]
     Router(BoxError),
@@ -89,7 +101,7 @@ impl LauncherError {
             LauncherError::Config(_) | LauncherError::Device(_) => 2,
             LauncherError::Resolve(_) => 3,
             LauncherError::ShardBinary(_) | LauncherError::Startup(_) => 4,
-            LauncherError::ShardDied(_) => 5,
+            LauncherError::ShardDied(_) | LauncherError::RestartFailed { .. } => 5,
             LauncherError::Signals(_) => 6,
         }
     }

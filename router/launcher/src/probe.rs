@@ -86,7 +86,7 @@ pub(crate) mod tests {
             &self,
             _: Request<pb::HealthRequest>,
         ) -> Result<Response<pb::HealthResponse>, Status> {
-            Ok(Response::new(pb::HealthResponse {}))
+            Ok(Response::new(pb::HealthResponse { instance: 1 }))
         }
         async fn warmup(
             &self,

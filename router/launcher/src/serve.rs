@@ -1,6 +1,8 @@
 //! The `medley serve` sequence: check flags → resolve the model → start the shards → wait until
-//! they are ready → run the router → on a signal or a shard's death, stop the router, then the
-//! shards. A second signal during the shutdown skips the grace periods.
+//! they are ready → run the router → when a shard dies or hangs, restart the group while the
+//! router keeps running (`--shard-restart on-failure`, see [`super::group`]) → on a signal, a
+//! router failure, or a shard failure that is not restarted, stop the router, then the shards.
+//! A second signal during the shutdown skips the grace periods.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,12 +12,14 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::args::ServeArgs;
+use super::args::ShardRestart;
 use super::embedded;
+use super::group::{Group, GroupFailure, GroupPolicy};
 use super::hub::HubSettings;
 use super::probe::{HealthRpcProbe, ReadinessProbe};
 use super::resolve::{ResolveRequest, resolve_model};
 use super::signals::{ShutdownSignals, SignalSource};
-use super::supervisor::{ShardCommand, ShardExit, Supervisor, SupervisorConfig, socket_path};
+use super::supervisor::{ShardCommand, Supervisor, SupervisorConfig, socket_path};
 use super::{BoxError, LauncherError};
 use medley_router::config::RouterConfig;
 
@@ -33,8 +37,10 @@ pub struct ServePlan {
     pub resolve: ResolveRequest,
     /// The shard executable.
     pub shard_bin: ShardProgram,
-    /// How shard readiness is checked.
+    /// How shard readiness (and, while serving, health) is checked.
     pub probe: Arc<dyn ReadinessProbe>,
+    /// How the group is watched and restarted.
+    pub group: GroupPolicy,
 }
 
 impl ServePlan {
@@ -53,6 +59,7 @@ impl ServePlan {
             embedded_bases: embedded::default_bases(),
         };
         Ok(Self {
+            group: GroupPolicy::new(args.shard_restart),
             args,
             resolve,
             shard_bin,
@@ -79,7 +86,8 @@ pub fn run_router(config: RouterConfig, shutdown: BoxFuture<'static, ()>) -> Rou
 /// How the serving stage ended.
 enum Outcome {
     Signal,
-    ShardDied(ShardExit),
+    ShardDied(GroupFailure),
+    RestartFailed(GroupFailure, super::supervisor::SupervisorError),
     RouterReturned(Result<(), BoxError>),
 }
 
@@ -98,6 +106,7 @@ where
         resolve,
         shard_bin,
         probe,
+        group: policy,
     } = plan;
     // Fail on inconsistent limits before downloading anything.
     args.router
@@ -130,7 +139,7 @@ where
         shard_bin = %shard_bin.path.display(),
         "starting the shards"
     );
-    let mut supervisor = Supervisor::spawn(SupervisorConfig {
+    let supervisor_config = SupervisorConfig {
         command: ShardCommand {
             program: shard_bin.path,
             program_args: shard_bin.leading_args,
@@ -148,8 +157,8 @@ where
         uds_prefix: args.shard_uds_path.clone(),
         startup_timeout: args.startup_timeout(),
         termination_timeout: grace,
-    })
-    .await?;
+    };
+    let mut supervisor = Supervisor::spawn(supervisor_config.clone()).await?;
 
     let ready = tokio::select! {
         ready = supervisor.wait_ready(probe.as_ref()) => ready.map(|()| false),
@@ -181,15 +190,32 @@ where
         router_config,
         Box::pin(stop_router.clone().cancelled_owned()),
     );
-    let outcome = tokio::select! {
-        result = &mut router_run => Outcome::RouterReturned(result),
-        signal = signals.next() => {
-            tracing::info!(%signal, "shutting down");
-            Outcome::Signal
+    let mut group = Group::new(supervisor, supervisor_config, probe, policy);
+    let outcome = loop {
+        let failure = tokio::select! {
+            result = &mut router_run => break Outcome::RouterReturned(result),
+            signal = signals.next() => {
+                tracing::info!(%signal, "shutting down");
+                break Outcome::Signal;
+            }
+            failure = group.failed() => failure,
+        };
+        if group.restart_mode() == ShardRestart::Never {
+            tracing::error!("{failure}; shutting down (--shard-restart never)");
+            break Outcome::ShardDied(failure);
         }
-        exit = supervisor.unexpected_exit() => {
-            tracing::error!("{exit}; shutting down");
-            Outcome::ShardDied(exit)
+        tracing::error!("{failure}; restarting the shards (--shard-restart on-failure)");
+        // The router keeps serving (health red, requests refused with 503) meanwhile.
+        tokio::select! {
+            result = &mut router_run => break Outcome::RouterReturned(result),
+            signal = signals.next() => {
+                tracing::info!(%signal, "shutting down during a shard restart");
+                break Outcome::Signal;
+            }
+            restarted = group.restart() => if let Err(e) = restarted {
+                tracing::error!(error = %e, "giving up on restarting the shards");
+                break Outcome::RestartFailed(failure, e);
+            }
         }
     };
     if !matches!(outcome, Outcome::RouterReturned(_)) {
@@ -200,10 +226,16 @@ where
             None => {}
         }
     }
-    stop_shards(supervisor, &mut signals).await;
+    if let Some(supervisor) = group.into_supervisor() {
+        stop_shards(supervisor, &mut signals).await;
+    }
     match outcome {
         Outcome::Signal => Ok(()),
-        Outcome::ShardDied(exit) => Err(LauncherError::ShardDied(exit)),
+        Outcome::ShardDied(failure) => Err(LauncherError::ShardDied(failure)),
+        Outcome::RestartFailed(failure, error) => Err(LauncherError::RestartFailed {
+            failure: Box::new(failure),
+            error: Box::new(error),
+        }),
         Outcome::RouterReturned(Err(e)) => Err(LauncherError::Router(e)),
         Outcome::RouterReturned(Ok(())) => {
             tracing::warn!("the router stopped on its own");

@@ -8,6 +8,7 @@ use std::time::Instant;
 use medley_proto::shard::v1 as pb;
 
 use super::client::ClientError;
+use super::guarded::Guarded;
 use super::queue::{BatchBudget, Entry};
 use super::scheduler::Scheduler;
 use super::shard_api::ShardApi;
@@ -35,11 +36,19 @@ mod names {
 
 type Entries = HashMap<u64, Entry>;
 
-/// Runs forever (until the task is aborted).
-pub(crate) async fn batching_task<S: ShardApi>(client: S, queue: Scheduler, cfg: LoopConfig) {
+/// Runs until the client's tripwire fires (once the batch in hand has failed) or the task is
+/// aborted.
+pub(crate) async fn batching_task<S: ShardApi>(
+    client: Guarded<S>,
+    queue: Scheduler,
+    cfg: LoopConfig,
+) {
     let b = &cfg.batching;
     loop {
-        queue.wait_for_work().await;
+        tokio::select! {
+            _ = client.until_tripped() => return,
+            _ = queue.wait_for_work() => {}
+        }
         while let Some(next) = queue.next_batch(BatchBudget {
             min_size: None,
             max_size: b.max_batch_size,
@@ -98,7 +107,7 @@ pub(crate) async fn batching_task<S: ShardApi>(client: S, queue: Scheduler, cfg:
 }
 
 async fn prefill(
-    client: &impl ShardApi,
+    client: &Guarded<impl ShardApi>,
     batch: pb::Batch,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
@@ -118,7 +127,7 @@ async fn prefill(
 }
 
 async fn decode(
-    client: &impl ShardApi,
+    client: &Guarded<impl ShardApi>,
     batches: Vec<pb::CachedBatch>,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
@@ -149,7 +158,7 @@ fn record_timings(t: Option<&pb::Timings>, method: &'static str, start: Instant)
 
 /// Filters the shard's next batch to the entries still alive.
 async fn filter_next(
-    client: &impl ShardApi,
+    client: &Guarded<impl ShardApi>,
     next: Option<pb::CachedBatch>,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
@@ -161,7 +170,7 @@ async fn filter_next(
 
 /// Removes from `batch` the requests that finished or whose client left.
 async fn filter_batch(
-    client: &impl ShardApi,
+    client: &Guarded<impl ShardApi>,
     batch: pb::CachedBatch,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
@@ -198,7 +207,7 @@ async fn filter_batch(
 
 /// Fails every entry with the shard's error and clears the batch.
 async fn fail_all(
-    client: &impl ShardApi,
+    client: &Guarded<impl ShardApi>,
     batch_id: Option<u64>,
     entries: &mut Entries,
     e: ClientError,
@@ -207,8 +216,12 @@ async fn fail_all(
     if let Some(id) = batch_id {
         let _ = client.clear_cache(Some(id)).await;
     }
-    let err = if e.is_unavailable() {
-        InferError::Unavailable(e.to_string())
+    // A shard that died or was replaced mid-call may look like a failed request (a broken
+    // stream, an unknown batch or slot): ask.
+    let err = if client.lost(&e).await {
+        InferError::Unavailable(format!(
+            "the shards failed during the request ({e}); retry once they are back"
+        ))
     } else {
         InferError::Generation(e.to_string())
     };

@@ -29,16 +29,38 @@ pub enum ClientError {
     /// No shard configured.
     #[error("no shard sockets configured")]
     NoShards,
+    /// The call was abandoned: the shards failed or restarted, and the backend that made it
+    /// was stopped.
+    #[error("the shards stopped answering; they are being reconnected")]
+    Stopped,
 }
 
 impl ClientError {
-    /// True when the shard is unreachable (as opposed to failing the request).
+    /// True when the shard is unreachable (as opposed to failing the request): it is not
+    /// there, the connection broke, or it says so (UNAVAILABLE, e.g. a broken tensor-parallel
+    /// group).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::NoShards => true,
-            Self::Rpc(s) => matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled),
+            Self::Connect { .. } | Self::NoShards | Self::Stopped => true,
+            Self::Rpc(s) => {
+                matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+                    || is_transport_failure(s)
+            }
         }
     }
+}
+
+/// A status made by the client from a broken connection (not sent by the shard): a transport
+/// error or an I/O error somewhere in its causes.
+fn is_transport_failure(status: &tonic::Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if e.is::<tonic::transport::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 impl From<tonic::Status> for ClientError {
@@ -66,6 +88,14 @@ pub async fn connect_uds(path: &Path) -> Result<Channel, ClientError> {
             path: path.to_path_buf(),
             message: e.to_string(),
         })
+}
+
+/// One number for the processes of a group, from each rank's instance id in rank order: it
+/// changes when any rank is restarted.
+pub fn group_instance(instances: impl IntoIterator<Item = u64>) -> u64 {
+    instances.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, i| {
+        (h ^ i).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// All ranks of one model.
@@ -114,10 +144,17 @@ impl ShardApi for ShardedClient {
             .await
     }
 
-    async fn health(&self) -> Result<(), ClientError> {
-        self.all(|mut c| async move { c.health(pb::HealthRequest {}).await })
-            .await
-            .map(|_| ())
+    async fn health(&self) -> Result<u64, ClientError> {
+        let results = try_join_all(
+            self.clients
+                .iter()
+                .cloned()
+                .map(|mut c| async move { c.health(pb::HealthRequest {}).await }),
+        )
+        .await?;
+        Ok(group_instance(
+            results.into_iter().map(|r| r.into_inner().instance),
+        ))
     }
 
     async fn warmup(&self, req: pb::WarmupRequest) -> Result<u64, ClientError> {

@@ -8,10 +8,15 @@
 //! * `queue` — a queued request and the budgets of one batch.
 //! * `scheduler` — the registry behind a lock, adapter leases, and the adapter loader task.
 //! * `batcher` — the batching loop.
+//! * `guarded` — shard calls that end when their backend is stopped.
+//! * `recovery` — [`RecoveringBackend`]: notices dead or restarted shards, fails what they
+//!   held, and reconnects to the new ones.
 
 mod batcher;
 pub mod client;
+mod guarded;
 mod queue;
+mod recovery;
 mod registry;
 mod scheduler;
 pub mod shard_api;
@@ -28,6 +33,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::config::RouterConfig;
 use client::{ClientError, ShardedClient};
+use guarded::Guarded;
+pub use recovery::{Connector, RecoveringBackend, RecoveryConfig, UdsConnector};
 use registry::RegistryConfig;
 use scheduler::Scheduler;
 pub use shard_api::ShardApi;
@@ -84,12 +91,19 @@ pub enum BackendError {
 const MAX_CONCURRENT_LOADS: usize = 4;
 /// How long a failed adapter load answers new requests with its error before it is retried.
 const ADAPTER_ERROR_TTL: Duration = Duration::from_secs(10);
+/// How long a health check of the shards may take.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Evicted adapters remembered (for their size) before they are forgotten.
 const MAX_TRACKED_ADAPTERS: usize = 4096;
 
-/// Continuous batching over the shards of one model, with adapter scheduling.
+/// How long [`ShardBackend::stop`] waits for its tasks to hand their requests back.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Continuous batching over the shards of one model, with adapter scheduling. It serves the
+/// shard processes it was started on: once they die or restart it is stopped, and
+/// [`RecoveringBackend`] starts a new one on the new processes.
 pub struct ShardBackend<S: ShardApi = ShardedClient> {
-    client: S,
+    client: Guarded<S>,
     scheduler: Scheduler,
     info: BackendInfo,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -97,6 +111,7 @@ pub struct ShardBackend<S: ShardApi = ShardedClient> {
 
 impl<S: ShardApi> Drop for ShardBackend<S> {
     fn drop(&mut self) {
+        self.client.trip("the backend was dropped");
         for t in &self.tasks {
             t.abort();
         }
@@ -106,16 +121,24 @@ impl<S: ShardApi> Drop for ShardBackend<S> {
 /// Connects to every shard in `config.shard_uds_paths`, fits the token limits the flags left
 /// open to the model the shards report, clears their caches and adapter slots, warms them up,
 /// sizes the batch budget and starts the batching loop and the adapter loader. Returns the
-/// fitted config with the backend.
+/// fitted config with the backend, which reconnects by itself when the shards restart
+/// ([`RecoveringBackend`]).
 pub async fn connect(
     mut config: RouterConfig,
 ) -> Result<(RouterConfig, std::sync::Arc<dyn Backend>), BackendError> {
-    let client = ShardedClient::connect(&config.shard_uds_paths).await?;
+    let connector = UdsConnector::new(config.shard_uds_paths.clone());
+    let client = connector.connect().await?;
     let info = client.info().await?;
     config
         .fit_model(info.max_position_embeddings)
         .map_err(|e| BackendError::Config(e.to_string()))?;
     let backend = ShardBackend::start(client, &config).await?;
+    let backend = RecoveringBackend::new(
+        backend,
+        connector,
+        config.clone(),
+        RecoveryConfig::default(),
+    );
     Ok((config, std::sync::Arc::new(backend)))
 }
 
@@ -123,6 +146,7 @@ impl<S: ShardApi> ShardBackend<S> {
     /// Sets up `client` (see [`connect`]) and starts the background tasks.
     pub async fn start(client: S, config: &RouterConfig) -> Result<Self, BackendError> {
         let info = client.info().await?;
+        let instance = client.health().await?;
         client.clear_cache(None).await?;
         clear_adapter_slots(&client).await;
         let limits = &config.limits;
@@ -182,6 +206,7 @@ impl<S: ShardApi> ShardBackend<S> {
             error_ttl: ADAPTER_ERROR_TTL,
             max_tracked: MAX_TRACKED_ADAPTERS,
         });
+        let client = Guarded::new(client, instance);
         let tasks = vec![
             tokio::spawn(batcher::batching_task(
                 client.clone(),
@@ -207,6 +232,62 @@ impl<S: ShardApi> ShardBackend<S> {
             tasks,
         })
     }
+
+    /// Ok while every rank answers and is still the process this backend set up.
+    pub async fn check(&self, timeout: Duration) -> Result<(), Unhealthy> {
+        match tokio::time::timeout(timeout, self.client.health()).await {
+            Ok(Ok(instance)) if instance == self.client.instance() => Ok(()),
+            Ok(Ok(_)) => Err(Unhealthy::Restarted),
+            Ok(Err(e)) => Err(Unhealthy::Failed(e.to_string())),
+            Err(_) => Err(Unhealthy::Failed(format!(
+                "no answer to a health check within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// True when a background task ended (only [`ShardBackend::stop`] or a panic end them).
+    pub fn tasks_finished(&self) -> bool {
+        self.tasks.iter().any(|t| t.is_finished())
+    }
+
+    /// Resolves, with the reason, when a failed call showed the shards gone or replaced.
+    pub async fn lost(&self) -> String {
+        self.client.until_tripped().await;
+        self.client
+            .tripped()
+            .unwrap_or_else(|| "the shards were lost".into())
+    }
+
+    /// Stops serving: calls in flight end at once, running and queued requests fail with
+    /// `error`, and the background tasks end (waited for at most [`STOP_TIMEOUT`], then
+    /// aborted).
+    pub async fn stop(&self, error: InferError) {
+        self.client.trip(error.to_string());
+        self.scheduler.fail_queued(&error);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !self.tasks.iter().all(|t| t.is_finished()) {
+            if Instant::now() >= deadline {
+                tracing::warn!("backend tasks did not stop in time: aborting them");
+                self.tasks.iter().for_each(|t| t.abort());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Requests queued while the tasks were stopping.
+        self.scheduler.fail_queued(&error);
+    }
+}
+
+/// Why [`ShardBackend::check`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unhealthy {
+    /// A rank is a new process: it holds none of this backend's batches or adapters.
+    #[error("a shard was restarted")]
+    Restarted,
+    /// A rank does not answer, or reports a failure (e.g. a broken tensor-parallel group).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Frees adapter slots and staged adapters a previous router left (their keys are unknown here).
@@ -239,7 +320,7 @@ impl<S: ShardApi> Backend for ShardBackend<S> {
         &self,
         request: ValidGenerateRequest,
     ) -> Result<UnboundedReceiver<Result<InferStreamResponse, InferError>>, InferError> {
-        if self.tasks.iter().any(|t| t.is_finished()) {
+        if self.client.tripped().is_some() || self.tasks_finished() {
             return Err(InferError::Unavailable("the batching loop stopped".into()));
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -248,12 +329,7 @@ impl<S: ShardApi> Backend for ShardBackend<S> {
     }
 
     fn health(&self) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            matches!(
-                tokio::time::timeout(Duration::from_secs(10), self.client.health()).await,
-                Ok(Ok(()))
-            )
-        })
+        Box::pin(async move { self.check(HEALTH_TIMEOUT).await.is_ok() })
     }
 
     fn info(&self) -> BackendInfo {

@@ -22,6 +22,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 
 use super::client::ClientError;
+use super::guarded::Guarded;
 use super::queue::{BatchBudget, Entry, to_proto_request};
 use super::registry::{self, Enqueued, Failure, Job, Registry, RegistryConfig};
 use super::shard_api::ShardApi;
@@ -187,6 +188,17 @@ impl Scheduler {
         })
     }
 
+    /// Fails every queued request with `error`.
+    pub fn fail_queued(&self, error: &InferError) {
+        let entries = {
+            let mut s = self.shared.lock();
+            let entries = s.registry.drain_queued();
+            metrics::gauge!(names::QUEUE_SIZE).set(0.0);
+            entries
+        };
+        fail_entries(error, entries);
+    }
+
     /// Waits until a request may be able to run.
     pub async fn wait_for_work(&self) {
         self.shared.batch.notified().await;
@@ -263,8 +275,13 @@ impl Scheduler {
                     s.registry.free_slots(&free_after);
                     tracing::error!(adapter = %spec.ids(), key = %key, "adapter install failed: {e}");
                     count_failure(&e);
+                    let error = if e.is_unavailable() {
+                        InferError::Unavailable(e.to_string())
+                    } else {
+                        InferError::Generation(format!("Server error: {e}"))
+                    };
                     let failure = Failure {
-                        error: InferError::Generation(format!("Server error: {e}")),
+                        error,
                         cache: false,
                     };
                     s.registry.job_failed(&key, failure, now)
@@ -349,9 +366,21 @@ enum JobDone {
     },
 }
 
+/// A failed call's error, or [`ClientError::Stopped`] when the shards are gone or were
+/// replaced (the requests then get UNAVAILABLE, and the error is not remembered).
+async fn shards_or_request<T>(
+    shard: &Guarded<impl ShardApi>,
+    result: Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    match result {
+        Err(e) if shard.lost(&e).await => Err(ClientError::Stopped),
+        other => other,
+    }
+}
+
 /// Runs one job on the shards. A failed prepare or install drops what the ranks staged (some
 /// may have succeeded); a failed install also empties its slot (best effort).
-async fn run_job<S: ShardApi>(shard: S, job: Job) -> Option<JobDone> {
+async fn run_job<S: ShardApi>(shard: Guarded<S>, job: Job) -> Option<JobDone> {
     match job {
         Job::Prepare { key, id, spec } => {
             let result = match medley_spec::wire::spec_to_proto(&spec) {
@@ -367,6 +396,7 @@ async fn run_job<S: ShardApi>(shard: S, job: Job) -> Option<JobDone> {
                     "the base model is not loaded into a slot",
                 ))),
             };
+            let result = shards_or_request(&shard, result).await;
             if result.is_err() {
                 discard(&shard, id).await;
             }
@@ -391,6 +421,7 @@ async fn run_job<S: ShardApi>(shard: S, job: Job) -> Option<JobDone> {
                 }
             }
             let result = shard.install_adapter(id, slot).await;
+            let result = shards_or_request(&shard, result).await;
             if result.is_err() {
                 discard(&shard, id).await;
                 if let Err(e) = shard.offload_adapter(slot).await {
@@ -423,8 +454,9 @@ async fn discard(shard: &impl ShardApi, id: u64) {
 const BLOCKED_RECHECK: Duration = Duration::from_millis(50);
 
 /// The loader: plans shard calls whenever something changed and runs them concurrently (with
-/// each other and with the batching loop), recording their outcome. Runs until aborted.
-pub(crate) async fn loader_task<S: ShardApi>(shard: S, scheduler: Scheduler) {
+/// each other and with the batching loop), recording their outcome. Runs until the client's
+/// tripwire fires (its jobs are then dropped) or it is aborted.
+pub(crate) async fn loader_task<S: ShardApi>(shard: Guarded<S>, scheduler: Scheduler) {
     let mut jobs: JoinSet<Option<JobDone>> = JoinSet::new();
     let mut running: HashMap<tokio::task::Id, Option<AdapterKey>> = HashMap::new();
     loop {
@@ -456,6 +488,7 @@ pub(crate) async fn loader_task<S: ShardApi>(shard: S, scheduler: Scheduler) {
             Duration::from_secs(3600)
         };
         tokio::select! {
+            _ = shard.until_tripped() => return,
             _ = scheduler.shared.loader.notified() => {}
             Some(done) = jobs.join_next_with_id(), if !jobs.is_empty() => match done {
                 Ok((id, done)) => {

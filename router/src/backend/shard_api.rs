@@ -13,8 +13,9 @@ pub trait ShardApi: Clone + Send + Sync + 'static {
     /// Model facts from rank 0.
     fn info(&self) -> impl Future<Output = Result<pb::InfoResponse, ClientError>> + Send;
 
-    /// Health of every rank.
-    fn health(&self) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// Health of every rank; the answer identifies the processes (see
+    /// [`super::client::group_instance`]): it changes when a shard restarts.
+    fn health(&self) -> impl Future<Output = Result<u64, ClientError>> + Send;
 
     /// Warms up every rank; returns the smallest KV capacity in tokens.
     fn warmup(

@@ -118,6 +118,8 @@ pub(crate) struct FakeShard {
     cfg: Arc<FakeShardConfig>,
     state: Arc<Mutex<State>>,
     gates: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+    /// The process: whether it runs, and its instance id.
+    process: Arc<Mutex<(bool, u64)>>,
 }
 
 /// A slot label: what a request running on it reports.
@@ -143,6 +145,42 @@ impl FakeShard {
             cfg: Arc::new(cfg),
             state: Arc::default(),
             gates: Arc::default(),
+            process: Arc::new(Mutex::new((true, 1))),
+        }
+    }
+
+    /// The process dies: every call fails as a broken connection would, and what it held
+    /// (batches, slots, staged adapters) is gone.
+    pub fn crash(&self) {
+        self.process.lock().expect("process").0 = false;
+        let mut state = self.lock();
+        state.batches.clear();
+        state.slots.clear();
+        state.staged.clear();
+    }
+
+    /// The process does not answer for `pause`, then answers again as before.
+    pub async fn blip(&self, pause: Duration) {
+        self.process.lock().expect("process").0 = false;
+        tokio::time::sleep(pause).await;
+        self.process.lock().expect("process").0 = true;
+    }
+
+    /// A new process starts (empty, with a new instance id).
+    pub fn restart(&self) {
+        self.crash();
+        let mut process = self.process.lock().expect("process");
+        *process = (true, process.1 + 1);
+    }
+
+    /// Fails like a call to a dead process.
+    fn alive(&self) -> Result<u64, ClientError> {
+        match *self.process.lock().expect("process") {
+            (true, instance) => Ok(instance),
+            (false, _) => Err(ClientError::Connect {
+                path: "fake".into(),
+                message: "connection refused".into(),
+            }),
         }
     }
 
@@ -320,6 +358,7 @@ impl FakeShard {
 
 impl ShardApi for FakeShard {
     async fn info(&self) -> Result<pb::InfoResponse, ClientError> {
+        self.alive()?;
         Ok(pb::InfoResponse {
             model_id: "fake".into(),
             dtype: "float32".into(),
@@ -335,16 +374,19 @@ impl ShardApi for FakeShard {
         })
     }
 
-    async fn health(&self) -> Result<(), ClientError> {
-        Ok(())
+    async fn health(&self) -> Result<u64, ClientError> {
+        self.alive()
     }
 
     async fn warmup(&self, _req: pb::WarmupRequest) -> Result<u64, ClientError> {
+        self.alive()?;
         Ok(1 << 16)
     }
 
     async fn prefill(&self, batch: pb::Batch) -> Result<pb::PrefillResponse, ClientError> {
+        self.alive()?;
         tokio::time::sleep(self.cfg.step_delay).await;
+        self.alive()?;
         let mut state = self.lock();
         let seqs: Vec<Seq> = batch
             .requests
@@ -361,6 +403,15 @@ impl ShardApi for FakeShard {
             })
             .collect();
         state.prefills.push(seqs.iter().map(|s| s.slot).collect());
+        // Like the real shard: a request on an empty slot fails the prefill.
+        if let Some(s) = seqs
+            .iter()
+            .find(|s| s.slot > 0 && !state.slots.contains_key(&s.slot))
+        {
+            let message = format!("request {} ran on empty slot {}", s.id, s.slot);
+            state.violations.push(message.clone());
+            return Err(ClientError::Rpc(tonic::Status::invalid_argument(message)));
+        }
         let (generations, alive) = Self::step(&mut state, seqs);
         let cached = Self::cached(batch.id, &alive);
         if !alive.is_empty() {
@@ -377,7 +428,9 @@ impl ShardApi for FakeShard {
         &self,
         batches: Vec<pb::CachedBatch>,
     ) -> Result<pb::DecodeResponse, ClientError> {
+        self.alive()?;
         tokio::time::sleep(self.cfg.step_delay).await;
+        self.alive()?;
         let mut state = self.lock();
         let id = batches.first().map_or(0, |b| b.id);
         let mut seqs = Vec::new();
@@ -406,6 +459,7 @@ impl ShardApi for FakeShard {
         batch_id: u64,
         request_ids: Vec<u64>,
     ) -> Result<Option<pb::CachedBatch>, ClientError> {
+        self.alive()?;
         let mut state = self.lock();
         let Some(seqs) = state.batches.get_mut(&batch_id) else {
             return Err(ClientError::Rpc(tonic::Status::not_found("no such batch")));
@@ -419,6 +473,7 @@ impl ShardApi for FakeShard {
     }
 
     async fn clear_cache(&self, id: Option<u64>) -> Result<(), ClientError> {
+        self.alive()?;
         let mut state = self.lock();
         match id {
             Some(id) => {
@@ -433,6 +488,7 @@ impl ShardApi for FakeShard {
         &self,
         req: pb::PrepareAdapterRequest,
     ) -> Result<pb::PrepareAdapterResponse, ClientError> {
+        self.alive()?;
         let ids: Vec<String> = match req.spec.as_ref().and_then(|s| s.kind.as_ref()) {
             Some(pb::adapter_spec::Kind::Single(r)) => vec![r.id.clone()],
             Some(pb::adapter_spec::Kind::Merged(m)) => m
@@ -474,6 +530,7 @@ impl ShardApi for FakeShard {
         id: u64,
         slot: u32,
     ) -> Result<pb::InstallAdapterResponse, ClientError> {
+        self.alive()?;
         let mut state = self.lock();
         state.installs.push((id, slot));
         if slot == 0 || slot > self.cfg.slots {
@@ -515,6 +572,7 @@ impl ShardApi for FakeShard {
     }
 
     async fn discard_adapter(&self, id: Option<u64>) -> Result<(), ClientError> {
+        self.alive()?;
         let mut state = self.lock();
         match id {
             Some(id) => {
@@ -526,6 +584,7 @@ impl ShardApi for FakeShard {
     }
 
     async fn offload_adapter(&self, slot: u32) -> Result<(), ClientError> {
+        self.alive()?;
         let mut state = self.lock();
         state.offloads.push(slot);
         let users: Vec<u64> = state
@@ -545,6 +604,7 @@ impl ShardApi for FakeShard {
     }
 
     async fn list_adapters(&self) -> Result<pb::ListAdaptersResponse, ClientError> {
+        self.alive()?;
         Ok(pb::ListAdaptersResponse {
             slots: self
                 .lock()

@@ -97,6 +97,13 @@ pub trait Comm: Send + Sync + std::fmt::Debug {
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), CommError>;
 
+    /// Whether the group can still run collectives, without taking part in one: a failed or
+    /// timed-out collective earlier, or a peer process that is gone, make it `Err` (the group
+    /// must then be restarted). Cheap; called by health checks from any thread.
+    fn check(&self) -> Result<(), CommError> {
+        Ok(())
+    }
+
     /// The element-wise sum over ranks of `t` (any float dtype and shape), in `t`'s dtype: each
     /// rank's partial is widened to f32, summed in rank order, and rounded once. The default
     /// takes the host path (what the CPU backend needs); a device backend overrides it.

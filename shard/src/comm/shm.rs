@@ -325,6 +325,21 @@ impl ShmComm {
 }
 
 impl Comm for ShmComm {
+    fn check(&self) -> Result<(), CommError> {
+        if self.word(POISONED).load(Ordering::Acquire) != 0 {
+            return Err(CommError::Poisoned { rank: self.rank });
+        }
+        if let Some((peer, pid)) = self.dead_peer() {
+            self.poison();
+            return Err(CommError::PeerGone {
+                rank: self.rank,
+                peer,
+                pid,
+            });
+        }
+        Ok(())
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }

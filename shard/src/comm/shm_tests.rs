@@ -283,6 +283,27 @@ fn a_dead_peer_is_noticed_fast() {
     // The timeout is 20 s; the pid check answers within a futex sleep.
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert!(matches!(c.barrier(), Err(CommError::Poisoned { .. })));
+    assert!(matches!(c.check(), Err(CommError::Poisoned { .. })));
+}
+
+#[test]
+fn check_notices_a_dead_peer_without_a_collective() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("group");
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = std::process::Command::new(exe)
+        .args(["--exact", "comm::shm::tests::child_joins_then_exits"])
+        .env(EXIT_MARKER, &path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn rank 1");
+    let c = ShmComm::join(&config(&path, 0, 2, 8)).expect("join");
+    child.wait().expect("rank 1 exits");
+    let err = c.check().expect_err("rank 1 is gone");
+    assert!(matches!(err, CommError::PeerGone { peer: 1, .. }), "{err}");
+    // The group is marked failed for every rank from then on.
+    assert!(matches!(c.check(), Err(CommError::Poisoned { .. })));
+    assert!(crate::comm::Single.check().is_ok());
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The engine thread and the async handle the gRPC server uses to reach it.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -12,13 +13,13 @@ use super::types::{
 };
 use super::{Engine, EngineError};
 use crate::adapters::{InstallReport, SlotAdapter};
+use crate::comm::Comm;
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 /// Work for the engine thread.
 enum Command {
     Info(Reply<ShardInfo>),
-    Health(Reply<()>),
     Warmup(WarmupParams, Reply<WarmupResult>),
     Prefill(Batch, Reply<StepResponse>),
     Decode(Vec<CachedBatch>, Reply<StepResponse>),
@@ -34,6 +35,19 @@ enum Command {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    /// Cleared when the engine thread ends (returns or panics).
+    running: Arc<AtomicBool>,
+    /// The model's group, for health checks that must not wait behind a forward pass.
+    comm: Arc<dyn Comm>,
+}
+
+/// Clears the running flag when the engine thread ends, however it ends.
+struct RunningGuard(Arc<AtomicBool>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Settings of the engine thread itself.
@@ -64,10 +78,16 @@ impl EngineHandle {
         settings: EngineThreadSettings,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
+        let comm = engine.comm();
+        let running = Arc::new(AtomicBool::new(true));
+        let guard = RunningGuard(running.clone());
         let join = std::thread::Builder::new()
             .name("medley-engine".into())
-            .spawn(move || run(engine, rx, settings))?;
-        Ok((Self { tx }, join))
+            .spawn(move || {
+                let _guard = guard;
+                run(engine, rx, settings)
+            })?;
+        Ok((Self { tx, running, comm }, join))
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
@@ -83,9 +103,15 @@ impl EngineHandle {
         self.call(Command::Info).await
     }
 
-    /// Round trip through the engine thread.
-    pub async fn health(&self) -> Result<(), EngineError> {
-        self.call(Command::Health).await
+    /// The engine thread runs and its tensor-parallel group works. Answered here, not by the
+    /// engine thread, so a long forward pass does not make the shard look dead.
+    pub fn health(&self) -> Result<(), EngineError> {
+        if !self.running.load(Ordering::Acquire) {
+            return Err(EngineError::Stopped);
+        }
+        self.comm
+            .check()
+            .map_err(|e| EngineError::GroupBroken(e.to_string()))
     }
 
     /// See [`Engine::warmup`].
@@ -145,23 +171,30 @@ impl EngineHandle {
 
 fn run(mut engine: Engine, rx: mpsc::Receiver<Command>, settings: EngineThreadSettings) {
     let mut heap = settings.heap_trim_interval.map(HeapTrimmer::new);
+    let comm = engine.comm();
+    // A step that failed because the group broke says so (UNAVAILABLE: restart the group),
+    // not as a model error.
+    let step = |result: Result<StepResponse, EngineError>| match result {
+        Err(EngineError::Model(m)) => Err(match comm.check() {
+            Err(e) => EngineError::GroupBroken(format!("{e} ({m})")),
+            Ok(()) => EngineError::Model(m),
+        }),
+        other => other,
+    };
     while let Ok(cmd) = rx.recv() {
         // A send error only means the caller gave up waiting; the work is done either way.
         match cmd {
             Command::Info(r) => {
                 let _ = r.send(Ok(engine.info()));
             }
-            Command::Health(r) => {
-                let _ = r.send(Ok(()));
-            }
             Command::Warmup(req, r) => {
                 let _ = r.send(engine.warmup(&req));
             }
             Command::Prefill(batch, r) => {
-                let _ = r.send(engine.prefill(batch));
+                let _ = r.send(step(engine.prefill(batch)));
             }
             Command::Decode(batches, r) => {
-                let _ = r.send(engine.decode(batches));
+                let _ = r.send(step(engine.decode(batches)));
             }
             Command::Filter(id, ids, r) => {
                 let _ = r.send(engine.filter(id, &ids));

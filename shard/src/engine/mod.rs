@@ -51,6 +51,10 @@ pub enum EngineError {
     /// The engine thread is gone.
     #[error("engine stopped")]
     Stopped,
+    /// The tensor-parallel group failed (a rank died, or a collective timed out): only a
+    /// restart of the whole group recovers.
+    #[error("tensor-parallel group broken: {0}")]
+    GroupBroken(String),
 }
 
 impl From<EngineError> for tonic::Status {
@@ -61,7 +65,7 @@ impl From<EngineError> for tonic::Status {
             EngineError::KvCache(_) => tonic::Code::ResourceExhausted,
             EngineError::Model(_) | EngineError::Tokenizer(_) => tonic::Code::Internal,
             EngineError::Adapter(a) => a.code(),
-            EngineError::Stopped => tonic::Code::Unavailable,
+            EngineError::Stopped | EngineError::GroupBroken(_) => tonic::Code::Unavailable,
         };
         tonic::Status::new(code, e.to_string())
     }
@@ -111,6 +115,11 @@ impl Engine {
             adapters,
             batches: HashMap::new(),
         }
+    }
+
+    /// The communicator of the model's tensor-parallel group.
+    pub fn comm(&self) -> std::sync::Arc<dyn crate::comm::Comm> {
+        self.model.comm().clone()
     }
 
     fn vocab(&self) -> usize {

@@ -224,6 +224,11 @@ impl LlamaModel {
         &self.kv_cfg
     }
 
+    /// The communicator of this rank's tensor-parallel group ([`crate::comm::Single`] alone).
+    pub fn comm(&self) -> &Arc<dyn Comm> {
+        &self.comm
+    }
+
     /// The resolved configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg

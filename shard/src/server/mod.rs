@@ -29,6 +29,8 @@ pub struct ShardServer {
     engine: EngineHandle,
     loader: Arc<AdapterLoader>,
     staged: Mutex<HashMap<u64, SlotAdapter>>,
+    /// Random per process: a router tells a restarted shard from the one it set up.
+    instance: u64,
 }
 
 impl ShardServer {
@@ -38,6 +40,7 @@ impl ShardServer {
             engine,
             loader,
             staged: Mutex::new(HashMap::new()),
+            instance: instance_id(),
         }
     }
 
@@ -45,6 +48,17 @@ impl ShardServer {
         // A poisoned lock only means a thread panicked between two map operations.
         self.staged.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// A number that differs between processes (and between runs of one pid): the standard
+/// library's randomly keyed hasher over the pid and the clock.
+fn instance_id() -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    std::process::id().hash(&mut h);
+    std::time::SystemTime::now().hash(&mut h);
+    // 0 means "not reported" on the wire.
+    h.finish().max(1)
 }
 
 #[tonic::async_trait]
@@ -60,8 +74,10 @@ impl ShardService for ShardServer {
         &self,
         _: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        self.engine.health().await?;
-        Ok(Response::new(pb::HealthResponse {}))
+        self.engine.health()?;
+        Ok(Response::new(pb::HealthResponse {
+            instance: self.instance,
+        }))
     }
 
     async fn warmup(

@@ -33,6 +33,7 @@ fn plan(tmp: &Path, mode: &str, extra: &[&str]) -> ServePlan {
     let Command::Serve(args) = Cli::try_parse_from(argv).expect("parse").command else {
         panic!("expected the serve subcommand");
     };
+    let args = *args;
     ServePlan {
         resolve: ResolveRequest {
             model: Some(model),
@@ -40,12 +41,18 @@ fn plan(tmp: &Path, mode: &str, extra: &[&str]) -> ServePlan {
             hub: HubSettings::from_vars(Some(tmp.join("hub")), |_| None),
             embedded_bases: vec![tmp.join("embedded")],
         },
-        args: *args,
+        args: args.clone(),
         shard_bin: ShardProgram {
             path: fake_shard(),
             leading_args: vec![],
         },
         probe: Arc::new(FileProbe),
+        group: GroupPolicy {
+            check_interval: Duration::from_millis(50),
+            failed_checks: 2,
+            first_delay: Duration::from_millis(10),
+            ..GroupPolicy::new(args.shard_restart)
+        },
     }
 }
 
@@ -115,13 +122,83 @@ async fn signal_stops_router_then_shards() {
     assert!(expected.iter().all(|s| !s.exists()), "sockets left behind");
 }
 
+/// Lines in `<tmp>/<mode>/runs-<rank>`: how often that rank was started.
+fn runs(tmp: &Path, mode: &str, rank: usize) -> usize {
+    std::fs::read_to_string(tmp.join(mode).join(format!("runs-{rank}")))
+        .map_or(0, |s| s.lines().count())
+}
+
+/// Serves `mode` with `extra` flags until every rank has run `starts` times, then checks the
+/// router was never stopped and stops with a signal.
+async fn restarted(mode: &str, extra: &[&str], starts: usize) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = Arc::new(Mutex::new(RouterLog::default()));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let run = tokio::spawn(serve_with(
+        plan(tmp.path(), mode, extra),
+        rx,
+        fake_router(log.clone(), None),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while (0..2).any(|rank| runs(tmp.path(), mode, rank) < starts) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shards were not restarted"
+        );
+        assert!(!run.is_finished(), "serve ended: {:?}", run.await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Settled: the restarted group stays up.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(runs(tmp.path(), mode, 0), starts);
+    assert!(!log.lock().expect("lock").stopped, "the router was stopped");
+    tx.send(Termination::Terminate).expect("send");
+    let result = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("stops")
+        .expect("join");
+    assert!(result.is_ok(), "{result:?}");
+    assert!(log.lock().expect("lock").stopped);
+}
+
 #[tokio::test]
-async fn shard_death_while_serving_exits_5() {
+async fn a_dead_shard_restarts_the_group_while_the_router_runs() {
+    restarted("dieonce", &["--num-shard", "2"], 2).await;
+}
+
+#[tokio::test]
+async fn a_hung_shard_restarts_the_group() {
+    restarted("hangonce", &["--num-shard", "2"], 2).await;
+}
+
+#[tokio::test]
+async fn restarting_gives_up_when_the_new_group_cannot_start() {
     let tmp = tempfile::tempdir().expect("tmp");
     let log = Arc::new(Mutex::new(RouterLog::default()));
     let (_tx, rx) = mpsc::unbounded_channel();
     let err = serve_with(
-        plan(tmp.path(), "die7", &[]),
+        plan(tmp.path(), "dieoncethenfail", &[]),
+        rx,
+        fake_router(log.clone(), None),
+    )
+    .await
+    .expect_err("gave up");
+    assert_eq!(err.exit_code(), 5, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("shard 0 exited"), "{text}");
+    assert!(text.contains("cannot start"), "{text}");
+    // The first run, then three failed starts.
+    assert_eq!(runs(tmp.path(), "dieoncethenfail", 0), 4);
+    assert!(log.lock().expect("lock").stopped, "router kept running");
+}
+
+#[tokio::test]
+async fn shard_death_while_serving_exits_5_without_restart() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = Arc::new(Mutex::new(RouterLog::default()));
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let err = serve_with(
+        plan(tmp.path(), "die7", &["--shard-restart", "never"]),
         rx,
         fake_router(log.clone(), None),
     )

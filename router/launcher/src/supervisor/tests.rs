@@ -12,7 +12,12 @@ use super::*;
 /// `ready` creates its socket at once; `late` after 0.4 s; `never` never; `fail3` prints to
 /// stderr and exits 3; `json` logs one JSON error line and exits 1; `die7` becomes ready then
 /// exits 7 after 0.5 s; `stubborn` ignores SIGTERM; `rank1fails` exits 4 on rank 1 only.
-/// Every run records its rank, world size and arguments in `<model-dir>/args-<rank>`.
+/// On their first run (no `<model-dir>/ran-<rank>` yet) `dieonce` becomes ready and exits 7
+/// after 0.3 s, `hangonce` becomes ready and stops answering (removes its socket) after 0.3 s,
+/// `dieoncethenfail` is like `dieonce`; later runs of `dieonce` and `hangonce` are ready, of
+/// `dieoncethenfail` exit 3 at once.
+/// Every run records its rank, world size and arguments in `<model-dir>/args-<rank>` and
+/// appends a line to `<model-dir>/runs-<rank>`.
 const FAKE_SHARD: &str = r#"#!/bin/sh
 ALL="$*"
 while [ $# -gt 0 ]; do
@@ -24,6 +29,10 @@ while [ $# -gt 0 ]; do
 done
 MODE="${DIR##*/}"
 echo "$RANK $WORLD_SIZE $ALL" > "$DIR/args-$RANK"
+echo run >> "$DIR/runs-$RANK"
+FIRST=1
+if [ -e "$DIR/ran-$RANK" ]; then FIRST=0; fi
+touch "$DIR/ran-$RANK"
 case "$MODE" in
   ready) touch "$SOCK"; exec sleep 60 ;;
   late) sleep 0.4; touch "$SOCK"; exec sleep 60 ;;
@@ -33,6 +42,9 @@ case "$MODE" in
   die7) touch "$SOCK"; sleep 0.5; exit 7 ;;
   stubborn) trap '' TERM; touch "$SOCK"; while :; do sleep 0.1; done ;;
   rank1fails) if [ "$RANK" = 1 ]; then exit 4; fi; touch "$SOCK"; exec sleep 60 ;;
+  dieonce) touch "$SOCK"; if [ $FIRST = 1 ]; then sleep 0.3; exit 7; fi; exec sleep 60 ;;
+  hangonce) touch "$SOCK"; if [ $FIRST = 1 ]; then sleep 0.3; rm -f "$SOCK"; fi; exec sleep 60 ;;
+  dieoncethenfail) if [ $FIRST = 0 ]; then echo "error: cannot start" >&2; exit 3; fi; touch "$SOCK"; sleep 0.3; exit 7 ;;
   *) echo "unknown mode $MODE" >&2; exit 99 ;;
 esac
 "#;

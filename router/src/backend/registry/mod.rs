@@ -365,6 +365,19 @@ impl Registry {
         }
     }
 
+    /// Takes every queued request out (base model included), e.g. to fail them when the shards
+    /// are gone.
+    pub fn drain_queued(&mut self) -> Vec<Entry> {
+        let mut entries: Vec<Entry> = self.base.drain(..).map(|(_, e)| e).collect();
+        for a in self.adapters.values_mut() {
+            entries.extend(a.queue.drain(..).map(|(_, e)| e));
+            if a.idle() {
+                a.active_since = None;
+            }
+        }
+        entries
+    }
+
     /// Number of queued requests (base model included).
     pub fn queued(&self) -> usize {
         self.base.len() + self.adapters.values().map(|a| a.queue.len()).sum::<usize>()
