@@ -190,6 +190,16 @@ step "transformers+peft $device f32 tokens" 240 \
 step "compare f32" 30 compare "medley $device f32 vs transformers+peft $device f32" \
   tokens-hf-f32.json "tokens-medley-$device-f32.json"
 
+# Tensor parallelism: 2 ranks. On one GPU both ranks share it (cuda:0:shared) and exchange
+# partial sums through host shared memory (NCCL refuses two ranks on one GPU): the split GPU
+# model is what this checks.
+tp_device="$device"
+[ "$mode" = gpu ] && tp_device="cuda:0:shared"
+step "medley $tp_device f32 tokens, 2 tensor-parallel ranks" 180 \
+  medley_tokens "tp2-f32" "$tp_device" f32 2
+step "compare tp2 f32" 30 compare "medley $tp_device f32 2 ranks vs transformers+peft $device f32" \
+  tokens-hf-f32.json "tokens-medley-tp2-f32.json"
+
 step "medley $device bf16 tokens + speed" 300 medley_tokens_and_speed "$device-bf16" "$device" bf16
 step "transformers+peft $device bf16 tokens" 240 \
   "$py" "$check" hf-tokens --model "$model" --adapters "$adapters" --dtype bf16 \

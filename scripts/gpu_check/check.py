@@ -77,6 +77,32 @@ def medley_tokens(args):
     write(args.out, out)
 
 
+def decode_step_totals(url):
+    """Sums and counts of the router's decode-step histograms (forward pass, and its part in
+    tensor-parallel collectives), from /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        for name in ("medley_batch_forward_duration", "medley_batch_comm_duration"):
+            for part in ("sum", "count"):
+                key = f'{name}_{part}{{method="decode"}}'
+                if line.startswith(key + " "):
+                    out[(name, part)] = float(line.split()[-1])
+    return out
+
+
+def step_columns(before, after):
+    """Decode steps between two scrapes, and forward / collective milliseconds per step."""
+    delta = lambda name, part: after.get((name, part), 0.0) - before.get((name, part), 0.0)
+    steps = delta("medley_batch_forward_duration", "count")
+    if steps <= 0:
+        return {}
+    return dict(decode_steps=int(steps),
+                forward_ms_per_step=round(1e3 * delta("medley_batch_forward_duration", "sum") / steps, 3),
+                comm_ms_per_step=round(1e3 * delta("medley_batch_comm_duration", "sum") / steps, 3))
+
+
 def medley_speed(args):
     rows = []
     deadline = time.monotonic() + args.budget_s
@@ -92,6 +118,7 @@ def medley_speed(args):
             if time.monotonic() > deadline:
                 rows.append(dict(config=name, streams=streams, skipped="time budget"))
                 continue
+            before = decode_step_totals(args.url)
             t0 = time.monotonic()
             with concurrent.futures.ThreadPoolExecutor(streams) as pool:
                 got = list(pool.map(
@@ -100,7 +127,8 @@ def medley_speed(args):
             dt = time.monotonic() - t0
             n = sum(len(g) for g in got)
             rows.append(dict(config=name, streams=streams, tokens=n, seconds=round(dt, 3),
-                             tokens_per_s=round(n / dt, 1)))
+                             tokens_per_s=round(n / dt, 1),
+                             **step_columns(before, decode_step_totals(args.url))))
             print(f"medley {name} x{streams}: {n / dt:.1f} tok/s", file=sys.stderr)
             write(args.out, {"rows": rows, "new_tokens": args.new_tokens})
     write(args.out, {"rows": rows, "new_tokens": args.new_tokens})
@@ -303,15 +331,20 @@ def report(args):
 
 def speed_table(title, keys, rows):
     """A markdown table of speed rows: the `keys` columns (header, field), then tokens, seconds
-    and tokens/s, or why the row was skipped."""
-    lines = [f"## {title}", "", "| " + " | ".join([h for h, _ in keys] + ["tokens", "seconds", "tokens/s"]) + " |",
-             "|" + "---|" * (len(keys) + 3)]
+    and tokens/s (and the decode step's forward and collective times when measured), or why the
+    row was skipped."""
+    extra = [(h, f) for h, f in (("forward ms/step", "forward_ms_per_step"),
+                                 ("collectives ms/step", "comm_ms_per_step"))
+             if any(f in r for r in rows)]
+    heads = [h for h, _ in keys] + ["tokens", "seconds", "tokens/s"] + [h for h, _ in extra]
+    lines = [f"## {title}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [str(r[f]) for _, f in keys]
         if "skipped" in r:
-            cells += [f"skipped ({r['skipped']})", "", ""]
+            cells += [f"skipped ({r['skipped']})", "", ""] + [""] * len(extra)
         else:
             cells += [str(r["tokens"]), str(r["seconds"]), str(r["tokens_per_s"])]
+            cells += [str(r.get(f, "")) for _, f in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 

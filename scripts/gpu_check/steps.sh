@@ -29,14 +29,15 @@ stop_servers() {
   done
 }
 
-# start_server NAME DEVICE DTYPE: starts `medley serve` on ports of its own and waits until
-# /health answers; sets server_url.
+# start_server NAME DEVICE DTYPE [SHARDS]: starts `medley serve` (SHARDS tensor-parallel ranks,
+# default 1) on ports of its own and waits until /health answers; sets server_url.
 start_server() {
-  local name="$1" dev="$2" dtype="$3"
+  local name="$1" dev="$2" dtype="$3" shards="${4:-1}"
   local n port
   n="$(find "$res" -name 'server-*.log' | wc -l)"
   port=$((20000 + ($$ % 10000) * 2 + 100 * n))
-  "$medley" serve --model "$model" --device "$dev" --dtype "$dtype" --adapter-root "$adapters" \
+  "$medley" serve --model "$model" --device "$dev" --dtype "$dtype" --num-shard "$shards" \
+    --adapter-root "$adapters" \
     --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$work/sock-$name" \
     >"$res/server-$name.log" 2>&1 &
   local pid=$!
@@ -57,7 +58,8 @@ start_server() {
   return 1
 }
 
-# medley_tokens NAME DEVICE DTYPE: greedy tokens of every case -> tokens-medley-NAME.json.
+# medley_tokens NAME DEVICE DTYPE [SHARDS]: greedy tokens of every case ->
+# tokens-medley-NAME.json.
 medley_tokens() {
   start_server "$@" || return 1
   "$py" "$check" medley-tokens --url "$server_url" --out "$res/tokens-medley-$1.json"

@@ -45,8 +45,8 @@ pub struct ShardArgs {
     /// declared failed.
     #[arg(long, env = "MEDLEY_COMM_TIMEOUT", default_value_t = 60)]
     pub comm_timeout: u64,
-    /// Device: cpu, cuda (rank r on GPU r) or cuda:N (rank r on GPU N + r). CUDA needs a
-    /// binary built with the `cuda` feature.
+    /// Device: cpu, cuda (rank r on GPU r), cuda:N (rank r on GPU N + r) or cuda:N:shared
+    /// (every rank on GPU N). CUDA needs a binary built with the `cuda` feature.
     #[arg(long, env = "MEDLEY_DEVICE", default_value = "cpu", value_parser = DeviceSpec::parse_flag)]
     pub device: DeviceSpec,
     /// Compute dtype: auto (the checkpoint's), f32, bf16, f16.

@@ -1,7 +1,9 @@
-//! The device a shard computes on: `--device cpu|cuda[:N]`.
+//! The device a shard computes on: `--device cpu|cuda[:N]|cuda:N:shared`.
 //!
 //! `cuda` gives rank `r` GPU `r`; `cuda:N` gives rank `r` GPU `N + r` (ordinals as the driver
-//! numbers them after `CUDA_VISIBLE_DEVICES`). CUDA needs a binary built with the `cuda` cargo
+//! numbers them after `CUDA_VISIBLE_DEVICES`); `cuda:N:shared` puts every rank on GPU `N` (the
+//! split model on one GPU, its partial sums exchanged through host shared memory: how a one-GPU
+//! machine checks the tensor-parallel GPU path, since NCCL refuses two ranks on one GPU). CUDA needs a binary built with the `cuda` cargo
 //! feature (`scripts/cuda/build.sh`); a CPU binary has no CUDA code and links no CUDA library, so
 //! asking it for a GPU is a start-up error, as is a CUDA binary on a machine without a usable GPU.
 
@@ -19,13 +21,18 @@ pub enum DeviceSpec {
         /// The ordinal of rank 0's GPU (`cuda` = 0).
         first: usize,
     },
+    /// Every rank on the same GPU.
+    CudaShared {
+        /// The GPU's ordinal.
+        ordinal: usize,
+    },
 }
 
 /// Why a device could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// `--device` is malformed.
-    #[error("invalid --device `{0}`: expected cpu, cuda or cuda:N")]
+    #[error("invalid --device `{0}`: expected cpu, cuda, cuda:N or cuda:N:shared")]
     Invalid(String),
     /// CUDA was asked of a binary built without it.
     #[error(
@@ -59,11 +66,19 @@ impl FromStr for DeviceSpec {
         match lower.as_str() {
             "cpu" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda { first: 0 }),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .map(|first| Self::Cuda { first })
-                .ok_or_else(|| DeviceError::Invalid(s.to_string())),
+            other => {
+                let rest = other.strip_prefix("cuda:");
+                let (n, shared) = match rest.and_then(|r| r.strip_suffix(":shared")) {
+                    Some(n) => (Some(n), true),
+                    None => (rest, false),
+                };
+                n.and_then(|n| n.parse::<usize>().ok())
+                    .map(|n| match shared {
+                        true => Self::CudaShared { ordinal: n },
+                        false => Self::Cuda { first: n },
+                    })
+                    .ok_or_else(|| DeviceError::Invalid(s.to_string()))
+            }
         }
     }
 }
@@ -74,6 +89,7 @@ impl fmt::Display for DeviceSpec {
             Self::Cpu => f.write_str("cpu"),
             Self::Cuda { first: 0 } => f.write_str("cuda"),
             Self::Cuda { first } => write!(f, "cuda:{first}"),
+            Self::CudaShared { ordinal } => write!(f, "cuda:{ordinal}:shared"),
         }
     }
 }
@@ -90,7 +106,9 @@ impl DeviceSpec {
     /// Whether this binary supports the device kind at all (no device is opened).
     pub fn check_built(self) -> Result<(), DeviceError> {
         match self {
-            Self::Cuda { .. } if !CUDA_BUILT => Err(DeviceError::NotBuilt { requested: self }),
+            Self::Cuda { .. } | Self::CudaShared { .. } if !CUDA_BUILT => {
+                Err(DeviceError::NotBuilt { requested: self })
+            }
             _ => Ok(()),
         }
     }
@@ -100,6 +118,7 @@ impl DeviceSpec {
         match self {
             Self::Cpu => None,
             Self::Cuda { first } => Some(first + rank as usize),
+            Self::CudaShared { ordinal } => Some(ordinal),
         }
     }
 
@@ -191,14 +210,37 @@ mod tests {
             ("gpu", DeviceSpec::Cuda { first: 0 }, "cuda"),
             ("cuda:0", DeviceSpec::Cuda { first: 0 }, "cuda"),
             ("cuda:3", DeviceSpec::Cuda { first: 3 }, "cuda:3"),
+            (
+                "cuda:0:shared",
+                DeviceSpec::CudaShared { ordinal: 0 },
+                "cuda:0:shared",
+            ),
+            (
+                "CUDA:2:Shared",
+                DeviceSpec::CudaShared { ordinal: 2 },
+                "cuda:2:shared",
+            ),
         ] {
             let got: DeviceSpec = text.parse().expect(text);
             assert_eq!(got, spec, "{text}");
             assert_eq!(got.to_string(), shown);
         }
-        for bad in ["", "tpu", "cuda:", "cuda:-1", "cuda:x", "metal"] {
+        for bad in [
+            "",
+            "tpu",
+            "cuda:",
+            "cuda:-1",
+            "cuda:x",
+            "metal",
+            "cuda:shared",
+            "cuda::shared",
+            "cuda:0:other",
+        ] {
             let err = bad.parse::<DeviceSpec>().expect_err(bad).to_string();
-            assert!(err.contains("cpu, cuda or cuda:N"), "{bad}: {err}");
+            assert!(
+                err.contains("cpu, cuda, cuda:N or cuda:N:shared"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -207,6 +249,7 @@ mod tests {
         assert_eq!(DeviceSpec::Cpu.ordinal(3), None);
         assert_eq!(DeviceSpec::Cuda { first: 0 }.ordinal(3), Some(3));
         assert_eq!(DeviceSpec::Cuda { first: 2 }.ordinal(1), Some(3));
+        assert_eq!(DeviceSpec::CudaShared { ordinal: 1 }.ordinal(3), Some(1));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! * [`model`] — the Llama forward pass over a ragged batch (candle).
 //! * [`comm`] — collectives between tensor-parallel ranks ([`comm::Comm`]).
-//! * [`device`] — `--device cpu|cuda[:N]`: which device a rank computes on.
+//! * [`device`] — `--device cpu|cuda[:N]|cuda:N:shared`: which device a rank computes on.
 //! * [`kv_cache`] — per-sequence key/value storage under a token budget.
 //! * [`generation`] — logits processing, sampling, stopping criteria, incremental detokenization.
 //! * [`adapters`] — LoRA adapter sources, merges, slots and the batched LoRA forward.

@@ -56,7 +56,8 @@ pub struct ServeArgs {
     /// Number of tensor-parallel shards (one `medley-shard` process each).
     #[arg(long, env = "NUM_SHARD", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub num_shard: u32,
-    /// Device of the shards: cpu, cuda (rank r on GPU r) or cuda:N (rank r on GPU N + r).
+    /// Device of the shards: cpu, cuda (rank r on GPU r), cuda:N (rank r on GPU N + r) or
+    /// cuda:N:shared (every rank on GPU N; collectives through host memory).
     /// CUDA needs a binary built with the `cuda` feature (scripts/cuda/build.sh).
     #[arg(long, env = "MEDLEY_DEVICE", default_value = "cpu", value_parser = DeviceSpec::parse_flag)]
     pub device: DeviceSpec,

@@ -31,6 +31,7 @@ mod names {
     pub const BATCH_MAX_TOKENS: &str = "medley_batch_current_max_tokens";
     pub const CANCELLED: &str = "medley_request_cancelled";
     pub const FORWARD: &str = "medley_batch_forward_duration";
+    pub const COMM: &str = "medley_batch_comm_duration";
     pub const STEP: &str = "medley_batch_inference_duration";
 }
 
@@ -152,6 +153,7 @@ async fn decode(
 fn record_timings(t: Option<&pb::Timings>, method: &'static str, start: Instant) {
     if let Some(t) = t {
         metrics::histogram!(names::FORWARD, "method" => method).record(t.forward_ns as f64 / 1e9);
+        metrics::histogram!(names::COMM, "method" => method).record(t.comm_ns as f64 / 1e9);
     }
     metrics::histogram!(names::STEP, "method" => method).record(start.elapsed().as_secs_f64());
 }

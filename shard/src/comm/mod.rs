@@ -4,6 +4,7 @@
 //! * [`Single`] — world size 1: every collective is the identity.
 //! * [`ShmComm`] — ranks as processes on one machine, exchanging data through one shared-memory
 //!   file (no sockets on the hot path): the CPU backend, used by tests and CPU serving.
+//! * [`Timed`] — wraps another and adds up the time spent in collectives (per-step timings).
 //! * NCCL (GPU part 2) implements the same trait; [`Comm::all_reduce_sum_tensor`] is the seam
 //!   where it keeps the data on the device instead of taking the host path.
 //!
@@ -13,12 +14,14 @@
 
 mod futex;
 mod shm;
+mod timed;
 
 use std::time::Duration;
 
 use candle_core::{DType, Tensor};
 
 pub use shm::{ShmComm, ShmCommConfig};
+pub use timed::Timed;
 
 /// Why a collective failed.
 #[derive(Debug, thiserror::Error)]

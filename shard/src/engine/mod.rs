@@ -119,7 +119,7 @@ impl Engine {
 
     /// The communicator of the model's tensor-parallel group.
     pub fn comm(&self) -> std::sync::Arc<dyn crate::comm::Comm> {
-        self.model.comm().clone()
+        self.model.comm()
     }
 
     fn vocab(&self) -> usize {
@@ -240,6 +240,7 @@ impl Engine {
             batch: cached,
             timings: StepTimings {
                 forward_ns,
+                comm_ns: self.model.take_comm_ns(),
                 decode_ns,
                 total_ns: start.elapsed().as_nanos() as u64,
             },
@@ -280,6 +281,7 @@ impl Engine {
             batch: cached,
             timings: StepTimings {
                 forward_ns,
+                comm_ns: self.model.take_comm_ns(),
                 decode_ns,
                 total_ns: start.elapsed().as_nanos() as u64,
             },

@@ -97,6 +97,8 @@ pub struct Generation {
 pub struct StepTimings {
     /// The forward pass.
     pub forward_ns: u64,
+    /// The part of the forward pass spent in collectives (0 without tensor parallelism).
+    pub comm_ns: u64,
     /// Sampling, stopping criteria and detokenization.
     pub decode_ns: u64,
     /// The whole step.

@@ -12,7 +12,7 @@ use super::lora::{LoraDelta, RowSlots, TargetModule};
 use super::vocab;
 use super::weights::{Checkpoint, Part};
 use super::{LoadOptions, LocalShape, ModelConfig, ModelError};
-use crate::comm::Comm;
+use crate::comm::{Comm, Timed};
 use crate::kv_cache::KvCache;
 
 /// The SiLU-gated MLP of one decoder layer.
@@ -63,8 +63,8 @@ pub struct LlamaModel {
     local: LocalShape,
     dtype: DType,
     device: Device,
-    /// The collectives of this rank's tensor-parallel group.
-    comm: Arc<dyn Comm>,
+    /// The collectives of this rank's tensor-parallel group, timed.
+    comm: Arc<Timed>,
     embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -203,7 +203,7 @@ impl LlamaModel {
             local,
             dtype,
             device: device.clone(),
-            comm: opts.comm.clone(),
+            comm: Arc::new(Timed::new(opts.comm.clone())),
             embed,
             layers,
             norm: final_norm,
@@ -225,8 +225,14 @@ impl LlamaModel {
     }
 
     /// The communicator of this rank's tensor-parallel group ([`crate::comm::Single`] alone).
-    pub fn comm(&self) -> &Arc<dyn Comm> {
-        &self.comm
+    pub fn comm(&self) -> Arc<dyn Comm> {
+        self.comm.clone()
+    }
+
+    /// Nanoseconds spent in collectives (waiting for the other ranks included) since the last
+    /// call: the communication part of the last step.
+    pub fn take_comm_ns(&self) -> u64 {
+        self.comm.take_ns()
     }
 
     /// The resolved configuration.

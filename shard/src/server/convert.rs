@@ -210,6 +210,7 @@ impl From<StepTimings> for pb::Timings {
     fn from(t: StepTimings) -> Self {
         Self {
             forward_ns: t.forward_ns,
+            comm_ns: t.comm_ns,
             decode_ns: t.decode_ns,
             total_ns: t.total_ns,
         }
@@ -404,6 +405,7 @@ mod tests {
             batch: None,
             timings: StepTimings {
                 forward_ns: 1,
+                comm_ns: 3,
                 decode_ns: 2,
                 total_ns: 4,
             },
@@ -424,6 +426,7 @@ mod tests {
             wire.timings,
             Some(pb::Timings {
                 forward_ns: 1,
+                comm_ns: 3,
                 decode_ns: 2,
                 total_ns: 4,
             })

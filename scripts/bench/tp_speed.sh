@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Tensor-parallel decode speed and memory on this machine: the same TinyLlama-shaped model (f32,
+# --layers layers, 8 rank-16 adapters) served with --num-shard 1 and 2 (the launcher gives each
+# rank cpus / ranks forward threads, so both runs use the same total), decode tokens/s at 1 and
+# 16 streams for the base model, one adapter and 8 distinct merges (check.py medley-speed), the
+# forward and collective time per decode step from /metrics, and each rank's peak RSS.
+#
+#   cargo build --release -p medley -p medley-shard -p medley-merge --bins --features medley-shard/testing,medley-merge/testing
+#   scripts/bench/tp_speed.sh [LAYERS] [STREAMS] [NEW_TOKENS]
+#
+# Python: any python3 (check.py's medley-speed needs only the standard library).
+set -euo pipefail
+
+layers=${1:-4}
+streams=${2:-1,16}
+new_tokens=${3:-32}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bin=${MEDLEY_BIN_DIR:-$root/target/release}
+for b in medley medley-fixture medley-merge-dev; do
+    [ -x "$bin/$b" ] || { echo "missing $bin/$b: build it first (see the header)" >&2; exit 1; }
+done
+work=$(mktemp -d /tmp/medley-tp-speed.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
+"$bin/medley-fixture" model --preset tinyllama --layers "$layers" --dtype f32 --out "$work/model" >/dev/null
+for i in 0 1 2 3 4 5 6 7; do
+    "$bin/medley-merge-dev" fixture --preset tinyllama --layers "$layers" --rank 16 --alpha 32 \
+        --seed "$((100 + i))" --out "$work/adapters/a$i" >/dev/null
+done
+
+# Peak RSS (kB) of the shard processes of the server whose sockets start with $1.
+peak_rss() {
+    local pid out=""
+    for pid in $(pgrep -f -- "--uds-path $1-"); do
+        out+="$(awk '/VmHWM/ {print $2}' "/proc/$pid/status") "
+    done
+    echo "$out"
+}
+
+for shards in 1 2; do
+    port=$((21000 + (shards * 10) + ($$ % 500) * 20))
+    sock="$work/sock$shards"
+    "$bin/medley" serve --model "$work/model" --adapter-root "$work/adapters" --num-shard "$shards" \
+        --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$sock" \
+        >"$work/server$shards.log" 2>&1 &
+    server=$!
+    for _ in $(seq 1 600); do
+        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+            "http://127.0.0.1:$port/health" 2>/dev/null && break
+        kill -0 "$server" 2>/dev/null || { tail -n 20 "$work/server$shards.log"; exit 1; }
+        sleep 0.5
+    done
+    python3 "$root/scripts/gpu_check/check.py" medley-speed --url "http://127.0.0.1:$port" \
+        --out "$work/speed$shards.json" --streams "$streams" --new-tokens "$new_tokens" \
+        --budget-s 1200 2>/dev/null
+    echo "$(peak_rss "$sock")" >"$work/rss$shards"
+    kill -TERM "$server"
+    wait "$server" || true
+done
+
+python3 - "$work" "$layers" "$new_tokens" <<'PY'
+import json, sys
+work, layers, new_tokens = sys.argv[1], sys.argv[2], sys.argv[3]
+runs = {n: json.load(open(f"{work}/speed{n}.json"))["rows"] for n in (1, 2)}
+rss = {n: [int(x) for x in open(f"{work}/rss{n}").read().split()] for n in (1, 2)}
+print(f"TinyLlama-shaped f32, {layers} layers, {new_tokens} new tokens per stream\n")
+print("| adapters | streams | tok/s 1 rank | tok/s 2 ranks | 2 / 1 | forward ms/step 1 → 2 | collectives ms/step (2 ranks) |")
+print("|---|---:|---:|---:|---:|---|---:|")
+for one, two in zip(runs[1], runs[2]):
+    ratio = two["tokens_per_s"] / one["tokens_per_s"]
+    print(f"| {one['config']} | {one['streams']} | {one['tokens_per_s']} | {two['tokens_per_s']} | "
+          f"{ratio:.0%} | {one.get('forward_ms_per_step', '')} → {two.get('forward_ms_per_step', '')} | "
+          f"{two.get('comm_ms_per_step', '')} |")
+print(f"\npeak RSS per rank: 1 rank {max(rss[1]) / 1024:.0f} MiB; 2 ranks "
+      + ", ".join(f"{r / 1024:.0f} MiB" for r in rss[2])
+      + f" ({max(rss[2]) / max(rss[1]):.0%} of one rank)")
+PY
