@@ -346,6 +346,20 @@ impl Server {
     }
 }
 
+/// The generated token ids of a `/generate` reply with `details: true`.
+pub fn token_ids(reply: &serde_json::Value) -> Vec<u64> {
+    reply["details"]["tokens"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tokens in {reply}"))
+        .iter()
+        .map(|t| {
+            t["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("a token without an id in {reply}"))
+        })
+        .collect()
+}
+
 /// Parses the `data:` lines of a server-sent-events body.
 pub fn parse_sse(body: &str) -> Vec<serde_json::Value> {
     body.lines()

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use medley_e2e::{
-    Server, binaries, fixture_adapters, python_with_lorax_client, tiny_model_dir, workspace_root,
+    Server, binaries, fixture_adapters, python_with_lorax_client, tiny_model_dir, token_ids,
+    workspace_root,
 };
 use serde_json::{Value, json};
 
@@ -112,15 +113,6 @@ fn body(inputs: &str, adapter: &Value, max_new_tokens: u32) -> Value {
         p.extend(a.clone());
     }
     json!({"inputs": inputs, "parameters": params})
-}
-
-fn token_ids(reply: &Value) -> Vec<u64> {
-    reply["details"]["tokens"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no tokens in {reply}"))
-        .iter()
-        .map(|t| t["id"].as_u64().unwrap())
-        .collect()
 }
 
 async fn server_with_root(root: &Path) -> Server {

@@ -52,6 +52,35 @@ fn start_shard(dir: &std::path::Path) -> std::process::Child {
     child
 }
 
+/// POSTs `body` to `{http}/generate`: the status and the JSON reply.
+async fn generate(
+    client: &reqwest::Client,
+    http: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = client
+        .post(format!("{http}/generate"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// Waits (at most 60 s, else fails with `what`) until `{http}/health` answers 200.
+async fn wait_healthy(client: &reqwest::Client, http: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = client.get(format!("{http}/health")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A router on its own (`medley-router`, shards managed elsewhere): a dead shard gives 503 and
 /// red health; a new shard on the same socket is picked up without restarting the router.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,35 +109,13 @@ async fn router_reports_unavailable_when_the_shard_dies_and_reconnects() {
         .unwrap();
     let http = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{http}/health")).send().await
-            && r.status().is_success()
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "router never became healthy");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_healthy(&client, &http, "the router never became healthy").await;
     let body = json!({"inputs": "Hello", "parameters": {"max_new_tokens": 3}});
-    let r = client
-        .post(format!("{http}/generate"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(generate(&client, &http, &body).await.0, 200);
 
     shard.kill().unwrap();
     shard.wait().unwrap();
-    let r = client
-        .post(format!("{http}/generate"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (status, v) = generate(&client, &http, &body).await;
     assert_eq!(status, 503, "{v}");
     assert!(
         v["error"]
@@ -125,22 +132,8 @@ async fn router_reports_unavailable_when_the_shard_dies_and_reconnects() {
     // reconnects by itself and serves again.
     let _ = std::fs::remove_file(dir.path().join("shard-0"));
     let mut shard = start_shard(dir.path());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = client.get(format!("{http}/health")).send().await.unwrap();
-        if r.status().is_success() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the router never reconnected");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let r = client
-        .post(format!("{http}/generate"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    wait_healthy(&client, &http, "the router never reconnected").await;
+    assert_eq!(generate(&client, &http, &body).await.0, 200);
     let _ = shard.kill();
     let _ = shard.wait();
 

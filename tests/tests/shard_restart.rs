@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use medley_e2e::{Server, fixture_adapters};
+use medley_e2e::{Server, fixture_adapters, token_ids};
 use serde_json::{Value, json};
 
 /// A request of each kind: base model, one adapter, a TIES merge.
@@ -43,15 +43,6 @@ fn requests() -> Vec<(&'static str, Value)> {
             })),
         ),
     ]
-}
-
-fn token_ids(reply: &Value) -> Vec<u64> {
-    reply["details"]["tokens"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no tokens in {reply}"))
-        .iter()
-        .map(|t| t["id"].as_u64().unwrap())
-        .collect()
 }
 
 /// The greedy tokens of every request kind, one at a time.

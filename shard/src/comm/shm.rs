@@ -258,17 +258,7 @@ impl ShmComm {
                 std::hint::spin_loop();
                 continue;
             }
-            if self.word(POISONED).load(Ordering::Acquire) != 0 {
-                return Err(CommError::Poisoned { rank: self.rank });
-            }
-            if let Some((peer, pid)) = self.dead_peer() {
-                self.poison();
-                return Err(CommError::PeerGone {
-                    rank: self.rank,
-                    peer,
-                    pid,
-                });
-            }
+            Comm::check(self)?;
             let waited = start.elapsed();
             if waited >= self.timeout {
                 self.poison();

@@ -254,17 +254,22 @@ fn child_joins_then_exits() {
     std::process::exit(0);
 }
 
+/// Rank 1 of a group of two at `path`, in a child process that joins and exits at once.
+fn rank1_that_exits(path: &Path) -> std::process::Child {
+    let exe = std::env::current_exe().expect("test binary");
+    std::process::Command::new(exe)
+        .args(["--exact", "comm::shm::tests::child_joins_then_exits"])
+        .env(EXIT_MARKER, path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn rank 1")
+}
+
 #[test]
 fn a_dead_peer_is_noticed_fast() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("group");
-    let exe = std::env::current_exe().expect("test binary");
-    let mut child = std::process::Command::new(exe)
-        .args(["--exact", "comm::shm::tests::child_joins_then_exits"])
-        .env(EXIT_MARKER, &path)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn rank 1");
+    let mut child = rank1_that_exits(&path);
     let c = ShmComm::join(&config(&path, 0, 2, 8)).expect("join");
     child.wait().expect("rank 1 exits");
     let t0 = std::time::Instant::now();
@@ -290,13 +295,7 @@ fn a_dead_peer_is_noticed_fast() {
 fn check_notices_a_dead_peer_without_a_collective() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("group");
-    let exe = std::env::current_exe().expect("test binary");
-    let mut child = std::process::Command::new(exe)
-        .args(["--exact", "comm::shm::tests::child_joins_then_exits"])
-        .env(EXIT_MARKER, &path)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn rank 1");
+    let mut child = rank1_that_exits(&path);
     let c = ShmComm::join(&config(&path, 0, 2, 8)).expect("join");
     child.wait().expect("rank 1 exits");
     let err = c.check().expect_err("rank 1 is gone");

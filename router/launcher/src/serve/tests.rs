@@ -103,12 +103,7 @@ async fn signal_stops_router_then_shards() {
         assert!(std::time::Instant::now() < deadline, "router never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tx.send(Termination::Terminate).expect("send");
-    let result = tokio::time::timeout(Duration::from_secs(20), run)
-        .await
-        .expect("stops")
-        .expect("join");
-    assert!(result.is_ok(), "{result:?}");
+    stop_with_a_signal(&tx, run).await;
     let log = log.lock().expect("lock");
     assert!(log.stopped, "router was not asked to stop");
     let config = log.config.as_ref().expect("config");
@@ -120,6 +115,19 @@ async fn signal_stops_router_then_shards() {
         .collect();
     assert_eq!(config.shard_uds_paths, expected);
     assert!(expected.iter().all(|s| !s.exists()), "sockets left behind");
+}
+
+/// Sends SIGTERM's stand-in and requires `run` to end well within 20 s.
+async fn stop_with_a_signal(
+    tx: &mpsc::UnboundedSender<Termination>,
+    run: tokio::task::JoinHandle<Result<(), LauncherError>>,
+) {
+    tx.send(Termination::Terminate).expect("send");
+    let result = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("stops")
+        .expect("join");
+    assert!(result.is_ok(), "{result:?}");
 }
 
 /// Lines in `<tmp>/<mode>/runs-<rank>`: how often that rank was started.
@@ -152,12 +160,7 @@ async fn restarted(mode: &str, extra: &[&str], starts: usize) {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(runs(tmp.path(), mode, 0), starts);
     assert!(!log.lock().expect("lock").stopped, "the router was stopped");
-    tx.send(Termination::Terminate).expect("send");
-    let result = tokio::time::timeout(Duration::from_secs(20), run)
-        .await
-        .expect("stops")
-        .expect("join");
-    assert!(result.is_ok(), "{result:?}");
+    stop_with_a_signal(&tx, run).await;
     assert!(log.lock().expect("lock").stopped);
 }
 
@@ -171,18 +174,25 @@ async fn a_hung_shard_restarts_the_group() {
     restarted("hangonce", &["--num-shard", "2"], 2).await;
 }
 
+/// Serves `mode` with `extra` flags and no signals; returns the error it must end with and what
+/// the router saw.
+async fn serve_failing(
+    tmp: &Path,
+    mode: &str,
+    extra: &[&str],
+) -> (LauncherError, Arc<Mutex<RouterLog>>) {
+    let log = Arc::new(Mutex::new(RouterLog::default()));
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let err = serve_with(plan(tmp, mode, extra), rx, fake_router(log.clone(), None))
+        .await
+        .expect_err("serve must fail");
+    (err, log)
+}
+
 #[tokio::test]
 async fn restarting_gives_up_when_the_new_group_cannot_start() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let log = Arc::new(Mutex::new(RouterLog::default()));
-    let (_tx, rx) = mpsc::unbounded_channel();
-    let err = serve_with(
-        plan(tmp.path(), "dieoncethenfail", &[]),
-        rx,
-        fake_router(log.clone(), None),
-    )
-    .await
-    .expect_err("gave up");
+    let (err, log) = serve_failing(tmp.path(), "dieoncethenfail", &[]).await;
     assert_eq!(err.exit_code(), 5, "{err}");
     let text = err.to_string();
     assert!(text.contains("shard 0 exited"), "{text}");
@@ -195,15 +205,7 @@ async fn restarting_gives_up_when_the_new_group_cannot_start() {
 #[tokio::test]
 async fn shard_death_while_serving_exits_5_without_restart() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let log = Arc::new(Mutex::new(RouterLog::default()));
-    let (_tx, rx) = mpsc::unbounded_channel();
-    let err = serve_with(
-        plan(tmp.path(), "die7", &["--shard-restart", "never"]),
-        rx,
-        fake_router(log.clone(), None),
-    )
-    .await
-    .expect_err("shard died");
+    let (err, log) = serve_failing(tmp.path(), "die7", &["--shard-restart", "never"]).await;
     assert_eq!(err.exit_code(), 5, "{err}");
     assert!(err.to_string().contains("shard 0 exited"), "{err}");
     assert!(log.lock().expect("lock").stopped, "router kept running");
@@ -212,15 +214,7 @@ async fn shard_death_while_serving_exits_5_without_restart() {
 #[tokio::test]
 async fn shard_startup_failure_exits_4_without_router() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let log = Arc::new(Mutex::new(RouterLog::default()));
-    let (_tx, rx) = mpsc::unbounded_channel();
-    let err = serve_with(
-        plan(tmp.path(), "fail3", &[]),
-        rx,
-        fake_router(log.clone(), None),
-    )
-    .await
-    .expect_err("shard failed");
+    let (err, log) = serve_failing(tmp.path(), "fail3", &[]).await;
     assert_eq!(err.exit_code(), 4, "{err}");
     assert!(err.to_string().contains("boom"), "{err}");
     assert!(log.lock().expect("lock").config.is_none());
