@@ -20,10 +20,15 @@
 //! `t_stride >= max rank`, and per adapter `A: [rank, in]` (PEFT's `lora_A`), `Bᵀ: [rank, out]`
 //! (the transpose of PEFT's `lora_B`, multiplied by the adapter's scale).
 //!
+//! With the `cuda` feature, `cuda` holds the same four kernels in CUDA C (`kernels/cuda/lora.cu`),
+//! compiled to PTX by nvcc at build time.
+//!
 //! [`matmul`] holds the base-model side of a decode step: `y = x Wᵀ` for a few rows of `x`,
 //! streaming the projection weight once per call.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod matmul;
 pub mod reference;
 mod simd;

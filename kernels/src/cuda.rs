@@ -1,0 +1,88 @@
+//! The CUDA versions of the LoRA kernels: `kernels/cuda/lora.cu`, compiled to PTX by nvcc when
+//! this crate is built with the `cuda` feature (see `build.rs`), for f32, bf16 and f16
+//! activations with f32 factors. They are loaded by name from [`LORA_PTX`] into a CUDA context.
+//!
+//! Launch shapes (one thread block per row or segment, and per slice of the output):
+//! * shrink: grid `(rows or segments, ceil(max rank / 8))`, block 256 (8 warps, one `j` each);
+//! * expand: grid `(rows or segments, ceil(out / 256))`, block 256.
+//!
+//! Segments travel as `u32` triples `(start, len, adapter)`; per-row mappings as one `u32` per
+//! row ([`crate::NO_ADAPTER`] skips the row); adapters as device arrays of factor pointers and
+//! ranks. Ranks are at most [`MAX_RANK`].
+
+/// The PTX module of every LoRA kernel.
+pub const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+
+/// Largest rank the expand kernels stage in shared memory.
+pub const MAX_RANK: usize = 128;
+
+/// Activation types the kernels are built for (the suffix of their names).
+pub const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
+
+/// The kernel names for activations of type `dtype` (one of [`DTYPES`]): BGMV shrink, SGMV
+/// shrink, BGMV expand, SGMV expand.
+pub fn kernel_names(dtype: &str) -> [String; 4] {
+    ["bgmv_shrink", "sgmv_shrink", "bgmv_expand", "sgmv_expand"]
+        .map(|k| format!("medley_{k}_{dtype}"))
+}
+
+/// The `(grid, block)` of a shrink launch over `units` rows or segments.
+pub fn shrink_launch(units: u32, max_rank: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((units, max_rank.div_ceil(8).max(1), 1), (256, 1, 1))
+}
+
+/// The `(grid, block)` of an expand launch over `units` rows or segments.
+pub fn expand_launch(units: u32, out_features: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((units, out_features.div_ceil(256).max(1), 1), (256, 1, 1))
+}
+
+/// Segments in the kernels' wire form: `(start, len, adapter)` triples.
+pub fn segment_triples(segments: &[crate::Segment]) -> Vec<u32> {
+    segments
+        .iter()
+        .flat_map(|s| [s.start as u32, s.len as u32, s.adapter as u32])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ptx_holds_every_entry_point() {
+        for dtype in DTYPES {
+            for name in kernel_names(dtype) {
+                assert!(
+                    LORA_PTX.contains(&format!(".entry {name}(")),
+                    "{name} is not in the PTX"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn launch_shapes_cover_every_rank_and_output() {
+        assert_eq!(shrink_launch(5, 16), ((5, 2, 1), (256, 1, 1)));
+        assert_eq!(shrink_launch(5, 17), ((5, 3, 1), (256, 1, 1)));
+        assert_eq!(shrink_launch(1, 128), ((1, 16, 1), (256, 1, 1)));
+        assert_eq!(expand_launch(3, 2048), ((3, 8, 1), (256, 1, 1)));
+        assert_eq!(expand_launch(3, 2049), ((3, 9, 1), (256, 1, 1)));
+    }
+
+    #[test]
+    fn segments_become_triples() {
+        let segs = [
+            crate::Segment {
+                start: 0,
+                len: 3,
+                adapter: 1,
+            },
+            crate::Segment {
+                start: 5,
+                len: 2,
+                adapter: 0,
+            },
+        ];
+        assert_eq!(segment_triples(&segs), [0, 3, 1, 5, 2, 0]);
+    }
+}
