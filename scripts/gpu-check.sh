@@ -7,8 +7,9 @@
 #   scripts/gpu-check.sh [--bin-dir DIR] [--out DIR] [--python PY] [--layers N] [--new-tokens N]
 #   scripts/gpu-check.sh --cpu [...]     # dry run on a CPU machine: everything but the GPU
 #
-#   --bin-dir   folder of medley, medley-fixture, medley-merge-dev (or their .xz); default
-#               <target>/release-cuda, or with --cpu <target>/debug after building them with cargo
+#   --bin-dir   folder of medley, medley-fixture, medley-merge-dev, medley-lora-check (or their
+#               .xz); default <target>/release-cuda, or with --cpu <target>/debug after building
+#               them with cargo
 #   --out       where the report and logs go (default $OUT, else bench/results)
 #   --python    the Python with torch/transformers/peft (default python3)
 #   --layers    decoder layers of the TinyLlama-shaped model (default 22, all of TinyLlama-1.1B);
@@ -17,6 +18,8 @@
 # Steps (each under a time limit; the report is rewritten after every step, so a run that is cut
 # short still says what finished):
 #   1. versions (GPU, driver, Python packages, library paths, what the binary links)
+#   1b. the batched LoRA kernels against the reference loops (f32/bf16/f16, ranks 8-128, BGMV
+#      and ragged SGMV, rows without an adapter) and their bandwidth vs a device copy
 #   2. a random TinyLlama-shaped f32 checkpoint and 8 rank-16 PEFT adapters (the repo's fixtures)
 #   3. greedy tokens of base / adapter a0 / TIES merge of a0..a2 from Medley on the GPU (f32 and
 #      bf16) and on the CPU (f32), and from transformers + PEFT on the GPU (f32 and bf16);
@@ -28,7 +31,8 @@
 # Exit status: 0 when every token comparison passed, 1 otherwise.
 #
 # On the project's lent GPU machine (no Rust there): run scripts/cuda/build.sh here, then one call
-# that carries target/release-cuda/{medley,medley-fixture,medley-merge-dev}.xz (about 18 MB) with
+# that carries target/release-cuda/{medley,medley-fixture,medley-merge-dev,medley-lora-check}.xz
+# (about 25 MB) with
 #   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~5 min, limit 540 s)
 # and commit the returned report under bench/results/.
 set -uo pipefail
@@ -49,7 +53,7 @@ while [ $# -gt 0 ]; do
     --python) py="$2"; shift ;;
     --layers) layers="$2"; shift ;;
     --new-tokens) new_tokens="$2"; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -125,10 +129,10 @@ if [ -z "$bin_dir" ]; then
     bin_dir="$target/debug"
     (cd "$root" && cargo build -q -p medley -p medley-shard -p medley-merge \
       --features medley-shard/testing,medley-merge/testing \
-      --bin medley --bin medley-fixture --bin medley-merge-dev) || exit 1
+      --bin medley --bin medley-fixture --bin medley-merge-dev --bin medley-lora-check) || exit 1
   fi
 fi
-for b in medley medley-fixture medley-merge-dev; do
+for b in medley medley-fixture medley-merge-dev medley-lora-check; do
   if [ -x "$bin_dir/$b" ]; then
     ln -s "$(cd "$bin_dir" && pwd)/$b" "$work/bin/$b"
   elif [ -f "$bin_dir/$b.xz" ]; then
@@ -178,6 +182,11 @@ fi
 cat "$res/versions.txt"
 report
 
+# --- 1b. LoRA kernels ---------------------------------------------------------------------------
+kernel_iters=200
+[ "$mode" = gpu ] || kernel_iters=3
+step "LoRA kernels vs reference, bandwidth" 120 lora_kernels "$kernel_iters"
+
 # --- 2. fixtures ---------------------------------------------------------------------------
 export medley model="$work/model" adapters="$work/adapters"
 step "fixtures (model $layers layers, 8 adapters)" 300 make_fixtures || exit 1
@@ -199,6 +208,14 @@ step "medley $tp_device f32 tokens, 2 tensor-parallel ranks" 180 \
   medley_tokens "tp2-f32" "$tp_device" f32 2
 step "compare tp2 f32" 30 compare "medley $tp_device f32 2 ranks vs transformers+peft $device f32" \
   tokens-hf-f32.json "tokens-medley-tp2-f32.json"
+
+# NCCL: the one-GPU machine can only run a group of one (NCCL refuses two ranks on one GPU);
+# it checks the communicator's set-up and the NCCL build on a real driver.
+if [ "$mode" = gpu ]; then
+  step "medley cuda f32 tokens, NCCL group of 1" 180 medley_tokens "nccl1-f32" cuda f32 1 nccl
+  step "compare nccl1 f32" 30 compare "medley cuda f32 NCCL world 1 vs transformers+peft cuda f32" \
+    tokens-hf-f32.json "tokens-medley-nccl1-f32.json"
+fi
 
 step "medley $device bf16 tokens + speed" 300 medley_tokens_and_speed "$device-bf16" "$device" bf16
 step "transformers+peft $device bf16 tokens" 240 \

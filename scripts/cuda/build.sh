@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds the CUDA release binaries on a machine without CUDA or a GPU:
-#   scripts/cuda/build.sh   # -> <target>/release-cuda/{medley,medley-fixture,medley-merge-dev}{,.xz}
+#   scripts/cuda/build.sh   # -> <target>/release-cuda/{medley,medley-fixture,medley-merge-dev,
+#                           #    medley-lora-check}{,.xz}
 # Installs the pinned CUDA 13.0 build tools from PyPI (scripts/cuda/env.sh), builds `medley`
 # with the `cuda` feature, and the fixture generators scripts/gpu-check.sh runs (`medley-fixture`
-# for models, `medley-merge-dev` for PEFT adapters), stripped (profile `release-cuda`) and
+# for models, `medley-merge-dev` for PEFT adapters, `medley-lora-check` for the kernels),
+# stripped (profile `release-cuda`) and
 # compressed with xz for the trip to a GPU machine.
 # A clean build takes about 15-20 minutes on 2 cores, most of it nvcc compiling candle's kernels
 # for CUDA_COMPUTE_CAP (default 90); later builds reuse the target directory.
@@ -18,9 +20,11 @@ target="${CARGO_TARGET_DIR:-$PWD/target}"
 echo "cuda build: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), sm_${CUDA_COMPUTE_CAP}, target $target" >&2
 cargo build --locked --profile release-cuda \
   --features medley/cuda,medley-shard/testing,medley-merge/testing \
-  -p medley -p medley-shard -p medley-merge --bin medley --bin medley-fixture --bin medley-merge-dev
+  -p medley -p medley-shard -p medley-merge --bin medley --bin medley-fixture --bin medley-merge-dev \
+  --bin medley-lora-check
 out="$target/release-cuda"
-for b in medley medley-fixture medley-merge-dev; do
+for b in medley medley-fixture medley-merge-dev medley-lora-check; do
   xz -T0 -6 -c "$out/$b" >"$out/$b.xz.tmp" && mv "$out/$b.xz.tmp" "$out/$b.xz"
 done
-ls -l "$out"/medley "$out"/medley-fixture "$out"/medley-merge-dev "$out"/*.xz >&2
+ls -l "$out"/medley "$out"/medley-fixture "$out"/medley-merge-dev "$out"/medley-lora-check \
+  "$out"/*.xz >&2

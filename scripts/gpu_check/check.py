@@ -287,6 +287,9 @@ def report(args):
     env = os.path.join(d, "versions.txt")
     if os.path.exists(env):
         lines += ["## Versions", "", "```", open(env).read().strip(), "```", ""]
+    kernels = os.path.join(d, "lora-kernels.md")
+    if os.path.exists(kernels):
+        lines += [open(kernels).read().strip().replace("## ", "### "), ""]
     lines += [f"## Greedy tokens ({STEPS} per prompt, 2 prompts; base, adapter a0, TIES merge a0+a1+a2)", "",
               "| comparison | requirement | base | adapter | ties | result |", "|---|---|---|---|---|---|"]
     for f in sorted(x for x in os.listdir(d) if x.startswith("compare-")):

@@ -16,6 +16,16 @@ make_fixtures() {
   du -sh "$model" "$adapters"
 }
 
+# lora_kernels ITERS: the batched LoRA kernels against the reference loops, and their bandwidth
+# (ITERS timed calls per row) -> lora-kernels.md.
+lora_kernels() {
+  "$work/bin/medley-lora-check" --device "$device" --bench --iters "$1" >"$res/lora-kernels.md.tmp"
+  local rc=$?
+  mv "$res/lora-kernels.md.tmp" "$res/lora-kernels.md"
+  cat "$res/lora-kernels.md"
+  return $rc
+}
+
 # Stops every server a step started (pid files: steps run in child shells).
 stop_servers() {
   local f pid
@@ -29,14 +39,16 @@ stop_servers() {
   done
 }
 
-# start_server NAME DEVICE DTYPE [SHARDS]: starts `medley serve` (SHARDS tensor-parallel ranks,
-# default 1) on ports of its own and waits until /health answers; sets server_url.
+# start_server NAME DEVICE DTYPE [SHARDS [COMM]]: starts `medley serve` (SHARDS tensor-parallel
+# ranks, default 1; collectives COMM = --tp-comm, default auto) on ports of its own and waits
+# until /health answers; sets server_url.
 start_server() {
-  local name="$1" dev="$2" dtype="$3" shards="${4:-1}"
+  local name="$1" dev="$2" dtype="$3" shards="${4:-1}" comm="${5:-auto}"
   local n port
   n="$(find "$res" -name 'server-*.log' | wc -l)"
   port=$((20000 + ($$ % 10000) * 2 + 100 * n))
   "$medley" serve --model "$model" --device "$dev" --dtype "$dtype" --num-shard "$shards" \
+    --tp-comm "$comm" \
     --adapter-root "$adapters" \
     --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$work/sock-$name" \
     >"$res/server-$name.log" 2>&1 &
@@ -58,7 +70,7 @@ start_server() {
   return 1
 }
 
-# medley_tokens NAME DEVICE DTYPE [SHARDS]: greedy tokens of every case ->
+# medley_tokens NAME DEVICE DTYPE [SHARDS [COMM]]: greedy tokens of every case ->
 # tokens-medley-NAME.json.
 medley_tokens() {
   start_server "$@" || return 1

@@ -2,19 +2,18 @@
 //! whose slot holds an adapter with that module.
 //!
 //! The rows were grouped once for the step ([`RowSlots`]). The kernel path hands the runs of
-//! consecutive rows to `medley_kernels` as SGMV segments (prefill) or, when every run is one row
-//! long (decode), as a BGMV row table, through a candle custom op that reads the activations and
-//! the slot factors in place. The candle path gathers each slot's rows with `index_select`,
-//! multiplies, and scatters with `index_add`. In half precision on the CPU the product runs in
-//! f32 and is added to the f32-widened base output, which is rounded once.
+//! consecutive rows to [`add_lora`] as SGMV segments (prefill) or, when every run is one row
+//! long (decode), as a BGMV row table: `medley_kernels` on the CPU, its CUDA kernels on a GPU,
+//! reading the activations and the slot factors in place. The candle path gathers each slot's
+//! rows with `index_select`, multiplies, and scatters with `index_add`. In half precision the
+//! product runs in f32 and is added to the f32-widened base output, which is rounded once.
 
-use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, StorageRef, Tensor};
-use medley_kernels::cpu::CpuKernels;
-use medley_kernels::{Factors, NO_ADAPTER, RowMapping, Segment, Shape as KernelShape};
+use candle_core::Tensor;
+use medley_kernels::Segment;
 
+use super::lora_op::{KernelRows, LoraFactors, add_lora};
 use super::store::{AdapterStore, LoraBackend};
-use super::weights::DeviceModule;
-use crate::model::layers::{cpu_f32_slice as f32_slice, cpu_f32_slice_mut};
+use super::weights::{DeviceModule, LORA_DTYPE};
 use crate::model::{LoraDelta, RowSlots, TargetModule};
 
 impl LoraDelta for AdapterStore {
@@ -42,45 +41,35 @@ impl LoraDelta for AdapterStore {
         let Some(first) = used.first() else {
             return Ok(y);
         };
-        let out_dtype = y.dtype();
-        let dtype = first.1.a.dtype();
-        let x = x.to_dtype(dtype)?.contiguous()?;
-        let y = y.to_dtype(dtype)?.contiguous()?;
-        let out = if self.backend() == LoraBackend::Kernels && y.device().is_cpu() {
-            apply_kernels(&x, &y, rows, &used)?
+        if self.backend() == LoraBackend::Kernels {
+            apply_kernels(x, y, rows, &used)
         } else {
-            apply_candle(&x, y, rows, &used)?
-        };
-        out.to_dtype(out_dtype)
+            let (out_dtype, dtype) = (y.dtype(), first.1.a.dtype());
+            let x = x.to_dtype(dtype)?.contiguous()?;
+            let y = y.to_dtype(dtype)?.contiguous()?;
+            apply_candle(&x, y, rows, &used)?.to_dtype(out_dtype)
+        }
     }
 }
 
-/// The slice of an f32 CPU tensor's storage.
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(cpu) => f32_slice(cpu, layout),
-        _ => candle_core::bail!("lora kernels need f32 tensors on the CPU"),
-    }
-}
-
+/// Through [`add_lora`]: on the CPU in f32 (half-precision operands are widened and the result
+/// rounded once), on a GPU in the activations' own dtype (the kernels accumulate in f32).
 fn apply_kernels(
     x: &Tensor,
-    y: &Tensor,
+    y: Tensor,
     rows: &RowSlots,
     used: &[(u32, &DeviceModule)],
 ) -> candle_core::Result<Tensor> {
-    let guards: Vec<(StorageRef<'_>, &Layout)> = used
-        .iter()
-        .flat_map(|(_, m)| [m.a.storage_and_layout(), m.b_t.storage_and_layout()])
-        .collect();
-    let mut factors = Vec::with_capacity(used.len());
-    for (pair, (_, m)) in guards.chunks_exact(2).zip(used) {
-        factors.push(Factors {
-            rank: m.rank,
-            a: cpu_f32(&pair[0].0, pair[0].1)?,
-            b_t: cpu_f32(&pair[1].0, pair[1].1)?,
-        });
-    }
+    let out_dtype = y.dtype();
+    let work = if y.device().is_cpu() {
+        LORA_DTYPE
+    } else {
+        out_dtype
+    };
+    let x = x.to_dtype(work)?.contiguous()?;
+    // `y` is this projection's own fresh output (nothing else holds it): add in place instead
+    // of copying it. `to_dtype` and `contiguous` return it unchanged when there is nothing to do.
+    let y = y.to_dtype(work)?.contiguous()?;
     let adapter_of = |slot: u32| used.binary_search_by_key(&slot, |(s, _)| *s).ok();
     let segments: Vec<Segment> = rows
         .runs()
@@ -93,68 +82,21 @@ fn apply_kernels(
             })
         })
         .collect();
-    let per_row = segments.iter().all(|s| s.len == 1).then(|| {
-        let mut table = vec![NO_ADAPTER; rows.len()];
-        for s in &segments {
-            if let Some(entry) = table.get_mut(s.start) {
-                *entry = s.adapter as u32;
-            }
-        }
-        table
-    });
-    let op = LoraOp {
-        mapping: match &per_row {
-            Some(table) => RowMapping::PerRow(table),
-            None => RowMapping::Segments(&segments),
-        },
-        factors,
-    };
-    // `y` is this projection's own fresh output (nothing else holds it): add in place instead
-    // of copying it.
-    y.inplace_op2(x, &op)?;
-    Ok(y.clone())
-}
-
-/// `y += LoRA(x)` as an in-place candle op over the CPU storages of `y` (first operand) and
-/// `x`.
-struct LoraOp<'a> {
-    mapping: RowMapping<'a>,
-    factors: Vec<Factors<'a, [f32]>>,
-}
-
-impl InplaceOp2 for LoraOp<'_> {
-    fn name(&self) -> &'static str {
-        "medley-lora"
-    }
-
-    fn cpu_fwd(
-        &self,
-        ys: &mut CpuStorage,
-        yl: &Layout,
-        xs: &CpuStorage,
-        xl: &Layout,
-    ) -> candle_core::Result<()> {
-        let (rows, out_features) = yl.shape().dims2()?;
-        let (x_rows, in_features) = xl.shape().dims2()?;
-        if x_rows != rows {
-            candle_core::bail!("lora op: x has {x_rows} rows, y has {rows}");
-        }
-        let out = cpu_f32_slice_mut(ys, yl)?;
-        let x = f32_slice(xs, xl)?;
-        CpuKernels
-            .apply(
-                KernelShape {
-                    rows,
-                    in_features,
-                    out_features,
-                },
-                x,
-                self.mapping,
-                &self.factors,
-                out,
-            )
-            .map_err(|e| candle_core::Error::Msg(format!("lora kernel: {e}")))
-    }
+    let factors: Vec<LoraFactors<'_>> = used
+        .iter()
+        .map(|(_, m)| LoraFactors {
+            rank: m.rank,
+            a: &m.a,
+            b_t: &m.b_t,
+        })
+        .collect();
+    add_lora(
+        &x,
+        &y,
+        &KernelRows::from_segments(rows.len(), segments),
+        &factors,
+    )?;
+    y.to_dtype(out_dtype)
 }
 
 fn apply_candle(

@@ -11,15 +11,20 @@
 //!   with a content hash.
 //! * [`store`] — [`AdapterStore`]: the slot table and budget, owned by the engine; it implements
 //!   [`crate::model::LoraDelta`] with `medley_kernels` SGMV/BGMV or candle ops.
+//! * [`lora_op`] — the batched LoRA kernels as one in-place op over tensors, on the CPU or (with
+//!   the `cuda` feature) a GPU.
 //! * [`config`] — [`AdapterSettings`] from the command line.
 
 mod cache;
 mod delta;
 mod error;
+#[cfg(feature = "cuda")]
+mod lora_op_cuda;
 
 pub mod base;
 pub mod config;
 pub mod loader;
+pub mod lora_op;
 pub mod source;
 pub mod store;
 pub mod weights;

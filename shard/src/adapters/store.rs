@@ -7,11 +7,11 @@ use std::sync::Arc;
 use super::AdapterError;
 use super::weights::SlotAdapter;
 
-/// How the LoRA products are computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the LoRA products are computed (`--lora-backend`, `LORA_BACKEND`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LoraBackend {
-    /// `medley_kernels` SGMV/BGMV (CPU today; other devices fall back to [`LoraBackend::Candle`]
-    /// until a device implementation exists).
+    /// `medley_kernels` SGMV/BGMV: the CPU kernels, or their CUDA versions on a GPU.
+    #[default]
     Kernels,
     /// candle ops per slot group: `index_select`, two matmuls, `index_add`.
     Candle,

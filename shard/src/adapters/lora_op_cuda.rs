@@ -1,0 +1,207 @@
+//! The CUDA side of [`super::lora_op::add_lora`]: launches `medley_kernels::cuda`'s SGMV/BGMV
+//! shrink and expand kernels (PTX loaded once per device) on candle's stream of `y`'s device.
+//!
+//! Per call it uploads two small tables (the factor pointers, and the ranks followed by the row
+//! mapping) and allocates the `[rows, max rank]` f32 intermediate; the factors themselves are
+//! read in place. Allocations and frees are stream-ordered, so nothing is freed under a running
+//! kernel.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, DType, Device, InplaceOp2, Layout, Storage, StorageRef, Tensor};
+use medley_kernels::cuda::{
+    LORA_PTX, MAX_RANK, expand_launch, kernel_names, segment_triples, shrink_launch,
+};
+
+use super::lora_op::{KernelRows, LoraFactors};
+
+/// The name the PTX module is cached under in candle's device.
+const MODULE: &str = "medley_lora";
+
+pub(super) fn add_lora(
+    x: &Tensor,
+    y: &Tensor,
+    rows: &KernelRows,
+    factors: &[LoraFactors<'_>],
+) -> candle_core::Result<()> {
+    let Device::Cuda(dev) = y.device() else {
+        candle_core::bail!("lora kernels: y is not on a CUDA device");
+    };
+    if x.dtype() != y.dtype() || !matches!(y.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        candle_core::bail!(
+            "lora kernels: x {:?} and y {:?} must share one of f32, bf16, f16",
+            x.dtype(),
+            y.dtype()
+        );
+    }
+    let max_rank = factors.iter().map(|f| f.rank).max().unwrap_or(1).max(1);
+    if max_rank > MAX_RANK {
+        candle_core::bail!(
+            "lora kernels: rank {max_rank} is above the largest supported, {MAX_RANK}"
+        );
+    }
+    rows.check(y.dims2()?.0, factors.len())?;
+    let stream = dev.cuda_stream();
+    // The factor pointers: every A, then every Bᵀ. The guards keep the storages (and their
+    // read events) alive until the kernels are queued.
+    let guards: Vec<(StorageRef<'_>, &Layout)> = factors
+        .iter()
+        .flat_map(|f| [f.a.storage_and_layout(), f.b_t.storage_and_layout()])
+        .collect();
+    let mut a_ptrs = Vec::with_capacity(factors.len());
+    let mut b_ptrs = Vec::with_capacity(factors.len());
+    let mut syncs = Vec::with_capacity(guards.len());
+    for (k, (storage, layout)) in guards.iter().enumerate() {
+        let Storage::Cuda(cs) = &**storage else {
+            candle_core::bail!("lora kernels: a factor is not on the GPU");
+        };
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            candle_core::bail!("lora kernels: a factor is not contiguous");
+        };
+        let (ptr, sync) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+        syncs.push(sync);
+        let ptr = ptr + (start * std::mem::size_of::<f32>()) as u64;
+        if k % 2 == 0 { &mut a_ptrs } else { &mut b_ptrs }.push(ptr);
+    }
+    let n = factors.len();
+    let ptrs: Vec<u64> = a_ptrs.into_iter().chain(b_ptrs).collect();
+    let (per_row, map) = match rows {
+        KernelRows::PerRow(t) => (true, t.clone()),
+        KernelRows::Segments(s) => (false, segment_triples(s)),
+    };
+    let units = if per_row { map.len() } else { map.len() / 3 };
+    let words: Vec<u32> = factors.iter().map(|f| f.rank as u32).chain(map).collect();
+    let op = CudaLoraOp {
+        ptrs: dev.clone_htod(&ptrs)?,
+        words: dev.clone_htod(&words)?,
+        adapters: n,
+        per_row,
+        units: units as u32,
+        max_rank: max_rank as u32,
+    };
+    y.inplace_op2(x, &op)?;
+    drop(syncs);
+    Ok(())
+}
+
+/// One `y += LoRA(x)` call on the GPU: the uploaded tables and the launch sizes.
+struct CudaLoraOp {
+    /// `adapters` A pointers, then `adapters` Bᵀ pointers.
+    ptrs: CudaSlice<u64>,
+    /// `adapters` ranks, then the row table (`rows` entries) or the segment triples.
+    words: CudaSlice<u32>,
+    adapters: usize,
+    per_row: bool,
+    /// Rows (BGMV) or segments (SGMV).
+    units: u32,
+    max_rank: u32,
+}
+
+impl CudaLoraOp {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        ys: &mut CudaStorage,
+        yl: &Layout,
+        xs: &CudaStorage,
+        xl: &Layout,
+        suffix: &str,
+    ) -> candle_core::Result<()> {
+        let (rows, out_features) = yl.shape().dims2()?;
+        let (x_rows, in_features) = xl.shape().dims2()?;
+        if x_rows != rows || (self.per_row && self.units as usize != rows) {
+            candle_core::bail!(
+                "lora op: x has {x_rows} rows, y {rows}, the table {}",
+                self.units
+            );
+        }
+        let (Some((x0, x1)), Some((y0, y1))) = (xl.contiguous_offsets(), yl.contiguous_offsets())
+        else {
+            candle_core::bail!("lora op: x and y must be contiguous");
+        };
+        if self.units == 0 || rows == 0 {
+            return Ok(());
+        }
+        let dev = ys.device.clone();
+        let n = self.adapters;
+        let a: CudaView<'_, u64> = self.ptrs.slice(0..n);
+        let b: CudaView<'_, u64> = self.ptrs.slice(n..2 * n);
+        let ranks = self.words.slice(0..n);
+        let map = self.words.slice(n..);
+        let x = xs.as_cuda_slice::<T>()?.slice(x0..x1);
+        let t_stride = self.max_rank;
+        let mut t = dev.alloc_zeros::<f32>(rows * t_stride as usize)?;
+        let names = kernel_names(suffix);
+        let (shrink, expand) = if self.per_row {
+            (&names[0], &names[2])
+        } else {
+            (&names[1], &names[3])
+        };
+        let (in_f, out_f) = (in_features as u32, out_features as u32);
+
+        let func = dev.get_or_load_custom_func(shrink, MODULE, LORA_PTX)?;
+        let (grid_dim, block_dim) = shrink_launch(self.units, self.max_rank);
+        let mut launch = func.builder();
+        launch.arg(&x).arg(&map).arg(&a).arg(&ranks).arg(&mut t);
+        launch.arg(&in_f).arg(&t_stride);
+        let cfg = LaunchConfig {
+            grid_dim,
+            block_dim,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature in kernels/cuda/lora.cu; x has
+        // rows × in elements, t rows × t_stride, the tables n entries and one entry per row
+        // (or three per segment) whose indices are below n and rows (checked by the caller's
+        // mapping); every rank is at most t_stride.
+        unsafe { launch.launch(cfg) }.w()?;
+
+        let y_all = ys.as_cuda_slice_mut::<T>()?;
+        let mut y = y_all.slice_mut(y0..y1);
+        let func = dev.get_or_load_custom_func(expand, MODULE, LORA_PTX)?;
+        let (grid_dim, block_dim) = expand_launch(self.units, out_f);
+        let mut launch = func.builder();
+        launch.arg(&t).arg(&map).arg(&b).arg(&ranks).arg(&mut y);
+        launch.arg(&out_f).arg(&t_stride);
+        let cfg = LaunchConfig {
+            grid_dim,
+            block_dim,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above; y has rows × out elements.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for CudaLoraOp {
+    fn name(&self) -> &'static str {
+        "medley-lora-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("medley-lora-cuda runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        ys: &mut CudaStorage,
+        yl: &Layout,
+        xs: &CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<()> {
+        match ys.dtype() {
+            DType::F32 => self.run::<f32>(ys, yl, xs, xl, "f32"),
+            DType::BF16 => self.run::<half::bf16>(ys, yl, xs, xl, "bf16"),
+            DType::F16 => self.run::<half::f16>(ys, yl, xs, xl, "f16"),
+            other => candle_core::bail!("lora kernels: no kernel for {other:?}"),
+        }
+    }
+}

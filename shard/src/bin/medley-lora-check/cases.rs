@@ -1,0 +1,277 @@
+//! Correctness: the batched LoRA op on a device against `medley_kernels::reference` (naive
+//! loops, f64 accumulation) on the host, over random inputs.
+
+use candle_core::{DType, Device, Tensor};
+use medley_kernels::reference;
+use medley_kernels::testing::values;
+use medley_kernels::{Dims, Factors, NO_ADAPTER, Segment};
+use medley_shard::adapters::lora_op::{KernelRows, LoraFactors, add_lora};
+
+/// One checked call.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// What the case covers, for the report.
+    pub name: String,
+    /// Activation dtype of `x` and `y`.
+    pub dtype: DType,
+    /// Rows, input and output features.
+    pub rows: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// The rank of each adapter (indices of the mapping).
+    pub ranks: Vec<usize>,
+    /// Which rows use which adapter.
+    pub mapping: KernelRows,
+    /// Start from `y = 0` instead of random values (every written element then shows).
+    pub zero_y: bool,
+}
+
+/// What one case measured.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// max |got − want| / max |want| over the mapped rows.
+    pub rel_err: f64,
+    /// Elements of unmapped rows that changed (must be 0, bit for bit).
+    pub unmapped_changed: usize,
+    /// The bound the case must meet.
+    pub tolerance: f64,
+}
+
+impl Outcome {
+    /// Whether the case passed.
+    pub fn passed(&self) -> bool {
+        self.rel_err <= self.tolerance && self.unmapped_changed == 0
+    }
+}
+
+/// Relative error bound per activation dtype: f32 sums of a few thousand products agree with
+/// f64 to ~1e-6 of the largest output; bf16 / f16 round every input and the result once
+/// (2⁻⁸ / 2⁻¹¹ relative), so the 1e-2 (bf16) and a 2e-3 (f16) bound hold with room.
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        _ => 1e-5,
+    }
+}
+
+/// The cases run on `device`: every kernel (BGMV decode tables, SGMV ragged segments with gaps),
+/// ranks 8/16/64 alone and mixed, rows without an adapter (slot 0), odd feature counts, and
+/// every activation dtype the device supports.
+pub fn cases(device: &Device) -> Vec<Case> {
+    let dtypes: &[DType] = if device.is_cpu() {
+        &[DType::F32]
+    } else {
+        &[DType::F32, DType::BF16, DType::F16]
+    };
+    let mut out = Vec::new();
+    for &dtype in dtypes {
+        for ranks in [vec![8], vec![16], vec![64], vec![8, 16, 64, 128]] {
+            let n = ranks.len();
+            let label = ranks
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join("/");
+            // Decode: 32 rows, every third without an adapter.
+            let table: Vec<u32> = (0..32u32)
+                .map(|r| if r % 3 == 0 { NO_ADAPTER } else { r % n as u32 })
+                .collect();
+            out.push(Case {
+                name: format!("bgmv {dtype:?} r{label} 32 rows"),
+                dtype,
+                rows: 32,
+                in_features: 2048,
+                out_features: 5632,
+                ranks: ranks.clone(),
+                mapping: KernelRows::PerRow(table),
+                zero_y: false,
+            });
+            // Prefill: ragged segments with gaps (rows 40..45 and 150..160 have no adapter).
+            let lens = [1usize, 7, 33, 5, 100];
+            let mut segments = Vec::new();
+            let mut start = 0;
+            for (k, len) in lens.into_iter().enumerate() {
+                segments.push(Segment {
+                    start,
+                    len,
+                    adapter: k % n,
+                });
+                start += len + if k == 2 { 5 } else { 0 };
+            }
+            out.push(Case {
+                name: format!("sgmv {dtype:?} r{label} ragged"),
+                dtype,
+                rows: start + 10,
+                in_features: 1000,
+                out_features: 333,
+                ranks,
+                mapping: KernelRows::Segments(segments),
+                zero_y: false,
+            });
+        }
+        // Every output element of a mapped row is written: y starts at zero.
+        out.push(Case {
+            name: format!("bgmv {dtype:?} r16 from zero"),
+            dtype,
+            rows: 7,
+            in_features: 64,
+            out_features: 4099,
+            ranks: vec![16, 16],
+            mapping: KernelRows::PerRow(vec![0, 1, 0, 1, 1, 0, 0]),
+            zero_y: true,
+        });
+    }
+    out
+}
+
+/// Values rounded to `dtype` and back, as the device sees them.
+fn rounded(v: &[f32], dtype: DType) -> candle_core::Result<Vec<f32>> {
+    Tensor::from_slice(v, v.len(), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_dtype(DType::F32)?
+        .to_vec1()
+}
+
+/// Runs one case on `device` and compares it with the reference.
+pub fn run(case: &Case, device: &Device, seed: u64) -> candle_core::Result<Outcome> {
+    let (rows, inf, outf) = (case.rows, case.in_features, case.out_features);
+    let x = rounded(&values(rows * inf, seed), case.dtype)?;
+    let y0 = if case.zero_y {
+        vec![0.0; rows * outf]
+    } else {
+        rounded(&values(rows * outf, seed + 1), case.dtype)?
+    };
+    // Factors scaled like a trained adapter's (|x Aᵀ Bᵀ| of order 1).
+    let scale = |v: Vec<f32>, fan_in: usize| -> Vec<f32> {
+        let s = 1.0 / (fan_in as f32).sqrt();
+        v.into_iter().map(|e| e * s).collect()
+    };
+    let host: Vec<(Vec<f32>, Vec<f32>)> = case
+        .ranks
+        .iter()
+        .enumerate()
+        .map(|(k, &r)| {
+            let a = scale(values(r * inf, seed + 10 + k as u64), inf);
+            let b = scale(values(r * outf, seed + 20 + k as u64), r);
+            (a, b)
+        })
+        .collect();
+
+    let mut want = y0.clone();
+    let refs: Vec<Factors<'_, [f32]>> = host
+        .iter()
+        .zip(&case.ranks)
+        .map(|((a, b), &rank)| Factors {
+            rank,
+            a: a.as_slice(),
+            b_t: b.as_slice(),
+        })
+        .collect();
+    let dims = Dims {
+        rows,
+        in_features: inf,
+        out_features: outf,
+        t_stride: case.ranks.iter().copied().max().unwrap_or(1),
+    };
+    reference::add_lora(dims, &x, case.mapping.mapping(), &refs, &mut want)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+
+    let on_device = |v: &[f32], shape: (usize, usize), dtype: DType| {
+        Tensor::from_slice(v, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
+    };
+    let xt = on_device(&x, (rows, inf), case.dtype)?;
+    let yt = on_device(&y0, (rows, outf), case.dtype)?;
+    let ft: Vec<(Tensor, Tensor)> = host
+        .iter()
+        .zip(&case.ranks)
+        .map(|((a, b), &r)| {
+            Ok((
+                on_device(a, (r, inf), DType::F32)?,
+                on_device(b, (r, outf), DType::F32)?,
+            ))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let factors: Vec<LoraFactors<'_>> = ft
+        .iter()
+        .zip(&case.ranks)
+        .map(|((a, b_t), &rank)| LoraFactors { rank, a, b_t })
+        .collect();
+    add_lora(&xt, &yt, &case.mapping, &factors)?;
+    let got: Vec<f32> = yt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(compare(case, &y0, &want, &got))
+}
+
+fn compare(case: &Case, y0: &[f32], want: &[f32], got: &[f32]) -> Outcome {
+    let outf = case.out_features;
+    let mut mapped = vec![false; case.rows];
+    match &case.mapping {
+        KernelRows::PerRow(t) => {
+            for (r, &a) in t.iter().enumerate() {
+                mapped[r] = a != NO_ADAPTER;
+            }
+        }
+        KernelRows::Segments(s) => {
+            for seg in s {
+                mapped[seg.start..seg.start + seg.len].fill(true);
+            }
+        }
+    }
+    let (mut max_err, mut max_want, mut unmapped_changed) = (0f64, 0f64, 0usize);
+    for (r, &m) in mapped.iter().enumerate() {
+        let span = r * outf..(r + 1) * outf;
+        if m {
+            for (g, w) in got[span.clone()].iter().zip(&want[span]) {
+                max_err = max_err.max((*g as f64 - *w as f64).abs());
+                max_want = max_want.max((*w as f64).abs());
+            }
+        } else {
+            unmapped_changed += got[span.clone()]
+                .iter()
+                .zip(&y0[span])
+                .filter(|(g, y)| g.to_bits() != y.to_bits())
+                .count();
+        }
+    }
+    Outcome {
+        rel_err: if max_want > 0.0 {
+            max_err / max_want
+        } else {
+            max_err
+        },
+        unmapped_changed,
+        tolerance: tolerance(case.dtype),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cpu_case_passes() {
+        let device = Device::Cpu;
+        let cases = cases(&device);
+        assert!(cases.len() >= 9);
+        for case in &cases {
+            let outcome = run(case, &device, 7).expect("run");
+            assert!(outcome.passed(), "{}: {outcome:?}", case.name);
+        }
+    }
+
+    #[test]
+    fn a_wrong_result_fails() {
+        let case = &cases(&Device::Cpu)[0];
+        let y0 = vec![0.0; case.rows * case.out_features];
+        let mut want = vec![1.0; y0.len()];
+        let got = want.clone();
+        // Row 0 has no adapter: changing it is caught; so is an error in a mapped row.
+        want[0] = 0.0;
+        let mut bad = got.clone();
+        bad[case.out_features + 3] = 1.5;
+        let o = compare(case, &y0, &want, &bad);
+        assert!(!o.passed() && o.unmapped_changed > 0 && o.rel_err > 0.4);
+    }
+}
