@@ -18,7 +18,7 @@ MEDLEY_CUDA_ENV="${MEDLEY_CUDA_ENV:-$_medley_target/medley-cuda-env}"
 _medley_wheels=(
   nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
   nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14
-  nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+  nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88 nvidia-nccl-cu13==2.27.7
 )
 
 _medley_cuda_setup() {
@@ -43,6 +43,14 @@ _medley_cuda_setup() {
     [ -n "$real" ] || { echo "cuda env: no lib$lib.so.* in $cu/lib" >&2; return 1; }
     ln -sfn "$real" "$cu/lib/lib$lib.so"
   done
+  # NCCL (the oldest cu13 release, so the binary uses nothing newer than the GPU machines'
+  # torch ships) lives in its own wheel folder: link it into the same one, as libnccl.so for
+  # the linker and libnccl.so.2 for the loader.
+  local nccl
+  nccl="$(ls "$cu"/../nccl/lib/libnccl.so.2 2>/dev/null | head -n1)"
+  [ -n "$nccl" ] || { echo "cuda env: no libnccl.so.2 in the nvidia-nccl-cu13 wheel" >&2; return 1; }
+  ln -sfn "$nccl" "$cu/lib/libnccl.so.2"
+  ln -sfn libnccl.so.2 "$cu/lib/libnccl.so"
   # A libcuda stub for linking: every driver function cudarc declares, each returning
   # CUDA_ERROR_NO_DEVICE (100). At run time the driver's libcuda.so.1 is used instead; the stub
   # is exposed as libcuda.so.1 (folder `stub-runtime`) only to the tests that check the no-GPU

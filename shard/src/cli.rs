@@ -10,7 +10,7 @@ use crate::adapters::config::{DEFAULT_MAX_SLOTS, default_merge_threads};
 use crate::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend, parse_byte_size,
 };
-use crate::comm::{Comm, ShmComm, ShmCommConfig, Single};
+use crate::comm::{Comm, CommBackend, CommKind, ShmComm, ShmCommConfig, Single};
 use crate::device::DeviceSpec;
 use crate::engine::{Engine, EngineHandle, EngineInfo, EngineThreadSettings, TextContext};
 use crate::kv_cache::KvCache;
@@ -41,6 +41,14 @@ pub struct ShardArgs {
     /// it). Best on a memory file system such as /dev/shm.
     #[arg(long, env = "MEDLEY_COMM_PATH")]
     pub comm_path: Option<PathBuf>,
+    /// Collective backend: auto (NCCL when every rank has a GPU of its own, shared memory
+    /// otherwise), shm, or nccl (see `medley_shard::comm::backend`).
+    #[arg(long, env = "MEDLEY_COMM", default_value = "auto")]
+    pub comm: CommKind,
+    /// The NCCL group's unique id (hex), the same for every rank; required with NCCL above one
+    /// rank (`medley serve` creates it). At world size 1 the rank makes its own.
+    #[arg(long, env = "MEDLEY_NCCL_ID", hide_env_values = true)]
+    pub nccl_id: Option<String>,
     /// Seconds a rank waits for the others at a collective (or to join) before the group is
     /// declared failed.
     #[arg(long, env = "MEDLEY_COMM_TIMEOUT", default_value_t = 60)]
@@ -79,6 +87,10 @@ pub struct ShardArgs {
         value_parser = clap::value_parser!(u32).range(0..=65536)
     )]
     pub max_adapter_slots: u32,
+    /// How LoRA products are computed: kernels (Medley's batched SGMV/BGMV kernels, on the CPU
+    /// or the GPU) or candle (candle matmuls per adapter group; a fallback).
+    #[arg(long, env = "LORA_BACKEND", value_enum, default_value_t = LoraBackend::Kernels)]
+    pub lora_backend: LoraBackend,
     /// Threads for adapter merges, apart from the forward pass's (default: half the cores).
     #[arg(long, env = "MERGE_THREADS")]
     pub merge_threads: Option<usize>,
@@ -187,29 +199,68 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-/// The collectives of this rank: none at world size 1, else the shared-memory group at
-/// `--comm-path` (waits until every rank has joined).
-fn join_group(args: &ShardArgs, tp: TpLayout) -> anyhow::Result<Arc<dyn Comm>> {
-    if tp.world == 1 {
-        return Ok(Arc::new(Single));
-    }
-    let path = args.comm_path.clone().ok_or_else(|| {
-        anyhow::anyhow!(
-            "--comm-path (MEDLEY_COMM_PATH) is required with a world size of {}",
-            tp.world
-        )
-    })?;
-    let mut cfg = ShmCommConfig::new(path, tp.rank, tp.world);
-    cfg.timeout = std::time::Duration::from_secs(args.comm_timeout.max(1));
+/// The collectives of this rank: none at world size 1 (unless NCCL is asked for), NCCL with the
+/// group's `--nccl-id`, or the shared-memory group at `--comm-path` (each waits until every
+/// rank has joined).
+fn join_group(
+    args: &ShardArgs,
+    tp: TpLayout,
+    device: &candle_core::Device,
+) -> anyhow::Result<Arc<dyn Comm>> {
+    let backend = args
+        .comm
+        .resolve(args.device, tp.world as u32)
+        .map_err(anyhow::Error::msg)?;
     let t0 = std::time::Instant::now();
-    let comm = ShmComm::join(&cfg).context("joining the tensor-parallel group")?;
+    let comm: Arc<dyn Comm> = match backend {
+        CommBackend::Single => return Ok(Arc::new(Single)),
+        CommBackend::Nccl => join_nccl(args, tp, device)?,
+        CommBackend::Shm => {
+            let path = args.comm_path.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--comm-path (MEDLEY_COMM_PATH) is required with a world size of {}",
+                    tp.world
+                )
+            })?;
+            let mut cfg = ShmCommConfig::new(path, tp.rank, tp.world);
+            cfg.timeout = std::time::Duration::from_secs(args.comm_timeout.max(1));
+            Arc::new(ShmComm::join(&cfg).context("joining the tensor-parallel group")?)
+        }
+    };
     tracing::info!(
         rank = tp.rank,
         world = tp.world,
+        backend = ?backend,
         join_ms = t0.elapsed().as_millis() as u64,
         "joined the tensor-parallel group"
     );
+    Ok(comm)
+}
+
+#[cfg(feature = "cuda")]
+fn join_nccl(
+    args: &ShardArgs,
+    tp: TpLayout,
+    device: &candle_core::Device,
+) -> anyhow::Result<Arc<dyn Comm>> {
+    use crate::comm::backend::nccl_id_from_hex;
+    use crate::comm::nccl::{NcclComm, new_unique_id};
+    let id = match &args.nccl_id {
+        Some(text) => nccl_id_from_hex(text).map_err(anyhow::Error::msg)?,
+        None if tp.world == 1 => new_unique_id()?,
+        None => anyhow::bail!(
+            "--nccl-id (MEDLEY_NCCL_ID) is required for NCCL with a world size of {}",
+            tp.world
+        ),
+    };
+    let comm = NcclComm::join(device, tp.rank, tp.world, &id)
+        .context("joining the NCCL tensor-parallel group")?;
     Ok(Arc::new(comm))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn join_nccl(_: &ShardArgs, _: TpLayout, _: &candle_core::Device) -> anyhow::Result<Arc<dyn Comm>> {
+    anyhow::bail!("NCCL needs a binary built with the `cuda` feature")
 }
 
 /// Loads the model and serves it on `args.uds_path` until SIGTERM/SIGINT.
@@ -217,7 +268,7 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
     let tp = TpLayout::new(args.rank as usize, args.world_size as usize)?;
     let device = args.device.open(args.rank)?;
     tracing::info!(device = %args.device, location = ?device.location(), "device opened");
-    let comm = join_group(&args, tp)?;
+    let comm = join_group(&args, tp, &device)?;
     let opts = LoadOptions {
         dtype: parse_dtype(&args.dtype)?,
         device: device.clone(),
@@ -269,10 +320,11 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
         merge_threads = settings.merge_threads,
         "adapter slots ready"
     );
+    tracing::info!(backend = ?args.lora_backend, "LoRA products");
     let store = AdapterStore::new(
         settings.max_slots,
         settings.memory_budget,
-        LoraBackend::Kernels,
+        args.lora_backend,
     );
     let engine = Engine::new(model, kv, text, info, store);
     let thread = EngineThreadSettings {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use medley_router::config::RouterArgs;
+use medley_shard::comm::CommKind;
 use medley_shard::device::DeviceSpec;
 
 /// Compute dtype requested from the shards.
@@ -61,6 +62,11 @@ pub struct ServeArgs {
     /// CUDA needs a binary built with the `cuda` feature (scripts/cuda/build.sh).
     #[arg(long, env = "MEDLEY_DEVICE", default_value = "cpu", value_parser = DeviceSpec::parse_flag)]
     pub device: DeviceSpec,
+    /// Collectives between tensor-parallel ranks: auto (NCCL when every rank has a GPU of its
+    /// own, shared memory otherwise), shm (through host shared memory), or nccl (also at one
+    /// rank, to check NCCL on a one-GPU machine). NCCL refuses two ranks on one GPU.
+    #[arg(long, env = "TP_COMM", default_value = "auto")]
+    pub tp_comm: CommKind,
     /// Compute dtype of the shards.
     #[arg(long, env = "DTYPE", value_enum, default_value_t = DType::Auto)]
     pub dtype: DType,

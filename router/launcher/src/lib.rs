@@ -67,6 +67,9 @@ pub enum LauncherError {
     /// `--device` asks for a device kind this binary cannot drive.
     #[error(transparent)]
     Device(#[from] medley_shard::device::DeviceError),
+    /// `--tp-comm` cannot run with this device, shard count or build.
+    #[error("{0}")]
+    Comm(String),
     /// The shard executable was not found.
     #[error("cannot find the shard executable: {0}")]
     ShardBinary(String),
@@ -98,7 +101,7 @@ impl LauncherError {
     pub fn exit_code(&self) -> u8 {
         match self {
             LauncherError::Router(_) => 1,
-            LauncherError::Config(_) | LauncherError::Device(_) => 2,
+            LauncherError::Config(_) | LauncherError::Device(_) | LauncherError::Comm(_) => 2,
             LauncherError::Resolve(_) => 3,
             LauncherError::ShardBinary(_) | LauncherError::Startup(_) => 4,
             LauncherError::ShardDied(_) | LauncherError::RestartFailed { .. } => 5,

@@ -51,6 +51,9 @@ impl ServePlan {
             // (and maybe downloading) the model. A separate `--shard-bin` decides for itself.
             args.device.check_built()?;
         }
+        args.tp_comm
+            .resolve(args.device, args.num_shard)
+            .map_err(LauncherError::Comm)?;
         let shard_bin = find_shard_binary(args.shard_bin.as_deref())?;
         let resolve = ResolveRequest {
             model: args.model.clone(),
@@ -146,6 +149,7 @@ where
             model_dir: model.files.dir.clone(),
             model_id: model.model_id.clone(),
             device: args.device,
+            comm: args.tp_comm,
             dtype: args.dtype,
             kv_cache_tokens: args.kv_cache_tokens,
             adapter_roots: router_config.limits.adapters.adapter_roots.clone(),

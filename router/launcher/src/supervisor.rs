@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::args::DType;
 use super::probe::ReadinessProbe;
 use super::shard_logs::{OutputTail, Stream, TailSnapshot, forward};
+use medley_shard::comm::{CommBackend, CommKind};
 use medley_shard::device::DeviceSpec;
 
 /// Longest Unix socket path (`sun_path` is 108 bytes including the terminating NUL).
@@ -45,6 +46,8 @@ pub struct ShardCommand {
     pub model_id: String,
     /// `--device`.
     pub device: DeviceSpec,
+    /// `--comm` (the collective backend).
+    pub comm: CommKind,
     /// `--dtype`.
     pub dtype: DType,
     /// `--kv-cache-tokens`, if set.
@@ -63,7 +66,7 @@ impl ShardCommand {
     /// The arguments of rank `rank` out of `world_size`, listening on `uds_path`.
     pub fn args(&self, rank: usize, world_size: usize, uds_path: &Path) -> Vec<OsString> {
         let mut args: Vec<OsString> = self.program_args.clone();
-        args.extend::<[OsString; 14]>([
+        args.extend::<[OsString; 16]>([
             "--model-dir".into(),
             self.model_dir.clone().into(),
             "--uds-path".into(),
@@ -74,6 +77,8 @@ impl ShardCommand {
             world_size.to_string().into(),
             "--device".into(),
             self.device.to_string().into(),
+            "--comm".into(),
+            self.comm.to_string().into(),
             "--dtype".into(),
             self.dtype.as_arg().into(),
             "--model-id".into(),
@@ -191,6 +196,9 @@ pub enum SupervisorError {
     /// A shard exited before it was ready.
     #[error("{0} before it was ready")]
     ExitedDuringStartup(ShardExit),
+    /// The group's NCCL unique id could not be created.
+    #[error("cannot create the NCCL group id: {0}")]
+    Nccl(String),
     /// Some shards were not ready in time.
     #[error("shard(s) {ranks:?} not ready after {}s (--shard-startup-timeout)", timeout.as_secs())]
     StartupTimeout {
@@ -206,8 +214,10 @@ pub enum SupervisorError {
 pub struct Supervisor {
     config: SupervisorConfig,
     sockets: Vec<PathBuf>,
-    /// The group's shared-memory file for collectives (world size > 1).
+    /// The group's shared-memory file for collectives (world size > 1, shared memory).
     comm_path: Option<PathBuf>,
+    /// The group's NCCL unique id, hex (world size > 1, NCCL): new for every group start.
+    nccl_id: Option<String>,
     tasks: Vec<JoinHandle<ShardExit>>,
     /// First unexpected exit, if any.
     exits: watch::Receiver<Option<ShardExit>>,
@@ -225,12 +235,23 @@ impl Supervisor {
         for path in &sockets {
             prepare_socket(path)?;
         }
-        let comm_path = (config.world_size > 1).then(|| comm_path_for(&config.uds_prefix));
+        let backend = config
+            .command
+            .comm
+            .resolve(config.command.device, config.world_size as u32)
+            .map_err(SupervisorError::Nccl)?;
+        let comm_path = (backend == CommBackend::Shm).then(|| comm_path_for(&config.uds_prefix));
+        let nccl_id = if backend == CommBackend::Nccl && config.world_size > 1 {
+            Some(new_nccl_id()?)
+        } else {
+            None
+        };
         let (exit_tx, exits) = watch::channel(None);
         let mut supervisor = Self {
             config,
             sockets,
             comm_path,
+            nccl_id,
             tasks: Vec::new(),
             exits,
             stop: CancellationToken::new(),
@@ -265,6 +286,9 @@ impl Supervisor {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
+        if let Some(id) = &self.nccl_id {
+            command.env("MEDLEY_NCCL_ID", id);
+        }
         if let Some(path) = &self.comm_path {
             command.env("MEDLEY_COMM_PATH", path);
             // Ranks share the machine's CPUs unless told otherwise.
@@ -404,6 +428,22 @@ impl Supervisor {
         }
         exits
     }
+}
+
+/// A fresh NCCL unique id for a group this launcher starts (its bootstrap listener runs in this
+/// process until every rank has joined).
+#[cfg(feature = "cuda")]
+fn new_nccl_id() -> Result<String, SupervisorError> {
+    medley_shard::comm::nccl::new_unique_id()
+        .map(|id| medley_shard::comm::backend::nccl_id_to_hex(&id))
+        .map_err(|e| SupervisorError::Nccl(e.to_string()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn new_nccl_id() -> Result<String, SupervisorError> {
+    Err(SupervisorError::Nccl(
+        "this launcher was built without the `cuda` feature".into(),
+    ))
 }
 
 /// A fresh shared-memory file name for a group started by this launcher: on /dev/shm (a memory

@@ -28,3 +28,38 @@ fn cuda_without_a_usable_gpu_is_a_clear_startup_error() {
         "expected {message:?} in:\n{output}"
     );
 }
+
+/// `--tp-comm nccl` where NCCL cannot run is refused before anything starts (exit code 2): a
+/// CPU device in any build, two ranks on one GPU in a CUDA build, and anything in a CPU build.
+#[test]
+fn nccl_where_it_cannot_run_is_refused_at_startup() {
+    let mut cases = vec![(
+        vec!["--tp-comm", "nccl", "--num-shard", "2"],
+        if cfg!(feature = "cuda") {
+            "needs --device cuda"
+        } else {
+            "built with the `cuda` feature"
+        },
+    )];
+    if cfg!(feature = "cuda") {
+        cases.push((
+            vec![
+                "--tp-comm",
+                "nccl",
+                "--num-shard",
+                "2",
+                "--device",
+                "cuda:0:shared",
+            ],
+            "NCCL refuses two ranks on the same device",
+        ));
+    }
+    for (args, message) in cases {
+        let (status, output) = common::serve_until_exit(&args);
+        assert_eq!(status.code(), Some(2), "{args:?}: {output}");
+        assert!(
+            output.contains(message),
+            "{args:?}: expected {message:?} in:\n{output}"
+        );
+    }
+}

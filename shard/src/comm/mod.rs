@@ -5,14 +5,20 @@
 //! * [`ShmComm`] — ranks as processes on one machine, exchanging data through one shared-memory
 //!   file (no sockets on the hot path): the CPU backend, used by tests and CPU serving.
 //! * [`Timed`] — wraps another and adds up the time spent in collectives (per-step timings).
-//! * NCCL (GPU part 2) implements the same trait; [`Comm::all_reduce_sum_tensor`] is the seam
-//!   where it keeps the data on the device instead of taking the host path.
+//! * `NcclComm` (the `cuda` feature, module `nccl`) — ranks on GPUs of their own, collectives
+//!   on the device; it overrides [`Comm::all_reduce_sum_tensor`] to keep the data there instead
+//!   of taking the host path.
+//!
+//! [`backend`] decides which one a group uses (`--tp-comm auto|shm|nccl`).
 //!
 //! Every collective is called by every rank in the same order (the router sends each batch call
 //! to all ranks from one task). Results are bitwise identical on every rank: sums are taken in
 //! rank order, so all ranks hold the same activations and sample the same tokens.
 
+pub mod backend;
 mod futex;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod shm;
 mod timed;
 
@@ -20,6 +26,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Tensor};
 
+pub use backend::{CommBackend, CommKind};
 pub use shm::{ShmComm, ShmCommConfig};
 pub use timed::Timed;
 
@@ -51,6 +58,16 @@ pub enum CommError {
     Poisoned {
         /// This rank.
         rank: usize,
+    },
+    /// An NCCL call (or a device copy around one) failed; the group must be restarted.
+    #[error("rank {rank}: NCCL {op} failed: {reason}")]
+    Nccl {
+        /// This rank.
+        rank: usize,
+        /// The call.
+        op: &'static str,
+        /// What NCCL or the device said.
+        reason: String,
     },
     /// Buffers of the wrong size.
     #[error("{0}")]

@@ -92,6 +92,7 @@ pub(crate) fn config(dir: &Path, mode: &str, world_size: usize) -> SupervisorCon
             model_dir,
             model_id: "org/fake".to_string(),
             device: DeviceSpec::Cpu,
+            comm: CommKind::Auto,
             dtype: DType::F32,
             kv_cache_tokens: Some(64),
             adapter_roots: vec![],
@@ -131,6 +132,7 @@ fn command_line() {
         model_dir: "/m".into(),
         model_id: "org/name".into(),
         device: DeviceSpec::Cuda { first: 0 },
+        comm: CommKind::Auto,
         dtype: DType::Bf16,
         kv_cache_tokens: None,
         adapter_roots: vec![],
@@ -145,8 +147,8 @@ fn command_line() {
         .collect();
     assert_eq!(
         args.join(" "),
-        "--model-dir /m --uds-path /tmp/s-1 --rank 1 --world-size 2 --device cuda --dtype bf16 \
-         --model-id org/name --json-output"
+        "--model-dir /m --uds-path /tmp/s-1 --rank 1 --world-size 2 --device cuda --comm auto \
+         --dtype bf16 --model-id org/name --json-output"
     );
     let with_adapters = ShardCommand {
         adapter_roots: vec!["/a".into(), "/b".into()],
@@ -182,6 +184,22 @@ fn command_line() {
         socket_path(Path::new("/tmp/medley-server"), 3),
         PathBuf::from("/tmp/medley-server-3")
     );
+}
+
+/// Without the `cuda` feature there is no NCCL: a group that asks for it is refused before any
+/// rank starts.
+#[cfg(not(feature = "cuda"))]
+#[tokio::test]
+async fn nccl_is_refused_without_cuda() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(tmp.path(), "ready", 2);
+    cfg.command.device = DeviceSpec::Cuda { first: 0 };
+    cfg.command.comm = CommKind::Nccl;
+    match spawn(cfg).await {
+        Err(SupervisorError::Nccl(m)) => assert!(m.contains("`cuda` feature"), "{m}"),
+        other => panic!("expected the NCCL refusal, got {other:?}"),
+    }
+    assert!(!tmp.path().join("sock-0").exists());
 }
 
 #[tokio::test]
