@@ -9,15 +9,19 @@
 //! | `GET /info` | model and limits |
 //! | `POST /tokenize` | `{inputs, add_special_tokens?}` → `[{id, text, start, stop}]` |
 //! | `GET /metrics` | Prometheus text |
+//! | `POST /v1/completions`, `POST /v1/chat/completions` | OpenAI: JSON, or SSE chunks with `stream` ([`openai`]) |
+//! | `GET /v1/models`, `GET /v1/models/{model}` | OpenAI model list: the served model |
 //!
 //! Every error body is `{"error": "...", "error_type": "..."}`, body-parsing errors, unknown
-//! routes (404 `not_found`) and wrong methods (405 `method_not_allowed`) included.
+//! routes (404 `not_found`) and wrong methods (405 `method_not_allowed`) included; except on
+//! the OpenAI routes, whose errors are `{"error": {"message", "type", "param", "code"}}`.
 
 mod error;
 mod extract;
 mod generate;
 mod headers;
 mod meta;
+pub mod openai;
 mod sse;
 #[cfg(test)]
 mod tests;
@@ -58,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/info", get(meta::info))
         .route("/tokenize", post(meta::tokenize))
         .route("/metrics", get(meta::metrics))
+        .merge(openai::routes(&state))
         .fallback(meta::not_found)
         .method_not_allowed_fallback(meta::method_not_allowed)
         .with_state(state)

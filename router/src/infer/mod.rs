@@ -95,15 +95,29 @@ impl Infer {
         &self,
         request: GenerateRequest,
     ) -> Result<GenerateStream, InferError> {
+        self.generate_stream_with(request, true).await
+    }
+
+    /// [`Infer::generate_stream`], choosing whether tokenization adds the special tokens (BOS...)
+    /// to the prompt (see [`Validation::validate_with`]).
+    pub async fn generate_stream_with(
+        &self,
+        request: GenerateRequest,
+        add_special_tokens: bool,
+    ) -> Result<GenerateStream, InferError> {
         metrics::counter!(names::REQUEST_COUNT).increment(1);
-        let result = self.admit(request).await;
+        let result = self.admit(request, add_special_tokens).await;
         if let Err(e) = &result {
             stream::record_failure(e);
         }
         result
     }
 
-    async fn admit(&self, request: GenerateRequest) -> Result<GenerateStream, InferError> {
+    async fn admit(
+        &self,
+        request: GenerateRequest,
+        add_special_tokens: bool,
+    ) -> Result<GenerateStream, InferError> {
         let received = Instant::now();
         let permit = Arc::clone(&self.inner.permits)
             .try_acquire_owned()
@@ -113,7 +127,11 @@ impl Infer {
             .return_full_text
             .unwrap_or(false)
             .then(|| request.inputs.clone());
-        let valid = self.inner.validation.validate(request).await?;
+        let valid = self
+            .inner
+            .validation
+            .validate_with(request, add_special_tokens)
+            .await?;
         let meta = RequestMeta {
             input_length: valid.input_length(),
             seed: valid.parameters.do_sample.then_some(valid.parameters.seed),
@@ -143,7 +161,19 @@ impl Infer {
 
     /// Generates a whole response.
     pub async fn generate(&self, request: GenerateRequest) -> Result<GenerateOutput, InferError> {
-        let mut stream = self.generate_stream(request).await?;
+        self.generate_with(request, true).await
+    }
+
+    /// [`Infer::generate`], choosing whether tokenization adds the special tokens (BOS...) to
+    /// the prompt (see [`Validation::validate_with`]).
+    pub async fn generate_with(
+        &self,
+        request: GenerateRequest,
+        add_special_tokens: bool,
+    ) -> Result<GenerateOutput, InferError> {
+        let mut stream = self
+            .generate_stream_with(request, add_special_tokens)
+            .await?;
         let mut prefill = Vec::new();
         let mut tokens = Vec::new();
         let mut top_tokens = Vec::new();

@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::Notify;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use super::AdapterSource;
+use super::{AdapterSource, AdapterSpec};
 use super::{
     FinishReason, GeneratedText, Infer, InferStreamResponse, PrefillToken, Token,
     ValidGenerateRequest,
@@ -120,6 +120,10 @@ pub(crate) enum Behavior {
     RejectSchedule,
     /// Like `Normal`, but never reports the seed in the final text.
     OmitSeed,
+    /// Like `Normal` for the base model; a request for any adapter or merge fails with
+    /// [`InferError::AdapterNotFound`] as its first event, as the real backend answers a
+    /// shard's NOT_FOUND.
+    AdaptersNotFound,
 }
 
 #[derive(Default)]
@@ -235,6 +239,11 @@ impl FakeBackend {
         tx: UnboundedSender<Result<InferStreamResponse, InferError>>,
     ) {
         let queued = Instant::now();
+        if self.behavior == Behavior::AdaptersNotFound && req.adapter != AdapterSpec::Base {
+            let message = format!("adapter `{}` not found", req.adapter.ids());
+            let _ = tx.send(Err(InferError::AdapterNotFound(message)));
+            return;
+        }
         if req.decoder_input_details {
             let prefill = req
                 .input_ids
@@ -397,7 +406,20 @@ impl TestServer {
 
     /// Starts a server on `backend` with `limits`.
     pub(crate) async fn start_with(backend: FakeBackend, limits: Limits) -> Self {
+        Self::start_in(backend, limits, &[]).await
+    }
+
+    /// Starts a server on `backend` with `limits` whose model directory (the one holding
+    /// `tokenizer.json`) also has `files` (name, content), e.g. a `tokenizer_config.json`.
+    pub(crate) async fn start_in(
+        backend: FakeBackend,
+        limits: Limits,
+        files: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("write a model file");
+        }
         let path = dir.path().join("tokenizer.json");
         word_tokenizer().save(&path, false).expect("save tokenizer");
         let http = tokio::net::TcpListener::bind("127.0.0.1:0")

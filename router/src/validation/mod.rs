@@ -45,6 +45,17 @@ impl Validation {
         &self,
         request: GenerateRequest,
     ) -> Result<ValidGenerateRequest, ValidationError> {
+        self.validate_with(request, true).await
+    }
+
+    /// [`Validation::validate`], choosing whether the tokenizer adds its special tokens (BOS...)
+    /// to the prompt: `false` for prompts that already carry them, like the output of a chat
+    /// template (Hugging Face's `apply_chat_template` tokenizes without them too).
+    pub async fn validate_with(
+        &self,
+        request: GenerateRequest,
+        add_special_tokens: bool,
+    ) -> Result<ValidGenerateRequest, ValidationError> {
         let limits = &self.inner.limits;
         if request.inputs.is_empty() {
             return Err(ValidationError::EmptyInput);
@@ -59,7 +70,11 @@ impl Validation {
         };
         let adapter = medley_spec::resolve_selector(selector, &limits.adapters)?;
 
-        let encoded = self.inner.pool.encode(request.inputs.clone(), true).await?;
+        let encoded = self
+            .inner
+            .pool
+            .encode(request.inputs.clone(), add_special_tokens)
+            .await?;
         let input_ids = params::truncate_left(encoded.ids, checked.truncate);
         if input_ids.is_empty() {
             return Err(ValidationError::Tokenizer(

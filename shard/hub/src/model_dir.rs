@@ -14,7 +14,11 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Index of sharded weights (`weight_map`: tensor name → shard file).
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 /// Files used when present, never required.
-pub const OPTIONAL_FILES: [&str; 2] = ["tokenizer_config.json", "generation_config.json"];
+pub const OPTIONAL_FILES: [&str; 3] = [
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
 
 /// Safetensors weights stored either as one file or as an index plus the shards it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
