@@ -8,6 +8,8 @@ use std::time::Duration;
 pub use medley_spec::AdapterPolicy;
 use medley_spec::{AdapterSource, Semantics};
 
+use crate::merges::NamedMerges;
+
 /// Serving limits and defaults, shared by the `medley-router` binary and `medley serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RouterArgs {
@@ -79,6 +81,10 @@ pub struct RouterArgs {
     /// Source of adapters whose request names none: `hub` or `local`.
     #[arg(long, env = "DEFAULT_ADAPTER_SOURCE", default_value = "hub")]
     pub default_adapter_source: AdapterSource,
+    /// Named merges to register at start-up: a JSON or YAML file holding a list of
+    /// `{name, merged_adapters, adapter_source?}` (or `{merges: [...]}`).
+    #[arg(long, env = "MERGES_FILE")]
+    pub merges: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
@@ -133,6 +139,8 @@ pub struct RouterConfig {
     pub grpc_addr: SocketAddr,
     /// Model name reported by `/info` and `x-model-id`.
     pub model_id: String,
+    /// Named merges (from `--merges`; more can be registered at run time).
+    pub merges: NamedMerges,
     /// Path of the model's `tokenizer.json`.
     pub tokenizer_path: PathBuf,
     /// Unix socket of each shard, rank 0 first.
@@ -242,6 +250,18 @@ impl RouterArgs {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let policy = AdapterPolicy {
+            max_merge_adapters: self.max_merge_adapters,
+            adapter_roots,
+            default_source: self.default_adapter_source,
+            merge_semantics: self.merge_semantics,
+            served_model_id: model_id.clone(),
+        };
+        let merges = match &self.merges {
+            Some(path) => crate::merges::load_file(path, &policy)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            None => NamedMerges::default(),
+        };
         let ip: std::net::IpAddr = self
             .hostname
             .parse()
@@ -249,7 +269,8 @@ impl RouterArgs {
         Ok(RouterConfig {
             http_addr: SocketAddr::new(ip, self.port),
             grpc_addr: SocketAddr::new(ip, self.grpc_port),
-            model_id: model_id.clone(),
+            model_id,
+            merges,
             tokenizer_path,
             shard_uds_paths,
             token_flags,
@@ -261,13 +282,7 @@ impl RouterArgs {
                 max_top_n_tokens: self.max_top_n_tokens,
                 default_max_new_tokens: self.default_max_new_tokens,
                 validation_workers: self.validation_workers,
-                adapters: AdapterPolicy {
-                    max_merge_adapters: self.max_merge_adapters,
-                    adapter_roots,
-                    default_source: self.default_adapter_source,
-                    merge_semantics: self.merge_semantics,
-                    served_model_id: model_id,
-                },
+                adapters: policy,
             },
             batching: BatchingConfig {
                 max_batch_prefill_tokens: self.max_batch_prefill_tokens,
@@ -390,6 +405,27 @@ mod tests {
         assert!(cfg(&["--max-active-adapters", "0"]).is_err());
         assert!(cfg(&["--adapter-cycle-time=-1"]).is_err());
         assert!(cfg(&["--adapter-cycle-time", "NaN"]).is_err());
+    }
+
+    #[test]
+    fn merges_file_is_loaded_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("merges.yaml");
+        std::fs::write(
+            &good,
+            "- name: both\n  merged_adapters: {ids: [org/a, org/b], weights: [1, 1]}\n",
+        )
+        .unwrap();
+        let path = good.to_str().unwrap();
+        let c = args(&["--merges", path])
+            .into_config("m".into(), PathBuf::new(), vec![])
+            .unwrap();
+        assert!(c.merges.get("both").is_some());
+        std::fs::write(&good, "- name: x\n  merged_adapters: {ids: []}\n").unwrap();
+        let err = args(&["--merges", path])
+            .into_config("m".into(), PathBuf::new(), vec![])
+            .unwrap_err();
+        assert!(err.to_string().contains("merge \"x\""), "{err}");
     }
 
     #[test]

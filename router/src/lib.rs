@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod http;
 pub mod infer;
 pub mod logging;
+pub mod merges;
 pub mod metrics;
 pub mod server;
 pub mod signals;

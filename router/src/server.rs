@@ -26,7 +26,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::backend::Backend;
 use crate::config::RouterConfig;
-use crate::grpc::{GenerationGrpc, GenerationServiceServer};
+use crate::grpc::{GenerationGrpc, GenerationServiceServer, MergeGrpc};
 use crate::http::{self, AppState};
 use crate::infer::Infer;
 use crate::validation::Validation;
@@ -131,7 +131,8 @@ impl Server {
             }
         })?;
         let validation =
-            Validation::new(tokenizer, config.limits.clone()).map_err(ServerError::Workers)?;
+            Validation::with_merges(tokenizer, config.limits.clone(), config.merges.clone())
+                .map_err(ServerError::Workers)?;
         let infer = Infer::new(backend, validation);
         Ok(Self {
             http_addr: http.local_addr().map_err(ServerError::LocalAddr)?,
@@ -208,6 +209,7 @@ impl Server {
             .add_service(
                 GenerationGrpc::new(self.infer.clone(), Arc::clone(&self.config)).into_server(),
             )
+            .add_service(MergeGrpc::new(self.infer.clone()).into_server())
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc),
                 stop.clone().cancelled_owned(),

@@ -22,6 +22,37 @@ pub fn tiny_model_dir() -> PathBuf {
     workspace_root().join("tests/fixtures/tiny-llama")
 }
 
+/// A copy of the tiny model, in a temporary directory (removed on drop), whose
+/// `tokenizer_config.json` also carries the `chat_template` of the router's fixture
+/// `router/tests/fixtures/chat_templates/{template}.json` (e.g. `mistral`: plain text plus the
+/// `<s>`/`</s>` the tiny tokenizer has).
+pub fn tiny_model_with_chat_template(template: &str) -> anyhow::Result<tempfile::TempDir> {
+    let fixture = workspace_root().join(format!(
+        "router/tests/fixtures/chat_templates/{template}.json"
+    ));
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&fixture).with_context(|| fixture.display().to_string())?,
+    )?;
+    let chat_template = fixture
+        .get("chat_template")
+        .context("the template fixture has no `chat_template`")?
+        .clone();
+    let dir = tempfile::tempdir()?;
+    for entry in std::fs::read_dir(tiny_model_dir())? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name()))?;
+    }
+    let config_path = dir.path().join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
+    config
+        .as_object_mut()
+        .context("tokenizer_config.json is not an object")?
+        .insert("chat_template".into(), chat_template);
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;
+    Ok(dir)
+}
+
 /// Directory holding the binaries of the current profile (next to this test executable).
 fn bin_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -305,6 +336,15 @@ impl Server {
         Ok((r.status().as_u16(), r.text().await?))
     }
 
+    /// DELETEs `path` and returns status and text.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let r = reqwest::Client::new()
+            .delete(format!("{}{path}", self.http))
+            .send()
+            .await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+
     /// POSTs to an SSE route and collects every `data:` event until the stream ends.
     pub async fn sse(
         &self,
@@ -369,8 +409,8 @@ pub fn parse_sse(body: &str) -> Vec<serde_json::Value> {
 }
 
 /// A Python interpreter with the test requirements (`tests/python/requirements.txt`:
-/// `lorax-client`, `grpcio-reflection`) installed: `$MEDLEY_PYTHON` when set (CI), else a venv
-/// created once under the target directory.
+/// `lorax-client`, `openai`, `grpcio-reflection`) installed: `$MEDLEY_PYTHON` when set (CI),
+/// else a venv created once under the target directory.
 pub fn python_with_lorax_client() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("MEDLEY_PYTHON") {
         return Ok(PathBuf::from(p));

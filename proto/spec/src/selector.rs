@@ -41,24 +41,32 @@ pub struct AdapterPolicy {
 
 /// LoRAX's `merged_adapters` object as a client writes it, every field nullable, plus Medley's
 /// `seed`, `svd_rank` and `svd_clamp`. [`MergedAdapters::validate`] turns it into a merge.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default)]
 pub struct MergedAdapters {
     /// Adapter ids, in merge order.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ids: Option<Vec<String>>,
     /// One weight per id.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<Vec<f32>>,
     /// Strategy name (case-insensitive; default `linear`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub merge_strategy: Option<String>,
     /// Fraction kept by pruning strategies, in [0, 1].
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub density: Option<f32>,
     /// `total` or `frequency` (case-insensitive; default `total`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub majority_sign_method: Option<String>,
     /// Seed of DARE masks (default: derived from the merge).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Rank of SVD-family results (default: the largest component rank).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub svd_rank: Option<u32>,
     /// PEFT's `svd_clamp`: clamp SVD factors to this quantile of their entries, in [0, 1].
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub svd_clamp: Option<f32>,
 }
 

@@ -7,6 +7,34 @@ use crate::infer::{
     MergedAdapters, PrefillToken, ResponseOptions, Token,
 };
 
+/// A merge from the wire (repeated fields are always present there).
+pub(super) fn merged_from_proto(m: pb::MergedAdapters) -> MergedAdapters {
+    MergedAdapters {
+        ids: Some(m.ids),
+        weights: Some(m.weights),
+        merge_strategy: m.merge_strategy,
+        density: m.density,
+        majority_sign_method: m.majority_sign_method,
+        seed: m.seed,
+        svd_rank: m.svd_rank,
+        svd_clamp: m.svd_clamp,
+    }
+}
+
+/// A merge for the wire.
+pub(super) fn merged_to_proto(m: MergedAdapters) -> pb::MergedAdapters {
+    pb::MergedAdapters {
+        ids: m.ids.unwrap_or_default(),
+        weights: m.weights.unwrap_or_default(),
+        merge_strategy: m.merge_strategy,
+        density: m.density,
+        majority_sign_method: m.majority_sign_method,
+        seed: m.seed,
+        svd_rank: m.svd_rank,
+        svd_clamp: m.svd_clamp,
+    }
+}
+
 /// The internal request of a gRPC request. Proto3 scalars without `optional` (the booleans and
 /// `stop`) always have a value; `optional` fields keep their presence.
 pub(super) fn request(r: pb::GenerateRequest) -> GenerateRequest {
@@ -16,16 +44,7 @@ pub(super) fn request(r: pb::GenerateRequest) -> GenerateRequest {
         parameters: GenerateParameters {
             adapter_id: p.adapter_id,
             adapter_source: p.adapter_source,
-            merged_adapters: p.merged_adapters.map(|m| MergedAdapters {
-                ids: Some(m.ids),
-                weights: Some(m.weights),
-                merge_strategy: m.merge_strategy,
-                density: m.density,
-                majority_sign_method: m.majority_sign_method,
-                seed: m.seed,
-                svd_rank: m.svd_rank,
-                svd_clamp: m.svd_clamp,
-            }),
+            merged_adapters: p.merged_adapters.map(merged_from_proto),
             api_token: p.api_token,
             do_sample: Some(p.do_sample),
             max_new_tokens: p.max_new_tokens,

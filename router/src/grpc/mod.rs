@@ -1,4 +1,5 @@
-//! The public gRPC front: `medley.v1.GenerationService` (Generate, GenerateStream, Info), with
+//! The public gRPC front: `medley.v1.GenerationService` (Generate, GenerateStream, Info) and
+//! `medley.v1.MergeService` (named merges, [`merges`]), with
 //! the same validation and messages as HTTP (errors are statuses with
 //! [`crate::error::InferError::grpc_code`]). The standard health and reflection services are
 //! assembled in [`crate::server`].
@@ -7,6 +8,7 @@
 //! request's [`crate::infer::GenerateStream`] and with it the backend receiver.
 
 mod convert;
+mod merges;
 #[cfg(test)]
 mod tests;
 
@@ -19,6 +21,7 @@ use medley_proto::v1::generation_service_server::GenerationService;
 use tonic::{Request, Response, Status};
 
 pub use medley_proto::v1::generation_service_server::GenerationServiceServer;
+pub use merges::MergeGrpc;
 
 use crate::config::RouterConfig;
 use crate::infer::{Infer, InferStreamResponse};

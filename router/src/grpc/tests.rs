@@ -294,3 +294,89 @@ async fn reflection_lists_the_services() {
     assert_eq!(names, crate::server::SERVED_SERVICES);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn named_merges_over_grpc() {
+    use medley_proto::v1::merge_service_client::MergeServiceClient;
+    let backend = FakeBackend::new();
+    let server = TestServer::start(backend.clone()).await;
+    let mut merges = MergeServiceClient::new(channel(&server).await);
+    let spec = pb::MergedAdapters {
+        ids: vec!["org/a".into(), "org/b".into()],
+        weights: vec![1.0, 0.5],
+        merge_strategy: Some("ties".into()),
+        density: Some(0.5),
+        ..Default::default()
+    };
+    let create = pb::CreateMergeRequest {
+        name: "sql-ads".into(),
+        merged_adapters: Some(spec.clone()),
+        adapter_source: None,
+    };
+    let created = merges
+        .create_merge(create.clone())
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(created.name, "sql-ads");
+    assert_eq!(created.key.len(), 12);
+    let again = merges.create_merge(create).await.expect_err("exists");
+    assert_eq!(again.code(), Code::AlreadyExists);
+    let bad = pb::CreateMergeRequest {
+        name: "bad name".into(),
+        merged_adapters: Some(spec.clone()),
+        adapter_source: None,
+    };
+    let bad = merges.create_merge(bad).await.expect_err("invalid");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let listed = merges
+        .list_merges(pb::ListMergesRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.merges, vec![created.clone()]);
+
+    // The name and the inline spec reach the backend as one merge.
+    let mut gen_client = client(&server).await;
+    for parameters in [
+        pb::GenerateParameters {
+            adapter_id: Some("sql-ads".into()),
+            max_new_tokens: Some(2),
+            ..Default::default()
+        },
+        pb::GenerateParameters {
+            merged_adapters: Some(spec),
+            max_new_tokens: Some(2),
+            ..Default::default()
+        },
+    ] {
+        gen_client
+            .generate(request("hello world", parameters))
+            .await
+            .expect("generate");
+    }
+    let keys: Vec<_> = backend.requests().iter().map(|r| r.adapter.key()).collect();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0], keys[1]);
+
+    let get = |name: &str| pb::GetMergeRequest { name: name.into() };
+    assert_eq!(
+        merges
+            .get_merge(get("sql-ads"))
+            .await
+            .expect("get")
+            .into_inner(),
+        created
+    );
+    let deleted = merges
+        .delete_merge(pb::DeleteMergeRequest {
+            name: "sql-ads".into(),
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(deleted.name, "sql-ads");
+    let missing = merges.get_merge(get("sql-ads")).await.expect_err("gone");
+    assert_eq!(missing.code(), Code::NotFound);
+    server.stop().await;
+}

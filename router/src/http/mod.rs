@@ -10,6 +10,7 @@
 //! | `POST /tokenize` | `{inputs, add_special_tokens?}` → `[{id, text, start, stop}]` |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /v1/completions`, `POST /v1/chat/completions` | OpenAI: JSON, or SSE chunks with `stream` ([`openai`]) |
+//! | `POST/GET /v1/merges`, `GET/DELETE /v1/merges/{name}` | named merges ([`merges`]) |
 //! | `GET /v1/models`, `GET /v1/models/{model}` | OpenAI model list: the served model |
 //!
 //! Every error body is `{"error": "...", "error_type": "..."}`, body-parsing errors, unknown
@@ -20,6 +21,7 @@ mod error;
 mod extract;
 mod generate;
 mod headers;
+mod merges;
 mod meta;
 pub mod openai;
 mod sse;
@@ -63,6 +65,11 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(meta::tokenize))
         .route("/metrics", get(meta::metrics))
         .merge(openai::routes(&state))
+        .route("/v1/merges", get(merges::list).post(merges::create))
+        .route(
+            "/v1/merges/{*name}",
+            get(merges::retrieve).delete(merges::delete),
+        )
         .fallback(meta::not_found)
         .method_not_allowed_fallback(meta::method_not_allowed)
         .with_state(state)

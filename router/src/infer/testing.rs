@@ -379,6 +379,7 @@ pub(crate) fn test_config(limits: Limits, tokenizer_path: PathBuf) -> RouterConf
         http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         model_id: TEST_MODEL_ID.into(),
+        merges: crate::merges::NamedMerges::default(),
         tokenizer_path,
         shard_uds_paths: Vec::new(),
         token_flags: TokenFlags {

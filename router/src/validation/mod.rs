@@ -12,6 +12,7 @@ pub use tokenizer::{Encoded, TokenSpan};
 use crate::config::Limits;
 use crate::error::ValidationError;
 use crate::infer::{GenerateRequest, ValidGenerateRequest, ValidStoppingParameters};
+use crate::merges::NamedMerges;
 use tokenizer::TokenizerPool;
 
 /// Validates requests against the server's [`Limits`]. Cheap to clone.
@@ -23,15 +24,36 @@ pub struct Validation {
 struct Inner {
     pool: TokenizerPool,
     limits: Limits,
+    merges: NamedMerges,
 }
 
 impl Validation {
-    /// Starts `limits.validation_workers` tokenizer threads sharing `tokenizer`.
+    /// Starts `limits.validation_workers` tokenizer threads sharing `tokenizer`, with no named
+    /// merges.
     pub fn new(tokenizer: tokenizers::Tokenizer, limits: Limits) -> std::io::Result<Self> {
+        Self::with_merges(tokenizer, limits, NamedMerges::default())
+    }
+
+    /// [`Validation::new`] with a registry of named merges, which requests may name as their
+    /// `adapter_id`.
+    pub fn with_merges(
+        tokenizer: tokenizers::Tokenizer,
+        limits: Limits,
+        merges: NamedMerges,
+    ) -> std::io::Result<Self> {
         let pool = TokenizerPool::new(tokenizer, limits.validation_workers)?;
         Ok(Self {
-            inner: Arc::new(Inner { pool, limits }),
+            inner: Arc::new(Inner {
+                pool,
+                limits,
+                merges,
+            }),
         })
+    }
+
+    /// The named merges requests may use.
+    pub fn merges(&self) -> &NamedMerges {
+        &self.inner.merges
     }
 
     /// The limits requests are checked against.
@@ -68,6 +90,9 @@ impl Validation {
             api_token: p.api_token.as_deref(),
             merged_adapters: p.merged_adapters.as_ref(),
         };
+        // An `adapter_id` that names a merge stands for that merge's spec.
+        let named = self.inner.merges.lookup(&selector);
+        let selector = named.as_ref().map_or(selector, |m| m.expand(&selector));
         let adapter = medley_spec::resolve_selector(selector, &limits.adapters)?;
 
         let encoded = self

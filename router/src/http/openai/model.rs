@@ -5,16 +5,15 @@
 //! Resolution order:
 //! 1. missing, empty, `__base_model__` or the served model id: the base model (the request's
 //!    own `adapter_id` / `merged_adapters`, if any, still apply);
-//! 2. **extension point, named merges**: a registry of named merges will be consulted here; a
-//!    name resolves to a canonical merge, returned as [`ModelTarget::Merge`];
-//! 3. anything else is an adapter id, from the default adapter source unless the request sets
+//! 2. anything else goes on as `adapter_id`: validation expands the name of a named merge
+//!    ([`crate::merges`]) into its merge, exactly as on the LoRAX routes and in gRPC; any other
+//!    id is an adapter, from the default adapter source unless the request sets
 //!    `adapter_source`. Whether it exists is only known when it loads: the shard's NOT_FOUND
 //!    ([`InferError::AdapterNotFound`]) then becomes 404 `model_not_found`.
 
 use super::error::OpenAiError;
 use super::types::AdapterFields;
 use crate::error::{InferError, ValidationError};
-use crate::infer::MergedAdapters;
 use crate::validation::BASE_MODEL_ADAPTER_ID;
 
 /// What a `model` names.
@@ -22,18 +21,11 @@ use crate::validation::BASE_MODEL_ADAPTER_ID;
 pub enum ModelTarget {
     /// The served base model.
     Base,
-    /// An adapter id.
+    /// An adapter id, or the name of a named merge.
     Adapter(String),
-    /// A named merge (not produced yet: see the module docs).
-    Merge {
-        /// The name the request used.
-        name: String,
-        /// The merge it stands for.
-        merge: MergedAdapters,
-    },
 }
 
-/// Resolves `model` against the served model id (step 2 of the module docs goes here).
+/// Resolves `model` against the served model id.
 pub fn resolve(model: Option<&str>, served_model_id: &str) -> ModelTarget {
     match model.map(str::trim) {
         None | Some("") => ModelTarget::Base,
@@ -48,12 +40,11 @@ impl ModelTarget {
         match self {
             Self::Base => None,
             Self::Adapter(id) => Some(id),
-            Self::Merge { name, .. } => Some(name),
         }
     }
 
     /// The request's adapter fields with this target applied. A `model` naming an adapter or a
-    /// merge cannot be combined with another `adapter_id` or `merged_adapters`.
+    /// named merge cannot be combined with another `adapter_id` or `merged_adapters`.
     pub fn apply(&self, mut fields: AdapterFields) -> Result<AdapterFields, OpenAiError> {
         let has_id = fields
             .adapter_id
@@ -78,15 +69,6 @@ impl ModelTarget {
                     return Err(conflict("adapter_id"));
                 }
                 fields.adapter_id = Some(id.clone());
-            }
-            Self::Merge { merge, .. } => {
-                if fields.merged_adapters.is_some() {
-                    return Err(conflict("merged_adapters"));
-                }
-                if has_id {
-                    return Err(conflict("adapter_id"));
-                }
-                fields.merged_adapters = Some(merge.clone());
             }
         }
         Ok(fields)
@@ -116,6 +98,7 @@ impl ModelTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::infer::MergedAdapters;
 
     #[test]
     fn base_names_and_adapters() {
@@ -152,13 +135,6 @@ mod tests {
         assert!(lora.apply(merged.clone()).is_err());
         // The base model leaves the LoRAX fields to validation.
         assert_eq!(ModelTarget::Base.apply(other.clone()).ok(), Some(other));
-        let named = ModelTarget::Merge {
-            name: "sql+chat".into(),
-            merge: MergedAdapters::default(),
-        };
-        assert!(named.apply(merged).is_err());
-        let f = named.apply(AdapterFields::default()).expect("no conflict");
-        assert!(f.merged_adapters.is_some());
     }
 
     #[test]

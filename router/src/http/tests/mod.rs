@@ -3,6 +3,7 @@
 mod adapters;
 mod errors;
 mod generate;
+mod merges;
 mod stream;
 
 use futures::StreamExt;
