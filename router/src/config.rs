@@ -8,6 +8,7 @@ use std::time::Duration;
 pub use medley_spec::AdapterPolicy;
 use medley_spec::{AdapterSource, Semantics};
 
+use crate::access::{AccessArgs, AccessConfig};
 use crate::merges::NamedMerges;
 
 /// Serving limits and defaults, shared by the `medley-router` binary and `medley serve`.
@@ -81,6 +82,9 @@ pub struct RouterArgs {
     /// Source of adapters whose request names none: `hub` or `local`.
     #[arg(long, env = "DEFAULT_ADAPTER_SOURCE", default_value = "hub")]
     pub default_adapter_source: AdapterSource,
+    /// API keys, the metrics route and the request size limit.
+    #[command(flatten)]
+    pub access: AccessArgs,
     /// Named merges to register at start-up: a JSON or YAML file holding a list of
     /// `{name, merged_adapters, adapter_source?}` (or `{merges: [...]}`).
     #[arg(long, env = "MERGES_FILE")]
@@ -141,6 +145,8 @@ pub struct RouterConfig {
     pub model_id: String,
     /// Named merges (from `--merges`; more can be registered at run time).
     pub merges: NamedMerges,
+    /// API keys and request limits.
+    pub access: AccessConfig,
     /// Path of the model's `tokenizer.json`.
     pub tokenizer_path: PathBuf,
     /// Unix socket of each shard, rank 0 first.
@@ -262,6 +268,7 @@ impl RouterArgs {
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?,
             None => NamedMerges::default(),
         };
+        let access = self.access.into_config()?;
         let ip: std::net::IpAddr = self
             .hostname
             .parse()
@@ -271,6 +278,7 @@ impl RouterArgs {
             grpc_addr: SocketAddr::new(ip, self.grpc_port),
             model_id,
             merges,
+            access,
             tokenizer_path,
             shard_uds_paths,
             token_flags,

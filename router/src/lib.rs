@@ -11,6 +11,7 @@
 //! The adapter/merge request model (names, validation, canonical keys, proto conversion) is
 //! `medley-spec`; this crate links no model code (no candle, no shard, no merge engine).
 
+pub mod access;
 pub mod backend;
 pub mod config;
 pub mod error;

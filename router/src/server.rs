@@ -24,12 +24,14 @@ use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::access::GrpcAuth;
 use crate::backend::Backend;
 use crate::config::RouterConfig;
 use crate::grpc::{GenerationGrpc, GenerationServiceServer, MergeGrpc};
 use crate::http::{self, AppState};
 use crate::infer::Infer;
 use crate::validation::Validation;
+use tonic::service::interceptor::InterceptedService;
 
 /// How often the gRPC health status is refreshed from the backend.
 const HEALTH_REFRESH: Duration = Duration::from_secs(5);
@@ -206,10 +208,14 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
-            .add_service(
+            .add_service(InterceptedService::new(
                 GenerationGrpc::new(self.infer.clone(), Arc::clone(&self.config)).into_server(),
-            )
-            .add_service(MergeGrpc::new(self.infer.clone()).into_server())
+                GrpcAuth::new(self.config.access.keys.clone()),
+            ))
+            .add_service(InterceptedService::new(
+                MergeGrpc::new(self.infer.clone()).into_server(),
+                GrpcAuth::new(self.config.access.keys.clone()),
+            ))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc),
                 stop.clone().cancelled_owned(),

@@ -13,10 +13,15 @@
 //! | `POST/GET /v1/merges`, `GET/DELETE /v1/merges/{name}` | named merges ([`merges`]) |
 //! | `GET /v1/models`, `GET /v1/models/{model}` | OpenAI model list: the served model |
 //!
+//! With API keys set ([`crate::access`]), every route but health (and `/metrics`, unless
+//! `--metrics-require-key`) needs `Authorization: Bearer <key>` (401 otherwise). Bodies above
+//! `--max-request-bytes` get 413.
+//!
 //! Every error body is `{"error": "...", "error_type": "..."}`, body-parsing errors, unknown
 //! routes (404 `not_found`) and wrong methods (405 `method_not_allowed`) included; except on
 //! the OpenAI routes, whose errors are `{"error": {"message", "type", "param", "code"}}`.
 
+mod auth;
 mod error;
 mod extract;
 mod generate;
@@ -72,5 +77,12 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(meta::not_found)
         .method_not_allowed_fallback(meta::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.config.access.max_request_bytes,
+        ))
         .with_state(state)
 }

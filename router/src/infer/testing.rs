@@ -380,6 +380,7 @@ pub(crate) fn test_config(limits: Limits, tokenizer_path: PathBuf) -> RouterConf
         grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         model_id: TEST_MODEL_ID.into(),
         merges: crate::merges::NamedMerges::default(),
+        access: crate::access::AccessConfig::default(),
         tokenizer_path,
         shard_uds_paths: Vec::new(),
         token_flags: TokenFlags {
@@ -417,6 +418,16 @@ impl TestServer {
         limits: Limits,
         files: &[(&str, &str)],
     ) -> Self {
+        Self::start_configured(backend, limits, files, |_| {}).await
+    }
+
+    /// [`TestServer::start_in`], with `configure` applied to the config first (access rules...).
+    pub(crate) async fn start_configured(
+        backend: FakeBackend,
+        limits: Limits,
+        files: &[(&str, &str)],
+        configure: impl FnOnce(&mut RouterConfig),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).expect("write a model file");
@@ -429,13 +440,10 @@ impl TestServer {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let server = Server::from_listeners(
-            test_config(limits, path),
-            Arc::new(backend.clone()),
-            http,
-            grpc,
-        )
-        .expect("server");
+        let mut config = test_config(limits, path);
+        configure(&mut config);
+        let server =
+            Server::from_listeners(config, Arc::new(backend.clone()), http, grpc).expect("server");
         let (http, grpc) = (server.http_addr(), server.grpc_addr());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(server.serve(async move {

@@ -112,11 +112,14 @@ impl Logprobs {
                     at += t.text.len();
                     texts.push(t.text.clone());
                     logprobs.push(t.logprob);
-                    tops.push(
-                        top.iter()
-                            .map(|a| (a.text.clone(), serde_json::Value::from(a.logprob)))
-                            .collect(),
-                    );
+                    // Alternatives come best first; two that decode to the same text keep
+                    // the better log-probability.
+                    let mut alts = serde_json::Map::new();
+                    for a in top {
+                        alts.entry(a.text.clone())
+                            .or_insert_with(|| serde_json::Value::from(a.logprob));
+                    }
+                    tops.push(alts);
                 }
                 Self::Completion {
                     tokens: texts,
@@ -366,6 +369,17 @@ mod tests {
             legacy,
             serde_json::json!({"tokens": [" a"], "token_logprobs": [-0.5],
                 "top_logprobs": [{" a": -0.5, " b": -1.0}], "text_offset": [3]})
+        );
+        // Two alternatives that decode to the same text: the better one stays.
+        let same = vec![(
+            tok("\u{fffd}", -0.5, false),
+            vec![tok("\u{fffd}", -0.5, false), tok("\u{fffd}", -2.0, false)],
+        )];
+        let legacy = serde_json::to_value(Logprobs::new(Endpoint::Completions, &same, true, 0))
+            .expect("json");
+        assert_eq!(
+            legacy["top_logprobs"],
+            serde_json::json!([{"\u{fffd}": -0.5}])
         );
     }
 }

@@ -90,13 +90,16 @@ impl Emitter {
             .collect()
     }
 
-    /// The chunk of one token (`None` when there is nothing to send yet).
+    /// The chunk of one token (`None` when there is nothing to send yet). The last token of a
+    /// choice comes with `finish` and the generation's final text, which replaces the text of
+    /// the tokens: the decoder may have held back the end of a multi-byte character that only
+    /// the final decode completes, and the stream must end with the same text as the JSON answer.
     fn token(
         &mut self,
         index: usize,
         token: Token,
         top: Vec<Token>,
-        finish: Option<&'static str>,
+        finish: Option<(&'static str, String)>,
     ) -> Option<Event> {
         let endpoint = self.responder.endpoint();
         let state = self.choices.get_mut(index)?;
@@ -104,6 +107,10 @@ impl Emitter {
         if !token.special {
             state.text.push_str(&token.text);
         }
+        let finish = finish.map(|(reason, text)| {
+            state.text = text;
+            reason
+        });
         let end = visible_len(&state.text, &self.stop, finish.is_some());
         let delta = state
             .text
@@ -139,7 +146,10 @@ impl Emitter {
             }) => {
                 let prompt = self.choices.get(index).and_then(|c| c.prompt_tokens);
                 self.usage.add(prompt, generated_text.generated_tokens);
-                let finish = Some(finish_reason(generated_text.finish_reason));
+                let finish = Some((
+                    finish_reason(generated_text.finish_reason),
+                    generated_text.text,
+                ));
                 (
                     self.token(index, token, top_tokens, finish)
                         .into_iter()

@@ -1,5 +1,6 @@
 //! REST front tests over real loopback TCP against a [`FakeBackend`].
 
+mod access;
 mod adapters;
 mod errors;
 mod generate;
