@@ -30,8 +30,8 @@ async fn server(merges_file: &std::path::Path) -> Server {
     .unwrap()
 }
 
-/// Greedy `/generate` with `adapter` fields: the token ids.
-async fn generate(s: &Server, adapter: Value) -> Vec<u64> {
+/// Greedy `/generate` of 8 tokens with `adapter` fields: the reply (with details).
+async fn generate_reply(s: &Server, adapter: Value) -> Value {
     let mut parameters = json!({"max_new_tokens": 8, "details": true});
     parameters
         .as_object_mut()
@@ -45,7 +45,20 @@ async fn generate(s: &Server, adapter: Value) -> Vec<u64> {
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    token_ids(&r.body)
+    r.body
+}
+
+/// The token ids of [`generate_reply`].
+async fn generate(s: &Server, adapter: Value) -> Vec<u64> {
+    token_ids(&generate_reply(s, adapter).await)
+}
+
+/// The text of [`generate_reply`].
+async fn generated_text(s: &Server, adapter: Value) -> String {
+    generate_reply(s, adapter).await["generated_text"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Greedy `/v1/completions` with `model`: the text.
@@ -60,23 +73,6 @@ async fn complete(s: &Server, model: &str) -> String {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     r.body["choices"][0]["text"].as_str().unwrap().to_string()
-}
-
-async fn generated_text(s: &Server, adapter: Value) -> String {
-    let mut parameters = json!({"max_new_tokens": 8});
-    parameters
-        .as_object_mut()
-        .unwrap()
-        .extend(adapter.as_object().unwrap().clone());
-    let r = s
-        .post(
-            "/generate",
-            &json!({"inputs": "Once upon a time", "parameters": parameters}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.body["generated_text"].as_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
