@@ -1,6 +1,6 @@
-//! Wire compatibility with the LoRAX Python client (`lorax-client` 0.6.3): its `generate` and
-//! `generate_stream` POST to `/`, expect a JSON array or `data:` SSE events, and map error bodies
-//! to its exception types.
+//! Wire compatibility with the LoRAX Python client (`lorax-client` 0.6.3) and the TGI client it
+//! descends from (`text-generation` 0.7.0): their `generate` and `generate_stream` POST to `/`,
+//! expect a JSON array or `data:` SSE events, and map error bodies to their exception types.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
@@ -10,15 +10,21 @@ use medley_e2e::{Server, ServerOptions, python_with_lorax_client, tiny_model_dir
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lorax_client_generate_stream_and_errors() {
-    lorax_client_check(1).await;
+    client_check("lorax_client_check.py", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lorax_client_works_with_two_tensor_parallel_shards() {
-    lorax_client_check(2).await;
+    client_check("lorax_client_check.py", 2).await;
 }
 
-async fn lorax_client_check(num_shard: u32) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tgi_client_generate_stream_and_errors() {
+    client_check("tgi_client_check.py", 1).await;
+}
+
+/// Runs `tests/python/{script}` against a server of the tiny model split over `num_shard` ranks.
+async fn client_check(script: &str, num_shard: u32) {
     let python = python_with_lorax_client().expect("python with lorax-client");
     let s = Server::start(ServerOptions {
         model: Some(tiny_model_dir()),
@@ -27,7 +33,8 @@ async fn lorax_client_check(num_shard: u32) {
     })
     .await
     .unwrap();
-    let script = workspace_root().join("tests/python/lorax_client_check.py");
+    let name = script;
+    let script = workspace_root().join("tests/python").join(name);
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(script)
@@ -41,9 +48,6 @@ async fn lorax_client_check(num_shard: u32) {
     let (out, _server) = out;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "lorax client check failed:\n{stdout}\n{stderr}"
-    );
+    assert!(out.status.success(), "{name} failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("ALL OK"), "{stdout}\n{stderr}");
 }

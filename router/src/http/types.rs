@@ -153,6 +153,10 @@ pub struct Details {
     pub prefill: Vec<InputToken>,
     /// Generated tokens.
     pub tokens: Vec<TokenJson>,
+    /// TGI's form of the alternatives: the most likely tokens at each generated position, when
+    /// alternatives were asked (`return_k_alternatives` / `top_n_tokens`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_tokens: Option<Vec<Vec<TokenJson>>>,
 }
 
 /// A non-streamed response.
@@ -168,6 +172,16 @@ pub struct GenerateResponse {
 impl GenerateResponse {
     /// Shapes a finished generation as the client asked.
     pub fn new(out: GenerateOutput, opts: ResponseOptions) -> Self {
+        let top_tokens = (opts.details && opts.alternatives).then(|| {
+            out.top_tokens
+                .iter()
+                .map(|top| {
+                    top.iter()
+                        .map(|t| TokenJson::new(t.clone(), Vec::new(), false))
+                        .collect()
+                })
+                .collect()
+        });
         let details = opts.details.then(|| Details {
             finish_reason: out.generated_text.finish_reason.as_str(),
             prompt_tokens: out.meta.input_length,
@@ -185,6 +199,7 @@ impl GenerateResponse {
                 .zip(out.top_tokens)
                 .map(|(t, top)| TokenJson::new(t, top, opts.alternatives))
                 .collect(),
+            top_tokens,
         });
         Self {
             generated_text: out.generated_text.text,

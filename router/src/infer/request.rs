@@ -68,7 +68,9 @@ pub struct GenerateParameters {
     pub details: Option<bool>,
     /// Return the prompt tokens with their logprobs.
     pub decoder_input_details: Option<bool>,
-    /// Number of most likely alternatives to return per generated token.
+    /// Number of most likely alternatives to return per generated token (TGI's name,
+    /// `top_n_tokens`, is accepted too).
+    #[serde(alias = "top_n_tokens")]
     pub return_k_alternatives: Option<i64>,
     /// Constrained output format (not supported).
     pub response_format: Option<serde_json::Value>,
@@ -124,6 +126,8 @@ mod tests {
         };
         let o = p.response_options();
         assert!(o.details && o.alternatives && !o.decoder_input_details);
+        let tgi: GenerateParameters = serde_json::from_str(r#"{"top_n_tokens": 3}"#).unwrap();
+        assert_eq!(tgi.return_k_alternatives, Some(3));
         assert_eq!(
             GenerateParameters::default().response_options(),
             ResponseOptions::default()

@@ -147,6 +147,12 @@ async fn generate_returns_an_object_with_every_detail() {
     // "hello world" → [<s>=1, hello=3, world=4]; generated token i is input token i.
     let alt = |id: u32| json!([{"id": id + 1, "text": " a1", "logprob": -1.0}, {"id": id + 2, "text": " a2", "logprob": -2.0}]);
     let tok = |id: u32| json!({"id": id, "text": format!(" t{id}"), "logprob": -0.5, "special": false, "alternative_tokens": alt(id), "skipped": false});
+    let top = |id: u32| {
+        json!([
+            {"id": id + 1, "text": " a1", "logprob": -1.0, "special": false, "skipped": false},
+            {"id": id + 2, "text": " a2", "logprob": -2.0, "special": false, "skipped": false}
+        ])
+    };
     let expected = json!({
         "generated_text": "hello world t1 t3 t4",
         "details": {
@@ -161,6 +167,8 @@ async fn generate_returns_an_object_with_every_detail() {
                 {"id": 4, "text": "p4", "logprob": -0.25}
             ],
             "tokens": [tok(1), tok(3), tok(4)],
+            // TGI's form of the same alternatives.
+            "top_tokens": [top(1), top(3), top(4)],
         }
     });
     assert_eq!(body, expected);
