@@ -10,21 +10,22 @@ use medley_e2e::{Server, ServerOptions, python_with_lorax_client, tiny_model_dir
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lorax_client_generate_stream_and_errors() {
-    client_check("lorax_client_check.py", 1).await;
+    client_check("lorax", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lorax_client_works_with_two_tensor_parallel_shards() {
-    client_check("lorax_client_check.py", 2).await;
+    client_check("lorax", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tgi_client_generate_stream_and_errors() {
-    client_check("tgi_client_check.py", 1).await;
+    client_check("tgi", 1).await;
 }
 
-/// Runs `tests/python/{script}` against a server of the tiny model split over `num_shard` ranks.
-async fn client_check(script: &str, num_shard: u32) {
+/// Runs `tests/python/rest_client_check.py` with `client` (`lorax` or `tgi`) against a server of
+/// the tiny model split over `num_shard` ranks.
+async fn client_check(client: &'static str, num_shard: u32) {
     let python = python_with_lorax_client().expect("python with lorax-client");
     let s = Server::start(ServerOptions {
         model: Some(tiny_model_dir()),
@@ -33,11 +34,11 @@ async fn client_check(script: &str, num_shard: u32) {
     })
     .await
     .unwrap();
-    let name = script;
-    let script = workspace_root().join("tests/python").join(name);
+    let script = workspace_root().join("tests/python/rest_client_check.py");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(script)
+            .arg(client)
             .arg(&s.http)
             .output()
             .map(|o| (o, s))
@@ -48,6 +49,9 @@ async fn client_check(script: &str, num_shard: u32) {
     let (out, _server) = out;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{name} failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "{client} client check failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("ALL OK"), "{stdout}\n{stderr}");
 }

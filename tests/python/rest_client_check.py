@@ -1,15 +1,23 @@
-"""Drives a running Medley server with the real LoRAX Python client (lorax-client 0.6.3).
+"""Drives a running Medley server with a real REST client library: the LoRAX Python client
+(lorax-client 0.6.3) or the Hugging Face TGI client it descends from (text-generation 0.7.0).
+Both speak the same wire format and have the same API; each checks what its models expose.
 
-Usage: python lorax_client_check.py http://127.0.0.1:PORT
+Usage: python rest_client_check.py lorax|tgi http://127.0.0.1:PORT
 Prints "ALL OK" when every check passes; any failure raises.
 """
 
 import sys
 
-from lorax import Client
-from lorax.errors import ValidationError
+kind, url = sys.argv[1], sys.argv[2]
+if kind == "lorax":
+    from lorax import Client
+    from lorax.errors import ValidationError
+elif kind == "tgi":
+    from text_generation import Client
+    from text_generation.errors import ValidationError
+else:
+    raise SystemExit(f"unknown client {kind!r}: use lorax or tgi")
 
-url = sys.argv[1]
 client = Client(url, timeout=60)
 
 # generate: POST / with the client's full body, JSON array reply, details on by default.
@@ -21,7 +29,7 @@ assert len(resp.details.tokens) == 8
 greedy_ids = [t.id for t in resp.details.tokens]
 print("generate:", repr(resp.generated_text))
 
-# generate_stream: data: events, final one with generated_text and details.
+# generate_stream: data: events, the same tokens, final one with generated_text and details.
 tokens = []
 final = None
 for event in client.generate_stream("The quick brown fox", max_new_tokens=8):
@@ -43,9 +51,16 @@ assert a.details.seed == 7
 r = client.generate("Once upon a time", max_new_tokens=20, stop_sequences=["zzzz-not-there"])
 assert r.details.finish_reason.value == "length"
 
-# decoder_input_details returns the prompt tokens.
-r = client.generate("Hello world", max_new_tokens=2, decoder_input_details=True)
-assert len(r.details.prefill) == r.details.prompt_tokens
+# decoder_input_details returns the prompt tokens (LoRAX's details also count them); TGI's
+# top_n_tokens returns the alternatives as details.top_tokens.
+if kind == "lorax":
+    r = client.generate("Hello world", max_new_tokens=2, decoder_input_details=True)
+    assert len(r.details.prefill) == r.details.prompt_tokens
+else:
+    r = client.generate("Hello world", max_new_tokens=3, decoder_input_details=True, top_n_tokens=2)
+    assert len(r.details.prefill) > 0, r.details
+    assert r.details.top_tokens is not None and len(r.details.top_tokens) == 3, r.details
+    assert all(len(top) == 2 for top in r.details.top_tokens), r.details.top_tokens
 
 # Server-side validation errors map to the client's ValidationError (422, error_type validation).
 try:
