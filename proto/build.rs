@@ -23,6 +23,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["medley/v1/generate.proto", "medley/shard/v1/shard.proto"];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("medley_descriptor.bin"))
+        // Messages carrying an `api_token`: their `Debug` (in src/lib.rs) never shows it.
+        .skip_debug([
+            ".medley.v1.GenerateParameters",
+            ".medley.v1.PreloadAdapterRequest",
+            ".medley.v1.UnloadAdapterRequest",
+            ".medley.shard.v1.AdapterRef",
+        ])
         .compile_protos(&protos, &["."])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -22,3 +22,133 @@ pub mod shard {
 
 /// Encoded `FileDescriptorSet` of every Medley proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("medley_descriptor");
+
+/// What `Debug` shows of a secret that is set.
+const REDACTED: &str = "<redacted>";
+
+/// Every field but `api_token`, which is shown as `<redacted>` when set (it is a hub token).
+impl std::fmt::Debug for v1::GenerateParameters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateParameters")
+            .field("adapter_id", &self.adapter_id)
+            .field("adapter_source", &self.adapter_source)
+            .field("merged_adapters", &self.merged_adapters)
+            .field("api_token", &self.api_token.as_ref().map(|_| REDACTED))
+            .field("do_sample", &self.do_sample)
+            .field("max_new_tokens", &self.max_new_tokens)
+            .field("ignore_eos_token", &self.ignore_eos_token)
+            .field("repetition_penalty", &self.repetition_penalty)
+            .field("frequency_penalty", &self.frequency_penalty)
+            .field("presence_penalty", &self.presence_penalty)
+            .field("return_full_text", &self.return_full_text)
+            .field("stop", &self.stop)
+            .field("seed", &self.seed)
+            .field("temperature", &self.temperature)
+            .field("top_k", &self.top_k)
+            .field("top_p", &self.top_p)
+            .field("truncate", &self.truncate)
+            .field("typical_p", &self.typical_p)
+            .field("details", &self.details)
+            .field("decoder_input_details", &self.decoder_input_details)
+            .field("return_k_alternatives", &self.return_k_alternatives)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every field but `api_token`, which is shown as `<redacted>` when set (it is a hub token).
+impl std::fmt::Debug for v1::PreloadAdapterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreloadAdapterRequest")
+            .field("adapter_id", &self.adapter_id)
+            .field("adapter_source", &self.adapter_source)
+            .field("merged_adapters", &self.merged_adapters)
+            .field("api_token", &self.api_token.as_ref().map(|_| REDACTED))
+            .field("pinned", &self.pinned)
+            .field("wait", &self.wait)
+            .finish()
+    }
+}
+
+/// Every field but `api_token`, which is shown as `<redacted>` when set (it is a hub token).
+impl std::fmt::Debug for v1::UnloadAdapterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnloadAdapterRequest")
+            .field("key", &self.key)
+            .field("adapter_id", &self.adapter_id)
+            .field("adapter_source", &self.adapter_source)
+            .field("merged_adapters", &self.merged_adapters)
+            .field("api_token", &self.api_token.as_ref().map(|_| REDACTED))
+            .finish()
+    }
+}
+
+/// Every field but `api_token`, which is shown as `<redacted>` when set (it is a hub token).
+impl std::fmt::Debug for shard::v1::AdapterRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdapterRef")
+            .field("id", &self.id)
+            .field("source", &self.source)
+            .field("revision", &self.revision)
+            .field("api_token", &self.api_token.as_ref().map(|_| REDACTED))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_an_api_token() {
+        let secret = "hf_debug_probe_secret";
+        let params = v1::GenerateParameters {
+            adapter_id: Some("org/adapter".into()),
+            api_token: Some(secret.into()),
+            max_new_tokens: Some(7),
+            ..Default::default()
+        };
+        let request = v1::GenerateRequest {
+            inputs: "hi".into(),
+            parameters: Some(params),
+        };
+        let shown = format!("{request:?}");
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(
+            shown.contains("org/adapter") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+
+        let r = shard::v1::AdapterRef {
+            id: "org/adapter".into(),
+            api_token: Some(secret.into()),
+            ..Default::default()
+        };
+        let spec = shard::v1::MergeComponent {
+            adapter: Some(r),
+            weight: 1.0,
+        };
+        let shown = format!("{spec:?}");
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(
+            shown.contains("org/adapter") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        let preload = v1::PreloadAdapterRequest {
+            adapter_id: Some("org/adapter".into()),
+            api_token: Some(secret.into()),
+            ..Default::default()
+        };
+        let unload = v1::UnloadAdapterRequest {
+            api_token: Some(secret.into()),
+            ..Default::default()
+        };
+        for shown in [format!("{preload:?}"), format!("{unload:?}")] {
+            assert!(
+                !shown.contains(secret) && shown.contains("<redacted>"),
+                "{shown}"
+            );
+        }
+        let none = shard::v1::AdapterRef::default();
+        assert!(format!("{none:?}").contains("api_token: None"));
+    }
+}

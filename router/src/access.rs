@@ -36,6 +36,19 @@ pub struct AccessArgs {
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
+    /// Turn the management routes off: `/v1/adapters*` and `/v1/merges*` answer 404, and the
+    /// gRPC `AdapterService` and `MergeService` are not served (UNIMPLEMENTED).
+    #[arg(long, env = "MEDLEY_DISABLE_ADMIN")]
+    pub disable_admin: bool,
+    /// Key(s) of the management routes: with them, those routes take only these keys (not
+    /// `--api-key`'s); without, they take the API keys like every route.
+    #[arg(
+        long = "admin-api-key",
+        env = "MEDLEY_ADMIN_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub admin_api_keys: Vec<String>,
 }
 
 /// The access rules the fronts enforce.
@@ -47,6 +60,10 @@ pub struct AccessConfig {
     pub metrics_require_key: bool,
     /// Largest request body in bytes.
     pub max_request_bytes: usize,
+    /// Whether the management routes are served.
+    pub admin_enabled: bool,
+    /// Keys of the management routes in place of `keys` (`None`: `keys` apply).
+    pub admin_keys: Option<Arc<ApiKeys>>,
 }
 
 impl Default for AccessConfig {
@@ -55,19 +72,32 @@ impl Default for AccessConfig {
             keys: None,
             metrics_require_key: false,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            admin_enabled: true,
+            admin_keys: None,
         }
     }
+}
+
+impl AccessConfig {
+    /// The keys the management routes take (`None`: open).
+    pub fn admin_keys(&self) -> Option<Arc<ApiKeys>> {
+        self.admin_keys.clone().or_else(|| self.keys.clone())
+    }
+}
+
+/// Whether an HTTP path is a management route (adapters and named merges).
+pub fn is_admin_path(path: &str) -> bool {
+    ["/v1/adapters", "/v1/merges"].iter().any(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
 }
 
 impl AccessArgs {
     /// The rules, with the key file read.
     pub fn into_config(self) -> Result<AccessConfig, ConfigError> {
-        let mut keys: Vec<String> = self
-            .api_keys
-            .iter()
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty())
-            .collect();
+        let mut keys = clean_keys(&self.api_keys);
+        let admin_keys = clean_keys(&self.admin_api_keys);
         if let Some(path) = &self.api_key_file {
             keys.extend(read_key_file(path)?);
         }
@@ -76,12 +106,27 @@ impl AccessArgs {
                 "--max-request-bytes must be positive".into(),
             ));
         }
+        if self.disable_admin && !admin_keys.is_empty() {
+            return Err(ConfigError::Invalid(
+                "--admin-api-key has no use with --disable-admin".into(),
+            ));
+        }
         Ok(AccessConfig {
-            keys: (!keys.is_empty()).then(|| Arc::new(ApiKeys { keys })),
+            keys: ApiKeys::new(keys),
             metrics_require_key: self.metrics_require_key,
             max_request_bytes: self.max_request_bytes,
+            admin_enabled: !self.disable_admin,
+            admin_keys: ApiKeys::new(admin_keys),
         })
     }
+}
+
+/// Keys given on the command line, trimmed, empty ones dropped.
+fn clean_keys(keys: &[String]) -> Vec<String> {
+    keys.iter()
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .collect()
 }
 
 fn read_key_file(path: &Path) -> Result<Vec<String>, ConfigError> {
@@ -131,6 +176,11 @@ impl std::fmt::Debug for ApiKeys {
 }
 
 impl ApiKeys {
+    /// The keys, or `None` when there are none.
+    fn new(keys: Vec<String>) -> Option<Arc<Self>> {
+        (!keys.is_empty()).then(|| Arc::new(Self { keys }))
+    }
+
     /// Checks an `Authorization` header value.
     pub fn check(&self, authorization: Option<&str>) -> Result<(), AuthError> {
         let presented = authorization
@@ -216,6 +266,8 @@ mod tests {
             api_key_file: Some(file.clone()),
             metrics_require_key: false,
             max_request_bytes: 10,
+            disable_admin: false,
+            admin_api_keys: vec![],
         };
         let c = args.clone().into_config().expect("config");
         let k = c.keys.expect("keys");

@@ -79,12 +79,18 @@ pub struct RouterArgs {
     /// separate with commas); without one, local adapters are refused.
     #[arg(long = "adapter-root", env = "ADAPTER_ROOTS", value_delimiter = ',')]
     pub adapter_roots: Vec<PathBuf>,
-    /// Source of adapters whose request names none: `hub` or `local`.
+    /// Source of adapters whose request names none: `hub`, `local` or `s3`.
     #[arg(long, env = "DEFAULT_ADAPTER_SOURCE", default_value = "hub")]
     pub default_adapter_source: AdapterSource,
     /// API keys, the metrics route and the request size limit.
     #[command(flatten)]
     pub access: AccessArgs,
+    /// Optional TLS on both listeners.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// Adapters to load (and pin) at start-up.
+    #[command(flatten)]
+    pub preload: crate::preload::PreloadArgs,
     /// Named merges to register at start-up: a JSON or YAML file holding a list of
     /// `{name, merged_adapters, adapter_source?}` (or `{merges: [...]}`).
     #[arg(long, env = "MERGES_FILE")]
@@ -147,6 +153,10 @@ pub struct RouterConfig {
     pub merges: NamedMerges,
     /// API keys and request limits.
     pub access: AccessConfig,
+    /// TLS on both listeners (`None`: plaintext).
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// Adapters loaded before the router listens (pinned ones first).
+    pub preload: Vec<crate::preload::PreloadEntry>,
     /// Path of the model's `tokenizer.json`.
     pub tokenizer_path: PathBuf,
     /// Unix socket of each shard, rank 0 first.
@@ -269,6 +279,8 @@ impl RouterArgs {
             None => NamedMerges::default(),
         };
         let access = self.access.into_config()?;
+        let tls = self.tls.into_config()?;
+        let preload = self.preload.into_entries()?;
         let ip: std::net::IpAddr = self
             .hostname
             .parse()
@@ -279,6 +291,8 @@ impl RouterArgs {
             model_id,
             merges,
             access,
+            tls,
+            preload,
             tokenizer_path,
             shard_uds_paths,
             token_flags,
@@ -480,7 +494,7 @@ mod tests {
         assert_eq!(c.batching.adapter_cycle_time, Duration::from_millis(500));
         let bad = Cli::try_parse_from(["x", "--merge-semantics", "mergekit"]);
         assert!(bad.is_err());
-        let bad = Cli::try_parse_from(["x", "--default-adapter-source", "s3"]);
+        let bad = Cli::try_parse_from(["x", "--default-adapter-source", "gcs"]);
         assert!(bad.is_err());
     }
 }

@@ -5,6 +5,7 @@
 //! | [`InferError::Validation`] | 422 | `validation` | INVALID_ARGUMENT |
 //! | [`InferError::Overloaded`] | 429 | `overloaded` | RESOURCE_EXHAUSTED |
 //! | [`InferError::AdapterNotFound`] | 404 | `not_found` | NOT_FOUND |
+//! | [`InferError::AdapterAccessDenied`] | 403 | `access_denied` | PERMISSION_DENIED |
 //! | [`InferError::Generation`] | 424 | `generation` | FAILED_PRECONDITION |
 //! | [`InferError::IncompleteGeneration`] | 500 | `incomplete_generation` | INTERNAL |
 //! | [`InferError::Unavailable`] | 503 | `unavailable` | UNAVAILABLE |
@@ -96,6 +97,10 @@ pub enum InferError {
     /// An adapter of the request does not exist (the message names it).
     #[error("{0}")]
     AdapterNotFound(String),
+    /// The adapter's storage refused the server's credentials (e.g. S3 `AccessDenied`); the
+    /// message is the shard's and says what to check.
+    #[error("{0}")]
+    AdapterAccessDenied(String),
     /// The model failed while generating (or an adapter failed to load or merge).
     #[error("Request failed during generation: {0}")]
     Generation(String),
@@ -114,6 +119,7 @@ impl InferError {
             Self::Validation(_) => "validation",
             Self::Overloaded => "overloaded",
             Self::AdapterNotFound(_) => "not_found",
+            Self::AdapterAccessDenied(_) => "access_denied",
             Self::Generation(_) => "generation",
             Self::IncompleteGeneration => "incomplete_generation",
             Self::Unavailable(_) => "unavailable",
@@ -126,6 +132,7 @@ impl InferError {
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::AdapterNotFound(_) => StatusCode::NOT_FOUND,
+            Self::AdapterAccessDenied(_) => StatusCode::FORBIDDEN,
             Self::Generation(_) => StatusCode::FAILED_DEPENDENCY,
             Self::IncompleteGeneration => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -138,6 +145,7 @@ impl InferError {
             Self::Validation(_) => tonic::Code::InvalidArgument,
             Self::Overloaded => tonic::Code::ResourceExhausted,
             Self::AdapterNotFound(_) => tonic::Code::NotFound,
+            Self::AdapterAccessDenied(_) => tonic::Code::PermissionDenied,
             Self::Generation(_) => tonic::Code::FailedPrecondition,
             Self::IncompleteGeneration => tonic::Code::Internal,
             Self::Unavailable(_) => tonic::Code::Unavailable,
@@ -175,6 +183,12 @@ mod tests {
                 404,
                 "not_found",
                 tonic::Code::NotFound,
+            ),
+            (
+                InferError::AdapterAccessDenied("x".into()),
+                403,
+                "access_denied",
+                tonic::Code::PermissionDenied,
             ),
             (
                 InferError::Generation("x".into()),

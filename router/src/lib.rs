@@ -21,6 +21,8 @@ pub mod infer;
 pub mod logging;
 pub mod merges;
 pub mod metrics;
+pub mod preload;
 pub mod server;
 pub mod signals;
+pub mod tls;
 pub mod validation;

@@ -1,6 +1,7 @@
 //! Runs the router's two fronts: HTTP (axum) on `config.http_addr` and gRPC (tonic: generation,
 //! `grpc.health.v1`, reflection v1 and v1alpha) on `config.grpc_addr`, until a shutdown future
-//! completes; both then stop gracefully (in-flight requests finish).
+//! completes; both then stop gracefully (in-flight requests finish). With `config.tls` both speak
+//! TLS only (see [`crate::tls`]).
 //!
 //! ```ignore
 //! // Production: bind the configured addresses.
@@ -11,7 +12,7 @@
 //! tokio::spawn(server.serve(async { stop.await.ok(); }));
 //! ```
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use tonic_health::server::HealthReporter;
 use crate::access::GrpcAuth;
 use crate::backend::Backend;
 use crate::config::RouterConfig;
-use crate::grpc::{GenerationGrpc, GenerationServiceServer, MergeGrpc};
+use crate::grpc::{AdapterGrpc, GenerationGrpc, GenerationServiceServer, MergeGrpc};
 use crate::http::{self, AppState};
 use crate::infer::Infer;
 use crate::validation::Validation;
@@ -84,12 +85,18 @@ pub enum ServerError {
     /// The reflection service could not be built from the descriptor sets.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// A `--preload-adapters` / `--pin-adapters` entry could not be loaded.
+    #[error(transparent)]
+    Preload(#[from] crate::preload::PreloadError),
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The gRPC listener's TLS settings were refused.
+    #[error("gRPC TLS: {0}")]
+    Tls(tonic::transport::Error),
 }
 
 /// A router with its listeners bound, ready to [`Server::serve`].
@@ -189,6 +196,17 @@ impl Server {
             }
         });
 
+        // Adapters to have resident before the server answers (and health turns green).
+        let preload = crate::preload::preload_all(&self.infer, &self.config.preload);
+        if stop
+            .run_until_cancelled(preload)
+            .await
+            .transpose()?
+            .is_none()
+        {
+            return Ok(());
+        }
+
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Report the real status before accepting connections, then refresh it periodically.
         report_health(&self.infer, &reporter).await;
@@ -202,9 +220,27 @@ impl Server {
             config: Arc::clone(&self.config),
             metrics,
         });
-        let http_server =
-            axum::serve(self.http, app).with_graceful_shutdown(stop.clone().cancelled_owned());
-        let grpc_server = tonic::transport::Server::builder()
+        let http_server: futures::future::BoxFuture<'static, std::io::Result<()>> =
+            match &self.config.tls {
+                Some(tls) => Box::pin(
+                    axum::serve(tls.http_listener(self.http, self.http_addr), app)
+                        .with_graceful_shutdown(stop.clone().cancelled_owned())
+                        .into_future(),
+                ),
+                None => Box::pin(
+                    axum::serve(self.http, app)
+                        .with_graceful_shutdown(stop.clone().cancelled_owned())
+                        .into_future(),
+                ),
+            };
+        let mut grpc_builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.config.tls {
+            grpc_builder = grpc_builder
+                .tls_config(tls.grpc())
+                .map_err(ServerError::Tls)?;
+        }
+        let admin = self.config.access.admin_enabled;
+        let grpc_server = grpc_builder
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
@@ -212,15 +248,36 @@ impl Server {
                 GenerationGrpc::new(self.infer.clone(), Arc::clone(&self.config)).into_server(),
                 GrpcAuth::new(self.config.access.keys.clone()),
             ))
-            .add_service(InterceptedService::new(
-                MergeGrpc::new(self.infer.clone()).into_server(),
-                GrpcAuth::new(self.config.access.keys.clone()),
-            ))
+            // The management services: absent with --disable-admin, else behind the admin keys.
+            .add_optional_service(admin.then(|| {
+                InterceptedService::new(
+                    MergeGrpc::new(self.infer.clone()).into_server(),
+                    GrpcAuth::new(self.config.access.admin_keys()),
+                )
+            }))
+            .add_optional_service(admin.then(|| {
+                InterceptedService::new(
+                    AdapterGrpc::new(self.infer.clone()).into_server(),
+                    GrpcAuth::new(self.config.access.admin_keys()),
+                )
+            }))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc),
                 stop.clone().cancelled_owned(),
             );
-        tracing::info!(http = %self.http_addr, grpc = %self.grpc_addr, model_id = %self.config.model_id, "router listening");
+        let (http_scheme, grpc_scheme) = match &self.config.tls {
+            Some(_) => ("https", "grpcs"),
+            None => ("http", "grpc"),
+        };
+        let tls_cert = (self.config.tls.as_ref()).map(|t| t.cert_file().display().to_string());
+        tracing::info!(
+            http = %format_args!("{http_scheme}://{}", self.http_addr),
+            grpc = %format_args!("{grpc_scheme}://{}", self.grpc_addr),
+            tls = self.config.tls.is_some(),
+            tls_cert = tls_cert.as_deref(),
+            model_id = %self.config.model_id,
+            "router listening"
+        );
 
         let result = tokio::try_join!(
             async { http_server.await.map_err(ServerError::Http) },
@@ -297,146 +354,5 @@ async fn refresh_health(infer: Infer, reporter: HealthReporter, stop: Cancellati
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::infer::testing::{FakeBackend, test_config, test_limits, word_tokenizer};
-
-    fn backend() -> Arc<dyn Backend> {
-        Arc::new(FakeBackend::new())
-    }
-
-    #[tokio::test]
-    async fn startup_errors_are_typed() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = test_config(test_limits(), dir.path().join("missing.json"));
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let taken = http.local_addr().unwrap();
-        assert!(matches!(
-            Server::from_listeners(missing, backend(), http, grpc),
-            Err(ServerError::Tokenizer { .. })
-        ));
-
-        let path = dir.path().join("tokenizer.json");
-        word_tokenizer().save(&path, false).unwrap();
-        let _holder = TcpListener::bind(taken).await.unwrap();
-        let mut config = test_config(test_limits(), path);
-        config.http_addr = taken;
-        match run(config, backend(), std::future::ready(())).await {
-            Err(ServerError::Bind { addr, .. }) => assert_eq!(addr, taken),
-            other => panic!("expected a bind error, got {other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn run_with_listeners_serves_until_shutdown() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        word_tokenizer().save(&path, false).unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http_addr = http.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(run_with_listeners(
-            test_config(test_limits(), path),
-            backend(),
-            http,
-            grpc,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        let resp = reqwest::get(format!("http://{http_addr}/health"))
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        stop.send(()).unwrap();
-        task.await.unwrap().unwrap();
-        assert!(
-            reqwest::get(format!("http://{http_addr}/health"))
-                .await
-                .is_err(),
-            "the listener is closed after shutdown"
-        );
-    }
-
-    /// The parts of a `google.protobuf.FileDescriptorProto` the reflection test looks at.
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct FileDescriptorHead {
-        #[prost(string, optional, tag = "2")]
-        package: Option<String>,
-        #[prost(message, repeated, tag = "6")]
-        service: Vec<ServiceDescriptorHead>,
-    }
-
-    /// The name of a `google.protobuf.ServiceDescriptorProto`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct ServiceDescriptorHead {
-        #[prost(string, optional, tag = "1")]
-        name: Option<String>,
-    }
-
-    /// Clients that speak only reflection v1alpha (`grpcio-reflection`, older grpcurl) see the
-    /// same services and descriptors as v1 clients.
-    #[tokio::test]
-    async fn reflection_v1alpha_lists_and_describes_the_services() {
-        use futures::StreamExt;
-        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-
-        use crate::infer::testing::TestServer;
-
-        let server = TestServer::start(FakeBackend::new()).await;
-        let channel = tonic::transport::Channel::from_shared(server.grpc_url())
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        let mut c = ServerReflectionClient::new(channel);
-        let requests = [
-            MessageRequest::ListServices(String::new()),
-            MessageRequest::FileContainingSymbol("medley.v1.GenerationService".into()),
-        ]
-        .map(|message| ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(message),
-        });
-        let mut replies = c
-            .server_reflection_info(futures::stream::iter(requests))
-            .await
-            .expect("reflection v1alpha")
-            .into_inner();
-
-        let reply = replies.next().await.expect("a reply").expect("ok");
-        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
-            panic!("unexpected reply {reply:?}");
-        };
-        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-        names.sort();
-        assert_eq!(names, SERVED_SERVICES);
-
-        let reply = replies.next().await.expect("a reply").expect("ok");
-        let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else {
-            panic!("unexpected reply {reply:?}");
-        };
-        let [file] = files.file_descriptor_proto.as_slice() else {
-            panic!(
-                "expected one descriptor, got {}",
-                files.file_descriptor_proto.len()
-            );
-        };
-        let file = <FileDescriptorHead as prost::Message>::decode(file.as_slice())
-            .expect("a FileDescriptorProto");
-        assert_eq!(file.package.as_deref(), Some("medley.v1"));
-        assert!(
-            file.service
-                .iter()
-                .any(|s| s.name.as_deref() == Some("GenerationService")),
-            "{file:?}"
-        );
-        drop(replies);
-        server.stop().await;
-    }
-}
+#[path = "server_tests.rs"]
+mod tests;

@@ -423,7 +423,7 @@ async fn start_server(args: &Args, model: &Path, adapters: &[PathBuf]) -> anyhow
     Server::start(ServerOptions {
         model: Some(model.to_path_buf()),
         args: serve,
-        env: vec![],
+        ..Default::default()
     })
     .await
 }

@@ -128,6 +128,22 @@ pub struct ServerOptions {
     pub args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Serve TLS with this certificate and key: they are written to the server's directory and
+    /// passed as `--tls-cert-file`/`--tls-key-file`; [`Server::http`] and [`Server::grpc`] are
+    /// then `https://` URLs and the harness's clients trust the certificate.
+    pub tls: Option<TlsPem>,
+    /// Send the launcher's stdout and stderr (the shards' output included: the launcher
+    /// forwards it) to this file instead of the test's output.
+    pub log_file: Option<PathBuf>,
+}
+
+/// A certificate (chain) and its private key, PEM.
+#[derive(Debug, Clone)]
+pub struct TlsPem {
+    /// The certificate; the harness's clients trust it as a root.
+    pub cert: String,
+    /// Its private key.
+    pub key: String,
 }
 
 /// A running `medley serve` process tree.
@@ -141,6 +157,10 @@ pub struct Server {
     pub port: u16,
     /// Private directory (shard sockets, cache).
     pub dir: tempfile::TempDir,
+    /// HTTP client for [`Server::http`] (trusting the certificate of [`ServerOptions::tls`]).
+    pub client: reqwest::Client,
+    /// The certificate of [`ServerOptions::tls`], PEM.
+    tls_cert: Option<String>,
 }
 
 impl Server {
@@ -171,13 +191,39 @@ impl Server {
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
+        let mut client = reqwest::Client::builder();
+        let scheme = match &opts.tls {
+            Some(tls) => {
+                let (cert, key) = (
+                    dir.path().join("tls-cert.pem"),
+                    dir.path().join("tls-key.pem"),
+                );
+                std::fs::write(&cert, &tls.cert)?;
+                std::fs::write(&key, &tls.key)?;
+                cmd.arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key);
+                client = client
+                    .add_root_certificate(reqwest::Certificate::from_pem(tls.cert.as_bytes())?);
+                "https"
+            }
+            None => "http",
+        };
+        if let Some(path) = &opts.log_file {
+            let log = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            cmd.stdout(log.try_clone()?).stderr(log);
+        }
         let child = cmd.spawn().context("spawning medley serve")?;
         let mut server = Self {
             child: Some(child),
-            http: format!("http://127.0.0.1:{port}"),
-            grpc: format!("http://127.0.0.1:{grpc_port}"),
+            http: format!("{scheme}://127.0.0.1:{port}"),
+            grpc: format!("{scheme}://127.0.0.1:{grpc_port}"),
             port,
             dir,
+            client: client.build()?,
+            tls_cert: opts.tls.map(|t| t.cert),
         };
         server.wait_healthy(Duration::from_secs(120)).await?;
         Ok(server)
@@ -213,8 +259,22 @@ impl Server {
         self.dir.path().join(format!("shard-{rank}"))
     }
 
+    /// A gRPC channel to [`Server::grpc`] (over TLS, trusting the certificate, when the server
+    /// has one).
+    pub async fn grpc_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let mut endpoint = tonic::transport::Channel::from_shared(self.grpc.clone())?;
+        if let Some(cert) = &self.tls_cert {
+            endpoint = endpoint.tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(cert))
+                    .domain_name("localhost"),
+            )?;
+        }
+        Ok(endpoint.connect().await?)
+    }
+
     async fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
+        let client = self.client.clone();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(child) = self.child.as_mut()
@@ -316,7 +376,8 @@ impl Server {
         content_type: &str,
         body: String,
     ) -> anyhow::Result<JsonResponse> {
-        let r = reqwest::Client::new()
+        let r = self
+            .client
             .post(format!("{}{path}", self.http))
             .header("content-type", content_type)
             .body(body)
@@ -332,13 +393,18 @@ impl Server {
 
     /// GETs `path` and returns status and text.
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let r = reqwest::get(format!("{}{path}", self.http)).await?;
+        let r = self
+            .client
+            .get(format!("{}{path}", self.http))
+            .send()
+            .await?;
         Ok((r.status().as_u16(), r.text().await?))
     }
 
     /// DELETEs `path` and returns status and text.
     pub async fn delete(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let r = reqwest::Client::new()
+        let r = self
+            .client
             .delete(format!("{}{path}", self.http))
             .send()
             .await?;
@@ -352,7 +418,8 @@ impl Server {
         body: &serde_json::Value,
     ) -> anyhow::Result<Vec<serde_json::Value>> {
         use futures::StreamExt;
-        let r = reqwest::Client::new()
+        let r = self
+            .client
             .post(format!("{}{path}", self.http))
             .json(body)
             .send()

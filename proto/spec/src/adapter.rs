@@ -22,17 +22,22 @@ pub enum AdapterSource {
     Hub,
     /// A directory under one of the allowed `--adapter-root`s.
     Local,
+    /// An S3 (or S3-compatible) "directory", `s3://bucket/prefix`, fetched by the shard with its
+    /// `AWS_*` credentials and cached locally.
+    S3,
 }
 
 impl AdapterSource {
     /// Every source.
-    pub const ALL: [AdapterSource; 2] = [AdapterSource::Hub, AdapterSource::Local];
+    pub const ALL: [AdapterSource; 3] =
+        [AdapterSource::Hub, AdapterSource::Local, AdapterSource::S3];
 
-    /// The lower-case wire name (`hub`, `local`).
+    /// The lower-case wire name (`hub`, `local`, `s3`).
     pub fn name(self) -> &'static str {
         match self {
             AdapterSource::Hub => "hub",
             AdapterSource::Local => "local",
+            AdapterSource::S3 => "s3",
         }
     }
 }
@@ -43,9 +48,9 @@ impl fmt::Display for AdapterSource {
     }
 }
 
-/// An `adapter_source` that is not `hub` or `local`.
+/// An `adapter_source` that is not `hub`, `local` or `s3`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`adapter_source` must be one of hub, local. Given: {0}")]
+#[error("`adapter_source` must be one of hub, local, s3. Given: {0}")]
 pub struct UnknownAdapterSource(pub String);
 
 impl FromStr for AdapterSource {
@@ -196,6 +201,11 @@ impl AdapterKey {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// The whole hash in lower-case hex (64 digits); [`fmt::Display`] shows its first 12.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
 }
 
 impl fmt::Display for AdapterKey {
@@ -241,7 +251,12 @@ fn put_merge_content(out: &mut Vec<u8>, components: &[AdapterRef], merge: &Merge
 /// Hashes of the tokens, in component order (absent tokens encoded as a 0 byte).
 fn put_token_scope<'a>(out: &mut Vec<u8>, refs: impl Iterator<Item = &'a AdapterRef>) {
     for r in refs {
-        match &r.api_token {
+        // Only hub downloads use the token: it does not tell local (or S3) adapters apart.
+        match r
+            .api_token
+            .as_ref()
+            .filter(|_| r.source == AdapterSource::Hub)
+        {
             Some(t) => {
                 out.push(1);
                 out.extend_from_slice(&Sha256::digest(t.as_bytes()));
@@ -279,10 +294,11 @@ mod tests {
             " Local".parse::<AdapterSource>().unwrap(),
             AdapterSource::Local
         );
-        let err = "s3".parse::<AdapterSource>().unwrap_err();
+        assert_eq!("S3".parse::<AdapterSource>().unwrap(), AdapterSource::S3);
+        let err = "gcs".parse::<AdapterSource>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "`adapter_source` must be one of hub, local. Given: s3"
+            "`adapter_source` must be one of hub, local, s3. Given: gcs"
         );
     }
 
@@ -377,6 +393,25 @@ mod tests {
             other_seed.key(),
             "DARE keys include the seed"
         );
+    }
+
+    #[test]
+    fn only_hub_adapters_are_scoped_by_their_token() {
+        let with_token = |source: AdapterSource, token: Option<&str>| {
+            AdapterSpec::Single(AdapterRef {
+                id: "org/x".into(),
+                source,
+                revision: None,
+                api_token: token.map(str::to_string),
+            })
+            .key()
+        };
+        let hub = AdapterSource::Hub;
+        assert_ne!(with_token(hub, None), with_token(hub, Some("t1")));
+        assert_ne!(with_token(hub, Some("t1")), with_token(hub, Some("t2")));
+        // A token cannot change what a local directory holds: one cache entry for all.
+        let local = AdapterSource::Local;
+        assert_eq!(with_token(local, None), with_token(local, Some("t1")));
     }
 
     #[test]

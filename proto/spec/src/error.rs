@@ -73,7 +73,7 @@ pub enum SpecError {
     /// An empty id inside a merge.
     #[error("`merged_adapters.ids` cannot contain empty ids")]
     EmptyId,
-    /// `adapter_source` is not `hub` or `local`.
+    /// `adapter_source` is not `hub`, `local` or `s3`.
     #[error(transparent)]
     UnknownSource(#[from] UnknownAdapterSource),
     /// A hub id that is not `name` or `org/name`.
@@ -81,6 +81,16 @@ pub enum SpecError {
         "adapter id `{0}` is not a valid hub repository id (`name` or `org/name`: letters, digits, '-', '_' and '.', without '--' or '..')"
     )]
     InvalidHubId(String),
+    /// An S3 id that is not `s3://bucket/prefix`.
+    #[error(
+        "adapter id `{id}` is not a valid S3 adapter id (`s3://bucket/prefix`, the prefix naming the \"directory\" that holds adapter_config.json and adapter_model.safetensors): {reason}"
+    )]
+    InvalidS3Id {
+        /// The id as given.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A local id with `..` components (or otherwise not a plain path).
     #[error("adapter path `{0}` must be a plain path without `..` components")]
     EscapesRoot(String),

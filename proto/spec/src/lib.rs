@@ -7,6 +7,7 @@
 //! * [`selector`] — every validation rule and default: a request's adapter fields →
 //!   [`AdapterSpec`], and [`MergedAdapters::validate`], the one place a [`MergeSpec`] is built
 //!   from user input.
+//! * [`s3`] — [`S3Location`]: `s3://bucket/prefix` adapter ids.
 //! * [`wire`] — the conversion to and from `medley.shard.v1.AdapterSpec`.
 //! * [`SpecError`] — why a selector or merge is invalid (one message on every entry point).
 //!
@@ -16,6 +17,7 @@ pub mod adapter;
 mod error;
 pub mod merge;
 pub mod names;
+pub mod s3;
 pub mod selector;
 pub mod wire;
 
@@ -26,6 +28,7 @@ pub use adapter::{
 pub use error::SpecError;
 pub use merge::{ENGINE_NUMERICS_VERSION, MergeSpec};
 pub use names::{Combination, ParseNameError, Semantics, SignMethod, Strategy};
+pub use s3::{S3_SCHEME, S3Location};
 pub use selector::{
     AdapterPolicy, AdapterSelector, BASE_MODEL_ADAPTER_ID, MergeLimits, MergedAdapters,
     check_id_shape, is_hub_id, resolve_selector,

@@ -6,7 +6,8 @@
 //! * No adapter, an empty id, `__base_model__` or the served model id mean the base model.
 //! * `adapter_id` and `merged_adapters` are mutually exclusive.
 //! * Hub ids must be `name` or `org/name`; local ids must stay inside an `--adapter-root`
-//!   (relative paths without `..`, or absolute paths under a root) and are normalised.
+//!   (relative paths without `..`, or absolute paths under a root) and are normalised; S3 ids
+//!   must be `s3://bucket/prefix` and are normalised (no trailing `/`).
 //! * Merges: 1..=`max_merge_adapters` ids, one finite weight per id, strategy and sign method
 //!   parsed case-insensitively (defaults `linear`, `total`), a density in [0, 1] (required by
 //!   the pruning strategies), a positive `svd_rank`, an `svd_clamp` in [0, 1], no base model
@@ -20,6 +21,7 @@ use crate::adapter::{
 use crate::error::SpecError as E;
 use crate::merge::MergeSpec;
 use crate::names::{Semantics, SignMethod, Strategy};
+use crate::s3::S3Location;
 
 /// LoRAX's pseudo adapter id for the base model.
 pub const BASE_MODEL_ADAPTER_ID: &str = "__base_model__";
@@ -235,6 +237,7 @@ fn adapter_ref(
     let id = match source {
         AdapterSource::Hub => check_hub_id(id)?.to_string(),
         AdapterSource::Local => local_id(id, &policy.adapter_roots)?,
+        AdapterSource::S3 => S3Location::parse(id)?.to_string(),
     };
     Ok(AdapterRef {
         id,
@@ -245,12 +248,16 @@ fn adapter_ref(
 }
 
 /// The id rules that need no server policy: a hub id is `name` or `org/name`; a local id is a
-/// plain path (no `..`). Returns the id unchanged.
+/// plain path (no `..`); an S3 id is `s3://bucket/prefix`. Returns the id unchanged.
 pub fn check_id_shape(source: AdapterSource, id: &str) -> Result<&str, E> {
     match source {
         AdapterSource::Hub => check_hub_id(id),
         AdapterSource::Local => {
             local_parts(id)?;
+            Ok(id)
+        }
+        AdapterSource::S3 => {
+            S3Location::parse(id)?;
             Ok(id)
         }
     }
@@ -433,6 +440,55 @@ mod tests {
     }
 
     #[test]
+    fn s3_ids_are_checked_and_normalised() {
+        let AdapterSpec::Single(r) = resolve(single("s3://bucket/team/sql/", Some("S3"))).unwrap()
+        else {
+            panic!("single")
+        };
+        assert_eq!(
+            (r.id.as_str(), r.source),
+            ("s3://bucket/team/sql", AdapterSource::S3)
+        );
+        // Every component of a merge follows the request's source.
+        let mut p = GenerateParameters {
+            adapter_source: Some("s3".into()),
+            merged_adapters: Some(MergedAdapters {
+                ids: Some(vec!["s3://b1c/a".into(), "s3://b2c/b/".into()]),
+                weights: Some(vec![1.0, 1.0]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let AdapterSpec::Merged(m) = resolve(p.clone()).unwrap() else {
+            panic!("merged")
+        };
+        let ids: Vec<&str> = m.components.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["s3://b1c/a", "s3://b2c/b"]);
+        if let Some(m) = p.merged_adapters.as_mut() {
+            m.ids = Some(vec!["s3://b1c/a".into(), "org/name".into()]);
+        }
+        assert!(matches!(err(p), E::InvalidS3Id { id, .. } if id == "org/name"));
+        for bad in [
+            "org/name",
+            "s3://bucket",
+            "s3://Bad_Bucket/x",
+            "s3://bucket/a/../b",
+        ] {
+            let e = err(single(bad, Some("s3")));
+            assert!(
+                matches!(&e, E::InvalidS3Id { id, .. } if id == bad),
+                "{bad}: {e}"
+            );
+        }
+        // The wire check accepts what validation produced.
+        assert_eq!(
+            check_id_shape(AdapterSource::S3, "s3://bucket/x"),
+            Ok("s3://bucket/x")
+        );
+        assert!(check_id_shape(AdapterSource::S3, "bucket/x").is_err());
+    }
+
+    #[test]
     fn adapter_ids_are_checked() {
         assert_eq!(
             resolve(GenerateParameters {
@@ -472,7 +528,7 @@ mod tests {
             resolve_adapter(&single("x", Some("local")), &no_roots).unwrap_err(),
             E::LocalDisabled("x".into())
         );
-        assert!(matches!(err(single("x", Some("s3"))), E::UnknownSource(_)));
+        assert!(matches!(err(single("x", Some("gcs"))), E::UnknownSource(_)));
     }
 
     #[test]

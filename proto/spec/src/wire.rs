@@ -25,6 +25,7 @@ fn source_to_proto(s: AdapterSource) -> pb::AdapterSource {
     match s {
         AdapterSource::Hub => pb::AdapterSource::Hub,
         AdapterSource::Local => pb::AdapterSource::Local,
+        AdapterSource::S3 => pb::AdapterSource::S3,
     }
 }
 
@@ -33,6 +34,7 @@ pub fn ref_from_proto(r: pb::AdapterRef) -> Result<AdapterRef, SpecError> {
     let source = match pb::AdapterSource::try_from(r.source) {
         Ok(pb::AdapterSource::Hub) => AdapterSource::Hub,
         Ok(pb::AdapterSource::Local) => AdapterSource::Local,
+        Ok(pb::AdapterSource::S3) => AdapterSource::S3,
         Err(_) => {
             return Err(SpecError::UnknownSource(
                 crate::adapter::UnknownAdapterSource(r.source.to_string()),

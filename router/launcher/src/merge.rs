@@ -193,15 +193,22 @@ fn parse_spec(args: &MergeArgs, refs: &[AdapterRef]) -> Result<MergeSpec, MergeC
 }
 
 /// Where one adapter argument points, and its identity for the default DARE seed: an existing
-/// directory is a local adapter, anything else must be a hub id.
+/// directory is a local adapter, `s3://bucket/prefix` an S3 adapter, anything else must be a
+/// hub id.
 fn classify(arg: &str, revision: Option<&str>) -> Result<AdapterRef, MergeCmdError> {
     let (source, revision) = if Path::new(arg).is_dir() {
         (AdapterSource::Local, None)
+    } else if arg.starts_with(medley_spec::S3_SCHEME) {
+        medley_spec::S3Location::parse(arg).map_err(|error| MergeCmdError::Spec {
+            flag: "--adapters",
+            error,
+        })?;
+        (AdapterSource::S3, None)
     } else if is_hub_id(arg) {
         (AdapterSource::Hub, revision.map(str::to_string))
     } else {
         return Err(MergeCmdError::Adapter(format!(
-            "{arg} is not a directory, and not a hub repository id (`name` or `org/name`)"
+            "{arg} is not a directory, not an S3 id (`s3://bucket/prefix`) and not a hub repository id (`name` or `org/name`)"
         )));
     };
     Ok(AdapterRef {
@@ -212,7 +219,7 @@ fn classify(arg: &str, revision: Option<&str>) -> Result<AdapterRef, MergeCmdErr
     })
 }
 
-/// The directory of an adapter (a hub adapter from the cache, or downloaded).
+/// The directory of an adapter (a hub or S3 adapter from its cache, or downloaded).
 async fn resolve(r: &AdapterRef, sources: &AdapterSources) -> Result<PathBuf, MergeCmdError> {
     match r.source {
         AdapterSource::Local => Path::new(&r.id)
@@ -225,6 +232,11 @@ async fn resolve(r: &AdapterRef, sources: &AdapterSources) -> Result<PathBuf, Me
             .map_err(|e| {
                 MergeCmdError::Adapter(format!("{} is not a directory, and as a hub id: {e}", r.id))
             }),
+        AdapterSource::S3 => sources
+            .resolve_s3(&r.id)
+            .await
+            .map(|resolved| resolved.dir)
+            .map_err(|e| MergeCmdError::Adapter(e.to_string())),
     }
 }
 
@@ -344,6 +356,20 @@ mod tests {
             out: out.to_path_buf(),
             force: false,
         }
+    }
+
+    #[test]
+    fn s3_ids_are_s3_adapters() {
+        let r = classify("s3://bucket/team/sql", Some("v2")).unwrap();
+        assert_eq!(
+            (r.id.as_str(), r.source, r.revision),
+            ("s3://bucket/team/sql", AdapterSource::S3, None)
+        );
+        let err = classify("s3://Bad_Bucket/x", None).unwrap_err().to_string();
+        assert!(
+            err.contains("not a valid S3 adapter id") && err.contains("--adapters"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 //! * `recovery` — [`RecoveringBackend`]: notices dead or restarted shards, fails what they
 //!   held, and reconnects to the new ones.
 
+pub mod adapters;
 mod batcher;
 pub mod client;
 mod guarded;
@@ -32,6 +33,8 @@ use medley_proto::shard::v1 as pb;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::config::RouterConfig;
+use crate::infer::AdapterSpec;
+use adapters::{AdapterView, AdminError, Residency};
 use client::{ClientError, ShardedClient};
 use guarded::Guarded;
 pub use recovery::{Connector, RecoveringBackend, RecoveryConfig, UdsConnector};
@@ -73,6 +76,33 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Facts about the model.
     fn info(&self) -> BackendInfo;
+
+    /// Adapter residency on the shards (a backend without adapter slots tracks none).
+    fn residency(&self) -> Result<Residency, AdminError> {
+        Ok(Residency::default())
+    }
+
+    /// Loads `spec` into a slot ahead of requests (`pinned`: and never evicts it). With `wait`,
+    /// resolves once it is resident or its load failed; else at once, with its state then.
+    fn preload(
+        &self,
+        spec: AdapterSpec,
+        pinned: bool,
+        wait: bool,
+    ) -> BoxFuture<'_, Result<AdapterView, AdminError>> {
+        let _ = (spec, pinned, wait);
+        Box::pin(async { Err(adapters_disabled()) })
+    }
+
+    /// Takes the tracked adapter whose full hex key starts with `key` off the shards.
+    fn unload(&self, key: &str) -> Result<AdapterView, AdminError> {
+        Err(AdminError::NotTracked(key.to_string()))
+    }
+}
+
+/// The error of a preload where adapters are disabled.
+fn adapters_disabled() -> AdminError {
+    InferError::Validation(crate::error::ValidationError::AdaptersDisabled).into()
 }
 
 /// Errors while connecting the backend.
@@ -334,5 +364,43 @@ impl<S: ShardApi> Backend for ShardBackend<S> {
 
     fn info(&self) -> BackendInfo {
         self.info.clone()
+    }
+
+    fn residency(&self) -> Result<Residency, AdminError> {
+        Ok(self.scheduler.residency())
+    }
+
+    fn preload(
+        &self,
+        spec: AdapterSpec,
+        pinned: bool,
+        wait: bool,
+    ) -> BoxFuture<'_, Result<AdapterView, AdminError>> {
+        Box::pin(async move {
+            if self.client.tripped().is_some() || self.tasks_finished() {
+                return Err(InferError::Unavailable("the batching loop stopped".into()).into());
+            }
+            let (key, done) = self.scheduler.preload(spec, pinned)?;
+            if wait {
+                match done.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => {
+                        return Err(InferError::Unavailable(
+                            "the backend stopped while the adapter was loading".into(),
+                        )
+                        .into());
+                    }
+                }
+            }
+            self.scheduler
+                .adapter(&key)
+                .ok_or_else(|| AdminError::NotTracked(key.hex()))
+        })
+    }
+
+    fn unload(&self, key: &str) -> Result<AdapterView, AdminError> {
+        let key = self.scheduler.find(key)?;
+        self.scheduler.unload(&key)
     }
 }

@@ -7,21 +7,24 @@
 //! calls in flight end at once, running and queued requests fail with UNAVAILABLE (HTTP 503),
 //! new requests are refused the same way and health is red. The monitor then reconnects until
 //! the shards answer again, sets them up afresh (empty caches and adapter slots, warmup) and
-//! serves again; adapters and merges load again on demand.
+//! serves again; adapters and merges load again on demand, and what operators preloaded (and
+//! did not unload since) is preloaded again, with the same pins.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use super::adapters::{AdapterView, AdminError, Residency};
 use super::client::{ClientError, ShardedClient};
 use super::{Backend, BackendError, BackendInfo, ShardApi, ShardBackend, Unhealthy};
 use crate::config::RouterConfig;
 use crate::error::InferError;
-use crate::infer::{InferStreamResponse, ValidGenerateRequest};
+use crate::infer::{AdapterKey, AdapterSpec, InferStreamResponse, ValidGenerateRequest};
 
 /// Metric names of the recovery monitor.
 mod names {
@@ -95,6 +98,9 @@ enum State<S: ShardApi> {
 struct Shared<S: ShardApi> {
     state: RwLock<State<S>>,
     info: RwLock<BackendInfo>,
+    /// Adapters preloaded by operators and not unloaded since, with their pin: loaded again on
+    /// new shards.
+    preloaded: Mutex<HashMap<AdapterKey, (AdapterSpec, bool)>>,
 }
 
 impl<S: ShardApi> Shared<S> {
@@ -138,6 +144,7 @@ impl<C: Connector> RecoveringBackend<C> {
         let shared = Arc::new(Shared {
             info: RwLock::new(backend.info()),
             state: RwLock::new(State::Serving(Arc::new(backend))),
+            preloaded: Mutex::new(HashMap::new()),
         });
         metrics::gauge!(names::READY).set(1.0);
         let monitor = tokio::spawn(monitor(shared.clone(), connector, config, recovery));
@@ -171,6 +178,64 @@ impl<C: Connector> Backend for RecoveringBackend<C> {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn residency(&self) -> Result<Residency, AdminError> {
+        match self.shared.serving() {
+            Ok(backend) => backend.residency(),
+            Err(reason) => Err(restarting(&reason).into()),
+        }
+    }
+
+    fn preload(
+        &self,
+        spec: AdapterSpec,
+        pinned: bool,
+        wait: bool,
+    ) -> BoxFuture<'_, Result<AdapterView, AdminError>> {
+        Box::pin(async move {
+            let backend = self
+                .shared
+                .serving()
+                .map_err(|reason| AdminError::from(restarting(&reason)))?;
+            let key = spec.key();
+            let view = backend.preload(spec.clone(), pinned, wait).await?;
+            self.shared.preloads().insert(key, (spec, pinned));
+            Ok(view)
+        })
+    }
+
+    fn unload(&self, key: &str) -> Result<AdapterView, AdminError> {
+        let backend = self
+            .shared
+            .serving()
+            .map_err(|reason| AdminError::from(restarting(&reason)))?;
+        let view = backend.unload(key)?;
+        self.shared.preloads().remove(&view.key);
+        Ok(view)
+    }
+}
+
+impl<S: ShardApi> Shared<S> {
+    fn preloads(&self) -> std::sync::MutexGuard<'_, HashMap<AdapterKey, (AdapterSpec, bool)>> {
+        self.preloaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Preloads again, on a new backend, what operators had preloaded.
+async fn restore_preloads<S: ShardApi>(
+    backend: Arc<ShardBackend<S>>,
+    wanted: Vec<(AdapterSpec, bool)>,
+) {
+    for (spec, pinned) in wanted {
+        match backend.preload(spec.clone(), pinned, true).await {
+            Ok(view) => {
+                tracing::info!(adapter = %spec.ids(), key = %view.key, pinned, "preloaded adapter restored")
+            }
+            Err(e) => {
+                tracing::warn!(adapter = %spec.ids(), pinned, "cannot restore a preloaded adapter: {e}")
+            }
+        }
     }
 }
 
@@ -214,7 +279,12 @@ async fn monitor<C: Connector>(
             down_ms = started.elapsed().as_millis() as u64,
             "shards reconnected: serving again"
         );
-        shared.set(State::Serving(Arc::new(backend)));
+        let backend = Arc::new(backend);
+        shared.set(State::Serving(backend.clone()));
+        let wanted: Vec<_> = shared.preloads().values().cloned().collect();
+        if !wanted.is_empty() {
+            tokio::spawn(restore_preloads(backend, wanted));
+        }
     }
 }
 

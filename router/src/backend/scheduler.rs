@@ -17,10 +17,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use medley_proto::shard::v1 as pb;
-use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
 
+use super::adapters::{AdapterView, AdminError, Residency};
 use super::client::ClientError;
 use super::guarded::Guarded;
 use super::queue::{BatchBudget, Entry, to_proto_request};
@@ -188,10 +189,55 @@ impl Scheduler {
         })
     }
 
-    /// Fails every queued request with `error`.
+    /// Asks for `spec` to be loaded (and pinned); the receiver answers once it is resident
+    /// or its load failed.
+    pub fn preload(
+        &self,
+        spec: AdapterSpec,
+        pinned: bool,
+    ) -> Result<(AdapterKey, oneshot::Receiver<Result<(), InferError>>), AdminError> {
+        let key = spec.key();
+        let (tx, rx) = oneshot::channel();
+        let enqueued = {
+            let mut s = self.shared.lock();
+            let id = s.next_id;
+            s.next_id += 1;
+            s.registry
+                .preload(key, spec, pinned, id, tx, Instant::now())?
+        };
+        if enqueued != Enqueued::Ready {
+            self.shared.loader.notify_one();
+        }
+        Ok((key, rx))
+    }
+
+    /// Unloads `key` (see [`Registry::unload`]).
+    pub fn unload(&self, key: &AdapterKey) -> Result<AdapterView, AdminError> {
+        let view = self.shared.lock().registry.unload(key, Instant::now())?;
+        self.shared.loader.notify_one();
+        Ok(view)
+    }
+
+    /// The tracked adapter whose full hex key starts with `prefix` (at least 8 digits).
+    pub fn find(&self, prefix: &str) -> Result<AdapterKey, AdminError> {
+        self.shared.lock().registry.find(prefix)
+    }
+
+    /// One tracked adapter.
+    pub fn adapter(&self, key: &AdapterKey) -> Option<AdapterView> {
+        self.shared.lock().registry.adapter(key, Instant::now())
+    }
+
+    /// Every tracked adapter.
+    pub fn residency(&self) -> Residency {
+        self.shared.lock().registry.residency(Instant::now())
+    }
+
+    /// Fails every queued request and pending preload with `error`.
     pub fn fail_queued(&self, error: &InferError) {
         let entries = {
             let mut s = self.shared.lock();
+            s.registry.fail_preloads(error);
             let entries = s.registry.drain_queued();
             metrics::gauge!(names::QUEUE_SIZE).set(0.0);
             entries
@@ -223,6 +269,10 @@ impl Scheduler {
         let failed = {
             let mut s = self.shared.lock();
             match done {
+                JobDone::Offloaded { slots } => {
+                    s.registry.free_slots(&slots);
+                    None
+                }
                 JobDone::Prepared {
                     key,
                     id,
@@ -329,6 +379,9 @@ fn prepare_failure(spec: &AdapterSpec, e: ClientError) -> Failure {
     let msg = status.message().to_string();
     let (error, cache) = match status.code() {
         tonic::Code::NotFound => (InferError::AdapterNotFound(not_found(spec, &msg)), true),
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            (InferError::AdapterAccessDenied(msg), true)
+        }
         tonic::Code::InvalidArgument => (
             InferError::Validation(ValidationError::AdapterRejected(msg)),
             true,
@@ -351,6 +404,8 @@ fn not_found(spec: &AdapterSpec, msg: &str) -> String {
 
 /// The outcome of a shard call.
 enum JobDone {
+    /// Slots of unloaded adapters were freed.
+    Offloaded { slots: Vec<u32> },
     Prepared {
         key: AdapterKey,
         id: u64,
@@ -440,6 +495,14 @@ async fn run_job<S: ShardApi>(shard: Guarded<S>, job: Job) -> Option<JobDone> {
             discard(&shard, id).await;
             None
         }
+        Job::Offload { slots } => {
+            for slot in &slots {
+                if let Err(e) = shard.offload_adapter(*slot).await {
+                    tracing::warn!(slot, "offloading an unloaded adapter failed: {e}");
+                }
+            }
+            Some(JobDone::Offloaded { slots })
+        }
     }
 }
 
@@ -477,7 +540,7 @@ pub(crate) async fn loader_task<S: ShardApi>(shard: Guarded<S>, scheduler: Sched
                     tracing::debug!(key = %key, id, slot, evict = ?offload, "installing adapter");
                     Some(*key)
                 }
-                Job::Discard { .. } => None,
+                Job::Discard { .. } | Job::Offload { .. } => None,
             };
             let handle = jobs.spawn(run_job(shard.clone(), job));
             running.insert(handle.id(), key);

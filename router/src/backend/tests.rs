@@ -462,3 +462,50 @@ async fn concurrent_first_loads_never_overcommit_the_shards() {
     assert_eq!(shard.loads().len(), 4, "one prepare each, no retries");
     assert_eq!(shard.staged(), 0, "nothing left staged");
 }
+
+#[tokio::test]
+async fn preloads_pin_and_unloads_go_through_the_loader() {
+    use super::adapters::{AdapterState, AdminError};
+    let shard = shard(2, 1000, 0);
+    let backend = start(&shard, &config(128, 2000, None)).await;
+    let view = backend
+        .preload(single("a"), true, true)
+        .await
+        .expect("preloaded");
+    assert_eq!(view.state, AdapterState::Resident);
+    assert_eq!(
+        (view.slot, view.bytes, view.pinned),
+        (Some(1), Some(10), true)
+    );
+    // Other adapters take turns in the one unpinned slot; the pinned one stays.
+    for name in ["b", "c", "d", "a"] {
+        let (r, _) = run(&backend, request(single(name), 2, 1)).await;
+        assert_eq!(r.expect(name), text(name, 1));
+    }
+    assert_eq!(shard.install_slots(), vec![1, 2, 2, 2]);
+    assert_eq!(shard.offloads(), vec![2, 2]);
+    // Not waiting: answers at once, loading.
+    let early = backend
+        .preload(single("e"), false, false)
+        .await
+        .expect("accepted");
+    assert_ne!(early.state, AdapterState::Resident);
+    until("e resident", || shard.resident().values().any(|v| v == "e")).await;
+    // Unload by key prefix: the slot is offloaded on the shards.
+    let key = single("a").key().hex();
+    let gone = backend.unload(&key[..10]).expect("unloaded");
+    assert_eq!((gone.state, gone.pinned), (AdapterState::Evicted, false));
+    until("slot 1 offloaded", || shard.offloads().contains(&1)).await;
+    let residency = backend.residency().expect("residency");
+    assert_eq!(residency.used_bytes, 10, "only e remains");
+    // A missing adapter fails the preload with the request error.
+    let missing = backend.preload(single("nope"), false, true).await;
+    assert!(
+        matches!(
+            missing,
+            Err(AdminError::Load(InferError::AdapterNotFound(_)))
+        ),
+        "{missing:?}"
+    );
+    assert!(shard.violations().is_empty(), "{:?}", shard.violations());
+}

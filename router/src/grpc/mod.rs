@@ -1,5 +1,6 @@
 //! The public gRPC front: `medley.v1.GenerationService` (Generate, GenerateStream, Info) and
-//! `medley.v1.MergeService` (named merges, [`merges`]), with
+//! `medley.v1.MergeService` (named merges, [`merges`]) and `medley.v1.AdapterService` (adapter
+//! management, [`adapters`]), with
 //! the same validation and messages as HTTP (errors are statuses with
 //! [`crate::error::InferError::grpc_code`]). The standard health and reflection services are
 //! assembled in [`crate::server`].
@@ -7,6 +8,7 @@
 //! A client that cancels `GenerateStream` makes tonic drop the response stream, which drops the
 //! request's [`crate::infer::GenerateStream`] and with it the backend receiver.
 
+mod adapters;
 mod convert;
 mod merges;
 #[cfg(test)]
@@ -20,6 +22,7 @@ use medley_proto::v1 as pb;
 use medley_proto::v1::generation_service_server::GenerationService;
 use tonic::{Request, Response, Status};
 
+pub use adapters::AdapterGrpc;
 pub use medley_proto::v1::generation_service_server::GenerationServiceServer;
 pub use merges::MergeGrpc;
 

@@ -1,5 +1,6 @@
 //! The API-key check of the HTTP front (see [`crate::access`]): every route but health
-//! (`GET /`, `/health`, `/ping`) and, unless `--metrics-require-key`, `/metrics`. A refused
+//! (`GET /`, `/health`, `/ping`) and, unless `--metrics-require-key`, `/metrics`; the
+//! management routes with `--admin-api-key`'s keys when set. A refused
 //! request gets 401 with `WWW-Authenticate: Bearer`, in OpenAI's error shape on `/v1` routes
 //! (`code: invalid_api_key`) and LoRAX's elsewhere (`error_type: unauthorized`).
 
@@ -29,10 +30,15 @@ pub(super) async fn require_key(
     next: Next,
 ) -> Response {
     let access = &state.config.access;
-    let Some(keys) = &access.keys else {
+    let path = req.uri().path();
+    let keys = if crate::access::is_admin_path(path) {
+        access.admin_keys()
+    } else {
+        access.keys.clone()
+    };
+    let Some(keys) = keys else {
         return next.run(req).await;
     };
-    let path = req.uri().path();
     if is_open(req.method(), path, access.metrics_require_key) {
         return next.run(req).await;
     }

@@ -13,9 +13,16 @@ use super::{AppState, headers, sse};
 use crate::infer::GenerateRequest;
 
 /// Like LoRAX: without `api_token` in the body, an `Authorization: Bearer <token>` header is the
-/// token used to fetch private hub adapters.
-fn with_bearer_token(headers: &HeaderMap, mut request: GenerateRequest) -> GenerateRequest {
+/// token used to fetch private hub adapters; except when the server has API keys, where that
+/// header is the client's key to this server (never forwarded to the hub, and never a reason to
+/// load an adapter again).
+fn with_bearer_token(
+    state: &AppState,
+    headers: &HeaderMap,
+    mut request: GenerateRequest,
+) -> GenerateRequest {
     if request.parameters.api_token.is_none()
+        && state.config.access.keys.is_none()
         && let Some(token) = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -50,7 +57,7 @@ pub(super) async fn generate(
     headers: HeaderMap,
     JsonBody(body): JsonBody<GenerateBody>,
 ) -> Result<Response, ApiError> {
-    let (h, resp) = generate_one(&state, with_bearer_token(&headers, body.into())).await?;
+    let (h, resp) = generate_one(&state, with_bearer_token(&state, &headers, body.into())).await?;
     Ok((h, Json(resp)).into_response())
 }
 
@@ -62,7 +69,7 @@ pub(super) async fn compat_generate(
     JsonBody(body): JsonBody<CompatGenerateBody>,
 ) -> Result<Response, ApiError> {
     let (request, stream) = body.into_parts();
-    let request = with_bearer_token(&headers, request);
+    let request = with_bearer_token(&state, &headers, request);
     if stream {
         return sse::stream(state, request).await;
     }
@@ -77,5 +84,6 @@ pub(super) async fn generate_stream(
     headers: HeaderMap,
     JsonBody(body): JsonBody<GenerateBody>,
 ) -> Result<Response, ApiError> {
-    sse::stream(state, with_bearer_token(&headers, body.into())).await
+    let request = with_bearer_token(&state, &headers, body.into());
+    sse::stream(state, request).await
 }

@@ -11,16 +11,19 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /v1/completions`, `POST /v1/chat/completions` | OpenAI: JSON, or SSE chunks with `stream` ([`openai`]) |
 //! | `POST/GET /v1/merges`, `GET/DELETE /v1/merges/{name}` | named merges ([`merges`]) |
+//! | `GET /v1/adapters`, `POST /v1/adapters/{preload,unload}`, `GET/DELETE /v1/adapters/{key}` | adapter management ([`admin`]) |
 //! | `GET /v1/models`, `GET /v1/models/{model}` | OpenAI model list: the served model |
 //!
 //! With API keys set ([`crate::access`]), every route but health (and `/metrics`, unless
 //! `--metrics-require-key`) needs `Authorization: Bearer <key>` (401 otherwise). Bodies above
-//! `--max-request-bytes` get 413.
+//! `--max-request-bytes` get 413. The management routes (`/v1/merges*`, `/v1/adapters*`) are
+//! absent (404) with `--disable-admin` and take `--admin-api-key`'s keys when set.
 //!
 //! Every error body is `{"error": "...", "error_type": "..."}`, body-parsing errors, unknown
 //! routes (404 `not_found`) and wrong methods (405 `method_not_allowed`) included; except on
 //! the OpenAI routes, whose errors are `{"error": {"message", "type", "param", "code"}}`.
 
+mod admin;
 mod auth;
 mod error;
 mod extract;
@@ -59,6 +62,11 @@ pub struct AppState {
 
 /// The REST routes.
 pub fn router(state: AppState) -> Router {
+    let admin = if state.config.access.admin_enabled {
+        admin_routes()
+    } else {
+        Router::new()
+    };
     Router::new()
         .route("/", get(meta::health).post(generate::compat_generate))
         .route("/invocations", post(generate::compat_generate))
@@ -70,11 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(meta::tokenize))
         .route("/metrics", get(meta::metrics))
         .merge(openai::routes(&state))
-        .route("/v1/merges", get(merges::list).post(merges::create))
-        .route(
-            "/v1/merges/{*name}",
-            get(merges::retrieve).delete(merges::delete),
-        )
+        .merge(admin)
         .fallback(meta::not_found)
         .method_not_allowed_fallback(meta::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -85,4 +89,21 @@ pub fn router(state: AppState) -> Router {
             state.config.access.max_request_bytes,
         ))
         .with_state(state)
+}
+
+/// The management routes: named merges and adapters.
+fn admin_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/merges", get(merges::list).post(merges::create))
+        .route(
+            "/v1/merges/{*name}",
+            get(merges::retrieve).delete(merges::delete),
+        )
+        .route("/v1/adapters", get(admin::list))
+        .route("/v1/adapters/preload", post(admin::preload))
+        .route("/v1/adapters/unload", post(admin::unload))
+        .route(
+            "/v1/adapters/{key}",
+            get(admin::retrieve).delete(admin::delete),
+        )
 }

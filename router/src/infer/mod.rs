@@ -25,6 +25,7 @@ pub use request::*;
 pub use stream::{GenerateStream, RequestMeta, Timings};
 pub use types::*;
 
+use crate::backend::adapters::AdminError;
 use crate::backend::{Backend, BackendInfo};
 use crate::error::InferError;
 use crate::metrics as names;
@@ -77,6 +78,27 @@ impl Infer {
     /// The validation (limits and tokenizer) requests go through.
     pub fn validation(&self) -> &Validation {
         &self.inner.validation
+    }
+
+    /// The backend (adapter management goes to it directly).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+
+    /// The adapter or merge that management request fields name (the base model is refused).
+    pub fn admin_spec(
+        &self,
+        selector: medley_spec::AdapterSelector<'_>,
+    ) -> Result<AdapterSpec, AdminError> {
+        let spec = self
+            .inner
+            .validation
+            .adapter_spec(selector)
+            .map_err(InferError::from)?;
+        if spec.is_base() {
+            return Err(AdminError::BaseModel);
+        }
+        Ok(spec)
     }
 
     /// Facts about the model behind the backend.

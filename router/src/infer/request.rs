@@ -18,13 +18,13 @@ pub struct GenerateRequest {
 /// Generation parameters as received (LoRAX `GenerateParameters`, every field nullable).
 ///
 /// Integer fields are signed so that negative values reach validation and get a clear message
-/// instead of a type error.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// instead of a type error. `Debug` shows `api_token` as `<redacted>`.
+#[derive(Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct GenerateParameters {
     /// Single adapter to apply; empty or `__base_model__` means the base model.
     pub adapter_id: Option<String>,
-    /// Where to fetch the adapter (or every adapter of a merge) from: `hub` or `local`
+    /// Where to fetch the adapter (or every adapter of a merge) from: `hub`, `local` or `s3`
     /// (default: `--default-adapter-source`).
     pub adapter_source: Option<String>,
     /// A per-request merge of several adapters.
@@ -74,6 +74,37 @@ pub struct GenerateParameters {
     pub return_k_alternatives: Option<i64>,
     /// Constrained output format (not supported).
     pub response_format: Option<serde_json::Value>,
+}
+
+impl std::fmt::Debug for GenerateParameters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateParameters")
+            .field("adapter_id", &self.adapter_id)
+            .field("adapter_source", &self.adapter_source)
+            .field("merged_adapters", &self.merged_adapters)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("do_sample", &self.do_sample)
+            .field("max_new_tokens", &self.max_new_tokens)
+            .field("ignore_eos_token", &self.ignore_eos_token)
+            .field("repetition_penalty", &self.repetition_penalty)
+            .field("frequency_penalty", &self.frequency_penalty)
+            .field("presence_penalty", &self.presence_penalty)
+            .field("return_full_text", &self.return_full_text)
+            .field("stop", &self.stop)
+            .field("seed", &self.seed)
+            .field("temperature", &self.temperature)
+            .field("top_k", &self.top_k)
+            .field("top_p", &self.top_p)
+            .field("truncate", &self.truncate)
+            .field("typical_p", &self.typical_p)
+            .field("best_of", &self.best_of)
+            .field("watermark", &self.watermark)
+            .field("details", &self.details)
+            .field("decoder_input_details", &self.decoder_input_details)
+            .field("return_k_alternatives", &self.return_k_alternatives)
+            .field("response_format", &self.response_format)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How the response to a request should be shaped; read from the parameters before the request
@@ -131,6 +162,24 @@ mod tests {
         assert_eq!(
             GenerateParameters::default().response_options(),
             ResponseOptions::default()
+        );
+    }
+
+    #[test]
+    fn debug_redacts_the_api_token() {
+        let request = GenerateRequest {
+            inputs: "hi".into(),
+            parameters: GenerateParameters {
+                adapter_id: Some("org/a".into()),
+                api_token: Some("hf_probe_secret".into()),
+                ..Default::default()
+            },
+        };
+        let shown = format!("{request:?}");
+        assert!(!shown.contains("hf_probe_secret"), "{shown}");
+        assert!(
+            shown.contains("org/a") && shown.contains("<redacted>"),
+            "{shown}"
         );
     }
 }

@@ -381,6 +381,8 @@ pub(crate) fn test_config(limits: Limits, tokenizer_path: PathBuf) -> RouterConf
         model_id: TEST_MODEL_ID.into(),
         merges: crate::merges::NamedMerges::default(),
         access: crate::access::AccessConfig::default(),
+        tls: None,
+        preload: Vec::new(),
         tokenizer_path,
         shard_uds_paths: Vec::new(),
         token_flags: TokenFlags {

@@ -32,7 +32,7 @@ pub struct MergeDefinition {
     pub name: String,
     /// The merge, as `merged_adapters` in a request.
     pub merged_adapters: MergedAdapters,
-    /// Where the adapters come from (`hub` or `local`; default: the server's default source).
+    /// Where the adapters come from (`hub`, `local` or `s3`; default: the server's default source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_source: Option<String>,
 }

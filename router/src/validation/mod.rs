@@ -11,7 +11,7 @@ pub use tokenizer::{Encoded, TokenSpan};
 
 use crate::config::Limits;
 use crate::error::ValidationError;
-use crate::infer::{GenerateRequest, ValidGenerateRequest, ValidStoppingParameters};
+use crate::infer::{AdapterSpec, GenerateRequest, ValidGenerateRequest, ValidStoppingParameters};
 use crate::merges::NamedMerges;
 use tokenizer::TokenizerPool;
 
@@ -84,16 +84,12 @@ impl Validation {
         }
         let checked = params::check_parameters(&request.parameters, limits)?;
         let p = &request.parameters;
-        let selector = medley_spec::AdapterSelector {
+        let adapter = self.adapter_spec(medley_spec::AdapterSelector {
             adapter_id: p.adapter_id.as_deref(),
             adapter_source: p.adapter_source.as_deref(),
             api_token: p.api_token.as_deref(),
             merged_adapters: p.merged_adapters.as_ref(),
-        };
-        // An `adapter_id` that names a merge stands for that merge's spec.
-        let named = self.inner.merges.lookup(&selector);
-        let selector = named.as_ref().map_or(selector, |m| m.expand(&selector));
-        let adapter = medley_spec::resolve_selector(selector, &limits.adapters)?;
+        })?;
 
         let encoded = self
             .inner
@@ -122,6 +118,20 @@ impl Validation {
             top_n_tokens: checked.top_n_tokens,
             adapter,
         })
+    }
+
+    /// The weights a request's adapter fields select: the base model, one adapter, or a merge
+    /// (an `adapter_id` that names a registered merge stands for that merge's spec).
+    pub fn adapter_spec(
+        &self,
+        selector: medley_spec::AdapterSelector<'_>,
+    ) -> Result<AdapterSpec, ValidationError> {
+        let named = self.inner.merges.lookup(&selector);
+        let selector = named.as_ref().map_or(selector, |m| m.expand(&selector));
+        Ok(medley_spec::resolve_selector(
+            selector,
+            &self.inner.limits.adapters,
+        )?)
     }
 
     /// Tokenizes `inputs` (for `/tokenize`): each token with the text it covers.

@@ -22,8 +22,8 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The branch used when no revision is given.
 pub const DEFAULT_REVISION: &str = "main";
 
-/// How to reach the hub and where its cache is.
-#[derive(Debug, Clone)]
+/// How to reach the hub and where its cache is. `Debug` never shows the token.
+#[derive(Clone)]
 pub struct HubSettings {
     /// The cache directory (`.../hub`), if one could be determined.
     pub cache_dir: Option<PathBuf>,
@@ -36,6 +36,18 @@ pub struct HubSettings {
     /// Limit on listing the repository, the first request: an unreachable endpoint fails
     /// within it instead of hanging.
     pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for HubSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubSettings")
+            .field("cache_dir", &self.cache_dir)
+            .field("offline", &self.offline)
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
 }
 
 impl HubSettings {

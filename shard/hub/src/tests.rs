@@ -55,6 +55,11 @@ fn offline_endpoint_and_token() {
         None,
     );
     assert_eq!(s.token.as_deref(), Some("new"));
+    let shown = format!("{s:?}");
+    assert!(
+        !shown.contains("new") && shown.contains("<redacted>"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -421,10 +426,14 @@ async fn unknown_repo_is_not_found() {
     };
     let endpoint = fake_hub::serve(Arc::new(hub)).await;
     let cache = tempfile::tempdir().expect("cache");
-    let s = settings(&[("HF_ENDPOINT", &endpoint)], None);
+    // A token (a request's `api_token` reaches the hub this way) is never in an error.
+    let token = "hf_secret_probe_token";
+    let s = settings(&[("HF_ENDPOINT", &endpoint), ("HF_TOKEN", token)], None);
     let err = download(&s, cache.path(), "org/nothing", "main")
         .await
         .expect_err("unknown");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains(token), "{shown}");
     assert!(
         matches!(
             err,
@@ -437,9 +446,14 @@ async fn unknown_repo_is_not_found() {
     );
     assert!(err.is_not_found());
     // A refused connection is not "not found".
-    let s = settings(&[("HF_ENDPOINT", "http://127.0.0.1:1")], None);
+    let s = settings(
+        &[("HF_ENDPOINT", "http://127.0.0.1:1"), ("HF_TOKEN", token)],
+        None,
+    );
     let err = download(&s, cache.path(), "org/nothing", "main")
         .await
         .expect_err("unreachable");
     assert!(!err.is_not_found(), "{err:?}");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains(token), "{shown}");
 }

@@ -72,6 +72,24 @@ pub enum AdapterError {
         /// Requests using it.
         requests: usize,
     },
+    /// S3 refused the server's credentials for an `S3` adapter (unknown key, wrong secret, no
+    /// permission on the bucket or prefix). `PERMISSION_DENIED`.
+    #[error("adapter {id}: {detail}")]
+    PermissionDenied {
+        /// The adapter id.
+        id: String,
+        /// What S3 answered and what to check.
+        detail: String,
+    },
+    /// An `S3` adapter could not be fetched: no credentials configured, S3 unreachable or
+    /// failing. `FAILED_PRECONDITION`.
+    #[error("adapter {id}: {detail}")]
+    S3 {
+        /// The adapter id.
+        id: String,
+        /// The failure (what to set, or what S3 answered).
+        detail: String,
+    },
     /// The hub could not be reached or failed. `FAILED_PRECONDITION`.
     #[error("adapter {id}: {detail}")]
     Hub {
@@ -87,7 +105,7 @@ pub enum AdapterError {
 }
 
 impl AdapterError {
-    /// The gRPC code the router maps to an HTTP status (404, 422, retry later, 424).
+    /// The gRPC code the router maps to an HTTP status (404, 403, 422, retry later, 424).
     pub fn code(&self) -> tonic::Code {
         match self {
             AdapterError::NotFound { .. } => tonic::Code::NotFound,
@@ -98,7 +116,9 @@ impl AdapterError {
             AdapterError::TooManyStaged(_) => tonic::Code::ResourceExhausted,
             AdapterError::LocalDisabled { .. }
             | AdapterError::SlotInUse { .. }
-            | AdapterError::Hub { .. } => tonic::Code::FailedPrecondition,
+            | AdapterError::Hub { .. }
+            | AdapterError::S3 { .. } => tonic::Code::FailedPrecondition,
+            AdapterError::PermissionDenied { .. } => tonic::Code::PermissionDenied,
             AdapterError::OverBudget { .. } | AdapterError::Internal(_) => tonic::Code::Internal,
         }
     }

@@ -3,7 +3,8 @@
 //! forward pass.
 //!
 //! * [`source`] — `LOCAL` ids under the `--adapter-root`s (no `..`, no symlink escapes) and `HUB`
-//!   ids from the Hugging Face cache or downloaded into it.
+//!   ids from the Hugging Face cache or downloaded into it; `S3` ids (`s3://bucket/prefix`) from
+//!   the S3 adapter cache or downloaded into it ([`s3`]).
 //! * [`loader`] — [`AdapterLoader`]: resolve, read (through a byte-bounded LRU of parsed adapters),
 //!   shape-check against the base model ([`base`]), merge with `medley_merge` on a dedicated pool,
 //!   copy to the device — all off the engine thread.
@@ -25,6 +26,7 @@ pub mod base;
 pub mod config;
 pub mod loader;
 pub mod lora_op;
+pub mod s3;
 pub mod source;
 pub mod store;
 pub mod weights;

@@ -1,12 +1,15 @@
 //! Where adapter files come from: a directory under one of the shard's adapter roots (`LOCAL`),
-//! or a hub repository from the Hugging Face cache or downloaded into it (`HUB`).
+//! a hub repository from the Hugging Face cache or downloaded into it (`HUB`), or an S3 prefix
+//! from the S3 adapter cache or downloaded into it (`S3`, see [`super::s3`]).
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use medley_spec::{AdapterRef, AdapterSource};
 
 use super::AdapterError;
+use super::s3::{S3Adapters, S3Settings};
 use medley_hub::model_dir::{ModelDirError, RepoLayout, check_repo_dir};
 use medley_hub::{
     CacheLookup, DEFAULT_REVISION, HubSettings, download_repo, is_valid_repo_id, lookup_repo,
@@ -48,10 +51,12 @@ pub struct AdapterSources {
     /// Canonical adapter roots, in the configured order.
     roots: Vec<PathBuf>,
     hub: HubSettings,
+    s3: Arc<S3Adapters>,
 }
 
 impl AdapterSources {
-    /// Canonicalizes `roots` (each must be an existing directory).
+    /// Canonicalizes `roots` (each must be an existing directory); S3 access comes from the
+    /// environment ([`S3Settings::from_env`], see [`Self::with_s3`]).
     pub fn new(roots: &[PathBuf], hub: HubSettings) -> Result<Self, AdapterError> {
         let roots = roots
             .iter()
@@ -69,7 +74,22 @@ impl AdapterSources {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { roots, hub })
+        Ok(Self {
+            roots,
+            hub,
+            s3: Arc::new(S3Adapters::new(S3Settings::from_env())),
+        })
+    }
+
+    /// The same resolver with S3 access and cache from `settings`.
+    pub fn with_s3(mut self, settings: S3Settings) -> Self {
+        self.s3 = Arc::new(S3Adapters::new(settings));
+        self
+    }
+
+    /// The S3 resolver.
+    pub fn s3(&self) -> &S3Adapters {
+        &self.s3
     }
 
     /// The canonical adapter roots.
@@ -85,7 +105,16 @@ impl AdapterSources {
                 self.resolve_hub(&r.id, r.revision.as_deref(), r.api_token.as_deref())
                     .await
             }
+            AdapterSource::S3 => self.resolve_s3(&r.id).await,
         }
+    }
+
+    /// An S3 adapter (`s3://bucket/prefix`): the S3 adapter cache when it holds the version the
+    /// server lists, else a download into it.
+    pub async fn resolve_s3(&self, id: &str) -> Result<ResolvedSource, AdapterError> {
+        let dir = self.s3.resolve(id).await?;
+        let files = check_repo_dir(&dir, &ADAPTER_LAYOUT).map_err(|e| layout_error(id, e))?;
+        source(id, files.dir)
     }
 
     /// A local adapter: `id` is a directory path, relative to the first root or absolute inside

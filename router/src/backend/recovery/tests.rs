@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use medley_spec::Strategy;
 
 use super::*;
+use crate::backend::adapters::AdapterState;
 use crate::backend::testing::{FakeAdapter, FakeShard, FakeShardConfig, merge, request, single};
 use crate::infer::AdapterSpec;
 use crate::infer::testing::{test_config, test_limits};
@@ -222,4 +223,40 @@ async fn one_slow_health_check_is_not_a_failure() {
     assert!(backend.health().await);
     assert!(finish(start(&backend, single("a"), 2)).await.1.is_ok());
     assert_eq!(shard.load_labels(), ["a"]);
+}
+
+#[tokio::test]
+async fn preloaded_adapters_are_preloaded_again_on_new_shards_until_unloaded() {
+    let shard = fake_shard(1);
+    let backend = recovering(&shard).await;
+    let pinned = backend
+        .preload(single("a"), true, true)
+        .await
+        .expect("preloaded");
+    assert!(pinned.pinned);
+    backend
+        .preload(single("b"), false, true)
+        .await
+        .expect("preloaded");
+    backend.unload(&single("b").key().hex()).expect("unloaded");
+    shard.restart();
+    // The new shards get `a` (pinned) again without a request; `b` was unloaded: not again.
+    let t0 = Instant::now();
+    loop {
+        // The old backend still shows `a` until the restart is noticed: wait for the new load.
+        let reloaded = shard.load_labels().len() == 3;
+        let restored = backend.residency().ok().filter(|_| reloaded).and_then(|r| {
+            r.adapters
+                .into_iter()
+                .find(|v| v.key == single("a").key() && v.state == AdapterState::Resident)
+        });
+        if let Some(view) = restored {
+            assert!(view.pinned, "the pin is restored");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "never restored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(shard.load_labels(), ["a", "b", "a"]);
+    assert_eq!(shard.violations(), Vec::<String>::new());
 }

@@ -33,8 +33,11 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+mod admin;
 mod plan;
 mod take;
+
+use admin::Preload;
 
 use super::queue::Entry;
 use crate::error::InferError;
@@ -146,6 +149,11 @@ pub(crate) struct Adapter {
     known_bytes: Option<u64>,
     /// The last plan found no slot or bytes for it.
     blocked: bool,
+    /// Never evicted while resident (an operator's preload with `pinned`).
+    pinned: bool,
+    /// An operator asked for it to be loaded: it is wanted like a queued request until it is
+    /// resident or its load fails.
+    preload: Option<Preload>,
 }
 
 impl Adapter {
@@ -160,6 +168,8 @@ impl Adapter {
             served_since_load: false,
             known_bytes: None,
             blocked: false,
+            pinned: false,
+            preload: None,
         }
     }
 
@@ -171,9 +181,16 @@ impl Adapter {
         }
     }
 
-    /// Id of its oldest queued request.
+    /// Id of its oldest queued request, or of a pending preload if older.
     fn head(&self) -> Option<u64> {
-        self.queue.front().map(|(id, _)| *id)
+        let queued = self.queue.front().map(|(id, _)| *id);
+        let preload = self.preload.as_ref().map(|p| p.order);
+        queued.into_iter().chain(preload).min()
+    }
+
+    /// Requests are queued for it or a preload waits for it.
+    fn wanted(&self) -> bool {
+        !self.queue.is_empty() || self.preload.is_some()
     }
 
     /// Its turn (started at `active_since`) lasted at least `cycle` at `now`.
@@ -192,7 +209,7 @@ impl Adapter {
     }
 
     fn idle(&self) -> bool {
-        self.running == 0 && self.queue.is_empty()
+        self.running == 0 && !self.wanted()
     }
 
     /// Fails its queued requests with `error`: remembered for `ttl` when given, else forgotten
@@ -211,6 +228,10 @@ impl Adapter {
         };
         self.active_since = None;
         self.blocked = false;
+        self.pinned = false;
+        if let Some(preload) = self.preload.take() {
+            preload.finish(Err(error.clone()));
+        }
         let entries = self.queue.drain(..).map(|(_, e)| e).collect();
         (error, entries)
     }
@@ -281,6 +302,12 @@ pub(crate) enum Job {
         /// Staging id.
         id: u64,
     },
+    /// Free the slots of unloaded adapters on the shards; they return to the free list through
+    /// [`Registry::free_slots`] once offloaded.
+    Offload {
+        /// The slots.
+        slots: Vec<u32>,
+    },
 }
 
 /// A failed shard call, mapped to the error its requests receive; `cache` says whether new
@@ -302,6 +329,8 @@ pub(crate) struct Registry {
     /// Bytes resident plus bytes reserved by installs in flight.
     used_bytes: u64,
     next_stage_id: u64,
+    /// Slots of unloaded adapters the shards have not freed yet (the next plan offloads them).
+    unloaded: Vec<u32>,
 }
 
 impl Registry {
@@ -314,6 +343,7 @@ impl Registry {
             base: VecDeque::new(),
             used_bytes: 0,
             next_stage_id: 1,
+            unloaded: Vec::new(),
         }
     }
 
@@ -343,7 +373,7 @@ impl Registry {
         let kind = match &adapter.status {
             Status::Resident { .. } => Enqueued::Ready,
             s if s.is_staged() => Enqueued::Pending,
-            Status::Waiting if !adapter.queue.is_empty() => Enqueued::Pending,
+            Status::Waiting if adapter.wanted() => Enqueued::Pending,
             Status::Errored { error, until } if now < *until => return Err(error.clone()),
             _ => {
                 adapter.status = Status::Waiting;
@@ -459,6 +489,9 @@ impl Registry {
         a.status = Status::Resident { slot, bytes };
         a.known_bytes = Some(bytes);
         a.last_used = now;
+        if let Some(preload) = a.preload.take() {
+            preload.finish(Ok(()));
+        }
         // A turn spent before a rotation is over: the next one starts when it is served.
         a.active_since = None;
         self.record_residency();

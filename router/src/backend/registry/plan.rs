@@ -5,6 +5,15 @@
 use std::time::Instant;
 
 use super::{Entry, Job, Plan, Priority, Registry, Status, names};
+
+/// Why an adapter leaves its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Eviction {
+    /// The planner needs its slot or bytes (LRU, or rotation when requests wait for it).
+    Planned,
+    /// An operator unloaded it.
+    Unload,
+}
 use crate::error::InferError;
 use crate::infer::AdapterKey;
 
@@ -21,6 +30,11 @@ impl Registry {
     pub fn plan(&mut self, now: Instant) -> Plan {
         self.prune_cancelled();
         let mut plan = Plan::default();
+        if !self.unloaded.is_empty() {
+            plan.jobs.push(Job::Offload {
+                slots: std::mem::take(&mut self.unloaded),
+            });
+        }
         self.drop_unwanted(&mut plan);
         for key in self.in_line(now, |s| matches!(s, Status::Prepared { .. })) {
             if let Some(failed) = self.fail_if_too_big(&key, &mut plan, now) {
@@ -60,7 +74,7 @@ impl Registry {
     /// Waiting adapters without requests are evicted; prepared ones are discarded too.
     fn drop_unwanted(&mut self, plan: &mut Plan) {
         for a in self.adapters.values_mut() {
-            if !a.queue.is_empty() {
+            if a.wanted() {
                 continue;
             }
             match a.status {
@@ -87,14 +101,15 @@ impl Registry {
     }
 
     /// Fails an adapter whose size (reported by a prepare, now or earlier) exceeds the whole
-    /// budget; a staged one is discarded.
+    /// budget less what pinned adapters hold; a staged one is discarded.
     fn fail_if_too_big(
         &mut self,
         key: &AdapterKey,
         plan: &mut Plan,
         now: Instant,
     ) -> Option<(InferError, Vec<Entry>)> {
-        let budget = self.cfg.budget_bytes;
+        let pinned = self.pinned_bytes(Some(key));
+        let budget = self.cfg.budget_bytes.saturating_sub(pinned);
         let a = self.adapters.get_mut(key)?;
         let bytes = match a.status {
             Status::Prepared { bytes, .. } => bytes,
@@ -106,8 +121,13 @@ impl Registry {
         if let Status::Prepared { id, .. } = a.status {
             plan.jobs.push(Job::Discard { id });
         }
+        let pinned_note = if pinned > 0 {
+            format!(" besides the {pinned} bytes of pinned adapters")
+        } else {
+            String::new()
+        };
         let error = InferError::Generation(format!(
-            "Server error: the adapter needs {bytes} bytes but the shards hold at most {budget} bytes of adapters (--adapter-memory-budget)"
+            "Server error: the adapter needs {bytes} bytes but the shards hold at most {budget} bytes of adapters{pinned_note} (--adapter-memory-budget)"
         ));
         Some(a.fail(error, Some((now, self.cfg.error_ttl))))
     }
@@ -138,7 +158,9 @@ impl Registry {
     fn evictable(&self, now: Instant, exclude: &[AdapterKey]) -> Option<(AdapterKey, u64)> {
         let candidates = || {
             self.adapters.iter().filter_map(|(k, a)| match a.status {
-                Status::Resident { bytes, .. } if a.running == 0 && !exclude.contains(k) => {
+                Status::Resident { bytes, .. }
+                    if a.running == 0 && !a.pinned && !exclude.contains(k) =>
+                {
                     Some((k, a, bytes))
                 }
                 _ => None,
@@ -152,7 +174,7 @@ impl Registry {
                             && a.served_since_load
                             && a.over_cycle(self.cfg.cycle_time, now)
                     } else {
-                        a.queue.is_empty()
+                        !a.wanted()
                     }
                 })
                 .min_by_key(|(_, a, _)| a.last_used)
@@ -185,7 +207,7 @@ impl Registry {
         };
         let mut offload = Vec::with_capacity(victims.len());
         for v in &victims {
-            if let Some(slot) = self.evict(v, now) {
+            if let Some(slot) = self.evict(v, now, Eviction::Planned) {
                 offload.push(slot);
             }
         }
@@ -214,17 +236,25 @@ impl Registry {
 
     /// Takes a resident adapter off its slot (its queue, if any, waits again); returns the slot,
     /// which stays reserved until the loader has offloaded it.
-    fn evict(&mut self, key: &AdapterKey, now: Instant) -> Option<u32> {
+    pub(super) fn evict(&mut self, key: &AdapterKey, now: Instant, why: Eviction) -> Option<u32> {
         let cycle = self.cfg.cycle_time;
         let a = self.adapters.get_mut(key)?;
         let Status::Resident { slot, bytes } = a.status else {
             return None;
         };
         let rotation = !a.queue.is_empty();
-        tracing::debug!(adapter = %key, slot, bytes, rotation, "evicting adapter");
-        metrics::counter!(names::EVICTIONS, "reason" => if rotation { "rotation" } else { "lru" })
-            .increment(1);
-        debug_assert!(a.running == 0, "pinned adapters are never evicted");
+        let reason = match why {
+            Eviction::Unload => "unload",
+            Eviction::Planned if rotation => "rotation",
+            Eviction::Planned => "lru",
+        };
+        tracing::debug!(adapter = %key, slot, bytes, reason, "evicting adapter");
+        metrics::counter!(names::EVICTIONS, "reason" => reason).increment(1);
+        debug_assert!(
+            a.running == 0,
+            "adapters with running requests are never evicted"
+        );
+        debug_assert!(why == Eviction::Unload || !a.pinned);
         debug_assert!(!rotation || a.over_cycle(cycle, now));
         // A rotated adapter keeps `active_since`: its spent turn orders it behind fresh ones.
         a.status = if rotation {

@@ -10,7 +10,7 @@ use super::*;
 use crate::backend::queue::BatchBudget;
 use crate::backend::testing::{Events, entry, merge, request, single};
 
-fn cfg(slots: u32, budget: u64) -> RegistryConfig {
+pub(super) fn cfg(slots: u32, budget: u64) -> RegistryConfig {
     RegistryConfig {
         max_slots: slots,
         budget_bytes: budget,
@@ -23,21 +23,21 @@ fn cfg(slots: u32, budget: u64) -> RegistryConfig {
 }
 
 /// A registry with the receivers of its requests (dropping one would cancel its request).
-struct Harness {
-    reg: Registry,
-    next_id: u64,
+pub(super) struct Harness {
+    pub(super) reg: Registry,
+    pub(super) next_id: u64,
     receivers: Vec<Events>,
     t0: Instant,
 }
 
 /// What an install job does: its adapter, target slot and the slots it offloads first.
-struct Install {
-    key: AdapterKey,
-    slot: u32,
-    offload: Vec<u32>,
+pub(super) struct Install {
+    pub(super) key: AdapterKey,
+    pub(super) slot: u32,
+    pub(super) offload: Vec<u32>,
 }
 
-fn installs(jobs: &[Job]) -> Vec<Install> {
+pub(super) fn installs(jobs: &[Job]) -> Vec<Install> {
     jobs.iter()
         .filter_map(|j| match j {
             Job::Install {
@@ -52,7 +52,7 @@ fn installs(jobs: &[Job]) -> Vec<Install> {
         .collect()
 }
 
-fn prepares(jobs: &[Job]) -> Vec<AdapterKey> {
+pub(super) fn prepares(jobs: &[Job]) -> Vec<AdapterKey> {
     jobs.iter()
         .filter_map(|j| match j {
             Job::Prepare { key, .. } => Some(*key),
@@ -62,7 +62,7 @@ fn prepares(jobs: &[Job]) -> Vec<AdapterKey> {
 }
 
 impl Harness {
-    fn new(cfg: RegistryConfig) -> Self {
+    pub(super) fn new(cfg: RegistryConfig) -> Self {
         Self {
             reg: Registry::new(cfg),
             next_id: 0,
@@ -71,25 +71,25 @@ impl Harness {
         }
     }
 
-    fn at(&self, ms: u64) -> Instant {
+    pub(super) fn at(&self, ms: u64) -> Instant {
         self.t0 + Duration::from_millis(ms)
     }
 
-    fn enqueue(&mut self, spec: &AdapterSpec, ms: u64) -> Result<Enqueued, InferError> {
+    pub(super) fn enqueue(&mut self, spec: &AdapterSpec, ms: u64) -> Result<Enqueued, InferError> {
         let (e, rx) = entry(request(spec.clone(), 1, 1));
         self.receivers.push(rx);
         self.next_id += 1;
         self.reg.enqueue(self.next_id, e, spec.key(), self.at(ms))
     }
 
-    fn plan(&mut self, ms: u64) -> Vec<Job> {
+    pub(super) fn plan(&mut self, ms: u64) -> Vec<Job> {
         let plan = self.reg.plan(self.at(ms));
         assert!(plan.failed.is_empty(), "unexpected failures");
         plan.jobs
     }
 
     /// Reports every prepare of `jobs` as finished with `bytes`.
-    fn prepared(&mut self, jobs: &[Job], bytes: u64) {
+    pub(super) fn prepared(&mut self, jobs: &[Job], bytes: u64) {
         for j in jobs {
             if let Job::Prepare { key, id, .. } = j {
                 assert!(self.reg.prepared(key, *id, bytes));
@@ -98,7 +98,7 @@ impl Harness {
     }
 
     /// Reports every install of `jobs` as finished (after its offloads).
-    fn installed(&mut self, jobs: &[Job], ms: u64) {
+    pub(super) fn installed(&mut self, jobs: &[Job], ms: u64) {
         for j in jobs {
             if let Job::Install {
                 key, free_after, ..
@@ -115,7 +115,7 @@ impl Harness {
 
     /// Plans at `ms`, finishes the prepares with `bytes`, plans again and finishes the
     /// installs; returns the second plan's jobs.
-    fn load(&mut self, ms: u64, bytes: u64) -> Vec<Job> {
+    pub(super) fn load(&mut self, ms: u64, bytes: u64) -> Vec<Job> {
         let jobs = self.plan(ms);
         self.prepared(&jobs, bytes);
         let jobs = self.plan(ms);
@@ -124,7 +124,7 @@ impl Harness {
     }
 
     /// Runs every runnable request to completion (start and finish at `ms`).
-    fn serve(&mut self, ms: u64) -> usize {
+    pub(super) fn serve(&mut self, ms: u64) -> usize {
         let budget = BatchBudget {
             min_size: None,
             max_size: None,
@@ -142,20 +142,20 @@ impl Harness {
     }
 
     /// Takes a batch within `budget` at `ms` (its requests keep running).
-    fn take(&mut self, budget: BatchBudget, ms: u64) -> usize {
+    pub(super) fn take(&mut self, budget: BatchBudget, ms: u64) -> usize {
         let now = self.at(ms);
         self.reg.take_batch(budget, now).len()
     }
 
-    fn status(&self, spec: &AdapterSpec) -> &Status {
+    pub(super) fn status(&self, spec: &AdapterSpec) -> &Status {
         &self.reg.adapters[&spec.key()].status
     }
 
-    fn slot(&self, spec: &AdapterSpec) -> Option<u32> {
+    pub(super) fn slot(&self, spec: &AdapterSpec) -> Option<u32> {
         self.reg.adapters[&spec.key()].resident_slot()
     }
 
-    fn blocked(&self, spec: &AdapterSpec) -> bool {
+    pub(super) fn blocked(&self, spec: &AdapterSpec) -> bool {
         self.reg.adapters[&spec.key()].blocked
     }
 }

@@ -17,7 +17,7 @@ use crate::infer::MergedAdapters;
 pub struct AdapterFields {
     /// Single adapter to apply.
     pub adapter_id: Option<String>,
-    /// `hub` or `local` (default: `--default-adapter-source`).
+    /// `hub`, `local` or `s3` (default: `--default-adapter-source`).
     pub adapter_source: Option<String>,
     /// A per-request merge of several adapters.
     pub merged_adapters: Option<MergedAdapters>,

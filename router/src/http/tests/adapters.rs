@@ -105,8 +105,12 @@ async fn every_invalid_adapter_selector_is_422_with_its_message() {
             "adapter id `../x` is not a valid hub repository id (`name` or `org/name`: letters, digits, '-', '_' and '.', without '--' or '..')".into(),
         ),
         (
+            json!({"inputs": "hi", "parameters": {"adapter_id": "org/a", "adapter_source": "gcs"}}),
+            "`adapter_source` must be one of hub, local, s3. Given: gcs".into(),
+        ),
+        (
             json!({"inputs": "hi", "parameters": {"adapter_id": "org/a", "adapter_source": "s3"}}),
-            "`adapter_source` must be one of hub, local. Given: s3".into(),
+            "adapter id `org/a` is not a valid S3 adapter id (`s3://bucket/prefix`, the prefix naming the \"directory\" that holds adapter_config.json and adapter_model.safetensors): it does not start with `s3://`".into(),
         ),
         (
             json!({"inputs": "hi", "parameters": {"adapter_id": "x", "merged_adapters": {"ids": ["a"], "weights": [1.0]}}}),

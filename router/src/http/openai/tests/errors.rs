@@ -94,7 +94,7 @@ async fn invalid_and_unsupported_parameters_are_400() {
         ),
         (json!({"prompt": "hi", "logprobs": 6}), "<= 5"),
         (json!({"prompt": ""}), "`inputs` cannot be empty"),
-        (json!({"prompt": "hi", "adapter_source": "s3"}), "s3"),
+        (json!({"prompt": "hi", "adapter_source": "gcs"}), "gcs"),
     ];
     for (body, message) in validation {
         let got = post(&server, "/v1/completions", &body).await;
