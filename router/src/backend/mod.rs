@@ -281,6 +281,14 @@ impl<S: ShardApi> ShardBackend<S> {
         self.tasks.iter().any(|t| t.is_finished())
     }
 
+    /// UNAVAILABLE once the backend stopped (its shards are gone or a task ended).
+    fn ensure_running(&self) -> Result<(), InferError> {
+        if self.client.tripped().is_some() || self.tasks_finished() {
+            return Err(InferError::Unavailable("the batching loop stopped".into()));
+        }
+        Ok(())
+    }
+
     /// Resolves, with the reason, when a failed call showed the shards gone or replaced.
     pub async fn lost(&self) -> String {
         self.client.until_tripped().await;
@@ -350,9 +358,7 @@ impl<S: ShardApi> Backend for ShardBackend<S> {
         &self,
         request: ValidGenerateRequest,
     ) -> Result<UnboundedReceiver<Result<InferStreamResponse, InferError>>, InferError> {
-        if self.client.tripped().is_some() || self.tasks_finished() {
-            return Err(InferError::Unavailable("the batching loop stopped".into()));
-        }
+        self.ensure_running()?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.scheduler.append(request, tx)?;
         Ok(rx)
@@ -377,9 +383,7 @@ impl<S: ShardApi> Backend for ShardBackend<S> {
         wait: bool,
     ) -> BoxFuture<'_, Result<AdapterView, AdminError>> {
         Box::pin(async move {
-            if self.client.tripped().is_some() || self.tasks_finished() {
-                return Err(InferError::Unavailable("the batching loop stopped".into()).into());
-            }
+            self.ensure_running()?;
             let (key, done) = self.scheduler.preload(spec, pinned)?;
             if wait {
                 match done.await {

@@ -157,10 +157,7 @@ impl<C: Connector> Backend for RecoveringBackend<C> {
         &self,
         request: ValidGenerateRequest,
     ) -> Result<UnboundedReceiver<Result<InferStreamResponse, InferError>>, InferError> {
-        match self.shared.serving() {
-            Ok(backend) => backend.schedule(request),
-            Err(reason) => Err(restarting(&reason)),
-        }
+        self.shared.serving_or_restarting()?.schedule(request)
     }
 
     fn health(&self) -> BoxFuture<'_, bool> {
@@ -181,10 +178,7 @@ impl<C: Connector> Backend for RecoveringBackend<C> {
     }
 
     fn residency(&self) -> Result<Residency, AdminError> {
-        match self.shared.serving() {
-            Ok(backend) => backend.residency(),
-            Err(reason) => Err(restarting(&reason).into()),
-        }
+        self.shared.serving_or_restarting()?.residency()
     }
 
     fn preload(
@@ -194,10 +188,7 @@ impl<C: Connector> Backend for RecoveringBackend<C> {
         wait: bool,
     ) -> BoxFuture<'_, Result<AdapterView, AdminError>> {
         Box::pin(async move {
-            let backend = self
-                .shared
-                .serving()
-                .map_err(|reason| AdminError::from(restarting(&reason)))?;
+            let backend = self.shared.serving_or_restarting()?;
             let key = spec.key();
             let view = backend.preload(spec.clone(), pinned, wait).await?;
             self.shared.preloads().insert(key, (spec, pinned));
@@ -206,17 +197,18 @@ impl<C: Connector> Backend for RecoveringBackend<C> {
     }
 
     fn unload(&self, key: &str) -> Result<AdapterView, AdminError> {
-        let backend = self
-            .shared
-            .serving()
-            .map_err(|reason| AdminError::from(restarting(&reason)))?;
-        let view = backend.unload(key)?;
+        let view = self.shared.serving_or_restarting()?.unload(key)?;
         self.shared.preloads().remove(&view.key);
         Ok(view)
     }
 }
 
 impl<S: ShardApi> Shared<S> {
+    /// The serving backend, or the UNAVAILABLE error of requests while the shards are away.
+    fn serving_or_restarting(&self) -> Result<Arc<ShardBackend<S>>, InferError> {
+        self.serving().map_err(|reason| restarting(&reason))
+    }
+
     fn preloads(&self) -> std::sync::MutexGuard<'_, HashMap<AdapterKey, (AdapterSpec, bool)>> {
         self.preloaded.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -115,7 +115,6 @@ impl Registry {
             }
             let a = self.adapters.get_mut(key).expect("evicted above");
             a.pinned = false;
-            a.active_since = None;
             Ok(Self::view(key, a, now))
         } else {
             let a = self.adapters.remove(key).expect("looked up above");
