@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Lints, renders and validates the Helm chart in deploy/helm/medley with no helm or kubeconform
-# binary: Helm's Go SDK comes from the PyPI package helm-python-sdk and the Kubernetes schemas
-# from kubernetes-validate (offline). See deploy/check_chart.py for what is checked.
+# binary: Helm's Go SDK comes from the PyPI package helm-python-sdk, the Kubernetes schemas from
+# kubernetes-validate (offline), and jsonschema checks the custom resources against deploy/schemas/.
+# See deploy/check_chart.py for what is checked.
 #
 #   deploy/check.sh                      # all cases
 #   deploy/check.sh --out /tmp/rendered  # also keep the rendered manifests

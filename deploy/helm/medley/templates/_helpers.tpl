@@ -119,3 +119,111 @@ from values first, then extraArgs in their order. A pair with an empty value is 
 {{- end }}
 {{- toJson $args }}
 {{- end }}
+
+{{/* Inference gateway: the InferencePool's name (inferenceGateway.pool.name, else the full name). */}}
+{{- define "medley.poolName" -}}
+{{- .Values.inferenceGateway.pool.name | default (include "medley.fullname" .) }}
+{{- end }}
+
+{{/* Inference gateway: name of the endpoint picker's Deployment, Service, ServiceAccount, Role, ConfigMap. */}}
+{{- define "medley.eppName" -}}
+{{- printf "%s-epp" (include "medley.fullname" . | trunc 59 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "medley.eppSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "medley.name" . }}-epp
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "medley.eppLabels" -}}
+helm.sh/chart: {{ include "medley.chart" . }}
+{{ include "medley.eppSelectorLabels" . }}
+app.kubernetes.io/component: endpoint-picker
+app.kubernetes.io/version: {{ .Values.inferenceGateway.endpointPicker.image.tag | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Label the EPP's core-metrics-extractor reads to pick a pod's metric mapping (engineConfigs by
+name). Only Medley's serving pods carry it, so the pool selecting on it leaves out the `helm test`
+pod, which has the chart's selector labels too.
+*/}}
+{{- define "medley.engineLabel" -}}
+inference.networking.k8s.io/engine-type: {{ .Values.inferenceGateway.engineName | quote }}
+{{- end }}
+
+{{/* The InferencePool's selector: the Deployment's pod selector plus the engine label. */}}
+{{- define "medley.poolSelectorLabels" -}}
+{{ include "medley.selectorLabels" . }}
+{{ include "medley.engineLabel" . }}
+{{- end }}
+
+{{/* File name of the EndpointPickerConfig in the EPP's ConfigMap (mounted at /config). */}}
+{{- define "medley.eppConfigFile" -}}
+endpoint-picker-config.yaml
+{{- end }}
+
+{{/*
+The EndpointPickerConfig (inference.networking.x-k8s.io/v1alpha1, read by the EPP at start-up; not
+a Kubernetes resource). Written for EPP v1.5.0: from that release the metric names are set per
+engine in the `core-metrics-extractor` plugin's `engineConfigs` (the older --*-metric flags are
+refused), and the data layer wires the `metrics-data-source` (GET <pod>:<targetPort><path>) to
+that extractor. The plugins keep their type as their name, so the EPP's system defaults find them
+and add no second source or extractor. Medley's series (router/src/metrics):
+  queuedRequestsSpec   medley_requests_waiting      requests queued, not yet running
+  runningRequestsSpec  medley_requests_running      requests in the running batch
+  kvUsageSpec          medley_kv_cache_utilization  share of the KV token budget in use (0-1)
+  loraSpec             medley_lora_requests_info    running/waiting adapters and merges, max_lora
+  cacheInfoSpec        medley_kv_cache_info         KV block size (tokens) and block count (the
+                                                    EPP reads the count from a num_gpu_blocks
+                                                    label; Medley's is num_blocks)
+*/}}
+{{- define "medley.eppConfig" -}}
+{{- $g := .Values.inferenceGateway }}
+{{- $s := $g.endpointPicker.scorers }}
+{{- $scorers := list }}
+{{- range $key, $type := dict "queue" "queue-scorer" "kvCacheUtilization" "kv-cache-utilization-scorer" "loraAffinity" "lora-affinity-scorer" "prefixCache" "prefix-cache-scorer" }}
+{{- $w := index $s $key | default 0 }}
+{{- if gt (float64 $w) 0.0 }}
+{{- $scorers = append $scorers (dict "type" $type "weight" $w) }}
+{{- end }}
+{{- end }}
+{{- if not $scorers }}
+{{- fail "inferenceGateway.endpointPicker.scorers: give at least one scorer a weight > 0" }}
+{{- end }}
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+  - type: metrics-data-source
+    parameters:
+      scheme: http
+      path: {{ .Values.metrics.path | quote }}
+  - type: core-metrics-extractor
+    parameters:
+      engineLabelKey: inference.networking.k8s.io/engine-type
+      defaultEngine: {{ $g.engineName | quote }}
+      engineConfigs:
+        - name: {{ $g.engineName | quote }}
+          queuedRequestsSpec: medley_requests_waiting
+          runningRequestsSpec: medley_requests_running
+          kvUsageSpec: medley_kv_cache_utilization
+          loraSpec: medley_lora_requests_info
+          cacheInfoSpec: medley_kv_cache_info
+  {{- range $scorers }}
+  - type: {{ .type }}
+  {{- end }}
+  - type: max-score-picker
+data:
+  sources:
+    - pluginRef: metrics-data-source
+      extractors:
+        - pluginRef: core-metrics-extractor
+schedulingProfiles:
+  - name: default
+    plugins:
+      {{- range $scorers }}
+      - pluginRef: {{ .type }}
+        weight: {{ .weight }}
+      {{- end }}
+      - pluginRef: max-score-picker
+{{- end }}
