@@ -98,6 +98,16 @@ pub struct RouterArgs {
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
+    /// OpenTelemetry collector to export request traces to, over OTLP/gRPC (e.g.
+    /// `http://collector:4317`); `medley serve` passes it to the shards too. Without it no
+    /// tracing exporter is installed. Clients' W3C `traceparent` headers (HTTP) and metadata
+    /// (gRPC) are continued.
+    #[arg(long, env = "OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the router's spans; the shards of `medley serve` use `medley-shard`
+    /// (or `<name>-shard` for another name).
+    #[arg(long, env = "OTLP_SERVICE_NAME", default_value = "medley-router")]
+    pub otlp_service_name: String,
 }
 
 /// Limits enforced by validation.

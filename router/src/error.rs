@@ -77,6 +77,19 @@ pub enum ValidationError {
     /// the message is the shard's.
     #[error("{0}")]
     AdapterRejected(String),
+    /// `merge:<digest>` without `merged_adapters`, and no named merge has that digest.
+    #[error(
+        "`merge:{0}` names no registered merge here; send the merge's `merged_adapters` with it (the digest labels a merge for routing)"
+    )]
+    UnknownMergeDigest(String),
+    /// `merge:<digest>` with a `merged_adapters` whose digest is another.
+    #[error("`merge:{named}` does not match `merged_adapters`, whose digest is `merge:{actual}`")]
+    MergeDigestMismatch {
+        /// The digest the request named.
+        named: String,
+        /// The digest of its `merged_adapters`.
+        actual: String,
+    },
     /// The request asks for a feature this server does not provide.
     #[error("{0}")]
     Unsupported(String),

@@ -109,6 +109,14 @@ pub struct ShardArgs {
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
+    /// OpenTelemetry collector to export spans to, over OTLP/gRPC (e.g.
+    /// `http://collector:4317`); `medley serve` passes the router's. Without it no tracing
+    /// exporter is installed.
+    #[arg(long, env = "OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the shard's spans (the rank is the `shard.rank` resource attribute).
+    #[arg(long, env = "OTLP_SERVICE_NAME", default_value = "medley-shard")]
+    pub otlp_service_name: String,
 }
 
 /// Fixes the forward pass's thread count for this process and returns it: `requested`, else a
@@ -171,16 +179,61 @@ fn parse_dtype(s: &str) -> anyhow::Result<Option<candle_core::DType>> {
 
 /// Installs the log subscriber of a shard process (stderr, text or JSON).
 pub fn init_logging(json: bool) {
+    if let Err(e) = install_subscriber(json, None) {
+        eprintln!("cannot set up logging: {e}");
+    }
+}
+
+/// Installs the log subscriber of a shard process (stderr, text or JSON) and, with
+/// `--otlp-endpoint`, the layer that exports its spans over OTLP (service
+/// `--otlp-service-name`, resource attribute `shard.rank`). Shut the returned handle down when
+/// the shard stops: it exports the spans still buffered. A bad endpoint is an error; an
+/// unreachable collector is only logged.
+pub fn init_tracing(args: &ShardArgs) -> anyhow::Result<Option<medley_telemetry::Tracing>> {
+    let otlp = args
+        .otlp_endpoint
+        .as_deref()
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|endpoint| {
+            medley_telemetry::OtlpConfig::new(endpoint, args.otlp_service_name.clone())
+                .with_attribute(medley_telemetry::KeyValue::new(
+                    "shard.rank",
+                    i64::from(args.rank),
+                ))
+                .with_attribute(medley_telemetry::KeyValue::new(
+                    "shard.world_size",
+                    i64::from(args.world_size),
+                ))
+        });
+    install_subscriber(args.json_output, otlp.as_ref())
+}
+
+fn install_subscriber(
+    json: bool,
+    otlp: Option<&medley_telemetry::OtlpConfig>,
+) -> anyhow::Result<Option<medley_telemetry::Tracing>> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (otel, exporter) = match otlp {
+        Some(config) => {
+            let (layer, exporter) = medley_telemetry::otlp::layer(config)?;
+            (Some(layer), Some(exporter))
+        }
+        None => (None, None),
+    };
+    // The OTLP layer has its own filter: `RUST_LOG` only filters the log output.
+    let registry = tracing_subscriber::registry().with(otel);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        registry.with(fmt.json().with_filter(filter)).try_init()?;
     } else {
-        builder.init();
+        registry.with(fmt.with_filter(filter)).try_init()?;
     }
+    Ok(exporter)
 }
 
 async fn shutdown_signal() {
@@ -336,7 +389,7 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let server = crate::server::ShardServer::new(handle, Arc::new(loader));
+    let server = crate::server::ShardServer::new(handle, Arc::new(loader)).with_rank(args.rank);
     runtime.block_on(crate::server::serve_uds(
         server,
         &args.uds_path,

@@ -1,7 +1,7 @@
 //! `medley-shard`: serves one tensor-parallel rank of a model over a Unix socket.
 
 use clap::Parser;
-use medley_shard::cli::{ShardArgs, configure_threads, init_logging, run};
+use medley_shard::cli::{ShardArgs, configure_threads, init_tracing, run};
 
 /// Command line of the standalone shard binary.
 #[derive(Parser, Debug)]
@@ -18,6 +18,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // SAFETY: nothing has started a thread yet.
     unsafe { configure_threads(cli.args.threads) };
-    init_logging(cli.args.json_output);
-    run(cli.args)
+    let exporter = init_tracing(&cli.args)?;
+    let result = run(cli.args);
+    // The last spans, once the engine and the server have stopped.
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
+    result
 }

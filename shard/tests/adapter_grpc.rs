@@ -238,6 +238,7 @@ fn request(id: u64, slot: u32) -> pb::Request {
         prefill_logprobs: false,
         top_n_tokens: 0,
         adapter_slot: slot,
+        traceparent: None,
     }
 }
 

@@ -8,17 +8,25 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use medley::{Cli, Command};
-use medley_router::logging::{self, LogFormat};
+use medley_router::logging;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            if let Err(e) = logging::init(LogFormat::from_json_flag(args.router.json_output)) {
-                eprintln!("medley: cannot set up logging: {e}");
-                return ExitCode::from(2);
+            let exporter = match logging::init_router(&args.router) {
+                Ok(exporter) => exporter,
+                Err(e) => {
+                    eprintln!("medley: cannot set up logging: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let code = run(medley::serve(*args));
+            // The router's last spans (the runtime is gone: nothing adds more).
+            if let Some(exporter) = exporter {
+                exporter.shutdown();
             }
-            run(medley::serve(*args))
+            code
         }
         Command::Merge(args) => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -55,15 +63,25 @@ fn main() -> ExitCode {
         Command::Shard(args) => {
             // SAFETY: the shard subcommand runs on the main thread before any other starts.
             unsafe { medley_shard::cli::configure_threads(args.threads) };
-            medley_shard::cli::init_logging(args.json_output);
-            match medley_shard::cli::run(*args) {
+            let exporter = match medley_shard::cli::init_tracing(&args) {
+                Ok(exporter) => exporter,
+                Err(e) => {
+                    eprintln!("Error: cannot set up logging: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let code = match medley_shard::cli::run(*args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("Error: {e:#}");
                     ExitCode::FAILURE
                 }
+            };
+            if let Some(exporter) = exporter {
+                exporter.shutdown();
             }
+            code
         }
     }
 }

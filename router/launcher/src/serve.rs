@@ -19,7 +19,7 @@ use super::hub::HubSettings;
 use super::probe::{HealthRpcProbe, ReadinessProbe};
 use super::resolve::{ResolveRequest, resolve_model};
 use super::signals::{ShutdownSignals, SignalSource};
-use super::supervisor::{ShardCommand, Supervisor, SupervisorConfig, socket_path};
+use super::supervisor::{ShardCommand, ShardOtlp, Supervisor, SupervisorConfig, socket_path};
 use super::{BoxError, LauncherError};
 use medley_router::config::RouterConfig;
 
@@ -156,6 +156,11 @@ where
             adapter_memory_budget: args.adapter_memory_budget,
             max_adapter_slots: args.max_adapter_slots,
             huggingface_hub_cache: args.huggingface_hub_cache.clone(),
+            // The shards export to the router's collector.
+            otlp: medley_router::telemetry::otlp_config(&args.router).map(|c| ShardOtlp {
+                endpoint: c.endpoint,
+                service_name: medley_router::telemetry::shard_service_name(&c.service_name),
+            }),
         },
         world_size,
         uds_prefix: args.shard_uds_path.clone(),

@@ -60,6 +60,17 @@ pub struct ShardCommand {
     pub max_adapter_slots: Option<u32>,
     /// `--huggingface-hub-cache`, if set (adapters from the hub use the same cache as the model).
     pub huggingface_hub_cache: Option<PathBuf>,
+    /// `--otlp-endpoint` and `--otlp-service-name`, when traces are exported.
+    pub otlp: Option<ShardOtlp>,
+}
+
+/// Where the shards export their spans: the router's collector, under the shards' service name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardOtlp {
+    /// `--otlp-endpoint`.
+    pub endpoint: String,
+    /// `--otlp-service-name`.
+    pub service_name: String,
 }
 
 impl ShardCommand {
@@ -98,6 +109,14 @@ impl ShardCommand {
         }
         if let Some(cache) = &self.huggingface_hub_cache {
             args.extend(["--huggingface-hub-cache".into(), cache.clone().into()]);
+        }
+        if let Some(otlp) = &self.otlp {
+            args.extend([
+                "--otlp-endpoint".into(),
+                otlp.endpoint.clone().into(),
+                "--otlp-service-name".into(),
+                otlp.service_name.clone().into(),
+            ]);
         }
         args.push("--json-output".into());
         args

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use medley_proto::shard::v1 as pb;
+use tracing::Instrument;
 
 use super::client::ClientError;
 use super::guarded::Guarded;
@@ -57,13 +58,18 @@ pub(crate) async fn batching_task<S: ShardApi>(
             total_tokens: cfg.max_batch_total_tokens,
         }) {
             let mut entries = next.entries;
+            // Running from the moment the batch is taken (its prefill may take a while).
+            record_batch(
+                entries.len(),
+                next.batch.max_tokens,
+                cfg.max_batch_total_tokens,
+            );
             let mut cached = prefill(&client, next.batch, &mut entries).await;
             let mut waiting_steps = 1usize;
             while let Some(batch) = cached {
                 let mut batches = vec![batch];
                 let (size, max_tokens) = (batches[0].size as usize, batches[0].max_tokens);
-                metrics::gauge!(names::BATCH_SIZE).set(size as f64);
-                metrics::gauge!(names::BATCH_MAX_TOKENS).set(max_tokens as f64);
+                record_batch(size, max_tokens, cfg.max_batch_total_tokens);
                 let min_size = (waiting_steps < b.max_waiting_tokens)
                     .then(|| (size as f32 * b.waiting_served_ratio).floor() as usize);
                 // A full batch takes no one (`Some(0)`); `None` means no size limit.
@@ -101,23 +107,47 @@ pub(crate) async fn batching_task<S: ShardApi>(
                     decode(&client, live, &mut entries).await
                 };
             }
-            metrics::gauge!(names::BATCH_SIZE).set(0.0);
-            metrics::gauge!(names::BATCH_MAX_TOKENS).set(0.0);
+            record_batch(0, 0, cfg.max_batch_total_tokens);
         }
     }
 }
 
+/// The running batch's gauges: its size (= running requests), the tokens it reserves, and their
+/// share of the KV budget.
+fn record_batch(size: usize, max_tokens: u32, budget: u32) {
+    metrics::gauge!(names::BATCH_SIZE).set(size as f64);
+    metrics::gauge!(crate::metrics::REQUESTS_RUNNING).set(size as f64);
+    metrics::gauge!(names::BATCH_MAX_TOKENS).set(f64::from(max_tokens));
+    let used = f64::from(max_tokens) / f64::from(budget.max(1));
+    metrics::gauge!(crate::metrics::KV_CACHE_UTILIZATION).set(used.min(1.0));
+}
+
 async fn prefill(
     client: &Guarded<impl ShardApi>,
-    batch: pb::Batch,
+    mut batch: pb::Batch,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
     let id = batch.id;
     let start = Instant::now();
-    match client.prefill(batch).await {
+    // Each request's prefill span travels with it to the shards; the call itself runs in the
+    // first request's (its `traceparent` metadata).
+    let size = batch.requests.len();
+    for r in &mut batch.requests {
+        if let Some(entry) = entries.get_mut(&r.id) {
+            r.traceparent = entry.trace.start_prefill(id, size);
+        }
+    }
+    let call_span = (batch.requests.first())
+        .and_then(|r| entries.get(&r.id))
+        .map_or_else(tracing::Span::none, |e| e.trace.prefill_span().clone());
+    match client.prefill(batch).instrument(call_span).await {
         Ok(resp) => {
             record_timings(resp.timings.as_ref(), "prefill", start);
             send_generations(resp.generations, entries);
+            // Those still running decode from now on.
+            for entry in entries.values_mut() {
+                entry.trace.start_decode();
+            }
             filter_next(client, resp.batch, entries).await
         }
         Err(e) => {
@@ -228,6 +258,7 @@ async fn fail_all(
         InferError::Generation(e.to_string())
     };
     for (_, entry) in entries.drain() {
+        entry.trace.failed(&err);
         let _ = entry.response_tx.send(Err(err.clone()));
     }
 }
@@ -272,6 +303,10 @@ fn send_generation(g: pb::Generation, entry: &Entry) -> SendResult {
             .collect();
         tx.send(Ok(InferStreamResponse::Prefill(tokens)))
             .map_err(|_| ())?;
+    }
+    if let Some(gt) = &g.generated_text {
+        let reason = finish_reason(gt.finish_reason);
+        entry.trace.finished(gt.generated_tokens, reason.as_str());
     }
     let Some(tokens) = g.tokens else {
         return Ok(false);

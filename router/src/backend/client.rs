@@ -8,6 +8,7 @@ use futures::future::try_join_all;
 use hyper_util::rt::TokioIo;
 use medley_proto::shard::v1 as pb;
 use medley_proto::shard::v1::shard_service_client::ShardServiceClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::shard_api::ShardApi;
@@ -98,10 +99,24 @@ pub fn group_instance(instances: impl IntoIterator<Item = u64>) -> u64 {
     })
 }
 
+/// Writes the current span's trace context into a call's metadata (`traceparent`); nothing
+/// when the span has none (tracing off, or a call outside any request, such as a decode step).
+fn inject_trace_context(
+    mut request: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
+    medley_telemetry::inject_current(&mut request);
+    Ok(request)
+}
+
+type Interceptor = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+
+/// The client of one rank; every call carries the caller's trace context.
+type RankClient = ShardServiceClient<InterceptedService<Channel, Interceptor>>;
+
 /// All ranks of one model.
 #[derive(Clone)]
 pub struct ShardedClient {
-    clients: Vec<ShardServiceClient<Channel>>,
+    clients: Vec<RankClient>,
 }
 
 const MAX_MESSAGE: usize = 256 << 20;
@@ -115,9 +130,12 @@ impl ShardedClient {
         let mut clients = Vec::with_capacity(paths.len());
         for p in paths {
             clients.push(
-                ShardServiceClient::new(connect_uds(p).await?)
-                    .max_decoding_message_size(MAX_MESSAGE)
-                    .max_encoding_message_size(MAX_MESSAGE),
+                ShardServiceClient::with_interceptor(
+                    connect_uds(p).await?,
+                    inject_trace_context as Interceptor,
+                )
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
             );
         }
         Ok(Self { clients })
@@ -126,7 +144,7 @@ impl ShardedClient {
     /// Sends the same call to every rank concurrently; returns rank 0's response.
     async fn all<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
-        F: Fn(ShardServiceClient<Channel>) -> Fut,
+        F: Fn(RankClient) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let results = try_join_all(self.clients.iter().cloned().map(call)).await?;

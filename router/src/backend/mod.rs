@@ -60,6 +60,8 @@ pub struct BackendInfo {
     pub max_adapter_slots: u32,
     /// Bytes of adapter weights the shards may hold (0 = not limited by the router).
     pub adapter_memory_bytes: u64,
+    /// Tokens per KV-cache block on the shards (0: not reported).
+    pub kv_block_tokens: u32,
 }
 
 /// Runs validated requests and streams their tokens back.
@@ -258,6 +260,7 @@ impl<S: ShardApi> ShardBackend<S> {
                 max_batch_total_tokens,
                 max_adapter_slots: info.max_adapter_slots,
                 adapter_memory_bytes: info.adapter_memory_bytes,
+                kv_block_tokens: info.kv_block_tokens,
             },
             tasks,
         })

@@ -10,6 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::scheduler::AdapterLease;
 use crate::error::InferError;
 use crate::infer::{InferStreamResponse, ValidGenerateRequest};
+use crate::telemetry::RequestTrace;
 
 /// A request with the channel its events go to.
 pub(crate) struct Entry {
@@ -23,10 +24,12 @@ pub(crate) struct Entry {
     pub batch_time: Option<Instant>,
     /// Pins its adapter while it runs (None for the base model and while queued).
     pub lease: Option<AdapterLease>,
+    /// Its spans (queue, adapter wait, prefill, decode); they end when the entry is dropped.
+    pub trace: RequestTrace,
 }
 
 impl Entry {
-    /// A queued entry.
+    /// A queued entry; its spans start under the current span (the request's).
     pub fn new(
         request: ValidGenerateRequest,
         response_tx: UnboundedSender<Result<InferStreamResponse, InferError>>,
@@ -37,6 +40,7 @@ impl Entry {
             queued: Instant::now(),
             batch_time: None,
             lease: None,
+            trace: RequestTrace::enqueued(),
         }
     }
 
@@ -85,5 +89,7 @@ pub(crate) fn to_proto_request(id: u64, r: &ValidGenerateRequest, slot: u32) -> 
         prefill_logprobs: r.decoder_input_details,
         top_n_tokens: r.top_n_tokens,
         adapter_slot: slot,
+        // Filled in by the batching loop when the request's prefill starts.
+        traceparent: None,
     }
 }

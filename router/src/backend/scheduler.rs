@@ -20,6 +20,7 @@ use medley_proto::shard::v1 as pb;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use super::adapters::{AdapterView, AdminError, Residency};
 use super::client::ClientError;
@@ -38,8 +39,6 @@ mod names {
     pub const MERGE: &str = "medley_adapter_merge_duration";
     /// Counter: failed loads, labelled `code` (the shard's gRPC code).
     pub const FAILURES: &str = "medley_adapter_load_failures";
-    /// Gauge: waiting requests.
-    pub const QUEUE_SIZE: &str = "medley_queue_size";
 }
 
 struct State {
@@ -131,7 +130,7 @@ impl Scheduler {
             let enqueued =
                 s.registry
                     .enqueue(id, Entry::new(request, response_tx), key, Instant::now())?;
-            metrics::gauge!(names::QUEUE_SIZE).set(s.registry.queued() as f64);
+            metrics::gauge!(crate::metrics::REQUESTS_WAITING).set(s.registry.queued() as f64);
             enqueued
         };
         if !is_base {
@@ -155,7 +154,7 @@ impl Scheduler {
         let (taken, batch_id) = {
             let mut s = self.shared.lock();
             let taken = s.registry.take_batch(budget, now);
-            metrics::gauge!(names::QUEUE_SIZE).set(s.registry.queued() as f64);
+            metrics::gauge!(crate::metrics::REQUESTS_WAITING).set(s.registry.queued() as f64);
             if taken.is_empty() {
                 return None;
             }
@@ -239,7 +238,7 @@ impl Scheduler {
             let mut s = self.shared.lock();
             s.registry.fail_preloads(error);
             let entries = s.registry.drain_queued();
-            metrics::gauge!(names::QUEUE_SIZE).set(0.0);
+            metrics::gauge!(crate::metrics::REQUESTS_WAITING).set(0.0);
             entries
         };
         fail_entries(error, entries);
@@ -349,6 +348,7 @@ impl Scheduler {
 
 fn fail_entries(error: &InferError, entries: Vec<Entry>) {
     for e in entries {
+        e.trace.failed(error);
         let _ = e.response_tx.send(Err(error.clone()));
     }
 }
@@ -437,7 +437,21 @@ async fn shards_or_request<T>(
 /// may have succeeded); a failed install also empties its slot (best effort).
 async fn run_job<S: ShardApi>(shard: Guarded<S>, job: Job) -> Option<JobDone> {
     match job {
-        Job::Prepare { key, id, spec } => {
+        Job::Prepare {
+            key,
+            id,
+            spec,
+            trace,
+        } => {
+            let span = loader_span(&trace, || {
+                tracing::info_span!(
+                    parent: &trace,
+                    "adapter_prepare",
+                    adapter.kind = spec.kind(),
+                    adapter.ids = %spec.ids(),
+                    staging.id = id,
+                )
+            });
             let result = match medley_spec::wire::spec_to_proto(&spec) {
                 Some(wire) => {
                     shard
@@ -445,6 +459,7 @@ async fn run_job<S: ShardApi>(shard: Guarded<S>, job: Job) -> Option<JobDone> {
                             id,
                             spec: Some(wire),
                         })
+                        .instrument(span)
                         .await
                 }
                 None => Err(ClientError::Rpc(tonic::Status::invalid_argument(
@@ -469,13 +484,18 @@ async fn run_job<S: ShardApi>(shard: Guarded<S>, job: Job) -> Option<JobDone> {
             offload,
             free_after,
             spec,
+            trace,
         } => {
             for victim in &offload {
                 if let Err(e) = shard.offload_adapter(*victim).await {
                     tracing::warn!(slot = victim, "offloading an evicted adapter failed: {e}");
                 }
             }
-            let result = shard.install_adapter(id, slot).await;
+            let span = loader_span(
+                &trace,
+                || tracing::info_span!(parent: &trace, "adapter_install", adapter.slot = slot),
+            );
+            let result = shard.install_adapter(id, slot).instrument(span).await;
             let result = shards_or_request(&shard, result).await;
             if result.is_err() {
                 discard(&shard, id).await;
@@ -506,6 +526,16 @@ async fn run_job<S: ShardApi>(shard: Guarded<S>, job: Job) -> Option<JobDone> {
     }
 }
 
+/// A span made by `make` under `parent` (a waiting request's), or none when no request waits
+/// (a preload): loads get no traces of their own.
+fn loader_span(parent: &tracing::Span, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if parent.is_disabled() {
+        tracing::Span::none()
+    } else {
+        make()
+    }
+}
+
 async fn discard(shard: &impl ShardApi, id: u64) {
     if let Err(e) = shard.discard_adapter(Some(id)).await {
         tracing::debug!(id, "discarding a staged adapter failed: {e}");
@@ -526,7 +556,7 @@ pub(crate) async fn loader_task<S: ShardApi>(shard: Guarded<S>, scheduler: Sched
         let (planned, blocked) = scheduler.plan();
         for job in planned {
             let key = match &job {
-                Job::Prepare { key, id, spec } => {
+                Job::Prepare { key, id, spec, .. } => {
                     tracing::debug!(adapter = %spec.ids(), key = %key, id, "preparing adapter");
                     Some(*key)
                 }

@@ -371,6 +371,7 @@ impl ShardApi for FakeShard {
             kv_cache_tokens: 1 << 16,
             adapter_memory_bytes: self.cfg.budget,
             max_adapter_slots: self.cfg.slots,
+            kv_block_tokens: 64,
         })
     }
 

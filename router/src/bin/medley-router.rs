@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use medley_router::config::RouterArgs;
-use medley_router::logging::{self, LogFormat};
+use medley_router::logging;
 use medley_router::signals::ShutdownSignals;
 
 /// Flags (each also read from an environment variable).
@@ -36,10 +36,13 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(e) = logging::init(LogFormat::from_json_flag(args.router.json_output)) {
-        eprintln!("medley-router: cannot set up logging: {e}");
-        return ExitCode::from(2);
-    }
+    let exporter = match logging::init_router(&args.router) {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("medley-router: cannot set up logging: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -50,13 +53,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(args)) {
+    let code = match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::from(1)
         }
+    };
+    // Spans still open in tasks end with the runtime; then the last ones are exported.
+    drop(runtime);
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
     }
+    code
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

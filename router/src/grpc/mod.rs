@@ -5,6 +5,9 @@
 //! [`crate::error::InferError::grpc_code`]). The standard health and reflection services are
 //! assembled in [`crate::server`].
 //!
+//! `Generate` and `GenerateStream` run in a server span that continues the caller's W3C
+//! `traceparent` metadata ([`crate::telemetry`]).
+//!
 //! A client that cancels `GenerateStream` makes tonic drop the response stream, which drops the
 //! request's [`crate::infer::GenerateStream`] and with it the backend receiver.
 
@@ -21,6 +24,7 @@ use futures::{Stream, StreamExt, future};
 use medley_proto::v1 as pb;
 use medley_proto::v1::generation_service_server::GenerationService;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 pub use adapters::AdapterGrpc;
 pub use medley_proto::v1::generation_service_server::GenerationServiceServer;
@@ -54,27 +58,31 @@ pub type GenerateStreamResponses =
 
 #[tonic::async_trait]
 impl GenerationService for GenerationGrpc {
-    #[tracing::instrument(skip_all, name = "grpc_generate")]
     async fn generate(
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let request = convert::request(request.into_inner());
-        let opts = request.parameters.response_options();
-        let out = self.infer.generate(request).await?;
-        Ok(Response::new(convert::response(out, opts)))
+        let span = crate::telemetry::grpc_server_span("Generate", request.metadata());
+        async move {
+            let request = convert::request(request.into_inner());
+            let opts = request.parameters.response_options();
+            let out = self.infer.generate(request).await?;
+            Ok(Response::new(convert::response(out, opts)))
+        }
+        .instrument(span)
+        .await
     }
 
     type GenerateStreamStream = GenerateStreamResponses;
 
-    #[tracing::instrument(skip_all, name = "grpc_generate_stream")]
     async fn generate_stream(
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let span = crate::telemetry::grpc_server_span("GenerateStream", request.metadata());
         let request = convert::request(request.into_inner());
         let opts = request.parameters.response_options();
-        let generation = self.infer.generate_stream(request).await?;
+        let generation = self.infer.generate_stream(request).instrument(span).await?;
         let prompt_tokens = generation.meta().input_length;
         let messages = generation.filter_map(move |item| {
             future::ready(match item {

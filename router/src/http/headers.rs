@@ -1,4 +1,6 @@
-//! LoRAX response headers (`x-model-id`, `x-compute-type`, timings, token counts).
+//! LoRAX response headers (`x-model-id`, `x-compute-type`, timings, token counts), and
+//! `x-affinity-model`: the name the request's adapter or merge goes by for gateway routing
+//! ([`crate::affinity`]).
 
 use std::time::Duration;
 
@@ -35,6 +37,9 @@ pub(super) fn admitted(state: &AppState, meta: &RequestMeta) -> HeaderMap {
     if let Some((ids, source)) = &meta.adapter {
         insert(&mut h, "x-adapter-id", ids);
         insert(&mut h, "x-adapter-source", source);
+    }
+    if let Some(label) = &meta.affinity {
+        insert(&mut h, "x-affinity-model", label);
     }
     h
 }

@@ -1,5 +1,7 @@
 //! Non-generation routes: health, info, tokenize, metrics.
 
+use std::time::SystemTime;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri, header};
@@ -9,6 +11,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::types::{InfoResponse, TokenizeBody};
+use crate::metrics::gateway;
 use crate::validation::TokenSpan;
 
 /// `GET /health`, `GET /ping`, `GET /`: 200 with an empty body, or 503
@@ -69,13 +72,20 @@ pub(super) async fn tokenize(
     Ok(Json(spans))
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: Prometheus text format: the recorder's metrics, then the gateway info gauges
+/// ([`gateway`]) computed from the backend's current state.
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    let mut text = state.metrics.render();
+    let info = state.infer.backend_info();
+    let residency = state.infer.backend().residency().ok();
+    let merges = state.infer.validation().merges().list();
+    text.push_str(&gateway::render(gateway::GatewayView {
+        info: &info,
+        residency: residency.as_ref(),
+        merges: &merges,
+        now: SystemTime::now(),
+    }));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Unknown route: 404 with the LoRAX error shape.

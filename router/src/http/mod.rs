@@ -19,6 +19,9 @@
 //! `--max-request-bytes` get 413. The management routes (`/v1/merges*`, `/v1/adapters*`) are
 //! absent (404) with `--disable-admin` and take `--admin-api-key`'s keys when set.
 //!
+//! Every request but the probes and `/metrics` runs in a server span that continues the
+//! client's W3C `traceparent`/`tracestate` headers ([`crate::telemetry`]).
+//!
 //! Every error body is `{"error": "...", "error_type": "..."}`, body-parsing errors, unknown
 //! routes (404 `not_found`) and wrong methods (405 `method_not_allowed`) included; except on
 //! the OpenAI routes, whose errors are `{"error": {"message", "type", "param", "code"}}`.
@@ -88,6 +91,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.access.max_request_bytes,
         ))
+        // Outermost: a server span per request, continuing the client's `traceparent`.
+        .layer(axum::middleware::from_fn(crate::telemetry::http_trace))
         .with_state(state)
 }
 

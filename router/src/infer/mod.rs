@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 pub use medley_spec::{
     AdapterKey, AdapterRef, AdapterSource, AdapterSpec, MergedAdapterSpec, UnknownAdapterSource,
@@ -25,6 +26,7 @@ pub use request::*;
 pub use stream::{GenerateStream, RequestMeta, Timings};
 pub use types::*;
 
+use crate::affinity::{self, LabelBudget};
 use crate::backend::adapters::AdminError;
 use crate::backend::{Backend, BackendInfo};
 use crate::error::InferError;
@@ -58,6 +60,8 @@ struct Inner {
     backend: Arc<dyn Backend>,
     validation: Validation,
     permits: Arc<Semaphore>,
+    /// Bounds the `adapter` label of [`names::ADAPTER_REQUEST_COUNT`].
+    adapter_labels: LabelBudget,
 }
 
 impl Infer {
@@ -71,6 +75,7 @@ impl Infer {
                 backend,
                 validation,
                 permits,
+                adapter_labels: LabelBudget::new(names::MAX_ADAPTER_LABELS),
             }),
         }
     }
@@ -149,10 +154,12 @@ impl Infer {
             .return_full_text
             .unwrap_or(false)
             .then(|| request.inputs.clone());
+        let requested_id = request.parameters.adapter_id.clone();
         let valid = self
             .inner
             .validation
             .validate_with(request, add_special_tokens)
+            .instrument(crate::telemetry::validation_span())
             .await?;
         let meta = RequestMeta {
             input_length: valid.input_length(),
@@ -163,7 +170,14 @@ impl Infer {
                 .adapter
                 .source()
                 .map(|source| (valid.adapter.ids(), source.name().to_string())),
+            affinity: affinity::request_label(
+                requested_id.as_deref(),
+                &valid.adapter,
+                self.inner.validation.merges(),
+            ),
         };
+        let label = self.inner.adapter_labels.label(meta.affinity.as_deref());
+        metrics::counter!(names::ADAPTER_REQUEST_COUNT, names::ADAPTER_LABEL => label).increment(1);
         metrics::histogram!(names::REQUEST_VALIDATION_DURATION)
             .record(meta.validation_time.as_secs_f64());
         metrics::histogram!(names::REQUEST_INPUT_LENGTH).record(f64::from(meta.input_length));

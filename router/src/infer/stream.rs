@@ -28,6 +28,9 @@ pub struct RequestMeta {
     /// Adapter ids joined with `,` and their source, when not the base model (LoRAX's
     /// `x-adapter-id` / `x-adapter-source`).
     pub adapter: Option<(String, String)>,
+    /// The name the request's adapter or merge goes by for gateway affinity
+    /// ([`crate::affinity::request_label`]; `x-affinity-model`), when not the base model.
+    pub affinity: Option<String>,
 }
 
 /// Where the time of a finished request went.
@@ -72,6 +75,14 @@ fn record_success(t: &Timings, generated_tokens: u32) {
     metrics::histogram!(names::REQUEST_GENERATED_TOKENS).record(f64::from(generated_tokens));
 }
 
+/// Time per output token after the first (nothing for a single token).
+fn record_time_per_output_token(first: Instant, generated_tokens: u32) {
+    if generated_tokens > 1 {
+        let per_token = first.elapsed().as_secs_f64() / f64::from(generated_tokens - 1);
+        metrics::histogram!(names::TIME_PER_OUTPUT_TOKEN).record(per_token);
+    }
+}
+
 /// The events of one request: zero or one `Prefill`, `Intermediate` tokens, then either `End` or
 /// one error (`IncompleteGeneration` when the backend closed the channel without `End`).
 ///
@@ -82,6 +93,8 @@ pub struct GenerateStream {
     meta: RequestMeta,
     full_text_prefix: Option<String>,
     timings: Option<Timings>,
+    /// When the first token arrived.
+    first_token: Option<Instant>,
 }
 
 /// Fields drop in declaration order: the permit is free again by the time the backend sees its
@@ -106,6 +119,7 @@ impl GenerateStream {
             meta,
             full_text_prefix,
             timings: None,
+            first_token: None,
         }
     }
 
@@ -117,6 +131,19 @@ impl GenerateStream {
     /// Timings, once `End` has been yielded.
     pub fn timings(&self) -> Option<&Timings> {
         self.timings.as_ref()
+    }
+
+    /// Records the time to the first token when `event` carries it, and returns when the first
+    /// token came.
+    fn first_token(&mut self) -> Instant {
+        *self.first_token.get_or_insert_with(|| {
+            let now = Instant::now();
+            metrics::histogram!(names::TIME_TO_FIRST_TOKEN).record(
+                now.saturating_duration_since(self.meta.received)
+                    .as_secs_f64(),
+            );
+            now
+        })
     }
 
     fn finish_with_error(&mut self, e: InferError) -> Poll<Option<<Self as Stream>::Item>> {
@@ -145,6 +172,8 @@ impl Stream for GenerateStream {
                 start,
             }))) => {
                 this.active = None;
+                let first = this.first_token();
+                record_time_per_output_token(first, generated_text.generated_tokens);
                 if generated_text.seed.is_none() {
                     generated_text.seed = this.meta.seed;
                 }
@@ -163,7 +192,12 @@ impl Stream for GenerateStream {
                     start,
                 })))
             }
-            Poll::Ready(Some(Ok(event))) => Poll::Ready(Some(Ok(event))),
+            Poll::Ready(Some(Ok(event))) => {
+                if matches!(event, InferStreamResponse::Intermediate { .. }) {
+                    this.first_token();
+                }
+                Poll::Ready(Some(Ok(event)))
+            }
             Poll::Ready(Some(Err(e))) => this.finish_with_error(e),
             Poll::Ready(None) => this.finish_with_error(InferError::IncompleteGeneration),
         }

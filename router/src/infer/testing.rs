@@ -356,6 +356,7 @@ impl Backend for FakeBackend {
             max_batch_total_tokens: 4096,
             max_adapter_slots: 4,
             adapter_memory_bytes: 1 << 20,
+            kv_block_tokens: 64,
         }
     }
 }

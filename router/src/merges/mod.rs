@@ -165,6 +165,11 @@ impl NamedMerges {
         Ok(removed)
     }
 
+    /// A merge whose canonical key has `digest` (its [`NamedMerge::key`]).
+    pub fn by_digest(&self, digest: &str) -> Option<NamedMerge> {
+        self.read().values().find(|m| m.key == digest).cloned()
+    }
+
     /// The merge an `adapter_id` names, when the request has no `merged_adapters` of its own
     /// (both together are the usual conflict, reported by validation).
     pub fn lookup(&self, selector: &AdapterSelector<'_>) -> Option<NamedMerge> {

@@ -2,7 +2,15 @@
 //! `medley_*` names consistently) and the process-wide recorder rendered by `GET /metrics`.
 //!
 //! Durations are recorded in seconds, token counts as plain numbers. Histograms whose name ends in
-//! `duration`, `tokens` or `length` get explicit buckets, so they render as Prometheus histograms.
+//! `duration`, `seconds`, `tokens` or `length` get explicit buckets, so they render as Prometheus
+//! histograms.
+//!
+//! The metrics an inference gateway's endpoint picker reads (the Gateway API Inference
+//! Extension's model-server protocol) are [`REQUESTS_WAITING`], [`REQUESTS_RUNNING`],
+//! [`KV_CACHE_UTILIZATION`] and the two info gauges rendered at scrape time by [`gateway`]:
+//! [`gateway::KV_CACHE_INFO`] and [`gateway::LORA_REQUESTS_INFO`].
+
+pub mod gateway;
 
 use std::sync::OnceLock;
 
@@ -28,6 +36,26 @@ pub const REQUEST_GENERATED_TOKENS: &str = "medley_request_generated_tokens";
 pub const REQUEST_INPUT_LENGTH: &str = "medley_request_input_length";
 /// Label of [`REQUEST_FAILURE`].
 pub const FAILURE_LABEL: &str = "err";
+/// Histogram: seconds from arrival to the first generated token.
+pub const TIME_TO_FIRST_TOKEN: &str = "medley_time_to_first_token_seconds";
+/// Histogram: seconds per generated token after the first (one sample per request with at least
+/// two tokens).
+pub const TIME_PER_OUTPUT_TOKEN: &str = "medley_time_per_output_token_seconds";
+/// Counter: admitted requests per adapter, labelled [`ADAPTER_LABEL`] = the name the adapter or
+/// merge goes by ([`crate::affinity`]), `__base_model__` for the base model, `__other__` past the
+/// first [`MAX_ADAPTER_LABELS`] names.
+pub const ADAPTER_REQUEST_COUNT: &str = "medley_adapter_request_count";
+/// Label of [`ADAPTER_REQUEST_COUNT`].
+pub const ADAPTER_LABEL: &str = "adapter";
+/// Distinct adapter labels [`ADAPTER_REQUEST_COUNT`] keeps (bounded cardinality).
+pub const MAX_ADAPTER_LABELS: usize = 100;
+/// Gauge: requests queued, not yet in the running batch (the protocol's TotalQueuedRequests).
+pub const REQUESTS_WAITING: &str = "medley_requests_waiting";
+/// Gauge: requests in the running batch.
+pub const REQUESTS_RUNNING: &str = "medley_requests_running";
+/// Gauge, 0 to 1: the share of the KV-cache token budget (`max_batch_total_tokens`) reserved by
+/// the running batch (prompt plus `max_new_tokens` of each request: what admission counts).
+pub const KV_CACHE_UTILIZATION: &str = "medley_kv_cache_utilization";
 
 /// Bucket bounds (seconds) of every `*duration` histogram.
 const DURATION_BUCKETS: &[f64] = &[
@@ -44,6 +72,7 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 fn builder() -> PrometheusBuilder {
     let with_buckets = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("duration".into()), DURATION_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("seconds".into()), DURATION_BUCKETS))
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("tokens".into()), TOKEN_BUCKETS))
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("length".into()), TOKEN_BUCKETS));
     match with_buckets {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 pub use medley_spec::BASE_MODEL_ADAPTER_ID;
 pub use tokenizer::{Encoded, TokenSpan};
 
+use crate::affinity;
 use crate::config::Limits;
 use crate::error::ValidationError;
 use crate::infer::{AdapterSpec, GenerateRequest, ValidGenerateRequest, ValidStoppingParameters};
@@ -121,17 +122,48 @@ impl Validation {
     }
 
     /// The weights a request's adapter fields select: the base model, one adapter, or a merge
-    /// (an `adapter_id` that names a registered merge stands for that merge's spec).
+    /// (an `adapter_id` that names a registered merge stands for that merge's spec; one that is
+    /// a merge's digest label, `merge:<digest>`, labels the request's `merged_adapters` or a
+    /// named merge with that digest: see [`crate::affinity`]).
     pub fn adapter_spec(
         &self,
         selector: medley_spec::AdapterSelector<'_>,
     ) -> Result<AdapterSpec, ValidationError> {
+        if let Some(digest) = selector.adapter_id.and_then(affinity::parse_merge_label) {
+            return self.labelled_merge(selector, digest);
+        }
         let named = self.inner.merges.lookup(&selector);
         let selector = named.as_ref().map_or(selector, |m| m.expand(&selector));
         Ok(medley_spec::resolve_selector(
             selector,
             &self.inner.limits.adapters,
         )?)
+    }
+
+    /// The merge a `merge:<digest>` label stands for, checked against the digest.
+    fn labelled_merge(
+        &self,
+        selector: medley_spec::AdapterSelector<'_>,
+        digest: &str,
+    ) -> Result<AdapterSpec, ValidationError> {
+        let named = self.inner.merges.by_digest(digest);
+        let selector = match (selector.merged_adapters, &named) {
+            (Some(_), _) => medley_spec::AdapterSelector {
+                adapter_id: None,
+                ..selector
+            },
+            (None, Some(m)) => m.expand(&selector),
+            (None, None) => return Err(ValidationError::UnknownMergeDigest(digest.to_string())),
+        };
+        let spec = medley_spec::resolve_selector(selector, &self.inner.limits.adapters)?;
+        let actual = spec.key().to_string();
+        if !matches!(spec, AdapterSpec::Merged(_)) || actual != digest {
+            return Err(ValidationError::MergeDigestMismatch {
+                named: digest.to_string(),
+                actual,
+            });
+        }
+        Ok(spec)
     }
 
     /// Tokenizes `inputs` (for `/tokenize`): each token with the text it covers.

@@ -147,10 +147,13 @@ impl AdapterLoader {
         }
         let resolve_ns = t0.elapsed().as_nanos() as u64;
         let this = self.clone();
-        let mut prepared =
-            tokio::task::spawn_blocking(move || this.build(&resolved, plan.merge.as_ref()))
-                .await
-                .map_err(|e| AdapterError::Internal(format!("adapter worker failed: {e}")))??;
+        // The caller's span (a traced prepare call) holds the read and merge spans.
+        let span = tracing::Span::current();
+        let mut prepared = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| this.build(&resolved, plan.merge.as_ref()))
+        })
+        .await
+        .map_err(|e| AdapterError::Internal(format!("adapter worker failed: {e}")))??;
         prepared.load_ns += resolve_ns;
         Ok(prepared)
     }
@@ -163,10 +166,14 @@ impl AdapterLoader {
         merge: Option<&MergeSpec>,
     ) -> Result<PreparedAdapter, AdapterError> {
         let t0 = Instant::now();
-        let adapters = sources
-            .iter()
-            .map(|s| self.read(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let adapters =
+            child_span(|| tracing::info_span!("adapter_read", components = sources.len()))
+                .in_scope(|| {
+                    sources
+                        .iter()
+                        .map(|s| self.read(s))
+                        .collect::<Result<Vec<_>, _>>()
+                })?;
         let load_ns = t0.elapsed().as_nanos() as u64;
         let t1 = Instant::now();
         let (weights, merge_ns) = match (merge, adapters.as_slice()) {
@@ -182,9 +189,12 @@ impl AdapterLoader {
                     hook();
                 }
                 let refs: Vec<&LoraAdapter> = adapters.iter().map(Arc::as_ref).collect();
-                let merged = self
-                    .pool
-                    .install(|| medley_merge::merge(spec, &refs))
+                let span = child_span(|| {
+                    let components = refs.len();
+                    tracing::info_span!("adapter_merge", components, strategy = ?spec.strategy)
+                });
+                let merged = span
+                    .in_scope(|| self.pool.install(|| medley_merge::merge(spec, &refs)))
                     .map_err(|e| {
                         let ids: Vec<&str> = sources.iter().map(|s| s.id.as_str()).collect();
                         AdapterError::Invalid(format!("cannot merge [{}]: {e}", ids.join(", ")))
@@ -245,3 +255,13 @@ fn peft_error(id: &str, dir: &std::path::Path, e: PeftError) -> AdapterError {
 #[cfg(test)]
 #[path = "loader_tests.rs"]
 mod tests;
+
+/// A span made by `make` when the current span is traced, else none: work outside a traced
+/// call starts no trace of its own.
+fn child_span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if tracing::Span::current().is_disabled() {
+        tracing::Span::none()
+    } else {
+        make()
+    }
+}

@@ -149,6 +149,7 @@ impl Engine {
             kv_cache_tokens: self.kv.capacity_tokens() as u64,
             adapter_memory_bytes: self.adapters.budget(),
             max_adapter_slots: self.adapters.max_slots(),
+            kv_block_tokens: crate::kv_cache::BLOCK_TOKENS as u32,
         }
     }
 

@@ -157,4 +157,6 @@ pub struct ShardInfo {
     pub adapter_memory_bytes: u64,
     /// Number of adapter slots (slot 0, the base model, excluded).
     pub max_adapter_slots: u32,
+    /// Tokens per KV-cache block.
+    pub kv_block_tokens: u32,
 }

@@ -153,6 +153,7 @@ impl From<ShardInfo> for pb::InfoResponse {
             kv_cache_tokens: i.kv_cache_tokens,
             adapter_memory_bytes: i.adapter_memory_bytes,
             max_adapter_slots: i.max_adapter_slots,
+            kv_block_tokens: i.kv_block_tokens,
         }
     }
 }
@@ -338,6 +339,7 @@ mod tests {
                 prefill_logprobs: true,
                 top_n_tokens: 2,
                 adapter_slot: 1,
+                traceparent: None,
             }],
             size: 1,
             max_tokens: 12,

@@ -3,6 +3,7 @@
 //! engine's types.
 
 mod convert;
+mod trace;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use medley_proto::shard::v1::shard_service_server::{ShardService, ShardServiceSe
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::adapters::{AdapterError, AdapterLoader, LoadPlan, SlotAdapter};
 use crate::engine::{CachedBatch, EngineHandle, WarmupParams};
@@ -31,6 +33,8 @@ pub struct ShardServer {
     staged: Mutex<HashMap<u64, SlotAdapter>>,
     /// Random per process: a router tells a restarted shard from the one it set up.
     instance: u64,
+    /// This shard's rank (an attribute of its spans).
+    rank: u32,
 }
 
 impl ShardServer {
@@ -41,7 +45,14 @@ impl ShardServer {
             loader,
             staged: Mutex::new(HashMap::new()),
             instance: instance_id(),
+            rank: 0,
         }
+    }
+
+    /// Sets the rank its spans report (0 by default).
+    pub fn with_rank(mut self, rank: u32) -> Self {
+        self.rank = rank;
+        self
     }
 
     fn staged(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SlotAdapter>> {
@@ -92,13 +103,15 @@ impl ShardService for ShardServer {
         &self,
         req: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
+        let (metadata, _, req) = req.into_parts();
         let batch = req
-            .into_inner()
             .batch
             .ok_or_else(|| Status::invalid_argument("prefill without a batch"))?;
-        Ok(Response::new(
-            self.engine.prefill(batch.into()).await?.into(),
-        ))
+        // One span per request, under the request's trace; they end with the step.
+        let spans = trace::prefill_spans(self.rank, &batch, &metadata);
+        let result = self.engine.prefill(batch.into()).await;
+        trace::finish_step(&spans, &result, |r| r.timings.forward_ns);
+        Ok(Response::new(result?.into()))
     }
 
     async fn decode(
@@ -137,14 +150,31 @@ impl ShardService for ShardServer {
         &self,
         req: Request<pb::PrepareAdapterRequest>,
     ) -> Result<Response<pb::PrepareAdapterResponse>, Status> {
-        let req = req.into_inner();
-        let spec = medley_spec::wire::spec_from_proto(req.spec).map_err(AdapterError::from)?;
-        let plan = LoadPlan::from_spec(spec)?;
-        let staged = self.staged().len();
-        if staged >= MAX_STAGED {
-            return Err(AdapterError::TooManyStaged(staged).into());
+        let (metadata, _, req) = req.into_parts();
+        let span = trace::prepare_span(self.rank, req.id, req.spec.as_ref(), &metadata);
+        let prepared = async {
+            let spec = medley_spec::wire::spec_from_proto(req.spec)?;
+            let plan = LoadPlan::from_spec(spec)?;
+            let staged = self.staged().len();
+            if staged >= MAX_STAGED {
+                return Err(AdapterError::TooManyStaged(staged));
+            }
+            self.loader.prepare(plan).await
         }
-        let prepared = self.loader.prepare(plan).await?;
+        .instrument(span.clone())
+        .await;
+        let prepared = match prepared {
+            Ok(p) => {
+                span.record("bytes", p.adapter.bytes());
+                span.record("load_ms", p.load_ns as f64 / 1e6);
+                span.record("merge_ms", p.merge_ns as f64 / 1e6);
+                p
+            }
+            Err(e) => {
+                trace::failed(&span, &e);
+                return Err(e.into());
+            }
+        };
         let response = pb::PrepareAdapterResponse {
             bytes: prepared.adapter.bytes(),
             rank: prepared.adapter.rank(),
@@ -166,12 +196,19 @@ impl ShardService for ShardServer {
         &self,
         req: Request<pb::InstallAdapterRequest>,
     ) -> Result<Response<pb::InstallAdapterResponse>, Status> {
-        let req = req.into_inner();
+        let (metadata, _, req) = req.into_parts();
+        let span = trace::install_span(self.rank, req.id, req.slot, &metadata);
         let adapter = self
             .staged()
             .remove(&req.id)
-            .ok_or(AdapterError::NotStaged(req.id))?;
-        let report = self.engine.install_adapter(req.slot, adapter).await?;
+            .ok_or(AdapterError::NotStaged(req.id))
+            .inspect_err(|e| trace::failed(&span, e))?;
+        let report = self
+            .engine
+            .install_adapter(req.slot, adapter)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| trace::failed(&span, e))?;
         Ok(Response::new(pb::InstallAdapterResponse {
             bytes: report.bytes,
             content_hash: report.content_hash,

@@ -99,6 +99,7 @@ pub(crate) fn config(dir: &Path, mode: &str, world_size: usize) -> SupervisorCon
             adapter_memory_budget: None,
             max_adapter_slots: None,
             huggingface_hub_cache: None,
+            otlp: None,
         },
         world_size,
         uds_prefix: dir.join("sock"),
@@ -139,6 +140,7 @@ fn command_line() {
         adapter_memory_budget: None,
         max_adapter_slots: None,
         huggingface_hub_cache: None,
+        otlp: None,
     };
     let args: Vec<String> = command
         .args(1, 2, Path::new("/tmp/s-1"))
@@ -166,6 +168,24 @@ fn command_line() {
         args.join(" ").ends_with(
             "--adapter-root /a --adapter-root /b --adapter-memory-budget 1073741824 \
              --max-adapter-slots 8 --json-output"
+        ),
+        "{args:?}"
+    );
+    let with_otlp = ShardCommand {
+        otlp: Some(ShardOtlp {
+            endpoint: "http://collector:4317".into(),
+            service_name: "medley-shard".into(),
+        }),
+        ..command.clone()
+    };
+    let args: Vec<String> = with_otlp
+        .args(1, 2, Path::new("/s"))
+        .into_iter()
+        .map(|a| a.into_string().expect("utf8"))
+        .collect();
+    assert!(
+        args.join(" ").ends_with(
+            "--otlp-endpoint http://collector:4317 --otlp-service-name medley-shard --json-output"
         ),
         "{args:?}"
     );

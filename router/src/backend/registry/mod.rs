@@ -181,6 +181,14 @@ impl Adapter {
         }
     }
 
+    /// The span the loader's calls for it go under: its first waiting request's (none when
+    /// only a preload waits).
+    fn trace_parent(&self) -> tracing::Span {
+        self.queue
+            .front()
+            .map_or_else(tracing::Span::none, |(_, e)| e.trace.loader_parent())
+    }
+
     /// Id of its oldest queued request, or of a pending preload if older.
     fn head(&self) -> Option<u64> {
         let queued = self.queue.front().map(|(id, _)| *id);
@@ -280,6 +288,8 @@ pub(crate) enum Job {
         id: u64,
         /// What to load.
         spec: AdapterSpec,
+        /// The span of the first request waiting for it (none for a preload).
+        trace: tracing::Span,
     },
     /// Offload `offload` (evicted adapters), then install staged `id` into `slot`; `free_after`
     /// are evicted slots not reused, returned to the free list once offloaded.
@@ -296,6 +306,8 @@ pub(crate) enum Job {
         free_after: Vec<u32>,
         /// What it is (for logs).
         spec: AdapterSpec,
+        /// The span of the first request waiting for it (none for a preload).
+        trace: tracing::Span,
     },
     /// Drop staged `id`: nobody waits for it any more, or it can never fit.
     Discard {
@@ -352,7 +364,7 @@ impl Registry {
     pub fn enqueue(
         &mut self,
         id: u64,
-        entry: Entry,
+        mut entry: Entry,
         key: AdapterKey,
         now: Instant,
     ) -> Result<Enqueued, InferError> {
@@ -380,6 +392,11 @@ impl Registry {
                 Enqueued::Miss
             }
         };
+        if kind != Enqueued::Ready {
+            entry
+                .trace
+                .adapter_wait(adapter.spec.kind(), kind == Enqueued::Miss);
+        }
         adapter.queue.push_back((id, entry));
         Ok(kind)
     }
@@ -489,6 +506,9 @@ impl Registry {
         a.status = Status::Resident { slot, bytes };
         a.known_bytes = Some(bytes);
         a.last_used = now;
+        for (_, entry) in &mut a.queue {
+            entry.trace.adapter_ready();
+        }
         if let Some(preload) = a.preload.take() {
             preload.finish(Ok(()));
         }

@@ -193,6 +193,7 @@ impl Registry {
             key,
             id,
             spec: a.spec.clone(),
+            trace: a.trace_parent(),
         })
     }
 
@@ -231,6 +232,7 @@ impl Registry {
             offload,
             free_after,
             spec: a.spec.clone(),
+            trace: a.trace_parent(),
         })
     }
 

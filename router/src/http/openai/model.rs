@@ -9,10 +9,13 @@
 //!    ([`crate::merges`]) into its merge, exactly as on the LoRAX routes and in gRPC; any other
 //!    id is an adapter, from the default adapter source unless the request sets
 //!    `adapter_source`. Whether it exists is only known when it loads: the shard's NOT_FOUND
-//!    ([`InferError::AdapterNotFound`]) then becomes 404 `model_not_found`.
+//!    ([`InferError::AdapterNotFound`]) then becomes 404 `model_not_found`. A merge's digest
+//!    label (`merge:<digest>`, [`crate::affinity`]) may come with the `merged_adapters` it
+//!    labels, so a gateway can route an inline merge by `model`.
 
 use super::error::OpenAiError;
 use super::types::AdapterFields;
+use crate::affinity;
 use crate::error::{InferError, ValidationError};
 use crate::validation::BASE_MODEL_ADAPTER_ID;
 
@@ -62,7 +65,8 @@ impl ModelTarget {
         match self {
             Self::Base => {}
             Self::Adapter(id) => {
-                if fields.merged_adapters.is_some() {
+                // A merge's digest label may travel with the merge it labels (for routing).
+                if fields.merged_adapters.is_some() && affinity::parse_merge_label(id).is_none() {
                     return Err(conflict("merged_adapters"));
                 }
                 if has_id && fields.adapter_id.as_deref() != Some(id) {
@@ -82,7 +86,9 @@ impl ModelTarget {
             e,
             InferError::AdapterNotFound(_)
                 | InferError::Validation(
-                    ValidationError::Adapter(_) | ValidationError::AdaptersDisabled
+                    ValidationError::Adapter(_)
+                        | ValidationError::AdaptersDisabled
+                        | ValidationError::UnknownMergeDigest(_)
                 )
         );
         match self.name() {
