@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use crate::backend::adapters::AdapterView;
 use crate::infer::{AdapterKey, AdapterSpec};
-use crate::merges::{NamedMerge, NamedMerges};
+use crate::merges::NamedMerges;
 
 /// Prefix of a merge's digest label.
 pub const MERGE_LABEL_PREFIX: &str = "merge:";
@@ -49,33 +49,35 @@ pub fn request_label(
     spec: &AdapterSpec,
     merges: &NamedMerges,
 ) -> Option<String> {
-    match spec {
-        AdapterSpec::Base => None,
-        AdapterSpec::Single(r) => Some(r.id.clone()),
-        AdapterSpec::Merged(_) => {
-            let key = spec.key();
-            let requested = requested_id
-                .map(str::trim)
-                .filter(|id| !id.is_empty() && parse_merge_label(id).is_none());
-            let label = match merges.by_digest(&key.to_string()) {
-                Some(named) => named.definition.name,
-                None => requested.map_or_else(|| merge_label(&key), str::to_string),
-            };
-            Some(label)
-        }
-    }
+    let requested = requested_id
+        .map(str::trim)
+        .filter(|id| !id.is_empty() && parse_merge_label(id).is_none());
+    label(spec, || spec.key(), requested, merges)
 }
 
 /// The name a tracked adapter or merge is listed under: an adapter's id; a merge's named-merge
 /// name, else its digest label (`None` for the base model).
-pub fn view_label(view: &AdapterView, named: &[NamedMerge]) -> Option<String> {
-    match &view.spec {
+pub fn view_label(view: &AdapterView, merges: &NamedMerges) -> Option<String> {
+    label(&view.spec, || view.key, None, merges)
+}
+
+/// The one naming rule of [`request_label`] and [`view_label`]; `key` is only computed for a
+/// merge.
+fn label(
+    spec: &AdapterSpec,
+    key: impl FnOnce() -> AdapterKey,
+    requested: Option<&str>,
+    merges: &NamedMerges,
+) -> Option<String> {
+    match spec {
         AdapterSpec::Base => None,
         AdapterSpec::Single(r) => Some(r.id.clone()),
         AdapterSpec::Merged(_) => {
-            let digest = view.key.to_string();
-            let name = named.iter().find(|m| m.key == digest);
-            Some(name.map_or_else(|| merge_label(&view.key), |m| m.definition.name.clone()))
+            let key = key();
+            Some(match merges.by_digest(&key.to_string()) {
+                Some(named) => named.definition.name,
+                None => requested.map_or_else(|| merge_label(&key), str::to_string),
+            })
         }
     }
 }

@@ -78,11 +78,10 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let mut text = state.metrics.render();
     let info = state.infer.backend_info();
     let residency = state.infer.backend().residency().ok();
-    let merges = state.infer.validation().merges().list();
     text.push_str(&gateway::render(gateway::GatewayView {
         info: &info,
         residency: residency.as_ref(),
-        merges: &merges,
+        merges: state.infer.validation().merges(),
         now: SystemTime::now(),
     }));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::affinity;
 use crate::backend::BackendInfo;
 use crate::backend::adapters::{AdapterState, Residency};
-use crate::merges::NamedMerge;
+use crate::merges::NamedMerges;
 
 /// Info gauge of the KV cache's block size and count.
 pub const KV_CACHE_INFO: &str = "medley_kv_cache_info";
@@ -31,7 +31,7 @@ pub struct GatewayView<'a> {
     /// Adapter residency; `None` while the shards are unavailable (no LoRA series then).
     pub residency: Option<&'a Residency>,
     /// The registered named merges.
-    pub merges: &'a [NamedMerge],
+    pub merges: &'a NamedMerges,
     /// The time of the update.
     pub now: SystemTime,
 }
@@ -76,7 +76,7 @@ pub fn render(view: GatewayView<'_>) -> String {
 
 /// The names of resident adapters, and of those requests wait for (each name once, in residency
 /// order).
-fn adapter_lists(residency: &Residency, merges: &[NamedMerge]) -> (Vec<String>, Vec<String>) {
+fn adapter_lists(residency: &Residency, merges: &NamedMerges) -> (Vec<String>, Vec<String>) {
     let (mut running, mut waiting) = (Vec::new(), Vec::new());
     for view in &residency.adapters {
         let list = match view.state {
@@ -164,7 +164,7 @@ mod tests {
         let text = render(GatewayView {
             info: &info(4),
             residency: Some(&residency),
-            merges: &[],
+            merges: &NamedMerges::default(),
             now: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         });
         assert!(
@@ -189,7 +189,7 @@ mod tests {
             let text = render(GatewayView {
                 info: &info(slots),
                 residency,
-                merges: &[],
+                merges: &NamedMerges::default(),
                 now: SystemTime::now(),
             });
             assert!(!text.contains(LORA_REQUESTS_INFO), "{text}");
