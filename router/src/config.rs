@@ -45,11 +45,15 @@ pub struct RouterArgs {
     /// Number of tokenizer worker threads.
     #[arg(long, env = "VALIDATION_WORKERS", default_value_t = 2)]
     pub validation_workers: usize,
-    /// Maximum prompt tokens in one prefill step.
-    #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096)]
+    /// Prompt tokens the shards compute per forward step; a longer prompt is prefilled over
+    /// several steps while running requests keep decoding. 512 bounds the stall of running
+    /// streams to about one 512-token forward (raise it on GPUs, e.g. 2048-8192, where a step's
+    /// cost is flat up to thousands of tokens). May be smaller than --max-input-length.
+    #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS", default_value_t = DEFAULT_MAX_BATCH_PREFILL_TOKENS)]
     pub max_batch_prefill_tokens: u32,
-    /// Maximum tokens (prompt + max new) of all running requests; defaults to what the shards
-    /// report after warmup.
+    /// Maximum tokens (prompt + max new) of all running requests; defaults to what the shards'
+    /// KV cache holds after warmup. A larger value over-commits the KV cache: when it runs out,
+    /// the shards preempt requests and recompute them later.
     #[arg(long, env = "MAX_BATCH_TOTAL_TOKENS")]
     pub max_batch_total_tokens: Option<u32>,
     /// Maximum requests in one batch.
@@ -217,6 +221,8 @@ pub enum ConfigError {
 pub const DEFAULT_MAX_TOTAL_TOKENS: u32 = 2048;
 /// Default of `--max-input-length` when `--max-total-tokens` allows it.
 pub const DEFAULT_MAX_INPUT_LENGTH: u32 = 1024;
+/// Default of `--max-batch-prefill-tokens`: prompt tokens per forward step.
+pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS: u32 = 512;
 
 impl RouterArgs {
     /// The token-limit flags as given.
@@ -358,10 +364,11 @@ fn check_token_limits(
             "--max-input-length ({max_input_length}) must be positive and smaller than --max-total-tokens ({max_total_tokens})"
         )));
     }
-    if max_batch_prefill_tokens < max_input_length {
-        return Err(ConfigError::Invalid(format!(
-            "--max-batch-prefill-tokens ({max_batch_prefill_tokens}) must be at least --max-input-length ({max_input_length})"
-        )));
+    // Longer prompts are prefilled over several steps: only an empty step budget is refused.
+    if max_batch_prefill_tokens == 0 {
+        return Err(ConfigError::Invalid(
+            "--max-batch-prefill-tokens must be positive".into(),
+        ));
     }
     if let Some(total) = max_batch_total_tokens
         && total < max_total_tokens
@@ -427,7 +434,7 @@ mod tests {
         assert!(cfg(&[]).is_ok());
         assert!(cfg(&["--max-input-length", "2048"]).is_err());
         assert!(cfg(&["--max-input-length", "0"]).is_err());
-        assert!(cfg(&["--max-batch-prefill-tokens", "10"]).is_err());
+        assert!(cfg(&["--max-batch-prefill-tokens", "0"]).is_err());
         assert!(cfg(&["--max-batch-total-tokens", "100"]).is_err());
         assert!(cfg(&["--waiting-served-ratio", "2"]).is_err());
         assert!(cfg(&["--hostname", "not-an-ip"]).is_err());
@@ -437,6 +444,19 @@ mod tests {
         assert!(cfg(&["--max-active-adapters", "0"]).is_err());
         assert!(cfg(&["--adapter-cycle-time=-1"]).is_err());
         assert!(cfg(&["--adapter-cycle-time", "NaN"]).is_err());
+    }
+
+    #[test]
+    fn the_prefill_budget_is_per_step_and_may_be_below_the_input_length() {
+        let cfg = |flags: &[&str]| args(flags).into_config("m".into(), PathBuf::new(), vec![]);
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.batching.max_batch_prefill_tokens, 512);
+        assert!(c.batching.max_batch_prefill_tokens < c.limits.max_input_length);
+        let mut c = cfg(&["--max-batch-prefill-tokens", "10"]).expect("prompts are chunked");
+        assert_eq!(c.batching.max_batch_prefill_tokens, 10);
+        c.fit_model(4096).expect("still fits the model");
+        let err = cfg(&["--max-batch-prefill-tokens", "0"]).unwrap_err();
+        assert!(err.to_string().contains("must be positive"), "{err}");
     }
 
     #[test]

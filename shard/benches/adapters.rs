@@ -21,7 +21,7 @@ use clap::Parser;
 use medley_merge::fixture::{AdapterFixture, LlamaShape};
 use medley_shard::adapters::{AdapterStore, BaseModules, LoraBackend, SlotWeights};
 use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
-use medley_shard::kv_cache::KvCache;
+use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{
     ForwardBatch, LlamaModel, LoadOptions, LoraDelta, RowSlots, SeqChunk, TargetModule,
 };
@@ -132,14 +132,14 @@ impl<'a> Session<'a> {
         lora: &'a AdapterStore,
         slots: Vec<u32>,
         args: &Args,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let kv = KvCache::new(
             model.config(),
             model.dtype(),
             model.device(),
-            slots.len() * (args.prompt_len + args.decode_steps + 2) + 8,
-        );
-        Self {
+            KvCacheConfig::tokens(slots.len() * (args.prompt_len + args.decode_steps + 2) + 64),
+        )?;
+        Ok(Self {
             name,
             lora,
             slots,
@@ -147,7 +147,7 @@ impl<'a> Session<'a> {
             pos: 0,
             prefill_ms: Vec::new(),
             step_ms: Vec::new(),
-        }
+        })
     }
 
     fn batch(&self, tokens: &mut dyn FnMut() -> Vec<u32>) -> ForwardBatch {
@@ -276,14 +276,14 @@ fn main() -> anyhow::Result<()> {
             &kernels,
             vec![0; args.batch],
             &args,
-        ),
+        )?,
         Session::new(
             format!("{} adapters, medley_kernels SGMV/BGMV", args.adapters),
             &model,
             &kernels,
             lora_slots.clone(),
             &args,
-        ),
+        )?,
         Session::new(
             format!(
                 "{} adapters, candle ops (index_select/matmul/index_add)",
@@ -293,7 +293,7 @@ fn main() -> anyhow::Result<()> {
             &candle,
             lora_slots.clone(),
             &args,
-        ),
+        )?,
     ];
     let mut sessions: Vec<Session> = all
         .into_iter()

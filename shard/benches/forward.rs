@@ -19,7 +19,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
-use medley_shard::kv_cache::KvCache;
+use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk};
 use rand::{Rng, SeedableRng};
 
@@ -129,8 +129,8 @@ fn run_batch(model: &LlamaModel, args: &Args, b: usize, seed: u64) -> anyhow::Re
         model.config(),
         model.dtype(),
         model.device(),
-        b * per_seq + 64,
-    );
+        KvCacheConfig::tokens(b * (per_seq + 16) + 64),
+    )?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut tok = move || rng.random_range(3..vocab);
 

@@ -13,9 +13,28 @@ use crate::adapters::{
 use crate::comm::{Comm, CommBackend, CommKind, ShmComm, ShmCommConfig, Single};
 use crate::device::DeviceSpec;
 use crate::engine::{Engine, EngineHandle, EngineInfo, EngineThreadSettings, TextContext};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{DEFAULT_BLOCK_TOKENS, KvCache, KvCacheConfig};
 use crate::model::{LlamaModel, LoadOptions, TpLayout};
 use medley_hub::HubSettings;
+
+/// An on/off flag value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+impl Switch {
+    /// The flag value (`on` / `off`).
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+}
 
 /// Default `--kv-cache-bytes`: a fixed 2 GiB KV-cache budget per shard, whatever the device's
 /// memory. The capacity in tokens is this divided by [`KvCache::bytes_per_token`].
@@ -70,6 +89,13 @@ pub struct ShardArgs {
     /// bytes one token takes (layers x KV heads x head dim x dtype size, for K and V).
     #[arg(long, env = "KV_CACHE_BYTES", default_value_t = DEFAULT_KV_CACHE_BYTES)]
     pub kv_cache_bytes: usize,
+    /// Tokens per KV-cache block (the pool's unit of allocation and of prefix reuse).
+    #[arg(long, env = "KV_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_TOKENS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub kv_block_size: u32,
+    /// Reuse the KV blocks of prompt prefixes already computed under the same adapter or merge.
+    #[arg(long, env = "PREFIX_CACHING", value_enum, default_value_t = Switch::On)]
+    pub prefix_caching: Switch,
     /// Directory local adapters may be loaded from (repeat the flag, or separate with commas).
     /// Relative adapter ids resolve under the first root; absolute ids must lie inside one.
     /// Without roots, local adapters are refused.
@@ -337,7 +363,17 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
     let capacity = args.kv_cache_tokens.unwrap_or_else(|| {
         args.kv_cache_bytes / KvCache::bytes_per_token(model.kv_config(), model.dtype()).max(1)
     });
-    let kv = KvCache::new(model.kv_config(), model.dtype(), &device, capacity);
+    let kv = KvCache::new(
+        model.kv_config(),
+        model.dtype(),
+        &device,
+        KvCacheConfig {
+            capacity_tokens: capacity,
+            block_tokens: args.kv_block_size as usize,
+            prefix_caching: args.prefix_caching == Switch::On,
+        },
+    )
+    .context("allocating the kv cache")?;
     // The engine thread computes on its own CUDA stream: finish this thread's uploads first.
     device
         .synchronize()
@@ -345,7 +381,9 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
     tracing::info!(
         model = %args.model_dir.display(),
         dtype = ?model.dtype(),
-        kv_cache_tokens = capacity,
+        kv_cache_tokens = kv.capacity_tokens(),
+        kv_block_size = args.kv_block_size,
+        prefix_caching = kv.prefix_caching(),
         threads = rayon::current_num_threads(),
         load_ms = t0.elapsed().as_millis() as u64,
         "model loaded"

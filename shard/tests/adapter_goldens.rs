@@ -16,7 +16,7 @@ use medley_merge::{MergeSpec, SignMethod, Strategy};
 use medley_shard::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
 };
-use medley_shard::kv_cache::KvCache;
+use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, SeqChunk};
 
 fn fixtures() -> PathBuf {
@@ -115,7 +115,13 @@ fn setup(backend: LoraBackend) -> (LlamaModel, AdapterStore) {
 }
 
 fn kv_for(model: &LlamaModel) -> KvCache {
-    KvCache::new(model.config(), model.dtype(), model.device(), 4096)
+    KvCache::new(
+        model.config(),
+        model.dtype(),
+        model.device(),
+        KvCacheConfig::tokens(4096),
+    )
+    .unwrap()
 }
 
 fn chunk(seq_id: u64, tokens: Vec<u32>, start_pos: usize, slot: u32, all: bool) -> SeqChunk {

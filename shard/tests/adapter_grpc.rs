@@ -17,7 +17,7 @@ use medley_shard::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
 };
 use medley_shard::engine::{Engine, EngineHandle, EngineInfo, TextContext};
-use medley_shard::kv_cache::KvCache;
+use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{LlamaModel, LoadOptions};
 use medley_shard::server::{ShardServer, serve_uds};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -46,7 +46,13 @@ async fn start() -> Shard {
     let model = LlamaModel::load(&model_dir, &LoadOptions::default()).unwrap();
     let cfg = model.config().clone();
     let tokenizer = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json")).unwrap();
-    let kv = KvCache::new(&cfg, model.dtype(), model.device(), 4096);
+    let kv = KvCache::new(
+        &cfg,
+        model.dtype(),
+        model.device(),
+        KvCacheConfig::tokens(4096),
+    )
+    .unwrap();
     let mut settings = AdapterSettings::new(HubSettings::from_vars(None, |_| None));
     settings.roots = vec![fixtures().join("adapters")];
     settings.max_slots = 3;
@@ -250,6 +256,7 @@ fn batch(id: u64, requests: Vec<pb::Request>) -> pb::PrefillRequest {
             max_tokens: 16 * requests.len() as u32,
             requests,
         }),
+        running: vec![],
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 use medley_shard::fixture::{FixtureDType, ModelFixture, write_model};
-use medley_shard::kv_cache::KvCache;
+use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{
     ForwardBatch, LlamaModel, LoadOptions, LoraDelta, ModelError, NoLora, RowSlots, SeqChunk,
     TargetModule,
@@ -55,7 +55,13 @@ fn load(dir: &Path) -> LlamaModel {
 }
 
 fn kv_for(model: &LlamaModel) -> KvCache {
-    KvCache::new(model.config(), model.dtype(), model.device(), 4096)
+    KvCache::new(
+        model.config(),
+        model.dtype(),
+        model.device(),
+        KvCacheConfig::tokens(4096),
+    )
+    .unwrap()
 }
 
 fn chunk(seq_id: u64, tokens: Vec<u32>, start_pos: usize, all_logits: bool) -> SeqChunk {
@@ -479,7 +485,13 @@ fn invalid_batches_are_errors_and_leave_the_cache_unchanged() {
         );
         assert_eq!(kv.len(1), Some(2));
     }
-    let other = KvCache::new(model.config(), DType::F16, &Device::Cpu, 16);
+    let other = KvCache::new(
+        model.config(),
+        DType::F16,
+        &Device::Cpu,
+        KvCacheConfig::tokens(16),
+    )
+    .unwrap();
     let mut other = other;
     other.allocate(1, 4).unwrap();
     assert!(

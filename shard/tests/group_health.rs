@@ -14,7 +14,7 @@ use medley_shard::engine::{
     Batch, Engine, EngineError, EngineHandle, EngineInfo, Request, SamplingParams, StopParams,
     TextContext,
 };
-use medley_shard::kv_cache::KvCache;
+use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{LlamaModel, LoadOptions, TpLayout};
 
 fn tiny() -> PathBuf {
@@ -93,7 +93,13 @@ async fn a_broken_group_fails_health_and_steps_with_group_broken() {
     };
     let model = LlamaModel::load(&tiny(), &opts).unwrap();
     let cfg = model.kv_config().clone();
-    let kv = KvCache::new(&cfg, model.dtype(), model.device(), 256);
+    let kv = KvCache::new(
+        &cfg,
+        model.dtype(),
+        model.device(),
+        KvCacheConfig::tokens(256),
+    )
+    .unwrap();
     let tokenizer = tokenizers::Tokenizer::from_file(tiny().join("tokenizer.json")).unwrap();
     let engine = Engine::new(
         model,
@@ -109,12 +115,12 @@ async fn a_broken_group_fails_health_and_steps_with_group_broken() {
     let (handle, _join) = EngineHandle::spawn(engine).unwrap();
 
     handle.health().unwrap();
-    handle.prefill(batch(1)).await.unwrap();
+    handle.prefill(batch(1), vec![]).await.unwrap();
 
     comm.broken.store(true, Ordering::Release);
     let health = handle.health().unwrap_err();
     assert!(matches!(health, EngineError::GroupBroken(_)), "{health}");
-    let step = handle.prefill(batch(2)).await.unwrap_err();
+    let step = handle.prefill(batch(2), vec![]).await.unwrap_err();
     assert!(matches!(step, EngineError::GroupBroken(_)), "{step}");
     let status = tonic::Status::from(step);
     assert_eq!(status.code(), tonic::Code::Unavailable);

@@ -19,7 +19,7 @@ use medley_shard::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
 };
 use medley_shard::comm::{ShmComm, ShmCommConfig};
-use medley_shard::kv_cache::KvCache;
+use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, SeqChunk, TpLayout};
 
 fn fixtures() -> PathBuf {
@@ -84,7 +84,13 @@ fn argmax(v: &[f32]) -> u32 {
 /// logits (one row per sequence).
 fn run(model: &LlamaModel) -> Vec<Vec<Vec<f32>>> {
     let store = store_for(model);
-    let mut kv = KvCache::new(model.kv_config(), model.dtype(), model.device(), 1024);
+    let mut kv = KvCache::new(
+        model.kv_config(),
+        model.dtype(),
+        model.device(),
+        KvCacheConfig::tokens(1024),
+    )
+    .unwrap();
     for (i, p) in PROMPTS.iter().enumerate() {
         kv.allocate(i as u64, p.len() + STEPS).unwrap();
     }

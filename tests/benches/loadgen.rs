@@ -27,9 +27,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use futures::StreamExt;
 use medley_e2e::{Server, ServerOptions};
 use serde_json::{Value, json};
+
+#[path = "common/load.rs"]
+mod load;
+use load::{LoadPreset, StreamStats, percentile, prepare_model, stream_one};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Preset {
@@ -94,17 +97,6 @@ struct Args {
     serve_args: Vec<String>,
 }
 
-/// What one stream observed.
-#[derive(Debug, Default, Clone)]
-struct StreamStats {
-    ttft: Option<Duration>,
-    itl: Vec<Duration>,
-    /// When each token event arrived.
-    times: Vec<Instant>,
-    tokens: usize,
-    status: u16,
-}
-
 /// Aggregate decode throughput: the tokens that are not a request's first token and arrive while
 /// `concurrency` streams are all in their decode phase (between their first and last token),
 /// divided by the length of those periods. Prefill of requests that join later and the ramp-up
@@ -144,49 +136,19 @@ fn decode_tps(stats: &[StreamStats], concurrency: usize) -> Option<f64> {
     Some(tokens as f64 / span)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 /// Generates (or reuses) the model and the adapters.
 fn prepare(args: &Args) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    use medley_merge::fixture::{AdapterFixture, LlamaShape};
-    use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
-    let (shape, mut lshape, tag) = match args.preset {
-        Preset::Tiny => (ModelShape::tiny(), LlamaShape::tiny(), "tiny"),
-        Preset::Tinyllama => (
-            ModelShape::tinyllama(),
-            LlamaShape::tinyllama(),
-            "tinyllama",
-        ),
+    let preset = match args.preset {
+        Preset::Tiny => LoadPreset::Tiny,
+        Preset::Tinyllama => LoadPreset::Tinyllama,
     };
-    let model_dir = args.cache_dir.join(format!("{tag}-{}l", args.layers));
-    if !model_dir.join("config.json").exists() {
-        let mut fx = ModelFixture::tiny(FixtureDType::F32);
-        fx.shape = shape;
-        fx.shape.num_hidden_layers = args.layers;
-        eprintln!("writing the model to {}", model_dir.display());
-        write_model(&model_dir, &fx)?;
-    }
-    lshape.layers = args.layers;
-    let shapes = lshape.module_shapes();
-    let n = args.adapters.max(4);
-    let mut adapters = vec![];
-    for i in 0..n {
-        let dir = args
-            .cache_dir
-            .join(format!("adapters-{tag}-{}l-r{}", args.layers, args.rank))
-            .join(format!("a{i}"));
-        if !dir.join("adapter_model.safetensors").exists() {
-            AdapterFixture::new(args.rank, 1000 + i as u64).write(&dir, &shapes)?;
-        }
-        adapters.push(dir);
-    }
-    Ok((model_dir, adapters))
+    prepare_model(
+        &args.cache_dir,
+        preset,
+        args.layers,
+        args.rank,
+        args.adapters.max(4),
+    )
 }
 
 /// The `parameters` of request `k` for the `merges` scenario: merge `k % merges`.
@@ -217,58 +179,6 @@ fn prompt(k: usize, words: usize) -> String {
         .map(|i| W[(i * 7 + k) % W.len()])
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-async fn stream_one(http: &str, body: Value) -> StreamStats {
-    let start = Instant::now();
-    let client = reqwest::Client::new();
-    let mut stats = StreamStats::default();
-    let resp = match client
-        .post(format!("{http}/generate_stream"))
-        .json(&body)
-        .send()
-        .await
-    {
-        Ok(r) => r,
-        Err(_) => {
-            stats.status = 599;
-            return stats;
-        }
-    };
-    stats.status = resp.status().as_u16();
-    if !resp.status().is_success() {
-        return stats;
-    }
-    let mut last = start;
-    let mut buf = String::new();
-    let mut bytes = resp.bytes_stream();
-    while let Some(chunk) = bytes.next().await {
-        let Ok(chunk) = chunk else {
-            stats.status = 598;
-            break;
-        };
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(pos) = buf.find("\n\n") {
-            let event: String = buf.drain(..pos + 2).collect();
-            if !event.contains("data:") {
-                continue;
-            }
-            if event.contains("\"error\"") {
-                stats.status = 597;
-                continue;
-            }
-            let now = Instant::now();
-            if stats.ttft.is_none() {
-                stats.ttft = Some(now - start);
-            } else {
-                stats.itl.push(now - last);
-            }
-            last = now;
-            stats.tokens += 1;
-            stats.times.push(now);
-        }
-    }
-    stats
 }
 
 /// Runs `total` requests with `concurrency` workers; `params(k)` gives request k's adapter fields.

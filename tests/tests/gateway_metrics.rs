@@ -169,8 +169,8 @@ async fn metrics_show_running_and_waiting_adapters_and_merges_to_the_gateway() {
     let budget = info["max_batch_total_tokens"].as_u64().unwrap();
     let idle = s.scrape().await.unwrap();
     let kv = idle.samples("medley_kv_cache_info", &[]).next().unwrap();
-    assert_eq!(kv.labels["block_size"], "64");
-    assert_eq!(kv.labels["num_blocks"], budget.div_ceil(64).to_string());
+    assert_eq!(kv.labels["block_size"], "16");
+    assert_eq!(kv.labels["num_blocks"], budget.div_ceil(16).to_string());
     assert_eq!(lora_lists(&idle), (4, vec![], vec![]));
 
     // A 422 (validation) while nothing is in flight.

@@ -83,6 +83,14 @@ pub struct ServeArgs {
     /// size), whatever the device's memory; set this to choose the token count.
     #[arg(long, env = "KV_CACHE_TOKENS")]
     pub kv_cache_tokens: Option<u64>,
+    /// Tokens per KV-cache block (`medley-shard --kv-block-size`, default 16): the unit the
+    /// pool is allocated in and prefixes are shared at.
+    #[arg(long, env = "KV_BLOCK_SIZE", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub kv_block_size: Option<u32>,
+    /// Reuse the KV blocks of prompt prefixes already computed under the same adapter or
+    /// merge (`medley-shard --prefix-caching`; on by default).
+    #[arg(long, env = "PREFIX_CACHING", value_enum)]
+    pub prefix_caching: Option<medley_shard::cli::Switch>,
     /// Bytes of adapter weights each shard may hold in its adapter slots (`medley-shard
     /// --adapter-memory-budget`); defaults to the shard's own choice.
     /// Plain bytes or with a unit (`512MiB`, `2GiB`).

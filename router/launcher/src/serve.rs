@@ -19,7 +19,9 @@ use super::hub::HubSettings;
 use super::probe::{HealthRpcProbe, ReadinessProbe};
 use super::resolve::{ResolveRequest, resolve_model};
 use super::signals::{ShutdownSignals, SignalSource};
-use super::supervisor::{ShardCommand, ShardOtlp, Supervisor, SupervisorConfig, socket_path};
+use super::supervisor::{
+    ShardCommand, ShardKvFlags, ShardOtlp, Supervisor, SupervisorConfig, socket_path,
+};
 use super::{BoxError, LauncherError};
 use medley_router::config::RouterConfig;
 
@@ -151,7 +153,11 @@ where
             device: args.device,
             comm: args.tp_comm,
             dtype: args.dtype,
-            kv_cache_tokens: args.kv_cache_tokens,
+            kv: ShardKvFlags {
+                tokens: args.kv_cache_tokens,
+                block_size: args.kv_block_size,
+                prefix_caching: args.prefix_caching,
+            },
             adapter_roots: router_config.limits.adapters.adapter_roots.clone(),
             adapter_memory_budget: args.adapter_memory_budget,
             max_adapter_slots: args.max_adapter_slots,

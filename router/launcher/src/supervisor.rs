@@ -33,6 +33,17 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(15);
 /// How long output forwarding may lag behind a shard's exit.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// KV-cache flags passed to every shard; `None` keeps the shard's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardKvFlags {
+    /// `--kv-cache-tokens`.
+    pub tokens: Option<u64>,
+    /// `--kv-block-size`.
+    pub block_size: Option<u32>,
+    /// `--prefix-caching`.
+    pub prefix_caching: Option<medley_shard::cli::Switch>,
+}
+
 /// The shard command line, identical for every rank but the rank-specific flags.
 #[derive(Debug, Clone)]
 pub struct ShardCommand {
@@ -50,8 +61,8 @@ pub struct ShardCommand {
     pub comm: CommKind,
     /// `--dtype`.
     pub dtype: DType,
-    /// `--kv-cache-tokens`, if set.
-    pub kv_cache_tokens: Option<u64>,
+    /// The shards' KV-cache flags.
+    pub kv: ShardKvFlags,
     /// `--adapter-root`, once per directory.
     pub adapter_roots: Vec<PathBuf>,
     /// `--adapter-memory-budget`, if set.
@@ -95,8 +106,14 @@ impl ShardCommand {
             "--model-id".into(),
             self.model_id.clone().into(),
         ]);
-        if let Some(tokens) = self.kv_cache_tokens {
+        if let Some(tokens) = self.kv.tokens {
             args.extend(["--kv-cache-tokens".into(), tokens.to_string().into()]);
+        }
+        if let Some(size) = self.kv.block_size {
+            args.extend(["--kv-block-size".into(), size.to_string().into()]);
+        }
+        if let Some(switch) = self.kv.prefix_caching {
+            args.extend(["--prefix-caching".into(), switch.as_arg().into()]);
         }
         for root in &self.adapter_roots {
             args.extend(["--adapter-root".into(), root.clone().into()]);

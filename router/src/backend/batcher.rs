@@ -1,6 +1,13 @@
-//! The continuous-batching loop: prefill waiting requests, decode the running batch, let new
-//! requests join between decode steps, send each request its tokens, and drop finished or
-//! cancelled requests from the shards' batches.
+//! The continuous-batching loop: one shard step at a time over the running batch. Waiting
+//! requests join it through a prefill step that also decodes the running requests (their
+//! streams do not stall for a separate prefill call); when none joins, a decode step runs. Each
+//! step sends every request that produced a token its events (a prompt prefilled in chunks, or
+//! a sequence preempted for recomputation, produces none until it is done), and finished or
+//! cancelled requests are dropped from the shards' batch.
+//!
+//! Admission follows the shards' per-step prompt budget (`--max-batch-prefill-tokens`): new
+//! requests get what the running batch's pending prompt tokens leave of it, and none join while
+//! the shards hold requests preempted for lack of KV blocks.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -10,6 +17,7 @@ use tracing::Instrument;
 
 use super::client::ClientError;
 use super::guarded::Guarded;
+use super::kv::{KvBlocks, KvView};
 use super::queue::{BatchBudget, Entry};
 use super::scheduler::Scheduler;
 use super::shard_api::ShardApi;
@@ -39,98 +47,168 @@ mod names {
 type Entries = HashMap<u64, Entry>;
 
 /// Runs until the client's tripwire fires (once the batch in hand has failed) or the task is
-/// aborted.
+/// aborted. `kv` receives the shards' KV block pool after every step.
 pub(crate) async fn batching_task<S: ShardApi>(
     client: Guarded<S>,
     queue: Scheduler,
     cfg: LoopConfig,
+    kv: KvView,
 ) {
-    let b = &cfg.batching;
+    let budget = cfg.max_batch_total_tokens;
+    let mut entries = Entries::new();
+    let mut running: Option<pb::CachedBatch> = None;
+    // Steps since requests last joined (they join sooner once it reaches max_waiting_tokens).
+    let mut waiting_steps = 0usize;
     loop {
-        tokio::select! {
-            _ = client.until_tripped() => return,
-            _ = queue.wait_for_work() => {}
+        // Drop requests whose client went away before spending a step on them.
+        if let Some(batch) = running.take() {
+            running = filter_batch(&client, batch, &mut entries).await;
         }
-        while let Some(next) = queue.next_batch(BatchBudget {
-            min_size: None,
-            max_size: b.max_batch_size,
-            prefill_tokens: b.max_batch_prefill_tokens,
-            total_tokens: cfg.max_batch_total_tokens,
-        }) {
-            let mut entries = next.entries;
-            // Running from the moment the batch is taken (its prefill may take a while).
-            record_batch(
-                entries.len(),
-                next.batch.max_tokens,
-                cfg.max_batch_total_tokens,
-            );
-            let mut cached = prefill(&client, next.batch, &mut entries).await;
-            let mut waiting_steps = 1usize;
-            while let Some(batch) = cached {
-                let mut batches = vec![batch];
-                let (size, max_tokens) = (batches[0].size as usize, batches[0].max_tokens);
-                record_batch(size, max_tokens, cfg.max_batch_total_tokens);
-                let min_size = (waiting_steps < b.max_waiting_tokens)
-                    .then(|| (size as f32 * b.waiting_served_ratio).floor() as usize);
-                // A full batch takes no one (`Some(0)`); `None` means no size limit.
-                let room = b.max_batch_size.map(|m| m.saturating_sub(size));
-                let next = (room != Some(0))
-                    .then(|| {
-                        queue.next_batch(BatchBudget {
-                            min_size: min_size.filter(|m| *m > 0),
-                            max_size: room,
-                            prefill_tokens: b.max_batch_prefill_tokens,
-                            total_tokens: cfg.max_batch_total_tokens.saturating_sub(max_tokens),
-                        })
-                    })
-                    .flatten();
-                if let Some(next) = next {
-                    let mut new_entries = next.entries;
-                    if let Some(new_batch) = prefill(&client, next.batch, &mut new_entries).await {
-                        batches.push(new_batch);
-                    }
-                    entries.extend(new_entries);
-                    waiting_steps = 1;
-                } else {
-                    waiting_steps += 1;
-                }
-                // Drop requests whose client went away before spending a step on them.
-                let mut live = vec![];
-                for batch in batches {
-                    if let Some(b) = filter_batch(&client, batch, &mut entries).await {
-                        live.push(b);
-                    }
-                }
-                cached = if live.is_empty() {
-                    None
-                } else {
-                    decode(&client, live, &mut entries).await
-                };
+        let next =
+            admission(&cfg, running.as_ref(), waiting_steps).and_then(|b| queue.next_batch(b));
+        running = match (next, running) {
+            (Some(next), running) => {
+                entries.extend(next.entries);
+                let max_tokens = running.as_ref().map_or(0, |b| b.max_tokens);
+                let preempted = running.as_ref().map_or(0, |b| b.preempted);
+                // Running from the moment the batch is taken (its prefill may take a while).
+                record_batch(
+                    entries.len(),
+                    max_tokens.saturating_add(next.batch.max_tokens),
+                    preempted,
+                    budget,
+                    kv.get(),
+                );
+                waiting_steps = 1;
+                prefill(&client, next.batch, running, &mut entries, &kv).await
             }
-            record_batch(0, 0, cfg.max_batch_total_tokens);
+            (None, Some(batch)) => {
+                waiting_steps += 1;
+                decode(&client, batch, &mut entries, &kv).await
+            }
+            (None, None) => {
+                record_batch(0, 0, 0, budget, None);
+                tokio::select! {
+                    _ = client.until_tripped() => return,
+                    _ = queue.wait_for_work() => {}
+                }
+                None
+            }
+        };
+        match &running {
+            Some(b) => record_batch(b.size as usize, b.max_tokens, b.preempted, budget, kv.get()),
+            // Nothing runs on the shards: a request they dropped without an end fails
+            // (incomplete) instead of waiting forever.
+            None => entries.clear(),
         }
     }
 }
 
-/// The running batch's gauges: its size (= running requests), the tokens it reserves, and their
-/// share of the KV budget.
-fn record_batch(size: usize, max_tokens: u32, budget: u32) {
+/// The budget of the requests that may join `running` in the next step (the whole budget when
+/// nothing runs); `None` when none may: the batch is full, the shards hold preempted requests
+/// (they wait for KV blocks; new requests would only take more), or pending prompt tokens
+/// (chunked prompts, preempted sequences) fill the per-step prompt budget.
+pub(crate) fn admission(
+    cfg: &LoopConfig,
+    running: Option<&pb::CachedBatch>,
+    waiting_steps: usize,
+) -> Option<BatchBudget> {
+    let b = &cfg.batching;
+    let Some(running) = running else {
+        return Some(BatchBudget {
+            min_size: None,
+            max_size: b.max_batch_size,
+            prefill_tokens: b.max_batch_prefill_tokens,
+            total_tokens: cfg.max_batch_total_tokens,
+            chunk_first: true,
+        });
+    };
+    let size = running.size as usize;
+    // A full batch takes no one; `None` means no size limit.
+    let room = b.max_batch_size.map(|m| m.saturating_sub(size));
+    let prefill_tokens = b
+        .max_batch_prefill_tokens
+        .saturating_sub(running.pending_tokens);
+    if room == Some(0) || running.preempted > 0 || prefill_tokens == 0 {
+        return None;
+    }
+    let min_size = (waiting_steps < b.max_waiting_tokens)
+        .then(|| (size as f32 * b.waiting_served_ratio).floor() as usize)
+        .filter(|m| *m > 0);
+    Some(BatchBudget {
+        min_size,
+        max_size: room,
+        prefill_tokens,
+        total_tokens: cfg
+            .max_batch_total_tokens
+            .saturating_sub(running.max_tokens),
+        chunk_first: running.pending_tokens == 0,
+    })
+}
+
+/// The running batch's gauges: its size (= running requests), the tokens it reserves, its
+/// preempted requests, and the KV cache's utilization: the share of the shards' block pool
+/// held by running sequences after the latest step (`kv`), or, until a step reported the pool,
+/// the share of the KV token budget the batch reserves.
+fn record_batch(size: usize, max_tokens: u32, preempted: u32, budget: u32, kv: Option<KvBlocks>) {
     metrics::gauge!(names::BATCH_SIZE).set(size as f64);
     metrics::gauge!(crate::metrics::REQUESTS_RUNNING).set(size as f64);
     metrics::gauge!(names::BATCH_MAX_TOKENS).set(f64::from(max_tokens));
-    let used = f64::from(max_tokens) / f64::from(budget.max(1));
-    metrics::gauge!(crate::metrics::KV_CACHE_UTILIZATION).set(used.min(1.0));
+    metrics::gauge!(crate::metrics::REQUESTS_PREEMPTED).set(f64::from(preempted));
+    let used = match kv {
+        _ if size == 0 => 0.0,
+        Some(kv) => kv.utilization(),
+        None => (f64::from(max_tokens) / f64::from(budget.max(1))).min(1.0),
+    };
+    metrics::gauge!(crate::metrics::KV_CACHE_UTILIZATION).set(used);
 }
 
+/// What a step answered.
+struct Step {
+    generations: Vec<pb::Generation>,
+    batch: Option<pb::CachedBatch>,
+    timings: Option<pb::Timings>,
+    kv: Option<pb::KvStats>,
+}
+
+impl From<pb::PrefillResponse> for Step {
+    fn from(r: pb::PrefillResponse) -> Self {
+        Self {
+            generations: r.generations,
+            batch: r.batch,
+            timings: r.timings,
+            kv: r.kv,
+        }
+    }
+}
+
+impl From<pb::DecodeResponse> for Step {
+    fn from(r: pb::DecodeResponse) -> Self {
+        Self {
+            generations: r.generations,
+            batch: r.batch,
+            timings: r.timings,
+            kv: r.kv,
+        }
+    }
+}
+
+/// Starts the new `batch` in one step with the `running` batch (decoded in the same step);
+/// returns the merged batch.
 async fn prefill(
     client: &Guarded<impl ShardApi>,
     mut batch: pb::Batch,
+    running: Option<pb::CachedBatch>,
     entries: &mut Entries,
+    kv: &KvView,
 ) -> Option<pb::CachedBatch> {
     let id = batch.id;
     let start = Instant::now();
-    // Each request's prefill span travels with it to the shards; the call itself runs in the
-    // first request's (its `traceparent` metadata).
+    let ids: Vec<u64> = std::iter::once(id)
+        .chain(running.as_ref().map(|b| b.id))
+        .collect();
+    // Each new request's prefill span travels with it to the shards; the call itself runs in
+    // the first new request's (its `traceparent` metadata).
     let size = batch.requests.len();
     for r in &mut batch.requests {
         if let Some(entry) = entries.get_mut(&r.id) {
@@ -140,41 +218,67 @@ async fn prefill(
     let call_span = (batch.requests.first())
         .and_then(|r| entries.get(&r.id))
         .map_or_else(tracing::Span::none, |e| e.trace.prefill_span().clone());
-    match client.prefill(batch).instrument(call_span).await {
-        Ok(resp) => {
-            record_timings(resp.timings.as_ref(), "prefill", start);
-            send_generations(resp.generations, entries);
-            // Those still running decode from now on.
-            for entry in entries.values_mut() {
-                entry.trace.start_decode();
+    let new_ids: Vec<u64> = batch.requests.iter().map(|r| r.id).collect();
+    let kept = running.clone();
+    let result = client
+        .prefill(batch, running.into_iter().collect())
+        .instrument(call_span)
+        .await
+        .map(Step::from);
+    match (result, kept) {
+        // The shards check new requests before they touch the running batch: a refused one
+        // fails only the new requests, and the running ones go on.
+        (Err(ClientError::Rpc(status)), Some(kept))
+            if status.code() == tonic::Code::InvalidArgument =>
+        {
+            tracing::warn!("shards refused new requests: {}", status.message());
+            let err = InferError::Generation(status.message().to_string());
+            for id in new_ids {
+                if let Some(entry) = entries.remove(&id) {
+                    entry.trace.failed(&err);
+                    let _ = entry.response_tx.send(Err(err.clone()));
+                }
             }
-            filter_next(client, resp.batch, entries).await
+            Some(kept)
         }
-        Err(e) => {
-            fail_all(client, Some(id), entries, e).await;
-            None
-        }
+        (result, _) => end_step(client, result, "prefill", start, &ids, entries, kv).await,
     }
 }
 
+/// One step over the running `batch`.
 async fn decode(
     client: &Guarded<impl ShardApi>,
-    batches: Vec<pb::CachedBatch>,
+    batch: pb::CachedBatch,
     entries: &mut Entries,
+    kv: &KvView,
 ) -> Option<pb::CachedBatch> {
     let start = Instant::now();
-    let ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
-    match client.decode(batches).await {
-        Ok(resp) => {
-            record_timings(resp.timings.as_ref(), "decode", start);
-            send_generations(resp.generations, entries);
-            filter_next(client, resp.batch, entries).await
+    let ids = [batch.id];
+    let result = client.decode(vec![batch]).await.map(Step::from);
+    end_step(client, result, "decode", start, &ids, entries, kv).await
+}
+
+/// Sends a step's generations and returns the shards' next batch, filtered to the requests
+/// still alive; when the step failed, fails every request of the batches `ids` and clears
+/// them.
+async fn end_step(
+    client: &Guarded<impl ShardApi>,
+    result: Result<Step, ClientError>,
+    method: &'static str,
+    start: Instant,
+    ids: &[u64],
+    entries: &mut Entries,
+    kv: &KvView,
+) -> Option<pb::CachedBatch> {
+    match result {
+        Ok(step) => {
+            record_timings(step.timings.as_ref(), method, start);
+            kv.observe(step.kv.as_ref());
+            send_generations(step.generations, entries);
+            filter_next(client, step.batch, entries).await
         }
         Err(e) => {
-            for id in ids {
-                let _ = client.clear_cache(Some(id)).await;
-            }
-            fail_all(client, None, entries, e).await;
+            fail_all(client, ids, entries, e).await;
             None
         }
     }
@@ -231,22 +335,22 @@ async fn filter_batch(
     match client.filter_batch(batch.id, keep).await {
         Ok(b) => b,
         Err(e) => {
-            fail_all(client, Some(batch.id), entries, e).await;
+            fail_all(client, &[batch.id], entries, e).await;
             None
         }
     }
 }
 
-/// Fails every entry with the shard's error and clears the batch.
+/// Fails every entry with the shard's error and clears the batches `batch_ids`.
 async fn fail_all(
     client: &Guarded<impl ShardApi>,
-    batch_id: Option<u64>,
+    batch_ids: &[u64],
     entries: &mut Entries,
     e: ClientError,
 ) {
     tracing::error!("shard call failed: {e}");
-    if let Some(id) = batch_id {
-        let _ = client.clear_cache(Some(id)).await;
+    for id in batch_ids {
+        let _ = client.clear_cache(Some(*id)).await;
     }
     // A shard that died or was replaced mid-call may look like a failed request (a broken
     // stream, an unknown batch or slot): ask.
@@ -264,14 +368,26 @@ async fn fail_all(
 }
 
 /// Sends each generation to its request; removes entries that finished or whose client left.
+/// A request's first token ends its prefill (possibly spread over several steps): its decode
+/// starts, and its prompt tokens are counted as taken from the prefix cache or computed.
 fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
     for g in generations {
         let id = g.request_id;
-        let Some(entry) = entries.get(&id) else {
+        let Some(entry) = entries.get_mut(&id) else {
             continue;
         };
+        let first = !entry.started && g.tokens.as_ref().is_some_and(|t| !t.ids.is_empty());
+        if first {
+            entry.started = true;
+            entry.cached_tokens = g.cached_tokens;
+            record_prompt(entry.request.input_length(), g.cached_tokens);
+        }
         match send_generation(g, entry) {
-            Ok(false) => {}
+            Ok(false) => {
+                if first {
+                    entry.trace.start_decode();
+                }
+            }
             Ok(true) => {
                 entries.remove(&id);
             }
@@ -283,6 +399,15 @@ fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
             }
         }
     }
+}
+
+/// Counts a request's prompt tokens once its prefill is done: those its KV came from the
+/// shards' prefix cache for, and those computed.
+fn record_prompt(input_length: u32, cached: Option<u32>) {
+    let cached = cached.unwrap_or(0).min(input_length);
+    metrics::counter!(crate::metrics::PREFIX_CACHE_HIT_TOKENS).increment(u64::from(cached));
+    metrics::counter!(crate::metrics::PREFILL_COMPUTED_TOKENS)
+        .increment(u64::from(input_length - cached));
 }
 
 type SendResult = Result<bool, ()>;
@@ -334,6 +459,7 @@ fn send_generation(g: pb::Generation, entry: &Entry) -> SendResult {
                 },
                 queued: entry.queued,
                 start: entry.batch_time.unwrap_or(entry.queued),
+                cached_tokens: entry.cached_tokens,
             },
             _ => InferStreamResponse::Intermediate { token, top_tokens },
         };

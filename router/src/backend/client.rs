@@ -188,10 +188,17 @@ impl ShardApi for ShardedClient {
             .ok_or(ClientError::NoShards)
     }
 
-    async fn prefill(&self, batch: pb::Batch) -> Result<pb::PrefillResponse, ClientError> {
+    async fn prefill(
+        &self,
+        batch: pb::Batch,
+        running: Vec<pb::CachedBatch>,
+    ) -> Result<pb::PrefillResponse, ClientError> {
         self.all(|mut c| {
-            let batch = batch.clone();
-            async move { c.prefill(pb::PrefillRequest { batch: Some(batch) }).await }
+            let request = pb::PrefillRequest {
+                batch: Some(batch.clone()),
+                running: running.clone(),
+            };
+            async move { c.prefill(request).await }
         })
         .await
     }

@@ -122,8 +122,12 @@ impl<S: ShardApi> ShardApi for Guarded<S> {
         self.guard(self.inner.warmup(req)).await
     }
 
-    async fn prefill(&self, batch: pb::Batch) -> Result<pb::PrefillResponse, ClientError> {
-        self.guard(self.inner.prefill(batch)).await
+    async fn prefill(
+        &self,
+        batch: pb::Batch,
+        running: Vec<pb::CachedBatch>,
+    ) -> Result<pb::PrefillResponse, ClientError> {
+        self.guard(self.inner.prefill(batch, running)).await
     }
 
     async fn decode(

@@ -8,6 +8,7 @@
 //! * `queue` — a queued request and the budgets of one batch.
 //! * `scheduler` — the registry behind a lock, adapter leases, and the adapter loader task.
 //! * `batcher` — the batching loop.
+//! * `kv` — the shards' KV block pool as the latest step reported it.
 //! * `guarded` — shard calls that end when their backend is stopped.
 //! * `recovery` — [`RecoveringBackend`]: notices dead or restarted shards, fails what they
 //!   held, and reconnects to the new ones.
@@ -16,11 +17,14 @@ pub mod adapters;
 mod batcher;
 pub mod client;
 mod guarded;
+mod kv;
 mod queue;
 mod recovery;
 mod registry;
 mod scheduler;
 pub mod shard_api;
+#[cfg(test)]
+mod step_tests;
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
@@ -37,6 +41,8 @@ use crate::infer::AdapterSpec;
 use adapters::{AdapterView, AdminError, Residency};
 use client::{ClientError, ShardedClient};
 use guarded::Guarded;
+pub use kv::KvBlocks;
+use kv::KvView;
 pub use recovery::{Connector, RecoveringBackend, RecoveryConfig, UdsConnector};
 use registry::RegistryConfig;
 use scheduler::Scheduler;
@@ -78,6 +84,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Facts about the model.
     fn info(&self) -> BackendInfo;
+
+    /// The shards' KV block pool after the latest step (`None` until one reported it).
+    fn kv_blocks(&self) -> Option<KvBlocks> {
+        None
+    }
 
     /// Adapter residency on the shards (a backend without adapter slots tracks none).
     fn residency(&self) -> Result<Residency, AdminError> {
@@ -138,6 +149,7 @@ pub struct ShardBackend<S: ShardApi = ShardedClient> {
     client: Guarded<S>,
     scheduler: Scheduler,
     info: BackendInfo,
+    kv: KvView,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -199,21 +211,24 @@ impl<S: ShardApi> ShardBackend<S> {
             })
             .await?;
         let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
+        if capacity == 0 || capacity < limits.max_total_tokens {
+            return Err(BackendError::Config(format!(
+                "the KV cache holds {capacity} tokens, less than --max-total-tokens {}",
+                limits.max_total_tokens
+            )));
+        }
         let max_batch_total_tokens = match config.batching.max_batch_total_tokens {
             Some(t) if t > capacity => {
-                return Err(BackendError::Config(format!(
-                    "--max-batch-total-tokens {t} exceeds the KV cache capacity of the shards ({capacity} tokens)"
-                )));
+                tracing::warn!(
+                    max_batch_total_tokens = t,
+                    kv_cache_tokens = capacity,
+                    "--max-batch-total-tokens over-commits the KV cache of the shards: when it runs out they preempt requests and recompute them later"
+                );
+                t
             }
             Some(t) => t,
             None => capacity,
         };
-        if max_batch_total_tokens < limits.max_total_tokens {
-            return Err(BackendError::Config(format!(
-                "the KV cache holds {max_batch_total_tokens} tokens, less than --max-total-tokens {}",
-                limits.max_total_tokens
-            )));
-        }
         tracing::info!(
             max_batch_total_tokens,
             warmup_ms = t0.elapsed().as_millis() as u64,
@@ -239,6 +254,7 @@ impl<S: ShardApi> ShardBackend<S> {
             max_tracked: MAX_TRACKED_ADAPTERS,
         });
         let client = Guarded::new(client, instance);
+        let kv = KvView::default();
         let tasks = vec![
             tokio::spawn(batcher::batching_task(
                 client.clone(),
@@ -247,6 +263,7 @@ impl<S: ShardApi> ShardBackend<S> {
                     batching: config.batching.clone(),
                     max_batch_total_tokens,
                 },
+                kv.clone(),
             )),
             tokio::spawn(scheduler::loader_task(client.clone(), scheduler.clone())),
         ];
@@ -262,6 +279,7 @@ impl<S: ShardApi> ShardBackend<S> {
                 adapter_memory_bytes: info.adapter_memory_bytes,
                 kv_block_tokens: info.kv_block_tokens,
             },
+            kv,
             tasks,
         })
     }
@@ -373,6 +391,10 @@ impl<S: ShardApi> Backend for ShardBackend<S> {
 
     fn info(&self) -> BackendInfo {
         self.info.clone()
+    }
+
+    fn kv_blocks(&self) -> Option<KvBlocks> {
+        self.kv.get()
     }
 
     fn residency(&self) -> Result<Residency, AdminError> {

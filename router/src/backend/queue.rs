@@ -26,6 +26,11 @@ pub(crate) struct Entry {
     pub lease: Option<AdapterLease>,
     /// Its spans (queue, adapter wait, prefill, decode); they end when the entry is dropped.
     pub trace: RequestTrace,
+    /// True once its first token arrived: its prefill (over one or several steps) is done.
+    pub started: bool,
+    /// Prompt tokens the shards took from their prefix cache (known with the first token, when
+    /// the shards report it).
+    pub cached_tokens: Option<u32>,
 }
 
 impl Entry {
@@ -41,6 +46,8 @@ impl Entry {
             batch_time: None,
             lease: None,
             trace: RequestTrace::enqueued(),
+            started: false,
+            cached_tokens: None,
         }
     }
 
@@ -57,8 +64,11 @@ pub(crate) struct BatchBudget {
     pub min_size: Option<usize>,
     /// Don't form a batch larger than this.
     pub max_size: Option<usize>,
-    /// Sum of prompt tokens of the batch.
+    /// Sum of prompt tokens of the batch (what the shards may prefill in this step).
     pub prefill_tokens: u32,
+    /// The first request may have more prompt tokens than `prefill_tokens`: the shards prefill
+    /// it over several steps. Set when the whole per-step budget is free (nothing pending).
+    pub chunk_first: bool,
     /// Sum of prompt + max new tokens of the batch.
     pub total_tokens: u32,
 }

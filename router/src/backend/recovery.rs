@@ -21,7 +21,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::adapters::{AdapterView, AdminError, Residency};
 use super::client::{ClientError, ShardedClient};
-use super::{Backend, BackendError, BackendInfo, ShardApi, ShardBackend, Unhealthy};
+use super::{Backend, BackendError, BackendInfo, KvBlocks, ShardApi, ShardBackend, Unhealthy};
 use crate::config::RouterConfig;
 use crate::error::InferError;
 use crate::infer::{AdapterKey, AdapterSpec, InferStreamResponse, ValidGenerateRequest};
@@ -175,6 +175,10 @@ impl<C: Connector> Backend for RecoveringBackend<C> {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn kv_blocks(&self) -> Option<KvBlocks> {
+        self.shared.serving().ok()?.kv_blocks()
     }
 
     fn residency(&self) -> Result<Residency, AdminError> {

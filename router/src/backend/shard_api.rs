@@ -23,13 +23,19 @@ pub trait ShardApi: Clone + Send + Sync + 'static {
         req: pb::WarmupRequest,
     ) -> impl Future<Output = Result<u64, ClientError>> + Send;
 
-    /// Runs the prompts of a new batch.
+    /// One step that starts the new `batch` (its prompts, within the shards' per-step prompt
+    /// budget: longer ones continue in later steps) and decodes the `running` cached batches
+    /// merged with it. The answer's batch is the merged one (the first running batch's id, or
+    /// the new batch's when none runs); generations come only for requests that produced a
+    /// token in this step.
     fn prefill(
         &self,
         batch: pb::Batch,
+        running: Vec<pb::CachedBatch>,
     ) -> impl Future<Output = Result<pb::PrefillResponse, ClientError>> + Send;
 
-    /// One decode step over the cached batches (concatenated by the shard).
+    /// One step over the cached batches (concatenated by the shard): running requests decode,
+    /// chunked or preempted prompts continue their prefill.
     fn decode(
         &self,
         batches: Vec<pb::CachedBatch>,

@@ -45,6 +45,7 @@ fn shard(slots: u32, budget: u64, step_ms: u64) -> FakeShard {
         budget,
         step_delay: Duration::from_millis(step_ms),
         adapters: adapters(&["a", "b", "c", "d", "e", "f"]),
+        ..Default::default()
     })
 }
 

@@ -80,6 +80,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let residency = state.infer.backend().residency().ok();
     text.push_str(&gateway::render(gateway::GatewayView {
         info: &info,
+        kv: state.infer.backend().kv_blocks(),
         residency: residency.as_ref(),
         merges: state.infer.validation().merges(),
         now: SystemTime::now(),

@@ -46,12 +46,13 @@ fn to_event(
             token,
             top_tokens,
             generated_text,
+            cached_tokens,
             ..
         }) => Some(json_event(&StreamResponse {
             token: TokenJson::new(token, top_tokens, opts.alternatives),
             details: opts
                 .details
-                .then(|| StreamDetails::new(&generated_text, prompt_tokens)),
+                .then(|| StreamDetails::new(&generated_text, prompt_tokens, cached_tokens)),
             generated_text: Some(generated_text.text),
         })),
         Err(e) => Some(json_event(&ErrorBody::from(&e))),

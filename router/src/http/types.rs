@@ -149,6 +149,9 @@ pub struct Details {
     pub skipped_tokens: u32,
     /// Sampling seed (null when greedy).
     pub seed: Option<u64>,
+    /// Prompt tokens whose KV came from the shards' prefix cache (absent when not reported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u32>,
     /// Prompt tokens with logprobs (empty unless `decoder_input_details`).
     pub prefill: Vec<InputToken>,
     /// Generated tokens.
@@ -188,6 +191,7 @@ impl GenerateResponse {
             generated_tokens: out.generated_text.generated_tokens,
             skipped_tokens: 0,
             seed: out.generated_text.seed,
+            cached_tokens: out.cached_tokens,
             prefill: if opts.decoder_input_details {
                 out.prefill.into_iter().map(InputToken::from).collect()
             } else {
@@ -219,16 +223,21 @@ pub struct StreamDetails {
     pub generated_tokens: u32,
     /// Sampling seed (null when greedy).
     pub seed: Option<u64>,
+    /// Prompt tokens whose KV came from the shards' prefix cache (absent when not reported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u32>,
 }
 
 impl StreamDetails {
-    /// Details of a finished generation.
-    pub fn new(g: &GeneratedText, prompt_tokens: u32) -> Self {
+    /// Details of a finished generation of `prompt_tokens` prompt tokens, `cached_tokens` of
+    /// them from the prefix cache.
+    pub fn new(g: &GeneratedText, prompt_tokens: u32, cached_tokens: Option<u32>) -> Self {
         Self {
             finish_reason: g.finish_reason.as_str(),
             prompt_tokens,
             generated_tokens: g.generated_tokens,
             seed: g.seed,
+            cached_tokens,
         }
     }
 }
@@ -275,7 +284,7 @@ pub struct InfoResponse {
     pub waiting_served_ratio: f32,
     /// Batching: token capacity of all running requests.
     pub max_batch_total_tokens: u32,
-    /// Batching: prompt tokens per prefill.
+    /// Batching: prompt tokens per forward step (longer prompts are prefilled in chunks).
     pub max_batch_prefill_tokens: u32,
     /// Batching: decode steps a waiting request may be held back.
     pub max_waiting_tokens: usize,

@@ -44,6 +44,8 @@ pub struct GenerateOutput {
     pub tokens: Vec<Token>,
     /// Alternatives of each generated token (inner lists empty unless asked).
     pub top_tokens: Vec<Vec<Token>>,
+    /// Prompt tokens whose KV came from the shards' prefix cache (`None`: not reported).
+    pub cached_tokens: Option<u32>,
     /// Facts known since admission.
     pub meta: RequestMeta,
     /// Where the time went.
@@ -227,6 +229,7 @@ impl Infer {
                     token,
                     top_tokens: top,
                     generated_text,
+                    cached_tokens,
                     ..
                 } => {
                     tokens.push(token);
@@ -236,6 +239,7 @@ impl Infer {
                         prefill,
                         tokens,
                         top_tokens,
+                        cached_tokens,
                         meta: stream.meta().clone(),
                         timings: stream.timings().copied().unwrap_or_default(),
                     });

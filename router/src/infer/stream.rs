@@ -170,6 +170,7 @@ impl Stream for GenerateStream {
                 mut generated_text,
                 queued,
                 start,
+                cached_tokens,
             }))) => {
                 this.active = None;
                 let first = this.first_token();
@@ -190,6 +191,7 @@ impl Stream for GenerateStream {
                     generated_text,
                     queued,
                     start,
+                    cached_tokens,
                 })))
             }
             Poll::Ready(Some(Ok(event))) => {

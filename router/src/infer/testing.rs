@@ -143,6 +143,8 @@ struct Shared {
 pub(crate) struct FakeBackend {
     delay: Duration,
     behavior: Behavior,
+    /// Prompt tokens reported as taken from the prefix cache (capped by the prompt).
+    cached_tokens: Option<u32>,
     shared: Arc<Shared>,
 }
 
@@ -152,6 +154,7 @@ impl FakeBackend {
         Self {
             delay: Duration::ZERO,
             behavior: Behavior::Normal,
+            cached_tokens: None,
             shared: Arc::default(),
         }
     }
@@ -165,6 +168,12 @@ impl FakeBackend {
     /// Answers with `behavior`.
     pub(crate) fn with_behavior(mut self, behavior: Behavior) -> Self {
         self.behavior = behavior;
+        self
+    }
+
+    /// Reports `n` prompt tokens (at most the prompt) as taken from the prefix cache.
+    pub(crate) fn with_cached_tokens(mut self, n: u32) -> Self {
+        self.cached_tokens = Some(n);
         self
     }
 
@@ -309,6 +318,7 @@ impl FakeBackend {
                     },
                     queued,
                     start,
+                    cached_tokens: self.cached_tokens.map(|n| n.min(req.input_length())),
                 }
             } else {
                 InferStreamResponse::Intermediate { token, top_tokens }

@@ -147,5 +147,7 @@ pub enum InferStreamResponse {
         queued: Instant,
         /// When its first forward pass started.
         start: Instant,
+        /// Prompt tokens whose KV came from the shards' prefix cache (`None`: not reported).
+        cached_tokens: Option<u32>,
     },
 }

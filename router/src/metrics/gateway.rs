@@ -2,8 +2,9 @@
 //! the backend's state (one series each, always current, never a stale label set left behind):
 //!
 //! - [`KV_CACHE_INFO`]`{block_size, num_blocks, num_gpu_blocks}` = 1: the KV cache's block size
-//!   (tokens) and how many blocks the batch token budget holds (`num_gpu_blocks` too, the label
-//!   name vLLM's `cache_config_info` uses and the endpoint picker reads, also on CPU).
+//!   (tokens) and block count (`num_gpu_blocks` too, the label name vLLM's `cache_config_info`
+//!   uses and the endpoint picker reads, also on CPU): the shards' block pool as the latest step
+//!   reported it, else the shards' block size and the blocks the batch token budget holds.
 //! - [`LORA_REQUESTS_INFO`]`{max_lora, running_lora_adapters, waiting_lora_adapters}` = unix
 //!   time of the update (like vLLM's `lora_requests_info`): `max_lora` is the adapter slots,
 //!   `running_lora_adapters` what is resident in a slot (ready to serve, merges already
@@ -14,8 +15,8 @@ use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::affinity;
-use crate::backend::BackendInfo;
 use crate::backend::adapters::{AdapterState, Residency};
+use crate::backend::{BackendInfo, KvBlocks};
 use crate::merges::NamedMerges;
 
 /// Info gauge of the KV cache's block size and count.
@@ -28,6 +29,8 @@ pub const LORA_REQUESTS_INFO: &str = "medley_lora_requests_info";
 pub struct GatewayView<'a> {
     /// The model behind the backend (KV budget, block size, adapter slots).
     pub info: &'a BackendInfo,
+    /// The shards' KV block pool after the latest step, when reported.
+    pub kv: Option<KvBlocks>,
     /// Adapter residency; `None` while the shards are unavailable (no LoRA series then).
     pub residency: Option<&'a Residency>,
     /// The registered named merges.
@@ -39,13 +42,21 @@ pub struct GatewayView<'a> {
 /// The two info gauges in Prometheus text format (empty when there is nothing to report).
 pub fn render(view: GatewayView<'_>) -> String {
     let mut out = String::new();
-    let block = view.info.kv_block_tokens;
+    let (block, blocks) = match view.kv.filter(|kv| kv.block_tokens > 0) {
+        Some(kv) => (kv.block_tokens, kv.total_blocks),
+        None => {
+            let block = view.info.kv_block_tokens;
+            (
+                block,
+                view.info.max_batch_total_tokens.div_ceil(block.max(1)),
+            )
+        }
+    };
     if block > 0 {
-        let blocks = view.info.max_batch_total_tokens.div_ceil(block);
         header(
             &mut out,
             KV_CACHE_INFO,
-            "KV cache block size (tokens) and the blocks the batch token budget holds.",
+            "KV cache block size (tokens) and block count (the shards' pool, or the batch token budget until a step reported it).",
         );
         let _ = writeln!(
             out,
@@ -163,6 +174,7 @@ mod tests {
         };
         let text = render(GatewayView {
             info: &info(4),
+            kv: None,
             residency: Some(&residency),
             merges: &NamedMerges::default(),
             now: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
@@ -188,6 +200,7 @@ mod tests {
         for (slots, residency) in [(0, Some(&residency)), (4, None)] {
             let text = render(GatewayView {
                 info: &info(slots),
+                kv: None,
                 residency,
                 merges: &NamedMerges::default(),
                 now: SystemTime::now(),
@@ -195,5 +208,28 @@ mod tests {
             assert!(!text.contains(LORA_REQUESTS_INFO), "{text}");
             assert!(text.contains(KV_CACHE_INFO), "{text}");
         }
+    }
+
+    #[test]
+    fn block_info_follows_the_shards_pool_once_reported() {
+        let kv = KvBlocks {
+            block_tokens: 16,
+            total_blocks: 300,
+            used_blocks: 10,
+            cached_blocks: 5,
+        };
+        let text = render(GatewayView {
+            info: &info(0),
+            kv: Some(kv),
+            residency: None,
+            merges: &NamedMerges::default(),
+            now: SystemTime::now(),
+        });
+        assert!(
+            text.contains(
+                "medley_kv_cache_info{block_size=\"16\",num_blocks=\"300\",num_gpu_blocks=\"300\"} 1\n"
+            ),
+            "{text}"
+        );
     }
 }

@@ -53,9 +53,23 @@ pub const MAX_ADAPTER_LABELS: usize = 100;
 pub const REQUESTS_WAITING: &str = "medley_requests_waiting";
 /// Gauge: requests in the running batch.
 pub const REQUESTS_RUNNING: &str = "medley_requests_running";
-/// Gauge, 0 to 1: the share of the KV-cache token budget (`max_batch_total_tokens`) reserved by
-/// the running batch (prompt plus `max_new_tokens` of each request: what admission counts).
+/// Gauge, 0 to 1: the share of the shards' KV block pool held by running sequences after the
+/// latest step (their `KvStats`); until a step reported the pool, the share of the KV-cache
+/// token budget (`max_batch_total_tokens`) reserved by the running batch (prompt plus
+/// `max_new_tokens` of each request: what admission counts).
 pub const KV_CACHE_UTILIZATION: &str = "medley_kv_cache_utilization";
+/// Gauge: idle KV blocks the shards keep for their cached prefix (evictable), after the latest
+/// step.
+pub const KV_CACHE_CACHED_BLOCKS: &str = "medley_kv_cache_cached_blocks";
+/// Gauge: requests of the running batch preempted by the shards (their KV blocks freed; they
+/// are recomputed once blocks are free). No request joins the batch while any is.
+pub const REQUESTS_PREEMPTED: &str = "medley_requests_preempted";
+/// Counter: prompt tokens whose KV came from the shards' prefix cache (counted with each
+/// request's first token).
+pub const PREFIX_CACHE_HIT_TOKENS: &str = "medley_prefix_cache_hit_tokens_total";
+/// Counter: prompt tokens the shards computed (prompt minus cached, counted with each
+/// request's first token).
+pub const PREFILL_COMPUTED_TOKENS: &str = "medley_prefill_computed_tokens_total";
 
 /// Bucket bounds (seconds) of every `*duration` histogram.
 const DURATION_BUCKETS: &[f64] = &[

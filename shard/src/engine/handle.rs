@@ -21,7 +21,7 @@ type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 enum Command {
     Info(Reply<ShardInfo>),
     Warmup(WarmupParams, Reply<WarmupResult>),
-    Prefill(Batch, Reply<StepResponse>),
+    Prefill(Batch, Vec<CachedBatch>, Reply<StepResponse>),
     Decode(Vec<CachedBatch>, Reply<StepResponse>),
     Filter(u64, Vec<u64>, Reply<Option<CachedBatch>>),
     Clear(Option<u64>, Reply<()>),
@@ -120,8 +120,12 @@ impl EngineHandle {
     }
 
     /// See [`Engine::prefill`].
-    pub async fn prefill(&self, batch: Batch) -> Result<StepResponse, EngineError> {
-        self.call(|r| Command::Prefill(batch, r)).await
+    pub async fn prefill(
+        &self,
+        batch: Batch,
+        running: Vec<CachedBatch>,
+    ) -> Result<StepResponse, EngineError> {
+        self.call(|r| Command::Prefill(batch, running, r)).await
     }
 
     /// See [`Engine::decode`].
@@ -190,8 +194,8 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>, settings: EngineThreadSe
             Command::Warmup(req, r) => {
                 let _ = r.send(engine.warmup(&req));
             }
-            Command::Prefill(batch, r) => {
-                let _ = r.send(step(engine.prefill(batch)));
+            Command::Prefill(batch, running, r) => {
+                let _ = r.send(step(engine.prefill(batch, running)));
             }
             Command::Decode(batches, r) => {
                 let _ = r.send(step(engine.decode(batches)));

@@ -5,6 +5,7 @@
 mod adapters;
 mod handle;
 mod heap;
+mod schedule;
 mod sequence;
 mod text;
 mod types;
@@ -15,11 +16,12 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::adapters::{AdapterError, AdapterStore};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{AdapterIdentity, KvCache};
 use crate::model::{ForwardBatch, LlamaModel, SeqChunk};
 
 pub use handle::{EngineHandle, EngineThreadSettings};
-use sequence::Sequence;
+use schedule::StepPlan;
+use sequence::{SeqLimits, Sequence};
 pub use text::TextContext;
 pub use types::{
     AdapterSlotInfo, Batch, CachedBatch, FinishReason, GeneratedText, Generation, Request,
@@ -83,6 +85,9 @@ pub struct EngineInfo {
     pub world_size: u32,
 }
 
+/// The outcome of one scheduled sequence in a step.
+type SampleResult = Result<Option<sequence::StepOutput>, EngineError>;
+
 /// A batch whose KV state lives here.
 struct BatchState {
     seqs: Vec<Sequence>,
@@ -96,7 +101,14 @@ pub struct Engine {
     info: EngineInfo,
     adapters: AdapterStore,
     batches: HashMap<u64, BatchState>,
+    /// Prompt tokens one step may compute (chunked prefill), set by the router's warm-up.
+    step_prompt_tokens: usize,
+    /// Arrival counter of sequences.
+    arrivals: u64,
 }
+
+/// Default prompt tokens per step until the router's warm-up sets it.
+const DEFAULT_STEP_PROMPT_TOKENS: usize = 4096;
 
 impl Engine {
     /// Builds an engine around a loaded model and its (usually empty) adapter slots.
@@ -114,6 +126,8 @@ impl Engine {
             info,
             adapters,
             batches: HashMap::new(),
+            step_prompt_tokens: DEFAULT_STEP_PROMPT_TOKENS,
+            arrivals: 0,
         }
     }
 
@@ -149,19 +163,25 @@ impl Engine {
             kv_cache_tokens: self.kv.capacity_tokens() as u64,
             adapter_memory_bytes: self.adapters.budget(),
             max_adapter_slots: self.adapters.max_slots(),
-            kv_block_tokens: crate::kv_cache::BLOCK_TOKENS as u32,
+            kv_block_tokens: self.kv.block_tokens() as u32,
         }
     }
 
-    /// Runs a worst-case prefill (the router's prefill budget, split into requests of at most
-    /// `max_input_tokens`) to check the model runs, then frees it. Returns the KV capacity.
+    /// Sets the per-step prompt-token budget to the router's prefill budget and runs that
+    /// worst-case step (split into requests of at most `max_input_tokens`, and cut to what the
+    /// KV pool holds) to check the model runs, then frees it. Returns the KV capacity.
     pub fn warmup(&mut self, req: &WarmupParams) -> Result<WarmupResult, EngineError> {
+        self.step_prompt_tokens = (req.max_prefill_tokens as usize).max(1);
         let per_req = (req.max_input_tokens as usize).clamp(1, self.max_positions() - 1);
-        let mut remaining = (req.max_prefill_tokens as usize).max(1);
+        let mut remaining = self.step_prompt_tokens;
+        let mut blocks_left = self.kv.available_blocks();
         let mut chunks = vec![];
         let mut id = u64::MAX;
-        while remaining > 0 {
-            let n = remaining.min(per_req);
+        while remaining > 0 && blocks_left > 0 {
+            let n = remaining
+                .min(per_req)
+                .min(blocks_left * self.kv.block_tokens());
+            blocks_left -= n.div_ceil(self.kv.block_tokens());
             let tokens = (0..n).map(|i| (i % self.vocab()) as u32).collect();
             chunks.push(SeqChunk {
                 seq_id: id,
@@ -193,8 +213,16 @@ impl Engine {
         })
     }
 
-    /// Prefills a new batch: runs every prompt, samples each first token.
-    pub fn prefill(&mut self, batch: Batch) -> Result<StepResponse, EngineError> {
+    /// Admits a new batch and runs one step over it together with the `running` batches
+    /// (merged into one): decode rows for the running sequences and, within the per-step
+    /// budget, prompt chunks of the new ones. A prompt longer than the budget is finished
+    /// by later steps; a request gets its first token in the step that computes its last
+    /// prompt token.
+    pub fn prefill(
+        &mut self,
+        batch: Batch,
+        running: Vec<CachedBatch>,
+    ) -> Result<StepResponse, EngineError> {
         let start = Instant::now();
         if self.batches.contains_key(&batch.id) {
             return Err(EngineError::InvalidRequest(format!(
@@ -202,54 +230,73 @@ impl Engine {
                 batch.id
             )));
         }
-        let mut seqs = Vec::with_capacity(batch.requests.len());
+        if let Some(missing) = running.iter().find(|b| !self.batches.contains_key(&b.id)) {
+            return Err(EngineError::UnknownBatch(missing.id));
+        }
+        let limits = SeqLimits {
+            vocab_size: self.vocab(),
+            max_positions: self.max_positions(),
+            eos_token_ids: &self.text.eos_token_ids,
+        };
+        let mut fresh = Vec::with_capacity(batch.requests.len());
         for req in &batch.requests {
             self.adapters
                 .check_usable(req.adapter_slot)
                 .map_err(|e| EngineError::InvalidRequest(format!("request {}: {e}", req.id)))?;
-            seqs.push(Sequence::new(
+            let identity = self
+                .adapters
+                .get(req.adapter_slot)
+                .map_or(AdapterIdentity::BASE, |a| {
+                    AdapterIdentity::of_adapter(a.content_hash())
+                });
+            fresh.push(Sequence::new(
                 req,
-                self.vocab(),
-                self.max_positions(),
-                &self.text.eos_token_ids,
+                self.arrivals + fresh.len() as u64,
+                identity,
+                limits,
             )?);
         }
-        let mut allocated = Vec::with_capacity(seqs.len());
-        for s in &seqs {
-            if let Err(e) = self.kv.allocate(s.id, s.max_tokens) {
-                for id in allocated {
-                    self.kv.free(id);
-                }
-                return Err(EngineError::KvCache(e.to_string()));
-            }
-            allocated.push(s.id);
-        }
-        let chunks = seqs
+        if let Some(dup) = fresh
             .iter()
-            .map(|s| SeqChunk {
-                seq_id: s.id,
-                tokens: s.tokens.clone(),
-                start_pos: 0,
-                adapter_slot: s.adapter_slot,
-                all_logits: s.prefill_logprobs,
-            })
-            .collect();
-        let (generations, kept, forward_ns, decode_ns) = self.step(seqs, chunks, true)?;
-        let cached = self.store(batch.id, kept);
-        Ok(StepResponse {
-            generations,
-            batch: cached,
-            timings: StepTimings {
-                forward_ns,
-                comm_ns: self.model.take_comm_ns(),
-                decode_ns,
-                total_ns: start.elapsed().as_nanos() as u64,
-            },
-        })
+            .find(|s| self.kv.len(s.id).is_some() || self.is_running(s.id))
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "request {} is already running",
+                dup.id
+            )));
+        }
+        self.arrivals += fresh.len() as u64;
+        let mut allocated = Vec::with_capacity(fresh.len());
+        for s in &mut fresh {
+            let cached = if s.prefill_logprobs {
+                // Prompt logprobs need every prompt row: nothing comes from the cache.
+                self.kv.allocate(s.id, s.max_tokens).map(|_| 0)
+            } else {
+                self.kv
+                    .allocate_cached(s.id, s.max_tokens, s.identity, &s.tokens)
+            };
+            match cached {
+                Ok(n) => {
+                    s.computed = n;
+                    s.cached_tokens = n;
+                    allocated.push(s.id);
+                }
+                Err(e) => {
+                    for id in allocated {
+                        self.kv.free(id);
+                    }
+                    return Err(EngineError::KvCache(e.to_string()));
+                }
+            }
+        }
+        let id = running.first().map_or(batch.id, |b| b.id);
+        let mut seqs = self.take_batches(&running);
+        seqs.extend(fresh);
+        self.run(id, seqs, start)
     }
 
-    /// Merges the given cached batches into the first one and generates one token for each
-    /// of their requests.
+    /// Merges the given cached batches into the first one and runs one step: a token for
+    /// each request that has its prompt computed, the next prompt chunks of the others.
     pub fn decode(&mut self, batches: Vec<CachedBatch>) -> Result<StepResponse, EngineError> {
         let start = Instant::now();
         let Some(first) = batches.first() else {
@@ -259,23 +306,37 @@ impl Engine {
         if let Some(missing) = batches.iter().find(|b| !self.batches.contains_key(&b.id)) {
             return Err(EngineError::UnknownBatch(missing.id));
         }
+        let seqs = self.take_batches(&batches);
+        self.run(id, seqs, start)
+    }
+
+    /// Whether a cached batch holds request `id` (a preempted one has no KV entry).
+    fn is_running(&self, id: u64) -> bool {
+        self.batches
+            .values()
+            .any(|b| b.seqs.iter().any(|s| s.id == id))
+    }
+
+    /// Removes the given batches, returning their sequences in arrival order.
+    fn take_batches(&mut self, batches: &[CachedBatch]) -> Vec<Sequence> {
         let mut seqs = vec![];
-        for b in &batches {
+        for b in batches {
             if let Some(state) = self.batches.remove(&b.id) {
                 seqs.extend(state.seqs);
             }
         }
-        let chunks = seqs
-            .iter()
-            .map(|s| SeqChunk {
-                seq_id: s.id,
-                tokens: vec![*s.tokens.last().unwrap_or(&0)],
-                start_pos: s.tokens.len() - 1,
-                adapter_slot: s.adapter_slot,
-                all_logits: false,
-            })
-            .collect();
-        let (generations, kept, forward_ns, decode_ns) = self.step(seqs, chunks, false)?;
+        seqs.sort_by_key(|s| s.arrival);
+        seqs
+    }
+
+    /// Plans and runs one step over `seqs`, keeping the survivors as batch `id`.
+    fn run(
+        &mut self,
+        id: u64,
+        seqs: Vec<Sequence>,
+        start: Instant,
+    ) -> Result<StepResponse, EngineError> {
+        let (generations, kept, forward_ns, decode_ns) = self.step(seqs)?;
         let cached = self.store(id, kept);
         Ok(StepResponse {
             generations,
@@ -286,18 +347,39 @@ impl Engine {
                 decode_ns,
                 total_ns: start.elapsed().as_nanos() as u64,
             },
+            kv: self.kv.stats(),
         })
     }
 
-    /// Runs one forward over `chunks` and advances every sequence. Finished sequences are freed;
-    /// the rest are returned. On a model error every sequence's KV is freed.
+    /// Runs one forward over what [`schedule::plan_step`] picks and advances every scheduled
+    /// sequence. Finished sequences are freed; the rest are returned. On a model error every
+    /// sequence's KV is freed.
     fn step(
         &mut self,
         mut seqs: Vec<Sequence>,
-        chunks: Vec<SeqChunk>,
-        prefill: bool,
     ) -> Result<(Vec<Generation>, Vec<Sequence>, u64, u64), EngineError> {
+        let planned = schedule::plan_step(&mut seqs, &mut self.kv, self.step_prompt_tokens);
+        let plan = match planned {
+            Ok(p) if p.chunks.is_empty() && !seqs.is_empty() => Err(EngineError::KvCache(format!(
+                "the kv cache ({} tokens) cannot hold the oldest sequence ({} tokens)",
+                self.kv.capacity_tokens(),
+                seqs[0].tokens.len()
+            ))),
+            other => other,
+        };
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                self.free_all(&seqs);
+                return Err(e);
+            }
+        };
         let t0 = Instant::now();
+        let StepPlan {
+            scheduled,
+            chunks,
+            preempted,
+        } = plan;
         let logits = self
             .model
             .forward(&ForwardBatch { chunks }, &mut self.kv, &self.adapters)
@@ -310,44 +392,46 @@ impl Engine {
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
-                for s in &seqs {
-                    self.kv.free(s.id);
-                }
+                self.free_all(&seqs);
                 return Err(e);
             }
         };
         let forward_ns = t0.elapsed().as_nanos() as u64;
         let t1 = Instant::now();
-        let outputs = self.sample_all(&mut seqs, &logits, prefill);
-        let mut generations = Vec::with_capacity(seqs.len());
-        let mut kept = Vec::with_capacity(seqs.len());
+        let outputs = self.sample_all(&mut seqs, &scheduled, &logits);
+        let mut generations = Vec::with_capacity(outputs.len());
+        let mut finished = vec![false; seqs.len()];
         let mut failure = None;
-        for (s, out) in seqs.drain(..).zip(outputs) {
+        for (index, out) in outputs {
             match out {
-                Ok(out) => {
+                Ok(Some(out)) => {
                     generations.push(out.generation);
-                    if out.finished {
-                        self.kv.free(s.id);
-                    } else {
-                        kept.push(s);
-                    }
+                    finished[index] = out.finished;
                 }
+                Ok(None) => {}
                 Err(e) => {
-                    self.kv.free(s.id);
+                    finished[index] = true;
                     failure.get_or_insert(e);
                 }
             }
         }
-        if let Some(e) = failure {
-            for s in &kept {
+        let mut kept = Vec::with_capacity(seqs.len());
+        for (s, done) in seqs.into_iter().zip(finished) {
+            if done {
                 self.kv.free(s.id);
+            } else {
+                kept.push(s);
             }
+        }
+        if let Some(e) = failure {
+            self.free_all(&kept);
             return Err(e);
         }
         let decode_ns = t1.elapsed().as_nanos() as u64;
         tracing::debug!(
-            prefill,
-            sequences = generations.len(),
+            scheduled = scheduled.len(),
+            generations = generations.len(),
+            preempted,
             forward_ms = forward_ns as f64 / 1e6,
             sample_ms = decode_ns as f64 / 1e6,
             "step"
@@ -355,48 +439,70 @@ impl Engine {
         Ok((generations, kept, forward_ns, decode_ns))
     }
 
-    /// Picks every sequence's next token from its logits rows (and, in a prefill that asked
-    /// for them, the prompt's logprobs), in parallel over the sequences on the model's pool.
+    fn free_all(&mut self, seqs: &[Sequence]) {
+        for s in seqs {
+            self.kv.free(s.id);
+        }
+    }
+
+    /// Advances every scheduled sequence from its logits rows: prompt logprobs from the
+    /// rows of a chunk that asked for them, and a sampled token for each sequence whose
+    /// tokens are now all computed. Runs in parallel over the sequences on the model's pool.
+    /// Returns `(index, output)` per scheduled sequence, `None` for a chunk that did not
+    /// reach the end of its sequence.
     fn sample_all(
         &self,
         seqs: &mut [Sequence],
+        scheduled: &[schedule::Scheduled],
         logits: &[f32],
-        prefill: bool,
-    ) -> Vec<Result<sequence::StepOutput, EngineError>> {
+    ) -> Vec<(usize, SampleResult)> {
         let vocab = self.vocab();
         let max_positions = self.max_positions();
         let text = &self.text;
-        let rows_of = |s: &Sequence| {
-            if prefill && s.prefill_logprobs {
-                s.prompt_len.max(1)
-            } else {
-                1
-            }
-        };
-        let needed: usize = seqs.iter().map(|s| rows_of(s) * vocab).sum();
+        let rows_of = |c: &schedule::Scheduled| if c.all_logits { c.len } else { 1 };
+        let needed: usize = scheduled.iter().map(|c| rows_of(c) * vocab).sum();
         if logits.len() != needed {
             let msg = format!("{} logits, expected {needed}", logits.len());
-            return seqs
+            return scheduled
                 .iter()
-                .map(|_| Err(EngineError::Model(msg.clone())))
+                .map(|c| (c.index, Err(EngineError::Model(msg.clone()))))
                 .collect();
         }
+        // Pair each scheduled chunk with its sequence and logits rows.
         let mut rest = logits;
-        let mut work = Vec::with_capacity(seqs.len());
-        for s in seqs.iter_mut() {
-            let rows = rows_of(s);
-            let (block, tail) = rest.split_at(rows * vocab);
+        let mut blocks = Vec::with_capacity(scheduled.len());
+        for c in scheduled {
+            let (block, tail) = rest.split_at(rows_of(c) * vocab);
             rest = tail;
-            work.push((s, block, rows));
+            blocks.push(block);
         }
-        let run = |(s, block, rows): (&mut Sequence, &[f32], usize)| {
-            let prompt_tokens =
-                (prefill && s.prefill_logprobs).then(|| s.prompt_tokens(block, vocab, text));
-            let last = &block[(rows - 1) * vocab..];
-            s.step(last, text, max_positions).map(|mut out| {
-                out.generation.prefill_tokens = prompt_tokens;
-                out
-            })
+        let mut work = Vec::with_capacity(scheduled.len());
+        let mut slots: Vec<Option<&mut Sequence>> = seqs.iter_mut().map(Some).collect();
+        for (c, block) in scheduled.iter().zip(blocks) {
+            if let Some(s) = slots.get_mut(c.index).and_then(Option::take) {
+                work.push((*c, s, block));
+            }
+        }
+        let run = |(c, s, block): (schedule::Scheduled, &mut Sequence, &[f32])| {
+            if c.all_logits {
+                s.take_prompt_rows(block, vocab, c.start);
+            }
+            s.computed = c.start + c.len;
+            if s.pending() > 0 {
+                return (c.index, Ok(None));
+            }
+            let first = s.generated() == 0;
+            let last = &block[block.len() - vocab..];
+            let out = s.step(last, text, max_positions).map(|mut out| {
+                if first {
+                    if s.prefill_logprobs {
+                        out.generation.prefill_tokens = Some(s.prompt_tokens(text));
+                    }
+                    out.generation.cached_tokens = Some(s.cached_tokens as u32);
+                }
+                Some(out)
+            });
+            (c.index, out)
         };
         if work.len() < 2 {
             return work.into_iter().map(run).collect();
@@ -465,6 +571,12 @@ fn cached_batch(id: u64, seqs: &[Sequence], kv: &KvCache) -> CachedBatch {
         size: seqs.len() as u32,
         max_tokens: seqs.iter().map(|s| s.max_tokens as u32).sum(),
         current_tokens: seqs.iter().map(|s| kv.len(s.id).unwrap_or(0) as u32).sum(),
+        pending_tokens: seqs
+            .iter()
+            .filter(|s| !s.decoding())
+            .map(|s| s.pending() as u32)
+            .sum(),
+        preempted: seqs.iter().filter(|s| s.preempted).count() as u32,
     }
 }
 

@@ -1,6 +1,7 @@
 //! One running request on the shard: its tokens, sampler, stopping criteria and detokenizer.
 
 use crate::generation::{FinishReason, IncrementalDecoder, Sample, Sampler, StoppingCriteria};
+use crate::kv_cache::AdapterIdentity;
 
 use super::types::{GeneratedText, Generation, Request, Tokens};
 use super::{EngineError, TextContext};
@@ -21,10 +22,36 @@ pub(crate) struct Sequence {
     pub max_tokens: usize,
     /// Return prompt logprobs at prefill.
     pub prefill_logprobs: bool,
+    /// Order of arrival on the shard (older sequences are scheduled first, newer ones are
+    /// preempted first).
+    pub arrival: u64,
+    /// Tokens whose keys and values are in the KV cache (0 while preempted).
+    pub computed: usize,
+    /// True between a preemption (blocks freed) and the step that resumes it.
+    pub preempted: bool,
+    /// Times this sequence was preempted.
+    pub preemptions: u32,
+    /// What its keys and values depend on besides the tokens (the adapter slot's weights).
+    pub identity: AdapterIdentity,
+    /// Prompt tokens found in the prefix cache when the sequence arrived.
+    pub cached_tokens: usize,
+    /// Logprob of each prompt token computed so far (NaN for the first).
+    prompt_logprobs: Vec<f32>,
     sampler: Sampler,
     stopping: StoppingCriteria,
     decoder: IncrementalDecoder,
     seed: u64,
+}
+
+/// What a request is checked against when its sequence is built.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SeqLimits<'a> {
+    /// Vocabulary size of the model.
+    pub vocab_size: usize,
+    /// Positions the model can attend over.
+    pub max_positions: usize,
+    /// Ids that end generation.
+    pub eos_token_ids: &'a [u32],
 }
 
 /// What one step produced for a sequence.
@@ -39,10 +66,15 @@ impl Sequence {
     /// Validates a request and builds its state.
     pub fn new(
         req: &Request,
-        vocab_size: usize,
-        max_positions: usize,
-        eos_token_ids: &[u32],
+        arrival: u64,
+        identity: AdapterIdentity,
+        limits: SeqLimits<'_>,
     ) -> Result<Self, EngineError> {
+        let SeqLimits {
+            vocab_size,
+            max_positions,
+            eos_token_ids,
+        } = limits;
         if req.input_ids.is_empty() {
             return Err(EngineError::InvalidRequest(format!(
                 "request {} has no input tokens",
@@ -81,6 +113,13 @@ impl Sequence {
             top_n: req.top_n_tokens as usize,
             max_tokens: max_tokens.min(max_positions),
             prefill_logprobs: req.prefill_logprobs,
+            arrival,
+            computed: 0,
+            preempted: false,
+            preemptions: 0,
+            identity,
+            cached_tokens: 0,
+            prompt_logprobs: vec![f32::NAN],
             sampler,
             stopping: StoppingCriteria::new(req.stopping.clone(), eos_token_ids.to_vec()),
             decoder: IncrementalDecoder::new(&req.input_ids),
@@ -150,21 +189,49 @@ impl Sequence {
                 tokens,
                 generated_text,
                 top_tokens,
+                cached_tokens: None,
             },
             finished: finish.is_some(),
         })
     }
 
-    /// The prompt tokens with the logprob of each given its prefix (NaN for the first token,
-    /// which has no context). `logits` holds one row per prompt token.
-    pub fn prompt_tokens(&self, logits: &[f32], vocab: usize, ctx: &TextContext) -> Tokens {
-        let prompt = &self.tokens[..self.prompt_len];
-        let mut logprobs = Vec::with_capacity(prompt.len());
-        logprobs.push(f32::NAN);
-        if prompt.len() > 1 {
-            let rows = &logits[..(prompt.len() - 1) * vocab];
-            logprobs.extend(crate::generation::token_logprobs(rows, vocab, &prompt[1..]));
+    /// Tokens not yet in the KV cache.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    /// True when the next step feeds the last sampled token (a decode row), false while a
+    /// prompt (or, after a preemption, the whole sequence) is still being computed.
+    pub fn decoding(&self) -> bool {
+        self.generated() > 0 && self.pending() == 1
+    }
+
+    /// Whether the prompt's logprobs are still wanted from rows at positions `start..`.
+    pub fn wants_prompt_rows(&self, start: usize) -> bool {
+        self.prefill_logprobs && start + 1 < self.prompt_len && self.generated() == 0
+    }
+
+    /// Takes the logprobs of the prompt tokens predicted by `rows` (one logits row per
+    /// position from `start`); rows already taken (before a preemption) are skipped.
+    pub fn take_prompt_rows(&mut self, rows: &[f32], vocab: usize, start: usize) {
+        let n = rows.len() / vocab.max(1);
+        let end = (start + n).min(self.prompt_len - 1);
+        let from = self.prompt_logprobs.len().max(start + 1);
+        if from > end || start + 1 > self.prompt_logprobs.len() {
+            return;
         }
+        let targets = &self.tokens[from..=end];
+        let rows = &rows[(from - 1 - start) * vocab..];
+        self.prompt_logprobs
+            .extend(crate::generation::token_logprobs(rows, vocab, targets));
+    }
+
+    /// The prompt tokens with the logprob of each given its prefix (NaN for the first token,
+    /// which has no context), as taken by [`Sequence::take_prompt_rows`].
+    pub fn prompt_tokens(&self, ctx: &TextContext) -> Tokens {
+        let prompt = &self.tokens[..self.prompt_len];
+        let mut logprobs = self.prompt_logprobs.clone();
+        logprobs.resize(prompt.len(), f32::NAN);
         Tokens {
             ids: prompt.to_vec(),
             logprobs,

@@ -49,6 +49,11 @@ pub struct CachedBatch {
     pub max_tokens: u32,
     /// Tokens currently held in the KV cache for it.
     pub current_tokens: u32,
+    /// Tokens still to compute before its requests decode: the rest of prompts being
+    /// prefilled in chunks, and whole sequences preempted for recomputation.
+    pub pending_tokens: u32,
+    /// Requests preempted (their KV blocks freed) waiting to be recomputed.
+    pub preempted: u32,
 }
 
 /// Tokens with their logprobs and texts, as parallel vectors of equal length.
@@ -90,6 +95,9 @@ pub struct Generation {
     pub generated_text: Option<GeneratedText>,
     /// Top-n alternatives for each token in `tokens` (empty when none were asked for).
     pub top_tokens: Vec<Tokens>,
+    /// With the first generated token: prompt tokens whose keys and values came from the
+    /// prefix cache.
+    pub cached_tokens: Option<u32>,
 }
 
 /// Where the time of one step went, in nanoseconds.
@@ -114,6 +122,8 @@ pub struct StepResponse {
     pub batch: Option<CachedBatch>,
     /// Time spent.
     pub timings: StepTimings,
+    /// The KV pool after the step.
+    pub kv: crate::kv_cache::KvStats,
 }
 
 /// Shape of the worst-case prefill run by [`super::Engine::warmup`].

@@ -3,10 +3,11 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::batch::{BatchPlan, ChunkPlan};
-use super::decode_attention::{self, Heads, SeqKv};
+use super::batch::BatchPlan;
+use super::cpu_storage;
 use super::layers::{Linear, matmul_in};
 use super::lora::{LoraDelta, TargetModule};
+use super::paged_attention::{self, Heads, PagedLayer, SeqSpan};
 use super::{LocalShape, ModelConfig, ModelError};
 use crate::kv_cache::KvCache;
 
@@ -127,30 +128,26 @@ impl Attention {
         let k = rope.apply(&k.reshape((rows, kvh, d))?)?;
         let v = v.reshape((rows, kvh, d))?;
 
-        // A decode step (one new row per sequence, rows in chunk order) on the CPU in f32: one
-        // parallel pass over all sequences (see `decode_attention`).
-        let decode_step = plan
-            .chunks
-            .iter()
-            .enumerate()
-            .all(|(i, c)| c.len == 1 && c.offset == i);
-        let attn = if decode_step && decode_attention::supported(&q) {
-            let mut seqs = Vec::with_capacity(plan.chunks.len());
-            for c in &plan.chunks {
-                let (keys, values, _) = self.store_and_view(layer, c, &k, &v, kv)?;
-                seqs.push(SeqKv { keys, values });
-            }
-            let heads = Heads {
-                heads: h,
-                kv_heads: kvh,
-                dim: d,
-                scale: self.scale,
-            };
-            decode_attention::decode_attention(&q, &seqs, heads)?
+        for c in &plan.chunks {
+            kv.write(
+                c.seq_id,
+                layer,
+                c.start,
+                &k.narrow(0, c.offset, c.len)?,
+                &v.narrow(0, c.offset, c.len)?,
+            )?;
+        }
+        let attn = if cpu_storage::supported(&q) {
+            self.paged(layer, &q, plan, kv)?
         } else {
             let mut outs = Vec::with_capacity(plan.chunks.len());
             for c in &plan.chunks {
-                let (keys, values, lo) = self.store_and_view(layer, c, &k, &v, kv)?;
+                // Keys visible to the first query of the chunk start here (sliding window).
+                let lo = match self.sliding_window {
+                    Some(w) => (c.start + 1).saturating_sub(w),
+                    None => 0,
+                };
+                let (keys, values) = kv.gather(c.seq_id, layer, lo, c.start + c.len - lo)?;
                 let qc = q.narrow(0, c.offset, c.len)?;
                 outs.push(self.attend(&qc, &keys, &values, c.start, lo)?);
             }
@@ -163,27 +160,49 @@ impl Attention {
         Ok(lora.apply(layer, TargetModule::O, &attn, self.o.forward(&attn)?, slots)?)
     }
 
-    /// Writes chunk `c`'s keys and values (rows of `k`, `v: [rows, kv_heads, d]`) into `kv` and
-    /// returns the views `[kv_heads, len, d]` of every key its queries may see, with the position
-    /// of the first (`lo`, later than 0 only with a sliding window).
-    fn store_and_view(
+    /// Attention of every chunk through the block tables with the CPU kernel (tiled, online
+    /// softmax; see [`paged_attention`]). `q: [rows, heads, d]`; returns `[rows, heads * d]`.
+    fn paged(
         &self,
         layer: usize,
-        c: &ChunkPlan,
-        k: &Tensor,
-        v: &Tensor,
+        q: &Tensor,
+        plan: &BatchPlan,
         kv: &KvCache,
-    ) -> Result<(Tensor, Tensor, usize), ModelError> {
-        let kc = k.narrow(0, c.offset, c.len)?.transpose(0, 1)?;
-        let vc = v.narrow(0, c.offset, c.len)?.transpose(0, 1)?;
-        kv.write(c.seq_id, layer, c.start, &kc, &vc)?;
-        // Keys visible to the first query of the chunk start here (sliding window).
-        let lo = match self.sliding_window {
-            Some(w) => (c.start + 1).saturating_sub(w),
-            None => 0,
+    ) -> Result<Tensor, ModelError> {
+        let (keys, values) = kv.layer(layer)?;
+        let mut spans = Vec::with_capacity(plan.chunks.len());
+        for c in &plan.chunks {
+            let blocks = kv.blocks(c.seq_id).ok_or_else(|| {
+                ModelError::InvalidBatch(format!("sequence {} has no kv cache entry", c.seq_id))
+            })?;
+            spans.push(SeqSpan {
+                row: c.offset,
+                len: c.len,
+                start: c.start,
+                blocks,
+            });
+        }
+        let heads = Heads {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            dim: self.head_dim,
+            scale: self.scale,
         };
-        let (keys, values) = kv.view(c.seq_id, layer, lo, c.start + c.len - lo)?;
-        Ok((keys, values, lo))
+        let q = q.contiguous()?;
+        let out = cpu_storage::with_cpu_f32(&q, keys, values, |q, k, v| {
+            let layer = PagedLayer {
+                keys: k,
+                values: v,
+                block_size: kv.block_tokens(),
+            };
+            paged_attention::paged_attention(q, &spans, &layer, heads, self.sliding_window)
+        })?;
+        let rows = q.dim(0)?;
+        Ok(Tensor::from_vec(
+            out,
+            (rows, self.num_heads * self.head_dim),
+            q.device(),
+        )?)
     }
 
     /// Attention of one sequence's new queries `q: [n, heads, d]` (positions `start..start+n`)

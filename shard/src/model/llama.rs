@@ -255,7 +255,9 @@ impl LlamaModel {
     /// token if `all_logits`, else one row (its last token).
     ///
     /// Every chunk's tokens are appended to its KV cache entry, whose length advances only when
-    /// the whole step succeeded; on error nothing visible changes (buffers may have grown).
+    /// the whole step succeeded; on error nothing visible changes (blocks may have been taken;
+    /// they are released with the sequence). Reserve blocks first ([`KvCache::reserve`]) to
+    /// handle a full pool before the step.
     ///
     /// On the CPU the step runs inside candle's thread pool (`Device::with_context`): the many
     /// short parallel sections of a step (projections, LoRA, attention, candle's ops) then fork
@@ -285,7 +287,7 @@ impl LlamaModel {
         }
         let plan = BatchPlan::new(batch, kv, self.cfg.vocab_size)?;
         for c in &plan.chunks {
-            kv.reserve_buffers(c.seq_id, c.start + c.len)?;
+            kv.reserve(c.seq_id, c.start + c.len)?;
         }
         let rows = plan.num_rows();
         let comm = self.comm.as_ref();
@@ -310,7 +312,7 @@ impl LlamaModel {
         let logits = self.lm_head.forward_f32(&self.norm.forward(&x)?)?;
         let logits = vocab::gather_logits(&logits, self.cfg.vocab_size, comm)?;
         for c in &plan.chunks {
-            kv.set_len(c.seq_id, c.start + c.len)?;
+            kv.commit(c.seq_id, &plan.tokens[c.offset..c.offset + c.len])?;
         }
         Ok(logits)
     }

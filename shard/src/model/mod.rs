@@ -3,8 +3,11 @@
 //! * [`config`] — `config.json` parsing and validation ([`ModelConfig`], [`RopeScaling`]).
 //! * [`weights`] — memory-mapped single-file or sharded safetensors checkpoints.
 //! * [`layers`] — linear, RMSNorm and activation numerics matching transformers.
-//! * [`attention`] — rotary embeddings and per-sequence causal GQA over the KV cache.
-//! * `decode_attention` — one-pass CPU attention of a decode step (one query per sequence).
+//! * [`attention`] — rotary embeddings and causal GQA over the paged KV cache.
+//! * `paged_attention` — the CPU f32 kernel: tiled online-softmax attention read through
+//!   block tables (prefill chunks) and an in-place pass for decode rows; other devices and
+//!   dtypes gather the keys and values and use candle ops.
+//! * `cpu_storage` — in-place access to CPU tensors' f32 data for that kernel.
 //! * [`batch`] — the ragged batch of one step ([`ForwardBatch`], [`SeqChunk`]).
 //! * [`lora`] — the LoRA hook ([`LoraDelta`], [`RowSlots`], [`TargetModule`], [`NoLora`]).
 //! * [`tp`] — how the layers are split over tensor-parallel ranks ([`TpLayout`]).
@@ -17,10 +20,11 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
-mod decode_attention;
+mod cpu_storage;
 pub mod layers;
 pub mod llama;
 pub mod lora;
+pub(crate) mod paged_attention;
 pub mod tp;
 mod vocab;
 pub mod weights;
@@ -31,6 +35,8 @@ pub use batch::{ForwardBatch, SeqChunk};
 pub use config::{ModelConfig, RopeScaling};
 pub use llama::LlamaModel;
 pub use lora::{LoraDelta, NoLora, RowSlots, SlotRun, TargetModule};
+#[doc(hidden)]
+pub use paged_attention::bench_paged_attention;
 pub use tp::{LocalShape, TpLayout};
 
 use crate::kv_cache::KvCacheError;

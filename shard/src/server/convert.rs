@@ -101,6 +101,8 @@ impl From<pb::CachedBatch> for CachedBatch {
             size: b.size,
             max_tokens: b.max_tokens,
             current_tokens: b.current_tokens,
+            pending_tokens: b.pending_tokens,
+            preempted: b.preempted,
         }
     }
 }
@@ -114,6 +116,8 @@ impl From<CachedBatch> for pb::CachedBatch {
             size: b.size,
             max_tokens: b.max_tokens,
             current_tokens: b.current_tokens,
+            pending_tokens: b.pending_tokens,
+            preempted: b.preempted,
         }
     }
 }
@@ -202,6 +206,7 @@ impl From<Generation> for pb::Generation {
             tokens: Some(g.tokens.into()),
             generated_text: g.generated_text.map(pb::GeneratedText::from),
             top_tokens: g.top_tokens.into_iter().map(pb::Tokens::from).collect(),
+            cached_tokens: g.cached_tokens,
         }
     }
 }
@@ -218,14 +223,28 @@ impl From<StepTimings> for pb::Timings {
     }
 }
 
+impl From<crate::kv_cache::KvStats> for pb::KvStats {
+    /// Field by field (evictions are the shard's own counter).
+    fn from(k: crate::kv_cache::KvStats) -> Self {
+        Self {
+            block_tokens: k.block_tokens as u32,
+            total_blocks: k.total_blocks as u32,
+            used_blocks: k.used_blocks as u32,
+            cached_blocks: k.cached_blocks as u32,
+        }
+    }
+}
+
 /// The parts of a prefill or decode response, in wire form.
-fn step_parts(
-    r: StepResponse,
-) -> (
+type StepParts = (
     Vec<pb::Generation>,
     Option<pb::CachedBatch>,
     Option<pb::Timings>,
-) {
+    Option<pb::KvStats>,
+);
+
+/// Splits a step response into its wire parts.
+fn step_parts(r: StepResponse) -> StepParts {
     (
         r.generations
             .into_iter()
@@ -233,17 +252,19 @@ fn step_parts(
             .collect(),
         r.batch.map(pb::CachedBatch::from),
         Some(r.timings.into()),
+        Some(r.kv.into()),
     )
 }
 
 impl From<StepResponse> for pb::PrefillResponse {
     /// Field by field; `timings` is always set.
     fn from(r: StepResponse) -> Self {
-        let (generations, batch, timings) = step_parts(r);
+        let (generations, batch, timings, kv) = step_parts(r);
         Self {
             generations,
             batch,
             timings,
+            kv,
         }
     }
 }
@@ -251,11 +272,12 @@ impl From<StepResponse> for pb::PrefillResponse {
 impl From<StepResponse> for pb::DecodeResponse {
     /// Field by field; `timings` is always set.
     fn from(r: StepResponse) -> Self {
-        let (generations, batch, timings) = step_parts(r);
+        let (generations, batch, timings, kv) = step_parts(r);
         Self {
             generations,
             batch,
             timings,
+            kv,
         }
     }
 }
@@ -368,6 +390,8 @@ mod tests {
             size: 2,
             max_tokens: 40,
             current_tokens: 9,
+            pending_tokens: 3,
+            preempted: 1,
         };
         assert_eq!(pb::CachedBatch::from(CachedBatch::from(wire.clone())), wire);
     }
@@ -403,6 +427,7 @@ mod tests {
                     seed: Some(9),
                 }),
                 top_tokens: vec![tokens(4)],
+                cached_tokens: Some(32),
             }],
             batch: None,
             timings: StepTimings {
@@ -410,6 +435,13 @@ mod tests {
                 comm_ns: 3,
                 decode_ns: 2,
                 total_ns: 4,
+            },
+            kv: crate::kv_cache::KvStats {
+                block_tokens: 16,
+                total_blocks: 10,
+                used_blocks: 4,
+                cached_blocks: 2,
+                evictions: 1,
             },
         };
         let wire = pb::DecodeResponse::from(step.clone());
@@ -421,6 +453,12 @@ mod tests {
         );
         assert_eq!(generation.top_tokens[0].ids, vec![4]);
         assert!(generation.prefill_tokens.is_none());
+        assert_eq!(generation.cached_tokens, Some(32));
+        let kv = wire.kv.as_ref().expect("kv stats");
+        assert_eq!(
+            (kv.total_blocks, kv.used_blocks, kv.cached_blocks),
+            (10, 4, 2)
+        );
         let text = generation.generated_text.as_ref().expect("finished");
         assert_eq!(text.finish_reason(), pb::FinishReason::EosToken);
         assert_eq!((text.generated_tokens, text.seed), (1, Some(9)));
@@ -436,5 +474,6 @@ mod tests {
         let prefill = pb::PrefillResponse::from(step);
         assert_eq!(prefill.generations, wire.generations);
         assert_eq!((prefill.batch, prefill.timings), (wire.batch, wire.timings));
+        assert_eq!(prefill.kv, wire.kv);
     }
 }

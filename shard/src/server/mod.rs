@@ -109,7 +109,8 @@ impl ShardService for ShardServer {
             .ok_or_else(|| Status::invalid_argument("prefill without a batch"))?;
         // One span per request, under the request's trace; they end with the step.
         let spans = trace::prefill_spans(self.rank, &batch, &metadata);
-        let result = self.engine.prefill(batch.into()).await;
+        let running = req.running.into_iter().map(CachedBatch::from).collect();
+        let result = self.engine.prefill(batch.into(), running).await;
         trace::finish_step(&spans, &result, |r| r.timings.forward_ns);
         Ok(Response::new(result?.into()))
     }

@@ -94,7 +94,11 @@ pub(crate) fn config(dir: &Path, mode: &str, world_size: usize) -> SupervisorCon
             device: DeviceSpec::Cpu,
             comm: CommKind::Auto,
             dtype: DType::F32,
-            kv_cache_tokens: Some(64),
+            kv: ShardKvFlags {
+                tokens: Some(64),
+                block_size: Some(8),
+                prefix_caching: Some(medley_shard::cli::Switch::Off),
+            },
             adapter_roots: vec![],
             adapter_memory_budget: None,
             max_adapter_slots: None,
@@ -135,7 +139,7 @@ fn command_line() {
         device: DeviceSpec::Cuda { first: 0 },
         comm: CommKind::Auto,
         dtype: DType::Bf16,
-        kv_cache_tokens: None,
+        kv: ShardKvFlags::default(),
         adapter_roots: vec![],
         adapter_memory_budget: None,
         max_adapter_slots: None,
@@ -191,7 +195,10 @@ fn command_line() {
     );
     let with_kv = ShardCommand {
         program_args: vec![],
-        kv_cache_tokens: Some(4096),
+        kv: ShardKvFlags {
+            tokens: Some(4096),
+            ..Default::default()
+        },
         ..command
     };
     let args = with_kv.args(0, 1, Path::new("/s"));

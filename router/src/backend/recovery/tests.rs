@@ -44,6 +44,7 @@ fn fake_shard(step_ms: u64) -> FakeShard {
             .into_iter()
             .map(|n| (n.to_string(), FakeAdapter::new(10, 8)))
             .collect::<HashMap<_, _>>(),
+        ..Default::default()
     })
 }
 

@@ -1,6 +1,8 @@
 //! The batch builder: which waiting requests, across the base model's queue and the queues of
 //! resident adapters, join the next prefill under the prefill-token, total-token and batch-size
-//! budgets (TGI v3 policy, no preemption) and the cap on distinct adapters per batch.
+//! budgets (TGI v3 policy) and the cap on distinct adapters per batch. The prefill-token budget
+//! is per shard step: a first request longer than it may still open a batch when the whole
+//! budget is free ([`BatchBudget::chunk_first`]), as the shards prefill it in chunks.
 //!
 //! Requests are taken one at a time from the queue that comes first in [`Priority`] order
 //! (oldest request first, adapters whose turn is spent after the others). Queues of adapters
@@ -56,13 +58,16 @@ impl Registry {
             };
             let input = entry.request.input_length();
             let max = entry.max_tokens();
-            if prefill.saturating_add(input) > budget.prefill_tokens
+            // A prompt longer than the whole step budget is prefilled in chunks: it may open a
+            // batch, never join one.
+            let chunked = budget.chunk_first && taken.is_empty();
+            if (!chunked && prefill.saturating_add(input) > budget.prefill_tokens)
                 || total.saturating_add(max) > budget.total_tokens
             {
                 queue.push_front((id, entry));
                 break;
             }
-            prefill += input;
+            prefill = prefill.saturating_add(input);
             total += max;
             if let Some((key, _)) = adapter {
                 in_batch.insert(key);

@@ -86,6 +86,15 @@ fn budget(prefill: u32, total: u32) -> BatchBudget {
         max_size: None,
         prefill_tokens: prefill,
         total_tokens: total,
+        chunk_first: false,
+    }
+}
+
+/// [`budget`] with the whole step budget free: a long first prompt may open the batch.
+fn chunking(prefill: u32, total: u32) -> BatchBudget {
+    BatchBudget {
+        chunk_first: true,
+        ..budget(prefill, total)
     }
 }
 
@@ -209,4 +218,31 @@ fn spent_turns_yield_to_starved_adapters() {
     );
     q.reg.release(&b.key(), q.at(2003));
     assert_eq!(q.take(budget(100, 100), 2004), vec![3, 4]);
+}
+
+#[test]
+fn a_long_first_prompt_opens_a_batch_when_the_whole_budget_is_free() {
+    let mut q = Queues::new(8);
+    q.push(&AdapterSpec::Base, 100, 10); // 0: longer than the 16-token step budget
+    q.push(&AdapterSpec::Base, 4, 10); // 1
+    // Part of the step budget is taken by pending prompt tokens: the long prompt waits.
+    assert!(q.take(budget(16, 1000), 0).is_empty());
+    assert_eq!(q.reg.queued(), 2);
+    // The whole budget is free: it opens a batch alone (the shards prefill it in chunks), and
+    // nothing joins it in the same step.
+    assert_eq!(q.take(chunking(16, 1000), 0), vec![0]);
+    assert_eq!(q.take(chunking(16, 1000), 0), vec![1]);
+}
+
+#[test]
+fn a_long_prompt_never_joins_a_batch_and_the_total_budget_still_holds() {
+    let mut q = Queues::new(8);
+    q.push(&AdapterSpec::Base, 4, 10); // 0
+    q.push(&AdapterSpec::Base, 100, 10); // 1
+    // Only the first request of a batch may exceed the step budget.
+    assert_eq!(q.take(chunking(16, 1000), 0), vec![0]);
+    // The total-token budget (prompt + max new tokens) is never exceeded, first or not.
+    assert!(q.take(chunking(16, 100), 0).is_empty());
+    assert_eq!(q.reg.queued(), 1);
+    assert_eq!(q.take(chunking(16, 110), 0), vec![1]);
 }

@@ -27,6 +27,7 @@ pub async fn respond(state: &AppState, plan: Plan) -> Result<Response, OpenAiErr
         usage.add(
             counts.then_some(out.meta.input_length),
             out.generated_text.generated_tokens,
+            out.cached_tokens,
         );
         let index = u32::try_from(index).unwrap_or(u32::MAX);
         choices.push(choice(&responder, &plan, index, out));

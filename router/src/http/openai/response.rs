@@ -18,12 +18,33 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// The sum.
     pub total_tokens: u32,
+    /// What the prompt tokens were made of; absent when the shards report no prefix cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache (counted like `prompt_tokens`).
+    pub cached_tokens: u32,
 }
 
 impl Usage {
-    /// Adds one finished choice.
-    pub fn add(&mut self, prompt_tokens: Option<u32>, completion_tokens: u32) {
+    /// Adds one finished choice: its prompt tokens when its prompt counts, and then the part of
+    /// them taken from the prefix cache (`cached_tokens`, when reported).
+    pub fn add(
+        &mut self,
+        prompt_tokens: Option<u32>,
+        completion_tokens: u32,
+        cached_tokens: Option<u32>,
+    ) {
         self.prompt_tokens += prompt_tokens.unwrap_or(0);
+        if let (Some(_), Some(cached)) = (prompt_tokens, cached_tokens) {
+            self.prompt_tokens_details
+                .get_or_insert_default()
+                .cached_tokens += cached;
+        }
         self.completion_tokens += completion_tokens;
         self.total_tokens = self.prompt_tokens + self.completion_tokens;
     }

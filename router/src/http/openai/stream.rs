@@ -142,10 +142,12 @@ impl Emitter {
                 token,
                 top_tokens,
                 generated_text,
+                cached_tokens,
                 ..
             }) => {
                 let prompt = self.choices.get(index).and_then(|c| c.prompt_tokens);
-                self.usage.add(prompt, generated_text.generated_tokens);
+                self.usage
+                    .add(prompt, generated_text.generated_tokens, cached_tokens);
                 let finish = Some((
                     finish_reason(generated_text.finish_reason),
                     generated_text.text,

@@ -219,6 +219,7 @@ async fn adapter_load_failures_map_to_404_422_and_424() {
         budget: 1000,
         step_delay: Duration::from_millis(1),
         adapters,
+        ..Default::default()
     });
     let server = ShardServer::start(shard.clone()).await;
     let generate = |params: Value| {
@@ -321,6 +322,7 @@ async fn streams_fail_with_http_status_and_adapter_headers_and_bearer_tokens_pas
         budget: 1000,
         step_delay: Duration::from_millis(1),
         adapters,
+        ..Default::default()
     });
     let server = ShardServer::start(shard.clone()).await;
     let client = reqwest::Client::new();

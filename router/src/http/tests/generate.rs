@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::{LORAX_CLIENT_MERGED_BODY, lorax_client_base_body, post_json};
+use super::{LORAX_CLIENT_MERGED_BODY, lorax_client_base_body, post_json, post_sse};
 use medley_spec::{Semantics, SignMethod, Strategy};
 
 use crate::infer::testing::{FakeBackend, TestServer};
@@ -321,5 +321,22 @@ async fn info_tokenize_and_metrics() {
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn details_report_the_prompt_tokens_taken_from_the_prefix_cache() {
+    let server = TestServer::start(FakeBackend::new().with_cached_tokens(2)).await;
+    let body =
+        json!({"inputs": "hello world", "parameters": {"max_new_tokens": 2, "details": true}});
+    let (status, _, reply) = post_json(&server.url("/generate"), &body.to_string()).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["details"]["prompt_tokens"], 3);
+    assert_eq!(reply["details"]["cached_tokens"], 2);
+    let (status, _, events) = post_sse(&server.url("/generate_stream"), &body.to_string()).await;
+    assert_eq!(status, 200);
+    let last = events.last().expect("events");
+    assert_eq!(last["details"]["cached_tokens"], 2, "{last}");
+    assert!(events[0]["details"].is_null());
     server.stop().await;
 }

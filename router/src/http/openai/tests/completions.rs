@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::{post, server};
+use super::{chunks, post, post_stream, server};
 use crate::infer::testing::{FakeBackend, TEST_MODEL_ID};
 use crate::infer::{AdapterSource, AdapterSpec};
 
@@ -228,5 +228,27 @@ async fn models_lists_the_served_model() {
     assert_eq!(missing.status(), 404);
     let body: serde_json::Value = missing.json().await.expect("json");
     assert_eq!(body["error"]["code"], "model_not_found");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn usage_reports_the_prompt_tokens_taken_from_the_prefix_cache() {
+    let server = server(FakeBackend::new().with_cached_tokens(2), None).await;
+    // Two choices of one prompt: its tokens (and their cached part) count once.
+    let body = json!({"prompt": "hello world", "max_tokens": 2, "n": 2});
+    let (status, reply) = post(&server, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["usage"],
+        json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+            "prompt_tokens_details": {"cached_tokens": 2}})
+    );
+    let body = json!({"prompt": "hello world", "max_tokens": 2, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let (status, data) = post_stream(&server, "/v1/completions", &body).await;
+    assert_eq!(status, 200);
+    let chunks = chunks(&data);
+    let usage = &chunks.last().expect("a usage chunk")["usage"];
+    assert_eq!(usage["prompt_tokens_details"], json!({"cached_tokens": 2}));
     server.stop().await;
 }

@@ -6,7 +6,10 @@
 //!
 //! Generated token `i` of a request has id = its slot and text `" <label>"`, where the label is
 //! `base` for slot 0, the adapter id for a single adapter and `merge(<ids>)` for a merge, so a
-//! response shows which weights produced it.
+//! response shows which weights produced it. Its batches (chunked prefill, prefix cache,
+//! preemption, KV pool) are in [`batches`].
+
+mod batches;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -17,6 +20,9 @@ use medley_proto::shard::v1 as pb;
 use medley_spec::{MergeSpec, Strategy};
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+pub(crate) use batches::{BLOCK_TOKENS, Call, TOTAL_BLOCKS};
+use batches::{Seq, cached};
 
 use super::client::ClientError;
 use super::queue::Entry;
@@ -69,6 +75,8 @@ pub(crate) struct FakeShardConfig {
     pub step_delay: Duration,
     /// Known adapters by id.
     pub adapters: HashMap<String, FakeAdapter>,
+    /// Prompt tokens each request finds in the prefix cache (at most its prompt but one).
+    pub cached_tokens: u32,
 }
 
 impl Default for FakeShardConfig {
@@ -78,16 +86,9 @@ impl Default for FakeShardConfig {
             budget: 1000,
             step_delay: Duration::ZERO,
             adapters: HashMap::new(),
+            cached_tokens: 0,
         }
     }
-}
-
-struct Seq {
-    id: u64,
-    slot: u32,
-    generated: u32,
-    max_new: u32,
-    text: String,
 }
 
 struct Slot {
@@ -110,6 +111,14 @@ struct State {
     violations: Vec<String>,
     /// Most distinct adapter slots (0 excluded) in one forward pass.
     max_distinct_adapters: usize,
+    /// Prompt tokens per step (Warmup's `max_prefill_tokens`).
+    prefill_budget: u32,
+    /// Steps the newest sequence stays preempted.
+    preempt_steps: u32,
+    /// Blocks kept for the prefixes of finished sequences.
+    cached_blocks: u32,
+    /// Every prefill and decode call.
+    calls: Vec<Call>,
 }
 
 /// The fake shard; clones share state.
@@ -143,7 +152,10 @@ impl FakeShard {
     pub fn new(cfg: FakeShardConfig) -> Self {
         Self {
             cfg: Arc::new(cfg),
-            state: Arc::default(),
+            state: Arc::new(Mutex::new(State {
+                prefill_budget: u32::MAX,
+                ..State::default()
+            })),
             gates: Arc::default(),
             process: Arc::new(Mutex::new((true, 1))),
         }
@@ -261,62 +273,6 @@ impl FakeShard {
             .collect()
     }
 
-    /// One step of `seqs`: each gets a token; returns generations and the unfinished ones.
-    fn step(state: &mut State, seqs: Vec<Seq>) -> (Vec<pb::Generation>, Vec<Seq>) {
-        let distinct: std::collections::HashSet<u32> =
-            seqs.iter().map(|s| s.slot).filter(|s| *s > 0).collect();
-        state.max_distinct_adapters = state.max_distinct_adapters.max(distinct.len());
-        let mut generations = Vec::with_capacity(seqs.len());
-        let mut alive = Vec::new();
-        for mut s in seqs {
-            let label = if s.slot == 0 {
-                "base".to_string()
-            } else if let Some(l) = state.slots.get(&s.slot) {
-                l.label.clone()
-            } else {
-                state
-                    .violations
-                    .push(format!("request {} ran on empty slot {}", s.id, s.slot));
-                "EMPTY".to_string()
-            };
-            let text = format!(" {label}");
-            s.text.push_str(&text);
-            s.generated += 1;
-            let done = s.generated >= s.max_new;
-            generations.push(pb::Generation {
-                request_id: s.id,
-                prefill_tokens: None,
-                tokens: Some(pb::Tokens {
-                    ids: vec![s.slot],
-                    logprobs: vec![-0.5],
-                    texts: vec![text],
-                    is_special: vec![false],
-                }),
-                generated_text: done.then(|| pb::GeneratedText {
-                    text: s.text.clone(),
-                    generated_tokens: s.generated,
-                    finish_reason: pb::FinishReason::Length as i32,
-                    seed: None,
-                }),
-                top_tokens: vec![],
-            });
-            if !done {
-                alive.push(s);
-            }
-        }
-        (generations, alive)
-    }
-
-    fn cached(id: u64, seqs: &[Seq]) -> Option<pb::CachedBatch> {
-        (!seqs.is_empty()).then(|| pb::CachedBatch {
-            id,
-            request_ids: seqs.iter().map(|s| s.id).collect(),
-            size: seqs.len() as u32,
-            max_tokens: 0,
-            current_tokens: 0,
-        })
-    }
-
     /// The size of the adapter `spec` names, or the error its prepare fails with.
     fn check_prepare(&self, spec: Option<&pb::AdapterSpec>) -> Result<u64, tonic::Status> {
         let spec = spec
@@ -368,10 +324,10 @@ impl ShardApi for FakeShard {
             vocab_size: 100,
             max_position_embeddings: 1024,
             eos_token_ids: vec![2],
-            kv_cache_tokens: 1 << 16,
+            kv_cache_tokens: u64::from(BLOCK_TOKENS * TOTAL_BLOCKS),
             adapter_memory_bytes: self.cfg.budget,
             max_adapter_slots: self.cfg.slots,
-            kv_block_tokens: 64,
+            kv_block_tokens: BLOCK_TOKENS,
         })
     }
 
@@ -379,50 +335,23 @@ impl ShardApi for FakeShard {
         self.alive()
     }
 
-    async fn warmup(&self, _req: pb::WarmupRequest) -> Result<u64, ClientError> {
+    async fn warmup(&self, req: pb::WarmupRequest) -> Result<u64, ClientError> {
         self.alive()?;
-        Ok(1 << 16)
+        if req.max_prefill_tokens > 0 {
+            self.lock().prefill_budget = req.max_prefill_tokens;
+        }
+        Ok(u64::from(BLOCK_TOKENS * TOTAL_BLOCKS))
     }
 
-    async fn prefill(&self, batch: pb::Batch) -> Result<pb::PrefillResponse, ClientError> {
+    async fn prefill(
+        &self,
+        batch: pb::Batch,
+        running: Vec<pb::CachedBatch>,
+    ) -> Result<pb::PrefillResponse, ClientError> {
         self.alive()?;
         tokio::time::sleep(self.cfg.step_delay).await;
         self.alive()?;
-        let mut state = self.lock();
-        let seqs: Vec<Seq> = batch
-            .requests
-            .iter()
-            .map(|r| Seq {
-                id: r.id,
-                slot: r.adapter_slot,
-                generated: 0,
-                max_new: r
-                    .stopping_parameters
-                    .as_ref()
-                    .map_or(1, |s| s.max_new_tokens),
-                text: String::new(),
-            })
-            .collect();
-        state.prefills.push(seqs.iter().map(|s| s.slot).collect());
-        // Like the real shard: a request on an empty slot fails the prefill.
-        if let Some(s) = seqs
-            .iter()
-            .find(|s| s.slot > 0 && !state.slots.contains_key(&s.slot))
-        {
-            let message = format!("request {} ran on empty slot {}", s.id, s.slot);
-            state.violations.push(message.clone());
-            return Err(ClientError::Rpc(tonic::Status::invalid_argument(message)));
-        }
-        let (generations, alive) = Self::step(&mut state, seqs);
-        let cached = Self::cached(batch.id, &alive);
-        if !alive.is_empty() {
-            state.batches.insert(batch.id, alive);
-        }
-        Ok(pb::PrefillResponse {
-            generations,
-            batch: cached,
-            timings: None,
-        })
+        self.prefill_step(batch, running)
     }
 
     async fn decode(
@@ -432,27 +361,7 @@ impl ShardApi for FakeShard {
         self.alive()?;
         tokio::time::sleep(self.cfg.step_delay).await;
         self.alive()?;
-        let mut state = self.lock();
-        let id = batches.first().map_or(0, |b| b.id);
-        let mut seqs = Vec::new();
-        for b in &batches {
-            match state.batches.remove(&b.id) {
-                Some(s) => seqs.extend(s),
-                None => state
-                    .violations
-                    .push(format!("decode of unknown batch {}", b.id)),
-            }
-        }
-        let (generations, alive) = Self::step(&mut state, seqs);
-        let cached = Self::cached(id, &alive);
-        if !alive.is_empty() {
-            state.batches.insert(id, alive);
-        }
-        Ok(pb::DecodeResponse {
-            generations,
-            batch: cached,
-            timings: None,
-        })
+        Ok(self.decode_step(batches))
     }
 
     async fn filter_batch(
@@ -466,7 +375,7 @@ impl ShardApi for FakeShard {
             return Err(ClientError::Rpc(tonic::Status::not_found("no such batch")));
         };
         seqs.retain(|s| request_ids.contains(&s.id));
-        let cached = Self::cached(batch_id, seqs);
+        let cached = cached(batch_id, seqs);
         if cached.is_none() {
             state.batches.remove(&batch_id);
         }

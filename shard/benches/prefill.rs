@@ -1,0 +1,283 @@
+//! Prefill throughput of one request, Medley's `LlamaModel` against transformers, from 128 to
+//! 4,096 prompt tokens (f32, CPU).
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo bench -p medley-shard --bench prefill -- \
+//!     --python ../target/medley-oracle-env/bin/python
+//! cargo bench -p medley-shard --bench prefill -- --preset tiny --lengths 128,512 --repeats 1
+//! ```
+//!
+//! For each length `n`: a fresh KV cache, one sequence of `n` random tokens (the same for both
+//! sides), one forward step of the whole prompt (`all_logits: false`: the last token's logits),
+//! best of `--repeats`, after one warm-up step at the smallest length. With `--python` (a Python
+//! with torch and transformers), `scripts/bench/prefill_transformers.py` times
+//! `LlamaForCausalLM` (SDPA, f32, `use_cache=False`) on the same checkpoint and token ids in the
+//! same run, with as many torch threads as Medley has; it computes the logits of every position
+//! unless `--transformers-last-logits`. The table's last column is Medley's tok/s relative to its
+//! own at 512 tokens.
+//!
+//! Random models come from `medley_shard::fixture::write_model` (SmolLM2-135M's shape by default,
+//! tied embeddings), written once under `--cache-dir`. `RAYON_NUM_THREADS` sets the CPU threads
+//! of both sides. `cargo bench` runs the binary in `shard/`, so relative paths start there.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::{Parser, ValueEnum};
+use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
+use medley_shard::kv_cache::{DEFAULT_BLOCK_TOKENS, KvCache, KvCacheConfig};
+use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk};
+use rand::{Rng, SeedableRng};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Preset {
+    /// SmolLM2-135M's shape.
+    Smollm2,
+    /// TinyLlama-1.1B's shape.
+    Tinyllama,
+    /// The 2-layer test fixture shape.
+    Tiny,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Prefill throughput of one request, Medley vs transformers")]
+struct Args {
+    /// An existing Hugging Face checkpoint (overrides --preset).
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Shape of the random model to generate.
+    #[arg(long, value_enum, default_value = "smollm2")]
+    preset: Preset,
+    /// Keep only the first N decoder layers of the preset.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Where generated models (and the prompts given to transformers) are kept between runs.
+    #[arg(long, default_value = "/tmp/medley-prefill-bench")]
+    cache_dir: PathBuf,
+    /// Comma-separated prompt lengths.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "128,256,512,1024,2048,4096"
+    )]
+    lengths: Vec<usize>,
+    /// Timed runs per length; the fastest counts.
+    #[arg(long, default_value_t = 2)]
+    repeats: usize,
+    /// A Python with torch and transformers: also time transformers' forward.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// transformers computes the last position's logits only (`logits_to_keep=1`), like Medley.
+    #[arg(long)]
+    transformers_last_logits: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// The checkpoint to benchmark, generated (f32) under the cache dir unless `--model-dir`.
+fn model_dir(args: &Args) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &args.model_dir {
+        return Ok(dir.clone());
+    }
+    let mut fx = ModelFixture::tiny(FixtureDType::F32);
+    fx.shape = match args.preset {
+        Preset::Smollm2 => ModelShape::smollm2_135m(),
+        Preset::Tinyllama => ModelShape::tinyllama(),
+        Preset::Tiny => ModelShape::tiny(),
+    };
+    if let Some(l) = args.layers {
+        fx.shape.num_hidden_layers = l;
+    }
+    let name = format!("{:?}-{}l-float32", args.preset, fx.shape.num_hidden_layers).to_lowercase();
+    let dir = args.cache_dir.join(name);
+    if !dir.join("config.json").exists() {
+        eprintln!(
+            "writing random {:?} model to {}",
+            args.preset,
+            dir.display()
+        );
+        let t = Instant::now();
+        write_model(&dir, &fx)?;
+        eprintln!("  done in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    Ok(dir)
+}
+
+/// Seconds of one prefill step of `tokens` with a fresh cache.
+fn prefill(model: &LlamaModel, tokens: &[u32]) -> anyhow::Result<f64> {
+    let n = tokens.len();
+    let mut kv = KvCache::new(
+        model.config(),
+        model.dtype(),
+        model.device(),
+        KvCacheConfig::tokens(n.next_multiple_of(DEFAULT_BLOCK_TOKENS)),
+    )?;
+    kv.allocate(0, n)?;
+    let batch = ForwardBatch {
+        chunks: vec![SeqChunk {
+            seq_id: 0,
+            tokens: tokens.to_vec(),
+            start_pos: 0,
+            adapter_slot: 0,
+            all_logits: false,
+        }],
+    };
+    let t = Instant::now();
+    let logits = model.forward(&batch, &mut kv, &NoLora)?;
+    let s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(logits.dims() == [1, model.config().vocab_size]);
+    Ok(s)
+}
+
+/// transformers' best seconds per length, from `scripts/bench/prefill_transformers.py`.
+fn transformers_times(
+    args: &Args,
+    python: &Path,
+    dir: &Path,
+    prompts: &BTreeMap<usize, Vec<u32>>,
+    threads: usize,
+) -> anyhow::Result<BTreeMap<usize, f64>> {
+    let ids_path = args.cache_dir.join("prefill-ids.json");
+    let ids: BTreeMap<String, &Vec<u32>> =
+        prompts.iter().map(|(n, v)| (n.to_string(), v)).collect();
+    std::fs::create_dir_all(&args.cache_dir)?;
+    std::fs::write(
+        &ids_path,
+        serde_json::to_string(&serde_json::json!({ "lengths": args.lengths, "ids": ids }))?,
+    )?;
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/prefill_transformers.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(&script)
+        .arg("--model-dir")
+        .arg(dir)
+        .arg("--ids")
+        .arg(&ids_path)
+        .arg("--threads")
+        .arg(threads.to_string())
+        .arg("--repeats")
+        .arg(args.repeats.to_string());
+    if args.transformers_last_logits {
+        cmd.arg("--last-logits");
+    }
+    eprintln!("running {}", script.display());
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        out.status
+    );
+    let mut times = BTreeMap::new();
+    for line in String::from_utf8(out.stdout)?.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(n), Some(s)) = (v["tokens"].as_u64(), v["seconds"].as_f64()) {
+            times.insert(n as usize, s);
+        }
+    }
+    Ok(times)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        !args.lengths.is_empty() && args.lengths.iter().all(|&n| n > 0) && args.repeats > 0,
+        "need positive lengths and repeats"
+    );
+    let dir = model_dir(&args)?;
+    let t = Instant::now();
+    let model = LlamaModel::load(
+        &dir,
+        &LoadOptions {
+            dtype: Some(candle_core::DType::F32),
+            device: Device::Cpu,
+            ..LoadOptions::default()
+        },
+    )
+    .with_context(|| format!("loading {}", dir.display()))?;
+    let cfg = model.config();
+    // candle's CPU pool follows RAYON_NUM_THREADS, as rayon's does.
+    let threads = candle_core::utils::get_num_threads();
+    println!(
+        "model {} | layers {} hidden {} heads {}/{} vocab {} tied {} | f32 CPU | {} threads | load {:.2}s",
+        dir.display(),
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.vocab_size,
+        cfg.tie_word_embeddings,
+        threads,
+        t.elapsed().as_secs_f64()
+    );
+
+    let vocab = cfg.vocab_size as u32;
+    let prompts: BTreeMap<usize, Vec<u32>> = args
+        .lengths
+        .iter()
+        .map(|&n| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(n as u64);
+            (n, (0..n).map(|_| rng.random_range(3..vocab)).collect())
+        })
+        .collect();
+
+    let smallest = prompts.values().next().context("no lengths")?;
+    prefill(&model, smallest)?;
+    let mut medley = BTreeMap::new();
+    for &n in &args.lengths {
+        let mut best = f64::INFINITY;
+        for _ in 0..args.repeats {
+            best = best.min(prefill(&model, &prompts[&n])?);
+        }
+        eprintln!("medley {n} tokens: {best:.3}s");
+        medley.insert(n, best);
+    }
+    drop(model);
+
+    let hf = match &args.python {
+        Some(python) => transformers_times(&args, python, &dir, &prompts, threads)?,
+        None => BTreeMap::new(),
+    };
+
+    let rate = |n: usize, s: f64| n as f64 / s;
+    let at_512 = medley.get(&512).map(|&s| rate(512, s));
+    let logits = if args.transformers_last_logits {
+        "last position"
+    } else {
+        "every position"
+    };
+    println!(
+        "\nbest of {} | transformers: SDPA, use_cache=False, logits of {logits}\n",
+        args.repeats
+    );
+    println!(
+        "| tokens | medley s | medley tok/s | transformers s | transformers tok/s | medley/transformers | tok/s vs 512 |"
+    );
+    println!(
+        "|-------:|---------:|-------------:|---------------:|-------------------:|--------------------:|-------------:|"
+    );
+    let dash = || "-".to_string();
+    for &n in &args.lengths {
+        let m = medley[&n];
+        let h = hf.get(&n).copied();
+        println!(
+            "| {n:>6} | {m:>8.3} | {:>12.1} | {:>14} | {:>18} | {:>19} | {:>12} |",
+            rate(n, m),
+            h.map_or_else(dash, |s| format!("{s:.3}")),
+            h.map_or_else(dash, |s| format!("{:.1}", rate(n, s))),
+            h.map_or_else(dash, |s| format!("{:.2}", s / m)),
+            at_512.map_or_else(dash, |r| format!("{:.0}%", 100.0 * rate(n, m) / r)),
+        );
+    }
+    Ok(())
+}

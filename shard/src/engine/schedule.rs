@@ -1,0 +1,172 @@
+//! What one forward step computes: a decode row for every sequence that has sampled its
+//! last token, and prompt chunks (or recomputation after a preemption) within the per-step
+//! prompt-token budget. Blocks are reserved here, oldest sequence first; when the pool is
+//! short, the newest sequences holding blocks are preempted (their blocks freed, their
+//! tokens kept) and recomputed in a later step.
+
+use crate::kv_cache::{KvCache, KvCacheError};
+use crate::model::SeqChunk;
+
+use super::EngineError;
+use super::sequence::Sequence;
+
+/// What a step plan says about one sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scheduled {
+    /// Index of the sequence in the step's list.
+    pub index: usize,
+    /// Position of the first token fed.
+    pub start: usize,
+    /// Tokens fed.
+    pub len: usize,
+    /// Logits of every row are returned (prompt logprobs).
+    pub all_logits: bool,
+}
+
+/// The step: chunks in the order of `scheduled`.
+#[derive(Debug, Default)]
+pub(crate) struct StepPlan {
+    pub scheduled: Vec<Scheduled>,
+    pub chunks: Vec<SeqChunk>,
+    /// Sequences preempted while planning.
+    pub preempted: usize,
+}
+
+/// Plans one step over `seqs` (in arrival order) with at most `budget` prompt tokens.
+/// Resumes preempted sequences first (through the prefix cache), then reserves blocks in
+/// arrival order.
+pub(crate) fn plan_step(
+    seqs: &mut [Sequence],
+    kv: &mut KvCache,
+    budget: usize,
+) -> Result<StepPlan, EngineError> {
+    let mut plan = StepPlan::default();
+    let mut budget = budget.max(1);
+    for i in 0..seqs.len() {
+        let resumed = seqs[i].preempted;
+        if resumed {
+            if budget == 0 {
+                continue;
+            }
+            resume(&mut seqs[i], kv)?;
+        }
+        let s = &seqs[i];
+        let decoding = s.decoding();
+        let want = if decoding { 1 } else { s.pending().min(budget) };
+        let fitted = match want {
+            0 => None,
+            _ => fit(seqs, i, want, decoding, kv, &mut plan)?,
+        };
+        let Some(len) = fitted else {
+            if resumed {
+                // Still no room: back to waiting, without holding cached blocks.
+                kv.free(seqs[i].id);
+                seqs[i].computed = 0;
+                seqs[i].preempted = true;
+            }
+            continue;
+        };
+        let s = &seqs[i];
+        kv.reserve(s.id, s.computed + len).map_err(kv_error)?;
+        if !decoding {
+            budget -= len;
+        }
+        let all_logits = s.wants_prompt_rows(s.computed);
+        plan.scheduled.push(Scheduled {
+            index: i,
+            start: s.computed,
+            len,
+            all_logits,
+        });
+        plan.chunks.push(SeqChunk {
+            seq_id: s.id,
+            tokens: s.tokens[s.computed..s.computed + len].to_vec(),
+            start_pos: s.computed,
+            adapter_slot: s.adapter_slot,
+            all_logits,
+        });
+    }
+    Ok(plan)
+}
+
+/// How many of `want` tokens of sequence `i` can get blocks: all of them, after preempting
+/// newer sequences if needed; a prompt chunk may instead shrink to the blocks left.
+/// `None` when it cannot run this step.
+fn fit(
+    seqs: &mut [Sequence],
+    i: usize,
+    want: usize,
+    decoding: bool,
+    kv: &mut KvCache,
+    plan: &mut StepPlan,
+) -> Result<Option<usize>, EngineError> {
+    let (id, computed) = (seqs[i].id, seqs[i].computed);
+    loop {
+        let needed = kv.blocks_needed(id, computed + want).map_err(kv_error)?;
+        let available = kv.available_blocks();
+        if needed <= available {
+            return Ok(Some(want));
+        }
+        if !decoding {
+            // A prompt chunk takes what fits in the blocks left, if anything.
+            let room = room(kv, id, computed, want)?;
+            if room > 0 {
+                return Ok(Some(room));
+            }
+        }
+        // Preempt the newest sequence (after `i`) that holds blocks.
+        let Some(victim) = (i + 1..seqs.len())
+            .rev()
+            .find(|&j| !seqs[j].preempted && kv.blocks(seqs[j].id).is_some_and(|b| !b.is_empty()))
+        else {
+            return Ok(None);
+        };
+        preempt(&mut seqs[victim], kv);
+        plan.preempted += 1;
+    }
+}
+
+/// Largest `n <= want` whose blocks are available.
+fn room(kv: &KvCache, id: u64, computed: usize, want: usize) -> Result<usize, EngineError> {
+    let held = kv.blocks(id).map_or(0, <[u32]>::len);
+    let cap = (held + kv.available_blocks()) * kv.block_tokens();
+    let mut n = want.min(cap.saturating_sub(computed));
+    // A shared partial block to copy takes one more.
+    while n > 0 && kv.blocks_needed(id, computed + n).map_err(kv_error)? > kv.available_blocks() {
+        n -= 1;
+    }
+    Ok(n)
+}
+
+/// Frees `s`'s blocks (the full ones stay in the prefix cache) and marks it for
+/// recomputation.
+pub(crate) fn preempt(s: &mut Sequence, kv: &mut KvCache) {
+    kv.free(s.id);
+    s.computed = 0;
+    s.preempted = true;
+    s.preemptions += 1;
+    tracing::debug!(
+        request = s.id,
+        tokens = s.tokens.len(),
+        preemptions = s.preemptions,
+        "sequence preempted: kv pool full"
+    );
+}
+
+/// Gives a preempted sequence a KV entry again, taking what the prefix cache still holds.
+fn resume(s: &mut Sequence, kv: &mut KvCache) -> Result<(), EngineError> {
+    let cached = if s.prefill_logprobs && s.generated() == 0 {
+        kv.allocate(s.id, s.max_tokens).map(|_| 0)
+    } else {
+        kv.allocate_cached(s.id, s.max_tokens, s.identity, &s.tokens)
+    }
+    .map_err(kv_error)?;
+    s.computed = cached;
+    s.preempted = false;
+    tracing::debug!(request = s.id, cached, "preempted sequence resumed");
+    Ok(())
+}
+
+fn kv_error(e: KvCacheError) -> EngineError {
+    EngineError::KvCache(e.to_string())
+}

@@ -1,0 +1,644 @@
+//! Causal grouped-query attention on the CPU in f32, reading keys and values in place from a
+//! paged block pool.
+//!
+//! One layer's keys (and, separately, values) are one contiguous buffer
+//! `[num_blocks * block_size, kv_heads, head_dim]` ("slot-major"); a sequence's block table maps
+//! its position `p` to slot `blocks[p / block_size] * block_size + p % block_size`.
+//!
+//! * Spans of more than one new token (prefill chunks) run a tiled online softmax (flash-attention
+//!   style): per (sequence, kv head, query tile) the key/value tiles that intersect the causal
+//!   (and window) range are gathered into small contiguous buffers, `S = Q·Kᵀ` and `acc += P·V`
+//!   run as `gemm` calls, and a running max / sum per query row rescales the accumulator when the
+//!   max grows. Memory stays linear in the prompt: there is no `[n, n]` score matrix.
+//! * Spans of one token (decode rows) run a direct pass per (sequence, kv head): dot products in
+//!   8 partial sums over the keys read through the block table, a max-subtracted softmax, then
+//!   the probability-weighted sum of the values.
+//!
+//! All (sequence, kv head, tile) tasks run in parallel on rayon; each returns its own rows,
+//! which are then scattered into the output in parallel (disjoint rows, no aliasing).
+//!
+//! Arithmetic is transformers' eager attention: scores `(q · k) * scale`, a max-subtracted
+//! softmax over the visible keys, the probability-weighted sum of the values; only the summation
+//! order and the exponential (a Cephes-style polynomial within ~2 ulp of `expf`) differ, f32
+//! rounding far below 1e-5 for activations of order one.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+#[cfg(test)]
+#[path = "paged_attention_tests.rs"]
+mod tests;
+
+/// Shape of the heads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Features per head.
+    pub dim: usize,
+    /// Score scale (`1 / sqrt(dim)` for Llama).
+    pub scale: f64,
+}
+
+/// One layer of the block pool, read in place.
+pub(crate) struct PagedLayer<'a> {
+    /// Keys `[num_blocks * block_size, kv_heads, dim]`.
+    pub keys: &'a [f32],
+    /// Values, same layout as `keys`.
+    pub values: &'a [f32],
+    /// Token slots per block (positive).
+    pub block_size: usize,
+}
+
+/// The new query rows of one sequence.
+pub(crate) struct SeqSpan<'a> {
+    /// First row of this sequence in `q`.
+    pub row: usize,
+    /// Number of query rows (new tokens): positions `start .. start + len`.
+    pub len: usize,
+    /// Position of the first new token.
+    pub start: usize,
+    /// Block table; covers at least positions `0 .. start + len` (keys of the new tokens are
+    /// already written).
+    pub blocks: &'a [u32],
+}
+
+/// Query rows per prefill tile (tokens × the query heads of one kv head). 128 rows by 128 keys
+/// keeps a tile's working set (Q 128×d, K and V 128×d, S 128×128, the accumulator 128×d: about
+/// 160 KiB at d = 64) inside a core's L2 while giving `gemm` matrices large enough to run near
+/// peak; the S·V product then has k = 128, and a 2,048-token prompt still splits into ~50 tiles
+/// per kv head, plenty of parallel tasks. Smaller tiles waste less on the masked half of the
+/// diagonal tiles but pay more per-call overhead and more rescaling passes.
+const TILE_ROWS: usize = 128;
+/// Key positions per key tile (see [`TILE_ROWS`]).
+const TILE_KEYS: usize = 128;
+
+/// Causal grouped-query attention of every sequence's new rows over its cached keys/values.
+/// `q`: `[rows, heads, dim]` contiguous. Returns `[rows, heads * dim]` row-major (rows that no
+/// span covers are zero).
+///
+/// Query at position `p` sees keys at positions `lo(p) ..= p`, `lo(p)` = 0 or, with a sliding
+/// window `w`, `(p + 1).saturating_sub(w)`.
+pub(crate) fn paged_attention(
+    q: &[f32],
+    seqs: &[SeqSpan<'_>],
+    kv: &PagedLayer<'_>,
+    h: Heads,
+    window: Option<usize>,
+) -> candle_core::Result<Vec<f32>> {
+    let ctx = Ctx::new(q, kv, h, window)?;
+    for (i, s) in seqs.iter().enumerate() {
+        ctx.check_span(i, s)?;
+    }
+    let group = ctx.group;
+    let tile_tokens = (TILE_ROWS / group).max(1);
+    // Tasks of one (sequence, tile) are consecutive, kv head innermost: the scatter below finds
+    // them from the first.
+    let mut tasks = Vec::new();
+    for (seq, s) in seqs.iter().enumerate() {
+        let step = if s.len == 1 { 1 } else { tile_tokens };
+        for first in (0..s.len).step_by(step) {
+            let len = step.min(s.len - first);
+            for kv_head in 0..h.kv_heads {
+                tasks.push(Task {
+                    seq,
+                    kv_head,
+                    first,
+                    len,
+                });
+            }
+        }
+    }
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|t| SCRATCH.with_borrow_mut(|scratch| run(&ctx, &seqs[t.seq], t, scratch)))
+        .collect();
+    // Output row -> (index of its tile's first task, row within the tile). A later span wins
+    // where spans overlap.
+    let mut source = vec![None; ctx.rows];
+    for (i, t) in tasks.iter().enumerate().filter(|(_, t)| t.kv_head == 0) {
+        let row = seqs[t.seq].row + t.first;
+        for (k, s) in source[row..row + t.len].iter_mut().enumerate() {
+            *s = Some((i, k));
+        }
+    }
+    let (width, part) = (h.heads * h.dim, group * h.dim);
+    let mut out = vec![0f32; ctx.rows * width];
+    out.par_chunks_mut(width)
+        .zip(source.par_iter())
+        .for_each(|(o, src)| {
+            if let Some((first_task, k)) = *src {
+                for (kv_head, o) in o.chunks_exact_mut(part).enumerate() {
+                    o.copy_from_slice(&results[first_task + kv_head][k * part..(k + 1) * part]);
+                }
+            }
+        });
+    Ok(out)
+}
+
+/// Benchmark entry point, not an API: [`paged_attention`] of one sequence whose
+/// `q.len() / (heads * dim)` rows are positions `start ..`, over a pool of `keys`/`values`
+/// (`shape` = `[heads, kv_heads, dim]`, scale `1 / sqrt(dim)`, no window).
+#[doc(hidden)]
+pub fn bench_paged_attention(
+    q: &[f32],
+    start: usize,
+    keys: &[f32],
+    values: &[f32],
+    block_size: usize,
+    blocks: &[u32],
+    shape: [usize; 3],
+) -> candle_core::Result<Vec<f32>> {
+    let [heads, kv_heads, dim] = shape;
+    let h = Heads {
+        heads,
+        kv_heads,
+        dim,
+        scale: 1.0 / (dim as f64).sqrt(),
+    };
+    let span = SeqSpan {
+        row: 0,
+        len: q.len() / (heads * dim).max(1),
+        start,
+        blocks,
+    };
+    let kv = PagedLayer {
+        keys,
+        values,
+        block_size,
+    };
+    paged_attention(q, &[span], &kv, h, None)
+}
+
+/// Runs one task, compiled for AVX2 where the CPU has it: the softmax, the exponentials and the
+/// decode dot products then run 8 lanes wide instead of SSE2's 4 (`gemm` dispatches by itself).
+fn run(ctx: &Ctx<'_>, span: &SeqSpan<'_>, t: &Task, s: &mut Scratch) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has the one feature `run_avx2` is compiled for.
+        return unsafe { run_avx2(ctx, span, t, s) };
+    }
+    run_any(ctx, span, t, s)
+}
+
+/// [`run_any`] compiled with AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn run_avx2(ctx: &Ctx<'_>, span: &SeqSpan<'_>, t: &Task, s: &mut Scratch) -> Vec<f32> {
+    run_any(ctx, span, t, s)
+}
+
+/// A decode row or a prefill tile (inlined into each instruction-set variant).
+#[inline(always)]
+fn run_any(ctx: &Ctx<'_>, span: &SeqSpan<'_>, t: &Task, s: &mut Scratch) -> Vec<f32> {
+    if span.len == 1 {
+        ctx.decode(span, t.kv_head, s)
+    } else {
+        ctx.tile(span, t, s)
+    }
+}
+
+/// One unit of parallel work: query rows `first .. first + len` of span `seq` for `kv_head`.
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    seq: usize,
+    kv_head: usize,
+    first: usize,
+    len: usize,
+}
+
+/// Per-thread buffers of the tasks, reused from task to task.
+#[derive(Default)]
+struct Scratch {
+    /// The gathered query tile `[rows, dim]`.
+    q: Vec<f32>,
+    /// The gathered key tile `[TILE_KEYS, dim]`.
+    k: Vec<f32>,
+    /// The gathered value tile `[TILE_KEYS, dim]`.
+    v: Vec<f32>,
+    /// Scores, then probabilities: `[rows, TILE_KEYS]` (tiles) or `[group, keys]` (decode).
+    s: Vec<f32>,
+    /// Running max per query row.
+    m: Vec<f32>,
+    /// Running sum of exponentials per query row.
+    l: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// The validated inputs of one call.
+struct Ctx<'a> {
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    block_size: usize,
+    /// Slots in the pool.
+    slots: usize,
+    /// Rows of `q`.
+    rows: usize,
+    h: Heads,
+    /// Query heads per kv head.
+    group: usize,
+    scale: f32,
+    window: Option<usize>,
+}
+
+impl<'a> Ctx<'a> {
+    /// Checks the shapes of `q`, the heads, the pool and the window.
+    fn new(
+        q: &'a [f32],
+        kv: &PagedLayer<'a>,
+        h: Heads,
+        window: Option<usize>,
+    ) -> candle_core::Result<Self> {
+        let width = h.heads.checked_mul(h.dim).unwrap_or(0);
+        if width == 0 || h.kv_heads == 0 || !h.heads.is_multiple_of(h.kv_heads) {
+            candle_core::bail!("paged attention: invalid heads {h:?}");
+        }
+        if !q.len().is_multiple_of(width) {
+            candle_core::bail!(
+                "paged attention: q has {} values, not a multiple of {} heads × {} dims",
+                q.len(),
+                h.heads,
+                h.dim
+            );
+        }
+        let slot_width = h.kv_heads * h.dim;
+        if kv.block_size == 0
+            || kv.keys.len() != kv.values.len()
+            || !kv.keys.len().is_multiple_of(slot_width)
+        {
+            candle_core::bail!(
+                "paged attention: pool of {} keys / {} values, block size {}, {} kv heads × {} dims",
+                kv.keys.len(),
+                kv.values.len(),
+                kv.block_size,
+                h.kv_heads,
+                h.dim
+            );
+        }
+        if window == Some(0) {
+            candle_core::bail!("paged attention: a sliding window of 0 keys");
+        }
+        Ok(Self {
+            q,
+            keys: kv.keys,
+            values: kv.values,
+            block_size: kv.block_size,
+            slots: kv.keys.len() / slot_width,
+            rows: q.len() / width,
+            h,
+            group: h.heads / h.kv_heads,
+            scale: h.scale as f32,
+            window,
+        })
+    }
+
+    /// First key position visible from position `p`.
+    #[inline(always)]
+    fn lo(&self, p: usize) -> usize {
+        self.window.map_or(0, |w| (p + 1).saturating_sub(w))
+    }
+
+    /// Checks that span `i` lies inside `q` and that its block table maps every position it
+    /// reads to a slot inside the pool.
+    fn check_span(&self, i: usize, s: &SeqSpan<'_>) -> candle_core::Result<()> {
+        if s.len == 0 {
+            return Ok(());
+        }
+        let (Some(row_end), Some(end)) = (s.row.checked_add(s.len), s.start.checked_add(s.len))
+        else {
+            candle_core::bail!("paged attention: span {i} overflows");
+        };
+        if row_end > self.rows {
+            candle_core::bail!(
+                "paged attention: span {i} has rows {}..{row_end} of {}",
+                s.row,
+                self.rows
+            );
+        }
+        let (first, last) = (
+            self.lo(s.start) / self.block_size,
+            end.div_ceil(self.block_size),
+        );
+        if s.blocks.len() < last {
+            candle_core::bail!(
+                "paged attention: span {i} reaches position {end} with {} blocks of {}",
+                s.blocks.len(),
+                self.block_size
+            );
+        }
+        for &b in &s.blocks[first..last] {
+            let end = (b as usize)
+                .checked_add(1)
+                .and_then(|n| n.checked_mul(self.block_size));
+            if end.is_none_or(|end| end > self.slots) {
+                candle_core::bail!(
+                    "paged attention: span {i} uses block {b}, outside a pool of {} slots",
+                    self.slots
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f(j, offset)` for the positions `lo .. hi` of `span` in order, `j = p - lo`, with
+    /// the offset of kv head `kv_head`'s row of position `p` in the pool.
+    #[inline(always)]
+    fn for_each_row(
+        &self,
+        span: &SeqSpan<'_>,
+        kv_head: usize,
+        lo: usize,
+        hi: usize,
+        mut f: impl FnMut(usize, usize),
+    ) {
+        let (bs, stride, base) = (
+            self.block_size,
+            self.h.kv_heads * self.h.dim,
+            kv_head * self.h.dim,
+        );
+        let mut p = lo;
+        while p < hi {
+            let within = p % bs;
+            let run = (bs - within).min(hi - p);
+            let slot = span.blocks[p / bs] as usize * bs + within;
+            for j in 0..run {
+                f(p - lo + j, (slot + j) * stride + base);
+            }
+            p += run;
+        }
+    }
+
+    /// The query heads of `kv_head` in row `row` of `q`: `[group, dim]`, contiguous.
+    #[inline(always)]
+    fn q_group(&self, row: usize, kv_head: usize) -> &'a [f32] {
+        let part = self.group * self.h.dim;
+        let at = row * self.h.heads * self.h.dim + kv_head * part;
+        &self.q[at..at + part]
+    }
+
+    /// A decode row: the single query of `span` for the query heads of `kv_head`, reading the
+    /// keys and values in place. Returns `[group, dim]`.
+    #[inline(always)]
+    fn decode(&self, span: &SeqSpan<'_>, kv_head: usize, s: &mut Scratch) -> Vec<f32> {
+        let (g, d) = (self.group, self.h.dim);
+        let p = span.start;
+        let lo = self.lo(p);
+        let n = p + 1 - lo;
+        let qs = self.q_group(span.row, kv_head);
+        s.s.clear();
+        s.s.resize(g * n, 0.0);
+        let probs = &mut s.s;
+        self.for_each_row(span, kv_head, lo, p + 1, |j, at| {
+            let key = &self.keys[at..at + d];
+            for (gi, qh) in qs.chunks_exact(d).enumerate() {
+                probs[gi * n + j] = dot(qh, key) * self.scale;
+            }
+        });
+        for row in probs.chunks_exact_mut(n) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            exp_shifted(row, max);
+            let inv = 1.0 / sum(row);
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        let mut out = vec![0f32; g * d];
+        self.for_each_row(span, kv_head, lo, p + 1, |j, at| {
+            let value = &self.values[at..at + d];
+            for (gi, o) in out.chunks_exact_mut(d).enumerate() {
+                let w = probs[gi * n + j];
+                o.iter_mut().zip(value).for_each(|(o, v)| *o += w * v);
+            }
+        });
+        out
+    }
+
+    /// A prefill tile: query rows `t.first .. t.first + t.len` of `span` for the query heads of
+    /// `t.kv_head`, by online softmax over gathered key tiles. Returns `[t.len, group, dim]`.
+    #[inline(always)]
+    fn tile(&self, span: &SeqSpan<'_>, t: &Task, s: &mut Scratch) -> Vec<f32> {
+        let (g, d) = (self.group, self.h.dim);
+        let rows = t.len * g;
+        // Tile rows are (token, query head), token-major: the query tile and the output rows
+        // lie in `q` and in the result in the same order.
+        s.q.clear();
+        for k in 0..t.len {
+            s.q.extend_from_slice(self.q_group(span.row + t.first + k, t.kv_head));
+        }
+        s.m.clear();
+        s.m.resize(rows, f32::NEG_INFINITY);
+        s.l.clear();
+        s.l.resize(rows, 0.0);
+        s.k.resize(TILE_KEYS * d, 0.0);
+        s.v.resize(TILE_KEYS * d, 0.0);
+        s.s.resize(rows * TILE_KEYS, 0.0);
+        let mut acc = vec![0f32; rows * d];
+        let p_first = span.start + t.first;
+        let p_last = p_first + t.len - 1;
+        // Only the key tiles that intersect lo(p_first) ..= p_last.
+        let mut k0 = self.lo(p_first);
+        while k0 <= p_last {
+            let k1 = (k0 + TILE_KEYS).min(p_last + 1);
+            let tk = k1 - k0;
+            let (kt, vt) = (&mut s.k, &mut s.v);
+            self.for_each_row(span, t.kv_head, k0, k1, |j, at| {
+                kt[j * d..(j + 1) * d].copy_from_slice(&self.keys[at..at + d]);
+                vt[j * d..(j + 1) * d].copy_from_slice(&self.values[at..at + d]);
+            });
+            // S = (Q · Kᵀ) * scale: [rows, tk] with row stride tk.
+            matmul(
+                &mut s.s,
+                [rows, tk, d],
+                tk,
+                false,
+                Mat::new(&s.q, d, 1),
+                Mat::new(&s.k, 1, d),
+                self.scale,
+            );
+            // The mask matters only on tiles that some row sees partly (the diagonal, and the
+            // window's edge).
+            let whole = k0 >= self.lo(p_last) && k1 <= p_first + 1;
+            for (r, row) in s.s.chunks_exact_mut(tk).take(rows).enumerate() {
+                let p = p_first + r / g;
+                let (c0, c1) = if whole {
+                    (0, tk)
+                } else {
+                    (self.lo(p).clamp(k0, k1) - k0, (p + 1).clamp(k0, k1) - k0)
+                };
+                if c0 >= c1 {
+                    row.fill(0.0);
+                    continue;
+                }
+                let seen = &mut row[c0..c1];
+                let m_old = s.m[r];
+                let m_new = seen.iter().fold(m_old, |a, &b| a.max(b));
+                exp_shifted(seen, m_new);
+                let added = sum(seen);
+                row[..c0].fill(0.0);
+                row[c1..].fill(0.0);
+                if m_old == f32::NEG_INFINITY {
+                    // First keys of this row: the accumulator is still zero.
+                    s.l[r] = added;
+                } else {
+                    let alpha = exp_approx(m_old - m_new);
+                    s.l[r] = s.l[r] * alpha + added;
+                    if alpha != 1.0 {
+                        acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+                    }
+                }
+                s.m[r] = m_new;
+            }
+            // acc += P · V.
+            matmul(
+                &mut acc,
+                [rows, d, tk],
+                d,
+                true,
+                Mat::new(&s.s, tk, 1),
+                Mat::new(&s.v, d, 1),
+                1.0,
+            );
+            k0 = k1;
+        }
+        // Every row saw at least its own key, so its sum is positive.
+        for (o, l) in acc.chunks_exact_mut(d).zip(&s.l) {
+            let inv = 1.0 / l;
+            o.iter_mut().for_each(|x| *x *= inv);
+        }
+        acc
+    }
+}
+
+/// A strided read-only matrix: element `(i, j)` is `data[i * rs + j * cs]`.
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        Self { data, rs, cs }
+    }
+
+    /// Whether a `[rows, cols]` matrix with these strides lies inside `data` (both positive).
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst = beta · a · b` (or `dst += beta · a · b` when `accumulate`) for `[m, n, k]` =
+/// `dims`, `a: [m, k]`, `b: [k, n]`, `dst: [m, n]` with row stride `dst_rs`, single-threaded
+/// (the tasks are the parallel loop).
+fn matmul(
+    dst: &mut [f32],
+    dims: [usize; 3],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    beta: f32,
+) {
+    let [m, n, k] = dims;
+    let inside = m > 0
+        && n > 0
+        && k > 0
+        && n <= dst_rs
+        && (m - 1) * dst_rs + n <= dst.len()
+        && a.fits(m, k)
+        && b.fits(k, n);
+    // An invariant of the callers (tile sizes are fixed by construction), checked for soundness.
+    assert!(inside, "paged attention: matmul {dims:?} out of bounds");
+    // SAFETY: every element gemm reads or writes lies inside the slices (checked above); `dst`
+    // is a unique borrow, so it overlaps neither `a` nor `b`; the strides fit in isize since
+    // they index allocated slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `Σ a[i] b[i]` in 8 partial sums (vectorisable without reassociation flags).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ a[i]` in 8 partial sums.
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for x in chunks {
+        for i in 0..8 {
+            acc[i] += x[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `x = exp(x - shift)` over a slice (a loop the compiler vectorises).
+#[inline(always)]
+fn exp_shifted(xs: &mut [f32], shift: f32) {
+    xs.iter_mut().for_each(|x| *x = exp_approx(*x - shift));
+}
+
+/// `e^x` within ~2 ulp of `expf` for `x` in `[-87.3, 88.3]` (clamped outside, so it never
+/// overflows and underflows to ~1e-38 rather than 0), branch-free so that loops over it
+/// vectorise: `x = n ln 2 + r` with `|r| ≤ ln 2 / 2`, Cephes' degree-6 polynomial for `e^r`, and
+/// `2^n` built from its exponent bits.
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    /// 1.5 · 2^23: adding it rounds to an integer kept in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.3);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    // `t`'s bits are those of ROUND plus n (|n| ≤ 127 keeps it in [2^23, 2^24)).
+    let n = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    y * f32::from_bits(((n + 127) << 23) as u32)
+}

@@ -1,0 +1,422 @@
+//! The engine over the paged KV cache: chunked prefill, prefix-cache hits and preemption give
+//! the tokens and logprobs of the plain path, for the base model, a PEFT adapter and a TIES
+//! merge (the tiny fixture model in f32).
+//!
+//! Tolerance: 1e-5 on logprobs. The paths differ only in how attention is split into tiles
+//! and chunks (the same f32 products summed in another order) and in which step computed a
+//! key; on this model's O(1) activations that moves logprobs by ~1e-6.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use medley_hub::HubSettings;
+use medley_merge::{MergeSpec, SignMethod, Strategy};
+use medley_shard::adapters::{
+    AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
+};
+use medley_shard::engine::{
+    Batch, CachedBatch, Engine, EngineInfo, Request, SamplingParams, StopParams, TextContext,
+    WarmupParams,
+};
+use medley_shard::kv_cache::{KvCache, KvCacheConfig};
+use medley_shard::model::{LlamaModel, LoadOptions};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+const ADAPTERS: [&str; 3] = ["strong_a_r8", "strong_b_r8_attn", "strong_c_r8_rslora"];
+
+/// Slot 1: one PEFT adapter; slot 2: a TIES merge of three.
+fn store(model: &LlamaModel) -> AdapterStore {
+    let mut settings = AdapterSettings::new(HubSettings::from_vars(None, |_| None));
+    settings.roots = vec![fixtures().join("adapters")];
+    settings.merge_threads = 1;
+    let loader = AdapterLoader::new(
+        &settings,
+        BaseModules::from_config(model.config()),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let source = |id: &str| loader.sources().resolve_local(id).unwrap();
+    let mut store = AdapterStore::new(4, 1 << 30, LoraBackend::Kernels);
+    let single = loader.build(&[source(ADAPTERS[0])], None).unwrap();
+    store.install(1, single.adapter).unwrap();
+    let ties = MergeSpec::new(Strategy::Ties, vec![1.0, 0.6, -0.3])
+        .with_density(0.5)
+        .with_sign_method(SignMethod::Total);
+    let sources: Vec<_> = ADAPTERS.iter().map(|id| source(id)).collect();
+    store
+        .install(2, loader.build(&sources, Some(&ties)).unwrap().adapter)
+        .unwrap();
+    store
+}
+
+/// An engine whose steps compute at most `step_tokens` prompt tokens.
+fn engine(kv_tokens: usize, block: usize, prefix: bool, step_tokens: u32) -> Engine {
+    let dir = fixtures().join("tiny-llama");
+    let model = LlamaModel::load(&dir, &LoadOptions::default()).unwrap();
+    let cfg = model.config().clone();
+    let kv = KvCache::new(
+        model.kv_config(),
+        model.dtype(),
+        model.device(),
+        KvCacheConfig {
+            capacity_tokens: kv_tokens,
+            block_tokens: block,
+            prefix_caching: prefix,
+        },
+    )
+    .unwrap();
+    let adapters = store(&model);
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let mut e = Engine::new(
+        model,
+        kv,
+        TextContext::new(tokenizer, cfg.eos_token_ids.clone()),
+        EngineInfo {
+            model_id: "tiny".into(),
+            rank: 0,
+            world_size: 1,
+        },
+        adapters,
+    );
+    e.warmup(&WarmupParams {
+        max_input_tokens: step_tokens,
+        max_prefill_tokens: step_tokens,
+    })
+    .unwrap();
+    e
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 3 + (i * 37 + seed * 101) % 500)
+        .collect()
+}
+
+fn request(id: u64, input_ids: Vec<u32>, slot: u32, new: u32, logprobs: bool) -> Request {
+    Request {
+        id,
+        input_ids,
+        sampling: SamplingParams::default(),
+        stopping: StopParams {
+            max_new_tokens: new,
+            ignore_eos_token: true,
+            ..Default::default()
+        },
+        prefill_logprobs: logprobs,
+        top_n_tokens: 0,
+        adapter_slot: slot,
+    }
+}
+
+/// What a request produced: generated ids, their logprobs, prompt logprobs, cached tokens.
+#[derive(Debug, Default, Clone)]
+struct Output {
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    prompt_logprobs: Vec<f32>,
+    cached: Option<u32>,
+    /// Step index of each generated token.
+    steps: Vec<usize>,
+}
+
+/// Drives the engine: `arrivals[k]` joins (as a new batch, with the running batch) at step
+/// `k`'s position in the list; returns every request's output and the steps that saw a
+/// preempted request.
+struct Driver {
+    outputs: HashMap<u64, Output>,
+    running: Option<CachedBatch>,
+    step: usize,
+    preempted_steps: usize,
+}
+
+impl Driver {
+    fn new() -> Self {
+        Self {
+            outputs: HashMap::new(),
+            running: None,
+            step: 0,
+            preempted_steps: 0,
+        }
+    }
+
+    fn absorb(&mut self, r: medley_shard::engine::StepResponse) {
+        for g in r.generations {
+            let o = self.outputs.entry(g.request_id).or_default();
+            if let Some(p) = g.prefill_tokens {
+                o.prompt_logprobs = p.logprobs;
+            }
+            if g.cached_tokens.is_some() {
+                o.cached = g.cached_tokens;
+            }
+            o.ids.extend(&g.tokens.ids);
+            o.logprobs.extend(&g.tokens.logprobs);
+            o.steps.push(self.step);
+        }
+        if r.batch.as_ref().is_some_and(|b| b.preempted > 0) {
+            self.preempted_steps += 1;
+        }
+        self.running = r.batch;
+        self.step += 1;
+    }
+
+    fn join(&mut self, e: &mut Engine, batch_id: u64, requests: Vec<Request>) {
+        let running = self.running.take().into_iter().collect();
+        let r = e
+            .prefill(
+                Batch {
+                    id: batch_id,
+                    requests,
+                    max_tokens: 0,
+                },
+                running,
+            )
+            .unwrap();
+        self.absorb(r);
+    }
+
+    fn decode(&mut self, e: &mut Engine) -> bool {
+        let Some(b) = self.running.take() else {
+            return false;
+        };
+        let r = e.decode(vec![b]).unwrap();
+        self.absorb(r);
+        true
+    }
+
+    fn finish(&mut self, e: &mut Engine) {
+        while self.decode(e) {}
+    }
+}
+
+fn assert_same(a: &Output, b: &Output, what: &str) {
+    assert_eq!(a.ids, b.ids, "{what}: tokens");
+    for (name, x, y) in [
+        ("logprobs", &a.logprobs, &b.logprobs),
+        ("prompt logprobs", &a.prompt_logprobs, &b.prompt_logprobs),
+    ] {
+        assert_eq!(x.len(), y.len(), "{what}: {name}");
+        for (i, (p, q)) in x.iter().zip(y).enumerate() {
+            let same = (p.is_nan() && q.is_nan()) || (p - q).abs() <= 1e-5;
+            assert!(same, "{what}: {name}[{i}] {p} vs {q}");
+        }
+    }
+}
+
+/// Base, adapter and merge requests (one with prompt logprobs).
+fn mixed_requests(first_id: u64) -> Vec<Request> {
+    vec![
+        request(first_id, prompt(1, 45), 0, 6, true),
+        request(first_id + 1, prompt(2, 38), 1, 6, false),
+        request(first_id + 2, prompt(3, 51), 2, 6, true),
+    ]
+}
+
+fn run_alone(e: &mut Engine, requests: Vec<Request>) -> HashMap<u64, Output> {
+    let mut d = Driver::new();
+    d.join(e, 1, requests);
+    d.finish(e);
+    d.outputs
+}
+
+#[test]
+fn chunked_prefill_matches_one_step_prefill() {
+    let whole = run_alone(&mut engine(4096, 16, false, 4096), mixed_requests(10));
+    let mut small = engine(4096, 16, false, 7);
+    let chunked = run_alone(&mut small, mixed_requests(10));
+    for id in 10..13 {
+        assert_same(&whole[&id], &chunked[&id], &format!("request {id}"));
+        assert_eq!(whole[&id].prompt_logprobs.len() > 1, id != 11);
+    }
+    // 134 prompt tokens at 7 a step: the last first token comes after 20 steps.
+    assert_eq!(chunked[&12].steps[0], 134usize.div_ceil(7) - 1);
+}
+
+#[test]
+fn running_streams_keep_decoding_while_a_long_prompt_is_chunked() {
+    let mut e = engine(4096, 16, false, 8);
+    let mut d = Driver::new();
+    d.join(&mut e, 1, vec![request(1, prompt(5, 6), 0, 30, false)]);
+    d.decode(&mut e);
+    // A 60-token prompt joins: 8 steps of prefill, during which request 1 gets a token each.
+    d.join(&mut e, 2, vec![request(2, prompt(6, 60), 1, 4, false)]);
+    for _ in 0..7 {
+        d.decode(&mut e);
+    }
+    let first = &d.outputs[&1];
+    assert_eq!(
+        first.steps,
+        (0..10).collect::<Vec<_>>(),
+        "one token every step"
+    );
+    assert_eq!(
+        d.outputs[&2].steps,
+        vec![9],
+        "first token after the 8th chunk"
+    );
+    d.finish(&mut e);
+    // The same requests alone, unchunked.
+    let mut plain = engine(4096, 16, false, 4096);
+    let alone1 = run_alone(&mut plain, vec![request(1, prompt(5, 6), 0, 30, false)]);
+    let alone2 = run_alone(&mut plain, vec![request(2, prompt(6, 60), 1, 4, false)]);
+    assert_same(&alone1[&1], &d.outputs[&1], "decoding stream");
+    assert_same(&alone2[&2], &d.outputs[&2], "chunked prompt");
+}
+
+#[test]
+fn cached_prefixes_give_the_cold_results_and_never_cross_adapters() {
+    let shared = prompt(7, 40);
+    let with_suffix = |s: u32| {
+        let mut p = shared.clone();
+        p.extend(prompt(s, 9));
+        p
+    };
+    let reqs = |first: u64| {
+        vec![
+            request(first, with_suffix(1), 0, 5, false),
+            request(first + 1, with_suffix(2), 1, 5, false),
+            request(first + 2, with_suffix(3), 2, 5, false),
+        ]
+    };
+    let mut cold = engine(4096, 16, false, 4096);
+    let mut warm = engine(4096, 16, true, 4096);
+    // Warm the cache with the shared prefix under the base model only.
+    run_alone(&mut warm, vec![request(1, shared.clone(), 0, 2, false)]);
+    let want = run_alone(&mut cold, reqs(10));
+    let got = run_alone(&mut warm, reqs(10));
+    for id in 10..13 {
+        assert_same(&want[&id], &got[&id], &format!("request {id}"));
+    }
+    // 32 of the 40 shared tokens (two full blocks) under the base model; nothing under the
+    // adapter or the merge, whose keys and values differ.
+    assert_eq!(got[&10].cached, Some(32));
+    assert_eq!(got[&11].cached, Some(0));
+    assert_eq!(got[&12].cached, Some(0));
+    // Now each adapter's blocks are cached too: the same requests again hit all three.
+    let again = run_alone(&mut warm, reqs(20));
+    for (k, id) in (20..23).enumerate() {
+        assert_eq!(again[&id].cached, Some(48), "request {id}");
+        assert_same(
+            &want[&(10 + k as u64)],
+            &again[&id],
+            &format!("request {id}"),
+        );
+    }
+}
+
+#[test]
+fn a_full_pool_preempts_and_recomputes_with_the_same_results() {
+    let reqs = || {
+        (0..6u64)
+            .map(|i| {
+                request(
+                    100 + i,
+                    prompt(i as u32, 20 + i as usize),
+                    (i % 3) as u32,
+                    24,
+                    i == 0,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut roomy = engine(4096, 8, false, 4096);
+    let want = run_alone(&mut roomy, reqs());
+    // Six sequences of up to 49 tokens in a pool of 128: two or three fit at a time.
+    for prefix in [false, true] {
+        let mut tight = engine(128, 8, prefix, 4096);
+        let mut d = Driver::new();
+        d.join(&mut tight, 1, reqs());
+        d.finish(&mut tight);
+        assert!(d.preempted_steps > 0, "the pool never ran out");
+        for id in 100..106 {
+            assert_same(
+                &want[&id],
+                &d.outputs[&id],
+                &format!("request {id} (prefix {prefix})"),
+            );
+            assert_eq!(d.outputs[&id].ids.len(), 24);
+        }
+        assert_eq!(tight.active_sequences(), 0, "every block released");
+    }
+}
+
+#[test]
+fn a_sequence_longer_than_the_pool_fails_cleanly() {
+    let mut e = engine(32, 8, true, 4096);
+    // The first step computes the 32 prompt tokens that fit; the next cannot go on.
+    let first = e
+        .prefill(
+            Batch {
+                id: 1,
+                requests: vec![request(1, prompt(1, 40), 0, 4, false)],
+                max_tokens: 0,
+            },
+            vec![],
+        )
+        .unwrap();
+    assert!(first.generations.is_empty());
+    let batch = first.batch.unwrap();
+    assert_eq!((batch.current_tokens, batch.pending_tokens), (32, 8));
+    let err = e.decode(vec![batch]).unwrap_err();
+    assert!(err.to_string().contains("cannot hold"), "{err}");
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::ResourceExhausted
+    );
+    assert_eq!(e.active_sequences(), 0);
+    // The engine still serves what fits.
+    let out = run_alone(&mut e, vec![request(2, prompt(2, 20), 0, 4, false)]);
+    assert_eq!(out[&2].ids.len(), 4);
+}
+
+/// Logits of every prompt row, computed in one step and in 7-token chunks (block size 4, so
+/// chunks end inside blocks), for the base model, the adapter and the merge.
+#[test]
+fn chunked_logits_equal_one_step_logits() {
+    use medley_shard::model::{ForwardBatch, SeqChunk};
+    let dir = fixtures().join("tiny-llama");
+    let model = LlamaModel::load(&dir, &LoadOptions::default()).unwrap();
+    let adapters = store(&model);
+    let kv_cfg = KvCacheConfig {
+        capacity_tokens: 1024,
+        block_tokens: 4,
+        prefix_caching: false,
+    };
+    let p = prompt(9, 61);
+    for slot in 0..3u32 {
+        let run = |chunk: usize| {
+            let mut kv =
+                KvCache::new(model.kv_config(), model.dtype(), model.device(), kv_cfg).unwrap();
+            kv.allocate(1, 64).unwrap();
+            let mut rows = vec![];
+            for (i, tokens) in p.chunks(chunk).enumerate() {
+                let batch = ForwardBatch {
+                    chunks: vec![SeqChunk {
+                        seq_id: 1,
+                        tokens: tokens.to_vec(),
+                        start_pos: i * chunk,
+                        adapter_slot: slot,
+                        all_logits: true,
+                    }],
+                };
+                let logits = model.forward(&batch, &mut kv, &adapters).unwrap();
+                rows.extend(logits.to_vec2::<f32>().unwrap());
+            }
+            rows
+        };
+        let (whole, chunked) = (run(p.len()), run(7));
+        assert_eq!(whole.len(), chunked.len());
+        let worst = whole
+            .iter()
+            .flatten()
+            .zip(chunked.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "slot {slot}: logits differ by {worst}");
+    }
+}
