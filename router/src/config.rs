@@ -46,11 +46,13 @@ pub struct RouterArgs {
     #[arg(long, env = "VALIDATION_WORKERS", default_value_t = 2)]
     pub validation_workers: usize,
     /// Prompt tokens the shards compute per forward step; a longer prompt is prefilled over
-    /// several steps while running requests keep decoding. 512 bounds the stall of running
-    /// streams to about one 512-token forward (raise it on GPUs, e.g. 2048-8192, where a step's
-    /// cost is flat up to thousands of tokens). May be smaller than --max-input-length.
-    #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS", default_value_t = DEFAULT_MAX_BATCH_PREFILL_TOKENS)]
-    pub max_batch_prefill_tokens: u32,
+    /// several steps while running requests keep decoding. May be smaller than
+    /// --max-input-length. Default: 64 on CPU shards (a step costs about the weights' read plus
+    /// a few ms per prompt token, so 64 keeps a step that carries a prompt chunk within about
+    /// 2-3 decode steps), 2048 on GPU shards (a step's cost is nearly flat up to thousands of
+    /// tokens there).
+    #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS")]
+    pub max_batch_prefill_tokens: Option<u32>,
     /// Maximum tokens (prompt + max new) of all running requests; defaults to what the shards'
     /// KV cache holds after warmup. A larger value over-commits the KV cache: when it runs out,
     /// the shards preempt requests and recompute them later.
@@ -138,8 +140,11 @@ pub struct Limits {
 /// Continuous-batching budgets.
 #[derive(Debug, Clone)]
 pub struct BatchingConfig {
-    /// See [`RouterArgs::max_batch_prefill_tokens`].
+    /// See [`RouterArgs::max_batch_prefill_tokens`]; until [`RouterConfig::fit_device`] the
+    /// CPU default when the flag is unset.
     pub max_batch_prefill_tokens: u32,
+    /// The flag was given (the device does not choose the default).
+    pub max_batch_prefill_tokens_set: bool,
     /// See [`RouterArgs::max_batch_total_tokens`].
     pub max_batch_total_tokens: Option<u32>,
     /// See [`RouterArgs::max_batch_size`].
@@ -221,10 +226,18 @@ pub enum ConfigError {
 pub const DEFAULT_MAX_TOTAL_TOKENS: u32 = 2048;
 /// Default of `--max-input-length` when `--max-total-tokens` allows it.
 pub const DEFAULT_MAX_INPUT_LENGTH: u32 = 1024;
-/// Default of `--max-batch-prefill-tokens`: prompt tokens per forward step.
-pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS: u32 = 512;
+/// Default of `--max-batch-prefill-tokens` on CPU shards: prompt tokens per forward step.
+pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU: u32 = 64;
+/// Default of `--max-batch-prefill-tokens` on GPU shards.
+pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS_GPU: u32 = 2048;
 
 impl RouterArgs {
+    /// `--max-batch-prefill-tokens`, else the CPU default.
+    fn prefill_tokens(&self) -> u32 {
+        self.max_batch_prefill_tokens
+            .unwrap_or(DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU)
+    }
+
     /// The token-limit flags as given.
     pub fn token_flags(&self) -> TokenFlags {
         TokenFlags {
@@ -244,10 +257,11 @@ impl RouterArgs {
     ) -> Result<RouterConfig, ConfigError> {
         let token_flags = self.token_flags();
         let (max_input_length, max_total_tokens) = token_flags.resolve(None);
+        let prefill_tokens = self.prefill_tokens();
         check_token_limits(
             max_input_length,
             max_total_tokens,
-            self.max_batch_prefill_tokens,
+            prefill_tokens,
             self.max_batch_total_tokens,
         )?;
         if self.max_concurrent_requests == 0 || self.validation_workers == 0 {
@@ -323,7 +337,8 @@ impl RouterArgs {
                 adapters: policy,
             },
             batching: BatchingConfig {
-                max_batch_prefill_tokens: self.max_batch_prefill_tokens,
+                max_batch_prefill_tokens: prefill_tokens,
+                max_batch_prefill_tokens_set: self.max_batch_prefill_tokens.is_some(),
                 max_batch_total_tokens: self.max_batch_total_tokens,
                 max_batch_size: self.max_batch_size,
                 waiting_served_ratio: self.waiting_served_ratio,
@@ -349,6 +364,17 @@ impl RouterConfig {
         self.limits.max_input_length = input;
         self.limits.max_total_tokens = total;
         Ok(())
+    }
+
+    /// Sets the per-step prompt budget for the shards' device (`device_type` from `Info`:
+    /// `cpu` or `cuda`) unless the flag gave one.
+    pub fn fit_device(&mut self, device_type: &str) {
+        if !self.batching.max_batch_prefill_tokens_set {
+            self.batching.max_batch_prefill_tokens = match device_type {
+                "cpu" => DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU,
+                _ => DEFAULT_MAX_BATCH_PREFILL_TOKENS_GPU,
+            };
+        }
     }
 }
 
@@ -449,11 +475,16 @@ mod tests {
     #[test]
     fn the_prefill_budget_is_per_step_and_may_be_below_the_input_length() {
         let cfg = |flags: &[&str]| args(flags).into_config("m".into(), PathBuf::new(), vec![]);
-        let c = cfg(&[]).unwrap();
-        assert_eq!(c.batching.max_batch_prefill_tokens, 512);
+        let mut c = cfg(&[]).unwrap();
+        assert_eq!(c.batching.max_batch_prefill_tokens, 64);
         assert!(c.batching.max_batch_prefill_tokens < c.limits.max_input_length);
+        c.fit_device("cuda");
+        assert_eq!(c.batching.max_batch_prefill_tokens, 2048);
+        c.fit_device("cpu");
+        assert_eq!(c.batching.max_batch_prefill_tokens, 64);
         let mut c = cfg(&["--max-batch-prefill-tokens", "10"]).expect("prompts are chunked");
-        assert_eq!(c.batching.max_batch_prefill_tokens, 10);
+        c.fit_device("cuda");
+        assert_eq!(c.batching.max_batch_prefill_tokens, 10, "the flag wins");
         c.fit_model(4096).expect("still fits the model");
         let err = cfg(&["--max-batch-prefill-tokens", "0"]).unwrap_err();
         assert!(err.to_string().contains("must be positive"), "{err}");

@@ -128,26 +128,11 @@ async fn metric(http: &str, name: &str) -> anyhow::Result<f64> {
         .sum())
 }
 
-async fn start(
-    args: &Args,
-    model: &std::path::Path,
-    flags: &str,
-    extra: &[String],
-) -> anyhow::Result<Server> {
-    let mut serve: Vec<String> = [
-        "--max-input-length",
-        "2048",
-        "--max-total-tokens",
-        "2304",
-        "--max-concurrent-requests",
-        "256",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    serve.extend(extra.iter().cloned());
+/// Starts `medley serve` with `limits` (token-limit flags), then the variant's `flags`.
+async fn start(model: &std::path::Path, limits: &[String], flags: &str) -> anyhow::Result<Server> {
+    let mut serve = vec!["--max-concurrent-requests".to_string(), "256".into()];
+    serve.extend(limits.iter().cloned());
     serve.extend(flags.split_whitespace().map(str::to_string));
-    let _ = args;
     Server::start(ServerOptions {
         model: Some(model.to_path_buf()),
         args: serve,
@@ -309,7 +294,8 @@ async fn generate_all(
 async fn preempt(http: &str, args: &Args) -> anyhow::Result<String> {
     let mut prompts = vec![];
     for k in 0..args.concurrency {
-        prompts.push(text_of(http, args.half_length, 300 + k).await?);
+        // Room for the BOS token the server adds.
+        prompts.push(text_of(http, args.half_length - 2, 300 + k).await?);
     }
     let new = args.half_length;
     let t = Instant::now();
@@ -336,16 +322,24 @@ async fn main() -> anyhow::Result<()> {
     for scenario in &args.scenarios {
         for (variant, flags) in [("before", &args.before), ("after", &args.after)] {
             let full = 2 * args.half_length;
-            let extra: Vec<String> = match scenario.as_str() {
-                "preempt" => vec![
+            let limits: Vec<String> = match scenario.as_str() {
+                // A pool of `pool_seqs` full-length requests, a batch budget of `concurrency`.
+                "preempt" => [
+                    "--max-input-length".to_string(),
+                    (full - 1).to_string(),
+                    "--max-total-tokens".into(),
+                    full.to_string(),
                     "--kv-cache-tokens".into(),
                     (args.pool_seqs * full).to_string(),
                     "--max-batch-total-tokens".into(),
                     (args.concurrency * full).to_string(),
-                ],
-                _ => vec![],
+                ]
+                .to_vec(),
+                _ => ["--max-input-length", "2047", "--max-total-tokens", "2048"]
+                    .map(String::from)
+                    .to_vec(),
             };
-            let server = start(&args, &model, flags, &extra).await?;
+            let server = start(&model, &limits, flags).await?;
             let http = server.http.clone();
             let line = match scenario.as_str() {
                 "join" => join(&http, &args).await,

@@ -176,6 +176,7 @@ pub async fn connect(
     config
         .fit_model(info.max_position_embeddings)
         .map_err(|e| BackendError::Config(e.to_string()))?;
+    config.fit_device(&info.device_type);
     let backend = ShardBackend::start(client, &config).await?;
     let backend = RecoveringBackend::new(
         backend,
