@@ -268,14 +268,7 @@ impl Engine {
         self.arrivals += fresh.len() as u64;
         let mut allocated = Vec::with_capacity(fresh.len());
         for s in &mut fresh {
-            let cached = if s.prefill_logprobs {
-                // Prompt logprobs need every prompt row: nothing comes from the cache.
-                self.kv.allocate(s.id, s.max_tokens).map(|_| 0)
-            } else {
-                self.kv
-                    .allocate_cached(s.id, s.max_tokens, s.identity, &s.tokens)
-            };
-            match cached {
+            match schedule::allocate(s, &mut self.kv) {
                 Ok(n) => {
                     s.computed = n;
                     s.cached_tokens = n;

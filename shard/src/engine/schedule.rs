@@ -155,16 +155,22 @@ pub(crate) fn preempt(s: &mut Sequence, kv: &mut KvCache) {
 
 /// Gives a preempted sequence a KV entry again, taking what the prefix cache still holds.
 fn resume(s: &mut Sequence, kv: &mut KvCache) -> Result<(), EngineError> {
-    let cached = if s.prefill_logprobs && s.generated() == 0 {
-        kv.allocate(s.id, s.max_tokens).map(|_| 0)
-    } else {
-        kv.allocate_cached(s.id, s.max_tokens, s.identity, &s.tokens)
-    }
-    .map_err(kv_error)?;
+    let cached = allocate(s, kv).map_err(kv_error)?;
     s.computed = cached;
     s.preempted = false;
     tracing::debug!(request = s.id, cached, "preempted sequence resumed");
     Ok(())
+}
+
+/// Gives `s` a KV entry holding what the prefix cache has of its tokens; returns those tokens.
+/// A sequence that still wants its prompt logprobs needs every prompt row computed, so it takes
+/// nothing from the cache.
+pub(crate) fn allocate(s: &Sequence, kv: &mut KvCache) -> Result<usize, KvCacheError> {
+    if s.prefill_logprobs && s.generated() == 0 {
+        kv.allocate(s.id, s.max_tokens).map(|_| 0)
+    } else {
+        kv.allocate_cached(s.id, s.max_tokens, s.identity, &s.tokens)
+    }
 }
 
 fn kv_error(e: KvCacheError) -> EngineError {
