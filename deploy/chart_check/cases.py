@@ -29,6 +29,15 @@ def expect_everything_on(case: str, docs: list[dict[str, Any]], values: dict[str
     env = {e["name"]: e for e in container(docs)["env"]}
     if env.get("HF_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {}).get("name") != "hf-token":
         fail(case, "HF_TOKEN must come from the secret")
+    args = [str(a) for a in container(docs)["args"]]
+    for name, want in [
+        ("--kv-cache-tokens", "4096"),
+        ("--kv-block-size", "32"),
+        ("--prefix-caching", "off"),
+        ("--max-idle-prefill-tokens", "1024"),
+    ]:
+        if flag(args, name) != want:
+            fail(case, f"{name} {flag(args, name)}, expected {want}")
     (deployment,) = find(docs, "Deployment")
     if "replicas" in deployment["spec"]:
         fail(case, "replicas must be left to the HPA")
@@ -38,14 +47,20 @@ INLINE_CASES: dict[str, tuple[dict[str, Any], Callable[..., None] | None]] = {
     "defaults": ({}, expect_defaults),
     "everything-on": (
         {
-            "model": {"id": "org/name", "revision": "v1", "kvCacheTokens": 4096},
+            "model": {
+                "id": "org/name",
+                "revision": "v1",
+                "kvCacheTokens": 4096,
+                "kvBlockSize": 32,
+                "prefixCaching": False,
+            },
             "gpu": {"count": 2},
             "hub": {"tokenSecret": {"name": "hf-token"}, "offline": True},
             "cache": {"persistence": {"enabled": True, "storageClass": "fast"}},
             "podDisruptionBudget": {"enabled": True},
             "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 70},
             "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
-            "server": {"maxInputLength": 2048, "maxTotalTokens": 4096},
+            "server": {"maxInputLength": 2048, "maxTotalTokens": 4096, "maxIdlePrefillTokens": 1024},
             "extraArgs": [{"name": "--max-stop-sequences", "value": 8}, {"name": "--some-bare-flag"}],
             "shm": {"enabled": False},
             "probes": {"liveness": {"enabled": False}},

@@ -96,9 +96,15 @@ from values first, then extraArgs in their order. A pair with an empty value is 
 {{- with $v.model.kvCacheTokens }}
 {{- $args = append $args (dict "name" "--kv-cache-tokens" "value" (. | int64 | toString)) }}
 {{- end }}
+{{- with $v.model.kvBlockSize }}
+{{- $args = append $args (dict "name" "--kv-block-size" "value" (. | int64 | toString)) }}
+{{- end }}
+{{- if not (kindIs "invalid" $v.model.prefixCaching) }}
+{{- $args = append $args (dict "name" "--prefix-caching" "value" (ternary "on" "off" $v.model.prefixCaching)) }}
+{{- end }}
 {{- $args = append $args (dict "name" "--shard-startup-timeout" "value" ($v.server.shardStartupTimeout | int64 | toString)) }}
 {{- $args = append $args (dict "name" "--graceful-termination-timeout" "value" ($v.server.gracefulTerminationTimeout | int64 | toString)) }}
-{{- range $key, $flag := dict "maxConcurrentRequests" "--max-concurrent-requests" "maxInputLength" "--max-input-length" "maxTotalTokens" "--max-total-tokens" "maxBatchPrefillTokens" "--max-batch-prefill-tokens" "maxBatchTotalTokens" "--max-batch-total-tokens" }}
+{{- range $key, $flag := dict "maxConcurrentRequests" "--max-concurrent-requests" "maxInputLength" "--max-input-length" "maxTotalTokens" "--max-total-tokens" "maxBatchPrefillTokens" "--max-batch-prefill-tokens" "maxIdlePrefillTokens" "--max-idle-prefill-tokens" "maxBatchTotalTokens" "--max-batch-total-tokens" }}
 {{- $value := index $v.server $key }}
 {{- if not (kindIs "invalid" $value) }}
 {{- $args = append $args (dict "name" $flag "value" ($value | int64 | toString)) }}
