@@ -45,14 +45,21 @@ pub struct RouterArgs {
     /// Number of tokenizer worker threads.
     #[arg(long, env = "VALIDATION_WORKERS", default_value_t = 2)]
     pub validation_workers: usize,
-    /// Prompt tokens the shards compute per forward step; a longer prompt is prefilled over
-    /// several steps while running requests keep decoding. May be smaller than
-    /// --max-input-length. Default: 64 on CPU shards (a step costs about the weights' read plus
-    /// a few ms per prompt token, so 64 keeps a step that carries a prompt chunk within about
-    /// 2-3 decode steps), 2048 on GPU shards (a step's cost is nearly flat up to thousands of
-    /// tokens there).
+    /// Prompt tokens the shards compute per forward step while requests decode in it; a
+    /// longer prompt is prefilled over several steps while running requests keep decoding. May
+    /// be smaller than --max-input-length. Default: 32 on CPU shards (there a step's cost grows
+    /// with its rows, prompt or decode alike, so a 32-token chunk keeps the step that carries
+    /// it within about 3 decode steps of 16 streams), 2048 on GPU shards (a step's cost is
+    /// nearly flat up to thousands of tokens there). With more running requests a step may
+    /// carry two prompt tokens per request (up to --max-idle-prefill-tokens), so admission
+    /// keeps up with many streams.
     #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS")]
     pub max_batch_prefill_tokens: Option<u32>,
+    /// Prompt tokens of a step in which no request decodes (nobody's stream waits on it), so a
+    /// lone prompt is prefilled in larger chunks; never less than --max-batch-prefill-tokens.
+    /// Default 512: about where prompt throughput on a CPU levels off.
+    #[arg(long, env = "MAX_IDLE_PREFILL_TOKENS")]
+    pub max_idle_prefill_tokens: Option<u32>,
     /// Maximum tokens (prompt + max new) of all running requests; defaults to what the shards'
     /// KV cache holds after warmup. A larger value over-commits the KV cache: when it runs out,
     /// the shards preempt requests and recompute them later.
@@ -62,8 +69,12 @@ pub struct RouterArgs {
     #[arg(long, env = "MAX_BATCH_SIZE")]
     pub max_batch_size: Option<usize>,
     /// Add waiting requests to a running batch only when at least this fraction of the batch
-    /// size is waiting (unless they waited `max_waiting_tokens` steps).
-    #[arg(long, env = "WAITING_SERVED_RATIO", default_value_t = 0.3)]
+    /// size is waiting (unless they waited `max_waiting_tokens` steps). 0 (the default) admits
+    /// a waiting request at the next step: prompts are prefilled in chunks of at most
+    /// `--max-batch-prefill-tokens` per step, so a lone newcomer costs the running streams one
+    /// bounded step, and holding it back (TGI's 1.2, meant for unbounded prefills) would only
+    /// add to its time to first token.
+    #[arg(long, env = "WAITING_SERVED_RATIO", default_value_t = 0.0)]
     pub waiting_served_ratio: f32,
     /// Decode steps a waiting request may be held back before it is forced into the batch.
     #[arg(long, env = "MAX_WAITING_TOKENS", default_value_t = 20)]
@@ -145,6 +156,9 @@ pub struct BatchingConfig {
     pub max_batch_prefill_tokens: u32,
     /// The flag was given (the device does not choose the default).
     pub max_batch_prefill_tokens_set: bool,
+    /// See [`RouterArgs::max_idle_prefill_tokens`] (as given; [`Self::idle_prefill_tokens`]
+    /// resolves it).
+    pub max_idle_prefill_tokens: Option<u32>,
     /// See [`RouterArgs::max_batch_total_tokens`].
     pub max_batch_total_tokens: Option<u32>,
     /// See [`RouterArgs::max_batch_size`].
@@ -157,6 +171,36 @@ pub struct BatchingConfig {
     pub max_active_adapters: usize,
     /// See [`RouterArgs::adapter_cycle_time`].
     pub adapter_cycle_time: Duration,
+}
+
+/// Prompt rows a shard step may carry per decode row beyond `--max-batch-prefill-tokens` (the
+/// shards' scheduler uses the same number): where a step's cost grows with its rows (CPUs), a
+/// step with prompt chunks then costs at most about three decode-only steps, while admission
+/// keeps up with many streams.
+pub const PROMPT_ROWS_PER_DECODE_ROW: u32 = 2;
+
+impl BatchingConfig {
+    /// Prompt tokens of a step in which no request decodes: `--max-idle-prefill-tokens` (else
+    /// its default), never less than the per-step budget.
+    pub fn idle_prefill_tokens(&self) -> u32 {
+        self.max_idle_prefill_tokens
+            .unwrap_or(DEFAULT_MAX_IDLE_PREFILL_TOKENS)
+            .max(self.max_batch_prefill_tokens)
+    }
+
+    /// Prompt tokens of a step over `running` requests: the idle budget when none runs, else
+    /// [`PROMPT_ROWS_PER_DECODE_ROW`] per request, at least `--max-batch-prefill-tokens` and
+    /// at most the idle budget.
+    pub fn step_prompt_tokens(&self, running: u32) -> u32 {
+        let idle = self.idle_prefill_tokens();
+        if running == 0 {
+            idle
+        } else {
+            running
+                .saturating_mul(PROMPT_ROWS_PER_DECODE_ROW)
+                .clamp(self.max_batch_prefill_tokens, idle)
+        }
+    }
 }
 
 /// Everything the router needs to run.
@@ -227,7 +271,9 @@ pub const DEFAULT_MAX_TOTAL_TOKENS: u32 = 2048;
 /// Default of `--max-input-length` when `--max-total-tokens` allows it.
 pub const DEFAULT_MAX_INPUT_LENGTH: u32 = 1024;
 /// Default of `--max-batch-prefill-tokens` on CPU shards: prompt tokens per forward step.
-pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU: u32 = 64;
+pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU: u32 = 32;
+/// Default of `--max-idle-prefill-tokens` (raised to `--max-batch-prefill-tokens` if below).
+pub const DEFAULT_MAX_IDLE_PREFILL_TOKENS: u32 = 512;
 /// Default of `--max-batch-prefill-tokens` on GPU shards.
 pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS_GPU: u32 = 2048;
 
@@ -264,6 +310,11 @@ impl RouterArgs {
             prefill_tokens,
             self.max_batch_total_tokens,
         )?;
+        if self.max_idle_prefill_tokens == Some(0) {
+            return Err(ConfigError::Invalid(
+                "--max-idle-prefill-tokens must be positive".into(),
+            ));
+        }
         if self.max_concurrent_requests == 0 || self.validation_workers == 0 {
             return Err(ConfigError::Invalid(
                 "--max-concurrent-requests and --validation-workers must be positive".into(),
@@ -339,6 +390,7 @@ impl RouterArgs {
             batching: BatchingConfig {
                 max_batch_prefill_tokens: prefill_tokens,
                 max_batch_prefill_tokens_set: self.max_batch_prefill_tokens.is_some(),
+                max_idle_prefill_tokens: self.max_idle_prefill_tokens,
                 max_batch_total_tokens: self.max_batch_total_tokens,
                 max_batch_size: self.max_batch_size,
                 waiting_served_ratio: self.waiting_served_ratio,
@@ -476,12 +528,26 @@ mod tests {
     fn the_prefill_budget_is_per_step_and_may_be_below_the_input_length() {
         let cfg = |flags: &[&str]| args(flags).into_config("m".into(), PathBuf::new(), vec![]);
         let mut c = cfg(&[]).unwrap();
-        assert_eq!(c.batching.max_batch_prefill_tokens, 64);
+        assert_eq!(
+            c.batching.waiting_served_ratio, 0.0,
+            "chunks bound a newcomer's cost"
+        );
+        assert_eq!(c.batching.max_batch_prefill_tokens, 32);
+        assert_eq!(c.batching.idle_prefill_tokens(), 512);
         assert!(c.batching.max_batch_prefill_tokens < c.limits.max_input_length);
         c.fit_device("cuda");
         assert_eq!(c.batching.max_batch_prefill_tokens, 2048);
+        assert_eq!(
+            c.batching.idle_prefill_tokens(),
+            2048,
+            "never below the busy budget"
+        );
         c.fit_device("cpu");
-        assert_eq!(c.batching.max_batch_prefill_tokens, 64);
+        assert_eq!(c.batching.max_batch_prefill_tokens, 32);
+        let c = cfg(&["--max-idle-prefill-tokens", "100"]).unwrap();
+        assert_eq!(c.batching.idle_prefill_tokens(), 100);
+        let err = cfg(&["--max-idle-prefill-tokens", "0"]).unwrap_err();
+        assert!(err.to_string().contains("must be positive"), "{err}");
         let mut c = cfg(&["--max-batch-prefill-tokens", "10"]).expect("prompts are chunked");
         c.fit_device("cuda");
         assert_eq!(c.batching.max_batch_prefill_tokens, 10, "the flag wins");

@@ -13,8 +13,12 @@
 //! with torch and transformers), `scripts/bench/prefill_transformers.py` times
 //! `LlamaForCausalLM` (SDPA, f32, `use_cache=False`) on the same checkpoint and token ids in the
 //! same run, with as many torch threads as Medley has; it computes the logits of every position
-//! unless `--transformers-last-logits`. The table's last column is Medley's tok/s relative to its
-//! own at 512 tokens.
+//! unless `--transformers-last-logits`. The table's last columns are Medley's tok/s relative to
+//! its own at 512 tokens, and the ceiling of that ratio: what it would be if every FLOP of the
+//! forward (projections, MLP, causal attention, the last row's `lm_head`) ran at one rate. As the
+//! prompt grows, attention's share of the work grows with it (a model with a small hidden size
+//! and many heads, like SmolLM2-135M, reaches a ratio well below 1 even at a constant FLOP
+//! rate); the `GFLOP/s` column shows the rate Medley reached.
 //!
 //! Random models come from `medley_shard::fixture::write_model` (SmolLM2-135M's shape by default,
 //! tied embeddings), written once under `--cache-dir`. `RAYON_NUM_THREADS` sets the CPU threads
@@ -134,6 +138,25 @@ fn prefill(model: &LlamaModel, tokens: &[u32]) -> anyhow::Result<f64> {
     Ok(s)
 }
 
+/// Floating-point operations of one prefill of `n` tokens (multiply-adds count 2): every
+/// projection and MLP matmul for each token, `Q·Kᵀ` and `P·V` over the causal triangle, and
+/// `lm_head` for the last row.
+fn prefill_flops(cfg: &medley_shard::model::ModelConfig, n: usize) -> f64 {
+    let (h, d) = (cfg.hidden_size as f64, cfg.head_dim as f64);
+    let (heads, kv) = (
+        cfg.num_attention_heads as f64,
+        cfg.num_key_value_heads as f64,
+    );
+    let per_layer_params =
+        2.0 * h * heads * d + 2.0 * h * kv * d + 3.0 * h * cfg.intermediate_size as f64;
+    let n = n as f64;
+    let layers = cfg.num_hidden_layers as f64;
+    let linear = 2.0 * n * per_layer_params * layers;
+    // Query i sees i + 1 keys: two products of `d` multiply-adds per (query, key, head).
+    let attention = 2.0 * 2.0 * d * heads * (n * (n + 1.0) / 2.0) * layers;
+    linear + attention + 2.0 * h * cfg.vocab_size as f64
+}
+
 /// transformers' best seconds per length, from `scripts/bench/prefill_transformers.py`.
 fn transformers_times(
     args: &Args,
@@ -205,7 +228,7 @@ fn main() -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("loading {}", dir.display()))?;
-    let cfg = model.config();
+    let cfg = model.config().clone();
     // candle's CPU pool follows RAYON_NUM_THREADS, as rayon's does.
     let threads = candle_core::utils::get_num_threads();
     println!(
@@ -261,22 +284,27 @@ fn main() -> anyhow::Result<()> {
         args.repeats
     );
     println!(
-        "| tokens | medley s | medley tok/s | transformers s | transformers tok/s | medley/transformers | tok/s vs 512 |"
+        "| tokens | medley s | medley tok/s | medley GFLOP/s | transformers s | transformers tok/s | medley/transformers | tok/s vs 512 | ceiling vs 512 |"
     );
     println!(
-        "|-------:|---------:|-------------:|---------------:|-------------------:|--------------------:|-------------:|"
+        "|-------:|---------:|-------------:|---------------:|---------------:|-------------------:|--------------------:|-------------:|---------------:|"
     );
+    // tok/s vs 512 if every FLOP ran at one rate.
+    let ceiling =
+        |n: usize| (prefill_flops(&cfg, 512) / 512.0) / (prefill_flops(&cfg, n) / n as f64);
     let dash = || "-".to_string();
     for &n in &args.lengths {
         let m = medley[&n];
         let h = hf.get(&n).copied();
         println!(
-            "| {n:>6} | {m:>8.3} | {:>12.1} | {:>14} | {:>18} | {:>19} | {:>12} |",
+            "| {n:>6} | {m:>8.3} | {:>12.1} | {:>14.1} | {:>14} | {:>18} | {:>19} | {:>12} | {:>13.0}% |",
             rate(n, m),
+            prefill_flops(&cfg, n) / m / 1e9,
             h.map_or_else(dash, |s| format!("{s:.3}")),
             h.map_or_else(dash, |s| format!("{:.1}", rate(n, s))),
             h.map_or_else(dash, |s| format!("{:.2}", s / m)),
             at_512.map_or_else(dash, |r| format!("{:.0}%", 100.0 * rate(n, m) / r)),
+            100.0 * ceiling(n),
         );
     }
     Ok(())

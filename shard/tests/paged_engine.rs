@@ -57,6 +57,18 @@ fn store(model: &LlamaModel) -> AdapterStore {
 
 /// An engine whose steps compute at most `step_tokens` prompt tokens.
 fn engine(kv_tokens: usize, block: usize, prefix: bool, step_tokens: u32) -> Engine {
+    engine_with(kv_tokens, block, prefix, step_tokens, 0)
+}
+
+/// An engine whose steps compute at most `step_tokens` prompt tokens while sequences decode
+/// in them, `idle_tokens` when none does.
+fn engine_with(
+    kv_tokens: usize,
+    block: usize,
+    prefix: bool,
+    step_tokens: u32,
+    idle_tokens: u32,
+) -> Engine {
     let dir = fixtures().join("tiny-llama");
     let model = LlamaModel::load(&dir, &LoadOptions::default()).unwrap();
     let cfg = model.config().clone();
@@ -87,6 +99,7 @@ fn engine(kv_tokens: usize, block: usize, prefix: bool, step_tokens: u32) -> Eng
     e.warmup(&WarmupParams {
         max_input_tokens: step_tokens,
         max_prefill_tokens: step_tokens,
+        max_idle_prefill_tokens: idle_tokens,
     })
     .unwrap();
     e
@@ -266,6 +279,33 @@ fn running_streams_keep_decoding_while_a_long_prompt_is_chunked() {
     let alone2 = run_alone(&mut plain, vec![request(2, prompt(6, 60), 1, 4, false)]);
     assert_same(&alone1[&1], &d.outputs[&1], "decoding stream");
     assert_same(&alone2[&2], &d.outputs[&2], "chunked prompt");
+}
+
+#[test]
+fn a_step_without_decodes_takes_the_idle_budget() {
+    let mut e = engine_with(4096, 16, false, 8, 40);
+    let mut d = Driver::new();
+    // Alone, a 60-token prompt takes 40 tokens, then 20: its first token comes in step 1.
+    d.join(&mut e, 1, vec![request(1, prompt(5, 60), 0, 30, false)]);
+    d.decode(&mut e);
+    assert_eq!(d.outputs[&1].steps, vec![1]);
+    // While request 1 decodes, another 60-token prompt gets 8 tokens a step.
+    d.join(&mut e, 2, vec![request(2, prompt(6, 60), 2, 4, false)]);
+    for _ in 0..7 {
+        d.decode(&mut e);
+    }
+    assert_eq!(d.outputs[&1].steps, (1..10).collect::<Vec<_>>());
+    assert_eq!(
+        d.outputs[&2].steps,
+        vec![9],
+        "first token after the 8th chunk"
+    );
+    d.finish(&mut e);
+    let mut plain = engine(4096, 16, false, 4096);
+    let alone1 = run_alone(&mut plain, vec![request(1, prompt(5, 60), 0, 30, false)]);
+    let alone2 = run_alone(&mut plain, vec![request(2, prompt(6, 60), 2, 4, false)]);
+    assert_same(&alone1[&1], &d.outputs[&1], "idle-budget prompt");
+    assert_same(&alone2[&2], &d.outputs[&2], "busy-budget prompt");
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! KV-cache load benchmarks: chunked prefill, prefix caching and preemption against the real
 //! `medley serve` on a random TinyLlama-shaped model, each scenario run on a server with the
-//! `--before` flags (one-step prefill, no prefix cache: what Medley did before the paged KV
-//! cache) and one with the `--after` flags (the defaults), in the same run.
+//! `--before` flags (one-step prefill, no prefix cache, TGI's waiting rule: what Medley did
+//! before the paged KV cache) and one with the `--after` flags (the defaults), in the same run.
+//! `--variants after` runs one side only; `KVLOAD_TRACE=1` prints the first stream's
+//! inter-token latencies in `join` (`*` marks those after the join was sent).
 //!
 //! ```text
 //! cargo bench -p medley-e2e --bench kvload -- --layers 4 --scenarios join,prefix,preempt
@@ -48,12 +50,15 @@ struct Args {
     /// `medley serve` flags of the "before" server (space separated).
     #[arg(
         long,
-        default_value = "--max-batch-prefill-tokens 8192 --prefix-caching off"
+        default_value = "--max-batch-prefill-tokens 8192 --max-idle-prefill-tokens 8192 --prefix-caching off --waiting-served-ratio 0.3"
     )]
     before: String,
     /// `medley serve` flags of the "after" server (space separated; empty = defaults).
     #[arg(long, default_value = "")]
     after: String,
+    /// Variants to run, in order (`before`, `after`).
+    #[arg(long, value_delimiter = ',', default_value = "before,after")]
+    variants: Vec<String>,
     /// join: running streams.
     #[arg(long, default_value_t = 16)]
     streams: usize,
@@ -180,6 +185,24 @@ async fn join(http: &str, args: &Args) -> anyhow::Result<String> {
             .filter(|(_, t)| **t > sent)
             .map(|(d, _)| d)
     }));
+    if std::env::var_os("KVLOAD_TRACE").is_some() {
+        let s = &running[0];
+        let line: Vec<String> = s
+            .itl
+            .iter()
+            .zip(&s.times[1..])
+            .map(|(d, t)| {
+                let mark = if *t > sent { "*" } else { "" };
+                format!("{mark}{:.0}", d.as_secs_f64() * 1e3)
+            })
+            .collect();
+        eprintln!(
+            "stream 0 ITLs: {}; first token {:?} before the join, last {:?} after",
+            line.join(" "),
+            sent.saturating_duration_since(s.times[0]),
+            s.times.last().map(|t| t.saturating_duration_since(sent))
+        );
+    }
     let (median, worst) = (
         percentile(&all, 0.5),
         after.last().copied().unwrap_or(f64::NAN),
@@ -321,6 +344,9 @@ async fn main() -> anyhow::Result<()> {
     println!("model: TinyLlama shape, {} layers, f32", args.layers);
     for scenario in &args.scenarios {
         for (variant, flags) in [("before", &args.before), ("after", &args.after)] {
+            if !args.variants.iter().any(|v| v == variant) {
+                continue;
+            }
             let full = 2 * args.half_length;
             let limits: Vec<String> = match scenario.as_str() {
                 // A pool of `pool_seqs` full-length requests, a batch budget of `concurrency`.

@@ -92,7 +92,9 @@ struct Args {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
-    /// Extra flags for `medley serve`.
+    /// Extra flags for `medley serve` (one per occurrence: `--serve-args=--flag
+    /// --serve-args=value`). What Medley did before chunked prefill and prefix caching:
+    /// `--max-batch-prefill-tokens 1024 --prefix-caching off --waiting-served-ratio 0.3`.
     #[arg(long, allow_hyphen_values = true)]
     serve_args: Vec<String>,
 }
@@ -324,8 +326,6 @@ async fn start_server(args: &Args, model: &Path, adapters: &[PathBuf]) -> anyhow
         "256".into(),
         "--max-total-tokens".into(),
         "512".into(),
-        "--max-batch-prefill-tokens".into(),
-        "1024".into(),
         "--max-concurrent-requests".into(),
         "256".into(),
     ];

@@ -5,9 +5,10 @@
 //! a sequence preempted for recomputation, produces none until it is done), and finished or
 //! cancelled requests are dropped from the shards' batch.
 //!
-//! Admission follows the shards' per-step prompt budget (`--max-batch-prefill-tokens`): new
-//! requests get what the running batch's pending prompt tokens leave of it, and none join while
-//! the shards hold requests preempted for lack of KV blocks.
+//! Admission follows the shards' per-step prompt budget (`BatchingConfig::step_prompt_tokens`:
+//! `--max-batch-prefill-tokens`, more with many running requests, `--max-idle-prefill-tokens`
+//! when nothing runs): new requests get what the running batch's pending prompt tokens leave of
+//! it, and none join while the shards hold requests preempted for lack of KV blocks.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -115,10 +116,11 @@ pub(crate) fn admission(
 ) -> Option<BatchBudget> {
     let b = &cfg.batching;
     let Some(running) = running else {
+        // Nothing decodes: the shards' step takes the idle budget.
         return Some(BatchBudget {
             min_size: None,
             max_size: b.max_batch_size,
-            prefill_tokens: b.max_batch_prefill_tokens,
+            prefill_tokens: b.step_prompt_tokens(0),
             total_tokens: cfg.max_batch_total_tokens,
             chunk_first: true,
         });
@@ -127,7 +129,7 @@ pub(crate) fn admission(
     // A full batch takes no one; `None` means no size limit.
     let room = b.max_batch_size.map(|m| m.saturating_sub(size));
     let prefill_tokens = b
-        .max_batch_prefill_tokens
+        .step_prompt_tokens(running.size)
         .saturating_sub(running.pending_tokens);
     if room == Some(0) || running.preempted > 0 || prefill_tokens == 0 {
         return None;

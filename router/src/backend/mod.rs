@@ -209,6 +209,7 @@ impl<S: ShardApi> ShardBackend<S> {
                 max_input_tokens: limits.max_input_length,
                 max_prefill_tokens: config.batching.max_batch_prefill_tokens,
                 max_total_tokens: limits.max_total_tokens,
+                max_idle_prefill_tokens: config.batching.idle_prefill_tokens(),
             })
             .await?;
         let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);

@@ -317,6 +317,33 @@ fn admission_leaves_the_step_budget_to_pending_prompts_and_waits_for_preempted_o
     assert_eq!(forced.min_size, None);
 }
 
+#[test]
+fn with_nothing_running_new_requests_get_the_idle_budget() {
+    let mut cfg = loop_config(32, None);
+    assert_eq!(
+        admission(&cfg, None, 0).map(|b| b.prefill_tokens),
+        Some(512)
+    );
+    cfg.batching.max_idle_prefill_tokens = Some(100);
+    assert_eq!(
+        admission(&cfg, None, 0).map(|b| b.prefill_tokens),
+        Some(100)
+    );
+    let busy = admission(&cfg, Some(&running(2, 0, 0)), 1).expect("room");
+    assert_eq!(busy.prefill_tokens, 32, "requests decode: the busy budget");
+    let many = admission(&cfg, Some(&running(40, 0, 0)), 1).expect("room");
+    assert_eq!(
+        many.prefill_tokens, 80,
+        "two prompt rows per running request"
+    );
+    let most = admission(&cfg, Some(&running(90, 30, 0)), 1).expect("room");
+    assert_eq!(most.prefill_tokens, 70, "at most the idle budget");
+    // With the default ratio (0) a lone newcomer joins a large batch at once.
+    cfg.batching.waiting_served_ratio = 0.0;
+    let lone = admission(&cfg, Some(&running(16, 0, 0)), 1).expect("room");
+    assert_eq!(lone.min_size, None);
+}
+
 #[tokio::test]
 async fn a_refused_new_request_fails_alone_and_the_running_batch_goes_on() {
     let shard = shard(2, 0);

@@ -47,6 +47,7 @@ pub(super) async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
             .max_batch_total_tokens
             .unwrap_or(backend.max_batch_total_tokens),
         max_batch_prefill_tokens: c.batching.max_batch_prefill_tokens,
+        max_idle_prefill_tokens: c.batching.idle_prefill_tokens(),
         max_waiting_tokens: c.batching.max_waiting_tokens,
         validation_workers: c.limits.validation_workers,
         eager_prefill: false,

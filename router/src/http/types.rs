@@ -286,6 +286,8 @@ pub struct InfoResponse {
     pub max_batch_total_tokens: u32,
     /// Batching: prompt tokens per forward step (longer prompts are prefilled in chunks).
     pub max_batch_prefill_tokens: u32,
+    /// Batching: prompt tokens of a step in which no request decodes.
+    pub max_idle_prefill_tokens: u32,
     /// Batching: decode steps a waiting request may be held back.
     pub max_waiting_tokens: usize,
     /// Tokenizer worker threads.

@@ -404,6 +404,7 @@ pub(crate) fn test_config(limits: Limits, tokenizer_path: PathBuf) -> RouterConf
         batching: BatchingConfig {
             max_batch_prefill_tokens: 4096,
             max_batch_prefill_tokens_set: true,
+            max_idle_prefill_tokens: None,
             max_batch_total_tokens: None,
             max_batch_size: None,
             waiting_served_ratio: 0.3,

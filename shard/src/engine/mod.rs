@@ -20,7 +20,7 @@ use crate::kv_cache::{AdapterIdentity, KvCache};
 use crate::model::{ForwardBatch, LlamaModel, SeqChunk};
 
 pub use handle::{EngineHandle, EngineThreadSettings};
-use schedule::StepPlan;
+use schedule::{StepBudget, StepPlan};
 use sequence::{SeqLimits, Sequence};
 pub use text::TextContext;
 pub use types::{
@@ -102,13 +102,16 @@ pub struct Engine {
     adapters: AdapterStore,
     batches: HashMap<u64, BatchState>,
     /// Prompt tokens one step may compute (chunked prefill), set by the router's warm-up.
-    step_prompt_tokens: usize,
+    step_prompt_tokens: StepBudget,
     /// Arrival counter of sequences.
     arrivals: u64,
 }
 
 /// Default prompt tokens per step until the router's warm-up sets it.
-const DEFAULT_STEP_PROMPT_TOKENS: usize = 4096;
+const DEFAULT_STEP_PROMPT_TOKENS: StepBudget = StepBudget {
+    busy: 4096,
+    idle: 4096,
+};
 
 impl Engine {
     /// Builds an engine around a loaded model and its (usually empty) adapter slots.
@@ -171,9 +174,11 @@ impl Engine {
     /// worst-case step (split into requests of at most `max_input_tokens`, and cut to what the
     /// KV pool holds) to check the model runs, then frees it. Returns the KV capacity.
     pub fn warmup(&mut self, req: &WarmupParams) -> Result<WarmupResult, EngineError> {
-        self.step_prompt_tokens = (req.max_prefill_tokens as usize).max(1);
+        self.step_prompt_tokens =
+            StepBudget::new(req.max_prefill_tokens, req.max_idle_prefill_tokens);
         let per_req = (req.max_input_tokens as usize).clamp(1, self.max_positions() - 1);
-        let mut remaining = self.step_prompt_tokens;
+        // The largest step: one in which no sequence decodes.
+        let mut remaining = self.step_prompt_tokens.idle;
         let mut blocks_left = self.kv.available_blocks();
         let mut chunks = vec![];
         let mut id = u64::MAX;

@@ -1,6 +1,9 @@
 //! What one forward step computes: a decode row for every sequence that has sampled its
 //! last token, and prompt chunks (or recomputation after a preemption) within the per-step
-//! prompt-token budget. Blocks are reserved here, oldest sequence first; when the pool is
+//! prompt-token budget ([`StepBudget::prompt_tokens`]): it bounds how long the decoding
+//! sequences' streams wait for a step that carries prompt chunks, and grows with the number of
+//! those streams (so admission keeps up with many of them) up to the idle budget, which a step
+//! without decodes takes whole. Blocks are reserved here, oldest sequence first; when the pool is
 //! short, the newest sequences holding blocks are preempted (their blocks freed, their
 //! tokens kept) and recomputed in a later step.
 
@@ -9,6 +12,49 @@ use crate::model::SeqChunk;
 
 use super::EngineError;
 use super::sequence::Sequence;
+
+/// Prompt tokens one step may compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StepBudget {
+    /// While the step decodes sequences (at least; see [`Self::prompt_tokens`]).
+    pub busy: usize,
+    /// When no sequence decodes in it; at least `busy`.
+    pub idle: usize,
+}
+
+/// Prompt rows a step may carry per decode row beyond the busy budget (the router's
+/// `medley_router::config::PROMPT_ROWS_PER_DECODE_ROW` must say the same: it admits by it). Where a
+/// step's cost grows with its rows (CPUs), a step with prompt chunks then costs at most about
+/// three decode-only steps, however many streams decode.
+pub(crate) const PROMPT_ROWS_PER_DECODE_ROW: usize = 2;
+
+impl StepBudget {
+    /// From the router's warm-up: `idle` below `busy` (0 included) means `busy`.
+    pub fn new(busy: u32, idle: u32) -> Self {
+        let busy = (busy as usize).max(1);
+        Self {
+            busy,
+            idle: (idle as usize).max(busy),
+        }
+    }
+
+    /// Prompt tokens of a step that decodes `decoding` sequences: the idle budget when none,
+    /// else `PROMPT_ROWS_PER_DECODE_ROW` per decode row, at least the busy budget and at most
+    /// the idle one.
+    pub fn prompt_tokens(self, decoding: usize) -> usize {
+        if decoding == 0 {
+            self.idle
+        } else {
+            (decoding * PROMPT_ROWS_PER_DECODE_ROW).clamp(self.busy, self.idle)
+        }
+    }
+
+    /// The budget of a step over `seqs`.
+    fn of(self, seqs: &[Sequence]) -> usize {
+        let decoding = seqs.iter().filter(|s| !s.preempted && s.decoding()).count();
+        self.prompt_tokens(decoding)
+    }
+}
 
 /// What a step plan says about one sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,16 +78,16 @@ pub(crate) struct StepPlan {
     pub preempted: usize,
 }
 
-/// Plans one step over `seqs` (in arrival order) with at most `budget` prompt tokens.
-/// Resumes preempted sequences first (through the prefix cache), then reserves blocks in
-/// arrival order.
+/// Plans one step over `seqs` (in arrival order) within `budget`'s prompt tokens. Resumes
+/// preempted sequences first (through the prefix cache), then reserves blocks in arrival
+/// order.
 pub(crate) fn plan_step(
     seqs: &mut [Sequence],
     kv: &mut KvCache,
-    budget: usize,
+    budget: StepBudget,
 ) -> Result<StepPlan, EngineError> {
     let mut plan = StepPlan::default();
-    let mut budget = budget.max(1);
+    let mut budget = budget.of(seqs);
     for i in 0..seqs.len() {
         let resumed = seqs[i].preempted;
         if resumed {
@@ -175,4 +221,21 @@ pub(crate) fn allocate(s: &Sequence, kv: &mut KvCache) -> Result<usize, KvCacheE
 
 fn kv_error(e: KvCacheError) -> EngineError {
     EngineError::KvCache(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StepBudget;
+
+    #[test]
+    fn the_prompt_budget_grows_with_the_decoding_streams_between_busy_and_idle() {
+        let b = StepBudget::new(32, 512);
+        assert_eq!(b.prompt_tokens(0), 512, "nothing decodes: the idle budget");
+        assert_eq!(b.prompt_tokens(1), 32);
+        assert_eq!(b.prompt_tokens(16), 32);
+        assert_eq!(b.prompt_tokens(64), 128);
+        assert_eq!(b.prompt_tokens(1000), 512);
+        let gpu = StepBudget::new(2048, 0);
+        assert_eq!((gpu.prompt_tokens(0), gpu.prompt_tokens(64)), (2048, 2048));
+    }
 }

@@ -131,8 +131,12 @@ pub struct StepResponse {
 pub struct WarmupParams {
     /// Longest prompt of one request (clamped to the model's positions).
     pub max_input_tokens: u32,
-    /// Tokens of one prefill step, split into requests of at most `max_input_tokens`.
+    /// Prompt tokens of one step while sequences decode in it.
     pub max_prefill_tokens: u32,
+    /// Prompt tokens of a step in which no sequence decodes; at least `max_prefill_tokens`
+    /// (0 means `max_prefill_tokens`). The warm-up runs a step of this many tokens, split into
+    /// requests of at most `max_input_tokens`.
+    pub max_idle_prefill_tokens: u32,
 }
 
 /// What a warm-up found.

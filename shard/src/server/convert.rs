@@ -129,6 +129,7 @@ impl From<&pb::WarmupRequest> for WarmupParams {
         Self {
             max_input_tokens: r.max_input_tokens,
             max_prefill_tokens: r.max_prefill_tokens,
+            max_idle_prefill_tokens: r.max_idle_prefill_tokens,
         }
     }
 }

@@ -58,6 +58,11 @@ impl Seq {
     }
 
     /// Tokens to compute before it decodes again.
+    /// Whether the next step decodes it (its prompt is done and it was not preempted).
+    fn decoding(&self) -> bool {
+        !self.preempted && self.computed >= self.prompt
+    }
+
     fn pending(&self) -> u32 {
         if self.preempted {
             self.prompt + self.generated
@@ -134,7 +139,7 @@ impl FakeShard {
                 "requests joined a batch with {preempted} preempted requests"
             ));
         }
-        let room = state.prefill_budget.saturating_sub(pending);
+        let room = step_budget(&state, &seqs).saturating_sub(pending);
         let chunked = batch.requests.len() == 1 && pending == 0;
         if new_tokens > room && !chunked {
             state.violations.push(format!(
@@ -222,6 +227,19 @@ fn run_step(
     (generations, batch)
 }
 
+/// Prompt tokens of a step over `seqs`, like the real shard: the idle budget when none decodes,
+/// else two prompt rows per running sequence within the busy and idle budgets (the router
+/// admits by running sequences, counting those still prefilling).
+fn step_budget(state: &State, seqs: &[Seq]) -> u32 {
+    if !seqs.iter().any(Seq::decoding) {
+        return state.idle_budget;
+    }
+    let running = seqs.iter().filter(|s| !s.preempted).count() as u32;
+    running
+        .saturating_mul(crate::config::PROMPT_ROWS_PER_DECODE_ROW)
+        .clamp(state.prefill_budget, state.idle_budget)
+}
+
 /// One step of `seqs`: the newest is preempted while [`FakeShard::preempt`] asks; the others
 /// prefill (within the step's prompt budget) or decode one token. Returns the generations and
 /// the unfinished sequences.
@@ -231,7 +249,7 @@ fn step(state: &mut State, mut seqs: Vec<Seq>) -> (Vec<pb::Generation>, Vec<Seq>
     state.max_distinct_adapters = state.max_distinct_adapters.max(distinct.len());
     let victim = (state.preempt_steps > 0).then(|| seqs.len().saturating_sub(1));
     state.preempt_steps = state.preempt_steps.saturating_sub(1);
-    let mut budget = state.prefill_budget;
+    let mut budget = step_budget(state, &seqs);
     let mut generations = Vec::with_capacity(seqs.len());
     let mut alive = Vec::new();
     for (i, s) in seqs.iter_mut().enumerate() {

@@ -113,6 +113,8 @@ struct State {
     max_distinct_adapters: usize,
     /// Prompt tokens per step (Warmup's `max_prefill_tokens`).
     prefill_budget: u32,
+    /// Prompt tokens of a step without decodes (Warmup's `max_idle_prefill_tokens`).
+    idle_budget: u32,
     /// Steps the newest sequence stays preempted.
     preempt_steps: u32,
     /// Blocks kept for the prefixes of finished sequences.
@@ -154,6 +156,7 @@ impl FakeShard {
             cfg: Arc::new(cfg),
             state: Arc::new(Mutex::new(State {
                 prefill_budget: u32::MAX,
+                idle_budget: u32::MAX,
                 ..State::default()
             })),
             gates: Arc::default(),
@@ -338,7 +341,9 @@ impl ShardApi for FakeShard {
     async fn warmup(&self, req: pb::WarmupRequest) -> Result<u64, ClientError> {
         self.alive()?;
         if req.max_prefill_tokens > 0 {
-            self.lock().prefill_budget = req.max_prefill_tokens;
+            let mut state = self.lock();
+            state.prefill_budget = req.max_prefill_tokens;
+            state.idle_budget = req.max_idle_prefill_tokens.max(req.max_prefill_tokens);
         }
         Ok(u64::from(BLOCK_TOKENS * TOTAL_BLOCKS))
     }
