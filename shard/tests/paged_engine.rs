@@ -250,21 +250,28 @@ fn chunked_prefill_matches_one_step_prefill() {
     assert_eq!(chunked[&12].steps[0], 134usize.div_ceil(7) - 1);
 }
 
-#[test]
-fn running_streams_keep_decoding_while_a_long_prompt_is_chunked() {
-    let mut e = engine(4096, 16, false, 8);
+/// Request 1 (a `first_len`-token prompt, 30 new tokens) starts alone; after one decode step
+/// a 60-token prompt on `slot2` joins and is chunked 8 tokens a step while request 1 keeps
+/// decoding. Checks request 1's token steps (`first_steps`), request 2's first token after
+/// the 8th chunk, and that both equal the same requests run alone unchunked.
+fn a_prompt_joins_a_decoding_stream(
+    e: &mut Engine,
+    first_len: usize,
+    slot2: u32,
+    first_steps: std::ops::Range<usize>,
+) {
     let mut d = Driver::new();
-    d.join(&mut e, 1, vec![request(1, prompt(5, 6), 0, 30, false)]);
-    d.decode(&mut e);
-    // A 60-token prompt joins: 8 steps of prefill, during which request 1 gets a token each.
-    d.join(&mut e, 2, vec![request(2, prompt(6, 60), 1, 4, false)]);
+    let first = || request(1, prompt(5, first_len), 0, 30, false);
+    let second = || request(2, prompt(6, 60), slot2, 4, false);
+    d.join(e, 1, vec![first()]);
+    d.decode(e);
+    d.join(e, 2, vec![second()]);
     for _ in 0..7 {
-        d.decode(&mut e);
+        d.decode(e);
     }
-    let first = &d.outputs[&1];
     assert_eq!(
-        first.steps,
-        (0..10).collect::<Vec<_>>(),
+        d.outputs[&1].steps,
+        first_steps.collect::<Vec<_>>(),
         "one token every step"
     );
     assert_eq!(
@@ -272,40 +279,25 @@ fn running_streams_keep_decoding_while_a_long_prompt_is_chunked() {
         vec![9],
         "first token after the 8th chunk"
     );
-    d.finish(&mut e);
-    // The same requests alone, unchunked.
+    d.finish(e);
     let mut plain = engine(4096, 16, false, 4096);
-    let alone1 = run_alone(&mut plain, vec![request(1, prompt(5, 6), 0, 30, false)]);
-    let alone2 = run_alone(&mut plain, vec![request(2, prompt(6, 60), 1, 4, false)]);
+    let alone1 = run_alone(&mut plain, vec![first()]);
+    let alone2 = run_alone(&mut plain, vec![second()]);
     assert_same(&alone1[&1], &d.outputs[&1], "decoding stream");
     assert_same(&alone2[&2], &d.outputs[&2], "chunked prompt");
 }
 
 #[test]
+fn running_streams_keep_decoding_while_a_long_prompt_is_chunked() {
+    // A 6-token prompt gives its first token in step 0.
+    a_prompt_joins_a_decoding_stream(&mut engine(4096, 16, false, 8), 6, 1, 0..10);
+}
+
+#[test]
 fn a_step_without_decodes_takes_the_idle_budget() {
-    let mut e = engine_with(4096, 16, false, 8, 40);
-    let mut d = Driver::new();
-    // Alone, a 60-token prompt takes 40 tokens, then 20: its first token comes in step 1.
-    d.join(&mut e, 1, vec![request(1, prompt(5, 60), 0, 30, false)]);
-    d.decode(&mut e);
-    assert_eq!(d.outputs[&1].steps, vec![1]);
-    // While request 1 decodes, another 60-token prompt gets 8 tokens a step.
-    d.join(&mut e, 2, vec![request(2, prompt(6, 60), 2, 4, false)]);
-    for _ in 0..7 {
-        d.decode(&mut e);
-    }
-    assert_eq!(d.outputs[&1].steps, (1..10).collect::<Vec<_>>());
-    assert_eq!(
-        d.outputs[&2].steps,
-        vec![9],
-        "first token after the 8th chunk"
-    );
-    d.finish(&mut e);
-    let mut plain = engine(4096, 16, false, 4096);
-    let alone1 = run_alone(&mut plain, vec![request(1, prompt(5, 60), 0, 30, false)]);
-    let alone2 = run_alone(&mut plain, vec![request(2, prompt(6, 60), 2, 4, false)]);
-    assert_same(&alone1[&1], &d.outputs[&1], "idle-budget prompt");
-    assert_same(&alone2[&2], &d.outputs[&2], "busy-budget prompt");
+    // Alone, a 60-token prompt takes 40 tokens, then 20: its first token comes in step 1;
+    // once it decodes, the joining prompt gets the busy budget of 8 tokens a step.
+    a_prompt_joins_a_decoding_stream(&mut engine_with(4096, 16, false, 8, 40), 60, 2, 1..10);
 }
 
 #[test]
