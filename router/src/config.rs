@@ -192,14 +192,24 @@ impl BatchingConfig {
     /// [`PROMPT_ROWS_PER_DECODE_ROW`] per request, at least `--max-batch-prefill-tokens` and
     /// at most the idle budget.
     pub fn step_prompt_tokens(&self, running: u32) -> u32 {
-        let idle = self.idle_prefill_tokens();
-        if running == 0 {
-            idle
-        } else {
-            running
-                .saturating_mul(PROMPT_ROWS_PER_DECODE_ROW)
-                .clamp(self.max_batch_prefill_tokens, idle)
-        }
+        step_prompt_tokens(
+            self.max_batch_prefill_tokens,
+            self.idle_prefill_tokens(),
+            running,
+        )
+    }
+}
+
+/// Prompt tokens of a step over `running` requests with per-step budget `busy` and idle
+/// budget `idle` (at least `busy`): `idle` when none runs, else
+/// [`PROMPT_ROWS_PER_DECODE_ROW`] per request within `busy ..= idle`.
+pub(crate) fn step_prompt_tokens(busy: u32, idle: u32, running: u32) -> u32 {
+    if running == 0 {
+        idle
+    } else {
+        running
+            .saturating_mul(PROMPT_ROWS_PER_DECODE_ROW)
+            .clamp(busy, idle)
     }
 }
 

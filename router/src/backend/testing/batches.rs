@@ -57,12 +57,12 @@ impl Seq {
         }
     }
 
-    /// Tokens to compute before it decodes again.
     /// Whether the next step decodes it (its prompt is done and it was not preempted).
     fn decoding(&self) -> bool {
         !self.preempted && self.computed >= self.prompt
     }
 
+    /// Tokens to compute before it decodes again.
     fn pending(&self) -> u32 {
         if self.preempted {
             self.prompt + self.generated
@@ -231,13 +231,12 @@ fn run_step(
 /// else two prompt rows per running sequence within the busy and idle budgets (the router
 /// admits by running sequences, counting those still prefilling).
 fn step_budget(state: &State, seqs: &[Seq]) -> u32 {
-    if !seqs.iter().any(Seq::decoding) {
-        return state.idle_budget;
-    }
-    let running = seqs.iter().filter(|s| !s.preempted).count() as u32;
-    running
-        .saturating_mul(crate::config::PROMPT_ROWS_PER_DECODE_ROW)
-        .clamp(state.prefill_budget, state.idle_budget)
+    let running = if seqs.iter().any(Seq::decoding) {
+        seqs.iter().filter(|s| !s.preempted).count() as u32
+    } else {
+        0
+    };
+    crate::config::step_prompt_tokens(state.prefill_budget, state.idle_budget, running)
 }
 
 /// One step of `seqs`: the newest is preempted while [`FakeShard::preempt`] asks; the others
