@@ -126,6 +126,7 @@ pub(super) fn response(out: GenerateOutput, opts: ResponseOptions) -> pb::Genera
             .zip(out.top_tokens)
             .map(|(t, top)| token(t, top, opts.alternatives))
             .collect(),
+        cached_tokens: out.cached_tokens,
     });
     pb::GenerateResponse {
         generated_text: out.generated_text.text,
@@ -133,13 +134,19 @@ pub(super) fn response(out: GenerateOutput, opts: ResponseOptions) -> pb::Genera
     }
 }
 
-/// Details of the last streamed message.
-pub(super) fn stream_details(g: &GeneratedText, prompt_tokens: u32) -> pb::StreamDetails {
+/// Details of the last streamed message: `prompt_tokens`, `cached_tokens` of them from the
+/// prefix cache.
+pub(super) fn stream_details(
+    g: &GeneratedText,
+    prompt_tokens: u32,
+    cached_tokens: Option<u32>,
+) -> pb::StreamDetails {
     pb::StreamDetails {
         finish_reason: finish_reason(g.finish_reason) as i32,
         prompt_tokens,
         generated_tokens: g.generated_tokens,
         seed: g.seed,
+        cached_tokens,
     }
 }
 

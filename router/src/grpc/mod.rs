@@ -98,12 +98,13 @@ impl GenerationService for GenerationGrpc {
                     token,
                     top_tokens,
                     generated_text,
+                    cached_tokens,
                     ..
                 }) => Some(Ok(pb::GenerateStreamResponse {
                     token: Some(convert::token(token, top_tokens, opts.alternatives)),
-                    details: opts
-                        .details
-                        .then(|| convert::stream_details(&generated_text, prompt_tokens)),
+                    details: opts.details.then(|| {
+                        convert::stream_details(&generated_text, prompt_tokens, cached_tokens)
+                    }),
                     generated_text: Some(generated_text.text),
                 })),
                 Err(e) => Some(Err(Status::from(e))),

@@ -112,6 +112,37 @@ async fn generate_stream_ends_with_the_full_text() {
     assert_eq!(last.token.as_ref().map(|t| t.id), Some(4));
     let d = last.details.expect("details");
     assert_eq!((d.prompt_tokens, d.generated_tokens, d.seed), (3, 3, None));
+    assert_eq!(d.cached_tokens, None, "the backend reported none");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn details_report_the_prompt_tokens_taken_from_the_prefix_cache() {
+    let server = TestServer::start(FakeBackend::new().with_cached_tokens(2)).await;
+    let params = pb::GenerateParameters {
+        max_new_tokens: Some(2),
+        details: true,
+        ..Default::default()
+    };
+    let mut c = client(&server).await;
+    let resp = c
+        .generate(request("hello world", params.clone()))
+        .await
+        .expect("generate")
+        .into_inner();
+    let d = resp.details.expect("details");
+    assert_eq!((d.prompt_tokens, d.cached_tokens), (3, Some(2)));
+    let mut stream = c
+        .generate_stream(request("hello world", params))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut last = None;
+    while let Some(m) = stream.next().await {
+        last = Some(m.expect("message"));
+    }
+    let d = last.and_then(|m| m.details).expect("details on the last message");
+    assert_eq!((d.prompt_tokens, d.cached_tokens), (3, Some(2)));
     server.stop().await;
 }
 
