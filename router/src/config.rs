@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use medley_spec::AdapterPolicy;
+use medley_proto::step::StepBudget;
 use medley_spec::{AdapterSource, Semantics};
 
 use crate::access::{AccessArgs, AccessConfig};
@@ -173,12 +174,6 @@ pub struct BatchingConfig {
     pub adapter_cycle_time: Duration,
 }
 
-/// Prompt rows a shard step may carry per decode row beyond `--max-batch-prefill-tokens` (the
-/// shards' scheduler uses the same number): where a step's cost grows with its rows (CPUs), a
-/// step with prompt chunks then costs at most about three decode-only steps, while admission
-/// keeps up with many streams.
-pub const PROMPT_ROWS_PER_DECODE_ROW: u32 = 2;
-
 impl BatchingConfig {
     /// Prompt tokens of a step in which no request decodes: `--max-idle-prefill-tokens` (else
     /// its default), never less than the per-step budget.
@@ -188,28 +183,10 @@ impl BatchingConfig {
             .max(self.max_batch_prefill_tokens)
     }
 
-    /// Prompt tokens of a step over `running` requests: the idle budget when none runs, else
-    /// [`PROMPT_ROWS_PER_DECODE_ROW`] per request, at least `--max-batch-prefill-tokens` and
-    /// at most the idle budget.
-    pub fn step_prompt_tokens(&self, running: u32) -> u32 {
-        step_prompt_tokens(
-            self.max_batch_prefill_tokens,
-            self.idle_prefill_tokens(),
-            running,
-        )
-    }
-}
-
-/// Prompt tokens of a step over `running` requests with per-step budget `busy` and idle
-/// budget `idle` (at least `busy`): `idle` when none runs, else
-/// [`PROMPT_ROWS_PER_DECODE_ROW`] per request within `busy ..= idle`.
-pub(crate) fn step_prompt_tokens(busy: u32, idle: u32, running: u32) -> u32 {
-    if running == 0 {
-        idle
-    } else {
-        running
-            .saturating_mul(PROMPT_ROWS_PER_DECODE_ROW)
-            .clamp(busy, idle)
+    /// The shards' per-step prompt budget: `--max-batch-prefill-tokens` while requests run
+    /// (more with many of them, see [`StepBudget::prompt_tokens`]), the idle budget when none does.
+    pub fn step_budget(&self) -> StepBudget {
+        StepBudget::new(self.max_batch_prefill_tokens, self.idle_prefill_tokens())
     }
 }
 

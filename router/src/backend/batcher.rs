@@ -5,7 +5,7 @@
 //! a sequence preempted for recomputation, produces none until it is done), and finished or
 //! cancelled requests are dropped from the shards' batch.
 //!
-//! Admission follows the shards' per-step prompt budget (`BatchingConfig::step_prompt_tokens`:
+//! Admission follows the shards' per-step prompt budget (`medley_proto::step::StepBudget`:
 //! `--max-batch-prefill-tokens`, more with many running requests, `--max-idle-prefill-tokens`
 //! when nothing runs): new requests get what the running batch's pending prompt tokens leave of
 //! it, and none join while the shards hold requests preempted for lack of KV blocks.
@@ -120,16 +120,16 @@ pub(crate) fn admission(
         return Some(BatchBudget {
             min_size: None,
             max_size: b.max_batch_size,
-            prefill_tokens: b.step_prompt_tokens(0),
+            prefill_tokens: b.step_budget().prompt_tokens(0),
             total_tokens: cfg.max_batch_total_tokens,
-            chunk_first: true,
         });
     };
     let size = running.size as usize;
     // A full batch takes no one; `None` means no size limit.
     let room = b.max_batch_size.map(|m| m.saturating_sub(size));
     let prefill_tokens = b
-        .step_prompt_tokens(running.size)
+        .step_budget()
+        .prompt_tokens(running.size)
         .saturating_sub(running.pending_tokens);
     if room == Some(0) || running.preempted > 0 || prefill_tokens == 0 {
         return None;
@@ -144,7 +144,6 @@ pub(crate) fn admission(
         total_tokens: cfg
             .max_batch_total_tokens
             .saturating_sub(running.max_tokens),
-        chunk_first: running.pending_tokens == 0,
     })
 }
 

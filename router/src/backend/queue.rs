@@ -64,11 +64,9 @@ pub(crate) struct BatchBudget {
     pub min_size: Option<usize>,
     /// Don't form a batch larger than this.
     pub max_size: Option<usize>,
-    /// Sum of prompt tokens of the batch (what the shards may prefill in this step).
+    /// Prompt tokens the shards may still prefill in the next step. Requests join while some
+    /// are left; the last one may have more (the shards prefill the rest in later steps).
     pub prefill_tokens: u32,
-    /// The first request may have more prompt tokens than `prefill_tokens`: the shards prefill
-    /// it over several steps. Set when the whole per-step budget is free (nothing pending).
-    pub chunk_first: bool,
     /// Sum of prompt + max new tokens of the batch.
     pub total_tokens: u32,
 }

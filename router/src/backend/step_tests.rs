@@ -283,17 +283,17 @@ fn admission_leaves_the_step_budget_to_pending_prompts_and_waits_for_preempted_o
     let cfg = loop_config(512, Some(8));
     let idle = admission(&cfg, None, 0).expect("idle: the whole budget");
     assert_eq!(
-        (idle.prefill_tokens, idle.total_tokens, idle.chunk_first),
-        (512, 1000, true)
+        (idle.prefill_tokens, idle.total_tokens),
+        (512, 1000)
     );
     let free = admission(&cfg, Some(&running(2, 0, 0)), 1).expect("nothing pending");
     assert_eq!(
-        (free.prefill_tokens, free.total_tokens, free.chunk_first),
-        (512, 700, true)
+        (free.prefill_tokens, free.total_tokens),
+        (512, 700)
     );
     assert_eq!(free.max_size, Some(6));
     let chunking = admission(&cfg, Some(&running(2, 500, 0)), 1).expect("12 tokens left");
-    assert_eq!((chunking.prefill_tokens, chunking.chunk_first), (12, false));
+    assert_eq!(chunking.prefill_tokens, 12);
     assert!(
         admission(&cfg, Some(&running(2, 512, 0)), 1).is_none(),
         "budget spent"

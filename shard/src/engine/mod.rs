@@ -178,7 +178,7 @@ impl Engine {
             StepBudget::new(req.max_prefill_tokens, req.max_idle_prefill_tokens);
         let per_req = (req.max_input_tokens as usize).clamp(1, self.max_positions() - 1);
         // The largest step: one in which no sequence decodes.
-        let mut remaining = self.step_prompt_tokens.idle;
+        let mut remaining = self.step_prompt_tokens.idle as usize;
         let mut blocks_left = self.kv.available_blocks();
         let mut chunks = vec![];
         let mut id = u64::MAX;

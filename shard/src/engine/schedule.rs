@@ -1,6 +1,6 @@
 //! What one forward step computes: a decode row for every sequence that has sampled its
 //! last token, and prompt chunks (or recomputation after a preemption) within the per-step
-//! prompt-token budget ([`StepBudget::prompt_tokens`]): it bounds how long the decoding
+//! prompt-token budget (`medley_proto::step::StepBudget::prompt_tokens`): it bounds how long the decoding
 //! sequences' streams wait for a step that carries prompt chunks, and grows with the number of
 //! those streams (so admission keeps up with many of them) up to the idle budget, which a step
 //! without decodes takes whole. Blocks are reserved here, oldest sequence first; when the pool is
@@ -13,47 +13,12 @@ use crate::model::SeqChunk;
 use super::EngineError;
 use super::sequence::Sequence;
 
-/// Prompt tokens one step may compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct StepBudget {
-    /// While the step decodes sequences (at least; see [`Self::prompt_tokens`]).
-    pub busy: usize,
-    /// When no sequence decodes in it; at least `busy`.
-    pub idle: usize,
-}
+pub(crate) use medley_proto::step::StepBudget;
 
-/// Prompt rows a step may carry per decode row beyond the busy budget (the router's
-/// `medley_router::config::PROMPT_ROWS_PER_DECODE_ROW` must say the same: it admits by it). Where a
-/// step's cost grows with its rows (CPUs), a step with prompt chunks then costs at most about
-/// three decode-only steps, however many streams decode.
-pub(crate) const PROMPT_ROWS_PER_DECODE_ROW: usize = 2;
-
-impl StepBudget {
-    /// From the router's warm-up: `idle` below `busy` (0 included) means `busy`.
-    pub fn new(busy: u32, idle: u32) -> Self {
-        let busy = (busy as usize).max(1);
-        Self {
-            busy,
-            idle: (idle as usize).max(busy),
-        }
-    }
-
-    /// Prompt tokens of a step that decodes `decoding` sequences: the idle budget when none,
-    /// else `PROMPT_ROWS_PER_DECODE_ROW` per decode row, at least the busy budget and at most
-    /// the idle one.
-    pub fn prompt_tokens(self, decoding: usize) -> usize {
-        if decoding == 0 {
-            self.idle
-        } else {
-            (decoding * PROMPT_ROWS_PER_DECODE_ROW).clamp(self.busy, self.idle)
-        }
-    }
-
-    /// The budget of a step over `seqs`.
-    fn of(self, seqs: &[Sequence]) -> usize {
-        let decoding = seqs.iter().filter(|s| !s.preempted && s.decoding()).count();
-        self.prompt_tokens(decoding)
-    }
+/// The budget of a step over `seqs`: by its decoding sequences.
+fn step_budget(budget: StepBudget, seqs: &[Sequence]) -> usize {
+    let decoding = seqs.iter().filter(|s| !s.preempted && s.decoding()).count();
+    budget.prompt_tokens(u32::try_from(decoding).unwrap_or(u32::MAX)) as usize
 }
 
 /// What a step plan says about one sequence.
@@ -87,7 +52,7 @@ pub(crate) fn plan_step(
     budget: StepBudget,
 ) -> Result<StepPlan, EngineError> {
     let mut plan = StepPlan::default();
-    let mut budget = budget.of(seqs);
+    let mut budget = step_budget(budget, seqs);
     for i in 0..seqs.len() {
         let resumed = seqs[i].preempted;
         if resumed {
@@ -221,21 +186,4 @@ pub(crate) fn allocate(s: &Sequence, kv: &mut KvCache) -> Result<usize, KvCacheE
 
 fn kv_error(e: KvCacheError) -> EngineError {
     EngineError::KvCache(e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::StepBudget;
-
-    #[test]
-    fn the_prompt_budget_grows_with_the_decoding_streams_between_busy_and_idle() {
-        let b = StepBudget::new(32, 512);
-        assert_eq!(b.prompt_tokens(0), 512, "nothing decodes: the idle budget");
-        assert_eq!(b.prompt_tokens(1), 32);
-        assert_eq!(b.prompt_tokens(16), 32);
-        assert_eq!(b.prompt_tokens(64), 128);
-        assert_eq!(b.prompt_tokens(1000), 512);
-        let gpu = StepBudget::new(2048, 0);
-        assert_eq!((gpu.prompt_tokens(0), gpu.prompt_tokens(64)), (2048, 2048));
-    }
 }

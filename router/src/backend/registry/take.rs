@@ -1,15 +1,17 @@
 //! The batch builder: which waiting requests, across the base model's queue and the queues of
 //! resident adapters, join the next prefill under the prefill-token, total-token and batch-size
 //! budgets (TGI v3 policy) and the cap on distinct adapters per batch. The prefill-token budget
-//! is per shard step: a first request longer than it may still open a batch when the whole
-//! budget is free ([`BatchBudget::chunk_first`]), as the shards prefill it in chunks.
+//! is what the next shard step has left for new prompts; the shards prefill prompts in chunks,
+//! so requests join while any of it is left and the last one may overflow it (the shards
+//! prefill the rest over the next steps, as vLLM's chunked prefill fills its token budget).
 //!
 //! Requests are taken one at a time from the queue that comes first in [`Priority`] order
 //! (oldest request first, adapters whose turn is spent after the others). Queues of adapters
 //! that are not resident are skipped, not waited for; so are adapters that would exceed
 //! `max_active_adapters`, and, while another adapter is starved, adapters whose turn
-//! (`--adapter-cycle-time`) is spent. When the request that comes first does not fit the token
-//! budgets, the batch ends there (FIFO, as in TGI).
+//! (`--adapter-cycle-time`) is spent. When the request that comes first does not fit the
+//! total-token budget, or the step's prompt budget is used up, the batch ends there (FIFO, as in
+//! TGI).
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
@@ -58,11 +60,9 @@ impl Registry {
             };
             let input = entry.request.input_length();
             let max = entry.max_tokens();
-            // A prompt longer than the whole step budget is prefilled in chunks: it may open a
-            // batch, never join one.
-            let chunked = budget.chunk_first && taken.is_empty();
-            if (!chunked && prefill.saturating_add(input) > budget.prefill_tokens)
-                || total.saturating_add(max) > budget.total_tokens
+            // Joins while the step's prompt budget has room left; what does not fit this step
+            // is prefilled in the next ones.
+            if prefill >= budget.prefill_tokens || total.saturating_add(max) > budget.total_tokens
             {
                 queue.push_front((id, entry));
                 break;

@@ -86,15 +86,6 @@ fn budget(prefill: u32, total: u32) -> BatchBudget {
         max_size: None,
         prefill_tokens: prefill,
         total_tokens: total,
-        chunk_first: false,
-    }
-}
-
-/// [`budget`] with the whole step budget free: a long first prompt may open the batch.
-fn chunking(prefill: u32, total: u32) -> BatchBudget {
-    BatchBudget {
-        chunk_first: true,
-        ..budget(prefill, total)
     }
 }
 
@@ -104,7 +95,8 @@ fn respects_token_budgets_in_fifo_order() {
     for _ in 0..3 {
         q.push(&AdapterSpec::Base, 10, 10);
     }
-    assert_eq!(q.take(budget(25, 1000), 0), vec![0, 1]);
+    // Requests join while the step's prompt budget has room: 0 and 1 use it up exactly.
+    assert_eq!(q.take(budget(20, 1000), 0), vec![0, 1]);
     assert_eq!(q.reg.queued(), 1);
     assert!(
         q.take(budget(100, 15), 0).is_empty(),
@@ -160,10 +152,13 @@ fn oldest_head_across_ready_queues_and_skip_not_ready() {
     );
     assert_eq!(q.reg.adapters[&c.key()].queue.len(), 1);
     assert_eq!(q.reg.adapters[&a.key()].running, 2);
-    // The batch stops at the first request that does not fit (FIFO, as in TGI).
+    // The batch stops once the step's prompt budget is used up (FIFO, as in TGI): the last
+    // request may overflow it, the shards prefill the rest in later steps.
     q.resident(&c);
     q.push(&AdapterSpec::Base, 50, 1); // 7
-    assert_eq!(q.take(budget(40, 1000), 0), vec![5]);
+    q.push(&AdapterSpec::Base, 1, 1); // 8
+    assert_eq!(q.take(budget(40, 1000), 0), vec![5, 7]);
+    assert_eq!(q.reg.queued(), 1, "8 waits for the next step");
 }
 
 #[test]
@@ -221,28 +216,21 @@ fn spent_turns_yield_to_starved_adapters() {
 }
 
 #[test]
-fn a_long_first_prompt_opens_a_batch_when_the_whole_budget_is_free() {
-    let mut q = Queues::new(8);
-    q.push(&AdapterSpec::Base, 100, 10); // 0: longer than the 16-token step budget
-    q.push(&AdapterSpec::Base, 4, 10); // 1
-    // Part of the step budget is taken by pending prompt tokens: the long prompt waits.
-    assert!(q.take(budget(16, 1000), 0).is_empty());
-    assert_eq!(q.reg.queued(), 2);
-    // The whole budget is free: it opens a batch alone (the shards prefill it in chunks), and
-    // nothing joins it in the same step.
-    assert_eq!(q.take(chunking(16, 1000), 0), vec![0]);
-    assert_eq!(q.take(chunking(16, 1000), 0), vec![1]);
-}
-
-#[test]
-fn a_long_prompt_never_joins_a_batch_and_the_total_budget_still_holds() {
+fn the_last_request_may_overflow_the_step_budget_and_the_total_budget_still_holds() {
     let mut q = Queues::new(8);
     q.push(&AdapterSpec::Base, 4, 10); // 0
-    q.push(&AdapterSpec::Base, 100, 10); // 1
-    // Only the first request of a batch may exceed the step budget.
-    assert_eq!(q.take(chunking(16, 1000), 0), vec![0]);
-    // The total-token budget (prompt + max new tokens) is never exceeded, first or not.
-    assert!(q.take(chunking(16, 100), 0).is_empty());
-    assert_eq!(q.reg.queued(), 1);
-    assert_eq!(q.take(chunking(16, 110), 0), vec![1]);
+    q.push(&AdapterSpec::Base, 100, 10); // 1: longer than the 16-token step budget
+    q.push(&AdapterSpec::Base, 100, 10); // 2
+    // 0 leaves 12 of the 16 prompt tokens: 1 joins (12 of its tokens this step, the rest
+    // later), and nothing joins after it.
+    assert_eq!(q.take(budget(16, 1000), 0), vec![0, 1]);
+    // A long prompt at the head opens a batch alone.
+    q.push(&AdapterSpec::Base, 4, 10); // 3
+    assert_eq!(q.take(budget(16, 1000), 0), vec![2]);
+    // The total-token budget (prompt + max new tokens) is never exceeded.
+    q.push(&AdapterSpec::Base, 100, 10); // 4
+    assert!(q.take(budget(16, 13), 0).is_empty(), "3 needs 14");
+    assert_eq!(q.reg.queued(), 2);
+    assert_eq!(q.take(budget(16, 123), 0), vec![3], "4 needs 110 more");
+    assert_eq!(q.take(budget(16, 110), 0), vec![4]);
 }

@@ -130,7 +130,6 @@ impl Harness {
             max_size: None,
             prefill_tokens: 1 << 20,
             total_tokens: 1 << 20,
-            chunk_first: false,
         };
         let now = self.at(ms);
         let taken = self.reg.take_batch(budget, now);
@@ -167,7 +166,6 @@ fn all(prefill: u32) -> BatchBudget {
         max_size: None,
         prefill_tokens: prefill,
         total_tokens: prefill,
-        chunk_first: false,
     }
 }
 

@@ -236,7 +236,7 @@ fn step_budget(state: &State, seqs: &[Seq]) -> u32 {
     } else {
         0
     };
-    crate::config::step_prompt_tokens(state.prefill_budget, state.idle_budget, running)
+    medley_proto::step::StepBudget::new(state.prefill_budget, state.idle_budget).prompt_tokens(running)
 }
 
 /// One step of `seqs`: the newest is preempted while [`FakeShard::preempt`] asks; the others

@@ -1,0 +1,61 @@
+//! The per-step prompt budget of chunked prefill: a contract between the router, whose
+//! admission predicts how many prompt tokens the next shard step takes, and the shards, whose
+//! scheduler applies it. One rule, here, so the two can never disagree.
+
+/// Prompt rows a step may carry per decoding sequence beyond the busy budget. Where a step's
+/// cost grows with its rows (CPUs), a step with prompt chunks then costs at most about three
+/// decode-only steps however many streams decode, while admission keeps up with many of them.
+pub const PROMPT_ROWS_PER_DECODE_ROW: u32 = 2;
+
+/// Prompt tokens one shard step may compute, from the router's warm-up
+/// (`--max-batch-prefill-tokens`, `--max-idle-prefill-tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepBudget {
+    /// While sequences decode in the step (at least; see [`Self::prompt_tokens`]); positive.
+    pub busy: u32,
+    /// When no sequence decodes in it (nobody's stream waits on it); at least `busy`.
+    pub idle: u32,
+}
+
+impl StepBudget {
+    /// `busy` of 0 means 1; `idle` below `busy` (0 included) means `busy`.
+    pub fn new(busy: u32, idle: u32) -> Self {
+        let busy = busy.max(1);
+        Self {
+            busy,
+            idle: idle.max(busy),
+        }
+    }
+
+    /// Prompt tokens of a step that decodes `decoding` sequences: the idle budget when none,
+    /// else [`PROMPT_ROWS_PER_DECODE_ROW`] per decoding sequence, at least the busy budget and
+    /// at most the idle one.
+    pub fn prompt_tokens(self, decoding: u32) -> u32 {
+        if decoding == 0 {
+            self.idle
+        } else {
+            decoding
+                .saturating_mul(PROMPT_ROWS_PER_DECODE_ROW)
+                .clamp(self.busy, self.idle)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StepBudget;
+
+    #[test]
+    fn the_prompt_budget_grows_with_the_decoding_streams_between_busy_and_idle() {
+        let b = StepBudget::new(32, 512);
+        assert_eq!(b.prompt_tokens(0), 512, "nothing decodes: the idle budget");
+        assert_eq!(b.prompt_tokens(1), 32);
+        assert_eq!(b.prompt_tokens(16), 32);
+        assert_eq!(b.prompt_tokens(64), 128);
+        assert_eq!(b.prompt_tokens(1000), 512);
+        assert_eq!(b.prompt_tokens(u32::MAX), 512, "no overflow");
+        let gpu = StepBudget::new(2048, 0);
+        assert_eq!((gpu.prompt_tokens(0), gpu.prompt_tokens(64)), (2048, 2048));
+        assert_eq!(StepBudget::new(0, 0), StepBudget { busy: 1, idle: 1 });
+    }
+}
