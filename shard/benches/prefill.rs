@@ -8,8 +8,11 @@
 //! ```
 //!
 //! For each length `n`: a fresh KV cache, one sequence of `n` random tokens (the same for both
-//! sides), one forward step of the whole prompt (`all_logits: false`: the last token's logits),
-//! best of `--repeats`, after one warm-up step at the smallest length. With `--python` (a Python
+//! sides), prefilled in forward steps of at most `--chunk` tokens (512 by default, what `medley
+//! serve` does with a lone prompt; 0: one step of the whole prompt; `all_logits: false`: the
+//! last token's logits), best of `--repeats`, after one warm-up at the smallest length. Steps of
+//! 512 keep the activations of a step (the MLP's intermediate is `n × intermediate × 4` bytes)
+//! in the caches, where one 4,096-token step streams ~100 MB through memory per elementwise op. With `--python` (a Python
 //! with torch and transformers), `scripts/bench/prefill_transformers.py` times
 //! `LlamaForCausalLM` (SDPA, f32, `use_cache=False`) on the same checkpoint and token ids in the
 //! same run, with as many torch threads as Medley has; it computes the logits of every position
@@ -78,6 +81,11 @@ struct Args {
     /// transformers computes the last position's logits only (`logits_to_keep=1`), like Medley.
     #[arg(long)]
     transformers_last_logits: bool,
+    /// Medley prefills the prompt in forward steps of at most this many tokens, as `medley
+    /// serve` does with a lone prompt (its default `--max-idle-prefill-tokens`, 512); 0: the
+    /// whole prompt in one step.
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -112,8 +120,9 @@ fn model_dir(args: &Args) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Seconds of one prefill step of `tokens` with a fresh cache.
-fn prefill(model: &LlamaModel, tokens: &[u32]) -> anyhow::Result<f64> {
+/// Seconds of the prefill of `tokens` with a fresh cache, in forward steps of at most `chunk`
+/// tokens (0: one step).
+fn prefill(model: &LlamaModel, tokens: &[u32], chunk: usize) -> anyhow::Result<f64> {
     let n = tokens.len();
     let mut kv = KvCache::new(
         model.config(),
@@ -122,20 +131,22 @@ fn prefill(model: &LlamaModel, tokens: &[u32]) -> anyhow::Result<f64> {
         KvCacheConfig::tokens(n.next_multiple_of(DEFAULT_BLOCK_TOKENS)),
     )?;
     kv.allocate(0, n)?;
-    let batch = ForwardBatch {
-        chunks: vec![SeqChunk {
-            seq_id: 0,
-            tokens: tokens.to_vec(),
-            start_pos: 0,
-            adapter_slot: 0,
-            all_logits: false,
-        }],
-    };
+    let step = if chunk == 0 { n } else { chunk };
     let t = Instant::now();
-    let logits = model.forward(&batch, &mut kv, &NoLora)?;
-    let s = t.elapsed().as_secs_f64();
-    anyhow::ensure!(logits.dims() == [1, model.config().vocab_size]);
-    Ok(s)
+    for start in (0..n).step_by(step) {
+        let batch = ForwardBatch {
+            chunks: vec![SeqChunk {
+                seq_id: 0,
+                tokens: tokens[start..(start + step).min(n)].to_vec(),
+                start_pos: start,
+                adapter_slot: 0,
+                all_logits: false,
+            }],
+        };
+        let logits = model.forward(&batch, &mut kv, &NoLora)?;
+        anyhow::ensure!(logits.dims() == [1, model.config().vocab_size]);
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// Floating-point operations of one prefill of `n` tokens (multiply-adds count 2): every
@@ -255,12 +266,12 @@ fn main() -> anyhow::Result<()> {
         .collect();
 
     let smallest = prompts.values().next().context("no lengths")?;
-    prefill(&model, smallest)?;
+    prefill(&model, smallest, args.chunk)?;
     let mut medley = BTreeMap::new();
     for &n in &args.lengths {
         let mut best = f64::INFINITY;
         for _ in 0..args.repeats {
-            best = best.min(prefill(&model, &prompts[&n])?);
+            best = best.min(prefill(&model, &prompts[&n], args.chunk)?);
         }
         eprintln!("medley {n} tokens: {best:.3}s");
         medley.insert(n, best);
@@ -279,8 +290,12 @@ fn main() -> anyhow::Result<()> {
     } else {
         "every position"
     };
+    let steps = match args.chunk {
+        0 => "one forward step".to_string(),
+        c => format!("forward steps of at most {c} tokens"),
+    };
     println!(
-        "\nbest of {} | transformers: SDPA, use_cache=False, logits of {logits}\n",
+        "\nbest of {} | medley: {steps} | transformers: SDPA, use_cache=False, logits of {logits}\n",
         args.repeats
     );
     println!(

@@ -21,6 +21,7 @@ pub mod attention;
 pub mod batch;
 pub mod config;
 mod cpu_storage;
+mod kernel_math;
 pub mod layers;
 pub mod llama;
 pub mod lora;

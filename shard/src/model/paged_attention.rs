@@ -6,10 +6,11 @@
 //! its position `p` to slot `blocks[p / block_size] * block_size + p % block_size`.
 //!
 //! * Spans of more than one new token (prefill chunks) run a tiled online softmax (flash-attention
-//!   style): per (sequence, kv head, query tile) the key/value tiles that intersect the causal
-//!   (and window) range are gathered into small contiguous buffers, `S = Q·Kᵀ` and `acc += P·V`
-//!   run as `gemm` calls, and a running max / sum per query row rescales the accumulator when the
-//!   max grows. Memory stays linear in the prompt: there is no `[n, n]` score matrix.
+//!   style): the keys and values each span sees are first gathered once per kv head into
+//!   contiguous buffers; then per (sequence, kv head, query tile), over the key/value tiles that
+//!   intersect the causal (and window) range, `S = Q·Kᵀ` and `acc += P·V` run as `gemm` calls on
+//!   those buffers in place, and a running max / sum per query row rescales the accumulator when
+//!   the max grows. Memory stays linear in the prompt: there is no `[n, n]` score matrix.
 //! * Spans of one token (decode rows) run a direct pass per (sequence, kv head): dot products in
 //!   8 partial sums over the keys read through the block table, a max-subtracted softmax, then
 //!   the probability-weighted sum of the values.
@@ -25,6 +26,8 @@
 use std::cell::RefCell;
 
 use rayon::prelude::*;
+
+use super::kernel_math::{Mat, dot, exp_approx, exp_shifted, matmul, sum};
 
 #[cfg(test)]
 #[path = "paged_attention_tests.rs"]
@@ -95,11 +98,29 @@ pub(crate) fn paged_attention(
     }
     let group = ctx.group;
     let tile_tokens = (TILE_ROWS / group).max(1);
+    // The keys and values of every prefill span, gathered contiguous once per kv head: its
+    // tiles read them in place (gathering per tile would copy every key once per query tile).
+    let spans: Vec<(usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.len > 1)
+        .flat_map(|(seq, _)| (0..h.kv_heads).map(move |kv_head| (seq, kv_head)))
+        .collect();
+    let gathered: Vec<Gathered> = spans
+        .par_iter()
+        .map(|&(seq, kv_head)| ctx.gather(&seqs[seq], kv_head))
+        .collect();
     // Tasks of one (sequence, tile) are consecutive, kv head innermost: the scatter below finds
     // them from the first.
     let mut tasks = Vec::new();
+    let mut next_gathered = 0;
     for (seq, s) in seqs.iter().enumerate() {
-        let step = if s.len == 1 { 1 } else { tile_tokens };
+        let (step, kv) = if s.len == 1 {
+            (1, None)
+        } else {
+            next_gathered += h.kv_heads;
+            (tile_tokens, Some(next_gathered - h.kv_heads))
+        };
         for first in (0..s.len).step_by(step) {
             let len = step.min(s.len - first);
             for kv_head in 0..h.kv_heads {
@@ -108,13 +129,17 @@ pub(crate) fn paged_attention(
                     kv_head,
                     first,
                     len,
+                    gathered: kv.map(|k| k + kv_head),
                 });
             }
         }
     }
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|t| SCRATCH.with_borrow_mut(|scratch| run(&ctx, &seqs[t.seq], t, scratch)))
+        .map(|t| {
+            let kv = t.gathered.map(|i| &gathered[i]);
+            SCRATCH.with_borrow_mut(|scratch| run(&ctx, &seqs[t.seq], t, kv, scratch))
+        })
         .collect();
     // Output row -> (index of its tile's first task, row within the tile). A later span wins
     // where spans overlap.
@@ -173,31 +198,49 @@ pub fn bench_paged_attention(
     paged_attention(q, &[span], &kv, h, None)
 }
 
-/// Runs one task, compiled for AVX2 where the CPU has it: the softmax, the exponentials and the
-/// decode dot products then run 8 lanes wide instead of SSE2's 4 (`gemm` dispatches by itself).
-fn run(ctx: &Ctx<'_>, span: &SeqSpan<'_>, t: &Task, s: &mut Scratch) -> Vec<f32> {
+/// Runs one task (`kv`: the gathered keys and values of a prefill tile's span and kv head),
+/// compiled for AVX2 where the CPU has it: the softmax, the exponentials and the decode dot
+/// products then run 8 lanes wide instead of SSE2's 4 (`gemm` dispatches by itself).
+fn run(
+    ctx: &Ctx<'_>,
+    span: &SeqSpan<'_>,
+    t: &Task,
+    kv: Option<&Gathered>,
+    s: &mut Scratch,
+) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has the one feature `run_avx2` is compiled for.
-        return unsafe { run_avx2(ctx, span, t, s) };
+        return unsafe { run_avx2(ctx, span, t, kv, s) };
     }
-    run_any(ctx, span, t, s)
+    run_any(ctx, span, t, kv, s)
 }
 
 /// [`run_any`] compiled with AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn run_avx2(ctx: &Ctx<'_>, span: &SeqSpan<'_>, t: &Task, s: &mut Scratch) -> Vec<f32> {
-    run_any(ctx, span, t, s)
+fn run_avx2(
+    ctx: &Ctx<'_>,
+    span: &SeqSpan<'_>,
+    t: &Task,
+    kv: Option<&Gathered>,
+    s: &mut Scratch,
+) -> Vec<f32> {
+    run_any(ctx, span, t, kv, s)
 }
 
 /// A decode row or a prefill tile (inlined into each instruction-set variant).
 #[inline(always)]
-fn run_any(ctx: &Ctx<'_>, span: &SeqSpan<'_>, t: &Task, s: &mut Scratch) -> Vec<f32> {
-    if span.len == 1 {
-        ctx.decode(span, t.kv_head, s)
-    } else {
-        ctx.tile(span, t, s)
+fn run_any(
+    ctx: &Ctx<'_>,
+    span: &SeqSpan<'_>,
+    t: &Task,
+    kv: Option<&Gathered>,
+    s: &mut Scratch,
+) -> Vec<f32> {
+    match kv {
+        Some(kv) => ctx.tile(span, t, kv, s),
+        None => ctx.decode(span, t.kv_head, s),
     }
 }
 
@@ -208,6 +251,16 @@ struct Task {
     kv_head: usize,
     first: usize,
     len: usize,
+    /// Index of the span's gathered keys and values for `kv_head` (prefill tiles only).
+    gathered: Option<usize>,
+}
+
+/// The keys and values of one kv head that a prefill span sees, gathered from the pool:
+/// positions `lo .. lo + k.len() / dim`, `[positions, dim]` each.
+struct Gathered {
+    lo: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 /// Per-thread buffers of the tasks, reused from task to task.
@@ -215,10 +268,6 @@ struct Task {
 struct Scratch {
     /// The gathered query tile `[rows, dim]`.
     q: Vec<f32>,
-    /// The gathered key tile `[TILE_KEYS, dim]`.
-    k: Vec<f32>,
-    /// The gathered value tile `[TILE_KEYS, dim]`.
-    v: Vec<f32>,
     /// Scores, then probabilities: `[rows, TILE_KEYS]` (tiles) or `[group, keys]` (decode).
     s: Vec<f32>,
     /// Running max per query row.
@@ -383,6 +432,18 @@ impl<'a> Ctx<'a> {
         &self.q[at..at + part]
     }
 
+    /// The keys and values of `kv_head` that `span`'s rows see, contiguous.
+    fn gather(&self, span: &SeqSpan<'_>, kv_head: usize) -> Gathered {
+        let d = self.h.dim;
+        let (lo, hi) = (self.lo(span.start), span.start + span.len);
+        let (mut k, mut v) = (vec![0f32; (hi - lo) * d], vec![0f32; (hi - lo) * d]);
+        self.for_each_row(span, kv_head, lo, hi, |j, at| {
+            k[j * d..(j + 1) * d].copy_from_slice(&self.keys[at..at + d]);
+            v[j * d..(j + 1) * d].copy_from_slice(&self.values[at..at + d]);
+        });
+        Gathered { lo, k, v }
+    }
+
     /// A decode row: the single query of `span` for the query heads of `kv_head`, reading the
     /// keys and values in place. Returns `[group, dim]`.
     #[inline(always)]
@@ -419,9 +480,10 @@ impl<'a> Ctx<'a> {
     }
 
     /// A prefill tile: query rows `t.first .. t.first + t.len` of `span` for the query heads of
-    /// `t.kv_head`, by online softmax over gathered key tiles. Returns `[t.len, group, dim]`.
+    /// `t.kv_head`, by online softmax over tiles of the span's gathered keys and values `kv`.
+    /// Returns `[t.len, group, dim]`.
     #[inline(always)]
-    fn tile(&self, span: &SeqSpan<'_>, t: &Task, s: &mut Scratch) -> Vec<f32> {
+    fn tile(&self, span: &SeqSpan<'_>, t: &Task, kv: &Gathered, s: &mut Scratch) -> Vec<f32> {
         let (g, d) = (self.group, self.h.dim);
         let rows = t.len * g;
         // Tile rows are (token, query head), token-major: the query tile and the output rows
@@ -434,8 +496,6 @@ impl<'a> Ctx<'a> {
         s.m.resize(rows, f32::NEG_INFINITY);
         s.l.clear();
         s.l.resize(rows, 0.0);
-        s.k.resize(TILE_KEYS * d, 0.0);
-        s.v.resize(TILE_KEYS * d, 0.0);
         s.s.resize(rows * TILE_KEYS, 0.0);
         let mut acc = vec![0f32; rows * d];
         let p_first = span.start + t.first;
@@ -445,11 +505,10 @@ impl<'a> Ctx<'a> {
         while k0 <= p_last {
             let k1 = (k0 + TILE_KEYS).min(p_last + 1);
             let tk = k1 - k0;
-            let (kt, vt) = (&mut s.k, &mut s.v);
-            self.for_each_row(span, t.kv_head, k0, k1, |j, at| {
-                kt[j * d..(j + 1) * d].copy_from_slice(&self.keys[at..at + d]);
-                vt[j * d..(j + 1) * d].copy_from_slice(&self.values[at..at + d]);
-            });
+            let (kt, vt) = (
+                &kv.k[(k0 - kv.lo) * d..(k1 - kv.lo) * d],
+                &kv.v[(k0 - kv.lo) * d..(k1 - kv.lo) * d],
+            );
             // S = (Q · Kᵀ) * scale: [rows, tk] with row stride tk.
             matmul(
                 &mut s.s,
@@ -457,7 +516,7 @@ impl<'a> Ctx<'a> {
                 tk,
                 false,
                 Mat::new(&s.q, d, 1),
-                Mat::new(&s.k, 1, d),
+                Mat::new(kt, 1, d),
                 self.scale,
             );
             // The mask matters only on tiles that some row sees partly (the diagonal, and the
@@ -500,7 +559,7 @@ impl<'a> Ctx<'a> {
                 d,
                 true,
                 Mat::new(&s.s, tk, 1),
-                Mat::new(&s.v, d, 1),
+                Mat::new(vt, d, 1),
                 1.0,
             );
             k0 = k1;
@@ -512,133 +571,4 @@ impl<'a> Ctx<'a> {
         }
         acc
     }
-}
-
-/// A strided read-only matrix: element `(i, j)` is `data[i * rs + j * cs]`.
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
-        Self { data, rs, cs }
-    }
-
-    /// Whether a `[rows, cols]` matrix with these strides lies inside `data` (both positive).
-    fn fits(&self, rows: usize, cols: usize) -> bool {
-        (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst = beta · a · b` (or `dst += beta · a · b` when `accumulate`) for `[m, n, k]` =
-/// `dims`, `a: [m, k]`, `b: [k, n]`, `dst: [m, n]` with row stride `dst_rs`, single-threaded
-/// (the tasks are the parallel loop).
-fn matmul(
-    dst: &mut [f32],
-    dims: [usize; 3],
-    dst_rs: usize,
-    accumulate: bool,
-    a: Mat<'_>,
-    b: Mat<'_>,
-    beta: f32,
-) {
-    let [m, n, k] = dims;
-    let inside = m > 0
-        && n > 0
-        && k > 0
-        && n <= dst_rs
-        && (m - 1) * dst_rs + n <= dst.len()
-        && a.fits(m, k)
-        && b.fits(k, n);
-    // An invariant of the callers (tile sizes are fixed by construction), checked for soundness.
-    assert!(inside, "paged attention: matmul {dims:?} out of bounds");
-    // SAFETY: every element gemm reads or writes lies inside the slices (checked above); `dst`
-    // is a unique borrow, so it overlaps neither `a` nor `b`; the strides fit in isize since
-    // they index allocated slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
-/// `Σ a[i] b[i]` in 8 partial sums (vectorisable without reassociation flags).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `Σ a[i]` in 8 partial sums.
-#[inline(always)]
-fn sum(a: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for x in chunks {
-        for i in 0..8 {
-            acc[i] += x[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `x = exp(x - shift)` over a slice (a loop the compiler vectorises).
-#[inline(always)]
-fn exp_shifted(xs: &mut [f32], shift: f32) {
-    xs.iter_mut().for_each(|x| *x = exp_approx(*x - shift));
-}
-
-/// `e^x` within ~2 ulp of `expf` for `x` in `[-87.3, 88.3]` (clamped outside, so it never
-/// overflows and underflows to ~1e-38 rather than 0), branch-free so that loops over it
-/// vectorise: `x = n ln 2 + r` with `|r| ≤ ln 2 / 2`, Cephes' degree-6 polynomial for `e^r`, and
-/// `2^n` built from its exponent bits.
-#[inline(always)]
-fn exp_approx(x: f32) -> f32 {
-    /// 1.5 · 2^23: adding it rounds to an integer kept in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.3, 88.3);
-    let t = x * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    // `t`'s bits are those of ROUND plus n (|n| ≤ 127 keeps it in [2^23, 2^24)).
-    let n = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    y * f32::from_bits(((n + 127) << 23) as u32)
 }
