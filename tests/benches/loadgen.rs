@@ -192,6 +192,19 @@ async fn run_load(
     params: Arc<dyn Fn(usize) -> Value + Send + Sync>,
     on_done: Option<Arc<dyn Fn(usize) + Send + Sync>>,
 ) -> (Vec<StreamStats>, Duration) {
+    let (stats, wall) = run_load_indexed(http, args, total, concurrency, params, on_done).await;
+    (stats.into_iter().map(|(_, s)| s).collect(), wall)
+}
+
+/// [`run_load`] with the index `k` of every request, in the order of `k`.
+async fn run_load_indexed(
+    http: &str,
+    args: &Args,
+    total: usize,
+    concurrency: usize,
+    params: Arc<dyn Fn(usize) -> Value + Send + Sync>,
+    on_done: Option<Arc<dyn Fn(usize) + Send + Sync>>,
+) -> (Vec<(usize, StreamStats)>, Duration) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = vec![];
@@ -213,9 +226,10 @@ async fn run_load(
                     obj.insert("max_new_tokens".into(), json!(max_new));
                     obj.insert("ignore_eos_token".into(), json!(true));
                 }
-                out.push(
+                out.push((
+                    k,
                     stream_one(&http, json!({"inputs": prompt(k, words), "parameters": p})).await,
-                );
+                ));
                 if let Some(f) = &on_done {
                     f(k);
                 }
@@ -229,6 +243,7 @@ async fn run_load(
             all.extend(v);
         }
     }
+    all.sort_by_key(|(k, _)| *k);
     (all, start.elapsed())
 }
 
@@ -517,6 +532,31 @@ async fn cache_latency(http: &str, adapters: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The 12 longest times to first token of the soak, with each request's index, its adapter or
+/// merge (`k % kinds`; merges are the odd ones), whether it was the first request of that kind
+/// (which loads the adapter or computes the merge), and when it started.
+fn slowest_first_tokens(indexed: &[(usize, StreamStats)], kinds: usize, started: Instant) {
+    let mut slow: Vec<(usize, &StreamStats, Duration)> = indexed
+        .iter()
+        .filter_map(|(k, s)| Some((*k, s, s.ttft?)))
+        .collect();
+    slow.sort_by_key(|&(_, _, ttft)| std::cmp::Reverse(ttft));
+    println!("\nslowest first tokens (request, adapter/merge, first of its kind, started at, TTFT):");
+    for (k, s, ttft) in slow.into_iter().take(12) {
+        let kind = k % kinds;
+        let start = s.times.first().map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(started).saturating_sub(ttft)
+        });
+        println!(
+            "  #{k:<5} {} {kind:<3} {:<5} {:>7.1} s {:>8.1} s",
+            if kind % 2 == 0 { "adapter" } else { "merge  " },
+            if k < kinds { "yes" } else { "no" },
+            start.as_secs_f64(),
+            ttft.as_secs_f64()
+        );
+    }
+}
+
 async fn soak(args: &Args, server: &Server, adapters: &[PathBuf]) -> anyhow::Result<()> {
     let pid = server.pid().context("server pid")?;
     let ad = Arc::new(adapters.to_vec());
@@ -540,7 +580,8 @@ async fn soak(args: &Args, server: &Server, adapters: &[PathBuf]) -> anyhow::Res
             v.push((n, tree_rss_kib(pid)));
         }
     });
-    let (stats, wall) = run_load(
+    let started = Instant::now();
+    let (indexed, wall) = run_load_indexed(
         &server.http,
         args,
         args.requests,
@@ -549,6 +590,7 @@ async fn soak(args: &Args, server: &Server, adapters: &[PathBuf]) -> anyhow::Res
         Some(on_done),
     )
     .await;
+    let stats: Vec<StreamStats> = indexed.iter().map(|(_, s)| s.clone()).collect();
     let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
     for s in &stats {
         *by_status.entry(s.status).or_default() += 1;
@@ -574,6 +616,7 @@ async fn soak(args: &Args, server: &Server, adapters: &[PathBuf]) -> anyhow::Res
     println!("successful streams with a wrong token count: {short}");
     header();
     report("soak", &stats, wall, args.concurrency);
+    slowest_first_tokens(&indexed, kinds, started);
     println!("\nRSS of the server process tree after every 200 requests:");
     if let Ok(v) = rss.lock() {
         for (n, kib) in v.iter() {
