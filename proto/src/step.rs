@@ -2,10 +2,12 @@
 //! admission predicts how many prompt tokens the next shard step takes, and the shards, whose
 //! scheduler applies it. One rule, here, so the two can never disagree.
 
-/// Prompt rows a step may carry per decoding sequence beyond the busy budget. Where a step's
-/// cost grows with its rows (CPUs), a step with prompt chunks then costs at most about three
-/// decode-only steps however many streams decode, while admission keeps up with many of them.
-pub const PROMPT_ROWS_PER_DECODE_ROW: u32 = 2;
+/// Prompt rows a step may carry per request in it (decoding, or waiting for its first token)
+/// beyond the busy budget. Where a step's cost grows with its rows (CPUs), a step that joins one
+/// prompt to many decoding streams then costs at most about three decode-only steps, while a
+/// burst of new requests (more waiting than decoding) gets a proportionally larger share, so the
+/// last of them does not wait for dozens of small chunks.
+pub const PROMPT_ROWS_PER_REQUEST: u32 = 2;
 
 /// Prompt tokens one shard step may compute, from the router's warm-up
 /// (`--max-batch-prefill-tokens`, `--max-idle-prefill-tokens`).
@@ -27,15 +29,17 @@ impl StepBudget {
         }
     }
 
-    /// Prompt tokens of a step that decodes `decoding` sequences: the idle budget when none,
-    /// else [`PROMPT_ROWS_PER_DECODE_ROW`] per decoding sequence, at least the busy budget and
+    /// Prompt tokens of a step that decodes `decoding` sequences while `waiting` requests wait
+    /// for their first token (their prompts being prefilled, or queued): the idle budget when
+    /// none decodes, else [`PROMPT_ROWS_PER_REQUEST`] per request, at least the busy budget and
     /// at most the idle one.
-    pub fn prompt_tokens(self, decoding: u32) -> u32 {
+    pub fn prompt_tokens(self, decoding: u32, waiting: u32) -> u32 {
         if decoding == 0 {
             self.idle
         } else {
             decoding
-                .saturating_mul(PROMPT_ROWS_PER_DECODE_ROW)
+                .saturating_add(waiting)
+                .saturating_mul(PROMPT_ROWS_PER_REQUEST)
                 .clamp(self.busy, self.idle)
         }
     }
@@ -46,16 +50,18 @@ mod tests {
     use super::StepBudget;
 
     #[test]
-    fn the_prompt_budget_grows_with_the_decoding_streams_between_busy_and_idle() {
+    fn the_prompt_budget_grows_with_the_requests_between_busy_and_idle() {
         let b = StepBudget::new(32, 512);
-        assert_eq!(b.prompt_tokens(0), 512, "nothing decodes: the idle budget");
-        assert_eq!(b.prompt_tokens(1), 32);
-        assert_eq!(b.prompt_tokens(16), 32);
-        assert_eq!(b.prompt_tokens(64), 128);
-        assert_eq!(b.prompt_tokens(1000), 512);
-        assert_eq!(b.prompt_tokens(u32::MAX), 512, "no overflow");
+        assert_eq!(b.prompt_tokens(0, 50), 512, "nothing decodes: the idle budget");
+        assert_eq!(b.prompt_tokens(1, 0), 32);
+        assert_eq!(b.prompt_tokens(16, 0), 32);
+        assert_eq!(b.prompt_tokens(16, 1), 34, "one prompt joining 16 streams");
+        assert_eq!(b.prompt_tokens(64, 0), 128);
+        assert_eq!(b.prompt_tokens(13, 51), 128, "a burst: the waiting count too");
+        assert_eq!(b.prompt_tokens(1000, 0), 512);
+        assert_eq!(b.prompt_tokens(u32::MAX, u32::MAX), 512, "no overflow");
         let gpu = StepBudget::new(2048, 0);
-        assert_eq!((gpu.prompt_tokens(0), gpu.prompt_tokens(64)), (2048, 2048));
+        assert_eq!((gpu.prompt_tokens(0, 0), gpu.prompt_tokens(64, 0)), (2048, 2048));
         assert_eq!(StepBudget::new(0, 0), StepBudget { busy: 1, idle: 1 });
     }
 }

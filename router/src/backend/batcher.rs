@@ -65,8 +65,8 @@ pub(crate) async fn batching_task<S: ShardApi>(
         if let Some(batch) = running.take() {
             running = filter_batch(&client, batch, &mut entries).await;
         }
-        let next =
-            admission(&cfg, running.as_ref(), waiting_steps).and_then(|b| queue.next_batch(b));
+        let next = admission(&cfg, running.as_ref(), waiting_steps, queue.queued())
+            .and_then(|b| queue.next_batch(b));
         running = match (next, running) {
             (Some(next), running) => {
                 entries.extend(next.entries);
@@ -108,11 +108,14 @@ pub(crate) async fn batching_task<S: ShardApi>(
 /// The budget of the requests that may join `running` in the next step (the whole budget when
 /// nothing runs); `None` when none may: the batch is full, the shards hold preempted requests
 /// (they wait for KV blocks; new requests would only take more), or pending prompt tokens
-/// (chunked prompts, preempted sequences) fill the per-step prompt budget.
+/// (chunked prompts, preempted sequences) fill the per-step prompt budget. The step budget
+/// counts the running requests and the `queued` ones (once admitted they wait for their first
+/// token in the shards' batch, which counts them too).
 pub(crate) fn admission(
     cfg: &LoopConfig,
     running: Option<&pb::CachedBatch>,
     waiting_steps: usize,
+    queued: usize,
 ) -> Option<BatchBudget> {
     let b = &cfg.batching;
     let Some(running) = running else {
@@ -120,7 +123,7 @@ pub(crate) fn admission(
         return Some(BatchBudget {
             min_size: None,
             max_size: b.max_batch_size,
-            prefill_tokens: b.step_budget().prompt_tokens(0),
+            prefill_tokens: b.step_budget().prompt_tokens(0, 0),
             total_tokens: cfg.max_batch_total_tokens,
         });
     };
@@ -129,7 +132,7 @@ pub(crate) fn admission(
     let room = b.max_batch_size.map(|m| m.saturating_sub(size));
     let prefill_tokens = b
         .step_budget()
-        .prompt_tokens(running.size)
+        .prompt_tokens(running.size, u32::try_from(queued).unwrap_or(u32::MAX))
         .saturating_sub(running.pending_tokens);
     if room == Some(0) || running.preempted > 0 || prefill_tokens == 0 {
         return None;

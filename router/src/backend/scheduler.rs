@@ -148,6 +148,11 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Requests waiting in the queues.
+    pub fn queued(&self) -> usize {
+        self.shared.lock().registry.queued()
+    }
+
     /// Takes the next batch within `budget` (see [`take_batch`]).
     pub fn next_batch(&self, budget: BatchBudget) -> Option<NextBatch> {
         let now = Instant::now();

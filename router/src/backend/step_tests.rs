@@ -281,39 +281,39 @@ fn running(size: u32, pending: u32, preempted: u32) -> pb::CachedBatch {
 #[test]
 fn admission_leaves_the_step_budget_to_pending_prompts_and_waits_for_preempted_ones() {
     let cfg = loop_config(512, Some(8));
-    let idle = admission(&cfg, None, 0).expect("idle: the whole budget");
+    let idle = admission(&cfg, None, 0, 0).expect("idle: the whole budget");
     assert_eq!(
         (idle.prefill_tokens, idle.total_tokens),
         (512, 1000)
     );
-    let free = admission(&cfg, Some(&running(2, 0, 0)), 1).expect("nothing pending");
+    let free = admission(&cfg, Some(&running(2, 0, 0)), 1, 0).expect("nothing pending");
     assert_eq!(
         (free.prefill_tokens, free.total_tokens),
         (512, 700)
     );
     assert_eq!(free.max_size, Some(6));
-    let chunking = admission(&cfg, Some(&running(2, 500, 0)), 1).expect("12 tokens left");
+    let chunking = admission(&cfg, Some(&running(2, 500, 0)), 1, 0).expect("12 tokens left");
     assert_eq!(chunking.prefill_tokens, 12);
     assert!(
-        admission(&cfg, Some(&running(2, 512, 0)), 1).is_none(),
+        admission(&cfg, Some(&running(2, 512, 0)), 1, 0).is_none(),
         "budget spent"
     );
     assert!(
-        admission(&cfg, Some(&running(2, 900, 0)), 1).is_none(),
+        admission(&cfg, Some(&running(2, 900, 0)), 1, 0).is_none(),
         "budget spent"
     );
     assert!(
-        admission(&cfg, Some(&running(2, 0, 1)), 1).is_none(),
+        admission(&cfg, Some(&running(2, 0, 1)), 1, 0).is_none(),
         "preempted"
     );
     assert!(
-        admission(&cfg, Some(&running(8, 0, 0)), 1).is_none(),
+        admission(&cfg, Some(&running(8, 0, 0)), 1, 0).is_none(),
         "full"
     );
     // The waiting-served ratio (0.3) holds new requests back for a while.
-    let held = admission(&cfg, Some(&running(7, 0, 0)), 1).expect("room for one");
+    let held = admission(&cfg, Some(&running(7, 0, 0)), 1, 0).expect("room for one");
     assert_eq!(held.min_size, Some(2));
-    let forced = admission(&cfg, Some(&running(7, 0, 0)), 20).expect("waited enough");
+    let forced = admission(&cfg, Some(&running(7, 0, 0)), 20, 0).expect("waited enough");
     assert_eq!(forced.min_size, None);
 }
 
@@ -321,26 +321,31 @@ fn admission_leaves_the_step_budget_to_pending_prompts_and_waits_for_preempted_o
 fn with_nothing_running_new_requests_get_the_idle_budget() {
     let mut cfg = loop_config(32, None);
     assert_eq!(
-        admission(&cfg, None, 0).map(|b| b.prefill_tokens),
+        admission(&cfg, None, 0, 0).map(|b| b.prefill_tokens),
         Some(512)
     );
     cfg.batching.max_idle_prefill_tokens = Some(100);
     assert_eq!(
-        admission(&cfg, None, 0).map(|b| b.prefill_tokens),
+        admission(&cfg, None, 0, 0).map(|b| b.prefill_tokens),
         Some(100)
     );
-    let busy = admission(&cfg, Some(&running(2, 0, 0)), 1).expect("room");
+    let busy = admission(&cfg, Some(&running(2, 0, 0)), 1, 0).expect("room");
     assert_eq!(busy.prefill_tokens, 32, "requests decode: the busy budget");
-    let many = admission(&cfg, Some(&running(40, 0, 0)), 1).expect("room");
+    let many = admission(&cfg, Some(&running(40, 0, 0)), 1, 0).expect("room");
     assert_eq!(
         many.prefill_tokens, 80,
         "two prompt rows per running request"
     );
-    let most = admission(&cfg, Some(&running(90, 30, 0)), 1).expect("room");
+    let most = admission(&cfg, Some(&running(90, 30, 0)), 1, 0).expect("room");
     assert_eq!(most.prefill_tokens, 70, "at most the idle budget");
+    let burst = admission(&cfg, Some(&running(10, 0, 0)), 1, 30).expect("room");
+    assert_eq!(
+        burst.prefill_tokens, 80,
+        "two prompt rows per request, queued ones included"
+    );
     // With the default ratio (0) a lone newcomer joins a large batch at once.
     cfg.batching.waiting_served_ratio = 0.0;
-    let lone = admission(&cfg, Some(&running(16, 0, 0)), 1).expect("room");
+    let lone = admission(&cfg, Some(&running(16, 0, 0)), 1, 0).expect("room");
     assert_eq!(lone.min_size, None);
 }
 

@@ -15,10 +15,14 @@ use super::sequence::Sequence;
 
 pub(crate) use medley_proto::step::StepBudget;
 
-/// The budget of a step over `seqs`: by its decoding sequences.
+/// The budget of a step over `seqs`: by its decoding sequences and those still prefilling
+/// (preempted ones wait for blocks, not for this step).
 fn step_budget(budget: StepBudget, seqs: &[Sequence]) -> usize {
-    let decoding = seqs.iter().filter(|s| !s.preempted && s.decoding()).count();
-    budget.prompt_tokens(u32::try_from(decoding).unwrap_or(u32::MAX)) as usize
+    let count = |f: fn(&Sequence) -> bool| {
+        let n = seqs.iter().filter(|s| !s.preempted && f(s)).count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    };
+    budget.prompt_tokens(count(Sequence::decoding), count(|s| !s.decoding())) as usize
 }
 
 /// What a step plan says about one sequence.

@@ -227,16 +227,16 @@ fn run_step(
     (generations, batch)
 }
 
-/// Prompt tokens of a step over `seqs`, like the real shard: the idle budget when none decodes,
-/// else two prompt rows per running sequence within the busy and idle budgets (the router
-/// admits by running sequences, counting those still prefilling).
+/// Prompt tokens of a step over `seqs`, like the real shard: by the decoding sequences and those
+/// still prefilling (preempted ones aside).
 fn step_budget(state: &State, seqs: &[Seq]) -> u32 {
-    let running = if seqs.iter().any(Seq::decoding) {
-        seqs.iter().filter(|s| !s.preempted).count() as u32
-    } else {
-        0
+    let count = |decoding: bool| {
+        seqs.iter()
+            .filter(|s| !s.preempted && s.decoding() == decoding)
+            .count() as u32
     };
-    medley_proto::step::StepBudget::new(state.prefill_budget, state.idle_budget).prompt_tokens(running)
+    medley_proto::step::StepBudget::new(state.prefill_budget, state.idle_budget)
+        .prompt_tokens(count(true), count(false))
 }
 
 /// One step of `seqs`: the newest is preempted while [`FakeShard::preempt`] asks; the others
