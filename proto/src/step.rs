@@ -52,16 +52,27 @@ mod tests {
     #[test]
     fn the_prompt_budget_grows_with_the_requests_between_busy_and_idle() {
         let b = StepBudget::new(32, 512);
-        assert_eq!(b.prompt_tokens(0, 50), 512, "nothing decodes: the idle budget");
+        assert_eq!(
+            b.prompt_tokens(0, 50),
+            512,
+            "nothing decodes: the idle budget"
+        );
         assert_eq!(b.prompt_tokens(1, 0), 32);
         assert_eq!(b.prompt_tokens(16, 0), 32);
         assert_eq!(b.prompt_tokens(16, 1), 34, "one prompt joining 16 streams");
         assert_eq!(b.prompt_tokens(64, 0), 128);
-        assert_eq!(b.prompt_tokens(13, 51), 128, "a burst: the waiting count too");
+        assert_eq!(
+            b.prompt_tokens(13, 51),
+            128,
+            "a burst: the waiting count too"
+        );
         assert_eq!(b.prompt_tokens(1000, 0), 512);
         assert_eq!(b.prompt_tokens(u32::MAX, u32::MAX), 512, "no overflow");
         let gpu = StepBudget::new(2048, 0);
-        assert_eq!((gpu.prompt_tokens(0, 0), gpu.prompt_tokens(64, 0)), (2048, 2048));
+        assert_eq!(
+            (gpu.prompt_tokens(0, 0), gpu.prompt_tokens(64, 0)),
+            (2048, 2048)
+        );
         assert_eq!(StepBudget::new(0, 0), StepBudget { busy: 1, idle: 1 });
     }
 }

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use medley_spec::AdapterPolicy;
 use medley_proto::step::StepBudget;
+pub use medley_spec::AdapterPolicy;
 use medley_spec::{AdapterSource, Semantics};
 
 use crate::access::{AccessArgs, AccessConfig};

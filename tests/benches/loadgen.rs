@@ -541,7 +541,9 @@ fn slowest_first_tokens(indexed: &[(usize, StreamStats)], kinds: usize, started:
         .filter_map(|(k, s)| Some((*k, s, s.ttft?)))
         .collect();
     slow.sort_by_key(|&(_, _, ttft)| std::cmp::Reverse(ttft));
-    println!("\nslowest first tokens (request, adapter/merge, first of its kind, started at, TTFT):");
+    println!(
+        "\nslowest first tokens (request, adapter/merge, first of its kind, started at, TTFT):"
+    );
     for (k, s, ttft) in slow.into_iter().take(12) {
         let kind = k % kinds;
         let start = s.times.first().map_or(Duration::ZERO, |t| {
@@ -549,7 +551,11 @@ fn slowest_first_tokens(indexed: &[(usize, StreamStats)], kinds: usize, started:
         });
         println!(
             "  #{k:<5} {} {kind:<3} {:<5} {:>7.1} s {:>8.1} s",
-            if kind % 2 == 0 { "adapter" } else { "merge  " },
+            if kind.is_multiple_of(2) {
+                "adapter"
+            } else {
+                "merge  "
+            },
             if k < kinds { "yes" } else { "no" },
             start.as_secs_f64(),
             ttft.as_secs_f64()

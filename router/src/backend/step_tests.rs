@@ -282,15 +282,9 @@ fn running(size: u32, pending: u32, preempted: u32) -> pb::CachedBatch {
 fn admission_leaves_the_step_budget_to_pending_prompts_and_waits_for_preempted_ones() {
     let cfg = loop_config(512, Some(8));
     let idle = admission(&cfg, None, 0, 0).expect("idle: the whole budget");
-    assert_eq!(
-        (idle.prefill_tokens, idle.total_tokens),
-        (512, 1000)
-    );
+    assert_eq!((idle.prefill_tokens, idle.total_tokens), (512, 1000));
     let free = admission(&cfg, Some(&running(2, 0, 0)), 1, 0).expect("nothing pending");
-    assert_eq!(
-        (free.prefill_tokens, free.total_tokens),
-        (512, 700)
-    );
+    assert_eq!((free.prefill_tokens, free.total_tokens), (512, 700));
     assert_eq!(free.max_size, Some(6));
     let chunking = admission(&cfg, Some(&running(2, 500, 0)), 1, 0).expect("12 tokens left");
     assert_eq!(chunking.prefill_tokens, 12);

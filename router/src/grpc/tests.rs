@@ -141,7 +141,9 @@ async fn details_report_the_prompt_tokens_taken_from_the_prefix_cache() {
     while let Some(m) = stream.next().await {
         last = Some(m.expect("message"));
     }
-    let d = last.and_then(|m| m.details).expect("details on the last message");
+    let d = last
+        .and_then(|m| m.details)
+        .expect("details on the last message");
     assert_eq!((d.prompt_tokens, d.cached_tokens), (3, Some(2)));
     server.stop().await;
 }

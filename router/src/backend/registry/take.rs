@@ -62,8 +62,7 @@ impl Registry {
             let max = entry.max_tokens();
             // Joins while the step's prompt budget has room left; what does not fit this step
             // is prefilled in the next ones.
-            if prefill >= budget.prefill_tokens || total.saturating_add(max) > budget.total_tokens
-            {
+            if prefill >= budget.prefill_tokens || total.saturating_add(max) > budget.total_tokens {
                 queue.push_front((id, entry));
                 break;
             }
