@@ -373,6 +373,8 @@ impl Engine {
             }
         };
         let t0 = Instant::now();
+        let rows: usize = plan.scheduled.iter().map(|s| s.len).sum();
+        let seqs_waiting = seqs.iter().filter(|s| !s.decoding()).count();
         let StepPlan {
             scheduled,
             chunks,
@@ -428,6 +430,8 @@ impl Engine {
         let decode_ns = t1.elapsed().as_nanos() as u64;
         tracing::debug!(
             scheduled = scheduled.len(),
+            rows,
+            waiting = seqs_waiting,
             generations = generations.len(),
             preempted,
             forward_ms = forward_ns as f64 / 1e6,
