@@ -5,11 +5,14 @@
 //! so requests join while any of it is left and the last one may overflow it (the shards
 //! prefill the rest over the next steps, as vLLM's chunked prefill fills its token budget).
 //!
-//! Requests are taken one at a time from the queue that comes first in [`Priority`] order
-//! (oldest request first, adapters whose turn is spent after the others). Queues of adapters
-//! that are not resident are skipped, not waited for; so are adapters that would exceed
-//! `max_active_adapters`, and, while another adapter is starved, adapters whose turn
-//! (`--adapter-cycle-time`) is spent. When the request that comes first does not fit the
+//! Requests are taken one at a time from the queue whose head is the oldest request. Queues of
+//! adapters that are not resident are skipped, not waited for; so are adapters that would
+//! exceed `max_active_adapters`. While an adapter is starved (it waits for a place under that
+//! cap), queues are taken in [`Priority`] order instead: adapters whose turn
+//! (`--adapter-cycle-time`) is spent after the others, and skipped. Without starvation turns
+//! play no part: a queue whose adapter just started a turn must not overtake older requests
+//! of adapters whose turn is spent (under a burst over 16 adapters that starved some requests
+//! for 20 s). When the request that comes first does not fit the
 //! total-token budget, or the step's prompt budget is used up, the batch ends there (FIFO, as in
 //! TGI).
 
@@ -103,7 +106,14 @@ impl Registry {
             .front()
             .map(|(id, _)| (Priority::Fresh(*id), None));
         for (key, a) in &self.adapters {
-            let (Some(slot), Some(priority)) = (a.resident_slot(), a.priority(cycle, now)) else {
+            // Turns only matter while an adapter is starved; otherwise every queue can join,
+            // and the oldest request goes first whatever its adapter's turn.
+            let priority = if starved {
+                a.priority(cycle, now)
+            } else {
+                a.head().map(Priority::Fresh)
+            };
+            let (Some(slot), Some(priority)) = (a.resident_slot(), priority) else {
                 continue;
             };
             if !in_batch.contains(key) && in_batch.len() >= cap {

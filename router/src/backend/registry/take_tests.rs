@@ -216,6 +216,23 @@ fn spent_turns_yield_to_starved_adapters() {
 }
 
 #[test]
+fn without_starvation_the_oldest_request_goes_first_whatever_the_turns() {
+    let mut q = Queues::new(8);
+    let (a, b) = (single("a"), single("b"));
+    q.push(&a, 1, 1); // 0
+    q.push(&a, 1, 1); // 1
+    q.resident(&a);
+    q.push(&b, 1, 1); // 2
+    q.resident(&b);
+    // a's turn starts at 0 and stays spent while its first request runs.
+    assert_eq!(q.take(budget(1, 100), 0), vec![0]);
+    // At 1.5 s a's turn is spent and b never had one; nobody is starved (cap 8), so a's older
+    // request 1 goes before b's 2.
+    assert_eq!(q.take(budget(1, 100), 1500), vec![1]);
+    assert_eq!(q.take(budget(1, 100), 1500), vec![2]);
+}
+
+#[test]
 fn the_last_request_may_overflow_the_step_budget_and_the_total_budget_still_holds() {
     let mut q = Queues::new(8);
     q.push(&AdapterSpec::Base, 4, 10); // 0
