@@ -7,12 +7,12 @@
 //!
 //! Requests are taken one at a time from the queue whose head is the oldest request. Queues of
 //! adapters that are not resident are skipped, not waited for; so are adapters that would
-//! exceed `max_active_adapters`. While an adapter is starved (it waits for a place under that
-//! cap), queues are taken in [`Priority`] order instead: adapters whose turn
-//! (`--adapter-cycle-time`) is spent after the others, and skipped. Without starvation turns
-//! play no part: a queue whose adapter just started a turn must not overtake older requests
-//! of adapters whose turn is spent (under a burst over 16 adapters that starved some requests
-//! for 20 s). When the request that comes first does not fit the
+//! exceed `max_active_adapters`. While more adapters want to run than that cap allows, queues
+//! are taken in [`Priority`] order instead (adapters whose turn, `--adapter-cycle-time`, is
+//! spent after the others), and while one of them is starved, spent adapters are skipped.
+//! Without that contention turns play no part: a queue whose adapter just started a turn must
+//! not overtake older requests of adapters whose turn is spent (under a burst over 16
+//! adapters, that held some requests back for 20 s). When the request that comes first does not fit the
 //! total-token budget, or the step's prompt budget is used up, the batch ends there (FIFO, as in
 //! TGI).
 
@@ -46,13 +46,14 @@ impl Registry {
             .map(|(k, _)| *k)
             .collect();
         let starved = self.starved(in_batch.len());
+        let contended = self.contended();
         let mut taken: Vec<Taken> = Vec::new();
         let (mut prefill, mut total) = (0u32, 0u32);
         loop {
             if budget.max_size.is_some_and(|m| taken.len() >= m) {
                 break;
             }
-            let Some(adapter) = self.next_queue(&in_batch, starved, now) else {
+            let Some(adapter) = self.next_queue(&in_batch, contended, starved, now) else {
                 break;
             };
             let Some(queue) = self.queue_mut(adapter) else {
@@ -97,6 +98,7 @@ impl Registry {
     fn next_queue(
         &self,
         in_batch: &HashSet<AdapterKey>,
+        contended: bool,
         starved: bool,
         now: Instant,
     ) -> Option<Option<(AdapterKey, u32)>> {
@@ -106,9 +108,9 @@ impl Registry {
             .front()
             .map(|(id, _)| (Priority::Fresh(*id), None));
         for (key, a) in &self.adapters {
-            // Turns only matter while an adapter is starved; otherwise every queue can join,
-            // and the oldest request goes first whatever its adapter's turn.
-            let priority = if starved {
+            // Turns only matter while more adapters want to run than may; otherwise every
+            // queue can join, and the oldest request goes first whatever its adapter's turn.
+            let priority = if contended {
                 a.priority(cycle, now)
             } else {
                 a.head().map(Priority::Fresh)
@@ -127,6 +129,17 @@ impl Registry {
             }
         }
         best.map(|(_, adapter)| adapter)
+    }
+
+    /// Whether more adapters want to run (running, or resident with queued requests) than
+    /// `max_active_adapters` allows at once: only then do turns order the queues.
+    fn contended(&self) -> bool {
+        let wanting = self
+            .adapters
+            .values()
+            .filter(|a| a.running > 0 || (a.resident_slot().is_some() && !a.queue.is_empty()))
+            .count();
+        wanting > self.cfg.max_active_adapters
     }
 
     fn queue_mut(
