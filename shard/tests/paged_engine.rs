@@ -301,6 +301,28 @@ fn a_step_without_decodes_takes_the_idle_budget() {
 }
 
 #[test]
+fn requests_queued_in_the_router_enlarge_the_step_budget() {
+    // Busy budget 8, idle 400: a 60-token prompt joins one decoding stream.
+    let pending_after_join = |queued: u32| {
+        let mut e = engine_with(4096, 16, false, 8, 400);
+        let mut d = Driver::new();
+        d.join(&mut e, 1, vec![request(1, prompt(5, 6), 0, 30, false)]);
+        d.decode(&mut e);
+        if let Some(b) = d.running.as_mut() {
+            b.queued = queued;
+        }
+        d.join(&mut e, 2, vec![request(2, prompt(6, 60), 1, 4, false)]);
+        let b = d.running.as_ref().unwrap();
+        assert_eq!(b.queued, 0, "shards answer 0");
+        b.pending_tokens
+    };
+    // Alone: 2 requests x 2 rows = 4, so the busy budget of 8 tokens.
+    assert_eq!(pending_after_join(0), 52);
+    // 20 more wait in the router: 21 wait against 1 decoding, a burst: the idle budget.
+    assert_eq!(pending_after_join(20), 0);
+}
+
+#[test]
 fn cached_prefixes_give_the_cold_results_and_never_cross_adapters() {
     let shared = prompt(7, 40);
     let with_suffix = |s: u32| {

@@ -67,6 +67,11 @@ pub(crate) async fn batching_task<S: ShardApi>(
         }
         let next = admission(&cfg, running.as_ref(), waiting_steps, queue.queued())
             .and_then(|b| queue.next_batch(b));
+        // The shards' step budget counts the requests still queued here (see `admission`).
+        let queued = u32::try_from(queue.queued()).unwrap_or(u32::MAX);
+        if let Some(b) = running.as_mut() {
+            b.queued = queued;
+        }
         running = match (next, running) {
             (Some(next), running) => {
                 entries.extend(next.entries);
@@ -109,8 +114,8 @@ pub(crate) async fn batching_task<S: ShardApi>(
 /// nothing runs); `None` when none may: the batch is full, the shards hold preempted requests
 /// (they wait for KV blocks; new requests would only take more), or pending prompt tokens
 /// (chunked prompts, preempted sequences) fill the per-step prompt budget. The step budget
-/// counts the running requests and the `queued` ones (once admitted they wait for their first
-/// token in the shards' batch, which counts them too).
+/// counts the running requests that decode and those waiting for their first token: in the
+/// shards' batch, and the `queued` ones here (the loop sends that count with every step).
 pub(crate) fn admission(
     cfg: &LoopConfig,
     running: Option<&pb::CachedBatch>,
@@ -130,9 +135,18 @@ pub(crate) fn admission(
     let size = running.size as usize;
     // A full batch takes no one; `None` means no size limit.
     let room = b.max_batch_size.map(|m| m.saturating_sub(size));
+    // As the shards will count: the running requests that decode, and those waiting for their
+    // first token there or here.
+    let decoding = running
+        .size
+        .saturating_sub(running.prefilling)
+        .saturating_sub(running.preempted);
+    let waiting = running
+        .prefilling
+        .saturating_add(u32::try_from(queued).unwrap_or(u32::MAX));
     let prefill_tokens = b
         .step_budget()
-        .prompt_tokens(running.size, u32::try_from(queued).unwrap_or(u32::MAX))
+        .prompt_tokens(decoding, waiting)
         .saturating_sub(running.pending_tokens);
     if room == Some(0) || running.preempted > 0 || prefill_tokens == 0 {
         return None;

@@ -179,6 +179,32 @@ async fn a_chunked_prompt_gets_its_tokens_once_its_prefill_is_done() {
 }
 
 #[tokio::test]
+async fn requests_queued_in_the_router_count_in_the_shards_step_budget() {
+    // Six streams decode (busy budget 8); five 20-token prompts arrive at once. The router
+    // admits them by a budget that counts its queue ((6 + 5) x 2 = 22 tokens: two join), so
+    // it must tell the shards the three it still holds, or their step would take only
+    // (6 + 2) x 2 = 16 tokens (a violation).
+    let shard = shard(2, 0);
+    let backend = start(&shard, &config(8)).await;
+    let streams =
+        futures::future::join_all((0..6).map(|_| run(&backend, request(AdapterSpec::Base, 2, 40))));
+    let burst = async {
+        until("six decode", || {
+            shard.calls().iter().any(|c| c.generated.len() == 6)
+        })
+        .await;
+        let runs = (0..5).map(|_| run(&backend, request(AdapterSpec::Base, 20, 2)));
+        futures::future::join_all(runs).await
+    };
+    let (streams, burst) = tokio::join!(streams, burst);
+    assert!(streams.iter().all(|o| o.tokens == 40));
+    assert!(burst.iter().all(|o| o.tokens == 2));
+    let calls = shard.calls();
+    assert!(calls.iter().any(|c| c.queued > 0), "{calls:#?}");
+    assert!(shard.violations().is_empty(), "{:?}", shard.violations());
+}
+
+#[tokio::test]
 async fn no_request_joins_while_one_is_preempted() {
     let shard = shard(2, 0);
     let backend = start(&shard, &config(4096)).await;
@@ -275,6 +301,8 @@ fn running(size: u32, pending: u32, preempted: u32) -> pb::CachedBatch {
         current_tokens: 0,
         pending_tokens: pending,
         preempted,
+        queued: 0,
+        prefilling: 0,
     }
 }
 
@@ -332,10 +360,22 @@ fn with_nothing_running_new_requests_get_the_idle_budget() {
     );
     let most = admission(&cfg, Some(&running(90, 30, 0)), 1, 0).expect("room");
     assert_eq!(most.prefill_tokens, 70, "at most the idle budget");
+    let queued = admission(&cfg, Some(&running(30, 0, 0)), 1, 3).expect("room");
+    assert_eq!(
+        queued.prefill_tokens, 72,
+        "two prompt rows per request, queued ones included, times 33 / 30"
+    );
     let burst = admission(&cfg, Some(&running(10, 0, 0)), 1, 30).expect("room");
     assert_eq!(
-        burst.prefill_tokens, 80,
-        "two prompt rows per request, queued ones included"
+        burst.prefill_tokens, 100,
+        "more wait than decode: the idle budget"
+    );
+    let mut prefilling = running(30, 0, 0);
+    prefilling.prefilling = 16;
+    let shard_side = admission(&cfg, Some(&prefilling), 1, 0).expect("room");
+    assert_eq!(
+        shard_side.prefill_tokens, 100,
+        "16 of 30 wait for their first token in the shards"
     );
     // With the default ratio (0) a lone newcomer joins a large batch at once.
     cfg.batching.waiting_served_ratio = 0.0;

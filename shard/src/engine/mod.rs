@@ -288,9 +288,10 @@ impl Engine {
             }
         }
         let id = running.first().map_or(batch.id, |b| b.id);
+        let queued = router_queued(&running);
         let mut seqs = self.take_batches(&running);
         seqs.extend(fresh);
-        self.run(id, seqs, start)
+        self.run(id, seqs, queued, start)
     }
 
     /// Merges the given cached batches into the first one and runs one step: a token for
@@ -304,8 +305,9 @@ impl Engine {
         if let Some(missing) = batches.iter().find(|b| !self.batches.contains_key(&b.id)) {
             return Err(EngineError::UnknownBatch(missing.id));
         }
+        let queued = router_queued(&batches);
         let seqs = self.take_batches(&batches);
-        self.run(id, seqs, start)
+        self.run(id, seqs, queued, start)
     }
 
     /// Whether a cached batch holds request `id` (a preempted one has no KV entry).
@@ -327,14 +329,16 @@ impl Engine {
         seqs
     }
 
-    /// Plans and runs one step over `seqs`, keeping the survivors as batch `id`.
+    /// Plans and runs one step over `seqs` (while `queued` requests wait in the router's
+    /// queues), keeping the survivors as batch `id`.
     fn run(
         &mut self,
         id: u64,
         seqs: Vec<Sequence>,
+        queued: u32,
         start: Instant,
     ) -> Result<StepResponse, EngineError> {
-        let (generations, kept, forward_ns, decode_ns) = self.step(seqs)?;
+        let (generations, kept, forward_ns, decode_ns) = self.step(seqs, queued)?;
         let cached = self.store(id, kept);
         Ok(StepResponse {
             generations,
@@ -355,8 +359,9 @@ impl Engine {
     fn step(
         &mut self,
         mut seqs: Vec<Sequence>,
+        queued: u32,
     ) -> Result<(Vec<Generation>, Vec<Sequence>, u64, u64), EngineError> {
-        let planned = schedule::plan_step(&mut seqs, &mut self.kv, self.step_prompt_tokens);
+        let planned = schedule::plan_step(&mut seqs, &mut self.kv, self.step_prompt_tokens, queued);
         let plan = match planned {
             Ok(p) if p.chunks.is_empty() && !seqs.is_empty() => Err(EngineError::KvCache(format!(
                 "the kv cache ({} tokens) cannot hold the oldest sequence ({} tokens)",
@@ -566,6 +571,11 @@ impl Engine {
     }
 }
 
+/// Requests waiting in the router's queues, as it set them on the batches of a step.
+fn router_queued(batches: &[CachedBatch]) -> u32 {
+    batches.iter().map(|b| b.queued).max().unwrap_or(0)
+}
+
 fn cached_batch(id: u64, seqs: &[Sequence], kv: &KvCache) -> CachedBatch {
     CachedBatch {
         id,
@@ -579,6 +589,11 @@ fn cached_batch(id: u64, seqs: &[Sequence], kv: &KvCache) -> CachedBatch {
             .map(|s| s.pending() as u32)
             .sum(),
         preempted: seqs.iter().filter(|s| s.preempted).count() as u32,
+        queued: 0,
+        prefilling: seqs
+            .iter()
+            .filter(|s| !s.preempted && !s.decoding())
+            .count() as u32,
     }
 }
 

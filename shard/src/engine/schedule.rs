@@ -15,14 +15,16 @@ use super::sequence::Sequence;
 
 pub(crate) use medley_proto::step::StepBudget;
 
-/// The budget of a step over `seqs`: by its decoding sequences and those still prefilling
-/// (preempted ones wait for blocks, not for this step).
-fn step_budget(budget: StepBudget, seqs: &[Sequence]) -> usize {
+/// The budget of a step over `seqs`: by its decoding sequences and the requests waiting for
+/// their first token, those still prefilling here (preempted ones wait for blocks, not for
+/// this step) and the `queued` ones of the router.
+fn step_budget(budget: StepBudget, seqs: &[Sequence], queued: u32) -> usize {
     let count = |f: fn(&Sequence) -> bool| {
         let n = seqs.iter().filter(|s| !s.preempted && f(s)).count();
         u32::try_from(n).unwrap_or(u32::MAX)
     };
-    budget.prompt_tokens(count(Sequence::decoding), count(|s| !s.decoding())) as usize
+    let waiting = count(|s| !s.decoding()).saturating_add(queued);
+    budget.prompt_tokens(count(Sequence::decoding), waiting) as usize
 }
 
 /// What a step plan says about one sequence.
@@ -47,16 +49,17 @@ pub(crate) struct StepPlan {
     pub preempted: usize,
 }
 
-/// Plans one step over `seqs` (in arrival order) within `budget`'s prompt tokens. Resumes
-/// preempted sequences first (through the prefix cache), then reserves blocks in arrival
-/// order.
+/// Plans one step over `seqs` (in arrival order) within `budget`'s prompt tokens, while
+/// `queued` requests wait in the router's queues. Resumes preempted sequences first (through
+/// the prefix cache), then reserves blocks in arrival order.
 pub(crate) fn plan_step(
     seqs: &mut [Sequence],
     kv: &mut KvCache,
     budget: StepBudget,
+    queued: u32,
 ) -> Result<StepPlan, EngineError> {
     let mut plan = StepPlan::default();
-    let mut budget = step_budget(budget, seqs);
+    let mut budget = step_budget(budget, seqs, queued);
     for i in 0..seqs.len() {
         let resumed = seqs[i].preempted;
         if resumed {

@@ -54,6 +54,11 @@ pub struct CachedBatch {
     pub pending_tokens: u32,
     /// Requests preempted (their KV blocks freed) waiting to be recomputed.
     pub preempted: u32,
+    /// Requests waiting in the router's queues (set by the router on the batches it sends;
+    /// the step's prompt budget counts them); 0 in the shards' answers.
+    pub queued: u32,
+    /// Requests waiting for their first token (prompts being prefilled), preempted ones aside.
+    pub prefilling: u32,
 }
 
 /// Tokens with their logprobs and texts, as parallel vectors of equal length.

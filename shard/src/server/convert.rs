@@ -103,6 +103,8 @@ impl From<pb::CachedBatch> for CachedBatch {
             current_tokens: b.current_tokens,
             pending_tokens: b.pending_tokens,
             preempted: b.preempted,
+            queued: b.queued,
+            prefilling: b.prefilling,
         }
     }
 }
@@ -118,6 +120,8 @@ impl From<CachedBatch> for pb::CachedBatch {
             current_tokens: b.current_tokens,
             pending_tokens: b.pending_tokens,
             preempted: b.preempted,
+            queued: b.queued,
+            prefilling: b.prefilling,
         }
     }
 }
@@ -393,6 +397,8 @@ mod tests {
             current_tokens: 9,
             pending_tokens: 3,
             preempted: 1,
+            queued: 7,
+            prefilling: 1,
         };
         assert_eq!(pb::CachedBatch::from(CachedBatch::from(wire.clone())), wire);
     }

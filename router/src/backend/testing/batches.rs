@@ -95,6 +95,8 @@ pub(crate) struct Call {
     pub preempted: u32,
     /// Prompt tokens the answer's batch reported pending.
     pub pending: u32,
+    /// The router's queue length, as set on the batches it ran.
+    pub queued: u32,
 }
 
 impl FakeShard {
@@ -134,14 +136,21 @@ impl FakeShard {
             .iter()
             .map(|r| r.input_ids.len() as u32)
             .sum();
+        let last_tokens = batch
+            .requests
+            .last()
+            .map_or(0, |r| r.input_ids.len() as u32);
         if preempted > 0 {
             state.violations.push(format!(
                 "requests joined a batch with {preempted} preempted requests"
             ));
         }
-        let room = step_budget(&state, &seqs).saturating_sub(pending);
-        let chunked = batch.requests.len() == 1 && pending == 0;
-        if new_tokens > room && !chunked {
+        // The new requests wait for their first token in the step, as do the router's queued.
+        let waiting = queued(&running).saturating_add(batch.requests.len() as u32);
+        let room = step_budget(&state, &seqs, waiting).saturating_sub(pending);
+        // Requests join while the budget has room; the last one may overflow it (its prompt
+        // is chunked over the next steps).
+        if new_tokens - last_tokens >= room {
             state.violations.push(format!(
                 "new prompts of {new_tokens} tokens joined with {room} of the step budget left"
             ));
@@ -211,7 +220,7 @@ fn run_step(
     ran: &[pb::CachedBatch],
     new: Vec<u64>,
 ) -> (Vec<pb::Generation>, Option<pb::CachedBatch>) {
-    let (generations, alive) = step(state, seqs);
+    let (generations, alive) = step(state, seqs, queued(ran));
     let batch = cached(id, &alive);
     if !alive.is_empty() {
         state.batches.insert(id, alive);
@@ -223,32 +232,38 @@ fn run_step(
         generated: generations.iter().map(|g| g.request_id).collect(),
         preempted: batch.as_ref().map_or(0, |b| b.preempted),
         pending: batch.as_ref().map_or(0, |b| b.pending_tokens),
+        queued: queued(ran),
     });
     (generations, batch)
 }
 
+/// The router's queue length, as it set it on the batches it sent.
+fn queued(batches: &[pb::CachedBatch]) -> u32 {
+    batches.iter().map(|b| b.queued).max().unwrap_or(0)
+}
+
 /// Prompt tokens of a step over `seqs`, like the real shard: by the decoding sequences and those
-/// still prefilling (preempted ones aside).
-fn step_budget(state: &State, seqs: &[Seq]) -> u32 {
+/// still prefilling (preempted ones aside), with `queued` more requests waiting.
+fn step_budget(state: &State, seqs: &[Seq], queued: u32) -> u32 {
     let count = |decoding: bool| {
         seqs.iter()
             .filter(|s| !s.preempted && s.decoding() == decoding)
             .count() as u32
     };
     medley_proto::step::StepBudget::new(state.prefill_budget, state.idle_budget)
-        .prompt_tokens(count(true), count(false))
+        .prompt_tokens(count(true), count(false).saturating_add(queued))
 }
 
 /// One step of `seqs`: the newest is preempted while [`FakeShard::preempt`] asks; the others
 /// prefill (within the step's prompt budget) or decode one token. Returns the generations and
 /// the unfinished sequences.
-fn step(state: &mut State, mut seqs: Vec<Seq>) -> (Vec<pb::Generation>, Vec<Seq>) {
+fn step(state: &mut State, mut seqs: Vec<Seq>, queued: u32) -> (Vec<pb::Generation>, Vec<Seq>) {
     let distinct: std::collections::HashSet<u32> =
         seqs.iter().map(|s| s.slot).filter(|s| *s > 0).collect();
     state.max_distinct_adapters = state.max_distinct_adapters.max(distinct.len());
     let victim = (state.preempt_steps > 0).then(|| seqs.len().saturating_sub(1));
     state.preempt_steps = state.preempt_steps.saturating_sub(1);
-    let mut budget = step_budget(state, &seqs);
+    let mut budget = step_budget(state, &seqs, queued);
     let mut generations = Vec::with_capacity(seqs.len());
     let mut alive = Vec::new();
     for (i, s) in seqs.iter_mut().enumerate() {
@@ -317,6 +332,11 @@ pub(super) fn cached(id: u64, seqs: &[Seq]) -> Option<pb::CachedBatch> {
         current_tokens: seqs.iter().map(|s| s.computed + s.generated).sum(),
         pending_tokens: seqs.iter().map(Seq::pending).sum(),
         preempted: seqs.iter().filter(|s| s.preempted).count() as u32,
+        queued: 0,
+        prefilling: seqs
+            .iter()
+            .filter(|s| !s.preempted && !s.decoding())
+            .count() as u32,
     })
 }
 
