@@ -10,6 +10,7 @@ use std::time::Duration;
 use hf_hub::api::tokio::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
+pub mod gguf;
 pub mod model_dir;
 
 use model_dir::{

@@ -20,13 +20,16 @@ pub const OPTIONAL_FILES: [&str; 3] = [
     "chat_template.jinja",
 ];
 
-/// Safetensors weights stored either as one file or as an index plus the shards it names.
+/// Safetensors weights stored either as one file or as an index plus the shards it names (or,
+/// where the layout allows it, a GGUF file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardedWeights {
     /// The single-file name (`model.safetensors`).
     pub single: &'static str,
     /// The index name (`model.safetensors.index.json`).
     pub index: &'static str,
+    /// The GGUF file name of a GGUF model view (`model.gguf`, see [`crate::gguf`]).
+    pub gguf: Option<&'static str>,
 }
 
 /// What a kind of repository directory must and may contain.
@@ -51,6 +54,7 @@ pub const MODEL_LAYOUT: RepoLayout = RepoLayout {
     weights: Some(ShardedWeights {
         single: WEIGHTS_FILE,
         index: WEIGHTS_INDEX_FILE,
+        gguf: Some(crate::gguf::GGUF_FILE),
     }),
 };
 
@@ -66,6 +70,8 @@ pub enum Weights {
         /// The shard files.
         shards: Vec<PathBuf>,
     },
+    /// A GGUF file (`model.gguf` of a view directory written from it).
+    Gguf(PathBuf),
 }
 
 /// A complete repository directory of some [`RepoLayout`].
@@ -164,6 +170,10 @@ pub fn check_repo_dir(dir: &Path, layout: &RepoLayout) -> Result<RepoFiles, Mode
                     shards.push(path);
                 }
                 Some(Weights::Sharded { index, shards })
+            } else if let Some(gguf) = rule.gguf.map(|name| dir.join(name))
+                && gguf.is_file()
+            {
+                Some(Weights::Gguf(gguf))
             } else {
                 missing.push(format!("{} or {}", rule.single, rule.index));
                 None

@@ -29,6 +29,7 @@ pub(crate) mod paged_attention;
 pub mod tp;
 mod vocab;
 pub mod weights;
+pub(crate) mod weights_gguf;
 
 use std::path::PathBuf;
 

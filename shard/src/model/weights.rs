@@ -1,5 +1,6 @@
-//! Memory-mapped safetensors checkpoints: a single `model.safetensors` or a sharded
-//! `model.safetensors.index.json` with its shard files.
+//! Checkpoints: memory-mapped safetensors (a single `model.safetensors` or a sharded
+//! `model.safetensors.index.json` with its shard files), or the `model.gguf` of a GGUF model
+//! view ([`super::weights_gguf`]).
 //!
 //! Every tensor is looked up by name and checked against the shape the architecture expects before
 //! it is copied to the device and converted to the requested dtype, so a broken checkpoint fails
@@ -12,16 +13,25 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
+use super::weights_gguf::GgufCheckpoint;
 
 /// File name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// File name of the index of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// An opened checkpoint: the memory maps of its files and their headers.
+/// File name of a GGUF model's weights in a model view directory.
+pub const GGUF_FILE: &str = medley_hub::gguf::GGUF_FILE;
+
+/// An opened checkpoint: the memory maps of its files and their headers, or a GGUF file.
 pub struct Checkpoint {
-    st: MmapedSafetensors,
+    source: Source,
     files: Vec<PathBuf>,
+}
+
+enum Source {
+    Safetensors(MmapedSafetensors),
+    Gguf(GgufCheckpoint),
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -33,16 +43,23 @@ impl std::fmt::Debug for Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens the safetensors weights of `dir` (the index file wins over a single file).
+    /// Opens the weights of `dir`: the safetensors index, else a single safetensors file, else
+    /// `model.gguf`.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let index = dir.join(INDEX_FILE);
         let files = if index.exists() {
             shard_files(dir, &index)?
         } else if dir.join(SINGLE_FILE).exists() {
             vec![dir.join(SINGLE_FILE)]
+        } else if dir.join(GGUF_FILE).exists() {
+            let gguf = GgufCheckpoint::open(&dir.join(GGUF_FILE))?;
+            return Ok(Self {
+                files: vec![gguf.path().to_path_buf()],
+                source: Source::Gguf(gguf),
+            });
         } else {
             return Err(ModelError::Weights(format!(
-                "no {SINGLE_FILE} or {INDEX_FILE} in {}",
+                "no {SINGLE_FILE}, {INDEX_FILE} or {GGUF_FILE} in {}",
                 dir.display()
             )));
         };
@@ -59,7 +76,10 @@ impl Checkpoint {
         // copied out of the map before `Checkpoint` is dropped.
         let st = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| ModelError::Weights(format!("reading safetensors headers: {e}")))?;
-        Ok(Self { st, files })
+        Ok(Self {
+            source: Source::Safetensors(st),
+            files,
+        })
     }
 
     /// The weight files, in index order.
@@ -69,7 +89,10 @@ impl Checkpoint {
 
     /// Whether the checkpoint holds a tensor called `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.st.get(name).is_ok()
+        match &self.source {
+            Source::Safetensors(st) => st.get(name).is_ok(),
+            Source::Gguf(g) => g.contains(name),
+        }
     }
 
     /// Loads tensor `name`, checking that its shape is `shape`, converted to `dtype` on `device`.
@@ -94,53 +117,68 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor, ModelError> {
-        let view = self.st.get(name).map_err(|_| ModelError::MissingTensor {
-            name: name.to_string(),
-        })?;
-        if view.shape() != shape {
-            return Err(ModelError::WrongShape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                actual: view.shape().to_vec(),
-            });
+        match &self.source {
+            Source::Safetensors(st) => safetensors_part(st, name, shape, part, dtype, device),
+            Source::Gguf(g) => g.tensor_part(name, shape, part, dtype, device),
         }
-        let stored = match view.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::BF16 => DType::BF16,
-            safetensors::Dtype::F16 => DType::F16,
-            other => {
-                return Err(ModelError::Unsupported(format!(
-                    "tensor `{name}` stored as {other:?} (f32, bf16 and f16 are supported)"
-                )));
-            }
-        };
-        let elem = stored.size_in_bytes();
-        let data = view.data();
-        let (bytes, part_shape): (std::borrow::Cow<'_, [u8]>, Vec<usize>) = match (part, shape) {
-            (Part::Whole, _) => (data.into(), shape.to_vec()),
-            (Part::Rows(r), &[rows, cols]) if r.start <= r.end && r.end <= rows => (
-                data[r.start * cols * elem..r.end * cols * elem].into(),
-                vec![r.len(), cols],
-            ),
-            (Part::Cols(c), &[rows, cols]) if c.start <= c.end && c.end <= cols => {
-                let mut out = Vec::with_capacity(rows * c.len() * elem);
-                for row in data.chunks_exact(cols * elem) {
-                    out.extend_from_slice(&row[c.start * elem..c.end * elem]);
-                }
-                (out.into(), vec![rows, c.len()])
-            }
-            (part, _) => {
-                return Err(ModelError::Weights(format!(
-                    "`{name}` of shape {shape:?} has no part {part:?}"
-                )));
-            }
-        };
-        let t = Tensor::from_raw_buffer(&bytes, stored, &part_shape, device)
-            .map_err(|e| ModelError::Weights(format!("loading `{name}`: {e}")))?;
-        drop(bytes);
-        release_pages(data);
-        Ok(t.to_dtype(dtype)?)
     }
+}
+
+/// `part` of tensor `name` from memory-mapped safetensors (see [`Checkpoint::tensor_part`]).
+fn safetensors_part(
+    st: &MmapedSafetensors,
+    name: &str,
+    shape: &[usize],
+    part: Part,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor, ModelError> {
+    let view = st.get(name).map_err(|_| ModelError::MissingTensor {
+        name: name.to_string(),
+    })?;
+    if view.shape() != shape {
+        return Err(ModelError::WrongShape {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            actual: view.shape().to_vec(),
+        });
+    }
+    let stored = match view.dtype() {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::BF16 => DType::BF16,
+        safetensors::Dtype::F16 => DType::F16,
+        other => {
+            return Err(ModelError::Unsupported(format!(
+                "tensor `{name}` stored as {other:?} (f32, bf16 and f16 are supported)"
+            )));
+        }
+    };
+    let elem = stored.size_in_bytes();
+    let data = view.data();
+    let (bytes, part_shape): (std::borrow::Cow<'_, [u8]>, Vec<usize>) = match (part, shape) {
+        (Part::Whole, _) => (data.into(), shape.to_vec()),
+        (Part::Rows(r), &[rows, cols]) if r.start <= r.end && r.end <= rows => (
+            data[r.start * cols * elem..r.end * cols * elem].into(),
+            vec![r.len(), cols],
+        ),
+        (Part::Cols(c), &[rows, cols]) if c.start <= c.end && c.end <= cols => {
+            let mut out = Vec::with_capacity(rows * c.len() * elem);
+            for row in data.chunks_exact(cols * elem) {
+                out.extend_from_slice(&row[c.start * elem..c.end * elem]);
+            }
+            (out.into(), vec![rows, c.len()])
+        }
+        (part, _) => {
+            return Err(ModelError::Weights(format!(
+                "`{name}` of shape {shape:?} has no part {part:?}"
+            )));
+        }
+    };
+    let t = Tensor::from_raw_buffer(&bytes, stored, &part_shape, device)
+        .map_err(|e| ModelError::Weights(format!("loading `{name}`: {e}")))?;
+    drop(bytes);
+    release_pages(data);
+    Ok(t.to_dtype(dtype)?)
 }
 
 /// Drops the pages of the memory-mapped `bytes` from this process's resident set once they have
