@@ -2,10 +2,11 @@
 //! (`tests/fixtures/tiny-llama`), written to disk on first use so `medley serve` works offline on
 //! a fresh machine without any argument.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+
+use crate::staged::StagedContents;
 
 /// Model id reported for the embedded model.
 pub const EMBEDDED_MODEL_ID: &str = "medley/tiny-random-llama";
@@ -83,92 +84,29 @@ impl EmbeddedModel {
 
     /// Writes the model below the first of `bases` where that works.
     pub fn materialize_in(&self, bases: &[PathBuf]) -> Result<PathBuf, EmbeddedError> {
-        let mut attempts = Vec::new();
-        for base in bases {
-            match self.extract_to(base) {
-                Ok(dir) => return Ok(dir),
-                Err(e) => {
-                    tracing::debug!(base = %base.display(), error = %e, "cannot extract the embedded model here");
-                    attempts.push(format!("{}: {e}", base.display()));
-                }
-            }
-        }
-        Err(EmbeddedError::NoWritableDir { attempts })
+        self.contents()
+            .install_in(bases, &self.content_hash())
+            .map_err(|attempts| EmbeddedError::NoWritableDir { attempts })
     }
 
-    /// Returns `<base>/<hash>/` holding exactly these files, writing it if needed.
-    ///
-    /// Idempotent and safe against concurrent launchers: the files go to a private temporary
-    /// directory in `base` that is renamed into place in one step. An existing directory is
-    /// reused after its contents are verified; a damaged one is replaced.
+    /// Returns `<base>/<hash>/` holding exactly these files, writing it if needed (idempotent
+    /// and safe against concurrent launchers, see [`crate::staged`]).
     pub fn extract_to(&self, base: &Path) -> std::io::Result<PathBuf> {
-        let target = base.join(self.content_hash());
-        if self.verify(&target) {
-            return Ok(target);
-        }
-        std::fs::create_dir_all(base)?;
-        let staging = tempfile::Builder::new()
-            .prefix(".staging-")
-            .tempdir_in(base)?;
-        for (name, bytes) in self.files {
-            let mut file = std::fs::File::create(staging.path().join(name))?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-        }
-        let staging = staging.keep();
-        // Other launchers may be extracting the same content at the same time: a target that
-        // verifies (theirs, identical) wins; otherwise a damaged one is moved aside and ours is
-        // put in its place, again if another launcher swapped in between.
-        let mut last = None;
-        for _ in 0..EXTRACT_ATTEMPTS {
-            if self.verify(&target) {
-                let _ = std::fs::remove_dir_all(&staging);
-                return Ok(target);
-            }
-            if target.exists() {
-                match tempfile::Builder::new().prefix(".trash-").tempdir_in(base) {
-                    Ok(trash) => {
-                        let _ = std::fs::rename(&target, trash.path().join("old"));
-                    }
-                    Err(e) => {
-                        let _ = std::fs::remove_dir_all(&staging);
-                        return Err(e);
-                    }
-                }
-            }
-            match std::fs::rename(&staging, &target) {
-                Ok(()) => return Ok(target),
-                Err(e) => last = Some(e),
-            }
-        }
-        let _ = std::fs::remove_dir_all(&staging);
-        Err(last.unwrap_or_else(|| std::io::Error::other("extraction raced too often")))
+        self.contents().install(base, &self.content_hash())
     }
 
-    /// True when `dir` holds every file with the expected bytes.
-    fn verify(&self, dir: &Path) -> bool {
-        self.files.iter().all(|(name, bytes)| {
-            std::fs::read(dir.join(name)).is_ok_and(|on_disk| on_disk == *bytes)
-        })
+    fn contents(&self) -> StagedContents<'static> {
+        StagedContents {
+            files: self.files,
+            links: &[],
+        }
     }
 }
-
-/// Rounds of verify / move aside / rename before a contended extraction gives up.
-const EXTRACT_ATTEMPTS: usize = 8;
 
 /// Candidate base directories: `$XDG_CACHE_HOME/medley/embedded`, `~/.cache/medley/embedded`,
 /// then `<temp dir>/medley/embedded`.
 pub fn default_bases() -> Vec<PathBuf> {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    let mut bases = Vec::new();
-    if let Some(xdg) = var("XDG_CACHE_HOME") {
-        bases.push(PathBuf::from(xdg).join("medley/embedded"));
-    }
-    if let Some(home) = var("HOME") {
-        bases.push(PathBuf::from(home).join(".cache/medley/embedded"));
-    }
-    bases.push(std::env::temp_dir().join("medley/embedded"));
-    bases
+    crate::staged::cache_bases("embedded")
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ pub mod probe;
 pub mod resolve;
 pub mod serve;
 pub mod shard_logs;
+pub mod staged;
 pub mod supervisor;
 
 pub use args::ServeArgs;

@@ -1,6 +1,7 @@
-//! Turns `--model` into a complete model directory: a local directory, else a hub id found in the
-//! Hugging Face cache, else downloaded (unless `HF_HUB_OFFLINE`), and without `--model` the
-//! model embedded in the binary.
+//! Turns `--model` into a complete model directory: a local `.gguf` file (or a directory holding
+//! one and no `config.json`), seen through a model view directory written once under the cache;
+//! else a local directory; else a hub id found in the Hugging Face cache, else downloaded (unless
+//! `HF_HUB_OFFLINE`); and without `--model` the model embedded in the binary.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,8 @@ use super::hub::{
     lookup_cache,
 };
 use super::model_dir::{ModelDirError, ModelFiles, check_model_dir};
+use crate::staged::StagedContents;
+use medley_hub::gguf::{GGUF_FILE, GgufMetadata, find_gguf};
 
 /// What to resolve.
 #[derive(Debug, Clone)]
@@ -22,6 +25,8 @@ pub struct ResolveRequest {
     pub hub: HubSettings,
     /// Where the embedded model may be written, in order of preference.
     pub embedded_bases: Vec<PathBuf>,
+    /// Where views of GGUF files may be written, in order of preference.
+    pub gguf_bases: Vec<PathBuf>,
 }
 
 /// Where a resolved model came from.
@@ -29,6 +34,8 @@ pub struct ResolveRequest {
 pub enum ModelSource {
     /// A local directory given as `--model`.
     LocalDir,
+    /// A local GGUF file (or a directory holding one) given as `--model`.
+    LocalGguf,
     /// Found complete in the Hugging Face cache.
     HubCache,
     /// Downloaded from the hub just now.
@@ -58,6 +65,14 @@ pub enum ResolveError {
         model: String,
         /// What is wrong with the directory.
         source: ModelDirError,
+    },
+    /// `--model` names a GGUF file Medley cannot serve, or its view cannot be written.
+    #[error("--model {model}: {reason}")]
+    Gguf {
+        /// The argument.
+        model: String,
+        /// What is wrong.
+        reason: String,
     },
     /// `--model` is neither an existing directory nor a hub id.
     #[error("--model {0}: no such directory, and not a hub id of the form `org/name`")]
@@ -111,6 +126,23 @@ pub async fn resolve_model(request: &ResolveRequest) -> Result<ResolvedModel, Re
         });
     };
     let path = Path::new(model);
+    let gguf_error = |reason: String| ResolveError::Gguf {
+        model: model.to_string(),
+        reason,
+    };
+    if let Some(file) = find_gguf(path).map_err(|e| gguf_error(e.to_string()))? {
+        let dir = gguf_view(&file, &request.gguf_bases).map_err(gguf_error)?;
+        let files = check_model_dir(&dir).map_err(|source| ResolveError::LocalDir {
+            model: model.to_string(),
+            source,
+        })?;
+        tracing::info!(file = %file.display(), view = %dir.display(), "serving a GGUF file");
+        return Ok(ResolvedModel {
+            model_id: model.to_string(),
+            files,
+            source: ModelSource::LocalGguf,
+        });
+    }
     if path.exists() || looks_like_path(model) {
         if request.revision.is_some() {
             tracing::warn!(model, "--revision is ignored for a local directory");
@@ -168,6 +200,40 @@ pub async fn resolve_model(request: &ResolveRequest) -> Result<ResolvedModel, Re
     })
 }
 
+/// The view directory of the GGUF file `file` (see [`medley_hub::gguf`]): `config.json`,
+/// tokenizer files and a `model.gguf` link, under the first usable base, named by a hash of the
+/// file's absolute path, size and modification time (a replaced file gets a fresh view).
+fn gguf_view(file: &Path, bases: &[PathBuf]) -> Result<PathBuf, String> {
+    use sha2::{Digest, Sha256};
+    let target = std::fs::canonicalize(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let stat = std::fs::metadata(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+    let mtime = stat
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let mut hasher = Sha256::new();
+    hasher.update(target.as_os_str().as_encoded_bytes());
+    hasher.update(stat.len().to_le_bytes());
+    hasher.update(mtime.to_le_bytes());
+    let name = format!("view-{}", hex::encode(&hasher.finalize()[..8]));
+    let meta = GgufMetadata::read(&target).map_err(|e| e.to_string())?;
+    let files = meta.view_files().map_err(|e| e.to_string())?;
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    let links = [(GGUF_FILE, target.as_path())];
+    StagedContents {
+        files: &files,
+        links: &links,
+    }
+    .install_in(bases, &name)
+    .map_err(|attempts| {
+        format!(
+            "cannot write the model view of the GGUF file to any of: {}",
+            attempts.join("; ")
+        )
+    })
+}
+
 /// Arguments that can only be meant as paths (so a missing one is reported as a missing
 /// directory, not looked up on the hub).
 fn looks_like_path(model: &str) -> bool {
@@ -194,6 +260,7 @@ mod tests {
                 request_timeout: Duration::from_secs(10),
             },
             embedded_bases: vec![cache.join("embedded")],
+            gguf_bases: vec![cache.join("gguf")],
         }
     }
 
@@ -208,6 +275,58 @@ mod tests {
         assert_eq!(model.source, ModelSource::LocalDir);
         assert_eq!(model.model_id, arg);
         assert_eq!(model.files.dir, fixture);
+    }
+
+    #[tokio::test]
+    async fn local_gguf_file_is_served_through_a_view() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let models = tmp.path().join("models");
+        std::fs::create_dir(&models).expect("mkdir");
+        let file = models.join("tiny.Q8_0.gguf");
+        medley_shard::fixture::write_gguf(
+            &fixture_dir(),
+            &file,
+            candle_core::quantized::GgmlDType::Q8_0,
+        )
+        .expect("gguf");
+        let arg = file.to_str().expect("utf8");
+        let model = resolve_model(&request(Some(arg), tmp.path(), true))
+            .await
+            .expect("gguf file");
+        assert_eq!(model.source, ModelSource::LocalGguf);
+        assert_eq!(model.model_id, arg);
+        assert!(model.files.dir.starts_with(tmp.path().join("gguf")));
+        assert_eq!(
+            model.files.weights,
+            crate::model_dir::Weights::Gguf(model.files.dir.join("model.gguf"))
+        );
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&model.files.config).expect("config"))
+                .expect("json");
+        assert_eq!(config["num_hidden_layers"], 2);
+        tokenizers_load(&model.files.tokenizer);
+        // The directory holding the file resolves to the same view, reused.
+        let again = resolve_model(&request(models.to_str(), tmp.path(), true))
+            .await
+            .expect("gguf dir");
+        assert_eq!(again.files.dir, model.files.dir);
+        // A file that is not GGUF is refused by name.
+        let bad = tmp.path().join("bad.gguf");
+        std::fs::write(&bad, b"nope").expect("write");
+        let err = resolve_model(&request(bad.to_str(), tmp.path(), true))
+            .await
+            .expect_err("bad gguf");
+        assert!(matches!(err, ResolveError::Gguf { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("not a readable GGUF file"),
+            "{err}"
+        );
+    }
+
+    fn tokenizers_load(path: &Path) {
+        let text = std::fs::read_to_string(path).expect("tokenizer");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(json["model"]["type"], "BPE");
     }
 
     #[tokio::test]

@@ -62,6 +62,7 @@ impl ServePlan {
             revision: args.revision.clone(),
             hub: HubSettings::from_env(args.huggingface_hub_cache.clone()),
             embedded_bases: embedded::default_bases(),
+            gguf_bases: crate::staged::cache_bases("gguf"),
         };
         Ok(Self {
             group: GroupPolicy::new(args.shard_restart),

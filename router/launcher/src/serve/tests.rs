@@ -40,6 +40,7 @@ fn plan(tmp: &Path, mode: &str, extra: &[&str]) -> ServePlan {
             revision: None,
             hub: HubSettings::from_vars(Some(tmp.join("hub")), |_| None),
             embedded_bases: vec![tmp.join("embedded")],
+            gguf_bases: vec![tmp.join("gguf")],
         },
         args: args.clone(),
         shard_bin: ShardProgram {
