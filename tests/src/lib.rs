@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 
 pub mod affinity;
 pub mod prom;
+pub mod real_model;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

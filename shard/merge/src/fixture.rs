@@ -56,6 +56,18 @@ impl LlamaShape {
         }
     }
 
+    /// SmolLM2-135M (the real model of the GGUF tests).
+    pub fn smollm2() -> Self {
+        Self {
+            hidden: 576,
+            intermediate: 1536,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+        }
+    }
+
     /// `(out, in)` of every attention and MLP projection, by module path.
     pub fn module_shapes(&self) -> BTreeMap<String, (usize, usize)> {
         let (h, i) = (self.hidden, self.intermediate);

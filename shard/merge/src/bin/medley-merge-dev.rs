@@ -28,6 +28,7 @@ struct Cli {
 enum Preset {
     Tiny,
     Tinyllama,
+    Smollm2,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,6 +127,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             let mut shape = match preset {
                 Preset::Tiny => LlamaShape::tiny(),
                 Preset::Tinyllama => LlamaShape::tinyllama(),
+                Preset::Smollm2 => LlamaShape::smollm2(),
             };
             if let Some(layers) = layers {
                 shape.layers = layers;
