@@ -395,6 +395,19 @@ impl Server {
         })
     }
 
+    /// The token ids `POST /tokenize` gives for `text`.
+    pub async fn tokenize_ids(&self, text: &str) -> anyhow::Result<Vec<u64>> {
+        let r = self
+            .post("/tokenize", &serde_json::json!({"inputs": text}))
+            .await?;
+        r.body
+            .as_array()
+            .with_context(|| format!("/tokenize answered {}", r.body))?
+            .iter()
+            .map(|t| t["id"].as_u64().with_context(|| format!("no id in {t}")))
+            .collect()
+    }
+
     /// GETs `path` and returns status and text.
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         let r = self

@@ -141,14 +141,7 @@ async fn adapters_and_merges_match_peft(num_shard: u32) {
         .unwrap();
     let texts: Vec<String> = g.prompts.iter().map(|p| prompt_text(p)).collect();
     for (text, ids) in texts.iter().zip(&g.prompts) {
-        let r = s.post("/tokenize", &json!({"inputs": text})).await.unwrap();
-        let got: Vec<u64> = r
-            .body
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["id"].as_u64().unwrap())
-            .collect();
+        let got = s.tokenize_ids(text).await.unwrap();
         assert_eq!(
             &got, ids,
             "prompt {text:?} does not tokenize to the golden ids"
