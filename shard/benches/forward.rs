@@ -4,7 +4,11 @@
 //! cargo bench -p medley-shard --bench forward -- --model-dir ../tests/fixtures/tiny-llama
 //! cargo bench -p medley-shard --bench forward -- --preset tinyllama --layers 4 \
 //!     --cache-dir /tmp/medley-bench --prompt-len 128 --decode-steps 16 --batch-sizes 1,4,16
+//! cargo bench -p medley-shard --bench forward -- --preset tinyllama --layers 4 --quantize q4_0
 //! ```
+//!
+//! `--quantize` holds the projections as the shard's flag does (`q8_0`, `q4_0`, `q4_k`, ...
+//! quantize at load; `keep` keeps a GGUF model view's blocks) and prints their memory.
 //!
 //! For each batch size `b`, `b` sequences are prefilled in one step (`b * prompt_len` tokens,
 //! logits of the last token only), then decoded for `decode_steps` steps of `b` one-token chunks.
@@ -20,6 +24,7 @@ use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
+use medley_shard::model::quant::Quantize;
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk};
 use rand::{Rng, SeedableRng};
 
@@ -51,6 +56,9 @@ struct Args {
     #[arg(long)]
     dtype: Option<String>,
     /// Prompt tokens per sequence.
+    /// `--quantize` of the shard: none, keep (a GGUF `--model-dir` view), q8_0, q4_0, q4_1, q4_k...
+    #[arg(long, default_value = "none", value_parser = Quantize::parse)]
+    quantize: Quantize,
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
     /// Decode steps after the prefill.
@@ -209,10 +217,16 @@ fn main() -> anyhow::Result<()> {
         &LoadOptions {
             dtype,
             device: Device::Cpu,
+            quantize: args.quantize,
             ..LoadOptions::default()
         },
     )
     .with_context(|| format!("loading {}", dir.display()))?;
+    println!(
+        "quantize {} | projection weights {:.1} MiB",
+        args.quantize.as_arg(),
+        model.projection_bytes() as f64 / (1 << 20) as f64
+    );
     let cfg = model.config();
     println!(
         "model {} | layers {} hidden {} heads {}/{} vocab {} | dtype {:?} | {} threads | load {:.2}s",

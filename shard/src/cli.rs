@@ -1,6 +1,7 @@
 //! The shard's command line: `medley-shard ...` and the hidden `medley shard ...` (the launcher
 //! re-executes itself so one binary is enough to serve).
 
+use crate::model::quant::Quantize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -79,6 +80,10 @@ pub struct ShardArgs {
     /// Compute dtype: auto (the checkpoint's), f32, bf16, f16.
     #[arg(long, env = "DTYPE", default_value = "auto")]
     pub dtype: String,
+    /// Projection weights: auto (keep for a GGUF file on the CPU, none otherwise), none, keep,
+    /// or a GGML type to quantize to at load (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
+    #[arg(long, env = "QUANTIZE", default_value = "auto", value_parser = Quantize::parse)]
+    pub quantize: Quantize,
     /// Model name reported by `Info`.
     #[arg(long, env = "MODEL_ID")]
     pub model_id: Option<String>,
@@ -353,6 +358,7 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
         device: device.clone(),
         tp,
         comm,
+        quantize: args.quantize,
     };
     let t0 = std::time::Instant::now();
     let model = LlamaModel::load(&args.model_dir, &opts)

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::GgmlDType;
 use medley_shard::fixture::write_gguf;
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
+use medley_shard::model::quant::Quantize;
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk};
 
 fn tiny() -> PathBuf {
@@ -112,11 +113,11 @@ fn the_file_holds_llama_cpp_rotary_rows() {
 }
 
 #[test]
-fn q8_0_gguf_is_close() {
+fn dequantized_q8_0_gguf_is_close() {
     let tmp = tempfile::tempdir().unwrap();
     let view = gguf_view(tmp.path(), GgmlDType::Q8_0);
     let a = LlamaModel::load(&tiny(), &LoadOptions::default()).unwrap();
-    let b = LlamaModel::load(&view, &LoadOptions::default()).unwrap();
+    let b = load_with(&view, Quantize::None);
     let (la, lb) = (logits(&a, &PROMPT), logits(&b, &PROMPT));
     let mut worst = 0f32;
     let mut scale = 0f32;
@@ -144,4 +145,62 @@ fn broken_gguf_files_fail_clearly() {
         panic!("a broken GGUF file loaded");
     };
     assert!(err.to_string().contains("GGUF"), "{err}");
+}
+
+fn load_with(dir: &Path, quantize: Quantize) -> LlamaModel {
+    let opts = LoadOptions {
+        quantize,
+        ..LoadOptions::default()
+    };
+    LlamaModel::load(dir, &opts).unwrap()
+}
+
+fn worst_and_scale(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
+    let mut worst = 0f32;
+    let mut scale = 0f32;
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        worst = worst.max((x - y).abs());
+        scale = scale.max(x.abs());
+    }
+    (worst, scale)
+}
+
+#[test]
+fn quantized_weights_are_kept_from_gguf_and_made_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let view = gguf_view(tmp.path(), GgmlDType::Q8_0);
+    let dense = load_with(&view, Quantize::None);
+    // `auto` keeps a GGUF file's blocks on the CPU; the projections shrink to about 34/128 of
+    // f32 (Q8_0: 34 bytes per 32 values), except down_proj (176 columns, F16 in the file).
+    let kept = load_with(&view, Quantize::Auto);
+    assert_eq!(
+        kept.projection_bytes(),
+        load_with(&view, Quantize::Keep).projection_bytes()
+    );
+    assert!(
+        kept.projection_bytes() * 2 < dense.projection_bytes(),
+        "{} vs {}",
+        kept.projection_bytes(),
+        dense.projection_bytes()
+    );
+    let (ld, lk) = (logits(&dense, &PROMPT), logits(&kept, &PROMPT));
+    let (worst, scale) = worst_and_scale(&ld, &lk);
+    // Quantized matmuls also quantize the activations to 8 bits per block: close, not equal.
+    assert!(
+        worst > 0.0 && worst < 0.05 * scale,
+        "worst {worst}, scale {scale}"
+    );
+
+    // Quantizing a safetensors model at load: Q8_0 close to f32, Q4_K smaller still (the tiny
+    // model's rows of 64 values do not fill a 256-value K-block: those stay dense).
+    let f32_model = load_with(&tiny(), Quantize::None);
+    let q8 = load_with(&tiny(), Quantize::To(GgmlDType::Q8_0));
+    let (worst, scale) = worst_and_scale(&logits(&f32_model, &PROMPT), &logits(&q8, &PROMPT));
+    assert!(
+        worst > 0.0 && worst < 0.05 * scale,
+        "worst {worst}, scale {scale}"
+    );
+    assert!(q8.projection_bytes() * 2 < f32_model.projection_bytes());
+    let q4k = load_with(&tiny(), Quantize::To(GgmlDType::Q4K));
+    assert_eq!(q4k.projection_bytes(), f32_model.projection_bytes());
 }

@@ -1,6 +1,7 @@
 //! `medley serve` arguments. Every flag can also be given as an environment variable (TGI and
 //! LoRAX names where they exist), which is how the Helm chart and containers configure it.
 
+use medley_shard::model::quant::Quantize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -70,6 +71,12 @@ pub struct ServeArgs {
     /// Compute dtype of the shards.
     #[arg(long, env = "DTYPE", value_enum, default_value_t = DType::Auto)]
     pub dtype: DType,
+    /// How the shards hold the projection weights: auto (keep for a GGUF file on the CPU, none
+    /// otherwise), none (dequantize at load), keep (a GGUF file's quantized tensors as stored),
+    /// or a GGML type to quantize dense weights to at load: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k,
+    /// q5_k, q6_k. LoRA adapters and merges stay in floating point on top.
+    #[arg(long, env = "QUANTIZE", default_value = "auto", value_parser = Quantize::parse)]
+    pub quantize: Quantize,
     /// Prefix of the shards' Unix sockets: rank `r` listens on `{path}-{r}`.
     #[arg(long, env = "SHARD_UDS_PATH", default_value = "/tmp/medley-server")]
     pub shard_uds_path: PathBuf,

@@ -154,6 +154,7 @@ where
             device: args.device,
             comm: args.tp_comm,
             dtype: args.dtype,
+            quantize: args.quantize,
             kv: ShardKvFlags {
                 tokens: args.kv_cache_tokens,
                 block_size: args.kv_block_size,

@@ -5,6 +5,7 @@
 //! launcher, which then stops the router before the shards. On Linux a shard also gets SIGKILL
 //! if the launcher dies (`PR_SET_PDEATHSIG`), so no shard outlives it.
 
+use medley_shard::model::quant::Quantize;
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::os::unix::fs::FileTypeExt;
@@ -61,6 +62,8 @@ pub struct ShardCommand {
     pub comm: CommKind,
     /// `--dtype`.
     pub dtype: DType,
+    /// `--quantize`.
+    pub quantize: Quantize,
     /// The shards' KV-cache flags.
     pub kv: ShardKvFlags,
     /// `--adapter-root`, once per directory.
@@ -88,7 +91,7 @@ impl ShardCommand {
     /// The arguments of rank `rank` out of `world_size`, listening on `uds_path`.
     pub fn args(&self, rank: usize, world_size: usize, uds_path: &Path) -> Vec<OsString> {
         let mut args: Vec<OsString> = self.program_args.clone();
-        args.extend::<[OsString; 16]>([
+        args.extend::<[OsString; 18]>([
             "--model-dir".into(),
             self.model_dir.clone().into(),
             "--uds-path".into(),
@@ -103,6 +106,8 @@ impl ShardCommand {
             self.comm.to_string().into(),
             "--dtype".into(),
             self.dtype.as_arg().into(),
+            "--quantize".into(),
+            self.quantize.as_arg().into(),
             "--model-id".into(),
             self.model_id.clone().into(),
         ]);

@@ -92,6 +92,14 @@ pub struct AttentionWeights {
 }
 
 impl Attention {
+    /// Bytes of the four projection weights (quantized or dense).
+    pub fn weight_bytes(&self) -> usize {
+        [&self.q, &self.k, &self.v, &self.o]
+            .iter()
+            .map(|l| l.weight_bytes())
+            .sum()
+    }
+
     /// Builds the block from this rank's weights (`local` says which heads they hold).
     pub fn new(cfg: &ModelConfig, w: AttentionWeights, local: &LocalShape) -> Self {
         Self {

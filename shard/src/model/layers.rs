@@ -12,7 +12,8 @@
 //! `medley_kernels::matmul`, which streams the weight once per call instead of letting the gemm
 //! pack it (see the constant for the measurements).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
 use medley_kernels::Shape as KernelShape;
 use medley_kernels::matmul::matmul_nt;
 
@@ -51,11 +52,26 @@ const KERNEL_MAX_ROWS: usize = 64;
 /// about equal, 256+ rows slower.
 const SMALL_BATCH_ROWS: usize = 32;
 
-/// A bias-free linear layer `y = x Wᵀ` with `W: [out, in]`.
+/// Above this many rows (prefill chunks) a quantized projection is dequantized for the call and
+/// multiplied like a dense one: the product is then exactly the dequantized model's (candle's
+/// quantized matmul also rounds the activations to 8 bits per block), and a prompt's compute
+/// amortises the dequantization. Decode steps (up to this many rows) read the blocks as they are,
+/// which is where quantization pays: they are bound by the bytes of weight read per token.
+const QUANTIZED_MAX_ROWS: usize = KERNEL_MAX_ROWS;
+
+/// A bias-free linear layer `y = x Wᵀ` with `W: [out, in]`, dense or quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     compute: DType,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    /// In the matmul dtype, contiguous.
+    Dense(Tensor),
+    /// A GGML block format, multiplied by candle's quantized matmul (f32 activations).
+    Quantized(QMatMul),
 }
 
 impl Linear {
@@ -65,12 +81,42 @@ impl Linear {
         let weight = weight
             .to_dtype(matmul_dtype(weight.device(), compute))?
             .contiguous()?;
-        Ok(Self { weight, compute })
+        Ok(Self {
+            weight: Weight::Dense(weight),
+            compute,
+        })
     }
 
-    /// The weight in its matmul dtype.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// Wraps the quantized weight `q` (`[out, in]`) for inputs of dtype `compute`; float GGML
+    /// types are dequantized into a dense layer.
+    pub fn quantized(q: QTensor, compute: DType) -> candle_core::Result<Self> {
+        if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            let device = q.device();
+            return Self::new(q.dequantize(&device)?, compute);
+        }
+        Ok(Self {
+            weight: Weight::Quantized(QMatMul::from_qtensor(q)?),
+            compute,
+        })
+    }
+
+    /// The dense weight in its matmul dtype (`None` when quantized).
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Quantized(_) => None,
+        }
+    }
+
+    /// Bytes the weight takes in memory.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Weight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
+                w.elem_count() * w.dtype().size_in_bytes()
+            }
+        }
     }
 
     /// `x: [rows, in]` → `[rows, out]` in the compute dtype.
@@ -84,22 +130,31 @@ impl Linear {
         self.matmul(x)?.to_dtype(self.compute)?.to_dtype(DType::F32)
     }
 
-    /// `x Wᵀ` in the matmul dtype, contiguous.
+    /// `x Wᵀ` in the matmul dtype (f32 when quantized), contiguous.
     fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = x.to_dtype(self.weight.dtype())?;
+        let dequantized;
+        let weight = match &self.weight {
+            Weight::Dense(w) => w,
+            Weight::Quantized(QMatMul::QTensor(q)) if x.dim(0)? > QUANTIZED_MAX_ROWS => {
+                dequantized = q.dequantize(&q.device())?;
+                &dequantized
+            }
+            Weight::Quantized(q) => {
+                return q.forward(&x.to_dtype(DType::F32)?.contiguous()?);
+            }
+        };
+        let x = x.to_dtype(weight.dtype())?;
         let rows = x.dim(0)?;
-        let cpu = self.weight.device().is_cpu();
+        let cpu = weight.device().is_cpu();
         if cpu && self.compute == DType::F32 && x.rank() == 2 && rows <= KERNEL_MAX_ROWS {
-            return x
-                .contiguous()?
-                .apply_op2_no_bwd(&self.weight, &ProjectionOp);
+            return x.contiguous()?.apply_op2_no_bwd(weight, &ProjectionOp);
         }
         if cpu && rows > 1 && rows <= SMALL_BATCH_ROWS {
             // The CPU gemm packs the transposed weight when the left side has a few rows, which
             // made batched decode steps 2-3x slower than one row; `(W xᵀ)ᵀ` streams W as it is.
-            self.weight.matmul(&x.t()?)?.t()?.contiguous()
+            weight.matmul(&x.t()?)?.t()?.contiguous()
         } else {
-            x.matmul(&self.weight.t()?)
+            x.matmul(&weight.t()?)
         }
     }
 }
@@ -308,7 +363,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::from_vec(vec![1f32, 2., 3., 4., 5., 6.], (3, 2), &dev).unwrap();
         let lin = Linear::new(w.to_dtype(DType::BF16).unwrap(), DType::BF16).unwrap();
-        assert_eq!(lin.weight().dtype(), DType::F32);
+        assert_eq!(lin.weight().unwrap().dtype(), DType::F32);
         let x = Tensor::from_vec(vec![1f32, -1.], (1, 2), &dev)
             .unwrap()
             .to_dtype(DType::BF16)

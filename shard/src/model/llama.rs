@@ -9,6 +9,7 @@ use super::attention::{Attention, AttentionWeights, Rope};
 use super::batch::{BatchPlan, ForwardBatch};
 use super::layers::{Linear, RmsNorm, silu};
 use super::lora::{LoraDelta, RowSlots, TargetModule};
+use super::quant::{Quantize, quantize_weight};
 use super::vocab;
 use super::weights::{Checkpoint, Part};
 use super::{LoadOptions, LocalShape, ModelConfig, ModelError};
@@ -88,6 +89,8 @@ impl LlamaModel {
             layers = model.cfg.num_hidden_layers,
             hidden = model.cfg.hidden_size,
             ?dtype,
+            quantize = ?opts.quantize.resolve(ckpt.is_gguf(), &opts.device),
+            projection_mib = model.projection_bytes() >> 20,
             device = ?opts.device,
             rank = opts.tp.rank,
             world = opts.tp.world,
@@ -116,11 +119,9 @@ impl LlamaModel {
         let get = |name: &str, shape: &[usize]| ckpt.tensor(name, shape, dtype, device);
         let (hid, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let (qs, kvs) = (cfg.q_size(), cfg.kv_size());
+        let quantize = opts.quantize.resolve(ckpt.is_gguf(), device);
         let linear = |name: String, shape: &[usize], part: Part| -> Result<Linear, ModelError> {
-            Ok(Linear::new(
-                ckpt.tensor_part(&name, shape, part, dtype, device)?,
-                dtype,
-            )?)
+            load_linear(ckpt, &name, shape, part, dtype, device, quantize)
         };
         let norm = |name: String| -> Result<RmsNorm, ModelError> {
             Ok(RmsNorm::new(get(&name, &[hid])?, cfg.rms_norm_eps)?)
@@ -185,7 +186,19 @@ impl LlamaModel {
         let final_norm = norm("model.norm.weight".into())?;
         // Like transformers, tied models ignore a stored lm_head.weight.
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed.clone(), dtype)?
+            match quantize {
+                // The file's own (quantized) embedding matrix, as llama.cpp uses it.
+                Quantize::Keep => linear(
+                    "model.embed_tokens.weight".into(),
+                    &[cfg.vocab_size, hid],
+                    vocab_rows(),
+                )?,
+                Quantize::To(t) => match quantize_weight(&embed, t)? {
+                    Some(q) => Linear::quantized(q, dtype)?,
+                    None => Linear::new(embed.clone(), dtype)?,
+                },
+                Quantize::None | Quantize::Auto => Linear::new(embed.clone(), dtype)?,
+            }
         } else {
             linear(
                 "lm_head.weight".into(),
@@ -210,6 +223,23 @@ impl LlamaModel {
             lm_head,
             rope,
         })
+    }
+
+    /// Bytes of this rank's projection weights (attention, MLP and `lm_head`; quantized or
+    /// dense), what `--quantize` shrinks.
+    pub fn projection_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn.weight_bytes()
+                    + [&l.mlp.gate, &l.mlp.up, &l.mlp.down]
+                        .iter()
+                        .map(|w| w.weight_bytes())
+                        .sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
     }
 
     /// The part of every layer this rank holds (all of it unless tensor-parallel); adapters are
@@ -316,4 +346,28 @@ impl LlamaModel {
         }
         Ok(logits)
     }
+}
+
+/// One projection: as stored quantized (`keep`, GGUF), quantized at load (`q8_0`, ...), or dense.
+fn load_linear(
+    ckpt: &Checkpoint,
+    name: &str,
+    shape: &[usize],
+    part: Part,
+    dtype: DType,
+    device: &Device,
+    quantize: Quantize,
+) -> Result<Linear, ModelError> {
+    if quantize == Quantize::Keep
+        && let Some(q) = ckpt.qtensor_part(name, shape, part.clone(), device)?
+    {
+        return Ok(Linear::quantized(q, dtype)?);
+    }
+    let w = ckpt.tensor_part(name, shape, part, dtype, device)?;
+    if let Quantize::To(t) = quantize
+        && let Some(q) = quantize_weight(&w, t)?
+    {
+        return Ok(Linear::quantized(q, dtype)?);
+    }
+    Ok(Linear::new(w, dtype)?)
 }

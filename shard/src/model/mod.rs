@@ -1,7 +1,9 @@
 //! The Llama-family forward pass (candle; CPU today, device-generic code).
 //!
 //! * [`config`] — `config.json` parsing and validation ([`ModelConfig`], [`RopeScaling`]).
-//! * [`weights`] — memory-mapped single-file or sharded safetensors checkpoints.
+//! * [`weights`] — memory-mapped single-file or sharded safetensors checkpoints, and GGUF files
+//!   (`weights_gguf`).
+//! * [`quant`] — quantized base weights (`--quantize`).
 //! * [`layers`] — linear, RMSNorm and activation numerics matching transformers.
 //! * [`attention`] — rotary embeddings and causal GQA over the paged KV cache.
 //! * `paged_attention` — the CPU f32 kernel: tiled online-softmax attention read through
@@ -26,6 +28,7 @@ pub mod layers;
 pub mod llama;
 pub mod lora;
 pub(crate) mod paged_attention;
+pub mod quant;
 pub mod tp;
 mod vocab;
 pub mod weights;
@@ -54,6 +57,8 @@ pub struct LoadOptions {
     pub tp: TpLayout,
     /// The collectives of this rank's group (the identity for a group of one).
     pub comm: std::sync::Arc<dyn crate::comm::Comm>,
+    /// How projection weights are held (quantized or dense).
+    pub quantize: quant::Quantize,
 }
 
 impl Default for LoadOptions {
@@ -63,6 +68,7 @@ impl Default for LoadOptions {
             device: candle_core::Device::Cpu,
             tp: TpLayout::SINGLE,
             comm: std::sync::Arc::new(crate::comm::Single),
+            quantize: quant::Quantize::Auto,
         }
     }
 }

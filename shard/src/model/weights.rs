@@ -124,6 +124,28 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// Whether the weights come from a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.source, Source::Gguf(_))
+    }
+
+    /// `part` of the 2-D tensor `name` in the quantized (block) type the checkpoint stores it
+    /// in, on `device`; `None` when it is stored as floats (always, for safetensors).
+    pub fn qtensor_part(
+        &self,
+        name: &str,
+        shape: &[usize],
+        part: Part,
+        device: &Device,
+    ) -> Result<Option<candle_core::quantized::QTensor>, ModelError> {
+        match &self.source {
+            Source::Safetensors(_) => Ok(None),
+            Source::Gguf(g) => g.qtensor_part(name, shape, part, device),
+        }
+    }
+}
+
 /// `part` of tensor `name` from memory-mapped safetensors (see [`Checkpoint::tensor_part`]).
 fn safetensors_part(
     st: &MmapedSafetensors,

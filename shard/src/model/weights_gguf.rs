@@ -7,10 +7,12 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use medley_hub::gguf::GgufMetadata;
 
 use super::ModelError;
+use super::quant::QRows;
 use super::weights::Part;
 
 /// An opened GGUF file.
@@ -61,35 +63,16 @@ impl GgufCheckpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor, ModelError> {
-        let missing = || ModelError::MissingTensor {
-            name: name.to_string(),
-        };
-        let (gguf, permute) = gguf_name(name).ok_or_else(missing)?;
-        let actual = self.meta.tensor_shape(&gguf).ok_or_else(missing)?;
-        if actual != shape {
-            return Err(ModelError::WrongShape {
-                name: format!("{name} (`{gguf}` in the GGUF file)"),
-                expected: shape.to_vec(),
-                actual,
-            });
-        }
-        let q = {
-            let mut reader = self
-                .reader
-                .lock()
-                .map_err(|_| ModelError::Weights("GGUF reader poisoned".into()))?;
-            self.meta
-                .content()
-                .tensor(&mut *reader, &gguf, &Device::Cpu)
-                .map_err(|e| ModelError::Weights(format!("reading `{gguf}`: {e}")))?
-        };
+        let (q, rotary) = self.read(name, shape)?;
         let mut t = q.dequantize(&Device::Cpu)?;
-        if let Some(which) = permute {
-            let heads = match which {
-                Rotary::Query => self.heads,
-                Rotary::Key => self.kv_heads,
-            };
-            t = unpermute_rows(&t, heads)?;
+        if let Some(which) = rotary {
+            let order = rotary_order(shape[0], self.heads_of(which), true)?;
+            let ids = Tensor::from_vec(
+                order.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                order.len(),
+                &Device::Cpu,
+            )?;
+            t = t.index_select(&ids, 0)?;
         }
         let t = match part {
             Part::Whole => t,
@@ -106,6 +89,65 @@ impl GgufCheckpoint {
             }
         };
         Ok(t.contiguous()?.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// `part` of the 2-D tensor `name` in the quantized type the file stores it in (rows put in
+    /// Hugging Face order and selected as bytes), on `device`; `None` when the file stores it
+    /// as floats (read those with [`Self::tensor_part`]).
+    pub(super) fn qtensor_part(
+        &self,
+        name: &str,
+        shape: &[usize],
+        part: Part,
+        device: &Device,
+    ) -> Result<Option<QTensor>, ModelError> {
+        let (q, rotary) = self.read(name, shape)?;
+        if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(None);
+        }
+        let mut rows = QRows::new(&q)?;
+        if let Some(which) = rotary {
+            rows = rows.reorder(&rotary_order(shape[0], self.heads_of(which), true)?)?;
+        }
+        let rows = match part {
+            Part::Whole => rows,
+            Part::Rows(r) => rows.rows(r)?,
+            Part::Cols(c) => rows.cols(c)?,
+        };
+        Ok(Some(rows.into_qtensor(device)?))
+    }
+
+    /// Tensor `name` as stored (checked against `shape`) and whether its rows are rotary.
+    fn read(&self, name: &str, shape: &[usize]) -> Result<(QTensor, Option<Rotary>), ModelError> {
+        let missing = || ModelError::MissingTensor {
+            name: name.to_string(),
+        };
+        let (gguf, rotary) = gguf_name(name).ok_or_else(missing)?;
+        let actual = self.meta.tensor_shape(&gguf).ok_or_else(missing)?;
+        if actual != shape {
+            return Err(ModelError::WrongShape {
+                name: format!("{name} (`{gguf}` in the GGUF file)"),
+                expected: shape.to_vec(),
+                actual,
+            });
+        }
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| ModelError::Weights("GGUF reader poisoned".into()))?;
+        let q = self
+            .meta
+            .content()
+            .tensor(&mut *reader, &gguf, &Device::Cpu)
+            .map_err(|e| ModelError::Weights(format!("reading `{gguf}`: {e}")))?;
+        Ok((q, rotary))
+    }
+
+    fn heads_of(&self, which: Rotary) -> usize {
+        match which {
+            Rotary::Query => self.heads,
+            Rotary::Key => self.kv_heads,
+        }
     }
 }
 
@@ -151,42 +193,35 @@ pub(crate) fn gguf_name(name: &str) -> Option<(String, Option<Rotary>)> {
     Some((format!("blk.{layer}.{gguf}.{suffix}"), rotary))
 }
 
-/// Undoes llama.cpp's rotary permutation of the rows of a `[heads * head_dim, ...]` weight: within
-/// each head, stored row `2 i + j` is Hugging Face row `j * head_dim / 2 + i`.
-fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor, ModelError> {
-    // [heads, half, 2, rest...] -> [heads, 2, half, rest...]
-    swap_rotary_axes(t, heads, true)
-}
-
-/// llama.cpp's permutation (`convert_hf_to_gguf.py`'s `permute`), the inverse of
-/// [`unpermute_rows`]: used to write GGUF fixtures.
-#[cfg(any(test, feature = "testing"))]
-pub(crate) fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor, ModelError> {
-    // [heads, 2, half, rest...] -> [heads, half, 2, rest...]
-    swap_rotary_axes(t, heads, false)
-}
-
-/// Views the rows of `t` as `[heads, a, b]` (`a = half, b = 2` when `stored`, else `a = 2,
-/// b = half`) and swaps the last two of those axes.
-fn swap_rotary_axes(t: &Tensor, heads: usize, stored: bool) -> Result<Tensor, ModelError> {
-    let dims = t.dims().to_vec();
-    let rows = dims[0];
+/// The row order between llama.cpp's rotary layout and Hugging Face's, for a weight of `rows`
+/// rows over `heads` heads. Within a head of `d` rows, stored row `2 i + j` is Hugging Face row
+/// `j d / 2 + i` (llama.cpp's converter interleaves the two rotary halves). With `to_hf`, row
+/// `r` of the Hugging Face weight is stored row `order[r]` (what loading applies); otherwise row
+/// `s` of the stored weight is Hugging Face row `order[s]` (what writing a GGUF file applies).
+pub(crate) fn rotary_order(
+    rows: usize,
+    heads: usize,
+    to_hf: bool,
+) -> Result<Vec<usize>, ModelError> {
     if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(ModelError::Weights(format!(
             "{rows} rows cannot be split into {heads} rotary heads"
         )));
     }
-    let half = rows / heads / 2;
-    let mut shape = if stored {
-        vec![heads, half, 2]
-    } else {
-        vec![heads, 2, half]
-    };
-    shape.extend_from_slice(&dims[1..]);
-    Ok(t.reshape(shape)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)?)
+    let d = rows / heads;
+    let half = d / 2;
+    Ok((0..rows)
+        .map(|r| {
+            let (h, rem) = (r / d, r % d);
+            if to_hf {
+                let (j, i) = (rem / half, rem % half);
+                h * d + i * 2 + j
+            } else {
+                let (i, j) = (rem / 2, rem % 2);
+                h * d + j * half + i
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -211,10 +246,9 @@ mod tests {
         assert_eq!(gguf_name("model.layers.0.mlp.other.weight"), None);
     }
 
-    /// llama.cpp's `permute` (convert_hf_to_gguf.py) followed by ours is the identity, and ours
-    /// moves rows exactly as transformers' `reverse_permute_weights`.
+    /// Both orders against llama.cpp's `permute` (convert_hf_to_gguf.py) written out by hand.
     #[test]
-    fn unpermute_inverts_llama_cpp_permute() {
+    fn rotary_orders_match_llama_cpp_permute() {
         let (heads, head_dim, cols) = (3usize, 8usize, 2usize);
         let rows = heads * head_dim;
         let hf: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
@@ -230,15 +264,16 @@ mod tests {
                 }
             }
         }
-        let t = Tensor::from_vec(stored, (rows, cols), &Device::Cpu).unwrap();
-        let back = unpermute_rows(&t, heads).unwrap();
-        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), hf);
-        let hf_t = Tensor::from_vec(hf.clone(), (rows, cols), &Device::Cpu).unwrap();
-        let again = permute_rows(&hf_t, heads).unwrap();
-        assert_eq!(
-            again.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
-        assert!(unpermute_rows(&t, 5).is_err());
+        let gather = |v: &[f32], order: &[usize]| -> Vec<f32> {
+            order
+                .iter()
+                .flat_map(|&r| v[r * cols..(r + 1) * cols].to_vec())
+                .collect()
+        };
+        let to_hf = rotary_order(rows, heads, true).unwrap();
+        assert_eq!(gather(&stored, &to_hf), hf);
+        let to_stored = rotary_order(rows, heads, false).unwrap();
+        assert_eq!(gather(&hf, &to_stored), stored);
+        assert!(rotary_order(rows, 5, true).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! Supervisor tests with a fake shard: a shell script whose behaviour is picked by `--model-id`.
 
+use medley_shard::model::quant::Quantize;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::OnceLock;
@@ -94,6 +95,7 @@ pub(crate) fn config(dir: &Path, mode: &str, world_size: usize) -> SupervisorCon
             device: DeviceSpec::Cpu,
             comm: CommKind::Auto,
             dtype: DType::F32,
+            quantize: Quantize::Auto,
             kv: ShardKvFlags {
                 tokens: Some(64),
                 block_size: Some(8),
@@ -139,6 +141,7 @@ fn command_line() {
         device: DeviceSpec::Cuda { first: 0 },
         comm: CommKind::Auto,
         dtype: DType::Bf16,
+        quantize: Quantize::Keep,
         kv: ShardKvFlags::default(),
         adapter_roots: vec![],
         adapter_memory_budget: None,
@@ -154,7 +157,7 @@ fn command_line() {
     assert_eq!(
         args.join(" "),
         "--model-dir /m --uds-path /tmp/s-1 --rank 1 --world-size 2 --device cuda --comm auto \
-         --dtype bf16 --model-id org/name --json-output"
+         --dtype bf16 --quantize keep --model-id org/name --json-output"
     );
     let with_adapters = ShardCommand {
         adapter_roots: vec!["/a".into(), "/b".into()],
