@@ -66,6 +66,45 @@ fn ids(v: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// The SmolLM2 file served with the first `adapters` golden adapters under its adapter root and
+/// `args`; the adapters' directory lives as long as the returned guard.
+async fn smollm2_server(g: &Value, adapters: usize, args: &[&str]) -> (Server, tempfile::TempDir) {
+    let python = python_with_lorax_client().unwrap();
+    let gguf = smollm2_gguf(&python, g["model"]["sha256"].as_str().unwrap()).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    for (name, fixture) in g["adapters"].as_object().unwrap().iter().take(adapters) {
+        write_adapter(fixture.as_array().unwrap(), &root.path().join(name));
+    }
+    let mut flags = vec![
+        "--adapter-root".to_string(),
+        root.path().display().to_string(),
+    ];
+    flags.extend(args.iter().map(|a| a.to_string()));
+    let s = Server::start(ServerOptions {
+        model: Some(gguf),
+        args: flags,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (s, root)
+}
+
+/// `/generate` of `steps` greedy tokens for `text` under golden case `case` (EOS ignored).
+async fn generate(s: &Server, case: &Value, text: &Value, steps: u64) -> Value {
+    let mut params = json!({"max_new_tokens": steps, "details": true, "ignore_eos_token": true});
+    params
+        .as_object_mut()
+        .unwrap()
+        .extend(adapter_params(case).as_object().unwrap().clone());
+    let r = s
+        .post("/generate", &json!({"inputs": text, "parameters": params}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}: {}", case["name"], r.body);
+    r.body
+}
+
 /// Perplexity of the goldens' fixed text (checked to tokenize to the same ids) from the prompt
 /// log-probabilities `/generate` reports with `decoder_input_details`.
 async fn perplexity(s: &Server, g: &Value) -> f64 {
@@ -91,27 +130,15 @@ async fn perplexity(s: &Server, g: &Value) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_gguf_kept_quantized_stays_close() {
     let g = goldens();
-    let python = python_with_lorax_client().unwrap();
-    let gguf = smollm2_gguf(&python, g["model"]["sha256"].as_str().unwrap()).unwrap();
-    let adapters = tempfile::tempdir().unwrap();
-    let (name, args) = g["adapters"].as_object().unwrap().iter().next().unwrap();
-    write_adapter(args.as_array().unwrap(), &adapters.path().join(name));
     // Prompt chunks of 32 rows, so the perplexity goes through the quantized matmuls too
     // (longer chunks are dequantized per call, see `medley_shard::model::layers`).
-    let s = Server::start(ServerOptions {
-        model: Some(gguf.clone()),
-        args: vec![
-            "--adapter-root".into(),
-            adapters.path().display().to_string(),
-            "--max-batch-prefill-tokens".into(),
-            "32".into(),
-            "--max-idle-prefill-tokens".into(),
-            "32".into(),
-        ],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let args = [
+        "--max-batch-prefill-tokens",
+        "32",
+        "--max-idle-prefill-tokens",
+        "32",
+    ];
+    let (s, _adapters) = smollm2_server(&g, 1, &args).await;
     let ppl = perplexity(&s, &g).await;
     let want = g["perplexity"]["ppl"].as_f64().unwrap();
     eprintln!("quantized (Q4_1 kept) perplexity {ppl:.4}, dequantized (transformers) {want:.4}");
@@ -128,27 +155,13 @@ async fn smollm2_gguf_kept_quantized_stays_close() {
         let mut agreed = 0;
         let prompts = g["prompts"].as_array().unwrap();
         for (i, p) in prompts.iter().enumerate() {
-            let mut params = json!({
-                "max_new_tokens": steps, "details": true, "ignore_eos_token": true,
-            });
-            params
-                .as_object_mut()
-                .unwrap()
-                .extend(adapter_params(case).as_object().unwrap().clone());
-            let r = s
-                .post(
-                    "/generate",
-                    &json!({"inputs": p["text"], "parameters": params}),
-                )
-                .await
-                .unwrap();
-            assert_eq!(r.status, 200, "{cname}: {}", r.body);
-            let got = token_ids(&r.body);
+            let body = generate(&s, case, &p["text"], steps as u64).await;
+            let got = token_ids(&body);
             let want = ids(&g["greedy"][cname][i]);
             let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
             eprintln!(
                 "{cname} prompt {i}: first {same} of {steps} tokens agree: {:?}",
-                r.body["generated_text"]
+                body["generated_text"]
             );
             agreed += same;
         }
@@ -179,28 +192,15 @@ async fn smollm2_gguf_kept_quantized_stays_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_gguf_matches_transformers_and_peft() {
     let g = goldens();
-    let python = python_with_lorax_client().unwrap();
-    let gguf = smollm2_gguf(&python, g["model"]["sha256"].as_str().unwrap()).unwrap();
-    let adapters = tempfile::tempdir().unwrap();
-    for (name, args) in g["adapters"].as_object().unwrap() {
-        write_adapter(args.as_array().unwrap(), &adapters.path().join(name));
-    }
-    let s = Server::start(ServerOptions {
-        model: Some(gguf.clone()),
-        args: vec![
-            "--adapter-root".into(),
-            adapters.path().display().to_string(),
-            "--max-input-length".into(),
-            "512".into(),
-            "--max-total-tokens".into(),
-            "1024".into(),
-            "--quantize".into(),
-            "none".into(),
-        ],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let args = [
+        "--max-input-length",
+        "512",
+        "--max-total-tokens",
+        "1024",
+        "--quantize",
+        "none",
+    ];
+    let (s, _adapters) = smollm2_server(&g, 3, &args).await;
     // Dequantized, the model is transformers' to f32 rounding: same perplexity on a fixed text.
     let ppl = perplexity(&s, &g).await;
     let want = g["perplexity"]["ppl"].as_f64().unwrap();
@@ -209,7 +209,7 @@ async fn smollm2_gguf_matches_transformers_and_peft() {
         "perplexity {ppl} vs transformers {want}"
     );
 
-    let steps = g["greedy_steps"].as_u64().unwrap() as u32;
+    let steps = g["greedy_steps"].as_u64().unwrap();
     let prompts = g["prompts"].as_array().unwrap();
     for (i, p) in prompts.iter().enumerate() {
         let text = p["text"].as_str().unwrap();
@@ -219,22 +219,13 @@ async fn smollm2_gguf_matches_transformers_and_peft() {
     for case in g["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         for (i, p) in prompts.iter().enumerate() {
-            let mut params = json!({
-                "max_new_tokens": steps, "details": true, "ignore_eos_token": true,
-            });
-            params
-                .as_object_mut()
-                .unwrap()
-                .extend(adapter_params(case).as_object().unwrap().clone());
-            let body = json!({"inputs": p["text"], "parameters": params});
-            let r = s.post("/generate", &body).await.unwrap();
-            assert_eq!(r.status, 200, "{name}: {}", r.body);
+            let body = generate(&s, case, &p["text"], steps).await;
             assert_eq!(
-                token_ids(&r.body),
+                token_ids(&body),
                 ids(&g["greedy"][name][i]),
                 "{name}, prompt {i}: transformers said {:?}, Medley {:?}",
                 g["greedy_text"][name][i],
-                r.body["generated_text"]
+                body["generated_text"]
             );
         }
     }
@@ -250,7 +241,6 @@ async fn smollm2_gguf_matches_transformers_and_peft() {
         .post(
             "/v1/chat/completions",
             &json!({
-                "model": gguf.display().to_string(),
                 "messages": chat["messages"],
                 "max_tokens": 24,
                 "temperature": 0,
