@@ -46,7 +46,9 @@ start_server() {
   local name="$1" dev="$2" dtype="$3" shards="${4:-1}" comm="${5:-auto}"
   local n port
   n="$(find "$res" -name 'server-*.log' | wc -l)"
-  port=$((20000 + ($$ % 10000) * 2 + 100 * n))
+  # Below Linux's ephemeral range (32768+), so no outgoing connection holds it (CI once failed
+  # with "address already in use" on a port up there).
+  port=$((20000 + (($$ % 2000) * 2 + 100 * n) % 12000))
   "$medley" serve --model "$model" --device "$dev" --dtype "$dtype" --num-shard "$shards" \
     --tp-comm "$comm" \
     --adapter-root "$adapters" \
