@@ -66,13 +66,7 @@ impl GgufCheckpoint {
         let (q, rotary) = self.read(name, shape)?;
         let mut t = q.dequantize(&Device::Cpu)?;
         if let Some(which) = rotary {
-            let order = rotary_order(shape[0], self.heads_of(which), true)?;
-            let ids = Tensor::from_vec(
-                order.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                order.len(),
-                &Device::Cpu,
-            )?;
-            t = t.index_select(&ids, 0)?;
+            t = reorder_rows(&t, &rotary_order(shape[0], self.heads_of(which), true)?)?;
         }
         let t = match part {
             Part::Whole => t,
@@ -191,6 +185,13 @@ pub(crate) fn gguf_name(name: &str) -> Option<(String, Option<Rotary>)> {
         _ => return None,
     };
     Some((format!("blk.{layer}.{gguf}.{suffix}"), rotary))
+}
+
+/// Row `r` of the result is row `order[r]` of `t` (a [`rotary_order`] applied to a dense weight).
+pub(crate) fn reorder_rows(t: &Tensor, order: &[usize]) -> Result<Tensor, ModelError> {
+    let ids: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+    let ids = Tensor::new(ids.as_slice(), t.device())?;
+    Ok(t.index_select(&ids, 0)?)
 }
 
 /// The row order between llama.cpp's rotary layout and Hugging Face's, for a weight of `rows`
