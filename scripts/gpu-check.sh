@@ -185,7 +185,16 @@ report
 # --- 1b. LoRA kernels ---------------------------------------------------------------------------
 kernel_iters=200
 [ "$mode" = gpu ] || kernel_iters=3
-step "LoRA kernels vs reference, bandwidth" 120 lora_kernels "$kernel_iters"
+step "LoRA + attention kernels vs reference, bandwidth" 120 lora_kernels "$kernel_iters"
+# The paged attention kernel serves every GPU step below. Should its check fail (or crash), the
+# servers fall back to the per-sequence candle path, so the rest of the check still measures a
+# correct model, and the report says so.
+if [ "$mode" = gpu ] \
+  && [ "$(grep -c '^| paged attention .* | ok |$' "$res/lora-kernels.md" 2>/dev/null)" != 6 ]; then
+  export MEDLEY_CUDA_ATTENTION=gather
+  echo "MEDLEY_CUDA_ATTENTION=gather: the paged attention kernel failed its check" \
+    | tee -a "$res/versions.txt"
+fi
 
 # --- 2. fixtures ---------------------------------------------------------------------------
 export medley model="$work/model" adapters="$work/adapters"
@@ -221,6 +230,18 @@ step "medley $device bf16 tokens + speed" 300 medley_tokens_and_speed "$device-b
 step "transformers+peft $device bf16 tokens" 240 \
   "$py" "$check" hf-tokens --model "$model" --adapters "$adapters" --dtype bf16 \
   --device "$device" --out "$res/tokens-hf-bf16.json"
+# How far the oracle itself moves in bf16: transformers with its fused (sdpa) attention against
+# its eager attention (report only), and Medley against the sdpa oracle.
+if [ "$mode" = gpu ]; then
+  step "transformers+peft $device bf16 tokens, sdpa" 240 \
+    "$py" "$check" hf-tokens --model "$model" --adapters "$adapters" --dtype bf16 --attn sdpa \
+    --device "$device" --out "$res/tokens-hf-sdpa-bf16.json"
+  step "compare oracle eager vs sdpa bf16" 30 compare \
+    "transformers+peft $device bf16 sdpa vs eager (the oracle against itself)" \
+    tokens-hf-bf16.json tokens-hf-sdpa-bf16.json --require 0
+  step "compare bf16 vs sdpa" 30 compare "medley $device bf16 vs transformers+peft $device bf16 sdpa" \
+    tokens-hf-sdpa-bf16.json "tokens-medley-$device-bf16.json" --require 0
+fi
 # On the GPU both sides run cuBLAS bf16 GEMMs: the first 16 tokens must agree. On the CPU the
 # dry run only reports: Medley's CPU bf16 path multiplies f32-widened weights (see
 # shard/src/model/layers.rs) while torch's CPU bf16 GEMM differs by CPU, so near-ties may flip;

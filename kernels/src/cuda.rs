@@ -1,6 +1,7 @@
-//! The CUDA versions of the LoRA kernels: `kernels/cuda/lora.cu`, compiled to PTX by nvcc when
-//! this crate is built with the `cuda` feature (see `build.rs`), for f32, bf16 and f16
-//! activations with f32 factors. They are loaded by name from [`LORA_PTX`] into a CUDA context.
+//! The CUDA kernels, compiled to PTX by nvcc when this crate is built with the `cuda` feature
+//! (see `build.rs`), for f32, bf16 and f16 activations, and loaded by name into a CUDA context:
+//! the LoRA kernels of `kernels/cuda/lora.cu` ([`LORA_PTX`], f32 factors) and the paged
+//! attention and KV-cache write of `kernels/cuda/attention.cu` ([`ATTENTION_PTX`]).
 //!
 //! Launch shapes (one thread block per row or segment, and per slice of the output):
 //! * shrink: grid `(rows or segments, ceil(max rank / 8))`, block 256 (8 warps, one `j` each);
@@ -12,6 +13,28 @@
 
 /// The PTX module of every LoRA kernel.
 pub const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+
+/// The PTX module of the paged attention and KV-cache write kernels.
+pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+
+/// Largest head dimension the attention kernel holds in registers.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// The attention kernel names for activations of type `dtype` (one of [`DTYPES`]): the KV
+/// write, the paged attention.
+pub fn attention_kernel_names(dtype: &str) -> [String; 2] {
+    ["kv_write", "paged_attention"].map(|k| format!("medley_{k}_{dtype}"))
+}
+
+/// The `(grid, block)` of a KV write over `rows` rows.
+pub fn kv_write_launch(rows: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((rows.max(1), 1, 1), (256, 1, 1))
+}
+
+/// The `(grid, block)` of a paged attention launch: one block of 4 warps per (row, query head).
+pub fn attention_launch(rows: u32, heads: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((rows.max(1), heads.max(1), 1), (128, 1, 1))
+}
 
 /// Largest rank the expand kernels stage in shared memory.
 pub const MAX_RANK: usize = 128;
@@ -58,6 +81,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_attention_ptx_holds_every_entry_point() {
+        for dtype in DTYPES {
+            for name in attention_kernel_names(dtype) {
+                assert!(
+                    ATTENTION_PTX.contains(&format!(".entry {name}(")),
+                    "{name} is not in the PTX"
+                );
+            }
+        }
+        assert_eq!(attention_launch(3, 32), ((3, 32, 1), (128, 1, 1)));
+        assert_eq!(kv_write_launch(0), ((1, 1, 1), (256, 1, 1)));
     }
 
     #[test]

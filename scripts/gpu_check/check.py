@@ -141,10 +141,10 @@ def torch_dtype(name):
     return {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[name]
 
 
-def load_hf(model_dir, dtype, device):
+def load_hf(model_dir, dtype, device, attn="eager"):
     import transformers
     from transformers import LlamaForCausalLM
-    kw = {"attn_implementation": "eager"}
+    kw = {"attn_implementation": attn}
     # transformers 4.56 renamed `torch_dtype` to `dtype` (5.x drops the old name).
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     kw["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch_dtype(dtype)
@@ -182,7 +182,7 @@ def hf_tokens(args):
         out["cases"][case] = [r[0] for r in res]
         out["gaps"][case] = [r[1] for r in res]
 
-    base = load_hf(args.model, args.dtype, args.device)
+    base = load_hf(args.model, args.dtype, args.device, args.attn)
     record("base", base)
     model = PeftModel.from_pretrained(base, os.path.join(args.adapters, "a0"), adapter_name="a0")
     for name in MERGE["ids"][1:]:
@@ -381,6 +381,9 @@ def main():
         p.add_argument(a, required=True)
     p.add_argument("--dtype", default="f32")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
+                   help="transformers' attention: eager (the reference) or sdpa (its fused "
+                        "kernels, to show how far the oracle itself moves in half precision)")
     p = sub.add_parser("compare")
     for a in ("--name", "--reference", "--candidate", "--out"):
         p.add_argument(a, required=True)

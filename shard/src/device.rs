@@ -144,7 +144,17 @@ fn open_cuda(_: DeviceSpec, ordinal: usize, rank: u32) -> Result<candle_core::De
         reason,
     };
     match opened {
-        Ok(Ok(device)) => Ok(device),
+        Ok(Ok(device)) => {
+            if let candle_core::Device::Cuda(dev) = &device {
+                // SAFETY: a rank queues every kernel, copy and collective on candle's one stream
+                // of its device (the LoRA and attention kernels and NCCL included), so no buffer
+                // is shared between streams; cudarc's cross-stream event tracking (an event
+                // waited on and recorded for every buffer of every op) then only costs host
+                // time. It applies to buffers allocated from here on: all of the model's.
+                unsafe { dev.disable_event_tracking() };
+            }
+            Ok(device)
+        }
         Ok(Err(e)) => Err(unavailable(explain_driver_error(&e.to_string()))),
         Err(panic) => Err(unavailable(panic_text(panic.as_ref()))),
     }

@@ -1,8 +1,9 @@
 //! The CUDA side of [`super::lora_op::add_lora`]: launches `medley_kernels::cuda`'s SGMV/BGMV
 //! shrink and expand kernels (PTX loaded once per device) on candle's stream of `y`'s device.
 //!
-//! Per call it uploads two small tables (the factor pointers, and the ranks followed by the row
-//! mapping) and allocates the `[rows, max rank]` f32 intermediate; the factors themselves are
+//! Per call it uploads one small table (the factor pointers, the ranks and the row mapping) and
+//! allocates the `[rows, max rank]` f32 intermediate (uninitialised: the shrink kernel writes
+//! what the expand kernel reads); the factors themselves are
 //! read in place. Allocations and frees are stream-ordered, so nothing is freed under a running
 //! kernel.
 
@@ -67,16 +68,26 @@ pub(super) fn add_lora(
         if k % 2 == 0 { &mut a_ptrs } else { &mut b_ptrs }.push(ptr);
     }
     let n = factors.len();
-    let ptrs: Vec<u64> = a_ptrs.into_iter().chain(b_ptrs).collect();
     let (per_row, map) = match rows {
         KernelRows::PerRow(t) => (true, t.clone()),
         KernelRows::Segments(s) => (false, segment_triples(s)),
     };
     let units = if per_row { map.len() } else { map.len() / 3 };
+    // One upload per call: the A pointers, the Bᵀ pointers, then the ranks and the row table
+    // packed two u32 words to a u64.
     let words: Vec<u32> = factors.iter().map(|f| f.rank as u32).chain(map).collect();
+    let table: Vec<u64> = a_ptrs
+        .into_iter()
+        .chain(b_ptrs)
+        .chain(
+            words
+                .chunks(2)
+                .map(|w| w[0] as u64 | (w.get(1).copied().unwrap_or(0) as u64) << 32),
+        )
+        .collect();
     let op = CudaLoraOp {
-        ptrs: dev.clone_htod(&ptrs)?,
-        words: dev.clone_htod(&words)?,
+        table: dev.clone_htod(&table)?,
+        words: words.len(),
         adapters: n,
         per_row,
         units: units as u32,
@@ -87,12 +98,13 @@ pub(super) fn add_lora(
     Ok(())
 }
 
-/// One `y += LoRA(x)` call on the GPU: the uploaded tables and the launch sizes.
+/// One `y += LoRA(x)` call on the GPU: the uploaded table and the launch sizes.
 struct CudaLoraOp {
-    /// `adapters` A pointers, then `adapters` Bᵀ pointers.
-    ptrs: CudaSlice<u64>,
-    /// `adapters` ranks, then the row table (`rows` entries) or the segment triples.
-    words: CudaSlice<u32>,
+    /// `adapters` A pointers, `adapters` Bᵀ pointers, then `words` u32 words (little-endian,
+    /// two to a u64): `adapters` ranks, then the row table (`rows` entries) or the segment
+    /// triples.
+    table: CudaSlice<u64>,
+    words: usize,
     adapters: usize,
     per_row: bool,
     /// Rows (BGMV) or segments (SGMV).
@@ -126,13 +138,20 @@ impl CudaLoraOp {
         }
         let dev = ys.device.clone();
         let n = self.adapters;
-        let a: CudaView<'_, u64> = self.ptrs.slice(0..n);
-        let b: CudaView<'_, u64> = self.ptrs.slice(n..2 * n);
-        let ranks = self.words.slice(0..n);
-        let map = self.words.slice(n..);
+        let a: CudaView<'_, u64> = self.table.slice(0..n);
+        let b: CudaView<'_, u64> = self.table.slice(n..2 * n);
+        let packed = self.table.slice(2 * n..);
+        // SAFETY: the tail holds `words` u32 words (little-endian x86-64 and GPU), in bounds.
+        let Some(words) = (unsafe { packed.transmute::<u32>(self.words) }) else {
+            candle_core::bail!("lora op: the packed table is short");
+        };
+        let ranks = words.slice(0..n);
+        let map = words.slice(n..);
         let x = xs.as_cuda_slice::<T>()?.slice(x0..x1);
         let t_stride = self.max_rank;
-        let mut t = dev.alloc_zeros::<f32>(rows * t_stride as usize)?;
+        // SAFETY: the shrink kernel writes t[row, j] for every mapped row and j below its
+        // adapter's rank before the expand kernel reads exactly those entries.
+        let mut t = unsafe { dev.alloc::<f32>(rows * t_stride as usize) }?;
         let names = kernel_names(suffix);
         let (shrink, expand) = if self.per_row {
             (&names[0], &names[2])

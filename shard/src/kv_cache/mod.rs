@@ -434,7 +434,7 @@ impl KvCache {
     }
 
     /// Slot of position `pos` of a sequence with block table `blocks`.
-    fn slot(&self, blocks: &[u32], pos: usize) -> Option<usize> {
+    pub(crate) fn slot(&self, blocks: &[u32], pos: usize) -> Option<usize> {
         let b = *blocks.get(pos / self.block_tokens)? as usize;
         Some(b * self.block_tokens + pos % self.block_tokens)
     }

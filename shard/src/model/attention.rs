@@ -1,8 +1,13 @@
 //! Self-attention over a ragged batch: projections (with LoRA hooks) and rotary embeddings for all
-//! rows at once, then causal grouped-query attention per sequence against its KV cache.
+//! rows at once, then causal grouped-query attention against the KV cache: on the CPU (f32)
+//! through the block tables with the tiled kernel of [`paged_attention`], on a GPU with the
+//! paged CUDA kernels (one launch per layer for the whole batch, `attention_cuda`), elsewhere
+//! per sequence over gathered keys.
 
 use candle_core::{DType, Device, Tensor};
 
+#[cfg(feature = "cuda")]
+use super::attention_cuda;
 use super::batch::BatchPlan;
 use super::cpu_storage;
 use super::layers::{Linear, matmul_in};
@@ -64,6 +69,48 @@ impl RopeTables {
     }
 }
 
+/// A step's index for the paged CUDA kernels, on the device.
+#[cfg(feature = "cuda")]
+pub(crate) use super::attention_cuda::DeviceIndex as GpuIndex;
+
+/// A step's index for the paged CUDA kernels (none without the `cuda` feature).
+#[cfg(not(feature = "cuda"))]
+pub(crate) enum GpuIndex {}
+
+/// What every layer's attention reads in one step.
+pub(crate) struct AttentionStep<'a> {
+    /// cos/sin of the rows' positions.
+    pub rope: &'a RopeTables,
+    /// The flattened batch.
+    pub plan: &'a BatchPlan,
+    /// The KV pool and block tables.
+    pub kv: &'a KvCache,
+    /// The step's index on the GPU when the paged CUDA kernels serve the step.
+    pub gpu: Option<&'a GpuIndex>,
+}
+
+/// The step's index for the paged CUDA kernels when they serve `kv` (a CUDA pool of f32, bf16
+/// or f16 with heads of at most 256), uploaded once for all layers; `None` elsewhere, and with
+/// `MEDLEY_CUDA_ATTENTION=gather` (the per-sequence candle path, for comparisons).
+pub(crate) fn gpu_index(
+    plan: &BatchPlan,
+    kv: &KvCache,
+    head_dim: usize,
+) -> Result<Option<GpuIndex>, ModelError> {
+    #[cfg(feature = "cuda")]
+    {
+        static GATHER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let gather = *GATHER
+            .get_or_init(|| std::env::var("MEDLEY_CUDA_ATTENTION").is_ok_and(|v| v == "gather"));
+        if kv.device().is_cuda() && attention_cuda::supported(kv.dtype(), head_dim) && !gather {
+            let index = super::paged_index::PagedIndex::new(plan, kv)?;
+            return Ok(Some(GpuIndex::upload(&index, kv.device())?));
+        }
+    }
+    let _ = (plan, kv, head_dim);
+    Ok(None)
+}
+
 /// The attention block of one decoder layer.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -116,16 +163,15 @@ impl Attention {
     }
 
     /// `x: [rows, hidden]` (normalised) → `[rows, hidden]`. Writes this layer's keys and values
-    /// of every chunk into `kv` (whose buffers must already have room for them).
+    /// of every chunk into the step's KV pool (whose blocks must already be reserved).
     pub(crate) fn forward(
         &self,
         layer: usize,
         x: &Tensor,
-        rope: &RopeTables,
-        plan: &BatchPlan,
-        kv: &KvCache,
+        step: &AttentionStep<'_>,
         lora: &dyn LoraDelta,
     ) -> Result<Tensor, ModelError> {
+        let (rope, plan, kv) = (step.rope, step.plan, step.kv);
         let rows = x.dim(0)?;
         let slots = &plan.row_slots;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -135,7 +181,60 @@ impl Attention {
         let q = rope.apply(&q.reshape((rows, h, d))?)?;
         let k = rope.apply(&k.reshape((rows, kvh, d))?)?;
         let v = v.reshape((rows, kvh, d))?;
+        let attn = match step.gpu {
+            Some(index) => self.gpu(layer, &q, &k, &v, kv, index)?,
+            None => self.host(layer, &q, &k, &v, plan, kv)?,
+        };
+        Ok(lora.apply(layer, TargetModule::O, &attn, self.o.forward(&attn)?, slots)?)
+    }
 
+    /// Writes and attends through the paged CUDA kernels: two writes and one attention launch
+    /// for the whole batch.
+    #[cfg(feature = "cuda")]
+    fn gpu(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        kv: &KvCache,
+        index: &GpuIndex,
+    ) -> Result<Tensor, ModelError> {
+        let shape = attention_cuda::AttentionShape {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            block_tokens: kv.block_tokens(),
+            window: self.sliding_window,
+            scale: self.scale as f32,
+        };
+        attention_cuda::write_and_attend(layer, q, k, v, kv, index, shape)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn gpu(
+        &self,
+        _: usize,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &KvCache,
+        index: &GpuIndex,
+    ) -> Result<Tensor, ModelError> {
+        match *index {}
+    }
+
+    /// Writes chunk by chunk, then attends with the CPU kernel (f32 on the CPU) or per sequence
+    /// over gathered keys. `q: [rows, heads, d]`, `k`/`v`: `[rows, kv_heads, d]`.
+    fn host(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        plan: &BatchPlan,
+        kv: &KvCache,
+    ) -> Result<Tensor, ModelError> {
         for c in &plan.chunks {
             kv.write(
                 c.seq_id,
@@ -145,8 +244,8 @@ impl Attention {
                 &v.narrow(0, c.offset, c.len)?,
             )?;
         }
-        let attn = if cpu_storage::supported(&q) {
-            self.paged(layer, &q, plan, kv)?
+        Ok(if cpu_storage::supported(q) {
+            self.paged(layer, q, plan, kv)?
         } else {
             let mut outs = Vec::with_capacity(plan.chunks.len());
             for c in &plan.chunks {
@@ -164,8 +263,7 @@ impl Attention {
             } else {
                 Tensor::cat(&outs, 0)?
             }
-        };
-        Ok(lora.apply(layer, TargetModule::O, &attn, self.o.forward(&attn)?, slots)?)
+        })
     }
 
     /// Attention of every chunk through the block tables with the CPU kernel (tiled, online

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{Attention, AttentionWeights, Rope};
+use super::attention::{self, Attention, AttentionStep, AttentionWeights, Rope};
 use super::batch::{BatchPlan, ForwardBatch};
 use super::layers::{Linear, RmsNorm, silu};
 use super::lora::{LoraDelta, RowSlots, TargetModule};
@@ -323,10 +323,17 @@ impl LlamaModel {
         let comm = self.comm.as_ref();
         let mut x = vocab::lookup(&self.embed, &self.local.vocab_rows, &plan.tokens, comm)?;
         let rope = self.rope.tables(&plan.positions, self.dtype)?;
+        let gpu = attention::gpu_index(&plan, kv, self.cfg.head_dim)?;
+        let step = AttentionStep {
+            rope: &rope,
+            plan: &plan,
+            kv,
+            gpu: gpu.as_ref(),
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
             // o_proj and down_proj produce this rank's partial sums (LoRA included).
-            let a = layer.attn.forward(l, &h, &rope, &plan, kv, lora)?;
+            let a = layer.attn.forward(l, &h, &step, lora)?;
             x = (x + self.comm.all_reduce_sum_tensor(&a)?)?;
             let h = layer.post_norm.forward(&x)?;
             let m = layer.mlp.forward(l, &h, lora, &plan.row_slots)?;

@@ -20,6 +20,10 @@
 //! and softmax evaluated in f32, as transformers does.
 
 pub mod attention;
+#[cfg(all(feature = "cuda", any(test, feature = "testing")))]
+mod attention_check;
+#[cfg(feature = "cuda")]
+mod attention_cuda;
 pub mod batch;
 pub mod config;
 mod cpu_storage;
@@ -28,6 +32,8 @@ pub mod layers;
 pub mod llama;
 pub mod lora;
 pub(crate) mod paged_attention;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod paged_index;
 pub mod quant;
 pub mod tp;
 mod vocab;
@@ -36,11 +42,13 @@ pub(crate) mod weights_gguf;
 
 use std::path::PathBuf;
 
+#[doc(hidden)]
+#[cfg(all(feature = "cuda", any(test, feature = "testing")))]
+pub use attention_check::{AttentionCheck, check_paged_attention};
 pub use batch::{ForwardBatch, SeqChunk};
 pub use config::{ModelConfig, RopeScaling};
 pub use llama::LlamaModel;
 pub use lora::{LoraDelta, NoLora, RowSlots, SlotRun, TargetModule};
-#[doc(hidden)]
 pub use paged_attention::bench_paged_attention;
 pub use tp::{LocalShape, TpLayout};
 

@@ -9,7 +9,9 @@
 //! Correctness: random inputs, BGMV (decode tables with rows that have no adapter) and SGMV
 //! (ragged prefill segments with gaps), ranks 8/16/64/128 alone and mixed, f32/bf16/f16
 //! activations with f32 factors, compared with `medley_kernels::reference` (f64 accumulation);
-//! rows without an adapter must stay unchanged bit for bit. Bandwidth: decode rows over
+//! rows without an adapter must stay unchanged bit for bit. On a GPU, the paged attention
+//! kernels too (a mixed prefill/decode step against an f64 reference, see
+//! `medley_shard::model::check_paged_attention`). Bandwidth: decode rows over
 //! 8B-class projections, against a device-to-device copy measured in the same run.
 
 mod bench;
@@ -71,6 +73,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             if o.passed() { "ok" } else { "**FAIL**" }
         );
     }
+    all_ok &= attention_checks(&device)?;
     if cli.bench {
         let copy = bench::copy_gbps(&device, 1024, cli.iters.clamp(5, 20))?;
         println!("\n## LoRA bandwidth at decode (device-to-device copy: {copy:.0} GB/s)\n");
@@ -98,4 +101,34 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     }
     println!("\nresult: {}", if all_ok { "pass" } else { "FAIL" });
     Ok(all_ok)
+}
+
+/// The paged attention kernels against the reference (CUDA only; the CPU kernel is checked by
+/// the unit tests). Returns whether every case passed.
+fn attention_checks(device: &candle_core::Device) -> anyhow::Result<bool> {
+    if device.is_cpu() {
+        println!("\npaged attention: CUDA kernels only (the CPU kernel has its unit tests)");
+        return Ok(true);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        println!("\n## Paged attention vs the reference\n");
+        println!("| case | rows | rel. error | bound | |");
+        println!("|---|---:|---:|---:|---|");
+        let mut ok = true;
+        for c in medley_shard::model::check_paged_attention(device)? {
+            ok &= c.passed();
+            println!(
+                "| {} | {} | {:.2e} | {:.0e} | {} |",
+                c.name,
+                c.rows,
+                c.rel_err,
+                c.tolerance,
+                if c.passed() { "ok" } else { "**FAIL**" }
+            );
+        }
+        Ok(ok)
+    }
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("paged attention on {device:?}: built without the cuda feature")
 }

@@ -1,0 +1,230 @@
+//! A check of the paged CUDA attention kernels against an f64 reference, for `medley-lora-check`
+//! on a GPU: a mixed step (a fresh prefill, a chunked-prefill continuation, decode rows over
+//! short and long histories that cross block boundaries), with and without a sliding window,
+//! in every activation dtype.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::gpu_index;
+use super::attention_cuda::{AttentionShape, write_and_attend};
+use super::batch::{BatchPlan, ForwardBatch, SeqChunk};
+use super::paged_index::reference_attention;
+use super::{ModelConfig, ModelError};
+use crate::kv_cache::{KvCache, KvCacheConfig};
+
+/// One case's outcome.
+#[derive(Debug, Clone)]
+pub struct AttentionCheck {
+    /// What the case covers.
+    pub name: String,
+    /// Rows of the step.
+    pub rows: usize,
+    /// Largest difference from the reference, relative to the reference's largest magnitude.
+    pub rel_err: f64,
+    /// Bound of `rel_err` for the dtype.
+    pub tolerance: f64,
+}
+
+impl AttentionCheck {
+    /// Whether the case is within its bound.
+    pub fn passed(&self) -> bool {
+        self.rel_err <= self.tolerance
+    }
+}
+
+const HEADS: usize = 8;
+const KV_HEADS: usize = 2;
+const D: usize = 64;
+/// `(sequence, cached tokens, new tokens)`.
+const SEQS: [(u64, usize, usize); 6] = [
+    (1, 0, 37),
+    (2, 1, 1),
+    (3, 17, 1),
+    (4, 100, 1),
+    (5, 300, 1),
+    (6, 50, 20),
+];
+
+/// Runs every case on `device` (a CUDA device; the CPU's kernel has its own tests).
+pub fn check_paged_attention(device: &Device) -> Result<Vec<AttentionCheck>, ModelError> {
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for window in [None, Some(40)] {
+            out.push(run_case(device, dtype, window)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Random values in `[-1, 1)`, rounded through `dtype`, as f32.
+fn random(n: usize, seed: u64, dtype: DType) -> Result<Vec<f32>, ModelError> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, n, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?)
+}
+
+fn run_case(
+    device: &Device,
+    dtype: DType,
+    window: Option<usize>,
+) -> Result<AttentionCheck, ModelError> {
+    let mut cfg = ModelConfig::from_json_str(
+        &serde_json::json!({
+            "vocab_size": 16, "hidden_size": HEADS * D, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": HEADS,
+            "num_key_value_heads": KV_HEADS,
+        })
+        .to_string(),
+    )?;
+    cfg.sliding_window = window;
+    let pool = KvCacheConfig {
+        capacity_tokens: 1024,
+        block_tokens: 16,
+        prefix_caching: false,
+    };
+    let mut dev_kv = KvCache::new(&cfg, dtype, device, pool)?;
+    let mut ref_kv = KvCache::new(&cfg, DType::F32, &Device::Cpu, pool)?;
+    let width = KV_HEADS * D;
+    let on = |v: Vec<f32>, rows: usize, dev: &Device| -> Result<Tensor, ModelError> {
+        Ok(Tensor::from_vec(v, (rows, KV_HEADS, D), &Device::Cpu)?
+            .to_dtype(if dev.is_cpu() { DType::F32 } else { dtype })?
+            .to_device(dev)?)
+    };
+    // Histories, blocks taken in turn so that tables are not contiguous.
+    for kv in [&mut dev_kv, &mut ref_kv] {
+        for (id, cached, new) in SEQS {
+            kv.allocate(id, cached + new)?;
+        }
+        for (id, cached, _) in SEQS.iter().rev() {
+            kv.reserve(*id, *cached)?;
+        }
+    }
+    for (id, cached, _) in SEQS.into_iter().filter(|s| s.1 > 0) {
+        let k = random(cached * width, id, dtype)?;
+        let v = random(cached * width, id + 100, dtype)?;
+        let tokens = vec![0u32; cached];
+        for (kv, dev) in [(&mut dev_kv, device), (&mut ref_kv, &Device::Cpu)] {
+            kv.write(
+                id,
+                0,
+                0,
+                &on(k.clone(), cached, dev)?,
+                &on(v.clone(), cached, dev)?,
+            )?;
+            kv.commit(id, &tokens)?;
+        }
+    }
+    let batch = ForwardBatch {
+        chunks: SEQS
+            .iter()
+            .map(|&(id, cached, new)| SeqChunk {
+                seq_id: id,
+                tokens: vec![0; new],
+                start_pos: cached,
+                adapter_slot: 0,
+                all_logits: false,
+            })
+            .collect(),
+    };
+    for kv in [&mut dev_kv, &mut ref_kv] {
+        for (id, cached, new) in SEQS {
+            kv.reserve(id, cached + new)?;
+        }
+    }
+    let plan = BatchPlan::new(&batch, &dev_kv, 16)?;
+    let rows = plan.num_rows();
+    let q = random(rows * HEADS * D, 7, dtype)?;
+    let k = random(rows * width, 8, dtype)?;
+    let v = random(rows * width, 9, dtype)?;
+    let scale = 1.0 / (D as f64).sqrt();
+
+    let Some(index) = gpu_index(&plan, &dev_kv, D)? else {
+        return Err(ModelError::InvalidBatch(format!(
+            "no paged attention kernel for {dtype:?} on {device:?}"
+        )));
+    };
+    let shape = AttentionShape {
+        heads: HEADS,
+        kv_heads: KV_HEADS,
+        head_dim: D,
+        block_tokens: dev_kv.block_tokens(),
+        window,
+        scale: scale as f32,
+    };
+    let got = write_and_attend(
+        0,
+        &Tensor::from_vec(q.clone(), (rows, HEADS, D), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?,
+        &on(k.clone(), rows, device)?,
+        &on(v.clone(), rows, device)?,
+        &dev_kv,
+        &index,
+        shape,
+    )?
+    .to_dtype(DType::F32)?
+    .flatten_all()?
+    .to_vec1::<f32>()?;
+
+    let (k_ref, v_ref) = (on(k, rows, &Device::Cpu)?, on(v, rows, &Device::Cpu)?);
+    let mut want = Vec::with_capacity(got.len());
+    for c in &plan.chunks {
+        ref_kv.write(
+            c.seq_id,
+            0,
+            c.start,
+            &k_ref.narrow(0, c.offset, c.len)?,
+            &v_ref.narrow(0, c.offset, c.len)?,
+        )?;
+        let (keys, values) = ref_kv.gather(c.seq_id, 0, 0, c.start + c.len)?;
+        let (keys, values) = (keys.to_vec3::<f32>()?, values.to_vec3::<f32>()?);
+        for i in 0..c.len {
+            let (r, p) = (c.offset + i, c.start + i);
+            let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+            for h in 0..HEADS {
+                let kvh = h / (HEADS / KV_HEADS);
+                let ks: Vec<&[f32]> = keys[kvh][lo..=p].iter().map(|x| &x[..]).collect();
+                let vs: Vec<&[f32]> = values[kvh][lo..=p].iter().map(|x| &x[..]).collect();
+                want.extend(reference_attention(
+                    &q[(r * HEADS + h) * D..][..D],
+                    &ks,
+                    &vs,
+                    scale,
+                ));
+            }
+        }
+    }
+    let peak = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+    let rel_err = if got.len() == want.len() && got.iter().all(|x| x.is_finite()) {
+        err / peak
+    } else {
+        f64::INFINITY
+    };
+    Ok(AttentionCheck {
+        name: format!(
+            "paged attention {dtype:?}{}",
+            window.map_or(String::new(), |w| format!(" window {w}"))
+        ),
+        rows,
+        rel_err,
+        tolerance: match dtype {
+            DType::F32 => 1e-5,
+            DType::F16 => 2e-3,
+            _ => 1e-2,
+        },
+    })
+}
