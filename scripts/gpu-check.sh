@@ -189,11 +189,17 @@ step "LoRA + attention kernels vs reference, bandwidth" 120 lora_kernels "$kerne
 # The paged attention kernel serves every GPU step below. Should its check fail (or crash), the
 # servers fall back to the per-sequence candle path, so the rest of the check still measures a
 # correct model, and the report says so.
+# Likewise the fused half-precision RMSNorm and SiLU·mul (MEDLEY_CUDA_FUSED=off).
 if [ "$mode" = gpu ] \
   && [ "$(grep -c '^| paged attention .* | ok |$' "$res/lora-kernels.md" 2>/dev/null)" != 6 ]; then
   export MEDLEY_CUDA_ATTENTION=gather
   echo "MEDLEY_CUDA_ATTENTION=gather: the paged attention kernel failed its check" \
     | tee -a "$res/versions.txt"
+fi
+if [ "$mode" = gpu ] \
+  && [ "$(grep -c '^| fused .* | ok |$' "$res/lora-kernels.md" 2>/dev/null)" != 6 ]; then
+  export MEDLEY_CUDA_FUSED=off
+  echo "MEDLEY_CUDA_FUSED=off: the fused kernels failed their check" | tee -a "$res/versions.txt"
 fi
 
 # --- 2. fixtures ---------------------------------------------------------------------------

@@ -10,9 +10,10 @@
 //
 // Shrink: one warp per (row, j): t[row, j] = dot(x[row, :], A_i[j, :]), lanes striding `in`
 //   (coalesced), then a warp reduction. Block = 8 warps = 8 consecutive j of one row (BGMV) or of
-//   one segment, whose rows the block walks (SGMV: A_i's rows stay hot in L1/L2 across rows).
+//   SGMV_ROWS consecutive rows of one segment, which the block walks (SGMV: A_i's rows stay hot
+//   in L1 across them; the third grid dimension spreads a long segment over many blocks).
 // Expand: one thread per (row, o): y[row, o] += sum_j t[row, j] * B_i^T[j, o]; t's row is staged
-//   in shared memory, B^T reads are coalesced over o. SGMV blocks walk their segment's rows.
+//   in shared memory, B^T reads are coalesced over o. SGMV blocks walk SGMV_ROWS rows of a segment.
 //
 // Every (row, j < rank_i) of t and every (row, o) of y of a mapped row is written exactly once;
 // nothing else is touched.
@@ -23,6 +24,7 @@
 #define WARPS 8
 #define MAX_RANK 128
 #define EXPAND_THREADS 256
+#define SGMV_ROWS 4
 
 #include "common.cuh"
 
@@ -63,16 +65,26 @@ __device__ void bgmv_shrink(const T* x, const uint32_t* row_adapter, const float
   shrink_row(x, a[i], t, row, j, in, t_stride);
 }
 
+// The rows of a segment that block z of an SGMV launch takes: SGMV_ROWS consecutive ones, so
+// that long segments spread over many blocks while each block still reuses its factor rows.
+__device__ __forceinline__ void sgmv_rows(const uint32_t* s, uint32_t* r0, uint32_t* r1) {
+  uint32_t start = s[0], len = s[1];
+  uint32_t first = blockIdx.z * SGMV_ROWS;
+  *r0 = start + min(first, len);
+  *r1 = start + min(first + SGMV_ROWS, len);
+}
+
 // SGMV shrink. segments = [start, len, adapter] triples; grid = (segments, ceil(max_rank /
-// WARPS)), block = 32 * WARPS.
+// WARPS), ceil(longest segment / SGMV_ROWS)), block = 32 * WARPS.
 template <typename T>
 __device__ void sgmv_shrink(const T* x, const uint32_t* segments, const float* const* a,
                             const uint32_t* ranks, float* t, uint32_t in, uint32_t t_stride) {
   const uint32_t* s = segments + 3 * blockIdx.x;
-  uint32_t start = s[0], len = s[1], i = s[2];
+  uint32_t i = s[2], r0, r1;
+  sgmv_rows(s, &r0, &r1);
   uint32_t j = blockIdx.y * WARPS + threadIdx.x / 32;
   if (j >= ranks[i]) return;
-  for (uint32_t row = start; row < start + len; ++row) shrink_row(x, a[i], t, row, j, in, t_stride);
+  for (uint32_t row = r0; row < r1; ++row) shrink_row(x, a[i], t, row, j, in, t_stride);
 }
 
 // BGMV expand. grid = (rows, ceil(out / EXPAND_THREADS)), block = EXPAND_THREADS.
@@ -90,16 +102,18 @@ __device__ void bgmv_expand(const float* t, const uint32_t* row_adapter, const f
   if (o < out) expand_row(trow, b_t[i], y, row, o, rank, out);
 }
 
-// SGMV expand. grid = (segments, ceil(out / EXPAND_THREADS)), block = EXPAND_THREADS.
+// SGMV expand. grid = (segments, ceil(out / EXPAND_THREADS), ceil(longest segment /
+// SGMV_ROWS)), block = EXPAND_THREADS.
 template <typename T>
 __device__ void sgmv_expand(const float* t, const uint32_t* segments, const float* const* b_t,
                             const uint32_t* ranks, T* y, uint32_t out, uint32_t t_stride) {
   __shared__ float trow[MAX_RANK];
   const uint32_t* s = segments + 3 * blockIdx.x;
-  uint32_t start = s[0], len = s[1], i = s[2];
+  uint32_t i = s[2], r0, r1;
+  sgmv_rows(s, &r0, &r1);
   uint32_t rank = ranks[i];
   uint32_t o = blockIdx.y * blockDim.x + threadIdx.x;
-  for (uint32_t row = start; row < start + len; ++row) {
+  for (uint32_t row = r0; row < r1; ++row) {
     __syncthreads();  // the previous row's trow is no longer read
     for (uint32_t j = threadIdx.x; j < rank; j += blockDim.x)
       trow[j] = t[(size_t)row * t_stride + j];

@@ -1,7 +1,8 @@
 //! The CUDA kernels, compiled to PTX by nvcc when this crate is built with the `cuda` feature
 //! (see `build.rs`), for f32, bf16 and f16 activations, and loaded by name into a CUDA context:
 //! the LoRA kernels of `kernels/cuda/lora.cu` ([`LORA_PTX`], f32 factors) and the paged
-//! attention and KV-cache write of `kernels/cuda/attention.cu` ([`ATTENTION_PTX`]).
+//! attention and KV-cache write of `kernels/cuda/attention.cu` ([`ATTENTION_PTX`]), and the
+//! half-precision RMSNorm and SiLU·mul of `kernels/cuda/fused.cu` ([`FUSED_PTX`]).
 //!
 //! Launch shapes (one thread block per row or segment, and per slice of the output):
 //! * shrink: grid `(rows or segments, ceil(max rank / 8))`, block 256 (8 warps, one `j` each);
@@ -16,6 +17,28 @@ pub const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 
 /// The PTX module of the paged attention and KV-cache write kernels.
 pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+
+/// The PTX module of the fused half-precision RMSNorm and SiLU·mul kernels.
+pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+
+/// Activation types of the fused kernels.
+pub const FUSED_DTYPES: [&str; 2] = ["bf16", "f16"];
+
+/// The fused kernel names for activations of type `dtype` (one of [`FUSED_DTYPES`]): RMSNorm,
+/// SiLU·mul.
+pub fn fused_kernel_names(dtype: &str) -> [String; 2] {
+    ["rms_norm", "silu_mul"].map(|k| format!("medley_{k}_{dtype}"))
+}
+
+/// The `(grid, block)` of a fused RMSNorm over `rows` rows.
+pub fn rms_norm_launch(rows: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((rows.max(1), 1, 1), (256, 1, 1))
+}
+
+/// The `(grid, block)` of a fused SiLU·mul over `n` elements.
+pub fn elementwise_launch(n: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((n.div_ceil(256).max(1), 1, 1), (256, 1, 1))
+}
 
 /// Largest head dimension the attention kernel holds in registers.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -49,14 +72,42 @@ pub fn kernel_names(dtype: &str) -> [String; 4] {
         .map(|k| format!("medley_{k}_{dtype}"))
 }
 
-/// The `(grid, block)` of a shrink launch over `units` rows or segments.
-pub fn shrink_launch(units: u32, max_rank: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
-    ((units, max_rank.div_ceil(8).max(1), 1), (256, 1, 1))
+/// Rows of one segment an SGMV block takes (`SGMV_ROWS` in `lora.cu`).
+pub const SGMV_ROWS: u32 = 4;
+
+/// The `(grid, block)` of a shrink launch over `units` rows (BGMV, `longest` 1) or segments
+/// (SGMV, `longest` = the longest segment's rows).
+pub fn shrink_launch(
+    units: u32,
+    max_rank: u32,
+    longest: u32,
+) -> ((u32, u32, u32), (u32, u32, u32)) {
+    (
+        (units, max_rank.div_ceil(8).max(1), row_blocks(longest)),
+        (256, 1, 1),
+    )
 }
 
-/// The `(grid, block)` of an expand launch over `units` rows or segments.
-pub fn expand_launch(units: u32, out_features: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
-    ((units, out_features.div_ceil(256).max(1), 1), (256, 1, 1))
+/// The `(grid, block)` of an expand launch over `units` rows or segments (`longest` as for
+/// [`shrink_launch`]).
+pub fn expand_launch(
+    units: u32,
+    out_features: u32,
+    longest: u32,
+) -> ((u32, u32, u32), (u32, u32, u32)) {
+    (
+        (
+            units,
+            out_features.div_ceil(256).max(1),
+            row_blocks(longest),
+        ),
+        (256, 1, 1),
+    )
+}
+
+/// Blocks along a segment of `rows` rows.
+fn row_blocks(rows: u32) -> u32 {
+    rows.div_ceil(SGMV_ROWS).max(1)
 }
 
 /// Segments in the kernels' wire form: `(start, len, adapter)` triples.
@@ -93,17 +144,30 @@ mod tests {
                 );
             }
         }
+        for dtype in FUSED_DTYPES {
+            for name in fused_kernel_names(dtype) {
+                assert!(
+                    FUSED_PTX.contains(&format!(".entry {name}(")),
+                    "{name} is not in the PTX"
+                );
+            }
+        }
+        assert_eq!(elementwise_launch(257), ((2, 1, 1), (256, 1, 1)));
+        assert_eq!(rms_norm_launch(3), ((3, 1, 1), (256, 1, 1)));
         assert_eq!(attention_launch(3, 32), ((3, 32, 1), (128, 1, 1)));
         assert_eq!(kv_write_launch(0), ((1, 1, 1), (256, 1, 1)));
     }
 
     #[test]
     fn launch_shapes_cover_every_rank_and_output() {
-        assert_eq!(shrink_launch(5, 16), ((5, 2, 1), (256, 1, 1)));
-        assert_eq!(shrink_launch(5, 17), ((5, 3, 1), (256, 1, 1)));
-        assert_eq!(shrink_launch(1, 128), ((1, 16, 1), (256, 1, 1)));
-        assert_eq!(expand_launch(3, 2048), ((3, 8, 1), (256, 1, 1)));
-        assert_eq!(expand_launch(3, 2049), ((3, 9, 1), (256, 1, 1)));
+        assert_eq!(shrink_launch(5, 16, 1), ((5, 2, 1), (256, 1, 1)));
+        assert_eq!(shrink_launch(5, 17, 1), ((5, 3, 1), (256, 1, 1)));
+        assert_eq!(shrink_launch(1, 128, 1), ((1, 16, 1), (256, 1, 1)));
+        assert_eq!(expand_launch(3, 2048, 1), ((3, 8, 1), (256, 1, 1)));
+        assert_eq!(expand_launch(3, 2049, 1), ((3, 9, 1), (256, 1, 1)));
+        // A 32-row segment spreads over 8 blocks of 4 rows; 33 rows over 9.
+        assert_eq!(shrink_launch(1, 16, 32), ((1, 2, 8), (256, 1, 1)));
+        assert_eq!(expand_launch(2, 256, 33), ((2, 1, 9), (256, 1, 1)));
     }
 
     #[test]

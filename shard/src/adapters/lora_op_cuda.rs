@@ -73,6 +73,10 @@ pub(super) fn add_lora(
         KernelRows::Segments(s) => (false, segment_triples(s)),
     };
     let units = if per_row { map.len() } else { map.len() / 3 };
+    let longest = match rows {
+        KernelRows::PerRow(_) => 1,
+        KernelRows::Segments(s) => s.iter().map(|s| s.len).max().unwrap_or(1),
+    };
     // One upload per call: the A pointers, the Bᵀ pointers, then the ranks and the row table
     // packed two u32 words to a u64.
     let words: Vec<u32> = factors.iter().map(|f| f.rank as u32).chain(map).collect();
@@ -91,6 +95,7 @@ pub(super) fn add_lora(
         adapters: n,
         per_row,
         units: units as u32,
+        longest: longest as u32,
         max_rank: max_rank as u32,
     };
     y.inplace_op2(x, &op)?;
@@ -109,6 +114,8 @@ struct CudaLoraOp {
     per_row: bool,
     /// Rows (BGMV) or segments (SGMV).
     units: u32,
+    /// Rows of the longest segment (1 for BGMV).
+    longest: u32,
     max_rank: u32,
 }
 
@@ -161,7 +168,7 @@ impl CudaLoraOp {
         let (in_f, out_f) = (in_features as u32, out_features as u32);
 
         let func = dev.get_or_load_custom_func(shrink, MODULE, LORA_PTX)?;
-        let (grid_dim, block_dim) = shrink_launch(self.units, self.max_rank);
+        let (grid_dim, block_dim) = shrink_launch(self.units, self.max_rank, self.longest);
         let mut launch = func.builder();
         launch.arg(&x).arg(&map).arg(&a).arg(&ranks).arg(&mut t);
         launch.arg(&in_f).arg(&t_stride);
@@ -179,7 +186,7 @@ impl CudaLoraOp {
         let y_all = ys.as_cuda_slice_mut::<T>()?;
         let mut y = y_all.slice_mut(y0..y1);
         let func = dev.get_or_load_custom_func(expand, MODULE, LORA_PTX)?;
-        let (grid_dim, block_dim) = expand_launch(self.units, out_f);
+        let (grid_dim, block_dim) = expand_launch(self.units, out_f, self.longest);
         let mut launch = func.builder();
         launch.arg(&t).arg(&map).arg(&b).arg(&ranks).arg(&mut y);
         launch.arg(&out_f).arg(&t_stride);

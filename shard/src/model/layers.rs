@@ -246,8 +246,21 @@ impl RmsNorm {
         })
     }
 
-    /// Normalises `x: [rows, hidden]`.
+    /// Normalises `x: [rows, hidden]`: in f32 in one op; in half precision widened, normalised,
+    /// narrowed and scaled like transformers (one fused kernel on a GPU).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.ones.is_none() {
+            return candle_nn::ops::rms_norm(x, &self.weight, self.eps);
+        }
+        #[cfg(feature = "cuda")]
+        if super::fused_cuda::serves(x) {
+            return super::fused_cuda::rms_norm(x, &self.weight, self.eps);
+        }
+        self.forward_unfused(x)
+    }
+
+    /// [`RmsNorm::forward`] through candle ops only (the reference of the fused kernel).
+    pub(crate) fn forward_unfused(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.ones {
             None => candle_nn::ops::rms_norm(x, &self.weight, self.eps),
             Some(ones) => {
@@ -256,6 +269,16 @@ impl RmsNorm {
             }
         }
     }
+}
+
+/// `silu(gate) * up` (the MLP's activation): one fused kernel for half precision on a GPU,
+/// [`silu`] and a product elsewhere.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fused_cuda::serves(gate) {
+        return super::fused_cuda::silu_mul(gate, up);
+    }
+    silu(gate)? * up
 }
 
 /// `silu(x)` evaluated in f32 and rounded once to the dtype of `x` (PyTorch's half-precision

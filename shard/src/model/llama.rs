@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::attention::{self, Attention, AttentionStep, AttentionWeights, Rope};
 use super::batch::{BatchPlan, ForwardBatch};
-use super::layers::{Linear, RmsNorm, silu};
+use super::layers::{Linear, RmsNorm, silu_mul};
 use super::lora::{LoraDelta, RowSlots, TargetModule};
 use super::quant::{Quantize, quantize_weight};
 use super::vocab;
@@ -34,7 +34,7 @@ impl Mlp {
     ) -> candle_core::Result<Tensor> {
         let gate = lora.apply(layer, TargetModule::Gate, x, self.gate.forward(x)?, slots)?;
         let up = lora.apply(layer, TargetModule::Up, x, self.up.forward(x)?, slots)?;
-        let act = (silu(&gate)? * up)?;
+        let act = silu_mul(&gate, &up)?;
         lora.apply(
             layer,
             TargetModule::Down,

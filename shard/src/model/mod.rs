@@ -20,13 +20,15 @@
 //! and softmax evaluated in f32, as transformers does.
 
 pub mod attention;
-#[cfg(all(feature = "cuda", any(test, feature = "testing")))]
-mod attention_check;
 #[cfg(feature = "cuda")]
 mod attention_cuda;
 pub mod batch;
 pub mod config;
 mod cpu_storage;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
+#[cfg(all(feature = "cuda", any(test, feature = "testing")))]
+mod kernel_check;
 mod kernel_math;
 pub mod layers;
 pub mod llama;
@@ -42,11 +44,11 @@ pub(crate) mod weights_gguf;
 
 use std::path::PathBuf;
 
-#[doc(hidden)]
-#[cfg(all(feature = "cuda", any(test, feature = "testing")))]
-pub use attention_check::{AttentionCheck, check_paged_attention};
 pub use batch::{ForwardBatch, SeqChunk};
 pub use config::{ModelConfig, RopeScaling};
+#[doc(hidden)]
+#[cfg(all(feature = "cuda", any(test, feature = "testing")))]
+pub use kernel_check::{KernelCheck, check_fused_ops, check_paged_attention};
 pub use llama::LlamaModel;
 pub use lora::{LoraDelta, NoLora, RowSlots, SlotRun, TargetModule};
 pub use paged_attention::bench_paged_attention;

@@ -11,7 +11,8 @@
 //! activations with f32 factors, compared with `medley_kernels::reference` (f64 accumulation);
 //! rows without an adapter must stay unchanged bit for bit. On a GPU, the paged attention
 //! kernels too (a mixed prefill/decode step against an f64 reference, see
-//! `medley_shard::model::check_paged_attention`). Bandwidth: decode rows over
+//! `medley_shard::model::check_paged_attention`) and the fused half-precision RMSNorm and
+//! SiLU·mul (against the candle op chains they replace, `check_fused_ops`). Bandwidth: decode rows over
 //! 8B-class projections, against a device-to-device copy measured in the same run.
 
 mod bench;
@@ -103,8 +104,8 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
-/// The paged attention kernels against the reference (CUDA only; the CPU kernel is checked by
-/// the unit tests). Returns whether every case passed.
+/// The paged attention and fused kernels against their references (CUDA only; the CPU kernel
+/// is checked by the unit tests). Returns whether every case passed.
 fn attention_checks(device: &candle_core::Device) -> anyhow::Result<bool> {
     if device.is_cpu() {
         println!("\npaged attention: CUDA kernels only (the CPU kernel has its unit tests)");
@@ -112,11 +113,13 @@ fn attention_checks(device: &candle_core::Device) -> anyhow::Result<bool> {
     }
     #[cfg(feature = "cuda")]
     {
-        println!("\n## Paged attention vs the reference\n");
+        println!("\n## Paged attention and fused kernels vs the reference\n");
         println!("| case | rows | rel. error | bound | |");
         println!("|---|---:|---:|---:|---|");
         let mut ok = true;
-        for c in medley_shard::model::check_paged_attention(device)? {
+        let mut cases = medley_shard::model::check_paged_attention(device)?;
+        cases.extend(medley_shard::model::check_fused_ops(device)?);
+        for c in cases {
             ok &= c.passed();
             println!(
                 "| {} | {} | {:.2e} | {:.0e} | {} |",

@@ -1,20 +1,22 @@
-//! A check of the paged CUDA attention kernels against an f64 reference, for `medley-lora-check`
-//! on a GPU: a mixed step (a fresh prefill, a chunked-prefill continuation, decode rows over
-//! short and long histories that cross block boundaries), with and without a sliding window,
-//! in every activation dtype.
+//! Checks of the model's CUDA kernels for `medley-lora-check` on a GPU: the paged attention
+//! against an f64 reference on a mixed step (a fresh prefill, a chunked-prefill continuation,
+//! decode rows over short and long histories that cross block boundaries), with and without a
+//! sliding window, in every activation dtype; and the fused half-precision RMSNorm and SiLU·mul
+//! against the candle op chains they replace.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::gpu_index;
 use super::attention_cuda::{AttentionShape, write_and_attend};
 use super::batch::{BatchPlan, ForwardBatch, SeqChunk};
+use super::layers::{RmsNorm, silu, silu_mul};
 use super::paged_index::reference_attention;
 use super::{ModelConfig, ModelError};
 use crate::kv_cache::{KvCache, KvCacheConfig};
 
 /// One case's outcome.
 #[derive(Debug, Clone)]
-pub struct AttentionCheck {
+pub struct KernelCheck {
     /// What the case covers.
     pub name: String,
     /// Rows of the step.
@@ -25,7 +27,7 @@ pub struct AttentionCheck {
     pub tolerance: f64,
 }
 
-impl AttentionCheck {
+impl KernelCheck {
     /// Whether the case is within its bound.
     pub fn passed(&self) -> bool {
         self.rel_err <= self.tolerance
@@ -46,7 +48,7 @@ const SEQS: [(u64, usize, usize); 6] = [
 ];
 
 /// Runs every case on `device` (a CUDA device; the CPU's kernel has its own tests).
-pub fn check_paged_attention(device: &Device) -> Result<Vec<AttentionCheck>, ModelError> {
+pub fn check_paged_attention(device: &Device) -> Result<Vec<KernelCheck>, ModelError> {
     let mut out = Vec::new();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for window in [None, Some(40)] {
@@ -54,6 +56,69 @@ pub fn check_paged_attention(device: &Device) -> Result<Vec<AttentionCheck>, Mod
         }
     }
     Ok(out)
+}
+
+/// Runs the fused kernels' cases on `device` (a CUDA device): each against the op chain it
+/// replaces, which rounds at the same points, so only f32 summation order may differ.
+pub fn check_fused_ops(device: &Device) -> Result<Vec<KernelCheck>, ModelError> {
+    let mut out = Vec::new();
+    for dtype in [DType::BF16, DType::F16] {
+        let tolerance = if dtype == DType::BF16 { 1e-2 } else { 2e-3 };
+        let on = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor, ModelError> {
+            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?)
+        };
+        for (rows, hidden) in [(7usize, 2048usize), (3, 4099)] {
+            let x = on(random(rows * hidden, 11, dtype)?, &[rows, hidden])?;
+            let w = on(random(hidden, 12, dtype)?, &[hidden])?;
+            let norm = RmsNorm::new(w, 1e-5)?;
+            out.push(KernelCheck {
+                name: format!("fused rms_norm {dtype:?} {rows}×{hidden}"),
+                rows,
+                rel_err: rel_err(&norm.forward(&x)?, &norm.forward_unfused(&x)?)?,
+                tolerance,
+            });
+        }
+        let (rows, n) = (7usize, 5632usize);
+        let gate = on(
+            random(rows * n, 13, dtype)?
+                .iter()
+                .map(|v| v * 6.0)
+                .collect(),
+            &[rows, n],
+        )?;
+        let up = on(random(rows * n, 14, dtype)?, &[rows, n])?;
+        out.push(KernelCheck {
+            name: format!("fused silu·mul {dtype:?} {rows}×{n}"),
+            rows,
+            rel_err: rel_err(&silu_mul(&gate, &up)?, &(silu(&gate)? * &up)?)?,
+            tolerance,
+        });
+    }
+    Ok(out)
+}
+
+/// Largest difference of `got` from `want`, relative to `want`'s largest magnitude (infinite
+/// when `got` has a non-finite value).
+fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64, ModelError> {
+    let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let want = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let peak = want
+        .iter()
+        .fold(0f64, |m, x| m.max(x.abs() as f64))
+        .max(1e-30);
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()));
+    Ok(
+        if got.len() == want.len() && got.iter().all(|x| x.is_finite()) {
+            err / peak
+        } else {
+            f64::INFINITY
+        },
+    )
 }
 
 /// Random values in `[-1, 1)`, rounded through `dtype`, as f32.
@@ -77,7 +142,7 @@ fn run_case(
     device: &Device,
     dtype: DType,
     window: Option<usize>,
-) -> Result<AttentionCheck, ModelError> {
+) -> Result<KernelCheck, ModelError> {
     let mut cfg = ModelConfig::from_json_str(
         &serde_json::json!({
             "vocab_size": 16, "hidden_size": HEADS * D, "intermediate_size": 8,
@@ -204,17 +269,13 @@ fn run_case(
             }
         }
     }
-    let peak = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
-    let err = got
-        .iter()
-        .zip(&want)
-        .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
-    let rel_err = if got.len() == want.len() && got.iter().all(|x| x.is_finite()) {
-        err / peak
-    } else {
-        f64::INFINITY
-    };
-    Ok(AttentionCheck {
+    let want = Tensor::from_vec(
+        want.into_iter().map(|x| x as f32).collect::<Vec<_>>(),
+        got.len(),
+        &Device::Cpu,
+    )?;
+    let rel_err = rel_err(&Tensor::from_vec(got, want.dim(0)?, &Device::Cpu)?, &want)?;
+    Ok(KernelCheck {
         name: format!(
             "paged attention {dtype:?}{}",
             window.map_or(String::new(), |w| format!(" window {w}"))

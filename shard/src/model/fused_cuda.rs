@@ -1,0 +1,145 @@
+//! One-launch RMSNorm and SiLU·mul for half-precision activations on a GPU
+//! (`kernels/cuda/fused.cu`), rounding where transformers rounds: they replace the chains of
+//! candle ops of [`super::layers::RmsNorm`] (widen, normalise, narrow, scale) and of the MLP's
+//! `silu(gate) * up` (widen, SiLU, narrow, multiply). `MEDLEY_CUDA_FUSED=off` keeps the chains
+//! (for comparisons).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use medley_kernels::cuda::{FUSED_PTX, elementwise_launch, fused_kernel_names, rms_norm_launch};
+
+/// The name the PTX module is cached under in candle's device.
+const MODULE: &str = "medley_fused";
+
+/// Whether the fused kernels serve activations `x` (bf16 or f16 on a GPU, not turned off).
+pub(crate) fn serves(x: &Tensor) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("MEDLEY_CUDA_FUSED").is_ok_and(|v| v == "off"));
+    !off && x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16)
+}
+
+/// RMSNorm of `x: [rows, hidden]` with weight `w: [hidden]` (both of `x`'s dtype).
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &Fused::RmsNorm { eps })
+}
+
+/// `silu(gate) * up` for two tensors of one shape.
+pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.contiguous()?
+        .apply_op2_no_bwd(&up.contiguous()?, &Fused::SiluMul)
+}
+
+enum Fused {
+    RmsNorm { eps: f32 },
+    SiluMul,
+}
+
+fn range(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => candle_core::bail!("fused kernels: an operand is not contiguous"),
+    }
+}
+
+impl Fused {
+    fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        suffix: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s1.device.clone();
+        let shape = l1.shape().clone();
+        let n = shape.elem_count();
+        let a = s1.as_cuda_slice::<T>()?.slice(range(l1)?);
+        let b = s2.as_cuda_slice::<T>()?.slice(range(l2)?);
+        let names = fused_kernel_names(suffix);
+        // SAFETY: every launch below writes all n elements (none when n is 0).
+        let mut out = unsafe { dev.alloc::<T>(n) }?;
+        if n == 0 {
+            return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
+        }
+        let ((grid_dim, block_dim), func) = match self {
+            Self::RmsNorm { eps } => {
+                let (rows, hidden) = shape.dims2()?;
+                if l2.shape().dims1()? != hidden {
+                    candle_core::bail!("rms_norm: x {shape:?}, weight {:?}", l2.shape());
+                }
+                let func = dev.get_or_load_custom_func(&names[0], MODULE, FUSED_PTX)?;
+                let mut launch = func.builder();
+                let hidden = hidden as u32;
+                launch.arg(&a).arg(&b).arg(&mut out).arg(&hidden).arg(eps);
+                let cfg = LaunchConfig {
+                    grid_dim: rms_norm_launch(rows as u32).0,
+                    block_dim: rms_norm_launch(rows as u32).1,
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches medley_rms_norm_* in kernels/cuda/fused.cu; x and out have
+                // rows × hidden elements, w hidden.
+                unsafe { launch.launch(cfg) }.w()?;
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
+            }
+            Self::SiluMul => {
+                if l2.shape() != &shape || u32::try_from(n).is_err() {
+                    candle_core::bail!("silu_mul: gate {shape:?}, up {:?}", l2.shape());
+                }
+                (
+                    elementwise_launch(n as u32),
+                    dev.get_or_load_custom_func(&names[1], MODULE, FUSED_PTX)?,
+                )
+            }
+        };
+        let mut launch = func.builder();
+        let n32 = n as u32;
+        launch.arg(&a).arg(&b).arg(&mut out).arg(&n32);
+        let cfg = LaunchConfig {
+            grid_dim,
+            block_dim,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches medley_silu_mul_* in kernels/cuda/fused.cu; all three have n elements.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+    }
+}
+
+impl CustomOp2 for Fused {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::RmsNorm { .. } => "medley-rms-norm",
+            Self::SiluMul => "medley-silu-mul",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA tensors only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if s1.dtype() != s2.dtype() {
+            candle_core::bail!("{}: operands of two dtypes", self.name());
+        }
+        match s1.dtype() {
+            DType::BF16 => self.run::<half::bf16>(s1, l1, s2, l2, "bf16"),
+            DType::F16 => self.run::<half::f16>(s1, l1, s2, l2, "f16"),
+            other => candle_core::bail!("{}: no kernel for {other:?}", self.name()),
+        }
+    }
+}
