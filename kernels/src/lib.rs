@@ -30,6 +30,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod matmul;
+pub mod qmatmul;
 pub mod reference;
 mod simd;
 
@@ -131,6 +132,12 @@ pub enum KernelError {
         len: usize,
         /// Values required.
         needed: usize,
+    },
+    /// A quantized product whose `in_features` is not a whole number of 32-weight blocks.
+    #[error("{in_features} input features are not whole 32-weight blocks")]
+    NotWholeBlocks {
+        /// `K`.
+        in_features: usize,
     },
     /// A segment reaches past the last row.
     #[error("segment rows {start}..{end} exceed the {rows} rows of the batch")]

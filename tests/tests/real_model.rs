@@ -6,7 +6,7 @@
 //! PEFT adapters and TIES / linear merges of them, on raw and chat-templated prompts; the OpenAI
 //! chat route renders the GGUF's chat template to the same prompt and answers the capital
 //! question. Kept quantized (the default for GGUF on the CPU), the same file stays within 2% of
-//! the dequantized model's perplexity.
+//! the dequantized model's perplexity and answers the capital question too.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
@@ -125,8 +125,9 @@ async fn perplexity(s: &Server, g: &Value) -> f64 {
 }
 
 /// The GGUF's Q4_1 weights kept quantized (the default for a GGUF file on the CPU), LoRA in f32
-/// on top: perplexity within 2% of the dequantized model's; greedy agreement with it and the
-/// chat answer are printed (see the note in the test).
+/// on top: perplexity within 2% of the dequantized model's, and the chat template's capital
+/// question answered with Paris; greedy agreement with the dequantized model is printed (see the
+/// note in the test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_gguf_kept_quantized_stays_close() {
     let g = goldens();
@@ -166,8 +167,8 @@ async fn smollm2_gguf_kept_quantized_stays_close() {
             agreed += same;
         }
         // Reported, not a target: greedy paths part at the first near-tie (the base model's
-        // smallest top-1/top-2 gaps on these prompts are below 0.01), and 8-bit activations
-        // move logits by a few tenths.
+        // smallest top-1/top-2 gaps on these prompts are below 0.01), and the kept blocks are
+        // multiplied in another summation order than the dequantized weights.
         let share = agreed as f64 / (steps * prompts.len()) as f64;
         eprintln!("{cname}: greedy prefix agreement with the dequantized model {share:.2}");
     }
@@ -186,7 +187,7 @@ async fn smollm2_gguf_kept_quantized_stays_close() {
     assert_eq!(r.status, 200, "{}", r.body);
     let answer = r.body["choices"][0]["message"]["content"].as_str().unwrap();
     eprintln!("quantized answer to the capital question: {answer:?}");
-    assert!(!answer.trim().is_empty());
+    assert!(answer.contains("Paris"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,6 +94,27 @@ pub fn matmul_nt_with(
     w: &[f32],
     y: &mut [f32],
 ) -> Result<(), KernelError> {
+    matmul_nt_isa(isa, shape, x, w, y, true)
+}
+
+/// [`matmul_nt`] on the calling thread only (for callers that already run in parallel).
+pub(crate) fn matmul_nt_serial(
+    shape: Shape,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    matmul_nt_isa(Isa::detect(), shape, x, w, y, false)
+}
+
+fn matmul_nt_isa(
+    isa: Isa,
+    shape: Shape,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    parallel: bool,
+) -> Result<(), KernelError> {
     let Shape {
         rows: m,
         in_features: k,
@@ -123,6 +144,7 @@ pub fn matmul_nt_with(
             x,
             w,
             y,
+            parallel,
         ),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => run(
@@ -131,8 +153,9 @@ pub fn matmul_nt_with(
             x,
             w,
             y,
+            parallel,
         ),
-        Isa::Portable => run(Portable, shape, x, w, y),
+        Isa::Portable => run(Portable, shape, x, w, y, parallel),
         #[cfg(not(target_arch = "x86_64"))]
         _ => return Err(unavailable()),
     }
@@ -174,7 +197,7 @@ impl Tiles for Portable {
 }
 
 /// Splits the row-major `[m, n]` output into per-range column slices of every row.
-fn split_columns<'a>(
+pub(crate) fn split_columns<'a>(
     y: &'a mut [f32],
     m: usize,
     n: usize,
@@ -193,7 +216,7 @@ fn split_columns<'a>(
 }
 
 /// Splits the checked product into `W` row ranges and runs them (in parallel when large).
-fn run<T: Tiles>(t: T, shape: Shape, x: &[f32], w: &[f32], y: &mut [f32]) {
+fn run<T: Tiles>(t: T, shape: Shape, x: &[f32], w: &[f32], y: &mut [f32], parallel: bool) {
     let Shape {
         rows: m,
         in_features: k,
@@ -208,7 +231,7 @@ fn run<T: Tiles>(t: T, shape: Shape, x: &[f32], w: &[f32], y: &mut [f32]) {
     }
     let threads = rayon::current_num_threads();
     let macs = m.saturating_mul(n).saturating_mul(k);
-    let tasks = if threads < 2 || macs < PARALLEL_MIN_MACS {
+    let tasks = if !parallel || threads < 2 || macs < PARALLEL_MIN_MACS {
         1
     } else {
         (threads * TASKS_PER_THREAD)

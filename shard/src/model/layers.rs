@@ -53,10 +53,11 @@ const KERNEL_MAX_ROWS: usize = 64;
 const SMALL_BATCH_ROWS: usize = 32;
 
 /// Above this many rows (prefill chunks) a quantized projection is dequantized for the call and
-/// multiplied like a dense one: the product is then exactly the dequantized model's (candle's
-/// quantized matmul also rounds the activations to 8 bits per block), and a prompt's compute
-/// amortises the dequantization. Decode steps (up to this many rows) read the blocks as they are,
-/// which is where quantization pays: they are bound by the bytes of weight read per token.
+/// multiplied like a dense one: the product is then exactly the dequantized model's, and a
+/// prompt's compute amortises the dequantization. Decode steps (up to this many rows) read the
+/// blocks as they are, which is where quantization pays: they are bound by the bytes of weight
+/// read per token. Q4_0, Q4_1 and Q8_0 then multiply in f32 (`super::quant_matmul`), the
+/// K-quants through candle's kernel (activations rounded to 8 bits per block).
 const QUANTIZED_MAX_ROWS: usize = KERNEL_MAX_ROWS;
 
 /// A bias-free linear layer `y = x Wᵀ` with `W: [out, in]`, dense or quantized.
@@ -140,6 +141,11 @@ impl Linear {
                 &dequantized
             }
             Weight::Quantized(q) => {
+                if let QMatMul::QTensor(t) = q
+                    && let Some(y) = super::quant_matmul::forward(t, x)?
+                {
+                    return Ok(y);
+                }
                 return q.forward(&x.to_dtype(DType::F32)?.contiguous()?);
             }
         };

@@ -37,6 +37,7 @@ pub(crate) mod paged_attention;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod paged_index;
 pub mod quant;
+mod quant_matmul;
 pub mod tp;
 mod vocab;
 pub mod weights;

@@ -1,0 +1,161 @@
+use super::*;
+
+#[test]
+fn halves_convert_exactly() {
+    for (bits, want) in [
+        (0x3c00u16, 1.0f32),
+        (0xc000, -2.0),
+        (0x0001, 2f32.powi(-24)),
+        (0x8400, -(2f32.powi(-14))),
+        (0x7bff, 65504.0),
+        (0x3555, 0.333_251_95),
+        (0x0000, 0.0),
+    ] {
+        assert_eq!(f16_to_f32(bits), want, "{bits:#06x}");
+    }
+    assert!(f16_to_f32(0x7c00).is_infinite());
+    assert!(f16_to_f32(0x7e00).is_nan());
+}
+
+/// xorshift bytes.
+fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 32) as u8
+        })
+        .collect()
+}
+
+/// Random blocks whose scales are normal halves between 2^-10 and 2^-4 (either sign for `m`).
+fn blocks(format: QFormat, n: usize, k: usize, seed: u64) -> Vec<u8> {
+    let bb = format.block_bytes();
+    let mut w = bytes(n * k / BLOCK * bb, seed);
+    for block in w.chunks_exact_mut(bb) {
+        let scale = |b: &mut [u8], neg: bool| {
+            let exp = 5 + (b[1] % 6) as u16; // 2^(exp - 15)
+            let h = (u16::from(neg) << 15) | (exp << 10) | (b[0] as u16 & 0x3ff);
+            b[..2].copy_from_slice(&h.to_le_bytes());
+        };
+        scale(&mut block[0..2], false);
+        if format == QFormat::Q4_1 {
+            let neg = block[2] & 1 == 1;
+            scale(&mut block[2..4], neg);
+        }
+    }
+    w
+}
+
+/// The weights of one block, decoded directly from the GGML layout, in f64.
+fn dequantize(format: QFormat, block: &[u8]) -> Vec<f64> {
+    let h = |i: usize| f16_to_f32(u16::from_le_bytes([block[i], block[i + 1]])) as f64;
+    match format {
+        QFormat::Q8_0 => block[2..34]
+            .iter()
+            .map(|b| h(0) * (*b as i8) as f64)
+            .collect(),
+        QFormat::Q4_0 | QFormat::Q4_1 => {
+            let qs = &block[block.len() - 16..];
+            let nib = |j: usize| {
+                if j < 16 {
+                    (qs[j] & 15) as f64
+                } else {
+                    (qs[j - 16] >> 4) as f64
+                }
+            };
+            (0..32)
+                .map(|j| {
+                    if format == QFormat::Q4_0 {
+                        h(0) * (nib(j) - 8.0)
+                    } else {
+                        h(0) * nib(j) + h(2)
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+fn check(format: QFormat, m: usize, n: usize, k: usize) {
+    let w = blocks(format, n, k, 7 + m as u64);
+    let x: Vec<f32> = bytes(m * k, 3)
+        .iter()
+        .map(|b| *b as f32 / 64.0 - 2.0)
+        .collect();
+    let bb = format.block_bytes();
+    let dense: Vec<Vec<f64>> = w
+        .chunks_exact(k / BLOCK * bb)
+        .map(|row| {
+            row.chunks_exact(bb)
+                .flat_map(|b| dequantize(format, b))
+                .collect()
+        })
+        .collect();
+    let shape = Shape {
+        rows: m,
+        in_features: k,
+        out_features: n,
+    };
+    for simd in [false, true] {
+        let mut y = vec![f32::NAN; m * n];
+        qmatmul_nt_with(simd, shape, &x, &w, format, &mut y).unwrap();
+        for r in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|c| x[r * k + c] as f64 * dense[j][c]).sum();
+                let scale: f64 = (0..k)
+                    .map(|c| (x[r * k + c] as f64 * dense[j][c]).abs())
+                    .sum::<f64>()
+                    .max(1e-30);
+                let got = y[r * n + j] as f64;
+                assert!(
+                    (got - want).abs() / scale < 1e-6,
+                    "{format:?} simd={simd} m={m} row {r} col {j}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+/// Every format, 1 to 17 rows, against an f64 product with weights decoded independently from
+/// the GGML layout; error relative to Σ|x w| stays at f32 rounding (1e-6).
+#[test]
+fn products_match_the_dequantized_weights() {
+    for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
+        for (m, n, k) in [(1, 5, 64), (3, 40, 256), (17, 33, 512)] {
+            check(format, m, n, k);
+        }
+    }
+}
+
+/// Large enough to run in parallel ranges.
+#[test]
+fn parallel_ranges_cover_every_column() {
+    check(QFormat::Q4_1, 4, 300, 1024);
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let shape = Shape {
+        rows: 1,
+        in_features: 48,
+        out_features: 1,
+    };
+    let mut y = [0f32; 1];
+    assert!(matches!(
+        qmatmul_nt(shape, &[0.0; 48], &[0; 40], QFormat::Q8_0, &mut y),
+        Err(KernelError::NotWholeBlocks { in_features: 48 })
+    ));
+    let shape = Shape {
+        rows: 1,
+        in_features: 64,
+        out_features: 2,
+    };
+    assert!(matches!(
+        qmatmul_nt(shape, &[0.0; 64], &[0; 40], QFormat::Q4_1, &mut [0f32; 2]),
+        Err(KernelError::BufferTooSmall { .. })
+    ));
+}
+
