@@ -229,20 +229,7 @@ fn run<T: Tiles>(t: T, shape: Shape, x: &[f32], w: &[f32], y: &mut [f32], parall
         y[..m * n].fill(0.0);
         return;
     }
-    let threads = rayon::current_num_threads();
-    let macs = m.saturating_mul(n).saturating_mul(k);
-    let tasks = if !parallel || threads < 2 || macs < PARALLEL_MIN_MACS {
-        1
-    } else {
-        (threads * TASKS_PER_THREAD)
-            .min(n.div_ceil(MIN_TASK_ROWS))
-            .max(1)
-    };
-    let per_task = n.div_ceil(tasks).next_multiple_of(NR);
-    let ranges: Vec<(usize, usize)> = (0..n)
-        .step_by(per_task)
-        .map(|a| (a, (a + per_task).min(n)))
-        .collect();
+    let ranges = w_ranges(shape, parallel);
     let k_block = k_block(m, k);
     let parts = split_columns(y, m, n, &ranges);
     let job = |(&(a, b), mut ys): (&(usize, usize), Vec<&mut [f32]>)| {
@@ -253,6 +240,30 @@ fn run<T: Tiles>(t: T, shape: Shape, x: &[f32], w: &[f32], y: &mut [f32], parall
     } else {
         ranges.par_iter().zip(parts).for_each(job);
     }
+}
+
+/// The `W` row ranges a product of `shape` is split into: one on the calling thread when it is
+/// small (or `parallel` is off), else several per rayon thread, each a multiple of `NR` rows.
+pub(crate) fn w_ranges(shape: Shape, parallel: bool) -> Vec<(usize, usize)> {
+    let Shape {
+        rows: m,
+        in_features: k,
+        out_features: n,
+    } = shape;
+    let threads = rayon::current_num_threads();
+    let macs = m.saturating_mul(n).saturating_mul(k);
+    let tasks = if !parallel || threads < 2 || macs < PARALLEL_MIN_MACS {
+        1
+    } else {
+        (threads * TASKS_PER_THREAD)
+            .min(n.div_ceil(MIN_TASK_ROWS))
+            .max(1)
+    };
+    let per_task = n.div_ceil(tasks).next_multiple_of(NR).max(1);
+    (0..n)
+        .step_by(per_task)
+        .map(|a| (a, (a + per_task).min(n)))
+        .collect()
 }
 
 /// The `K` block length for `m` rows of `x` (all of `K` when they fit `X_BLOCK_BYTES`).

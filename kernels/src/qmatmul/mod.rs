@@ -7,14 +7,14 @@
 //! dequantization gives) and multiplied with `x` in f32. The product is then the dequantized
 //! model's up to f32 summation order, which is what makes a kept-quantized model answer like the
 //! dequantized one (and like transformers on the same file). `W` rows are taken 4 at a time;
-//! with a few rows of `x` their blocks are decoded in registers for each row, with more they are
-//! dequantized once into a small buffer that every row of `x` then reads. `N` is split into
-//! ranges that run in parallel on the rayon pool. AVX2 when the CPU has it, portable code
-//! otherwise.
+//! with a few rows of `x` their blocks are decoded in registers for each row; with more, groups
+//! of 16 are dequantized once into a buffer that the dense kernel of [`crate::matmul`] reads for
+//! every row of `x`. `N` is split into ranges that run in parallel on the rayon pool, as the
+//! dense kernel's are. AVX2 (with FMA and F16C) when the CPU has it, portable code otherwise.
 
 use rayon::prelude::*;
 
-use crate::matmul::split_columns;
+use crate::matmul::{split_columns, w_ranges};
 use crate::{KernelError, Shape};
 
 #[cfg(target_arch = "x86_64")]
@@ -36,15 +36,6 @@ const DIRECT_MAX_ROWS: usize = 3;
 
 /// `W` rows dequantized together for the dense kernel (16 × 5632 f32 is 352 KiB: L2).
 const DENSE_GROUP: usize = 16;
-
-/// Below this many multiply-adds a call runs on the calling thread.
-const PARALLEL_MIN_MACS: usize = 1 << 18;
-
-/// Row ranges of `W` per rayon thread.
-const TASKS_PER_THREAD: usize = 4;
-
-/// Fewest `W` rows in one parallel range.
-const MIN_TASK_ROWS: usize = 16;
 
 /// A GGML block format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,19 +161,7 @@ pub fn qmatmul_nt_with(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = simd;
-    let threads = rayon::current_num_threads();
-    let tasks = if threads < 2 || m * n * k < PARALLEL_MIN_MACS {
-        1
-    } else {
-        (threads * TASKS_PER_THREAD)
-            .min(n.div_ceil(MIN_TASK_ROWS))
-            .max(1)
-    };
-    let per_task = n.div_ceil(tasks);
-    let ranges: Vec<(usize, usize)> = (0..n)
-        .step_by(per_task)
-        .map(|a| (a, (a + per_task).min(n)))
-        .collect();
+    let ranges = w_ranges(shape, true);
     let parts = split_columns(y, m, n, &ranges);
     let job = |(&(a, b), mut ys): (&(usize, usize), Vec<&mut [f32]>)| {
         kernel.range(&w[a * row_bytes..b * row_bytes], &mut ys);

@@ -158,4 +158,3 @@ fn bad_shapes_are_errors() {
         Err(KernelError::BufferTooSmall { .. })
     ));
 }
-
