@@ -19,12 +19,15 @@
 # short still says what finished):
 #   1. versions (GPU, driver, Python packages, library paths, what the binary links)
 #   1b. the batched LoRA kernels against the reference loops (f32/bf16/f16, ranks 8-128, BGMV
-#      and ragged SGMV, rows without an adapter) and their bandwidth vs a device copy
+#      and ragged SGMV, rows without an adapter) and their bandwidth vs a device copy; on a GPU
+#      also the paged attention (vs f64) and the fused RMSNorm / SiLU·mul (vs the op chains):
+#      a family that fails is switched off for the rest of the run
 #   2. a random TinyLlama-shaped f32 checkpoint and 8 rank-16 PEFT adapters (the repo's fixtures)
 #   3. greedy tokens of base / adapter a0 / TIES merge of a0..a2 from Medley on the GPU (f32 and
 #      bf16) and on the CPU (f32), and from transformers + PEFT on the GPU (f32 and bf16);
 #      required: f32 all 32 tokens equal (GPU vs transformers, GPU vs CPU), bf16 the first 16
-#      (reported only in the CPU dry run)
+#      (reported only in the CPU dry run); on a GPU, transformers with sdpa attention too
+#      (report only: how far the oracle moves against itself in bf16)
 #   4. decode tokens/s at 1, 8, 32 streams for base, one adapter and 8 distinct merges (bf16),
 #      and transformers' generate at batch 1 and 32 (bf16)
 # Writes <out>/gpu-<date>.md (--cpu: cpu-dry-<date>.md) and <out>/gpu-check-logs.tar.xz.
@@ -33,7 +36,8 @@
 # On the project's lent GPU machine (no Rust there): run scripts/cuda/build.sh here, then one call
 # that carries target/release-cuda/{medley,medley-fixture,medley-merge-dev,medley-lora-check}.xz
 # (about 25 MB) with
-#   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~5 min, limit 540 s)
+#   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~4 min: 200-246 s
+#   in the three runs of 2026-12-04)
 # and commit the returned report under bench/results/.
 set -uo pipefail
 
@@ -53,7 +57,7 @@ while [ $# -gt 0 ]; do
     --python) py="$2"; shift ;;
     --layers) layers="$2"; shift ;;
     --new-tokens) new_tokens="$2"; shift ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
