@@ -185,11 +185,9 @@ fn quantized_weights_are_kept_from_gguf_and_made_at_load() {
     );
     let (ld, lk) = (logits(&dense, &PROMPT), logits(&kept, &PROMPT));
     let (worst, scale) = worst_and_scale(&ld, &lk);
-    // Quantized matmuls also quantize the activations to 8 bits per block: close, not equal.
-    assert!(
-        worst > 0.0 && worst < 0.05 * scale,
-        "worst {worst}, scale {scale}"
-    );
+    // Kept Q8_0 blocks multiply f32 activations (`medley_kernels::qmatmul`): the dequantized
+    // model's logits up to f32 summation order.
+    assert!(worst <= 1e-5 * scale, "worst {worst}, scale {scale}");
 
     // Quantizing a safetensors model at load: Q8_0 close to f32, Q4_K smaller still (the tiny
     // model's rows of 64 values do not fill a 256-value K-block: those stay dense).

@@ -3,9 +3,10 @@
 //!
 //! GGML formats quantize each row in blocks of 32 (Q4_0, Q4_1, Q8_0, ...) or 256 (K-quants)
 //! consecutive values, so whole rows can be reordered or selected as bytes, and columns can be
-//! cut only at block boundaries. Quantized projections run through candle's quantized matmul
-//! (activations quantized to 8 bits per block, integer dot products); LoRA deltas, norms,
-//! attention and the embedding lookup stay in floating point.
+//! cut only at block boundaries. Quantized projections of decode steps run through
+//! `super::quant_matmul` (Q4_0, Q4_1, Q8_0 with f32 activations) or candle's quantized matmul
+//! (the other formats: activations quantized to 8 bits per block, integer dot products); LoRA
+//! deltas, norms, attention and the embedding lookup stay in floating point.
 
 use std::borrow::Cow;
 use std::ops::Range;
