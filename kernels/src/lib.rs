@@ -260,14 +260,8 @@ pub trait LoraKernels {
     }
 }
 
-/// Checks buffer lengths, ranks and the row mapping of one call on `[f32]` slices; shared by the
-/// CPU implementation and the reference.
-pub(crate) fn check_call(
-    dims: Dims,
-    lens: &[(&str, usize, usize)],
-    mapping: RowMapping<'_>,
-    adapters: &[Factors<'_, [f32]>],
-) -> Result<(), KernelError> {
+/// Checks that each `(buffer, len, needed)` has at least `needed` values.
+pub(crate) fn check_lengths(lens: &[(&str, usize, usize)]) -> Result<(), KernelError> {
     for &(buffer, len, needed) in lens {
         if len < needed {
             return Err(KernelError::BufferTooSmall {
@@ -277,6 +271,18 @@ pub(crate) fn check_call(
             });
         }
     }
+    Ok(())
+}
+
+/// Checks buffer lengths, ranks and the row mapping of one call on `[f32]` slices; shared by the
+/// CPU implementation and the reference.
+pub(crate) fn check_call(
+    dims: Dims,
+    lens: &[(&str, usize, usize)],
+    mapping: RowMapping<'_>,
+    adapters: &[Factors<'_, [f32]>],
+) -> Result<(), KernelError> {
+    check_lengths(lens)?;
     for (index, f) in adapters.iter().enumerate() {
         if f.rank == 0 || f.rank > dims.t_stride {
             return Err(KernelError::BadRank {

@@ -120,19 +120,11 @@ fn matmul_nt_isa(
         in_features: k,
         out_features: n,
     } = shape;
-    for (buffer, len, needed) in [
+    crate::check_lengths(&[
         ("x", x.len(), m.saturating_mul(k)),
         ("W", w.len(), n.saturating_mul(k)),
         ("y", y.len(), m.saturating_mul(n)),
-    ] {
-        if len < needed {
-            return Err(KernelError::BufferTooSmall {
-                buffer: buffer.to_string(),
-                len,
-                needed,
-            });
-        }
-    }
+    ])?;
     let unavailable = || KernelError::IsaUnavailable {
         isa: format!("{isa:?}"),
     };

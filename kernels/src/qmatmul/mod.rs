@@ -134,19 +134,11 @@ pub fn qmatmul_nt_with(
         return Err(KernelError::NotWholeBlocks { in_features: k });
     }
     let row_bytes = k / BLOCK * format.block_bytes();
-    for (buffer, len, needed) in [
+    crate::check_lengths(&[
         ("x", x.len(), m.saturating_mul(k)),
         ("W", w.len(), n.saturating_mul(row_bytes)),
         ("y", y.len(), m.saturating_mul(n)),
-    ] {
-        if len < needed {
-            return Err(KernelError::BufferTooSmall {
-                buffer: buffer.to_string(),
-                len,
-                needed,
-            });
-        }
-    }
+    ])?;
     if m == 0 || n == 0 {
         return Ok(());
     }

@@ -64,7 +64,12 @@ impl Fused {
         if n == 0 {
             return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
         }
-        let ((grid_dim, block_dim), func) = match self {
+        let config = |(grid_dim, block_dim)| LaunchConfig {
+            grid_dim,
+            block_dim,
+            shared_mem_bytes: 0,
+        };
+        match self {
             Self::RmsNorm { eps } => {
                 let (rows, hidden) = shape.dims2()?;
                 if l2.shape().dims1()? != hidden {
@@ -74,36 +79,23 @@ impl Fused {
                 let mut launch = func.builder();
                 let hidden = hidden as u32;
                 launch.arg(&a).arg(&b).arg(&mut out).arg(&hidden).arg(eps);
-                let cfg = LaunchConfig {
-                    grid_dim: rms_norm_launch(rows as u32).0,
-                    block_dim: rms_norm_launch(rows as u32).1,
-                    shared_mem_bytes: 0,
-                };
                 // SAFETY: matches medley_rms_norm_* in kernels/cuda/fused.cu; x and out have
                 // rows × hidden elements, w hidden.
-                unsafe { launch.launch(cfg) }.w()?;
-                return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
+                unsafe { launch.launch(config(rms_norm_launch(rows as u32))) }.w()?;
             }
             Self::SiluMul => {
                 if l2.shape() != &shape || u32::try_from(n).is_err() {
                     candle_core::bail!("silu_mul: gate {shape:?}, up {:?}", l2.shape());
                 }
-                (
-                    elementwise_launch(n as u32),
-                    dev.get_or_load_custom_func(&names[1], MODULE, FUSED_PTX)?,
-                )
+                let func = dev.get_or_load_custom_func(&names[1], MODULE, FUSED_PTX)?;
+                let mut launch = func.builder();
+                let n32 = n as u32;
+                launch.arg(&a).arg(&b).arg(&mut out).arg(&n32);
+                // SAFETY: matches medley_silu_mul_* in kernels/cuda/fused.cu; all three have n
+                // elements.
+                unsafe { launch.launch(config(elementwise_launch(n32))) }.w()?;
             }
-        };
-        let mut launch = func.builder();
-        let n32 = n as u32;
-        launch.arg(&a).arg(&b).arg(&mut out).arg(&n32);
-        let cfg = LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches medley_silu_mul_* in kernels/cuda/fused.cu; all three have n elements.
-        unsafe { launch.launch(cfg) }.w()?;
+        }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
     }
 }
