@@ -3,14 +3,18 @@
 //! `y: [M, N]`.
 //!
 //! Unlike GGML's (and candle's) quantized matmul, the activations are not rounded to 8 bits per
-//! block: every block's 32 weights are dequantized (`d q + m`, the same f32 values a full
-//! dequantization gives) and multiplied with `x` in f32. The product is then the dequantized
-//! model's up to f32 summation order, which is what makes a kept-quantized model answer like the
-//! dequantized one (and like transformers on the same file). `W` rows are taken 4 at a time;
-//! with a few rows of `x` their blocks are decoded in registers for each row; with more, groups
-//! of 16 are dequantized once into a buffer that the dense kernel of [`crate::matmul`] reads for
-//! every row of `x`. `N` is split into ranges that run in parallel on the rayon pool, as the
-//! dense kernel's are. AVX2 (with FMA and F16C) when the CPU has it, portable code otherwise.
+//! block, which moved SmolLM2-135M Q4_1's answers away from the dequantized model's (llama.cpp
+//! on the same file answers the capital-of-France question with "L'Étoile, la Marseillaise").
+//! `W` rows are taken 4 at a time. With a few rows of `x` (a decode step), blocks are decoded in
+//! registers: each block of `x` is first rounded to 16-bit levels of a common scale (2^-16 of the
+//! block's largest value, 256 times finer than 8 bits; see [`Activations`]), the weight levels
+//! meet them in exact integer multiply-adds, and each block's sum is scaled once (`d Σ q x +
+//! m Σ x`, with the exact f32 block sums of `x`). With more rows, groups of 16 `W` rows are
+//! dequantized (`d q + m`, the same f32 values a full dequantization gives) into a buffer that
+//! the dense kernel of [`crate::matmul`] reads for every row of `x`: that product is the
+//! dequantized model's up to f32 summation order. `N` is split into ranges that run in parallel
+//! on the rayon pool, as the dense kernel's are. AVX2 (with FMA and F16C) when the CPU has it,
+//! portable code otherwise (dequantized weights in f32 throughout).
 
 use rayon::prelude::*;
 
@@ -89,6 +93,49 @@ impl QFormat {
     }
 }
 
+/// One row of `x` as the AVX2 direct kernel reads it: each block of 32 values rounded to 16-bit
+/// levels of a common scale (`max |x| / 32767`, so every value is off by at most `max |x| /
+/// 65534`, 2^-16 of the block's largest), with the block's exact f32 sum for the formats whose
+/// weights carry an offset (`m Σ x`). Integer multiply-adds of weight levels and these levels are
+/// exact, so this rounding is the kernel's only departure from f32 (GGML rounds `x` to 8 bits).
+pub(crate) struct Activations {
+    levels: Vec<i16>,
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+impl Activations {
+    /// Prepares one row (`x.len()` a multiple of 32). Non-finite values give non-finite
+    /// scales, so they reach the outputs as they would in f32.
+    fn new(x: &[f32]) -> Self {
+        let blocks = x.len() / BLOCK;
+        let mut out = Self {
+            levels: vec![0; x.len()],
+            scales: Vec::with_capacity(blocks),
+            sums: Vec::with_capacity(blocks),
+        };
+        for (block, levels) in x
+            .chunks_exact(BLOCK)
+            .zip(out.levels.chunks_exact_mut(BLOCK))
+        {
+            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let nonfinite = block.iter().any(|v| !v.is_finite());
+            let scale = if nonfinite { f32::NAN } else { amax / 32767.0 };
+            if amax > 0.0 && !nonfinite {
+                let inv = 32767.0 / amax;
+                for (l, v) in levels.iter_mut().zip(block) {
+                    // Round half away from zero (`as` truncates; inlined, unlike `round`).
+                    let t = v * inv;
+                    *l = (t + 0.5f32.copysign(t)) as i16;
+                }
+            }
+            out.scales.push(scale);
+            out.sums.push(block.iter().sum());
+        }
+        out
+    }
+}
+
 /// An IEEE half to f32 (normals, subnormals, infinities and NaN), exactly.
 pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h as u32) & 0x8000) << 16;
@@ -142,17 +189,24 @@ pub fn qmatmul_nt_with(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = simd && x86::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let (avx2, _) = (false, simd);
+    let acts: Vec<Activations> = if avx2 && m <= DIRECT_MAX_ROWS {
+        x.chunks_exact(k).map(Activations::new).collect()
+    } else {
+        Vec::new()
+    };
     let kernel = Kernel {
         format,
         m,
         k,
         row_bytes,
         x,
-        #[cfg(target_arch = "x86_64")]
-        avx2: simd && x86::available(),
+        acts: &acts,
+        avx2,
     };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = simd;
     let ranges = w_ranges(shape, true);
     let parts = split_columns(y, m, n, &ranges);
     let job = |(&(a, b), mut ys): (&(usize, usize), Vec<&mut [f32]>)| {
@@ -173,7 +227,8 @@ struct Kernel<'a> {
     k: usize,
     row_bytes: usize,
     x: &'a [f32],
-    #[cfg(target_arch = "x86_64")]
+    /// The rows of `x` prepared for the AVX2 direct kernel (empty otherwise).
+    acts: &'a [Activations],
     avx2: bool,
 }
 
@@ -190,12 +245,11 @@ impl Kernel<'_> {
 
     /// Blocks decoded for every row of `x`, 4 `W` rows at a time.
     fn range_direct(&self, rows: &[&[u8]], ys: &mut [&mut [f32]]) {
-        let k = self.k;
         for (g, group) in rows.chunks(NR).enumerate() {
             // The last group repeats its last row to fill NR; those results are dropped.
             let pick: [&[u8]; NR] = std::array::from_fn(|i| group[i.min(group.len() - 1)]);
             for (r, y) in ys.iter_mut().enumerate() {
-                let out = self.direct(pick, &self.x[r * k..(r + 1) * k]);
+                let out = self.direct(pick, r);
                 y[g * NR..g * NR + group.len()].copy_from_slice(&out[..group.len()]);
             }
         }
@@ -226,17 +280,16 @@ impl Kernel<'_> {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    fn direct(&self, rows: [&[u8]; NR], x: &[f32]) -> [f32; NR] {
+    /// `x[r] · W[w]` for the 4 rows `rows`.
+    fn direct(&self, rows: [&[u8]; NR], r: usize) -> [f32; NR] {
+        let k = self.k;
+        let x = &self.x[r * k..(r + 1) * k];
+        #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: `available()` checked AVX2, FMA and F16C; rows and x have the call's sizes.
-            return unsafe { x86::direct(self.format, rows, x, self.k) };
+            // SAFETY: `available()` checked AVX2, FMA and F16C; the rows and the prepared
+            // activations have the call's sizes.
+            return unsafe { x86::direct(self.format, rows, &self.acts[r], k) };
         }
-        self.direct_portable(rows, x)
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    fn direct(&self, rows: [&[u8]; NR], x: &[f32]) -> [f32; NR] {
         self.direct_portable(rows, x)
     }
 

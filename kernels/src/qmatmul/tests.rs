@@ -109,10 +109,26 @@ fn check(format: QFormat, m: usize, n: usize, k: usize) {
                     .map(|c| (x[r * k + c] as f64 * dense[j][c]).abs())
                     .sum::<f64>()
                     .max(1e-30);
+                // The AVX2 direct kernel rounds each block of x to 16-bit levels: every value
+                // moves by at most max|x_block| / 65534, so the product by at most Σ|w| times that.
+                let rounding: f64 = if simd && m <= DIRECT_MAX_ROWS && cfg!(target_arch = "x86_64")
+                {
+                    (0..k / BLOCK)
+                        .map(|b| {
+                            let xb = &x[r * k + b * BLOCK..][..BLOCK];
+                            let amax = xb.iter().fold(0f64, |a, v| a.max((*v as f64).abs()));
+                            let w: f64 =
+                                dense[j][b * BLOCK..][..BLOCK].iter().map(|v| v.abs()).sum();
+                            amax / 65534.0 * w
+                        })
+                        .sum()
+                } else {
+                    0.0
+                };
                 let got = y[r * n + j] as f64;
                 assert!(
-                    (got - want).abs() / scale < 1e-6,
-                    "{format:?} simd={simd} m={m} row {r} col {j}: {got} vs {want}"
+                    (got - want).abs() <= rounding + 1e-6 * scale,
+                    "{format:?} simd={simd} m={m} row {r} col {j}: {got} vs {want} (rounding bound {rounding})"
                 );
             }
         }
@@ -120,7 +136,8 @@ fn check(format: QFormat, m: usize, n: usize, k: usize) {
 }
 
 /// Every format, 1 to 17 rows, against an f64 product with weights decoded independently from
-/// the GGML layout; error relative to Σ|x w| stays at f32 rounding (1e-6).
+/// the GGML layout: error within f32 rounding (1e-6 of Σ|x w|), plus, for the AVX2 direct
+/// kernel, the bound of its 16-bit rounding of `x`.
 #[test]
 fn products_match_the_dequantized_weights() {
     for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
@@ -134,6 +151,32 @@ fn products_match_the_dequantized_weights() {
 #[test]
 fn parallel_ranges_cover_every_column() {
     check(QFormat::Q4_1, 4, 300, 1024);
+}
+
+/// The direct kernel's edge cases: an all-zero block of `x` (no scale) contributes nothing, and
+/// a non-finite value makes the outputs non-finite, as in f32.
+#[test]
+fn zero_and_non_finite_activations() {
+    let k = 64;
+    let n = 4;
+    for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
+        let w = blocks(format, n, k, 5);
+        let shape = Shape {
+            rows: 1,
+            in_features: k,
+            out_features: n,
+        };
+        let mut x = vec![0f32; k];
+        let mut y = vec![f32::NAN; n];
+        qmatmul_nt(shape, &x, &w, format, &mut y).unwrap();
+        assert!(y.iter().all(|v| *v == 0.0), "{format:?} zeros: {y:?}");
+        x[40] = f32::NAN;
+        qmatmul_nt(shape, &x, &w, format, &mut y).unwrap();
+        assert!(y.iter().all(|v| v.is_nan()), "{format:?} NaN: {y:?}");
+        x[40] = f32::INFINITY;
+        qmatmul_nt(shape, &x, &w, format, &mut y).unwrap();
+        assert!(y.iter().all(|v| !v.is_finite()), "{format:?} inf: {y:?}");
+    }
 }
 
 #[test]

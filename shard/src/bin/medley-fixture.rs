@@ -4,12 +4,14 @@
 //! ```text
 //! medley-fixture model --preset tiny --dtype f32 --out tests/fixtures/tiny-llama
 //! medley-fixture model --preset tinyllama --layers 4 --out /tmp/tinyllama-4l
+//! medley-fixture gguf --model /tmp/tinyllama-4l --type q4_1 --out /tmp/tinyllama-4l.Q4_1.gguf
 //! ```
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
+use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_gguf, write_model};
+use medley_shard::model::quant::Quantize;
 
 #[derive(Parser)]
 #[command(version, about = "Write Medley's deterministic test fixtures")]
@@ -53,6 +55,17 @@ enum Command {
         #[arg(long)]
         tie_embeddings: bool,
     },
+    /// A checkpoint (a `model` output) as one GGUF file, the way llama.cpp's converter writes it.
+    Gguf {
+        /// The Hugging Face checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// GGML type of the 2-D weights: f32, f16, q8_0, q4_0, q4_1, q4_k, ...
+        #[arg(long = "type", default_value = "q8_0")]
+        ggml_type: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,6 +99,22 @@ fn main() -> anyhow::Result<()> {
             fx.shape.tie_word_embeddings = tie_embeddings;
             fx.max_shard_bytes = max_shard_bytes;
             write_model(&out, &fx)?;
+            println!("wrote {}", out.display());
+        }
+        Command::Gguf {
+            model,
+            ggml_type,
+            out,
+        } => {
+            let dtype = match ggml_type.as_str() {
+                "f32" => candle_core::quantized::GgmlDType::F32,
+                "f16" => candle_core::quantized::GgmlDType::F16,
+                other => match Quantize::parse(other).map_err(anyhow::Error::msg)? {
+                    Quantize::To(t) => t,
+                    _ => anyhow::bail!("--type {other}: a GGML type (f32, f16, q8_0, q4_1, ...)"),
+                },
+            };
+            write_gguf(&model, &out, dtype)?;
             println!("wrote {}", out.display());
         }
     }
