@@ -6,7 +6,7 @@ driver can run the steps under time limits and a partial run still reports what 
     check.py medley-tokens --url URL --out F        greedy tokens of every case from a server
     check.py hf-tokens --model DIR --adapters DIR --dtype D --device DEV --out F
     check.py compare --name N --reference F --candidate F [--require K] --out F
-    check.py medley-speed --url URL --streams 1,8,32 --new-tokens N --out F
+    check.py medley-speed --url URL --streams 1,8,32 --new-tokens N [--configs base,...] --out F
     check.py hf-speed --model DIR --dtype D --device DEV --batches 1,32 --new-tokens N --out F
     check.py report --dir DIR --title T --command C > report.md
 
@@ -110,6 +110,7 @@ def medley_speed(args):
                ("8 merges", lambda i: {"adapter_source": "local", "merged_adapters": {
                    "ids": SPEED_MERGES[i % 8]["ids"], "weights": SPEED_MERGES[i % 8]["weights"],
                    "merge_strategy": "linear"}})]
+    configs = [c for c in configs if c[0] in args.configs.split(",")]
     for name, params in configs:
         # Warm-up: loads the adapters and computes the merges once, outside the timing.
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -395,6 +396,8 @@ def main():
     p.add_argument("--streams", type=ints, default=[1, 8, 32])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--budget-s", type=float, default=120)
+    p.add_argument("--configs", default="base,1 adapter,8 merges",
+                   help="comma-separated subset of: base, 1 adapter, 8 merges")
     p = sub.add_parser("hf-speed")
     for a in ("--model", "--out"):
         p.add_argument(a, required=True)

@@ -93,6 +93,27 @@ impl QFormat {
     }
 }
 
+/// Dequantizes one row of blocks (`row.len()` a multiple of the block size) into `out`
+/// (`d q + m`, one f32 per weight), as a full dequantization does (an embedding lookup).
+pub fn dequantize_row(format: QFormat, row: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
+    let bb = format.block_bytes();
+    crate::check_lengths(&[("out", out.len(), row.len() / bb * BLOCK)])?;
+    if !row.len().is_multiple_of(bb) {
+        return Err(KernelError::NotWholeBlocks {
+            in_features: row.len(),
+        });
+    }
+    let mut q = [0f32; BLOCK];
+    for (block, out) in row.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
+        let (d, off) = format.scale(block);
+        format.levels(block, &mut q);
+        for (o, q) in out.iter_mut().zip(&q) {
+            *o = q.mul_add(d, off);
+        }
+    }
+    Ok(())
+}
+
 /// One row of `x` as the AVX2 direct kernel reads it: each block of 32 values rounded to 16-bit
 /// levels of a common scale (`max |x| / 32767`, so every value is off by at most `max |x| /
 /// 65534`, 2^-16 of the block's largest), with the block's exact f32 sum for the formats whose
@@ -313,19 +334,8 @@ impl Kernel<'_> {
             // SAFETY: `available()` checked AVX2, FMA and F16C; sizes as the call's.
             return unsafe { x86::dequantize_rows(self.format, rows, self.k, scratch) };
         }
-        let bb = self.format.block_bytes();
-        let mut q = [0f32; BLOCK];
-        for (w, row) in rows.iter().enumerate() {
-            for (b, block) in row.chunks_exact(bb).enumerate() {
-                let (d, off) = self.format.scale(block);
-                self.format.levels(block, &mut q);
-                for (o, q) in scratch[w * self.k + b * BLOCK..][..BLOCK]
-                    .iter_mut()
-                    .zip(&q)
-                {
-                    *o = q.mul_add(d, off);
-                }
-            }
+        for (row, out) in rows.iter().zip(scratch.chunks_exact_mut(self.k)) {
+            dequantize_row(self.format, row, out).expect("sizes checked by qmatmul_nt");
         }
     }
 }

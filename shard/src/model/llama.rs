@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::attention::{self, Attention, AttentionStep, AttentionWeights, Rope};
 use super::batch::{BatchPlan, ForwardBatch};
+use super::embedding::{Embedding, EmbeddingSpec};
 use super::layers::{Linear, RmsNorm, silu_mul};
 use super::lora::{LoraDelta, RowSlots, TargetModule};
 use super::quant::{Quantize, quantize_weight};
@@ -66,7 +67,7 @@ pub struct LlamaModel {
     device: Device,
     /// The collectives of this rank's tensor-parallel group, timed.
     comm: Arc<Timed>,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -128,13 +129,14 @@ impl LlamaModel {
         };
         let (rows, cols) = (Part::Rows, Part::Cols);
         let vocab_rows = || rows(local.vocab_rows.clone());
-        let embed = ckpt.tensor_part(
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, hid],
-            vocab_rows(),
+        let embed = Embedding::load(EmbeddingSpec {
+            ckpt,
+            shape: [cfg.vocab_size, hid],
+            part: vocab_rows(),
             dtype,
             device,
-        )?;
+            quantize,
+        })?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -193,11 +195,20 @@ impl LlamaModel {
                     &[cfg.vocab_size, hid],
                     vocab_rows(),
                 )?,
-                Quantize::To(t) => match quantize_weight(&embed, t)? {
-                    Some(q) => Linear::quantized(q, dtype)?,
-                    None => Linear::new(embed.clone(), dtype)?,
-                },
-                Quantize::None | Quantize::Auto => Linear::new(embed.clone(), dtype)?,
+                Quantize::To(t) => {
+                    let dense = embed.dense().expect("only `keep` keeps the embedding");
+                    match quantize_weight(dense, t)? {
+                        Some(q) => Linear::quantized(q, dtype)?,
+                        None => Linear::new(dense.clone(), dtype)?,
+                    }
+                }
+                Quantize::None | Quantize::Auto => Linear::new(
+                    embed
+                        .dense()
+                        .expect("only `keep` keeps the embedding")
+                        .clone(),
+                    dtype,
+                )?,
             }
         } else {
             linear(

@@ -25,6 +25,7 @@ mod attention_cuda;
 pub mod batch;
 pub mod config;
 mod cpu_storage;
+mod embedding;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
 #[cfg(all(feature = "cuda", any(test, feature = "testing")))]

@@ -12,19 +12,20 @@ use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 
+use super::embedding::Embedding;
 use crate::comm::Comm;
 
 /// Embedding rows of `ids` from this rank's part `embed` (`[range.len(), hidden]`, rows
 /// `range` of the vocabulary), summed over the group.
 pub(crate) fn lookup(
-    embed: &Tensor,
+    embed: &Embedding,
     range: &Range<usize>,
     ids: &[u32],
     comm: &dyn Comm,
 ) -> candle_core::Result<Tensor> {
     let device = embed.device();
     if comm.world_size() == 1 {
-        return embed.index_select(&Tensor::from_slice(ids, ids.len(), device)?, 0);
+        return embed.rows(ids);
     }
     let inside = |id: u32| range.contains(&(id as usize));
     let local: Vec<u32> = ids
@@ -41,7 +42,7 @@ pub(crate) fn lookup(
         .iter()
         .map(|&id| if inside(id) { 1.0 } else { 0.0 })
         .collect();
-    let rows = embed.index_select(&Tensor::from_slice(&local, ids.len(), device)?, 0)?;
+    let rows = embed.rows(&local)?.to_device(device)?;
     let mask = Tensor::from_slice(&mask, (ids.len(), 1), device)?.to_dtype(embed.dtype())?;
     comm.all_reduce_sum_tensor(&rows.broadcast_mul(&mask)?)
 }
@@ -110,7 +111,8 @@ mod tests {
                         &Device::Cpu,
                     )
                     .expect("part");
-                    let looked = lookup(&part, &range, &ids, &comm).expect("lookup");
+                    let embed = Embedding::Dense(part.clone());
+                    let looked = lookup(&embed, &range, &ids, &comm).expect("lookup");
                     // Logits of 2 rows: row r's logit for id v is table[v][r].
                     let local = part.t().and_then(|t| t.narrow(0, 0, 2)).expect("local");
                     let logits = gather_logits(&local, vocab, &comm).expect("gather");

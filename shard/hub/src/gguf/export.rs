@@ -64,14 +64,34 @@ pub fn config_metadata(config: &Json) -> Result<Vec<(String, Value)>, GgufError>
     ])
 }
 
-/// `tokenizer.ggml.*` metadata for a byte-level BPE `tokenizer.json`: tokens by id, merges,
-/// token types (added special tokens are control tokens) and the BOS/EOS ids and flags.
+/// What [`tokenizer_metadata`] records besides the `tokenizer.json`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenizerExport {
+    /// The BOS token id, if the model has one.
+    pub bos: Option<u32>,
+    /// The EOS token id, if the model has one.
+    pub eos: Option<u32>,
+    /// Whether a BOS token starts every encoding.
+    pub add_bos: bool,
+    /// The model's vocabulary size (rows of the embedding): the token list is padded to it with
+    /// unused `[PAD<id>]` tokens, as llama.cpp's converter does (llama.cpp requires one token per
+    /// embedding row; Medley's reader skips them).
+    pub vocab_size: usize,
+}
+
+/// `tokenizer.ggml.*` metadata for a byte-level BPE `tokenizer.json`: tokens by id (padded to
+/// the vocabulary size), merges, token types (added special tokens are control tokens) and the
+/// BOS/EOS ids and flags, under the names llama.cpp reads (`gpt2` model, `gpt-2` pre-tokenizer).
 pub fn tokenizer_metadata(
     tokenizer: &Json,
-    bos: Option<u32>,
-    eos: Option<u32>,
-    add_bos: bool,
+    export: TokenizerExport,
 ) -> Result<Vec<(String, Value)>, GgufError> {
+    let TokenizerExport {
+        bos,
+        eos,
+        add_bos,
+        vocab_size,
+    } = export;
     let bad = |reason: &str| GgufError::Tokenizer(format!("tokenizer.json: {reason}"));
     let model = tokenizer.get("model").ok_or_else(|| bad("no model"))?;
     if model.get("type").and_then(Json::as_str) != Some("BPE") {
@@ -111,14 +131,18 @@ pub fn tokenizer_metadata(
             control.push(id as usize);
         }
     }
-    let tokens = tokens
+    let mut tokens = tokens
         .into_iter()
         .enumerate()
         .map(|(id, t)| t.ok_or_else(|| bad(&format!("no token with id {id}"))))
         .collect::<Result<Vec<_>, _>>()?;
+    let used = tokens.len();
+    tokens.extend((used..vocab_size).map(|id| format!("[PAD{id}]")));
     let types = (0..tokens.len())
         .map(|id| {
-            Value::I32(if control.contains(&id) {
+            Value::I32(if id >= used {
+                super::tokenizer::TOKEN_TYPE_UNUSED as i32
+            } else if control.contains(&id) {
                 super::tokenizer::TOKEN_TYPE_CONTROL as i32
             } else {
                 TOKEN_TYPE_NORMAL
@@ -144,7 +168,7 @@ pub fn tokenizer_metadata(
         .collect::<Result<Vec<_>, _>>()?;
     let mut out = vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
         (
             "tokenizer.ggml.tokens".into(),
             Value::Array(tokens.into_iter().map(Value::String).collect()),

@@ -22,7 +22,7 @@ mod tokenizer;
 mod tests;
 
 pub use config::config_json;
-pub use export::{config_metadata, tokenizer_metadata};
+pub use export::{TokenizerExport, config_metadata, tokenizer_metadata};
 pub use tokenizer::{tokenizer_config_json, tokenizer_json};
 
 /// Name of the link to the GGUF file inside a model view directory.

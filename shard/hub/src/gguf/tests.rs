@@ -22,8 +22,16 @@ fn read_json(name: &str) -> Json {
 fn tiny_metadata() -> Vec<(String, Value)> {
     let mut meta = config_metadata(&read_json("config.json")).expect("config");
     meta.extend(
-        tokenizer_metadata(&read_json("tokenizer.json"), Some(1), Some(2), true)
-            .expect("tokenizer"),
+        tokenizer_metadata(
+            &read_json("tokenizer.json"),
+            TokenizerExport {
+                bos: Some(1),
+                eos: Some(2),
+                add_bos: true,
+                vocab_size: read_json("config.json")["vocab_size"].as_u64().unwrap() as usize,
+            },
+        )
+        .expect("tokenizer"),
     );
     meta.push((
         "tokenizer.chat_template".into(),
@@ -85,7 +93,21 @@ fn config_round_trips_through_gguf_metadata() {
 #[test]
 fn tokenizer_round_trips_through_gguf_metadata() {
     let original = tokenizers::Tokenizer::from_file(fixture("tokenizer.json")).expect("tok");
-    let meta = content(tiny_metadata(), &[]);
+    let raw = tiny_metadata();
+    // One token per embedding row, as llama.cpp requires: the list is padded with unused tokens,
+    // which the reader leaves out of the vocabulary.
+    let tokens = raw
+        .iter()
+        .find(|(k, _)| k == "tokenizer.ggml.tokens")
+        .map(|(_, v)| v.to_vec().expect("array").len())
+        .expect("tokens");
+    let vocab_size = read_json("config.json")["vocab_size"].as_u64().unwrap() as usize;
+    assert_eq!(tokens, vocab_size);
+    assert!(
+        original.get_vocab_size(true) < vocab_size,
+        "the fixture pads"
+    );
+    let meta = content(raw, &[]);
     let converted =
         tokenizers::Tokenizer::from_bytes(tokenizer_json(&meta).expect("json")).expect("load");
     for text in [
@@ -98,6 +120,10 @@ fn tokenizer_round_trips_through_gguf_metadata() {
         let a = original.encode(text, true).expect("encode");
         let b = converted.encode(text, true).expect("encode");
         assert_eq!(a.get_ids(), b.get_ids(), "{text:?}");
+        assert_eq!(
+            converted.get_vocab_size(true),
+            original.get_vocab_size(true)
+        );
         assert_eq!(
             original.decode(a.get_ids(), true).expect("decode"),
             converted.decode(b.get_ids(), true).expect("decode"),

@@ -25,6 +25,8 @@ use super::{GgufError, GgufMetadata};
 pub(super) const TOKEN_TYPE_CONTROL: u64 = 3;
 /// llama.cpp's `LLAMA_TOKEN_TYPE_USER_DEFINED`.
 const TOKEN_TYPE_USER_DEFINED: u64 = 4;
+/// llama.cpp's `LLAMA_TOKEN_TYPE_UNUSED`: padding up to the embedding's rows, not in the vocabulary.
+pub(super) const TOKEN_TYPE_UNUSED: u64 = 5;
 
 /// Llama 3's pre-tokenizer split (llama.cpp `llama-bpe`): digits in groups of up to three.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -89,9 +91,17 @@ fn build(meta: &GgufMetadata) -> Result<Tokenizer, GgufError> {
         )));
     }
     let tokens = strings(meta, "tokenizer.ggml.tokens")?;
+    let types = match meta.opt_array("tokenizer.ggml.token_type")? {
+        Some(types) => types
+            .iter()
+            .map(|v| super::as_u64("tokenizer.ggml.token_type", v))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => vec![],
+    };
     let vocab: Vocab = tokens
         .iter()
         .enumerate()
+        .filter(|(i, _)| types.get(*i) != Some(&TOKEN_TYPE_UNUSED))
         .map(|(i, t)| (t.clone(), i as u32))
         .collect();
     let merges = strings(meta, "tokenizer.ggml.merges")?
@@ -113,13 +123,6 @@ fn build(meta: &GgufMetadata) -> Result<Tokenizer, GgufError> {
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
 
-    let types = match meta.opt_array("tokenizer.ggml.token_type")? {
-        Some(types) => types
-            .iter()
-            .map(|v| super::as_u64("tokenizer.ggml.token_type", v))
-            .collect::<Result<Vec<_>, _>>()?,
-        None => vec![],
-    };
     let mut special = vec![];
     let mut user = vec![];
     for (id, ty) in types.iter().enumerate() {

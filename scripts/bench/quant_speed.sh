@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Issue 15's table: decode tokens/s at 1 and 16 streams for the base model, one adapter and 8
+# distinct merges (check.py medley-speed: each merge a linear merge of two of 8 rank-16 adapters),
+# and the shard's resident memory, for a TinyLlama-shaped model (--layers layers) served in f32
+# and from GGUF files of it (written by `medley-fixture gguf`, blocks kept quantized: the default
+# for GGUF on the CPU); llama.cpp's one-stream decode on the same GGUF files as the anchor (with
+# --llama-python). With --smollm2 FILE, the same for SmolLM2-135M-Instruct's Q4_1 file (base
+# model only: the adapters have TinyLlama's shape), kept and dequantized (--quantize none).
+#
+#   cargo build --release -p medley -p medley-shard -p medley-merge --bins --features medley-shard/testing,medley-merge/testing
+#   scripts/bench/quant_speed.sh [--formats q8_0,q4_1,q4_0] [--layers 4] [--streams 1,16] \
+#       [--new-tokens 32] [--llama-python PY] [--smollm2 FILE]
+#
+# RSS is the shard process's VmRSS after the runs (steady state) and VmHWM (peak, load included).
+# Python: any python3 for check.py; PY needs llama-cpp-python (see llama_cpp_speed.py).
+set -euo pipefail
+
+formats=q8_0,q4_1,q4_0
+layers=4
+streams=1,16
+new_tokens=32
+llama_py=""
+smollm2=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --formats) formats=$2; shift 2 ;;
+        --layers) layers=$2; shift 2 ;;
+        --streams) streams=$2; shift 2 ;;
+        --new-tokens) new_tokens=$2; shift 2 ;;
+        --llama-python) llama_py=$2; shift 2 ;;
+        --smollm2) smollm2=$2; shift 2 ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bin=${MEDLEY_BIN_DIR:-$root/target/release}
+for b in medley medley-fixture medley-merge-dev; do
+    [ -x "$bin/$b" ] || { echo "missing $bin/$b: build it first (see the header)" >&2; exit 1; }
+done
+work=$(mktemp -d /tmp/medley-quant-speed.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
+"$bin/medley-fixture" model --preset tinyllama --layers "$layers" --dtype f32 --out "$work/model" >/dev/null
+for i in 0 1 2 3 4 5 6 7; do
+    "$bin/medley-merge-dev" fixture --preset tinyllama --layers "$layers" --rank 16 --alpha 32 \
+        --seed "$((100 + i))" --out "$work/adapters/a$i" >/dev/null
+done
+
+# serve NAME CONFIGS MODEL [ARGS...]: serves MODEL, runs check.py medley-speed over CONFIGS,
+# records the shard's RSS and stops the server.
+n=0
+serve() {
+    local name=$1 configs=$2 model=$3
+    shift 3
+    n=$((n + 1))
+    local port=$((22000 + n * 10 + ($$ % 500) * 20)) sock="$work/sock-$name" pid
+    "$bin/medley" serve --model "$model" --adapter-root "$work/adapters" "$@" \
+        --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$sock" \
+        >"$work/server-$name.log" 2>&1 &
+    local server=$!
+    for _ in $(seq 1 600); do
+        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+            "http://127.0.0.1:$port/health" 2>/dev/null && break
+        kill -0 "$server" 2>/dev/null || { tail -n 20 "$work/server-$name.log"; exit 1; }
+        sleep 0.5
+    done
+    python3 "$root/scripts/gpu_check/check.py" medley-speed --url "http://127.0.0.1:$port" \
+        --out "$work/speed-$name.json" --streams "$streams" --new-tokens "$new_tokens" \
+        --configs "$configs" --budget-s 1800 2>/dev/null
+    pid=$(pgrep -f -- "--uds-path $sock-" | head -n 1)
+    # VmRSS (now), then VmHWM (peak).
+    echo "$(awk '/VmRSS/ {print $2}' "/proc/$pid/status") $(awk '/VmHWM/ {print $2}' "/proc/$pid/status")" \
+        >"$work/rss-$name"
+    kill -TERM "$server"
+    wait "$server" || true
+}
+
+# llama NAME FILE [ARGS...]: llama.cpp's one-stream decode on FILE.
+llama() {
+    local name=$1 file=$2
+    shift 2
+    [ -n "$llama_py" ] || return 0
+    "$llama_py" "$root/scripts/bench/llama_cpp_speed.py" "$file" --new-tokens "$new_tokens" "$@" \
+        >"$work/llama-$name.json" 2>/dev/null || echo '{}' >"$work/llama-$name.json"
+}
+
+all="base,1 adapter,8 merges"
+names="f32"
+serve f32 "$all" "$work/model" --quantize none
+for q in ${formats//,/ }; do
+    "$bin/medley-fixture" gguf --model "$work/model" --type "$q" --out "$work/model.$q.gguf" >/dev/null
+    serve "$q" "$all" "$work/model.$q.gguf"
+    llama "$q" "$work/model.$q.gguf"
+    names+=" $q"
+done
+if [ -n "$smollm2" ]; then
+    serve smollm2-none base "$smollm2" --quantize none
+    serve smollm2-keep base "$smollm2"
+    llama smollm2-keep "$smollm2" --chat
+    names+=" smollm2-none smollm2-keep"
+fi
+
+python3 - "$work" "$layers" "$new_tokens" "$streams" $names <<'PY'
+import json, os, sys
+work, layers, new_tokens, streams, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+streams = [int(s) for s in streams.split(",")]
+speed = {n: json.load(open(f"{work}/speed-{n}.json"))["rows"] for n in names}
+rss = {n: [int(x) for x in open(f"{work}/rss-{n}").read().split()] for n in names}
+llama = {}
+for n in names:
+    p = f"{work}/llama-{n}.json"
+    if os.path.exists(p):
+        llama[n] = json.load(open(p))
+def tps(n, config, s):
+    return next((r.get("tokens_per_s") for r in speed[n] if r["config"] == config and r["streams"] == s), None)
+print(f"TinyLlama-shaped model, {layers} layers, {new_tokens} new tokens per stream (HTTP /generate); "
+      "GGUF blocks kept quantized; 8 merges = linear merges of two rank-16 adapters, stream i uses merge i mod 8\n")
+head = " | ".join(f"{c} x{s}" for c in ("base", "1 adapter", "8 merges") for s in streams)
+print(f"| model | {head} | base x{streams[0]} vs f32 | 8 merges / base x{streams[-1]} | shard RSS MiB (peak) | RSS vs f32 | llama.cpp x1 | Medley / llama.cpp x1 |")
+print("|---|" + "---:|" * (3 * len(streams) + 6))
+ref = next((n for n in names if n == "f32"), None)
+for n in names:
+    cells = [tps(n, c, s) for c in ("base", "1 adapter", "8 merges") for s in streams]
+    b1 = tps(n, "base", streams[0])
+    base_ref = tps("smollm2-none" if n.startswith("smollm2") else "f32", "base", streams[0])
+    m, b = tps(n, "8 merges", streams[-1]), tps(n, "base", streams[-1])
+    rss_now, rss_peak = rss[n][0] / 1024, rss[n][1] / 1024
+    ref_rss = rss["smollm2-none" if n.startswith("smollm2") else "f32"][0] / 1024
+    ll = llama.get(n, {}).get("decode_tokens_per_s")
+    fmt = lambda v: "" if v is None else f"{v}"
+    print(f"| {n} | " + " | ".join(fmt(c) for c in cells)
+          + f" | {b1 / base_ref:.2f}x | " + (f"{m / b:.0%}" if m and b else "")
+          + f" | {rss_now:.0f} ({rss_peak:.0f}) | {rss_now / ref_rss:.0%} | {fmt(ll)} | "
+          + (f"{b1 / ll:.2f}x" if ll and b1 else "") + " |")
+for n, v in llama.items():
+    if "capital_answer" in v:
+        print(f"\nllama.cpp's answer on {n} (chat template, greedy): {v['capital_answer']!r}")
+PY
