@@ -32,18 +32,9 @@ while [ $# -gt 0 ]; do
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
-root=$(cd "$(dirname "$0")/../.." && pwd)
-bin=${MEDLEY_BIN_DIR:-$root/target/release}
-for b in medley medley-fixture medley-merge-dev; do
-    [ -x "$bin/$b" ] || { echo "missing $bin/$b: build it first (see the header)" >&2; exit 1; }
-done
-work=$(mktemp -d /tmp/medley-quant-speed.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
-"$bin/medley-fixture" model --preset tinyllama --layers "$layers" --dtype f32 --out "$work/model" >/dev/null
-for i in 0 1 2 3 4 5 6 7; do
-    "$bin/medley-merge-dev" fixture --preset tinyllama --layers "$layers" --rank 16 --alpha 32 \
-        --seed "$((100 + i))" --out "$work/adapters/a$i" >/dev/null
-done
+# shellcheck source=fixtures.sh
+source "$(dirname "$0")/fixtures.sh"
+bench_fixtures quant-speed "$layers"
 
 # serve NAME CONFIGS MODEL [ARGS...]: serves MODEL, runs check.py medley-speed over CONFIGS,
 # records the shard's RSS and stops the server.

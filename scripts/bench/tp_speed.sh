@@ -14,18 +14,9 @@ set -euo pipefail
 layers=${1:-4}
 streams=${2:-1,16}
 new_tokens=${3:-32}
-root=$(cd "$(dirname "$0")/../.." && pwd)
-bin=${MEDLEY_BIN_DIR:-$root/target/release}
-for b in medley medley-fixture medley-merge-dev; do
-    [ -x "$bin/$b" ] || { echo "missing $bin/$b: build it first (see the header)" >&2; exit 1; }
-done
-work=$(mktemp -d /tmp/medley-tp-speed.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
-"$bin/medley-fixture" model --preset tinyllama --layers "$layers" --dtype f32 --out "$work/model" >/dev/null
-for i in 0 1 2 3 4 5 6 7; do
-    "$bin/medley-merge-dev" fixture --preset tinyllama --layers "$layers" --rank 16 --alpha 32 \
-        --seed "$((100 + i))" --out "$work/adapters/a$i" >/dev/null
-done
+# shellcheck source=fixtures.sh
+source "$(dirname "$0")/fixtures.sh"
+bench_fixtures tp-speed "$layers"
 
 # Peak RSS (kB) of the shard processes of the server whose sockets start with $1.
 peak_rss() {
