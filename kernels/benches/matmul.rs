@@ -9,29 +9,10 @@
 //! (64 MiB or more) that `W` comes from DRAM, as it does in a forward pass over a whole model.
 //! GB/s counts the bytes of `W` (and `x`, `y`) read or written once per call.
 
-use std::time::Instant;
-
 use candle_core::{Device, Tensor};
 use medley_kernels::Shape;
 use medley_kernels::matmul::{Isa, matmul_nt_with};
-use medley_kernels::testing::values;
-
-/// Median seconds of `f(i)` over calls cycling `i` through the weight copies (at least 7 calls
-/// and about a quarter of a second).
-fn median_s(copies: usize, mut f: impl FnMut(usize)) -> f64 {
-    f(0);
-    let mut t = Vec::new();
-    let start = Instant::now();
-    let mut i = 1;
-    while t.len() < 7 || (start.elapsed().as_secs_f64() < 0.25 && t.len() < 400) {
-        let s = Instant::now();
-        f(i % copies);
-        t.push(s.elapsed().as_secs_f64());
-        i += 1;
-    }
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
-}
+use medley_kernels::testing::{median_s, values};
 
 struct Args {
     isa: Isa,

@@ -52,6 +52,23 @@ pub mod testing {
             })
             .collect()
     }
+
+    /// Median seconds of `f(i)` over calls cycling `i` through `copies` weight copies (at least
+    /// 7 calls and about a quarter of a second), after one untimed call: the benchmarks' timer.
+    pub fn median_s(copies: usize, mut f: impl FnMut(usize)) -> f64 {
+        f(0);
+        let mut t = Vec::new();
+        let start = std::time::Instant::now();
+        let mut i = 1;
+        while t.len() < 7 || (start.elapsed().as_secs_f64() < 0.25 && t.len() < 400) {
+            let s = std::time::Instant::now();
+            f(i % copies);
+            t.push(s.elapsed().as_secs_f64());
+            i += 1;
+        }
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    }
 }
 
 /// Marks a row without an adapter in a BGMV row mapping.

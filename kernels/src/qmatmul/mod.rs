@@ -121,8 +121,8 @@ pub fn dequantize_row(format: QFormat, row: &[u8], out: &mut [f32]) -> Result<()
 /// exact, so this rounding is the kernel's only departure from f32 (GGML rounds `x` to 8 bits).
 pub(crate) struct Activations {
     levels: Vec<i16>,
-    scales: Vec<f32>,
-    sums: Vec<f32>,
+    /// Per block: the scale of its levels, and the exact f32 sum of its values.
+    pairs: Vec<[f32; 2]>,
 }
 
 impl Activations {
@@ -132,8 +132,7 @@ impl Activations {
         let blocks = x.len() / BLOCK;
         let mut out = Self {
             levels: vec![0; x.len()],
-            scales: Vec::with_capacity(blocks),
-            sums: Vec::with_capacity(blocks),
+            pairs: Vec::with_capacity(blocks),
         };
         for (block, levels) in x
             .chunks_exact(BLOCK)
@@ -150,8 +149,7 @@ impl Activations {
                     *l = (t + 0.5f32.copysign(t)) as i16;
                 }
             }
-            out.scales.push(scale);
-            out.sums.push(block.iter().sum());
+            out.pairs.push([scale, block.iter().sum()]);
         }
         out
     }

@@ -4,10 +4,11 @@
 //! The direct kernel (a few rows of `x`: a decode step is bound by decoding the blocks) meets
 //! the weight levels, widened to 16 bits straight from memory (`vpmovzxbw`/`vpmovsxbw`), with
 //! `x`'s 16-bit levels ([`super::Activations`]) in `vpmaddwd` (exact integer sums), converts each
-//! block's sum once and scales it by `d` times `x`'s block scale; the offsets of 4 rows meet the
-//! block sums of `x` in one 4-lane FMA (`Σ (d q + m) x = d Σ q x + m Σ x`). The group after next
-//! is prefetched. The dense path stores the exactly dequantized weights (`d q + m`) into the
-//! scratch buffer the dense kernel reads.
+//! block's sum once and scales it by `d` times `x`'s block scale. The 4 rows' `(d, m)` halves are
+//! converted together (one `vcvtph2ps`) and multiplied by `x`'s block (scale, sum) pair, which
+//! gives each row's block scale and its offset term at once (`Σ (d q + m) x = d Σ q x + m Σ x`).
+//! The group after next is prefetched. The dense path stores the exactly dequantized weights
+//! (`d q + m`) into the scratch buffer the dense kernel reads.
 //!
 //! The format is a const parameter so that each kernel is compiled for one block layout, and no
 //! closures are used inside the `target_feature` functions (they would not inherit the features).
@@ -98,31 +99,53 @@ unsafe fn levels<const F: u8>(qs: *const u8) -> [__m256; 4] {
     }
 }
 
+/// The 4 bytes at `at` of each of the 4 rows as f16 pairs, in f32: `[d0 m0 d1 m1 d2 m2 d3 m3]`
+/// for Q4_1 (`d`, `m`); for the other formats the odd lanes hold the first level bytes (unused).
+///
+/// # Safety
+/// Every row holds at least `at + 4` bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pairs4(rows: &[&[u8]; NR], at: usize) -> __m256 {
+    // SAFETY: the caller's contract.
+    let w = |i: usize| unsafe { rows[i].as_ptr().add(at).cast::<u32>().read_unaligned() as u64 };
+    let lo = w(0) | (w(1) << 32);
+    let hi = w(2) | (w(3) << 32);
+    _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64))
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 fn direct_f<const F: u8>(bb: usize, rows: [&[u8]; NR], x: &Activations, k: usize) -> [f32; NR] {
     let ahead = PREFETCH_GROUPS * NR * (k / BLOCK) * bb;
     let mut acc = [_mm256_setzero_ps(); NR];
-    let mut acc_m = _mm_setzero_ps();
+    // Lane 2i + 1 accumulates row i's offset term `Σ m Σx` (even lanes are unused).
+    let mut acc_m = _mm256_setzero_ps();
     let low = _mm256_set1_epi16(0x0f);
+    // Q4_0's offset is -8 d.
+    let offset = _mm256_setr_ps(1.0, -8.0, 1.0, -8.0, 1.0, -8.0, 1.0, -8.0);
+    let lane = |i: i32| _mm256_set1_epi32(2 * i);
+    let picks = [lane(0), lane(1), lane(2), lane(3)];
     for b in 0..k / BLOCK {
         let at = b * bb;
-        // SAFETY: every row holds k / 32 blocks of bb bytes; x holds k levels, k / 32 scales
-        // and (for the 4-bit formats) k / 32 sums.
+        // SAFETY: every row holds k / 32 blocks of bb (>= 18) bytes; x holds k levels and
+        // k / 32 (scale, sum) pairs.
         unsafe {
-            let d = halves4(&rows, at);
+            let dm = pairs4(&rows, at);
+            // [dx, Σx] of x's block, in every pair of lanes.
+            let xs = _mm256_castpd_ps(_mm256_broadcast_sd(&*x.pairs.as_ptr().add(b).cast()));
+            // [d dx, m Σx] per row.
+            let v = match F {
+                Q4_1 => _mm256_mul_ps(dm, xs),
+                Q4_0 => _mm256_mul_ps(_mm256_mul_ps(_mm256_moveldup_ps(dm), xs), offset),
+                _ => _mm256_mul_ps(_mm256_moveldup_ps(dm), xs),
+            };
             if F != Q8_0 {
-                let m = if F == Q4_1 {
-                    halves4(&rows, at + 2)
-                } else {
-                    _mm_mul_ps(d, _mm_set1_ps(-8.0))
-                };
-                acc_m = _mm_fmadd_ps(m, _mm_set1_ps(x.sums[b]), acc_m);
+                acc_m = _mm256_add_ps(acc_m, v);
             }
-            let ds = lanes(_mm_mul_ps(d, _mm_set1_ps(x.scales[b])));
             for row in &rows {
                 _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(at + ahead).cast());
             }
-            let xq = x.levels[b * BLOCK..][..BLOCK].as_ptr();
+            let xq = x.levels.as_ptr().add(b * BLOCK);
             let x_lo = _mm256_loadu_si256(xq.cast());
             let x_hi = _mm256_loadu_si256(xq.add(16).cast());
             for i in 0..NR {
@@ -141,12 +164,15 @@ fn direct_f<const F: u8>(bb: usize, rows: [&[u8]; NR], x: &Activations, k: usize
                 // (32 · 15 · 32767 < 2^24).
                 let p =
                     _mm256_add_epi32(_mm256_madd_epi16(w_lo, x_lo), _mm256_madd_epi16(w_hi, x_hi));
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ds[i]), acc[i]);
+                let ds = _mm256_permutevar8x32_ps(v, picks[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), ds, acc[i]);
             }
         }
     }
-    let m = lanes(acc_m);
-    [0, 1, 2, 3].map(|i| hsum(acc[i]) + m[i])
+    let mut m = [0f32; 8];
+    // SAFETY: m holds 8 floats.
+    unsafe { _mm256_storeu_ps(m.as_mut_ptr(), acc_m) };
+    [0, 1, 2, 3].map(|i| hsum(acc[i]) + m[2 * i + 1])
 }
 
 /// `out[w] = x · W[w]` for 4 rows of `W`, decoding every block against `x`'s 16-bit levels.

@@ -16,14 +16,18 @@ use super::weights::{Checkpoint, Part};
 pub(crate) enum Embedding {
     /// In the compute dtype on the model's device.
     Dense(Tensor),
-    /// A GGUF file's blocks on the CPU; looked-up rows come out in `dtype`.
-    Kept {
-        w: QTensor,
-        format: QFormat,
-        dtype: DType,
-        /// The CPU (where the rows are made).
-        device: Device,
-    },
+    /// A GGUF file's blocks on the CPU.
+    Kept(Box<Kept>),
+}
+
+/// A kept embedding's blocks; looked-up rows come out in `dtype`.
+#[derive(Debug)]
+pub(crate) struct Kept {
+    w: QTensor,
+    format: QFormat,
+    dtype: DType,
+    /// The CPU (where the rows are made).
+    device: Device,
 }
 
 /// What [`Embedding::load`] reads.
@@ -49,12 +53,12 @@ impl Embedding {
             && let Some(format) = super::quant_matmul::format(w.dtype())
             && spec.shape[1].is_multiple_of(medley_kernels::qmatmul::BLOCK)
         {
-            return Ok(Self::Kept {
+            return Ok(Self::Kept(Box::new(Kept {
                 w,
                 format,
                 dtype: spec.dtype,
                 device: Device::Cpu,
-            });
+            })));
         }
         let t = spec
             .ckpt
@@ -66,7 +70,7 @@ impl Embedding {
     pub(crate) fn dense(&self) -> Option<&Tensor> {
         match self {
             Self::Dense(t) => Some(t),
-            Self::Kept { .. } => None,
+            Self::Kept(_) => None,
         }
     }
 
@@ -74,7 +78,7 @@ impl Embedding {
     pub(crate) fn dtype(&self) -> DType {
         match self {
             Self::Dense(t) => t.dtype(),
-            Self::Kept { dtype, .. } => *dtype,
+            Self::Kept(k) => k.dtype,
         }
     }
 
@@ -82,7 +86,7 @@ impl Embedding {
     pub(crate) fn device(&self) -> &Device {
         match self {
             Self::Dense(t) => t.device(),
-            Self::Kept { device, .. } => device,
+            Self::Kept(k) => &k.device,
         }
     }
 
@@ -92,9 +96,7 @@ impl Embedding {
             Self::Dense(t) => {
                 return t.index_select(&Tensor::from_slice(ids, ids.len(), t.device())?, 0);
             }
-            Self::Kept {
-                w, format, dtype, ..
-            } => (w, *format, *dtype),
+            Self::Kept(k) => (&k.w, k.format, k.dtype),
         };
         let (n, hidden) = w.shape().dims2()?;
         let data = w.data()?;
@@ -128,12 +130,12 @@ mod tests {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let full = q.dequantize(&dev).unwrap();
             let format = super::super::quant_matmul::format(dtype).unwrap();
-            let e = Embedding::Kept {
+            let e = Embedding::Kept(Box::new(Kept {
                 w: q,
                 format,
                 dtype: DType::F32,
                 device: Device::Cpu,
-            };
+            }));
             let ids = [39u32, 0, 7, 7];
             let got = e.rows(&ids).unwrap();
             let want = full
