@@ -116,14 +116,19 @@ pub fn dequantize_row(format: QFormat, row: &[u8], out: &mut [f32]) -> Result<()
 
 /// One row of `x` as the AVX2 direct kernel reads it: each block of 32 values rounded to 16-bit
 /// levels of a common scale (`max |x| / 32767`, so every value is off by at most `max |x| /
-/// 65534`, 2^-16 of the block's largest), with the block's exact f32 sum for the formats whose
-/// weights carry an offset (`m Σ x`). Integer multiply-adds of weight levels and these levels are
-/// exact, so this rounding is the kernel's only departure from f32 (GGML rounds `x` to 8 bits).
+/// 65534`, 2^-16 of the block's largest), with the block's exact f32 sum (for the offsets, `m Σ
+/// x`). Integer multiply-adds of weight levels and these levels are exact, so this rounding is
+/// the kernel's only departure from f32 (GGML rounds `x` to 8 bits).
 pub(crate) struct Activations {
     levels: Vec<i16>,
     /// Per block: the scale of its levels, and the exact f32 sum of its values.
-    pairs: Vec<[f32; 2]>,
+    pairs: Vec<ScaleSum>,
 }
+
+/// A block's (scale, sum), 8-byte aligned: the kernel broadcasts the pair as one 64-bit value.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub(crate) struct ScaleSum([f32; 2]);
 
 impl Activations {
     /// Prepares one row (`x.len()` a multiple of 32). Non-finite values give non-finite
@@ -149,7 +154,7 @@ impl Activations {
                     *l = (t + 0.5f32.copysign(t)) as i16;
                 }
             }
-            out.pairs.push([scale, block.iter().sum()]);
+            out.pairs.push(ScaleSum([scale, block.iter().sum()]));
         }
         out
     }

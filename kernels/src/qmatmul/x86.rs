@@ -132,7 +132,9 @@ fn direct_f<const F: u8>(bb: usize, rows: [&[u8]; NR], x: &Activations, k: usize
         unsafe {
             let dm = pairs4(&rows, at);
             // [dx, Σx] of x's block, in every pair of lanes.
-            let xs = _mm256_castpd_ps(_mm256_broadcast_sd(&*x.pairs.as_ptr().add(b).cast()));
+            // (ScaleSum is 8-byte aligned, so the pair reads as one f64.)
+            let pair: *const f64 = x.pairs.as_ptr().add(b).cast();
+            let xs = _mm256_castpd_ps(_mm256_broadcast_sd(&*pair));
             // [d dx, m Σx] per row.
             let v = match F {
                 Q4_1 => _mm256_mul_ps(dm, xs),
