@@ -18,3 +18,24 @@ bench_fixtures() {
             --seed "$((100 + i))" --out "$work/adapters/a$i" >/dev/null
     done
 }
+
+# `bench_serve NAME PORT MODEL [ARGS...]`: starts `medley serve` on MODEL with the adapters of
+# `bench_fixtures` (HTTP on PORT, gRPC on PORT + 1, shard sockets $work/sock-NAME-*, log
+# $work/server-NAME.log) and waits until /health answers. Sets server (its pid) and url.
+bench_serve() {
+    local name=$1 port=$2 model=$3
+    shift 3
+    "$bin/medley" serve --model "$model" --adapter-root "$work/adapters" "$@" \
+        --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$work/sock-$name" \
+        >"$work/server-$name.log" 2>&1 &
+    server=$!
+    url="http://127.0.0.1:$port"
+    for _ in $(seq 1 600); do
+        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+            "$url/health" 2>/dev/null && return 0
+        kill -0 "$server" 2>/dev/null || { tail -n 20 "$work/server-$name.log"; exit 1; }
+        sleep 0.5
+    done
+    echo "server $name not ready" >&2
+    exit 1
+}

@@ -43,18 +43,9 @@ serve() {
     local name=$1 configs=$2 model=$3
     shift 3
     n=$((n + 1))
-    local port=$((22000 + n * 10 + ($$ % 500) * 20)) sock="$work/sock-$name" pid
-    "$bin/medley" serve --model "$model" --adapter-root "$work/adapters" "$@" \
-        --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$sock" \
-        >"$work/server-$name.log" 2>&1 &
-    local server=$!
-    for _ in $(seq 1 600); do
-        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-            "http://127.0.0.1:$port/health" 2>/dev/null && break
-        kill -0 "$server" 2>/dev/null || { tail -n 20 "$work/server-$name.log"; exit 1; }
-        sleep 0.5
-    done
-    python3 "$root/scripts/gpu_check/check.py" medley-speed --url "http://127.0.0.1:$port" \
+    local sock="$work/sock-$name" pid
+    bench_serve "$name" "$((22000 + n * 10 + ($$ % 500) * 20))" "$model" "$@"
+    python3 "$root/scripts/gpu_check/check.py" medley-speed --url "$url" \
         --out "$work/speed-$name.json" --streams "$streams" --new-tokens "$new_tokens" \
         --configs "$configs" --budget-s 1800 2>/dev/null
     pid=$(pgrep -f -- "--uds-path $sock-" | head -n 1)

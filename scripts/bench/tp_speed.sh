@@ -28,19 +28,10 @@ peak_rss() {
 }
 
 for shards in 1 2; do
-    port=$((21000 + (shards * 10) + ($$ % 500) * 20))
-    sock="$work/sock$shards"
-    "$bin/medley" serve --model "$work/model" --adapter-root "$work/adapters" --num-shard "$shards" \
-        --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$sock" \
-        >"$work/server$shards.log" 2>&1 &
-    server=$!
-    for _ in $(seq 1 600); do
-        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-            "http://127.0.0.1:$port/health" 2>/dev/null && break
-        kill -0 "$server" 2>/dev/null || { tail -n 20 "$work/server$shards.log"; exit 1; }
-        sleep 0.5
-    done
-    python3 "$root/scripts/gpu_check/check.py" medley-speed --url "http://127.0.0.1:$port" \
+    sock="$work/sock-tp$shards"
+    bench_serve "tp$shards" "$((21000 + (shards * 10) + ($$ % 500) * 20))" "$work/model" \
+        --num-shard "$shards"
+    python3 "$root/scripts/gpu_check/check.py" medley-speed --url "$url" \
         --out "$work/speed$shards.json" --streams "$streams" --new-tokens "$new_tokens" \
         --budget-s 1200 2>/dev/null
     echo "$(peak_rss "$sock")" >"$work/rss$shards"
