@@ -38,29 +38,6 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// The halves at byte `at` of the 4 rows, as f32 in lanes 0-3.
-///
-/// # Safety
-/// Every row holds at least `at + 2` bytes.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn halves4(rows: &[&[u8]; NR], at: usize) -> __m128 {
-    // SAFETY: the caller's contract.
-    let h = |i: usize| unsafe { rows[i].as_ptr().add(at).cast::<u16>().read_unaligned() as u64 };
-    let packed = h(0) | (h(1) << 16) | (h(2) << 32) | (h(3) << 48);
-    _mm_cvtph_ps(_mm_cvtsi64_si128(packed as i64))
-}
-
-/// The lanes of a 4-lane vector.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn lanes(v: __m128) -> [f32; 4] {
-    let mut out = [0f32; 4];
-    // SAFETY: out holds 4 floats.
-    unsafe { _mm_storeu_ps(out.as_mut_ptr(), v) };
-    out
-}
-
 /// How many groups of `NR` rows ahead the direct kernel prefetches: the rows of `W` are
 /// contiguous, so the same block of the group after next is `2 NR` row lengths ahead. A decode
 /// step reads the weights once from DRAM with little else to overlap; the hardware prefetcher
@@ -209,16 +186,17 @@ fn dequantize_rows_f<const F: u8>(bb: usize, rows: [&[u8]; NR], k: usize, scratc
             for row in &rows {
                 _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(at + ahead).cast());
             }
-            let d4 = halves4(&rows, at);
-            let m4 = match F {
-                Q4_0 => _mm_mul_ps(d4, _mm_set1_ps(-8.0)),
-                Q4_1 => halves4(&rows, at + 2),
-                _ => _mm_setzero_ps(),
-            };
-            let (d4, m4) = (lanes(d4), lanes(m4));
+            let mut dm = [0f32; 8];
+            _mm256_storeu_ps(dm.as_mut_ptr(), pairs4(&rows, at));
             for i in 0..NR {
                 let q = levels::<F>(rows[i].as_ptr().add(at + levels_at(F)));
-                let (d, m) = (_mm256_set1_ps(d4[i]), _mm256_set1_ps(m4[i]));
+                let d = dm[2 * i];
+                let m = match F {
+                    Q4_0 => -8.0 * d,
+                    Q4_1 => dm[2 * i + 1],
+                    _ => 0.0,
+                };
+                let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
                 let out = scratch.as_mut_ptr().add(i * k + b * BLOCK);
                 for (j, v) in q.iter().enumerate() {
                     _mm256_storeu_ps(out.add(8 * j), _mm256_fmadd_ps(*v, d, m));

@@ -195,20 +195,17 @@ impl LlamaModel {
                     &[cfg.vocab_size, hid],
                     vocab_rows(),
                 )?,
-                Quantize::To(t) => {
+                Quantize::To(_) | Quantize::None | Quantize::Auto => {
                     let dense = embed.dense().expect("only `keep` keeps the embedding");
-                    match quantize_weight(dense, t)? {
+                    let quantized = match quantize {
+                        Quantize::To(t) => quantize_weight(dense, t)?,
+                        _ => None,
+                    };
+                    match quantized {
                         Some(q) => Linear::quantized(q, dtype)?,
                         None => Linear::new(dense.clone(), dtype)?,
                     }
                 }
-                Quantize::None | Quantize::Auto => Linear::new(
-                    embed
-                        .dense()
-                        .expect("only `keep` keeps the embedding")
-                        .clone(),
-                    dtype,
-                )?,
             }
         } else {
             linear(

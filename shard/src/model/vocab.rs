@@ -42,7 +42,7 @@ pub(crate) fn lookup(
         .iter()
         .map(|&id| if inside(id) { 1.0 } else { 0.0 })
         .collect();
-    let rows = embed.rows(&local)?.to_device(device)?;
+    let rows = embed.rows(&local)?;
     let mask = Tensor::from_slice(&mask, (ids.len(), 1), device)?.to_dtype(embed.dtype())?;
     comm.all_reduce_sum_tensor(&rows.broadcast_mul(&mask)?)
 }
