@@ -5,7 +5,8 @@
 //! RAYON_NUM_THREADS=2 cargo bench -p medley-kernels --bench qmatmul [-- --rows 1,2,4,16] [--formats q4_0,q4_1,q8_0]
 //! ```
 //!
-//! Weights are random f32 values quantized by candle (the layout a GGUF file holds). Every cell
+//! Weights are random f32 values quantized by candle (the layout a GGUF file holds), repacked
+//! as the shard does at load. Every cell
 //! is the median of several calls, cycling through enough copies of `W` (64 MiB or more) that it
 //! comes from DRAM, as in a forward pass over a whole model. GB/s counts the bytes of `W` read
 //! once per call; GMAC/s the multiply-adds.
@@ -14,7 +15,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use medley_kernels::Shape;
 use medley_kernels::matmul::matmul_nt;
-use medley_kernels::qmatmul::{QFormat, qmatmul_nt};
+use medley_kernels::qmatmul::{Packed, QFormat, qmatmul_nt};
 use medley_kernels::testing::{median_s, values};
 
 struct Args {
@@ -75,15 +76,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for &(format, dtype) in &args.formats {
             let bytes = n * k / 32 * format.block_bytes();
             let q_copies = (64usize << 20).div_ceil(bytes);
-            let qs: Vec<Vec<u8>> = (0..q_copies)
+            let qs: Vec<Packed> = (0..q_copies)
                 .map(|c| {
                     let w = &ws[c % copies];
                     let t = Tensor::from_slice(w, (n, k), &dev)?;
                     // Distinct copies: a copy reused within the cycle would stay in cache.
                     let t = (t + c as f64 * 1e-3)?;
-                    Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
+                    let q = QTensor::quantize(&t, dtype)?;
+                    Ok(Packed::new(format, n, k, &q.data()?)?)
                 })
-                .collect::<candle_core::Result<_>>()?;
+                .collect::<Result<_, Box<dyn std::error::Error>>>()?;
             for &m in &args.rows {
                 let shape = Shape {
                     rows: m,
@@ -93,7 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let x = values(m * k, 99);
                 let mut y = vec![0f32; m * n];
                 let kept = median_s(q_copies, |c| {
-                    qmatmul_nt(shape, &x, &qs[c], format, &mut y).expect("kernel");
+                    qmatmul_nt(shape, &x, &qs[c], &mut y).expect("kernel");
                 });
                 let dense = median_s(copies, |c| {
                     matmul_nt(shape, &x, &ws[c], &mut y).expect("kernel");
@@ -103,7 +105,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "| {n} × {k} | {format:?} | {m} | {:.0} | {:.1} | {:.1} | {:.0} | {:.2}× |",
                     kept * 1e6,
                     macs / kept / 1e9,
-                    qs[0].len() as f64 / kept / 1e9,
+                    qs[0].bytes() as f64 / kept / 1e9,
                     dense * 1e6,
                     dense / kept
                 );

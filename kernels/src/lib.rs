@@ -198,6 +198,28 @@ pub enum KernelError {
         /// Rows.
         rows: usize,
     },
+    /// A row index past the last row of a matrix.
+    #[error("row {row} is outside the {rows} rows of the matrix")]
+    RowOutOfRange {
+        /// The row asked for.
+        row: usize,
+        /// Rows of the matrix.
+        rows: usize,
+    },
+    /// A product's shape does not match the packed weight it is given.
+    #[error(
+        "the product needs a [{out_features}, {in_features}] weight, the packed weight is [{rows}, {cols}]"
+    )]
+    WeightShape {
+        /// `N` of the product.
+        out_features: usize,
+        /// `K` of the product.
+        in_features: usize,
+        /// Rows of the packed weight.
+        rows: usize,
+        /// Columns of the packed weight.
+        cols: usize,
+    },
     /// A kernel was asked for an instruction set this CPU does not support.
     #[error("this CPU does not support the {isa} kernels")]
     IsaUnavailable {

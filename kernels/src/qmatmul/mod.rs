@@ -21,8 +21,11 @@ use rayon::prelude::*;
 use crate::matmul::{split_columns, w_ranges};
 use crate::{KernelError, Shape};
 
+mod packed;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use packed::Packed;
 
 #[cfg(test)]
 mod tests;
@@ -62,56 +65,6 @@ impl QFormat {
             Self::Q8_0 => 34,
         }
     }
-
-    /// The block's scale and offset: weight `j` is `d * q_j + m` for the levels `q_j` that
-    /// [`QFormat::levels`] gives.
-    fn scale(self, block: &[u8]) -> (f32, f32) {
-        let d = f16_to_f32(u16::from_le_bytes([block[0], block[1]]));
-        match self {
-            Self::Q4_0 => (d, -8.0 * d),
-            Self::Q4_1 => (d, f16_to_f32(u16::from_le_bytes([block[2], block[3]]))),
-            Self::Q8_0 => (d, 0.0),
-        }
-    }
-
-    /// The 32 integer levels of a block, as f32.
-    fn levels(self, block: &[u8], q: &mut [f32; BLOCK]) {
-        match self {
-            Self::Q4_0 | Self::Q4_1 => {
-                let qs = &block[self.block_bytes() - 16..];
-                for j in 0..16 {
-                    q[j] = (qs[j] & 0x0f) as f32;
-                    q[j + 16] = (qs[j] >> 4) as f32;
-                }
-            }
-            Self::Q8_0 => {
-                for (v, b) in q.iter_mut().zip(&block[2..34]) {
-                    *v = *b as i8 as f32;
-                }
-            }
-        }
-    }
-}
-
-/// Dequantizes one row of blocks (`row.len()` a multiple of the block size) into `out`
-/// (`d q + m`, one f32 per weight), as a full dequantization does (an embedding lookup).
-pub fn dequantize_row(format: QFormat, row: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
-    let bb = format.block_bytes();
-    crate::check_lengths(&[("out", out.len(), row.len() / bb * BLOCK)])?;
-    if !row.len().is_multiple_of(bb) {
-        return Err(KernelError::NotWholeBlocks {
-            in_features: row.len(),
-        });
-    }
-    let mut q = [0f32; BLOCK];
-    for (block, out) in row.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
-        let (d, off) = format.scale(block);
-        format.levels(block, &mut q);
-        for (o, q) in out.iter_mut().zip(&q) {
-            *o = q.mul_add(d, off);
-        }
-    }
-    Ok(())
 }
 
 /// One row of `x` as the AVX2 direct kernel reads it: each block of 32 values rounded to 16-bit
@@ -119,42 +72,107 @@ pub fn dequantize_row(format: QFormat, row: &[u8], out: &mut [f32]) -> Result<()
 /// 65534`, 2^-16 of the block's largest), with the block's exact f32 sum (for the offsets, `m Σ
 /// x`). Integer multiply-adds of weight levels and these levels are exact, so this rounding is
 /// the kernel's only departure from f32 (GGML rounds `x` to 8 bits).
+///
+/// The levels of a block are laid out in the kernel's 16-bit lanes ([`lanes`]), so that the
+/// weights are unpacked with in-lane shifts and masks rather than widening shuffles.
 pub(crate) struct Activations {
+    /// Per block, `lanes(format).len()` levels.
     levels: Vec<i16>,
-    /// Per block: the scale of its levels, and the exact f32 sum of its values.
-    pairs: Vec<ScaleSum>,
+    /// Per block, what the 4 rows' converted scales (see `x86.rs`) are multiplied by:
+    /// Q4_0 `[dx ×4, -8 Σx ×4]` (scales `[d0 d1 d2 d3 d0 d1 d2 d3]`), Q4_1 `[dx, Σx] ×4`
+    /// (scales `[d0 m0 d1 m1 d2 m2 d3 m3]`), Q8_0 `[dx ×4, 0 ×4]`; `dx` is the block's level
+    /// scale, `Σx` the exact f32 sum of its values.
+    scales: Vec<Lanes8>,
 }
 
-/// A block's (scale, sum), 8-byte aligned: the kernel broadcasts the pair as one 64-bit value.
+/// Eight f32 lanes, aligned for a 256-bit load.
 #[derive(Clone, Copy)]
-#[repr(C, align(8))]
-pub(crate) struct ScaleSum([f32; 2]);
+#[repr(C, align(32))]
+pub(crate) struct Lanes8([f32; 8]);
+
+/// For each 16-bit lane in which the AVX2 direct kernel holds a block's `x` levels, the index
+/// of the weight it meets.
+///
+/// * Q4_0 / Q4_1 (64 lanes, 4 registers): a 256-bit load takes two rows' 16 level bytes, and
+///   each 16-bit lane (bytes `2t`, `2t + 1` of a row) gives, masked or shifted by 4, 8 and 12
+///   bits, the low nibble of byte `2t` (weight `2t`), its high nibble (`16 + 2t`), the low
+///   nibble of byte `2t + 1` (`2t + 1`) and its high nibble (`17 + 2t`). Each register holds
+///   those 8 weights for both rows, so its 8 levels are repeated.
+/// * Q8_0 (32 lanes, 2 registers): a row's 32 level bytes as 16-bit lanes, sign-extended from
+///   their low byte (weight `2t`) and from their high byte (`2t + 1`).
+pub(crate) fn lanes(format: QFormat) -> &'static [usize] {
+    match format {
+        QFormat::Q4_0 | QFormat::Q4_1 => &Q4_LANES,
+        QFormat::Q8_0 => &Q8_LANES,
+    }
+}
+
+/// [`lanes`] of the 4-bit formats.
+static Q4_LANES: [usize; 64] = {
+    let mut out = [0; 64];
+    let mut lane = 0;
+    while lane < 64 {
+        let (reg, t) = (lane / 16, lane % 8);
+        out[lane] = [2 * t, 16 + 2 * t, 2 * t + 1, 17 + 2 * t][reg];
+        lane += 1;
+    }
+    out
+};
+
+/// [`lanes`] of Q8_0.
+static Q8_LANES: [usize; 32] = {
+    let mut out = [0; 32];
+    let mut lane = 0;
+    while lane < 32 {
+        out[lane] = 2 * (lane % 16) + lane / 16;
+        lane += 1;
+    }
+    out
+};
 
 impl Activations {
-    /// Prepares one row (`x.len()` a multiple of 32). Non-finite values give non-finite
-    /// scales, so they reach the outputs as they would in f32.
-    fn new(x: &[f32]) -> Self {
+    /// Prepares one row (`x.len()` a multiple of 32) for blocks of `format`. Non-finite values
+    /// give non-finite scales, so they reach the outputs as they would in f32.
+    fn new(x: &[f32], format: QFormat) -> Self {
+        let lanes = lanes(format);
         let blocks = x.len() / BLOCK;
         let mut out = Self {
-            levels: vec![0; x.len()],
-            pairs: Vec::with_capacity(blocks),
+            levels: vec![0; blocks * lanes.len()],
+            scales: Vec::with_capacity(blocks),
         };
         for (block, levels) in x
             .chunks_exact(BLOCK)
-            .zip(out.levels.chunks_exact_mut(BLOCK))
+            .zip(out.levels.chunks_exact_mut(lanes.len()))
         {
             let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
             let nonfinite = block.iter().any(|v| !v.is_finite());
-            let scale = if nonfinite { f32::NAN } else { amax / 32767.0 };
+            let dx = if nonfinite { f32::NAN } else { amax / 32767.0 };
             if amax > 0.0 && !nonfinite {
                 let inv = 32767.0 / amax;
-                for (l, v) in levels.iter_mut().zip(block) {
-                    // Round half away from zero (`as` truncates; inlined, unlike `round`).
-                    let t = v * inv;
-                    *l = (t + 0.5f32.copysign(t)) as i16;
+                // Round half away from zero (`as` truncates; inlined, unlike `round`).
+                let natural: [i16; BLOCK] = std::array::from_fn(|j| {
+                    let t = block[j] * inv;
+                    (t + 0.5f32.copysign(t)) as i16
+                });
+                for (l, &j) in levels.iter_mut().zip(lanes) {
+                    *l = natural[j];
                 }
             }
-            out.pairs.push(ScaleSum([scale, block.iter().sum()]));
+            let sum: f32 = block.iter().sum();
+            out.scales.push(Lanes8(match format {
+                QFormat::Q4_0 => [
+                    dx,
+                    dx,
+                    dx,
+                    dx,
+                    -8.0 * sum,
+                    -8.0 * sum,
+                    -8.0 * sum,
+                    -8.0 * sum,
+                ],
+                QFormat::Q4_1 => [dx, sum, dx, sum, dx, sum, dx, sum],
+                QFormat::Q8_0 => [dx, dx, dx, dx, 0.0, 0.0, 0.0, 0.0],
+            }));
         }
         out
     }
@@ -177,14 +195,8 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
 }
 
 /// `y = x Wᵀ` (see the module docs); the instruction set is chosen at run time.
-pub fn qmatmul_nt(
-    shape: Shape,
-    x: &[f32],
-    w: &[u8],
-    format: QFormat,
-    y: &mut [f32],
-) -> Result<(), KernelError> {
-    qmatmul_nt_with(true, shape, x, w, format, y)
+pub fn qmatmul_nt(shape: Shape, x: &[f32], w: &Packed, y: &mut [f32]) -> Result<(), KernelError> {
+    qmatmul_nt_with(true, shape, x, w, y)
 }
 
 /// [`qmatmul_nt`], with the AVX2 kernel allowed or not (tests compare them).
@@ -192,8 +204,7 @@ pub fn qmatmul_nt_with(
     simd: bool,
     shape: Shape,
     x: &[f32],
-    w: &[u8],
-    format: QFormat,
+    w: &Packed,
     y: &mut [f32],
 ) -> Result<(), KernelError> {
     let Shape {
@@ -201,13 +212,16 @@ pub fn qmatmul_nt_with(
         in_features: k,
         out_features: n,
     } = shape;
-    if k % BLOCK != 0 {
-        return Err(KernelError::NotWholeBlocks { in_features: k });
+    if (n, k) != (w.rows(), w.cols()) {
+        return Err(KernelError::WeightShape {
+            out_features: n,
+            in_features: k,
+            rows: w.rows(),
+            cols: w.cols(),
+        });
     }
-    let row_bytes = k / BLOCK * format.block_bytes();
     crate::check_lengths(&[
         ("x", x.len(), m.saturating_mul(k)),
-        ("W", w.len(), n.saturating_mul(row_bytes)),
         ("y", y.len(), m.saturating_mul(n)),
     ])?;
     if m == 0 || n == 0 {
@@ -218,23 +232,24 @@ pub fn qmatmul_nt_with(
     #[cfg(not(target_arch = "x86_64"))]
     let (avx2, _) = (false, simd);
     let acts: Vec<Activations> = if avx2 && m <= DIRECT_MAX_ROWS {
-        x.chunks_exact(k).map(Activations::new).collect()
+        x.chunks_exact(k)
+            .map(|x| Activations::new(x, w.format()))
+            .collect()
     } else {
         Vec::new()
     };
     let kernel = Kernel {
-        format,
+        w,
         m,
-        k,
-        row_bytes,
         x,
         acts: &acts,
         avx2,
     };
+    // Range starts are multiples of the dense kernel's row tile, itself a multiple of NR.
     let ranges = w_ranges(shape, true);
     let parts = split_columns(y, m, n, &ranges);
     let job = |(&(a, b), mut ys): (&(usize, usize), Vec<&mut [f32]>)| {
-        kernel.range(&w[a * row_bytes..b * row_bytes], &mut ys);
+        kernel.range(a / NR, b.div_ceil(NR), &mut ys);
     };
     if ranges.len() == 1 {
         ranges.iter().zip(parts).for_each(job);
@@ -246,10 +261,8 @@ pub fn qmatmul_nt_with(
 
 /// One call's operands.
 struct Kernel<'a> {
-    format: QFormat,
+    w: &'a Packed,
     m: usize,
-    k: usize,
-    row_bytes: usize,
     x: &'a [f32],
     /// The rows of `x` prepared for the AVX2 direct kernel (empty otherwise).
     acts: &'a [Activations],
@@ -257,39 +270,44 @@ struct Kernel<'a> {
 }
 
 impl Kernel<'_> {
-    /// `ys[r][j] = x[r] · w[j]` for the `W` rows `w` of one range.
-    fn range(&self, w: &[u8], ys: &mut [&mut [f32]]) {
-        let rows: Vec<&[u8]> = w.chunks_exact(self.row_bytes).collect();
+    /// `ys[r][j] = x[r] · w[j]` for the groups `a..b` of `W` (`ys[r][0]` is row `NR a`).
+    fn range(&self, a: usize, b: usize, ys: &mut [&mut [f32]]) {
         if self.m <= DIRECT_MAX_ROWS {
-            self.range_direct(&rows, ys);
+            self.range_direct(a, b, ys);
         } else {
-            self.range_dense(&rows, ys);
+            self.range_dense(a, b, ys);
         }
     }
 
-    /// Blocks decoded for every row of `x`, 4 `W` rows at a time.
-    fn range_direct(&self, rows: &[&[u8]], ys: &mut [&mut [f32]]) {
-        for (g, group) in rows.chunks(NR).enumerate() {
-            // The last group repeats its last row to fill NR; those results are dropped.
-            let pick: [&[u8]; NR] = std::array::from_fn(|i| group[i.min(group.len() - 1)]);
+    /// Blocks decoded for every row of `x`, a group of `NR` `W` rows at a time.
+    fn range_direct(&self, a: usize, b: usize, ys: &mut [&mut [f32]]) {
+        let groups = self.w.groups(a, b);
+        let gb = self.w.group_bytes();
+        for (g, group) in groups.chunks_exact(gb).enumerate() {
             for (r, y) in ys.iter_mut().enumerate() {
-                let out = self.direct(pick, r);
-                y[g * NR..g * NR + group.len()].copy_from_slice(&out[..group.len()]);
+                let out = self.direct(group, r);
+                // The last group may repeat its last row; those results are dropped.
+                let at = g * NR;
+                let len = (y.len() - at).min(NR);
+                y[at..at + len].copy_from_slice(&out[..len]);
             }
         }
     }
 
     /// Groups of `W` rows dequantized once, then the dense kernel over every row of `x`.
-    fn range_dense(&self, rows: &[&[u8]], ys: &mut [&mut [f32]]) {
-        let (m, k) = (self.m, self.k);
+    fn range_dense(&self, a: usize, b: usize, ys: &mut [&mut [f32]]) {
+        let (m, k) = (self.m, self.w.cols());
+        let per = DENSE_GROUP / NR;
+        let gb = self.w.group_bytes();
         let mut scratch = vec![0f32; DENSE_GROUP * k];
         let mut out = vec![0f32; m * DENSE_GROUP];
-        for (g, group) in rows.chunks(DENSE_GROUP).enumerate() {
-            for (q, quad) in group.chunks(NR).enumerate() {
-                let pick: [&[u8]; NR] = std::array::from_fn(|i| quad[i.min(quad.len() - 1)]);
-                self.dequantize_rows(pick, &mut scratch[q * NR * k..(q * NR + NR) * k]);
+        let total = ys.first().map_or(0, |y| y.len());
+        for (c, chunk) in self.w.groups(a, b).chunks(per * gb).enumerate() {
+            for (q, group) in chunk.chunks_exact(gb).enumerate() {
+                self.dequantize_group(group, &mut scratch[q * NR * k..(q + 1) * NR * k]);
             }
-            let n = group.len();
+            let at = c * DENSE_GROUP;
+            let n = (total - at).min(DENSE_GROUP);
             let shape = Shape {
                 rows: m,
                 in_features: k,
@@ -298,31 +316,25 @@ impl Kernel<'_> {
             crate::matmul::matmul_nt_serial(shape, self.x, &scratch[..n * k], &mut out[..m * n])
                 .expect("sizes checked by qmatmul_nt");
             for (r, y) in ys.iter_mut().enumerate() {
-                let at = g * DENSE_GROUP;
                 y[at..at + n].copy_from_slice(&out[r * n..(r + 1) * n]);
             }
         }
     }
 
-    /// `x[r] · W[w]` for the 4 rows `rows`.
-    fn direct(&self, rows: [&[u8]; NR], r: usize) -> [f32; NR] {
-        let k = self.k;
-        let x = &self.x[r * k..(r + 1) * k];
+    /// `x[r] · W[w]` for the `NR` rows of one group.
+    fn direct(&self, group: &[u8], r: usize) -> [f32; NR] {
+        let k = self.w.cols();
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: `available()` checked AVX2, FMA and F16C; the rows and the prepared
+            // SAFETY: `available()` checked AVX2, FMA and F16C; the group and the prepared
             // activations have the call's sizes.
-            return unsafe { x86::direct(self.format, rows, &self.acts[r], k) };
+            return unsafe { x86::direct(self.w.format(), group, &self.acts[r], k) };
         }
-        self.direct_portable(rows, x)
-    }
-
-    fn direct_portable(&self, rows: [&[u8]; NR], x: &[f32]) -> [f32; NR] {
-        let k = self.k;
+        let x = &self.x[r * k..(r + 1) * k];
         let mut scratch = vec![0f32; NR * k];
-        self.dequantize_rows(rows, &mut scratch);
-        std::array::from_fn(|w| {
-            scratch[w * k..(w + 1) * k]
+        self.dequantize_group(group, &mut scratch);
+        std::array::from_fn(|i| {
+            scratch[i * k..(i + 1) * k]
                 .iter()
                 .zip(x)
                 .map(|(a, b)| a * b)
@@ -330,15 +342,42 @@ impl Kernel<'_> {
         })
     }
 
-    /// Dequantizes `rows` into `scratch` (`[NR, k]`).
-    fn dequantize_rows(&self, rows: [&[u8]; NR], scratch: &mut [f32]) {
+    /// Dequantizes the `NR` rows of `group` into `scratch` (`[NR, k]`).
+    fn dequantize_group(&self, group: &[u8], scratch: &mut [f32]) {
+        dequantize_group(self.avx2, self.w, group, scratch);
+    }
+}
+
+/// Dequantizes the `NR` rows of `group` (one of `w`'s) into `scratch` (`[NR, cols]`).
+fn dequantize_group(avx2: bool, w: &Packed, group: &[u8], scratch: &mut [f32]) {
+    let (format, k) = (w.format(), w.cols());
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `available()` checked AVX2, FMA and F16C; a group of `w` and NR k floats.
+        return unsafe { x86::dequantize_group(format, group, k, scratch) };
+    }
+    let _ = avx2;
+    for (i, out) in scratch.chunks_exact_mut(k).enumerate() {
+        packed::dequantize_group_row(format, group, i, out);
+    }
+}
+
+impl Packed {
+    /// The whole matrix dequantized (`[rows, cols]`, `d q + m`: what a full dequantization of
+    /// the GGML blocks gives), on the rayon pool.
+    pub fn dequantize(&self) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `available()` checked AVX2, FMA and F16C; sizes as the call's.
-            return unsafe { x86::dequantize_rows(self.format, rows, self.k, scratch) };
+        let avx2 = x86::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        let (k, groups) = (self.cols(), self.rows().div_ceil(NR));
+        let mut out = vec![0f32; groups * NR * k];
+        if k > 0 {
+            out.par_chunks_mut(NR * k)
+                .zip(self.groups(0, groups).par_chunks(self.group_bytes()))
+                .for_each(|(out, group)| dequantize_group(avx2, self, group, out));
         }
-        for (row, out) in rows.iter().zip(scratch.chunks_exact_mut(self.k)) {
-            dequantize_row(self.format, row, out).expect("sizes checked by qmatmul_nt");
-        }
+        out.truncate(self.rows() * k);
+        out
     }
 }

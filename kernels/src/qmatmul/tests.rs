@@ -99,9 +99,10 @@ fn check(format: QFormat, m: usize, n: usize, k: usize) {
         in_features: k,
         out_features: n,
     };
+    let w = Packed::new(format, n, k, &w).unwrap();
     for simd in [false, true] {
         let mut y = vec![f32::NAN; m * n];
-        qmatmul_nt_with(simd, shape, &x, &w, format, &mut y).unwrap();
+        qmatmul_nt_with(simd, shape, &x, &w, &mut y).unwrap();
         for r in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k).map(|c| x[r * k + c] as f64 * dense[j][c]).sum();
@@ -141,7 +142,8 @@ fn check(format: QFormat, m: usize, n: usize, k: usize) {
 #[test]
 fn products_match_the_dequantized_weights() {
     for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
-        for (m, n, k) in [(1, 5, 64), (3, 40, 256), (17, 33, 512)] {
+        // n = 5 and 33: a last group with a repeated row; 1-3 rows direct, 17 dense.
+        for (m, n, k) in [(1, 5, 64), (2, 4, 32), (3, 40, 256), (17, 33, 512)] {
             check(format, m, n, k);
         }
     }
@@ -160,7 +162,7 @@ fn zero_and_non_finite_activations() {
     let k = 64;
     let n = 4;
     for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
-        let w = blocks(format, n, k, 5);
+        let w = Packed::new(format, n, k, &blocks(format, n, k, 5)).unwrap();
         let shape = Shape {
             rows: 1,
             in_features: k,
@@ -168,36 +170,95 @@ fn zero_and_non_finite_activations() {
         };
         let mut x = vec![0f32; k];
         let mut y = vec![f32::NAN; n];
-        qmatmul_nt(shape, &x, &w, format, &mut y).unwrap();
+        qmatmul_nt(shape, &x, &w, &mut y).unwrap();
         assert!(y.iter().all(|v| *v == 0.0), "{format:?} zeros: {y:?}");
         x[40] = f32::NAN;
-        qmatmul_nt(shape, &x, &w, format, &mut y).unwrap();
+        qmatmul_nt(shape, &x, &w, &mut y).unwrap();
         assert!(y.iter().all(|v| v.is_nan()), "{format:?} NaN: {y:?}");
         x[40] = f32::INFINITY;
-        qmatmul_nt(shape, &x, &w, format, &mut y).unwrap();
+        qmatmul_nt(shape, &x, &w, &mut y).unwrap();
         assert!(y.iter().all(|v| !v.is_finite()), "{format:?} inf: {y:?}");
     }
 }
 
 #[test]
 fn bad_shapes_are_errors() {
-    let shape = Shape {
-        rows: 1,
-        in_features: 48,
-        out_features: 1,
-    };
-    let mut y = [0f32; 1];
     assert!(matches!(
-        qmatmul_nt(shape, &[0.0; 48], &[0; 40], QFormat::Q8_0, &mut y),
+        Packed::new(QFormat::Q8_0, 1, 48, &[0; 64]),
         Err(KernelError::NotWholeBlocks { in_features: 48 })
     ));
-    let shape = Shape {
-        rows: 1,
-        in_features: 64,
-        out_features: 2,
-    };
     assert!(matches!(
-        qmatmul_nt(shape, &[0.0; 64], &[0; 40], QFormat::Q4_1, &mut [0f32; 2]),
+        Packed::new(QFormat::Q4_1, 2, 64, &[0; 40]),
         Err(KernelError::BufferTooSmall { .. })
     ));
+    let w = Packed::new(QFormat::Q4_1, 2, 64, &blocks(QFormat::Q4_1, 2, 64, 1)).unwrap();
+    let shape = |n, k| Shape {
+        rows: 1,
+        in_features: k,
+        out_features: n,
+    };
+    assert!(matches!(
+        qmatmul_nt(shape(3, 64), &[0.0; 64], &w, &mut [0f32; 3]),
+        Err(KernelError::WeightShape { .. })
+    ));
+    assert!(matches!(
+        qmatmul_nt(shape(2, 64), &[0.0; 63], &w, &mut [0f32; 2]),
+        Err(KernelError::BufferTooSmall { .. })
+    ));
+    let mut row = [0f32; 64];
+    assert!(matches!(
+        w.dequantize_row(2, &mut row),
+        Err(KernelError::RowOutOfRange { row: 2, rows: 2 })
+    ));
+}
+
+/// Every packed row dequantizes to the GGML block's weights (independently decoded), whatever
+/// its place in a group, the repeated rows of a last group included.
+#[test]
+fn packed_rows_equal_the_ggml_rows() {
+    for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
+        let (n, k) = (7, 96);
+        let raw = blocks(format, n, k, 11);
+        let w = Packed::new(format, n, k, &raw).unwrap();
+        assert_eq!(w.bytes(), 8 * k / BLOCK * format.block_bytes());
+        let bb = format.block_bytes();
+        let mut row = vec![0f32; k];
+        let all = w.dequantize();
+        assert_eq!(all.len(), n * k);
+        for r in 0..n {
+            w.dequantize_row(r, &mut row).unwrap();
+            assert_eq!(
+                row,
+                all[r * k..(r + 1) * k],
+                "{format:?} row {r}: one row vs all"
+            );
+            let want: Vec<f64> = raw[r * k / BLOCK * bb..(r + 1) * k / BLOCK * bb]
+                .chunks_exact(bb)
+                .flat_map(|b| dequantize(format, b))
+                .collect();
+            for (c, (g, w)) in row.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                    "{format:?} {r},{c}"
+                );
+            }
+        }
+    }
+}
+
+/// The kernel's `x` lanes take every weight of a block: once per register for Q8_0, and for
+/// the 4-bit formats each weight in exactly one register (its 8 levels repeated for two rows).
+#[test]
+fn lanes_cover_every_weight() {
+    let mut q8 = lanes(QFormat::Q8_0).to_vec();
+    q8.sort_unstable();
+    assert_eq!(q8, (0..32).collect::<Vec<_>>());
+    let q4 = lanes(QFormat::Q4_0);
+    assert_eq!(q4, lanes(QFormat::Q4_1));
+    for reg in q4.chunks_exact(16) {
+        assert_eq!(reg[..8], reg[8..]);
+    }
+    let mut once: Vec<usize> = q4.chunks_exact(16).flat_map(|r| r[..8].to_vec()).collect();
+    once.sort_unstable();
+    assert_eq!(once, (0..32).collect::<Vec<_>>());
 }

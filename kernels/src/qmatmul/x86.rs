@@ -1,14 +1,17 @@
-//! The AVX2 + FMA (+ F16C) kernels of [`super::qmatmul_nt`], over groups of 4 `W` rows
-//! (independent accumulation chains).
+//! The AVX2 + FMA (+ F16C) kernels of [`super::qmatmul_nt`], over the groups of 4 `W` rows of
+//! [`super::Packed`].
 //!
 //! The direct kernel (a few rows of `x`: a decode step is bound by decoding the blocks) meets
-//! the weight levels, widened to 16 bits straight from memory (`vpmovzxbw`/`vpmovsxbw`), with
-//! `x`'s 16-bit levels ([`super::Activations`]) in `vpmaddwd` (exact integer sums), converts each
-//! block's sum once and scales it by `d` times `x`'s block scale. The 4 rows' `(d, m)` halves are
-//! converted together (one `vcvtph2ps`) and multiplied by `x`'s block (scale, sum) pair, which
-//! gives each row's block scale and its offset term at once (`Σ (d q + m) x = d Σ q x + m Σ x`).
-//! The group after next is prefetched. The dense path stores the exactly dequantized weights
-//! (`d q + m`) into the scratch buffer the dense kernel reads.
+//! the weight levels, unpacked to 16-bit lanes by in-lane shifts and masks, with `x`'s 16-bit
+//! levels laid out in the same lanes ([`super::Activations`], [`super::lanes`]) in `vpmaddwd`
+//! (exact integer sums). For the 4-bit formats one 256-bit load takes two rows' level bytes and
+//! four mask/shift steps give all 64 of their levels; the two rows' sums then share one
+//! conversion and one multiply-add. (The widening `vpmov[sz]xbw` this replaces are cross-lane
+//! shuffles that were the bottleneck of the shuffle pipes.) The 4 rows' scales are converted by
+//! one `vcvtph2ps` and multiplied by `x`'s block scale and sum, which gives each row's block scale
+//! and its offset term at once (`Σ (d q + m) x = d Σ q x + m Σ x`). The group after next is
+//! prefetched. The dense path stores the exactly dequantized weights (`d q + m`) into the
+//! scratch buffer the dense kernel reads.
 //!
 //! The format is a const parameter so that each kernel is compiled for one block layout, and no
 //! closures are used inside the `target_feature` functions (they would not inherit the features).
@@ -38,15 +41,35 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// How many groups of `NR` rows ahead the direct kernel prefetches: the rows of `W` are
-/// contiguous, so the same block of the group after next is `2 NR` row lengths ahead. A decode
-/// step reads the weights once from DRAM with little else to overlap; the hardware prefetcher
-/// alone (or a fixed distance of 1 KiB) left two cores at about 6 GB/s, this at about 10.
+/// How many groups ahead the kernels prefetch. A decode step reads the weights once from DRAM
+/// with little else to overlap; the hardware prefetcher alone left two cores well below the
+/// bandwidth they reach with this.
 const PREFETCH_GROUPS: usize = 2;
 
-/// Where a block's levels start.
-const fn levels_at(f: u8) -> usize {
-    if f == Q4_1 { 4 } else { 2 }
+const fn format_of(f: u8) -> QFormat {
+    match f {
+        Q4_0 => QFormat::Q4_0,
+        Q4_1 => QFormat::Q4_1,
+        _ => QFormat::Q8_0,
+    }
+}
+
+/// The 4 rows' scales of the group block at `block`, in f32: `[d0 d1 d2 d3 d0 d1 d2 d3]`
+/// (Q4_0, Q8_0) or `[d0 m0 d1 m1 d2 m2 d3 m3]` (Q4_1).
+///
+/// # Safety
+/// `block` points at a group block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scales<const F: u8>(block: *const u8) -> __m256 {
+    // SAFETY: the caller's contract (8 or 16 bytes of scales).
+    unsafe {
+        if F == Q4_1 {
+            _mm256_cvtph_ps(_mm_loadu_si128(block.cast()))
+        } else {
+            _mm256_cvtph_ps(_mm_set1_epi64x(block.cast::<i64>().read_unaligned()))
+        }
+    }
 }
 
 /// A block's 32 integer levels as four f32 vectors (weights 0-7, 8-15, 16-23, 24-31): for the
@@ -76,125 +99,179 @@ unsafe fn levels<const F: u8>(qs: *const u8) -> [__m256; 4] {
     }
 }
 
-/// The 4 bytes at `at` of each of the 4 rows as f16 pairs, in f32: `[d0 m0 d1 m1 d2 m2 d3 m3]`
-/// for Q4_1 (`d`, `m`); for the other formats the odd lanes hold the first level bytes (unused).
-///
-/// # Safety
-/// Every row holds at least `at + 4` bytes.
+/// Prefetches the group block `ahead` bytes past `block` (`bytes` long).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn pairs4(rows: &[&[u8]; NR], at: usize) -> __m256 {
-    // SAFETY: the caller's contract.
-    let w = |i: usize| unsafe { rows[i].as_ptr().add(at).cast::<u32>().read_unaligned() as u64 };
-    let lo = w(0) | (w(1) << 32);
-    let hi = w(2) | (w(3) << 32);
-    _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64))
+fn prefetch(block: *const u8, ahead: usize, bytes: usize) {
+    let mut at = 0;
+    while at < bytes {
+        // Prefetching never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(ahead + at).cast());
+        at += 64;
+    }
 }
 
+/// `x · W[i]` for the 4 rows of a 4-bit group: two rows per 256-bit load.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn direct_f<const F: u8>(bb: usize, rows: [&[u8]; NR], x: &Activations, k: usize) -> [f32; NR] {
-    let ahead = PREFETCH_GROUPS * NR * (k / BLOCK) * bb;
-    let mut acc = [_mm256_setzero_ps(); NR];
-    // Lane 2i + 1 accumulates row i's offset term `Σ m Σx` (even lanes are unused).
+fn direct_q4<const F: u8>(group: &[u8], x: &Activations, k: usize) -> [f32; NR] {
+    let gbb = NR * format_of(F).block_bytes();
+    let sb = NR * format_of(F).scale_bytes();
+    let ahead = PREFETCH_GROUPS * group.len();
+    let mut acc = [_mm256_setzero_ps(); 2];
+    // Each row's offset term `Σ m Σx`, in the lanes the scales put it (Q4_0 4-7, Q4_1 odd).
     let mut acc_m = _mm256_setzero_ps();
     let low = _mm256_set1_epi16(0x0f);
-    // Q4_0's offset is -8 d.
-    let offset = _mm256_setr_ps(1.0, -8.0, 1.0, -8.0, 1.0, -8.0, 1.0, -8.0);
-    let lane = |i: i32| _mm256_set1_epi32(2 * i);
-    let picks = [lane(0), lane(1), lane(2), lane(3)];
+    // The lanes of the rows' `d dx` in the scaled vector, for the pairs (0, 1) and (2, 3).
+    let picks = if F == Q4_0 {
+        [
+            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+            _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+        ]
+    } else {
+        [
+            _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2),
+            _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6),
+        ]
+    };
     for b in 0..k / BLOCK {
-        let at = b * bb;
-        // SAFETY: every row holds k / 32 blocks of bb (>= 18) bytes; x holds k levels and
-        // k / 32 (scale, sum) pairs.
+        // SAFETY: the group holds k / 32 blocks of gbb bytes; x holds 64 levels and one
+        // scale vector per block.
         unsafe {
-            let dm = pairs4(&rows, at);
-            // [dx, Σx] of x's block, in every pair of lanes.
-            // (ScaleSum is 8-byte aligned, so the pair reads as one f64.)
-            let pair: *const f64 = x.pairs.as_ptr().add(b).cast();
-            let xs = _mm256_castpd_ps(_mm256_broadcast_sd(&*pair));
-            // [d dx, m Σx] per row.
-            let v = match F {
-                Q4_1 => _mm256_mul_ps(dm, xs),
-                Q4_0 => _mm256_mul_ps(_mm256_mul_ps(_mm256_moveldup_ps(dm), xs), offset),
-                _ => _mm256_mul_ps(_mm256_moveldup_ps(dm), xs),
-            };
-            if F != Q8_0 {
-                acc_m = _mm256_add_ps(acc_m, v);
-            }
-            for row in &rows {
-                _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(at + ahead).cast());
-            }
-            let xq = x.levels.as_ptr().add(b * BLOCK);
-            let x_lo = _mm256_loadu_si256(xq.cast());
-            let x_hi = _mm256_loadu_si256(xq.add(16).cast());
-            for i in 0..NR {
-                let qs = rows[i].as_ptr().add(at + levels_at(F));
-                // Weights 0-15 and 16-31 as 16-bit levels.
-                let (w_lo, w_hi) = if F == Q8_0 {
-                    (
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(qs.cast())),
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(qs.add(16).cast())),
-                    )
-                } else {
-                    let raw = _mm256_cvtepu8_epi16(_mm_loadu_si128(qs.cast()));
-                    (_mm256_and_si256(raw, low), _mm256_srli_epi16(raw, 4))
-                };
-                // Exact in i32 (|Σ q x| ≤ 32 · 128 · 32767), and in f32 for the 4-bit formats
-                // (32 · 15 · 32767 < 2^24).
-                let p =
-                    _mm256_add_epi32(_mm256_madd_epi16(w_lo, x_lo), _mm256_madd_epi16(w_hi, x_hi));
-                let ds = _mm256_permutevar8x32_ps(v, picks[i]);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), ds, acc[i]);
+            let block = group.as_ptr().add(b * gbb);
+            prefetch(block, ahead, gbb);
+            let v = _mm256_mul_ps(scales::<F>(block), _mm256_load_ps(x.scales[b].0.as_ptr()));
+            acc_m = _mm256_add_ps(acc_m, v);
+            let xl = x.levels.as_ptr().add(b * 64);
+            let xs = [
+                _mm256_loadu_si256(xl.cast()),
+                _mm256_loadu_si256(xl.add(16).cast()),
+                _mm256_loadu_si256(xl.add(32).cast()),
+                _mm256_loadu_si256(xl.add(48).cast()),
+            ];
+            for (pair, acc) in acc.iter_mut().enumerate() {
+                let raw = _mm256_loadu_si256(block.add(sb + 32 * pair).cast());
+                let w = [
+                    _mm256_and_si256(raw, low),
+                    _mm256_and_si256(_mm256_srli_epi16(raw, 4), low),
+                    _mm256_and_si256(_mm256_srli_epi16(raw, 8), low),
+                    _mm256_srli_epi16(raw, 12),
+                ];
+                // Exact: |Σ q x| ≤ 32 · 15 · 32767 < 2^24, exact in f32 too.
+                let p = _mm256_add_epi32(
+                    _mm256_add_epi32(
+                        _mm256_madd_epi16(w[0], xs[0]),
+                        _mm256_madd_epi16(w[1], xs[1]),
+                    ),
+                    _mm256_add_epi32(
+                        _mm256_madd_epi16(w[2], xs[2]),
+                        _mm256_madd_epi16(w[3], xs[3]),
+                    ),
+                );
+                let ds = _mm256_permutevar8x32_ps(v, picks[pair]);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), ds, *acc);
             }
         }
     }
-    let mut m = [0f32; 8];
-    // SAFETY: m holds 8 floats.
-    unsafe { _mm256_storeu_ps(m.as_mut_ptr(), acc_m) };
-    [0, 1, 2, 3].map(|i| hsum(acc[i]) + m[2 * i + 1])
+    let mut t = [[0f32; 8]; 3];
+    // SAFETY: each holds 8 floats.
+    unsafe {
+        _mm256_storeu_ps(t[0].as_mut_ptr(), acc[0]);
+        _mm256_storeu_ps(t[1].as_mut_ptr(), acc[1]);
+        _mm256_storeu_ps(t[2].as_mut_ptr(), acc_m);
+    }
+    let mut out = [0f32; NR];
+    for (i, o) in out.iter_mut().enumerate() {
+        let offset = if F == Q4_0 {
+            t[2][4 + i]
+        } else {
+            t[2][2 * i + 1]
+        };
+        *o = t[i / 2][4 * (i % 2)..][..4].iter().sum::<f32>() + offset;
+    }
+    out
 }
 
-/// `out[w] = x · W[w]` for 4 rows of `W`, decoding every block against `x`'s 16-bit levels.
+/// `x · W[i]` for the 4 rows of a Q8_0 group.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn direct_q8(group: &[u8], x: &Activations, k: usize) -> [f32; NR] {
+    let gbb = NR * QFormat::Q8_0.block_bytes();
+    let sb = NR * QFormat::Q8_0.scale_bytes();
+    let ahead = PREFETCH_GROUPS * group.len();
+    let mut acc = [_mm256_setzero_ps(); NR];
+    let picks = [
+        _mm256_set1_epi32(0),
+        _mm256_set1_epi32(1),
+        _mm256_set1_epi32(2),
+        _mm256_set1_epi32(3),
+    ];
+    for b in 0..k / BLOCK {
+        // SAFETY: the group holds k / 32 blocks of gbb bytes; x holds 32 levels and one
+        // scale vector per block.
+        unsafe {
+            let block = group.as_ptr().add(b * gbb);
+            prefetch(block, ahead, gbb);
+            let v = _mm256_mul_ps(
+                scales::<Q8_0>(block),
+                _mm256_load_ps(x.scales[b].0.as_ptr()),
+            );
+            let xl = x.levels.as_ptr().add(b * 32);
+            let (x_even, x_odd) = (
+                _mm256_loadu_si256(xl.cast()),
+                _mm256_loadu_si256(xl.add(16).cast()),
+            );
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let raw = _mm256_loadu_si256(block.add(sb + 32 * i).cast());
+                let even = _mm256_srai_epi16(_mm256_slli_epi16(raw, 8), 8);
+                let odd = _mm256_srai_epi16(raw, 8);
+                // Exact in i32: |Σ q x| ≤ 32 · 128 · 32767.
+                let p = _mm256_add_epi32(
+                    _mm256_madd_epi16(even, x_even),
+                    _mm256_madd_epi16(odd, x_odd),
+                );
+                let ds = _mm256_permutevar8x32_ps(v, picks[i]);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), ds, *acc);
+            }
+        }
+    }
+    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+}
+
+/// `out[i] = x · W[i]` for the 4 rows of a group, decoding every block against `x`'s 16-bit
+/// levels.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; every row holds `k / 32` blocks; `x` holds `k`
-/// levels, `k / 32` scales and, for the 4-bit formats, `k / 32` sums.
-pub(super) unsafe fn direct(
-    format: QFormat,
-    rows: [&[u8]; NR],
-    x: &Activations,
-    k: usize,
-) -> [f32; NR] {
-    let bb = format.block_bytes();
+/// The CPU must have AVX2, FMA and F16C; `group` holds `k / 32` group blocks of `format`; `x`
+/// was prepared for `format` from `k` values.
+pub(super) unsafe fn direct(format: QFormat, group: &[u8], x: &Activations, k: usize) -> [f32; NR] {
     // SAFETY: the caller's contract.
     unsafe {
         match format {
-            QFormat::Q4_0 => direct_f::<Q4_0>(bb, rows, x, k),
-            QFormat::Q4_1 => direct_f::<Q4_1>(bb, rows, x, k),
-            QFormat::Q8_0 => direct_f::<Q8_0>(bb, rows, x, k),
+            QFormat::Q4_0 => direct_q4::<Q4_0>(group, x, k),
+            QFormat::Q4_1 => direct_q4::<Q4_1>(group, x, k),
+            QFormat::Q8_0 => direct_q8(group, x, k),
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dequantize_rows_f<const F: u8>(bb: usize, rows: [&[u8]; NR], k: usize, scratch: &mut [f32]) {
-    let ahead = PREFETCH_GROUPS * NR * (k / BLOCK) * bb;
+fn dequantize_group_f<const F: u8>(group: &[u8], k: usize, scratch: &mut [f32]) {
+    let format = format_of(F);
+    let gbb = NR * format.block_bytes();
+    let (sb, lb) = (NR * format.scale_bytes(), format.level_bytes());
+    let ahead = PREFETCH_GROUPS * group.len();
     for b in 0..k / BLOCK {
-        let at = b * bb;
-        // SAFETY: every row holds k / 32 blocks of bb bytes; scratch holds NR k floats.
+        // SAFETY: the group holds k / 32 blocks of gbb bytes; scratch holds NR k floats.
         unsafe {
-            for row in &rows {
-                _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(at + ahead).cast());
-            }
-            let mut dm = [0f32; 8];
-            _mm256_storeu_ps(dm.as_mut_ptr(), pairs4(&rows, at));
+            let block = group.as_ptr().add(b * gbb);
+            prefetch(block, ahead, gbb);
+            let mut sc = [0f32; 8];
+            _mm256_storeu_ps(sc.as_mut_ptr(), scales::<F>(block));
             for i in 0..NR {
-                let q = levels::<F>(rows[i].as_ptr().add(at + levels_at(F)));
-                let d = dm[2 * i];
-                let m = match F {
-                    Q4_0 => -8.0 * d,
-                    Q4_1 => dm[2 * i + 1],
-                    _ => 0.0,
+                let q = levels::<F>(block.add(sb + i * lb));
+                let (d, m) = match F {
+                    Q4_0 => (sc[i], -8.0 * sc[i]),
+                    Q4_1 => (sc[2 * i], sc[2 * i + 1]),
+                    _ => (sc[i], 0.0),
                 };
                 let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
                 let out = scratch.as_mut_ptr().add(i * k + b * BLOCK);
@@ -206,23 +283,23 @@ fn dequantize_rows_f<const F: u8>(bb: usize, rows: [&[u8]; NR], k: usize, scratc
     }
 }
 
-/// Dequantizes 4 rows of `W` into `scratch` (`[4, k]`).
+/// Dequantizes the 4 rows of a group into `scratch` (`[4, k]`).
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; every row holds `k / 32` blocks; `scratch` holds `4 k`.
-pub(super) unsafe fn dequantize_rows(
+/// The CPU must have AVX2, FMA and F16C; `group` holds `k / 32` group blocks of `format`;
+/// `scratch` holds `4 k`.
+pub(super) unsafe fn dequantize_group(
     format: QFormat,
-    rows: [&[u8]; NR],
+    group: &[u8],
     k: usize,
     scratch: &mut [f32],
 ) {
-    let bb = format.block_bytes();
     // SAFETY: the caller's contract.
     unsafe {
         match format {
-            QFormat::Q4_0 => dequantize_rows_f::<Q4_0>(bb, rows, k, scratch),
-            QFormat::Q4_1 => dequantize_rows_f::<Q4_1>(bb, rows, k, scratch),
-            QFormat::Q8_0 => dequantize_rows_f::<Q8_0>(bb, rows, k, scratch),
+            QFormat::Q4_0 => dequantize_group_f::<Q4_0>(group, k, scratch),
+            QFormat::Q4_1 => dequantize_group_f::<Q4_1>(group, k, scratch),
+            QFormat::Q8_0 => dequantize_group_f::<Q8_0>(group, k, scratch),
         }
     }
 }

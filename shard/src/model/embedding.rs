@@ -1,11 +1,13 @@
 //! The token embedding matrix: dense, or, for a GGUF file whose embedding is Q4_0, Q4_1 or Q8_0
-//! and kept quantized on the CPU, the file's blocks, of which a lookup dequantizes only the rows
-//! it reads (the same values a full dequantization gives). A kept embedding is what lets a 4-bit
-//! model stay at about a quarter of its f32 memory: TinyLlama's f32 embedding alone is 250 MiB.
+//! and kept quantized on the CPU, the file's blocks (repacked for the kernels, and shared with a
+//! tied `lm_head`), of which a lookup dequantizes only the rows it reads (the same values a full
+//! dequantization gives). A kept embedding is what lets a 4-bit model stay at about a quarter of
+//! its f32 memory: TinyLlama's f32 embedding alone is 250 MiB.
 
-use candle_core::quantized::QTensor;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
-use medley_kernels::qmatmul::{QFormat, dequantize_row};
+use medley_kernels::qmatmul::Packed;
 
 use super::ModelError;
 use super::quant::Quantize;
@@ -23,8 +25,7 @@ pub(crate) enum Embedding {
 /// A kept embedding's blocks; looked-up rows come out in `dtype`.
 #[derive(Debug)]
 pub(crate) struct Kept {
-    w: QTensor,
-    format: QFormat,
+    w: Arc<Packed>,
     dtype: DType,
     /// The CPU (where the rows are made).
     device: Device,
@@ -50,12 +51,10 @@ impl Embedding {
             && let Some(w) =
                 spec.ckpt
                     .qtensor_part(name, &spec.shape, spec.part.clone(), spec.device)?
-            && let Some(format) = super::quant_matmul::format(w.dtype())
-            && spec.shape[1].is_multiple_of(medley_kernels::qmatmul::BLOCK)
+            && let Some(w) = super::quant_matmul::pack(&w)?
         {
             return Ok(Self::Kept(Box::new(Kept {
-                w,
-                format,
+                w: Arc::new(w),
                 dtype: spec.dtype,
                 device: Device::Cpu,
             })));
@@ -71,6 +70,14 @@ impl Embedding {
         match self {
             Self::Dense(t) => Some(t),
             Self::Kept(_) => None,
+        }
+    }
+
+    /// The kept blocks (a tied `lm_head` multiplies by them); `None` when dense.
+    pub(crate) fn packed(&self) -> Option<&Arc<Packed>> {
+        match self {
+            Self::Dense(_) => None,
+            Self::Kept(k) => Some(&k.w),
         }
     }
 
@@ -92,23 +99,18 @@ impl Embedding {
 
     /// `[ids.len(), hidden]`: row `i` is row `ids[i]` of the matrix (local row indices).
     pub(crate) fn rows(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
-        let (w, format, dtype) = match self {
+        let (w, dtype) = match self {
             Self::Dense(t) => {
                 return t.index_select(&Tensor::from_slice(ids, ids.len(), t.device())?, 0);
             }
-            Self::Kept(k) => (&k.w, k.format, k.dtype),
+            Self::Kept(k) => (&k.w, k.dtype),
         };
-        let (n, hidden) = w.shape().dims2()?;
-        let data = w.data()?;
-        let row_bytes = data.len() / n.max(1);
+        let hidden = w.cols();
         let mut out = vec![0f32; ids.len() * hidden];
         for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
-            let id = id as usize;
-            if id >= n {
-                candle_core::bail!("token id {id} outside the embedding's {n} rows");
-            }
-            dequantize_row(format, &data[id * row_bytes..(id + 1) * row_bytes], dst)
-                .map_err(|e| candle_core::Error::Msg(format!("embedding row: {e}")))?;
+            w.dequantize_row(id as usize, dst).map_err(|e| {
+                candle_core::Error::Msg(format!("embedding lookup of token id {id}: {e}"))
+            })?;
         }
         Tensor::from_vec(out, (ids.len(), hidden), &Device::Cpu)?.to_dtype(dtype)
     }
@@ -116,7 +118,7 @@ impl Embedding {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::GgmlDType;
+    use candle_core::quantized::{GgmlDType, QTensor};
 
     use super::*;
 
@@ -129,10 +131,8 @@ mod tests {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let full = q.dequantize(&dev).unwrap();
-            let format = super::super::quant_matmul::format(dtype).unwrap();
             let e = Embedding::Kept(Box::new(Kept {
-                w: q,
-                format,
+                w: Arc::new(super::super::quant_matmul::pack(&q).unwrap().unwrap()),
                 dtype: DType::F32,
                 device: Device::Cpu,
             }));

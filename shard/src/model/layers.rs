@@ -12,10 +12,13 @@
 //! `medley_kernels::matmul`, which streams the weight once per call instead of letting the gemm
 //! pack it (see the constant for the measurements).
 
+use std::sync::Arc;
+
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
 use medley_kernels::Shape as KernelShape;
 use medley_kernels::matmul::matmul_nt;
+use medley_kernels::qmatmul::Packed;
 
 /// The dtype matmuls run in for activations of `compute` dtype on `device`.
 pub fn matmul_dtype(device: &Device, compute: DType) -> DType {
@@ -73,6 +76,9 @@ enum Weight {
     Dense(Tensor),
     /// A GGML block format, multiplied by candle's quantized matmul (f32 activations).
     Quantized(QMatMul),
+    /// Q4_0 / Q4_1 / Q8_0 blocks on the CPU, repacked for `medley_kernels::qmatmul` (shared
+    /// with a tied embedding).
+    Packed(Arc<Packed>),
 }
 
 impl Linear {
@@ -95,17 +101,28 @@ impl Linear {
             let device = q.device();
             return Self::new(q.dequantize(&device)?, compute);
         }
+        if let Some(p) = super::quant_matmul::pack(&q)? {
+            return Ok(Self::packed(Arc::new(p), compute));
+        }
         Ok(Self {
             weight: Weight::Quantized(QMatMul::from_qtensor(q)?),
             compute,
         })
     }
 
+    /// Wraps repacked blocks (`[out, in]`, on the CPU) for inputs of dtype `compute`.
+    pub(crate) fn packed(w: Arc<Packed>, compute: DType) -> Self {
+        Self {
+            weight: Weight::Packed(w),
+            compute,
+        }
+    }
+
     /// The dense weight in its matmul dtype (`None` when quantized).
     pub fn weight(&self) -> Option<&Tensor> {
         match &self.weight {
             Weight::Dense(w) => Some(w),
-            Weight::Quantized(_) => None,
+            Weight::Quantized(_) | Weight::Packed(_) => None,
         }
     }
 
@@ -114,6 +131,7 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Weight::Packed(p) => p.bytes(),
             Weight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
                 w.elem_count() * w.dtype().size_in_bytes()
             }
@@ -140,14 +158,12 @@ impl Linear {
                 dequantized = q.dequantize(&q.device())?;
                 &dequantized
             }
-            Weight::Quantized(q) => {
-                if let QMatMul::QTensor(t) = q
-                    && let Some(y) = super::quant_matmul::forward(t, x)?
-                {
-                    return Ok(y);
-                }
-                return q.forward(&x.to_dtype(DType::F32)?.contiguous()?);
+            Weight::Packed(p) if x.dim(0)? > QUANTIZED_MAX_ROWS => {
+                dequantized = super::quant_matmul::dequantize(p)?;
+                &dequantized
             }
+            Weight::Packed(p) => return super::quant_matmul::forward(p, x),
+            Weight::Quantized(q) => return q.forward(&x.to_dtype(DType::F32)?.contiguous()?),
         };
         let x = x.to_dtype(weight.dtype())?;
         let rows = x.dim(0)?;

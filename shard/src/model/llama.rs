@@ -189,12 +189,16 @@ impl LlamaModel {
         // Like transformers, tied models ignore a stored lm_head.weight.
         let lm_head = if cfg.tie_word_embeddings {
             match quantize {
-                // The file's own (quantized) embedding matrix, as llama.cpp uses it.
-                Quantize::Keep => linear(
-                    "model.embed_tokens.weight".into(),
-                    &[cfg.vocab_size, hid],
-                    vocab_rows(),
-                )?,
+                // The file's own (quantized) embedding matrix, as llama.cpp uses it: the very
+                // blocks of the kept embedding when it is kept.
+                Quantize::Keep => match embed.packed() {
+                    Some(w) => Linear::packed(w.clone(), dtype),
+                    None => linear(
+                        "model.embed_tokens.weight".into(),
+                        &[cfg.vocab_size, hid],
+                        vocab_rows(),
+                    )?,
+                },
                 Quantize::To(_) | Quantize::None | Quantize::Auto => {
                     let dense = embed.dense().expect("only `keep` keeps the embedding");
                     let quantized = match quantize {

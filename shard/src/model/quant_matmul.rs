@@ -1,13 +1,14 @@
-//! Decode-step products with kept GGML blocks: Q4_0, Q4_1 and Q8_0 weights on the CPU go
-//! through `medley_kernels::qmatmul`, which meets each block's levels with the activations
-//! rounded to 16 bits per block (1 to 3 rows) or in f32 (more rows). candle's quantized matmul
-//! rounds the activations to 8 bits per block, which moved SmolLM2-135M Q4_1's answers away from
-//! the dequantized model's. Other formats (the K-quants) keep candle's kernel.
+//! Decode-step products with kept GGML blocks: Q4_0, Q4_1 and Q8_0 weights on the CPU are
+//! repacked at load ([`Packed`], 4 rows interleaved block by block) and go through
+//! `medley_kernels::qmatmul`, which meets each block's levels with the activations rounded to 16
+//! bits per block (1 to 3 rows) or in f32 (more rows). candle's quantized matmul rounds the
+//! activations to 8 bits per block, which moved SmolLM2-135M Q4_1's answers away from the
+//! dequantized model's. Other formats (the K-quants) keep candle's kernel.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Storage, Tensor};
 use medley_kernels::Shape as KernelShape;
-use medley_kernels::qmatmul::{QFormat, qmatmul_nt};
+use medley_kernels::qmatmul::{Packed, QFormat, qmatmul_nt};
 
 use super::layers::cpu_f32_slice;
 
@@ -21,37 +22,49 @@ pub(crate) fn format(dtype: GgmlDType) -> Option<QFormat> {
     }
 }
 
-/// `x Wᵀ` for `x: [rows, in]` and the blocks of `w: [out, in]`, when the kernel serves them (a
-/// CPU tensor of a [`format`] with whole blocks per row); `None` otherwise.
-pub(crate) fn forward(w: &QTensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let Some(fmt) = format(w.dtype()) else {
+/// The blocks of `q` (`[out, in]`) repacked for the kernel, when it serves them: a CPU tensor
+/// of a [`format`] with whole blocks per row. `None` otherwise (the K-quants, CUDA).
+pub(crate) fn pack(q: &QTensor) -> candle_core::Result<Option<Packed>> {
+    let Some(fmt) = format(q.dtype()) else {
         return Ok(None);
     };
-    if !w.device().is_cpu() || !x.device().is_cpu() {
+    if !q.device().is_cpu() {
         return Ok(None);
     }
-    let (n, k) = w.shape().dims2()?;
-    let (m, xk) = x.dims2()?;
-    if xk != k || k % medley_kernels::qmatmul::BLOCK != 0 {
+    let (n, k) = q.shape().dims2()?;
+    if !k.is_multiple_of(medley_kernels::qmatmul::BLOCK) {
         return Ok(None);
     }
+    Packed::new(fmt, n, k, &q.data()?)
+        .map(Some)
+        .map_err(|e| candle_core::Error::Msg(format!("repacking quantized blocks: {e}")))
+}
+
+/// `x Wᵀ` for `x: [rows, in]` (CPU) and the packed `w: [out, in]`, as `[rows, out]` f32.
+pub(crate) fn forward(w: &Packed, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, k) = (w.rows(), w.cols());
+    let (m, _) = x.dims2()?;
     let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let data = w.data()?;
     let mut y = vec![0f32; m * n];
     {
         let (storage, layout) = x.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else {
-            return Ok(None);
+            candle_core::bail!("kept quantized weights multiply CPU activations only");
         };
         let shape = KernelShape {
             rows: m,
             in_features: k,
             out_features: n,
         };
-        qmatmul_nt(shape, cpu_f32_slice(cpu, layout)?, &data, fmt, &mut y)
+        qmatmul_nt(shape, cpu_f32_slice(cpu, layout)?, w, &mut y)
             .map_err(|e| candle_core::Error::Msg(format!("quantized matmul: {e}")))?;
     }
-    Ok(Some(Tensor::from_vec(y, (m, n), &Device::Cpu)?))
+    Tensor::from_vec(y, (m, n), &Device::Cpu)
+}
+
+/// The whole of `w` dequantized (`[out, in]` f32 on the CPU), for products of many rows.
+pub(crate) fn dequantize(w: &Packed) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), &Device::Cpu)
 }
 
 #[cfg(test)]
@@ -84,7 +97,13 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (rows, 256), &dev).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let wd = q.dequantize(&dev).unwrap();
-            let got = forward(&q, &x).unwrap().expect("served");
+            let packed = pack(&q).unwrap().expect("served");
+            assert_eq!(
+                dequantize(&packed).unwrap().to_vec2::<f32>().unwrap(),
+                wd.to_vec2::<f32>().unwrap(),
+                "{dtype:?}: the packed blocks dequantize as candle's"
+            );
+            let got = forward(&packed, &x).unwrap();
             let want = x.matmul(&wd.t().unwrap()).unwrap();
             let diff = max_abs(&(got - &want).unwrap());
             let peak = max_abs(&want);
@@ -99,8 +118,7 @@ mod tests {
                 "{dtype:?} {rows}: {diff} vs peak {peak} (rounding bound {rounding})"
             );
         }
-        let x = Tensor::randn(0f32, 1.0, (5, 256), &dev).unwrap();
         let k = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
-        assert!(forward(&k, &x).unwrap().is_none());
+        assert!(pack(&k).unwrap().is_none());
     }
 }
