@@ -24,6 +24,10 @@ pub enum Command {
     /// Merge PEFT LoRA adapters into a new PEFT adapter directory (same strategies and numerics
     /// as per-request merges in the server).
     Merge(Box<crate::merge::MergeArgs>),
+    /// Score task sets against a running server for the base model, single adapters and merges
+    /// (incl. a strategy x density x weights sweep): how much of each adapter's skill a merge
+    /// keeps.
+    Eval(Box<medley_eval::EvalArgs>),
     /// Serve one shard (what `medley serve` starts for each rank; the same as `medley-shard`).
     #[command(hide = true)]
     Shard(Box<medley_shard::cli::ShardArgs>),
@@ -46,5 +50,16 @@ mod tests {
         use clap::Parser;
         assert!(Cli::try_parse_from(["medley"]).is_err());
         assert!(Cli::try_parse_from(["medley", "serve"]).is_ok());
+    }
+
+    #[test]
+    fn eval_is_a_subcommand() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["medley", "eval", "--tasks", "sql.jsonl", "--sweep"]);
+        assert!(matches!(cli.map(|c| c.command), Ok(Command::Eval(_))));
+        assert!(
+            Cli::try_parse_from(["medley", "eval"]).is_err(),
+            "--tasks is required"
+        );
     }
 }

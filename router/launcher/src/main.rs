@@ -60,6 +60,26 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Eval(args) => {
+            medley_eval::init_logging();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("medley eval: cannot start the async runtime: {e}");
+                    return ExitCode::from(4);
+                }
+            };
+            match runtime.block_on(medley_eval::run(*args)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("medley eval: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
         Command::Shard(args) => {
             // SAFETY: the shard subcommand runs on the main thread before any other starts.
             unsafe { medley_shard::cli::configure_threads(args.threads) };
