@@ -36,7 +36,8 @@ pub struct EvalArgs {
     #[arg(long, env = "MEDLEY_ENDPOINT", default_value = "http://127.0.0.1:8080")]
     pub endpoint: String,
     /// Task files (JSONL); the task is named after the file stem. Repeat or list several.
-    #[arg(long, required = true, num_args = 1..)]
+    /// Without it: the demo's held-out sets (`sql`, `ad`, `instruct`, compiled in).
+    #[arg(long, num_args = 1..)]
     pub tasks: Vec<PathBuf>,
     /// Adapters, comma-separated: each is evaluated alone, and they are the ids of sweep merges.
     #[arg(long, value_delimiter = ',')]
@@ -332,7 +333,10 @@ mod tests {
 
     #[test]
     fn other_flags_are_checked() {
-        assert!(parse(&["--adapters", "x"]).is_err(), "--tasks is required");
+        assert!(
+            parse(&["--adapters", "x"]).is_ok(),
+            "without --tasks: the demo sets"
+        );
         assert!(parse(&["--tasks", "a", "--concurrency", "0"]).is_err());
         assert!(parse(&["--tasks", "a", "--json-details"]).is_err());
         assert!(parse(&["--tasks", "a", "--merge", "{\"ids\": []}"]).is_err());

@@ -153,15 +153,41 @@ pub fn parse_task(path: &Path, text: &str) -> Result<Task, EvalError> {
     })
 }
 
+/// The demo's held-out task sets (`tests/fixtures/demo/tasks/`, written by `medley-demo-data
+/// tasks`), compiled in: what `medley eval` scores without `--tasks`.
+const DEMO_TASKS: [(&str, &str); 3] = [
+    (
+        "demo/sql.jsonl",
+        include_str!("../../../tests/fixtures/demo/tasks/sql.jsonl"),
+    ),
+    (
+        "demo/ad.jsonl",
+        include_str!("../../../tests/fixtures/demo/tasks/ad.jsonl"),
+    ),
+    (
+        "demo/instruct.jsonl",
+        include_str!("../../../tests/fixtures/demo/tasks/instruct.jsonl"),
+    ),
+];
+
 /// Reads and parses every task file, keeping at most `limit` examples of each; task names
-/// (file stems) must be distinct.
+/// (file stems) must be distinct. No paths: the demo's held-out sets.
 pub fn load_tasks(paths: &[PathBuf], limit: Option<usize>) -> Result<Vec<Task>, EvalError> {
-    let mut tasks: Vec<Task> = Vec::with_capacity(paths.len());
-    for path in paths {
-        let text = std::fs::read_to_string(path).map_err(|source| EvalError::TaskIo {
-            path: path.clone(),
-            source,
-        })?;
+    let demo: Vec<(PathBuf, Option<&str>)> = DEMO_TASKS
+        .iter()
+        .map(|(p, text)| (PathBuf::from(p), Some(*text)))
+        .collect();
+    let files: Vec<(PathBuf, Option<&str>)> = paths.iter().map(|p| (p.clone(), None)).collect();
+    let sources = if paths.is_empty() { demo } else { files };
+    let mut tasks: Vec<Task> = Vec::with_capacity(sources.len());
+    for (path, embedded) in &sources {
+        let text = match embedded {
+            Some(text) => (*text).to_string(),
+            None => std::fs::read_to_string(path).map_err(|source| EvalError::TaskIo {
+                path: path.clone(),
+                source,
+            })?,
+        };
         let mut task = parse_task(path, &text)?;
         if let Some(limit) = limit {
             task.examples.truncate(limit);
@@ -309,6 +335,16 @@ mod tests {
         let err = parse("\n  \n").unwrap_err();
         assert!(matches!(err, EvalError::TaskFile { line: 0, .. }));
         assert!(err.to_string().contains("no examples"), "{err}");
+    }
+
+    /// Without task files, the demo's three held-out sets (compiled in) are scored.
+    #[test]
+    fn no_paths_load_the_demo_sets() {
+        let tasks = load_tasks(&[], Some(5)).unwrap();
+        let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["sql", "ad", "instruct"]);
+        assert!(tasks.iter().all(|t| t.examples.len() == 5));
+        assert_eq!(load_tasks(&[], None).unwrap()[0].examples.len(), 100);
     }
 
     #[test]
