@@ -48,13 +48,24 @@ pub enum ShardRestart {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Model to serve: a local directory (config.json, tokenizer.json, model.safetensors or an
-    /// index + shards) or a Hugging Face hub id `org/name`. Without it, the tiny random Llama
-    /// embedded in this binary is served as `medley/tiny-random-llama`.
+    /// index + shards), a local `.gguf` file, or a Hugging Face hub id `org/name`. For a hub
+    /// repository of GGUF files, `org/name:TAG` serves the one `.gguf` file whose name contains
+    /// the quantization tag (case-insensitive), e.g.
+    /// `TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF:Q4_K_M` (or see `--gguf-file`). Without it, the
+    /// tiny random Llama embedded in this binary is served as `medley/tiny-random-llama`.
     #[arg(long, env = "MODEL_ID")]
     pub model: Option<String>,
     /// Hub revision (branch, tag or commit sha) of `--model`; defaults to `main`.
     #[arg(long, env = "REVISION")]
     pub revision: Option<String>,
+    /// The `.gguf` file to serve out of the hub repository `--model` (a repository holding
+    /// several quantizations and no config.json): only that file is downloaded, or found in
+    /// the Hugging Face cache, and it is served like a local GGUF file. Example:
+    /// `medley serve --model TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF --gguf-file
+    /// tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf`. Split files (`-00001-of-0000N.gguf`) are refused:
+    /// merge them with `llama-gguf-split --merge` first.
+    #[arg(long, env = "MEDLEY_GGUF_FILE")]
+    pub gguf_file: Option<String>,
     /// Number of tensor-parallel shards (one `medley-shard` process each).
     #[arg(long, env = "NUM_SHARD", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub num_shard: u32,
@@ -168,6 +179,8 @@ mod tests {
             "org/name",
             "--revision",
             "v1",
+            "--gguf-file",
+            "m.Q4_K_M.gguf",
             "--num-shard",
             "2",
             "--dtype",
@@ -199,6 +212,7 @@ mod tests {
         ]);
         assert_eq!(args.model.as_deref(), Some("org/name"));
         assert_eq!(args.revision.as_deref(), Some("v1"));
+        assert_eq!(args.gguf_file.as_deref(), Some("m.Q4_K_M.gguf"));
         assert_eq!(args.num_shard, 2);
         assert_eq!(args.dtype, DType::Bf16);
         assert_eq!(args.shard_uds_path, PathBuf::from("/run/x"));
@@ -328,6 +342,7 @@ mod tests {
             &[
                 ("MODEL_ID", "org/from-env"),
                 ("REVISION", "refs/pr/1"),
+                ("MEDLEY_GGUF_FILE", "env.Q8_0.gguf"),
                 ("NUM_SHARD", "3"),
                 ("DTYPE", "f16"),
                 ("SHARD_UDS_PATH", "/tmp/env-sock"),
@@ -361,6 +376,7 @@ mod tests {
         if mode == "defaults" {
             assert_eq!(args.model, None);
             assert_eq!(args.revision, None);
+            assert_eq!(args.gguf_file, None);
             assert_eq!(args.num_shard, 1);
             assert_eq!(args.dtype, DType::Auto);
             assert_eq!(args.shard_uds_path, PathBuf::from("/tmp/medley-server"));
@@ -379,6 +395,7 @@ mod tests {
         }
         assert_eq!(args.model.as_deref(), Some("org/from-env"));
         assert_eq!(args.revision.as_deref(), Some("refs/pr/1"));
+        assert_eq!(args.gguf_file.as_deref(), Some("env.Q8_0.gguf"));
         assert_eq!(args.num_shard, 3);
         assert_eq!(args.dtype, DType::F16);
         assert_eq!(args.shard_uds_path, PathBuf::from("/tmp/env-sock"));

@@ -103,6 +103,7 @@ impl LauncherError {
         match self {
             LauncherError::Router(_) => 1,
             LauncherError::Config(_) | LauncherError::Device(_) | LauncherError::Comm(_) => 2,
+            LauncherError::Resolve(e) if e.is_argument_error() => 2,
             LauncherError::Resolve(_) => 3,
             LauncherError::ShardBinary(_) | LauncherError::Startup(_) => 4,
             LauncherError::ShardDied(_) | LauncherError::RestartFailed { .. } => 5,

@@ -2,17 +2,29 @@
 //! one and no `config.json`), seen through a model view directory written once under the cache;
 //! else a local directory; else a hub id found in the Hugging Face cache, else downloaded (unless
 //! `HF_HUB_OFFLINE`); and without `--model` the model embedded in the binary.
+//!
+//! A hub repository of GGUF files (many quantizations, no `config.json`) is served one file at
+//! a time ([`hub_gguf`]): `--gguf-file NAME`, a quantization tag (`--model owner/repo:Q4_K_M`),
+//! or the repository's only `.gguf` file; that file alone is downloaded (or found in the cache)
+//! and served like a local GGUF file.
 
 use std::path::{Path, PathBuf};
 
 use super::embedded::{EMBEDDED_MODEL_ID, EmbeddedError, EmbeddedModel};
 use super::hub::{
-    CacheLookup, DEFAULT_REVISION, DownloadError, HubSettings, download, is_valid_repo_id,
-    lookup_cache,
+    CacheLookup, DEFAULT_REVISION, DownloadError, HubSettings, download_listed, is_valid_repo_id,
+    list_repo, lookup_cache,
 };
-use super::model_dir::{ModelDirError, ModelFiles, check_model_dir};
+use super::model_dir::{CONFIG_FILE, MODEL_LAYOUT, ModelDirError, ModelFiles, check_model_dir};
 use crate::staged::StagedContents;
+use gguf_pick::Selector;
+use hub_gguf::{HubGguf, selector, split_tag};
 use medley_hub::gguf::{GGUF_FILE, GgufMetadata, find_gguf};
+
+mod gguf_pick;
+mod hub_gguf;
+#[cfg(test)]
+mod hub_gguf_tests;
 
 /// What to resolve.
 #[derive(Debug, Clone)]
@@ -21,6 +33,8 @@ pub struct ResolveRequest {
     pub model: Option<String>,
     /// `--revision`; `None` means `main`.
     pub revision: Option<String>,
+    /// `--gguf-file`: the `.gguf` file of the hub repository `model` to serve.
+    pub gguf_file: Option<String>,
     /// Hub access and cache location.
     pub hub: HubSettings,
     /// Where the embedded model may be written, in order of preference.
@@ -108,11 +122,42 @@ pub enum ResolveError {
     /// The embedded model could not be written to disk.
     #[error(transparent)]
     Embedded(#[from] EmbeddedError),
+    /// Flags that cannot go together or a malformed value (e.g. `--gguf-file` with a local
+    /// `--model`).
+    #[error("{0}")]
+    Argument(String),
+    /// A hub repository without one GGUF file the flags select (none or several match, a split
+    /// file, a repository without GGUF files); the reason names the candidates.
+    #[error("--model {repo_id}@{revision}: {reason}")]
+    GgufChoice {
+        /// The hub id.
+        repo_id: String,
+        /// The revision.
+        revision: String,
+        /// What is wrong, with the repository's `.gguf` files.
+        reason: String,
+    },
+}
+
+impl ResolveError {
+    /// True for errors in the arguments themselves (wrong flag combinations, a GGUF file or tag
+    /// that selects nothing or several), as opposed to missing files or failed downloads.
+    pub fn is_argument_error(&self) -> bool {
+        matches!(
+            self,
+            ResolveError::Argument(_) | ResolveError::GgufChoice { .. }
+        )
+    }
 }
 
 /// Resolves the model to serve (see the module docs for the order).
 pub async fn resolve_model(request: &ResolveRequest) -> Result<ResolvedModel, ResolveError> {
     let Some(model) = request.model.as_deref() else {
+        if let Some(file) = &request.gguf_file {
+            return Err(ResolveError::Argument(format!(
+                "--gguf-file {file} needs --model owner/repo, the hub repository holding it"
+            )));
+        }
         let dir = EmbeddedModel::default_model().materialize_in(&request.embedded_bases)?;
         let files = check_model_dir(&dir).map_err(|source| ResolveError::LocalDir {
             model: dir.display().to_string(),
@@ -131,6 +176,7 @@ pub async fn resolve_model(request: &ResolveRequest) -> Result<ResolvedModel, Re
         reason,
     };
     if let Some(file) = find_gguf(path).map_err(|e| gguf_error(e.to_string()))? {
+        refuse_gguf_file_for_local(request, model)?;
         let dir = gguf_view(&file, &request.gguf_bases).map_err(gguf_error)?;
         let files = check_model_dir(&dir).map_err(|source| ResolveError::LocalDir {
             model: model.to_string(),
@@ -144,6 +190,7 @@ pub async fn resolve_model(request: &ResolveRequest) -> Result<ResolvedModel, Re
         });
     }
     if path.exists() || looks_like_path(model) {
+        refuse_gguf_file_for_local(request, model)?;
         if request.revision.is_some() {
             tracing::warn!(model, "--revision is ignored for a local directory");
         }
@@ -157,15 +204,31 @@ pub async fn resolve_model(request: &ResolveRequest) -> Result<ResolvedModel, Re
             source: ModelSource::LocalDir,
         });
     }
-    if !is_valid_repo_id(model) {
+    let (repo_id, tag) = split_tag(model);
+    if !is_valid_repo_id(repo_id) {
         return Err(ResolveError::NotFound(model.to_string()));
     }
+    let selector = selector(request, repo_id, tag)?;
     let revision = request.revision.as_deref().unwrap_or(DEFAULT_REVISION);
     let cache_dir = request
         .hub
         .cache_dir
         .as_deref()
         .ok_or(ResolveError::NoCacheDir)?;
+    let hub_gguf = |model_id: String| HubGguf {
+        request,
+        repo_id,
+        revision,
+        cache_dir,
+        model_id,
+    };
+    if let Some(selector) = selector {
+        let model_id = match &selector {
+            Selector::File(name) => format!("{repo_id}:{name}"),
+            _ => model.to_string(),
+        };
+        return hub_gguf(model_id).resolve(&selector).await;
+    }
     let detail = match lookup_cache(cache_dir, model, revision) {
         CacheLookup::Hit(files) => {
             tracing::info!(model, revision, dir = %files.dir.display(), "found in the Hugging Face cache");
@@ -178,7 +241,12 @@ pub async fn resolve_model(request: &ResolveRequest) -> Result<ResolvedModel, Re
         CacheLookup::Miss => "no snapshot for this revision".to_string(),
         CacheLookup::Incomplete(err) => err.to_string(),
     };
+    let gguf_only = hub_gguf(model.to_string());
     if request.hub.offline {
+        // A GGUF repository of which one file is cached (the snapshot has no config.json).
+        if let Some(model) = gguf_only.cached_only()? {
+            return Ok(model);
+        }
         return Err(ResolveError::Offline {
             repo_id: model.to_string(),
             revision: revision.to_string(),
@@ -187,12 +255,29 @@ pub async fn resolve_model(request: &ResolveRequest) -> Result<ResolvedModel, Re
         });
     }
     tracing::info!(model, revision, cache = %cache_dir.display(), %detail, "not in the cache: downloading");
-    let files = download(&request.hub, cache_dir, model, revision)
+    let download_error = |source| ResolveError::Download {
+        repo_id: model.to_string(),
+        source: Box::new(source),
+    };
+    let listing = list_repo(&request.hub, cache_dir, model, revision)
         .await
-        .map_err(|source| ResolveError::Download {
-            repo_id: model.to_string(),
-            source: Box::new(source),
-        })?;
+        .map_err(download_error)?;
+    if !listing.contains(CONFIG_FILE) && listing.files.iter().any(|f| gguf_pick::is_gguf_name(f)) {
+        // A GGUF repository: its only model file, or an error listing them all.
+        return gguf_only.resolve_listed(&Selector::Only, &listing).await;
+    }
+    let files = download_listed(
+        &request.hub,
+        cache_dir,
+        model,
+        revision,
+        &MODEL_LAYOUT,
+        &listing,
+    )
+    .await
+    .map_err(download_error)?;
+    let files =
+        ModelFiles::from_repo(files).map_err(|e| download_error(DownloadError::Layout(e)))?;
     Ok(ResolvedModel {
         model_id: model.to_string(),
         files,
@@ -218,6 +303,14 @@ fn gguf_view(file: &Path, bases: &[PathBuf]) -> Result<PathBuf, String> {
     hasher.update(mtime.to_le_bytes());
     let name = format!("view-{}", hex::encode(&hasher.finalize()[..8]));
     let meta = GgufMetadata::read(&target).map_err(|e| e.to_string())?;
+    if let Some(parts) = split_count(&meta).filter(|&n| n > 1) {
+        return Err(format!(
+            "{} is one of {parts} parts of a split GGUF file (`split.count`), which Medley's GGUF \
+             loader cannot read: merge the parts with `llama-gguf-split --merge` and serve the \
+             merged file",
+            file.display()
+        ));
+    }
     let files = meta.view_files().map_err(|e| e.to_string())?;
     let files: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
     let links = [(GGUF_FILE, target.as_path())];
@@ -240,6 +333,33 @@ fn looks_like_path(model: &str) -> bool {
     model.starts_with(['/', '.', '~'])
 }
 
+/// `split.count` of a GGUF file written by llama.cpp's `gguf-split` (absent in whole files;
+/// llama.cpp writes a u16, any integer type is accepted).
+fn split_count(meta: &GgufMetadata) -> Option<u64> {
+    let v = meta.metadata().get("split.count")?;
+    v.to_u16()
+        .map(u64::from)
+        .or_else(|_| v.to_u8().map(u64::from))
+        .or_else(|_| v.to_u32().map(u64::from))
+        .or_else(|_| v.to_u64())
+        .ok()
+        .or_else(|| {
+            let signed = v.to_i32().map(i64::from).or_else(|_| v.to_i64()).ok()?;
+            u64::try_from(signed).ok()
+        })
+}
+
+/// `--gguf-file` selects a file of a hub repository: with a local `--model` it is an error.
+fn refuse_gguf_file_for_local(request: &ResolveRequest, model: &str) -> Result<(), ResolveError> {
+    match &request.gguf_file {
+        Some(file) => Err(ResolveError::Argument(format!(
+            "--gguf-file {file} selects a file of a hub repository, but --model {model} is a \
+             local path: pass the .gguf file itself as --model"
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -252,6 +372,7 @@ mod tests {
         ResolveRequest {
             model: model.map(str::to_string),
             revision: None,
+            gguf_file: None,
             hub: HubSettings {
                 cache_dir: Some(cache.to_path_buf()),
                 offline,

@@ -60,6 +60,7 @@ impl ServePlan {
         let resolve = ResolveRequest {
             model: args.model.clone(),
             revision: args.revision.clone(),
+            gguf_file: args.gguf_file.clone(),
             hub: HubSettings::from_env(args.huggingface_hub_cache.clone()),
             embedded_bases: embedded::default_bases(),
             gguf_bases: crate::staged::cache_bases("gguf"),

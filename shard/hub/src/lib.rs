@@ -10,8 +10,11 @@ use std::time::Duration;
 use hf_hub::api::tokio::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
+mod files;
 pub mod gguf;
 pub mod model_dir;
+
+pub use files::{cached_file, cached_snapshot, download_file, snapshot_files};
 
 use model_dir::{
     MODEL_LAYOUT, ModelDirError, ModelFiles, RepoFiles, RepoLayout, check_repo_dir,
@@ -146,29 +149,13 @@ pub fn lookup_repo(
     revision: &str,
     layout: &RepoLayout,
 ) -> CacheLookup<RepoFiles> {
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
-    let repo_dir = cache_dir.join(repo.folder_name());
-    let commit = match std::fs::read_to_string(repo_dir.join("refs").join(revision)) {
-        Ok(sha) => sha.trim().to_string(),
-        Err(_) if is_commit_sha(revision) => revision.to_string(),
-        Err(_) => return CacheLookup::Miss,
+    let Some(snapshot) = cached_snapshot(cache_dir, repo_id, revision) else {
+        return CacheLookup::Miss;
     };
-    if !is_commit_sha(&commit) {
-        return CacheLookup::Miss;
-    }
-    let snapshot = repo_dir.join("snapshots").join(&commit);
-    if !snapshot.is_dir() {
-        return CacheLookup::Miss;
-    }
     match check_repo_dir(&snapshot, layout) {
         Ok(files) => CacheLookup::Hit(files),
         Err(err) => CacheLookup::Incomplete(err),
     }
-}
-
-/// A 40-hex-digit git commit id (what the cache names snapshots after).
-fn is_commit_sha(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Why a download failed.
@@ -256,6 +243,52 @@ pub async fn download(
     Ok(ModelFiles::from_repo(files)?)
 }
 
+/// The files of one repository revision, as the hub lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoListing {
+    /// The commit the revision points to.
+    pub sha: String,
+    /// Every file name (relative to the repository root; may contain `/`), as listed.
+    pub files: Vec<String>,
+}
+
+impl RepoListing {
+    /// Whether the repository holds the file `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.files.iter().any(|f| f == name)
+    }
+}
+
+/// Lists the files of `repo_id` at `revision` (one request, bounded by
+/// [`HubSettings::request_timeout`]).
+pub async fn list_repo(
+    settings: &HubSettings,
+    cache_dir: &Path,
+    repo_id: &str,
+    revision: &str,
+) -> Result<RepoListing, DownloadError> {
+    let ctx = Ctx {
+        endpoint: &settings.endpoint,
+        repo_id,
+        revision,
+    };
+    let repo = open_repo(settings, cache_dir, &ctx)?;
+    tracing::info!(repo_id, revision, endpoint = %settings.endpoint, "listing the repository");
+    let info = tokio::time::timeout(settings.request_timeout, repo.info())
+        .await
+        .map_err(|_| DownloadError::Timeout {
+            endpoint: settings.endpoint.clone(),
+            repo_id: repo_id.to_string(),
+            revision: revision.to_string(),
+            timeout: settings.request_timeout,
+        })?
+        .map_err(|e| ctx.api("listing", &e))?;
+    Ok(RepoListing {
+        sha: info.sha,
+        files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
+    })
+}
+
 /// Downloads the files `layout` names from `repo_id` at `revision` into the cache at
 /// `cache_dir` and returns the snapshot: every required file, the optional files the repository
 /// has, and the single-file or sharded weights of layouts that have them.
@@ -266,34 +299,32 @@ pub async fn download_repo(
     revision: &str,
     layout: &RepoLayout,
 ) -> Result<RepoFiles, DownloadError> {
+    let listing = list_repo(settings, cache_dir, repo_id, revision).await?;
+    download_listed(settings, cache_dir, repo_id, revision, layout, &listing).await
+}
+
+/// [`download_repo`] with the repository already listed (`listing`, from [`list_repo`]).
+pub async fn download_listed(
+    settings: &HubSettings,
+    cache_dir: &Path,
+    repo_id: &str,
+    revision: &str,
+    layout: &RepoLayout,
+    listing: &RepoListing,
+) -> Result<RepoFiles, DownloadError> {
     let ctx = Ctx {
         endpoint: &settings.endpoint,
         repo_id,
         revision,
     };
-    let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir.to_path_buf()))
-        .with_endpoint(settings.endpoint.clone())
-        .with_progress(false);
-    if settings.token.is_some() {
-        builder = builder.with_token(settings.token.clone());
-    }
-    let api = builder.build().map_err(|e| ctx.api("setting up", &e))?;
-    let repo = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        revision.to_string(),
-    ));
-    tracing::info!(repo_id, revision, endpoint = %settings.endpoint, kind = layout.kind, "listing the repository");
-    let info = tokio::time::timeout(settings.request_timeout, repo.info())
-        .await
-        .map_err(|_| DownloadError::Timeout {
-            endpoint: settings.endpoint.clone(),
-            repo_id: repo_id.to_string(),
-            revision: revision.to_string(),
-            timeout: settings.request_timeout,
-        })?
-        .map_err(|e| ctx.api("listing", &e))?;
-    let available: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let repo = open_repo(settings, cache_dir, &ctx)?;
+    tracing::info!(
+        repo_id,
+        revision,
+        kind = layout.kind,
+        "downloading the repository"
+    );
+    let available: BTreeSet<&str> = listing.files.iter().map(String::as_str).collect();
     if let Some(required) = layout.required.iter().find(|f| !available.contains(*f)) {
         return Err(ctx.missing(required));
     }
@@ -331,6 +362,26 @@ pub async fn download_repo(
             revision: revision.to_string(),
         }),
     }
+}
+
+/// The `hf-hub` handle of `ctx`'s repository revision, caching into `cache_dir`.
+fn open_repo(
+    settings: &HubSettings,
+    cache_dir: &Path,
+    ctx: &Ctx<'_>,
+) -> Result<ApiRepo, DownloadError> {
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir.to_path_buf()))
+        .with_endpoint(settings.endpoint.clone())
+        .with_progress(false);
+    if settings.token.is_some() {
+        builder = builder.with_token(settings.token.clone());
+    }
+    let api = builder.build().map_err(|e| ctx.api("setting up", &e))?;
+    Ok(api.repo(Repo::with_revision(
+        ctx.repo_id.to_string(),
+        RepoType::Model,
+        ctx.revision.to_string(),
+    )))
 }
 
 /// What every download error names.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::model_dir::testing::{copy_fixture, write_sharded};
-use super::testing::{SHA, fake_cache};
+use super::testing::{SHA, fake_cache, fake_hub};
 use super::*;
 
 fn settings(vars: &[(&str, &str)], cache: Option<&str>) -> HubSettings {
@@ -170,100 +170,6 @@ async fn silent_endpoint_times_out() {
     assert!(matches!(err, DownloadError::Timeout { .. }), "{err:?}");
     assert!(err.to_string().contains(&endpoint), "{err}");
     hold.abort();
-}
-
-/// A minimal hub: the repo listing API and `resolve/` with HTTP ranges, ETag and
-/// `X-Repo-Commit`, like huggingface.co. Records every file fetched and the `Authorization`
-/// header.
-mod fake_hub {
-    use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
-
-    use axum::extract::{Path as UrlPath, State};
-    use axum::http::{HeaderMap, StatusCode, header};
-    use axum::response::{IntoResponse, Response};
-    use axum::routing::get;
-    use sha2::{Digest, Sha256};
-
-    use super::SHA;
-
-    #[derive(Default)]
-    pub(super) struct Hub {
-        pub(super) files: BTreeMap<String, Vec<u8>>,
-        /// Files fetched through `resolve/` with a body (not the 1-byte metadata probe).
-        pub(super) fetched: Mutex<Vec<String>>,
-        pub(super) auth: Mutex<Option<String>>,
-        /// Answer the listing with 404 (an unknown repository).
-        pub(super) unknown: bool,
-    }
-
-    /// Serves `hub` on a free loopback port; returns the endpoint URL.
-    pub(super) async fn serve(hub: Arc<Hub>) -> String {
-        let app = axum::Router::new()
-            .route("/api/models/{org}/{name}/revision/{rev}", get(listing))
-            .route("/{org}/{name}/resolve/{rev}/{*file}", get(resolve))
-            .with_state(hub);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        format!("http://{addr}")
-    }
-
-    async fn listing(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
-        *hub.auth.lock().expect("lock") = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        if hub.unknown {
-            return StatusCode::NOT_FOUND.into_response();
-        }
-        let siblings: Vec<_> = hub
-            .files
-            .keys()
-            .map(|name| serde_json::json!({ "rfilename": name }))
-            .collect();
-        axum::Json(serde_json::json!({ "sha": SHA, "siblings": siblings })).into_response()
-    }
-
-    async fn resolve(
-        State(hub): State<Arc<Hub>>,
-        UrlPath((_org, _name, _rev, file)): UrlPath<(String, String, String, String)>,
-        headers: HeaderMap,
-    ) -> Response {
-        let Some(bytes) = hub.files.get(&file) else {
-            return StatusCode::NOT_FOUND.into_response();
-        };
-        let total = bytes.len();
-        let (start, stop) = headers
-            .get(header::RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("bytes="))
-            .and_then(|v| v.split_once('-'))
-            .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
-            .unwrap_or((0, total.saturating_sub(1)));
-        let stop = stop.min(total - 1);
-        if stop > start || total == 1 {
-            hub.fetched.lock().expect("lock").push(file.clone());
-        }
-        let etag = hex::encode(Sha256::digest(bytes));
-        (
-            StatusCode::PARTIAL_CONTENT,
-            [
-                (header::ETAG.as_str(), format!("\"{etag}\"")),
-                ("x-repo-commit", SHA.to_string()),
-                (
-                    header::CONTENT_RANGE.as_str(),
-                    format!("bytes {start}-{stop}/{total}"),
-                ),
-            ],
-            bytes[start..=stop].to_vec(),
-        )
-            .into_response()
-    }
 }
 
 /// The whole download path against the fake hub: sharded weights, optional files only when the

@@ -38,6 +38,7 @@ fn plan(tmp: &Path, mode: &str, extra: &[&str]) -> ServePlan {
         resolve: ResolveRequest {
             model: Some(model),
             revision: None,
+            gguf_file: None,
             hub: HubSettings::from_vars(Some(tmp.join("hub")), |_| None),
             embedded_bases: vec![tmp.join("embedded")],
             gguf_bases: vec![tmp.join("gguf")],
