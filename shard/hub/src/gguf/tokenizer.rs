@@ -1,10 +1,19 @@
 //! `tokenizer.json` and `tokenizer_config.json` from the `tokenizer.*` metadata of a GGUF file.
 //!
-//! Byte-level BPE vocabularies (`tokenizer.ggml.model = gpt2`) are supported: the vocabulary
-//! and merges as stored, the pre-tokenizer that `tokenizer.ggml.pre` names (llama.cpp's
-//! names; unknown ones fall back to GPT-2's, as transformers' GGUF converter does for all),
-//! control tokens as special added tokens, and the BOS/EOS template of `add_bos_token` /
-//! `add_eos_token`. SentencePiece vocabularies (`llama`) are refused with a clear error.
+//! Two vocabulary kinds (`tokenizer.ggml.model`) are supported; others (`bert`, `rwkv`, `t5`...)
+//! are refused with [`GgufError::Unsupported`]:
+//!
+//! * byte-level BPE (`gpt2`: SmolLM2, Llama 3, Qwen): the vocabulary and merges as stored, the
+//!   pre-tokenizer that `tokenizer.ggml.pre` names (llama.cpp's names; unknown ones fall back to
+//!   GPT-2's, as transformers' GGUF converter does for all), control tokens as special added
+//!   tokens, user-defined ones as added tokens, and the BOS/EOS template of `add_bos_token` /
+//!   `add_eos_token`;
+//! * SentencePiece (`llama`: Llama 2, TinyLlama, Mistral, CodeLlama), built as transformers'
+//!   `GGUFLlamaConverter` builds it, in the child module `spm` (merges generated from the
+//!   vocabulary and `tokenizer.ggml.scores`, byte fallback, the `▁` normaliser).
+//!
+//! Malformed metadata (a missing or mistyped key, lists of different lengths, token ids outside
+//! the vocabulary) is a [`GgufError`], never a panic.
 
 use serde_json::{Value, json};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -20,6 +29,8 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::{GgufError, GgufMetadata};
+
+mod spm;
 
 /// llama.cpp's `LLAMA_TOKEN_TYPE_CONTROL`.
 pub(super) const TOKEN_TYPE_CONTROL: u64 = 3;
@@ -53,7 +64,7 @@ pub fn tokenizer_config_json(meta: &GgufMetadata) -> Result<Value, GgufError> {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": false,
         "add_bos_token": add_bos(meta)?,
-        "add_eos_token": meta.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+        "add_eos_token": add_eos(meta)?,
     });
     for (gguf, hf) in [
         ("tokenizer.ggml.bos_token_id", "bos_token"),
@@ -84,20 +95,37 @@ fn add_bos(meta: &GgufMetadata) -> Result<bool, GgufError> {
 }
 
 fn build(meta: &GgufMetadata) -> Result<Tokenizer, GgufError> {
-    let kind = meta.string("tokenizer.ggml.model")?;
-    if kind != "gpt2" {
-        return Err(GgufError::Unsupported(format!(
-            "tokenizer model `{kind}` (only byte-level BPE, `gpt2`, is supported so far)"
-        )));
+    match meta.string("tokenizer.ggml.model")? {
+        "gpt2" => build_byte_level(meta),
+        "llama" => spm::build(meta),
+        other => Err(GgufError::Unsupported(format!(
+            "tokenizer model `{other}` (supported: byte-level BPE `gpt2` and SentencePiece `llama`)"
+        ))),
     }
-    let tokens = strings(meta, "tokenizer.ggml.tokens")?;
-    let types = match meta.opt_array("tokenizer.ggml.token_type")? {
+}
+
+/// The token types (`tokenizer.ggml.token_type`), empty when the file has none.
+fn token_types(meta: &GgufMetadata) -> Result<Vec<u64>, GgufError> {
+    match meta.opt_array("tokenizer.ggml.token_type")? {
         Some(types) => types
             .iter()
             .map(|v| super::as_u64("tokenizer.ggml.token_type", v))
-            .collect::<Result<Vec<_>, _>>()?,
-        None => vec![],
-    };
+            .collect(),
+        None => Ok(vec![]),
+    }
+}
+
+/// `tokenizer.ggml.add_eos_token`, off unless the file says otherwise.
+fn add_eos(meta: &GgufMetadata) -> Result<bool, GgufError> {
+    Ok(meta
+        .opt_bool("tokenizer.ggml.add_eos_token")?
+        .unwrap_or(false))
+}
+
+/// A byte-level BPE (`gpt2`) vocabulary.
+fn build_byte_level(meta: &GgufMetadata) -> Result<Tokenizer, GgufError> {
+    let tokens = strings(meta, "tokenizer.ggml.tokens")?;
+    let types = token_types(meta)?;
     let vocab: Vocab = tokens
         .iter()
         .enumerate()
@@ -154,10 +182,7 @@ fn build(meta: &GgufMetadata) -> Result<Tokenizer, GgufError> {
         .add_tokens(user)
         .map_err(|e| GgufError::Tokenizer(e.to_string()))?;
 
-    let add_eos = meta
-        .opt_bool("tokenizer.ggml.add_eos_token")?
-        .unwrap_or(false);
-    let post = post_processor(meta, &tokens, add_bos(meta)?, add_eos)?;
+    let post = post_processor(meta, &tokens, add_bos(meta)?, add_eos(meta)?)?;
     tokenizer.with_post_processor(Some(post));
     Ok(tokenizer)
 }
