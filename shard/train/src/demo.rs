@@ -1,0 +1,559 @@
+//! The demo pipeline (`medley-train demo`): the demo tokenizer and base corpus from `medley-demo`,
+//! pretraining of the base, one LoRA adapter per task, the files Medley serves, and a quick
+//! greedy exact-match check of the base, each adapter and their merge.
+//!
+//! # Choices that keep the adapters mergeable
+//!
+//! The demo merges the three adapters per request and should keep most of each one's score.
+//! Merged updates interfere where two adapters change the same directions for the same inputs,
+//! so each adapter should change the model as little as possible outside its own prompt format.
+//! Every knob is a field of [`DemoConfig`] (and a `medley-train demo`/`lora` flag):
+//!
+//! * **Modest rank** ([`LoraConfig::rank`], 8; `alpha` 16): small updates with little room for
+//!   incidental changes.
+//! * **LoRA dropout** ([`LoraConfig::dropout`], 0.05) and **weight decay** on `A` and `B`
+//!   ([`OptimConfig::weight_decay`] of `lora_train`, 0.05): smaller, less idiosyncratic factors.
+//! * **Anchoring** ([`AnchorMix`]): each step adds `weight · KL(base ‖ base + adapter)` on a batch
+//!   of other text — base-corpus windows and the *other* tasks' examples (prompt and
+//!   completion) — whose targets are the frozen base's own predictions. The adapter thus learns
+//!   to leave those inputs alone, which is what a merge needs: on an `ad` prompt the `sql`
+//!   adapter's share of the merged update should be ~0.
+//! * **Repeated documents** in pretraining ([`DemoConfig::repeat_docs`]): a base that can copy
+//!   from its context lets each adapter learn only its task's template.
+//!
+//! The closing check scores PEFT's `cat` merge with weight 1 each (the exact sum of the three
+//! updates, [`LoraSet::concat`]); `medley eval` measures the merges Medley serves.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use medley_demo::tokenizer::{
+    ENDOFTEXT_ID, EOS_ID, TokenizerOptions, encode_example, write_tokenizer,
+};
+use medley_demo::{Split, Task, base_corpus, generate};
+use rand::Rng;
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::TrainError;
+use crate::data::{Sequence, pack};
+use crate::eval::{exact_match, greedy};
+use crate::lora::{LoraConfig, LoraSet};
+use crate::model::{InitConfig, Llama};
+use crate::optim::OptimConfig;
+use crate::save::{AdapterMeta, SaveDtype, write_adapter, write_base};
+use crate::shape::LlamaShape;
+use crate::train::{AnchorConfig, TrainConfig, TrainReport, pretrain, train_lora};
+
+/// The base model's size (the vocabulary comes from the tokenizer).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelDims {
+    /// Width.
+    pub hidden: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Tie `lm_head` to the embedding.
+    pub tie_embeddings: bool,
+}
+
+/// What each adapter's anchor batches are drawn from (see [`AnchorConfig`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AnchorMix {
+    /// Batch size and weight of the KL term.
+    pub anchor: AnchorConfig,
+    /// Base-corpus windows in the anchor pool.
+    pub corpus_windows: usize,
+    /// Examples of each other task (prompt and completion, every position) in the pool.
+    pub other_task_examples: usize,
+}
+
+/// Everything `medley-train demo` does, with its sizes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DemoConfig {
+    /// Seed of the data, the initialisation and the data order.
+    pub seed: u64,
+    /// Base corpus documents the tokenizer is trained on.
+    pub tokenizer_docs: usize,
+    /// Examples per task the tokenizer is trained on.
+    pub tokenizer_examples: usize,
+    /// Vocabulary size (upper bound).
+    pub vocab_size: usize,
+    /// The base model's size.
+    pub dims: ModelDims,
+    /// Standard deviation of the initial weights.
+    pub init_std: f64,
+    /// Base corpus documents for pretraining.
+    pub corpus_docs: usize,
+    /// Pretraining window (tokens per sequence).
+    pub seq_len: usize,
+    /// Fraction of corpus documents written twice in a row. The demo corpus rarely repeats a
+    /// word within a document, so a base trained on it alone does not learn to copy from its
+    /// context (no induction heads); every task needs copying (products into ads, columns and
+    /// values into SQL, words into answers), and adapters on such a base learn each task's
+    /// template but not the copy. Repeated documents teach copying without any task's
+    /// prompt → answer mapping.
+    pub repeat_docs: f64,
+    /// Pretraining.
+    pub pretrain: TrainConfig,
+    /// Training examples per task.
+    pub examples_per_task: usize,
+    /// The adapters' LoRA settings.
+    pub lora: LoraConfig,
+    /// Adapter training.
+    pub lora_train: TrainConfig,
+    /// Anchoring of the adapters to the base outside their task (`None`: task data only).
+    pub anchors: Option<AnchorMix>,
+    /// Held-out examples per task for the closing exact-match check (0: skip it).
+    pub eval_examples: usize,
+    /// Storage dtype of the base weights.
+    pub save_dtype: SaveDtype,
+    /// `base_model_name_or_path` written into the adapters.
+    pub base_model_name: String,
+}
+
+impl DemoConfig {
+    /// The demo as shipped: ~1.3 M parameters (d 128, 4 layers, GQA 4/2), rank-8 adapters on
+    /// every projection with dropout, weight decay and KL anchoring.
+    pub fn full(seed: u64) -> Self {
+        let lora_optim = OptimConfig {
+            lr: 5e-3,
+            weight_decay: 0.05,
+            ..OptimConfig::default()
+        };
+        Self {
+            seed,
+            tokenizer_docs: 20_000,
+            tokenizer_examples: 5_000,
+            vocab_size: medley_demo::tokenizer::VOCAB_SIZE,
+            dims: ModelDims {
+                hidden: 128,
+                layers: 4,
+                intermediate: 352,
+                heads: 4,
+                kv_heads: 2,
+                tie_embeddings: false,
+            },
+            init_std: 0.02,
+            corpus_docs: 40_000,
+            seq_len: 64,
+            repeat_docs: 0.5,
+            pretrain: TrainConfig {
+                steps: 1000,
+                batch_size: 16,
+                max_len: 65,
+                warmup_steps: 50,
+                min_lr_ratio: 0.1,
+                group_by_length: false,
+                log_every: 50,
+                seed,
+                optim: OptimConfig::default(),
+            },
+            examples_per_task: 4000,
+            lora: LoraConfig {
+                seed,
+                ..LoraConfig::default()
+            },
+            lora_train: TrainConfig {
+                steps: 600,
+                batch_size: 16,
+                max_len: 96,
+                warmup_steps: 20,
+                min_lr_ratio: 0.1,
+                group_by_length: true,
+                log_every: 50,
+                seed,
+                optim: lora_optim,
+            },
+            anchors: Some(AnchorMix {
+                anchor: AnchorConfig {
+                    batch_size: 8,
+                    weight: 1.0,
+                },
+                corpus_windows: 2000,
+                other_task_examples: 1000,
+            }),
+            eval_examples: 50,
+            save_dtype: SaveDtype::F32,
+            base_model_name: "medley-demo".into(),
+        }
+    }
+
+    /// A run of a minute or so with the same code paths (a tiny model, few steps), for CI-like
+    /// checks of the pipeline; its models learn little.
+    pub fn smoke(seed: u64) -> Self {
+        let mut c = Self::full(seed);
+        c.tokenizer_docs = 2000;
+        c.tokenizer_examples = 300;
+        c.vocab_size = 512;
+        c.dims = ModelDims {
+            hidden: 32,
+            layers: 2,
+            intermediate: 64,
+            heads: 4,
+            kv_heads: 2,
+            tie_embeddings: false,
+        };
+        c.corpus_docs = 2000;
+        c.pretrain.steps = 30;
+        c.pretrain.log_every = 10;
+        c.examples_per_task = 200;
+        c.lora_train.steps = 10;
+        c.lora_train.log_every = 5;
+        if let Some(a) = c.anchors.as_mut() {
+            a.corpus_windows = 100;
+            a.other_task_examples = 50;
+        }
+        c.eval_examples = 4;
+        c
+    }
+}
+
+/// One adapter's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterSummary {
+    /// Task id.
+    pub task: String,
+    /// Training.
+    pub report: TrainReport,
+}
+
+/// Exact-match scores on one task's held-out examples.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskScores {
+    /// Task id.
+    pub task: String,
+    /// The base model alone.
+    pub base: f64,
+    /// Each trained adapter alone, by task id.
+    pub adapters: Vec<(String, f64)>,
+    /// The `cat` merge (weight 1 each) of the trained adapters.
+    pub merged: f64,
+}
+
+/// What a demo run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoSummary {
+    /// The settings.
+    pub config: DemoConfig,
+    /// Base model parameters.
+    pub params: usize,
+    /// Vocabulary size of the trained tokenizer.
+    pub vocab_size: usize,
+    /// `(phase, seconds)`.
+    pub phases: Vec<(String, f64)>,
+    /// Pretraining (`None` when adapters were trained on an existing base).
+    pub pretrain: Option<TrainReport>,
+    /// The adapters.
+    pub adapters: Vec<AdapterSummary>,
+    /// The closing check (empty when skipped).
+    pub scores: Vec<TaskScores>,
+}
+
+fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, TrainError> {
+    tok.encode(text, false)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| TrainError::Demo(e.to_string()))
+}
+
+fn task_sequences(
+    tok: &Tokenizer,
+    task: Task,
+    seed: u64,
+    n: usize,
+    all_targets: bool,
+) -> Result<Vec<Sequence>, TrainError> {
+    generate(task, Split::Train, seed, n)
+        .iter()
+        .map(|e| {
+            let (ids, prompt_len) = encode_example(tok, &e.prompt, &e.completion)
+                .map_err(|e| TrainError::Demo(e.to_string()))?;
+            Ok(if all_targets {
+                Sequence::all(ids)
+            } else {
+                let (p, c) = ids.split_at(prompt_len);
+                Sequence::prompt_completion(p, c)
+            })
+        })
+        .collect()
+}
+
+/// The base corpus as packed pretraining windows: `base_corpus(seed, docs)`, each document
+/// followed by `<|endoftext|>`; a `repeat` fraction of the documents (drawn from the seed) is
+/// written twice in a row (`doc doc <|endoftext|>`), see [`DemoConfig::repeat_docs`].
+pub fn corpus_windows(
+    tok: &Tokenizer,
+    seed: u64,
+    docs: usize,
+    seq_len: usize,
+    repeat: f64,
+) -> Result<Vec<Sequence>, TrainError> {
+    let mut rng = crate::params::stream(seed, "repeat-docs");
+    let docs = base_corpus(seed, docs)
+        .iter()
+        .map(|doc| {
+            let mut ids = encode(tok, doc)?;
+            if rng.random::<f64>() < repeat {
+                ids.extend_from_within(..);
+            }
+            ids.push(ENDOFTEXT_ID);
+            Ok(ids)
+        })
+        .collect::<Result<Vec<_>, TrainError>>()?;
+    Ok(pack(&docs, seq_len))
+}
+
+/// Trains the adapter of `task` on the frozen `base` (task data, and the anchor pool of
+/// `cfg.anchors`: the first corpus windows and the other tasks' examples).
+pub fn train_task_adapter(
+    base: &Llama,
+    tok: &Tokenizer,
+    corpus: &[Sequence],
+    task: Task,
+    cfg: &DemoConfig,
+) -> Result<(LoraSet, TrainReport), TrainError> {
+    let data = task_sequences(tok, task, cfg.seed, cfg.examples_per_task, false)?;
+    let pool = match &cfg.anchors {
+        Some(mix) => {
+            let mut pool: Vec<Sequence> = corpus.iter().take(mix.corpus_windows).cloned().collect();
+            for other in Task::ALL.into_iter().filter(|t| *t != task) {
+                pool.extend(task_sequences(
+                    tok,
+                    other,
+                    cfg.seed ^ 0x5eed,
+                    mix.other_task_examples,
+                    true,
+                )?);
+            }
+            Some((pool, &mix.anchor))
+        }
+        None => None,
+    };
+    let lora_cfg = LoraConfig {
+        seed: cfg.lora.seed ^ (task as u64 + 1),
+        ..cfg.lora.clone()
+    };
+    let lora = LoraSet::init(
+        base.shape(),
+        &lora_cfg,
+        base.params().dtype(),
+        base.params().device(),
+    )?;
+    let anchors = pool.as_ref().map(|(p, a)| (p.as_slice(), *a));
+    let report = train_lora(base, &lora, &data, anchors, &cfg.lora_train)?;
+    Ok((lora, report))
+}
+
+/// Trains and writes the adapters of `tasks` (into `out/adapters/<task>/`) on `base`, then runs
+/// the exact-match check when `cfg.eval_examples > 0`; `phases` gets one entry per step.
+fn adapters_phase(
+    base: &Llama,
+    tok: &Tokenizer,
+    corpus: &[Sequence],
+    tasks: &[Task],
+    out: &Path,
+    cfg: &DemoConfig,
+    phases: &mut Vec<(String, f64)>,
+) -> Result<(Vec<AdapterSummary>, Vec<TaskScores>), TrainError> {
+    let mut adapters = Vec::new();
+    let mut sets = Vec::new();
+    for &task in tasks {
+        let clock = Instant::now();
+        let (lora, report) = train_task_adapter(base, tok, corpus, task, cfg)?;
+        let meta = AdapterMeta {
+            base_model_name_or_path: Some(cfg.base_model_name.clone()),
+        };
+        write_adapter(&out.join("adapters").join(task.id()), &lora, &meta)?;
+        adapters.push(AdapterSummary {
+            task: task.id().into(),
+            report,
+        });
+        sets.push((task, lora));
+        lap(phases, &format!("adapter {}", task.id()), clock);
+    }
+    let scores = if cfg.eval_examples > 0 {
+        let clock = Instant::now();
+        let s = score_all(base, &sets, tok, cfg.eval_examples)?;
+        lap(phases, "eval", clock);
+        s
+    } else {
+        Vec::new()
+    };
+    Ok((adapters, scores))
+}
+
+fn lap(phases: &mut Vec<(String, f64)>, name: &str, since: Instant) {
+    let s = since.elapsed().as_secs_f64();
+    tracing::info!(phase = name, seconds = format!("{s:.1}"), "phase done");
+    phases.push((name.to_string(), s));
+}
+
+fn write_summary(out: &Path, summary: &DemoSummary) -> Result<(), TrainError> {
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    let path = out.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(summary)?)
+        .map_err(|e| TrainError::io(&path, e))
+}
+
+/// Runs the whole pipeline and writes `out/base/` (model, tokenizer files),
+/// `out/adapters/{sql,ad,instruct}/` and `out/summary.json`.
+pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary, TrainError> {
+    let mut phases = Vec::new();
+    let clock = Instant::now();
+    let tok = medley_demo::tokenizer::tokenizer(&TokenizerOptions {
+        seed: cfg.seed,
+        corpus_docs: cfg.tokenizer_docs,
+        examples_per_task: cfg.tokenizer_examples,
+        vocab_size: cfg.vocab_size,
+    })
+    .map_err(|e| TrainError::Demo(e.to_string()))?;
+    let vocab_size = tok.get_vocab_size(true);
+    let corpus = corpus_windows(
+        &tok,
+        cfg.seed,
+        cfg.corpus_docs,
+        cfg.seq_len,
+        cfg.repeat_docs,
+    )?;
+    tracing::info!(vocab_size, windows = corpus.len(), "tokenized the corpus");
+    lap(&mut phases, "tokenizer+corpus", clock);
+
+    let clock = Instant::now();
+    let d = &cfg.dims;
+    let mut shape = LlamaShape::new(
+        vocab_size,
+        d.hidden,
+        d.intermediate,
+        d.layers,
+        d.heads,
+        d.kv_heads,
+    );
+    shape.tie_word_embeddings = d.tie_embeddings;
+    shape.max_position_embeddings = medley_demo::tokenizer::tokenizer_config().model_max_length;
+    shape.eos_token_id = Some(EOS_ID);
+    let init = InitConfig {
+        seed: cfg.seed,
+        std: cfg.init_std,
+    };
+    let model = Llama::init(&shape, init, DType::F32, &Device::Cpu)?;
+    let pre = pretrain(&model, &corpus, &cfg.pretrain)?;
+    let base_dir = out.join("base");
+    write_base(&base_dir, &model, cfg.save_dtype)?;
+    write_tokenizer(&tok, &base_dir).map_err(|e| TrainError::Demo(e.to_string()))?;
+    lap(&mut phases, "pretrain", clock);
+
+    let (adapters, scores) =
+        adapters_phase(&model, &tok, &corpus, &Task::ALL, out, cfg, &mut phases)?;
+    let summary = DemoSummary {
+        config: cfg.clone(),
+        params: shape.param_count(),
+        vocab_size,
+        phases,
+        pretrain: Some(pre),
+        adapters,
+        scores,
+    };
+    write_summary(out, &summary)?;
+    Ok(summary)
+}
+
+/// Trains adapters for `tasks` on an existing demo base (`base_dir` with the model and
+/// `tokenizer.json`, e.g. `OUT/base` of [`run_demo`]); `cfg.seed` must be the base's seed for
+/// the anchor corpus to be the one it was trained on. Writes `out/adapters/<task>/` and
+/// `out/summary.json`.
+pub fn run_adapters(
+    base_dir: &Path,
+    out: &Path,
+    tasks: &[Task],
+    cfg: &DemoConfig,
+) -> Result<DemoSummary, TrainError> {
+    let mut phases = Vec::new();
+    let clock = Instant::now();
+    let model = Llama::load(base_dir, DType::F32, &Device::Cpu)?;
+    let tok_path = base_dir.join("tokenizer.json");
+    let tok = Tokenizer::from_file(&tok_path)
+        .map_err(|e| TrainError::Demo(format!("{}: {e}", tok_path.display())))?;
+    let corpus = match &cfg.anchors {
+        Some(_) => corpus_windows(
+            &tok,
+            cfg.seed,
+            cfg.corpus_docs,
+            cfg.seq_len,
+            cfg.repeat_docs,
+        )?,
+        None => Vec::new(),
+    };
+    lap(&mut phases, "load", clock);
+    let (adapters, scores) = adapters_phase(&model, &tok, &corpus, tasks, out, cfg, &mut phases)?;
+    let summary = DemoSummary {
+        config: cfg.clone(),
+        params: model.shape().param_count(),
+        vocab_size: tok.get_vocab_size(true),
+        phases,
+        pretrain: None,
+        adapters,
+        scores,
+    };
+    write_summary(out, &summary)?;
+    Ok(summary)
+}
+
+/// Greedy exact match of the base, each adapter and their `cat` merge on held-out examples.
+fn score_all(
+    model: &Llama,
+    sets: &[(Task, LoraSet)],
+    tok: &Tokenizer,
+    n: usize,
+) -> Result<Vec<TaskScores>, TrainError> {
+    let parts: Vec<(&LoraSet, f64)> = sets.iter().map(|(_, s)| (s, 1.0)).collect();
+    let merged = LoraSet::concat(&parts)?;
+    let mut out = Vec::new();
+    for task in Task::ALL {
+        let examples = generate(task, Split::Heldout, 0, n);
+        let prompts = examples
+            .iter()
+            .map(|e| encode(tok, &e.prompt))
+            .collect::<Result<Vec<_>, _>>()?;
+        let expected: Vec<String> = examples.iter().map(|e| e.completion.clone()).collect();
+        let max_new = examples
+            .iter()
+            .map(|e| encode(tok, &e.completion).map(|c| c.len() + 8))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(16);
+        let score = |lora: Option<&LoraSet>| -> Result<f64, TrainError> {
+            let ids = greedy(model, lora, &prompts, max_new, EOS_ID, 25)?;
+            let texts = ids
+                .iter()
+                .map(|ids| {
+                    tok.decode(ids, true)
+                        .map_err(|e| TrainError::Demo(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            for (got, want) in texts.iter().zip(&expected).take(3) {
+                tracing::debug!(task = task.id(), got, want, "sample");
+            }
+            Ok(exact_match(&texts, &expected))
+        };
+        let mut adapters = Vec::new();
+        for (t, set) in sets {
+            adapters.push((t.id().to_string(), score(Some(set))?));
+        }
+        let s = TaskScores {
+            task: task.id().into(),
+            base: score(None)?,
+            adapters,
+            merged: score(Some(&merged))?,
+        };
+        tracing::info!(task = task.id(), base = s.base, adapters = ?s.adapters, merged = s.merged, "exact match");
+        out.push(s);
+    }
+    Ok(out)
+}

@@ -1,0 +1,39 @@
+//! Training in Rust with candle: the demo's small Llama base model and PEFT LoRA adapters.
+//!
+//! * [`shape`] — the architecture ([`LlamaShape`]) and its Hugging Face `config.json`.
+//! * [`params`] — named trainable tensors with seeded initialisation ([`ParamStore`]).
+//! * [`model`] — the differentiable Llama forward ([`Llama`]), equal to transformers'
+//!   `LlamaForCausalLM` and to Medley's inference forward.
+//! * [`lora`] — PEFT-style LoRA factors ([`LoraSet`], [`LoraConfig`]).
+//! * [`data`] — sequences with loss masks, right-padded batches, a seeded batch order.
+//! * [`loss`] — masked cross-entropy and the KL-to-base anchor term.
+//! * [`optim`] — AdamW with warmup + cosine and global-norm clipping.
+//! * [`train`] — the pretraining and LoRA loops ([`pretrain`], [`train_lora`]).
+//! * [`measure`] — training throughput of a shape / batch / length on this machine.
+//! * [`eval`] — greedy decoding and exact match with the training forward.
+//! * [`demo`] — the demo pipeline on `medley-demo`'s data ([`demo::run_demo`]).
+//! * [`save`] — the Hugging Face base directory and PEFT adapter directories Medley loads.
+
+pub mod data;
+pub mod demo;
+mod error;
+pub mod eval;
+pub mod lora;
+pub mod loss;
+pub mod measure;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod save;
+pub mod shape;
+pub mod train;
+
+pub use data::{Batch, BatchOrder, Sequence};
+pub use error::TrainError;
+pub use lora::{LoraConfig, LoraSet, Target};
+pub use model::{ForwardOptions, InitConfig, Llama};
+pub use optim::{OptimConfig, ScheduleConfig};
+pub use params::ParamStore;
+pub use save::{AdapterMeta, SaveDtype, write_adapter, write_base};
+pub use shape::LlamaShape;
+pub use train::{AnchorConfig, TrainConfig, TrainReport, pretrain, train_lora};

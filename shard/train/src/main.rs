@@ -1,0 +1,331 @@
+//! `medley-train`: trains the demo's base model and adapters.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use medley_demo::Task;
+use medley_train::demo::{DemoConfig, DemoSummary, run_adapters, run_demo};
+use medley_train::measure::measure;
+use medley_train::{LlamaShape, SaveDtype, TrainError};
+
+#[derive(Parser)]
+#[command(
+    name = "medley-train",
+    about = "Train the demo's base model and LoRA adapters (CPU, candle)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Size presets of `demo`.
+#[derive(Clone, Copy, ValueEnum)]
+enum Preset {
+    /// The shipped demo (minutes on 2 cores).
+    Full,
+    /// A tiny, fast run of the same pipeline.
+    Smoke,
+}
+
+/// Storage dtypes of the base weights.
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    /// 32-bit float (exactly the trained values).
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the demo: tokenizer + corpus (medley-demo), pretrain the base, train the `sql`,
+    /// `ad` and `instruct` adapters, write `OUT/base/` and `OUT/adapters/<task>/`.
+    Demo {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the data, the initialisation and the data order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Size preset.
+        #[arg(long, value_enum, default_value_t = Preset::Full)]
+        preset: Preset,
+        /// Override the pretraining steps.
+        #[arg(long)]
+        pretrain_steps: Option<usize>,
+        /// Storage dtype of the base weights (Medley loads all three).
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        save_dtype: Dtype,
+        #[command(flatten)]
+        lora: LoraOverrides,
+    },
+    /// Train adapters on an existing demo base (`OUT/base` of `demo`, trained with the same
+    /// seed), e.g. to try other adapter settings without pretraining again.
+    Lora {
+        /// The base directory (model and tokenizer.json).
+        #[arg(long)]
+        base: PathBuf,
+        /// Output directory (`OUT/adapters/<task>/`, `OUT/summary.json`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Tasks, comma-separated.
+        #[arg(long, default_value = "sql,ad,instruct")]
+        tasks: String,
+        /// The base's seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Size preset.
+        #[arg(long, value_enum, default_value_t = Preset::Full)]
+        preset: Preset,
+        #[command(flatten)]
+        lora: LoraOverrides,
+    },
+    /// Measure training tokens/s for model shapes x batch sizes x sequence lengths.
+    Measure {
+        /// Vocabulary size.
+        #[arg(long, default_value_t = 2048)]
+        vocab: usize,
+        /// Shapes as `hidden:layers:intermediate:heads:kv_heads`, comma-separated.
+        #[arg(long, default_value = "128:4:352:4:2,192:4:512:6:2,256:4:704:8:4")]
+        shapes: String,
+        /// Batch sizes, comma-separated.
+        #[arg(long, default_value = "8,16,32")]
+        batches: String,
+        /// Sequence lengths, comma-separated.
+        #[arg(long, default_value = "64")]
+        lens: String,
+        /// Timed steps per configuration.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
+}
+
+/// Adapter settings that override the preset's.
+#[derive(clap::Args)]
+struct LoraOverrides {
+    /// Steps of each adapter.
+    #[arg(long)]
+    lora_steps: Option<usize>,
+    /// Peak learning rate of the adapters.
+    #[arg(long)]
+    lora_lr: Option<f64>,
+    /// LoRA rank.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// LoRA alpha.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// LoRA dropout.
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// AdamW weight decay of the adapters.
+    #[arg(long)]
+    lora_weight_decay: Option<f64>,
+    /// Weight of the KL-to-base anchor term.
+    #[arg(long)]
+    anchor_weight: Option<f64>,
+    /// Anchor sequences per step.
+    #[arg(long)]
+    anchor_batch: Option<usize>,
+    /// Train the adapters without KL anchoring to the base.
+    #[arg(long)]
+    no_anchors: bool,
+    /// Training examples per task.
+    #[arg(long)]
+    examples: Option<usize>,
+    /// Held-out examples per task for the closing exact-match check (0 skips it).
+    #[arg(long)]
+    eval_examples: Option<usize>,
+}
+
+impl LoraOverrides {
+    fn apply(&self, cfg: &mut DemoConfig) {
+        let set = |dst: &mut f64, v: Option<f64>| {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        };
+        if let Some(n) = self.lora_steps {
+            cfg.lora_train.steps = n;
+        }
+        set(&mut cfg.lora_train.optim.lr, self.lora_lr);
+        set(
+            &mut cfg.lora_train.optim.weight_decay,
+            self.lora_weight_decay,
+        );
+        if let Some(r) = self.rank {
+            cfg.lora.rank = r;
+        }
+        set(&mut cfg.lora.alpha, self.alpha);
+        set(&mut cfg.lora.dropout, self.dropout);
+        if let Some(a) = cfg.anchors.as_mut() {
+            set(&mut a.anchor.weight, self.anchor_weight);
+            if let Some(b) = self.anchor_batch {
+                a.anchor.batch_size = b;
+            }
+        }
+        if self.no_anchors {
+            cfg.anchors = None;
+        }
+        if let Some(n) = self.examples {
+            cfg.examples_per_task = n;
+        }
+        if let Some(n) = self.eval_examples {
+            cfg.eval_examples = n;
+        }
+    }
+}
+
+fn preset(preset: Preset, seed: u64) -> DemoConfig {
+    match preset {
+        Preset::Full => DemoConfig::full(seed),
+        Preset::Smoke => DemoConfig::smoke(seed),
+    }
+}
+
+fn list(s: &str) -> Result<Vec<usize>, TrainError> {
+    s.split([',', ':'])
+        .map(|x| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|e| TrainError::Config(format!("`{x}`: {e}")))
+        })
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<(), TrainError> {
+    match cli.command {
+        Command::Demo {
+            out,
+            seed,
+            preset: p,
+            pretrain_steps,
+            save_dtype,
+            lora,
+        } => {
+            let mut cfg = preset(p, seed);
+            if let Some(n) = pretrain_steps {
+                cfg.pretrain.steps = n;
+            }
+            cfg.save_dtype = match save_dtype {
+                Dtype::F32 => SaveDtype::F32,
+                Dtype::Bf16 => SaveDtype::Bf16,
+                Dtype::F16 => SaveDtype::F16,
+            };
+            lora.apply(&mut cfg);
+            let summary = run_demo(&out, &cfg)?;
+            print_summary(&out, &summary);
+            Ok(())
+        }
+        Command::Lora {
+            base,
+            out,
+            tasks,
+            seed,
+            preset: p,
+            lora,
+        } => {
+            let mut cfg = preset(p, seed);
+            lora.apply(&mut cfg);
+            let tasks = tasks
+                .split(',')
+                .map(|t| {
+                    t.trim()
+                        .parse::<Task>()
+                        .map_err(|e| TrainError::Config(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let summary = run_adapters(&base, &out, &tasks, &cfg)?;
+            print_summary(&out, &summary);
+            Ok(())
+        }
+        Command::Measure {
+            vocab,
+            shapes,
+            batches,
+            lens,
+            steps,
+        } => {
+            for spec in shapes.split(',') {
+                let d = list(spec)?;
+                let [hidden, layers, inter, heads, kv] = d[..] else {
+                    return Err(TrainError::Config(format!(
+                        "shape `{spec}` needs 5 numbers"
+                    )));
+                };
+                let shape = LlamaShape::new(vocab, hidden, inter, layers, heads, kv);
+                for &b in &list(&batches)? {
+                    for &t in &list(&lens)? {
+                        let m = measure(&shape, b, t, steps)?;
+                        println!(
+                            "shape {spec:>18} params {:>9} batch {b:>3} len {t:>4}: {:>7.3} s/step {:>8.0} tok/s",
+                            m.params, m.step_s, m.tokens_per_s
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_summary(out: &std::path::Path, s: &DemoSummary) {
+    println!("demo written to {}", out.display());
+    println!("base: {} parameters, vocabulary {}", s.params, s.vocab_size);
+    if let Some(p) = &s.pretrain {
+        println!(
+            "pretrain: {} steps, loss {:.3} -> {:.3}, {:.0} tok/s",
+            p.steps,
+            p.first_loss,
+            p.final_loss,
+            p.tokens_per_s()
+        );
+    }
+    for a in &s.adapters {
+        let r = &a.report;
+        println!(
+            "adapter {:>8}: {} steps, loss {:.3} -> {:.3}, anchor KL {}, {:.0} target tok/s",
+            a.task,
+            r.steps,
+            r.first_loss,
+            r.final_loss,
+            r.final_anchor_kl.map_or("-".into(), |k| format!("{k:.4}")),
+            r.targets_per_s()
+        );
+    }
+    for (phase, secs) in &s.phases {
+        println!("time {phase:>18}: {secs:>7.1} s");
+    }
+    if !s.scores.is_empty() {
+        println!("exact match (greedy, held-out)   base  sql    ad     instruct  merged(cat)");
+        for t in &s.scores {
+            let ads: Vec<String> = t.adapters.iter().map(|(_, v)| format!("{v:.2}")).collect();
+            println!(
+                "  {:>8}                       {:.2}  {}  {:.2}",
+                t.task,
+                t.base,
+                ads.join("   "),
+                t.merged
+            );
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

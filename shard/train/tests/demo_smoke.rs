@@ -1,0 +1,54 @@
+//! The demo pipeline end to end at the smoke size: it writes a base Medley loads (model,
+//! tokenizer files) and three PEFT adapters `medley_merge::peft` reads.
+
+#![allow(clippy::unwrap_used)]
+
+use medley_merge::peft::read_adapter_dir;
+use medley_shard::model::{LlamaModel, LoadOptions};
+use medley_train::demo::{DemoConfig, run_demo};
+
+#[test]
+fn smoke_demo_writes_what_medley_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    // Smaller still than the smoke preset: this checks the plumbing, not the learning.
+    let mut cfg = DemoConfig::smoke(3);
+    cfg.tokenizer_docs = 300;
+    cfg.tokenizer_examples = 50;
+    cfg.corpus_docs = 300;
+    cfg.examples_per_task = 40;
+    cfg.pretrain.steps = 4;
+    cfg.pretrain.batch_size = 4;
+    cfg.lora_train.steps = 2;
+    cfg.lora_train.batch_size = 4;
+    if let Some(a) = cfg.anchors.as_mut() {
+        a.anchor.batch_size = 2;
+        a.corpus_windows = 20;
+        a.other_task_examples = 10;
+    }
+    cfg.eval_examples = 1;
+    let summary = run_demo(dir.path(), &cfg).unwrap();
+    let base = dir.path().join("base");
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(base.join(f).is_file(), "missing {f}");
+    }
+    let model = LlamaModel::load(&base, &LoadOptions::default()).unwrap();
+    assert_eq!(model.config().vocab_size, summary.vocab_size);
+    assert_eq!(
+        model.config().eos_token_ids,
+        vec![medley_demo::tokenizer::EOS_ID]
+    );
+    for task in ["sql", "ad", "instruct"] {
+        let peft = read_adapter_dir(&dir.path().join("adapters").join(task)).unwrap();
+        assert_eq!(peft.config.r, cfg.lora.rank);
+        assert_eq!(peft.adapter.modules().len(), 7 * cfg.dims.layers);
+    }
+    assert_eq!(summary.adapters.len(), 3);
+    assert_eq!(summary.scores.len(), 3);
+    assert!(dir.path().join("summary.json").is_file());
+}
