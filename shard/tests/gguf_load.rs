@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
-use medley_shard::fixture::write_gguf;
+use medley_shard::fixture::write_gguf_view;
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::quant::Quantize;
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk};
@@ -17,14 +17,9 @@ fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
 }
 
-/// Writes the tiny model as `<tmp>/tiny.gguf` in `dtype` and its view directory `<tmp>/view`.
+/// Writes the tiny model as a GGUF file in `dtype` and its view directory under `tmp`.
 fn gguf_view(tmp: &Path, dtype: GgmlDType) -> PathBuf {
-    let file = tmp.join("tiny.gguf");
-    write_gguf(&tiny(), &file, dtype).unwrap();
-    let view = tmp.join("view");
-    std::fs::create_dir(&view).unwrap();
-    medley_hub::gguf::write_view(&file, &view).unwrap();
-    view
+    write_gguf_view(&tiny(), tmp, dtype).unwrap()
 }
 
 /// Logits at every position of `tokens` (one prefill).
@@ -85,7 +80,7 @@ fn the_file_holds_llama_cpp_rotary_rows() {
     // the stored `attn_q` rows are a reordering of `q_proj`'s, not `q_proj` itself.
     let tmp = tempfile::tempdir().unwrap();
     gguf_view(tmp.path(), GgmlDType::F32);
-    let mut f = std::fs::File::open(tmp.path().join("tiny.gguf")).unwrap();
+    let mut f = std::fs::File::open(tmp.path().join("model.F32.gguf")).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let stored = content
         .tensor(&mut f, "blk.0.attn_q.weight", &candle_core::Device::Cpu)
