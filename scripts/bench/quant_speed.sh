@@ -47,7 +47,7 @@ serve() {
     bench_serve "$name" "$((22000 + n * 10 + ($$ % 500) * 20))" "$model" "$@"
     python3 "$root/scripts/gpu_check/check.py" medley-speed --url "$url" \
         --out "$work/speed-$name.json" --streams "$streams" --new-tokens "$new_tokens" \
-        --configs "$configs" --budget-s 1800 2>/dev/null
+        --configs "$configs" --decode-reps 3 --budget-s 1800 2>/dev/null
     pid=$(pgrep -f -- "--uds-path $sock-" | head -n 1)
     # VmRSS (now), then VmHWM (peak).
     echo "$(awk '/VmRSS/ {print $2}' "/proc/$pid/status") $(awk '/VmHWM/ {print $2}' "/proc/$pid/status")" \
@@ -92,14 +92,16 @@ for n in names:
     p = f"{work}/llama-{n}.json"
     if os.path.exists(p):
         llama[n] = json.load(open(p))
+def row(n, config, s):
+    return next((r for r in speed[n] if r["config"] == config and r["streams"] == s), {})
 def tps(n, config, s):
-    return next((r.get("tokens_per_s") for r in speed[n] if r["config"] == config and r["streams"] == s), None)
+    return row(n, config, s).get("tokens_per_s")
 print(f"TinyLlama-shaped model, {layers} layers, {new_tokens} new tokens per stream (HTTP /generate); "
       "GGUF blocks kept quantized; 8 merges = linear merges of two rank-16 adapters, stream i uses merge i mod 8\n")
 head = " | ".join(f"{c} x{s}" for c in ("base", "1 adapter", "8 merges") for s in streams)
-print(f"| model | {head} | base x{streams[0]} vs f32 | 8 merges / base x{streams[-1]} | shard RSS MiB (peak) | RSS vs f32 | llama.cpp x1 | Medley / llama.cpp x1 |")
-print("|---|" + "---:|" * (3 * len(streams) + 6))
-ref = next((n for n in names if n == "f32"), None)
+print(f"| model | {head} | base x{streams[0]} vs f32 | 8 merges / base x{streams[-1]} | shard RSS MiB (peak) | RSS vs f32 |")
+print("|---|" + "---:|" * (3 * len(streams) + 4))
+fmt = lambda v: "" if v is None else f"{v}"
 for n in names:
     cells = [tps(n, c, s) for c in ("base", "1 adapter", "8 merges") for s in streams]
     b1 = tps(n, "base", streams[0])
@@ -107,12 +109,23 @@ for n in names:
     m, b = tps(n, "8 merges", streams[-1]), tps(n, "base", streams[-1])
     rss_now, rss_peak = rss[n][0] / 1024, rss[n][1] / 1024
     ref_rss = rss["smollm2-none" if n.startswith("smollm2") else "f32"][0] / 1024
-    ll = llama.get(n, {}).get("decode_tokens_per_s")
-    fmt = lambda v: "" if v is None else f"{v}"
     print(f"| {n} | " + " | ".join(fmt(c) for c in cells)
           + f" | {b1 / base_ref:.2f}x | " + (f"{m / b:.0%}" if m and b else "")
-          + f" | {rss_now:.0f} ({rss_peak:.0f}) | {rss_now / ref_rss:.0%} | {fmt(ll)} | "
-          + (f"{b1 / ll:.2f}x" if ll and b1 else "") + " |")
+          + f" | {rss_now:.0f} ({rss_peak:.0f}) | {rss_now / ref_rss:.0%} |")
+print("\nOne stream against llama.cpp: *request* = new tokens / whole request, prompt included "
+      "(Medley: the x1 HTTP /generate run above; llama.cpp: eval of the prompt, then the tokens, best "
+      "of 3); *decode* = best of 3 runs of "
+      "tokens / time between the first and the last new token (Medley: /generate_stream events; "
+      "llama.cpp: the single-token evals)\n")
+print("| model | Medley request | llama.cpp request | ratio | Medley decode | llama.cpp decode | ratio | Medley decode vs f32 |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+ratio = lambda a, b: f"{a / b:.2f}x" if a and b else ""
+for n in names:
+    mr = tps(n, "base", 1)
+    md = row(n, "base", 1).get("decode_tokens_per_s")
+    ref_d = row("smollm2-none" if n.startswith("smollm2") else "f32", "base", 1).get("decode_tokens_per_s")
+    lr, ld = llama.get(n, {}).get("request_tokens_per_s"), llama.get(n, {}).get("decode_tokens_per_s")
+    print(f"| {n} | {fmt(mr)} | {fmt(lr)} | {ratio(mr, lr)} | {fmt(md)} | {fmt(ld)} | {ratio(md, ld)} | {ratio(md, ref_d)} |")
 for n, v in llama.items():
     if "capital_answer" in v:
         print(f"\nllama.cpp's answer on {n} (chat template, greedy): {v['capital_answer']!r}")
