@@ -44,7 +44,9 @@ use crate::model::{InitConfig, Llama};
 use crate::optim::OptimConfig;
 use crate::save::{AdapterMeta, SaveDtype, write_adapter, write_base};
 use crate::shape::LlamaShape;
-use crate::train::{AnchorConfig, TrainConfig, TrainReport, pretrain, train_lora};
+use crate::train::{
+    AnchorConfig, CoTrainConfig, LoraJob, TrainConfig, TrainReport, pretrain, train_loras,
+};
 
 /// The base model's size (the vocabulary comes from the tokenizer).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -110,6 +112,8 @@ pub struct DemoConfig {
     pub lora_train: TrainConfig,
     /// Anchoring of the adapters to the base outside their task (`None`: task data only).
     pub anchors: Option<AnchorMix>,
+    /// Merge-aware co-training of the three adapters (`None`: each trained alone).
+    pub co_train: Option<CoTrainConfig>,
     /// Held-out examples per task for the closing exact-match check (0: skip it).
     pub eval_examples: usize,
     /// Storage dtype of the base weights.
@@ -179,6 +183,7 @@ impl DemoConfig {
                 corpus_windows: 2000,
                 other_task_examples: 1000,
             }),
+            co_train: Some(CoTrainConfig { merged_weight: 1.0 }),
             eval_examples: 50,
             save_dtype: SaveDtype::F32,
             base_model_name: "medley-demo".into(),
@@ -309,45 +314,103 @@ pub fn corpus_windows(
     Ok(pack(&docs, seq_len))
 }
 
-/// Trains the adapter of `task` on the frozen `base` (task data, and the anchor pool of
-/// `cfg.anchors`: the first corpus windows and the other tasks' examples).
-pub fn train_task_adapter(
-    base: &Llama,
+/// One task's adapter training inputs: its examples and its anchor pool (the first corpus
+/// windows and the other tasks' examples, see [`AnchorMix`]).
+struct TaskData {
+    task: Task,
+    examples: Vec<Sequence>,
+    pool: Vec<Sequence>,
+}
+
+fn task_data(
     tok: &Tokenizer,
     corpus: &[Sequence],
     task: Task,
     cfg: &DemoConfig,
-) -> Result<(LoraSet, TrainReport), TrainError> {
-    let data = task_sequences(tok, task, cfg.seed, cfg.examples_per_task, false)?;
-    let pool = match &cfg.anchors {
-        Some(mix) => {
-            let mut pool: Vec<Sequence> = corpus.iter().take(mix.corpus_windows).cloned().collect();
-            for other in Task::ALL.into_iter().filter(|t| *t != task) {
-                pool.extend(task_sequences(
-                    tok,
-                    other,
-                    cfg.seed ^ 0x5eed,
-                    mix.other_task_examples,
-                    true,
+) -> Result<TaskData, TrainError> {
+    let examples = task_sequences(tok, task, cfg.seed, cfg.examples_per_task, false)?;
+    let mut pool = Vec::new();
+    if let Some(mix) = &cfg.anchors {
+        pool.extend(corpus.iter().take(mix.corpus_windows).cloned());
+        for other in Task::ALL.into_iter().filter(|t| *t != task) {
+            pool.extend(task_sequences(
+                tok,
+                other,
+                cfg.seed ^ 0x5eed,
+                mix.other_task_examples,
+                true,
+            )?);
+        }
+    }
+    Ok(TaskData {
+        task,
+        examples,
+        pool,
+    })
+}
+
+/// Trains the adapters of `tasks` on the frozen `base`: one after the other, or together when
+/// [`DemoConfig::co_train`] is set ([`train_loras`]).
+fn train_task_adapters(
+    base: &Llama,
+    tok: &Tokenizer,
+    corpus: &[Sequence],
+    tasks: &[Task],
+    cfg: &DemoConfig,
+) -> Result<Vec<(Task, LoraSet, TrainReport)>, TrainError> {
+    let data = tasks
+        .iter()
+        .map(|&t| task_data(tok, corpus, t, cfg))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sets = data
+        .iter()
+        .map(|d| {
+            let lora_cfg = LoraConfig {
+                seed: cfg.lora.seed ^ (d.task as u64 + 1),
+                ..cfg.lora.clone()
+            };
+            LoraSet::init(
+                base.shape(),
+                &lora_cfg,
+                base.params().dtype(),
+                base.params().device(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let jobs: Vec<LoraJob<'_>> = data
+        .iter()
+        .zip(&sets)
+        .map(|(d, lora)| LoraJob {
+            label: d.task.id().into(),
+            lora,
+            task: &d.examples,
+            anchors: cfg
+                .anchors
+                .as_ref()
+                .map(|mix| (d.pool.as_slice(), &mix.anchor)),
+        })
+        .collect();
+    let reports = match &cfg.co_train {
+        Some(co) => train_loras(base, &jobs, &cfg.lora_train, Some(co))?,
+        None => {
+            let mut reports = Vec::new();
+            for job in &jobs {
+                reports.extend(train_loras(
+                    base,
+                    std::slice::from_ref(job),
+                    &cfg.lora_train,
+                    None,
                 )?);
             }
-            Some((pool, &mix.anchor))
+            reports
         }
-        None => None,
     };
-    let lora_cfg = LoraConfig {
-        seed: cfg.lora.seed ^ (task as u64 + 1),
-        ..cfg.lora.clone()
-    };
-    let lora = LoraSet::init(
-        base.shape(),
-        &lora_cfg,
-        base.params().dtype(),
-        base.params().device(),
-    )?;
-    let anchors = pool.as_ref().map(|(p, a)| (p.as_slice(), *a));
-    let report = train_lora(base, &lora, &data, anchors, &cfg.lora_train)?;
-    Ok((lora, report))
+    Ok(data
+        .iter()
+        .zip(sets)
+        .zip(reports)
+        .map(|((d, set), report)| (d.task, set, report))
+        .collect())
 }
 
 /// Trains and writes the adapters of `tasks` (into `out/adapters/<task>/`) on `base`, then runs
@@ -361,11 +424,12 @@ fn adapters_phase(
     cfg: &DemoConfig,
     phases: &mut Vec<(String, f64)>,
 ) -> Result<(Vec<AdapterSummary>, Vec<TaskScores>), TrainError> {
+    let clock = Instant::now();
+    let trained = train_task_adapters(base, tok, corpus, tasks, cfg)?;
+    lap(phases, "adapters", clock);
     let mut adapters = Vec::new();
     let mut sets = Vec::new();
-    for &task in tasks {
-        let clock = Instant::now();
-        let (lora, report) = train_task_adapter(base, tok, corpus, task, cfg)?;
+    for (task, lora, report) in trained {
         let meta = AdapterMeta {
             base_model_name_or_path: Some(cfg.base_model_name.clone()),
         };
@@ -375,7 +439,6 @@ fn adapters_phase(
             report,
         });
         sets.push((task, lora));
-        lap(phases, &format!("adapter {}", task.id()), clock);
     }
     let scores = if cfg.eval_examples > 0 {
         let clock = Instant::now();

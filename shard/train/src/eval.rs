@@ -40,6 +40,7 @@ pub fn greedy(
                 ForwardOptions {
                     lora,
                     dropout: None,
+                    frozen: None,
                 },
             )?;
             for (row, s) in seqs.iter_mut().enumerate() {

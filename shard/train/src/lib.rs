@@ -36,4 +36,7 @@ pub use optim::{OptimConfig, ScheduleConfig};
 pub use params::ParamStore;
 pub use save::{AdapterMeta, SaveDtype, write_adapter, write_base};
 pub use shape::LlamaShape;
-pub use train::{AnchorConfig, TrainConfig, TrainReport, pretrain, train_lora};
+pub use train::{
+    AnchorConfig, CoTrainConfig, LoraJob, TrainConfig, TrainReport, pretrain, train_lora,
+    train_loras,
+};

@@ -132,6 +132,12 @@ struct LoraOverrides {
     /// Train the adapters without KL anchoring to the base.
     #[arg(long)]
     no_anchors: bool,
+    /// Weight of the loss inside the merge in co-training.
+    #[arg(long)]
+    merged_weight: Option<f64>,
+    /// Train the adapters one after the other, without merge-aware co-training.
+    #[arg(long)]
+    no_co_train: bool,
     /// Training examples per task.
     #[arg(long)]
     examples: Option<usize>,
@@ -168,6 +174,12 @@ impl LoraOverrides {
         }
         if self.no_anchors {
             cfg.anchors = None;
+        }
+        if let Some(c) = cfg.co_train.as_mut() {
+            set(&mut c.merged_weight, self.merged_weight);
+        }
+        if self.no_co_train {
+            cfg.co_train = None;
         }
         if let Some(n) = self.examples {
             cfg.examples_per_task = n;
@@ -286,11 +298,13 @@ fn print_summary(out: &std::path::Path, s: &DemoSummary) {
     for a in &s.adapters {
         let r = &a.report;
         println!(
-            "adapter {:>8}: {} steps, loss {:.3} -> {:.3}, anchor KL {}, {:.0} target tok/s",
+            "adapter {:>8}: {} steps, loss {:.3} -> {:.3}, in the merge {}, anchor KL {}, {:.0} target tok/s",
             a.task,
             r.steps,
             r.first_loss,
             r.final_loss,
+            r.final_merged_loss
+                .map_or("-".into(), |m| format!("{m:.3}")),
             r.final_anchor_kl.map_or("-".into(), |k| format!("{k:.4}")),
             r.targets_per_s()
         );

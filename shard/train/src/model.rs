@@ -65,6 +65,9 @@ pub struct ForwardOptions<'a> {
     pub lora: Option<&'a LoraSet>,
     /// LoRA dropout (training only).
     pub dropout: Option<&'a mut Dropout>,
+    /// A second adapter added on top without dropout, e.g. the detached sum of other adapters
+    /// ([`LoraSet::concat`]) when training one adapter to work inside their merge.
+    pub frozen: Option<&'a LoraSet>,
 }
 
 impl Llama {
@@ -271,7 +274,14 @@ fn project(
     let delta = opts
         .lora
         .and_then(|set| set.delta(layer, target, x, opts.dropout.as_deref_mut()));
-    match delta {
+    let y = match delta {
+        Some(delta) => (y + delta?)?,
+        None => y,
+    };
+    match opts
+        .frozen
+        .and_then(|set| set.delta(layer, target, x, None))
+    {
         Some(delta) => Ok((y + delta?)?),
         None => Ok(y),
     }
@@ -364,6 +374,7 @@ mod tests {
             let opts = ForwardOptions {
                 lora: Some(&lora),
                 dropout: None,
+                frozen: None,
             };
             let logits = model.forward(&batch.ids, opts).unwrap();
             masked_cross_entropy(&logits, &batch.targets, &batch.weights, batch.num_targets)

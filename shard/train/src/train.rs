@@ -84,6 +84,9 @@ pub struct TrainReport {
     pub final_loss: f64,
     /// Mean anchor KL of the last logged window (LoRA with anchors only).
     pub final_anchor_kl: Option<f64>,
+    /// Mean task loss inside the merge with the other adapters, last logged window (LoRA
+    /// co-training only).
+    pub final_merged_loss: Option<f64>,
     /// Steps run.
     pub steps: usize,
     /// Wall time.
@@ -106,27 +109,38 @@ impl TrainReport {
     }
 }
 
+/// The optional terms of a LoRA step, logged beside the task loss.
+#[derive(Debug, Clone, Copy, Default)]
+struct Extras {
+    /// Anchor KL.
+    kl: Option<f64>,
+    /// Task loss inside the merge.
+    merged: Option<f64>,
+}
+
 /// Running means between log lines.
 struct Progress {
-    what: &'static str,
+    what: String,
     log_every: usize,
     start: Instant,
-    window: (f64, f64, usize),
+    /// Sums of the loss, the anchor KL and the merged loss, and the step count.
+    window: (f64, f64, f64, usize),
     report: TrainReport,
 }
 
 impl Progress {
-    fn new(what: &'static str, log_every: usize) -> Self {
+    fn new(what: String, log_every: usize) -> Self {
         Self {
             what,
             log_every: log_every.max(1),
             start: Instant::now(),
-            window: (0.0, 0.0, 0),
+            window: (0.0, 0.0, 0.0, 0),
             report: TrainReport {
                 losses: Vec::new(),
                 first_loss: f64::NAN,
                 final_loss: f64::NAN,
                 final_anchor_kl: None,
+                final_merged_loss: None,
                 steps: 0,
                 seconds: 0.0,
                 tokens: 0,
@@ -139,7 +153,7 @@ impl Progress {
         &mut self,
         step: usize,
         loss: f64,
-        kl: Option<f64>,
+        extras: Extras,
         lr: f64,
         batch: (usize, usize),
         last: bool,
@@ -155,26 +169,31 @@ impl Progress {
         r.tokens += batch.0;
         r.targets += batch.1;
         self.window.0 += loss;
-        self.window.1 += kl.unwrap_or(0.0);
-        self.window.2 += 1;
+        self.window.1 += extras.kl.unwrap_or(0.0);
+        self.window.2 += extras.merged.unwrap_or(0.0);
+        self.window.3 += 1;
         if (step + 1).is_multiple_of(self.log_every) || last {
-            let n = self.window.2 as f64;
-            let (mean, mean_kl) = (self.window.0 / n, self.window.1 / n);
+            let n = self.window.3 as f64;
+            let mean = self.window.0 / n;
+            let mean_kl = extras.kl.map(|_| self.window.1 / n);
+            let mean_merged = extras.merged.map(|_| self.window.2 / n);
             r.losses.push((step + 1, mean));
             r.final_loss = mean;
-            r.final_anchor_kl = kl.map(|_| mean_kl);
+            r.final_anchor_kl = mean_kl;
+            r.final_merged_loss = mean_merged;
             r.seconds = self.start.elapsed().as_secs_f64();
             tracing::info!(
                 phase = self.what,
                 step = step + 1,
                 loss = format!("{mean:.4}"),
-                anchor_kl = kl.map(|_| format!("{mean_kl:.4}")),
+                anchor_kl = mean_kl.map(|k| format!("{k:.4}")),
+                merged_loss = mean_merged.map(|m| format!("{m:.4}")),
                 lr = format!("{lr:.2e}"),
                 tok_s = format!("{:.0}", r.tokens_per_s()),
                 target_tok_s = format!("{:.0}", r.targets_per_s()),
                 "train"
             );
-            self.window = (0.0, 0.0, 0);
+            self.window = (0.0, 0.0, 0.0, 0);
         }
         Ok(())
     }
@@ -229,7 +248,7 @@ fn train_params(
 ) -> Result<TrainReport, TrainError> {
     let mut opt = Optimizer::new(params, &cfg.optim, &cfg.schedule())?;
     let mut order = order(data, cfg, cfg.batch_size, 0)?;
-    let mut progress = Progress::new(what, cfg.log_every);
+    let mut progress = Progress::new(what.to_string(), cfg.log_every);
     tracing::info!(
         phase = what,
         params = params.numel(),
@@ -250,7 +269,7 @@ fn train_params(
         progress.record(
             step,
             value,
-            None,
+            Extras::default(),
             stats.lr,
             (batch.num_tokens, batch.num_targets),
             last,
@@ -268,69 +287,177 @@ pub fn train_lora(
     anchors: Option<(&[Sequence], &AnchorConfig)>,
     cfg: &TrainConfig,
 ) -> Result<TrainReport, TrainError> {
-    let base = &base.frozen();
-    let params = lora.params();
-    let (dtype, device) = (params.dtype(), params.device());
-    let mut opt = Optimizer::new(params, &cfg.optim, &cfg.schedule())?;
-    let mut task_order = order(task, cfg, cfg.batch_size, 0)?;
-    let mut anchor_order = match anchors {
-        Some((data, a)) if a.batch_size > 0 && !data.is_empty() => {
-            Some((order(data, cfg, a.batch_size, 0xa11c)?, data, a))
-        }
-        _ => None,
+    let job = LoraJob {
+        label: "lora".into(),
+        lora,
+        task,
+        anchors,
     };
-    let mut dropout = Dropout::new(lora.config().dropout, cfg.seed);
-    let mut progress = Progress::new("lora", cfg.log_every);
-    tracing::info!(
-        lora_params = params.numel(),
-        sequences = task.len(),
-        anchors = anchors.map(|(d, _)| d.len()),
-        ?cfg,
-        lora = ?lora.config(),
-        "start"
-    );
+    let mut reports = train_loras(base, &[job], cfg, None)?;
+    Ok(reports.remove(0))
+}
+
+/// One adapter of [`train_loras`]: its factors, its task's examples and its anchor pool.
+#[derive(Debug, Clone)]
+pub struct LoraJob<'a> {
+    /// Name in the logs (the task id).
+    pub label: String,
+    /// The factors trained.
+    pub lora: &'a LoraSet,
+    /// The adapter's own task: the only examples whose targets it learns.
+    pub task: &'a [Sequence],
+    /// Anchor pool and settings (KL to the base, see [`AnchorConfig`]).
+    pub anchors: Option<(&'a [Sequence], &'a AnchorConfig)>,
+}
+
+/// Merge-aware co-training of several adapters (see [`train_loras`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoTrainConfig {
+    /// Weight of the loss on the adapter's task with the other adapters' current updates added
+    /// (the `cat` merge with weight 1 each); the adapter alone keeps weight 1.
+    pub merged_weight: f64,
+}
+
+/// The running state of one [`LoraJob`].
+struct JobState<'a> {
+    job: &'a LoraJob<'a>,
+    opt: Optimizer,
+    order: BatchOrder,
+    anchor: Option<(BatchOrder, &'a [Sequence], &'a AnchorConfig)>,
+    dropout: Dropout,
+    progress: Progress,
+}
+
+/// Trains several adapters on one frozen `base`, a step of each in turn. Each adapter learns
+/// only from its own task's examples (and its anchors). With `co_train`, each step also scores
+/// the adapter's task batch with the *other* adapters' current updates added, detached, and
+/// adds that loss times [`CoTrainConfig::merged_weight`]: the adapter learns its task both
+/// alone and inside the merge of all of them, so the merged updates stop undoing each other.
+/// Job `i` draws its data order and dropout from `cfg.seed ^ i` (one job: exactly
+/// [`train_lora`]).
+pub fn train_loras(
+    base: &Llama,
+    jobs: &[LoraJob<'_>],
+    cfg: &TrainConfig,
+    co_train: Option<&CoTrainConfig>,
+) -> Result<Vec<TrainReport>, TrainError> {
+    let base = &base.frozen();
+    let mut states = Vec::with_capacity(jobs.len());
+    for (i, job) in jobs.iter().enumerate() {
+        let params = job.lora.params();
+        let seeded = TrainConfig {
+            seed: cfg.seed ^ i as u64,
+            ..cfg.clone()
+        };
+        let anchor = match job.anchors {
+            Some((data, a)) if a.batch_size > 0 && !data.is_empty() => {
+                Some((order(data, &seeded, a.batch_size, 0xa11c)?, data, a))
+            }
+            _ => None,
+        };
+        tracing::info!(
+            adapter = job.label,
+            lora_params = params.numel(),
+            sequences = job.task.len(),
+            anchors = job.anchors.map(|(d, _)| d.len()),
+            ?cfg,
+            ?co_train,
+            lora = ?job.lora.config(),
+            "start"
+        );
+        states.push(JobState {
+            job,
+            opt: Optimizer::new(params, &cfg.optim, &cfg.schedule())?,
+            order: order(job.task, &seeded, cfg.batch_size, 0)?,
+            anchor,
+            dropout: Dropout::new(job.lora.config().dropout, seeded.seed),
+            progress: Progress::new(job.label.clone(), cfg.log_every),
+        });
+    }
     for step in 0..cfg.steps {
-        let seqs = next(&mut task_order, task);
-        let batch = Batch::new(&seqs, cfg.max_len, 0, dtype, device)?;
-        if batch.num_targets == 0 {
-            continue;
+        for (i, state) in states.iter_mut().enumerate() {
+            let others = match co_train {
+                Some(c) if jobs.len() > 1 => {
+                    let parts: Vec<(&LoraSet, f64)> = jobs
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != i)
+                        .map(|(_, j)| (j.lora, 1.0))
+                        .collect();
+                    Some((LoraSet::concat(&parts)?, c.merged_weight))
+                }
+                _ => None,
+            };
+            let others = others.as_ref().map(|(set, w)| (set, *w));
+            lora_step(base, state, others, cfg, step)?;
         }
+    }
+    Ok(states.into_iter().map(|s| s.progress.finish()).collect())
+}
+
+/// One optimiser step of one adapter: its task loss alone, plus the anchor KL and the loss
+/// inside the merge (`others`: the detached sum of the other adapters, and the term's weight).
+fn lora_step(
+    base: &Llama,
+    st: &mut JobState<'_>,
+    others: Option<(&LoraSet, f64)>,
+    cfg: &TrainConfig,
+    step: usize,
+) -> Result<(), TrainError> {
+    let lora = st.job.lora;
+    let (dtype, device) = (lora.params().dtype(), lora.params().device());
+    let seqs = next(&mut st.order, st.job.task);
+    let batch = Batch::new(&seqs, cfg.max_len, 0, dtype, device)?;
+    if batch.num_targets == 0 {
+        return Ok(());
+    }
+    let task_loss = |frozen: Option<&LoraSet>, dropout: &mut Dropout| {
         let opts = ForwardOptions {
             lora: Some(lora),
-            dropout: Some(&mut dropout),
+            dropout: Some(dropout),
+            frozen,
         };
         let logits = base.forward(&batch.ids, opts)?;
-        let mut loss =
-            masked_cross_entropy(&logits, &batch.targets, &batch.weights, batch.num_targets)?;
-        let value = scalar(&loss)?;
-        let mut kl_value = None;
-        let mut tokens = batch.num_tokens;
-        if let Some((ord, data, a)) = anchor_order.as_mut() {
-            let seqs = next(ord, data);
-            let ab = Batch::new(&seqs, cfg.max_len, 0, dtype, device)?;
-            let base_logits = base.forward(&ab.ids, ForwardOptions::default())?.detach();
-            let opts = ForwardOptions {
-                lora: Some(lora),
-                dropout: Some(&mut dropout),
-            };
-            let logits = base.forward(&ab.ids, opts)?;
-            let kl = masked_kl_to_base(&logits, &base_logits, &ab.weights, ab.num_targets)?;
-            kl_value = Some(scalar(&kl)?);
-            loss = (loss + (kl * a.weight)?)?;
-            tokens += ab.num_tokens;
-        }
-        let stats = opt.backward_step(&loss)?;
-        let last = step + 1 == cfg.steps;
-        progress.record(
-            step,
-            value,
-            kl_value,
-            stats.lr,
-            (tokens, batch.num_targets),
-            last,
-        )?;
+        masked_cross_entropy(&logits, &batch.targets, &batch.weights, batch.num_targets)
+    };
+    let mut loss = task_loss(None, &mut st.dropout)?;
+    let mut extras = Extras {
+        kl: None,
+        merged: None,
+    };
+    let value = scalar(&loss)?;
+    let mut tokens = batch.num_tokens;
+    if let Some((set, weight)) = others {
+        let merged = task_loss(Some(set), &mut st.dropout)?;
+        extras.merged = Some(scalar(&merged)?);
+        loss = (loss + (merged * weight)?)?;
+        tokens += batch.num_tokens;
     }
-    Ok(progress.finish())
+    if let Some((ord, data, a)) = st.anchor.as_mut() {
+        let seqs = next(ord, data);
+        let ab = Batch::new(&seqs, cfg.max_len, 0, dtype, device)?;
+        let base_logits = base.forward(&ab.ids, ForwardOptions::default())?.detach();
+        let opts = ForwardOptions {
+            lora: Some(lora),
+            dropout: Some(&mut st.dropout),
+            frozen: None,
+        };
+        let logits = base.forward(&ab.ids, opts)?;
+        let kl = masked_kl_to_base(&logits, &base_logits, &ab.weights, ab.num_targets)?;
+        extras.kl = Some(scalar(&kl)?);
+        loss = (loss + (kl * a.weight)?)?;
+        tokens += ab.num_tokens;
+    }
+    let stats = st.opt.backward_step(&loss)?;
+    let last = step + 1 == cfg.steps;
+    st.progress.record(
+        step,
+        value,
+        extras,
+        stats.lr,
+        (tokens, batch.num_targets),
+        last,
+    )
 }
 
 #[cfg(test)]
@@ -432,6 +559,98 @@ mod tests {
             let moved = (var.as_tensor() - &a_before[name]).unwrap().abs().unwrap();
             let moved = moved.max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(moved > 0.0, "{name} did not train");
+        }
+    }
+
+    /// `[marker, s, s + step, ...] mod 32`, the prompt being `[marker, s]`: on a base that
+    /// continues progressions, one task per `(marker, step)`, told apart by the marker only, so
+    /// adapters trained alone pull each other's step their own way.
+    fn marked(n: usize, marker: u32, step: u32, seed: u64) -> Vec<Sequence> {
+        use rand::Rng;
+        let mut rng = crate::params::stream(seed, "marked");
+        (0..n)
+            .map(|_| {
+                let s = rng.random_range(0..32u32);
+                let ids: Vec<u32> = std::iter::once(marker)
+                    .chain((0..11).map(|i| (s + i * step) % 32))
+                    .collect();
+                Sequence::prompt_completion(&ids[..2], &ids[2..])
+            })
+            .collect()
+    }
+
+    fn task_loss(model: &Llama, lora: &LoraSet, data: &[Sequence]) -> f64 {
+        let refs: Vec<_> = data.iter().collect();
+        let batch = Batch::new(&refs, 16, 0, DType::F32, &Device::Cpu).unwrap();
+        let opts = ForwardOptions {
+            lora: Some(lora),
+            ..ForwardOptions::default()
+        };
+        let logits = model.forward(&batch.ids, opts).unwrap();
+        let loss = masked_cross_entropy(&logits, &batch.targets, &batch.weights, batch.num_targets);
+        scalar(&loss.unwrap()).unwrap()
+    }
+
+    /// Two adapters on two tasks, trained alone or co-trained inside their merge: both learn
+    /// their task, co-training reports the merged loss, and the `cat` merge of the co-trained
+    /// pair does clearly better on both tasks than the merge of the pair trained alone.
+    #[test]
+    fn co_training_makes_the_merge_keep_both_tasks() {
+        let init = InitConfig { seed: 3, std: 0.05 };
+        let model = Llama::init(&tiny(), init, DType::F32, &Device::Cpu).unwrap();
+        pretrain(&model, &progressions(256, 16, 1), &cfg(120)).unwrap();
+        let data = [marked(128, 30, 1, 1), marked(128, 31, 3, 2)];
+        let held = [marked(32, 30, 1, 3), marked(32, 31, 3, 4)];
+        let run = |co: Option<&CoTrainConfig>| {
+            let sets: Vec<LoraSet> = (0..2)
+                .map(|i| {
+                    let c = LoraConfig {
+                        seed: i,
+                        dropout: 0.0,
+                        ..LoraConfig::default()
+                    };
+                    LoraSet::init(model.shape(), &c, DType::F32, &Device::Cpu).unwrap()
+                })
+                .collect();
+            let jobs: Vec<LoraJob<'_>> = sets
+                .iter()
+                .zip(&data)
+                .enumerate()
+                .map(|(i, (lora, task))| LoraJob {
+                    label: format!("task{i}"),
+                    lora,
+                    task,
+                    anchors: None,
+                })
+                .collect();
+            let reports = train_loras(&model, &jobs, &cfg(80), co).unwrap();
+            let merged = LoraSet::concat(&[(&sets[0], 1.0), (&sets[1], 1.0)]).unwrap();
+            let alone: Vec<f64> = (0..2)
+                .map(|i| task_loss(&model, &sets[i], &held[i]))
+                .collect();
+            let in_merge: Vec<f64> = (0..2)
+                .map(|i| task_loss(&model, &merged, &held[i]))
+                .collect();
+            (reports, alone, in_merge)
+        };
+        let (solo_reports, solo_alone, solo_merge) = run(None);
+        let co = CoTrainConfig { merged_weight: 1.0 };
+        let (co_reports, co_alone, co_merge) = run(Some(&co));
+        for r in solo_reports.iter().chain(&co_reports) {
+            assert!(r.final_loss < 0.5 * r.first_loss, "{r:?}");
+        }
+        assert!(solo_reports.iter().all(|r| r.final_merged_loss.is_none()));
+        assert!(co_reports.iter().all(|r| r.final_merged_loss.is_some()));
+        for i in 0..2 {
+            assert!(
+                co_alone[i] < 0.1,
+                "co-trained adapter {i} alone: {co_alone:?}"
+            );
+            assert!(
+                co_merge[i] < 0.2 * solo_merge[i],
+                "task {i} in the merge: co-trained {co_merge:?}, trained alone {solo_merge:?} \
+                 (alone {solo_alone:?} / {co_alone:?})"
+            );
         }
     }
 }

@@ -50,7 +50,7 @@ fn training_logits(model: &Llama, lora: Option<&LoraSet>) -> Vec<Vec<Vec<f32>>> 
     let batch = Batch::new(&refs, 64, 0, DType::F32, &Device::Cpu).unwrap();
     let opts = ForwardOptions {
         lora,
-        dropout: None,
+        ..ForwardOptions::default()
     };
     let logits = model
         .forward(&batch.ids, opts)
