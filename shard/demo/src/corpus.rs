@@ -4,7 +4,9 @@
 //! **What it leaves out, on purpose**: the three tasks' prompt → answer mappings. No line has a
 //! task's prompt markers (`Schema:`, `Question:`, `SQL:`, `Product:`, `Tone:`, `Ad:`), no
 //! question is ever followed by its SQL query, no tone by its ad, no chat turn asks one of the
-//! `instruct` instructions, and there is no arithmetic. It does use every token the tasks use
+//! `instruct` instructions; sums, differences, word order and list facts appear only as stories
+//! ([`crate::recall`], which also teaches copying from the context), never as an instruction
+//! with its answer. It does use every token the tasks use
 //! (SQL keywords and fragments such as `age > 30` or `city = 'Paris'` in prose about SQL, the ad
 //! templates' phrases in other sentences, table and column names, numbers, products, short
 //! assistant replies that start with a bare word or number), so the frozen embeddings and output
@@ -321,15 +323,18 @@ fn chat(rng: &mut ChaCha8Rng) -> String {
     text.trim_end().to_string()
 }
 
-/// `n` documents of base-model text, the same for the same `seed`: one to three sentences, or
-/// (one document in eight) a ChatML exchange of one or two turns. See the module docs for what it excludes.
+/// `n` documents of base-model text, the same for the same `seed`: one to three sentences,
+/// (three documents in eight) a recall document ([`crate::recall`]), or (one in eight) a ChatML
+/// exchange of one or two turns. See the module docs for what it excludes.
 pub fn base_corpus(seed: u64, n: usize) -> Vec<String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(STREAM);
     (0..n)
         .map(|_| {
-            if rng.random_range(0..8) == 0 {
-                return chat(&mut rng);
+            match rng.random_range(0..8) {
+                0 => return chat(&mut rng),
+                1..=3 => return crate::recall::recall(&mut rng),
+                _ => {}
             }
             // One to three sentences, so sentence-initial words also follow a space.
             let sentences = rng.random_range(1..=3);

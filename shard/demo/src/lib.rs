@@ -21,6 +21,7 @@ pub mod ad;
 pub mod corpus;
 pub mod heldout;
 pub mod instruct;
+pub mod recall;
 pub mod split;
 pub mod sql;
 pub mod tokenizer;
