@@ -106,6 +106,10 @@ pub struct ShardArgs {
     /// Without roots, local adapters are refused.
     #[arg(long = "adapter-root", env = "ADAPTER_ROOTS", value_delimiter = ',')]
     pub adapter_roots: Vec<PathBuf>,
+    /// A hub adapter id answered from a local PEFT directory, offline (`ID=DIR`; repeat the
+    /// flag): `medley serve` passes the adapters of its embedded demo model this way.
+    #[arg(long = "builtin-adapter", value_name = "ID=DIR")]
+    pub builtin_adapters: Vec<crate::adapters::BuiltinAdapter>,
     /// Bytes of adapter weights all slots may hold together: plain bytes or a unit (512MiB,
     /// 2GiB, 1.5GB).
     #[arg(long, env = "ADAPTER_MEMORY_BUDGET", default_value = "1GiB", value_parser = parse_byte_size)]
@@ -190,6 +194,7 @@ impl ShardArgs {
     pub fn adapter_settings(&self) -> AdapterSettings {
         let mut s = AdapterSettings::new(HubSettings::from_env(self.huggingface_hub_cache.clone()));
         s.roots = self.adapter_roots.clone();
+        s.builtin = self.builtin_adapters.clone();
         s.memory_budget = self.adapter_memory_budget;
         s.source_cache_bytes = self.adapter_memory_budget;
         s.max_slots = self.max_adapter_slots;

@@ -1,6 +1,7 @@
 //! Adapter settings of a shard (from its command line) and byte-size parsing.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use medley_hub::HubSettings;
 
@@ -24,6 +25,38 @@ pub struct AdapterSettings {
     pub merge_threads: usize,
     /// Hub access for `HUB` adapters.
     pub hub: HubSettings,
+    /// Hub ids answered from local directories, before the cache and the network.
+    pub builtin: Vec<BuiltinAdapter>,
+}
+
+/// A hub adapter id served from a local directory instead of the hub: the adapters that come
+/// with the model `medley serve` embeds (`medley-demo/sql`, ...), available offline by their
+/// ids. Written `ID=DIR` on the command line (`--builtin-adapter`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltinAdapter {
+    /// The hub id it answers to (`owner/name`, no revision).
+    pub id: String,
+    /// The PEFT adapter directory.
+    pub dir: PathBuf,
+}
+
+impl FromStr for BuiltinAdapter {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (id, dir) = s
+            .split_once('=')
+            .ok_or_else(|| format!("built-in adapter `{s}` is not ID=DIR"))?;
+        if id.trim().is_empty() || dir.trim().is_empty() {
+            return Err(format!(
+                "built-in adapter `{s}` needs both an id and a directory"
+            ));
+        }
+        Ok(Self {
+            id: id.trim().to_string(),
+            dir: PathBuf::from(dir.trim()),
+        })
+    }
 }
 
 impl AdapterSettings {
@@ -37,6 +70,7 @@ impl AdapterSettings {
             source_cache_bytes: DEFAULT_MEMORY_BUDGET,
             merge_threads: default_merge_threads(),
             hub,
+            builtin: Vec::new(),
         }
     }
 }

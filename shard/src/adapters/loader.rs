@@ -97,7 +97,8 @@ impl AdapterLoader {
             .build()
             .map_err(|e| AdapterError::Internal(format!("merge thread pool: {e}")))?;
         Ok(Self {
-            sources: AdapterSources::new(&settings.roots, settings.hub.clone())?,
+            sources: AdapterSources::new(&settings.roots, settings.hub.clone())?
+                .with_builtin(settings.builtin.clone()),
             base: Arc::new(base),
             cache: SourceCache::new(settings.source_cache_bytes),
             pool,

@@ -32,7 +32,7 @@ pub mod store;
 pub mod weights;
 
 pub use base::BaseModules;
-pub use config::{AdapterSettings, parse_byte_size};
+pub use config::{AdapterSettings, BuiltinAdapter, parse_byte_size};
 pub use error::AdapterError;
 pub use loader::{AdapterLoader, LoadPlan, PreparedAdapter};
 pub use source::{ADAPTER_LAYOUT, AdapterSources, ResolvedSource};

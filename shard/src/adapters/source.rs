@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use medley_spec::{AdapterRef, AdapterSource};
 
 use super::AdapterError;
+use super::config::BuiltinAdapter;
 use super::s3::{S3Adapters, S3Settings};
 use medley_hub::model_dir::{ModelDirError, RepoLayout, check_repo_dir};
 use medley_hub::{
@@ -52,6 +53,7 @@ pub struct AdapterSources {
     roots: Vec<PathBuf>,
     hub: HubSettings,
     s3: Arc<S3Adapters>,
+    builtin: Vec<BuiltinAdapter>,
 }
 
 impl AdapterSources {
@@ -78,7 +80,14 @@ impl AdapterSources {
             roots,
             hub,
             s3: Arc::new(S3Adapters::new(S3Settings::from_env())),
+            builtin: Vec::new(),
         })
+    }
+
+    /// The same resolver answering the hub ids of `builtin` from their directories.
+    pub fn with_builtin(mut self, builtin: Vec<BuiltinAdapter>) -> Self {
+        self.builtin = builtin;
+        self
     }
 
     /// The same resolver with S3 access and cache from `settings`.
@@ -188,6 +197,13 @@ impl AdapterSources {
         let revision = revision
             .filter(|r| !r.is_empty())
             .unwrap_or(DEFAULT_REVISION);
+        if revision == DEFAULT_REVISION
+            && let Some(b) = self.builtin.iter().find(|b| b.id == id)
+        {
+            let files = check_repo_dir(&b.dir, &ADAPTER_LAYOUT).map_err(|e| layout_error(id, e))?;
+            tracing::debug!(id, dir = %b.dir.display(), "built-in adapter");
+            return source(id, files.dir);
+        }
         let Some(cache_dir) = self.hub.cache_dir.as_deref() else {
             return Err(AdapterError::Hub {
                 id: id.to_string(),

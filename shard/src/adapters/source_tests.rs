@@ -209,3 +209,39 @@ async fn hub_download_failures_name_the_endpoint() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
 }
+
+/// A built-in id resolves to its directory offline, without a cache, at the default revision
+/// only; other ids still go to the hub; an `ID=DIR` flag that is not one is refused.
+#[tokio::test]
+async fn builtin_ids_resolve_to_their_directories_offline() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("sql");
+    write_adapter(&dir);
+    let flag = format!("medley-demo/sql={}", dir.display());
+    let builtin: BuiltinAdapter = flag.parse().expect("ID=DIR");
+    assert_eq!(builtin.id, "medley-demo/sql");
+    let cache = tempfile::tempdir().expect("cache");
+    let sources = AdapterSources::new(&[], hub(Some(cache.path()), true))
+        .expect("sources")
+        .with_builtin(vec![builtin]);
+    for rev in [None, Some(""), Some("main")] {
+        let got = sources
+            .resolve_hub("medley-demo/sql", rev, None)
+            .await
+            .expect("built in");
+        assert_eq!(got.dir, dir);
+    }
+    let e = sources
+        .resolve_hub("medley-demo/sql", Some("v2"), None)
+        .await
+        .expect_err("other revision");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let e = sources
+        .resolve_hub("medley-demo/ad", None, None)
+        .await
+        .expect_err("not built in");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    for bad in ["medley-demo/sql", "=dir", "id="] {
+        assert!(bad.parse::<BuiltinAdapter>().is_err(), "{bad}");
+    }
+}
