@@ -40,6 +40,8 @@ pub struct EvalArgs {
     #[arg(long, num_args = 1..)]
     pub tasks: Vec<PathBuf>,
     /// Adapters, comma-separated: each is evaluated alone, and they are the ids of sweep merges.
+    /// Without it and without --tasks: the demo's adapters (`medley-demo/sql`, `medley-demo/ad`,
+    /// `medley-demo/instruct`, which `medley serve` with no model serves offline).
     #[arg(long, value_delimiter = ',')]
     pub adapters: Vec<String>,
     /// `adapter_source` of adapter and merge requests (hub, local, s3; default: the server's).
@@ -111,6 +113,10 @@ pub struct EvalArgs {
     pub quiet: bool,
 }
 
+/// The adapters evaluated with the demo's held-out sets when neither --tasks nor --adapters is
+/// given: the ones the embedded demo model comes with.
+pub const DEMO_ADAPTERS: [&str; 3] = ["medley-demo/sql", "medley-demo/ad", "medley-demo/instruct"];
+
 /// The checked configuration of a run.
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
@@ -134,7 +140,10 @@ pub struct EvalConfig {
 
 impl EvalArgs {
     /// Checks the flags and builds the configuration.
-    pub fn into_config(self) -> Result<EvalConfig, EvalError> {
+    pub fn into_config(mut self) -> Result<EvalConfig, EvalError> {
+        if self.tasks.is_empty() && self.adapters.is_empty() {
+            self.adapters = DEMO_ADAPTERS.iter().map(|a| a.to_string()).collect();
+        }
         let mut merges = Vec::new();
         for value in &self.merges {
             merges.extend(parse_merge_arg(value)?);
@@ -333,10 +342,14 @@ mod tests {
 
     #[test]
     fn other_flags_are_checked() {
-        assert!(
-            parse(&["--adapters", "x"]).is_ok(),
-            "without --tasks: the demo sets"
+        let c = parse(&["--adapters", "x"]).unwrap();
+        assert_eq!(c.systems.adapters, ["x"], "without --tasks: the demo sets");
+        let demo = parse(&["--sweep"]).unwrap();
+        assert_eq!(
+            demo.systems.adapters, DEMO_ADAPTERS,
+            "no flags: the demo adapters"
         );
+        assert!(demo.systems.sweep.is_some());
         assert!(parse(&["--tasks", "a", "--concurrency", "0"]).is_err());
         assert!(parse(&["--tasks", "a", "--json-details"]).is_err());
         assert!(parse(&["--tasks", "a", "--merge", "{\"ids\": []}"]).is_err());
