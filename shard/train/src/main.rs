@@ -123,7 +123,7 @@ struct LoraOverrides {
     /// AdamW weight decay of the adapters.
     #[arg(long)]
     lora_weight_decay: Option<f64>,
-    /// Weight of the KL-to-base anchor term.
+    /// Weight of the KL-to-base anchor term (turns anchoring on when the preset has none).
     #[arg(long)]
     anchor_weight: Option<f64>,
     /// Anchor sequences per step.
@@ -166,6 +166,9 @@ impl LoraOverrides {
         }
         set(&mut cfg.lora.alpha, self.alpha);
         set(&mut cfg.lora.dropout, self.dropout);
+        if let (None, Some(w)) = (&cfg.anchors, self.anchor_weight) {
+            cfg.anchors = Some(medley_train::demo::AnchorMix::standard(w));
+        }
         if let Some(a) = cfg.anchors.as_mut() {
             set(&mut a.anchor.weight, self.anchor_weight);
             if let Some(b) = self.anchor_batch {
