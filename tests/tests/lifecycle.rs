@@ -11,7 +11,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_default_serves_offline_and_stops_cleanly() {
-    // No --model: the launcher extracts the embedded tiny model (HF_HUB_OFFLINE=1 is set).
+    // No --model: the launcher extracts the embedded demo model (HF_HUB_OFFLINE=1 is set).
     let mut s = Server::start(ServerOptions::default()).await.unwrap();
     let r = s
         .post(
@@ -23,7 +23,23 @@ async fn embedded_default_serves_offline_and_stops_cleanly() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert!(r.body["generated_text"].is_string());
     let (_, info) = s.get("/info").await.unwrap();
-    assert!(info.contains("medley/tiny-random-llama"), "{info}");
+    assert!(info.contains("medley-demo/base"), "{info}");
+    // Its adapters answer to their hub ids offline, alone and merged.
+    let sql = "Schema: staff(name, city, age, salary)\nQuestion: Which staff live in Paris?\nSQL:";
+    for adapter in ["medley-demo/sql", "medley-demo/ad", "medley-demo/instruct"] {
+        let body =
+            json!({"inputs": sql, "parameters": {"max_new_tokens": 4, "adapter_id": adapter}});
+        let r = s.post("/generate", &body).await.unwrap();
+        assert_eq!(r.status, 200, "{adapter}: {:?}", r.body);
+    }
+    let merged = json!({"inputs": sql, "parameters": {"max_new_tokens": 4, "merged_adapters": {
+        "ids": ["medley-demo/sql", "medley-demo/ad", "medley-demo/instruct"],
+        "weights": [1.0, 1.0, 1.0], "merge_strategy": "cat"}}});
+    let r = s.post("/generate", &merged).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let missing = json!({"inputs": sql, "parameters": {"max_new_tokens": 4, "adapter_id": "medley-demo/nope"}});
+    let r = s.post("/generate", &missing).await.unwrap();
+    assert_ne!(r.status, 200, "{:?}", r.body);
     let socket = s.dir.path().join("shard-0");
     assert!(socket.exists());
     let status = s.stop().unwrap();

@@ -52,7 +52,8 @@ pub struct ServeArgs {
     /// repository of GGUF files, `org/name:TAG` serves the one `.gguf` file whose name contains
     /// the quantization tag (case-insensitive), e.g.
     /// `TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF:Q4_K_M` (or see `--gguf-file`). Without it, the
-    /// tiny random Llama embedded in this binary is served as `medley/tiny-random-llama`.
+    /// demo model embedded in this binary is served as `medley-demo/base`, with its adapters
+    /// `medley-demo/sql`, `medley-demo/ad` and `medley-demo/instruct` available offline.
     #[arg(long, env = "MODEL_ID")]
     pub model: Option<String>,
     /// Hub revision (branch, tag or commit sha) of `--model`; defaults to `main`.

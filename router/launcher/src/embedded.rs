@@ -1,38 +1,80 @@
-//! The default model compiled into `medley`: the committed tiny random Llama
-//! (`tests/fixtures/tiny-llama`), written to disk on first use so `medley serve` works offline on
-//! a fresh machine without any argument.
+//! The default model compiled into `medley`: the trained demo (`tests/fixtures/demo/`, made by
+//! `medley-train demo`), a small Llama-family base model and three LoRA adapters, one per demo
+//! task. It is written to disk on first use, so `medley serve` works offline on a fresh machine
+//! without any argument, and the adapters answer to their hub ids ([`EMBEDDED_ADAPTERS`]) without
+//! the hub.
 
 use std::path::{Path, PathBuf};
 
+use medley_shard::adapters::BuiltinAdapter;
 use sha2::{Digest, Sha256};
 
 use crate::staged::StagedContents;
 
 /// Model id reported for the embedded model.
-pub const EMBEDDED_MODEL_ID: &str = "medley/tiny-random-llama";
+pub const EMBEDDED_MODEL_ID: &str = "medley-demo/base";
 
-macro_rules! fixture_file {
-    ($name:literal) => {
+/// The embedded model's adapters: `(hub id, directory inside the model directory)`.
+pub const EMBEDDED_ADAPTERS: [(&str, &str); 3] = [
+    ("medley-demo/sql", "adapters/sql"),
+    ("medley-demo/ad", "adapters/ad"),
+    ("medley-demo/instruct", "adapters/instruct"),
+];
+
+macro_rules! demo_file {
+    ($path:literal) => {
         (
-            $name,
+            $path,
             include_bytes!(concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../../tests/fixtures/tiny-llama/",
-                $name
+                "/../../tests/fixtures/demo/",
+                $path
             ))
             .as_slice(),
         )
     };
 }
 
-/// The files of the embedded default model.
-static DEFAULT_FILES: [(&str, &[u8]); 5] = [
-    fixture_file!("config.json"),
-    fixture_file!("generation_config.json"),
-    fixture_file!("model.safetensors"),
-    fixture_file!("tokenizer.json"),
-    fixture_file!("tokenizer_config.json"),
+/// The files of the embedded default model, by their path inside the model directory (the
+/// base model's files at the top, as the shards read them; the adapters below `adapters/`).
+static DEFAULT_FILES: [(&str, &[u8]); 11] = [
+    rename(demo_file!("base/config.json"), "config.json"),
+    rename(
+        demo_file!("base/generation_config.json"),
+        "generation_config.json",
+    ),
+    rename(demo_file!("base/model.safetensors"), "model.safetensors"),
+    rename(demo_file!("base/tokenizer.json"), "tokenizer.json"),
+    rename(
+        demo_file!("base/tokenizer_config.json"),
+        "tokenizer_config.json",
+    ),
+    demo_file!("adapters/sql/adapter_config.json"),
+    demo_file!("adapters/sql/adapter_model.safetensors"),
+    demo_file!("adapters/ad/adapter_config.json"),
+    demo_file!("adapters/ad/adapter_model.safetensors"),
+    demo_file!("adapters/instruct/adapter_config.json"),
+    demo_file!("adapters/instruct/adapter_model.safetensors"),
 ];
+
+const fn rename(
+    file: (&'static str, &'static [u8]),
+    name: &'static str,
+) -> (&'static str, &'static [u8]) {
+    (name, file.1)
+}
+
+/// The built-in adapters of the embedded model extracted into `model_dir`, for the shards'
+/// `--builtin-adapter` flags.
+pub fn builtin_adapters(model_dir: &Path) -> Vec<BuiltinAdapter> {
+    EMBEDDED_ADAPTERS
+        .iter()
+        .map(|(id, sub)| BuiltinAdapter {
+            id: id.to_string(),
+            dir: model_dir.join(sub),
+        })
+        .collect()
+}
 
 /// A set of named files with a content hash, extracted into `<base>/<hash>/`.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +94,7 @@ pub enum EmbeddedError {
 }
 
 impl EmbeddedModel {
-    /// The tiny random Llama compiled into this binary.
+    /// The demo model compiled into this binary.
     pub fn default_model() -> Self {
         Self {
             files: &DEFAULT_FILES,
@@ -112,14 +154,29 @@ pub fn default_bases() -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model_dir::{check_model_dir, testing::fixture_dir};
+    use crate::model_dir::check_model_dir;
 
+    /// The embedded bytes are the committed demo files, and the extracted directory is a
+    /// complete model whose adapters are where [`builtin_adapters`] says.
     #[test]
-    fn embedded_bytes_are_the_fixture() {
+    fn embedded_bytes_are_the_demo_fixture() {
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/demo");
         let model = EmbeddedModel::default_model();
         for (name, bytes) in model.files() {
-            let on_disk = std::fs::read(fixture_dir().join(name)).expect("fixture file");
+            let committed = if name.starts_with("adapters/") {
+                demo.join(name)
+            } else {
+                demo.join("base").join(name)
+            };
+            let on_disk = std::fs::read(&committed).expect("fixture file");
             assert_eq!(on_disk, *bytes, "{name}");
+        }
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = model.extract_to(tmp.path()).expect("extract");
+        check_model_dir(&dir).expect("complete model");
+        for b in builtin_adapters(&dir) {
+            assert!(b.dir.join("adapter_config.json").is_file(), "{b:?}");
+            assert!(b.id.starts_with("medley-demo/"), "{b:?}");
         }
     }
 

@@ -17,7 +17,7 @@ use super::embedded;
 use super::group::{Group, GroupFailure, GroupPolicy};
 use super::hub::HubSettings;
 use super::probe::{HealthRpcProbe, ReadinessProbe};
-use super::resolve::{ResolveRequest, resolve_model};
+use super::resolve::{ModelSource, ResolveRequest, resolve_model};
 use super::signals::{ShutdownSignals, SignalSource};
 use super::supervisor::{
     ShardCommand, ShardKvFlags, ShardOtlp, Supervisor, SupervisorConfig, socket_path,
@@ -162,6 +162,10 @@ where
                 prefix_caching: args.prefix_caching,
             },
             adapter_roots: router_config.limits.adapters.adapter_roots.clone(),
+            builtin_adapters: match model.source {
+                ModelSource::Embedded => crate::embedded::builtin_adapters(&model.files.dir),
+                _ => Vec::new(),
+            },
             adapter_memory_budget: args.adapter_memory_budget,
             max_adapter_slots: args.max_adapter_slots,
             huggingface_hub_cache: args.huggingface_hub_cache.clone(),

@@ -47,7 +47,11 @@ impl StagedContents<'_> {
             .prefix(".staging-")
             .tempdir_in(base)?;
         for (name, bytes) in self.files {
-            let mut file = std::fs::File::create(staging.path().join(name))?;
+            let path = staging.path().join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut file = std::fs::File::create(path)?;
             file.write_all(bytes)?;
             file.sync_all()?;
         }

@@ -68,6 +68,8 @@ pub struct ShardCommand {
     pub kv: ShardKvFlags,
     /// `--adapter-root`, once per directory.
     pub adapter_roots: Vec<PathBuf>,
+    /// `--builtin-adapter ID=DIR`, once per adapter (the embedded demo's).
+    pub builtin_adapters: Vec<medley_shard::adapters::BuiltinAdapter>,
     /// `--adapter-memory-budget`, if set.
     pub adapter_memory_budget: Option<u64>,
     /// `--max-adapter-slots`, if set.
@@ -122,6 +124,11 @@ impl ShardCommand {
         }
         for root in &self.adapter_roots {
             args.extend(["--adapter-root".into(), root.clone().into()]);
+        }
+        for b in &self.builtin_adapters {
+            let mut flag = OsString::from(format!("{}=", b.id));
+            flag.push(&b.dir);
+            args.extend(["--builtin-adapter".into(), flag]);
         }
         if let Some(bytes) = self.adapter_memory_budget {
             args.extend(["--adapter-memory-budget".into(), bytes.to_string().into()]);

@@ -102,6 +102,7 @@ pub(crate) fn config(dir: &Path, mode: &str, world_size: usize) -> SupervisorCon
                 prefix_caching: Some(medley_shard::cli::Switch::Off),
             },
             adapter_roots: vec![],
+            builtin_adapters: vec![],
             adapter_memory_budget: None,
             max_adapter_slots: None,
             huggingface_hub_cache: None,
@@ -144,6 +145,7 @@ fn command_line() {
         quantize: Quantize::Keep,
         kv: ShardKvFlags::default(),
         adapter_roots: vec![],
+        builtin_adapters: vec![],
         adapter_memory_budget: None,
         max_adapter_slots: None,
         huggingface_hub_cache: None,
@@ -161,6 +163,10 @@ fn command_line() {
     );
     let with_adapters = ShardCommand {
         adapter_roots: vec!["/a".into(), "/b".into()],
+        builtin_adapters: vec![medley_shard::adapters::BuiltinAdapter {
+            id: "medley-demo/sql".into(),
+            dir: "/m/adapters/sql".into(),
+        }],
         adapter_memory_budget: Some(1 << 30),
         max_adapter_slots: Some(8),
         huggingface_hub_cache: None,
@@ -173,7 +179,8 @@ fn command_line() {
         .collect();
     assert!(
         args.join(" ").ends_with(
-            "--adapter-root /a --adapter-root /b --adapter-memory-budget 1073741824 \
+            "--adapter-root /a --adapter-root /b --builtin-adapter medley-demo/sql=/m/adapters/sql \
+             --adapter-memory-budget 1073741824 \
              --max-adapter-slots 8 --json-output"
         ),
         "{args:?}"
