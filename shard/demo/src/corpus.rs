@@ -333,7 +333,11 @@ pub fn base_corpus(seed: u64, n: usize) -> Vec<String> {
         .map(|_| {
             match rng.random_range(0..8) {
                 0 => return chat(&mut rng),
-                1..=3 => return crate::recall::recall(&mut rng),
+                1 | 2 => return crate::recall::recall(&mut rng),
+                3 => {
+                    let (prefix, copy) = crate::recall::list_copy(&mut rng);
+                    return prefix + &copy;
+                }
                 _ => {}
             }
             // One to three sentences, so sentence-initial words also follow a space.

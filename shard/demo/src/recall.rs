@@ -16,12 +16,49 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::sql::{number_columns, text_values};
 use crate::vocab::{
-    CAR_MODELS, CITIES, COLORS, NAMES, PRODUCT_ITEMS, WORDS, capitalize, pick, pick_distinct,
-    product,
+    CAR_MODELS, CATEGORIES, CITIES, COLORS, COURSES, FLIGHT_CODES, NAMES, PRODUCT_ITEMS, WORDS,
+    capitalize, pick, pick_distinct, product,
 };
 
 fn list(words: &[&&str]) -> String {
     words.iter().map(|w| **w).collect::<Vec<_>>().join(", ")
+}
+
+/// One value of any kind the tasks copy: a name, city, product, word, number, colour, car model,
+/// flight code, course or category.
+fn any_value(rng: &mut ChaCha8Rng) -> String {
+    let either = rng.random_range(0..2);
+    match rng.random_range(0..10) {
+        0 => pick(rng, NAMES).to_string(),
+        1 => pick(rng, CITIES).to_string(),
+        2 => product(rng),
+        3 | 4 => pick(rng, WORDS).to_string(),
+        5 => rng.random_range(0..=99u32).to_string(),
+        6 => rng.random_range(1990..=2024u32).to_string(),
+        7 => pick(rng, COLORS).to_string(),
+        8 => pick(rng, [CAR_MODELS, FLIGHT_CODES][either]).to_string(),
+        _ => pick(rng, [COURSES, CATEGORIES][either]).to_string(),
+    }
+}
+
+/// A list of 3–8 unrelated values, then a cue and the same list again, as `(prefix, copy)`:
+/// `("Oslo, 42, trail shoes, kite. Again:", " Oslo, 42, trail shoes, kite.")`. Nothing but
+/// the context predicts the copy, so these documents are what makes a small base retrieve
+/// from its context (an induction circuit) within a short pretraining; prose recall alone does
+/// not. A quarter of the copies capitalise every value's first letter, as the ads do.
+pub fn list_copy(rng: &mut ChaCha8Rng) -> (String, String) {
+    let k = rng.random_range(3..=8);
+    let values: Vec<String> = (0..k).map(|_| any_value(rng)).collect();
+    let list = values.join(", ");
+    if rng.random_range(0..4) == 0 {
+        let caps: Vec<String> = values.iter().map(|v| capitalize(v)).collect();
+        (
+            format!("{list}. In capitals:"),
+            format!(" {}.", caps.join(", ")),
+        )
+    } else {
+        (format!("{list}. Again:"), format!(" {list}."))
+    }
 }
 
 /// One document of recall text (see the module docs).
@@ -116,5 +153,40 @@ pub fn recall(rng: &mut ChaCha8Rng) -> String {
                 pick(rng, PRODUCT_ITEMS)
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn list_copies_repeat_their_list_or_capitalise_it() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (mut again, mut caps) = (0, 0);
+        for _ in 0..400 {
+            let (prefix, copy) = list_copy(&mut rng);
+            let copied = copy.trim_start().trim_end_matches('.');
+            if let Some(list) = prefix.strip_suffix(". Again:") {
+                assert_eq!(copied, list);
+                again += 1;
+            } else if let Some(list) = prefix.strip_suffix(". In capitals:") {
+                let want: Vec<String> = list.split(", ").map(capitalize).collect();
+                assert_eq!(copied, want.join(", "));
+                caps += 1;
+            } else {
+                panic!("no cue in {prefix:?}");
+            }
+            let n = copied.split(", ").count();
+            assert!((3..=8).contains(&n), "{n} values in {copy:?}");
+        }
+        assert!(
+            again > 250 && caps > 60,
+            "{again} plain, {caps} capitalised"
+        );
+        let a = list_copy(&mut ChaCha8Rng::seed_from_u64(9));
+        assert_eq!(a, list_copy(&mut ChaCha8Rng::seed_from_u64(9)));
     }
 }

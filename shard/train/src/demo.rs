@@ -21,8 +21,13 @@
 //! * **Merge-aware co-training** ([`DemoConfig::co_train`], on in the shipped demo): the three
 //!   adapters train together, each on its own task only, both alone and with the other two's
 //!   current updates added ([`train_loras`]); their `cat` merge then keeps each one's loss.
-//! * **Repeated documents** in pretraining ([`DemoConfig::repeat_docs`]): a base that can copy
-//!   from its context lets each adapter learn only its task's template.
+//! * **A base that copies from its context.** Every task copies values from its prompt; on a
+//!   base that cannot, adapters learn each task's template and fill it with the most common
+//!   values (the first demo: 3-13% exact match). Copying does not emerge from the mixed corpus
+//!   in a short pretraining (measured with the same model in PyTorch as well), so pretraining
+//!   starts with a stage of list copies alone ([`DemoConfig::copy_stage_steps`]), then keeps a
+//!   share of them in the corpus ([`DemoConfig::copy_docs`]) beside repeated documents
+//!   ([`DemoConfig::repeat_docs`]); the pretraining log shows the [`CopyProbe`] accuracy.
 //!
 //! The closing check scores PEFT's `cat` merge with weight 1 each (the exact sum of the three
 //! updates, [`LoraSet::concat`]); `medley eval` measures the merges Medley serves.
@@ -45,10 +50,11 @@ use crate::eval::{exact_match, greedy};
 use crate::lora::{LoraConfig, LoraSet};
 use crate::model::{InitConfig, Llama};
 use crate::optim::OptimConfig;
+use crate::probe::CopyProbe;
 use crate::save::{AdapterMeta, SaveDtype, write_adapter, write_base};
 use crate::shape::LlamaShape;
 use crate::train::{
-    AnchorConfig, CoTrainConfig, LoraJob, TrainConfig, TrainReport, pretrain, train_loras,
+    AnchorConfig, CoTrainConfig, LoraJob, TrainConfig, TrainReport, pretrain_probed, train_loras,
 };
 
 /// The base model's size (the vocabulary comes from the tokenizer).
@@ -120,6 +126,15 @@ pub struct DemoConfig {
     /// template but not the copy. Repeated documents teach copying without any task's
     /// prompt → answer mapping.
     pub repeat_docs: f64,
+    /// Fraction of the corpus documents replaced by list copies
+    /// ([`medley_demo::recall::list_copy`]): values with no structure to predict them but an
+    /// earlier copy, the signal that grows a copy circuit in the base.
+    pub copy_docs: f64,
+    /// Steps of a first pretraining stage on list copies alone (0: none), with the settings of
+    /// [`Self::pretrain`]. A base of this size needs about a thousand such steps before it
+    /// copies from its context at all (measured with the same model in PyTorch too), far more
+    /// than a mixed corpus gives it, and the demo's adapters need that skill.
+    pub copy_stage_steps: usize,
     /// Pretraining.
     pub pretrain: TrainConfig,
     /// Training examples per task.
@@ -142,8 +157,9 @@ pub struct DemoConfig {
 
 impl DemoConfig {
     /// The demo as shipped (`tests/fixtures/demo/`, trained with `RAYON_NUM_THREADS=2`): ~1.2 M
-    /// parameters (d 128, 4 layers, GQA 4/2), 1500 pretraining steps, rank-8 adapters on every
-    /// projection with dropout and weight decay, co-trained for 400 steps inside their merge.
+    /// parameters (d 128, 4 layers, GQA 4/2), 1500 steps of list copies then 1500 pretraining
+    /// steps, rank-8 adapters on every projection with dropout and weight decay, co-trained for
+    /// 1000 steps inside their merge.
     pub fn full(seed: u64) -> Self {
         let lora_optim = OptimConfig {
             lr: 5e-3,
@@ -167,6 +183,8 @@ impl DemoConfig {
             corpus_docs: 40_000,
             seq_len: 64,
             repeat_docs: 0.5,
+            copy_docs: 0.25,
+            copy_stage_steps: 1500,
             pretrain: TrainConfig {
                 steps: 1500,
                 batch_size: 16,
@@ -184,7 +202,7 @@ impl DemoConfig {
                 ..LoraConfig::default()
             },
             lora_train: TrainConfig {
-                steps: 400,
+                steps: 1000,
                 batch_size: 16,
                 max_len: 96,
                 warmup_steps: 20,
@@ -221,6 +239,7 @@ impl DemoConfig {
             tie_embeddings: false,
         };
         c.corpus_docs = 2000;
+        c.copy_stage_steps = 5;
         c.pretrain.steps = 30;
         c.pretrain.log_every = 10;
         c.examples_per_task = 200;
@@ -268,8 +287,14 @@ pub struct DemoSummary {
     pub vocab_size: usize,
     /// `(phase, seconds)`.
     pub phases: Vec<(String, f64)>,
+    /// The list-copy stage before pretraining (`None` when skipped).
+    #[serde(default)]
+    pub copy_stage: Option<TrainReport>,
     /// Pretraining (`None` when adapters were trained on an existing base).
     pub pretrain: Option<TrainReport>,
+    /// The base's [`CopyProbe`] accuracy after pretraining (`None` without pretraining).
+    #[serde(default)]
+    pub copy_accuracy: Option<f64>,
     /// The adapters.
     pub adapters: Vec<AdapterSummary>,
     /// The closing check (empty when skipped).
@@ -304,29 +329,48 @@ fn task_sequences(
         .collect()
 }
 
-/// The base corpus as packed pretraining windows: `base_corpus(seed, docs)`, each document
-/// followed by `<|endoftext|>`; a `repeat` fraction of the documents (drawn from the seed) is
-/// written twice in a row (`doc doc <|endoftext|>`), see [`DemoConfig::repeat_docs`].
-pub fn corpus_windows(
-    tok: &Tokenizer,
-    seed: u64,
-    docs: usize,
-    seq_len: usize,
-    repeat: f64,
-) -> Result<Vec<Sequence>, TrainError> {
-    let mut rng = crate::params::stream(seed, "repeat-docs");
-    let docs = base_corpus(seed, docs)
+/// The base corpus as packed pretraining windows of `cfg.seq_len` tokens:
+/// `base_corpus(cfg.seed, cfg.corpus_docs)`, each document followed by `<|endoftext|>`; a
+/// `cfg.copy_docs` fraction of the documents is replaced by list copies
+/// ([`medley_demo::recall::list_copy`]) and a `cfg.repeat_docs` fraction of the rest is written
+/// twice in a row (`doc doc <|endoftext|>`), both drawn from the seed.
+pub fn corpus_windows(tok: &Tokenizer, cfg: &DemoConfig) -> Result<Vec<Sequence>, TrainError> {
+    let mut rng = crate::params::stream(cfg.seed, "repeat-docs");
+    let mut copies = crate::params::stream(cfg.seed, "copy-docs");
+    let docs = base_corpus(cfg.seed, cfg.corpus_docs)
         .iter()
         .map(|doc| {
-            let mut ids = encode(tok, doc)?;
-            if rng.random::<f64>() < repeat {
-                ids.extend_from_within(..);
-            }
+            let mut ids = if copies.random::<f64>() < cfg.copy_docs {
+                let (prefix, copy) = medley_demo::recall::list_copy(&mut copies);
+                encode(tok, &(prefix + &copy))?
+            } else {
+                let mut ids = encode(tok, doc)?;
+                if rng.random::<f64>() < cfg.repeat_docs {
+                    ids.extend_from_within(..);
+                }
+                ids
+            };
             ids.push(ENDOFTEXT_ID);
             Ok(ids)
         })
         .collect::<Result<Vec<_>, TrainError>>()?;
-    Ok(pack(&docs, seq_len))
+    Ok(pack(&docs, cfg.seq_len))
+}
+
+/// Packed windows of list copies alone ([`medley_demo::recall::list_copy`]) for
+/// [`DemoConfig::copy_stage_steps`]: enough documents for every step to see fresh ones.
+pub fn copy_windows(tok: &Tokenizer, cfg: &DemoConfig) -> Result<Vec<Sequence>, TrainError> {
+    let mut rng = crate::params::stream(cfg.seed, "copy-stage");
+    let tokens = cfg.copy_stage_steps * cfg.pretrain.batch_size * cfg.seq_len;
+    let (mut docs, mut total) = (Vec::new(), 0);
+    while total < tokens {
+        let (prefix, copy) = medley_demo::recall::list_copy(&mut rng);
+        let mut ids = encode(tok, &(prefix + &copy))?;
+        ids.push(ENDOFTEXT_ID);
+        total += ids.len();
+        docs.push(ids);
+    }
+    Ok(pack(&docs, cfg.seq_len))
 }
 
 /// One task's adapter training inputs: its examples and its anchor pool (the first corpus
@@ -479,6 +523,9 @@ fn write_summary(out: &Path, summary: &DemoSummary) -> Result<(), TrainError> {
         .map_err(|e| TrainError::io(&path, e))
 }
 
+/// Held-out documents of the copy probe logged during pretraining.
+const COPY_PROBE_DOCS: usize = 128;
+
 /// Runs the whole pipeline and writes `out/base/` (model, tokenizer files),
 /// `out/adapters/{sql,ad,instruct}/` and `out/summary.json`.
 pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary, TrainError> {
@@ -492,13 +539,7 @@ pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary, TrainError>
     })
     .map_err(|e| TrainError::Demo(e.to_string()))?;
     let vocab_size = tok.get_vocab_size(true);
-    let corpus = corpus_windows(
-        &tok,
-        cfg.seed,
-        cfg.corpus_docs,
-        cfg.seq_len,
-        cfg.repeat_docs,
-    )?;
+    let corpus = corpus_windows(&tok, cfg)?;
     tracing::info!(vocab_size, windows = corpus.len(), "tokenized the corpus");
     lap(&mut phases, "tokenizer+corpus", clock);
 
@@ -520,7 +561,33 @@ pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary, TrainError>
         std: cfg.init_std,
     };
     let model = Llama::init(&shape, init, DType::F32, &Device::Cpu)?;
-    let pre = pretrain(&model, &corpus, &cfg.pretrain)?;
+    let probe = CopyProbe::new(&tok, cfg.seed, COPY_PROBE_DOCS)?;
+    let mut copy_accuracy = 0.0;
+    let mut log_probe = |stage: &str, step: usize| {
+        copy_accuracy = probe.accuracy(&model, None)?;
+        tracing::info!(
+            stage,
+            step,
+            copy_accuracy = format!("{copy_accuracy:.3}"),
+            "copy probe"
+        );
+        Ok(())
+    };
+    let copy_stage = if cfg.copy_stage_steps > 0 {
+        let windows = copy_windows(&tok, cfg)?;
+        let stage = TrainConfig {
+            steps: cfg.copy_stage_steps,
+            ..cfg.pretrain.clone()
+        };
+        Some(pretrain_probed(&model, &windows, &stage, |step| {
+            log_probe("copy", step)
+        })?)
+    } else {
+        None
+    };
+    let pre = pretrain_probed(&model, &corpus, &cfg.pretrain, |step| {
+        log_probe("corpus", step)
+    })?;
     let base_dir = out.join("base");
     write_base(&base_dir, &model, cfg.save_dtype)?;
     write_tokenizer(&tok, &base_dir).map_err(|e| TrainError::Demo(e.to_string()))?;
@@ -533,7 +600,9 @@ pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary, TrainError>
         params: shape.param_count(),
         vocab_size,
         phases,
+        copy_stage,
         pretrain: Some(pre),
+        copy_accuracy: Some(copy_accuracy),
         adapters,
         scores,
     };
@@ -558,13 +627,7 @@ pub fn run_adapters(
     let tok = Tokenizer::from_file(&tok_path)
         .map_err(|e| TrainError::Demo(format!("{}: {e}", tok_path.display())))?;
     let corpus = match &cfg.anchors {
-        Some(_) => corpus_windows(
-            &tok,
-            cfg.seed,
-            cfg.corpus_docs,
-            cfg.seq_len,
-            cfg.repeat_docs,
-        )?,
+        Some(_) => corpus_windows(&tok, cfg)?,
         None => Vec::new(),
     };
     lap(&mut phases, "load", clock);
@@ -574,7 +637,9 @@ pub fn run_adapters(
         params: model.shape().param_count(),
         vocab_size: tok.get_vocab_size(true),
         phases,
+        copy_stage: None,
         pretrain: None,
+        copy_accuracy: None,
         adapters,
         scores,
     };

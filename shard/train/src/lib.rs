@@ -11,6 +11,7 @@
 //! * [`train`] — the pretraining and LoRA loops ([`pretrain`], [`train_lora`]).
 //! * [`measure`] — training throughput of a shape / batch / length on this machine.
 //! * [`eval`] — greedy decoding and exact match with the training forward.
+//! * [`probe`] — how well a model copies from its context ([`probe::CopyProbe`]).
 //! * [`demo`] — the demo pipeline on `medley-demo`'s data ([`demo::run_demo`]).
 //! * [`save`] — the Hugging Face base directory and PEFT adapter directories Medley loads.
 
@@ -24,6 +25,7 @@ pub mod measure;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod probe;
 pub mod save;
 pub mod shape;
 pub mod train;
@@ -37,6 +39,6 @@ pub use params::ParamStore;
 pub use save::{AdapterMeta, SaveDtype, write_adapter, write_base};
 pub use shape::LlamaShape;
 pub use train::{
-    AnchorConfig, CoTrainConfig, LoraJob, TrainConfig, TrainReport, pretrain, train_lora,
-    train_loras,
+    AnchorConfig, CoTrainConfig, LoraJob, TrainConfig, TrainReport, pretrain, pretrain_probed,
+    train_lora, train_loras,
 };

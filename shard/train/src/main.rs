@@ -52,9 +52,8 @@ enum Command {
         /// Size preset.
         #[arg(long, value_enum, default_value_t = Preset::Full)]
         preset: Preset,
-        /// Override the pretraining steps.
-        #[arg(long)]
-        pretrain_steps: Option<usize>,
+        #[command(flatten)]
+        pretrain: PretrainOverrides,
         /// Storage dtype of the base weights (Medley loads all three).
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         save_dtype: Dtype,
@@ -100,6 +99,65 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+}
+
+/// Pretraining settings that override the preset's.
+#[derive(clap::Args)]
+struct PretrainOverrides {
+    /// Pretraining steps.
+    #[arg(long)]
+    pretrain_steps: Option<usize>,
+    /// Peak learning rate of pretraining.
+    #[arg(long)]
+    pretrain_lr: Option<f64>,
+    /// Pretraining sequences per step.
+    #[arg(long)]
+    pretrain_batch: Option<usize>,
+    /// Tokens per packed pretraining window.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Base corpus documents.
+    #[arg(long)]
+    corpus_docs: Option<usize>,
+    /// Fraction of the corpus documents replaced by list copies.
+    #[arg(long)]
+    copy_docs: Option<f64>,
+    /// Steps of the list-copy stage before pretraining.
+    #[arg(long)]
+    copy_stage_steps: Option<usize>,
+    /// Fraction of the other documents written twice in a row.
+    #[arg(long)]
+    repeat_docs: Option<f64>,
+}
+
+impl PretrainOverrides {
+    fn apply(&self, cfg: &mut DemoConfig) {
+        if let Some(n) = self.pretrain_steps {
+            cfg.pretrain.steps = n;
+        }
+        if let Some(lr) = self.pretrain_lr {
+            cfg.pretrain.optim.lr = lr;
+        }
+        if let Some(b) = self.pretrain_batch {
+            cfg.pretrain.batch_size = b;
+        }
+        if let Some(n) = self.seq_len {
+            cfg.seq_len = n;
+            cfg.pretrain.max_len = n + 1;
+        }
+        if let Some(n) = self.corpus_docs {
+            cfg.corpus_docs = n;
+        }
+        if let Some(f) = self.copy_docs {
+            cfg.copy_docs = f;
+        }
+        if let Some(n) = self.copy_stage_steps {
+            cfg.copy_stage_steps = n;
+        }
+        if let Some(f) = self.repeat_docs {
+            cfg.repeat_docs = f;
+        }
+    }
 }
 
 /// Adapter settings that override the preset's.
@@ -216,14 +274,12 @@ fn run(cli: Cli) -> Result<(), TrainError> {
             out,
             seed,
             preset: p,
-            pretrain_steps,
+            pretrain,
             save_dtype,
             lora,
         } => {
             let mut cfg = preset(p, seed);
-            if let Some(n) = pretrain_steps {
-                cfg.pretrain.steps = n;
-            }
+            pretrain.apply(&mut cfg);
             cfg.save_dtype = match save_dtype {
                 Dtype::F32 => SaveDtype::F32,
                 Dtype::Bf16 => SaveDtype::Bf16,
@@ -297,6 +353,9 @@ fn print_summary(out: &std::path::Path, s: &DemoSummary) {
             p.final_loss,
             p.tokens_per_s()
         );
+    }
+    if let Some(acc) = s.copy_accuracy {
+        println!("copy probe (held-out list copies, teacher-forced): {acc:.3}");
     }
     for a in &s.adapters {
         let r = &a.report;

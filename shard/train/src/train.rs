@@ -233,10 +233,22 @@ pub fn pretrain(
     data: &[Sequence],
     cfg: &TrainConfig,
 ) -> Result<TrainReport, TrainError> {
-    train_params(model.params(), data, cfg, "pretrain", |batch| {
+    pretrain_probed(model, data, cfg, |_| Ok(()))
+}
+
+/// [`pretrain`], calling `probe(step)` after every logged step (e.g. to log a
+/// [`crate::probe::CopyProbe`] score while the model trains).
+pub fn pretrain_probed(
+    model: &Llama,
+    data: &[Sequence],
+    cfg: &TrainConfig,
+    probe: impl FnMut(usize) -> Result<(), TrainError>,
+) -> Result<TrainReport, TrainError> {
+    let loss_of = |batch: &Batch| {
         let logits = model.forward(&batch.ids, ForwardOptions::default())?;
         masked_cross_entropy(&logits, &batch.targets, &batch.weights, batch.num_targets)
-    })
+    };
+    train_params(model.params(), data, cfg, "pretrain", loss_of, probe)
 }
 
 fn train_params(
@@ -245,6 +257,7 @@ fn train_params(
     cfg: &TrainConfig,
     what: &'static str,
     mut loss_of: impl FnMut(&Batch) -> Result<candle_core::Tensor, TrainError>,
+    mut probe: impl FnMut(usize) -> Result<(), TrainError>,
 ) -> Result<TrainReport, TrainError> {
     let mut opt = Optimizer::new(params, &cfg.optim, &cfg.schedule())?;
     let mut order = order(data, cfg, cfg.batch_size, 0)?;
@@ -274,6 +287,9 @@ fn train_params(
             (batch.num_tokens, batch.num_targets),
             last,
         )?;
+        if (step + 1).is_multiple_of(progress.log_every) || last {
+            probe(step + 1)?;
+        }
     }
     Ok(progress.finish())
 }
