@@ -36,16 +36,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use medley_demo::tokenizer::{
-    ENDOFTEXT_ID, EOS_ID, TokenizerOptions, encode_example, write_tokenizer,
-};
-use medley_demo::{Split, Task, base_corpus, generate};
-use rand::Rng;
+use medley_demo::tokenizer::{EOS_ID, TokenizerOptions, encode_example, write_tokenizer};
+use medley_demo::{Split, Task, generate};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::TrainError;
-use crate::data::{Sequence, pack};
+use crate::corpus::{copy_windows, corpus_windows, encode};
+use crate::data::Sequence;
 use crate::eval::{exact_match, greedy};
 use crate::lora::{LoraConfig, LoraSet};
 use crate::model::{InitConfig, Llama};
@@ -301,12 +299,6 @@ pub struct DemoSummary {
     pub scores: Vec<TaskScores>,
 }
 
-fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, TrainError> {
-    tok.encode(text, false)
-        .map(|e| e.get_ids().to_vec())
-        .map_err(|e| TrainError::Demo(e.to_string()))
-}
-
 fn task_sequences(
     tok: &Tokenizer,
     task: Task,
@@ -327,50 +319,6 @@ fn task_sequences(
             })
         })
         .collect()
-}
-
-/// The base corpus as packed pretraining windows of `cfg.seq_len` tokens:
-/// `base_corpus(cfg.seed, cfg.corpus_docs)`, each document followed by `<|endoftext|>`; a
-/// `cfg.copy_docs` fraction of the documents is replaced by list copies
-/// ([`medley_demo::recall::list_copy`]) and a `cfg.repeat_docs` fraction of the rest is written
-/// twice in a row (`doc doc <|endoftext|>`), both drawn from the seed.
-pub fn corpus_windows(tok: &Tokenizer, cfg: &DemoConfig) -> Result<Vec<Sequence>, TrainError> {
-    let mut rng = crate::params::stream(cfg.seed, "repeat-docs");
-    let mut copies = crate::params::stream(cfg.seed, "copy-docs");
-    let docs = base_corpus(cfg.seed, cfg.corpus_docs)
-        .iter()
-        .map(|doc| {
-            let mut ids = if copies.random::<f64>() < cfg.copy_docs {
-                let (prefix, copy) = medley_demo::recall::list_copy(&mut copies);
-                encode(tok, &(prefix + &copy))?
-            } else {
-                let mut ids = encode(tok, doc)?;
-                if rng.random::<f64>() < cfg.repeat_docs {
-                    ids.extend_from_within(..);
-                }
-                ids
-            };
-            ids.push(ENDOFTEXT_ID);
-            Ok(ids)
-        })
-        .collect::<Result<Vec<_>, TrainError>>()?;
-    Ok(pack(&docs, cfg.seq_len))
-}
-
-/// Packed windows of list copies alone ([`medley_demo::recall::list_copy`]) for
-/// [`DemoConfig::copy_stage_steps`]: enough documents for every step to see fresh ones.
-pub fn copy_windows(tok: &Tokenizer, cfg: &DemoConfig) -> Result<Vec<Sequence>, TrainError> {
-    let mut rng = crate::params::stream(cfg.seed, "copy-stage");
-    let tokens = cfg.copy_stage_steps * cfg.pretrain.batch_size * cfg.seq_len;
-    let (mut docs, mut total) = (Vec::new(), 0);
-    while total < tokens {
-        let (prefix, copy) = medley_demo::recall::list_copy(&mut rng);
-        let mut ids = encode(tok, &(prefix + &copy))?;
-        ids.push(ENDOFTEXT_ID);
-        total += ids.len();
-        docs.push(ids);
-    }
-    Ok(pack(&docs, cfg.seq_len))
 }
 
 /// One task's adapter training inputs: its examples and its anchor pool (the first corpus

@@ -5,6 +5,7 @@
 //! * [`model`] — the differentiable Llama forward ([`Llama`]), equal to transformers'
 //!   `LlamaForCausalLM` and to Medley's inference forward.
 //! * [`lora`] — PEFT-style LoRA factors ([`LoraSet`], [`LoraConfig`]).
+//! * [`corpus`] — the demo's pretraining text as packed windows (corpus, list copies).
 //! * [`data`] — sequences with loss masks, right-padded batches, a seeded batch order.
 //! * [`loss`] — masked cross-entropy and the KL-to-base anchor term.
 //! * [`optim`] — AdamW with warmup + cosine and global-norm clipping.
@@ -15,6 +16,7 @@
 //! * [`demo`] — the demo pipeline on `medley-demo`'s data ([`demo::run_demo`]).
 //! * [`save`] — the Hugging Face base directory and PEFT adapter directories Medley loads.
 
+pub mod corpus;
 pub mod data;
 pub mod demo;
 mod error;

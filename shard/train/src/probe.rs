@@ -8,6 +8,7 @@ use candle_core::{D, DType};
 use tokenizers::Tokenizer;
 
 use crate::TrainError;
+use crate::corpus::encode;
 use crate::data::{Batch, Sequence};
 use crate::lora::LoraSet;
 use crate::loss::scalar;
@@ -23,17 +24,12 @@ impl CopyProbe {
     /// `n` documents from the `(seed, "copy-probe")` stream.
     pub fn new(tok: &Tokenizer, seed: u64, n: usize) -> Result<Self, TrainError> {
         let mut rng = crate::params::stream(seed, "copy-probe");
-        let encode = |text: &str| {
-            tok.encode(text, false)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| TrainError::Demo(e.to_string()))
-        };
         let seqs = (0..n)
             .map(|_| {
                 let (prefix, copy) = medley_demo::recall::list_copy(&mut rng);
                 Ok(Sequence::prompt_completion(
-                    &encode(&prefix)?,
-                    &encode(&copy)?,
+                    &encode(tok, &prefix)?,
+                    &encode(tok, &copy)?,
                 ))
             })
             .collect::<Result<_, TrainError>>()?;
