@@ -16,6 +16,7 @@
 //! * [`demo`] — the demo pipeline on `medley-demo`'s data ([`demo::run_demo`]).
 //! * [`save`] — the Hugging Face base directory and PEFT adapter directories Medley loads.
 
+pub mod adapters;
 pub mod corpus;
 pub mod data;
 pub mod demo;

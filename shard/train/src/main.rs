@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use medley_demo::Task;
+use medley_train::adapters::TaskSteps;
 use medley_train::demo::{DemoConfig, DemoSummary, run_adapters, run_demo};
 use medley_train::measure::measure;
 use medley_train::{LlamaShape, SaveDtype, TrainError};
@@ -78,6 +79,11 @@ enum Command {
         /// Size preset.
         #[arg(long, value_enum, default_value_t = Preset::Full)]
         preset: Preset,
+        /// Start from the adapters in `DIR/<task>/` (e.g. `OUT/adapters` of an earlier run)
+        /// instead of fresh ones; with `--task-steps sql=0,...` only the merge-aware
+        /// co-training runs.
+        #[arg(long, value_name = "DIR")]
+        init_adapters: Option<PathBuf>,
         #[command(flatten)]
         lora: LoraOverrides,
     },
@@ -163,7 +169,8 @@ impl PretrainOverrides {
 /// Adapter settings that override the preset's.
 #[derive(clap::Args)]
 struct LoraOverrides {
-    /// Steps of each adapter.
+    /// Steps of each adapter trained alone (replaces the preset's per-task steps too; see
+    /// `--task-steps`).
     #[arg(long)]
     lora_steps: Option<usize>,
     /// Peak learning rate of the adapters.
@@ -193,9 +200,26 @@ struct LoraOverrides {
     /// Weight of the loss inside the merge in co-training.
     #[arg(long)]
     merged_weight: Option<f64>,
-    /// Train the adapters one after the other, without merge-aware co-training.
+    /// Steps of the merge-aware co-training that follows the single adapters' training.
+    #[arg(long)]
+    merge_tune_steps: Option<usize>,
+    /// Peak learning rate of that co-training.
+    #[arg(long)]
+    merge_tune_lr: Option<f64>,
+    /// Train each adapter on its own only, without the merge-aware co-training after it.
     #[arg(long)]
     no_co_train: bool,
+    /// Steps of single adapters that differ from `--lora-steps`, e.g. `instruct=6000,ad=2000`
+    /// (adapters trained without co-training).
+    #[arg(long, value_parser = parse_task_steps, value_delimiter = ',')]
+    task_steps: Vec<(Task, usize)>,
+    /// Sequences per adapter batch.
+    #[arg(long)]
+    lora_batch: Option<usize>,
+    /// Draw adapter batches uniformly instead of grouping sequences of similar length (which
+    /// pads less but, on a task whose kinds differ in length, fills a batch with one kind).
+    #[arg(long)]
+    no_group_by_length: bool,
     /// Training examples per task.
     #[arg(long)]
     examples: Option<usize>,
@@ -213,6 +237,7 @@ impl LoraOverrides {
         };
         if let Some(n) = self.lora_steps {
             cfg.lora_train.steps = n;
+            cfg.task_steps = TaskSteps::default();
         }
         set(&mut cfg.lora_train.optim.lr, self.lora_lr);
         set(
@@ -236,11 +261,24 @@ impl LoraOverrides {
         if self.no_anchors {
             cfg.anchors = None;
         }
-        if let Some(c) = cfg.co_train.as_mut() {
-            set(&mut c.merged_weight, self.merged_weight);
+        if let Some(t) = cfg.merge_tune.as_mut() {
+            set(&mut t.co_train.merged_weight, self.merged_weight);
+            set(&mut t.lr, self.merge_tune_lr);
+            if let Some(n) = self.merge_tune_steps {
+                t.steps = n;
+            }
         }
         if self.no_co_train {
-            cfg.co_train = None;
+            cfg.merge_tune = None;
+        }
+        for &(task, n) in &self.task_steps {
+            cfg.task_steps.set(task, n);
+        }
+        if let Some(n) = self.lora_batch {
+            cfg.lora_train.batch_size = n;
+        }
+        if self.no_group_by_length {
+            cfg.lora_train.group_by_length = false;
         }
         if let Some(n) = self.examples {
             cfg.examples_per_task = n;
@@ -249,6 +287,19 @@ impl LoraOverrides {
             cfg.eval_examples = n;
         }
     }
+}
+
+/// `task=steps`, as `--task-steps` takes it.
+fn parse_task_steps(s: &str) -> Result<(Task, usize), String> {
+    let (task, steps) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not TASK=STEPS"))?;
+    let task = task.trim().parse::<Task>().map_err(|e| e.to_string())?;
+    let steps = steps
+        .trim()
+        .parse::<usize>()
+        .map_err(|e| format!("steps of {task}: {e}"))?;
+    Ok((task, steps))
 }
 
 fn preset(preset: Preset, seed: u64) -> DemoConfig {
@@ -296,6 +347,7 @@ fn run(cli: Cli) -> Result<(), TrainError> {
             tasks,
             seed,
             preset: p,
+            init_adapters,
             lora,
         } => {
             let mut cfg = preset(p, seed);
@@ -308,7 +360,7 @@ fn run(cli: Cli) -> Result<(), TrainError> {
                         .map_err(|e| TrainError::Config(e.to_string()))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let summary = run_adapters(&base, &out, &tasks, &cfg)?;
+            let summary = run_adapters(&base, &out, &tasks, init_adapters.as_deref(), &cfg)?;
             print_summary(&out, &summary);
             Ok(())
         }
@@ -358,18 +410,20 @@ fn print_summary(out: &std::path::Path, s: &DemoSummary) {
         println!("copy probe (held-out list copies, teacher-forced): {acc:.3}");
     }
     for a in &s.adapters {
-        let r = &a.report;
-        println!(
-            "adapter {:>8}: {} steps, loss {:.3} -> {:.3}, in the merge {}, anchor KL {}, {:.0} target tok/s",
-            a.task,
-            r.steps,
-            r.first_loss,
-            r.final_loss,
-            r.final_merged_loss
-                .map_or("-".into(), |m| format!("{m:.3}")),
-            r.final_anchor_kl.map_or("-".into(), |k| format!("{k:.4}")),
-            r.targets_per_s()
-        );
+        for (phase, r) in [("alone", &a.single), ("merge-tuned", &a.merge_tune)] {
+            let Some(r) = r else { continue };
+            println!(
+                "adapter {:>8} {phase:>11}: {} steps, loss {:.3} -> {:.3}, in the merge {}, anchor KL {}, {:.0} target tok/s",
+                a.task,
+                r.steps,
+                r.first_loss,
+                r.final_loss,
+                r.final_merged_loss
+                    .map_or("-".into(), |m| format!("{m:.3}")),
+                r.final_anchor_kl.map_or("-".into(), |k| format!("{k:.4}")),
+                r.targets_per_s()
+            );
+        }
     }
     for (phase, secs) in &s.phases {
         println!("time {phase:>18}: {secs:>7.1} s");
@@ -403,5 +457,74 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn task_steps_parse_or_say_what_is_wrong() {
+        assert_eq!(
+            parse_task_steps("instruct=6000").unwrap(),
+            (Task::Instruct, 6000)
+        );
+        assert_eq!(parse_task_steps(" sql = 0 ").unwrap(), (Task::Sql, 0));
+        assert!(
+            parse_task_steps("instruct")
+                .unwrap_err()
+                .contains("TASK=STEPS")
+        );
+        assert!(parse_task_steps("poem=3").unwrap_err().contains("poem"));
+        assert!(
+            parse_task_steps("ad=-1")
+                .unwrap_err()
+                .contains("steps of ad")
+        );
+        let cli = Cli::try_parse_from([
+            "medley-train",
+            "lora",
+            "--base",
+            "b",
+            "--out",
+            "o",
+            "--lora-steps",
+            "1",
+            "--task-steps",
+            "instruct=10,ad=0",
+        ])
+        .unwrap();
+        let Command::Lora { lora, .. } = cli.command else {
+            panic!("not lora")
+        };
+        let mut cfg = DemoConfig::full(0);
+        lora.apply(&mut cfg);
+        assert_eq!(cfg.task_steps.steps(Task::Instruct, 1), 10);
+        assert_eq!(cfg.task_steps.steps(Task::Ad, 1), 0);
+        assert_eq!(cfg.task_steps.steps(Task::Sql, 1), 1);
+        // `--lora-steps` alone means every adapter, the preset's longer `instruct` included.
+        let cli = Cli::try_parse_from([
+            "medley-train",
+            "lora",
+            "--base",
+            "b",
+            "--out",
+            "o",
+            "--lora-steps",
+            "7",
+        ])
+        .unwrap();
+        let Command::Lora { lora, .. } = cli.command else {
+            panic!("not lora")
+        };
+        let mut cfg = DemoConfig::full(0);
+        assert!(cfg.task_steps.steps(Task::Instruct, 0) > 0);
+        lora.apply(&mut cfg);
+        let steps = cfg.lora_train.steps;
+        assert_eq!(steps, 7);
+        assert_eq!(cfg.task_steps.steps(Task::Instruct, steps), 7);
     }
 }

@@ -155,11 +155,21 @@ impl ParamStore {
     /// Overwrites the values of the tensors named in a safetensors file; every tensor of the
     /// store must be present there with its shape (extra tensors in the file are an error too).
     pub fn load_safetensors(&mut self, path: &Path) -> Result<(), TrainError> {
-        let mut loaded = candle_core::safetensors::load(path, &self.device)?;
+        let loaded = candle_core::safetensors::load(path, &self.device)?;
+        self.load_tensors(loaded, &path.display().to_string())
+    }
+
+    /// Overwrites the values of the tensors in `loaded` (from `source`, for errors); every
+    /// tensor of the store must be there with its shape, and nothing else.
+    pub fn load_tensors(
+        &self,
+        mut loaded: HashMap<String, Tensor>,
+        source: &str,
+    ) -> Result<(), TrainError> {
         for (name, var) in &self.vars {
-            let t = loaded.remove(name).ok_or_else(|| {
-                TrainError::Config(format!("{} has no tensor `{name}`", path.display()))
-            })?;
+            let t = loaded
+                .remove(name)
+                .ok_or_else(|| TrainError::Config(format!("{source} has no tensor `{name}`")))?;
             if t.dims() != var.dims() {
                 return Err(TrainError::Config(format!(
                     "tensor `{name}` has shape {:?}, expected {:?}",
@@ -171,8 +181,7 @@ impl ParamStore {
         }
         if let Some(extra) = loaded.keys().next() {
             return Err(TrainError::Config(format!(
-                "{} has an unexpected tensor `{extra}`",
-                path.display()
+                "{source} has an unexpected tensor `{extra}`"
             )));
         }
         Ok(())

@@ -344,9 +344,10 @@ struct JobState<'a> {
     progress: Progress,
 }
 
-/// Trains several adapters on one frozen `base`, a step of each in turn. Each adapter learns
+/// Trains several adapters on one frozen `base`, a step of each at once (one thread each, see
+/// [`job_pools`]). Each adapter learns
 /// only from its own task's examples (and its anchors). With `co_train`, each step also scores
-/// the adapter's task batch with the *other* adapters' current updates added, detached, and
+/// the adapter's task batch with the *other* adapters' updates as the step began added, detached, and
 /// adds that loss times [`CoTrainConfig::merged_weight`]: the adapter learns its task both
 /// alone and inside the merge of all of them, so the merged updates stop undoing each other.
 /// Job `i` draws its data order and dropout from `cfg.seed ^ i` (one job: exactly
@@ -390,9 +391,12 @@ pub fn train_loras(
             progress: Progress::new(job.label.clone(), cfg.log_every),
         });
     }
+    let pools = job_pools(states.len())?;
     for step in 0..cfg.steps {
-        for (i, state) in states.iter_mut().enumerate() {
-            let others = match co_train {
+        // Every job's view of the others is taken before any of them steps (a copy: `concat`
+        // stores new tensors), so the jobs of a step are independent and run at once.
+        let others = (0..jobs.len())
+            .map(|i| match co_train {
                 Some(c) if jobs.len() > 1 => {
                     let parts: Vec<(&LoraSet, f64)> = jobs
                         .iter()
@@ -400,15 +404,62 @@ pub fn train_loras(
                         .filter(|(j, _)| *j != i)
                         .map(|(_, j)| (j.lora, 1.0))
                         .collect();
-                    Some((LoraSet::concat(&parts)?, c.merged_weight))
+                    Ok(Some((LoraSet::concat(&parts)?, c.merged_weight)))
                 }
-                _ => None,
-            };
-            let others = others.as_ref().map(|(set, w)| (set, *w));
-            lora_step(base, state, others, cfg, step)?;
-        }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        let items: Vec<_> = states.iter_mut().zip(&others).collect();
+        in_parallel(items, &pools, |(state, other)| {
+            let other = other.as_ref().map(|(set, w)| (set, *w));
+            lora_step(base, state, other, cfg, step)
+        })?;
     }
     Ok(states.into_iter().map(|s| s.progress.finish()).collect())
+}
+
+/// One rayon pool per job, each with an equal share of the global pool's threads (at least
+/// one): the ops of a model this small use a second core poorly, separate jobs use them all.
+pub(crate) fn job_pools(jobs: usize) -> Result<Vec<rayon::ThreadPool>, TrainError> {
+    let threads = (rayon::current_num_threads() / jobs.max(1)).max(1);
+    (0..jobs)
+        .map(|_| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(|e| TrainError::Config(format!("thread pool: {e}")))
+        })
+        .collect()
+}
+
+/// Runs `work` on every item at once, item `i` on its own thread inside `pools[i]`; the
+/// results in item order, or the first error.
+pub(crate) fn in_parallel<I, T, F>(
+    items: Vec<I>,
+    pools: &[rayon::ThreadPool],
+    work: F,
+) -> Result<Vec<T>, TrainError>
+where
+    I: Send,
+    T: Send,
+    F: Fn(I) -> Result<T, TrainError> + Sync,
+{
+    let work = &work;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .into_iter()
+            .zip(pools)
+            .map(|(item, pool)| scope.spawn(move || pool.install(|| work(item))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().map_err(|_| {
+                    TrainError::Config("an adapter's training thread panicked".into())
+                })?
+            })
+            .collect()
+    })
 }
 
 /// One optimiser step of one adapter: its task loss alone, plus the anchor KL and the loss
@@ -477,7 +528,7 @@ fn lora_step(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::lora::LoraConfig;

@@ -20,6 +20,8 @@ fn smoke_demo_writes_what_medley_loads() {
     cfg.pretrain.batch_size = 4;
     cfg.lora_train.steps = 2;
     cfg.lora_train.batch_size = 4;
+    cfg.task_steps.set(medley_demo::Task::Instruct, 3);
+    cfg.merge_tune.as_mut().unwrap().steps = 2;
     if let Some(a) = cfg.anchors.as_mut() {
         a.anchor.batch_size = 2;
         a.corpus_windows = 20;
@@ -49,6 +51,15 @@ fn smoke_demo_writes_what_medley_loads() {
         assert_eq!(peft.adapter.modules().len(), 7 * cfg.dims.layers);
     }
     assert_eq!(summary.adapters.len(), 3);
+    for a in &summary.adapters {
+        let single = a.single.as_ref().unwrap();
+        let want = if a.task == "instruct" { 3 } else { 2 };
+        assert_eq!(single.steps, want, "{}", a.task);
+        assert!(single.final_merged_loss.is_none());
+        let tune = a.merge_tune.as_ref().unwrap();
+        assert_eq!(tune.steps, 2);
+        assert!(tune.final_merged_loss.unwrap().is_finite());
+    }
     assert_eq!(summary.scores.len(), 3);
     assert!(dir.path().join("summary.json").is_file());
 }

@@ -1,0 +1,250 @@
+//! The adapter phase of the demo: one LoRA adapter per task, trained on its own first (all
+//! tasks at once, one thread each), then tuned together inside their merge.
+//!
+//! Two phases because they cost so differently. A single adapter is one forward and backward
+//! pass per step, and the three run concurrently (the ops of a model this small do not use a
+//! second core, separate jobs do). Merge-aware co-training ([`train_loras`] with a
+//! [`CoTrainConfig`]) is two passes per adapter and step, in turn; run from scratch it paid that
+//! price for every step. Adapters trained apart reach 100% on `sql` and `ad` but their `cat`
+//! merge scores 0 on every task: each rewrites the others' prompts. A short co-training from the
+//! trained singles ([`MergeTune`]) teaches them to leave each other's formats alone.
+
+use std::path::Path;
+
+use medley_demo::Task;
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::TrainError;
+use crate::data::Sequence;
+use crate::demo::{DemoConfig, task_sequences};
+use crate::lora::{LoraConfig, LoraSet};
+use crate::model::Llama;
+use crate::save::read_adapter;
+use crate::train::{
+    CoTrainConfig, LoraJob, TrainConfig, TrainReport, in_parallel, job_pools, train_loras,
+};
+
+/// Adapter steps per task, where one differs from [`TrainConfig::steps`] of
+/// [`DemoConfig::lora_train`] (`None`: that value; 0 skips the task's single training, e.g.
+/// to only merge-tune adapters read with [`AdapterInputs::init`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TaskSteps {
+    /// The `sql` adapter.
+    pub sql: Option<usize>,
+    /// The `ad` adapter.
+    pub ad: Option<usize>,
+    /// The `instruct` adapter.
+    pub instruct: Option<usize>,
+}
+
+impl TaskSteps {
+    /// The steps of `task`'s adapter, `default` unless set.
+    pub fn steps(&self, task: Task, default: usize) -> usize {
+        match task {
+            Task::Sql => self.sql,
+            Task::Ad => self.ad,
+            Task::Instruct => self.instruct,
+        }
+        .unwrap_or(default)
+    }
+
+    /// Sets the steps of `task`'s adapter.
+    pub fn set(&mut self, task: Task, steps: usize) {
+        let slot = match task {
+            Task::Sql => &mut self.sql,
+            Task::Ad => &mut self.ad,
+            Task::Instruct => &mut self.instruct,
+        };
+        *slot = Some(steps);
+    }
+}
+
+/// The second phase: all adapters co-trained inside their merge, starting from the singles.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MergeTune {
+    /// The merge term's weight.
+    pub co_train: CoTrainConfig,
+    /// Steps (each adapter, in turn).
+    pub steps: usize,
+    /// Peak learning rate (warmup and decay of [`DemoConfig::lora_train`]).
+    pub lr: f64,
+}
+
+/// What the adapter phase works on.
+#[derive(Clone, Copy)]
+pub struct AdapterInputs<'a> {
+    /// The frozen base.
+    pub base: &'a Llama,
+    /// Its tokenizer.
+    pub tok: &'a Tokenizer,
+    /// Base-corpus windows (the anchors' share; empty without anchoring).
+    pub corpus: &'a [Sequence],
+    /// The tasks to train adapters for.
+    pub tasks: &'a [Task],
+    /// Start from the adapters in `DIR/<task>/` (PEFT directories of the same shape) instead of
+    /// a fresh initialisation.
+    pub init: Option<&'a Path>,
+}
+
+/// One trained adapter and how its phases went.
+pub struct TrainedAdapter {
+    /// Its task.
+    pub task: Task,
+    /// The adapter.
+    pub lora: LoraSet,
+    /// Training on its task alone (`None`: skipped).
+    pub single: Option<TrainReport>,
+    /// Co-training inside the merge (`None`: skipped).
+    pub merge_tune: Option<TrainReport>,
+}
+
+/// One task's adapter training inputs: its examples and its anchor pool (the first corpus
+/// windows and the other tasks' examples, see [`crate::demo::AnchorMix`]).
+struct TaskData {
+    task: Task,
+    examples: Vec<Sequence>,
+    pool: Vec<Sequence>,
+}
+
+fn task_data(
+    tok: &Tokenizer,
+    corpus: &[Sequence],
+    task: Task,
+    cfg: &DemoConfig,
+) -> Result<TaskData, TrainError> {
+    let examples = task_sequences(tok, task, cfg.seed, cfg.examples_per_task, false)?;
+    let mut pool = Vec::new();
+    if let Some(mix) = &cfg.anchors {
+        pool.extend(corpus.iter().take(mix.corpus_windows).cloned());
+        for other in Task::ALL.into_iter().filter(|t| *t != task) {
+            pool.extend(task_sequences(
+                tok,
+                other,
+                cfg.seed ^ 0x5eed,
+                mix.other_task_examples,
+                true,
+            )?);
+        }
+    }
+    Ok(TaskData {
+        task,
+        examples,
+        pool,
+    })
+}
+
+/// A fresh adapter for `task`, or the one in `init/<task>/`.
+fn initial_adapter(
+    inp: &AdapterInputs<'_>,
+    task: Task,
+    cfg: &DemoConfig,
+) -> Result<LoraSet, TrainError> {
+    let lora_cfg = LoraConfig {
+        seed: cfg.lora.seed ^ (task as u64 + 1),
+        ..cfg.lora.clone()
+    };
+    let set = LoraSet::init(
+        inp.base.shape(),
+        &lora_cfg,
+        inp.base.params().dtype(),
+        inp.base.params().device(),
+    )?;
+    if let Some(dir) = inp.init {
+        read_adapter(&dir.join(task.id()), &set)?;
+    }
+    Ok(set)
+}
+
+/// Trains the adapters of `inp.tasks`: each on its own task (concurrently), then, with
+/// [`DemoConfig::merge_tune`] and more than one task, co-trained inside their merge.
+pub fn train_task_adapters(
+    inp: &AdapterInputs<'_>,
+    cfg: &DemoConfig,
+) -> Result<Vec<TrainedAdapter>, TrainError> {
+    let data = inp
+        .tasks
+        .iter()
+        .map(|&t| task_data(inp.tok, inp.corpus, t, cfg))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sets = data
+        .iter()
+        .map(|d| initial_adapter(inp, d.task, cfg))
+        .collect::<Result<Vec<_>, _>>()?;
+    let jobs: Vec<LoraJob<'_>> = data
+        .iter()
+        .zip(&sets)
+        .map(|(d, lora)| LoraJob {
+            label: d.task.id().into(),
+            lora,
+            task: &d.examples,
+            anchors: cfg
+                .anchors
+                .as_ref()
+                .map(|mix| (d.pool.as_slice(), &mix.anchor)),
+        })
+        .collect();
+    let singles: Vec<TrainConfig> = data
+        .iter()
+        .map(|d| TrainConfig {
+            steps: cfg.task_steps.steps(d.task, cfg.lora_train.steps),
+            ..cfg.lora_train.clone()
+        })
+        .collect();
+    let single_reports = train_concurrently(inp.base, &jobs, &singles)?;
+    let tune_reports = match &cfg.merge_tune {
+        Some(tune) if jobs.len() > 1 && tune.steps > 0 => {
+            let mut tcfg = TrainConfig {
+                steps: tune.steps,
+                ..cfg.lora_train.clone()
+            };
+            tcfg.optim.lr = tune.lr;
+            train_loras(inp.base, &jobs, &tcfg, Some(&tune.co_train))?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        _ => vec![None; jobs.len()],
+    };
+    drop(jobs);
+    Ok(data
+        .into_iter()
+        .zip(sets)
+        .zip(single_reports.into_iter().zip(tune_reports))
+        .map(|((d, lora), (single, merge_tune))| TrainedAdapter {
+            task: d.task,
+            lora,
+            single,
+            merge_tune,
+        })
+        .collect())
+}
+
+/// Trains independent adapters at the same time, one thread each ([`job_pools`]), each with its
+/// own steps; each job's data order, dropout and result are those of training it alone. A job
+/// of 0 steps is skipped (`None`).
+fn train_concurrently(
+    base: &Llama,
+    jobs: &[LoraJob<'_>],
+    cfgs: &[TrainConfig],
+) -> Result<Vec<Option<TrainReport>>, TrainError> {
+    let running = cfgs.iter().filter(|c| c.steps > 0).count();
+    let pools = job_pools(running)?;
+    let items: Vec<_> = jobs.iter().zip(cfgs).filter(|(_, c)| c.steps > 0).collect();
+    let mut reports = in_parallel(items, &pools, |(job, cfg)| {
+        Ok(train_loras(base, std::slice::from_ref(job), cfg, None)?
+            .into_iter()
+            .next())
+    })?
+    .into_iter();
+    Ok(cfgs
+        .iter()
+        .map(|c| {
+            if c.steps > 0 {
+                reports.next().flatten()
+            } else {
+                None
+            }
+        })
+        .collect())
+}
