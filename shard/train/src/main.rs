@@ -466,6 +466,18 @@ mod tests {
 
     use super::*;
 
+    /// The preset after `medley-train lora --base b --out o ARGS`.
+    fn lora_cfg(args: &[&str]) -> DemoConfig {
+        let base = ["medley-train", "lora", "--base", "b", "--out", "o"];
+        let cli = Cli::try_parse_from(base.iter().chain(args)).unwrap();
+        let Command::Lora { lora, .. } = cli.command else {
+            panic!("not lora")
+        };
+        let mut cfg = DemoConfig::full(0);
+        lora.apply(&mut cfg);
+        cfg
+    }
+
     #[test]
     fn task_steps_parse_or_say_what_is_wrong() {
         assert_eq!(
@@ -484,45 +496,13 @@ mod tests {
                 .unwrap_err()
                 .contains("steps of ad")
         );
-        let cli = Cli::try_parse_from([
-            "medley-train",
-            "lora",
-            "--base",
-            "b",
-            "--out",
-            "o",
-            "--lora-steps",
-            "1",
-            "--task-steps",
-            "instruct=10,ad=0",
-        ])
-        .unwrap();
-        let Command::Lora { lora, .. } = cli.command else {
-            panic!("not lora")
-        };
-        let mut cfg = DemoConfig::full(0);
-        lora.apply(&mut cfg);
+        let cfg = lora_cfg(&["--lora-steps", "1", "--task-steps", "instruct=10,ad=0"]);
         assert_eq!(cfg.task_steps.steps(Task::Instruct, 1), 10);
         assert_eq!(cfg.task_steps.steps(Task::Ad, 1), 0);
         assert_eq!(cfg.task_steps.steps(Task::Sql, 1), 1);
         // `--lora-steps` alone means every adapter, the preset's longer `instruct` included.
-        let cli = Cli::try_parse_from([
-            "medley-train",
-            "lora",
-            "--base",
-            "b",
-            "--out",
-            "o",
-            "--lora-steps",
-            "7",
-        ])
-        .unwrap();
-        let Command::Lora { lora, .. } = cli.command else {
-            panic!("not lora")
-        };
-        let mut cfg = DemoConfig::full(0);
-        assert!(cfg.task_steps.steps(Task::Instruct, 0) > 0);
-        lora.apply(&mut cfg);
+        assert!(DemoConfig::full(0).task_steps.steps(Task::Instruct, 0) > 0);
+        let cfg = lora_cfg(&["--lora-steps", "7"]);
         let steps = cfg.lora_train.steps;
         assert_eq!(steps, 7);
         assert_eq!(cfg.task_steps.steps(Task::Instruct, steps), 7);
