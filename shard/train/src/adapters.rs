@@ -20,10 +20,9 @@ use crate::data::Sequence;
 use crate::demo::{DemoConfig, task_sequences};
 use crate::lora::{LoraConfig, LoraSet};
 use crate::model::Llama;
+use crate::parallel::{in_parallel, job_pools};
 use crate::save::read_adapter;
-use crate::train::{
-    CoTrainConfig, LoraJob, TrainConfig, TrainReport, in_parallel, job_pools, train_loras,
-};
+use crate::train::{CoTrainConfig, LoraJob, TrainConfig, TrainReport, train_loras};
 
 /// Adapter steps per task, where one differs from [`TrainConfig::steps`] of
 /// [`DemoConfig::lora_train`] (`None`: that value; 0 skips the task's single training, e.g.
@@ -65,7 +64,7 @@ impl TaskSteps {
 pub struct MergeTune {
     /// The merge term's weight.
     pub co_train: CoTrainConfig,
-    /// Steps (each adapter, in turn).
+    /// Steps (of every adapter at once).
     pub steps: usize,
     /// Peak learning rate (warmup and decay of [`DemoConfig::lora_train`]).
     pub lr: f64,
@@ -228,9 +227,8 @@ fn train_concurrently(
     jobs: &[LoraJob<'_>],
     cfgs: &[TrainConfig],
 ) -> Result<Vec<Option<TrainReport>>, TrainError> {
-    let running = cfgs.iter().filter(|c| c.steps > 0).count();
-    let pools = job_pools(running)?;
     let items: Vec<_> = jobs.iter().zip(cfgs).filter(|(_, c)| c.steps > 0).collect();
+    let pools = job_pools(items.len())?;
     let mut reports = in_parallel(items, &pools, |(job, cfg)| {
         Ok(train_loras(base, std::slice::from_ref(job), cfg, None)?
             .into_iter()

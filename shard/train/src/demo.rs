@@ -143,8 +143,8 @@ pub struct DemoConfig {
     pub lora: LoraConfig,
     /// Adapter training.
     pub lora_train: TrainConfig,
-    /// Steps of the adapters that need more or fewer than `lora_train.steps` (adapters trained
-    /// separately; co-training steps all of them together for `lora_train.steps`).
+    /// Steps of the adapters that train alone for more or fewer than `lora_train.steps` (the
+    /// merge-tuning that follows has its own, [`MergeTune::steps`]).
     pub task_steps: TaskSteps,
     /// Anchoring of the adapters to the base outside their task (`None`: task data only).
     pub anchors: Option<AnchorMix>,

@@ -27,6 +27,7 @@ pub mod loss;
 pub mod measure;
 pub mod model;
 pub mod optim;
+mod parallel;
 pub mod params;
 pub mod probe;
 pub mod save;

@@ -11,6 +11,7 @@ use crate::lora::{Dropout, LoraSet};
 use crate::loss::{masked_cross_entropy, masked_kl_to_base, scalar};
 use crate::model::{ForwardOptions, Llama};
 use crate::optim::{OptimConfig, Optimizer, ScheduleConfig};
+use crate::parallel::{in_parallel, job_pools};
 use crate::params::ParamStore;
 
 /// One training run's settings.
@@ -344,11 +345,11 @@ struct JobState<'a> {
     progress: Progress,
 }
 
-/// Trains several adapters on one frozen `base`, a step of each at once (one thread each, see
-/// [`job_pools`]). Each adapter learns
-/// only from its own task's examples (and its anchors). With `co_train`, each step also scores
-/// the adapter's task batch with the *other* adapters' updates as the step began added, detached, and
-/// adds that loss times [`CoTrainConfig::merged_weight`]: the adapter learns its task both
+/// Trains several adapters on one frozen `base`, a step of each at once (one thread and rayon
+/// pool each; one job steps on the calling thread). Each adapter learns only from its own
+/// task's examples (and its anchors). With `co_train`, each step also scores the adapter's task
+/// batch with the *other* adapters' updates as the step began added, detached, and adds that
+/// loss times [`CoTrainConfig::merged_weight`]: the adapter learns its task both
 /// alone and inside the merge of all of them, so the merged updates stop undoing each other.
 /// Job `i` draws its data order and dropout from `cfg.seed ^ i` (one job: exactly
 /// [`train_lora`]).
@@ -391,7 +392,12 @@ pub fn train_loras(
             progress: Progress::new(job.label.clone(), cfg.log_every),
         });
     }
-    let pools = job_pools(states.len())?;
+    // A single job needs no threads of its own (the concurrent singles already run in one).
+    let pools = if states.len() > 1 {
+        job_pools(states.len())?
+    } else {
+        Vec::new()
+    };
     for step in 0..cfg.steps {
         // Every job's view of the others is taken before any of them steps (a copy: `concat`
         // stores new tensors), so the jobs of a step are independent and run at once.
@@ -409,57 +415,18 @@ pub fn train_loras(
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>, TrainError>>()?;
-        let items: Vec<_> = states.iter_mut().zip(&others).collect();
-        in_parallel(items, &pools, |(state, other)| {
+        let step_one = |(state, other): (&mut JobState<'_>, &Option<(LoraSet, f64)>)| {
             let other = other.as_ref().map(|(set, w)| (set, *w));
             lora_step(base, state, other, cfg, step)
-        })?;
+        };
+        let items: Vec<_> = states.iter_mut().zip(&others).collect();
+        if pools.is_empty() {
+            items.into_iter().try_for_each(step_one)?;
+        } else {
+            in_parallel(items, &pools, step_one)?;
+        }
     }
     Ok(states.into_iter().map(|s| s.progress.finish()).collect())
-}
-
-/// One rayon pool per job, each with an equal share of the global pool's threads (at least
-/// one): the ops of a model this small use a second core poorly, separate jobs use them all.
-pub(crate) fn job_pools(jobs: usize) -> Result<Vec<rayon::ThreadPool>, TrainError> {
-    let threads = (rayon::current_num_threads() / jobs.max(1)).max(1);
-    (0..jobs)
-        .map(|_| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .map_err(|e| TrainError::Config(format!("thread pool: {e}")))
-        })
-        .collect()
-}
-
-/// Runs `work` on every item at once, item `i` on its own thread inside `pools[i]`; the
-/// results in item order, or the first error.
-pub(crate) fn in_parallel<I, T, F>(
-    items: Vec<I>,
-    pools: &[rayon::ThreadPool],
-    work: F,
-) -> Result<Vec<T>, TrainError>
-where
-    I: Send,
-    T: Send,
-    F: Fn(I) -> Result<T, TrainError> + Sync,
-{
-    let work = &work;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = items
-            .into_iter()
-            .zip(pools)
-            .map(|(item, pool)| scope.spawn(move || pool.install(|| work(item))))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().map_err(|_| {
-                    TrainError::Config("an adapter's training thread panicked".into())
-                })?
-            })
-            .collect()
-    })
 }
 
 /// One optimiser step of one adapter: its task loss alone, plus the anchor KL and the loss
