@@ -94,11 +94,14 @@ impl Task {
     }
 
     /// Draws one `(prompt, completion)` pair of this task (either split).
-    fn sample(self, rng: &mut ChaCha8Rng) -> (String, String) {
-        match self {
-            Self::Sql => sql::sample(rng),
-            Self::Ad => ad::sample(rng),
-            Self::Instruct => instruct::sample(rng),
+    /// Draws one pair for `split`; only `instruct` draws its training examples from another
+    /// mix of kinds ([`instruct::TRAIN_WEIGHTS`]).
+    fn sample(self, rng: &mut ChaCha8Rng, split: Split) -> (String, String) {
+        match (self, split) {
+            (Self::Sql, _) => sql::sample(rng),
+            (Self::Ad, _) => ad::sample(rng),
+            (Self::Instruct, Split::Train) => instruct::sample_train(rng),
+            (Self::Instruct, Split::Heldout) => instruct::sample(rng),
         }
     }
 }
@@ -164,7 +167,7 @@ pub fn generate(task: Task, split: Split, seed: u64, n: usize) -> Vec<Example> {
         if out.len() == n {
             break;
         }
-        let (prompt, completion) = task.sample(&mut rng);
+        let (prompt, completion) = task.sample(&mut rng, split);
         if split_of(&prompt) != split {
             continue;
         }
