@@ -24,39 +24,69 @@ use crate::parallel::{in_parallel, job_pools};
 use crate::save::read_adapter;
 use crate::train::{CoTrainConfig, LoraJob, TrainConfig, TrainReport, train_loras};
 
-/// Adapter steps per task, where one differs from [`TrainConfig::steps`] of
-/// [`DemoConfig::lora_train`] (`None`: that value; 0 skips the task's single training, e.g.
-/// to only merge-tune adapters read with [`AdapterInputs::init`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct TaskSteps {
-    /// The `sql` adapter.
-    pub sql: Option<usize>,
-    /// The `ad` adapter.
-    pub ad: Option<usize>,
-    /// The `instruct` adapter.
-    pub instruct: Option<usize>,
+/// A setting that some tasks' adapters override (`None`: the task uses the common value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PerTask<T> {
+    /// The `sql` adapter's.
+    pub sql: Option<T>,
+    /// The `ad` adapter's.
+    pub ad: Option<T>,
+    /// The `instruct` adapter's.
+    pub instruct: Option<T>,
 }
 
-impl TaskSteps {
-    /// The steps of `task`'s adapter, `default` unless set.
-    pub fn steps(&self, task: Task, default: usize) -> usize {
-        match task {
-            Task::Sql => self.sql,
-            Task::Ad => self.ad,
-            Task::Instruct => self.instruct,
+impl<T> Default for PerTask<T> {
+    fn default() -> Self {
+        Self {
+            sql: None,
+            ad: None,
+            instruct: None,
         }
-        .unwrap_or(default)
+    }
+}
+
+impl<T: Clone> PerTask<T> {
+    /// `task`'s value, if set.
+    pub fn get(&self, task: Task) -> Option<&T> {
+        match task {
+            Task::Sql => self.sql.as_ref(),
+            Task::Ad => self.ad.as_ref(),
+            Task::Instruct => self.instruct.as_ref(),
+        }
     }
 
-    /// Sets the steps of `task`'s adapter.
-    pub fn set(&mut self, task: Task, steps: usize) {
+    /// `task`'s value, `default` unless set.
+    pub fn get_or(&self, task: Task, default: T) -> T {
+        self.get(task).cloned().unwrap_or(default)
+    }
+
+    /// Sets `task`'s value.
+    pub fn set(&mut self, task: Task, value: T) {
         let slot = match task {
             Task::Sql => &mut self.sql,
             Task::Ad => &mut self.ad,
             Task::Instruct => &mut self.instruct,
         };
-        *slot = Some(steps);
+        *slot = Some(value);
     }
+}
+
+/// Adapter steps per task, where one differs from [`TrainConfig::steps`] of
+/// [`DemoConfig::lora_train`] (0 skips the task's single training, e.g. to only merge-tune
+/// adapters read with [`AdapterInputs::init`]).
+pub type TaskSteps = PerTask<usize>;
+
+/// The size and learning rate of one task's adapter, where they differ from [`DemoConfig::lora`]
+/// and [`DemoConfig::lora_train`] (a harder task may need a larger rank; a larger rank, a lower
+/// learning rate). The `cat` merge concatenates adapters of any ranks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskLora {
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// Peak learning rate of its training alone.
+    pub lr: f64,
 }
 
 /// The second phase: all adapters co-trained inside their merge, starting from the singles.
@@ -139,10 +169,14 @@ fn initial_adapter(
     task: Task,
     cfg: &DemoConfig,
 ) -> Result<LoraSet, TrainError> {
-    let lora_cfg = LoraConfig {
+    let mut lora_cfg = LoraConfig {
         seed: cfg.lora.seed ^ (task as u64 + 1),
         ..cfg.lora.clone()
     };
+    if let Some(t) = cfg.task_lora.get(task) {
+        lora_cfg.rank = t.rank;
+        lora_cfg.alpha = t.alpha;
+    }
     let set = LoraSet::init(
         inp.base.shape(),
         &lora_cfg,
@@ -185,9 +219,15 @@ pub fn train_task_adapters(
         .collect();
     let singles: Vec<TrainConfig> = data
         .iter()
-        .map(|d| TrainConfig {
-            steps: cfg.task_steps.steps(d.task, cfg.lora_train.steps),
-            ..cfg.lora_train.clone()
+        .map(|d| {
+            let mut c = TrainConfig {
+                steps: cfg.task_steps.get_or(d.task, cfg.lora_train.steps),
+                ..cfg.lora_train.clone()
+            };
+            if let Some(t) = cfg.task_lora.get(d.task) {
+                c.optim.lr = t.lr;
+            }
+            c
         })
         .collect();
     let single_reports = train_concurrently(inp.base, &jobs, &singles)?;

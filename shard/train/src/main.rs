@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use medley_demo::Task;
-use medley_train::adapters::TaskSteps;
+use medley_train::adapters::{TaskLora, TaskSteps};
 use medley_train::demo::{DemoConfig, DemoSummary, run_adapters, run_demo};
 use medley_train::measure::measure;
 use medley_train::{LlamaShape, SaveDtype, TrainError};
@@ -26,6 +26,8 @@ enum Preset {
     Full,
     /// A tiny, fast run of the same pipeline.
     Smoke,
+    /// Adapters for SmolLM2-135M-Instruct (`lora --base FILE.gguf`; see `medley_train::smollm2`).
+    Smollm2,
 }
 
 /// Storage dtypes of the base weights.
@@ -213,6 +215,11 @@ struct LoraOverrides {
     /// (adapters trained without co-training).
     #[arg(long, value_parser = parse_task_steps, value_delimiter = ',')]
     task_steps: Vec<(Task, usize)>,
+    /// Adapters whose rank, alpha and peak learning rate differ from the others', e.g.
+    /// `instruct=16:32:3e-3` (`--rank`, `--alpha` or `--lora-lr` alone replace the preset's
+    /// per-task values too).
+    #[arg(long, value_parser = parse_task_lora, value_delimiter = ',')]
+    task_lora: Vec<(Task, TaskLora)>,
     /// Sequences per adapter batch.
     #[arg(long)]
     lora_batch: Option<usize>,
@@ -238,6 +245,9 @@ impl LoraOverrides {
         if let Some(n) = self.lora_steps {
             cfg.lora_train.steps = n;
             cfg.task_steps = TaskSteps::default();
+        }
+        if self.rank.is_some() || self.alpha.is_some() || self.lora_lr.is_some() {
+            cfg.task_lora = Default::default();
         }
         set(&mut cfg.lora_train.optim.lr, self.lora_lr);
         set(
@@ -274,6 +284,9 @@ impl LoraOverrides {
         for &(task, n) in &self.task_steps {
             cfg.task_steps.set(task, n);
         }
+        for (task, t) in &self.task_lora {
+            cfg.task_lora.set(*task, t.clone());
+        }
         if let Some(n) = self.lora_batch {
             cfg.lora_train.batch_size = n;
         }
@@ -302,10 +315,37 @@ fn parse_task_steps(s: &str) -> Result<(Task, usize), String> {
     Ok((task, steps))
 }
 
+/// `task=rank:alpha:lr`, as `--task-lora` takes it.
+fn parse_task_lora(s: &str) -> Result<(Task, TaskLora), String> {
+    let (task, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not TASK=RANK:ALPHA:LR"))?;
+    let task = task.trim().parse::<Task>().map_err(|e| e.to_string())?;
+    let parts: Vec<&str> = v.split(':').map(str::trim).collect();
+    let [rank, alpha, lr] = parts.as_slice() else {
+        return Err(format!("{v:?} of {task} is not RANK:ALPHA:LR"));
+    };
+    let rank = rank
+        .parse::<usize>()
+        .ok()
+        .filter(|&r| r > 0)
+        .ok_or_else(|| format!("rank of {task}: {rank:?} is not a positive integer"))?;
+    let num = |what: &str, x: &str| {
+        x.parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| format!("{what} of {task}: {x:?} is not a positive number"))
+    };
+    let alpha = num("alpha", alpha)?;
+    let lr = num("learning rate", lr)?;
+    Ok((task, TaskLora { rank, alpha, lr }))
+}
+
 fn preset(preset: Preset, seed: u64) -> DemoConfig {
     match preset {
         Preset::Full => DemoConfig::full(seed),
         Preset::Smoke => DemoConfig::smoke(seed),
+        Preset::Smollm2 => DemoConfig::smollm2(seed),
     }
 }
 
@@ -329,6 +369,13 @@ fn run(cli: Cli) -> Result<(), TrainError> {
             save_dtype,
             lora,
         } => {
+            if matches!(p, Preset::Smollm2) {
+                return Err(TrainError::Config(
+                    "the smollm2 preset trains adapters on the released model: run \
+                     `medley-train lora --preset smollm2 --base FILE.gguf --out DIR`"
+                        .into(),
+                ));
+            }
             let mut cfg = preset(p, seed);
             pretrain.apply(&mut cfg);
             cfg.save_dtype = match save_dtype {
@@ -497,14 +544,49 @@ mod tests {
                 .contains("steps of ad")
         );
         let cfg = lora_cfg(&["--lora-steps", "1", "--task-steps", "instruct=10,ad=0"]);
-        assert_eq!(cfg.task_steps.steps(Task::Instruct, 1), 10);
-        assert_eq!(cfg.task_steps.steps(Task::Ad, 1), 0);
-        assert_eq!(cfg.task_steps.steps(Task::Sql, 1), 1);
+        assert_eq!(cfg.task_steps.get_or(Task::Instruct, 1), 10);
+        assert_eq!(cfg.task_steps.get_or(Task::Ad, 1), 0);
+        assert_eq!(cfg.task_steps.get_or(Task::Sql, 1), 1);
         // `--lora-steps` alone means every adapter, the preset's longer `instruct` included.
-        assert!(DemoConfig::full(0).task_steps.steps(Task::Instruct, 0) > 0);
+        assert!(DemoConfig::full(0).task_steps.get_or(Task::Instruct, 0) > 0);
         let cfg = lora_cfg(&["--lora-steps", "7"]);
         let steps = cfg.lora_train.steps;
         assert_eq!(steps, 7);
-        assert_eq!(cfg.task_steps.steps(Task::Instruct, steps), 7);
+        assert_eq!(cfg.task_steps.get_or(Task::Instruct, steps), 7);
+    }
+
+    #[test]
+    fn the_smollm2_preset_is_for_adapters_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("never");
+        let args = ["medley-train", "demo", "--preset", "smollm2", "--out"];
+        let cli = Cli::try_parse_from(args.iter().copied().chain([out.to_str().unwrap()]));
+        let err = run(cli.unwrap()).unwrap_err().to_string();
+        assert!(err.contains("lora --preset smollm2"), "{err}");
+        assert!(!out.exists());
+        let cfg = DemoConfig::smollm2(0);
+        assert!(cfg.task_lora.instruct.is_none() && cfg.eval_examples == 0);
+    }
+
+    #[test]
+    fn task_lora_parses_or_says_what_is_wrong() {
+        let (task, t) = parse_task_lora("instruct=16:32:3e-3").unwrap();
+        assert_eq!(task, Task::Instruct);
+        assert_eq!((t.rank, t.alpha, t.lr), (16, 32.0, 3e-3));
+        let err = |s: &str| parse_task_lora(s).unwrap_err();
+        assert!(err("instruct").contains("TASK=RANK:ALPHA:LR"));
+        assert!(err("sql=16:32").contains("RANK:ALPHA:LR"));
+        assert!(err("sql=0:32:1e-3").contains("rank of sql"));
+        assert!(err("ad=8:x:1e-3").contains("alpha of ad"));
+        assert!(err("ad=8:16:-1").contains("learning rate of ad"));
+        assert!(err("poem=8:16:1e-3").contains("poem"));
+        // The preset's `instruct` adapter is larger; `--rank` means every adapter.
+        let preset = lora_cfg(&[]);
+        assert!(preset.task_lora.instruct.is_some());
+        assert!(lora_cfg(&["--rank", "4"]).task_lora.instruct.is_none());
+        let cfg = lora_cfg(&["--rank", "4", "--task-lora", "sql=2:4:1e-3"]);
+        assert_eq!(cfg.lora.rank, 4);
+        assert_eq!(cfg.task_lora.sql.as_ref().map(|t| t.rank), Some(2));
+        assert!(cfg.task_lora.instruct.is_none());
     }
 }

@@ -45,9 +45,18 @@ fn smoke_demo_writes_what_medley_loads() {
         model.config().eos_token_ids,
         vec![medley_demo::tokenizer::EOS_ID]
     );
+    // The preset gives `instruct` a larger rank than the others; their merge-tuning and `cat`
+    // merge take adapters of mixed ranks.
+    let instruct_rank = cfg.task_lora.instruct.as_ref().unwrap().rank;
+    assert_ne!(instruct_rank, cfg.lora.rank);
     for task in ["sql", "ad", "instruct"] {
         let peft = read_adapter_dir(&dir.path().join("adapters").join(task)).unwrap();
-        assert_eq!(peft.config.r, cfg.lora.rank);
+        let want = if task == "instruct" {
+            instruct_rank
+        } else {
+            cfg.lora.rank
+        };
+        assert_eq!(peft.config.r, want, "{task}");
         assert_eq!(peft.adapter.modules().len(), 7 * cfg.dims.layers);
     }
     assert_eq!(summary.adapters.len(), 3);
