@@ -37,6 +37,12 @@ pub enum TrainError {
     /// Tensor operation failure.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A base checkpoint could not be read.
+    #[error("base model: {0}")]
+    Model(#[from] medley_shard::model::ModelError),
+    /// A GGUF base file could not be read.
+    #[error("GGUF base: {0}")]
+    Gguf(#[from] medley_hub::gguf::GgufError),
 }
 
 impl TrainError {

@@ -17,6 +17,7 @@
 //! * [`save`] — the Hugging Face base directory and PEFT adapter directories Medley loads.
 
 pub mod adapters;
+pub mod base;
 pub mod corpus;
 pub mod data;
 pub mod demo;
@@ -32,6 +33,7 @@ pub mod params;
 pub mod probe;
 pub mod save;
 pub mod shape;
+pub mod smollm2;
 pub mod train;
 
 pub use data::{Batch, BatchOrder, Sequence};

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor};
+use medley_shard::model::weights::Checkpoint;
 
 use crate::TrainError;
 use crate::lora::{Dropout, LoraSet, Target};
@@ -94,15 +95,18 @@ impl Llama {
         Self::from_params(shape.clone(), params)
     }
 
-    /// Loads `dir/config.json` and `dir/model.safetensors` (as written by
-    /// [`crate::save::write_base`]).
+    /// Loads `dir/config.json` and the weights of `dir` in any layout Medley serves: one
+    /// safetensors file (as [`crate::save::write_base`] writes), a sharded one, or the
+    /// `model.gguf` of a GGUF model view ([`crate::base::stage_base`]), dequantized.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, TrainError> {
         let shape = LlamaShape::from_hf_config_file(&dir.join("config.json"))?;
-        let mut model = Self::init(&shape, InitConfig::default(), dtype, device)?;
-        model
-            .params
-            .load_safetensors(&dir.join("model.safetensors"))?;
-        Ok(model)
+        shape.validate()?;
+        let ckpt = Checkpoint::open(dir)?;
+        let mut params = ParamStore::new(dtype, device.clone());
+        for (name, dims) in shape.tensors() {
+            params.insert(&name, ckpt.tensor(&name, &dims, dtype, device)?)?;
+        }
+        Self::from_params(shape, params)
     }
 
     fn from_params(shape: LlamaShape, params: ParamStore) -> Result<Self, TrainError> {
