@@ -204,19 +204,22 @@ pub fn train_task_adapters(
         .iter()
         .map(|d| initial_adapter(inp, d.task, cfg))
         .collect::<Result<Vec<_>, _>>()?;
-    let jobs: Vec<LoraJob<'_>> = data
-        .iter()
-        .zip(&sets)
-        .map(|(d, lora)| LoraJob {
-            label: d.task.id().into(),
-            lora,
-            task: &d.examples,
-            anchors: cfg
-                .anchors
-                .as_ref()
-                .map(|mix| (d.pool.as_slice(), &mix.anchor)),
-        })
-        .collect();
+    // Jobs of one phase: anchored when `cfg.anchors` is set, in the single phase only if it says so.
+    let jobs_of = |single: bool| -> Vec<LoraJob<'_>> {
+        data.iter()
+            .zip(&sets)
+            .map(|(d, lora)| LoraJob {
+                label: d.task.id().into(),
+                lora,
+                task: &d.examples,
+                anchors: cfg
+                    .anchors
+                    .as_ref()
+                    .filter(|mix| !single || mix.in_singles)
+                    .map(|mix| (d.pool.as_slice(), &mix.anchor)),
+            })
+            .collect()
+    };
     let singles: Vec<TrainConfig> = data
         .iter()
         .map(|d| {
@@ -230,7 +233,8 @@ pub fn train_task_adapters(
             c
         })
         .collect();
-    let single_reports = train_concurrently(inp.base, &jobs, &singles)?;
+    let single_reports = train_concurrently(inp.base, &jobs_of(true), &singles)?;
+    let jobs = jobs_of(false);
     let tune_reports = match &cfg.merge_tune {
         Some(tune) if jobs.len() > 1 && tune.steps > 0 => {
             let mut tcfg = TrainConfig {

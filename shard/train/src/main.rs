@@ -199,6 +199,9 @@ struct LoraOverrides {
     /// Train the adapters without KL anchoring to the base.
     #[arg(long)]
     no_anchors: bool,
+    /// Anchor the adapters' training alone as well (the preset anchors their merge-tuning only).
+    #[arg(long)]
+    anchor_singles: bool,
     /// Weight of the loss inside the merge in co-training.
     #[arg(long)]
     merged_weight: Option<f64>,
@@ -267,6 +270,7 @@ impl LoraOverrides {
             if let Some(b) = self.anchor_batch {
                 a.anchor.batch_size = b;
             }
+            a.in_singles |= self.anchor_singles;
         }
         if self.no_anchors {
             cfg.anchors = None;
@@ -580,6 +584,11 @@ mod tests {
         assert!(err("ad=8:x:1e-3").contains("alpha of ad"));
         assert!(err("ad=8:16:-1").contains("learning rate of ad"));
         assert!(err("poem=8:16:1e-3").contains("poem"));
+        // The preset anchors merge-tuning only.
+        let anchors = |args: &[&str]| lora_cfg(args).anchors.map(|a| a.in_singles);
+        assert_eq!(anchors(&[]), Some(false));
+        assert_eq!(anchors(&["--anchor-singles"]), Some(true));
+        assert_eq!(anchors(&["--no-anchors"]), None);
         // The preset's `instruct` adapter is larger; `--rank` means every adapter.
         let preset = lora_cfg(&[]);
         assert!(preset.task_lora.instruct.is_some());

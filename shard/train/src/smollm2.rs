@@ -6,7 +6,8 @@
 //! A pretrained model of 135 M parameters costs about a hundred times the demo base per token
 //! on the CPU (a step of 4 sequences, one thread: ~6 s), so the preset is short: 200 steps of 4
 //! sequences per adapter (its examples are at most 54 tokens), a lower learning rate than a
-//! randomly initialised adapter on a tiny base needs, and 100 steps of merge-tuning.
+//! randomly initialised adapter on a tiny base needs, and 100 steps of merge-tuning (anchored,
+//! as the demo's).
 //! The closing greedy check is off (it decodes without a KV cache); score the adapters with
 //! `medley eval` against `medley serve --model FILE.gguf --adapter-root OUT/adapters`.
 
@@ -30,7 +31,6 @@ impl DemoConfig {
         c.lora_train.optim.lr = 1e-3;
         c.task_steps = TaskSteps::default();
         c.task_lora = PerTask::default();
-        c.anchors = None;
         c.merge_tune = Some(MergeTune {
             co_train: CoTrainConfig { merged_weight: 1.0 },
             steps: 100,
