@@ -72,6 +72,9 @@ pub fn series(report: &Report, adapters: &[String]) -> (Metric, Vec<Series>) {
         let crate::systems::SystemKind::Merge { merged_adapters } = &row.kind else {
             continue;
         };
+        if row.refused.is_some() {
+            continue;
+        }
         let Some(y) = metric.value(row) else {
             continue;
         };

@@ -94,6 +94,9 @@ pub struct SystemReport {
     /// For merges: the smallest kept over the tasks (`null` when none is defined).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_kept: Option<Option<f64>>,
+    /// Why the server refused this merge (its first refusal); a refused merge is not scored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 impl SystemReport {
@@ -186,7 +189,10 @@ pub fn build_report(
                         task: task.name.clone(),
                         correct,
                         total,
-                        failed: outs.iter().filter(|o| o.error.is_some()).count(),
+                        failed: outs
+                            .iter()
+                            .filter(|o| o.error.is_some() && !o.refused)
+                            .count(),
                         score: ratio(correct, total),
                         kept: None,
                     }
@@ -199,6 +205,11 @@ pub fn build_report(
                 failed: scores.iter().map(|s| s.failed).sum(),
                 tasks: scores,
                 min_kept: None,
+                refused: per_task
+                    .iter()
+                    .flatten()
+                    .find(|o| o.refused)
+                    .and_then(|o| o.error.clone()),
             }
         })
         .collect();
@@ -223,6 +234,10 @@ pub fn build_report(
         })
         .collect();
     for row in rows.iter_mut().filter(|r| r.is_merge()) {
+        if row.refused.is_some() {
+            row.min_kept = Some(None);
+            continue;
+        }
         for (t, score) in row.tasks.iter_mut().enumerate() {
             let best = best_single.iter().find(|b| b.task == tasks[t].name);
             score.kept = Some(
@@ -331,14 +346,19 @@ pub fn render_table(report: &Report) -> String {
     }
     out.push('\n');
     for row in &report.systems {
-        let mut cells: Vec<String> = row
-            .tasks
-            .iter()
-            .map(|t| format!("{:.3}", t.score))
-            .collect();
-        cells.push(format!("{:.3}", row.mean));
+        let refused = row.refused.is_some();
+        let score = |v: f64| {
+            if refused {
+                "-".to_string()
+            } else {
+                format!("{v:.3}")
+            }
+        };
+        let mut cells: Vec<String> = row.tasks.iter().map(|t| score(t.score)).collect();
+        cells.push(score(row.mean));
         if any_merge {
             cells.push(match row.min_kept {
+                _ if refused => "refused".into(),
                 Some(Some(k)) => format!("{k:.3}"),
                 Some(None) => "n/a".into(),
                 None => "-".into(),
@@ -367,6 +387,22 @@ pub fn render_table(report: &Report) -> String {
             out.push_str("no best merge: kept needs single adapters (--adapters)\n");
         }
         None => out.push_str("no best merge: every best single adapter scored 0\n"),
+    }
+    let mut refusals: Vec<(&str, Vec<&str>)> = Vec::new();
+    for row in &report.systems {
+        if let Some(why) = &row.refused {
+            match refusals.iter_mut().find(|(w, _)| *w == why.as_str()) {
+                Some((_, labels)) => labels.push(&row.label),
+                None => refusals.push((why, vec![&row.label])),
+            }
+        }
+    }
+    for (why, labels) in &refusals {
+        let _ = writeln!(
+            out,
+            "refused by the server, not scored: {} ({why})",
+            labels.join(", ")
+        );
     }
     if any_failed {
         let total: usize = report.systems.iter().map(|s| s.failed).sum();
@@ -421,6 +457,7 @@ mod tests {
                 output: Some(String::new()),
                 correct: c,
                 error: None,
+                refused: false,
             })
             .collect()
     }

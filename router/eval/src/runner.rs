@@ -5,7 +5,7 @@ use std::io::IsTerminal as _;
 
 use futures::StreamExt as _;
 
-use crate::client::{Client, Parameters};
+use crate::client::{Client, ClientError, Parameters};
 use crate::error::EvalError;
 use crate::systems::System;
 use crate::tasks::Task;
@@ -34,8 +34,16 @@ pub struct Outcome {
     pub output: Option<String>,
     /// Whether it scored as correct (a failure never does).
     pub correct: bool,
-    /// The failure, with `--keep-going`.
+    /// The failure, with `--keep-going` or when refused.
     pub error: Option<String>,
+    /// The server refused the merge as invalid (HTTP 422: e.g. `linear` over adapters of
+    /// different ranks). The run goes on; the system is reported as refused, not scored.
+    pub refused: bool,
+}
+
+/// Whether `err` is the server refusing `system`'s merge spec rather than a failed request.
+fn is_refusal(system: &System, err: &ClientError) -> bool {
+    system.merge().is_some() && matches!(err, ClientError::Http { status: 422, .. })
 }
 
 /// Outcomes indexed `[system][task][example]`, in the order of the inputs.
@@ -90,7 +98,17 @@ pub async fn run_all(
                 correct: tasks[t].examples[e].rule.matches(&text),
                 output: Some(text),
                 error: None,
+                refused: false,
             },
+            Err(source) if is_refusal(&systems[s], &source) => {
+                tracing::debug!(system = %systems[s].label, error = %source, "merge refused");
+                Outcome {
+                    output: None,
+                    correct: false,
+                    error: Some(source.to_string()),
+                    refused: true,
+                }
+            }
             Err(source) if config.keep_going => {
                 failed += 1;
                 tracing::debug!(system = %systems[s].label, error = %source, "request failed");
@@ -98,6 +116,7 @@ pub async fn run_all(
                     output: None,
                     correct: false,
                     error: Some(source.to_string()),
+                    refused: false,
                 }
             }
             Err(source) => {

@@ -4,7 +4,7 @@
 //! The fake "knows" the first `floor(4 f)` examples of a task, with `f` by system:
 //! base: sql 0.25, chat 0; adapter `sql`: sql 1, chat 0.25; adapter `chat`: sql 0, chat 1;
 //! a `linear` merge: 0.5 on both; `ties` at density d: d on both; `dare_ties`: sql 1, chat d.
-//! Weights below 1 halve `f`. Any `bogus` adapter is a 400. Requests must be greedy with seed 1234
+//! Weights below 1 halve `f`. Any `bogus` adapter is a 400, any `dare_linear` merge a 422. Requests must be greedy with seed 1234
 //! and `adapter_source: local`, or the fake answers 422. Later examples answer sooner, so
 //! completions come back out of order.
 
@@ -24,6 +24,10 @@ use medley_eval::{EvalArgs, EvalError, Report};
 use serde_json::{Value, json};
 
 const EXAMPLES: usize = 4;
+/// What the fake says to any `dare_linear` merge, with a 422 (as Medley does to a merge its
+/// adapters cannot make, e.g. `linear` over adapters of different ranks).
+const REFUSAL: &str = "cannot merge [sql, chat]: the adapters have ranks [8, 16], but merge \
+                       strategy dare_linear needs equal ranks";
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -64,6 +68,7 @@ fn fraction(params: &Value, task: &str) -> Result<f64, String> {
                 density
             }
         }
+        "dare_linear" => return Err(REFUSAL.into()),
         other => return Err(format!("strategy `{other}` unknown to the fake")),
     };
     let weak = merge["weights"]
@@ -97,8 +102,13 @@ async fn generate(
     let f = match fraction(params, task) {
         Ok(f) => f,
         Err(error) => {
+            let status = if error == REFUSAL {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::BAD_REQUEST
+            };
             return (
-                StatusCode::BAD_REQUEST,
+                status,
                 Json(json!({"error": error, "error_type": "validation"})),
             );
         }
@@ -376,6 +386,69 @@ async fn an_http_error_names_its_system() {
             .unwrap()
             .contains("HTTP 400")
     );
+}
+
+/// A merge the server refuses (422) does not stop a sweep: it is reported as refused, with the
+/// server's reason, left out of the best merge and the chart, and not counted as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_merge_is_reported_not_scored() {
+    let (url, _) = fake_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = write_tasks(dir.path());
+    let json = dir.path().join("r.json").display().to_string();
+    let chart = dir.path().join("r.svg").display().to_string();
+    let extra = [
+        "--adapters",
+        "sql,chat",
+        "--sweep",
+        "--sweep-strategies",
+        "linear,dare_linear",
+        "--sweep-densities",
+        "0.5",
+        "--sweep-weights",
+        "1,1",
+        "--quiet",
+        "--json",
+        &json,
+        "--chart",
+        &chart,
+    ];
+    let report = medley_eval::run(args(&url, &tasks, &extra)).await.unwrap();
+    let refused = row(&report, "dare_linear d=0.5 w=1,1");
+    assert!(
+        refused
+            .refused
+            .as_deref()
+            .unwrap()
+            .contains("needs equal ranks"),
+        "{refused:?}"
+    );
+    assert_eq!(refused.failed, 0);
+    assert_eq!(refused.min_kept, Some(None));
+    assert!(row(&report, "linear w=1,1").refused.is_none());
+    assert_eq!(scores(&report, "linear w=1,1"), vec![0.5, 0.5]);
+    assert_eq!(report.best_merge.as_ref().unwrap().label, "linear w=1,1");
+    let table = medley_eval::report::render_table(&report);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("dare_linear"))
+        .unwrap();
+    assert!(line.ends_with("refused"), "{table}");
+    assert!(
+        table.contains("refused by the server, not scored: dare_linear d=0.5 w=1,1 (HTTP 422"),
+        "{table}"
+    );
+    assert!(!table.contains("failed"), "{table}");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let row = json["systems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["label"] == "dare_linear d=0.5 w=1,1")
+        .unwrap();
+    assert!(row["refused"].as_str().unwrap().contains("HTTP 422"));
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(!svg.contains("dare_linear"), "a refused merge has no line");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
