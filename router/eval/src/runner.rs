@@ -41,6 +41,18 @@ pub struct Outcome {
     pub refused: bool,
 }
 
+impl Outcome {
+    /// A request that got no text: `source` failed it, or refused its merge (`refused`).
+    fn failure(source: &ClientError, refused: bool) -> Self {
+        Self {
+            output: None,
+            correct: false,
+            error: Some(source.to_string()),
+            refused,
+        }
+    }
+}
+
 /// Whether `err` is the server refusing `system`'s merge spec rather than a failed request.
 fn is_refusal(system: &System, err: &ClientError) -> bool {
     system.merge().is_some() && matches!(err, ClientError::Http { status: 422, .. })
@@ -102,22 +114,12 @@ pub async fn run_all(
             },
             Err(source) if is_refusal(&systems[s], &source) => {
                 tracing::debug!(system = %systems[s].label, error = %source, "merge refused");
-                Outcome {
-                    output: None,
-                    correct: false,
-                    error: Some(source.to_string()),
-                    refused: true,
-                }
+                Outcome::failure(&source, true)
             }
             Err(source) if config.keep_going => {
                 failed += 1;
                 tracing::debug!(system = %systems[s].label, error = %source, "request failed");
-                Outcome {
-                    output: None,
-                    correct: false,
-                    error: Some(source.to_string()),
-                    refused: false,
-                }
+                Outcome::failure(&source, false)
             }
             Err(source) => {
                 progress.finish();

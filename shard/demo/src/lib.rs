@@ -93,9 +93,8 @@ impl Task {
         }
     }
 
-    /// Draws one `(prompt, completion)` pair of this task (either split).
-    /// Draws one pair for `split`; only `instruct` draws its training examples from another
-    /// mix of kinds ([`instruct::TRAIN_WEIGHTS`]).
+    /// Draws one `(prompt, completion)` pair of this task for `split`; only `instruct` draws its
+    /// training examples from another mix of kinds ([`instruct::TRAIN_WEIGHTS`]).
     fn sample(self, rng: &mut ChaCha8Rng, split: Split) -> (String, String) {
         match (self, split) {
             (Self::Sql, _) => sql::sample(rng),

@@ -517,9 +517,9 @@ pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary, TrainError>
 /// Trains adapters for `tasks` on an existing base: a demo base (`base_dir` with the model and
 /// `tokenizer.json`, e.g. `OUT/base` of [`run_demo`]; `cfg.seed` must be the base's seed for
 /// the anchor corpus to be the one it was trained on), another model directory or a GGUF file
-/// whose tokenizer has the demo's ChatML ids (SmolLM2's; see [`crate::base`]). With `init`, the adapters start from
-/// `init/<task>/` (e.g. to merge-tune trained singles with `task_steps` 0). Writes
-/// `out/adapters/<task>/` and `out/summary.json`.
+/// whose tokenizer has the demo's ChatML ids (SmolLM2's; see [`crate::base`]). With `init`,
+/// the adapters start from `init/<task>/` (e.g. to merge-tune trained singles with
+/// `task_steps` 0). Writes `out/adapters/<task>/` and `out/summary.json`.
 pub fn run_adapters(
     base_dir: &Path,
     out: &Path,
