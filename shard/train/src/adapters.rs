@@ -98,6 +98,9 @@ pub struct MergeTune {
     pub steps: usize,
     /// Peak learning rate (warmup and decay of [`DemoConfig::lora_train`]).
     pub lr: f64,
+    /// Adapters whose peak learning rate differs from [`Self::lr`]. A rate of 0 holds an adapter
+    /// as it was trained alone: the others still learn to merge with it.
+    pub task_lr: PerTask<f64>,
 }
 
 /// What the adapter phase works on.
@@ -204,7 +207,8 @@ pub fn train_task_adapters(
         .iter()
         .map(|d| initial_adapter(inp, d.task, cfg))
         .collect::<Result<Vec<_>, _>>()?;
-    // Jobs of one phase: anchored when `cfg.anchors` is set, in the single phase only if it says so.
+    // Jobs of one phase: anchored when `cfg.anchors` is set, in the single phase only if it says
+    // so; merge-tuned at their own rates where `MergeTune::task_lr` sets one.
     let jobs_of = |single: bool| -> Vec<LoraJob<'_>> {
         data.iter()
             .zip(&sets)
@@ -217,6 +221,10 @@ pub fn train_task_adapters(
                     .as_ref()
                     .filter(|mix| !single || mix.in_singles)
                     .map(|mix| (d.pool.as_slice(), &mix.anchor)),
+                lr: match &cfg.merge_tune {
+                    Some(tune) if !single => tune.task_lr.get(d.task).copied(),
+                    _ => None,
+                },
             })
             .collect()
     };
@@ -243,9 +251,6 @@ pub fn train_task_adapters(
             };
             tcfg.optim.lr = tune.lr;
             train_loras(inp.base, &jobs, &tcfg, Some(&tune.co_train))?
-                .into_iter()
-                .map(Some)
-                .collect()
         }
         _ => vec![None; jobs.len()],
     };
@@ -276,7 +281,8 @@ fn train_concurrently(
     let mut reports = in_parallel(items, &pools, |(job, cfg)| {
         Ok(train_loras(base, std::slice::from_ref(job), cfg, None)?
             .into_iter()
-            .next())
+            .next()
+            .flatten())
     })?
     .into_iter();
     Ok(cfgs

@@ -255,6 +255,7 @@ impl DemoConfig {
                 co_train: CoTrainConfig { merged_weight: 1.0 },
                 steps: 1000,
                 lr: 3e-3,
+                task_lr: PerTask::default(),
             }),
             eval_examples: 50,
             save_dtype: SaveDtype::F32,

@@ -35,6 +35,7 @@ impl DemoConfig {
             co_train: CoTrainConfig { merged_weight: 1.0 },
             steps: 100,
             lr: 5e-4,
+            task_lr: PerTask::default(),
         });
         c.eval_examples = 0;
         c.base_model_name = SMOLLM2_ID.into();

@@ -309,9 +309,17 @@ pub fn train_lora(
         lora,
         task,
         anchors,
+        lr: None,
     };
-    let mut reports = train_loras(base, &[job], cfg, None)?;
-    Ok(reports.remove(0))
+    train_loras(base, &[job], cfg, None)?
+        .pop()
+        .flatten()
+        .ok_or_else(|| {
+            TrainError::Config(format!(
+                "a learning rate of {} trains nothing",
+                cfg.optim.lr
+            ))
+        })
 }
 
 /// One adapter of [`train_loras`]: its factors, its task's examples and its anchor pool.
@@ -325,6 +333,9 @@ pub struct LoraJob<'a> {
     pub task: &'a [Sequence],
     /// Anchor pool and settings (KL to the base, see [`AnchorConfig`]).
     pub anchors: Option<(&'a [Sequence], &'a AnchorConfig)>,
+    /// Its peak learning rate, if not [`TrainConfig::optim`]'s. A rate of 0 holds the adapter
+    /// fixed: it takes no steps (and gets no report) but stays in the others' merge.
+    pub lr: Option<f64>,
 }
 
 /// Merge-aware co-training of several adapters (see [`train_loras`]).
@@ -343,6 +354,8 @@ struct JobState<'a> {
     anchor: Option<(BatchOrder, &'a [Sequence], &'a AnchorConfig)>,
     dropout: Dropout,
     progress: Progress,
+    /// The job's settings: the common ones with its seed and learning rate.
+    cfg: TrainConfig,
 }
 
 /// Trains several adapters on one frozen `base`, a step of each at once (one thread and rayon
@@ -352,57 +365,45 @@ struct JobState<'a> {
 /// loss times [`CoTrainConfig::merged_weight`]: the adapter learns its task both
 /// alone and inside the merge of all of them, so the merged updates stop undoing each other.
 /// Job `i` draws its data order and dropout from `cfg.seed ^ i` (one job: exactly
-/// [`train_lora`]).
+/// [`train_lora`]). A job held fixed ([`LoraJob::lr`] 0) reports `None`.
 pub fn train_loras(
     base: &Llama,
     jobs: &[LoraJob<'_>],
     cfg: &TrainConfig,
     co_train: Option<&CoTrainConfig>,
-) -> Result<Vec<TrainReport>, TrainError> {
+) -> Result<Vec<Option<TrainReport>>, TrainError> {
     let base = &base.frozen();
     let mut states = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
-        let params = job.lora.params();
         let seeded = TrainConfig {
             seed: cfg.seed ^ i as u64,
+            optim: OptimConfig {
+                lr: job.lr.unwrap_or(cfg.optim.lr),
+                ..cfg.optim.clone()
+            },
             ..cfg.clone()
         };
-        let anchor = match job.anchors {
-            Some((data, a)) if a.batch_size > 0 && !data.is_empty() => {
-                Some((order(data, &seeded, a.batch_size, 0xa11c)?, data, a))
-            }
-            _ => None,
-        };
-        tracing::info!(
-            adapter = job.label,
-            lora_params = params.numel(),
-            sequences = job.task.len(),
-            anchors = job.anchors.map(|(d, _)| d.len()),
-            ?cfg,
-            ?co_train,
-            lora = ?job.lora.config(),
-            "start"
-        );
-        states.push(JobState {
-            job,
-            opt: Optimizer::new(params, &cfg.optim, &cfg.schedule())?,
-            order: order(job.task, &seeded, cfg.batch_size, 0)?,
-            anchor,
-            dropout: Dropout::new(job.lora.config().dropout, seeded.seed),
-            progress: Progress::new(job.label.clone(), cfg.log_every),
-        });
+        if seeded.optim.lr == 0.0 {
+            tracing::info!(adapter = job.label, "held fixed");
+            states.push(None);
+            continue;
+        }
+        states.push(Some(job_state(job, seeded, co_train)?));
     }
+    let trained = states.iter().flatten().count();
     // A single job needs no threads of its own (the concurrent singles already run in one).
-    let pools = if states.len() > 1 {
-        job_pools(states.len())?
+    let pools = if trained > 1 {
+        job_pools(trained)?
     } else {
         Vec::new()
     };
     for step in 0..cfg.steps {
         // Every job's view of the others is taken before any of them steps (a copy: `concat`
         // stores new tensors), so the jobs of a step are independent and run at once.
-        let others = (0..jobs.len())
-            .map(|i| match co_train {
+        let mut items = Vec::with_capacity(trained);
+        for (i, state) in states.iter_mut().enumerate() {
+            let Some(state) = state else { continue };
+            let others = match co_train {
                 Some(c) if jobs.len() > 1 => {
                     let parts: Vec<(&LoraSet, f64)> = jobs
                         .iter()
@@ -410,23 +411,60 @@ pub fn train_loras(
                         .filter(|(j, _)| *j != i)
                         .map(|(_, j)| (j.lora, 1.0))
                         .collect();
-                    Ok(Some((LoraSet::concat(&parts)?, c.merged_weight)))
+                    Some((LoraSet::concat(&parts)?, c.merged_weight))
                 }
-                _ => Ok(None),
-            })
-            .collect::<Result<Vec<_>, TrainError>>()?;
-        let step_one = |(state, other): (&mut JobState<'_>, &Option<(LoraSet, f64)>)| {
+                _ => None,
+            };
+            items.push((state, others));
+        }
+        let step_one = |(state, other): (&mut JobState<'_>, Option<(LoraSet, f64)>)| {
             let other = other.as_ref().map(|(set, w)| (set, *w));
-            lora_step(base, state, other, cfg, step)
+            lora_step(base, state, other, step)
         };
-        let items: Vec<_> = states.iter_mut().zip(&others).collect();
         if pools.is_empty() {
             items.into_iter().try_for_each(step_one)?;
         } else {
             in_parallel(items, &pools, step_one)?;
         }
     }
-    Ok(states.into_iter().map(|s| s.progress.finish()).collect())
+    Ok(states
+        .into_iter()
+        .map(|s| s.map(|s| s.progress.finish()))
+        .collect())
+}
+
+/// The starting state of one job of [`train_loras`], with its own seed and learning rate.
+fn job_state<'a>(
+    job: &'a LoraJob<'a>,
+    seeded: TrainConfig,
+    co_train: Option<&CoTrainConfig>,
+) -> Result<JobState<'a>, TrainError> {
+    let params = job.lora.params();
+    let anchor = match job.anchors {
+        Some((data, a)) if a.batch_size > 0 && !data.is_empty() => {
+            Some((order(data, &seeded, a.batch_size, 0xa11c)?, data, a))
+        }
+        _ => None,
+    };
+    tracing::info!(
+        adapter = job.label,
+        lora_params = params.numel(),
+        sequences = job.task.len(),
+        anchors = job.anchors.map(|(d, _)| d.len()),
+        cfg = ?seeded,
+        ?co_train,
+        lora = ?job.lora.config(),
+        "start"
+    );
+    Ok(JobState {
+        job,
+        opt: Optimizer::new(params, &seeded.optim, &seeded.schedule())?,
+        order: order(job.task, &seeded, seeded.batch_size, 0)?,
+        anchor,
+        dropout: Dropout::new(job.lora.config().dropout, seeded.seed),
+        progress: Progress::new(job.label.clone(), seeded.log_every),
+        cfg: seeded,
+    })
 }
 
 /// One optimiser step of one adapter: its task loss alone, plus the anchor KL and the loss
@@ -435,10 +473,10 @@ fn lora_step(
     base: &Llama,
     st: &mut JobState<'_>,
     others: Option<(&LoraSet, f64)>,
-    cfg: &TrainConfig,
     step: usize,
 ) -> Result<(), TrainError> {
     let lora = st.job.lora;
+    let cfg = &st.cfg;
     let (dtype, device) = (lora.params().dtype(), lora.params().device());
     let seqs = next(&mut st.order, st.job.task);
     let batch = Batch::new(&seqs, cfg.max_len, 0, dtype, device)?;
@@ -655,9 +693,14 @@ pub(crate) mod tests {
                     lora,
                     task,
                     anchors: None,
+                    lr: None,
                 })
                 .collect();
-            let reports = train_loras(&model, &jobs, &cfg(80), co).unwrap();
+            let reports: Vec<TrainReport> = train_loras(&model, &jobs, &cfg(80), co)
+                .unwrap()
+                .into_iter()
+                .map(Option::unwrap)
+                .collect();
             let merged = LoraSet::concat(&[(&sets[0], 1.0), (&sets[1], 1.0)]).unwrap();
             let alone: Vec<f64> = (0..2)
                 .map(|i| task_loss(&model, &sets[i], &held[i]))
@@ -686,5 +729,55 @@ pub(crate) mod tests {
                  (alone {solo_alone:?} / {co_alone:?})"
             );
         }
+    }
+
+    /// A job held fixed (learning rate 0) keeps its factors and reports nothing, while the
+    /// other job co-trains inside the merge with it; a lone job at rate 0 is refused.
+    #[test]
+    fn a_job_held_fixed_takes_no_steps_but_stays_in_the_merge() {
+        let init = InitConfig { seed: 3, std: 0.05 };
+        let model = Llama::init(&tiny(), init, DType::F32, &Device::Cpu).unwrap();
+        let data = [marked(64, 30, 1, 1), marked(64, 31, 3, 2)];
+        let sets: Vec<LoraSet> = (0..2)
+            .map(|i| {
+                let c = LoraConfig {
+                    seed: i,
+                    dropout: 0.0,
+                    ..LoraConfig::default()
+                };
+                LoraSet::init(model.shape(), &c, DType::F32, &Device::Cpu).unwrap()
+            })
+            .collect();
+        train_lora(&model, &sets[1], &data[1], None, &cfg(20)).unwrap();
+        let flat = |set: &LoraSet| -> Vec<f32> {
+            let snap = set.params().snapshot(DType::F32).unwrap();
+            let mut names: Vec<_> = snap.keys().cloned().collect();
+            names.sort();
+            names
+                .iter()
+                .flat_map(|n| snap[n].flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect()
+        };
+        let before = flat(&sets[1]);
+        let jobs: Vec<LoraJob<'_>> = (0..2)
+            .map(|i| LoraJob {
+                label: format!("task{i}"),
+                lora: &sets[i],
+                task: &data[i],
+                anchors: None,
+                lr: (i == 1).then_some(0.0),
+            })
+            .collect();
+        let co = CoTrainConfig { merged_weight: 1.0 };
+        let reports = train_loras(&model, &jobs, &cfg(10), Some(&co)).unwrap();
+        assert!(reports[1].is_none());
+        let trained = reports[0].as_ref().unwrap();
+        let merged = trained.final_merged_loss.unwrap();
+        assert!(merged != trained.final_loss, "{trained:?}");
+        assert_eq!(flat(&sets[1]), before);
+        let mut lone = cfg(5);
+        lone.optim.lr = 0.0;
+        let err = train_lora(&model, &sets[0], &data[0], None, &lone).unwrap_err();
+        assert!(matches!(err, TrainError::Config(_)), "{err}");
     }
 }

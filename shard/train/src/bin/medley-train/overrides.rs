@@ -1,117 +1,13 @@
-//! `medley-train`: trains the demo's base model and adapters.
+//! `medley-train`'s command-line settings that override a preset's ([`DemoConfig`]).
 
-use std::path::PathBuf;
-
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Args;
 use medley_demo::Task;
 use medley_train::adapters::{TaskLora, TaskSteps};
-use medley_train::demo::{DemoConfig, DemoSummary, run_adapters, run_demo};
-use medley_train::measure::measure;
-use medley_train::{LlamaShape, SaveDtype, TrainError};
-
-#[derive(Parser)]
-#[command(
-    name = "medley-train",
-    about = "Train the demo's base model and LoRA adapters (CPU, candle)"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-/// Size presets of `demo`.
-#[derive(Clone, Copy, ValueEnum)]
-enum Preset {
-    /// The shipped demo (minutes on 2 cores).
-    Full,
-    /// A tiny, fast run of the same pipeline.
-    Smoke,
-    /// Adapters for SmolLM2-135M-Instruct (`lora --base FILE.gguf`; see `medley_train::smollm2`).
-    Smollm2,
-}
-
-/// Storage dtypes of the base weights.
-#[derive(Clone, Copy, ValueEnum)]
-enum Dtype {
-    /// 32-bit float (exactly the trained values).
-    F32,
-    /// bfloat16.
-    Bf16,
-    /// IEEE half precision.
-    F16,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Build the demo: tokenizer + corpus (medley-demo), pretrain the base, train the `sql`,
-    /// `ad` and `instruct` adapters, write `OUT/base/` and `OUT/adapters/<task>/`.
-    Demo {
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Seed of the data, the initialisation and the data order.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Size preset.
-        #[arg(long, value_enum, default_value_t = Preset::Full)]
-        preset: Preset,
-        #[command(flatten)]
-        pretrain: PretrainOverrides,
-        /// Storage dtype of the base weights (Medley loads all three).
-        #[arg(long, value_enum, default_value_t = Dtype::F32)]
-        save_dtype: Dtype,
-        #[command(flatten)]
-        lora: LoraOverrides,
-    },
-    /// Train adapters on an existing demo base (`OUT/base` of `demo`, trained with the same
-    /// seed), e.g. to try other adapter settings without pretraining again.
-    Lora {
-        /// The base directory (model and tokenizer.json).
-        #[arg(long)]
-        base: PathBuf,
-        /// Output directory (`OUT/adapters/<task>/`, `OUT/summary.json`).
-        #[arg(long)]
-        out: PathBuf,
-        /// Tasks, comma-separated.
-        #[arg(long, default_value = "sql,ad,instruct")]
-        tasks: String,
-        /// The base's seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Size preset.
-        #[arg(long, value_enum, default_value_t = Preset::Full)]
-        preset: Preset,
-        /// Start from the adapters in `DIR/<task>/` (e.g. `OUT/adapters` of an earlier run)
-        /// instead of fresh ones; with `--task-steps sql=0,...` only the merge-aware
-        /// co-training runs.
-        #[arg(long, value_name = "DIR")]
-        init_adapters: Option<PathBuf>,
-        #[command(flatten)]
-        lora: LoraOverrides,
-    },
-    /// Measure training tokens/s for model shapes x batch sizes x sequence lengths.
-    Measure {
-        /// Vocabulary size.
-        #[arg(long, default_value_t = 2048)]
-        vocab: usize,
-        /// Shapes as `hidden:layers:intermediate:heads:kv_heads`, comma-separated.
-        #[arg(long, default_value = "128:4:352:4:2,192:4:512:6:2,256:4:704:8:4")]
-        shapes: String,
-        /// Batch sizes, comma-separated.
-        #[arg(long, default_value = "8,16,32")]
-        batches: String,
-        /// Sequence lengths, comma-separated.
-        #[arg(long, default_value = "64")]
-        lens: String,
-        /// Timed steps per configuration.
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
-    },
-}
+use medley_train::demo::{AnchorMix, DemoConfig};
 
 /// Pretraining settings that override the preset's.
-#[derive(clap::Args)]
-struct PretrainOverrides {
+#[derive(Args)]
+pub struct PretrainOverrides {
     /// Pretraining steps.
     #[arg(long)]
     pretrain_steps: Option<usize>,
@@ -139,7 +35,7 @@ struct PretrainOverrides {
 }
 
 impl PretrainOverrides {
-    fn apply(&self, cfg: &mut DemoConfig) {
+    pub fn apply(&self, cfg: &mut DemoConfig) {
         if let Some(n) = self.pretrain_steps {
             cfg.pretrain.steps = n;
         }
@@ -169,8 +65,8 @@ impl PretrainOverrides {
 }
 
 /// Adapter settings that override the preset's.
-#[derive(clap::Args)]
-struct LoraOverrides {
+#[derive(Args)]
+pub struct LoraOverrides {
     /// Steps of each adapter trained alone (replaces the preset's per-task steps too; see
     /// `--task-steps`).
     #[arg(long)]
@@ -211,6 +107,10 @@ struct LoraOverrides {
     /// Peak learning rate of that co-training.
     #[arg(long)]
     merge_tune_lr: Option<f64>,
+    /// Adapters merge-tuned at another peak learning rate, e.g. `instruct=0` (0 holds the
+    /// adapter as trained alone; the others still learn to merge with it).
+    #[arg(long, value_parser = parse_task_lr, value_delimiter = ',')]
+    merge_tune_task_lr: Vec<(Task, f64)>,
     /// Train each adapter on its own only, without the merge-aware co-training after it.
     #[arg(long)]
     no_co_train: bool,
@@ -239,7 +139,7 @@ struct LoraOverrides {
 }
 
 impl LoraOverrides {
-    fn apply(&self, cfg: &mut DemoConfig) {
+    pub fn apply(&self, cfg: &mut DemoConfig) {
         let set = |dst: &mut f64, v: Option<f64>| {
             if let Some(v) = v {
                 *dst = v;
@@ -263,7 +163,7 @@ impl LoraOverrides {
         set(&mut cfg.lora.alpha, self.alpha);
         set(&mut cfg.lora.dropout, self.dropout);
         if let (None, Some(w)) = (&cfg.anchors, self.anchor_weight) {
-            cfg.anchors = Some(medley_train::demo::AnchorMix::standard(w));
+            cfg.anchors = Some(AnchorMix::standard(w));
         }
         if let Some(a) = cfg.anchors.as_mut() {
             set(&mut a.anchor.weight, self.anchor_weight);
@@ -280,6 +180,9 @@ impl LoraOverrides {
             set(&mut t.lr, self.merge_tune_lr);
             if let Some(n) = self.merge_tune_steps {
                 t.steps = n;
+            }
+            for &(task, lr) in &self.merge_tune_task_lr {
+                t.task_lr.set(task, lr);
             }
         }
         if self.no_co_train {
@@ -308,15 +211,33 @@ impl LoraOverrides {
 
 /// `task=steps`, as `--task-steps` takes it.
 fn parse_task_steps(s: &str) -> Result<(Task, usize), String> {
-    let (task, steps) = s
+    parse_task_value(s, "STEPS")
+}
+
+/// `task=lr`, as `--merge-tune-task-lr` takes it.
+fn parse_task_lr(s: &str) -> Result<(Task, f64), String> {
+    let (task, lr) = parse_task_value::<f64>(s, "LR")?;
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(format!("lr of {task}: {lr} is not 0 or a positive number"));
+    }
+    Ok((task, lr))
+}
+
+/// `task=value` (`what` names the value in the error).
+fn parse_task_value<T>(s: &str, what: &str) -> Result<(Task, T), String>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let (task, v) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not TASK=STEPS"))?;
+        .ok_or_else(|| format!("{s:?} is not TASK={what}"))?;
     let task = task.trim().parse::<Task>().map_err(|e| e.to_string())?;
-    let steps = steps
+    let v = v
         .trim()
-        .parse::<usize>()
-        .map_err(|e| format!("steps of {task}: {e}"))?;
-    Ok((task, steps))
+        .parse::<T>()
+        .map_err(|e| format!("{} of {task}: {e}", what.to_lowercase()))?;
+    Ok((task, v))
 }
 
 /// `task=rank:alpha:lr`, as `--task-lora` takes it.
@@ -345,187 +266,25 @@ fn parse_task_lora(s: &str) -> Result<(Task, TaskLora), String> {
     Ok((task, TaskLora { rank, alpha, lr }))
 }
 
-fn preset(preset: Preset, seed: u64) -> DemoConfig {
-    match preset {
-        Preset::Full => DemoConfig::full(seed),
-        Preset::Smoke => DemoConfig::smoke(seed),
-        Preset::Smollm2 => DemoConfig::smollm2(seed),
-    }
-}
-
-fn list(s: &str) -> Result<Vec<usize>, TrainError> {
-    s.split([',', ':'])
-        .map(|x| {
-            x.trim()
-                .parse::<usize>()
-                .map_err(|e| TrainError::Config(format!("`{x}`: {e}")))
-        })
-        .collect()
-}
-
-fn run(cli: Cli) -> Result<(), TrainError> {
-    match cli.command {
-        Command::Demo {
-            out,
-            seed,
-            preset: p,
-            pretrain,
-            save_dtype,
-            lora,
-        } => {
-            if matches!(p, Preset::Smollm2) {
-                return Err(TrainError::Config(
-                    "the smollm2 preset trains adapters on the released model: run \
-                     `medley-train lora --preset smollm2 --base FILE.gguf --out DIR`"
-                        .into(),
-                ));
-            }
-            let mut cfg = preset(p, seed);
-            pretrain.apply(&mut cfg);
-            cfg.save_dtype = match save_dtype {
-                Dtype::F32 => SaveDtype::F32,
-                Dtype::Bf16 => SaveDtype::Bf16,
-                Dtype::F16 => SaveDtype::F16,
-            };
-            lora.apply(&mut cfg);
-            let summary = run_demo(&out, &cfg)?;
-            print_summary(&out, &summary);
-            Ok(())
-        }
-        Command::Lora {
-            base,
-            out,
-            tasks,
-            seed,
-            preset: p,
-            init_adapters,
-            lora,
-        } => {
-            let mut cfg = preset(p, seed);
-            lora.apply(&mut cfg);
-            let tasks = tasks
-                .split(',')
-                .map(|t| {
-                    t.trim()
-                        .parse::<Task>()
-                        .map_err(|e| TrainError::Config(e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let summary = run_adapters(&base, &out, &tasks, init_adapters.as_deref(), &cfg)?;
-            print_summary(&out, &summary);
-            Ok(())
-        }
-        Command::Measure {
-            vocab,
-            shapes,
-            batches,
-            lens,
-            steps,
-        } => {
-            for spec in shapes.split(',') {
-                let d = list(spec)?;
-                let [hidden, layers, inter, heads, kv] = d[..] else {
-                    return Err(TrainError::Config(format!(
-                        "shape `{spec}` needs 5 numbers"
-                    )));
-                };
-                let shape = LlamaShape::new(vocab, hidden, inter, layers, heads, kv);
-                for &b in &list(&batches)? {
-                    for &t in &list(&lens)? {
-                        let m = measure(&shape, b, t, steps)?;
-                        println!(
-                            "shape {spec:>18} params {:>9} batch {b:>3} len {t:>4}: {:>7.3} s/step {:>8.0} tok/s",
-                            m.params, m.step_s, m.tokens_per_s
-                        );
-                    }
-                }
-            }
-            Ok(())
-        }
-    }
-}
-
-fn print_summary(out: &std::path::Path, s: &DemoSummary) {
-    println!("demo written to {}", out.display());
-    println!("base: {} parameters, vocabulary {}", s.params, s.vocab_size);
-    if let Some(p) = &s.pretrain {
-        println!(
-            "pretrain: {} steps, loss {:.3} -> {:.3}, {:.0} tok/s",
-            p.steps,
-            p.first_loss,
-            p.final_loss,
-            p.tokens_per_s()
-        );
-    }
-    if let Some(acc) = s.copy_accuracy {
-        println!("copy probe (held-out list copies, teacher-forced): {acc:.3}");
-    }
-    for a in &s.adapters {
-        for (phase, r) in [("alone", &a.single), ("merge-tuned", &a.merge_tune)] {
-            let Some(r) = r else { continue };
-            println!(
-                "adapter {:>8} {phase:>11}: {} steps, loss {:.3} -> {:.3}, in the merge {}, anchor KL {}, {:.0} target tok/s",
-                a.task,
-                r.steps,
-                r.first_loss,
-                r.final_loss,
-                r.final_merged_loss
-                    .map_or("-".into(), |m| format!("{m:.3}")),
-                r.final_anchor_kl.map_or("-".into(), |k| format!("{k:.4}")),
-                r.targets_per_s()
-            );
-        }
-    }
-    for (phase, secs) in &s.phases {
-        println!("time {phase:>18}: {secs:>7.1} s");
-    }
-    if !s.scores.is_empty() {
-        println!("exact match (greedy, held-out)   base  sql    ad     instruct  merged(cat)");
-        for t in &s.scores {
-            let ads: Vec<String> = t.adapters.iter().map(|(_, v)| format!("{v:.2}")).collect();
-            println!(
-                "  {:>8}                       {:.2}  {}  {:.2}",
-                t.task,
-                t.base,
-                ads.join("   "),
-                t.merged
-            );
-        }
-    }
-}
-
-fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use clap::Parser;
+
     use super::*;
 
-    /// The preset after `medley-train lora --base b --out o ARGS`.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        lora: LoraOverrides,
+    }
+
+    /// The full preset after the adapter flags `ARGS`.
     fn lora_cfg(args: &[&str]) -> DemoConfig {
-        let base = ["medley-train", "lora", "--base", "b", "--out", "o"];
-        let cli = Cli::try_parse_from(base.iter().chain(args)).unwrap();
-        let Command::Lora { lora, .. } = cli.command else {
-            panic!("not lora")
-        };
+        let cli = Cli::try_parse_from(std::iter::once("medley-train").chain(args.iter().copied()));
         let mut cfg = DemoConfig::full(0);
-        lora.apply(&mut cfg);
+        cli.unwrap().lora.apply(&mut cfg);
         cfg
     }
 
@@ -560,19 +319,6 @@ mod tests {
     }
 
     #[test]
-    fn the_smollm2_preset_is_for_adapters_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("never");
-        let args = ["medley-train", "demo", "--preset", "smollm2", "--out"];
-        let cli = Cli::try_parse_from(args.iter().copied().chain([out.to_str().unwrap()]));
-        let err = run(cli.unwrap()).unwrap_err().to_string();
-        assert!(err.contains("lora --preset smollm2"), "{err}");
-        assert!(!out.exists());
-        let cfg = DemoConfig::smollm2(0);
-        assert!(cfg.task_lora.instruct.is_none() && cfg.eval_examples == 0);
-    }
-
-    #[test]
     fn task_lora_parses_or_says_what_is_wrong() {
         let (task, t) = parse_task_lora("instruct=16:32:3e-3").unwrap();
         assert_eq!(task, Task::Instruct);
@@ -597,5 +343,18 @@ mod tests {
         assert_eq!(cfg.lora.rank, 4);
         assert_eq!(cfg.task_lora.sql.as_ref().map(|t| t.rank), Some(2));
         assert!(cfg.task_lora.instruct.is_none());
+    }
+
+    #[test]
+    fn merge_tune_task_lr_parses_and_applies() {
+        assert_eq!(parse_task_lr("instruct=0").unwrap(), (Task::Instruct, 0.0));
+        assert!(parse_task_lr("ad=-1e-3").unwrap_err().contains("lr of ad"));
+        assert!(parse_task_lr("ad=inf").unwrap_err().contains("lr of ad"));
+        assert!(parse_task_lr("sql").unwrap_err().contains("TASK=LR"));
+        let cfg = lora_cfg(&["--merge-tune-task-lr", "instruct=0,sql=1e-3"]);
+        let tune = cfg.merge_tune.unwrap();
+        assert_eq!(tune.task_lr.get(Task::Instruct), Some(&0.0));
+        assert_eq!(tune.task_lr.get(Task::Sql), Some(&1e-3));
+        assert_eq!(tune.task_lr.get(Task::Ad), None);
     }
 }
