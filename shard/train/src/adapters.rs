@@ -21,7 +21,7 @@ use crate::demo::{DemoConfig, task_sequences};
 use crate::lora::{LoraConfig, LoraSet};
 use crate::model::Llama;
 use crate::parallel::{in_parallel, job_pools};
-use crate::save::read_adapter;
+use crate::save::{AdapterMeta, read_adapter, write_adapter};
 use crate::train::{CoTrainConfig, LoraJob, TrainConfig, TrainReport, train_loras};
 
 /// A setting that some tasks' adapters override (`None`: the task uses the common value).
@@ -117,7 +117,15 @@ pub struct AdapterInputs<'a> {
     /// Start from the adapters in `DIR/<task>/` (PEFT directories of the same shape) instead of
     /// a fresh initialisation.
     pub init: Option<&'a Path>,
+    /// Write each adapter trained alone to `DIR/<task>/` before the merge-tuning (e.g.
+    /// `OUT/`[`ALONE_DIR`]): a merge-tuning that fails loses none of that training, and the
+    /// adapters before and after it can be compared.
+    pub alone_out: Option<&'a Path>,
 }
+
+/// Where the demo writes its adapters as trained alone, under its output directory, when
+/// merge-tuning follows (the merge-tuned ones go to `OUT/adapters/`).
+pub const ALONE_DIR: &str = "adapters-alone";
 
 /// One trained adapter and how its phases went.
 pub struct TrainedAdapter {
@@ -245,6 +253,16 @@ pub fn train_task_adapters(
     let jobs = jobs_of(false);
     let tune_reports = match &cfg.merge_tune {
         Some(tune) if jobs.len() > 1 && tune.steps > 0 => {
+            if let Some(dir) = inp.alone_out {
+                let meta = AdapterMeta {
+                    base_model_name_or_path: Some(cfg.base_model_name.clone()),
+                };
+                for ((d, lora), report) in data.iter().zip(&sets).zip(&single_reports) {
+                    if report.is_some() {
+                        write_adapter(&dir.join(d.task.id()), lora, &meta)?;
+                    }
+                }
+            }
             let mut tcfg = TrainConfig {
                 steps: tune.steps,
                 ..cfg.lora_train.clone()

@@ -79,6 +79,8 @@ pub struct Optimizer {
     cfg: OptimConfig,
     schedule: ScheduleConfig,
     step: usize,
+    /// Gradients of the step so far ([`Self::accumulate`]).
+    pending: Option<GradStore>,
 }
 
 impl Optimizer {
@@ -117,12 +119,45 @@ impl Optimizer {
             cfg: cfg.clone(),
             schedule: schedule.clone(),
             step: 0,
+            pending: None,
         })
     }
 
     /// Backpropagates `loss`, clips the gradients and updates the parameters.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<StepStats, TrainError> {
-        let mut grads = loss.backward()?;
+        self.accumulate(loss)?;
+        self.step_accumulated()
+    }
+
+    /// Backpropagates `loss` and adds its gradients to those of the step so far. A loss of
+    /// several terms can go term by term: each term's graph is freed before the next is built
+    /// (the sum of the gradients is the gradient of the sum).
+    pub fn accumulate(&mut self, loss: &Tensor) -> Result<(), TrainError> {
+        let grads = loss.backward()?;
+        let Some(sum) = self.pending.as_mut() else {
+            self.pending = Some(grads);
+            return Ok(());
+        };
+        for v in &self.vars {
+            let Some(g) = grads.get(v.as_tensor()) else {
+                continue;
+            };
+            let total = match sum.get(v.as_tensor()) {
+                Some(s) => (s + g)?,
+                None => g.clone(),
+            };
+            sum.insert(v.as_tensor(), total);
+        }
+        Ok(())
+    }
+
+    /// Clips the accumulated gradients and updates the parameters (the next step starts from
+    /// no gradients).
+    pub fn step_accumulated(&mut self) -> Result<StepStats, TrainError> {
+        let mut grads = self
+            .pending
+            .take()
+            .ok_or_else(|| TrainError::Config("an optimiser step without a loss".into()))?;
         let grad_norm = global_norm(&grads, &self.vars)?;
         if let Some(max) = self.cfg.clip_norm
             && grad_norm > max
@@ -177,5 +212,49 @@ mod tests {
         assert!((s.factor(9) - 0.55).abs() < 1e-12);
         assert!((s.factor(14) - 0.1).abs() < 1e-12);
         assert!((s.factor(100) - 0.1).abs() < 1e-12);
+    }
+
+    /// Two loss terms backpropagated one at a time move the parameters as their sum does in one
+    /// pass (clipping included: it sees the summed gradients).
+    #[test]
+    fn accumulated_terms_step_like_their_sum() {
+        #![allow(clippy::unwrap_used)]
+        use candle_core::Device;
+        let cfg = OptimConfig {
+            clip_norm: Some(0.5),
+            ..OptimConfig::default()
+        };
+        let schedule = ScheduleConfig {
+            warmup_steps: 0,
+            total_steps: 4,
+            min_lr_ratio: 1.0,
+        };
+        let run = |split: bool| -> Vec<f32> {
+            let mut params = ParamStore::new(DType::F32, Device::Cpu);
+            let w = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &Device::Cpu).unwrap();
+            let w = params.insert("w", w).unwrap();
+            let mut opt = Optimizer::new(&params, &cfg, &schedule).unwrap();
+            for _ in 0..3 {
+                let a = w.sqr().unwrap().sum_all().unwrap();
+                let b = (w.sum_all().unwrap() * 3.0).unwrap();
+                if split {
+                    opt.accumulate(&a).unwrap();
+                    opt.accumulate(&b).unwrap();
+                    opt.step_accumulated().unwrap();
+                } else {
+                    opt.backward_step(&(a + b).unwrap()).unwrap();
+                }
+            }
+            let out = params.get("w").unwrap();
+            out.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let (one, two) = (run(false), run(true));
+        assert!(one != vec![0.5, -1.0, 2.0, 0.25], "{one:?}");
+        for (x, y) in one.iter().zip(&two) {
+            assert!((x - y).abs() < 1e-6, "{one:?} vs {two:?}");
+        }
+        let params = ParamStore::new(DType::F32, Device::Cpu);
+        let mut empty = Optimizer::new(&params, &cfg, &schedule).unwrap();
+        assert!(empty.step_accumulated().is_err());
     }
 }

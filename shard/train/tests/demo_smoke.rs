@@ -80,12 +80,33 @@ fn smoke_demo_writes_what_medley_loads() {
     let again = tempfile::tempdir().unwrap();
     run_demo(again.path(), &cfg).unwrap();
     let mut files = Vec::new();
-    for sub in ["base", "adapters/sql", "adapters/ad", "adapters/instruct"] {
+    let alone = [
+        "adapters-alone/sql",
+        "adapters-alone/ad",
+        "adapters-alone/instruct",
+    ];
+    for sub in ["base", "adapters/sql", "adapters/ad", "adapters/instruct"]
+        .into_iter()
+        .chain(alone)
+    {
         for entry in std::fs::read_dir(dir.path().join(sub)).unwrap() {
             files.push(entry.unwrap().path());
         }
     }
-    assert!(files.len() > 8, "{files:?}");
+    assert!(files.len() > 11, "{files:?}");
+    // The adapters as trained alone are kept beside the merge-tuned ones, and differ from them.
+    for task in ["sql", "ad", "instruct"] {
+        let file = |d: &str| {
+            std::fs::read(
+                dir.path()
+                    .join(d)
+                    .join(task)
+                    .join("adapter_model.safetensors"),
+            )
+            .unwrap()
+        };
+        assert!(file("adapters-alone") != file("adapters"), "{task}");
+    }
     for f in files {
         let rel = f.strip_prefix(dir.path()).unwrap();
         let other = std::fs::read(again.path().join(rel)).unwrap();

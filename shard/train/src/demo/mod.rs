@@ -46,7 +46,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::TrainError;
-use crate::adapters::{AdapterInputs, train_task_adapters};
+use crate::adapters::{ALONE_DIR, AdapterInputs, train_task_adapters};
 use crate::base::{check_special_tokens, stage_base};
 use crate::corpus::{copy_windows, corpus_windows, encode};
 use crate::data::Sequence;
@@ -259,6 +259,7 @@ pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary, TrainError>
             corpus: &corpus,
             tasks: &Task::ALL,
             init: None,
+            alone_out: Some(&out.join(ALONE_DIR)),
         },
         out,
         cfg,
@@ -311,6 +312,7 @@ pub fn run_adapters(
         corpus: &corpus,
         tasks,
         init,
+        alone_out: Some(&out.join(ALONE_DIR)),
     };
     let (adapters, scores) = adapters_phase(&inputs, out, cfg, &mut phases)?;
     let summary = DemoSummary {
