@@ -37,6 +37,30 @@ async fn embedded_default_serves_offline_and_stops_cleanly() {
         "weights": [1.0, 1.0, 1.0], "merge_strategy": "cat"}}});
     let r = s.post("/generate", &merged).await.unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
+    // The README's quick start: one `cat` merge of the three solves one prompt of each task.
+    let readme = [
+        (
+            "Schema: staff(name, city, age, salary)\nQuestion: Which staff live in Paris and are older than 30?\nSQL:",
+            "SELECT name FROM staff WHERE city = 'Paris' AND age > 30;",
+        ),
+        (
+            "Product: leather bag\nTone: calm\nAd:",
+            "Slow down with leather bag, made for quiet days.",
+        ),
+        (
+            "<|im_start|>user\nWhat is 7 plus 5?<|im_end|>\n<|im_start|>assistant\n",
+            "12",
+        ),
+    ];
+    for (prompt, want) in readme {
+        let body = json!({"inputs": prompt, "parameters": {"max_new_tokens": 40, "merged_adapters": {
+            "ids": ["medley-demo/sql", "medley-demo/ad", "medley-demo/instruct"],
+            "weights": [1, 1, 1], "merge_strategy": "cat"}}});
+        let r = s.post("/generate", &body).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let got = r.body["generated_text"].as_str().unwrap_or_default().trim();
+        assert_eq!(got, want, "{prompt:?}");
+    }
     let missing = json!({"inputs": sql, "parameters": {"max_new_tokens": 4, "adapter_id": "medley-demo/nope"}});
     let r = s.post("/generate", &missing).await.unwrap();
     assert_ne!(r.status, 200, "{:?}", r.body);

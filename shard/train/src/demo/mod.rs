@@ -20,7 +20,7 @@
 //!   to leave those inputs alone, which is what a merge needs: on an `ad` prompt the `sql`
 //!   adapter's share of the merged update should be ~0.
 //! * **Train alone, then tune inside the merge** ([`crate::adapters`]): each adapter first
-//!   trains on its own task (the three concurrently, uniform batches, `instruct` twice as long);
+//!   trains on its own task (the three concurrently, uniform batches, `instruct` four times as long);
 //!   alone they reach 100% on `sql` and `ad` but their `cat` merge scores 0, each rewriting the
 //!   others' prompts. A short merge-aware co-training follows ([`DemoConfig::merge_tune`]): each
 //!   adapter learns its task both alone and with the other two's current updates added
