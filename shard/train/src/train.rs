@@ -667,6 +667,20 @@ pub(crate) mod tests {
         scalar(&loss.unwrap()).unwrap()
     }
 
+    /// Two fresh adapters of `model` (seeds 0 and 1, no dropout).
+    fn two_adapters(model: &Llama) -> Vec<LoraSet> {
+        (0..2)
+            .map(|i| {
+                let c = LoraConfig {
+                    seed: i,
+                    dropout: 0.0,
+                    ..LoraConfig::default()
+                };
+                LoraSet::init(model.shape(), &c, DType::F32, &Device::Cpu).unwrap()
+            })
+            .collect()
+    }
+
     /// Two adapters on two tasks, trained alone or co-trained inside their merge: both learn
     /// their task, co-training reports the merged loss, and the `cat` merge of the co-trained
     /// pair does clearly better on both tasks than the merge of the pair trained alone.
@@ -678,16 +692,7 @@ pub(crate) mod tests {
         let data = [marked(128, 30, 1, 1), marked(128, 31, 3, 2)];
         let held = [marked(32, 30, 1, 3), marked(32, 31, 3, 4)];
         let run = |co: Option<&CoTrainConfig>| {
-            let sets: Vec<LoraSet> = (0..2)
-                .map(|i| {
-                    let c = LoraConfig {
-                        seed: i,
-                        dropout: 0.0,
-                        ..LoraConfig::default()
-                    };
-                    LoraSet::init(model.shape(), &c, DType::F32, &Device::Cpu).unwrap()
-                })
-                .collect();
+            let sets = two_adapters(&model);
             let jobs: Vec<LoraJob<'_>> = sets
                 .iter()
                 .zip(&data)
@@ -742,16 +747,7 @@ pub(crate) mod tests {
         let init = InitConfig { seed: 3, std: 0.05 };
         let model = Llama::init(&tiny(), init, DType::F32, &Device::Cpu).unwrap();
         let data = [marked(64, 30, 1, 1), marked(64, 31, 3, 2)];
-        let sets: Vec<LoraSet> = (0..2)
-            .map(|i| {
-                let c = LoraConfig {
-                    seed: i,
-                    dropout: 0.0,
-                    ..LoraConfig::default()
-                };
-                LoraSet::init(model.shape(), &c, DType::F32, &Device::Cpu).unwrap()
-            })
-            .collect();
+        let sets = two_adapters(&model);
         train_lora(&model, &sets[1], &data[1], None, &cfg(20)).unwrap();
         let flat = |set: &LoraSet| -> Vec<f32> {
             let snap = set.params().snapshot(DType::F32).unwrap();
