@@ -493,7 +493,8 @@ fn lora_step(
         masked_cross_entropy(&logits, &batch.targets, &batch.weights, batch.num_targets)
     };
     // Term by term, each backpropagated before the next forward pass: one graph alive at a
-    // time (co-training a 135 M model on three terms at once did not fit 24 GiB).
+    // time, which matters on a large model (see `crate::smollm2` for what memory the anchor's
+    // full-vocabulary KL takes).
     let loss = task_loss(None, &mut st.dropout)?;
     let mut extras = Extras {
         kl: None,

@@ -295,5 +295,6 @@ mod tests {
         assert!(!out.exists());
         let cfg = DemoConfig::smollm2(0);
         assert!(cfg.task_lora.instruct.is_none() && cfg.eval_examples == 0);
+        assert_eq!(cfg.anchors.map(|a| a.anchor.batch_size), Some(2));
     }
 }
