@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use crate::simd::dots;
 use crate::{KernelError, Shape};
 
+mod packed;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -44,6 +45,9 @@ const TASKS_PER_THREAD: usize = 4;
 
 /// Fewest `W` rows in one parallel range.
 const MIN_TASK_ROWS: usize = 16;
+
+/// From this many rows of `x` on, the AVX micro-kernels run as a packed gemm ([`packed`]).
+pub const PACKED_MIN_ROWS: usize = 192;
 
 /// The instruction set of the micro-kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +98,20 @@ pub fn matmul_nt_with(
     w: &[f32],
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    matmul_nt_isa(isa, shape, x, w, y, true)
+    matmul_nt_isa(isa, Algo::for_rows(shape.rows), shape, x, w, y, true)
+}
+
+/// [`matmul_nt_with`] with a given algorithm (the benchmark compares them at the same shapes);
+/// the packed gemm needs AVX2 or AVX-512 ([`Algo::Packed`] with [`Isa::Portable`] streams).
+pub fn matmul_nt_algo(
+    isa: Isa,
+    algo: Algo,
+    shape: Shape,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    matmul_nt_isa(isa, algo, shape, x, w, y, true)
 }
 
 /// [`matmul_nt`] on the calling thread only (for callers that already run in parallel).
@@ -104,11 +121,33 @@ pub(crate) fn matmul_nt_serial(
     w: &[f32],
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    matmul_nt_isa(Isa::detect(), shape, x, w, y, false)
+    let algo = Algo::for_rows(shape.rows);
+    matmul_nt_isa(Isa::detect(), algo, shape, x, w, y, false)
+}
+
+/// How the product is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algo {
+    /// `W` streamed once per call, dot products of `W` rows with `x` rows (few rows).
+    Streaming,
+    /// The packed outer-product gemm of [`packed`] (many rows).
+    Packed,
+}
+
+impl Algo {
+    /// The faster algorithm for `rows` rows of `x` ([`PACKED_MIN_ROWS`]).
+    pub fn for_rows(rows: usize) -> Self {
+        if rows >= PACKED_MIN_ROWS {
+            Self::Packed
+        } else {
+            Self::Streaming
+        }
+    }
 }
 
 fn matmul_nt_isa(
     isa: Isa,
+    algo: Algo,
     shape: Shape,
     x: &[f32],
     w: &[f32],
@@ -128,7 +167,26 @@ fn matmul_nt_isa(
     let unavailable = || KernelError::IsaUnavailable {
         isa: format!("{isa:?}"),
     };
+    let packed = algo == Algo::Packed && m > 0 && n > 0 && k > 0;
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if packed => packed::run_packed(
+            x86::Avx512::detect().ok_or_else(unavailable)?,
+            shape,
+            x,
+            w,
+            y,
+            parallel,
+        ),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma if packed => packed::run_packed(
+            x86::Avx2Fma::detect().ok_or_else(unavailable)?,
+            shape,
+            x,
+            w,
+            y,
+            parallel,
+        ),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => run(
             x86::Avx512::detect().ok_or_else(unavailable)?,

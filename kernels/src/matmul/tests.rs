@@ -54,7 +54,7 @@ fn run(isa: Isa, s: Shape, x: &[f32], w: &[f32]) -> Vec<f32> {
 /// are exact in f32, so this is the whole error.
 #[test]
 fn matches_f64_reference_for_many_shapes() {
-    let rows = [1, 2, 3, 7, 16, 33, 64];
+    let rows = [1, 2, 3, 7, 16, 33, 64, 65, 131, 192, 205];
     let nk = [
         (1, 1),
         (3, 5),
@@ -71,14 +71,17 @@ fn matches_f64_reference_for_many_shapes() {
                 let s = shape(m, k, n);
                 let x = values(m * k, 7 + m as u64);
                 let (want, abs) = reference(s, &x, &w);
-                let got = run(isa, s, &x, &w);
-                for (i, g) in got.iter().enumerate() {
-                    let bound = k as f64 * f32::EPSILON as f64 * abs[i];
-                    assert!(
-                        (*g as f64 - want[i]).abs() <= bound,
-                        "{isa:?} m {m} n {n} k {k} out {i}: {g} vs {} (bound {bound})",
-                        want[i]
-                    );
+                for algo in [Algo::Streaming, Algo::Packed] {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_nt_algo(isa, algo, s, &x, &w, &mut got).expect("kernel");
+                    for (i, g) in got.iter().enumerate() {
+                        let bound = k as f64 * f32::EPSILON as f64 * abs[i];
+                        assert!(
+                            (*g as f64 - want[i]).abs() <= bound,
+                            "{isa:?} {algo:?} m {m} n {n} k {k} out {i}: {g} vs {} (bound {bound})",
+                            want[i]
+                        );
+                    }
                 }
             }
         }
@@ -100,9 +103,20 @@ fn integer_inputs_are_exact_across_blocks_and_threads() {
         .num_threads(3)
         .build()
         .expect("pool");
-    for (m, n, k) in [(64, 9, 3000), (5, 203, 1500), (16, 1001, 33), (1, 4099, 70)] {
+    let cases = [
+        (64, 9, 3000),
+        (5, 203, 1500),
+        (16, 1001, 33),
+        (1, 4099, 70),
+        // The packed gemm (from `PACKED_MIN_ROWS` = 192 rows): `K` blocks, row and column
+        // remainders, many tasks.
+        (200, 37, 500),
+        (193, 1001, 33),
+        (777, 70, 200),
+    ];
+    for (m, n, k) in cases {
         let s = shape(m, k, n);
-        assert!(m * k * 4 <= X_BLOCK_BYTES || k_block(m, k) < k);
+        assert!(m >= PACKED_MIN_ROWS || m * k * 4 <= X_BLOCK_BYTES || k_block(m, k) < k);
         let (x, w) = (ints(m * k, 1), ints(n * k, 2));
         let want: Vec<f32> = reference(s, &x, &w).0.iter().map(|v| *v as f32).collect();
         for isa in isas() {
@@ -110,6 +124,37 @@ fn integer_inputs_are_exact_across_blocks_and_threads() {
             let threaded = pool.install(|| run(isa, s, &x, &w));
             assert_eq!(threaded, want, "{isa:?} {m}x{n}x{k} on 3 threads");
         }
+    }
+}
+
+/// The packed gemm sums each output as one chain in `k` order: a row's result is bit for bit the
+/// same whatever other rows share the call, and on any number of threads (what makes a chunked
+/// prefill equal an unchunked one).
+#[test]
+fn packed_rows_do_not_depend_on_the_call() {
+    let (n, k) = (300, 700);
+    let w = values(n * k, 5);
+    let x = values(250 * k, 6);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .expect("pool");
+    let packed = |isa: Isa, m: usize, x: &[f32]| {
+        let mut y = vec![f32::NAN; m * n];
+        matmul_nt_algo(isa, Algo::Packed, shape(m, k, n), x, &w, &mut y).expect("kernel");
+        y
+    };
+    for isa in isas().into_iter().filter(|i| *i != Isa::Portable) {
+        let all = packed(isa, 250, &x);
+        // Rows 90..250 alone, on 3 threads.
+        let part = pool.install(|| packed(isa, 160, &x[90 * k..]));
+        assert!(
+            all[90 * n..]
+                .iter()
+                .zip(&part)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{isa:?}"
+        );
     }
 }
 

@@ -6,11 +6,12 @@
 use std::arch::x86_64::{
     __m256, __m512, _MM_HINT_T1, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehdup_ps,
     _mm_movehl_ps, _mm_prefetch, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps,
-    _mm256_loadu_ps, _mm256_setzero_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_reduce_add_ps,
-    _mm512_setzero_ps,
+    _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm512_fmadd_ps,
+    _mm512_loadu_ps, _mm512_reduce_add_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
 };
 
 use super::Tiles;
+use super::packed::Panels;
 
 /// Proof that the CPU supports AVX-512F (constructed only by [`Avx512::detect`]).
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +50,13 @@ trait Vector: Copy {
     /// # Safety
     /// `p` must be valid for reading `LANES` f32 values (no alignment needed).
     unsafe fn load(self, p: *const f32) -> Self::V;
+    /// Every lane `v`.
+    fn splat(self, v: f32) -> Self::V;
+    /// Writes the `LANES` values of `v` to `p`.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` f32 values (no alignment needed).
+    unsafe fn store(self, p: *mut f32, v: Self::V);
     /// Asks for the cache line at `p` to be brought into L2 (any address; never faults).
     fn prefetch(self, p: *const f32);
     /// `a · b + c` lane-wise, rounded once.
@@ -71,6 +79,18 @@ impl Vector for Avx512 {
     unsafe fn load(self, p: *const f32) -> __m512 {
         // SAFETY: the caller guarantees 16 readable values at `p`; `self` proves AVX-512F.
         unsafe { _mm512_loadu_ps(p) }
+    }
+
+    #[inline(always)]
+    fn splat(self, v: f32) -> __m512 {
+        // SAFETY: `self` exists only on CPUs with AVX-512F.
+        unsafe { _mm512_set1_ps(v) }
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32, v: __m512) {
+        // SAFETY: the caller guarantees 16 writable values at `p`; `self` proves AVX-512F.
+        unsafe { _mm512_storeu_ps(p, v) }
     }
 
     #[inline(always)]
@@ -106,6 +126,18 @@ impl Vector for Avx2Fma {
     unsafe fn load(self, p: *const f32) -> __m256 {
         // SAFETY: the caller guarantees 8 readable values at `p`; `self` proves AVX.
         unsafe { _mm256_loadu_ps(p) }
+    }
+
+    #[inline(always)]
+    fn splat(self, v: f32) -> __m256 {
+        // SAFETY: `self` exists only on CPUs with AVX.
+        unsafe { _mm256_set1_ps(v) }
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32, v: __m256) {
+        // SAFETY: the caller guarantees 8 writable values at `p`; `self` proves AVX.
+        unsafe { _mm256_storeu_ps(p, v) }
     }
 
     #[inline(always)]
@@ -250,5 +282,84 @@ impl Tiles for Avx2Fma {
     ) -> [[f32; C]; R] {
         // SAFETY: `self` exists only on CPUs with AVX2 and FMA.
         unsafe { tile_avx2(self, w, x, next, k) }
+    }
+}
+
+/// `tile[r][j] += Σ_kk a[kk][r] · b[kk][j]` over one packed `x` micro-panel `a` (`[kc][MR]`) and
+/// one packed `W` panel `b` (`[kc][NV · LANES]`), `tile` row-major `[MR][NV · LANES]`: the tile
+/// lives in `MR × NV` vector accumulators while every step broadcasts `MR` values of `a` against
+/// `NV` vectors of `b` (an outer product). Each output is one chain of fused multiply-adds in `k`
+/// order, started from the value already in `tile`.
+#[inline(always)]
+fn panel_body<S: Vector, const MR: usize, const NV: usize>(
+    s: S,
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    tile: &mut [f32],
+) {
+    let nr = NV * S::LANES;
+    assert!(
+        a.len() >= kc * MR && b.len() >= kc * nr && tile.len() >= MR * nr,
+        "panel shorter than its shape"
+    );
+    let mut acc = [[s.zero(); NV]; MR];
+    for (r, row) in acc.iter_mut().enumerate() {
+        for (v, reg) in row.iter_mut().enumerate() {
+            // SAFETY: r * nr + v * LANES + LANES <= MR * nr <= tile.len() (asserted).
+            *reg = unsafe { s.load(tile.as_ptr().add(r * nr + v * S::LANES)) };
+        }
+    }
+    for kk in 0..kc {
+        let bp = b[kk * nr..].as_ptr();
+        // SAFETY: kk * nr + nr <= kc * nr <= b.len() (asserted).
+        let bv: [S::V; NV] = std::array::from_fn(|v| unsafe { s.load(bp.add(v * S::LANES)) });
+        let ak = &a[kk * MR..kk * MR + MR];
+        for r in 0..MR {
+            let av = s.splat(ak[r]);
+            for v in 0..NV {
+                acc[r][v] = s.fma(av, bv[v], acc[r][v]);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, reg) in row.iter().enumerate() {
+            // SAFETY: as for the loads above.
+            unsafe { s.store(tile.as_mut_ptr().add(r * nr + v * S::LANES), *reg) };
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+fn panel_avx512(s: Avx512, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
+    panel_body::<_, { <Avx512 as Panels>::MR }, 2>(s, kc, a, b, tile)
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn panel_avx2(s: Avx2Fma, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
+    panel_body::<_, { <Avx2Fma as Panels>::MR }, 2>(s, kc, a, b, tile)
+}
+
+impl Panels for Avx512 {
+    /// 12 rows × 2 registers = 24 accumulators + 2 `W` registers + 1 broadcast of the 32 zmm.
+    const MR: usize = 12;
+    const NR: usize = 32;
+
+    #[inline]
+    fn panel(self, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
+        // SAFETY: `self` exists only on CPUs with AVX-512F.
+        unsafe { panel_avx512(self, kc, a, b, tile) }
+    }
+}
+
+impl Panels for Avx2Fma {
+    /// 6 rows × 2 registers = 12 accumulators + 2 `W` registers + 1 broadcast of the 16 ymm.
+    const MR: usize = 6;
+    const NR: usize = 16;
+
+    #[inline]
+    fn panel(self, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
+        // SAFETY: `self` exists only on CPUs with AVX2 and FMA.
+        unsafe { panel_avx2(self, kc, a, b, tile) }
     }
 }

@@ -8,16 +8,18 @@
 //! of the output); it costs twice the weight memory of a native bf16 kernel. On CUDA the weights
 //! stay in bf16.
 //!
-//! CPU projections of up to `KERNEL_MAX_ROWS` rows (decode steps and small prefills) run through
-//! `medley_kernels::matmul`, which streams the weight once per call instead of letting the gemm
-//! pack it (see the constant for the measurements).
+//! CPU projections of f32 models run through `medley_kernels::matmul`: decode steps and small
+//! prefills stream the weight once per call instead of letting a gemm pack it (see
+//! `KERNEL_MAX_ROWS` for the measurements), and prefill chunks of `medley_kernels::matmul::PACKED_MIN_ROWS` rows or more
+//! run its packed AVX-512 / AVX2 gemm, which beats candle's on these shapes (see
+//! `kernels/benches/matmul.rs`). Without AVX2 only the first case uses the kernel.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
 use medley_kernels::Shape as KernelShape;
-use medley_kernels::matmul::matmul_nt;
+use medley_kernels::matmul::{Isa, matmul_nt};
 use medley_kernels::qmatmul::Packed;
 
 /// The dtype matmuls run in for activations of `compute` dtype on `device`.
@@ -35,7 +37,8 @@ pub fn matmul_in(a: &Tensor, b: &Tensor, out: DType) -> candle_core::Result<Tens
     a.to_dtype(mm)?.matmul(&b.to_dtype(mm)?)?.to_dtype(out)
 }
 
-/// Up to this many rows, CPU projections of f32 models use `medley_kernels::matmul`.
+/// Up to this many rows, CPU projections of f32 models use `medley_kernels::matmul` even
+/// without AVX2 (with AVX2 they always do).
 ///
 /// Half-precision models keep candle's matmul (on f32-widened weights): the kernel sums each dot
 /// product in a different order (16 strided lanes, then a tree) than candle's gemm, and although
@@ -168,7 +171,11 @@ impl Linear {
         let x = x.to_dtype(weight.dtype())?;
         let rows = x.dim(0)?;
         let cpu = weight.device().is_cpu();
-        if cpu && self.compute == DType::F32 && x.rank() == 2 && rows <= KERNEL_MAX_ROWS {
+        if cpu
+            && self.compute == DType::F32
+            && x.rank() == 2
+            && (rows <= KERNEL_MAX_ROWS || Isa::detect() != Isa::Portable)
+        {
             return x.contiguous()?.apply_op2_no_bwd(weight, &ProjectionOp);
         }
         if cpu && rows > 1 && rows <= SMALL_BATCH_ROWS {
@@ -358,7 +365,8 @@ mod tests {
         }
     }
 
-    /// Every row count on both sides of `KERNEL_MAX_ROWS` (and a non-contiguous input) against an
+    /// Every row count on both sides of `KERNEL_MAX_ROWS` and of the kernel's packed-gemm
+    /// threshold `PACKED_MIN_ROWS` (and a non-contiguous input) against an
     /// f64 evaluation: f32 sums of K = 37 products differ from the exact sum by at most
     /// `K · eps · Σ|products|` (the standard bound for recursive summation, any order).
     #[test]
@@ -372,7 +380,8 @@ mod tests {
             DType::F32,
         )
         .unwrap();
-        for rows in [1, 3, 17, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1] {
+        let packed = medley_kernels::matmul::PACKED_MIN_ROWS;
+        for rows in [1, 3, 17, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, packed, packed + 5] {
             let xv: Vec<f32> = (0..rows * inf).map(|i| val(i, 2)).collect();
             // A transposed copy viewed back: same values, non-contiguous layout.
             let xt = Tensor::from_vec(xv.clone(), (rows, inf), &dev)

@@ -1,0 +1,236 @@
+//! `y = x Wᵀ` for many rows (prefill chunks): a packed, outer-product gemm.
+//!
+//! The streaming kernel of [`super`] reads `W` once per call but sums each output as `LANES`
+//! strided partial sums reduced at the end of `K`; with many `x` rows and a short `K` (576 for
+//! SmolLM2-135M) those reductions and the re-reads of `x` cost more than the products.
+//! Here, per block of `K`:
+//! * `x` is copied into micro-panels of `MR` rows (`[kc][MR]`) and `W` into panels of `NR` rows
+//!   (`[kc][NR]`, i.e. `Wᵀ`), zero-padded at the ends;
+//! * the output is split into tasks (a block of `MC` rows × a range of `W` panels) that run on
+//!   the rayon pool; within a task each `W` panel stays in L1 while every `x` micro-panel of the
+//!   block (in L2) passes over it;
+//! * the micro-kernel ([`Panels::panel`]) keeps an `MR × NR` tile in registers and broadcasts
+//!   `MR` values of `x` against `NR` of `W` per step.
+//!
+//! Every output is one chain of fused multiply-adds in `k` order (a later `K` block continues
+//! from the stored partial sum), so a row's result does not depend on how many rows the call
+//! has, on the blocking or on the threads.
+
+use rayon::prelude::*;
+
+use super::split_columns;
+use crate::Shape;
+
+/// Longest `K` block (the `W` panel of a block is `kc × NR × 4` bytes: 24 KiB with `NR = 32`).
+const KC_MAX: usize = 192;
+
+/// `x` micro-panels per task row block (`MC = MR × MC_PANELS` rows).
+const MC_PANELS: usize = 8;
+
+/// Tasks per rayon thread (load balance on a shared machine).
+const TASKS_PER_THREAD: usize = 4;
+
+/// An outer-product micro-kernel over packed panels.
+pub(super) trait Panels: Copy + Send + Sync {
+    /// `x` rows per tile.
+    const MR: usize;
+    /// `W` rows (output columns) per tile.
+    const NR: usize;
+
+    /// `tile[r][j] += Σ_kk a[kk][r] · b[kk][j]` for `a: [kc][MR]`, `b: [kc][NR]`, `tile:
+    /// [MR][NR]`, all row-major.
+    fn panel(self, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]);
+}
+
+/// One task: rows `m0..m0 + ys.len()` of `y`, columns of the `W` panels `q0..q1`.
+struct Task<'y> {
+    m0: usize,
+    q0: usize,
+    q1: usize,
+    /// The task's part of each of its rows (columns `q0 · NR..`).
+    ys: Vec<&'y mut [f32]>,
+}
+
+/// `y = x Wᵀ` (overwritten) for a checked `shape` with `rows`, `in_features` and
+/// `out_features` all non-zero.
+pub(super) fn run_packed<T: Panels>(
+    t: T,
+    shape: Shape,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    parallel: bool,
+) {
+    let Shape {
+        rows: m,
+        in_features: k,
+        out_features: n,
+    } = shape;
+    let (mr, nr) = (T::MR, T::NR);
+    let kc_len = k.div_ceil(k.div_ceil(KC_MAX));
+    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    // Taken out for the call (a nested call on this thread, from a rayon job run while this
+    // one waits, finds none and allocates its own), put back after.
+    let (mut a, mut b) = PACK_BUFFERS.take();
+    // Every value read is written by `pack` first: grown, never cleared.
+    grow(&mut a, m_panels * mr * kc_len);
+    grow(&mut b, n_panels * nr * kc_len);
+    let call = Call {
+        shape,
+        x,
+        w,
+        parallel,
+    };
+    run_blocks(t, &call, kc_len, (&mut a, &mut b), y);
+    PACK_BUFFERS.set((a, b));
+}
+
+thread_local! {
+    /// The packed `x` and `W` blocks of the calls made on this thread, kept between calls: a
+    /// prefill chunk's projections need megabytes, which fresh allocations would map, fault in
+    /// and zero on every call (about 8% of a SmolLM2 prefill step when measured).
+    static PACK_BUFFERS: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const {
+        std::cell::Cell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// Makes `v` at least `len` long.
+fn grow(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+/// The operands of one product.
+struct Call<'a> {
+    shape: Shape,
+    x: &'a [f32],
+    w: &'a [f32],
+    parallel: bool,
+}
+
+/// The `K` blocks of [`run_packed`], with pack buffers `(a, b)` large enough for `kc_len`.
+fn run_blocks<T: Panels>(
+    t: T,
+    call: &Call<'_>,
+    kc_len: usize,
+    (a, b): (&mut [f32], &mut [f32]),
+    y: &mut [f32],
+) {
+    let Call {
+        shape,
+        x,
+        w,
+        parallel,
+    } = *call;
+    let Shape {
+        rows: m,
+        in_features: k,
+        out_features: n,
+    } = shape;
+    let (mr, nr) = (T::MR, T::NR);
+    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    let mut tasks = tasks(y, shape, mr, nr, parallel);
+    for k0 in (0..k).step_by(kc_len) {
+        let kc = kc_len.min(k - k0);
+        let pack_a = |(p, panel): (usize, &mut [f32])| pack(x, m, k, k0, kc, p * mr, panel);
+        let pack_b = |(q, panel): (usize, &mut [f32])| pack(w, n, k, k0, kc, q * nr, panel);
+        let (a_k, b_k) = (&mut a[..m_panels * mr * kc], &mut b[..n_panels * nr * kc]);
+        if parallel {
+            a_k.par_chunks_mut(mr * kc).enumerate().for_each(pack_a);
+            b_k.par_chunks_mut(nr * kc).enumerate().for_each(pack_b);
+        } else {
+            a_k.chunks_mut(mr * kc).enumerate().for_each(pack_a);
+            b_k.chunks_mut(nr * kc).enumerate().for_each(pack_b);
+        }
+        let compute = |task: &mut Task<'_>| run_task(t, kc, k0 == 0, a_k, b_k, task);
+        if parallel {
+            tasks.par_iter_mut().for_each(compute);
+        } else {
+            tasks.iter_mut().for_each(compute);
+        }
+    }
+}
+
+/// Copies columns `k0..k0 + kc` of the `len` rows `r0..r0 + len` of the row-major `src`
+/// (`[rows, k]`) into `panel` as `[kc][len]`, with zeros for rows past `rows`. The writes are
+/// sequential and the reads walk the `len` rows side by side (each cache line read serves the
+/// next 15 columns); measured faster than reading row by row with strided writes, and than
+/// blocks of 16 columns.
+fn pack(src: &[f32], rows: usize, k: usize, k0: usize, kc: usize, r0: usize, panel: &mut [f32]) {
+    let len = panel.len() / kc;
+    let valid = rows.saturating_sub(r0).min(len);
+    let lines: Vec<&[f32]> = (r0..r0 + valid)
+        .map(|r| &src[r * k + k0..r * k + k0 + kc])
+        .collect();
+    for (kk, out) in panel.chunks_exact_mut(len).enumerate() {
+        for (o, line) in out.iter_mut().zip(&lines) {
+            *o = line[kk];
+        }
+        out[valid..].fill(0.0);
+    }
+}
+
+/// Splits `y` (`[m, n]`) into row blocks × `W` panel ranges, enough for every thread.
+fn tasks(y: &mut [f32], shape: Shape, mr: usize, nr: usize, parallel: bool) -> Vec<Task<'_>> {
+    let (m, n) = (shape.rows, shape.out_features);
+    let mc = mr * MC_PANELS;
+    let m_blocks = m.div_ceil(mc);
+    let n_panels = n.div_ceil(nr);
+    let wanted = if parallel {
+        rayon::current_num_threads() * TASKS_PER_THREAD
+    } else {
+        1
+    };
+    let per_range = n_panels.div_ceil(wanted.div_ceil(m_blocks).clamp(1, n_panels));
+    let ranges: Vec<(usize, usize)> = (0..n_panels)
+        .step_by(per_range)
+        .map(|q| (q, (q + per_range).min(n_panels)))
+        .collect();
+    let columns: Vec<(usize, usize)> = ranges
+        .iter()
+        .map(|&(q0, q1)| (q0 * nr, (q1 * nr).min(n)))
+        .collect();
+    let mut out = Vec::with_capacity(m_blocks * ranges.len());
+    for (block, rows) in y[..m * n].chunks_mut(mc * n).enumerate() {
+        let parts = split_columns(rows, rows.len() / n, n, &columns);
+        for (&(q0, q1), ys) in ranges.iter().zip(parts) {
+            out.push(Task {
+                m0: block * mc,
+                q0,
+                q1,
+                ys,
+            });
+        }
+    }
+    out
+}
+
+/// The products of one `K` block for one task: stores on the first block, adds after.
+fn run_task<T: Panels>(t: T, kc: usize, first: bool, a: &[f32], b: &[f32], task: &mut Task<'_>) {
+    let (mr, nr) = (T::MR, T::NR);
+    let mut tile = vec![0f32; mr * nr];
+    let rows = task.ys.len();
+    for q in task.q0..task.q1 {
+        let bq = &b[q * nr * kc..(q + 1) * nr * kc];
+        let c0 = (q - task.q0) * nr;
+        for r0 in (0..rows).step_by(mr) {
+            let p = (task.m0 + r0) / mr;
+            let ap = &a[p * mr * kc..(p + 1) * mr * kc];
+            let ys = &mut task.ys[r0..(r0 + mr).min(rows)];
+            let cols = nr.min(ys[0].len() - c0);
+            for (r, y) in ys.iter().enumerate() {
+                let dst = &mut tile[r * nr..r * nr + cols];
+                if first {
+                    dst.fill(0.0);
+                } else {
+                    dst.copy_from_slice(&y[c0..c0 + cols]);
+                }
+            }
+            t.panel(kc, ap, bq, &mut tile);
+            for (r, y) in ys.iter_mut().enumerate() {
+                y[c0..c0 + cols].copy_from_slice(&tile[r * nr..r * nr + cols]);
+            }
+        }
+    }
+}
