@@ -61,27 +61,16 @@ pub(super) fn run_packed<T: Panels>(
     y: &mut [f32],
     parallel: bool,
 ) {
-    let Shape {
-        rows: m,
-        in_features: k,
-        out_features: n,
-    } = shape;
-    let (mr, nr) = (T::MR, T::NR);
-    let kc_len = k.div_ceil(k.div_ceil(KC_MAX));
-    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
     // Taken out for the call (a nested call on this thread, from a rayon job run while this
     // one waits, finds none and allocates its own), put back after.
     let (mut a, mut b) = PACK_BUFFERS.take();
-    // Every value read is written by `pack` first: grown, never cleared.
-    grow(&mut a, m_panels * mr * kc_len);
-    grow(&mut b, n_panels * nr * kc_len);
     let call = Call {
         shape,
         x,
         w,
         parallel,
     };
-    run_blocks(t, &call, kc_len, (&mut a, &mut b), y);
+    run_blocks(t, &call, (&mut a, &mut b), y);
     PACK_BUFFERS.set((a, b));
 }
 
@@ -109,12 +98,11 @@ struct Call<'a> {
     parallel: bool,
 }
 
-/// The `K` blocks of [`run_packed`], with pack buffers `(a, b)` large enough for `kc_len`.
+/// The `K` blocks of [`run_packed`], packing into `(a, b)` (grown as needed).
 fn run_blocks<T: Panels>(
     t: T,
     call: &Call<'_>,
-    kc_len: usize,
-    (a, b): (&mut [f32], &mut [f32]),
+    (a, b): (&mut Vec<f32>, &mut Vec<f32>),
     y: &mut [f32],
 ) {
     let Call {
@@ -129,7 +117,11 @@ fn run_blocks<T: Panels>(
         out_features: n,
     } = shape;
     let (mr, nr) = (T::MR, T::NR);
+    let kc_len = k.div_ceil(k.div_ceil(KC_MAX));
     let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    // Every value read is written by `pack` first: grown, never cleared.
+    grow(a, m_panels * mr * kc_len);
+    grow(b, n_panels * nr * kc_len);
     let mut tasks = tasks(y, shape, mr, nr, parallel);
     for k0 in (0..k).step_by(kc_len) {
         let kc = kc_len.min(k - k0);

@@ -381,7 +381,15 @@ mod tests {
         )
         .unwrap();
         let packed = medley_kernels::matmul::PACKED_MIN_ROWS;
-        for rows in [1, 3, 17, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, packed, packed + 5] {
+        for rows in [
+            1,
+            3,
+            17,
+            KERNEL_MAX_ROWS,
+            KERNEL_MAX_ROWS + 1,
+            packed,
+            packed + 5,
+        ] {
             let xv: Vec<f32> = (0..rows * inf).map(|i| val(i, 2)).collect();
             // A transposed copy viewed back: same values, non-contiguous layout.
             let xt = Tensor::from_vec(xv.clone(), (rows, inf), &dev)
