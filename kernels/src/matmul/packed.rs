@@ -40,6 +40,22 @@ pub(super) trait Panels: Copy + Send + Sync {
     /// `tile[r][j] += Σ_kk a[kk][r] · b[kk][j]` for `a: [kc][MR]`, `b: [kc][NR]`, `tile:
     /// [MR][NR]`, all row-major.
     fn panel(self, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]);
+
+    /// [`pack`] (an instruction set may do it faster).
+    fn pack(self, src: &[f32], at: PackAt, panel: &mut [f32]) {
+        pack(src, at, panel)
+    }
+}
+
+/// Which part of a row-major `[rows, k]` source one panel holds: columns `k0..k0 + kc` of the
+/// rows `r0..` (as many as the panel has room for).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PackAt {
+    pub(super) rows: usize,
+    pub(super) k: usize,
+    pub(super) k0: usize,
+    pub(super) kc: usize,
+    pub(super) r0: usize,
 }
 
 /// One task: rows `m0..m0 + ys.len()` of `y`, columns of the `W` panels `q0..q1`.
@@ -125,8 +141,15 @@ fn run_blocks<T: Panels>(
     let mut tasks = tasks(y, shape, mr, nr, parallel);
     for k0 in (0..k).step_by(kc_len) {
         let kc = kc_len.min(k - k0);
-        let pack_a = |(p, panel): (usize, &mut [f32])| pack(x, m, k, k0, kc, p * mr, panel);
-        let pack_b = |(q, panel): (usize, &mut [f32])| pack(w, n, k, k0, kc, q * nr, panel);
+        let at = |rows, r0| PackAt {
+            rows,
+            k,
+            k0,
+            kc,
+            r0,
+        };
+        let pack_a = |(p, panel): (usize, &mut [f32])| t.pack(x, at(m, p * mr), panel);
+        let pack_b = |(q, panel): (usize, &mut [f32])| t.pack(w, at(n, q * nr), panel);
         let (a_k, b_k) = (&mut a[..m_panels * mr * kc], &mut b[..n_panels * nr * kc]);
         if parallel {
             a_k.par_chunks_mut(mr * kc).enumerate().for_each(pack_a);
@@ -149,7 +172,14 @@ fn run_blocks<T: Panels>(
 /// sequential and the reads walk the `len` rows side by side (each cache line read serves the
 /// next 15 columns); measured faster than reading row by row with strided writes, and than
 /// blocks of 16 columns.
-fn pack(src: &[f32], rows: usize, k: usize, k0: usize, kc: usize, r0: usize, panel: &mut [f32]) {
+pub(super) fn pack(src: &[f32], at: PackAt, panel: &mut [f32]) {
+    let PackAt {
+        rows,
+        k,
+        k0,
+        kc,
+        r0,
+    } = at;
     let len = panel.len() / kc;
     let valid = rows.saturating_sub(r0).min(len);
     let lines: Vec<&[f32]> = (r0..r0 + valid)
