@@ -21,8 +21,10 @@ use rayon::prelude::*;
 use super::split_columns;
 use crate::Shape;
 
-/// Longest `K` block (the `W` panel of a block is `kc × NR × 4` bytes: 24 KiB with `NR = 32`).
-const KC_MAX: usize = 192;
+/// Longest `K` block (the `W` panel of a block is `kc × NR × 4` bytes: 48 KiB with `NR = 32`,
+/// in L2). Measured at 512 rows on the SmolLM2 and TinyLlama shapes: 192 gave 74-134 GFLOP/s on
+/// TinyLlama's, 384 and 512 120-187 (within the VM's noise of each other).
+const KC_MAX: usize = 384;
 
 /// `x` micro-panels per task row block (`MC = MR × MC_PANELS` rows).
 const MC_PANELS: usize = 8;
