@@ -60,6 +60,15 @@ pub(super) struct PackAt {
     pub(super) r0: usize,
 }
 
+impl PackAt {
+    /// `(len, valid)` for a panel of `panel_len` values: its rows (`panel_len / kc`) and how
+    /// many of them exist in the source (the rest are zeros).
+    pub(super) fn panel_rows(&self, panel_len: usize) -> (usize, usize) {
+        let len = panel_len / self.kc;
+        (len, self.rows.saturating_sub(self.r0).min(len))
+    }
+}
+
 /// One task: rows `m0..m0 + ys.len()` of `y`, columns of the `W` panels `q0..q1`.
 struct Task<'y> {
     m0: usize,
@@ -175,15 +184,8 @@ fn run_blocks<T: Panels>(
 /// next 15 columns); measured faster than reading row by row with strided writes, and than
 /// blocks of 16 columns.
 pub(super) fn pack(src: &[f32], at: PackAt, panel: &mut [f32]) {
-    let PackAt {
-        rows,
-        k,
-        k0,
-        kc,
-        r0,
-    } = at;
-    let len = panel.len() / kc;
-    let valid = rows.saturating_sub(r0).min(len);
+    let PackAt { k, k0, kc, r0, .. } = at;
+    let (len, valid) = at.panel_rows(panel.len());
     let lines: Vec<&[f32]> = (r0..r0 + valid)
         .map(|r| &src[r * k + k0..r * k + k0 + kc])
         .collect();

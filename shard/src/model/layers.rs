@@ -10,9 +10,10 @@
 //!
 //! CPU projections of f32 models run through `medley_kernels::matmul`: decode steps and small
 //! prefills stream the weight once per call instead of letting a gemm pack it (see
-//! `KERNEL_MAX_ROWS` for the measurements), and prefill chunks of `medley_kernels::matmul::PACKED_MIN_ROWS` rows or more
-//! run its packed AVX-512 / AVX2 gemm, which beats candle's on these shapes (see
-//! `kernels/benches/matmul.rs`). Without AVX2 only the first case uses the kernel.
+//! `KERNEL_MAX_ROWS` for the measurements), and prefill chunks of
+//! `medley_kernels::matmul::PACKED_MIN_ROWS` rows or more run its packed AVX-512 / AVX2 gemm,
+//! which beats candle's on these shapes (see `kernels/benches/matmul.rs`). Without AVX2 only the
+//! first case uses the kernel.
 
 use std::sync::Arc;
 
