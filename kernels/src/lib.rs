@@ -220,6 +220,14 @@ pub enum KernelError {
         /// Columns of the packed weight.
         cols: usize,
     },
+    /// An output row stride shorter than its rows, so that rows would overlap.
+    #[error("output rows of {cols} values with a row stride of {stride} overlap")]
+    OverlappingRows {
+        /// Values per row.
+        cols: usize,
+        /// The row stride.
+        stride: usize,
+    },
     /// A kernel was asked for an instruction set this CPU does not support.
     #[error("this CPU does not support the {isa} kernels")]
     IsaUnavailable {

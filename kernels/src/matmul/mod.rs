@@ -22,8 +22,11 @@ use crate::simd::dots;
 use crate::{KernelError, Shape};
 
 mod packed;
+mod small;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use small::{Strided, gemm_small};
 
 #[cfg(test)]
 mod tests;
@@ -123,6 +126,17 @@ pub(crate) fn matmul_nt_serial(
 ) -> Result<(), KernelError> {
     let algo = Algo::for_rows(shape.rows);
     matmul_nt_isa(Isa::detect(), algo, shape, x, w, y, false)
+}
+
+/// How a product meets the values already in the output.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Update {
+    /// `y = Σ` (overwritten).
+    Store,
+    /// `y = beta · Σ` (overwritten, the product rounded once more).
+    Scale(f32),
+    /// `y = y + Σ`: each output's chain of multiply-adds starts from its value.
+    Accumulate,
 }
 
 /// How the product is computed.

@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::split_columns;
+use super::{Update, split_columns};
 use crate::Shape;
 
 /// Longest `K` block (the `W` panel of a block is `kc × NR × 4` bytes: 48 KiB with `NR = 32`,
@@ -39,9 +39,9 @@ pub(super) trait Panels: Copy + Send + Sync {
     /// `W` rows (output columns) per tile.
     const NR: usize;
 
-    /// `tile[r][j] += Σ_kk a[kk][r] · b[kk][j]` for `a: [kc][MR]`, `b: [kc][NR]`, `tile:
-    /// [MR][NR]`, all row-major.
-    fn panel(self, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]);
+    /// `out.rows[r][out.c0 + j] = out.update(Σ_kk a[kk][r] · b[kk][j])` for `a: [kc][MR]`,
+    /// `b: [kc][NR]` (row-major) and exactly `MR` output rows of at least `c0 + NR` values.
+    fn panel(self, kc: usize, a: &[f32], b: &[f32], out: PanelOut<'_, '_>);
 
     /// [`pack`] (an instruction set may do it faster).
     fn pack(self, src: &[f32], at: PackAt, panel: &mut [f32]) {
@@ -49,7 +49,14 @@ pub(super) trait Panels: Copy + Send + Sync {
     }
 }
 
-/// Which part of a row-major `[rows, k]` source one panel holds: columns `k0..k0 + kc` of the
+/// Where a micro-kernel's `MR × NR` tile goes: columns `c0 .. c0 + NR` of `rows` (exactly `MR`).
+pub(super) struct PanelOut<'o, 'y> {
+    pub(super) rows: &'o mut [&'y mut [f32]],
+    pub(super) c0: usize,
+    pub(super) update: Update,
+}
+
+/// Which part of a row-major `[rows, k]` source (`k`: its row stride) one panel holds: columns `k0..k0 + kc` of the
 /// rows `r0..` (as many as the panel has room for).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct PackAt {
@@ -88,17 +95,23 @@ pub(super) fn run_packed<T: Panels>(
     y: &mut [f32],
     parallel: bool,
 ) {
-    // Taken out for the call (a nested call on this thread, from a rayon job run while this
-    // one waits, finds none and allocates its own), put back after.
-    let (mut a, mut b) = PACK_BUFFERS.take();
     let call = Call {
         shape,
         x,
         w,
         parallel,
     };
-    run_blocks(t, &call, (&mut a, &mut b), y);
+    with_pack_buffers(|a, b| run_blocks(t, &call, (a, b), y));
+}
+
+/// `f(a, b)` with this thread's pack buffers (of any length; grow them as needed). They are taken
+/// out for the call (a nested call on this thread, from a rayon job run while this one waits,
+/// finds none and allocates its own) and put back after.
+pub(super) fn with_pack_buffers<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    let (mut a, mut b) = PACK_BUFFERS.take();
+    let r = f(&mut a, &mut b);
     PACK_BUFFERS.set((a, b));
+    r
 }
 
 thread_local! {
@@ -111,7 +124,7 @@ thread_local! {
 }
 
 /// Makes `v` at least `len` long.
-fn grow(v: &mut Vec<f32>, len: usize) {
+pub(super) fn grow(v: &mut Vec<f32>, len: usize) {
     if v.len() < len {
         v.resize(len, 0.0);
     }
@@ -235,7 +248,12 @@ fn tasks(y: &mut [f32], shape: Shape, mr: usize, nr: usize, parallel: bool) -> V
 /// The products of one `K` block for one task: stores on the first block, adds after.
 fn run_task<T: Panels>(t: T, kc: usize, first: bool, a: &[f32], b: &[f32], task: &mut Task<'_>) {
     let (mr, nr) = (T::MR, T::NR);
-    let mut tile = vec![0f32; mr * nr];
+    let update = if first {
+        Update::Store
+    } else {
+        Update::Accumulate
+    };
+    let mut edge = EdgeTile::default();
     let rows = task.ys.len();
     for q in task.q0..task.q1 {
         let bq = &b[q * nr * kc..(q + 1) * nr * kc];
@@ -244,19 +262,61 @@ fn run_task<T: Panels>(t: T, kc: usize, first: bool, a: &[f32], b: &[f32], task:
             let p = (task.m0 + r0) / mr;
             let ap = &a[p * mr * kc..(p + 1) * mr * kc];
             let ys = &mut task.ys[r0..(r0 + mr).min(rows)];
-            let cols = nr.min(ys[0].len() - c0);
-            for (r, y) in ys.iter().enumerate() {
-                let dst = &mut tile[r * nr..r * nr + cols];
-                if first {
-                    dst.fill(0.0);
-                } else {
-                    dst.copy_from_slice(&y[c0..c0 + cols]);
-                }
+            let out = PanelOut {
+                rows: ys,
+                c0,
+                update,
+            };
+            edge.panel(t, kc, ap, bq, out);
+        }
+    }
+}
+
+/// A staging tile for the panels at the bottom and right edges of an output, which have fewer
+/// than `MR` rows or `NR` columns: the micro-kernel works on the full tile and the part that
+/// exists is copied in and out.
+#[derive(Default)]
+pub(super) struct EdgeTile {
+    values: Vec<f32>,
+}
+
+impl EdgeTile {
+    /// [`Panels::panel`] for an output of at most `MR` rows whose columns may end before
+    /// `c0 + NR` (all rows equally long).
+    pub(super) fn panel<T: Panels>(
+        &mut self,
+        t: T,
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        out: PanelOut<'_, '_>,
+    ) {
+        let (mr, nr) = (T::MR, T::NR);
+        let PanelOut { rows, c0, update } = out;
+        let cols = nr.min(rows[0].len() - c0);
+        if rows.len() == mr && cols == nr {
+            return t.panel(kc, a, b, PanelOut { rows, c0, update });
+        }
+        self.values.clear();
+        self.values.resize(mr * nr, 0.0);
+        if update == Update::Accumulate {
+            for (tile, y) in self.values.chunks_exact_mut(nr).zip(rows.iter()) {
+                tile[..cols].copy_from_slice(&y[c0..c0 + cols]);
             }
-            t.panel(kc, ap, bq, &mut tile);
-            for (r, y) in ys.iter_mut().enumerate() {
-                y[c0..c0 + cols].copy_from_slice(&tile[r * nr..r * nr + cols]);
-            }
+        }
+        let mut tile_rows: Vec<&mut [f32]> = self.values.chunks_exact_mut(nr).collect();
+        t.panel(
+            kc,
+            a,
+            b,
+            PanelOut {
+                rows: &mut tile_rows,
+                c0: 0,
+                update,
+            },
+        );
+        for (tile, y) in self.values.chunks_exact(nr).zip(rows.iter_mut()) {
+            y[c0..c0 + cols].copy_from_slice(&tile[..cols]);
         }
     }
 }

@@ -1,35 +1,23 @@
-//! Single-threaded f32 building blocks of the CPU attention kernels: a strided `gemm` call,
+//! Single-threaded f32 building blocks of the CPU attention kernels: a strided matrix product,
 //! dot products and sums in 8 partial sums, and a vectorisable exponential.
 
-/// A strided read-only matrix: element `(i, j)` is `data[i * rs + j * cs]`.
-pub(crate) struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+use medley_kernels::matmul::{Isa, Strided, Update, gemm_small};
+
+/// Whether a `[rows, cols]` view lies inside its data (both positive).
+fn fits(m: &Strided<'_>, rows: usize, cols: usize) -> bool {
+    (rows - 1) * m.rs + (cols - 1) * m.cs < m.data.len()
 }
 
-impl<'a> Mat<'a> {
-    pub(crate) fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
-        Self { data, rs, cs }
-    }
-
-    /// Whether a `[rows, cols]` matrix with these strides lies inside `data` (both positive).
-    fn fits(&self, rows: usize, cols: usize) -> bool {
-        (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst = beta · a · b` (or `dst += beta · a · b` when `accumulate`) for `[m, n, k]` =
-/// `dims`, `a: [m, k]`, `b: [k, n]`, `dst: [m, n]` with row stride `dst_rs`, single-threaded
-/// (the tasks are the parallel loop).
+/// `dst = update(a · b)` for `[m, n, k]` = `dims`, `a: [m, k]`, `b: [k, n]`, `dst: [m, n]` with
+/// row stride `dst_rs`, single-threaded (the tasks are the parallel loop): the packed AVX-512 /
+/// AVX2 micro-kernels of `medley_kernels` where the CPU has them, else the `gemm` crate.
 pub(crate) fn matmul(
     dst: &mut [f32],
     dims: [usize; 3],
     dst_rs: usize,
-    accumulate: bool,
-    a: Mat<'_>,
-    b: Mat<'_>,
-    beta: f32,
+    update: Update,
+    a: Strided<'_>,
+    b: Strided<'_>,
 ) {
     let [m, n, k] = dims;
     let inside = m > 0
@@ -37,10 +25,21 @@ pub(crate) fn matmul(
         && k > 0
         && n <= dst_rs
         && (m - 1) * dst_rs + n <= dst.len()
-        && a.fits(m, k)
-        && b.fits(k, n);
+        && fits(&a, m, k)
+        && fits(&b, k, n);
     // An invariant of the callers (tile sizes are fixed by construction), checked for soundness.
     assert!(inside, "paged attention: matmul {dims:?} out of bounds");
+    let isa = Isa::detect();
+    if isa != Isa::Portable {
+        gemm_small(isa, dims, a, b, dst, dst_rs, update)
+            .expect("paged attention: operands checked above");
+        return;
+    }
+    let (accumulate, alpha, beta) = match update {
+        Update::Store => (false, 0.0, 1.0),
+        Update::Scale(beta) => (false, 0.0, beta),
+        Update::Accumulate => (true, 1.0, 1.0),
+    };
     // SAFETY: every element gemm reads or writes lies inside the slices (checked above); `dst`
     // is a unique borrow, so it overlaps neither `a` nor `b`; the strides fit in isize since
     // they index allocated slices.
@@ -59,7 +58,7 @@ pub(crate) fn matmul(
             b.data.as_ptr(),
             b.cs as isize,
             b.rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
+            alpha,
             beta,
             false,
             false,

@@ -8,8 +8,9 @@
 //! * Spans of more than one new token (prefill chunks) run a tiled online softmax (flash-attention
 //!   style): the keys and values each span sees are first gathered once per kv head into
 //!   contiguous buffers; then per (sequence, kv head, query tile), over the key/value tiles that
-//!   intersect the causal (and window) range, `S = Q·Kᵀ` and `acc += P·V` run as `gemm` calls on
-//!   those buffers in place, and a running max / sum per query row rescales the accumulator when
+//!   intersect the causal (and window) range, `S = Q·Kᵀ` and `acc += P·V` run as small packed
+//!   matrix products (`medley_kernels::matmul::gemm_small`, AVX-512 where the CPU has it) on
+//!   those buffers, and a running max / sum per query row rescales the accumulator when
 //!   the max grows. Memory stays linear in the prompt: there is no `[n, n]` score matrix.
 //! * Spans of one token (decode rows) run a direct pass per (sequence, kv head): dot products in
 //!   8 partial sums over the keys read through the block table, a max-subtracted softmax, then
@@ -27,7 +28,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::kernel_math::{Mat, dot, exp_approx, exp_shifted, matmul, sum};
+use medley_kernels::matmul::{Strided, Update};
+
+use super::kernel_math::{dot, exp_approx, exp_shifted, matmul, sum};
 
 #[cfg(test)]
 #[path = "paged_attention_tests.rs"]
@@ -71,7 +74,7 @@ pub(crate) struct SeqSpan<'a> {
 
 /// Query rows per prefill tile (tokens × the query heads of one kv head). 128 rows by 128 keys
 /// keeps a tile's working set (Q 128×d, K and V 128×d, S 128×128, the accumulator 128×d: about
-/// 160 KiB at d = 64) inside a core's L2 while giving `gemm` matrices large enough to run near
+/// 160 KiB at d = 64) inside a core's L2 while giving the matrix products operands large enough to run near
 /// peak; the S·V product then has k = 128, and a 2,048-token prompt still splits into ~50 tiles
 /// per kv head, plenty of parallel tasks. Smaller tiles waste less on the masked half of the
 /// diagonal tiles but pay more per-call overhead and more rescaling passes.
@@ -199,8 +202,9 @@ pub fn bench_paged_attention(
 }
 
 /// Runs one task (`kv`: the gathered keys and values of a prefill tile's span and kv head),
-/// compiled for AVX2 where the CPU has it: the softmax, the exponentials and the decode dot
-/// products then run 8 lanes wide instead of SSE2's 4 (`gemm` dispatches by itself).
+/// compiled for AVX-512F or AVX2 where the CPU has them: the softmax, the exponentials and the
+/// decode dot products then run 16 or 8 lanes wide instead of SSE2's 4 (the matrix products
+/// dispatch by themselves).
 fn run(
     ctx: &Ctx<'_>,
     span: &SeqSpan<'_>,
@@ -209,10 +213,28 @@ fn run(
     s: &mut Scratch,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the one feature `run_avx512` is compiled for.
+        return unsafe { run_avx512(ctx, span, t, kv, s) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has the one feature `run_avx2` is compiled for.
         return unsafe { run_avx2(ctx, span, t, kv, s) };
     }
+    run_any(ctx, span, t, kv, s)
+}
+
+/// [`run_any`] compiled with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn run_avx512(
+    ctx: &Ctx<'_>,
+    span: &SeqSpan<'_>,
+    t: &Task,
+    kv: Option<&Gathered>,
+    s: &mut Scratch,
+) -> Vec<f32> {
     run_any(ctx, span, t, kv, s)
 }
 
@@ -514,10 +536,9 @@ impl<'a> Ctx<'a> {
                 &mut s.s,
                 [rows, tk, d],
                 tk,
-                false,
-                Mat::new(&s.q, d, 1),
-                Mat::new(kt, 1, d),
-                self.scale,
+                Update::Scale(self.scale),
+                Strided::row_major(&s.q, d),
+                Strided::transposed(kt, d),
             );
             // The mask matters only on tiles that some row sees partly (the diagonal, and the
             // window's edge).
@@ -557,10 +578,9 @@ impl<'a> Ctx<'a> {
                 &mut acc,
                 [rows, d, tk],
                 d,
-                true,
-                Mat::new(&s.s, tk, 1),
-                Mat::new(vt, d, 1),
-                1.0,
+                Update::Accumulate,
+                Strided::row_major(&s.s, tk),
+                Strided::row_major(vt, d),
             );
             k0 = k1;
         }
