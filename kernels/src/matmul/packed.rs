@@ -7,8 +7,8 @@
 //! * `x` is copied into micro-panels of `MR` rows (`[kc][MR]`) and `W` into panels of `NR` rows
 //!   (`[kc][NR]`, i.e. `Wᵀ`), zero-padded at the ends;
 //! * the output is split into tasks (a block of `MC` rows × a range of `W` panels) that run on
-//!   the rayon pool; within a task each `W` panel stays in L1 while every `x` micro-panel of the
-//!   block (in L2) passes over it;
+//!   the rayon pool; within a task each `x` micro-panel stays in L1 while the task's `W` panels
+//!   (in L2) pass over it;
 //! * the micro-kernel ([`Panels::panel`]) keeps an `MR × NR` tile in registers and broadcasts
 //!   `MR` values of `x` against `NR` of `W` per step.
 //!
@@ -255,16 +255,16 @@ fn run_task<T: Panels>(t: T, kc: usize, first: bool, a: &[f32], b: &[f32], task:
     };
     let mut edge = EdgeTile::default();
     let rows = task.ys.len();
-    for q in task.q0..task.q1 {
-        let bq = &b[q * nr * kc..(q + 1) * nr * kc];
-        let c0 = (q - task.q0) * nr;
-        for r0 in (0..rows).step_by(mr) {
-            let p = (task.m0 + r0) / mr;
-            let ap = &a[p * mr * kc..(p + 1) * mr * kc];
-            let ys = &mut task.ys[r0..(r0 + mr).min(rows)];
+    // Each `x` micro-panel (`MR × kc`, 18 KiB) stays in L1 while the task's `W` panels stream
+    // past it from L2 (measured 1-3% faster than the other order in paired runs).
+    for r0 in (0..rows).step_by(mr) {
+        let p = (task.m0 + r0) / mr;
+        let ap = &a[p * mr * kc..(p + 1) * mr * kc];
+        for q in task.q0..task.q1 {
+            let bq = &b[q * nr * kc..(q + 1) * nr * kc];
             let out = PanelOut {
-                rows: ys,
-                c0,
+                rows: &mut task.ys[r0..(r0 + mr).min(rows)],
+                c0: (q - task.q0) * nr,
                 update,
             };
             edge.panel(t, kc, ap, bq, out);

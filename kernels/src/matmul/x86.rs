@@ -302,10 +302,10 @@ impl Tiles for Avx2Fma {
     }
 }
 
-/// `W` panel rows (steps of `k`) that [`panel_body`] prefetches into L1 ahead of use: a panel of
-/// `KC_MAX` steps fills L1 by itself, so its rows come from L2 as the `x` panels stream by, and
-/// profiles of the loop without the prefetch put a quarter of its samples on the first
-/// instructions waiting for them (one run of a 512-row product: 0.51 → 0.55 of the FMA peak).
+/// `W` panel rows (steps of `k`) that [`panel_body`] prefetches into L1 ahead of use: `W` panels
+/// of up to `KC_MAX` steps (48 KiB) stream from L2, and profiles of the loop without the
+/// prefetch put a quarter of its samples on the first instructions waiting for them (one run of
+/// a 512-row product: 0.51 → 0.55 of the FMA peak).
 const PANEL_PREFETCH: usize = 8;
 
 /// `out[r][c0 + j] = update(Σ_kk a[kk][r] · b[kk][j])` for `r < MR`, `j < NV · LANES`, over one
