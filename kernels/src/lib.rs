@@ -228,6 +228,13 @@ pub enum KernelError {
         /// The row stride.
         stride: usize,
     },
+    /// A packed operand that does not match its product (shape or instruction set), or a view
+    /// outside it.
+    #[error("packed operand mismatch: {reason}")]
+    PackedOperand {
+        /// What does not match.
+        reason: String,
+    },
     /// A kernel was asked for an instruction set this CPU does not support.
     #[error("this CPU does not support the {isa} kernels")]
     IsaUnavailable {

@@ -26,7 +26,7 @@ mod small;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use small::{Strided, gemm_small};
+pub use small::{Lhs, PackedLhs, PackedRhs, Rhs, RhsView, Strided, gemm_small};
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,13 @@
 //! `K` is not blocked: at these sizes one `W` panel (`k × NR` values) stays in L1 and the whole
 //! packed `a` in L2.
 
+mod operands;
+
+pub use operands::{Lhs, PackedLhs, PackedRhs, Rhs, RhsView};
+
 use super::packed::{EdgeTile, PackAt, PanelOut, Panels, grow, with_pack_buffers};
+#[cfg(target_arch = "x86_64")]
+use super::x86;
 use super::{Isa, Update};
 use crate::KernelError;
 
@@ -38,7 +44,7 @@ impl<'a> Strided<'a> {
     }
 
     /// Values a `[rows, cols]` view needs (saturating: an impossible size never fits).
-    fn needed(&self, rows: usize, cols: usize) -> usize {
+    pub(crate) fn needed(&self, rows: usize, cols: usize) -> usize {
         if rows == 0 || cols == 0 {
             return 0;
         }
@@ -55,18 +61,20 @@ impl<'a> Strided<'a> {
 
 /// `y = update(a · b)` for `[m, n, k]` = `dims`, `a: [m, k]`, `b: [k, n]`, `y: [m, n]` whose
 /// rows start `y_rs` values apart (values between rows are left alone), on the calling thread,
-/// with `isa`'s micro-kernel ([`Isa::Portable`]: plain loops, a reference rather than a fast
-/// path). Each output is one chain of multiply-adds in `k` order, so its value does not depend
-/// on the other rows or columns of the call.
-pub fn gemm_small(
+/// with `isa`'s micro-kernel ([`Isa::Portable`]: plain loops). Either operand may be a strided
+/// view (packed by the call) or packed before for `isa` ([`PackedLhs`], [`PackedRhs::view`]).
+/// Each output is one chain of multiply-adds in `k` order, so its value does not depend on the
+/// other rows or columns of the call, nor on how the operands were given.
+pub fn gemm_small<'a>(
     isa: Isa,
     dims: [usize; 3],
-    a: Strided<'_>,
-    b: Strided<'_>,
+    a: impl Into<Lhs<'a>>,
+    b: impl Into<Rhs<'a>>,
     y: &mut [f32],
     y_rs: usize,
     update: Update,
 ) -> Result<(), KernelError> {
+    let (a, b) = (a.into(), b.into());
     let [m, n, k] = dims;
     if m > 0 && n > y_rs {
         return Err(KernelError::OverlappingRows {
@@ -74,45 +82,132 @@ pub fn gemm_small(
             stride: y_rs,
         });
     }
-    crate::check_lengths(&[
-        ("a", a.data.len(), a.needed(m, k)),
-        ("b", b.data.len(), b.needed(k, n)),
-        ("y", y.len(), Strided::row_major(y, y_rs).needed(m, n)),
-    ])?;
+    a.check(isa, m, k)?;
+    b.check(isa, k, n)?;
+    crate::check_lengths(&[("y", y.len(), Strided::row_major(y, y_rs).needed(m, n))])?;
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let unavailable = || KernelError::IsaUnavailable {
-        isa: format!("{isa:?}"),
-    };
     let mut rows: Vec<&mut [f32]> = y.chunks_mut(y_rs).take(m).map(|r| &mut r[..n]).collect();
-    let operands = Operands { dims, a, b };
+    let ops = Operands { dims, a, b };
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
-            let t = super::x86::Avx512::detect().ok_or_else(unavailable)?;
-            run(t, &operands, &mut rows, update);
-        }
+        Isa::Avx512 => run(
+            x86::Avx512::detect().ok_or_else(|| unavailable(isa))?,
+            &ops,
+            &mut rows,
+            update,
+        ),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => {
-            let t = super::x86::Avx2Fma::detect().ok_or_else(unavailable)?;
-            run(t, &operands, &mut rows, update);
-        }
-        Isa::Portable => portable(&operands, &mut rows, update),
+        Isa::Avx2Fma => run(
+            x86::Avx2Fma::detect().ok_or_else(|| unavailable(isa))?,
+            &ops,
+            &mut rows,
+            update,
+        ),
+        Isa::Portable => portable(&ops, &mut rows, update),
         #[cfg(not(target_arch = "x86_64"))]
-        _ => return Err(unavailable()),
+        _ => return Err(unavailable(isa)),
     }
     Ok(())
+}
+
+fn unavailable(isa: Isa) -> KernelError {
+    KernelError::IsaUnavailable {
+        isa: format!("{isa:?}"),
+    }
+}
+
+/// `(MR, NR)` of `isa`'s panels (`(1, 1)`: the portable row-major layout).
+fn panel_shape(isa: Isa) -> (usize, usize) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => (<x86::Avx512 as Panels>::MR, <x86::Avx512 as Panels>::NR),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => (<x86::Avx2Fma as Panels>::MR, <x86::Avx2Fma as Panels>::NR),
+        _ => (1, 1),
+    }
+}
+
+/// `a` (`[m, k]`, checked) packed for `isa` ([`PackedLhs`]).
+fn pack_lhs(isa: Isa, a: Strided<'_>, m: usize, k: usize) -> Result<Vec<f32>, KernelError> {
+    fn with<T: Panels>(t: T, a: Strided<'_>, m: usize, k: usize) -> Vec<f32> {
+        let mut data = vec![0f32; m.div_ceil(T::MR) * T::MR * k];
+        if k > 0 {
+            for (p, panel) in data.chunks_exact_mut(T::MR * k).enumerate() {
+                pack_a(t, a, m, p * T::MR, panel);
+            }
+        }
+        data
+    }
+    Ok(match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => with(
+            x86::Avx512::detect().ok_or_else(|| unavailable(isa))?,
+            a,
+            m,
+            k,
+        ),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => with(
+            x86::Avx2Fma::detect().ok_or_else(|| unavailable(isa))?,
+            a,
+            m,
+            k,
+        ),
+        Isa::Portable => row_major_copy(a, m, k),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => return Err(unavailable(isa)),
+    })
+}
+
+/// `b` (`[k, n]`, checked) packed for `isa` ([`PackedRhs`]).
+fn pack_rhs(isa: Isa, b: Strided<'_>, k: usize, n: usize) -> Result<Vec<f32>, KernelError> {
+    fn with<T: Panels>(t: T, b: Strided<'_>, k: usize, n: usize) -> Vec<f32> {
+        let mut data = vec![0f32; n.div_ceil(T::NR) * T::NR * k];
+        if k > 0 {
+            for (q, panel) in data.chunks_exact_mut(T::NR * k).enumerate() {
+                pack_b(t, b, n, q * T::NR, panel);
+            }
+        }
+        data
+    }
+    Ok(match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => with(
+            x86::Avx512::detect().ok_or_else(|| unavailable(isa))?,
+            b,
+            k,
+            n,
+        ),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => with(
+            x86::Avx2Fma::detect().ok_or_else(|| unavailable(isa))?,
+            b,
+            k,
+            n,
+        ),
+        Isa::Portable => row_major_copy(b, k, n),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => return Err(unavailable(isa)),
+    })
+}
+
+/// `[rows, cols]` of `s` as a row-major copy.
+fn row_major_copy(s: Strided<'_>, rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows)
+        .flat_map(|i| (0..cols).map(move |j| s.at(i, j)))
+        .collect()
 }
 
 /// The checked inputs of one product.
 struct Operands<'a> {
     dims: [usize; 3],
-    a: Strided<'a>,
-    b: Strided<'a>,
+    a: Lhs<'a>,
+    b: Rhs<'a>,
 }
 
-/// The packed product.
+/// The packed product: each `a` micro-panel stays in L1 while the `b` panels pass over it.
 fn run<T: Panels>(t: T, ops: &Operands<'_>, rows: &mut [&mut [f32]], update: Update) {
     let [m, n, k] = ops.dims;
     let (mr, nr) = (T::MR, T::NR);
@@ -125,24 +220,42 @@ fn run<T: Panels>(t: T, ops: &Operands<'_>, rows: &mut [&mut [f32]], update: Upd
     }
     let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
     with_pack_buffers(|pa, pb| {
-        grow(pa, m_panels * mr * k);
-        grow(pb, n_panels * nr * k);
-        let (pa, pb) = (&mut pa[..m_panels * mr * k], &mut pb[..n_panels * nr * k]);
-        for (p, panel) in pa.chunks_exact_mut(mr * k).enumerate() {
-            pack_a(t, ops.a, m, p * mr, panel);
-        }
-        for (q, panel) in pb.chunks_exact_mut(nr * k).enumerate() {
-            pack_b(t, ops.b, n, q * nr, panel);
-        }
+        let a_all: &[f32] = match &ops.a {
+            Lhs::Packed(p) => &p.data,
+            Lhs::Strided(a) => {
+                grow(pa, m_panels * mr * k);
+                let pa = &mut pa[..m_panels * mr * k];
+                for (p, panel) in pa.chunks_exact_mut(mr * k).enumerate() {
+                    pack_a(t, *a, m, p * mr, panel);
+                }
+                pa
+            }
+        };
+        let b_own: &[f32] = match &ops.b {
+            Rhs::Packed(_) => &[],
+            Rhs::Strided(b) => {
+                grow(pb, n_panels * nr * k);
+                let pb = &mut pb[..n_panels * nr * k];
+                for (q, panel) in pb.chunks_exact_mut(nr * k).enumerate() {
+                    pack_b(t, *b, n, q * nr, panel);
+                }
+                pb
+            }
+        };
+        let b_panel = |q: usize| match &ops.b {
+            Rhs::Packed(v) => v.panel(q, nr),
+            Rhs::Strided(_) => &b_own[q * nr * k..(q + 1) * nr * k],
+        };
         let mut edge = EdgeTile::default();
-        for (q, bq) in pb.chunks_exact(nr * k).enumerate() {
-            for (ap, ys) in pa.chunks_exact(mr * k).zip(rows.chunks_mut(mr)) {
+        for (p, ys) in rows.chunks_mut(mr).enumerate() {
+            let ap = &a_all[p * mr * k..(p + 1) * mr * k];
+            for q in 0..n_panels {
                 let out = PanelOut {
-                    rows: ys,
+                    rows: &mut *ys,
                     c0: q * nr,
                     update,
                 };
-                edge.panel(t, k, ap, bq, out);
+                edge.panel(t, k, ap, b_panel(q), out);
             }
         }
     });
@@ -196,21 +309,28 @@ fn pack_b<T: Panels>(t: T, b: Strided<'_>, n: usize, c0: usize, panel: &mut [f32
     }
 }
 
-/// Plain loops (CPUs without AVX2, and the tests' second opinion).
+/// Plain loops (CPUs without AVX2, and the tests' second opinion), each output a chain in `k`
+/// order: axpy over rows of `b` when they are contiguous (the loop the compiler vectorises),
+/// else one sum per output.
 fn portable(ops: &Operands<'_>, rows: &mut [&mut [f32]], update: Update) {
     let [_, _, k] = ops.dims;
+    let (a, b) = (ops.a.strided(), ops.b.strided());
     for (i, row) in rows.iter_mut().enumerate() {
-        for (j, y) in row.iter_mut().enumerate() {
-            let start = if update == Update::Accumulate {
-                *y
-            } else {
-                0.0
-            };
-            let sum = (0..k).fold(start, |acc, kk| acc + ops.a.at(i, kk) * ops.b.at(kk, j));
-            *y = match update {
-                Update::Scale(beta) => beta * sum,
-                Update::Store | Update::Accumulate => sum,
-            };
+        if update != Update::Accumulate {
+            row.fill(0.0);
+        }
+        if b.cs == 1 {
+            for kk in 0..k {
+                let (x, line) = (a.at(i, kk), &b.data[kk * b.rs..]);
+                row.iter_mut().zip(line).for_each(|(y, w)| *y += x * w);
+            }
+        } else {
+            for (j, y) in row.iter_mut().enumerate() {
+                *y = (0..k).fold(*y, |acc, kk| acc + a.at(i, kk) * b.at(kk, j));
+            }
+        }
+        if let Update::Scale(beta) = update {
+            row.iter_mut().for_each(|y| *y *= beta);
         }
     }
 }

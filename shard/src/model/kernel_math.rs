@@ -1,72 +1,5 @@
-//! Single-threaded f32 building blocks of the CPU attention kernels: a strided matrix product,
-//! dot products and sums in 8 partial sums, and a vectorisable exponential.
-
-use medley_kernels::matmul::{Isa, Strided, Update, gemm_small};
-
-/// Whether a `[rows, cols]` view lies inside its data (both positive).
-fn fits(m: &Strided<'_>, rows: usize, cols: usize) -> bool {
-    (rows - 1) * m.rs + (cols - 1) * m.cs < m.data.len()
-}
-
-/// `dst = update(a · b)` for `[m, n, k]` = `dims`, `a: [m, k]`, `b: [k, n]`, `dst: [m, n]` with
-/// row stride `dst_rs`, single-threaded (the tasks are the parallel loop): the packed AVX-512 /
-/// AVX2 micro-kernels of `medley_kernels` where the CPU has them, else the `gemm` crate.
-pub(crate) fn matmul(
-    dst: &mut [f32],
-    dims: [usize; 3],
-    dst_rs: usize,
-    update: Update,
-    a: Strided<'_>,
-    b: Strided<'_>,
-) {
-    let [m, n, k] = dims;
-    let inside = m > 0
-        && n > 0
-        && k > 0
-        && n <= dst_rs
-        && (m - 1) * dst_rs + n <= dst.len()
-        && fits(&a, m, k)
-        && fits(&b, k, n);
-    // An invariant of the callers (tile sizes are fixed by construction), checked for soundness.
-    assert!(inside, "paged attention: matmul {dims:?} out of bounds");
-    let isa = Isa::detect();
-    if isa != Isa::Portable {
-        gemm_small(isa, dims, a, b, dst, dst_rs, update)
-            .expect("paged attention: operands checked above");
-        return;
-    }
-    let (accumulate, alpha, beta) = match update {
-        Update::Store => (false, 0.0, 1.0),
-        Update::Scale(beta) => (false, 0.0, beta),
-        Update::Accumulate => (true, 1.0, 1.0),
-    };
-    // SAFETY: every element gemm reads or writes lies inside the slices (checked above); `dst`
-    // is a unique borrow, so it overlaps neither `a` nor `b`; the strides fit in isize since
-    // they index allocated slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            alpha,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
+//! Single-threaded f32 building blocks of the CPU attention kernels: dot products and sums in 8
+//! partial sums, maxima in 16, and a vectorisable exponential.
 
 /// `Σ a[i] b[i]` in 8 partial sums (vectorisable without reassociation flags).
 #[inline(always)]
@@ -95,6 +28,22 @@ pub(crate) fn sum(a: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// The largest of `start` and the values of `a`, in 16 partial maxima: a single running max is
+/// one dependent chain (a compare's latency per value), which held a 128-key tile's row to a
+/// fraction of the vector units. `f32::max` ignores NaN operands, so the order does not matter.
+#[inline(always)]
+pub(crate) fn max(start: f32, a: &[f32]) -> f32 {
+    let mut acc = [start; 16];
+    let chunks = a.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(start, |m, &x| m.max(x));
+    for x in chunks {
+        for i in 0..16 {
+            acc[i] = acc[i].max(x[i]);
+        }
+    }
+    acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
 /// `x = exp(x - shift)` over a slice (a loop the compiler vectorises).
@@ -131,7 +80,26 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::exp_approx;
+    use super::{exp_approx, max};
+
+    /// The partial maxima give the single chain's answer for every length around the chunk
+    /// size, with the largest value anywhere, and skip NaNs as `f32::max` does.
+    #[test]
+    fn max_matches_a_running_max() {
+        for len in 0..50 {
+            for at in 0..len {
+                let mut v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+                v[at] = 3.0 + at as f32;
+                let want = v.iter().fold(-1.5f32, |m, &x| m.max(x));
+                assert_eq!(max(-1.5, &v), want, "len {len} at {at}");
+                if len > 1 {
+                    v[(at + 1) % len] = f32::NAN;
+                    assert_eq!(max(-1.5, &v), 3.0 + at as f32, "NaN, len {len} at {at}");
+                }
+            }
+            assert_eq!(max(7.0, &vec![1.0; len]), 7.0);
+        }
+    }
 
     /// The polynomial exponential against f64 `exp`, relative error within 3 ulp.
     #[test]

@@ -28,9 +28,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use medley_kernels::matmul::{Strided, Update};
+use medley_kernels::matmul::{Isa, PackedLhs, PackedRhs, Strided, Update, gemm_small};
 
-use super::kernel_math::{dot, exp_approx, exp_shifted, matmul, sum};
+use super::kernel_math::{dot, exp_approx, exp_shifted, max, sum};
 
 #[cfg(test)]
 #[path = "paged_attention_tests.rs"]
@@ -277,12 +277,13 @@ struct Task {
     gathered: Option<usize>,
 }
 
-/// The keys and values of one kv head that a prefill span sees, gathered from the pool:
-/// positions `lo .. lo + k.len() / dim`, `[positions, dim]` each.
+/// The keys and values of one kv head that a prefill span sees (positions `lo ..`), gathered
+/// from the pool and packed once for all the span's query tiles: `Kᵀ` (`[dim, positions]`) and
+/// `V` (`[positions, dim]`).
 struct Gathered {
     lo: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    kt: PackedRhs,
+    v: PackedRhs,
 }
 
 /// Per-thread buffers of the tasks, reused from task to task.
@@ -317,6 +318,8 @@ struct Ctx<'a> {
     group: usize,
     scale: f32,
     window: Option<usize>,
+    /// The instruction set of the tiles' products (operands are packed for it).
+    isa: Isa,
 }
 
 impl<'a> Ctx<'a> {
@@ -367,6 +370,7 @@ impl<'a> Ctx<'a> {
             group: h.heads / h.kv_heads,
             scale: h.scale as f32,
             window,
+            isa: Isa::detect(),
         })
     }
 
@@ -454,7 +458,8 @@ impl<'a> Ctx<'a> {
         &self.q[at..at + part]
     }
 
-    /// The keys and values of `kv_head` that `span`'s rows see, contiguous.
+    /// The keys and values of `kv_head` that `span`'s rows see, gathered from the pool and
+    /// packed for the tiles' products.
     fn gather(&self, span: &SeqSpan<'_>, kv_head: usize) -> Gathered {
         let d = self.h.dim;
         let (lo, hi) = (self.lo(span.start), span.start + span.len);
@@ -463,7 +468,13 @@ impl<'a> Ctx<'a> {
             k[j * d..(j + 1) * d].copy_from_slice(&self.keys[at..at + d]);
             v[j * d..(j + 1) * d].copy_from_slice(&self.values[at..at + d]);
         });
-        Gathered { lo, k, v }
+        let n = hi - lo;
+        // Shapes and lengths hold by construction; the instruction set was detected.
+        let kt = PackedRhs::new(self.isa, Strided::transposed(&k, d), d, n)
+            .expect("paged attention: keys packed by construction");
+        let v = PackedRhs::new(self.isa, Strided::row_major(&v, d), n, d)
+            .expect("paged attention: values packed by construction");
+        Gathered { lo, kt, v }
     }
 
     /// A decode row: the single query of `span` for the query heads of `kv_head`, reading the
@@ -485,7 +496,7 @@ impl<'a> Ctx<'a> {
             }
         });
         for row in probs.chunks_exact_mut(n) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let max = max(f32::NEG_INFINITY, row);
             exp_shifted(row, max);
             let inv = 1.0 / sum(row);
             row.iter_mut().for_each(|x| *x *= inv);
@@ -522,24 +533,33 @@ impl<'a> Ctx<'a> {
         let mut acc = vec![0f32; rows * d];
         let p_first = span.start + t.first;
         let p_last = p_first + t.len - 1;
-        // Only the key tiles that intersect lo(p_first) ..= p_last.
-        let mut k0 = self.lo(p_first);
+        // Packed once for all the key tiles.
+        let q = PackedLhs::new(self.isa, Strided::row_major(&s.q, d), rows, d)
+            .expect("paged attention: query tile packed by construction");
+        // The key tiles that intersect lo(p_first) ..= p_last, starting on a panel of the
+        // packed keys (keys before a row's first are masked below).
+        let align = kv.kt.col_align();
+        let mut k0 = kv.lo + (self.lo(p_first) - kv.lo) / align * align;
         while k0 <= p_last {
             let k1 = (k0 + TILE_KEYS).min(p_last + 1);
             let tk = k1 - k0;
+            let keys = (k0 - kv.lo)..(k1 - kv.lo);
+            let (kt, vt) = (kv.kt.view(0..d, keys.clone()), kv.v.view(keys, 0..d));
             let (kt, vt) = (
-                &kv.k[(k0 - kv.lo) * d..(k1 - kv.lo) * d],
-                &kv.v[(k0 - kv.lo) * d..(k1 - kv.lo) * d],
+                kt.expect("paged attention: key tile inside the span"),
+                vt.expect("paged attention: value tile inside the span"),
             );
             // S = (Q · Kᵀ) * scale: [rows, tk] with row stride tk.
-            matmul(
-                &mut s.s,
+            gemm_small(
+                self.isa,
                 [rows, tk, d],
+                &q,
+                kt,
+                &mut s.s,
                 tk,
                 Update::Scale(self.scale),
-                Strided::row_major(&s.q, d),
-                Strided::transposed(kt, d),
-            );
+            )
+            .expect("paged attention: scores inside their tile");
             // The mask matters only on tiles that some row sees partly (the diagonal, and the
             // window's edge).
             let whole = k0 >= self.lo(p_last) && k1 <= p_first + 1;
@@ -556,7 +576,7 @@ impl<'a> Ctx<'a> {
                 }
                 let seen = &mut row[c0..c1];
                 let m_old = s.m[r];
-                let m_new = seen.iter().fold(m_old, |a, &b| a.max(b));
+                let m_new = max(m_old, seen);
                 exp_shifted(seen, m_new);
                 let added = sum(seen);
                 row[..c0].fill(0.0);
@@ -574,14 +594,17 @@ impl<'a> Ctx<'a> {
                 s.m[r] = m_new;
             }
             // acc += P · V.
-            matmul(
-                &mut acc,
+            let probs = Strided::row_major(&s.s, tk);
+            gemm_small(
+                self.isa,
                 [rows, d, tk],
+                probs,
+                vt,
+                &mut acc,
                 d,
                 Update::Accumulate,
-                Strided::row_major(&s.s, tk),
-                Strided::row_major(vt, d),
-            );
+            )
+            .expect("paged attention: output inside its tile");
             k0 = k1;
         }
         // Every row saw at least its own key, so its sum is positive.

@@ -197,3 +197,84 @@ fn bad_buffers_are_errors() {
         "{err:?}"
     );
 }
+
+/// Operands packed before give the same bits as the same blocks packed by the call, for whole
+/// operands and for views of rows and of aligned column ranges.
+#[test]
+fn packed_operands_match_strided_ones() {
+    let (m, k_all, n_all) = (29, 150, 100);
+    let a_all = values(m * k_all, 21);
+    let b_all = values(k_all * n_all, 22);
+    for isa in isas() {
+        let a = PackedLhs::new(isa, Strided::row_major(&a_all, k_all), m, k_all).expect("pack");
+        let b = PackedRhs::new(isa, Strided::row_major(&b_all, n_all), k_all, n_all).expect("pack");
+        assert_eq!((a.shape(), b.shape()), ([m, k_all], [k_all, n_all]));
+        let al = b.col_align();
+        let blocks = [
+            (0..k_all, 0..n_all),
+            (7..90, al..n_all),
+            (0..1, 0..n_all.min(al) - 1),
+        ];
+        for (rows, cols) in blocks {
+            let (k, n) = (rows.len(), cols.len());
+            // The left operand: the packed one only covers all of `k`; take columns `rows` of
+            // `a` for the strided run and a fresh packing of them for the packed run.
+            let a_part = Strided::row_major(&a_all[rows.start..], k_all);
+            let b_part = Strided::row_major(&b_all[rows.start * n_all + cols.start..], n_all);
+            let want = {
+                let mut y = vec![f32::NAN; m * n];
+                gemm_small(isa, [m, n, k], a_part, b_part, &mut y, n, Update::Store).expect("gemm");
+                y
+            };
+            let a_packed = if k == k_all {
+                a.clone()
+            } else {
+                PackedLhs::new(isa, a_part, m, k).expect("pack")
+            };
+            let view = b.view(rows.clone(), cols.clone()).expect("view");
+            let mut got = vec![f32::NAN; m * n];
+            gemm_small(isa, [m, n, k], &a_packed, view, &mut got, n, Update::Store).expect("gemm");
+            assert_eq!(got, want, "{isa:?} rows {rows:?} cols {cols:?}");
+        }
+    }
+}
+
+#[test]
+fn packed_operands_are_checked() {
+    let v = values(64, 1);
+    let isa = Isa::detect();
+    let b = PackedRhs::new(isa, Strided::row_major(&v, 8), 8, 8).expect("pack");
+    let a = PackedLhs::new(isa, Strided::row_major(&v, 8), 8, 8).expect("pack");
+    assert!(matches!(
+        b.view(0..9, 0..8),
+        Err(KernelError::PackedOperand { .. })
+    ));
+    assert!(matches!(
+        b.view(0..8, 0..9),
+        Err(KernelError::PackedOperand { .. })
+    ));
+    if b.col_align() > 1 {
+        assert!(matches!(
+            b.view(0..8, 1..8),
+            Err(KernelError::PackedOperand { .. })
+        ));
+    }
+    let mut y = vec![0f32; 64];
+    let view = b.view(0..8, 0..8).expect("view");
+    // A shape the packed operands do not have.
+    let err = gemm_small(isa, [8, 8, 4], &a, view.clone(), &mut y, 8, Update::Store);
+    assert!(
+        matches!(err, Err(KernelError::PackedOperand { .. })),
+        "{err:?}"
+    );
+    // Operands packed for another instruction set.
+    for other in isas().into_iter().filter(|&o| o != isa) {
+        let err = gemm_small(other, [8, 8, 8], &a, view.clone(), &mut y, 8, Update::Store);
+        assert!(
+            matches!(err, Err(KernelError::PackedOperand { .. })),
+            "{err:?}"
+        );
+    }
+    let short = PackedLhs::new(isa, Strided::row_major(&v[..60], 8), 8, 8);
+    assert!(matches!(short, Err(KernelError::BufferTooSmall { .. })));
+}
