@@ -301,12 +301,15 @@ impl RmsNorm {
     }
 }
 
-/// `silu(gate) * up` (the MLP's activation): one fused kernel for half precision on a GPU,
-/// [`silu`] and a product elsewhere.
+/// `silu(gate) * up` (the MLP's activation): one fused kernel for half precision on a GPU and
+/// for f32 on the CPU, [`silu`] and a product elsewhere.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::fused_cuda::serves(gate) {
         return super::fused_cuda::silu_mul(gate, up);
+    }
+    if super::fused_cpu::serves(gate, up) {
+        return super::fused_cpu::silu_mul(gate, up);
     }
     silu(gate)? * up
 }

@@ -26,6 +26,7 @@ pub mod batch;
 pub mod config;
 mod cpu_storage;
 mod embedding;
+mod fused_cpu;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
 #[cfg(all(feature = "cuda", any(test, feature = "testing")))]
