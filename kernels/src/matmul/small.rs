@@ -118,6 +118,14 @@ fn unavailable(isa: Isa) -> KernelError {
     }
 }
 
+impl Isa {
+    /// Rows of the left operand's micro-panels in [`gemm_small`] (a product whose rows are a
+    /// multiple of this has no padded edge panel); 1 for [`Isa::Portable`].
+    pub fn lhs_panel_rows(self) -> usize {
+        panel_shape(self).0
+    }
+}
+
 /// `(MR, NR)` of `isa`'s panels (`(1, 1)`: the portable row-major layout).
 fn panel_shape(isa: Isa) -> (usize, usize) {
     match isa {

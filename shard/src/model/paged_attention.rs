@@ -72,15 +72,31 @@ pub(crate) struct SeqSpan<'a> {
     pub blocks: &'a [u32],
 }
 
-/// Query rows per prefill tile (tokens × the query heads of one kv head). 128 rows by 128 keys
-/// keeps a tile's working set (Q 128×d, K and V 128×d, S 128×128, the accumulator 128×d: about
-/// 160 KiB at d = 64) inside a core's L2 while giving the matrix products operands large enough to run near
-/// peak; the S·V product then has k = 128, and a 2,048-token prompt still splits into ~50 tiles
-/// per kv head, plenty of parallel tasks. Smaller tiles waste less on the masked half of the
-/// diagonal tiles but pay more per-call overhead and more rescaling passes.
+/// Most query rows per prefill tile (tokens × the query heads of one kv head); the tile takes
+/// as many whole tokens as fit and, where it can, a multiple of the micro-kernel's rows
+/// ([`tile_tokens`]). About 128 rows by 256 keys keeps a tile's working set (Q 128×d, packed K
+/// and V tiles 256×d each, S 128×256, the accumulator 128×d: about 330 KiB at d = 64) inside a
+/// core's L2 while giving the products operands large enough to run near peak; a 2,048-token
+/// prompt still splits into ~50 tiles per kv head, plenty of parallel tasks. Smaller tiles
+/// waste less on the masked half of the diagonal tiles but pay more per-call overhead and more
+/// rescaling passes. Measured with `cargo bench -p medley-shard --bench attention` (three runs
+/// of each, 2 threads): 256 keys and whole micro-panels against 128 keys and 128 rows, 2,048 /
+/// 4,096 tokens, SmolLM2's shape 106 / 116 → 122 / 142 GFLOP/s on average, TinyLlama's 115 /
+/// 120 → 124 / 134.
 const TILE_ROWS: usize = 128;
 /// Key positions per key tile (see [`TILE_ROWS`]).
-const TILE_KEYS: usize = 128;
+const TILE_KEYS: usize = 256;
+
+/// Tokens per prefill tile for `group` query heads per kv head: the most whose rows fit in
+/// [`TILE_ROWS`], preferring a row count that fills whole micro-panels of `isa` (`panel_rows`),
+/// which spares the padded edge panel of every product.
+fn tile_tokens(group: usize, panel_rows: usize) -> usize {
+    let most = (TILE_ROWS / group).max(1);
+    (1..=most)
+        .rev()
+        .find(|t| (t * group).is_multiple_of(panel_rows))
+        .unwrap_or(most)
+}
 
 /// Causal grouped-query attention of every sequence's new rows over its cached keys/values.
 /// `q`: `[rows, heads, dim]` contiguous. Returns `[rows, heads * dim]` row-major (rows that no
@@ -100,7 +116,7 @@ pub(crate) fn paged_attention(
         ctx.check_span(i, s)?;
     }
     let group = ctx.group;
-    let tile_tokens = (TILE_ROWS / group).max(1);
+    let tokens_per_tile = tile_tokens(group, ctx.isa.lhs_panel_rows());
     // The keys and values of every prefill span, gathered contiguous once per kv head: its
     // tiles read them in place (gathering per tile would copy every key once per query tile).
     let spans: Vec<(usize, usize)> = seqs
@@ -122,7 +138,7 @@ pub(crate) fn paged_attention(
             (1, None)
         } else {
             next_gathered += h.kv_heads;
-            (tile_tokens, Some(next_gathered - h.kv_heads))
+            (tokens_per_tile, Some(next_gathered - h.kv_heads))
         };
         for first in (0..s.len).step_by(step) {
             let len = step.min(s.len - first);

@@ -301,3 +301,20 @@ fn bad_inputs_are_errors() {
     // A window of no keys.
     assert!(paged_attention(&q, &ok, &kv, h, Some(0)).is_err());
 }
+
+/// Tiles take whole micro-panels of rows where a whole number of tokens allows it.
+#[test]
+fn tiles_fill_whole_micro_panels() {
+    // (query heads per kv head, panel rows) -> tokens per tile.
+    for ((group, panel), want) in [
+        ((3, 12), 40),
+        ((8, 12), 15),
+        ((1, 12), 120),
+        ((32, 12), 3),
+        ((8, 6), 15),
+        ((3, 1), 42),
+        ((200, 12), 1),
+    ] {
+        assert_eq!(tile_tokens(group, panel), want, "group {group}, panel {panel}");
+    }
+}
