@@ -315,6 +315,10 @@ fn tiles_fill_whole_micro_panels() {
         ((3, 1), 42),
         ((200, 12), 1),
     ] {
-        assert_eq!(tile_tokens(group, panel), want, "group {group}, panel {panel}");
+        assert_eq!(
+            tile_tokens(group, panel),
+            want,
+            "group {group}, panel {panel}"
+        );
     }
 }
