@@ -90,26 +90,53 @@ pub fn gemm_small<'a>(
     }
     let mut rows: Vec<&mut [f32]> = y.chunks_mut(y_rs).take(m).map(|r| &mut r[..n]).collect();
     let ops = Operands { dims, a, b };
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => run(
-            x86::Avx512::detect().ok_or_else(|| unavailable(isa))?,
-            &ops,
-            &mut rows,
+    dispatch(
+        isa,
+        Product {
+            ops: &ops,
+            rows: &mut rows,
             update,
-        ),
+        },
+    )
+}
+
+/// Work to run with the micro-kernel of an instruction set ([`dispatch`]).
+trait WithPanels {
+    type Out;
+    /// With the packed micro-kernel `t`.
+    fn panels<T: Panels>(self, t: T) -> Self::Out;
+    /// With plain loops ([`Isa::Portable`]).
+    fn portable(self) -> Self::Out;
+}
+
+/// Runs `work` with `isa`'s micro-kernel; an instruction set the CPU lacks is an error.
+fn dispatch<W: WithPanels>(isa: Isa, work: W) -> Result<W::Out, KernelError> {
+    Ok(match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => run(
-            x86::Avx2Fma::detect().ok_or_else(|| unavailable(isa))?,
-            &ops,
-            &mut rows,
-            update,
-        ),
-        Isa::Portable => portable(&ops, &mut rows, update),
+        Isa::Avx512 => work.panels(x86::Avx512::detect().ok_or_else(|| unavailable(isa))?),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => work.panels(x86::Avx2Fma::detect().ok_or_else(|| unavailable(isa))?),
+        Isa::Portable => work.portable(),
         #[cfg(not(target_arch = "x86_64"))]
         _ => return Err(unavailable(isa)),
+    })
+}
+
+/// One checked product into its output rows.
+struct Product<'o, 'y, 'a> {
+    ops: &'o Operands<'a>,
+    rows: &'o mut [&'y mut [f32]],
+    update: Update,
+}
+
+impl WithPanels for Product<'_, '_, '_> {
+    type Out = ();
+    fn panels<T: Panels>(self, t: T) {
+        run(t, self.ops, self.rows, self.update)
     }
-    Ok(())
+    fn portable(self) {
+        portable(self.ops, self.rows, self.update)
+    }
 }
 
 fn unavailable(isa: Isa) -> KernelError {
@@ -139,7 +166,25 @@ fn panel_shape(isa: Isa) -> (usize, usize) {
 
 /// `a` (`[m, k]`, checked) packed for `isa` ([`PackedLhs`]).
 fn pack_lhs(isa: Isa, a: Strided<'_>, m: usize, k: usize) -> Result<Vec<f32>, KernelError> {
-    fn with<T: Panels>(t: T, a: Strided<'_>, m: usize, k: usize) -> Vec<f32> {
+    dispatch(isa, PackLhs { a, m, k })
+}
+
+/// `b` (`[k, n]`, checked) packed for `isa` ([`PackedRhs`]).
+fn pack_rhs(isa: Isa, b: Strided<'_>, k: usize, n: usize) -> Result<Vec<f32>, KernelError> {
+    dispatch(isa, PackRhs { b, k, n })
+}
+
+/// All the micro-panels of `a: [m, k]`.
+struct PackLhs<'a> {
+    a: Strided<'a>,
+    m: usize,
+    k: usize,
+}
+
+impl WithPanels for PackLhs<'_> {
+    type Out = Vec<f32>;
+    fn panels<T: Panels>(self, t: T) -> Vec<f32> {
+        let Self { a, m, k } = self;
         let mut data = vec![0f32; m.div_ceil(T::MR) * T::MR * k];
         if k > 0 {
             for (p, panel) in data.chunks_exact_mut(T::MR * k).enumerate() {
@@ -148,30 +193,22 @@ fn pack_lhs(isa: Isa, a: Strided<'_>, m: usize, k: usize) -> Result<Vec<f32>, Ke
         }
         data
     }
-    Ok(match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => with(
-            x86::Avx512::detect().ok_or_else(|| unavailable(isa))?,
-            a,
-            m,
-            k,
-        ),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => with(
-            x86::Avx2Fma::detect().ok_or_else(|| unavailable(isa))?,
-            a,
-            m,
-            k,
-        ),
-        Isa::Portable => row_major_copy(a, m, k),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => return Err(unavailable(isa)),
-    })
+    fn portable(self) -> Vec<f32> {
+        row_major_copy(self.a, self.m, self.k)
+    }
 }
 
-/// `b` (`[k, n]`, checked) packed for `isa` ([`PackedRhs`]).
-fn pack_rhs(isa: Isa, b: Strided<'_>, k: usize, n: usize) -> Result<Vec<f32>, KernelError> {
-    fn with<T: Panels>(t: T, b: Strided<'_>, k: usize, n: usize) -> Vec<f32> {
+/// All the panels of `b: [k, n]`.
+struct PackRhs<'a> {
+    b: Strided<'a>,
+    k: usize,
+    n: usize,
+}
+
+impl WithPanels for PackRhs<'_> {
+    type Out = Vec<f32>;
+    fn panels<T: Panels>(self, t: T) -> Vec<f32> {
+        let Self { b, k, n } = self;
         let mut data = vec![0f32; n.div_ceil(T::NR) * T::NR * k];
         if k > 0 {
             for (q, panel) in data.chunks_exact_mut(T::NR * k).enumerate() {
@@ -180,25 +217,9 @@ fn pack_rhs(isa: Isa, b: Strided<'_>, k: usize, n: usize) -> Result<Vec<f32>, Ke
         }
         data
     }
-    Ok(match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => with(
-            x86::Avx512::detect().ok_or_else(|| unavailable(isa))?,
-            b,
-            k,
-            n,
-        ),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => with(
-            x86::Avx2Fma::detect().ok_or_else(|| unavailable(isa))?,
-            b,
-            k,
-            n,
-        ),
-        Isa::Portable => row_major_copy(b, k, n),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => return Err(unavailable(isa)),
-    })
+    fn portable(self) -> Vec<f32> {
+        row_major_copy(self.b, self.k, self.n)
+    }
 }
 
 /// `[rows, cols]` of `s` as a row-major copy.
