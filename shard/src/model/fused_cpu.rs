@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernel_math::exp_approx;
+use super::kernel_math::{Fused, MulAdd, Unfused, exp_approx};
 use super::layers::cpu_f32_slice;
 
 /// Values per parallel chunk (64 KiB of each operand).
@@ -59,29 +59,29 @@ fn silu_mul_into(o: &mut [f32], g: &[f32], u: &[f32]) {
         return unsafe { silu_mul_avx512(o, g, u) };
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: as above.
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: as above, both features.
         return unsafe { silu_mul_avx2(o, g, u) };
     }
-    silu_mul_body(o, g, u)
+    silu_mul_body::<Unfused>(o, g, u)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn silu_mul_avx512(o: &mut [f32], g: &[f32], u: &[f32]) {
-    silu_mul_body(o, g, u)
+    silu_mul_body::<Fused>(o, g, u)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 fn silu_mul_avx2(o: &mut [f32], g: &[f32], u: &[f32]) {
-    silu_mul_body(o, g, u)
+    silu_mul_body::<Fused>(o, g, u)
 }
 
 #[inline(always)]
-fn silu_mul_body(o: &mut [f32], g: &[f32], u: &[f32]) {
+fn silu_mul_body<M: MulAdd>(o: &mut [f32], g: &[f32], u: &[f32]) {
     for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-        *o = g / (1.0 + exp_approx(-g)) * u;
+        *o = g / (1.0 + exp_approx::<M>(-g)) * u;
     }
 }
 

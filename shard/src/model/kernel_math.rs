@@ -46,18 +46,50 @@ pub(crate) fn max(start: f32, a: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
+/// How the exponential's polynomial multiplies and adds: fused where the caller is compiled
+/// with FMA ([`Fused`]: one instruction per step, about a third fewer operations per
+/// exponential), separately elsewhere ([`Unfused`]: `f32::mul_add` without the instruction is a
+/// slow library call).
+pub(crate) trait MulAdd: Copy {
+    /// `a · b + c`.
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// Fused multiply-add, rounded once (for code compiled with FMA).
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct Fused;
+
+/// A product then a sum, each rounded.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Unfused;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Unfused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
 /// `x = exp(x - shift)` over a slice (a loop the compiler vectorises).
 #[inline(always)]
-pub(crate) fn exp_shifted(xs: &mut [f32], shift: f32) {
-    xs.iter_mut().for_each(|x| *x = exp_approx(*x - shift));
+pub(crate) fn exp_shifted<M: MulAdd>(xs: &mut [f32], shift: f32) {
+    xs.iter_mut().for_each(|x| *x = exp_approx::<M>(*x - shift));
 }
 
 /// `e^x` within ~2 ulp of `expf` for `x` in `[-87.3, 88.3]` (clamped outside, so it never
 /// overflows and underflows to ~1e-38 rather than 0), branch-free so that loops over it
-/// vectorise: `x = n ln 2 + r` with `|r| ≤ ln 2 / 2`, Cephes' degree-6 polynomial for `e^r`, and
-/// `2^n` built from its exponent bits.
+/// vectorise: `x = n ln 2 + r` with `|r| ≤ ln 2 / 2`, Cephes' degree-6 polynomial for `e^r`
+/// (Horner steps by `M`), and `2^n` built from its exponent bits.
 #[inline(always)]
-pub(crate) fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx<M: MulAdd>(x: f32) -> f32 {
     /// 1.5 · 2^23: adding it rounds to an integer kept in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_359_4;
@@ -67,12 +99,12 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    p = M::mul_add(p, r, 1.398_199_9e-3);
+    p = M::mul_add(p, r, 8.333_452e-3);
+    p = M::mul_add(p, r, 4.166_579_6e-2);
+    p = M::mul_add(p, r, 1.666_666_5e-1);
+    p = M::mul_add(p, r, 0.5);
+    let y = M::mul_add(p, r * r, r) + 1.0;
     // `t`'s bits are those of ROUND plus n (|n| ≤ 127 keeps it in [2^23, 2^24)).
     let n = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     y * f32::from_bits(((n + 127) << 23) as u32)
@@ -80,7 +112,7 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{exp_approx, max};
+    use super::{Fused, MulAdd, Unfused, exp_approx, max};
 
     /// The partial maxima give the single chain's answer for every length around the chunk
     /// size, with the largest value anywhere, and skip NaNs as `f32::max` does.
@@ -101,18 +133,23 @@ mod tests {
         }
     }
 
-    /// The polynomial exponential against f64 `exp`, relative error within 3 ulp.
+    /// The polynomial exponential against f64 `exp`, relative error within 3 ulp, with the
+    /// Horner steps fused and not.
     #[test]
     fn exp_approx_is_accurate() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
-            let want = (x as f64).exp();
-            worst = worst.max(((exp_approx(x) as f64) - want).abs() / want);
+        fn check<M: MulAdd>() {
+            let mut worst = 0f64;
+            for i in 0..=200_000 {
+                let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+                let want = (x as f64).exp();
+                worst = worst.max(((exp_approx::<M>(x) as f64) - want).abs() / want);
+            }
+            assert!(worst < 3.0 * f32::EPSILON as f64, "{worst}");
+            assert_eq!(exp_approx::<M>(0.0), 1.0);
+            assert!(exp_approx::<M>(f32::NEG_INFINITY) < 1e-37);
+            assert!(exp_approx::<M>(f32::NAN).is_nan());
         }
-        assert!(worst < 3.0 * f32::EPSILON as f64, "{worst}");
-        assert_eq!(exp_approx(0.0), 1.0);
-        assert!(exp_approx(f32::NEG_INFINITY) < 1e-37);
-        assert!(exp_approx(f32::NAN).is_nan());
+        check::<Fused>();
+        check::<Unfused>();
     }
 }

@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 use medley_kernels::matmul::{Isa, PackedLhs, PackedRhs, Strided, Update, gemm_small};
 
-use super::kernel_math::{dot, exp_approx, exp_shifted, max, sum};
+use super::kernel_math::{Fused, MulAdd, Unfused, dot, exp_approx, exp_shifted, max, sum};
 
 #[cfg(test)]
 #[path = "paged_attention_tests.rs"]
@@ -234,14 +234,14 @@ fn run(
         return unsafe { run_avx512(ctx, span, t, kv, s) };
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has the one feature `run_avx2` is compiled for.
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the two features `run_avx2` is compiled for.
         return unsafe { run_avx2(ctx, span, t, kv, s) };
     }
-    run_any(ctx, span, t, kv, s)
+    run_any::<Unfused>(ctx, span, t, kv, s)
 }
 
-/// [`run_any`] compiled with AVX-512F.
+/// [`run_any`] compiled with AVX-512F (which implies FMA).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn run_avx512(
@@ -251,12 +251,12 @@ fn run_avx512(
     kv: Option<&Gathered>,
     s: &mut Scratch,
 ) -> Vec<f32> {
-    run_any(ctx, span, t, kv, s)
+    run_any::<Fused>(ctx, span, t, kv, s)
 }
 
-/// [`run_any`] compiled with AVX2.
+/// [`run_any`] compiled with AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 fn run_avx2(
     ctx: &Ctx<'_>,
     span: &SeqSpan<'_>,
@@ -264,12 +264,13 @@ fn run_avx2(
     kv: Option<&Gathered>,
     s: &mut Scratch,
 ) -> Vec<f32> {
-    run_any(ctx, span, t, kv, s)
+    run_any::<Fused>(ctx, span, t, kv, s)
 }
 
-/// A decode row or a prefill tile (inlined into each instruction-set variant).
+/// A decode row or a prefill tile (inlined into each instruction-set variant; `M`: how its
+/// exponentials multiply and add).
 #[inline(always)]
-fn run_any(
+fn run_any<M: MulAdd>(
     ctx: &Ctx<'_>,
     span: &SeqSpan<'_>,
     t: &Task,
@@ -277,8 +278,8 @@ fn run_any(
     s: &mut Scratch,
 ) -> Vec<f32> {
     match kv {
-        Some(kv) => ctx.tile(span, t, kv, s),
-        None => ctx.decode(span, t.kv_head, s),
+        Some(kv) => ctx.tile::<M>(span, t, kv, s),
+        None => ctx.decode::<M>(span, t.kv_head, s),
     }
 }
 
@@ -496,7 +497,7 @@ impl<'a> Ctx<'a> {
     /// A decode row: the single query of `span` for the query heads of `kv_head`, reading the
     /// keys and values in place. Returns `[group, dim]`.
     #[inline(always)]
-    fn decode(&self, span: &SeqSpan<'_>, kv_head: usize, s: &mut Scratch) -> Vec<f32> {
+    fn decode<M: MulAdd>(&self, span: &SeqSpan<'_>, kv_head: usize, s: &mut Scratch) -> Vec<f32> {
         let (g, d) = (self.group, self.h.dim);
         let p = span.start;
         let lo = self.lo(p);
@@ -513,7 +514,7 @@ impl<'a> Ctx<'a> {
         });
         for row in probs.chunks_exact_mut(n) {
             let max = max(f32::NEG_INFINITY, row);
-            exp_shifted(row, max);
+            exp_shifted::<M>(row, max);
             let inv = 1.0 / sum(row);
             row.iter_mut().for_each(|x| *x *= inv);
         }
@@ -532,7 +533,13 @@ impl<'a> Ctx<'a> {
     /// `t.kv_head`, by online softmax over tiles of the span's gathered keys and values `kv`.
     /// Returns `[t.len, group, dim]`.
     #[inline(always)]
-    fn tile(&self, span: &SeqSpan<'_>, t: &Task, kv: &Gathered, s: &mut Scratch) -> Vec<f32> {
+    fn tile<M: MulAdd>(
+        &self,
+        span: &SeqSpan<'_>,
+        t: &Task,
+        kv: &Gathered,
+        s: &mut Scratch,
+    ) -> Vec<f32> {
         let (g, d) = (self.group, self.h.dim);
         let rows = t.len * g;
         // Tile rows are (token, query head), token-major: the query tile and the output rows
@@ -593,7 +600,7 @@ impl<'a> Ctx<'a> {
                 let seen = &mut row[c0..c1];
                 let m_old = s.m[r];
                 let m_new = max(m_old, seen);
-                exp_shifted(seen, m_new);
+                exp_shifted::<M>(seen, m_new);
                 let added = sum(seen);
                 row[..c0].fill(0.0);
                 row[c1..].fill(0.0);
@@ -601,7 +608,7 @@ impl<'a> Ctx<'a> {
                     // First keys of this row: the accumulator is still zero.
                     s.l[r] = added;
                 } else {
-                    let alpha = exp_approx(m_old - m_new);
+                    let alpha = exp_approx::<M>(m_old - m_new);
                     s.l[r] = s.l[r] * alpha + added;
                     if alpha != 1.0 {
                         acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
