@@ -56,8 +56,8 @@ pub(super) struct PanelOut<'o, 'y> {
     pub(super) update: Update,
 }
 
-/// Which part of a row-major `[rows, k]` source (`k`: its row stride) one panel holds: columns `k0..k0 + kc` of the
-/// rows `r0..` (as many as the panel has room for).
+/// Which part of a row-major `[rows, k]` source (`k`: its row stride) one panel holds: columns
+/// `k0..k0 + kc` of the rows `r0..` (as many as the panel has room for).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct PackAt {
     pub(super) rows: usize,

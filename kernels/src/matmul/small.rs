@@ -186,11 +186,7 @@ impl WithPanels for PackLhs<'_> {
     fn panels<T: Panels>(self, t: T) -> Vec<f32> {
         let Self { a, m, k } = self;
         let mut data = vec![0f32; m.div_ceil(T::MR) * T::MR * k];
-        if k > 0 {
-            for (p, panel) in data.chunks_exact_mut(T::MR * k).enumerate() {
-                pack_a(t, a, m, p * T::MR, panel);
-            }
-        }
+        pack_lhs_into(t, a, m, k, &mut data);
         data
     }
     fn portable(self) -> Vec<f32> {
@@ -210,11 +206,7 @@ impl WithPanels for PackRhs<'_> {
     fn panels<T: Panels>(self, t: T) -> Vec<f32> {
         let Self { b, k, n } = self;
         let mut data = vec![0f32; n.div_ceil(T::NR) * T::NR * k];
-        if k > 0 {
-            for (q, panel) in data.chunks_exact_mut(T::NR * k).enumerate() {
-                pack_b(t, b, n, q * T::NR, panel);
-            }
-        }
+        pack_rhs_into(t, b, n, k, &mut data);
         data
     }
     fn portable(self) -> Vec<f32> {
@@ -254,9 +246,7 @@ fn run<T: Panels>(t: T, ops: &Operands<'_>, rows: &mut [&mut [f32]], update: Upd
             Lhs::Strided(a) => {
                 grow(pa, m_panels * mr * k);
                 let pa = &mut pa[..m_panels * mr * k];
-                for (p, panel) in pa.chunks_exact_mut(mr * k).enumerate() {
-                    pack_a(t, *a, m, p * mr, panel);
-                }
+                pack_lhs_into(t, *a, m, k, pa);
                 pa
             }
         };
@@ -265,9 +255,7 @@ fn run<T: Panels>(t: T, ops: &Operands<'_>, rows: &mut [&mut [f32]], update: Upd
             Rhs::Strided(b) => {
                 grow(pb, n_panels * nr * k);
                 let pb = &mut pb[..n_panels * nr * k];
-                for (q, panel) in pb.chunks_exact_mut(nr * k).enumerate() {
-                    pack_b(t, *b, n, q * nr, panel);
-                }
+                pack_rhs_into(t, *b, n, k, pb);
                 pb
             }
         };
@@ -288,6 +276,24 @@ fn run<T: Panels>(t: T, ops: &Operands<'_>, rows: &mut [&mut [f32]], update: Upd
             }
         }
     });
+}
+
+/// All the micro-panels of `a` (`[m, k]`) into `dst` (`⌈m / MR⌉ · MR · k` values).
+fn pack_lhs_into<T: Panels>(t: T, a: Strided<'_>, m: usize, k: usize, dst: &mut [f32]) {
+    if k > 0 {
+        for (p, panel) in dst.chunks_exact_mut(T::MR * k).enumerate() {
+            pack_a(t, a, m, p * T::MR, panel);
+        }
+    }
+}
+
+/// All the panels of `b` (`[k, n]`) into `dst` (`⌈n / NR⌉ · NR · k` values).
+fn pack_rhs_into<T: Panels>(t: T, b: Strided<'_>, n: usize, k: usize, dst: &mut [f32]) {
+    if k > 0 {
+        for (q, panel) in dst.chunks_exact_mut(T::NR * k).enumerate() {
+            pack_b(t, b, n, q * T::NR, panel);
+        }
+    }
 }
 
 /// Rows `r0 ..` of `a` (`[m, k]`) as a micro-panel `[k][MR]`, zeros past row `m`.
