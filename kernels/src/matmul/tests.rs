@@ -197,3 +197,48 @@ fn k_blocks_keep_x_in_l2() {
     assert!(kb < 5632 && kb.is_multiple_of(64) && 64 * kb * 4 <= X_BLOCK_BYTES);
     assert_eq!(k_block(100_000, 4096), MIN_K_BLOCK);
 }
+
+/// The vector packings ([`packed::Panels::pack`] of each instruction set this CPU has) write
+/// exactly what the scalar [`packed::pack`] does: every panel width of the micro-kernels and
+/// others, rows past the source (zeros), column blocks at an offset and column counts that are
+/// not a multiple of the vector width. The panels start NaN-filled, so a value not written fails.
+#[test]
+fn vector_packing_matches_scalar_packing() {
+    use packed::{PackAt, Panels, pack};
+    fn check<T: Panels>(t: T, name: &str) {
+        let (rows, k) = (37, 83);
+        let src = values(rows * k, 5);
+        for len in [1, 4, 6, 8, 12, 16, 32] {
+            for r0 in [0, 3, 29, 36] {
+                for (k0, kc) in [(0, 83), (0, 8), (5, 64), (11, 13), (80, 3), (1, 7)] {
+                    let at = PackAt {
+                        rows,
+                        k,
+                        k0,
+                        kc,
+                        r0,
+                    };
+                    let mut want = vec![f32::NAN; len * kc];
+                    let mut got = want.clone();
+                    pack(&src, at, &mut want);
+                    t.pack(&src, at, &mut got);
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{name}: len {len}, rows {r0}.., columns {k0}..{}",
+                        k0 + kc
+                    );
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(t) = x86::Avx512::detect() {
+            check(t, "avx512");
+        }
+        if let Some(t) = x86::Avx2Fma::detect() {
+            check(t, "avx2");
+        }
+    }
+}

@@ -4,13 +4,14 @@
 //! exist only after run-time feature detection.
 
 use std::arch::x86_64::{
-    __m256, __m512, __mmask16, _MM_HINT_T0, _MM_HINT_T1, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
+    __m256, __m512, _MM_HINT_T0, _MM_HINT_T1, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
     _mm_movehdup_ps, _mm_movehl_ps, _mm_prefetch, _mm256_castps256_ps128, _mm256_extractf128_ps,
     _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
-    _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_i32gather_ps, _mm512_mask_storeu_ps,
-    _mm512_mullo_epi32, _mm512_reduce_add_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32,
-    _mm512_setzero_ps, _mm512_storeu_ps,
+    _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_reduce_add_ps, _mm512_set1_ps, _mm512_setzero_ps,
+    _mm512_storeu_ps,
 };
+
+mod pack;
 
 use super::Tiles;
 use super::Update;
@@ -402,47 +403,7 @@ impl Panels for Avx512 {
     #[inline]
     fn pack(self, src: &[f32], at: PackAt, panel: &mut [f32]) {
         // SAFETY: `self` exists only on CPUs with AVX-512F.
-        unsafe { pack_avx512(src, at, panel) }
-    }
-}
-
-/// [`super::packed::pack`] by gathers: each step reads one column of 16 rows (masked to the
-/// rows that exist) and stores it as 16 consecutive panel values (masked to the panel's width),
-/// instead of one scalar copy per value (the scalar packing took about a fifth of a 512-row
-/// SmolLM2 prefill's projection time; with gathers, about an eighth).
-#[target_feature(enable = "avx512f")]
-fn pack_avx512(src: &[f32], at: PackAt, panel: &mut [f32]) {
-    let PackAt { k, k0, kc, r0, .. } = at;
-    let (len, valid) = at.panel_rows(panel.len());
-    assert!(
-        len * kc == panel.len()
-            && (valid == 0 || (r0 + valid - 1) * k + k0 + kc <= src.len())
-            && i32::try_from(16 * k).is_ok(),
-        "pack outside its source"
-    );
-    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    let offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(k as i32));
-    for g in (0..len).step_by(16) {
-        let width = (len - g).min(16);
-        let rows_here = valid.saturating_sub(g).min(16);
-        let read: __mmask16 = ((1u32 << rows_here) - 1) as __mmask16;
-        let write: __mmask16 = ((1u32 << width) - 1) as __mmask16;
-        // Row `r0 + g`, column `k0`; lanes past `rows_here` are masked off and never read.
-        let base = src.as_ptr().wrapping_add((r0 + g) * k + k0);
-        for kk in 0..kc {
-            // SAFETY: the lanes of `read` are rows `r0 + g + i < r0 + valid`, whose columns
-            // `k0 + kk < k0 + kc` lie in `src` (asserted); masked-off lanes are not accessed.
-            // The store writes `width` values at `kk * len + g + width <= panel.len()`.
-            unsafe {
-                let v = _mm512_mask_i32gather_ps::<4>(
-                    _mm512_setzero_ps(),
-                    read,
-                    offsets,
-                    base.wrapping_add(kk),
-                );
-                _mm512_mask_storeu_ps(panel.as_mut_ptr().add(kk * len + g), write, v);
-            }
-        }
+        unsafe { pack::pack_avx512(src, at, panel) }
     }
 }
 
@@ -455,5 +416,11 @@ impl Panels for Avx2Fma {
     fn panel(self, kc: usize, a: &[f32], b: &[f32], out: PanelOut<'_, '_>) {
         // SAFETY: `self` exists only on CPUs with AVX2 and FMA.
         unsafe { panel_avx2(self, kc, a, b, out) }
+    }
+
+    #[inline]
+    fn pack(self, src: &[f32], at: PackAt, panel: &mut [f32]) {
+        // SAFETY: `self` exists only on CPUs with AVX2 and FMA.
+        unsafe { pack::pack_avx2(src, at, panel) }
     }
 }
