@@ -210,36 +210,44 @@ pub(super) fn pack(src: &[f32], at: PackAt, panel: &mut [f32]) {
     }
 }
 
-/// Splits `y` (`[m, n]`) into row blocks × `W` panel ranges, enough for every thread.
+/// Splits `y` (`[m, n]`) into row blocks × `W` panel ranges, enough for every thread and of
+/// (nearly) equal sizes: blocks of about `MC_PANELS` micro-panels, as many as a multiple of the
+/// threads (a 512-row chunk in blocks of exactly 8 panels made 11 tasks, which two threads ran
+/// as 6 + 5), and the panels shared out evenly among the blocks and the ranges.
 fn tasks(y: &mut [f32], shape: Shape, mr: usize, nr: usize, parallel: bool) -> Vec<Task<'_>> {
     let (m, n) = (shape.rows, shape.out_features);
-    let mc = mr * MC_PANELS;
-    let m_blocks = m.div_ceil(mc);
-    let n_panels = n.div_ceil(nr);
-    let wanted = if parallel {
-        rayon::current_num_threads() * TASKS_PER_THREAD
+    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
     } else {
         1
     };
-    let per_range = n_panels.div_ceil(wanted.div_ceil(m_blocks).clamp(1, n_panels));
-    let ranges: Vec<(usize, usize)> = (0..n_panels)
-        .step_by(per_range)
-        .map(|q| (q, (q + per_range).min(n_panels)))
+    let row_blocks = m_panels
+        .div_ceil(MC_PANELS)
+        .next_multiple_of(threads)
+        .min(m_panels);
+    let ranges = (threads * TASKS_PER_THREAD)
+        .div_ceil(row_blocks)
+        .clamp(1, n_panels);
+    // Block `i` holds the panels `cut(i) .. cut(i + 1)` of `count` (sizes differ by one at most).
+    let cut = |i: usize, parts: usize, count: usize| i * count / parts;
+    let panel_ranges: Vec<(usize, usize)> = (0..ranges)
+        .map(|j| (cut(j, ranges, n_panels), cut(j + 1, ranges, n_panels)))
         .collect();
-    let columns: Vec<(usize, usize)> = ranges
+    let columns: Vec<(usize, usize)> = panel_ranges
         .iter()
         .map(|&(q0, q1)| (q0 * nr, (q1 * nr).min(n)))
         .collect();
-    let mut out = Vec::with_capacity(m_blocks * ranges.len());
-    for (block, rows) in y[..m * n].chunks_mut(mc * n).enumerate() {
-        let parts = split_columns(rows, rows.len() / n, n, &columns);
-        for (&(q0, q1), ys) in ranges.iter().zip(parts) {
-            out.push(Task {
-                m0: block * mc,
-                q0,
-                q1,
-                ys,
-            });
+    let mut out = Vec::with_capacity(row_blocks * ranges);
+    let mut rest = &mut y[..m * n];
+    for i in 0..row_blocks {
+        let m0 = cut(i, row_blocks, m_panels) * mr;
+        let m1 = (cut(i + 1, row_blocks, m_panels) * mr).min(m);
+        let (block, tail) = std::mem::take(&mut rest).split_at_mut((m1 - m0) * n);
+        rest = tail;
+        let parts = split_columns(block, m1 - m0, n, &columns);
+        for (&(q0, q1), ys) in panel_ranges.iter().zip(parts) {
+            out.push(Task { m0, q0, q1, ys });
         }
     }
     out
