@@ -6,7 +6,7 @@
 //! ```
 //!
 //! "kernel" is `matmul_nt`'s choice for the row count (streaming below
-//! `PACKED_MIN_ROWS` rows, the packed gemm from there), "other algo" the other one.
+//! `Isa::packed_min_rows` rows, the packed gemm from there), "other algo" the other one.
 //! Every cell is the median of several calls. Small weights are cycled through enough copies
 //! (64 MiB or more) that `W` comes from DRAM, as it does in a forward pass over a whole model.
 //! GB/s counts the bytes of `W` (and `x`, `y`) read or written once per call.
@@ -105,7 +105,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let x = values(m * k, 99);
             let xt = Tensor::from_slice(&x, (m, k), &dev)?;
             let mut y = vec![0f32; m * n];
-            let algo = Algo::for_rows(m);
+            let algo = Algo::for_rows(args.isa, m);
             let other = match algo {
                 Algo::Streaming => Algo::Packed,
                 Algo::Packed => Algo::Streaming,

@@ -49,9 +49,6 @@ const TASKS_PER_THREAD: usize = 4;
 /// Fewest `W` rows in one parallel range.
 const MIN_TASK_ROWS: usize = 16;
 
-/// From this many rows of `x` on, the AVX micro-kernels run as a packed gemm ([`packed`]).
-pub const PACKED_MIN_ROWS: usize = 192;
-
 /// The instruction set of the micro-kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
@@ -70,6 +67,21 @@ impl Isa {
             .into_iter()
             .find(|isa| isa.is_available())
             .unwrap_or(Self::Portable)
+    }
+
+    /// From this many rows of `x` on, the packed gemm ([`packed`]) beats streaming `W` with
+    /// this instruction set's micro-kernels (`cargo bench -p medley-kernels --bench matmul`,
+    /// whose "other algo" column times the algorithm not chosen). AVX2: from 64 rows the packed
+    /// gemm was faster on 7 of the 9 TinyLlama and SmolLM2 shapes (up to 1.7×; at 128 rows up
+    /// to 2.2×), at 48 on 5, at 32 on 2 (AVX2-only EPYC, 2 threads). AVX-512 keeps the
+    /// threshold measured with its gather packing on an AVX-512 machine. Without AVX2 the
+    /// product always streams.
+    pub fn packed_min_rows(self) -> usize {
+        match self {
+            Self::Avx512 => 192,
+            Self::Avx2Fma => 64,
+            Self::Portable => usize::MAX,
+        }
     }
 
     /// Whether this CPU can run the instruction set.
@@ -101,7 +113,7 @@ pub fn matmul_nt_with(
     w: &[f32],
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    matmul_nt_isa(isa, Algo::for_rows(shape.rows), shape, x, w, y, true)
+    matmul_nt_isa(isa, Algo::for_rows(isa, shape.rows), shape, x, w, y, true)
 }
 
 /// [`matmul_nt_with`] with a given algorithm (the benchmark compares them at the same shapes);
@@ -124,8 +136,8 @@ pub(crate) fn matmul_nt_serial(
     w: &[f32],
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    let algo = Algo::for_rows(shape.rows);
-    matmul_nt_isa(Isa::detect(), algo, shape, x, w, y, false)
+    let isa = Isa::detect();
+    matmul_nt_isa(isa, Algo::for_rows(isa, shape.rows), shape, x, w, y, false)
 }
 
 /// How a product meets the values already in the output.
@@ -149,9 +161,9 @@ pub enum Algo {
 }
 
 impl Algo {
-    /// The faster algorithm for `rows` rows of `x` ([`PACKED_MIN_ROWS`]).
-    pub fn for_rows(rows: usize) -> Self {
-        if rows >= PACKED_MIN_ROWS {
+    /// The faster algorithm for `rows` rows of `x` with `isa` ([`Isa::packed_min_rows`]).
+    pub fn for_rows(isa: Isa, rows: usize) -> Self {
+        if rows >= isa.packed_min_rows() {
             Self::Packed
         } else {
             Self::Streaming

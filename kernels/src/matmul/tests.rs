@@ -104,19 +104,21 @@ fn integer_inputs_are_exact_across_blocks_and_threads() {
         .build()
         .expect("pool");
     let cases = [
-        (64, 9, 3000),
+        (48, 9, 3000),
         (5, 203, 1500),
         (16, 1001, 33),
         (1, 4099, 70),
-        // The packed gemm (from `PACKED_MIN_ROWS` = 192 rows): `K` blocks, row and column
-        // remainders, many tasks.
+        // The packed gemm (from `Isa::packed_min_rows`, at most 192 rows): `K` blocks, row and
+        // column remainders, many tasks.
         (200, 37, 500),
         (193, 1001, 33),
         (777, 70, 200),
     ];
     for (m, n, k) in cases {
         let s = shape(m, k, n);
-        assert!(m >= PACKED_MIN_ROWS || m * k * 4 <= X_BLOCK_BYTES || k_block(m, k) < k);
+        assert!(
+            m >= Isa::Avx512.packed_min_rows() || m * k * 4 <= X_BLOCK_BYTES || k_block(m, k) < k
+        );
         let (x, w) = (ints(m * k, 1), ints(n * k, 2));
         let want: Vec<f32> = reference(s, &x, &w).0.iter().map(|v| *v as f32).collect();
         for isa in isas() {

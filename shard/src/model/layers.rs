@@ -11,7 +11,7 @@
 //! CPU projections of f32 models run through `medley_kernels::matmul`: decode steps and small
 //! prefills stream the weight once per call instead of letting a gemm pack it (see
 //! `KERNEL_MAX_ROWS` for the measurements), and prefill chunks of
-//! `medley_kernels::matmul::PACKED_MIN_ROWS` rows or more run its packed AVX-512 / AVX2 gemm,
+//! `medley_kernels::matmul::Isa::packed_min_rows` rows or more run its packed AVX-512 / AVX2 gemm,
 //! which beats candle's on these shapes (see `kernels/benches/matmul.rs`). Without AVX2 only the
 //! first case uses the kernel.
 
@@ -370,7 +370,7 @@ mod tests {
     }
 
     /// Every row count on both sides of `KERNEL_MAX_ROWS` and of the kernel's packed-gemm
-    /// threshold `PACKED_MIN_ROWS` (and a non-contiguous input) against an
+    /// threshold `Isa::packed_min_rows` (and a non-contiguous input) against an
     /// f64 evaluation: f32 sums of K = 37 products differ from the exact sum by at most
     /// `K · eps · Σ|products|` (the standard bound for recursive summation, any order).
     #[test]
@@ -384,7 +384,7 @@ mod tests {
             DType::F32,
         )
         .unwrap();
-        let packed = medley_kernels::matmul::PACKED_MIN_ROWS;
+        let packed = Isa::detect().packed_min_rows().min(1 << 10);
         for rows in [
             1,
             3,
