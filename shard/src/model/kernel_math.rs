@@ -16,8 +16,8 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `Σ a[i]` in 8 partial sums.
-#[inline(always)]
+/// `Σ a[i]` in 8 partial sums (the order [`exp_shifted_sum`] sums in; its test's reference).
+#[cfg(test)]
 pub(crate) fn sum(a: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.chunks_exact(8);
@@ -78,10 +78,28 @@ impl MulAdd for Unfused {
     }
 }
 
-/// `x = exp(x - shift)` over a slice (a loop the compiler vectorises).
+/// `x = exp(x - shift)` over a slice, returning the sum of the results: [`sum`]'s value, bit
+/// for bit (the same 8 partial sums), in the pass that computes them (a loop the compiler
+/// vectorises).
 #[inline(always)]
-pub(crate) fn exp_shifted<M: MulAdd>(xs: &mut [f32], shift: f32) {
-    xs.iter_mut().for_each(|x| *x = exp_approx::<M>(*x - shift));
+pub(crate) fn exp_shifted_sum<M: MulAdd>(xs: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = xs.chunks_exact_mut(8);
+    for x in &mut chunks {
+        for i in 0..8 {
+            x[i] = exp_approx::<M>(x[i] - shift);
+            acc[i] += x[i];
+        }
+    }
+    let tail: f32 = chunks
+        .into_remainder()
+        .iter_mut()
+        .map(|x| {
+            *x = exp_approx::<M>(*x - shift);
+            *x
+        })
+        .sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `e^x` within ~2 ulp of `expf` for `x` in `[-87.3, 88.3]` (clamped outside, so it never
@@ -112,7 +130,29 @@ pub(crate) fn exp_approx<M: MulAdd>(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{Fused, MulAdd, Unfused, exp_approx, max};
+    use super::{Fused, MulAdd, Unfused, exp_approx, exp_shifted_sum, max, sum};
+
+    /// One pass gives the exponentials of [`exp_approx`] and [`sum`]'s total of them, bit for
+    /// bit, for lengths around the 8 partial sums (remainders included).
+    #[test]
+    fn exp_shifted_sum_matches_exp_then_sum() {
+        for len in 0..40 {
+            let xs: Vec<f32> = (0..len).map(|i| (i as f32 * 0.61).cos() * 9.0).collect();
+            let shift = max(f32::NEG_INFINITY, &xs);
+            let want: Vec<f32> = xs
+                .iter()
+                .map(|x| exp_approx::<Unfused>(x - shift))
+                .collect();
+            let mut got = xs.clone();
+            let total = exp_shifted_sum::<Unfused>(&mut got, shift);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "len {len}"
+            );
+            assert_eq!(total.to_bits(), sum(&want).to_bits(), "len {len}");
+        }
+    }
 
     /// The partial maxima give the single chain's answer for every length around the chunk
     /// size, with the largest value anywhere, and skip NaNs as `f32::max` does.

@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 use medley_kernels::matmul::{Isa, PackedRhs, Strided};
 
-use super::kernel_math::{Fused, MulAdd, Unfused, dot, exp_shifted, max, sum};
+use super::kernel_math::{Fused, MulAdd, Unfused, dot, exp_shifted_sum, max};
 
 mod tile;
 
@@ -516,8 +516,7 @@ impl<'a> Ctx<'a> {
         });
         for row in probs.chunks_exact_mut(n) {
             let max = max(f32::NEG_INFINITY, row);
-            exp_shifted::<M>(row, max);
-            let inv = 1.0 / sum(row);
+            let inv = 1.0 / exp_shifted_sum::<M>(row, max);
             row.iter_mut().for_each(|x| *x *= inv);
         }
         let mut out = vec![0f32; g * d];

@@ -4,7 +4,7 @@
 
 use medley_kernels::matmul::{PackedLhs, Strided, Update, gemm_small};
 
-use super::super::kernel_math::{MulAdd, exp_approx, exp_shifted, max, sum};
+use super::super::kernel_math::{MulAdd, exp_approx, exp_shifted_sum, max};
 use super::{Ctx, Gathered, Scratch, SeqSpan, TILE_KEYS, Task};
 
 impl Ctx<'_> {
@@ -79,8 +79,7 @@ impl Ctx<'_> {
                 let seen = &mut row[c0..c1];
                 let m_old = s.m[r];
                 let m_new = max(m_old, seen);
-                exp_shifted::<M>(seen, m_new);
-                let added = sum(seen);
+                let added = exp_shifted_sum::<M>(seen, m_new);
                 row[..c0].fill(0.0);
                 row[c1..].fill(0.0);
                 if m_old == f32::NEG_INFINITY {
