@@ -228,6 +228,8 @@ fn main() -> anyhow::Result<()> {
         !args.lengths.is_empty() && args.lengths.iter().all(|&n| n > 0) && args.repeats > 0,
         "need positive lengths and repeats"
     );
+    // As `medley serve`'s shards do, before loading.
+    medley_shard::engine::keep_freed_memory();
     let dir = model_dir(&args)?;
     let t = Instant::now();
     let model = LlamaModel::load(

@@ -354,6 +354,7 @@ fn join_nccl(_: &ShardArgs, _: TpLayout, _: &candle_core::Device) -> anyhow::Res
 
 /// Loads the model and serves it on `args.uds_path` until SIGTERM/SIGINT.
 pub fn run(args: ShardArgs) -> anyhow::Result<()> {
+    crate::engine::keep_freed_memory();
     let tp = TpLayout::new(args.rank as usize, args.world_size as usize)?;
     let device = args.device.open(args.rank)?;
     tracing::info!(device = %args.device, location = ?device.location(), "device opened");

@@ -20,6 +20,7 @@ use crate::kv_cache::{AdapterIdentity, KvCache};
 use crate::model::{ForwardBatch, LlamaModel, SeqChunk};
 
 pub use handle::{EngineHandle, EngineThreadSettings};
+pub use heap::keep_freed_memory;
 use schedule::{StepBudget, StepPlan};
 use sequence::{SeqLimits, Sequence};
 pub use text::TextContext;
