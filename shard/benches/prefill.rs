@@ -10,7 +10,8 @@
 //! For each length `n`: a fresh KV cache, one sequence of `n` random tokens (the same for both
 //! sides), prefilled in forward steps of at most `--chunk` tokens (512 by default, what `medley
 //! serve` does with a lone prompt; 0: one step of the whole prompt; `all_logits: false`: the
-//! last token's logits), best of `--repeats`, after one warm-up at the smallest length. Steps of
+//! last token's logits), best of `--repeats` in each of `--rounds` rounds (each round times Medley,
+//! then transformers), after one warm-up at the smallest length. Steps of
 //! 512 keep the activations of a step (the MLP's intermediate is `n × intermediate × 4` bytes)
 //! in the caches, where one 4,096-token step streams ~100 MB through memory per elementwise op. With `--python` (a Python
 //! with torch and transformers), `scripts/bench/prefill_transformers.py` times
@@ -72,9 +73,14 @@ struct Args {
         default_value = "128,256,512,1024,2048,4096"
     )]
     lengths: Vec<usize>,
-    /// Timed runs per length; the fastest counts.
+    /// Timed runs per length and round; the fastest counts.
     #[arg(long, default_value_t = 2)]
     repeats: usize,
+    /// Rounds of Medley's runs then transformers' (each side's best over all rounds counts):
+    /// on a shared machine whose speed drifts over minutes, both sides then sample the same
+    /// stretches of time rather than Medley's runs one stretch and transformers' the next.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
     /// A Python with torch and transformers: also time transformers' forward.
     #[arg(long)]
     python: Option<PathBuf>,
@@ -225,8 +231,11 @@ fn transformers_times(
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        !args.lengths.is_empty() && args.lengths.iter().all(|&n| n > 0) && args.repeats > 0,
-        "need positive lengths and repeats"
+        !args.lengths.is_empty()
+            && args.lengths.iter().all(|&n| n > 0)
+            && args.repeats > 0
+            && args.rounds > 0,
+        "need positive lengths, repeats and rounds"
     );
     // As `medley serve`'s shards do, before loading.
     medley_shard::engine::keep_freed_memory();
@@ -269,21 +278,29 @@ fn main() -> anyhow::Result<()> {
 
     let smallest = prompts.values().next().context("no lengths")?;
     prefill(&model, smallest, args.chunk)?;
-    let mut medley = BTreeMap::new();
-    for &n in &args.lengths {
-        let mut best = f64::INFINITY;
-        for _ in 0..args.repeats {
-            best = best.min(prefill(&model, &prompts[&n], args.chunk)?);
+    let mut medley: BTreeMap<usize, f64> = BTreeMap::new();
+    let mut hf: BTreeMap<usize, f64> = BTreeMap::new();
+    let keep_best = |best: &mut BTreeMap<usize, f64>, n: usize, s: f64| {
+        let e = best.entry(n).or_insert(f64::INFINITY);
+        *e = e.min(s);
+    };
+    for round in 1..=args.rounds {
+        for &n in &args.lengths {
+            let mut best = f64::INFINITY;
+            for _ in 0..args.repeats {
+                best = best.min(prefill(&model, &prompts[&n], args.chunk)?);
+            }
+            eprintln!("round {round}: medley {n} tokens: {best:.3}s");
+            keep_best(&mut medley, n, best);
         }
-        eprintln!("medley {n} tokens: {best:.3}s");
-        medley.insert(n, best);
+        if let Some(python) = &args.python {
+            for (n, s) in transformers_times(&args, python, &dir, &prompts, threads)? {
+                eprintln!("round {round}: transformers {n} tokens: {s:.3}s");
+                keep_best(&mut hf, n, s);
+            }
+        }
     }
     drop(model);
-
-    let hf = match &args.python {
-        Some(python) => transformers_times(&args, python, &dir, &prompts, threads)?,
-        None => BTreeMap::new(),
-    };
 
     let rate = |n: usize, s: f64| n as f64 / s;
     let at_512 = medley.get(&512).map(|&s| rate(512, s));
@@ -297,8 +314,8 @@ fn main() -> anyhow::Result<()> {
         c => format!("forward steps of at most {c} tokens"),
     };
     println!(
-        "\nbest of {} | medley: {steps} | transformers: SDPA, use_cache=False, logits of {logits}\n",
-        args.repeats
+        "\nbest of {} x {} rounds | medley: {steps} | transformers: SDPA, use_cache=False, logits of {logits}\n",
+        args.repeats, args.rounds
     );
     println!(
         "| tokens | medley s | medley tok/s | medley GFLOP/s | transformers s | transformers tok/s | medley/transformers | tok/s vs 512 | ceiling vs 512 |"
