@@ -69,7 +69,7 @@ impl Isa {
             .unwrap_or(Self::Portable)
     }
 
-    /// From this many rows of `x` on, the packed gemm ([`packed`]) beats streaming `W` with
+    /// From this many rows of `x` on, the packed gemm ([`Algo::Packed`]) beats streaming `W` with
     /// this instruction set's micro-kernels (`cargo bench -p medley-kernels --bench matmul`,
     /// whose "other algo" column times the algorithm not chosen). AVX2: from 64 rows the packed
     /// gemm was faster on 7 of the 9 TinyLlama and SmolLM2 shapes (up to 1.7×; at 128 rows up

@@ -9,9 +9,9 @@ use std::arch::x86_64::{
     _mm512_setr_epi32, _mm512_setzero_ps,
 };
 
-use super::super::packed::PackAt;
+use super::super::packed::{PackAt, pack};
 
-/// [`super::packed::pack`] by gathers: each step reads one column of 16 rows (masked to the
+/// [`pack`] by gathers: each step reads one column of 16 rows (masked to the
 /// rows that exist) and stores it as 16 consecutive panel values (masked to the panel's width),
 /// instead of one scalar copy per value (the scalar packing took about a fifth of a 512-row
 /// SmolLM2 prefill's projection time; with gathers, about an eighth).
@@ -51,11 +51,11 @@ pub(super) fn pack_avx512(src: &[f32], at: PackAt, panel: &mut [f32]) {
     }
 }
 
-/// [`super::super::packed::pack`] by 8 × 8 transposes: each step loads 8 columns of 8 rows (one
-/// vector per row; zeros for rows past the source) and stores them as 8 panel columns, instead of
-/// one scalar copy per value (the scalar packing took about an eighth of a 512-row product on
-/// TinyLlama's shapes with the AVX2 micro-kernel). Columns past the last multiple of 8 are copied
-/// one by one.
+/// [`pack`] by 8 × 8 transposes: each step loads 8 columns of 8 rows (one vector per row; zeros
+/// for rows past the source) and stores them as 8 panel columns, instead of one scalar copy per
+/// value (the scalar packing took about an eighth of a 512-row product on TinyLlama's shapes
+/// with the AVX2 micro-kernel). Columns past the last multiple of 8 go through [`pack`] (they
+/// are the panel's last rows, `[kc % 8][len]`).
 #[target_feature(enable = "avx2")]
 pub(super) fn pack_avx2(src: &[f32], at: PackAt, panel: &mut [f32]) {
     let PackAt { k, k0, kc, r0, .. } = at;
@@ -84,15 +84,14 @@ pub(super) fn pack_avx2(src: &[f32], at: PackAt, panel: &mut [f32]) {
                 unsafe { store_first(panel.as_mut_ptr().add((kk + j) * len + g), column, width) };
             }
         }
-        for kk in body..kc {
-            for i in 0..width {
-                panel[kk * len + g + i] = if i < rows_here {
-                    src[first + i * k + kk]
-                } else {
-                    0.0
-                };
-            }
-        }
+    }
+    if body < kc {
+        let tail = PackAt {
+            k0: k0 + body,
+            kc: kc - body,
+            ..at
+        };
+        pack(src, tail, &mut panel[body * len..]);
     }
 }
 
