@@ -39,14 +39,32 @@ pub(super) trait Panels: Copy + Send + Sync {
     /// `W` rows (output columns) per tile.
     const NR: usize;
 
-    /// `out.rows[r][out.c0 + j] = out.update(Σ_kk a[kk][r] · b[kk][j])` for `a: [kc][MR]`,
-    /// `b: [kc][NR]` (row-major) and exactly `MR` output rows of at least `c0 + NR` values.
-    fn panel(self, kc: usize, a: &[f32], b: &[f32], out: PanelOut<'_, '_>);
+    /// `out.rows[r][out.c0 + j] = out.update(Σ_kk a(r, kk) · b[kk][j])` for `MR` rows of `a`
+    /// ([`APanel`]), `b: [kc][NR]` (row-major) and exactly `MR` output rows of at least
+    /// `c0 + NR` values.
+    fn panel(self, kc: usize, a: APanel<'_>, b: &[f32], out: PanelOut<'_, '_>);
 
     /// [`pack`] (an instruction set may do it faster).
     fn pack(self, src: &[f32], at: PackAt, panel: &mut [f32]) {
         pack(src, at, panel)
     }
+}
+
+/// The `MR` rows of the left operand that one micro-kernel call multiplies, over `kc` steps.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum APanel<'a> {
+    /// A packed micro-panel `[kc][MR]`: row `r` of step `kk` at `kk · MR + r`.
+    Packed(&'a [f32]),
+    /// `MR` rows of a row-major matrix, read in place: row `r` of step `kk` at
+    /// `r · stride + kk` (at least `(MR - 1) · stride + kc` values). The micro-kernel broadcasts
+    /// `a` one value at a time, so it reads `MR` short sequential streams instead of one, and
+    /// the copy into a micro-panel is spared.
+    Rows {
+        /// The first row's values, then the others `stride` apart.
+        data: &'a [f32],
+        /// Values from one row's start to the next's.
+        stride: usize,
+    },
 }
 
 /// Where a micro-kernel's `MR × NR` tile goes: columns `c0 .. c0 + NR` of `rows` (exactly `MR`).
@@ -275,7 +293,7 @@ fn run_task<T: Panels>(t: T, kc: usize, first: bool, a: &[f32], b: &[f32], task:
                 c0: (q - task.q0) * nr,
                 update,
             };
-            edge.panel(t, kc, ap, bq, out);
+            edge.panel(t, kc, APanel::Packed(ap), bq, out);
         }
     }
 }
@@ -295,7 +313,7 @@ impl EdgeTile {
         &mut self,
         t: T,
         kc: usize,
-        a: &[f32],
+        a: APanel<'_>,
         b: &[f32],
         out: PanelOut<'_, '_>,
     ) {

@@ -15,7 +15,7 @@ mod pack;
 
 use super::Tiles;
 use super::Update;
-use super::packed::{PackAt, PanelOut, Panels};
+use super::packed::{APanel, PackAt, PanelOut, Panels};
 
 /// Proof that the CPU supports AVX-512F (constructed only by [`Avx512::detect`]).
 #[derive(Debug, Clone, Copy)]
@@ -309,26 +309,36 @@ impl Tiles for Avx2Fma {
 /// a 512-row product: 0.51 → 0.55 of the FMA peak).
 const PANEL_PREFETCH: usize = 8;
 
-/// `out[r][c0 + j] = update(Σ_kk a[kk][r] · b[kk][j])` for `r < MR`, `j < NV · LANES`, over one
-/// packed `x` micro-panel `a` (`[kc][MR]`) and one packed `W` panel `b` (`[kc][NV · LANES]`):
-/// the tile lives in `MR × NV` vector accumulators while every step broadcasts `MR` values of
-/// `a` against `NV` vectors of `b` (an outer product), and goes straight to the output rows (no
-/// staging buffer: zeroing and copying one cost about 6% of a prefill step). Each output is one
+/// `out[r][c0 + j] = update(Σ_kk a(r, kk) · b[kk][j])` for `r < MR`, `j < NV · LANES`, over
+/// `MR` rows of `a` and one packed `W` panel `b` (`[kc][NV · LANES]`): the tile lives in
+/// `MR × NV` vector accumulators while every step broadcasts `MR` values of `a` against `NV`
+/// vectors of `b` (an outer product), and goes straight to the output rows (no staging buffer:
+/// zeroing and copying one cost about 6% of a prefill step). `a = (values, stride)`: a packed
+/// micro-panel `[kc][MR]` (`A_ROWS` false, `a(r, kk)` at `kk · MR + r`; the stride is `MR`) or
+/// `MR` rows read in place (`A_ROWS` true, `a(r, kk)` at `r · stride + kk`). Each output is one
 /// chain of fused multiply-adds in `k` order, started from zero or, with
 /// [`Update::Accumulate`], from the value already in `out`.
 #[inline(always)]
-fn panel_body<S: Vector, const MR: usize, const NV: usize>(
+fn panel_body<S: Vector, const MR: usize, const NV: usize, const A_ROWS: bool>(
     s: S,
     kc: usize,
-    a: &[f32],
+    (a, stride): (&[f32], usize),
     b: &[f32],
-    out: &mut [&mut [f32]],
-    c0: usize,
-    update: Update,
+    out: PanelOut<'_, '_>,
 ) {
+    let PanelOut {
+        rows: out,
+        c0,
+        update,
+    } = out;
     let nr = NV * S::LANES;
+    let a_len = if A_ROWS {
+        (MR - 1).checked_mul(stride).and_then(|v| v.checked_add(kc))
+    } else {
+        kc.checked_mul(MR)
+    };
     assert!(
-        a.len() >= kc * MR
+        a_len.is_some_and(|len| a.len() >= len)
             && b.len() >= kc * nr
             && out.len() == MR
             && out.iter().all(|row| row.len() >= c0 + nr),
@@ -347,7 +357,8 @@ fn panel_body<S: Vector, const MR: usize, const NV: usize>(
     // step) held the loop to about three quarters of the FMA ports' rate.
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     for kk in 0..kc {
-        // SAFETY: kk * nr + nr <= kc * nr <= b.len() and kk * MR + MR <= kc * MR <= a.len()
+        // SAFETY: kk * nr + nr <= kc * nr <= b.len(); a's offsets are at most
+        // (MR - 1) * stride + kk < a_len <= a.len() (rows) or kk * MR + MR - 1 < a_len (packed)
         // (asserted).
         unsafe {
             let bk = bp.add(kk * nr);
@@ -355,9 +366,9 @@ fn panel_body<S: Vector, const MR: usize, const NV: usize>(
                 s.prefetch_l1(bk.wrapping_add(PANEL_PREFETCH * nr + v * S::LANES));
             }
             let bv: [S::V; NV] = std::array::from_fn(|v| s.load(bk.add(v * S::LANES)));
-            let ak = ap.add(kk * MR);
             for (r, row) in acc.iter_mut().enumerate() {
-                let av = s.splat(*ak.add(r));
+                let at = if A_ROWS { r * stride + kk } else { kk * MR + r };
+                let av = s.splat(*ap.add(at));
                 for (reg, b) in row.iter_mut().zip(&bv) {
                     *reg = s.fma(av, *b, *reg);
                 }
@@ -380,13 +391,25 @@ fn panel_body<S: Vector, const MR: usize, const NV: usize>(
 }
 
 #[target_feature(enable = "avx512f")]
-fn panel_avx512(s: Avx512, kc: usize, a: &[f32], b: &[f32], out: PanelOut<'_, '_>) {
-    panel_body::<_, { <Avx512 as Panels>::MR }, 2>(s, kc, a, b, out.rows, out.c0, out.update)
+fn panel_avx512(s: Avx512, kc: usize, a: APanel<'_>, b: &[f32], out: PanelOut<'_, '_>) {
+    const MR: usize = <Avx512 as Panels>::MR;
+    match a {
+        APanel::Packed(a) => panel_body::<_, MR, 2, false>(s, kc, (a, MR), b, out),
+        APanel::Rows { data, stride } => {
+            panel_body::<_, MR, 2, true>(s, kc, (data, stride), b, out)
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma")]
-fn panel_avx2(s: Avx2Fma, kc: usize, a: &[f32], b: &[f32], out: PanelOut<'_, '_>) {
-    panel_body::<_, { <Avx2Fma as Panels>::MR }, 2>(s, kc, a, b, out.rows, out.c0, out.update)
+fn panel_avx2(s: Avx2Fma, kc: usize, a: APanel<'_>, b: &[f32], out: PanelOut<'_, '_>) {
+    const MR: usize = <Avx2Fma as Panels>::MR;
+    match a {
+        APanel::Packed(a) => panel_body::<_, MR, 2, false>(s, kc, (a, MR), b, out),
+        APanel::Rows { data, stride } => {
+            panel_body::<_, MR, 2, true>(s, kc, (data, stride), b, out)
+        }
+    }
 }
 
 impl Panels for Avx512 {
@@ -395,7 +418,7 @@ impl Panels for Avx512 {
     const NR: usize = 32;
 
     #[inline]
-    fn panel(self, kc: usize, a: &[f32], b: &[f32], out: PanelOut<'_, '_>) {
+    fn panel(self, kc: usize, a: APanel<'_>, b: &[f32], out: PanelOut<'_, '_>) {
         // SAFETY: `self` exists only on CPUs with AVX-512F.
         unsafe { panel_avx512(self, kc, a, b, out) }
     }
@@ -413,7 +436,7 @@ impl Panels for Avx2Fma {
     const NR: usize = 16;
 
     #[inline]
-    fn panel(self, kc: usize, a: &[f32], b: &[f32], out: PanelOut<'_, '_>) {
+    fn panel(self, kc: usize, a: APanel<'_>, b: &[f32], out: PanelOut<'_, '_>) {
         // SAFETY: `self` exists only on CPUs with AVX2 and FMA.
         unsafe { panel_avx2(self, kc, a, b, out) }
     }

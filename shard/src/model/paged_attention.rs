@@ -20,9 +20,12 @@
 //! which are then scattered into the output in parallel (disjoint rows, no aliasing).
 //!
 //! Arithmetic is transformers' eager attention: scores `(q · k) * scale`, a max-subtracted
-//! softmax over the visible keys, the probability-weighted sum of the values; only the summation
-//! order and the exponential (a Cephes-style polynomial within ~2 ulp of `expf`) differ, f32
-//! rounding far below 1e-5 for activations of order one.
+//! softmax over the visible keys, the probability-weighted sum of the values. The scores are
+//! kept in base 2, `(q · k) · scale · log2(e)` (one rounding, in the product's last step), and
+//! exponentiated as `2^(s - max)` (`e^x = 2^(x · log2 e)`): a base-2 exponential needs no
+//! range reduction by a rounded `ln 2`, about a third fewer operations per score. The
+//! summation order and the exponential (a Cephes polynomial within ~2 ulp) differ from
+//! transformers', f32 rounding far below 1e-5 for activations of order one.
 
 use std::cell::RefCell;
 
@@ -30,7 +33,7 @@ use rayon::prelude::*;
 
 use medley_kernels::matmul::{Isa, PackedRhs, Strided};
 
-use super::kernel_math::{Fused, MulAdd, Unfused, dot, exp_shifted_sum, max};
+use super::kernel_math::{Fused, MulAdd, Unfused, dot, exp2_shifted_sum, max};
 
 mod tile;
 
@@ -335,7 +338,8 @@ struct Ctx<'a> {
     h: Heads,
     /// Query heads per kv head.
     group: usize,
-    scale: f32,
+    /// `scale · log2(e)`: the scores' scale in base 2.
+    scale2: f32,
     window: Option<usize>,
     /// The instruction set of the tiles' products (operands are packed for it).
     isa: Isa,
@@ -387,7 +391,7 @@ impl<'a> Ctx<'a> {
             rows: q.len() / width,
             h,
             group: h.heads / h.kv_heads,
-            scale: h.scale as f32,
+            scale2: (h.scale * std::f64::consts::LOG2_E) as f32,
             window,
             isa: Isa::detect(),
         })
@@ -511,12 +515,12 @@ impl<'a> Ctx<'a> {
         self.for_each_row(span, kv_head, lo, p + 1, |j, at| {
             let key = &self.keys[at..at + d];
             for (gi, qh) in qs.chunks_exact(d).enumerate() {
-                probs[gi * n + j] = dot(qh, key) * self.scale;
+                probs[gi * n + j] = dot(qh, key) * self.scale2;
             }
         });
         for row in probs.chunks_exact_mut(n) {
             let max = max(f32::NEG_INFINITY, row);
-            let inv = 1.0 / exp_shifted_sum::<M>(row, max);
+            let inv = 1.0 / exp2_shifted_sum::<M>(row, max);
             row.iter_mut().for_each(|x| *x *= inv);
         }
         let mut out = vec![0f32; g * d];

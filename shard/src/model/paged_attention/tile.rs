@@ -4,7 +4,7 @@
 
 use medley_kernels::matmul::{PackedLhs, Strided, Update, gemm_small};
 
-use super::super::kernel_math::{MulAdd, exp_approx, exp_shifted_sum, max};
+use super::super::kernel_math::{MulAdd, exp2_approx, exp2_shifted_sum, max};
 use super::{Ctx, Gathered, Scratch, SeqSpan, TILE_KEYS, Task};
 
 impl Ctx<'_> {
@@ -51,7 +51,7 @@ impl Ctx<'_> {
                 kt.expect("paged attention: key tile inside the span"),
                 vt.expect("paged attention: value tile inside the span"),
             );
-            // S = (Q · Kᵀ) * scale: [rows, tk] with row stride tk.
+            // S = (Q · Kᵀ) · scale · log2(e) (base 2): [rows, tk] with row stride tk.
             gemm_small(
                 self.isa,
                 [rows, tk, d],
@@ -59,7 +59,7 @@ impl Ctx<'_> {
                 kt,
                 &mut s.s,
                 tk,
-                Update::Scale(self.scale),
+                Update::Scale(self.scale2),
             )
             .expect("paged attention: scores inside their tile");
             // The mask matters only on tiles that some row sees partly (the diagonal, and the
@@ -79,14 +79,14 @@ impl Ctx<'_> {
                 let seen = &mut row[c0..c1];
                 let m_old = s.m[r];
                 let m_new = max(m_old, seen);
-                let added = exp_shifted_sum::<M>(seen, m_new);
+                let added = exp2_shifted_sum::<M>(seen, m_new);
                 row[..c0].fill(0.0);
                 row[c1..].fill(0.0);
                 if m_old == f32::NEG_INFINITY {
                     // First keys of this row: the accumulator is still zero.
                     s.l[r] = added;
                 } else {
-                    let alpha = exp_approx::<M>(m_old - m_new);
+                    let alpha = exp2_approx::<M>(m_old - m_new);
                     s.l[r] = s.l[r] * alpha + added;
                     if alpha != 1.0 {
                         acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
