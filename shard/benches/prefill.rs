@@ -11,7 +11,8 @@
 //! sides), prefilled in forward steps of at most `--chunk` tokens (512 by default, what `medley
 //! serve` does with a lone prompt; 0: one step of the whole prompt; `all_logits: false`: the
 //! last token's logits), best of `--repeats` in each of `--rounds` rounds (each round times Medley,
-//! then transformers), after one warm-up at the smallest length. Steps of
+//! then transformers), after one warm-up at the smallest length. A second table gives the ratios
+//! within each round and their median (with two rounds or more). Steps of
 //! 512 keep the activations of a step (the MLP's intermediate is `n × intermediate × 4` bytes)
 //! in the caches, where one 4,096-token step streams ~100 MB through memory per elementwise op. With `--python` (a Python
 //! with torch and transformers), `scripts/bench/prefill_transformers.py` times
@@ -284,7 +285,10 @@ fn main() -> anyhow::Result<()> {
         let e = best.entry(n).or_insert(f64::INFINITY);
         *e = e.min(s);
     };
+    // Each round's bests, for ratios between runs minutes apart rather than across the run.
+    let mut per_round: Vec<Round> = Vec::with_capacity(args.rounds);
     for round in 1..=args.rounds {
+        let mut this = Round::default();
         for &n in &args.lengths {
             let mut best = f64::INFINITY;
             for _ in 0..args.repeats {
@@ -292,13 +296,16 @@ fn main() -> anyhow::Result<()> {
             }
             eprintln!("round {round}: medley {n} tokens: {best:.3}s");
             keep_best(&mut medley, n, best);
+            this.medley.insert(n, best);
         }
         if let Some(python) = &args.python {
             for (n, s) in transformers_times(&args, python, &dir, &prompts, threads)? {
                 eprintln!("round {round}: transformers {n} tokens: {s:.3}s");
                 keep_best(&mut hf, n, s);
+                this.hf.insert(n, s);
             }
         }
+        per_round.push(this);
     }
     drop(model);
 
@@ -341,5 +348,52 @@ fn main() -> anyhow::Result<()> {
             100.0 * ceiling(n),
         );
     }
+    print_per_round(&args.lengths, &per_round);
     Ok(())
+}
+
+/// One round's best times (seconds) per length: Medley's, then transformers'.
+#[derive(Default)]
+struct Round {
+    medley: BTreeMap<usize, f64>,
+    hf: BTreeMap<usize, f64>,
+}
+
+/// The ratios within each round (runs minutes apart, where the table above pairs each side's
+/// best over the whole run): on a machine whose speed drifts by more than the differences
+/// measured, one lucky run at one length moves the table's ratios, the median of the rounds'
+/// much less.
+fn print_per_round(lengths: &[usize], rounds: &[Round]) {
+    if rounds.len() < 2 {
+        return;
+    }
+    let median = |mut v: Vec<f64>| -> Option<f64> {
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    };
+    let show = |v: &[f64], f: &dyn Fn(f64) -> String| -> String {
+        let Some(mid) = median(v.to_vec()) else {
+            return "-".to_string();
+        };
+        let all: Vec<String> = v.iter().map(|&x| f(x)).collect();
+        format!("{} ({})", f(mid), all.join(", "))
+    };
+    println!("\nper round, median (each round's value):\n");
+    println!("| tokens | medley/transformers | tok/s vs 512 |");
+    println!("|-------:|--------------------:|-------------:|");
+    for &n in lengths {
+        let vs_hf: Vec<f64> = rounds
+            .iter()
+            .filter_map(|r| Some(r.hf.get(&n)? / r.medley.get(&n)?))
+            .collect();
+        let vs_512: Vec<f64> = rounds
+            .iter()
+            .filter_map(|r| Some(r.medley.get(&512)? * n as f64 / (512.0 * r.medley.get(&n)?)))
+            .collect();
+        println!(
+            "| {n:>6} | {} | {} |",
+            show(&vs_hf, &|x| format!("{x:.2}")),
+            show(&vs_512, &|x| format!("{:.0}%", 100.0 * x)),
+        );
+    }
 }
