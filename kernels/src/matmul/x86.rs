@@ -390,9 +390,15 @@ fn panel_body<S: Vector, const MR: usize, const NV: usize, const A_ROWS: bool>(
     }
 }
 
-#[target_feature(enable = "avx512f")]
-fn panel_avx512(s: Avx512, kc: usize, a: APanel<'_>, b: &[f32], out: PanelOut<'_, '_>) {
-    const MR: usize = <Avx512 as Panels>::MR;
+/// [`panel_body`] for either layout of `a` (two vectors of `b` per step).
+#[inline(always)]
+fn panel_any<S: Vector, const MR: usize>(
+    s: S,
+    kc: usize,
+    a: APanel<'_>,
+    b: &[f32],
+    out: PanelOut<'_, '_>,
+) {
     match a {
         APanel::Packed(a) => panel_body::<_, MR, 2, false>(s, kc, (a, MR), b, out),
         APanel::Rows { data, stride } => {
@@ -401,15 +407,14 @@ fn panel_avx512(s: Avx512, kc: usize, a: APanel<'_>, b: &[f32], out: PanelOut<'_
     }
 }
 
+#[target_feature(enable = "avx512f")]
+fn panel_avx512(s: Avx512, kc: usize, a: APanel<'_>, b: &[f32], out: PanelOut<'_, '_>) {
+    panel_any::<_, { <Avx512 as Panels>::MR }>(s, kc, a, b, out)
+}
+
 #[target_feature(enable = "avx2,fma")]
 fn panel_avx2(s: Avx2Fma, kc: usize, a: APanel<'_>, b: &[f32], out: PanelOut<'_, '_>) {
-    const MR: usize = <Avx2Fma as Panels>::MR;
-    match a {
-        APanel::Packed(a) => panel_body::<_, MR, 2, false>(s, kc, (a, MR), b, out),
-        APanel::Rows { data, stride } => {
-            panel_body::<_, MR, 2, true>(s, kc, (data, stride), b, out)
-        }
-    }
+    panel_any::<_, { <Avx2Fma as Panels>::MR }>(s, kc, a, b, out)
 }
 
 impl Panels for Avx512 {

@@ -5,9 +5,7 @@
 //! launcher, which then stops the router before the shards. On Linux a shard also gets SIGKILL
 //! if the launcher dies (`PR_SET_PDEATHSIG`), so no shard outlives it.
 
-use medley_shard::model::quant::Quantize;
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -19,11 +17,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::args::DType;
+pub use command::{ShardCommand, ShardKvFlags, ShardOtlp};
+
 use super::probe::ReadinessProbe;
 use super::shard_logs::{OutputTail, Stream, TailSnapshot, forward};
-use medley_shard::comm::{CommBackend, CommKind};
-use medley_shard::device::DeviceSpec;
+use medley_shard::comm::CommBackend;
 
 /// Longest Unix socket path (`sun_path` is 108 bytes including the terminating NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -33,124 +31,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(15);
 /// How long output forwarding may lag behind a shard's exit.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// KV-cache flags passed to every shard; `None` keeps the shard's default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ShardKvFlags {
-    /// `--kv-cache-tokens`.
-    pub tokens: Option<u64>,
-    /// `--kv-block-size`.
-    pub block_size: Option<u32>,
-    /// `--prefix-caching`.
-    pub prefix_caching: Option<medley_shard::cli::Switch>,
-}
-
-/// The shard command line, identical for every rank but the rank-specific flags.
-#[derive(Debug, Clone)]
-pub struct ShardCommand {
-    /// The shard executable (`medley-shard`, or `medley` itself).
-    pub program: PathBuf,
-    /// Arguments placed before the shard flags (`["shard"]` when `program` is `medley`).
-    pub program_args: Vec<OsString>,
-    /// `--model-dir`.
-    pub model_dir: PathBuf,
-    /// `--model-id`.
-    pub model_id: String,
-    /// `--device`.
-    pub device: DeviceSpec,
-    /// `--comm` (the collective backend).
-    pub comm: CommKind,
-    /// `--dtype`.
-    pub dtype: DType,
-    /// `--quantize`.
-    pub quantize: Quantize,
-    /// The shards' KV-cache flags.
-    pub kv: ShardKvFlags,
-    /// `--adapter-root`, once per directory.
-    pub adapter_roots: Vec<PathBuf>,
-    /// `--builtin-adapter ID=DIR`, once per adapter (the embedded demo's).
-    pub builtin_adapters: Vec<medley_shard::adapters::BuiltinAdapter>,
-    /// `--adapter-memory-budget`, if set.
-    pub adapter_memory_budget: Option<u64>,
-    /// `--max-adapter-slots`, if set.
-    pub max_adapter_slots: Option<u32>,
-    /// `--huggingface-hub-cache`, if set (adapters from the hub use the same cache as the model).
-    pub huggingface_hub_cache: Option<PathBuf>,
-    /// `--otlp-endpoint` and `--otlp-service-name`, when traces are exported.
-    pub otlp: Option<ShardOtlp>,
-}
-
-/// Where the shards export their spans: the router's collector, under the shards' service name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardOtlp {
-    /// `--otlp-endpoint`.
-    pub endpoint: String,
-    /// `--otlp-service-name`.
-    pub service_name: String,
-}
-
-impl ShardCommand {
-    /// The arguments of rank `rank` out of `world_size`, listening on `uds_path`.
-    pub fn args(&self, rank: usize, world_size: usize, uds_path: &Path) -> Vec<OsString> {
-        let mut args: Vec<OsString> = self.program_args.clone();
-        args.extend::<[OsString; 18]>([
-            "--model-dir".into(),
-            self.model_dir.clone().into(),
-            "--uds-path".into(),
-            uds_path.into(),
-            "--rank".into(),
-            rank.to_string().into(),
-            "--world-size".into(),
-            world_size.to_string().into(),
-            "--device".into(),
-            self.device.to_string().into(),
-            "--comm".into(),
-            self.comm.to_string().into(),
-            "--dtype".into(),
-            self.dtype.as_arg().into(),
-            "--quantize".into(),
-            self.quantize.as_arg().into(),
-            "--model-id".into(),
-            self.model_id.clone().into(),
-        ]);
-        if let Some(tokens) = self.kv.tokens {
-            args.extend(["--kv-cache-tokens".into(), tokens.to_string().into()]);
-        }
-        if let Some(size) = self.kv.block_size {
-            args.extend(["--kv-block-size".into(), size.to_string().into()]);
-        }
-        if let Some(switch) = self.kv.prefix_caching {
-            args.extend(["--prefix-caching".into(), switch.as_arg().into()]);
-        }
-        for root in &self.adapter_roots {
-            args.extend(["--adapter-root".into(), root.clone().into()]);
-        }
-        for b in &self.builtin_adapters {
-            let mut flag = OsString::from(format!("{}=", b.id));
-            flag.push(&b.dir);
-            args.extend(["--builtin-adapter".into(), flag]);
-        }
-        if let Some(bytes) = self.adapter_memory_budget {
-            args.extend(["--adapter-memory-budget".into(), bytes.to_string().into()]);
-        }
-        if let Some(slots) = self.max_adapter_slots {
-            args.extend(["--max-adapter-slots".into(), slots.to_string().into()]);
-        }
-        if let Some(cache) = &self.huggingface_hub_cache {
-            args.extend(["--huggingface-hub-cache".into(), cache.clone().into()]);
-        }
-        if let Some(otlp) = &self.otlp {
-            args.extend([
-                "--otlp-endpoint".into(),
-                otlp.endpoint.clone().into(),
-                "--otlp-service-name".into(),
-                otlp.service_name.clone().into(),
-            ]);
-        }
-        args.push("--json-output".into());
-        args
-    }
-}
 
 /// How to run the shards.
 #[derive(Debug, Clone)]
@@ -665,5 +545,6 @@ fn die_with_launcher(command: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_launcher(_command: &mut Command) {}
 
+mod command;
 #[cfg(test)]
 pub(crate) mod tests;

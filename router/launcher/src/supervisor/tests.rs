@@ -6,8 +6,11 @@ use std::os::unix::process::ExitStatusExt;
 use std::sync::OnceLock;
 
 use futures::future::BoxFuture;
+use medley_shard::comm::CommKind;
+use medley_shard::device::DeviceSpec;
 
 use super::*;
+use crate::args::DType;
 
 /// The fake `medley-shard`. Its mode is the last component of `--model-dir`:
 /// `ready` creates its socket at once; `late` after 0.4 s; `never` never; `fail3` prints to
