@@ -156,7 +156,7 @@ pub enum Update {
 pub enum Algo {
     /// `W` streamed once per call, dot products of `W` rows with `x` rows (few rows).
     Streaming,
-    /// The packed outer-product gemm of [`packed`] (many rows).
+    /// The packed outer-product gemm of `packed` (many rows).
     Packed,
 }
 

@@ -7,7 +7,7 @@
 //! on the same file answers the capital-of-France question with "L'Étoile, la Marseillaise").
 //! `W` rows are taken 4 at a time. With a few rows of `x` (a decode step), blocks are decoded in
 //! registers: each block of `x` is first rounded to 16-bit levels of a common scale (2^-16 of the
-//! block's largest value, 256 times finer than 8 bits; see [`Activations`]), the weight levels
+//! block's largest value, 256 times finer than 8 bits; see `Activations`), the weight levels
 //! meet them in exact integer multiply-adds, and each block's sum is scaled once (`d Σ q x +
 //! m Σ x`, with the exact f32 block sums of `x`). With more rows, groups of 16 `W` rows are
 //! dequantized (`d q + m`, the same f32 values a full dequantization gives) into a buffer that

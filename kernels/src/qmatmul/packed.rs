@@ -5,7 +5,7 @@ use crate::KernelError;
 
 /// A `[rows, cols]` matrix of GGML blocks (Q4_0, Q4_1, Q8_0) in the layout the kernels read.
 ///
-/// Rows are taken in groups of [`NR`] (4; the last group repeats the last row to fill it). A
+/// Rows are taken in groups of `NR` (4; the last group repeats the last row to fill it). A
 /// group holds its blocks in order, and each block of a group is the 4 rows' scales together
 /// (`d0 d1 d2 d3` as halves; for Q4_1 the pairs `d0 m0 d1 m1 d2 m2 d3 m3`) followed by the 4
 /// rows' level bytes as GGML stores them (16 bytes per row for the 4-bit formats, 32 for Q8_0).

@@ -13,7 +13,7 @@
 //! * [`supervisor`] — shard processes, their logs ([`shard_logs`]), readiness ([`probe`]),
 //!   SIGTERM/SIGKILL.
 //! * [`group`] — the shard group while serving: health watch, restart with back-off.
-//! * [`serve`] — the whole sequence; [`signals`] and [`logging`] come from the router.
+//! * [`serve()`] — the whole sequence; [`signals`] and [`logging`] come from the router.
 //!
 //! # Exit codes of `medley serve`
 //!

@@ -4,7 +4,7 @@
 //! `HF_HUB_OFFLINE`); and without `--model` the model embedded in the binary.
 //!
 //! A hub repository of GGUF files (many quantizations, no `config.json`) is served one file at
-//! a time ([`hub_gguf`]): `--gguf-file NAME`, a quantization tag (`--model owner/repo:Q4_K_M`),
+//! a time (`hub_gguf`): `--gguf-file NAME`, a quantization tag (`--model owner/repo:Q4_K_M`),
 //! or the repository's only `.gguf` file; that file alone is downloaded (or found in the cache)
 //! and served like a local GGUF file.
 

@@ -321,7 +321,7 @@ impl<S: ShardApi> ShardBackend<S> {
     }
 
     /// Stops serving: calls in flight end at once, running and queued requests fail with
-    /// `error`, and the background tasks end (waited for at most [`STOP_TIMEOUT`], then
+    /// `error`, and the background tasks end (waited for at most `STOP_TIMEOUT`, then
     /// aborted).
     pub async fn stop(&self, error: InferError) {
         self.client.trip(error.to_string());

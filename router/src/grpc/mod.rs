@@ -1,6 +1,6 @@
 //! The public gRPC front: `medley.v1.GenerationService` (Generate, GenerateStream, Info) and
-//! `medley.v1.MergeService` (named merges, [`merges`]) and `medley.v1.AdapterService` (adapter
-//! management, [`adapters`]), with
+//! `medley.v1.MergeService` (named merges, `merges`) and `medley.v1.AdapterService` (adapter
+//! management, `adapters`), with
 //! the same validation and messages as HTTP (errors are statuses with
 //! [`crate::error::InferError::grpc_code`]). The standard health and reflection services are
 //! assembled in [`crate::server`].

@@ -10,8 +10,8 @@
 //! | `POST /tokenize` | `{inputs, add_special_tokens?}` → `[{id, text, start, stop}]` |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /v1/completions`, `POST /v1/chat/completions` | OpenAI: JSON, or SSE chunks with `stream` ([`openai`]) |
-//! | `POST/GET /v1/merges`, `GET/DELETE /v1/merges/{name}` | named merges ([`merges`]) |
-//! | `GET /v1/adapters`, `POST /v1/adapters/{preload,unload}`, `GET/DELETE /v1/adapters/{key}` | adapter management ([`admin`]) |
+//! | `POST/GET /v1/merges`, `GET/DELETE /v1/merges/{name}` | named merges (`merges`) |
+//! | `GET /v1/adapters`, `POST /v1/adapters/{preload,unload}`, `GET/DELETE /v1/adapters/{key}` | adapter management (`admin`) |
 //! | `GET /v1/models`, `GET /v1/models/{model}` | OpenAI model list: the served model |
 //!
 //! With API keys set ([`crate::access`]), every route but health (and `/metrics`, unless

@@ -3,7 +3,7 @@
 //! routes, `adapter_id` on the LoRAX routes and in gRPC.
 //!
 //! A name expands, during validation, into exactly the selector the client could have written
-//! inline ([`NamedMerges::expand`]); it then goes through the one validation of merges
+//! inline (`NamedMerges::expand`); it then goes through the one validation of merges
 //! (`medley_spec::resolve_selector`) and gets the same canonical key, so a named merge and the
 //! equivalent inline request share one cached merge on the shards.
 //!

@@ -25,7 +25,7 @@ pub fn fake_cache(
 
 /// A minimal hub: the repo listing API and `resolve/` with HTTP ranges, ETag and
 /// `X-Repo-Commit`, like huggingface.co. Records every request, every file fetched and the
-/// `Authorization` header. Every repository and revision it is asked for holds [`Hub::files`]
+/// `Authorization` header. Every repository and revision it is asked for holds `Hub::files`
 /// at commit [`SHA`].
 pub mod fake_hub {
     use std::collections::BTreeMap;

@@ -51,7 +51,7 @@ const MMAP_THRESHOLD: i32 = 32 << 20;
 const TRIM_THRESHOLD: i32 = 1 << 30;
 
 /// Makes freed buffers reusable without page faults: allocations under 32 MiB come from the
-/// heap and `free` returns nothing to the system; [`HeapTrimmer`] does that between commands.
+/// heap and `free` returns nothing to the system; `HeapTrimmer` does that between commands.
 /// glibc's defaults (an `mmap` per buffer above 128 KiB, raised after frees, and a trim at every
 /// `free` that leaves 128 KiB-256 MiB free at the top) made a 512-token SmolLM2 prefill fault in
 /// up to ~1 GB of fresh pages; in alternating runs of the prefill bench the setting cut the

@@ -1,6 +1,6 @@
 //! Self-attention over a ragged batch: projections (with LoRA hooks) and rotary embeddings for all
 //! rows at once, then causal grouped-query attention against the KV cache: on the CPU (f32)
-//! through the block tables with the tiled kernel of [`paged_attention`], on a GPU with the
+//! through the block tables with the tiled kernel of `paged_attention`, on a GPU with the
 //! paged CUDA kernels (one launch per layer for the whole batch, `attention_cuda`), elsewhere
 //! per sequence over gathered keys.
 

@@ -1,6 +1,6 @@
 //! Checkpoints: memory-mapped safetensors (a single `model.safetensors` or a sharded
 //! `model.safetensors.index.json` with its shard files), or the `model.gguf` of a GGUF model
-//! view ([`super::weights_gguf`]).
+//! view (`weights_gguf`).
 //!
 //! Every tensor is looked up by name and checked against the shape the architecture expects before
 //! it is copied to the device and converted to the requested dtype, so a broken checkpoint fails

@@ -169,7 +169,7 @@ pub struct OpenAiErrorDetail {
 }
 
 /// A JSON request body whose rejections (bad JSON, wrong shape, wrong content type) are
-/// OpenAI-shaped: the same extraction as [`JsonBody`], translated by [`translate`].
+/// OpenAI-shaped: the same extraction as [`JsonBody`], translated by `translate`.
 #[derive(Debug, Clone)]
 pub struct OpenAiJson<T>(pub T);
 

@@ -96,7 +96,7 @@ pub fn write_safetensors<W: std::io::Write>(
     Ok(())
 }
 
-/// Serializes named matrices to safetensors bytes (see [`write_safetensors`]).
+/// Serializes named matrices to safetensors bytes (see `write_safetensors`).
 pub fn encode_safetensors(
     tensors: &[(String, Matrix)],
     dtype: TensorDtype,
