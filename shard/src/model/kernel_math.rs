@@ -111,8 +111,6 @@ pub(crate) fn exp2_shifted_sum<M: MulAdd>(xs: &mut [f32], shift: f32) -> f32 {
 /// polynomial for `2^f` (Horner steps by `M`), and `2^n` built from its exponent bits.
 #[inline(always)]
 pub(crate) fn exp2_approx<M: MulAdd>(x: f32) -> f32 {
-    /// 1.5 · 2^23: adding it rounds to an integer kept in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
     // Not `f32::max`, which would turn NaN into -126.
     let x = if x < -126.0 { -126.0 } else { x };
     let t = x + ROUND;
@@ -123,8 +121,16 @@ pub(crate) fn exp2_approx<M: MulAdd>(x: f32) -> f32 {
     p = M::mul_add(p, f, 5.550_332_5e-2);
     p = M::mul_add(p, f, 2.402_264_8e-1);
     p = M::mul_add(p, f, 6.931_472e-1);
-    let y = M::mul_add(p, f, 1.0);
-    // `t`'s bits are those of ROUND plus n (-126 ≤ n ≤ 127 keeps it in [2^23, 2^24)).
+    times_pow2(M::mul_add(p, f, 1.0), t)
+}
+
+/// 1.5 · 2^23: adding it to `x` (|x| < 2^22) rounds to an integer kept in the low mantissa bits.
+const ROUND: f32 = 12_582_912.0;
+
+/// `y · 2^n` for `t = n + ROUND` (`-126 ≤ n ≤ 127`, so `t` lies in [2^23, 2^24) and its bits
+/// are those of ROUND plus `n`), `2^n` built from its exponent bits.
+#[inline(always)]
+fn times_pow2(y: f32, t: f32) -> f32 {
     let n = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     y * f32::from_bits(((n + 127) << 23) as u32)
 }
@@ -135,8 +141,6 @@ pub(crate) fn exp2_approx<M: MulAdd>(x: f32) -> f32 {
 /// (Horner steps by `M`), and `2^n` built from its exponent bits.
 #[inline(always)]
 pub(crate) fn exp_approx<M: MulAdd>(x: f32) -> f32 {
-    /// 1.5 · 2^23: adding it rounds to an integer kept in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.3, 88.3);
@@ -149,10 +153,7 @@ pub(crate) fn exp_approx<M: MulAdd>(x: f32) -> f32 {
     p = M::mul_add(p, r, 4.166_579_6e-2);
     p = M::mul_add(p, r, 1.666_666_5e-1);
     p = M::mul_add(p, r, 0.5);
-    let y = M::mul_add(p, r * r, r) + 1.0;
-    // `t`'s bits are those of ROUND plus n (|n| ≤ 127 keeps it in [2^23, 2^24)).
-    let n = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    y * f32::from_bits(((n + 127) << 23) as u32)
+    times_pow2(M::mul_add(p, r * r, r) + 1.0, t)
 }
 
 #[cfg(test)]
