@@ -279,13 +279,8 @@ fn main() -> anyhow::Result<()> {
 
     let smallest = prompts.values().next().context("no lengths")?;
     prefill(&model, smallest, args.chunk)?;
-    let mut medley: BTreeMap<usize, f64> = BTreeMap::new();
-    let mut hf: BTreeMap<usize, f64> = BTreeMap::new();
-    let keep_best = |best: &mut BTreeMap<usize, f64>, n: usize, s: f64| {
-        let e = best.entry(n).or_insert(f64::INFINITY);
-        *e = e.min(s);
-    };
-    // Each round's bests, for ratios between runs minutes apart rather than across the run.
+    // Each round's bests: each side's best over the rounds makes the first table, the ratios
+    // within each round the second.
     let mut per_round: Vec<Round> = Vec::with_capacity(args.rounds);
     for round in 1..=args.rounds {
         let mut this = Round::default();
@@ -295,18 +290,25 @@ fn main() -> anyhow::Result<()> {
                 best = best.min(prefill(&model, &prompts[&n], args.chunk)?);
             }
             eprintln!("round {round}: medley {n} tokens: {best:.3}s");
-            keep_best(&mut medley, n, best);
             this.medley.insert(n, best);
         }
         if let Some(python) = &args.python {
             for (n, s) in transformers_times(&args, python, &dir, &prompts, threads)? {
                 eprintln!("round {round}: transformers {n} tokens: {s:.3}s");
-                keep_best(&mut hf, n, s);
                 this.hf.insert(n, s);
             }
         }
         per_round.push(this);
     }
+    let best = |side: fn(&Round) -> &BTreeMap<usize, f64>| -> BTreeMap<usize, f64> {
+        let mut best = BTreeMap::new();
+        for (&n, &s) in per_round.iter().flat_map(side) {
+            let e = best.entry(n).or_insert(f64::INFINITY);
+            *e = e.min(s);
+        }
+        best
+    };
+    let (medley, hf) = (best(|r| &r.medley), best(|r| &r.hf));
     drop(model);
 
     let rate = |n: usize, s: f64| n as f64 / s;
