@@ -101,6 +101,15 @@ pub fn add_lora(
     candle_core::bail!("lora kernels: no implementation for {:?}", y.device())
 }
 
+/// Device tables the CUDA op has uploaded since the start: `(factor tables, row tables)`. Each
+/// is uploaded when first used and then reused (see `lora_op_cuda`); `(0, 0)` without CUDA.
+pub fn cuda_table_uploads() -> (u64, u64) {
+    #[cfg(feature = "cuda")]
+    return super::lora_op_cuda::table_uploads();
+    #[cfg(not(feature = "cuda"))]
+    (0, 0)
+}
+
 /// The slice of an f32 CPU tensor's storage.
 fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     match storage {

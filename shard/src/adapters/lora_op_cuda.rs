@@ -1,26 +1,60 @@
 //! The CUDA side of [`super::lora_op::add_lora`]: launches `medley_kernels::cuda`'s SGMV/BGMV
 //! shrink and expand kernels (PTX loaded once per device) on candle's stream of `y`'s device.
 //!
-//! Per call it uploads one small table (the factor pointers, the ranks and the row mapping) and
-//! allocates the `[rows, max rank]` f32 intermediate (uninitialised: the shrink kernel writes
-//! what the expand kernel reads); the factors themselves are
-//! read in place. Allocations and frees are stream-ordered, so nothing is freed under a running
-//! kernel.
+//! A call reads two small device tables: the factors' (the A and Bᵀ pointers and the ranks) and
+//! the row mapping. Both come from content-keyed caches ([`super::upload_cache`]): a projection's
+//! factor table is uploaded when its batch's adapter set first appears and reused by every
+//! later step, and a step's row mapping is uploaded by its first projection and reused by the
+//! rest (and by later steps over the same rows). A call then allocates only the `[rows, max
+//! rank]` f32 intermediate (uninitialised: the shrink kernel writes what the expand kernel
+//! reads); the factors themselves are read in place. Allocations and frees are stream-ordered,
+//! so nothing is freed under a running kernel.
+
+use std::sync::{Arc, LazyLock, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{CudaStorage, DType, Device, InplaceOp2, Layout, Storage, StorageRef, Tensor};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+use candle_core::{
+    CudaDevice, CudaStorage, DType, Device, InplaceOp2, Layout, Storage, StorageRef, Tensor,
+};
 use medley_kernels::cuda::{
     LORA_PTX, MAX_RANK, expand_launch, kernel_names, segment_triples, shrink_launch,
 };
 
 use super::lora_op::{KernelRows, LoraFactors};
+use super::upload_cache::{UploadCache, pack_words};
 
 /// The name the PTX module is cached under in candle's device.
 const MODULE: &str = "medley_lora";
+
+/// A device table and the cache of them.
+type Table = Arc<CudaSlice<u64>>;
+type Tables = Mutex<UploadCache<(DeviceId, Vec<u64>), Table>>;
+
+/// Factor tables: one per (layer, projection, adapter set) in use; 7 projections × 80 layers of
+/// a 70B model fit about 7 adapter sets.
+static FACTOR_TABLES: LazyLock<Tables> = LazyLock::new(|| Mutex::new(UploadCache::new(4096)));
+
+/// Row mappings: one per step, shared by its projections.
+static ROW_TABLES: LazyLock<Tables> = LazyLock::new(|| Mutex::new(UploadCache::new(64)));
+
+/// Tables uploaded so far: `(factor tables, row tables)`.
+pub(super) fn table_uploads() -> (u64, u64) {
+    let uploads = |c: &Tables| c.lock().unwrap_or_else(|e| e.into_inner()).uploads();
+    (uploads(&FACTOR_TABLES), uploads(&ROW_TABLES))
+}
+
+/// The device copy of `table` (packed words) on `dev`, from `cache` or uploaded.
+fn device_table(cache: &Tables, dev: &CudaDevice, table: Vec<u64>) -> candle_core::Result<Table> {
+    // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    cache.get_or_upload((dev.id(), table), |(_, t)| {
+        dev.clone_htod(t.as_slice()).map(Arc::new)
+    })
+}
 
 pub(super) fn add_lora(
     x: &Tensor,
@@ -73,25 +107,22 @@ pub(super) fn add_lora(
         KernelRows::Segments(s) => (false, segment_triples(s)),
     };
     let units = if per_row { map.len() } else { map.len() / 3 };
+    if units == 0 {
+        return Ok(());
+    }
     let longest = match rows {
         KernelRows::PerRow(_) => 1,
         KernelRows::Segments(s) => s.iter().map(|s| s.len).max().unwrap_or(1),
     };
-    // One upload per call: the A pointers, the Bᵀ pointers, then the ranks and the row table
-    // packed two u32 words to a u64.
-    let words: Vec<u32> = factors.iter().map(|f| f.rank as u32).chain(map).collect();
-    let table: Vec<u64> = a_ptrs
-        .into_iter()
-        .chain(b_ptrs)
-        .chain(
-            words
-                .chunks(2)
-                .map(|w| w[0] as u64 | (w.get(1).copied().unwrap_or(0) as u64) << 32),
-        )
-        .collect();
+    // The factor table: the A pointers, the Bᵀ pointers, then the ranks packed two u32 words
+    // to a u64; the row table: the mapping's words, packed the same way.
+    let ranks = pack_words(factors.iter().map(|f| f.rank as u32));
+    let factor_table: Vec<u64> = a_ptrs.into_iter().chain(b_ptrs).chain(ranks).collect();
+    let words = map.len();
     let op = CudaLoraOp {
-        table: dev.clone_htod(&table)?,
-        words: words.len(),
+        factors: device_table(&FACTOR_TABLES, dev, factor_table)?,
+        rows: device_table(&ROW_TABLES, dev, pack_words(map))?,
+        words,
         adapters: n,
         per_row,
         units: units as u32,
@@ -103,12 +134,14 @@ pub(super) fn add_lora(
     Ok(())
 }
 
-/// One `y += LoRA(x)` call on the GPU: the uploaded table and the launch sizes.
+/// One `y += LoRA(x)` call on the GPU: the device tables and the launch sizes.
 struct CudaLoraOp {
-    /// `adapters` A pointers, `adapters` Bᵀ pointers, then `words` u32 words (little-endian,
-    /// two to a u64): `adapters` ranks, then the row table (`rows` entries) or the segment
-    /// triples.
-    table: CudaSlice<u64>,
+    /// `adapters` A pointers, `adapters` Bᵀ pointers, then the `adapters` ranks as u32 words
+    /// (little-endian, two to a u64).
+    factors: Table,
+    /// The row table (one u32 per row) or the segment triples, packed the same way.
+    rows: Table,
+    /// u32 words in `rows`.
     words: usize,
     adapters: usize,
     per_row: bool,
@@ -145,15 +178,16 @@ impl CudaLoraOp {
         }
         let dev = ys.device.clone();
         let n = self.adapters;
-        let a: CudaView<'_, u64> = self.table.slice(0..n);
-        let b: CudaView<'_, u64> = self.table.slice(n..2 * n);
-        let packed = self.table.slice(2 * n..);
-        // SAFETY: the tail holds `words` u32 words (little-endian x86-64 and GPU), in bounds.
-        let Some(words) = (unsafe { packed.transmute::<u32>(self.words) }) else {
-            candle_core::bail!("lora op: the packed table is short");
+        let a: CudaView<'_, u64> = self.factors.slice(0..n);
+        let b: CudaView<'_, u64> = self.factors.slice(n..2 * n);
+        // SAFETY (both): the tails hold `n` and `words` u32 words (little-endian x86-64 and
+        // GPU), in bounds.
+        let Some(ranks) = (unsafe { self.factors.slice(2 * n..).transmute::<u32>(n) }) else {
+            candle_core::bail!("lora op: the factor table is short");
         };
-        let ranks = words.slice(0..n);
-        let map = words.slice(n..);
+        let Some(map) = (unsafe { self.rows.slice(0..).transmute::<u32>(self.words) }) else {
+            candle_core::bail!("lora op: the row table is short");
+        };
         let x = xs.as_cuda_slice::<T>()?.slice(x0..x1);
         let t_stride = self.max_rank;
         // SAFETY: the shrink kernel writes t[row, j] for every mapped row and j below its
