@@ -29,7 +29,9 @@
 #      (reported only in the CPU dry run); on a GPU, transformers with sdpa attention too
 #      (report only: how far the oracle moves against itself in bf16)
 #   4. decode tokens/s at 1, 8, 32 streams for base, one adapter and 8 distinct merges (bf16),
-#      and transformers' generate at batch 1 and 32 (bf16)
+#      and transformers' generate at batch 1 and 32 (bf16, eager and sdpa attention), each the
+#      best of 3 runs; then issue 11's speed targets computed from them (the LoRA bandwidth
+#      both host-paced and GPU-timed, see shard/src/bin/medley-lora-check/bench.rs)
 # Writes <out>/gpu-<date>.md (--cpu: cpu-dry-<date>.md) and <out>/gpu-check-logs.tar.xz.
 # Exit status: 0 when every token comparison passed, 1 otherwise.
 #
@@ -57,7 +59,7 @@ while [ $# -gt 0 ]; do
     --python) py="$2"; shift ;;
     --layers) layers="$2"; shift ;;
     --new-tokens) new_tokens="$2"; shift ;;
-    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
   shift

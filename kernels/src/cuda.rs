@@ -2,7 +2,8 @@
 //! (see `build.rs`), for f32, bf16 and f16 activations, and loaded by name into a CUDA context:
 //! the LoRA kernels of `kernels/cuda/lora.cu` ([`LORA_PTX`], f32 factors) and the paged
 //! attention and KV-cache write of `kernels/cuda/attention.cu` ([`ATTENTION_PTX`]), and the
-//! half-precision RMSNorm and SiLU·mul of `kernels/cuda/fused.cu` ([`FUSED_PTX`]).
+//! half-precision RMSNorm and SiLU·mul of `kernels/cuda/fused.cu` ([`FUSED_PTX`]); and for
+//! benchmarks, the stream-holding kernel of `kernels/cuda/timing.cu` ([`TIMING_PTX`]).
 //!
 //! Launch shapes (one thread block per row or segment, and per slice of the output):
 //! * shrink: grid `(rows or segments, ceil(max rank / 8))`, block 256 (8 warps, one `j` each);
@@ -20,6 +21,13 @@ pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attentio
 
 /// The PTX module of the fused half-precision RMSNorm and SiLU·mul kernels.
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+
+/// The PTX module of `medley_spin(ns)`, which holds its stream for `ns` nanoseconds (grid 1,
+/// block 1) so that the calls queued behind it are timed on the GPU alone.
+pub const TIMING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/timing.ptx"));
+
+/// The name of the stream-holding kernel in [`TIMING_PTX`].
+pub const SPIN_KERNEL: &str = "medley_spin";
 
 /// Activation types of the fused kernels.
 pub const FUSED_DTYPES: [&str; 2] = ["bf16", "f16"];
@@ -152,6 +160,7 @@ mod tests {
                 );
             }
         }
+        assert!(TIMING_PTX.contains(&format!(".entry {SPIN_KERNEL}(")));
         assert_eq!(elementwise_launch(257), ((2, 1, 1), (256, 1, 1)));
         assert_eq!(rms_norm_launch(3), ((3, 1, 1), (256, 1, 1)));
         assert_eq!(attention_launch(3, 32), ((3, 32, 1), (128, 1, 1)));

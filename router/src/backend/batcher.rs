@@ -42,6 +42,9 @@ mod names {
     pub const CANCELLED: &str = "medley_request_cancelled";
     pub const FORWARD: &str = "medley_batch_forward_duration";
     pub const COMM: &str = "medley_batch_comm_duration";
+    /// The part of the forward pass until the shard's model returned, before the logits were
+    /// read back (on a GPU: the host's time to queue the step).
+    pub const LAUNCH: &str = "medley_batch_launch_duration";
     pub const STEP: &str = "medley_batch_inference_duration";
 }
 
@@ -306,6 +309,7 @@ fn record_timings(t: Option<&pb::Timings>, method: &'static str, start: Instant)
     if let Some(t) = t {
         metrics::histogram!(names::FORWARD, "method" => method).record(t.forward_ns as f64 / 1e9);
         metrics::histogram!(names::COMM, "method" => method).record(t.comm_ns as f64 / 1e9);
+        metrics::histogram!(names::LAUNCH, "method" => method).record(t.launch_ns as f64 / 1e9);
     }
     metrics::histogram!(names::STEP, "method" => method).record(start.elapsed().as_secs_f64());
 }

@@ -339,16 +339,15 @@ impl Engine {
         queued: u32,
         start: Instant,
     ) -> Result<StepResponse, EngineError> {
-        let (generations, kept, forward_ns, decode_ns) = self.step(seqs, queued)?;
+        let (generations, kept, mut timings) = self.step(seqs, queued)?;
         let cached = self.store(id, kept);
         Ok(StepResponse {
             generations,
             batch: cached,
-            timings: StepTimings {
-                forward_ns,
-                comm_ns: self.model.take_comm_ns(),
-                decode_ns,
-                total_ns: start.elapsed().as_nanos() as u64,
+            timings: {
+                timings.comm_ns = self.model.take_comm_ns();
+                timings.total_ns = start.elapsed().as_nanos() as u64;
+                timings
             },
             kv: self.kv.stats(),
         })
@@ -361,7 +360,7 @@ impl Engine {
         &mut self,
         mut seqs: Vec<Sequence>,
         queued: u32,
-    ) -> Result<(Vec<Generation>, Vec<Sequence>, u64, u64), EngineError> {
+    ) -> Result<(Vec<Generation>, Vec<Sequence>, StepTimings), EngineError> {
         let planned = schedule::plan_step(&mut seqs, &mut self.kv, self.step_prompt_tokens, queued);
         let plan = match planned {
             Ok(p) if p.chunks.is_empty() && !seqs.is_empty() => Err(EngineError::KvCache(format!(
@@ -386,11 +385,13 @@ impl Engine {
             chunks,
             preempted,
         } = plan;
+        let mut launch_ns = 0;
         let logits = self
             .model
             .forward(&ForwardBatch { chunks }, &mut self.kv, &self.adapters)
             .map_err(|e| EngineError::Model(e.to_string()))
             .and_then(|t| {
+                launch_ns = t0.elapsed().as_nanos() as u64;
                 t.flatten_all()
                     .and_then(|t| t.to_vec1::<f32>())
                     .map_err(|e| EngineError::Model(e.to_string()))
@@ -441,10 +442,17 @@ impl Engine {
             generations = generations.len(),
             preempted,
             forward_ms = forward_ns as f64 / 1e6,
+            launch_ms = launch_ns as f64 / 1e6,
             sample_ms = decode_ns as f64 / 1e6,
             "step"
         );
-        Ok((generations, kept, forward_ns, decode_ns))
+        let timings = StepTimings {
+            forward_ns,
+            launch_ns,
+            decode_ns,
+            ..StepTimings::default()
+        };
+        Ok((generations, kept, timings))
     }
 
     fn free_all(&mut self, seqs: &[Sequence]) {

@@ -112,6 +112,9 @@ pub struct StepTimings {
     pub forward_ns: u64,
     /// The part of the forward pass spent in collectives (0 without tensor parallelism).
     pub comm_ns: u64,
+    /// The part of the forward pass until the model returned, before the logits were read
+    /// back: on a GPU, the host's time to queue the step.
+    pub launch_ns: u64,
     /// Sampling, stopping criteria and detokenization.
     pub decode_ns: u64,
     /// The whole step.

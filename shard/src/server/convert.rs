@@ -222,6 +222,7 @@ impl From<StepTimings> for pb::Timings {
         Self {
             forward_ns: t.forward_ns,
             comm_ns: t.comm_ns,
+            launch_ns: t.launch_ns,
             decode_ns: t.decode_ns,
             total_ns: t.total_ns,
         }
@@ -440,6 +441,7 @@ mod tests {
             timings: StepTimings {
                 forward_ns: 1,
                 comm_ns: 3,
+                launch_ns: 5,
                 decode_ns: 2,
                 total_ns: 4,
             },
@@ -474,6 +476,7 @@ mod tests {
             Some(pb::Timings {
                 forward_ns: 1,
                 comm_ns: 3,
+                launch_ns: 5,
                 decode_ns: 2,
                 total_ns: 4,
             })
