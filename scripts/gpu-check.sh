@@ -19,15 +19,18 @@
 # short still says what finished):
 #   1. versions (GPU, driver, Python packages, library paths, what the binary links)
 #   1b. the batched LoRA kernels against the reference loops (f32/bf16/f16, ranks 8-128, BGMV
-#      and ragged SGMV, rows without an adapter) and their bandwidth vs a device copy; on a GPU
-#      also the paged attention (vs f64) and the fused RMSNorm / SiLU·mul (vs the op chains):
-#      a family that fails is switched off for the rest of the run
+#      and ragged SGMV, rows without an adapter; BGMV through both the per-row and the grouped
+#      kernels) and their bandwidth vs a device copy, host-paced and GPU-timed; what the ops of
+#      a decode step cost, host-paced vs GPU; on a GPU also the paged attention (vs f64) and the
+#      fused RMSNorm / SiLU·mul (vs the op chains): a family that fails is switched off for the
+#      rest of the run
 #   2. a random TinyLlama-shaped f32 checkpoint and 8 rank-16 PEFT adapters (the repo's fixtures)
 #   3. greedy tokens of base / adapter a0 / TIES merge of a0..a2 from Medley on the GPU (f32 and
 #      bf16) and on the CPU (f32), and from transformers + PEFT on the GPU (f32 and bf16);
 #      required: f32 all 32 tokens equal (GPU vs transformers, GPU vs CPU), bf16 the first 16
 #      (reported only in the CPU dry run); on a GPU, transformers with sdpa attention too
-#      (report only: how far the oracle moves against itself in bf16)
+#      (report only: how far the oracle moves against itself in bf16), and a bf16 server on
+#      the grouped BGMV kernels when they passed (tokens report only, and its speed rows)
 #   4. decode tokens/s at 1, 8, 32 streams for base, one adapter and 8 distinct merges (bf16),
 #      and transformers' generate at batch 1 and 32 (bf16, eager and sdpa attention), each the
 #      best of 3 runs; then issue 11's speed targets computed from them (the LoRA bandwidth
@@ -38,8 +41,9 @@
 # On the project's lent GPU machine (no Rust there): run scripts/cuda/build.sh here, then one call
 # that carries target/release-cuda/{medley,medley-fixture,medley-merge-dev,medley-lora-check}.xz
 # (about 25 MB) with
-#   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~4 min: 200-246 s
-#   in the three runs of 2026-12-04)
+#   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~5 min: the
+#   three runs of 2026-12-04 took 200-246 s, before the repeated speed runs, transformers' sdpa
+#   timing and the grouped-kernel server were added)
 # and commit the returned report under bench/results/.
 set -uo pipefail
 
@@ -59,7 +63,7 @@ while [ $# -gt 0 ]; do
     --python) py="$2"; shift ;;
     --layers) layers="$2"; shift ;;
     --new-tokens) new_tokens="$2"; shift ;;
-    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -253,6 +257,20 @@ if [ "$mode" = gpu ]; then
     tokens-hf-bf16.json tokens-hf-sdpa-bf16.json --require 0
   step "compare bf16 vs sdpa" 30 compare "medley $device bf16 vs transformers+peft $device bf16 sdpa" \
     tokens-hf-sdpa-bf16.json "tokens-medley-$device-bf16.json" --require 0
+fi
+# The grouped BGMV kernels (MEDLEY_LORA_BGMV=grouped; the servers above use the per-row ones):
+# when they passed their check, the adapter and merge speed rows again through them, and their
+# tokens against the oracle (report only: another summation order moves bf16 near-ties).
+if [ "$mode" = gpu ] && grep -q '(grouped) .* | ok |$' "$res/lora-kernels.md" 2>/dev/null \
+  && ! grep '(grouped)' "$res/lora-kernels.md" | grep -q 'FAIL'; then
+  export MEDLEY_LORA_BGMV=grouped speed_file=speed-medley-grouped.json \
+    speed_configs="1 adapter,8 merges"
+  step "medley cuda bf16 tokens + speed, grouped LoRA kernels" 300 \
+    medley_tokens_and_speed cuda-bf16-grouped cuda bf16
+  unset MEDLEY_LORA_BGMV speed_file speed_configs
+  step "compare bf16 grouped" 30 compare \
+    "medley cuda bf16 grouped LoRA kernels vs transformers+peft cuda bf16" \
+    tokens-hf-bf16.json tokens-medley-cuda-bf16-grouped.json --require 0
 fi
 # On the GPU both sides run cuBLAS bf16 GEMMs: the first 16 tokens must agree. On the CPU the
 # dry run only reports: Medley's CPU bf16 path multiplies f32-widened weights (see

@@ -122,6 +122,118 @@ __device__ void sgmv_expand(const float* t, const uint32_t* segments, const floa
   }
 }
 
+// ---- Grouped BGMV (decode rows grouped by adapter inside the kernels) -----------------------
+// The per-row kernels above read an adapter's factors once per row that uses it (the repeats
+// come from L2). These take one adapter per block instead: the block finds the adapter's rows
+// (in any order) with shared-memory atomics and accumulates GROUP_ROWS of them per factor
+// value read, so each factor value is read once per block.
+//
+// Shrink: grid (adapters, ceil(max_rank / WARPS), splits), block 32 * WARPS, dynamic shared
+//   memory rows * 4 bytes. Warp w takes j = blockIdx.y * WARPS + w and the slice
+//   [z * split_len, (z + 1) * split_len) of `in` (z = blockIdx.z), and writes the partial dot
+//   product of each of its rows to t[z][row][j] (t: [splits][rows][t_stride]); every split
+//   writes every (row, j < rank) of its adapter's rows, an empty slice a zero.
+// Expand: grid (adapters, ceil(out / EXPAND_THREADS)), block EXPAND_THREADS, dynamic shared
+//   memory rows * 4 bytes: sums the splits of GROUP_ROWS rows' t into shared memory, then
+//   y[row, o] += sum_j t[row, j] * B^T[j, o] for the thread's o and each of those rows.
+
+#define GROUP_ROWS 8
+
+// The rows of `rows` whose adapter is `i`, into `list` (shared, any order); their number, in
+// every thread. Contains a barrier: call it from every thread of the block.
+__device__ __forceinline__ uint32_t rows_of_adapter(const uint32_t* __restrict__ row_adapter,
+                                                    uint32_t rows, uint32_t i, uint32_t* list) {
+  __shared__ uint32_t count;
+  if (threadIdx.x == 0) count = 0;
+  __syncthreads();
+  for (uint32_t r = threadIdx.x; r < rows; r += blockDim.x)
+    if (row_adapter[r] == i) list[atomicAdd(&count, 1u)] = r;
+  __syncthreads();
+  return count;
+}
+
+template <typename T>
+__device__ void bgmv_shrink_grouped(const T* __restrict__ x, const uint32_t* row_adapter,
+                                    const float* const* a, const uint32_t* ranks,
+                                    float* __restrict__ t, uint32_t in, uint32_t t_stride,
+                                    uint32_t rows, uint32_t split_len) {
+  extern __shared__ uint32_t list[];
+  uint32_t i = blockIdx.x;
+  uint32_t n = rows_of_adapter(row_adapter, rows, i, list);
+  uint32_t j = blockIdx.y * WARPS + threadIdx.x / 32;
+  if (n == 0 || j >= ranks[i]) return;  // uniform over the warp: no barrier follows
+  uint32_t lane = threadIdx.x % 32;
+  uint32_t k0 = min(blockIdx.z * split_len, in);
+  uint32_t k1 = min(k0 + split_len, in);
+  const float* ar = a[i] + (size_t)j * in;
+  float* tz = t + (size_t)blockIdx.z * rows * t_stride;
+  for (uint32_t g0 = 0; g0 < n; g0 += GROUP_ROWS) {
+    uint32_t gn = min(n - g0, (uint32_t)GROUP_ROWS);
+    const T* xr[GROUP_ROWS];
+    float acc[GROUP_ROWS];
+#pragma unroll
+    for (uint32_t g = 0; g < GROUP_ROWS; ++g) {
+      xr[g] = x + (size_t)list[g0 + min(g, gn - 1)] * in;
+      acc[g] = 0.f;
+    }
+    for (uint32_t k = k0 + lane; k < k1; k += 32) {
+      float av = ar[k];
+#pragma unroll
+      for (uint32_t g = 0; g < GROUP_ROWS; ++g)
+        if (g < gn) acc[g] += to_f32(xr[g][k]) * av;
+    }
+#pragma unroll
+    for (uint32_t g = 0; g < GROUP_ROWS; ++g) {
+      float sum = warp_sum(acc[g]);
+      if (lane == 0 && g < gn) tz[(size_t)list[g0 + g] * t_stride + j] = sum;
+    }
+  }
+}
+
+template <typename T>
+__device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t* row_adapter,
+                                    const float* const* b_t, const uint32_t* ranks,
+                                    T* __restrict__ y, uint32_t out, uint32_t t_stride,
+                                    uint32_t rows, uint32_t splits) {
+  extern __shared__ uint32_t list[];
+  __shared__ float trows[GROUP_ROWS][MAX_RANK];
+  uint32_t i = blockIdx.x;
+  uint32_t n = rows_of_adapter(row_adapter, rows, i, list);
+  if (n == 0) return;  // uniform over the block
+  uint32_t rank = ranks[i];
+  uint32_t o = blockIdx.y * blockDim.x + threadIdx.x;
+  const float* b = b_t[i];
+  for (uint32_t g0 = 0; g0 < n; g0 += GROUP_ROWS) {
+    uint32_t gn = min(n - g0, (uint32_t)GROUP_ROWS);
+    __syncthreads();  // the previous group's trows are no longer read
+    for (uint32_t e = threadIdx.x; e < gn * rank; e += blockDim.x) {
+      uint32_t g = e / rank, j = e % rank;
+      const float* tp = t + (size_t)list[g0 + g] * t_stride + j;
+      float sum = 0.f;
+      for (uint32_t z = 0; z < splits; ++z) sum += tp[(size_t)z * rows * t_stride];
+      trows[g][j] = sum;
+    }
+    __syncthreads();
+    if (o >= out) continue;
+    float acc[GROUP_ROWS];
+#pragma unroll
+    for (uint32_t g = 0; g < GROUP_ROWS; ++g) acc[g] = 0.f;
+    for (uint32_t j = 0; j < rank; ++j) {
+      float bv = b[(size_t)j * out + o];
+#pragma unroll
+      for (uint32_t g = 0; g < GROUP_ROWS; ++g)
+        if (g < gn) acc[g] += trows[g][j] * bv;
+    }
+#pragma unroll
+    for (uint32_t g = 0; g < GROUP_ROWS; ++g) {
+      if (g < gn) {
+        T* yp = y + (size_t)list[g0 + g] * out + o;
+        *yp = from_f32<T>(to_f32(*yp) + acc[g]);
+      }
+    }
+  }
+}
+
 #define LORA_ENTRY_POINTS(SUFFIX, T)                                                            \
   extern "C" __global__ void medley_bgmv_shrink_##SUFFIX(                                       \
       const T* x, const uint32_t* row_adapter, const float* const* a, const uint32_t* ranks,        \
@@ -142,6 +254,16 @@ __device__ void sgmv_expand(const float* t, const uint32_t* segments, const floa
       const float* t, const uint32_t* segments, const float* const* b_t, const uint32_t* ranks,     \
       T* y, uint32_t out, uint32_t t_stride) {                                                  \
     sgmv_expand<T>(t, segments, b_t, ranks, y, out, t_stride);                                  \
+  }                                                                                             \
+  extern "C" __global__ void medley_bgmv_shrink_grouped_##SUFFIX(                               \
+      const T* x, const uint32_t* row_adapter, const float* const* a, const uint32_t* ranks,        \
+      float* t, uint32_t in, uint32_t t_stride, uint32_t rows, uint32_t split_len) {              \
+    bgmv_shrink_grouped<T>(x, row_adapter, a, ranks, t, in, t_stride, rows, split_len);         \
+  }                                                                                             \
+  extern "C" __global__ void medley_bgmv_expand_grouped_##SUFFIX(                               \
+      const float* t, const uint32_t* row_adapter, const float* const* b_t, const uint32_t* ranks,  \
+      T* y, uint32_t out, uint32_t t_stride, uint32_t rows, uint32_t splits) {                    \
+    bgmv_expand_grouped<T>(t, row_adapter, b_t, ranks, y, out, t_stride, rows, splits);         \
   }
 
 LORA_ENTRY_POINTS(f32, float)

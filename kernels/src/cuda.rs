@@ -80,6 +80,61 @@ pub fn kernel_names(dtype: &str) -> [String; 4] {
         .map(|k| format!("medley_{k}_{dtype}"))
 }
 
+/// The grouped BGMV kernel names for activations of type `dtype` (one of [`DTYPES`]): shrink,
+/// expand. They take a decode step's rows one adapter per block (see `lora.cu`), so an adapter's
+/// factors are read once per block instead of once per row.
+pub fn grouped_kernel_names(dtype: &str) -> [String; 2] {
+    ["bgmv_shrink_grouped", "bgmv_expand_grouped"].map(|k| format!("medley_{k}_{dtype}"))
+}
+
+/// Most rows a grouped BGMV launch takes (their list sits in shared memory, 4 bytes a row).
+pub const GROUPED_MAX_ROWS: usize = 8192;
+
+/// Blocks a grouped shrink aims for (two per SM of a 132-SM H100/H200): the input dimension is
+/// split until the launch has about this many.
+const GROUPED_TARGET_BLOCKS: u32 = 264;
+
+/// How a grouped shrink splits the `in_features` dimension for `adapters` adapters of rank up
+/// to `max_rank`: `(splits, split_len)`, `split_len` a multiple of 32 (a warp's stride) of at
+/// least 256 values, and `splits * split_len >= in_features`.
+pub fn grouped_splits(adapters: u32, max_rank: u32, in_features: u32) -> (u32, u32) {
+    let blocks = adapters.max(1) * max_rank.div_ceil(8).max(1);
+    let wanted = GROUPED_TARGET_BLOCKS.div_ceil(blocks).max(1);
+    let most = (in_features / 256).max(1);
+    let len = in_features
+        .div_ceil(wanted.min(most))
+        .next_multiple_of(32)
+        .max(32);
+    (in_features.div_ceil(len).max(1), len)
+}
+
+/// The `(grid, block, shared bytes)` of a grouped shrink over `rows` rows.
+pub fn grouped_shrink_launch(
+    adapters: u32,
+    max_rank: u32,
+    splits: u32,
+    rows: u32,
+) -> ((u32, u32, u32), (u32, u32, u32), u32) {
+    (
+        (adapters.max(1), max_rank.div_ceil(8).max(1), splits.max(1)),
+        (256, 1, 1),
+        4 * rows,
+    )
+}
+
+/// The `(grid, block, shared bytes)` of a grouped expand over `rows` rows.
+pub fn grouped_expand_launch(
+    adapters: u32,
+    out_features: u32,
+    rows: u32,
+) -> ((u32, u32, u32), (u32, u32, u32), u32) {
+    (
+        (adapters.max(1), out_features.div_ceil(256).max(1), 1),
+        (256, 1, 1),
+        4 * rows,
+    )
+}
+
 /// Rows of one segment an SGMV block takes (`SGMV_ROWS` in `lora.cu`).
 pub const SGMV_ROWS: u32 = 4;
 
@@ -140,6 +195,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_ptx_holds_the_grouped_entry_points() {
+        for dtype in DTYPES {
+            for name in grouped_kernel_names(dtype) {
+                assert!(LORA_PTX.contains(&format!(".entry {name}(")), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_splits_cover_the_input_in_warp_multiples() {
+        for adapters in [1, 3, 8, 64] {
+            for rank in [1, 8, 16, 64, 128] {
+                for inf in [1, 31, 64, 257, 511, 1000, 2048, 4096, 14336] {
+                    let (splits, len) = grouped_splits(adapters, rank, inf);
+                    assert!(len % 32 == 0 && len >= 32, "{adapters} {rank} {inf}: {len}");
+                    assert!(splits * len >= inf, "{adapters} {rank} {inf}");
+                    // No split starts past the end (every split has work).
+                    assert!((splits - 1) * len < inf.max(1), "{adapters} {rank} {inf}");
+                    let blocks = adapters * rank.div_ceil(8);
+                    // Split only while the launch is short of blocks, into slices of 256+.
+                    if blocks >= GROUPED_TARGET_BLOCKS || inf <= 256 {
+                        assert_eq!(splits, 1, "{adapters} {rank} {inf}");
+                    }
+                    if splits > 1 {
+                        assert!(len >= 256, "{adapters} {rank} {inf}: {len}");
+                    }
+                }
+            }
+        }
+        // 8 adapters of rank 16 over 4096 inputs: 16 blocks, split 16 ways (256 each).
+        assert_eq!(grouped_splits(8, 16, 4096), (16, 256));
+        // Rank 64: 64 blocks, 5 wanted, 820 → 832 values a split.
+        assert_eq!(grouped_splits(8, 64, 4096), (5, 832));
+        assert_eq!(
+            grouped_shrink_launch(8, 16, 16, 32),
+            ((8, 2, 16), (256, 1, 1), 128)
+        );
+        assert_eq!(
+            grouped_expand_launch(8, 4099, 32),
+            ((8, 17, 1), (256, 1, 1), 128)
+        );
     }
 
     #[test]

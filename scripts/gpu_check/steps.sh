@@ -79,11 +79,12 @@ medley_tokens() {
   "$py" "$check" medley-tokens --url "$server_url" --out "$res/tokens-medley-$1.json"
 }
 
-# medley_tokens_and_speed NAME DEVICE DTYPE: the tokens, then the speed table, on one server.
+# medley_tokens_and_speed NAME DEVICE DTYPE: the tokens, then the speed table, on one server
+# (-> $speed_file, default speed-medley.json; configs $speed_configs, default all three).
 medley_tokens_and_speed() {
   medley_tokens "$@" || return 1
-  "$py" "$check" medley-speed --url "$server_url" --out "$res/speed-medley.json" \
-    --new-tokens "$new_tokens" --budget-s 150
+  "$py" "$check" medley-speed --url "$server_url" --out "$res/${speed_file:-speed-medley.json}" \
+    --configs "${speed_configs:-base,1 adapter,8 merges}" --new-tokens "$new_tokens" --budget-s 150
 }
 
 # compare NAME REFERENCE CANDIDATE [--require K]: token comparison -> compare-NAME.json.

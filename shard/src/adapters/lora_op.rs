@@ -9,6 +9,8 @@
 //! for both), accumulated in f32 and rounded once into `y`. The factors are f32
 //! ([`super::LORA_DTYPE`]) everywhere, as PEFT keeps them.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, StorageRef, Tensor};
 use medley_kernels::cpu::CpuKernels;
 use medley_kernels::{Factors, NO_ADAPTER, RowMapping, Segment, Shape as KernelShape};
@@ -99,6 +101,66 @@ pub fn add_lora(
         return super::lora_op_cuda::add_lora(x, y, rows, factors);
     }
     candle_core::bail!("lora kernels: no implementation for {:?}", y.device())
+}
+
+/// The CUDA kernels a decode step's rows ([`KernelRows::PerRow`]) go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BgmvKernels {
+    /// One block per row (and slice of the rank or output): an adapter's factors are read once
+    /// per row that uses it.
+    PerRow,
+    /// One block per adapter (and slice): its rows are found in the kernel and accumulated
+    /// together, so its factors are read once per block.
+    Grouped,
+}
+
+/// [`BgmvKernels`] in use: 0 until first asked, then 1 + its index.
+static BGMV_KERNELS: AtomicU8 = AtomicU8::new(0);
+
+impl BgmvKernels {
+    /// Both, for checks and benchmarks.
+    pub const ALL: [Self; 2] = [Self::PerRow, Self::Grouped];
+
+    /// The kernels in use: [`set_bgmv_kernels`]'s choice, else `MEDLEY_LORA_BGMV` (`row` or
+    /// `grouped`), else per-row (the kernels the GPU runs of 2026-12-04 checked end to end).
+    pub fn current() -> Self {
+        match BGMV_KERNELS.load(Ordering::Relaxed) {
+            1 => Self::PerRow,
+            2 => Self::Grouped,
+            _ => {
+                let chosen = match std::env::var("MEDLEY_LORA_BGMV").as_deref() {
+                    Ok("grouped") => Self::Grouped,
+                    Ok("row") | Err(_) => Self::PerRow,
+                    Ok(other) => {
+                        tracing::warn!(
+                            value = other,
+                            "MEDLEY_LORA_BGMV is row or grouped; using row"
+                        );
+                        Self::PerRow
+                    }
+                };
+                set_bgmv_kernels(chosen);
+                chosen
+            }
+        }
+    }
+
+    /// A short name (`row`, `grouped`), as `MEDLEY_LORA_BGMV` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PerRow => "row",
+            Self::Grouped => "grouped",
+        }
+    }
+}
+
+/// Makes the CUDA op run decode rows through `kernels` from now on (all threads).
+pub fn set_bgmv_kernels(kernels: BgmvKernels) {
+    let code = match kernels {
+        BgmvKernels::PerRow => 1,
+        BgmvKernels::Grouped => 2,
+    };
+    BGMV_KERNELS.store(code, Ordering::Relaxed);
 }
 
 /// Device tables the CUDA op has uploaded since the start: `(factor tables, row tables)`. Each

@@ -21,10 +21,12 @@ use candle_core::{
     CudaDevice, CudaStorage, DType, Device, InplaceOp2, Layout, Storage, StorageRef, Tensor,
 };
 use medley_kernels::cuda::{
-    LORA_PTX, MAX_RANK, expand_launch, kernel_names, segment_triples, shrink_launch,
+    GROUPED_MAX_ROWS, LORA_PTX, MAX_RANK, expand_launch, grouped_expand_launch,
+    grouped_kernel_names, grouped_shrink_launch, grouped_splits, kernel_names, segment_triples,
+    shrink_launch,
 };
 
-use super::lora_op::{KernelRows, LoraFactors};
+use super::lora_op::{BgmvKernels, KernelRows, LoraFactors};
 use super::upload_cache::{UploadCache, pack_words};
 
 /// The name the PTX module is cached under in candle's device.
@@ -119,7 +121,10 @@ pub(super) fn add_lora(
     let ranks = pack_words(factors.iter().map(|f| f.rank as u32));
     let factor_table: Vec<u64> = a_ptrs.into_iter().chain(b_ptrs).chain(ranks).collect();
     let words = map.len();
+    let grouped =
+        per_row && units <= GROUPED_MAX_ROWS && BgmvKernels::current() == BgmvKernels::Grouped;
     let op = CudaLoraOp {
+        grouped,
         factors: device_table(&FACTOR_TABLES, dev, factor_table)?,
         rows: device_table(&ROW_TABLES, dev, pack_words(map))?,
         words,
@@ -136,6 +141,8 @@ pub(super) fn add_lora(
 
 /// One `y += LoRA(x)` call on the GPU: the device tables and the launch sizes.
 struct CudaLoraOp {
+    /// Decode rows through the grouped BGMV kernels ([`BgmvKernels::Grouped`]).
+    grouped: bool,
     /// `adapters` A pointers, `adapters` Bᵀ pointers, then the `adapters` ranks as u32 words
     /// (little-endian, two to a u64).
     factors: Table,
@@ -189,7 +196,36 @@ impl CudaLoraOp {
             candle_core::bail!("lora op: the row table is short");
         };
         let x = xs.as_cuda_slice::<T>()?.slice(x0..x1);
+        let y_all = ys.as_cuda_slice_mut::<T>()?;
+        let mut y = y_all.slice_mut(y0..y1);
         let t_stride = self.max_rank;
+        let (in_f, out_f) = (in_features as u32, out_features as u32);
+        if self.grouped {
+            let (rows, n) = (rows as u32, n as u32);
+            let (splits, split_len) = grouped_splits(n, self.max_rank, in_f);
+            // SAFETY: every split of the shrink writes t[split, row, j] for every mapped row
+            // and j below its adapter's rank; the expand reads exactly those entries.
+            let mut t = unsafe { dev.alloc::<f32>((splits * rows * t_stride) as usize) }?;
+            let [shrink, expand] = grouped_kernel_names(suffix);
+            let func = dev.get_or_load_custom_func(&shrink, MODULE, LORA_PTX)?;
+            let mut launch = func.builder();
+            launch.arg(&x).arg(&map).arg(&a).arg(&ranks).arg(&mut t);
+            launch.arg(&in_f).arg(&t_stride).arg(&rows).arg(&split_len);
+            let cfg = config(grouped_shrink_launch(n, self.max_rank, splits, rows));
+            // SAFETY: the arguments match the kernel's signature in kernels/cuda/lora.cu; x has
+            // rows × in elements, t splits × rows × t_stride, the tables n entries and one
+            // entry per row, each below n or NO_ADAPTER; every rank is at most t_stride; the
+            // shared memory holds `rows` u32 (rows ≤ GROUPED_MAX_ROWS).
+            unsafe { launch.launch(cfg) }.w()?;
+            let func = dev.get_or_load_custom_func(&expand, MODULE, LORA_PTX)?;
+            let mut launch = func.builder();
+            launch.arg(&t).arg(&map).arg(&b).arg(&ranks).arg(&mut y);
+            launch.arg(&out_f).arg(&t_stride).arg(&rows).arg(&splits);
+            let cfg = config(grouped_expand_launch(n, out_f, rows));
+            // SAFETY: as above; y has rows × out elements.
+            unsafe { launch.launch(cfg) }.w()?;
+            return Ok(());
+        }
         // SAFETY: the shrink kernel writes t[row, j] for every mapped row and j below its
         // adapter's rank before the expand kernel reads exactly those entries.
         let mut t = unsafe { dev.alloc::<f32>(rows * t_stride as usize) }?;
@@ -199,39 +235,39 @@ impl CudaLoraOp {
         } else {
             (&names[1], &names[3])
         };
-        let (in_f, out_f) = (in_features as u32, out_features as u32);
 
         let func = dev.get_or_load_custom_func(shrink, MODULE, LORA_PTX)?;
         let (grid_dim, block_dim) = shrink_launch(self.units, self.max_rank, self.longest);
         let mut launch = func.builder();
         launch.arg(&x).arg(&map).arg(&a).arg(&ranks).arg(&mut t);
         launch.arg(&in_f).arg(&t_stride);
-        let cfg = LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        };
+        let cfg = config((grid_dim, block_dim, 0));
         // SAFETY: the arguments match the kernel's signature in kernels/cuda/lora.cu; x has
         // rows × in elements, t rows × t_stride, the tables n entries and one entry per row
         // (or three per segment) whose indices are below n and rows (checked by the caller's
         // mapping); every rank is at most t_stride.
         unsafe { launch.launch(cfg) }.w()?;
 
-        let y_all = ys.as_cuda_slice_mut::<T>()?;
-        let mut y = y_all.slice_mut(y0..y1);
         let func = dev.get_or_load_custom_func(expand, MODULE, LORA_PTX)?;
         let (grid_dim, block_dim) = expand_launch(self.units, out_f, self.longest);
         let mut launch = func.builder();
         launch.arg(&t).arg(&map).arg(&b).arg(&ranks).arg(&mut y);
         launch.arg(&out_f).arg(&t_stride);
-        let cfg = LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        };
+        let cfg = config((grid_dim, block_dim, 0));
         // SAFETY: as above; y has rows × out elements.
         unsafe { launch.launch(cfg) }.w()?;
         Ok(())
+    }
+}
+
+/// A launch configuration from `(grid, block, shared bytes)`.
+fn config(
+    (grid_dim, block_dim, shared_mem_bytes): ((u32, u32, u32), (u32, u32, u32), u32),
+) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim,
+        block_dim,
+        shared_mem_bytes,
     }
 }
 

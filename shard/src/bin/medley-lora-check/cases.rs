@@ -121,6 +121,25 @@ pub fn cases(device: &Device) -> Vec<Case> {
             mapping: KernelRows::PerRow(vec![0, 1, 0, 1, 1, 0, 0]),
             zero_y: true,
         });
+        // An input width that splits unevenly, and adapters with more rows than the grouped
+        // kernels take at once (8): 45 rows, 20 of them on adapter 0.
+        let table: Vec<u32> = (0..45u32)
+            .map(|r| match r % 9 {
+                0 => NO_ADAPTER,
+                k if k < 5 => 0,
+                k => k % 4,
+            })
+            .collect();
+        out.push(Case {
+            name: format!("bgmv {dtype:?} r8/16/64/128 in 1000"),
+            dtype,
+            rows: 45,
+            in_features: 1000,
+            out_features: 333,
+            ranks: vec![8, 16, 64, 128],
+            mapping: KernelRows::PerRow(table),
+            zero_y: false,
+        });
     }
     out
 }

@@ -22,6 +22,7 @@ use std::process::ExitCode;
 
 use candle_core::DType;
 use clap::Parser;
+use medley_shard::adapters::lora_op::{BgmvKernels, KernelRows, set_bgmv_kernels};
 use medley_shard::device::DeviceSpec;
 
 #[derive(Parser)]
@@ -55,74 +56,116 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<bool> {
     let device = cli.device.open(0)?;
-    println!("## LoRA kernels vs the reference ({})\n", cli.device);
+    // Decode (BGMV) rows go through both CUDA kernel sets; the CPU has one.
+    let variants: &[BgmvKernels] = if device.is_cpu() {
+        &[BgmvKernels::PerRow]
+    } else {
+        &BgmvKernels::ALL
+    };
+    let default = BgmvKernels::current();
+    let mut all_ok = lora_checks(&device, &cli.device, variants)?;
+    set_bgmv_kernels(default);
+    all_ok &= attention_checks(&device)?;
+    if cli.bench {
+        bandwidth_table(&device, variants, cli.iters)?;
+        set_bgmv_kernels(default);
+        op_cost_table(&device, cli.iters)?;
+    }
+    println!("\nresult: {}", if all_ok { "pass" } else { "FAIL" });
+    Ok(all_ok)
+}
+
+/// The LoRA cases against the reference, BGMV ones through each of `variants`. Returns whether
+/// every case passed.
+fn lora_checks(
+    device: &candle_core::Device,
+    spec: &DeviceSpec,
+    variants: &[BgmvKernels],
+) -> anyhow::Result<bool> {
+    println!("## LoRA kernels vs the reference ({spec})\n");
     println!("| case | rows | in → out | rel. error | bound | unmapped rows changed | |");
     println!("|---|---:|---|---:|---:|---:|---|");
     let mut all_ok = true;
-    for (k, case) in cases::cases(&device).iter().enumerate() {
-        let o = cases::run(case, &device, 100 + k as u64)?;
-        all_ok &= o.passed();
-        println!(
-            "| {} | {} | {} → {} | {:.2e} | {:.0e} | {} | {} |",
-            case.name,
-            case.rows,
-            case.in_features,
-            case.out_features,
-            o.rel_err,
-            o.tolerance,
-            o.unmapped_changed,
-            if o.passed() { "ok" } else { "**FAIL**" }
-        );
+    for (k, case) in cases::cases(device).into_iter().enumerate() {
+        let kernels: &[BgmvKernels] = match case.mapping {
+            KernelRows::PerRow(_) => variants,
+            KernelRows::Segments(_) => &[BgmvKernels::PerRow],
+        };
+        for &v in kernels {
+            set_bgmv_kernels(v);
+            let o = cases::run(&case, device, 100 + k as u64)?;
+            all_ok &= o.passed();
+            let label = match v {
+                BgmvKernels::Grouped => " (grouped)",
+                BgmvKernels::PerRow => "",
+            };
+            println!(
+                "| {}{label} | {} | {} → {} | {:.2e} | {:.0e} | {} | {} |",
+                case.name,
+                case.rows,
+                case.in_features,
+                case.out_features,
+                o.rel_err,
+                o.tolerance,
+                o.unmapped_changed,
+                if o.passed() { "ok" } else { "**FAIL**" }
+            );
+        }
     }
-    all_ok &= attention_checks(&device)?;
-    if cli.bench {
-        let copy = bench::copy_gbps(&device, 1024, cli.iters.clamp(5, 20))?;
-        println!("\n## LoRA bandwidth at decode (device-to-device copy: {copy:.0} GB/s)\n");
-        println!(
-            "Host-paced: a loop of calls, as an eager forward issues them. GPU: the calls queued \
-             behind a stream-holding kernel and timed by events (the GPU's time alone). Uploads: \
-             device tables uploaded during the GPU-timed calls.\n"
-        );
-        println!(
-            "| dtype | projection | rows | adapters × rank | host-paced µs/call | GB/s | of copy \
-             | GPU µs/call | GB/s | of copy | uploads |"
-        );
-        println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
-        for dtype in [DType::BF16, DType::F32] {
-            if device.is_cpu() && dtype != DType::F32 {
-                continue;
-            }
+    Ok(all_ok)
+}
+
+/// The LoRA op's bandwidth at decode shapes, through each of `variants`, against a
+/// device-to-device copy.
+fn bandwidth_table(
+    device: &candle_core::Device,
+    variants: &[BgmvKernels],
+    iters: usize,
+) -> anyhow::Result<()> {
+    let copy = bench::copy_gbps(device, 1024, iters.clamp(5, 20))?;
+    println!("\n## LoRA bandwidth at decode (device-to-device copy: {copy:.0} GB/s)\n");
+    println!(
+        "Host-paced: a loop of calls, as an eager forward issues them. GPU: the calls queued \
+         behind a stream-holding kernel and timed by events (the GPU's time alone). Uploads: \
+         device tables uploaded during the GPU-timed calls.\n"
+    );
+    println!(
+        "| kernels | dtype | projection | rows | adapters × rank | host-paced µs/call | GB/s \
+         | of copy | GPU µs/call | GB/s | of copy | uploads |"
+    );
+    println!("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    let dtypes: &[DType] = if device.is_cpu() {
+        &[DType::F32]
+    } else {
+        &[DType::BF16, DType::F32]
+    };
+    for &kernels in variants {
+        set_bgmv_kernels(kernels);
+        for &dtype in dtypes {
             for (rows, adapters, rank) in [(32, 8, 16), (32, 8, 64), (1, 1, 16)] {
-                for r in bench::lora_rows(&device, dtype, rows, adapters, rank, cli.iters)? {
-                    let (gpu_us, gpu_gbps, gpu_share) = match (r.gpu_micros, r.gpu_gbps()) {
-                        (Some(us), Some(g)) => (
-                            format!("{us:.1}"),
-                            format!("{g:.0}"),
-                            format!("{:.0}%", 100.0 * g / copy),
-                        ),
-                        _ => ("-".into(), "-".into(), "-".into()),
+                for r in bench::lora_rows(device, dtype, rows, adapters, rank, iters)? {
+                    let share = |gbps: f64| format!("{:.0}%", 100.0 * gbps / copy);
+                    let gpu = match (r.gpu_micros, r.gpu_gbps()) {
+                        (Some(us), Some(g)) => format!("{us:.1} | {g:.0} | {}", share(g)),
+                        _ => "- | - | -".into(),
                     };
                     println!(
-                        "| {dtype:?} | {} | {} | {} × {} | {:.1} | {:.0} | {:.0}% | {gpu_us} | \
-                         {gpu_gbps} | {gpu_share} | {} |",
+                        "| {} | {dtype:?} | {} | {} | {} × {} | {:.1} | {:.0} | {} | {gpu} | {} |",
+                        kernels.name(),
                         r.name,
                         r.rows,
                         r.adapters,
                         r.rank,
                         r.micros,
                         r.gbps(),
-                        100.0 * r.gbps() / copy,
+                        share(r.gbps()),
                         r.uploads,
                     );
                 }
             }
         }
     }
-    if cli.bench {
-        op_cost_table(&device, cli.iters)?;
-    }
-    println!("\nresult: {}", if all_ok { "pass" } else { "FAIL" });
-    Ok(all_ok)
+    Ok(())
 }
 
 /// What a decode step's candle ops cost: host-paced against GPU time.
