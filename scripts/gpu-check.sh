@@ -281,6 +281,24 @@ bf16_require=16
 step "compare bf16" 30 compare "medley $device bf16 vs transformers+peft $device bf16" \
   tokens-hf-bf16.json "tokens-medley-$device-bf16.json" --require "$bf16_require"
 
+# A trained model: the demo of tests/fixtures/demo (4 layers, hidden 128) with its adapters sql
+# and ad as a0 and a1 (the TIES merge takes those two: PEFT merges equal ranks only, and the
+# third demo adapter has rank 16). Its logits have a trained model's margins, so its bf16 tokens
+# test the numerics rather than the near-ties of random weights. Required on a GPU like the
+# random model's; reported only in the CPU dry run, for the same reason as above.
+demo="$root/tests/fixtures/demo"
+mkdir -p "$work/demo-adapters"
+cp -r "$demo/adapters/sql" "$work/demo-adapters/a0"
+cp -r "$demo/adapters/ad" "$work/demo-adapters/a1"
+server_model="$demo/base" server_adapters="$work/demo-adapters" merge_adapters=2 \
+  step "medley $device bf16 tokens, trained demo model" 120 medley_tokens demo-bf16 "$device" bf16
+step "transformers+peft $device bf16 tokens, trained demo model" 240 \
+  "$py" "$check" hf-tokens --model "$demo/base" --adapters "$work/demo-adapters" --dtype bf16 \
+  --merge-adapters 2 --device "$device" --out "$res/tokens-hf-demo-bf16.json"
+step "compare demo bf16" 30 compare \
+  "trained demo model: medley $device bf16 vs transformers+peft $device bf16 (merge a0+a1)" \
+  tokens-hf-demo-bf16.json tokens-medley-demo-bf16.json --require "$bf16_require"
+
 if [ "$mode" = gpu ]; then
   step "medley cpu f32 tokens" 300 medley_tokens cpu-f32 cpu f32
   step "compare gpu vs cpu" 30 compare "medley cuda f32 vs medley cpu f32" \

@@ -183,6 +183,9 @@ def make_goldens():
         cfg = model.peft_config[case]
         assert not cfg.use_rslora, "merged scale must be 1 (adapter 0 is not rsLoRA)"
         model.set_adapter(case)
+        # The merged adapter's layers are new modules in training mode: its LoRA dropout (the
+        # first adapter's lora_dropout) must not be active.
+        model.eval()
         meta = dict(name=case, adapters=adapters, weights=weights, strategy=combo,
                     density=kw.get("density"), majority_sign_method=kw.get("majority_sign_method", "total"))
         record(model, case, tensors, meta, base_greedy)

@@ -327,6 +327,9 @@ def main():
         model.add_weighted_adapter(adapters, weights, case, combination_type=combo, **kw)
         assert not model.peft_config[case].use_rslora, "merged scale must be 1 (adapter 0 is not rsLoRA)"
         model.set_adapter(case)
+        # The merged adapter's layers are new modules in training mode: its LoRA dropout (the
+        # first adapter's lora_dropout) must not be active.
+        model.eval()
         info["cases"].append(dict(name=case, adapters=adapters, weights=weights, strategy=combo,
                                   density=kw.get("density"),
                                   majority_sign_method=kw.get("majority_sign_method")))

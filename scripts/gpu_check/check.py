@@ -235,6 +235,9 @@ def hf_tokens(args):
     model.add_weighted_adapter(MERGE["ids"], MERGE["weights"], "ties", combination_type="ties",
                                density=MERGE["density"], majority_sign_method="total")
     model.set_adapter("ties")
+    # The merged adapter's layers are new modules, created in training mode: without this its
+    # LoRA dropout (the first adapter's lora_dropout) would be active.
+    model.eval()
     record("ties", model)
     out["versions"] = versions()
     write(args.out, out)
@@ -361,13 +364,15 @@ def report(args):
         lines.append(f"| {c['name']} | {req} | " + " | ".join(cells)
                      + f" | {'pass' if c['pass'] else 'FAIL'} |")
     lines.append("")
-    ref = os.path.join(d, "tokens-hf-f32.json")
-    if os.path.exists(ref):
-        r = read(ref)["cases"]
-        differ = {c: sum(a != b for a, b in zip(r.get(c, []), r["base"])) for c in CASES[1:]}
-        lines += ["Cases whose tokens differ from the base model's (transformers f32; a case equal to "
-                  "the base would not test the adapter path): "
-                  + ", ".join(f"{c} {n}/{len(PROMPTS)} prompts" for c, n in differ.items()), ""]
+    # A case whose tokens equal the base model's would not test the adapter path.
+    for f, model in (("tokens-hf-f32.json", "random model, transformers f32"),
+                     ("tokens-hf-demo-bf16.json", "trained demo model, transformers bf16")):
+        ref = os.path.join(d, f)
+        if os.path.exists(ref):
+            r = read(ref)["cases"]
+            differ = {c: sum(a != b for a, b in zip(r.get(c, []), r["base"])) for c in CASES[1:]}
+            lines += [f"Cases whose tokens differ from the base model's ({model}): "
+                      + ", ".join(f"{c} {n}/{len(PROMPTS)} prompts" for c, n in differ.items()), ""]
     ms = os.path.join(d, "speed-medley.json")
     if os.path.exists(ms):
         s = read(ms)
@@ -513,14 +518,17 @@ def ints(text):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    merge_help = "adapters of the TIES merge: the first N of a0, a1, a2 (PEFT needs equal ranks)"
     p = sub.add_parser("medley-tokens")
     p.add_argument("--url", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--merge-adapters", type=int, default=3, choices=[2, 3], help=merge_help)
     p = sub.add_parser("hf-tokens")
     for a in ("--model", "--adapters", "--out"):
         p.add_argument(a, required=True)
     p.add_argument("--dtype", default="f32")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--merge-adapters", type=int, default=3, choices=[2, 3], help=merge_help)
     p.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
                    help="transformers' attention: eager (the reference) or sdpa (its fused "
                         "kernels, to show how far the oracle itself moves in half precision)")
@@ -555,6 +563,8 @@ def main():
     for a in ("--dir", "--title", "--command"):
         p.add_argument(a, required=True)
     args = ap.parse_args()
+    n = getattr(args, "merge_adapters", 3)
+    MERGE["ids"], MERGE["weights"] = MERGE["ids"][:n], MERGE["weights"][:n]
     fn = {"medley-tokens": medley_tokens, "hf-tokens": hf_tokens, "compare": compare,
           "medley-speed": medley_speed, "hf-speed": hf_speed, "report": report}[args.cmd]
     sys.exit(fn(args) or 0)

@@ -41,7 +41,8 @@ stop_servers() {
 
 # start_server NAME DEVICE DTYPE [SHARDS [COMM]]: starts `medley serve` (SHARDS tensor-parallel
 # ranks, default 1; collectives COMM = --tp-comm, default auto) on ports of its own and waits
-# until /health answers; sets server_url.
+# until /health answers; sets server_url. Serves $server_model with $server_adapters when set
+# (default $model, $adapters).
 start_server() {
   local name="$1" dev="$2" dtype="$3" shards="${4:-1}" comm="${5:-auto}"
   local n port
@@ -49,9 +50,9 @@ start_server() {
   # Below Linux's ephemeral range (32768+), so no outgoing connection holds it (CI once failed
   # with "address already in use" on a port up there).
   port=$((20000 + (($$ % 2000) * 2 + 100 * n) % 12000))
-  "$medley" serve --model "$model" --device "$dev" --dtype "$dtype" --num-shard "$shards" \
-    --tp-comm "$comm" \
-    --adapter-root "$adapters" \
+  "$medley" serve --model "${server_model:-$model}" --device "$dev" --dtype "$dtype" \
+    --num-shard "$shards" --tp-comm "$comm" \
+    --adapter-root "${server_adapters:-$adapters}" \
     --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$work/sock-$name" \
     >"$res/server-$name.log" 2>&1 &
   local pid=$!
@@ -73,10 +74,11 @@ start_server() {
 }
 
 # medley_tokens NAME DEVICE DTYPE [SHARDS [COMM]]: greedy tokens of every case ->
-# tokens-medley-NAME.json.
+# tokens-medley-NAME.json (the merge of the first $merge_adapters adapters, default 3).
 medley_tokens() {
   start_server "$@" || return 1
-  "$py" "$check" medley-tokens --url "$server_url" --out "$res/tokens-medley-$1.json"
+  "$py" "$check" medley-tokens --url "$server_url" --out "$res/tokens-medley-$1.json" \
+    --merge-adapters "${merge_adapters:-3}"
 }
 
 # medley_tokens_and_speed NAME DEVICE DTYPE: the tokens, then the speed table, on one server
