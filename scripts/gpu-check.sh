@@ -41,9 +41,9 @@
 # On the project's lent GPU machine (no Rust there): run scripts/cuda/build.sh here, then one call
 # that carries target/release-cuda/{medley,medley-fixture,medley-merge-dev,medley-lora-check}.xz
 # (about 25 MB) with
-#   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~5 min: the
+#   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~6 min: the
 #   three runs of 2026-12-04 took 200-246 s, before the repeated speed runs, transformers' sdpa
-#   timing and the grouped-kernel server were added)
+#   timing, the trained demo model and the grouped-kernel server were added)
 # and commit the returned report under bench/results/.
 set -uo pipefail
 
