@@ -5,13 +5,9 @@
 //! half-precision RMSNorm and SiLU·mul of `kernels/cuda/fused.cu` ([`FUSED_PTX`]); and for
 //! benchmarks, the stream-holding kernel of `kernels/cuda/timing.cu` ([`TIMING_PTX`]).
 //!
-//! Launch shapes (one thread block per row or segment, and per slice of the output):
-//! * shrink: grid `(rows or segments, ceil(max rank / 8))`, block 256 (8 warps, one `j` each);
-//! * expand: grid `(rows or segments, ceil(out / 256))`, block 256.
-//!
-//! Segments travel as `u32` triples `(start, len, adapter)`; per-row mappings as one `u32` per
-//! row ([`crate::NO_ADAPTER`] skips the row); adapters as device arrays of factor pointers and
-//! ranks. Ranks are at most [`MAX_RANK`].
+//! Names and launch shapes are in [`crate::launch`], re-exported here.
+
+pub use crate::launch::*;
 
 /// The PTX module of every LoRA kernel.
 pub const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
@@ -28,158 +24,6 @@ pub const TIMING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/timing.ptx"
 
 /// The name of the stream-holding kernel in [`TIMING_PTX`].
 pub const SPIN_KERNEL: &str = "medley_spin";
-
-/// Activation types of the fused kernels.
-pub const FUSED_DTYPES: [&str; 2] = ["bf16", "f16"];
-
-/// The fused kernel names for activations of type `dtype` (one of [`FUSED_DTYPES`]): RMSNorm,
-/// SiLU·mul.
-pub fn fused_kernel_names(dtype: &str) -> [String; 2] {
-    ["rms_norm", "silu_mul"].map(|k| format!("medley_{k}_{dtype}"))
-}
-
-/// The `(grid, block)` of a fused RMSNorm over `rows` rows.
-pub fn rms_norm_launch(rows: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
-    ((rows.max(1), 1, 1), (256, 1, 1))
-}
-
-/// The `(grid, block)` of a fused SiLU·mul over `n` elements.
-pub fn elementwise_launch(n: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
-    ((n.div_ceil(256).max(1), 1, 1), (256, 1, 1))
-}
-
-/// Largest head dimension the attention kernel holds in registers.
-pub const MAX_HEAD_DIM: usize = 256;
-
-/// The attention kernel names for activations of type `dtype` (one of [`DTYPES`]): the KV
-/// write, the paged attention.
-pub fn attention_kernel_names(dtype: &str) -> [String; 2] {
-    ["kv_write", "paged_attention"].map(|k| format!("medley_{k}_{dtype}"))
-}
-
-/// The `(grid, block)` of a KV write over `rows` rows.
-pub fn kv_write_launch(rows: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
-    ((rows.max(1), 1, 1), (256, 1, 1))
-}
-
-/// The `(grid, block)` of a paged attention launch: one block of 4 warps per (row, query head).
-pub fn attention_launch(rows: u32, heads: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
-    ((rows.max(1), heads.max(1), 1), (128, 1, 1))
-}
-
-/// Largest rank the expand kernels stage in shared memory.
-pub const MAX_RANK: usize = 128;
-
-/// Activation types the kernels are built for (the suffix of their names).
-pub const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
-
-/// The kernel names for activations of type `dtype` (one of [`DTYPES`]): BGMV shrink, SGMV
-/// shrink, BGMV expand, SGMV expand.
-pub fn kernel_names(dtype: &str) -> [String; 4] {
-    ["bgmv_shrink", "sgmv_shrink", "bgmv_expand", "sgmv_expand"]
-        .map(|k| format!("medley_{k}_{dtype}"))
-}
-
-/// The grouped BGMV kernel names for activations of type `dtype` (one of [`DTYPES`]): shrink,
-/// expand. They take a decode step's rows one adapter per block (see `lora.cu`), so an adapter's
-/// factors are read once per block instead of once per row.
-pub fn grouped_kernel_names(dtype: &str) -> [String; 2] {
-    ["bgmv_shrink_grouped", "bgmv_expand_grouped"].map(|k| format!("medley_{k}_{dtype}"))
-}
-
-/// Most rows a grouped BGMV launch takes (their list sits in shared memory, 4 bytes a row).
-pub const GROUPED_MAX_ROWS: usize = 8192;
-
-/// Blocks a grouped shrink aims for (two per SM of a 132-SM H100/H200): the input dimension is
-/// split until the launch has about this many.
-const GROUPED_TARGET_BLOCKS: u32 = 264;
-
-/// How a grouped shrink splits the `in_features` dimension for `adapters` adapters of rank up
-/// to `max_rank`: `(splits, split_len)`, `split_len` a multiple of 32 (a warp's stride) of at
-/// least 256 values, and `splits * split_len >= in_features`.
-pub fn grouped_splits(adapters: u32, max_rank: u32, in_features: u32) -> (u32, u32) {
-    let blocks = adapters.max(1) * max_rank.div_ceil(8).max(1);
-    let wanted = GROUPED_TARGET_BLOCKS.div_ceil(blocks).max(1);
-    let most = (in_features / 256).max(1);
-    let len = in_features
-        .div_ceil(wanted.min(most))
-        .next_multiple_of(32)
-        .max(32);
-    (in_features.div_ceil(len).max(1), len)
-}
-
-/// The `(grid, block, shared bytes)` of a grouped shrink over `rows` rows.
-pub fn grouped_shrink_launch(
-    adapters: u32,
-    max_rank: u32,
-    splits: u32,
-    rows: u32,
-) -> ((u32, u32, u32), (u32, u32, u32), u32) {
-    (
-        (adapters.max(1), max_rank.div_ceil(8).max(1), splits.max(1)),
-        (256, 1, 1),
-        4 * rows,
-    )
-}
-
-/// The `(grid, block, shared bytes)` of a grouped expand over `rows` rows.
-pub fn grouped_expand_launch(
-    adapters: u32,
-    out_features: u32,
-    rows: u32,
-) -> ((u32, u32, u32), (u32, u32, u32), u32) {
-    (
-        (adapters.max(1), out_features.div_ceil(256).max(1), 1),
-        (256, 1, 1),
-        4 * rows,
-    )
-}
-
-/// Rows of one segment an SGMV block takes (`SGMV_ROWS` in `lora.cu`).
-pub const SGMV_ROWS: u32 = 4;
-
-/// The `(grid, block)` of a shrink launch over `units` rows (BGMV, `longest` 1) or segments
-/// (SGMV, `longest` = the longest segment's rows).
-pub fn shrink_launch(
-    units: u32,
-    max_rank: u32,
-    longest: u32,
-) -> ((u32, u32, u32), (u32, u32, u32)) {
-    (
-        (units, max_rank.div_ceil(8).max(1), row_blocks(longest)),
-        (256, 1, 1),
-    )
-}
-
-/// The `(grid, block)` of an expand launch over `units` rows or segments (`longest` as for
-/// [`shrink_launch`]).
-pub fn expand_launch(
-    units: u32,
-    out_features: u32,
-    longest: u32,
-) -> ((u32, u32, u32), (u32, u32, u32)) {
-    (
-        (
-            units,
-            out_features.div_ceil(256).max(1),
-            row_blocks(longest),
-        ),
-        (256, 1, 1),
-    )
-}
-
-/// Blocks along a segment of `rows` rows.
-fn row_blocks(rows: u32) -> u32 {
-    rows.div_ceil(SGMV_ROWS).max(1)
-}
-
-/// Segments in the kernels' wire form: `(start, len, adapter)` triples.
-pub fn segment_triples(segments: &[crate::Segment]) -> Vec<u32> {
-    segments
-        .iter()
-        .flat_map(|s| [s.start as u32, s.len as u32, s.adapter as u32])
-        .collect()
-}
 
 #[cfg(test)]
 mod tests {
@@ -207,41 +51,6 @@ mod tests {
     }
 
     #[test]
-    fn grouped_splits_cover_the_input_in_warp_multiples() {
-        for adapters in [1, 3, 8, 64] {
-            for rank in [1, 8, 16, 64, 128] {
-                for inf in [1, 31, 64, 257, 511, 1000, 2048, 4096, 14336] {
-                    let (splits, len) = grouped_splits(adapters, rank, inf);
-                    assert!(len % 32 == 0 && len >= 32, "{adapters} {rank} {inf}: {len}");
-                    assert!(splits * len >= inf, "{adapters} {rank} {inf}");
-                    // No split starts past the end (every split has work).
-                    assert!((splits - 1) * len < inf.max(1), "{adapters} {rank} {inf}");
-                    let blocks = adapters * rank.div_ceil(8);
-                    // Split only while the launch is short of blocks, into slices of 256+.
-                    if blocks >= GROUPED_TARGET_BLOCKS || inf <= 256 {
-                        assert_eq!(splits, 1, "{adapters} {rank} {inf}");
-                    }
-                    if splits > 1 {
-                        assert!(len >= 256, "{adapters} {rank} {inf}: {len}");
-                    }
-                }
-            }
-        }
-        // 8 adapters of rank 16 over 4096 inputs: 16 blocks, split 16 ways (256 each).
-        assert_eq!(grouped_splits(8, 16, 4096), (16, 256));
-        // Rank 64: 64 blocks, 5 wanted, 820 → 832 values a split.
-        assert_eq!(grouped_splits(8, 64, 4096), (5, 832));
-        assert_eq!(
-            grouped_shrink_launch(8, 16, 16, 32),
-            ((8, 2, 16), (256, 1, 1), 128)
-        );
-        assert_eq!(
-            grouped_expand_launch(8, 4099, 32),
-            ((8, 17, 1), (256, 1, 1), 128)
-        );
-    }
-
-    #[test]
     fn the_attention_ptx_holds_every_entry_point() {
         for dtype in DTYPES {
             for name in attention_kernel_names(dtype) {
@@ -260,38 +69,5 @@ mod tests {
             }
         }
         assert!(TIMING_PTX.contains(&format!(".entry {SPIN_KERNEL}(")));
-        assert_eq!(elementwise_launch(257), ((2, 1, 1), (256, 1, 1)));
-        assert_eq!(rms_norm_launch(3), ((3, 1, 1), (256, 1, 1)));
-        assert_eq!(attention_launch(3, 32), ((3, 32, 1), (128, 1, 1)));
-        assert_eq!(kv_write_launch(0), ((1, 1, 1), (256, 1, 1)));
-    }
-
-    #[test]
-    fn launch_shapes_cover_every_rank_and_output() {
-        assert_eq!(shrink_launch(5, 16, 1), ((5, 2, 1), (256, 1, 1)));
-        assert_eq!(shrink_launch(5, 17, 1), ((5, 3, 1), (256, 1, 1)));
-        assert_eq!(shrink_launch(1, 128, 1), ((1, 16, 1), (256, 1, 1)));
-        assert_eq!(expand_launch(3, 2048, 1), ((3, 8, 1), (256, 1, 1)));
-        assert_eq!(expand_launch(3, 2049, 1), ((3, 9, 1), (256, 1, 1)));
-        // A 32-row segment spreads over 8 blocks of 4 rows; 33 rows over 9.
-        assert_eq!(shrink_launch(1, 16, 32), ((1, 2, 8), (256, 1, 1)));
-        assert_eq!(expand_launch(2, 256, 33), ((2, 1, 9), (256, 1, 1)));
-    }
-
-    #[test]
-    fn segments_become_triples() {
-        let segs = [
-            crate::Segment {
-                start: 0,
-                len: 3,
-                adapter: 1,
-            },
-            crate::Segment {
-                start: 5,
-                len: 2,
-                adapter: 0,
-            },
-        ];
-        assert_eq!(segment_triples(&segs), [0, 3, 1, 5, 2, 0]);
     }
 }

@@ -29,6 +29,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod launch;
 pub mod matmul;
 pub mod qmatmul;
 pub mod reference;

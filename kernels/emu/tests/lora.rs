@@ -1,0 +1,373 @@
+//! `kernels/cuda/lora.cu` on the CPU emulator against `medley_kernels::reference` (f64
+//! accumulation): every entry point (BGMV per row and grouped, SGMV), f32/bf16/f16 activations
+//! with f32 factors, launched with the shapes the GPU launcher computes
+//! (`medley_kernels::launch`). The intermediate starts as NaN, so an expand that reads an entry
+//! no shrink wrote poisons its rows; rows without an adapter must stay unchanged bit for bit.
+
+use medley_kernels::launch::{
+    expand_launch, grouped_expand_launch, grouped_kernel_names, grouped_shrink_launch,
+    grouped_splits, kernel_names, segment_triples, shrink_launch,
+};
+use medley_kernels::testing::values;
+use medley_kernels::{Dims, Factors, NO_ADAPTER, RowMapping, Segment, reference};
+use medley_kernels_emu::{launch, param};
+
+/// An activation type of the kernels.
+trait Act: Copy {
+    /// The kernels' name suffix.
+    const SUFFIX: &'static str;
+    /// Relative error bound (as `medley-lora-check`'s): f32 sums against f64; half precision
+    /// rounds the inputs and the result once.
+    const TOLERANCE: f64;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Act for f32 {
+    const SUFFIX: &'static str = "f32";
+    const TOLERANCE: f64 = 1e-5;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Act for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const TOLERANCE: f64 = 1e-2;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Act for half::f16 {
+    const SUFFIX: &'static str = "f16";
+    const TOLERANCE: f64 = 2e-3;
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Which kernels a case runs.
+#[derive(Debug, Clone)]
+enum Mapping {
+    /// BGMV, one adapter per row, through the per-row kernels.
+    PerRow(Vec<u32>),
+    /// BGMV through the grouped kernels.
+    Grouped(Vec<u32>),
+    /// SGMV over segments.
+    Segments(Vec<Segment>),
+}
+
+struct Case {
+    /// Launch the expand over one block of outputs fewer than it needs (the failure test).
+    short_expand: bool,
+    rows: usize,
+    in_features: usize,
+    out_features: usize,
+    ranks: Vec<usize>,
+    mapping: Mapping,
+}
+
+/// What a run measured: the worst error relative to the largest expected output, and the
+/// elements of rows without an adapter that changed.
+fn run<T: Act>(case: &Case, seed: u64) -> (f64, usize) {
+    let (rows, inf, outf) = (case.rows, case.in_features, case.out_features);
+    let round =
+        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|e| T::from_f32(e).to_f32()).collect() };
+    let x = round(values(rows * inf, seed));
+    let y0 = round(values(rows * outf, seed + 1));
+    let scaled = |v: Vec<f32>, fan_in: usize| -> Vec<f32> {
+        let s = 1.0 / (fan_in as f32).sqrt();
+        v.into_iter().map(|e| e * s).collect()
+    };
+    let factors: Vec<(Vec<f32>, Vec<f32>)> = case
+        .ranks
+        .iter()
+        .enumerate()
+        .map(|(k, &r)| {
+            (
+                scaled(values(r * inf, seed + 10 + k as u64), inf),
+                scaled(values(r * outf, seed + 20 + k as u64), r),
+            )
+        })
+        .collect();
+    let max_rank = case.ranks.iter().copied().max().unwrap_or(1);
+
+    let (per_row, segments) = match &case.mapping {
+        Mapping::PerRow(t) | Mapping::Grouped(t) => (Some(t.as_slice()), None),
+        Mapping::Segments(s) => (None, Some(s.as_slice())),
+    };
+    let mapping = match (per_row, segments) {
+        (Some(t), _) => RowMapping::PerRow(t),
+        (None, Some(s)) => RowMapping::Segments(s),
+        (None, None) => unreachable!(),
+    };
+    let mut want = y0.clone();
+    let refs: Vec<Factors<'_, [f32]>> = factors
+        .iter()
+        .zip(&case.ranks)
+        .map(|((a, b), &rank)| Factors {
+            rank,
+            a: a.as_slice(),
+            b_t: b.as_slice(),
+        })
+        .collect();
+    let dims = Dims {
+        rows,
+        in_features: inf,
+        out_features: outf,
+        t_stride: max_rank,
+    };
+    reference::add_lora(dims, &x, mapping, &refs, &mut want).expect("reference");
+
+    // The kernels' operands, as the CUDA launcher passes them.
+    let mut xs: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let mut ys: Vec<T> = y0.iter().map(|&v| T::from_f32(v)).collect();
+    let mut a_ptrs: Vec<*const f32> = factors.iter().map(|(a, _)| a.as_ptr()).collect();
+    let mut b_ptrs: Vec<*const f32> = factors.iter().map(|(_, b)| b.as_ptr()).collect();
+    let mut ranks: Vec<u32> = case.ranks.iter().map(|&r| r as u32).collect();
+    let mut map: Vec<u32> = match (per_row, segments) {
+        (Some(t), _) => t.to_vec(),
+        (None, Some(s)) => segment_triples(s),
+        (None, None) => unreachable!(),
+    };
+    let (n, t_stride) = (case.ranks.len() as u32, max_rank as u32);
+    let (mut in_f, mut out_f, mut stride) = (inf as u32, outf as u32, t_stride);
+    let (mut x_p, mut y_p) = (xs.as_mut_ptr(), ys.as_mut_ptr());
+    let (mut a_p, mut b_p) = (a_ptrs.as_mut_ptr(), b_ptrs.as_mut_ptr());
+    let (mut ranks_p, mut map_p) = (ranks.as_mut_ptr(), map.as_mut_ptr());
+    let names = kernel_names(T::SUFFIX);
+    match &case.mapping {
+        Mapping::Grouped(_) => {
+            let (splits, split_len) = grouped_splits(n, t_stride, in_f);
+            let mut t = vec![f32::NAN; splits as usize * rows * max_rank];
+            let mut t_p = t.as_mut_ptr();
+            let (mut rows_u, mut split_len, mut splits_v) = (rows as u32, split_len, splits);
+            let [shrink, expand] = grouped_kernel_names(T::SUFFIX);
+            let mut params = [
+                param(&mut x_p),
+                param(&mut map_p),
+                param(&mut a_p),
+                param(&mut ranks_p),
+                param(&mut t_p),
+                param(&mut in_f),
+                param(&mut stride),
+                param(&mut rows_u),
+                param(&mut split_len),
+            ];
+            let shape = grouped_shrink_launch(n, t_stride, splits, rows as u32);
+            // SAFETY: the parameters are the kernel's, in order; the buffers hold what the
+            // launch reads and writes (t: splits × rows × t_stride).
+            unsafe { launch(&shrink, shape, &mut params) }.expect("shrink");
+            let mut params = [
+                param(&mut t_p),
+                param(&mut map_p),
+                param(&mut b_p),
+                param(&mut ranks_p),
+                param(&mut y_p),
+                param(&mut out_f),
+                param(&mut stride),
+                param(&mut rows_u),
+                param(&mut splits_v),
+            ];
+            let mut shape = grouped_expand_launch(n, out_f, rows as u32);
+            if case.short_expand {
+                shape.0.1 -= 1;
+            }
+            // SAFETY: as above.
+            unsafe { launch(&expand, shape, &mut params) }.expect("expand");
+        }
+        m => {
+            let (units, longest, shrink, expand) = match m {
+                Mapping::Segments(s) => (
+                    s.len() as u32,
+                    s.iter().map(|s| s.len).max().unwrap_or(1) as u32,
+                    &names[1],
+                    &names[3],
+                ),
+                _ => (rows as u32, 1, &names[0], &names[2]),
+            };
+            let mut t = vec![f32::NAN; rows * max_rank];
+            let mut t_p = t.as_mut_ptr();
+            let mut params = [
+                param(&mut x_p),
+                param(&mut map_p),
+                param(&mut a_p),
+                param(&mut ranks_p),
+                param(&mut t_p),
+                param(&mut in_f),
+                param(&mut stride),
+            ];
+            let (grid, block) = shrink_launch(units, t_stride, longest);
+            // SAFETY: as above (t: rows × t_stride).
+            unsafe { launch(shrink, (grid, block, 0), &mut params) }.expect("shrink");
+            let mut params = [
+                param(&mut t_p),
+                param(&mut map_p),
+                param(&mut b_p),
+                param(&mut ranks_p),
+                param(&mut y_p),
+                param(&mut out_f),
+                param(&mut stride),
+            ];
+            let (grid, block) = expand_launch(units, out_f, longest);
+            // SAFETY: as above.
+            unsafe { launch(expand, (grid, block, 0), &mut params) }.expect("expand");
+        }
+    }
+
+    let mut mapped = vec![false; rows];
+    match (per_row, segments) {
+        (Some(t), _) => t
+            .iter()
+            .enumerate()
+            .for_each(|(r, &a)| mapped[r] = a != NO_ADAPTER),
+        (None, Some(s)) => s
+            .iter()
+            .for_each(|s| mapped[s.start..s.start + s.len].fill(true)),
+        (None, None) => unreachable!(),
+    }
+    let (mut err, mut scale, mut changed) = (0f64, 0f64, 0usize);
+    for (r, &m) in mapped.iter().enumerate() {
+        for o in r * outf..(r + 1) * outf {
+            let got = ys[o].to_f32();
+            if m {
+                err = err.max((got as f64 - want[o] as f64).abs());
+                scale = scale.max((want[o] as f64).abs());
+            } else if got.to_bits() != y0[o].to_bits() {
+                changed += 1;
+            }
+        }
+    }
+    (if scale > 0.0 { err / scale } else { err }, changed)
+}
+
+/// The cases of `medley-lora-check` (its decode table with every third row unmapped, its
+/// ragged segments with gaps) plus a decode table with an adapter of 20 rows (more than the
+/// grouped kernels take at once) over an input width that splits unevenly.
+fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    for ranks in [vec![8], vec![16], vec![64], vec![8, 16, 64, 128]] {
+        let n = ranks.len() as u32;
+        let table: Vec<u32> = (0..32u32)
+            .map(|r| if r % 3 == 0 { NO_ADAPTER } else { r % n })
+            .collect();
+        for mapping in [Mapping::PerRow(table.clone()), Mapping::Grouped(table)] {
+            out.push(Case {
+                short_expand: false,
+                rows: 32,
+                in_features: 2048,
+                out_features: 600,
+                ranks: ranks.clone(),
+                mapping,
+            });
+        }
+        let mut segments = Vec::new();
+        let mut start = 0;
+        for (k, len) in [1usize, 7, 33, 5, 100].into_iter().enumerate() {
+            segments.push(Segment {
+                start,
+                len,
+                adapter: k % ranks.len(),
+            });
+            start += len + if k == 2 { 5 } else { 0 };
+        }
+        out.push(Case {
+            short_expand: false,
+            rows: start + 10,
+            in_features: 1000,
+            out_features: 333,
+            ranks,
+            mapping: Mapping::Segments(segments),
+        });
+    }
+    let table: Vec<u32> = (0..45u32)
+        .map(|r| match r % 9 {
+            0 => NO_ADAPTER,
+            k if k < 5 => 0,
+            k => k % 4,
+        })
+        .collect();
+    for mapping in [Mapping::PerRow(table.clone()), Mapping::Grouped(table)] {
+        out.push(Case {
+            short_expand: false,
+            rows: 45,
+            in_features: 1000,
+            out_features: 333,
+            ranks: vec![8, 16, 64, 128],
+            mapping,
+        });
+    }
+    out
+}
+
+fn check_all<T: Act>() {
+    for (k, case) in cases().iter().enumerate() {
+        let (err, changed) = run::<T>(case, 100 + k as u64);
+        assert!(
+            err <= T::TOLERANCE && changed == 0,
+            "{} case {k} ({:?}, ranks {:?}): relative error {err:.2e} (bound {:.0e}), {changed} \
+             unmapped elements changed",
+            T::SUFFIX,
+            case.mapping_name(),
+            case.ranks,
+            T::TOLERANCE
+        );
+    }
+}
+
+impl Case {
+    fn mapping_name(&self) -> &'static str {
+        match self.mapping {
+            Mapping::PerRow(_) => "bgmv",
+            Mapping::Grouped(_) => "bgmv grouped",
+            Mapping::Segments(_) => "sgmv",
+        }
+    }
+}
+
+#[test]
+fn lora_kernels_f32_match_the_reference() {
+    check_all::<f32>();
+}
+
+#[test]
+fn lora_kernels_bf16_match_the_reference() {
+    check_all::<half::bf16>();
+}
+
+#[test]
+fn lora_kernels_f16_match_the_reference() {
+    check_all::<half::f16>();
+}
+
+#[test]
+fn an_unknown_kernel_is_refused() {
+    let err = unsafe { launch("medley_nothing", ((1, 1, 1), (1, 1, 1), 0), &mut []) };
+    assert!(err.is_err());
+}
+
+/// The check can fail: a grouped expand launched over one output block too few leaves the last
+/// outputs of every mapped row unwritten, and the comparison sees it.
+#[test]
+fn a_short_launch_is_caught() {
+    let case = cases()
+        .into_iter()
+        .find(|c| matches!(c.mapping, Mapping::Grouped(_)))
+        .unwrap();
+    let short = Case {
+        short_expand: true,
+        ..case
+    };
+    let (err, changed) = run::<f32>(&short, 7);
+    assert!(err > 1e-3 && changed == 0, "{err} {changed}");
+}
