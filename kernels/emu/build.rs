@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 /// The CUDA sources emulated, each with its `cpp/<name>.cpp` registry.
-const SOURCES: [&str; 1] = ["lora"];
+const SOURCES: [&str; 3] = ["lora", "fused", "attention"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
@@ -32,6 +32,7 @@ fn main() {
             .expect("writing the rewritten source");
         build.file(cpp.join(format!("{name}.cpp")));
     }
+    build.file(cpp.join("emu.cpp"));
     build.compile("medley_cuda_emu");
     println!("cargo::rustc-link-lib=pthread");
 }

@@ -21,7 +21,9 @@
 //! (the transpose of PEFT's `lora_B`, multiplied by the adapter's scale).
 //!
 //! With the `cuda` feature, `cuda` holds the same four kernels in CUDA C (`kernels/cuda/lora.cu`),
-//! compiled to PTX by nvcc at build time.
+//! compiled to PTX by nvcc at build time; [`launch`] has their names and launch shapes, and the
+//! `medley-kernels-emu` crate (`kernels/emu`) runs the CUDA sources on the CPU under an emulation
+//! of CUDA, so CI checks them against [`reference`](mod@reference) without a GPU.
 //!
 //! [`matmul`] holds the base-model side of a decode step: `y = x Wᵀ` for a few rows of `x`,
 //! streaming the projection weight once per call.

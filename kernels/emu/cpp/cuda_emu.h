@@ -58,32 +58,9 @@ constexpr size_t STACK_BYTES = 128 * 1024;
 #if defined(__x86_64__)
 // medley_emu_switch(save, next): saves the callee-saved registers on the current stack, stores
 // its pointer in *save, and resumes the stack `next` (which a previous switch saved, or
-// start_stack prepared).
+// start_stack prepared). Defined once, in emu.cpp.
 extern "C" void medley_emu_switch(void** save, void* next);
-asm(R"(
-.text
-.p2align 4
-.globl medley_emu_switch
-.hidden medley_emu_switch
-.type medley_emu_switch, @function
-medley_emu_switch:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-.size medley_emu_switch, .-medley_emu_switch
-)");
+
 
 // A fresh stack whose first switch enters `entry` (which must never return).
 inline void* start_stack(char* base, size_t bytes, void (*entry)()) {

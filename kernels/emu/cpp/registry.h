@@ -31,3 +31,21 @@ Launcher entry(void (*k)(P...)) {
 }
 
 }  // namespace emu
+
+// Defines `extern "C" int medley_emu_launch_<file>(name, grid, block, shared, params)` over the
+// kernels listed: launches kernel `name` over grid[3] blocks of block[3] threads with `shared`
+// bytes of dynamic shared memory, `params[i]` pointing to the i-th parameter's value. Returns
+// 0, or 1 when no kernel of this file has that name.
+#define MEDLEY_EMU_REGISTRY(FILE, ...)                                                          \
+  extern "C" int medley_emu_launch_##FILE(const char* name, const uint32_t* grid,              \
+                                          const uint32_t* block, size_t shared, void** params) { \
+    static const std::map<std::string, emu::Launcher> kernels = {__VA_ARGS__};                 \
+    auto k = kernels.find(name);                                                               \
+    if (k == kernels.end()) return 1;                                                          \
+    k->second(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), shared,     \
+              params);                                                                         \
+    return 0;                                                                                  \
+  }
+
+// A registry entry: the kernel under its own name.
+#define MEDLEY_EMU_KERNEL(K) {#K, emu::entry(K)}

@@ -1,13 +1,23 @@
-//! Medley's CUDA kernels run on the CPU: the CUDA C sources of `kernels/cuda` compiled as C++
-//! against an emulation of the CUDA execution model (`cpp/cuda_emu.h`: a launch runs its blocks
-//! in turn and each block's threads as OS threads, with barriers for `__syncthreads` and an
-//! exchange buffer for warp shuffles). Tests drive the kernels through [`launch`] with the same
-//! launch shapes the GPU launchers compute (`medley_kernels::launch`) and compare them with the
+//! Medley's CUDA kernels run on the CPU: the CUDA C sources of `kernels/cuda` (the LoRA, paged
+//! attention and fused kernels) compiled as C++ against an emulation of the CUDA execution
+//! model (`cpp/cuda_emu.h`: a launch runs its blocks in turn, each block's threads as fibers
+//! switched at barriers, warp shuffles through an exchange buffer, a barrier that can never be
+//! reached reported as a deadlock). Tests drive the kernels through [`launch`] with the same
+//! launch shapes the GPU launchers compute (`medley_kernels::launch`) and compare them with
 //! reference loops, so that a kernel's indexing and arithmetic are checked on every CI run, not
 //! only on the rare runs with a GPU. Speed, coalescing and races between blocks are out of its
-//! reach.
+//! reach; the GPU check (`scripts/gpu-check.sh`) still runs the same comparisons on a GPU.
 
 use std::ffi::{CString, c_void};
+
+/// The C entry of each emulated CUDA source (`cpp/registry.h`).
+type Entry = unsafe extern "C" fn(
+    name: *const std::ffi::c_char,
+    grid: *const u32,
+    block: *const u32,
+    shared: usize,
+    params: *mut *mut c_void,
+) -> i32;
 
 unsafe extern "C" {
     fn medley_emu_launch_lora(
@@ -17,7 +27,28 @@ unsafe extern "C" {
         shared: usize,
         params: *mut *mut c_void,
     ) -> i32;
+    fn medley_emu_launch_fused(
+        name: *const std::ffi::c_char,
+        grid: *const u32,
+        block: *const u32,
+        shared: usize,
+        params: *mut *mut c_void,
+    ) -> i32;
+    fn medley_emu_launch_attention(
+        name: *const std::ffi::c_char,
+        grid: *const u32,
+        block: *const u32,
+        shared: usize,
+        params: *mut *mut c_void,
+    ) -> i32;
 }
+
+/// Every emulated source: `kernels/cuda/{lora,fused,attention}.cu`.
+const SOURCES: [Entry; 3] = [
+    medley_emu_launch_lora,
+    medley_emu_launch_fused,
+    medley_emu_launch_attention,
+];
 
 /// Why a launch did not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +70,8 @@ impl std::error::Error for LaunchError {}
 /// One launch's shape: grid, block and bytes of dynamic shared memory.
 pub type LaunchShape = ((u32, u32, u32), (u32, u32, u32), u32);
 
-/// Runs kernel `name` of `kernels/cuda/lora.cu` over `shape` on the CPU, blocking until it is
-/// done. `params[i]` points to the value of the kernel's `i`-th parameter (as for
+/// Runs kernel `name` (an entry point of `kernels/cuda/*.cu`) over `shape` on the CPU, blocking
+/// until it is done. `params[i]` points to the value of the kernel's `i`-th parameter (as for
 /// `cuLaunchKernel`); device pointers are host pointers here.
 ///
 /// # Safety
@@ -55,24 +86,73 @@ pub unsafe fn launch(
     let c_name = CString::new(name).map_err(|_| LaunchError::UnknownKernel(name.into()))?;
     let grid = [gx, gy, gz];
     let block = [bx, by, bz];
-    // SAFETY: the name is NUL-terminated, grid and block hold three values each, and the
-    // caller vouches for `params`.
-    let rc = unsafe {
-        medley_emu_launch_lora(
-            c_name.as_ptr(),
-            grid.as_ptr(),
-            block.as_ptr(),
-            shared as usize,
-            params.as_mut_ptr(),
-        )
-    };
-    match rc {
-        0 => Ok(()),
-        _ => Err(LaunchError::UnknownKernel(name.into())),
+    for entry in SOURCES {
+        // SAFETY: the name is NUL-terminated, grid and block hold three values each, and the
+        // caller vouches for `params` (a source that does not have the kernel returns 1
+        // without reading them).
+        let rc = unsafe {
+            entry(
+                c_name.as_ptr(),
+                grid.as_ptr(),
+                block.as_ptr(),
+                shared as usize,
+                params.as_mut_ptr(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
     }
+    Err(LaunchError::UnknownKernel(name.into()))
 }
 
 /// A pointer to `value` as a launch parameter.
 pub fn param<T>(value: &mut T) -> *mut c_void {
     (value as *mut T).cast()
+}
+
+/// An activation type of the kernels.
+pub trait Act: Copy {
+    /// The kernels' name suffix.
+    const SUFFIX: &'static str;
+    /// Relative error bound of a kernel against an f64 reference (as `medley-lora-check`'s):
+    /// f32 sums against f64; half precision rounds the inputs and the result once.
+    const TOLERANCE: f64;
+    /// `v` rounded to this type.
+    fn from_f32(v: f32) -> Self;
+    /// The value, widened.
+    fn to_f32(self) -> f32;
+}
+
+impl Act for f32 {
+    const SUFFIX: &'static str = "f32";
+    const TOLERANCE: f64 = 1e-5;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Act for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const TOLERANCE: f64 = 1e-2;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Act for half::f16 {
+    const SUFFIX: &'static str = "f16";
+    const TOLERANCE: f64 = 2e-3;
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
 }

@@ -10,51 +10,7 @@ use medley_kernels::launch::{
 };
 use medley_kernels::testing::values;
 use medley_kernels::{Dims, Factors, NO_ADAPTER, RowMapping, Segment, reference};
-use medley_kernels_emu::{launch, param};
-
-/// An activation type of the kernels.
-trait Act: Copy {
-    /// The kernels' name suffix.
-    const SUFFIX: &'static str;
-    /// Relative error bound (as `medley-lora-check`'s): f32 sums against f64; half precision
-    /// rounds the inputs and the result once.
-    const TOLERANCE: f64;
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-
-impl Act for f32 {
-    const SUFFIX: &'static str = "f32";
-    const TOLERANCE: f64 = 1e-5;
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl Act for half::bf16 {
-    const SUFFIX: &'static str = "bf16";
-    const TOLERANCE: f64 = 1e-2;
-    fn from_f32(v: f32) -> Self {
-        half::bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        self.to_f32()
-    }
-}
-
-impl Act for half::f16 {
-    const SUFFIX: &'static str = "f16";
-    const TOLERANCE: f64 = 2e-3;
-    fn from_f32(v: f32) -> Self {
-        half::f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        self.to_f32()
-    }
-}
+use medley_kernels_emu::{Act, launch, param};
 
 /// Which kernels a case runs.
 #[derive(Debug, Clone)]

@@ -1,0 +1,117 @@
+//! `kernels/cuda/fused.cu` on the CPU emulator: the half-precision RMSNorm and SiLU·mul against
+//! their formulas (transformers' rounding points, evaluated in f64 for the norm's sum), with the
+//! GPU launcher's shapes.
+
+use medley_kernels::launch::{elementwise_launch, rms_norm_launch};
+use medley_kernels::testing::values;
+use medley_kernels_emu::{Act, launch, param};
+
+/// Worst |got − want| over the largest |want|.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - *w as f64).abs())
+        .fold(0.0, f64::max);
+    let scale = want.iter().map(|w| (*w as f64).abs()).fold(0.0, f64::max);
+    err / scale.max(f64::MIN_POSITIVE)
+}
+
+fn rms_norm<T: Act>(rows: usize, hidden: usize) -> f64 {
+    let x: Vec<T> = values(rows * hidden, 1)
+        .into_iter()
+        .map(|v| T::from_f32(3.0 * v))
+        .collect();
+    let w: Vec<T> = values(hidden, 2)
+        .into_iter()
+        .map(|v| T::from_f32(1.0 + v / 2.0))
+        .collect();
+    let eps = 1e-5f32;
+    // out = T(w * T(x * rsqrt(mean(x²) + eps))), x widened.
+    let mut want = Vec::with_capacity(rows * hidden);
+    for r in 0..rows {
+        let row = &x[r * hidden..(r + 1) * hidden];
+        let ss: f64 = row.iter().map(|v| (v.to_f32() as f64).powi(2)).sum();
+        let inv = (1.0 / (ss / hidden as f64 + eps as f64).sqrt()) as f32;
+        for (v, w) in row.iter().zip(&w) {
+            let n = T::from_f32(v.to_f32() * inv).to_f32();
+            want.push(T::from_f32(w.to_f32() * n).to_f32());
+        }
+    }
+    let mut out = vec![T::from_f32(f32::NAN); rows * hidden];
+    let (mut xp, mut wp, mut op) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+    let (mut h, mut e) = (hidden as u32, eps);
+    let mut params = [
+        param(&mut xp),
+        param(&mut wp),
+        param(&mut op),
+        param(&mut h),
+        param(&mut e),
+    ];
+    let (grid, block) = rms_norm_launch(rows as u32);
+    let name = format!("medley_rms_norm_{}", T::SUFFIX);
+    // SAFETY: the parameters are the kernel's; x and out hold rows × hidden values, w hidden.
+    unsafe { launch(&name, (grid, block, 0), &mut params) }.expect("launch");
+    let got: Vec<f32> = out.iter().map(|v| v.to_f32()).collect();
+    rel_err(&got, &want)
+}
+
+fn silu_mul<T: Act>(n: usize) -> f64 {
+    let gate: Vec<T> = values(n, 3)
+        .into_iter()
+        .map(|v| T::from_f32(8.0 * v))
+        .collect();
+    let up: Vec<T> = values(n, 4).into_iter().map(T::from_f32).collect();
+    // out = T(T(silu(f32(gate))) * up).
+    let want: Vec<f32> = gate
+        .iter()
+        .zip(&up)
+        .map(|(g, u)| {
+            let g = g.to_f32();
+            let s = T::from_f32(g / (1.0 + (-g).exp())).to_f32();
+            T::from_f32(s * u.to_f32()).to_f32()
+        })
+        .collect();
+    let mut out = vec![T::from_f32(f32::NAN); n];
+    let (mut gp, mut upp, mut op) = (gate.as_ptr(), up.as_ptr(), out.as_mut_ptr());
+    let mut len = n as u32;
+    let mut params = [
+        param(&mut gp),
+        param(&mut upp),
+        param(&mut op),
+        param(&mut len),
+    ];
+    let (grid, block) = elementwise_launch(n as u32);
+    let name = format!("medley_silu_mul_{}", T::SUFFIX);
+    // SAFETY: the parameters are the kernel's; every buffer holds n values.
+    unsafe { launch(&name, (grid, block, 0), &mut params) }.expect("launch");
+    let got: Vec<f32> = out.iter().map(|v| v.to_f32()).collect();
+    rel_err(&got, &want)
+}
+
+/// Shapes with a partial last pass of the block over the row (4099 = 16 × 256 + 3) and a
+/// partial last block of the elementwise grid.
+fn check<T: Act>() {
+    for (rows, hidden) in [(7, 2048), (3, 4099), (1, 64)] {
+        let err = rms_norm::<T>(rows, hidden);
+        assert!(
+            err <= T::TOLERANCE,
+            "rms_norm {} {rows}×{hidden}: {err:.2e}",
+            T::SUFFIX
+        );
+    }
+    for n in [7 * 5632, 1, 257] {
+        let err = silu_mul::<T>(n);
+        assert!(err <= T::TOLERANCE, "silu_mul {} {n}: {err:.2e}", T::SUFFIX);
+    }
+}
+
+#[test]
+fn fused_bf16_kernels_match_their_formulas() {
+    check::<half::bf16>();
+}
+
+#[test]
+fn fused_f16_kernels_match_their_formulas() {
+    check::<half::f16>();
+}
