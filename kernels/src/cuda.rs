@@ -2,7 +2,8 @@
 //! (see `build.rs`), for f32, bf16 and f16 activations, and loaded by name into a CUDA context:
 //! the LoRA kernels of `kernels/cuda/lora.cu` ([`LORA_PTX`], f32 factors) and the paged
 //! attention and KV-cache write of `kernels/cuda/attention.cu` ([`ATTENTION_PTX`]), and the
-//! half-precision RMSNorm and SiLU·mul of `kernels/cuda/fused.cu` ([`FUSED_PTX`]); and for
+//! half-precision RMSNorm (alone or after the residual add) and SiLU·mul of
+//! `kernels/cuda/fused.cu` ([`FUSED_PTX`]); and for
 //! benchmarks, the stream-holding kernel of `kernels/cuda/timing.cu` ([`TIMING_PTX`]).
 //!
 //! Names and launch shapes are in [`crate::launch`], re-exported here.
@@ -15,7 +16,7 @@ pub const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 /// The PTX module of the paged attention and KV-cache write kernels.
 pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
-/// The PTX module of the fused half-precision RMSNorm and SiLU·mul kernels.
+/// The PTX module of the fused half-precision RMSNorm, add + RMSNorm and SiLU·mul kernels.
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 
 /// The PTX module of `medley_spin(ns)`, which holds its stream for `ns` nanoseconds (grid 1,

@@ -15,12 +15,12 @@
 pub const FUSED_DTYPES: [&str; 2] = ["bf16", "f16"];
 
 /// The fused kernel names for activations of type `dtype` (one of [`FUSED_DTYPES`]): RMSNorm,
-/// SiLU·mul.
-pub fn fused_kernel_names(dtype: &str) -> [String; 2] {
-    ["rms_norm", "silu_mul"].map(|k| format!("medley_{k}_{dtype}"))
+/// SiLU·mul, residual add + RMSNorm.
+pub fn fused_kernel_names(dtype: &str) -> [String; 3] {
+    ["rms_norm", "silu_mul", "add_rms_norm"].map(|k| format!("medley_{k}_{dtype}"))
 }
 
-/// The `(grid, block)` of a fused RMSNorm over `rows` rows.
+/// The `(grid, block)` of a fused RMSNorm (or residual add + RMSNorm) over `rows` rows.
 pub fn rms_norm_launch(rows: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
     ((rows.max(1), 1, 1), (256, 1, 1))
 }

@@ -3,6 +3,8 @@
 
 #include "fused.emu.cu"
 
-MEDLEY_EMU_REGISTRY(fused, MEDLEY_EMU_KERNEL(medley_rms_norm_bf16),
-                    MEDLEY_EMU_KERNEL(medley_silu_mul_bf16), MEDLEY_EMU_KERNEL(medley_rms_norm_f16),
-                    MEDLEY_EMU_KERNEL(medley_silu_mul_f16))
+#define FUSED_KERNELS(S)                                                       \
+  MEDLEY_EMU_KERNEL(medley_rms_norm_##S), MEDLEY_EMU_KERNEL(medley_silu_mul_##S), \
+      MEDLEY_EMU_KERNEL(medley_add_rms_norm_##S)
+
+MEDLEY_EMU_REGISTRY(fused, FUSED_KERNELS(bf16), FUSED_KERNELS(f16))

@@ -1,6 +1,6 @@
-//! `kernels/cuda/fused.cu` on the CPU emulator: the half-precision RMSNorm and SiLU·mul against
-//! their formulas (transformers' rounding points, evaluated in f64 for the norm's sum), with the
-//! GPU launcher's shapes.
+//! `kernels/cuda/fused.cu` on the CPU emulator: the half-precision RMSNorm, residual add +
+//! RMSNorm and SiLU·mul against their formulas (transformers' rounding points, evaluated in f64
+//! for the norm's sum), with the GPU launcher's shapes.
 
 use medley_kernels::launch::{elementwise_launch, rms_norm_launch};
 use medley_kernels::testing::values;
@@ -17,6 +17,21 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     err / scale.max(f64::MIN_POSITIVE)
 }
 
+/// `T(w * T(x * rsqrt(mean(x²) + eps)))` per row of `x` (values of `T`, widened), the sum of
+/// squares in f64.
+fn norm_rows<T: Act>(x: &[f32], w: &[T], hidden: usize, eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(hidden) {
+        let ss: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum();
+        let inv = (1.0 / (ss / hidden as f64 + eps as f64).sqrt()) as f32;
+        for (v, w) in row.iter().zip(w) {
+            let n = T::from_f32(v * inv).to_f32();
+            out.push(T::from_f32(w.to_f32() * n).to_f32());
+        }
+    }
+    out
+}
+
 fn rms_norm<T: Act>(rows: usize, hidden: usize) -> f64 {
     let x: Vec<T> = values(rows * hidden, 1)
         .into_iter()
@@ -27,17 +42,8 @@ fn rms_norm<T: Act>(rows: usize, hidden: usize) -> f64 {
         .map(|v| T::from_f32(1.0 + v / 2.0))
         .collect();
     let eps = 1e-5f32;
-    // out = T(w * T(x * rsqrt(mean(x²) + eps))), x widened.
-    let mut want = Vec::with_capacity(rows * hidden);
-    for r in 0..rows {
-        let row = &x[r * hidden..(r + 1) * hidden];
-        let ss: f64 = row.iter().map(|v| (v.to_f32() as f64).powi(2)).sum();
-        let inv = (1.0 / (ss / hidden as f64 + eps as f64).sqrt()) as f32;
-        for (v, w) in row.iter().zip(&w) {
-            let n = T::from_f32(v.to_f32() * inv).to_f32();
-            want.push(T::from_f32(w.to_f32() * n).to_f32());
-        }
-    }
+    let widened: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let want = norm_rows::<T>(&widened, &w, hidden, eps);
     let mut out = vec![T::from_f32(f32::NAN); rows * hidden];
     let (mut xp, mut wp, mut op) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
     let (mut h, mut e) = (hidden as u32, eps);
@@ -54,6 +60,50 @@ fn rms_norm<T: Act>(rows: usize, hidden: usize) -> f64 {
     unsafe { launch(&name, (grid, block, 0), &mut params) }.expect("launch");
     let got: Vec<f32> = out.iter().map(|v| v.to_f32()).collect();
     rel_err(&got, &want)
+}
+
+/// The residual add and RMSNorm in one launch: the sum (torch's half-precision add) must be
+/// exact, the normalised row as [`rms_norm`]'s.
+fn add_rms_norm<T: Act>(rows: usize, hidden: usize) -> (f64, f64) {
+    let n = rows * hidden;
+    let x: Vec<T> = values(n, 5)
+        .into_iter()
+        .map(|v| T::from_f32(3.0 * v))
+        .collect();
+    let a: Vec<T> = values(n, 6).into_iter().map(T::from_f32).collect();
+    let w: Vec<T> = values(hidden, 7)
+        .into_iter()
+        .map(|v| T::from_f32(1.0 + v / 2.0))
+        .collect();
+    let eps = 1e-5f32;
+    let want_sum: Vec<f32> = x
+        .iter()
+        .zip(&a)
+        .map(|(x, a)| T::from_f32(x.to_f32() + a.to_f32()).to_f32())
+        .collect();
+    let want = norm_rows::<T>(&want_sum, &w, hidden, eps);
+    let mut sum = vec![T::from_f32(f32::NAN); n];
+    let mut out = vec![T::from_f32(f32::NAN); n];
+    let (mut xp, mut ap, mut wp) = (x.as_ptr(), a.as_ptr(), w.as_ptr());
+    let (mut sp, mut op) = (sum.as_mut_ptr(), out.as_mut_ptr());
+    let (mut h, mut e) = (hidden as u32, eps);
+    let mut params = [
+        param(&mut xp),
+        param(&mut ap),
+        param(&mut wp),
+        param(&mut sp),
+        param(&mut op),
+        param(&mut h),
+        param(&mut e),
+    ];
+    let (grid, block) = rms_norm_launch(rows as u32);
+    let name = format!("medley_add_rms_norm_{}", T::SUFFIX);
+    // SAFETY: the parameters are the kernel's; x, a, sum and out hold rows × hidden values, w
+    // hidden.
+    unsafe { launch(&name, (grid, block, 0), &mut params) }.expect("launch");
+    let got_sum: Vec<f32> = sum.iter().map(|v| v.to_f32()).collect();
+    let got: Vec<f32> = out.iter().map(|v| v.to_f32()).collect();
+    (rel_err(&got_sum, &want_sum), rel_err(&got, &want))
 }
 
 fn silu_mul<T: Act>(n: usize) -> f64 {
@@ -97,6 +147,19 @@ fn check<T: Act>() {
         assert!(
             err <= T::TOLERANCE,
             "rms_norm {} {rows}×{hidden}: {err:.2e}",
+            T::SUFFIX
+        );
+    }
+    for (rows, hidden) in [(7, 2048), (3, 4099)] {
+        let (sum_err, err) = add_rms_norm::<T>(rows, hidden);
+        assert!(
+            sum_err == 0.0,
+            "add_rms_norm {} sum: {sum_err:.2e}",
+            T::SUFFIX
+        );
+        assert!(
+            err <= T::TOLERANCE,
+            "add_rms_norm {} {rows}×{hidden}: {err:.2e}",
             T::SUFFIX
         );
     }

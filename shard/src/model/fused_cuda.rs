@@ -1,13 +1,13 @@
-//! One-launch RMSNorm and SiLU·mul for half-precision activations on a GPU
-//! (`kernels/cuda/fused.cu`), rounding where transformers rounds: they replace the chains of
-//! candle ops of [`super::layers::RmsNorm`] (widen, normalise, narrow, scale) and of the MLP's
-//! `silu(gate) * up` (widen, SiLU, narrow, multiply). `MEDLEY_CUDA_FUSED=off` keeps the chains
-//! (for comparisons).
+//! One-launch RMSNorm, residual add + RMSNorm and SiLU·mul for half-precision activations on a
+//! GPU (`kernels/cuda/fused.cu`), rounding where transformers rounds: they replace the chains of
+//! candle ops of [`super::layers::RmsNorm`] (widen, normalise, narrow, scale; with the residual
+//! add before it, the add too) and of the MLP's `silu(gate) * up` (widen, SiLU, narrow,
+//! multiply). `MEDLEY_CUDA_FUSED=off` keeps the chains (for comparisons).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use medley_kernels::cuda::{FUSED_PTX, elementwise_launch, fused_kernel_names, rms_norm_launch};
 
 /// The name the PTX module is cached under in candle's device.
@@ -24,6 +24,22 @@ pub(crate) fn serves(x: &Tensor) -> bool {
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     x.contiguous()?
         .apply_op2_no_bwd(&w.contiguous()?, &Fused::RmsNorm { eps })
+}
+
+/// The residual sum `x + a` and its RMSNorm with weight `w`, in one launch: `(sum, normed)`,
+/// both `[rows, hidden]` (two halves of one allocation).
+pub(crate) fn add_rms_norm(
+    x: &Tensor,
+    a: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let both = x.contiguous()?.apply_op3_no_bwd(
+        &a.contiguous()?,
+        &w.contiguous()?,
+        &AddRmsNorm { eps },
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
 }
 
 /// `silu(gate) * up` for two tensors of one shape.
@@ -131,6 +147,98 @@ impl CustomOp2 for Fused {
         match s1.dtype() {
             DType::BF16 => self.run::<half::bf16>(s1, l1, s2, l2, "bf16"),
             DType::F16 => self.run::<half::f16>(s1, l1, s2, l2, "f16"),
+            other => candle_core::bail!("{}: no kernel for {other:?}", self.name()),
+        }
+    }
+}
+
+/// The residual add + RMSNorm: `[2, rows, hidden]` holding the sum, then the normalised rows.
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl AddRmsNorm {
+    fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        &self,
+        (sx, lx): (&CudaStorage, &Layout),
+        (sa, la): (&CudaStorage, &Layout),
+        (sw, lw): (&CudaStorage, &Layout),
+        suffix: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = sx.device.clone();
+        let (rows, hidden) = lx.shape().dims2()?;
+        if la.shape() != lx.shape() || lw.shape().dims1()? != hidden {
+            candle_core::bail!(
+                "add_rms_norm: x {:?}, a {:?}, weight {:?}",
+                lx.shape(),
+                la.shape(),
+                lw.shape()
+            );
+        }
+        let n = rows * hidden;
+        let shape = Shape::from((2, rows, hidden));
+        // SAFETY: the launch writes all 2n elements (none when n is 0).
+        let mut both = unsafe { dev.alloc::<T>(2 * n) }?;
+        if n == 0 {
+            return Ok((CudaStorage::wrap_cuda_slice(both, dev), shape));
+        }
+        let x = sx.as_cuda_slice::<T>()?.slice(range(lx)?);
+        let a = sa.as_cuda_slice::<T>()?.slice(range(la)?);
+        let w = sw.as_cuda_slice::<T>()?.slice(range(lw)?);
+        let (mut sum, mut out) = both.split_at_mut(n);
+        let name = &fused_kernel_names(suffix)[2];
+        let func = dev.get_or_load_custom_func(name, MODULE, FUSED_PTX)?;
+        let mut launch = func.builder();
+        let hidden = hidden as u32;
+        launch.arg(&x).arg(&a).arg(&w).arg(&mut sum).arg(&mut out);
+        launch.arg(&hidden).arg(&self.eps);
+        let (grid_dim, block_dim) = rms_norm_launch(rows as u32);
+        let cfg = LaunchConfig {
+            grid_dim,
+            block_dim,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches medley_add_rms_norm_* in kernels/cuda/fused.cu; x, a, sum and out
+        // have rows × hidden elements, w hidden.
+        unsafe { launch.launch(cfg) }.w()?;
+        drop(launch);
+        Ok((CudaStorage::wrap_cuda_slice(both, dev), shape))
+    }
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "medley-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA tensors only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sa: &CudaStorage,
+        la: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if sx.dtype() != sa.dtype() || sx.dtype() != sw.dtype() {
+            candle_core::bail!("{}: operands of several dtypes", self.name());
+        }
+        let ops = ((sx, lx), (sa, la), (sw, lw));
+        match sx.dtype() {
+            DType::BF16 => self.run::<half::bf16>(ops.0, ops.1, ops.2, "bf16"),
+            DType::F16 => self.run::<half::f16>(ops.0, ops.1, ops.2, "f16"),
             other => candle_core::bail!("{}: no kernel for {other:?}", self.name()),
         }
     }

@@ -80,6 +80,20 @@ pub fn check_fused_ops(device: &Device) -> Result<Vec<KernelCheck>, ModelError> 
                 tolerance,
             });
         }
+        for (rows, hidden) in [(7usize, 2048usize), (3, 4099)] {
+            let x = on(random(rows * hidden, 15, dtype)?, &[rows, hidden])?;
+            let a = on(random(rows * hidden, 16, dtype)?, &[rows, hidden])?;
+            let w = on(random(hidden, 17, dtype)?, &[hidden])?;
+            let norm = RmsNorm::new(w, 1e-5)?;
+            let (sum, normed) = norm.add_forward(&x, &a)?;
+            let (want_sum, want) = norm.add_forward_unfused(&x, &a)?;
+            out.push(KernelCheck {
+                name: format!("fused add+rms_norm {dtype:?} {rows}×{hidden}"),
+                rows,
+                rel_err: rel_err(&sum, &want_sum)?.max(rel_err(&normed, &want)?),
+                tolerance,
+            });
+        }
         let (rows, n) = (7usize, 5632usize);
         let gate = on(
             random(rows * n, 13, dtype)?

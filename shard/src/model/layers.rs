@@ -289,6 +289,29 @@ impl RmsNorm {
         self.forward_unfused(x)
     }
 
+    /// The residual sum `x + a` (in `x`'s dtype, as transformers adds) and its normalisation:
+    /// `(sum, normed)`. One fused kernel for half precision on a GPU; an add and
+    /// [`RmsNorm::forward`] elsewhere.
+    pub fn add_forward(&self, x: &Tensor, a: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if self.ones.is_some() && super::fused_cuda::serves(x) {
+            return super::fused_cuda::add_rms_norm(x, a, &self.weight, self.eps);
+        }
+        // Without the fused kernel, `forward` is `forward_unfused`.
+        self.add_forward_unfused(x, a)
+    }
+
+    /// [`RmsNorm::add_forward`] through candle ops only (the reference of the fused kernel).
+    pub(crate) fn add_forward_unfused(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let sum = (x + a)?;
+        let normed = self.forward_unfused(&sum)?;
+        Ok((sum, normed))
+    }
+
     /// [`RmsNorm::forward`] through candle ops only (the reference of the fused kernel).
     pub(crate) fn forward_unfused(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.ones {

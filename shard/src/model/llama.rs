@@ -342,14 +342,23 @@ impl LlamaModel {
             kv,
             gpu: gpu.as_ref(),
         };
+        // Each residual add goes with the RMSNorm after it (one kernel on a GPU in half
+        // precision): `h` is the normalised input of the next sublayer.
+        let mut h = match self.layers.first() {
+            Some(first) => first.input_norm.forward(&x)?,
+            None => x.clone(),
+        };
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(&x)?;
             // o_proj and down_proj produce this rank's partial sums (LoRA included).
             let a = layer.attn.forward(l, &h, &step, lora)?;
-            x = (x + self.comm.all_reduce_sum_tensor(&a)?)?;
-            let h = layer.post_norm.forward(&x)?;
+            let a = self.comm.all_reduce_sum_tensor(&a)?;
+            (x, h) = layer.post_norm.add_forward(&x, &a)?;
             let m = layer.mlp.forward(l, &h, lora, &plan.row_slots)?;
-            x = (x + self.comm.all_reduce_sum_tensor(&m)?)?;
+            let m = self.comm.all_reduce_sum_tensor(&m)?;
+            match self.layers.get(l + 1) {
+                Some(next) => (x, h) = next.input_norm.add_forward(&x, &m)?,
+                None => x = (x + m)?,
+            }
         }
         // Normalise and project only the rows whose logits are returned.
         let x = if plan.logit_rows.len() == rows {
