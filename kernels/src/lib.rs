@@ -56,6 +56,73 @@ pub mod testing {
             .collect()
     }
 
+    /// A decode table of `rows` rows over 4 adapters where adapter 0 takes 4 rows of every 9
+    /// (more rows than the grouped kernels accumulate at once) and every 9th row has none.
+    pub fn heavy_decode_table(rows: u32) -> Vec<u32> {
+        (0..rows)
+            .map(|r| match r % 9 {
+                0 => crate::NO_ADAPTER,
+                k if k < 5 => 0,
+                k => k % 4,
+            })
+            .collect()
+    }
+
+    /// Random LoRA factors for adapters of `ranks` over `in_features` → `out_features`, scaled
+    /// like a trained adapter's (`|x Aᵀ Bᵀ|` of order 1 for `x` in [-1, 1)): `(A, scale · Bᵀ)`
+    /// per adapter, `A` from seed `seed + 10 + k`, `Bᵀ` from `seed + 20 + k`.
+    pub fn adapter_factors(
+        ranks: &[usize],
+        in_features: usize,
+        out_features: usize,
+        seed: u64,
+    ) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let scaled = |v: Vec<f32>, fan_in: usize| -> Vec<f32> {
+            let s = 1.0 / (fan_in as f32).sqrt();
+            v.into_iter().map(|e| e * s).collect()
+        };
+        ranks
+            .iter()
+            .enumerate()
+            .map(|(k, &r)| {
+                (
+                    scaled(values(r * in_features, seed + 10 + k as u64), in_features),
+                    scaled(values(r * out_features, seed + 20 + k as u64), r),
+                )
+            })
+            .collect()
+    }
+
+    /// `y0` plus the LoRA of `x` by `factors` (from [`adapter_factors`], of `ranks`) under
+    /// `mapping`, by the reference loops (`crate::reference`).
+    pub fn reference_output(
+        dims: crate::Shape,
+        x: &[f32],
+        y0: &[f32],
+        mapping: crate::RowMapping<'_>,
+        ranks: &[usize],
+        factors: &[(Vec<f32>, Vec<f32>)],
+    ) -> Result<Vec<f32>, crate::KernelError> {
+        let refs: Vec<crate::Factors<'_, [f32]>> = factors
+            .iter()
+            .zip(ranks)
+            .map(|((a, b), &rank)| crate::Factors {
+                rank,
+                a: a.as_slice(),
+                b_t: b.as_slice(),
+            })
+            .collect();
+        let dims = crate::Dims {
+            rows: dims.rows,
+            in_features: dims.in_features,
+            out_features: dims.out_features,
+            t_stride: ranks.iter().copied().max().unwrap_or(1),
+        };
+        let mut y = y0.to_vec();
+        crate::reference::add_lora(dims, x, mapping, &refs, &mut y)?;
+        Ok(y)
+    }
+
     /// Median seconds of `f(i)` over calls cycling `i` through `copies` weight copies (at least
     /// 7 calls and about a quarter of a second), after one untimed call: the benchmarks' timer.
     pub fn median_s(copies: usize, mut f: impl FnMut(usize)) -> f64 {

@@ -19,36 +19,31 @@ type Entry = unsafe extern "C" fn(
     params: *mut *mut c_void,
 ) -> i32;
 
-unsafe extern "C" {
-    fn medley_emu_launch_lora(
-        name: *const std::ffi::c_char,
-        grid: *const u32,
-        block: *const u32,
-        shared: usize,
-        params: *mut *mut c_void,
-    ) -> i32;
-    fn medley_emu_launch_fused(
-        name: *const std::ffi::c_char,
-        grid: *const u32,
-        block: *const u32,
-        shared: usize,
-        params: *mut *mut c_void,
-    ) -> i32;
-    fn medley_emu_launch_attention(
-        name: *const std::ffi::c_char,
-        grid: *const u32,
-        block: *const u32,
-        shared: usize,
-        params: *mut *mut c_void,
-    ) -> i32;
+/// Declares the C entry of each emulated source and lists them in `SOURCES`.
+macro_rules! sources {
+    ($($entry:ident),+) => {
+        unsafe extern "C" {
+            $(
+                fn $entry(
+                    name: *const std::ffi::c_char,
+                    grid: *const u32,
+                    block: *const u32,
+                    shared: usize,
+                    params: *mut *mut c_void,
+                ) -> i32;
+            )+
+        }
+
+        /// Every emulated source: `kernels/cuda/{lora,fused,attention}.cu`.
+        const SOURCES: &[Entry] = &[$($entry),+];
+    };
 }
 
-/// Every emulated source: `kernels/cuda/{lora,fused,attention}.cu`.
-const SOURCES: [Entry; 3] = [
+sources!(
     medley_emu_launch_lora,
     medley_emu_launch_fused,
-    medley_emu_launch_attention,
-];
+    medley_emu_launch_attention
+);
 
 /// Why a launch did not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,24 +130,21 @@ impl Act for f32 {
     }
 }
 
-impl Act for half::bf16 {
-    const SUFFIX: &'static str = "bf16";
-    const TOLERANCE: f64 = 1e-2;
-    fn from_f32(v: f32) -> Self {
-        half::bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        self.to_f32()
-    }
+/// [`Act`] for a `half` type: its name suffix and bound.
+macro_rules! half_act {
+    ($t:ty, $suffix:literal, $tolerance:literal) => {
+        impl Act for $t {
+            const SUFFIX: &'static str = $suffix;
+            const TOLERANCE: f64 = $tolerance;
+            fn from_f32(v: f32) -> Self {
+                <$t>::from_f32(v)
+            }
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+        }
+    };
 }
 
-impl Act for half::f16 {
-    const SUFFIX: &'static str = "f16";
-    const TOLERANCE: f64 = 2e-3;
-    fn from_f32(v: f32) -> Self {
-        half::f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        self.to_f32()
-    }
-}
+half_act!(half::bf16, "bf16", 1e-2);
+half_act!(half::f16, "f16", 2e-3);

@@ -8,8 +8,8 @@ use medley_kernels::launch::{
     expand_launch, grouped_expand_launch, grouped_kernel_names, grouped_shrink_launch,
     grouped_splits, kernel_names, segment_triples, shrink_launch,
 };
-use medley_kernels::testing::values;
-use medley_kernels::{Dims, Factors, NO_ADAPTER, RowMapping, Segment, reference};
+use medley_kernels::testing::{adapter_factors, heavy_decode_table, reference_output, values};
+use medley_kernels::{NO_ADAPTER, RowMapping, Segment, Shape};
 use medley_kernels_emu::{Act, launch, param};
 
 /// Which kernels a case runs.
@@ -41,21 +41,7 @@ fn run<T: Act>(case: &Case, seed: u64) -> (f64, usize) {
         |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|e| T::from_f32(e).to_f32()).collect() };
     let x = round(values(rows * inf, seed));
     let y0 = round(values(rows * outf, seed + 1));
-    let scaled = |v: Vec<f32>, fan_in: usize| -> Vec<f32> {
-        let s = 1.0 / (fan_in as f32).sqrt();
-        v.into_iter().map(|e| e * s).collect()
-    };
-    let factors: Vec<(Vec<f32>, Vec<f32>)> = case
-        .ranks
-        .iter()
-        .enumerate()
-        .map(|(k, &r)| {
-            (
-                scaled(values(r * inf, seed + 10 + k as u64), inf),
-                scaled(values(r * outf, seed + 20 + k as u64), r),
-            )
-        })
-        .collect();
+    let factors = adapter_factors(&case.ranks, inf, outf, seed);
     let max_rank = case.ranks.iter().copied().max().unwrap_or(1);
 
     let (per_row, segments) = match &case.mapping {
@@ -67,23 +53,12 @@ fn run<T: Act>(case: &Case, seed: u64) -> (f64, usize) {
         (None, Some(s)) => RowMapping::Segments(s),
         (None, None) => unreachable!(),
     };
-    let mut want = y0.clone();
-    let refs: Vec<Factors<'_, [f32]>> = factors
-        .iter()
-        .zip(&case.ranks)
-        .map(|((a, b), &rank)| Factors {
-            rank,
-            a: a.as_slice(),
-            b_t: b.as_slice(),
-        })
-        .collect();
-    let dims = Dims {
+    let shape = Shape {
         rows,
         in_features: inf,
         out_features: outf,
-        t_stride: max_rank,
     };
-    reference::add_lora(dims, &x, mapping, &refs, &mut want).expect("reference");
+    let want = reference_output(shape, &x, &y0, mapping, &case.ranks, &factors).expect("reference");
 
     // The kernels' operands, as the CUDA launcher passes them.
     let mut xs: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
@@ -101,85 +76,76 @@ fn run<T: Act>(case: &Case, seed: u64) -> (f64, usize) {
     let (mut x_p, mut y_p) = (xs.as_mut_ptr(), ys.as_mut_ptr());
     let (mut a_p, mut b_p) = (a_ptrs.as_mut_ptr(), b_ptrs.as_mut_ptr());
     let (mut ranks_p, mut map_p) = (ranks.as_mut_ptr(), map.as_mut_ptr());
+    // Per mapping: the kernels, their launch shapes, the intermediate's splits (grouped
+    // shrinks split the input), and the grouped kernels' two extra parameters.
     let names = kernel_names(T::SUFFIX);
-    match &case.mapping {
-        Mapping::Grouped(_) => {
-            let (splits, split_len) = grouped_splits(n, t_stride, in_f);
-            let mut t = vec![f32::NAN; splits as usize * rows * max_rank];
-            let mut t_p = t.as_mut_ptr();
-            let (mut rows_u, mut split_len, mut splits_v) = (rows as u32, split_len, splits);
-            let [shrink, expand] = grouped_kernel_names(T::SUFFIX);
-            let mut params = [
-                param(&mut x_p),
-                param(&mut map_p),
-                param(&mut a_p),
-                param(&mut ranks_p),
-                param(&mut t_p),
-                param(&mut in_f),
-                param(&mut stride),
-                param(&mut rows_u),
-                param(&mut split_len),
-            ];
-            let shape = grouped_shrink_launch(n, t_stride, splits, rows as u32);
-            // SAFETY: the parameters are the kernel's, in order; the buffers hold what the
-            // launch reads and writes (t: splits × rows × t_stride).
-            unsafe { launch(&shrink, shape, &mut params) }.expect("shrink");
-            let mut params = [
-                param(&mut t_p),
-                param(&mut map_p),
-                param(&mut b_p),
-                param(&mut ranks_p),
-                param(&mut y_p),
-                param(&mut out_f),
-                param(&mut stride),
-                param(&mut rows_u),
-                param(&mut splits_v),
-            ];
-            let mut shape = grouped_expand_launch(n, out_f, rows as u32);
-            if case.short_expand {
-                shape.0.1 -= 1;
+    let [grouped_shrink, grouped_expand] = grouped_kernel_names(T::SUFFIX);
+    let mut rows_u = rows as u32;
+    let (shrink, expand, shrink_shape, mut expand_shape, splits, mut split_param) =
+        match &case.mapping {
+            Mapping::Grouped(_) => {
+                let (splits, split_len) = grouped_splits(n, t_stride, in_f);
+                (
+                    grouped_shrink,
+                    grouped_expand,
+                    grouped_shrink_launch(n, t_stride, splits, rows_u),
+                    grouped_expand_launch(n, out_f, rows_u),
+                    splits,
+                    split_len,
+                )
             }
-            // SAFETY: as above.
-            unsafe { launch(&expand, shape, &mut params) }.expect("expand");
-        }
-        m => {
-            let (units, longest, shrink, expand) = match m {
-                Mapping::Segments(s) => (
-                    s.len() as u32,
-                    s.iter().map(|s| s.len).max().unwrap_or(1) as u32,
-                    &names[1],
-                    &names[3],
-                ),
-                _ => (rows as u32, 1, &names[0], &names[2]),
-            };
-            let mut t = vec![f32::NAN; rows * max_rank];
-            let mut t_p = t.as_mut_ptr();
-            let mut params = [
-                param(&mut x_p),
-                param(&mut map_p),
-                param(&mut a_p),
-                param(&mut ranks_p),
-                param(&mut t_p),
-                param(&mut in_f),
-                param(&mut stride),
-            ];
-            let (grid, block) = shrink_launch(units, t_stride, longest);
-            // SAFETY: as above (t: rows × t_stride).
-            unsafe { launch(shrink, (grid, block, 0), &mut params) }.expect("shrink");
-            let mut params = [
-                param(&mut t_p),
-                param(&mut map_p),
-                param(&mut b_p),
-                param(&mut ranks_p),
-                param(&mut y_p),
-                param(&mut out_f),
-                param(&mut stride),
-            ];
-            let (grid, block) = expand_launch(units, out_f, longest);
-            // SAFETY: as above.
-            unsafe { launch(expand, (grid, block, 0), &mut params) }.expect("expand");
-        }
+            m => {
+                let (units, longest, s, e) = match m {
+                    Mapping::Segments(s) => (
+                        s.len() as u32,
+                        s.iter().map(|s| s.len).max().unwrap_or(1) as u32,
+                        &names[1],
+                        &names[3],
+                    ),
+                    _ => (rows as u32, 1, &names[0], &names[2]),
+                };
+                let (sg, sb) = shrink_launch(units, t_stride, longest);
+                let (eg, eb) = expand_launch(units, out_f, longest);
+                (s.clone(), e.clone(), (sg, sb, 0), (eg, eb, 0), 1, 0)
+            }
+        };
+    if case.short_expand {
+        expand_shape.0.1 -= 1;
     }
+    let grouped = matches!(case.mapping, Mapping::Grouped(_));
+    let mut splits_param = splits;
+    // NaN, so that an expand reading an entry no shrink wrote poisons its row.
+    let mut t = vec![f32::NAN; splits as usize * rows * max_rank];
+    let mut t_p = t.as_mut_ptr();
+    let mut params = vec![
+        param(&mut x_p),
+        param(&mut map_p),
+        param(&mut a_p),
+        param(&mut ranks_p),
+        param(&mut t_p),
+        param(&mut in_f),
+        param(&mut stride),
+    ];
+    if grouped {
+        params.extend([param(&mut rows_u), param(&mut split_param)]);
+    }
+    // SAFETY: the parameters are the kernel's, in order; the buffers hold what the launch
+    // reads and writes (t: splits × rows × t_stride).
+    unsafe { launch(&shrink, shrink_shape, &mut params) }.expect("shrink");
+    let mut params = vec![
+        param(&mut t_p),
+        param(&mut map_p),
+        param(&mut b_p),
+        param(&mut ranks_p),
+        param(&mut y_p),
+        param(&mut out_f),
+        param(&mut stride),
+    ];
+    if grouped {
+        params.extend([param(&mut rows_u), param(&mut splits_param)]);
+    }
+    // SAFETY: as above; y holds rows × out values.
+    unsafe { launch(&expand, expand_shape, &mut params) }.expect("expand");
 
     let mut mapped = vec![false; rows];
     match (per_row, segments) {
@@ -246,13 +212,7 @@ fn cases() -> Vec<Case> {
             mapping: Mapping::Segments(segments),
         });
     }
-    let table: Vec<u32> = (0..45u32)
-        .map(|r| match r % 9 {
-            0 => NO_ADAPTER,
-            k if k < 5 => 0,
-            k => k % 4,
-        })
-        .collect();
+    let table = heavy_decode_table(45);
     for mapping in [Mapping::PerRow(table.clone()), Mapping::Grouped(table)] {
         out.push(Case {
             short_expand: false,

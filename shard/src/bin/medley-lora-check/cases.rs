@@ -2,9 +2,8 @@
 //! loops, f64 accumulation) on the host, over random inputs.
 
 use candle_core::{DType, Device, Tensor};
-use medley_kernels::reference;
-use medley_kernels::testing::values;
-use medley_kernels::{Dims, Factors, NO_ADAPTER, Segment};
+use medley_kernels::testing::{adapter_factors, heavy_decode_table, reference_output, values};
+use medley_kernels::{NO_ADAPTER, Segment, Shape};
 use medley_shard::adapters::lora_op::{KernelRows, LoraFactors, add_lora};
 
 /// One checked call.
@@ -123,13 +122,7 @@ pub fn cases(device: &Device) -> Vec<Case> {
         });
         // An input width that splits unevenly, and adapters with more rows than the grouped
         // kernels take at once (8): 45 rows, 20 of them on adapter 0.
-        let table: Vec<u32> = (0..45u32)
-            .map(|r| match r % 9 {
-                0 => NO_ADAPTER,
-                k if k < 5 => 0,
-                k => k % 4,
-            })
-            .collect();
+        let table = heavy_decode_table(45);
         out.push(Case {
             name: format!("bgmv {dtype:?} r8/16/64/128 in 1000"),
             dtype,
@@ -161,39 +154,13 @@ pub fn run(case: &Case, device: &Device, seed: u64) -> candle_core::Result<Outco
     } else {
         rounded(&values(rows * outf, seed + 1), case.dtype)?
     };
-    // Factors scaled like a trained adapter's (|x Aᵀ Bᵀ| of order 1).
-    let scale = |v: Vec<f32>, fan_in: usize| -> Vec<f32> {
-        let s = 1.0 / (fan_in as f32).sqrt();
-        v.into_iter().map(|e| e * s).collect()
-    };
-    let host: Vec<(Vec<f32>, Vec<f32>)> = case
-        .ranks
-        .iter()
-        .enumerate()
-        .map(|(k, &r)| {
-            let a = scale(values(r * inf, seed + 10 + k as u64), inf);
-            let b = scale(values(r * outf, seed + 20 + k as u64), r);
-            (a, b)
-        })
-        .collect();
-
-    let mut want = y0.clone();
-    let refs: Vec<Factors<'_, [f32]>> = host
-        .iter()
-        .zip(&case.ranks)
-        .map(|((a, b), &rank)| Factors {
-            rank,
-            a: a.as_slice(),
-            b_t: b.as_slice(),
-        })
-        .collect();
-    let dims = Dims {
+    let host = adapter_factors(&case.ranks, inf, outf, seed);
+    let shape = Shape {
         rows,
         in_features: inf,
         out_features: outf,
-        t_stride: case.ranks.iter().copied().max().unwrap_or(1),
     };
-    reference::add_lora(dims, &x, case.mapping.mapping(), &refs, &mut want)
+    let want = reference_output(shape, &x, &y0, case.mapping.mapping(), &case.ranks, &host)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
 
     let on_device = |v: &[f32], shape: (usize, usize), dtype: DType| {
