@@ -131,6 +131,23 @@ def step_columns(before, after):
                 comm_ms_per_step=per_step("medley_batch_comm_duration"))
 
 
+def rate_row(tokens, seconds):
+    """A speed measurement: tokens, seconds and their rate."""
+    return dict(tokens=tokens, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1))
+
+
+def best_of(repeats, deadline, run):
+    """The fastest of up to `repeats` calls of `run` (at least one; no new one after
+    `deadline`), with every run's rate under `runs`: the machines are shared and noisy."""
+    runs = []
+    for _ in range(max(1, repeats)):
+        if runs and time.monotonic() > deadline:
+            break
+        runs.append(run())
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    return dict(best, runs=[r["tokens_per_s"] for r in runs])
+
+
 def medley_speed(args):
     rows = []
     deadline = time.monotonic() + args.budget_s
@@ -147,11 +164,7 @@ def medley_speed(args):
             if time.monotonic() > deadline:
                 rows.append(dict(config=name, streams=streams, skipped="time budget"))
                 continue
-            # Best of --repeats runs (the machine is shared and noisy); every run's rate is kept.
-            runs = []
-            for _ in range(max(1, args.repeats)):
-                if runs and time.monotonic() > deadline:
-                    break
+            def run():
                 before = decode_step_totals(args.url)
                 t0 = time.monotonic()
                 with concurrent.futures.ThreadPoolExecutor(streams) as pool:
@@ -160,17 +173,15 @@ def medley_speed(args):
                         range(streams)))
                 dt = time.monotonic() - t0
                 n = sum(len(g) for g in got)
-                runs.append(dict(tokens=n, seconds=round(dt, 3), tokens_per_s=round(n / dt, 1),
-                                 **step_columns(before, decode_step_totals(args.url))))
-            best = max(runs, key=lambda r: r["tokens_per_s"])
-            rows.append(dict(config=name, streams=streams, **best,
-                             runs=[r["tokens_per_s"] for r in runs]))
+                return dict(rate_row(n, dt), **step_columns(before, decode_step_totals(args.url)))
+
+            rows.append(dict(config=name, streams=streams, **best_of(args.repeats, deadline, run)))
             if streams == 1 and args.decode_reps > 0:
                 # Decode only, best of --decode-reps (the machine is shared and noisy).
                 rate = max(stream_decode_rate(args.url, SPEED_PROMPT, params(0), args.new_tokens) or 0
                            for _ in range(args.decode_reps))
                 rows[-1]["decode_tokens_per_s"] = round(rate, 1)
-            print(f"medley {name} x{streams}: {best['tokens_per_s']:.1f} tok/s "
+            print(f"medley {name} x{streams}: {rows[-1]['tokens_per_s']:.1f} tok/s "
                   f"(runs {rows[-1]['runs']})", file=sys.stderr)
             write(args.out, {"rows": rows, "new_tokens": args.new_tokens})
     write(args.out, {"rows": rows, "new_tokens": args.new_tokens})
@@ -266,23 +277,18 @@ def hf_speed(args):
             mask = torch.ones_like(x)
             kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None,
                       min_new_tokens=args.new_tokens)
-            runs = []
+
+            def run():
+                sync()
+                t0 = time.monotonic()
+                y = model.generate(x, max_new_tokens=args.new_tokens, **kw)
+                sync()
+                return rate_row((y.shape[1] - x.shape[1]) * batch, time.monotonic() - t0)
+
             with torch.no_grad():
                 model.generate(x, max_new_tokens=2, **{**kw, "min_new_tokens": 2})  # warm-up
-                # Best of --repeats runs, like Medley's side.
-                for _ in range(max(1, args.repeats)):
-                    if runs and time.monotonic() > deadline:
-                        break
-                    sync()
-                    t0 = time.monotonic()
-                    y = model.generate(x, max_new_tokens=args.new_tokens, **kw)
-                    sync()
-                    dt = time.monotonic() - t0
-                    n = (y.shape[1] - x.shape[1]) * batch
-                    runs.append(dict(tokens=n, seconds=round(dt, 3), tokens_per_s=round(n / dt, 1)))
-            best = max(runs, key=lambda r: r["tokens_per_s"])
-            rows.append(dict(attn=attn, batch=batch, **best, runs=[r["tokens_per_s"] for r in runs]))
-            print(f"transformers {attn} batch {batch}: {best['tokens_per_s']:.1f} tok/s "
+                rows.append(dict(attn=attn, batch=batch, **best_of(args.repeats, deadline, run)))
+            print(f"transformers {attn} batch {batch}: {rows[-1]['tokens_per_s']:.1f} tok/s "
                   f"(runs {rows[-1]['runs']})", file=sys.stderr)
             write(args.out, out())
         del model

@@ -10,40 +10,16 @@
 
 use std::ffi::{CString, c_void};
 
-/// The C entry of each emulated CUDA source (`cpp/registry.h`).
-type Entry = unsafe extern "C" fn(
-    name: *const std::ffi::c_char,
-    grid: *const u32,
-    block: *const u32,
-    shared: usize,
-    params: *mut *mut c_void,
-) -> i32;
-
-/// Declares the C entry of each emulated source and lists them in `SOURCES`.
-macro_rules! sources {
-    ($($entry:ident),+) => {
-        unsafe extern "C" {
-            $(
-                fn $entry(
-                    name: *const std::ffi::c_char,
-                    grid: *const u32,
-                    block: *const u32,
-                    shared: usize,
-                    params: *mut *mut c_void,
-                ) -> i32;
-            )+
-        }
-
-        /// Every emulated source: `kernels/cuda/{lora,fused,attention}.cu`.
-        const SOURCES: &[Entry] = &[$($entry),+];
-    };
+unsafe extern "C" {
+    /// `cpp/emu.cpp`: launches kernel `name` of any emulated source; 1 when none has it.
+    fn medley_emu_launch(
+        name: *const std::ffi::c_char,
+        grid: *const u32,
+        block: *const u32,
+        shared: usize,
+        params: *mut *mut c_void,
+    ) -> i32;
 }
-
-sources!(
-    medley_emu_launch_lora,
-    medley_emu_launch_fused,
-    medley_emu_launch_attention
-);
 
 /// Why a launch did not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,24 +57,21 @@ pub unsafe fn launch(
     let c_name = CString::new(name).map_err(|_| LaunchError::UnknownKernel(name.into()))?;
     let grid = [gx, gy, gz];
     let block = [bx, by, bz];
-    for entry in SOURCES {
-        // SAFETY: the name is NUL-terminated, grid and block hold three values each, and the
-        // caller vouches for `params` (a source that does not have the kernel returns 1
-        // without reading them).
-        let rc = unsafe {
-            entry(
-                c_name.as_ptr(),
-                grid.as_ptr(),
-                block.as_ptr(),
-                shared as usize,
-                params.as_mut_ptr(),
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
+    // SAFETY: the name is NUL-terminated, grid and block hold three values each, and the
+    // caller vouches for `params` (no kernel of that name: nothing is read, 1 comes back).
+    let rc = unsafe {
+        medley_emu_launch(
+            c_name.as_ptr(),
+            grid.as_ptr(),
+            block.as_ptr(),
+            shared as usize,
+            params.as_mut_ptr(),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(LaunchError::UnknownKernel(name.into())),
     }
-    Err(LaunchError::UnknownKernel(name.into()))
 }
 
 /// A pointer to `value` as a launch parameter.

@@ -97,14 +97,25 @@ fn gpu_time(
     Ok(None)
 }
 
+/// Seconds per call of `f` both ways: host-paced after `warm` untimed calls, then on the GPU
+/// alone (see [`gpu_time`]).
+fn time_both(
+    device: &Device,
+    warm: usize,
+    iters: usize,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> candle_core::Result<(f64, Option<f64>)> {
+    let secs = time(device, warm, iters, &mut f)?;
+    Ok((secs, gpu_time(device, iters, secs, f)?))
+}
+
 /// Device-to-device copy bandwidth in GB/s (read + write) over a `mib` MiB f32 buffer: GPU
 /// time on a GPU, host-paced on the CPU.
 pub fn copy_gbps(device: &Device, mib: usize, iters: usize) -> candle_core::Result<f64> {
     let n = mib * (1 << 20) / 4;
     let src = Tensor::zeros(n, DType::F32, device)?;
-    let mut copy = || src.copy().map(|_| ());
-    let secs = time(device, 2, iters, &mut copy)?;
-    let secs = gpu_time(device, iters, secs, &mut copy)?.unwrap_or(secs);
+    let (secs, gpu_secs) = time_both(device, 2, iters, || src.copy().map(|_| ()))?;
+    let secs = gpu_secs.unwrap_or(secs);
     Ok(2.0 * (n * 4) as f64 / secs / 1e9)
 }
 
@@ -149,6 +160,7 @@ pub fn lora_rows(
         let mapping = KernelRows::PerRow(table);
         let mut call = || add_lora(&x, &y, &mapping, &factors);
         let secs = time(device, 3, iters, &mut call)?;
+        // Counted around the GPU-timed calls only: the host-paced ones warmed the tables.
         let before = cuda_table_uploads();
         let gpu_secs = gpu_time(device, iters, secs, &mut call)?;
         let after = cuda_table_uploads();
@@ -272,9 +284,7 @@ pub fn op_costs(
     ];
     let mut out = Vec::new();
     for (name, op) in ops {
-        let mut call = || op().map(|_| ());
-        let secs = time(device, 3, iters, &mut call)?;
-        let gpu_secs = gpu_time(device, iters, secs, &mut call)?;
+        let (secs, gpu_secs) = time_both(device, 3, iters, || op().map(|_| ()))?;
         out.push(OpCost {
             name,
             rows,
