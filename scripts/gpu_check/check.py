@@ -101,14 +101,14 @@ def medley_tokens(args):
 
 
 def decode_step_totals(url):
-    """Sums and counts of the router's decode-step histograms (forward pass, and its part in
-    tensor-parallel collectives), from /metrics."""
+    """Sums and counts of the router's decode-step histograms (the whole step as the router
+    waits for it, the forward pass, and its part in tensor-parallel collectives), from /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
-        for name in ("medley_batch_forward_duration", "medley_batch_comm_duration",
-                     "medley_batch_launch_duration"):
+        for name in ("medley_batch_inference_duration", "medley_batch_forward_duration",
+                     "medley_batch_comm_duration", "medley_batch_launch_duration"):
             for part in ("sum", "count"):
                 key = f'{name}_{part}{{method="decode"}}'
                 if line.startswith(key + " "):
@@ -117,15 +117,17 @@ def decode_step_totals(url):
 
 
 def step_columns(before, after):
-    """Decode steps between two scrapes, and milliseconds per step: the forward pass, its part
-    until the model returned (on a GPU the host queueing the kernels; the rest waits for the
-    device), and its part in collectives."""
+    """Decode steps between two scrapes, and milliseconds per step: the step as the router waits
+    for it (forward, sampling, the shard's reply), the forward pass, its part until the model
+    returned (on a GPU the host queueing the kernels; the rest waits for the device), and its
+    part in collectives."""
     delta = lambda name, part: after.get((name, part), 0.0) - before.get((name, part), 0.0)
     steps = delta("medley_batch_forward_duration", "count")
     if steps <= 0:
         return {}
     per_step = lambda name: round(1e3 * delta(name, "sum") / steps, 3)
     return dict(decode_steps=int(steps),
+                step_ms_per_step=per_step("medley_batch_inference_duration"),
                 forward_ms_per_step=per_step("medley_batch_forward_duration"),
                 launch_ms_per_step=per_step("medley_batch_launch_duration"),
                 comm_ms_per_step=per_step("medley_batch_comm_duration"))

@@ -1,0 +1,214 @@
+/* A host-only stand-in for the CUDA driver, runtime, cuBLAS, cuRAND and NCCL: just the entry
+ * points Medley's CUDA binary imports (scripts/cuda/fake-gpu.sh checks the list against the
+ * binary). Memory is host memory, copies are memcpy, and every kernel launch, GEMM and
+ * collective is counted and then skipped: outputs are never computed. It exists to run the
+ * CUDA build's host side on a machine without a GPU, to measure what the host does per step
+ * (API calls, launches, allocations, copies, host time) and to profile it with perf.
+ *
+ * MEDLEY_FAKE_CUDA_LOG=FILE appends one line per point where the host waits for the device: a
+ * stream synchronisation, or a copy to host memory (a decode step ends with one, when the logits
+ * are read back): the calls since the previous line and the host microseconds between them. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef unsigned long long dptr;
+
+/* ---- counters ---------------------------------------------------------------------------- */
+enum { C_LAUNCH, C_RT_LAUNCH, C_GEMM, C_ALLOC, C_FREE, C_HTOD, C_DTOH, C_DTOD, C_MEMSET,
+       C_EVENT, C_WAIT, C_COLL, C_GETFN, C_N };
+static const char *NAMES[C_N] = {"launch", "rt_launch", "gemm", "alloc", "free", "htod",
+                                 "dtoh", "dtod", "memset", "event", "wait", "collective",
+                                 "get_function"};
+static unsigned long long counts[C_N], bytes_htod, bytes_dtoh, syncs;
+static double last_sync_us;
+static FILE *log_file;
+
+/* ---- memory: host allocations ------------------------------------------------------------ */
+/* Freed blocks are kept by size and handed out again, as the driver's stream-ordered pool does:
+ * an allocation is then about as cheap as the real one, and only a new block is zeroed. */
+#define POOL_BUCKETS 4096
+typedef struct block { struct block *next; size_t size; } block;
+static block *pool[POOL_BUCKETS];
+static size_t bucket(size_t n) { return (n * 11400714819323198485ull) >> 52; }
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *dev_alloc_impl(size_t n) {
+  counts[C_ALLOC]++;
+  pthread_mutex_lock(&pool_lock);
+  for (block **b = &pool[bucket(n)]; *b; b = &(*b)->next)
+    if ((*b)->size == n) {
+      block *hit = *b;
+      *b = hit->next;
+      pthread_mutex_unlock(&pool_lock);
+      return hit + 1;
+    }
+  pthread_mutex_unlock(&pool_lock);
+  block *fresh = calloc(1, sizeof(block) + (n ? n : 1));
+  if (!fresh) return NULL;
+  fresh->size = n;
+  return fresh + 1;
+}
+static void dev_free_impl(void *p) {
+  counts[C_FREE]++;
+  if (!p) return;
+  block *b = (block *)p - 1;
+  pthread_mutex_lock(&pool_lock);
+  b->next = pool[bucket(b->size)];
+  pool[bucket(b->size)] = b;
+  pthread_mutex_unlock(&pool_lock);
+}
+#define dev_alloc dev_alloc_impl
+#define dev_free dev_free_impl
+static void report(const char *what);
+
+/* Launches per kernel name since the last report (MEDLEY_FAKE_CUDA_KERNELS=1). */
+#define TALLY_N 256
+static struct { const char *name; unsigned long long n; } tallies[TALLY_N];
+static void tally(const char *name) {
+  for (int i = 0; i < TALLY_N; i++) {
+    if (!tallies[i].name || tallies[i].name == name) {
+      tallies[i].name = name;
+      tallies[i].n++;
+      return;
+    }
+  }
+}
+static void on_sync(void) { report("sync"); }
+
+static double now_us(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
+}
+
+/* Shared with the other fake libraries, which link against this one. */
+void fake_cuda_count(int kind) { if (kind >= 0 && kind < C_N) counts[kind]++; }
+void *fake_cuda_alloc(size_t n) { return dev_alloc_impl(n); }
+void fake_cuda_free(void *p) { dev_free_impl(p); }
+void fake_cuda_sync(void) { on_sync(); }
+
+static void report(const char *what) {
+  double t = now_us();
+  if (!log_file) {
+    const char *p = getenv("MEDLEY_FAKE_CUDA_LOG");
+    if (!p) return;
+    log_file = fopen(p, "a");
+    if (!log_file) return;
+    setvbuf(log_file, NULL, _IOLBF, 0);
+    last_sync_us = t;
+  }
+  fprintf(log_file, "%s %llu host_us %.1f", what, ++syncs, t - last_sync_us);
+  for (int i = 0; i < C_N; i++) fprintf(log_file, " %s %llu", NAMES[i], counts[i]);
+  fprintf(log_file, " htod_bytes %llu dtoh_bytes %llu\n", bytes_htod, bytes_dtoh);
+  if (getenv("MEDLEY_FAKE_CUDA_KERNELS"))
+    for (int i = 0; i < TALLY_N && tallies[i].name; i++)
+      if (tallies[i].n) fprintf(log_file, "  kernel %s %llu\n", tallies[i].name, tallies[i].n);
+  for (int i = 0; i < TALLY_N && tallies[i].name; i++) tallies[i].n = 0;
+  memset(counts, 0, sizeof counts);
+  bytes_htod = bytes_dtoh = 0;
+  last_sync_us = now_us();
+}
+
+
+static int dummy_handle[64];
+#define HANDLE(i) ((void *)&dummy_handle[i])
+
+/* ---- driver API (libcuda.so.1) ------------------------------------------------------------ */
+int cuInit(unsigned flags) { (void)flags; return 0; }
+int cuDeviceGet(int *dev, int ordinal) { *dev = ordinal; return ordinal == 0 ? 0 : 101; }
+int cuDeviceGetAttribute(int *v, int attr, int dev) {
+  (void)dev;
+  switch (attr) {
+    case 1: *v = 1024; break;                         /* max threads per block */
+    case 2: case 3: *v = 1024; break;                 /* max block dim x, y */
+    case 4: *v = 64; break;                           /* max block dim z */
+    case 5: *v = 2147483647; break;                   /* max grid dim x */
+    case 6: case 7: *v = 65535; break;                /* max grid dim y, z */
+    case 8: *v = 49152; break;                        /* shared memory per block */
+    case 10: *v = 32; break;                          /* warp size */
+    case 12: case 82: *v = 65536; break;              /* registers per block / SM */
+    case 16: *v = 132; break;                         /* multiprocessors */
+    case 39: *v = 2048; break;                        /* threads per SM */
+    case 75: *v = 9; break;                           /* compute capability */
+    case 76: *v = 0; break;
+    case 81: *v = 233472; break;                      /* shared memory per SM */
+    case 97: *v = 232448; break;                      /* shared memory per block, opt-in */
+    default: *v = 1;
+  }
+  return 0;
+}
+int cuDeviceGetMemPool(void **pool, int dev) { (void)dev; *pool = HANDLE(0); return 0; }
+int cuMemPoolSetAttribute(void *pool, int attr, void *value) { (void)pool; (void)attr; (void)value; return 0; }
+int cuDevicePrimaryCtxRetain(void **ctx, int dev) { (void)dev; *ctx = HANDLE(1); return 0; }
+int cuDevicePrimaryCtxRelease_v2(int dev) { (void)dev; return 0; }
+static void *current_ctx;
+int cuCtxGetCurrent(void **ctx) { *ctx = current_ctx; return 0; }
+int cuCtxSetCurrent(void *ctx) { current_ctx = ctx; return 0; }
+int cuCtxDestroy_v2(void *ctx) { (void)ctx; return 0; }
+int cuEventCreate(void **ev, unsigned flags) { (void)flags; *ev = HANDLE(2); return 0; }
+int cuEventDestroy_v2(void *ev) { (void)ev; return 0; }
+int cuEventRecord(void *ev, void *s) { (void)ev; (void)s; counts[C_EVENT]++; return 0; }
+int cuStreamWaitEvent(void *s, void *ev, unsigned f) { (void)s; (void)ev; (void)f; counts[C_WAIT]++; return 0; }
+int cuStreamIsCapturing(void *s, int *status) { (void)s; *status = 0; return 0; }
+int cuStreamSynchronize(void *s) { (void)s; on_sync(); return 0; }
+int cuStreamDestroy_v2(void *s) { (void)s; return 0; }
+int cuGetErrorString(int e, const char **s) { (void)e; *s = "fake CUDA error"; return 0; }
+int cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                   unsigned bz, unsigned smem, void *s, void **params, void **extra) {
+  (void)f; (void)gx; (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)smem; (void)s;
+  (void)params; (void)extra;
+  counts[C_LAUNCH]++;
+  tally((const char *)f);
+  return 0;
+}
+int cuMemAlloc_v2(dptr *p, size_t n) { *p = (dptr)(uintptr_t)dev_alloc(n); return *p ? 0 : 2; }
+int cuMemAllocAsync(dptr *p, size_t n, void *s) { (void)s; return cuMemAlloc_v2(p, n); }
+int cuMemFree_v2(dptr p) { dev_free((void *)(uintptr_t)p); return 0; }
+int cuMemFreeAsync(dptr p, void *s) { (void)s; return cuMemFree_v2(p); }
+int cuMemcpyHtoDAsync_v2(dptr d, const void *h, size_t n, void *s) {
+  (void)s; counts[C_HTOD]++; bytes_htod += n;
+  memcpy((void *)(uintptr_t)d, h, n);
+  return 0;
+}
+int cuMemcpyDtoHAsync_v2(void *h, dptr d, size_t n, void *s) {
+  (void)s; counts[C_DTOH]++; bytes_dtoh += n;
+  memcpy(h, (void *)(uintptr_t)d, n);
+  report("dtoh"); /* a copy to pageable memory returns once done: the host waits here */
+  return 0;
+}
+int cuMemcpyDtoDAsync_v2(dptr d, dptr src, size_t n, void *s) {
+  (void)s; counts[C_DTOD]++;
+  memmove((void *)(uintptr_t)d, (void *)(uintptr_t)src, n);
+  return 0;
+}
+int cuMemcpyPeerAsync(dptr d, void *dc, dptr src, void *sc, size_t n, void *s) {
+  (void)dc; (void)sc;
+  return cuMemcpyDtoDAsync_v2(d, src, n, s);
+}
+int cuMemsetD8Async(dptr d, unsigned char v, size_t n, void *s) {
+  (void)s; counts[C_MEMSET]++;
+  memset((void *)(uintptr_t)d, v, n);
+  return 0;
+}
+int cuModuleLoad(void **m, const char *path) { (void)path; *m = HANDLE(3); return 0; }
+int cuModuleLoadData(void **m, const void *image) { (void)image; *m = HANDLE(3); return 0; }
+int cuModuleUnload(void *m) { (void)m; return 0; }
+/* A function handle is its name, interned (kept for the per-kernel tally). */
+int cuModuleGetFunction(void **f, void *m, const char *name) {
+  (void)m;
+  counts[C_GETFN]++;
+  static char *names[4096];
+  for (int i = 0; i < 4096; i++) {
+    if (!names[i]) names[i] = strdup(name);
+    if (!names[i]) return 2;
+    if (!strcmp(names[i], name)) {
+      *f = names[i];
+      return 0;
+    }
+  }
+  return 2;
+}

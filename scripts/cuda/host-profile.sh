@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The host side of a GPU decode step, measured on a machine without a GPU: serves a
+# TinyLlama-shaped bf16 model (22 layers, vocab 32000) with the CUDA build on the fake GPU
+# (scripts/cuda/fake-gpu.sh: no kernel runs, every call is counted) and prints, per stream count,
+# the step's times and its calls (kernel launches, GEMMs, allocations, copies) as a markdown table.
+#   scripts/cuda/host-profile.sh [--bin target/release-cuda/medley] [--layers N] [--out FILE]
+#                                [--kernels]   # also list the launches per kernel name
+# The binary comes from scripts/cuda/build.sh. The times are this machine's host alone; on a GPU
+# machine each call also costs the driver a few microseconds, and the kernels run.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+bin="$root/target/release-cuda/medley"
+layers=22 out=/dev/stdout kernels=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin) bin="$2"; shift 2 ;;
+    --layers) layers="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --kernels) kernels=1; shift ;;
+    *) echo "host-profile: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+work="$(mktemp -d)"
+pid=
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+"$root/scripts/cuda/fake-gpu.sh" "$work/fake" "$bin"
+fixture="$(dirname "$bin")/medley-fixture"
+[ -x "$fixture" ] || fixture="$root/target/release/medley-fixture"
+LD_LIBRARY_PATH="$work/fake" "$fixture" model --preset tinyllama --layers "$layers" --dtype bf16 \
+  --out "$work/model" >/dev/null
+port=$((20000 + ($$ % 5000) * 2))
+env MEDLEY_FAKE_CUDA_LOG="$work/fake.log" ${kernels:+MEDLEY_FAKE_CUDA_KERNELS=1} \
+  LD_LIBRARY_PATH="$work/fake" "$bin" serve --model "$work/model" --device cuda --dtype bf16 \
+  --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$work/sock" >"$work/server.log" 2>&1 &
+pid=$!
+for _ in $(seq 120); do
+  curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+  kill -0 "$pid" 2>/dev/null || { tail -n 20 "$work/server.log" >&2; exit 1; }
+  sleep 1
+done
+{
+  echo "Host side of decode steps on the fake GPU: TinyLlama shape, $layers layers, bf16, 64 new tokens per stream, $(nproc) CPUs ($(date -u +%F), git $(git -C "$root" rev-parse --short HEAD))."
+  echo
+  python3 "$root/scripts/cuda/host_profile.py" --url "http://127.0.0.1:$port" \
+    --log "$work/fake.log" --vocab 32000
+  echo
+  echo "wall: the requests' time over the tokens per stream. forward: the shard's forward pass, logits read-back included; queueing: its part until the model returned (issuing the calls). step as the router sees it: forward, sampling and the reply. Host µs and the calls: medians over the decode steps of the whole batch, between two reads of the logits (the fake's log)."
+  if [ -n "$kernels" ]; then
+    echo
+    echo "Launches per kernel in the last decode step:"
+    echo
+    awk '/^[a-z]/ {n = 0; delete k} /^  kernel/ {k[++n] = "- " $2 ": " $3} END {for (i = 1; i <= n; i++) print k[i]}' "$work/fake.log"
+  fi
+} >"$out"

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Per-step host costs of a CUDA build of Medley serving on the fake GPU (scripts/cuda/fake-gpu.sh):
+drives the server at each stream count, reads the fake's log (one line per point where the host
+waits for the device) and the router's step histograms, and prints a markdown table.
+
+    host_profile.py --url URL --log FAKE_LOG --vocab N [--streams 1,8,32] [--new-tokens 64]
+
+No kernel runs on the fake, so the times are the host's alone: issuing the step's calls (without
+the driver's own cost per call), reading the logits back, sampling, and the router. stdlib only.
+"""
+
+import argparse
+import concurrent.futures
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "gpu_check"))
+from check import SPEED_PROMPT, decode_step_totals, generate, ints, step_columns  # noqa: E402
+
+COLUMNS = ["launch", "gemm", "alloc", "htod", "dtoh", "get_function"]
+
+
+def log_lines(path):
+    with open(path) as f:
+        return [line.split() for line in f if not line.startswith(" ")]
+
+
+def step_counts(lines, logits_bytes):
+    """Median host microseconds and calls of the steps whose logits read-back has
+    `logits_bytes` (decode steps of the whole batch; prefill steps read other sizes)."""
+    steps = []
+    for words in lines:
+        fields = dict(zip(words[2::2], words[3::2]))
+        if int(fields.get("dtoh_bytes", -1)) == logits_bytes:
+            steps.append(fields)
+    if not steps:
+        return None
+    med = lambda key: statistics.median(float(s[key]) for s in steps)
+    return dict(steps=len(steps), host_us=med("host_us"), **{c: med(c) for c in COLUMNS})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--vocab", type=int, required=True)
+    ap.add_argument("--streams", type=ints, default=[1, 8, 32])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    heads = ["streams", "wall ms/step", "forward ms/step", "of it queueing", "step as the router sees it",
+             "host µs between read-backs", "decode steps"] + [f"{c}/step" for c in COLUMNS]
+    print("| " + " | ".join(heads) + " |")
+    print("|" + "---:|" * len(heads))
+    generate(args.url, SPEED_PROMPT, {}, 2)  # warm-up
+    for streams in args.streams:
+        seen = len(log_lines(args.log))
+        before = decode_step_totals(args.url)
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+            list(pool.map(lambda i: generate(args.url, SPEED_PROMPT, {}, args.new_tokens),
+                          range(streams)))
+        wall = (time.monotonic() - t0) * 1e3 / args.new_tokens
+        cols = step_columns(before, decode_step_totals(args.url))
+        counts = step_counts(log_lines(args.log)[seen:], 4 * streams * args.vocab) or {}
+        row = [streams, f"{wall:.2f}", cols.get("forward_ms_per_step", "-"),
+               cols.get("launch_ms_per_step", "-"), cols.get("step_ms_per_step", "-"),
+               f"{counts.get('host_us', float('nan')):.0f}", counts.get("steps", 0)]
+        row += [f"{counts.get(c, float('nan')):.0f}" for c in COLUMNS]
+        print("| " + " | ".join(str(x) for x in row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
