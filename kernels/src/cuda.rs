@@ -3,7 +3,8 @@
 //! the LoRA kernels of `kernels/cuda/lora.cu` ([`LORA_PTX`], f32 factors) and the paged
 //! attention and KV-cache write of `kernels/cuda/attention.cu` ([`ATTENTION_PTX`]), and the
 //! half-precision RMSNorm (alone or after the residual add) and SiLU·mul of
-//! `kernels/cuda/fused.cu` ([`FUSED_PTX`]); and for
+//! `kernels/cuda/fused.cu` ([`FUSED_PTX`]); the greedy argmax of `kernels/cuda/sampling.cu`
+//! ([`SAMPLING_PTX`]); and for
 //! benchmarks, the stream-holding kernel of `kernels/cuda/timing.cu` ([`TIMING_PTX`]).
 //!
 //! Names and launch shapes are in [`crate::launch`], re-exported here.
@@ -18,6 +19,9 @@ pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attentio
 
 /// The PTX module of the fused half-precision RMSNorm, add + RMSNorm and SiLU·mul kernels.
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+
+/// The PTX module of the greedy kernel ([`GREEDY_KERNEL`]).
+pub const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 
 /// The PTX module of `medley_spin(ns)`, which holds its stream for `ns` nanoseconds (grid 1,
 /// block 1) so that the calls queued behind it are timed on the GPU alone.
@@ -70,5 +74,6 @@ mod tests {
             }
         }
         assert!(TIMING_PTX.contains(&format!(".entry {SPIN_KERNEL}(")));
+        assert!(SAMPLING_PTX.contains(&format!(".entry {GREEDY_KERNEL}(")));
     }
 }

@@ -30,6 +30,15 @@ pub fn elementwise_launch(n: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
     ((n.div_ceil(256).max(1), 1, 1), (256, 1, 1))
 }
 
+/// The greedy kernel (`kernels/cuda/sampling.cu`): each f32 logits row's argmax and its
+/// log-probability.
+pub const GREEDY_KERNEL: &str = "medley_greedy_f32";
+
+/// The `(grid, block)` of the greedy kernel over `rows` logits rows: one block per row.
+pub fn greedy_launch(rows: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((rows.max(1), 1, 1), (256, 1, 1))
+}
+
 /// Largest head dimension the attention kernel holds in registers.
 pub const MAX_HEAD_DIM: usize = 256;
 

@@ -27,13 +27,14 @@ def log_lines(path):
         return [line.split() for line in f if not line.startswith(" ")]
 
 
-def step_counts(lines, logits_bytes):
-    """Median host microseconds and calls of the steps whose logits read-back has
-    `logits_bytes` (decode steps of the whole batch; prefill steps read other sizes)."""
+def step_counts(lines, read_back):
+    """Median host microseconds and calls of the steps whose read-back has one of the sizes
+    `read_back` (decode steps of the whole batch: its logits, or the greedy choices made on the
+    device; prefill steps read other sizes)."""
     steps = []
     for words in lines:
         fields = dict(zip(words[2::2], words[3::2]))
-        if int(fields.get("dtoh_bytes", -1)) == logits_bytes:
+        if int(fields.get("dtoh_bytes", -1)) in read_back:
             steps.append(fields)
     if not steps:
         return None
@@ -64,7 +65,8 @@ def main():
                           range(streams)))
         wall = (time.monotonic() - t0) * 1e3 / args.new_tokens
         cols = step_columns(before, decode_step_totals(args.url))
-        counts = step_counts(log_lines(args.log)[seen:], 4 * streams * args.vocab) or {}
+        read_back = (4 * streams * args.vocab, 8 * streams)
+        counts = step_counts(log_lines(args.log)[seen:], read_back) or {}
         row = [streams, f"{wall:.2f}", cols.get("forward_ms_per_step", "-"),
                cols.get("launch_ms_per_step", "-"), cols.get("step_ms_per_step", "-"),
                f"{counts.get('host_us', float('nan')):.0f}", counts.get("steps", 0)]

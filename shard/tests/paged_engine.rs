@@ -250,6 +250,24 @@ fn chunked_prefill_matches_one_step_prefill() {
     assert_eq!(chunked[&12].steps[0], 134usize.div_ceil(7) - 1);
 }
 
+/// Steps whose sequences only need the argmax (greedy, no penalty, no alternatives) let the
+/// device choose the tokens (`model::device_greedy`), reading back two words a row instead of
+/// the logits. The engine's test switch makes those choices on the host here (the CPU has no
+/// such kernel), so the path that hands them to the sequences runs without a GPU: the same
+/// tokens and logprobs as the samplers give. Steps with prompt-logprob rows keep the logits.
+#[test]
+fn device_choices_give_the_samplers_tokens() {
+    let sampled = run_alone(&mut engine(4096, 16, false, 7), mixed_requests(10));
+    let before = medley_shard::engine::choose_on_host(true);
+    let chosen = run_alone(&mut engine(4096, 16, false, 7), mixed_requests(10));
+    let steps = medley_shard::engine::choose_on_host(false) - before;
+    // 134 prompt tokens at 7 a step, then 6 tokens each: the last 5 steps decode only.
+    assert!(steps >= 5, "{steps} steps took the device-choice path");
+    for id in 10..13 {
+        assert_same(&sampled[&id], &chosen[&id], &format!("request {id}"));
+    }
+}
+
 /// Request 1 (a `first_len`-token prompt, 30 new tokens) starts alone; after one decode step
 /// a 60-token prompt on `slot2` joins and is chunked 8 tokens a step while request 1 keeps
 /// decoding. Checks request 1's token steps (`first_steps`), request 2's first token after

@@ -30,7 +30,9 @@ static FILE *log_file;
 
 /* ---- memory: host allocations ------------------------------------------------------------ */
 /* Freed blocks are kept by size and handed out again, as the driver's stream-ordered pool does:
- * an allocation is then about as cheap as the real one, and only a new block is zeroed. */
+ * an allocation is then about as cheap as the real one. A new block is zeroed, and so is a
+ * reused one of up to 64 KiB: no kernel writes the outputs, and a small one read back (token ids
+ * chosen on the device) must hold valid values, not an earlier call's bytes. */
 #define POOL_BUCKETS 4096
 typedef struct block { struct block *next; size_t size; } block;
 static block *pool[POOL_BUCKETS];
@@ -44,6 +46,7 @@ static void *dev_alloc_impl(size_t n) {
       block *hit = *b;
       *b = hit->next;
       pthread_mutex_unlock(&pool_lock);
+      if (n <= 65536) memset(hit + 1, 0, n);
       return hit + 1;
     }
   pthread_mutex_unlock(&pool_lock);

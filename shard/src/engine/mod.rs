@@ -7,6 +7,7 @@ mod handle;
 mod heap;
 mod schedule;
 mod sequence;
+mod step_logits;
 mod text;
 mod types;
 
@@ -23,6 +24,10 @@ pub use handle::{EngineHandle, EngineThreadSettings};
 pub use heap::keep_freed_memory;
 use schedule::{StepBudget, StepPlan};
 use sequence::{SeqLimits, Sequence};
+#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
+pub use step_logits::choose_on_host;
+use step_logits::{RowInput, StepLogits, read_logits, row_inputs};
 pub use text::TextContext;
 pub use types::{
     AdapterSlotInfo, Batch, CachedBatch, FinishReason, GeneratedText, Generation, Request,
@@ -386,15 +391,17 @@ impl Engine {
             preempted,
         } = plan;
         let mut launch_ns = 0;
+        // Greedy sequences whose token depends only on the argmax let the device choose it.
+        let argmax_only = scheduled
+            .iter()
+            .all(|c| !c.all_logits && seqs.get(c.index).is_some_and(Sequence::argmax_only));
         let logits = self
             .model
             .forward(&ForwardBatch { chunks }, &mut self.kv, &self.adapters)
             .map_err(|e| EngineError::Model(e.to_string()))
             .and_then(|t| {
                 launch_ns = t0.elapsed().as_nanos() as u64;
-                t.flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| EngineError::Model(e.to_string()))
+                read_logits(&t, argmax_only).map_err(|e| EngineError::Model(e.to_string()))
             });
         let logits = match logits {
             Ok(l) => l,
@@ -470,37 +477,30 @@ impl Engine {
         &self,
         seqs: &mut [Sequence],
         scheduled: &[schedule::Scheduled],
-        logits: &[f32],
+        logits: &StepLogits,
     ) -> Vec<(usize, SampleResult)> {
         let vocab = self.vocab();
         let max_positions = self.max_positions();
         let text = &self.text;
-        let rows_of = |c: &schedule::Scheduled| if c.all_logits { c.len } else { 1 };
-        let needed: usize = scheduled.iter().map(|c| rows_of(c) * vocab).sum();
-        if logits.len() != needed {
-            let msg = format!("{} logits, expected {needed}", logits.len());
-            return scheduled
-                .iter()
-                .map(|c| (c.index, Err(EngineError::Model(msg.clone()))))
-                .collect();
-        }
+        let rows = match row_inputs(logits, scheduled, vocab) {
+            Ok(rows) => rows,
+            Err(msg) => {
+                return scheduled
+                    .iter()
+                    .map(|c| (c.index, Err(EngineError::Model(msg.clone()))))
+                    .collect();
+            }
+        };
         // Pair each scheduled chunk with its sequence and logits rows.
-        let mut rest = logits;
-        let mut blocks = Vec::with_capacity(scheduled.len());
-        for c in scheduled {
-            let (block, tail) = rest.split_at(rows_of(c) * vocab);
-            rest = tail;
-            blocks.push(block);
-        }
         let mut work = Vec::with_capacity(scheduled.len());
         let mut slots: Vec<Option<&mut Sequence>> = seqs.iter_mut().map(Some).collect();
-        for (c, block) in scheduled.iter().zip(blocks) {
+        for (c, row) in scheduled.iter().zip(rows) {
             if let Some(s) = slots.get_mut(c.index).and_then(Option::take) {
-                work.push((*c, s, block));
+                work.push((*c, s, row));
             }
         }
-        let run = |(c, s, block): (schedule::Scheduled, &mut Sequence, &[f32])| {
-            if c.all_logits {
+        let run = |(c, s, row): (schedule::Scheduled, &mut Sequence, RowInput<'_>)| {
+            if let (true, RowInput::Logits(block)) = (c.all_logits, row) {
                 s.take_prompt_rows(block, vocab, c.start);
             }
             s.computed = c.start + c.len;
@@ -508,8 +508,13 @@ impl Engine {
                 return (c.index, Ok(None));
             }
             let first = s.generated() == 0;
-            let last = &block[block.len() - vocab..];
-            let out = s.step(last, text, max_positions).map(|mut out| {
+            let stepped = match row {
+                RowInput::Logits(block) => {
+                    s.step(&block[block.len() - vocab..], text, max_positions)
+                }
+                RowInput::Chosen(id, logprob) => s.step_chosen(id, logprob, text, max_positions),
+            };
+            let out = stepped.map(|mut out| {
                 if first {
                     if s.prefill_logprobs {
                         out.generation.prefill_tokens = Some(s.prompt_tokens(text));

@@ -132,6 +132,13 @@ impl Sequence {
         self.tokens.len() - self.prompt_len
     }
 
+    /// Whether the next token depends on the logits only through their argmax and its
+    /// log-probability (greedy, no penalty, no alternatives reported): then the device may
+    /// choose it ([`Sequence::step_chosen`]) and the logits need not be read back.
+    pub fn argmax_only(&self) -> bool {
+        self.sampler.is_greedy() && !self.sampler.params().has_penalties() && self.top_n == 0
+    }
+
     /// Samples the next token from `logits`, updates every criterion and builds the generation.
     pub fn step(
         &mut self,
@@ -139,8 +146,32 @@ impl Sequence {
         ctx: &TextContext,
         max_positions: usize,
     ) -> Result<StepOutput, EngineError> {
+        let sample = self.sampler.next(logits, &self.tokens, self.top_n);
+        self.advance(sample, ctx, max_positions)
+    }
+
+    /// Takes `id`, chosen on the device with its `logprob` (see [`Sequence::argmax_only`]), as
+    /// the next token, like [`Sequence::step`].
+    pub fn step_chosen(
+        &mut self,
+        id: u32,
+        logprob: f32,
+        ctx: &TextContext,
+        max_positions: usize,
+    ) -> Result<StepOutput, EngineError> {
+        let top = Vec::new();
+        self.advance(Sample { id, logprob, top }, ctx, max_positions)
+    }
+
+    /// Appends the sampled token, updates every criterion and builds the generation.
+    fn advance(
+        &mut self,
+        sample: Sample,
+        ctx: &TextContext,
+        max_positions: usize,
+    ) -> Result<StepOutput, EngineError> {
         let tokenizer = &ctx.tokenizer;
-        let Sample { id, logprob, top } = self.sampler.next(logits, &self.tokens, self.top_n);
+        let Sample { id, logprob, top } = sample;
         self.tokens.push(id);
         let text = self
             .decoder

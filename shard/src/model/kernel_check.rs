@@ -1,8 +1,8 @@
 //! Checks of the model's CUDA kernels for `medley-lora-check` on a GPU: the paged attention
 //! against an f64 reference on a mixed step (a fresh prefill, a chunked-prefill continuation,
 //! decode rows over short and long histories that cross block boundaries), with and without a
-//! sliding window, in every activation dtype; and the fused half-precision RMSNorm and SiLU·mul
-//! against the candle op chains they replace.
+//! sliding window, in every activation dtype; the fused half-precision RMSNorm and SiLU·mul
+//! against the candle op chains they replace; and the greedy argmax against the host sampler.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -111,6 +111,57 @@ pub fn check_fused_ops(device: &Device) -> Result<Vec<KernelCheck>, ModelError> 
         });
     }
     Ok(out)
+}
+
+/// Runs the greedy kernel's case on `device` (a CUDA device): each row's argmax and its
+/// log-probability against the host sampler's greedy choice, on random rows of a 32k
+/// vocabulary and rows with tied maxima, NaN and +inf. The ids must be equal; the reported
+/// error is the largest log-probability difference (f32 sums in another order).
+pub fn check_greedy(device: &Device) -> Result<Vec<KernelCheck>, ModelError> {
+    let vocab = 32000;
+    let mut rows: Vec<Vec<f32>> = (0..6)
+        .map(|r| random(vocab, 20 + r, DType::F32).map(|v| v.iter().map(|x| 8.0 * x).collect()))
+        .collect::<Result<_, _>>()?;
+    for i in [31999, 7, 15000] {
+        rows[1][i] = 40.0; // tied maxima: the lowest index wins
+    }
+    rows[2][3] = f32::NAN;
+    rows[2][4] = f32::INFINITY;
+    rows.push(vec![f32::NEG_INFINITY; vocab]);
+    let n = rows.len();
+    let logits = Tensor::from_vec(rows.concat(), (n, vocab), &Device::Cpu)?.to_device(device)?;
+    let Some(chosen) = super::device_greedy(&logits)? else {
+        return Err(ModelError::InvalidBatch(format!(
+            "greedy check: no kernel serves {device:?} (MEDLEY_CUDA_GREEDY=off?)"
+        )));
+    };
+    let mut err = 0f64;
+    for (row, (id, logprob)) in rows.iter().zip(&chosen) {
+        let mut sampler = crate::generation::Sampler::new(Default::default())
+            .map_err(|e| ModelError::InvalidBatch(e.to_string()))?;
+        let want = sampler.next(row, &[], 0);
+        let same_nan = want.logprob.is_nan() && logprob.is_nan();
+        err = if want.id != *id || !(same_nan || logprob.is_finite()) {
+            f64::INFINITY
+        } else if same_nan {
+            err
+        } else {
+            err.max(
+                (*logprob as f64 - want.logprob as f64).abs()
+                    / (want.logprob.abs() as f64).max(1.0),
+            )
+        };
+    }
+    Ok(vec![KernelCheck {
+        name: format!("greedy argmax + logprob F32 {n}×{vocab}"),
+        rows: n,
+        rel_err: if chosen.len() == n {
+            err
+        } else {
+            f64::INFINITY
+        },
+        tolerance: 1e-5,
+    }])
 }
 
 /// Largest difference of `got` from `want`, relative to `want`'s largest magnitude (infinite

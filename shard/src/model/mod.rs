@@ -14,6 +14,7 @@
 //! * [`lora`] — the LoRA hook ([`LoraDelta`], [`RowSlots`], [`TargetModule`], [`NoLora`]).
 //! * [`tp`] — how the layers are split over tensor-parallel ranks ([`TpLayout`]).
 //! * [`llama`] — [`LlamaModel`]: loading and the batched forward step.
+//! * `greedy` — each logits row's argmax and log-probability on the GPU ([`device_greedy`]).
 //!
 //! All linear layers run once over the rows of every chunk of a step (continuous batching);
 //! attention runs per sequence. Half-precision models compute in their dtype with RMSNorm, SiLU
@@ -29,6 +30,7 @@ mod embedding;
 mod fused_cpu;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
+mod greedy;
 #[cfg(all(feature = "cuda", any(test, feature = "testing")))]
 mod kernel_check;
 mod kernel_math;
@@ -49,9 +51,10 @@ use std::path::PathBuf;
 
 pub use batch::{ForwardBatch, SeqChunk};
 pub use config::{ModelConfig, RopeScaling};
+pub use greedy::device_greedy;
 #[doc(hidden)]
 #[cfg(all(feature = "cuda", any(test, feature = "testing")))]
-pub use kernel_check::{KernelCheck, check_fused_ops, check_paged_attention};
+pub use kernel_check::{KernelCheck, check_fused_ops, check_greedy, check_paged_attention};
 pub use llama::LlamaModel;
 pub use lora::{LoraDelta, NoLora, RowSlots, SlotRun, TargetModule};
 pub use paged_attention::bench_paged_attention;

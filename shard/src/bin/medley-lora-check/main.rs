@@ -191,8 +191,8 @@ fn op_cost_table(device: &candle_core::Device, iters: usize) -> anyhow::Result<(
     Ok(())
 }
 
-/// The paged attention and fused kernels against their references (CUDA only; the CPU kernel
-/// is checked by the unit tests). Returns whether every case passed.
+/// The paged attention, fused and greedy kernels against their references (CUDA only; the CPU
+/// kernel is checked by the unit tests). Returns whether every case passed.
 fn attention_checks(device: &candle_core::Device) -> anyhow::Result<bool> {
     if device.is_cpu() {
         println!("\npaged attention: CUDA kernels only (the CPU kernel has its unit tests)");
@@ -200,12 +200,13 @@ fn attention_checks(device: &candle_core::Device) -> anyhow::Result<bool> {
     }
     #[cfg(feature = "cuda")]
     {
-        println!("\n## Paged attention and fused kernels vs the reference\n");
+        println!("\n## Paged attention, fused and greedy kernels vs the reference\n");
         println!("| case | rows | rel. error | bound | |");
         println!("|---|---:|---:|---:|---|");
         let mut ok = true;
         let mut cases = medley_shard::model::check_paged_attention(device)?;
         cases.extend(medley_shard::model::check_fused_ops(device)?);
+        cases.extend(medley_shard::model::check_greedy(device)?);
         for c in cases {
             ok &= c.passed();
             println!(
