@@ -199,8 +199,8 @@ step "LoRA + attention kernels vs reference, bandwidth" 120 lora_kernels "$kerne
 # The paged attention kernel serves every GPU step below. Should its check fail (or crash), the
 # servers fall back to the per-sequence candle path, so the rest of the check still measures a
 # correct model, and the report says so.
-# Likewise the fused half-precision RMSNorm and SiLU·mul (MEDLEY_CUDA_FUSED=off) and the greedy
-# argmax (MEDLEY_CUDA_GREEDY=off).
+# Likewise the fused half-precision RMSNorm and SiLU·mul and the rotary embedding with the KV
+# write (MEDLEY_CUDA_FUSED=off) and the greedy argmax (MEDLEY_CUDA_GREEDY=off).
 if [ "$mode" = gpu ] \
   && [ "$(grep -c '^| paged attention .* | ok |$' "$res/lora-kernels.md" 2>/dev/null)" != 6 ]; then
   export MEDLEY_CUDA_ATTENTION=gather
@@ -208,7 +208,7 @@ if [ "$mode" = gpu ] \
     | tee -a "$res/versions.txt"
 fi
 if [ "$mode" = gpu ] \
-  && [ "$(grep -c '^| fused .* | ok |$' "$res/lora-kernels.md" 2>/dev/null)" != 10 ]; then
+  && [ "$(grep -c '^| fused .* | ok |$' "$res/lora-kernels.md" 2>/dev/null)" != 13 ]; then
   export MEDLEY_CUDA_FUSED=off
   echo "MEDLEY_CUDA_FUSED=off: the fused kernels failed their check" | tee -a "$res/versions.txt"
 fi

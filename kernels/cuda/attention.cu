@@ -12,6 +12,8 @@
 //   index[3 rows + c * stride ..) block table of chunk c (stride entries, the used ones first)
 //
 // kv_write: grid (rows), block 256: pool[slot[r], :] = src[r, :] (kv_heads * d elements).
+// rope_kv_write: the rotary embedding of the queries and keys and the KV write in one launch
+//   (see below).
 // attention: grid (rows, heads), block 32 * ATTN_WARPS. Row r, query head h (kv head
 //   h / (heads / kv_heads)) attends to the keys of its sequence at positions lo..=pos (lo > 0
 //   only with a sliding window), which earlier steps and this step's kv_write put in the pool.
@@ -36,6 +38,54 @@ __device__ void kv_write(const T* __restrict__ src, T* __restrict__ pool,
   const size_t slot = index[r];
   for (uint32_t e = threadIdx.x; e < width; e += blockDim.x)
     pool[slot * width + e] = src[(size_t)r * width + e];
+}
+
+// rope_kv_write: grid (rows), block 256. Row r, with cos/sin row r and KV slot index[r]:
+//   q_out[r, h, :]       = rope(q[r, h, :]) for the query heads h,
+//   kpool[slot, g, :]    = rope(k[r, g, :]) and vpool[slot, g, :] = v[r, g, :] for the kv heads g,
+//   rope(x)[i]           = T(T(x[i] cos[i]) - T(x[i + d/2] sin[i])),
+//   rope(x)[i + d/2]     = T(T(x[i + d/2] cos[i]) + T(x[i] sin[i])) for i < d/2:
+//   transformers' `x * cos + rotate_half(x) * sin`, each product and the sum rounded to T (in f32
+//   too: no fused multiply-add). The rows of q, k and v start q_stride, k_stride and v_stride
+//   elements apart, so they may be column ranges of one fused projection. One launch does what
+//   two rotations and two KV writes did.
+template <typename T>
+__device__ void rope_kv_write(const T* __restrict__ q, const T* __restrict__ k,
+                              const T* __restrict__ v, const T* __restrict__ cos,
+                              const T* __restrict__ sin, T* __restrict__ q_out,
+                              T* __restrict__ kpool, T* __restrict__ vpool,
+                              const uint32_t* __restrict__ index, uint32_t q_stride,
+                              uint32_t k_stride, uint32_t v_stride, uint32_t heads,
+                              uint32_t kv_heads, uint32_t d) {
+  const uint32_t r = blockIdx.x, half = d / 2;
+  const size_t slot = index[r];
+  const T* cr = cos + (size_t)r * half;
+  const T* sr = sin + (size_t)r * half;
+  const uint32_t pairs = (heads + kv_heads) * half;
+  for (uint32_t j = threadIdx.x; j < pairs; j += blockDim.x) {
+    const uint32_t h = j / half, i = j % half;
+    const T* x;
+    T* o;
+    if (h < heads) {
+      x = q + (size_t)r * q_stride + (size_t)h * d;
+      o = q_out + ((size_t)r * heads + h) * d;
+    } else {
+      const uint32_t g = h - heads;
+      x = k + (size_t)r * k_stride + (size_t)g * d;
+      o = kpool + (slot * kv_heads + g) * d;
+    }
+    const float c = to_f32(cr[i]), s = to_f32(sr[i]);
+    const float x1 = to_f32(x[i]), x2 = to_f32(x[i + half]);
+    const float x1c = to_f32(from_f32<T>(__fmul_rn(x1, c)));
+    const float x2s = to_f32(from_f32<T>(__fmul_rn(x2, s)));
+    const float x2c = to_f32(from_f32<T>(__fmul_rn(x2, c)));
+    const float x1s = to_f32(from_f32<T>(__fmul_rn(x1, s)));
+    o[i] = from_f32<T>(__fsub_rn(x1c, x2s));
+    o[i + half] = from_f32<T>(__fadd_rn(x2c, x1s));
+  }
+  const uint32_t width = kv_heads * d;
+  for (uint32_t e = threadIdx.x; e < width; e += blockDim.x)
+    vpool[slot * width + e] = v[(size_t)r * v_stride + e];
 }
 
 template <typename T>
@@ -112,6 +162,13 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
   extern "C" __global__ void medley_kv_write_##SUFFIX(const T* src, T* pool,                    \
                                                       const uint32_t* index, uint32_t width) {  \
     kv_write<T>(src, pool, index, width);                                                       \
+  }                                                                                             \
+  extern "C" __global__ void medley_rope_kv_write_##SUFFIX(                                    \
+      const T* q, const T* k, const T* v, const T* cos, const T* sin, T* q_out, T* kpool,       \
+      T* vpool, const uint32_t* index, uint32_t q_stride, uint32_t k_stride, uint32_t v_stride, \
+      uint32_t heads, uint32_t kv_heads, uint32_t d) {                                          \
+    rope_kv_write<T>(q, k, v, cos, sin, q_out, kpool, vpool, index, q_stride, k_stride,        \
+                     v_stride, heads, kv_heads, d);                                             \
   }                                                                                             \
   extern "C" __global__ void medley_paged_attention_##SUFFIX(                                   \
       const T* q, const T* kc, const T* vc, T* out, const uint32_t* index, uint32_t rows,       \

@@ -43,12 +43,13 @@ pub fn greedy_launch(rows: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// The attention kernel names for activations of type `dtype` (one of [`DTYPES`]): the KV
-/// write, the paged attention.
-pub fn attention_kernel_names(dtype: &str) -> [String; 2] {
-    ["kv_write", "paged_attention"].map(|k| format!("medley_{k}_{dtype}"))
+/// write, the paged attention, the rotary embedding with the KV write.
+pub fn attention_kernel_names(dtype: &str) -> [String; 3] {
+    ["kv_write", "paged_attention", "rope_kv_write"].map(|k| format!("medley_{k}_{dtype}"))
 }
 
-/// The `(grid, block)` of a KV write over `rows` rows.
+/// The `(grid, block)` of a KV write, or a rotary embedding with the KV write, over `rows`
+/// rows.
 pub fn kv_write_launch(rows: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
     ((rows.max(1), 1, 1), (256, 1, 1))
 }

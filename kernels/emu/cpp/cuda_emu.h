@@ -305,6 +305,10 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline uint32_t max(uint32_t a, uint32_t b) { return a > b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+// Round-to-nearest f32 arithmetic that a compiler may not fuse (C++20 does not contract).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline uint32_t __float_as_uint(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);

@@ -56,6 +56,12 @@ impl Rope {
 }
 
 impl RopeTables {
+    /// The cos and sin tables, `[rows, 1, head_dim / 2]` each.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x: [rows, heads, head_dim]` (row `i` at the position the tables were built for).
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (rows, heads, d) = x.dims3()?;
@@ -109,6 +115,14 @@ pub(crate) fn gpu_index(
     }
     let _ = (plan, kv, head_dim);
     Ok(None)
+}
+
+/// Whether the paged CUDA kernels rotate and write in one launch (not `MEDLEY_CUDA_FUSED=off`).
+fn fused_rope() -> bool {
+    #[cfg(feature = "cuda")]
+    return !super::fused_cuda::turned_off();
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 /// The attention block of one decoder layer.
@@ -178,6 +192,10 @@ impl Attention {
         let q = lora.apply(layer, TargetModule::Q, x, self.q.forward(x)?, slots)?;
         let k = lora.apply(layer, TargetModule::K, x, self.k.forward(x)?, slots)?;
         let v = lora.apply(layer, TargetModule::V, x, self.v.forward(x)?, slots)?;
+        if let Some(index) = step.gpu.filter(|_| fused_rope()) {
+            let attn = self.gpu_fused(layer, (&q, &k, &v), rope, kv, index)?;
+            return Ok(lora.apply(layer, TargetModule::O, &attn, self.o.forward(&attn)?, slots)?);
+        }
         let q = rope.apply(&q.reshape((rows, h, d))?)?;
         let k = rope.apply(&k.reshape((rows, kvh, d))?)?;
         let v = v.reshape((rows, kvh, d))?;
@@ -186,6 +204,47 @@ impl Attention {
             None => self.host(layer, &q, &k, &v, plan, kv)?,
         };
         Ok(lora.apply(layer, TargetModule::O, &attn, self.o.forward(&attn)?, slots)?)
+    }
+
+    /// The shape of this block's attention launches over `kv`.
+    #[cfg(feature = "cuda")]
+    fn shape(&self, kv: &KvCache) -> attention_cuda::AttentionShape {
+        attention_cuda::AttentionShape {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            block_tokens: kv.block_tokens(),
+            window: self.sliding_window,
+            scale: self.scale as f32,
+        }
+    }
+
+    /// Rotates, writes and attends through the paged CUDA kernels: one launch rotates the
+    /// queries and keys and writes the keys and values, one attends, for the whole batch.
+    /// `q: [rows, heads * d]`, `k`/`v`: `[rows, kv_heads * d]`.
+    #[cfg(feature = "cuda")]
+    fn gpu_fused(
+        &self,
+        layer: usize,
+        qkv: (&Tensor, &Tensor, &Tensor),
+        rope: &RopeTables,
+        kv: &KvCache,
+        index: &GpuIndex,
+    ) -> Result<Tensor, ModelError> {
+        let shape = self.shape(kv);
+        attention_cuda::rope_write_and_attend(layer, qkv, rope.tables(), kv, index, shape)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn gpu_fused(
+        &self,
+        _: usize,
+        _: (&Tensor, &Tensor, &Tensor),
+        _: &RopeTables,
+        _: &KvCache,
+        index: &GpuIndex,
+    ) -> Result<Tensor, ModelError> {
+        match *index {}
     }
 
     /// Writes and attends through the paged CUDA kernels: two writes and one attention launch
@@ -200,15 +259,7 @@ impl Attention {
         kv: &KvCache,
         index: &GpuIndex,
     ) -> Result<Tensor, ModelError> {
-        let shape = attention_cuda::AttentionShape {
-            heads: self.num_heads,
-            kv_heads: self.num_kv_heads,
-            head_dim: self.head_dim,
-            block_tokens: kv.block_tokens(),
-            window: self.sliding_window,
-            scale: self.scale as f32,
-        };
-        attention_cuda::write_and_attend(layer, q, k, v, kv, index, shape)
+        attention_cuda::write_and_attend(layer, q, k, v, kv, index, self.shape(kv))
     }
 
     #[cfg(not(feature = "cuda"))]

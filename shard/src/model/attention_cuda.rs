@@ -21,12 +21,12 @@ use super::paged_index::PagedIndex;
 use crate::kv_cache::KvCache;
 
 /// The name the PTX module is cached under in candle's device.
-const MODULE: &str = "medley_attention";
+pub(super) const MODULE: &str = "medley_attention";
 
 /// A step's [`PagedIndex`] on the device.
 pub(crate) struct DeviceIndex {
-    words: CudaSlice<u32>,
-    rows: u32,
+    pub(super) words: CudaSlice<u32>,
+    pub(super) rows: u32,
     table_stride: u32,
 }
 
@@ -83,6 +83,33 @@ pub(crate) fn write_and_attend(
     Ok(attend(q, keys, values, index, shape)?)
 }
 
+/// Rotates a step's queries and keys by the tables `cos`/`sin` (`rows × d / 2` each), writes
+/// the keys and values into `layer` of `kv`'s pool and attends: two launches (see
+/// [`super::rope_cuda`]). `q: [rows, heads * d]`, `k`/`v`: `[rows, kv_heads * d]`, each row
+/// contiguous, rows at any stride. Returns `[rows, heads * d]`.
+pub(crate) fn rope_write_and_attend(
+    layer: usize,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (cos, sin): (&Tensor, &Tensor),
+    kv: &KvCache,
+    index: &DeviceIndex,
+    shape: AttentionShape,
+) -> Result<Tensor, ModelError> {
+    let pools = kv.layer(layer)?;
+    let rotated = super::rope_cuda::RopeKvWrite {
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        pools,
+        index,
+        shape,
+    }
+    .run()?;
+    Ok(attend(&rotated, pools.0, pools.1, index, shape)?)
+}
+
 /// Writes `src: [rows, kv_heads, d]` (a step's keys or values) into `pool` (`[slots, kv_heads,
 /// d]`) at the rows' slots.
 fn write(pool: &Tensor, src: &Tensor, index: &DeviceIndex) -> candle_core::Result<()> {
@@ -102,7 +129,7 @@ fn attend(
         .apply_op3_no_bwd(keys, values, &PagedAttention { index, shape })
 }
 
-fn dtype_suffix(dtype: DType) -> candle_core::Result<&'static str> {
+pub(super) fn dtype_suffix(dtype: DType) -> candle_core::Result<&'static str> {
     match dtype {
         DType::F32 => Ok("f32"),
         DType::BF16 => Ok("bf16"),

@@ -13,11 +13,16 @@ use medley_kernels::cuda::{FUSED_PTX, elementwise_launch, fused_kernel_names, rm
 /// The name the PTX module is cached under in candle's device.
 const MODULE: &str = "medley_fused";
 
+/// Whether `MEDLEY_CUDA_FUSED=off` turned the fused kernels off (these, and the rotary
+/// embedding with the KV write of [`super::rope_cuda`]).
+pub(crate) fn turned_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("MEDLEY_CUDA_FUSED").is_ok_and(|v| v == "off"))
+}
+
 /// Whether the fused kernels serve activations `x` (bf16 or f16 on a GPU, not turned off).
 pub(crate) fn serves(x: &Tensor) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("MEDLEY_CUDA_FUSED").is_ok_and(|v| v == "off"));
-    !off && x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16)
+    !turned_off() && x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16)
 }
 
 /// RMSNorm of `x: [rows, hidden]` with weight `w: [hidden]` (both of `x`'s dtype).

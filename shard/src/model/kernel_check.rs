@@ -1,13 +1,14 @@
 //! Checks of the model's CUDA kernels for `medley-lora-check` on a GPU: the paged attention
 //! against an f64 reference on a mixed step (a fresh prefill, a chunked-prefill continuation,
 //! decode rows over short and long histories that cross block boundaries), with and without a
-//! sliding window, in every activation dtype; the fused half-precision RMSNorm and SiLU·mul
-//! against the candle op chains they replace; and the greedy argmax against the host sampler.
+//! sliding window, in every activation dtype; the fused half-precision RMSNorm and SiLU·mul, and
+//! the rotary embedding with the KV write, against the candle op chains they replace; and the
+//! greedy argmax against the host sampler.
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::gpu_index;
-use super::attention_cuda::{AttentionShape, write_and_attend};
+use super::attention::{Rope, gpu_index};
+use super::attention_cuda::{AttentionShape, rope_write_and_attend, write_and_attend};
 use super::batch::{BatchPlan, ForwardBatch, SeqChunk};
 use super::layers::{RmsNorm, silu, silu_mul};
 use super::paged_index::reference_attention;
@@ -203,11 +204,8 @@ fn random(n: usize, seed: u64, dtype: DType) -> Result<Vec<f32>, ModelError> {
         .to_vec1()?)
 }
 
-fn run_case(
-    device: &Device,
-    dtype: DType,
-    window: Option<usize>,
-) -> Result<KernelCheck, ModelError> {
+/// The attention layer's config: [`HEADS`] query heads and [`KV_HEADS`] kv heads of [`D`].
+fn attention_config(window: Option<usize>) -> Result<ModelConfig, ModelError> {
     let mut cfg = ModelConfig::from_json_str(
         &serde_json::json!({
             "vocab_size": 16, "hidden_size": HEADS * D, "intermediate_size": 8,
@@ -217,43 +215,49 @@ fn run_case(
         .to_string(),
     )?;
     cfg.sliding_window = window;
+    Ok(cfg)
+}
+
+/// `[rows, KV_HEADS, D]` on `dev` (f32 on the CPU, else `dtype`).
+fn kv_rows(v: Vec<f32>, rows: usize, dtype: DType, dev: &Device) -> Result<Tensor, ModelError> {
+    Ok(Tensor::from_vec(v, (rows, KV_HEADS, D), &Device::Cpu)?
+        .to_dtype(if dev.is_cpu() { DType::F32 } else { dtype })?
+        .to_device(dev)?)
+}
+
+/// A KV cache on `device` (f32 on the CPU, else `dtype`) holding [`SEQS`]' histories (random
+/// keys and values of `dtype`, blocks taken in turn so that tables are not contiguous), with
+/// room for their new tokens.
+fn mixed_cache(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<KvCache, ModelError> {
     let pool = KvCacheConfig {
         capacity_tokens: 1024,
         block_tokens: 16,
         prefix_caching: false,
     };
-    let mut dev_kv = KvCache::new(&cfg, dtype, device, pool)?;
-    let mut ref_kv = KvCache::new(&cfg, DType::F32, &Device::Cpu, pool)?;
-    let width = KV_HEADS * D;
-    let on = |v: Vec<f32>, rows: usize, dev: &Device| -> Result<Tensor, ModelError> {
-        Ok(Tensor::from_vec(v, (rows, KV_HEADS, D), &Device::Cpu)?
-            .to_dtype(if dev.is_cpu() { DType::F32 } else { dtype })?
-            .to_device(dev)?)
-    };
-    // Histories, blocks taken in turn so that tables are not contiguous.
-    for kv in [&mut dev_kv, &mut ref_kv] {
-        for (id, cached, new) in SEQS {
-            kv.allocate(id, cached + new)?;
-        }
-        for (id, cached, _) in SEQS.iter().rev() {
-            kv.reserve(*id, *cached)?;
-        }
+    let cache_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+    let mut kv = KvCache::new(cfg, cache_dtype, device, pool)?;
+    for (id, cached, new) in SEQS {
+        kv.allocate(id, cached + new)?;
     }
+    for (id, cached, _) in SEQS.iter().rev() {
+        kv.reserve(*id, *cached)?;
+    }
+    let width = KV_HEADS * D;
     for (id, cached, _) in SEQS.into_iter().filter(|s| s.1 > 0) {
         let k = random(cached * width, id, dtype)?;
         let v = random(cached * width, id + 100, dtype)?;
-        let tokens = vec![0u32; cached];
-        for (kv, dev) in [(&mut dev_kv, device), (&mut ref_kv, &Device::Cpu)] {
-            kv.write(
-                id,
-                0,
-                0,
-                &on(k.clone(), cached, dev)?,
-                &on(v.clone(), cached, dev)?,
-            )?;
-            kv.commit(id, &tokens)?;
-        }
+        let (k, v) = (
+            kv_rows(k, cached, dtype, device)?,
+            kv_rows(v, cached, dtype, device)?,
+        );
+        kv.write(id, 0, 0, &k, &v)?;
+        kv.commit(id, &vec![0u32; cached])?;
     }
+    Ok(kv)
+}
+
+/// The step over [`SEQS`]' new tokens, its blocks reserved in `kv`.
+fn mixed_step(kv: &mut KvCache) -> Result<BatchPlan, ModelError> {
     let batch = ForwardBatch {
         chunks: SEQS
             .iter()
@@ -266,12 +270,101 @@ fn run_case(
             })
             .collect(),
     };
-    for kv in [&mut dev_kv, &mut ref_kv] {
-        for (id, cached, new) in SEQS {
-            kv.reserve(id, cached + new)?;
-        }
+    for (id, cached, new) in SEQS {
+        kv.reserve(id, cached + new)?;
     }
-    let plan = BatchPlan::new(&batch, &dev_kv, 16)?;
+    BatchPlan::new(&batch, kv, 16)
+}
+
+/// The rotary embedding with the KV write in one launch against candle's rotations and the two
+/// KV writes, each followed by the paged attention over the same histories, in every dtype. The
+/// queries, keys and values of the fused launch are column ranges of one projection's output.
+pub fn check_rope_kv_write(device: &Device) -> Result<Vec<KernelCheck>, ModelError> {
+    let cfg = attention_config(None)?;
+    let rope = Rope::new(&cfg, device)?;
+    let mut out = Vec::new();
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+        let mut fused_kv = mixed_cache(&cfg, dtype, device)?;
+        let mut chain_kv = mixed_cache(&cfg, dtype, device)?;
+        let plan = mixed_step(&mut fused_kv)?;
+        mixed_step(&mut chain_kv)?;
+        let rows = plan.num_rows();
+        let (qw, kw) = (HEADS * D, KV_HEADS * D);
+        let qkv = Tensor::from_vec(
+            random(rows * (qw + 2 * kw), 30, dtype)?,
+            (rows, qw + 2 * kw),
+            &Device::Cpu,
+        )?
+        .to_dtype(dtype)?
+        .to_device(device)?;
+        let (q, k, v) = (
+            qkv.narrow(1, 0, qw)?,
+            qkv.narrow(1, qw, kw)?,
+            qkv.narrow(1, qw + kw, kw)?,
+        );
+        let tables = rope.tables(&plan.positions, dtype)?;
+        let shape = |kv: &KvCache| AttentionShape {
+            heads: HEADS,
+            kv_heads: KV_HEADS,
+            head_dim: D,
+            block_tokens: kv.block_tokens(),
+            window: None,
+            scale: 1.0 / (D as f32).sqrt(),
+        };
+        let (Some(fused_index), Some(chain_index)) = (
+            gpu_index(&plan, &fused_kv, D)?,
+            gpu_index(&plan, &chain_kv, D)?,
+        ) else {
+            return Err(ModelError::InvalidBatch(format!(
+                "no paged attention kernel for {dtype:?} on {device:?}"
+            )));
+        };
+        let got = rope_write_and_attend(
+            0,
+            (&q, &k, &v),
+            tables.tables(),
+            &fused_kv,
+            &fused_index,
+            shape(&fused_kv),
+        )?;
+        let want = write_and_attend(
+            0,
+            &tables.apply(&q.reshape((rows, HEADS, D))?)?,
+            &tables.apply(&k.reshape((rows, KV_HEADS, D))?)?,
+            &v.reshape((rows, KV_HEADS, D))?,
+            &chain_kv,
+            &chain_index,
+            shape(&chain_kv),
+        )?;
+        let pools = |kv: &KvCache| -> Result<(Tensor, Tensor), ModelError> {
+            let (keys, values) = kv.layer(0)?;
+            Ok((keys.clone(), values.clone()))
+        };
+        let ((fk, fv), (ck, cv)) = (pools(&fused_kv)?, pools(&chain_kv)?);
+        out.push(KernelCheck {
+            name: format!("fused rope+kv write {dtype:?} {rows} rows"),
+            rows,
+            rel_err: rel_err(&got, &want)?
+                .max(rel_err(&fk, &ck)?)
+                .max(rel_err(&fv, &cv)?),
+            tolerance,
+        });
+    }
+    Ok(out)
+}
+
+fn run_case(
+    device: &Device,
+    dtype: DType,
+    window: Option<usize>,
+) -> Result<KernelCheck, ModelError> {
+    let cfg = attention_config(window)?;
+    let mut dev_kv = mixed_cache(&cfg, dtype, device)?;
+    let mut ref_kv = mixed_cache(&cfg, dtype, &Device::Cpu)?;
+    let width = KV_HEADS * D;
+    let on = |v: Vec<f32>, rows: usize, dev: &Device| kv_rows(v, rows, dtype, dev);
+    let plan = mixed_step(&mut dev_kv)?;
+    mixed_step(&mut ref_kv)?;
     let rows = plan.num_rows();
     let q = random(rows * HEADS * D, 7, dtype)?;
     let k = random(rows * width, 8, dtype)?;

@@ -42,6 +42,8 @@ pub(crate) mod paged_attention;
 mod paged_index;
 pub mod quant;
 mod quant_matmul;
+#[cfg(feature = "cuda")]
+mod rope_cuda;
 pub mod tp;
 mod vocab;
 pub mod weights;
@@ -54,7 +56,9 @@ pub use config::{ModelConfig, RopeScaling};
 pub use greedy::device_greedy;
 #[doc(hidden)]
 #[cfg(all(feature = "cuda", any(test, feature = "testing")))]
-pub use kernel_check::{KernelCheck, check_fused_ops, check_greedy, check_paged_attention};
+pub use kernel_check::{
+    KernelCheck, check_fused_ops, check_greedy, check_paged_attention, check_rope_kv_write,
+};
 pub use llama::LlamaModel;
 pub use lora::{LoraDelta, NoLora, RowSlots, SlotRun, TargetModule};
 pub use paged_attention::bench_paged_attention;

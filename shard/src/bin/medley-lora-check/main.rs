@@ -206,6 +206,7 @@ fn attention_checks(device: &candle_core::Device) -> anyhow::Result<bool> {
         let mut ok = true;
         let mut cases = medley_shard::model::check_paged_attention(device)?;
         cases.extend(medley_shard::model::check_fused_ops(device)?);
+        cases.extend(medley_shard::model::check_rope_kv_write(device)?);
         cases.extend(medley_shard::model::check_greedy(device)?);
         for c in cases {
             ok &= c.passed();
