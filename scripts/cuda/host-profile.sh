@@ -2,7 +2,9 @@
 # The host side of a GPU decode step, measured on a machine without a GPU: serves a
 # TinyLlama-shaped bf16 model (22 layers, vocab 32000) with the CUDA build on the fake GPU
 # (scripts/cuda/fake-gpu.sh: no kernel runs, every call is counted) and prints, per stream count,
-# the step's times and its calls (kernel launches, GEMMs, allocations, copies) as a markdown table.
+# the step's times and its calls (kernel launches, GEMMs, allocations, copies) as a markdown table,
+# for the base model, one adapter and 8 distinct merges (8 rank-16 PEFT adapters, the GPU
+# check's speed configurations).
 #   scripts/cuda/host-profile.sh [--bin target/release-cuda/medley] [--layers N] [--out FILE]
 #                                [--kernels]   # also list the launches per kernel name
 # The binary comes from scripts/cuda/build.sh. The times are this machine's host alone; on a GPU
@@ -29,10 +31,16 @@ fixture="$(dirname "$bin")/medley-fixture"
 [ -x "$fixture" ] || fixture="$root/target/release/medley-fixture"
 LD_LIBRARY_PATH="$work/fake" "$fixture" model --preset tinyllama --layers "$layers" --dtype bf16 \
   --out "$work/model" >/dev/null
+merge_dev="$(dirname "$fixture")/medley-merge-dev"
+for i in 0 1 2 3 4 5 6 7; do
+  LD_LIBRARY_PATH="$work/fake" "$merge_dev" fixture --preset tinyllama --layers "$layers" \
+    --rank 16 --alpha 32 --seed "$((100 + i))" --out "$work/adapters/a$i" >/dev/null
+done
 port=$((20000 + ($$ % 5000) * 2))
 env MEDLEY_FAKE_CUDA_LOG="$work/fake.log" ${kernels:+MEDLEY_FAKE_CUDA_KERNELS=1} \
   LD_LIBRARY_PATH="$work/fake" "$bin" serve --model "$work/model" --device cuda --dtype bf16 \
-  --port "$port" --grpc-port "$((port + 1))" --shard-uds-path "$work/sock" >"$work/server.log" 2>&1 &
+  --adapter-root "$work/adapters" --port "$port" --grpc-port "$((port + 1))" \
+  --shard-uds-path "$work/sock" >"$work/server.log" 2>&1 &
 pid=$!
 for _ in $(seq 120); do
   curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
@@ -40,10 +48,10 @@ for _ in $(seq 120); do
   sleep 1
 done
 {
-  echo "Host side of decode steps on the fake GPU: TinyLlama shape, $layers layers, bf16, 64 new tokens per stream, $(nproc) CPUs ($(date -u +%F), git $(git -C "$root" rev-parse --short HEAD))."
+  echo "Host side of decode steps on the fake GPU: TinyLlama shape, $layers layers, bf16, 64 new tokens per stream, rank-16 adapters (8 merges: linear merges of two, stream i uses merge i mod 8), $(nproc) CPUs ($(date -u +%F), git $(git -C "$root" rev-parse --short HEAD))."
   echo
   python3 "$root/scripts/cuda/host_profile.py" --url "http://127.0.0.1:$port" \
-    --log "$work/fake.log" --vocab 32000
+    --log "$work/fake.log" --vocab 32000 --configs "base,1 adapter,8 merges"
   echo
   echo "wall: the requests' time over the tokens per stream. forward: the shard's forward pass, logits read-back included; queueing: its part until the model returned (issuing the calls). step as the router sees it: forward, sampling and the reply. Host µs and the calls: medians over the decode steps of the whole batch, between two reads of the logits (the fake's log)."
   if [ -n "$kernels" ]; then

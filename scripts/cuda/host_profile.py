@@ -4,6 +4,7 @@ drives the server at each stream count, reads the fake's log (one line per point
 waits for the device) and the router's step histograms, and prints a markdown table.
 
     host_profile.py --url URL --log FAKE_LOG --vocab N [--streams 1,8,32] [--new-tokens 64]
+                    [--configs base,1 adapter,8 merges]
 
 No kernel runs on the fake, so the times are the host's alone: issuing the step's calls (without
 the driver's own cost per call), reading the logits back, sampling, and the router. stdlib only.
@@ -17,7 +18,17 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "gpu_check"))
-from check import SPEED_PROMPT, decode_step_totals, generate, ints, step_columns  # noqa: E402
+from check import (SPEED_MERGES, SPEED_PROMPT, case_params, decode_step_totals,  # noqa: E402
+                   generate, ints, step_columns)
+
+# What each row's requests ask for (the GPU check's speed configurations): stream i's parameters.
+CONFIGS = {
+    "base": lambda i: {},
+    "1 adapter": lambda i: case_params("adapter"),
+    "8 merges": lambda i: {"adapter_source": "local", "merged_adapters": {
+        "ids": SPEED_MERGES[i % 8]["ids"], "weights": SPEED_MERGES[i % 8]["weights"],
+        "merge_strategy": "linear"}},
+}
 
 COLUMNS = ["launch", "gemm", "alloc", "htod", "dtoh", "get_function"]
 
@@ -50,28 +61,38 @@ def main():
     ap.add_argument("--vocab", type=int, required=True)
     ap.add_argument("--streams", type=ints, default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--configs", default="base",
+                    help="comma-separated subset of: " + ", ".join(CONFIGS))
     args = ap.parse_args()
-    heads = ["streams", "wall ms/step", "forward ms/step", "of it queueing", "step as the router sees it",
+    heads = ["adapters", "streams", "wall ms/step", "forward ms/step", "of it queueing", "step as the router sees it",
              "host µs between read-backs", "decode steps"] + [f"{c}/step" for c in COLUMNS]
     print("| " + " | ".join(heads) + " |")
     print("|" + "---:|" * len(heads))
-    generate(args.url, SPEED_PROMPT, {}, 2)  # warm-up
-    for streams in args.streams:
-        seen = len(log_lines(args.log))
-        before = decode_step_totals(args.url)
-        t0 = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(streams) as pool:
-            list(pool.map(lambda i: generate(args.url, SPEED_PROMPT, {}, args.new_tokens),
-                          range(streams)))
-        wall = (time.monotonic() - t0) * 1e3 / args.new_tokens
-        cols = step_columns(before, decode_step_totals(args.url))
-        read_back = (4 * streams * args.vocab, 8 * streams)
-        counts = step_counts(log_lines(args.log)[seen:], read_back) or {}
-        row = [streams, f"{wall:.2f}", cols.get("forward_ms_per_step", "-"),
-               cols.get("launch_ms_per_step", "-"), cols.get("step_ms_per_step", "-"),
-               f"{counts.get('host_us', float('nan')):.0f}", counts.get("steps", 0)]
-        row += [f"{counts.get(c, float('nan')):.0f}" for c in COLUMNS]
-        print("| " + " | ".join(str(x) for x in row) + " |", flush=True)
+    for config in args.configs.split(","):
+        params = CONFIGS[config]
+        for i in range(8):  # warm-up: loads the adapters and computes the merges once
+            generate(args.url, SPEED_PROMPT, params(i), 2)
+        for streams in args.streams:
+            print(row(args, config, params, streams), flush=True)
+
+
+def row(args, config, params, streams):
+    """One table row: `streams` requests of `config` at once."""
+    seen = len(log_lines(args.log))
+    before = decode_step_totals(args.url)
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        list(pool.map(lambda i: generate(args.url, SPEED_PROMPT, params(i), args.new_tokens),
+                      range(streams)))
+    wall = (time.monotonic() - t0) * 1e3 / args.new_tokens
+    cols = step_columns(before, decode_step_totals(args.url))
+    read_back = (4 * streams * args.vocab, 8 * streams)
+    counts = step_counts(log_lines(args.log)[seen:], read_back) or {}
+    cells = [config, streams, f"{wall:.2f}", cols.get("forward_ms_per_step", "-"),
+             cols.get("launch_ms_per_step", "-"), cols.get("step_ms_per_step", "-"),
+             f"{counts.get('host_us', float('nan')):.0f}", counts.get("steps", 0)]
+    cells += [f"{counts.get(c, float('nan')):.0f}" for c in COLUMNS]
+    return "| " + " | ".join(str(x) for x in cells) + " |"
 
 
 if __name__ == "__main__":
