@@ -6,9 +6,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor,
 };
@@ -17,6 +15,7 @@ use medley_kernels::cuda::{
 };
 
 use super::ModelError;
+use super::cuda_launch::launch_config;
 use super::paged_index::PagedIndex;
 use crate::kv_cache::KvCache;
 
@@ -178,18 +177,13 @@ impl KvWrite<'_> {
         let src = src.as_cuda_slice::<T>()?.slice(sr);
         let mut dst = pool.as_cuda_slice_mut::<T>()?.slice_mut(pr);
         let width = (kvh * d) as u32;
-        let (grid_dim, block_dim) = kv_write_launch(rows as u32);
         let mut launch = func.builder();
         launch
             .arg(&src)
             .arg(&mut dst)
             .arg(&self.index.words)
             .arg(&width);
-        let cfg = LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        };
+        let cfg = launch_config(kv_write_launch(rows as u32));
         // SAFETY: the arguments match medley_kv_write_* in kernels/cuda/attention.cu; src has
         // rows × width elements, and every slot of the index (PagedIndex::new: a block the
         // sequence holds) is below the pool's slots.
@@ -295,12 +289,7 @@ impl PagedAttention<'_> {
             .arg(&self.index.table_stride)
             .arg(&window)
             .arg(&s.scale);
-        let (grid_dim, block_dim) = attention_launch(rows_u, heads_u);
-        let cfg = LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        };
+        let cfg = launch_config(attention_launch(rows_u, heads_u));
         // SAFETY: the arguments match medley_paged_attention_* in kernels/cuda/attention.cu;
         // q has rows × heads × d elements, out as many; every chunk's block table covers its
         // rows' positions with blocks of the pool (PagedIndex::new).

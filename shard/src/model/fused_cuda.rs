@@ -4,9 +4,10 @@
 //! add before it, the add too) and of the MLP's `silu(gate) * up` (widen, SiLU, narrow,
 //! multiply). `MEDLEY_CUDA_FUSED=off` keeps the chains (for comparisons).
 
+use super::cuda_launch::launch_config;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use medley_kernels::cuda::{FUSED_PTX, elementwise_launch, fused_kernel_names, rms_norm_launch};
 
@@ -85,11 +86,6 @@ impl Fused {
         if n == 0 {
             return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
         }
-        let config = |(grid_dim, block_dim)| LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        };
         match self {
             Self::RmsNorm { eps } => {
                 let (rows, hidden) = shape.dims2()?;
@@ -102,7 +98,7 @@ impl Fused {
                 launch.arg(&a).arg(&b).arg(&mut out).arg(&hidden).arg(eps);
                 // SAFETY: matches medley_rms_norm_* in kernels/cuda/fused.cu; x and out have
                 // rows × hidden elements, w hidden.
-                unsafe { launch.launch(config(rms_norm_launch(rows as u32))) }.w()?;
+                unsafe { launch.launch(launch_config(rms_norm_launch(rows as u32))) }.w()?;
             }
             Self::SiluMul => {
                 if l2.shape() != &shape || u32::try_from(n).is_err() {
@@ -114,7 +110,7 @@ impl Fused {
                 launch.arg(&a).arg(&b).arg(&mut out).arg(&n32);
                 // SAFETY: matches medley_silu_mul_* in kernels/cuda/fused.cu; all three have n
                 // elements.
-                unsafe { launch.launch(config(elementwise_launch(n32))) }.w()?;
+                unsafe { launch.launch(launch_config(elementwise_launch(n32))) }.w()?;
             }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
@@ -197,12 +193,7 @@ impl AddRmsNorm {
         let hidden = hidden as u32;
         launch.arg(&x).arg(&a).arg(&w).arg(&mut sum).arg(&mut out);
         launch.arg(&hidden).arg(&self.eps);
-        let (grid_dim, block_dim) = rms_norm_launch(rows as u32);
-        let cfg = LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        };
+        let cfg = launch_config(rms_norm_launch(rows as u32));
         // SAFETY: matches medley_add_rms_norm_* in kernels/cuda/fused.cu; x, a, sum and out
         // have rows × hidden elements, w hidden.
         unsafe { launch.launch(cfg) }.w()?;

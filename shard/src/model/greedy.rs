@@ -26,8 +26,9 @@ pub fn device_greedy(logits: &Tensor) -> candle_core::Result<Option<Vec<(u32, f3
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::super::cuda_launch::launch_config;
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{DType, Storage, Tensor};
     use medley_kernels::cuda::{GREEDY_KERNEL, SAMPLING_PTX, greedy_launch};
 
@@ -58,12 +59,7 @@ mod cuda {
         let mut launch = func.builder();
         let (n, v) = (rows as u32, vocab as u32);
         launch.arg(&src).arg(&mut out).arg(&n).arg(&v);
-        let (grid_dim, block_dim) = greedy_launch(n);
-        let cfg = LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        };
+        let cfg = launch_config(greedy_launch(n));
         // SAFETY: matches medley_greedy_f32 in kernels/cuda/sampling.cu; src holds rows × vocab
         // values, out 2 × rows words.
         unsafe { launch.launch(cfg) }.w()?;

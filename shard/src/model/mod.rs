@@ -26,6 +26,8 @@ mod attention_cuda;
 pub mod batch;
 pub mod config;
 mod cpu_storage;
+#[cfg(feature = "cuda")]
+mod cuda_launch;
 mod embedding;
 mod fused_cpu;
 #[cfg(feature = "cuda")]

@@ -6,15 +6,14 @@
 //! ranges of one fused projection (rows at any stride, each row contiguous).
 //! `MEDLEY_CUDA_FUSED=off` keeps candle's rotation and the two writes.
 
-use candle_core::cuda_backend::cudarc::driver::{
-    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Device, Layout, Storage, Tensor};
 use medley_kernels::cuda::{ATTENTION_PTX, attention_kernel_names, kv_write_launch};
 
 use super::attention_cuda::{AttentionShape, DeviceIndex, MODULE, dtype_suffix};
+use super::cuda_launch::launch_config;
 
 /// What one launch reads and writes.
 pub(crate) struct RopeKvWrite<'a> {
@@ -107,12 +106,7 @@ impl RopeKvWrite<'_> {
         launch.arg(&kpool).arg(&vpool).arg(&self.index.words);
         launch.arg(&strides[0]).arg(&strides[1]).arg(&strides[2]);
         launch.arg(&hu).arg(&gu).arg(&du);
-        let (grid_dim, block_dim) = kv_write_launch(rows as u32);
-        let cfg = LaunchConfig {
-            grid_dim,
-            block_dim,
-            shared_mem_bytes: 0,
-        };
+        let cfg = launch_config(kv_write_launch(rows as u32));
         // SAFETY: the arguments match medley_rope_kv_write_* in kernels/cuda/attention.cu;
         // rows_at / whole_at checked that every row and table lies inside its storage, and every
         // slot of the index (PagedIndex::new: a block the sequence holds) is below the pools'
