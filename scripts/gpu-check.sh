@@ -22,15 +22,17 @@
 #      and ragged SGMV, rows without an adapter; BGMV through both the per-row and the grouped
 #      kernels) and their bandwidth vs a device copy, host-paced and GPU-timed; what the ops of
 #      a decode step cost, host-paced vs GPU; on a GPU also the paged attention (vs f64) and the
-#      fused RMSNorm / SiLU·mul (vs the op chains): a family that fails is switched off for the
-#      rest of the run
+#      fused RMSNorm / SiLU·mul and rotary embedding + KV write (vs the op chains) and the greedy
+#      argmax (vs the host sampler): a family that fails is switched off for the rest of the run
 #   2. a random TinyLlama-shaped f32 checkpoint and 8 rank-16 PEFT adapters (the repo's fixtures)
 #   3. greedy tokens of base / adapter a0 / TIES merge of a0..a2 from Medley on the GPU (f32 and
 #      bf16) and on the CPU (f32), and from transformers + PEFT on the GPU (f32 and bf16);
 #      required: f32 all 32 tokens equal (GPU vs transformers, GPU vs CPU), bf16 the first 16
 #      (reported only in the CPU dry run); on a GPU, transformers with sdpa attention too
 #      (report only: how far the oracle moves against itself in bf16), and a bf16 server on
-#      the grouped BGMV kernels when they passed (tokens report only, and its speed rows)
+#      the grouped BGMV kernels when they passed (tokens report only, and its speed rows), and
+#      one with q, k and v stacked into one matmul (MEDLEY_STACK_PROJECTIONS=1; tokens report
+#      only, and its base speed rows)
 #   4. decode tokens/s at 1, 8, 32 streams for base, one adapter and 8 distinct merges (bf16),
 #      and transformers' generate at batch 1 and 32 (bf16, eager and sdpa attention), each the
 #      best of 3 runs; then issue 11's speed targets computed from them (the LoRA bandwidth
@@ -41,9 +43,9 @@
 # On the project's lent GPU machine (no Rust there): run scripts/cuda/build.sh here, then one call
 # that carries target/release-cuda/{medley,medley-fixture,medley-merge-dev,medley-lora-check}.xz
 # (about 25 MB) with
-#   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~6 min: the
+#   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~7 min: the
 #   three runs of 2026-12-04 took 200-246 s, before the repeated speed runs, transformers' sdpa
-#   timing, the trained demo model and the grouped-kernel server were added)
+#   timing, the trained demo model and the grouped-kernel and stacked-q/k/v servers were added)
 # and commit the returned report under bench/results/.
 set -uo pipefail
 
@@ -278,6 +280,18 @@ if [ "$mode" = gpu ] && grep -q '(grouped) .* | ok |$' "$res/lora-kernels.md" 2>
   step "compare bf16 grouped" 30 compare \
     "medley cuda bf16 grouped LoRA kernels vs transformers+peft cuda bf16" \
     tokens-hf-bf16.json tokens-medley-cuda-bf16-grouped.json --require 0
+fi
+# q, k and v as one matmul (MEDLEY_STACK_PROJECTIONS=1, off by default): the base speed rows
+# again, for the A/B that decides the default, and its tokens against the oracle (report only:
+# another GEMM shape may sum in another order and move bf16 near-ties).
+if [ "$mode" = gpu ]; then
+  export MEDLEY_STACK_PROJECTIONS=1 speed_file=speed-medley-stacked.json speed_configs=base
+  step "medley cuda bf16 tokens + speed, stacked q/k/v" 240 \
+    medley_tokens_and_speed cuda-bf16-stacked cuda bf16
+  unset MEDLEY_STACK_PROJECTIONS speed_file speed_configs
+  step "compare bf16 stacked" 30 compare \
+    "medley cuda bf16 stacked q/k/v vs transformers+peft cuda bf16" \
+    tokens-hf-bf16.json tokens-medley-cuda-bf16-stacked.json --require 0
 fi
 # On the GPU both sides run cuBLAS bf16 GEMMs: the first 16 tokens must agree. On the CPU the
 # dry run only reports: Medley's CPU bf16 path multiplies f32-widened weights (see

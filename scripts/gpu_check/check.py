@@ -396,6 +396,12 @@ def report(args):
         lines += speed_table(
             f"Medley decode speed through the grouped BGMV kernels (MEDLEY_LORA_BGMV=grouped; "
             f"otherwise as above)", [("adapters", "config"), ("streams", "streams")], s["rows"])
+    st = os.path.join(d, "speed-medley-stacked.json")
+    if os.path.exists(st):
+        s = read(st)
+        lines += speed_table(
+            "Medley decode speed with q, k and v as one matmul (MEDLEY_STACK_PROJECTIONS=1; "
+            "otherwise as above)", [("adapters", "config"), ("streams", "streams")], s["rows"])
     hs = os.path.join(d, "speed-hf.json")
     if os.path.exists(hs):
         s = read(hs)

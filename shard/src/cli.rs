@@ -133,6 +133,16 @@ pub struct ShardArgs {
     /// ~/.cache/huggingface/hub).
     #[arg(long, env = "HUGGINGFACE_HUB_CACHE")]
     pub huggingface_hub_cache: Option<PathBuf>,
+    /// Multiply each attention block's q, k and v projections as one matmul (dense weights):
+    /// fewer GEMM launches per step on a GPU, but another GEMM shape than transformers', so
+    /// half-precision results may differ from it by a rounding.
+    #[arg(
+        long,
+        env = "MEDLEY_STACK_PROJECTIONS",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub stack_projections: bool,
     /// Threads of the forward pass (default: RAYON_NUM_THREADS if set, else the CPUs this
     /// process may use).
     #[arg(long, env = "MEDLEY_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
@@ -365,6 +375,7 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
         tp,
         comm,
         quantize: args.quantize,
+        stack_projections: args.stack_projections,
     };
     let t0 = std::time::Instant::now();
     let model = LlamaModel::load(&args.model_dir, &opts)
@@ -499,6 +510,12 @@ mod tests {
         // Plain bytes, as the launcher passes them.
         let b = parse(&["--adapter-memory-budget", "1000000"]).expect("bytes");
         assert_eq!(b.device, DeviceSpec::Cpu);
+        assert!(!b.stack_projections);
+        assert!(
+            parse(&["--stack-projections"])
+                .expect("flag")
+                .stack_projections
+        );
         let g = parse(&["--device", "cuda:1"]).expect("cuda:1");
         assert_eq!(g.device, DeviceSpec::Cuda { first: 1 });
         assert_eq!(b.adapter_memory_budget, 1_000_000);

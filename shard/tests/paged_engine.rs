@@ -69,8 +69,25 @@ fn engine_with(
     step_tokens: u32,
     idle_tokens: u32,
 ) -> Engine {
+    engine_loaded(
+        kv_tokens,
+        block,
+        prefix,
+        (step_tokens, idle_tokens),
+        &LoadOptions::default(),
+    )
+}
+
+/// [`engine_with`] over the model loaded with `opts`.
+fn engine_loaded(
+    kv_tokens: usize,
+    block: usize,
+    prefix: bool,
+    (step_tokens, idle_tokens): (u32, u32),
+    opts: &LoadOptions,
+) -> Engine {
     let dir = fixtures().join("tiny-llama");
-    let model = LlamaModel::load(&dir, &LoadOptions::default()).unwrap();
+    let model = LlamaModel::load(&dir, opts).unwrap();
     let cfg = model.config().clone();
     let kv = KvCache::new(
         model.kv_config(),
@@ -265,6 +282,34 @@ fn device_choices_give_the_samplers_tokens() {
     assert!(steps >= 5, "{steps} steps took the device-choice path");
     for id in 10..13 {
         assert_same(&sampled[&id], &chosen[&id], &format!("request {id}"));
+    }
+}
+
+/// q, k and v as one matmul over their stacked weights (`--stack-projections`) give the tokens
+/// and logprobs of three matmuls, for the base model, an adapter and a TIES merge: their LoRA
+/// deltas go to column ranges of the one product, in place when a step has one row (the ranges
+/// are then contiguous) and through copies when it has more. The CPU kernel sums each output in
+/// the same order whatever the number of outputs, so the logprobs match to f32 rounding.
+#[test]
+fn stacked_projections_give_the_same_tokens() {
+    let stacked = LoadOptions {
+        stack_projections: true,
+        ..LoadOptions::default()
+    };
+    let mut apart = engine(4096, 16, false, 7);
+    let mut together = engine_loaded(4096, 16, false, (7, 0), &stacked);
+    let want = run_alone(&mut apart, mixed_requests(10));
+    let got = run_alone(&mut together, mixed_requests(10));
+    for id in 10..13 {
+        assert_same(&want[&id], &got[&id], &format!("request {id}"));
+    }
+    for slot in 0..3 {
+        let one = || vec![request(20, prompt(4, 9), slot, 5, true)];
+        let (want, got) = (
+            run_alone(&mut apart, one()),
+            run_alone(&mut together, one()),
+        );
+        assert_same(&want[&20], &got[&20], &format!("slot {slot} alone"));
     }
 }
 

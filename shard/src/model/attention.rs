@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention_cuda;
 use super::batch::BatchPlan;
 use super::cpu_storage;
-use super::layers::{Linear, matmul_in};
+use super::layers::{Linear, Projections, matmul_in};
 use super::lora::{LoraDelta, TargetModule};
 use super::paged_attention::{self, Heads, PagedLayer, SeqSpan};
 use super::{LocalShape, ModelConfig, ModelError};
@@ -128,9 +128,8 @@ fn fused_rope() -> bool {
 /// The attention block of one decoder layer.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: Projections,
     o: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -155,25 +154,26 @@ pub struct AttentionWeights {
 impl Attention {
     /// Bytes of the four projection weights (quantized or dense).
     pub fn weight_bytes(&self) -> usize {
-        [&self.q, &self.k, &self.v, &self.o]
-            .iter()
-            .map(|l| l.weight_bytes())
-            .sum()
+        self.qkv.weight_bytes() + self.o.weight_bytes()
     }
 
-    /// Builds the block from this rank's weights (`local` says which heads they hold).
-    pub fn new(cfg: &ModelConfig, w: AttentionWeights, local: &LocalShape) -> Self {
-        Self {
-            q: w.q,
-            k: w.k,
-            v: w.v,
+    /// Builds the block from this rank's weights (`local` says which heads they hold), q, k and v
+    /// in one matmul when `stack` is set (see [`Projections`]).
+    pub fn new(
+        cfg: &ModelConfig,
+        w: AttentionWeights,
+        local: &LocalShape,
+        stack: bool,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            qkv: Projections::new(vec![w.q, w.k, w.v], stack)?,
             o: w.o,
             num_heads: local.heads,
             num_kv_heads: local.kv_heads,
             head_dim: cfg.head_dim,
             scale: 1.0 / (cfg.head_dim as f64).sqrt(),
             sliding_window: cfg.sliding_window,
-        }
+        })
     }
 
     /// `x: [rows, hidden]` (normalised) → `[rows, hidden]`. Writes this layer's keys and values
@@ -189,9 +189,14 @@ impl Attention {
         let rows = x.dim(0)?;
         let slots = &plan.row_slots;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = lora.apply(layer, TargetModule::Q, x, self.q.forward(x)?, slots)?;
-        let k = lora.apply(layer, TargetModule::K, x, self.k.forward(x)?, slots)?;
-        let v = lora.apply(layer, TargetModule::V, x, self.v.forward(x)?, slots)?;
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| ModelError::InvalidBatch("attention: not three projections".into()))?;
+        let q = lora.apply(layer, TargetModule::Q, x, q, slots)?;
+        let k = lora.apply(layer, TargetModule::K, x, k, slots)?;
+        let v = lora.apply(layer, TargetModule::V, x, v, slots)?;
         if let Some(index) = step.gpu.filter(|_| fused_rope()) {
             let attn = self.gpu_fused(layer, (&q, &k, &v), rope, kv, index)?;
             return Ok(lora.apply(layer, TargetModule::O, &attn, self.o.forward(&attn)?, slots)?);
@@ -471,7 +476,9 @@ mod tests {
                 o: eye(8, 8),
             },
             &local,
+            false,
         )
+        .unwrap()
     }
 
     #[test]

@@ -189,6 +189,77 @@ impl Linear {
     }
 }
 
+/// Projections of one input, told apart by their output rows (q, k and v of an attention
+/// block): one matmul over their stacked weights when they are dense and stacking is asked for
+/// (`--stack-projections`), else one matmul each. Stacked, each output is a column range of the
+/// one product (a view; its rows are contiguous, `width` apart).
+#[derive(Debug, Clone)]
+pub enum Projections {
+    /// One matmul; the widths of the parts, in order.
+    Stacked {
+        /// The stacked weight `[Σ out, in]`.
+        linear: Linear,
+        /// Each part's output width.
+        widths: Vec<usize>,
+    },
+    /// One matmul per part.
+    Each(Vec<Linear>),
+}
+
+impl Projections {
+    /// `parts` stacked into one weight when `stack` is set and every part is dense (and of one
+    /// dtype), else kept apart.
+    pub fn new(parts: Vec<Linear>, stack: bool) -> candle_core::Result<Self> {
+        let dense: Option<Vec<&Tensor>> = parts.iter().map(Linear::weight).collect();
+        let compute = parts.first().map(|p| p.compute);
+        match dense {
+            Some(weights)
+                if stack
+                    && weights.len() > 1
+                    && parts.iter().all(|p| Some(p.compute) == compute) =>
+            {
+                let widths = weights.iter().map(|w| w.dim(0)).collect::<Result<_, _>>()?;
+                let stacked = Tensor::cat(&weights, 0)?;
+                Ok(Self::Stacked {
+                    linear: Linear {
+                        weight: Weight::Dense(stacked.contiguous()?),
+                        compute: parts[0].compute,
+                    },
+                    widths,
+                })
+            }
+            _ => Ok(Self::Each(parts)),
+        }
+    }
+
+    /// `x: [rows, in]` → each part's `[rows, out]` in the compute dtype.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Self::Each(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::Stacked { linear, widths } => {
+                let y = linear.forward(x)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|w| {
+                        let part = y.narrow(1, start, *w);
+                        start += w;
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Each(parts) => parts.iter().map(Linear::weight_bytes).sum(),
+            Self::Stacked { linear, .. } => linear.weight_bytes(),
+        }
+    }
+}
+
 /// The values of a contiguous f32 CPU storage (the custom ops here and in
 /// `crate::adapters::delta` read their operands in place through it).
 pub(crate) fn cpu_f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {

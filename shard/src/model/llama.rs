@@ -164,7 +164,7 @@ impl LlamaModel {
             };
             layers.push(DecoderLayer {
                 input_norm: norm(format!("{p}.input_layernorm.weight"))?,
-                attn: Attention::new(&cfg, attn, &local),
+                attn: Attention::new(&cfg, attn, &local, opts.stack_projections)?,
                 post_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
                     gate: linear(
