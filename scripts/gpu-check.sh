@@ -267,31 +267,31 @@ if [ "$mode" = gpu ]; then
   step "compare bf16 vs sdpa" 30 compare "medley $device bf16 vs transformers+peft $device bf16 sdpa" \
     tokens-hf-sdpa-bf16.json "tokens-medley-$device-bf16.json" --require 0
 fi
+# variant_server NAME LABEL CONFIGS VAR=VALUE...: a bf16 server with the variables set: its
+# tokens against the oracle (report only) and its speed rows for CONFIGS
+# (-> speed-medley-NAME.json).
+variant_server() {
+  local name="$1" label="$2" configs="$3"
+  shift 3
+  export "$@" speed_file="speed-medley-$name.json" speed_configs="$configs"
+  step "medley cuda bf16 tokens + speed, $label" 300 \
+    medley_tokens_and_speed "cuda-bf16-$name" cuda bf16
+  unset "${@%%=*}" speed_file speed_configs
+  step "compare bf16 $name" 30 compare "medley cuda bf16 $label vs transformers+peft cuda bf16" \
+    tokens-hf-bf16.json "tokens-medley-cuda-bf16-$name.json" --require 0
+}
 # The grouped BGMV kernels (MEDLEY_LORA_BGMV=grouped; the servers above use the per-row ones):
 # when they passed their check, the adapter and merge speed rows again through them, and their
 # tokens against the oracle (report only: another summation order moves bf16 near-ties).
 if [ "$mode" = gpu ] && grep -q '(grouped) .* | ok |$' "$res/lora-kernels.md" 2>/dev/null \
   && ! grep '(grouped)' "$res/lora-kernels.md" | grep -q 'FAIL'; then
-  export MEDLEY_LORA_BGMV=grouped speed_file=speed-medley-grouped.json \
-    speed_configs="1 adapter,8 merges"
-  step "medley cuda bf16 tokens + speed, grouped LoRA kernels" 300 \
-    medley_tokens_and_speed cuda-bf16-grouped cuda bf16
-  unset MEDLEY_LORA_BGMV speed_file speed_configs
-  step "compare bf16 grouped" 30 compare \
-    "medley cuda bf16 grouped LoRA kernels vs transformers+peft cuda bf16" \
-    tokens-hf-bf16.json tokens-medley-cuda-bf16-grouped.json --require 0
+  variant_server grouped "grouped LoRA kernels" "1 adapter,8 merges" MEDLEY_LORA_BGMV=grouped
 fi
 # q, k and v as one matmul (MEDLEY_STACK_PROJECTIONS=1, off by default): the base speed rows
 # again, for the A/B that decides the default, and its tokens against the oracle (report only:
 # another GEMM shape may sum in another order and move bf16 near-ties).
 if [ "$mode" = gpu ]; then
-  export MEDLEY_STACK_PROJECTIONS=1 speed_file=speed-medley-stacked.json speed_configs=base
-  step "medley cuda bf16 tokens + speed, stacked q/k/v" 240 \
-    medley_tokens_and_speed cuda-bf16-stacked cuda bf16
-  unset MEDLEY_STACK_PROJECTIONS speed_file speed_configs
-  step "compare bf16 stacked" 30 compare \
-    "medley cuda bf16 stacked q/k/v vs transformers+peft cuda bf16" \
-    tokens-hf-bf16.json tokens-medley-cuda-bf16-stacked.json --require 0
+  variant_server stacked "stacked q/k/v" base MEDLEY_STACK_PROJECTIONS=1
 fi
 # On the GPU both sides run cuBLAS bf16 GEMMs: the first 16 tokens must agree. On the CPU the
 # dry run only reports: Medley's CPU bf16 path multiplies f32-widened weights (see
