@@ -16,11 +16,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "fake_cuda.h"
+
 typedef unsigned long long dptr;
 
 /* ---- counters ---------------------------------------------------------------------------- */
-enum { C_LAUNCH, C_RT_LAUNCH, C_GEMM, C_ALLOC, C_FREE, C_HTOD, C_DTOH, C_DTOD, C_MEMSET,
-       C_EVENT, C_WAIT, C_COLL, C_GETFN, C_N };
 static const char *NAMES[C_N] = {"launch", "rt_launch", "gemm", "alloc", "free", "htod",
                                  "dtoh", "dtod", "memset", "event", "wait", "collective",
                                  "get_function"};
@@ -38,7 +38,7 @@ typedef struct block { struct block *next; size_t size; } block;
 static block *pool[POOL_BUCKETS];
 static size_t bucket(size_t n) { return (n * 11400714819323198485ull) >> 52; }
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static void *dev_alloc_impl(size_t n) {
+static void *dev_alloc(size_t n) {
   counts[C_ALLOC]++;
   pthread_mutex_lock(&pool_lock);
   for (block **b = &pool[bucket(n)]; *b; b = &(*b)->next)
@@ -55,7 +55,7 @@ static void *dev_alloc_impl(size_t n) {
   fresh->size = n;
   return fresh + 1;
 }
-static void dev_free_impl(void *p) {
+static void dev_free(void *p) {
   counts[C_FREE]++;
   if (!p) return;
   block *b = (block *)p - 1;
@@ -64,9 +64,6 @@ static void dev_free_impl(void *p) {
   pool[bucket(b->size)] = b;
   pthread_mutex_unlock(&pool_lock);
 }
-#define dev_alloc dev_alloc_impl
-#define dev_free dev_free_impl
-static void report(const char *what);
 
 /* Launches per kernel name since the last report (MEDLEY_FAKE_CUDA_KERNELS=1). */
 #define TALLY_N 256
@@ -80,19 +77,12 @@ static void tally(const char *name) {
     }
   }
 }
-static void on_sync(void) { report("sync"); }
 
 static double now_us(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
 }
-
-/* Shared with the other fake libraries, which link against this one. */
-void fake_cuda_count(int kind) { if (kind >= 0 && kind < C_N) counts[kind]++; }
-void *fake_cuda_alloc(size_t n) { return dev_alloc_impl(n); }
-void fake_cuda_free(void *p) { dev_free_impl(p); }
-void fake_cuda_sync(void) { on_sync(); }
 
 static void report(const char *what) {
   double t = now_us();
@@ -116,6 +106,11 @@ static void report(const char *what) {
   last_sync_us = now_us();
 }
 
+/* Shared with the other fake libraries (fake_cuda.h). */
+void fake_cuda_count(int kind) { if (kind >= 0 && kind < C_N) counts[kind]++; }
+void *fake_cuda_alloc(size_t n) { return dev_alloc(n); }
+void fake_cuda_free(void *p) { dev_free(p); }
+void fake_cuda_sync(void) { report("sync"); }
 
 static int dummy_handle[64];
 #define HANDLE(i) ((void *)&dummy_handle[i])
@@ -157,7 +152,7 @@ int cuEventDestroy_v2(void *ev) { (void)ev; return 0; }
 int cuEventRecord(void *ev, void *s) { (void)ev; (void)s; counts[C_EVENT]++; return 0; }
 int cuStreamWaitEvent(void *s, void *ev, unsigned f) { (void)s; (void)ev; (void)f; counts[C_WAIT]++; return 0; }
 int cuStreamIsCapturing(void *s, int *status) { (void)s; *status = 0; return 0; }
-int cuStreamSynchronize(void *s) { (void)s; on_sync(); return 0; }
+int cuStreamSynchronize(void *s) { (void)s; report("sync"); return 0; }
 int cuStreamDestroy_v2(void *s) { (void)s; return 0; }
 int cuGetErrorString(int e, const char **s) { (void)e; *s = "fake CUDA error"; return 0; }
 int cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,

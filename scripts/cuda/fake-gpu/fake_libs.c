@@ -3,13 +3,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* From the fake driver (libcuda.so.1). */
-void fake_cuda_count(int kind);
-void *fake_cuda_alloc(size_t n);
-void fake_cuda_free(void *p);
-void fake_cuda_sync(void);
-enum { C_LAUNCH, C_RT_LAUNCH, C_GEMM, C_ALLOC, C_FREE, C_HTOD, C_DTOH, C_DTOD, C_MEMSET,
-       C_EVENT, C_WAIT, C_COLL };
+#include "fake_cuda.h"
 
 static int dummy_handle[8];
 #define HANDLE(i) ((void *)&dummy_handle[i])
