@@ -60,14 +60,24 @@ impl Sampler {
     /// Checks `params` (see [`SamplingParams::validate`]) and seeds the random stream.
     pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
         params.validate()?;
-        Ok(Self {
+        Ok(Self::checked(params))
+    }
+
+    /// Greedy decoding with every processor off ([`SamplingParams::default`], valid as it is).
+    pub fn greedy() -> Self {
+        Self::checked(SamplingParams::default())
+    }
+
+    /// A sampler of `params`, which passed [`SamplingParams::validate`].
+    fn checked(params: SamplingParams) -> Self {
+        Self {
             params,
             sampling: params.is_sampling(),
             rng: ChaCha8Rng::seed_from_u64(params.seed),
             scores: Vec::new(),
             counts: Vec::new(),
             candidates: Candidates::default(),
-        })
+        }
     }
 
     /// The parameters this sampler was built with.

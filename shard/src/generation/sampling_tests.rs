@@ -91,6 +91,14 @@ fn greedy_takes_the_argmax_with_lowest_id_on_ties() {
     let want = token_logprobs(&logits, 4, &[1])[0];
     assert!((out.logprob - want).abs() < 1e-6);
     assert!(out.top.is_empty());
+    // The infallible constructor is the same sampler.
+    let mut g = Sampler::greedy();
+    assert!(g.is_greedy() && *g.params() == SamplingParams::default());
+    let again = g.next(&logits, &[], 0);
+    assert_eq!(
+        (again.id, again.logprob.to_bits()),
+        (out.id, out.logprob.to_bits())
+    );
 }
 
 #[test]

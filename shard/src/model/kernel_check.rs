@@ -137,9 +137,8 @@ pub fn check_greedy(device: &Device) -> Result<Vec<KernelCheck>, ModelError> {
         )));
     };
     let mut err = 0f64;
+    let mut sampler = crate::generation::Sampler::greedy();
     for (row, (id, logprob)) in rows.iter().zip(&chosen) {
-        let mut sampler = crate::generation::Sampler::new(Default::default())
-            .map_err(|e| ModelError::InvalidBatch(e.to_string()))?;
         let want = sampler.next(row, &[], 0);
         let same_nan = want.logprob.is_nan() && logprob.is_nan();
         err = if want.id != *id || !(same_nan || logprob.is_finite()) {
