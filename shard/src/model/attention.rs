@@ -197,16 +197,17 @@ impl Attention {
         let q = lora.apply(layer, TargetModule::Q, x, q, slots)?;
         let k = lora.apply(layer, TargetModule::K, x, k, slots)?;
         let v = lora.apply(layer, TargetModule::V, x, v, slots)?;
-        if let Some(index) = step.gpu.filter(|_| fused_rope()) {
-            let attn = self.gpu_fused(layer, (&q, &k, &v), rope, kv, index)?;
-            return Ok(lora.apply(layer, TargetModule::O, &attn, self.o.forward(&attn)?, slots)?);
-        }
-        let q = rope.apply(&q.reshape((rows, h, d))?)?;
-        let k = rope.apply(&k.reshape((rows, kvh, d))?)?;
-        let v = v.reshape((rows, kvh, d))?;
         let attn = match step.gpu {
-            Some(index) => self.gpu(layer, &q, &k, &v, kv, index)?,
-            None => self.host(layer, &q, &k, &v, plan, kv)?,
+            Some(index) if fused_rope() => self.gpu_fused(layer, (&q, &k, &v), rope, kv, index)?,
+            gpu => {
+                let q = rope.apply(&q.reshape((rows, h, d))?)?;
+                let k = rope.apply(&k.reshape((rows, kvh, d))?)?;
+                let v = v.reshape((rows, kvh, d))?;
+                match gpu {
+                    Some(index) => self.gpu(layer, &q, &k, &v, kv, index)?,
+                    None => self.host(layer, &q, &k, &v, plan, kv)?,
+                }
+            }
         };
         Ok(lora.apply(layer, TargetModule::O, &attn, self.o.forward(&attn)?, slots)?)
     }
