@@ -210,7 +210,7 @@ if [ "$mode" = gpu ] \
     | tee -a "$res/versions.txt"
 fi
 if [ "$mode" = gpu ] \
-  && [ "$(grep -c '^| fused .* | ok |$' "$res/lora-kernels.md" 2>/dev/null)" != 13 ]; then
+  && [ "$(grep -c '^| fused .* | ok |$' "$res/lora-kernels.md" 2>/dev/null)" != 15 ]; then
   export MEDLEY_CUDA_FUSED=off
   echo "MEDLEY_CUDA_FUSED=off: the fused kernels failed their check" | tee -a "$res/versions.txt"
 fi

@@ -8,7 +8,9 @@
 //   sum[r] = T(x + a) (torch's half-precision add: in f32, rounded), out[r] = rms_norm(sum[r]).
 // silu_mul: grid (ceil(n / 256)), block 256.
 //   out = T(T(silu(f32(gate))) * up) — `act_fn(gate_proj(x)) * up_proj(x)` with torch's
-//   half-precision SiLU (computed in f32, rounded).
+//   half-precision SiLU (computed in f32, rounded). n = rows × width; gate's and up's rows
+//   are `gate_stride` and `up_stride` apart (column ranges of a stacked gate/up product, or
+//   width for contiguous ones); out is contiguous.
 
 #include <math.h>
 #include <stdint.h>
@@ -70,12 +72,14 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ a,
 
 template <typename T>
 __device__ void silu_mul(const T* __restrict__ gate, const T* __restrict__ up,
-                         T* __restrict__ out, uint32_t n) {
+                         T* __restrict__ out, uint32_t n, uint32_t width, uint32_t gate_stride,
+                         uint32_t up_stride) {
   const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const float g = to_f32(gate[i]);
+  const uint32_t r = i / width, c = i % width;
+  const float g = to_f32(gate[(size_t)r * gate_stride + c]);
   const T s = from_f32<T>(g / (1.f + expf(-g)));
-  out[i] = from_f32<T>(to_f32(s) * to_f32(up[i]));
+  out[i] = from_f32<T>(to_f32(s) * to_f32(up[(size_t)r * up_stride + c]));
 }
 
 #define FUSED_ENTRY_POINTS(SUFFIX, T)                                                          \
@@ -87,9 +91,10 @@ __device__ void silu_mul(const T* __restrict__ gate, const T* __restrict__ up,
       const T* x, const T* a, const T* w, T* sum, T* out, uint32_t hidden, float eps) {         \
     add_rms_norm<T>(x, a, w, sum, out, hidden, eps);                                            \
   }                                                                                             \
-  extern "C" __global__ void medley_silu_mul_##SUFFIX(const T* gate, const T* up, T* out,       \
-                                                      uint32_t n) {                             \
-    silu_mul<T>(gate, up, out, n);                                                              \
+  extern "C" __global__ void medley_silu_mul_##SUFFIX(                                          \
+      const T* gate, const T* up, T* out, uint32_t n, uint32_t width, uint32_t gate_stride,      \
+      uint32_t up_stride) {                                                                     \
+    silu_mul<T>(gate, up, out, n, width, gate_stride, up_stride);                               \
   }
 
 FUSED_ENTRY_POINTS(bf16, __nv_bfloat16)

@@ -3,7 +3,8 @@
 // LoRA factors are f32 whatever the activations (the shard keeps them in f32, as PEFT does).
 //
 // Layouts (row-major), as in kernels/src/lib.rs:
-//   x: [rows, in]      y: [rows, out]      t: [rows, t_stride] (f32)
+//   x: [rows, in]      y: [rows, out], rows `y_stride` apart (y_stride ≥ out: a column range
+//   of a wider output, such as q of a stacked q/k/v product)      t: [rows, t_stride] (f32)
 //   per adapter i:  A_i: [rank_i, in]   B_i^T (scale folded in): [rank_i, out]   (f32)
 // Adapters are passed as device arrays of pointers (`a`, `b_t`) and ranks (`ranks`), indexed by
 // the segment's or row's adapter index. A row whose index is NO_ADAPTER (0xffffffff) is skipped.
@@ -15,8 +16,8 @@
 // Expand: one thread per (row, o): y[row, o] += sum_j t[row, j] * B_i^T[j, o]; t's row is staged
 //   in shared memory, B^T reads are coalesced over o. SGMV blocks walk SGMV_ROWS rows of a segment.
 //
-// Every (row, j < rank_i) of t and every (row, o) of y of a mapped row is written exactly once;
-// nothing else is touched.
+// Every (row, j < rank_i) of t and every (row, o < out) of y of a mapped row is written exactly
+// once; nothing else is touched (in particular the columns of y's rows beyond `out`).
 
 #include <stdint.h>
 
@@ -46,10 +47,10 @@ __device__ __forceinline__ void shrink_row(const T* __restrict__ x, const float*
 template <typename T>
 __device__ __forceinline__ void expand_row(const float* trow, const float* __restrict__ b_t,
                                            T* __restrict__ y, uint32_t row, uint32_t o,
-                                           uint32_t rank, uint32_t out) {
+                                           uint32_t rank, uint32_t out, uint32_t y_stride) {
   float acc = 0.f;
   for (uint32_t j = 0; j < rank; ++j) acc += trow[j] * b_t[(size_t)j * out + o];
-  T* yp = y + (size_t)row * out + o;
+  T* yp = y + (size_t)row * y_stride + o;
   *yp = from_f32<T>(to_f32(*yp) + acc);
 }
 
@@ -90,7 +91,8 @@ __device__ void sgmv_shrink(const T* x, const uint32_t* segments, const float* c
 // BGMV expand. grid = (rows, ceil(out / EXPAND_THREADS)), block = EXPAND_THREADS.
 template <typename T>
 __device__ void bgmv_expand(const float* t, const uint32_t* row_adapter, const float* const* b_t,
-                            const uint32_t* ranks, T* y, uint32_t out, uint32_t t_stride) {
+                            const uint32_t* ranks, T* y, uint32_t out, uint32_t t_stride,
+                            uint32_t y_stride) {
   __shared__ float trow[MAX_RANK];
   uint32_t row = blockIdx.x;
   uint32_t i = row_adapter[row];
@@ -99,14 +101,15 @@ __device__ void bgmv_expand(const float* t, const uint32_t* row_adapter, const f
   for (uint32_t j = threadIdx.x; j < rank; j += blockDim.x) trow[j] = t[(size_t)row * t_stride + j];
   __syncthreads();
   uint32_t o = blockIdx.y * blockDim.x + threadIdx.x;
-  if (o < out) expand_row(trow, b_t[i], y, row, o, rank, out);
+  if (o < out) expand_row(trow, b_t[i], y, row, o, rank, out, y_stride);
 }
 
 // SGMV expand. grid = (segments, ceil(out / EXPAND_THREADS), ceil(longest segment /
 // SGMV_ROWS)), block = EXPAND_THREADS.
 template <typename T>
 __device__ void sgmv_expand(const float* t, const uint32_t* segments, const float* const* b_t,
-                            const uint32_t* ranks, T* y, uint32_t out, uint32_t t_stride) {
+                            const uint32_t* ranks, T* y, uint32_t out, uint32_t t_stride,
+                            uint32_t y_stride) {
   __shared__ float trow[MAX_RANK];
   const uint32_t* s = segments + 3 * blockIdx.x;
   uint32_t i = s[2], r0, r1;
@@ -118,7 +121,7 @@ __device__ void sgmv_expand(const float* t, const uint32_t* segments, const floa
     for (uint32_t j = threadIdx.x; j < rank; j += blockDim.x)
       trow[j] = t[(size_t)row * t_stride + j];
     __syncthreads();
-    if (o < out) expand_row(trow, b_t[i], y, row, o, rank, out);
+    if (o < out) expand_row(trow, b_t[i], y, row, o, rank, out, y_stride);
   }
 }
 
@@ -194,7 +197,7 @@ template <typename T>
 __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t* row_adapter,
                                     const float* const* b_t, const uint32_t* ranks,
                                     T* __restrict__ y, uint32_t out, uint32_t t_stride,
-                                    uint32_t rows, uint32_t splits) {
+                                    uint32_t rows, uint32_t splits, uint32_t y_stride) {
   extern __shared__ uint32_t list[];
   __shared__ float trows[GROUP_ROWS][MAX_RANK];
   uint32_t i = blockIdx.x;
@@ -227,7 +230,7 @@ __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t*
 #pragma unroll
     for (uint32_t g = 0; g < GROUP_ROWS; ++g) {
       if (g < gn) {
-        T* yp = y + (size_t)list[g0 + g] * out + o;
+        T* yp = y + (size_t)list[g0 + g] * y_stride + o;
         *yp = from_f32<T>(to_f32(*yp) + acc[g]);
       }
     }
@@ -247,13 +250,13 @@ __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t*
   }                                                                                             \
   extern "C" __global__ void medley_bgmv_expand_##SUFFIX(                                       \
       const float* t, const uint32_t* row_adapter, const float* const* b_t, const uint32_t* ranks,  \
-      T* y, uint32_t out, uint32_t t_stride) {                                                  \
-    bgmv_expand<T>(t, row_adapter, b_t, ranks, y, out, t_stride);                               \
+      T* y, uint32_t out, uint32_t t_stride, uint32_t y_stride) {                               \
+    bgmv_expand<T>(t, row_adapter, b_t, ranks, y, out, t_stride, y_stride);                     \
   }                                                                                             \
   extern "C" __global__ void medley_sgmv_expand_##SUFFIX(                                       \
       const float* t, const uint32_t* segments, const float* const* b_t, const uint32_t* ranks,     \
-      T* y, uint32_t out, uint32_t t_stride) {                                                  \
-    sgmv_expand<T>(t, segments, b_t, ranks, y, out, t_stride);                                  \
+      T* y, uint32_t out, uint32_t t_stride, uint32_t y_stride) {                               \
+    sgmv_expand<T>(t, segments, b_t, ranks, y, out, t_stride, y_stride);                        \
   }                                                                                             \
   extern "C" __global__ void medley_bgmv_shrink_grouped_##SUFFIX(                               \
       const T* x, const uint32_t* row_adapter, const float* const* a, const uint32_t* ranks,        \
@@ -262,8 +265,10 @@ __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t*
   }                                                                                             \
   extern "C" __global__ void medley_bgmv_expand_grouped_##SUFFIX(                               \
       const float* t, const uint32_t* row_adapter, const float* const* b_t, const uint32_t* ranks,  \
-      T* y, uint32_t out, uint32_t t_stride, uint32_t rows, uint32_t splits) {                    \
-    bgmv_expand_grouped<T>(t, row_adapter, b_t, ranks, y, out, t_stride, rows, splits);         \
+      T* y, uint32_t out, uint32_t t_stride, uint32_t rows, uint32_t splits,                      \
+      uint32_t y_stride) {                                                                      \
+    bgmv_expand_grouped<T>(t, row_adapter, b_t, ranks, y, out, t_stride, rows, splits,          \
+                           y_stride);                                                           \
   }
 
 LORA_ENTRY_POINTS(f32, float)

@@ -106,34 +106,43 @@ fn add_rms_norm<T: Act>(rows: usize, hidden: usize) -> (f64, f64) {
     (rel_err(&got_sum, &want_sum), rel_err(&got, &want))
 }
 
-fn silu_mul<T: Act>(n: usize) -> f64 {
-    let gate: Vec<T> = values(n, 3)
-        .into_iter()
-        .map(|v| T::from_f32(8.0 * v))
-        .collect();
-    let up: Vec<T> = values(n, 4).into_iter().map(T::from_f32).collect();
-    // out = T(T(silu(f32(gate))) * up).
-    let want: Vec<f32> = gate
-        .iter()
-        .zip(&up)
-        .map(|(g, u)| {
-            let g = g.to_f32();
+/// `silu_mul` over `rows` × `width` values, gate and up read from rows `gate_stride` and
+/// `up_stride` apart in their buffers (column ranges of a stacked product when above `width`).
+fn silu_mul<T: Act>(rows: usize, width: usize, gate_stride: usize, up_stride: usize) -> f64 {
+    let buffer = |stride: usize, seed: u64, scale: f32| -> Vec<T> {
+        values(rows * stride, seed)
+            .into_iter()
+            .map(|v| T::from_f32(scale * v))
+            .collect()
+    };
+    let (gate, up) = (buffer(gate_stride, 3, 8.0), buffer(up_stride, 4, 1.0));
+    // out = T(T(silu(f32(gate))) * up), over each row's first `width` values.
+    let want: Vec<f32> = (0..rows * width)
+        .map(|i| {
+            let (r, c) = (i / width, i % width);
+            let g = gate[r * gate_stride + c].to_f32();
             let s = T::from_f32(g / (1.0 + (-g).exp())).to_f32();
-            T::from_f32(s * u.to_f32()).to_f32()
+            T::from_f32(s * up[r * up_stride + c].to_f32()).to_f32()
         })
         .collect();
+    let n = rows * width;
     let mut out = vec![T::from_f32(f32::NAN); n];
     let (mut gp, mut upp, mut op) = (gate.as_ptr(), up.as_ptr(), out.as_mut_ptr());
-    let mut len = n as u32;
+    let (mut len, mut w) = (n as u32, width as u32);
+    let (mut gs, mut us) = (gate_stride as u32, up_stride as u32);
     let mut params = [
         param(&mut gp),
         param(&mut upp),
         param(&mut op),
         param(&mut len),
+        param(&mut w),
+        param(&mut gs),
+        param(&mut us),
     ];
     let (grid, block) = elementwise_launch(n as u32);
     let name = format!("medley_silu_mul_{}", T::SUFFIX);
-    // SAFETY: the parameters are the kernel's; every buffer holds n values.
+    // SAFETY: the parameters are the kernel's; gate and up hold rows rows of their strides, out
+    // n values.
     unsafe { launch(&name, (grid, block, 0), &mut params) }.expect("launch");
     let got: Vec<f32> = out.iter().map(|v| v.to_f32()).collect();
     rel_err(&got, &want)
@@ -163,9 +172,21 @@ fn check<T: Act>() {
             T::SUFFIX
         );
     }
-    for n in [7 * 5632, 1, 257] {
-        let err = silu_mul::<T>(n);
-        assert!(err <= T::TOLERANCE, "silu_mul {} {n}: {err:.2e}", T::SUFFIX);
+    // Contiguous operands, then column ranges of a stacked gate/up product (rows twice as
+    // wide) and of two different widths.
+    for (rows, width, gs, us) in [
+        (7, 5632, 5632, 5632),
+        (1, 1, 1, 1),
+        (1, 257, 257, 257),
+        (7, 5632, 2 * 5632, 2 * 5632),
+        (3, 257, 260, 514),
+    ] {
+        let err = silu_mul::<T>(rows, width, gs, us);
+        assert!(
+            err <= T::TOLERANCE,
+            "silu_mul {} {rows}×{width} (rows {gs} and {us} apart): {err:.2e}",
+            T::SUFFIX
+        );
     }
 }
 

@@ -3,6 +3,8 @@
 //! with f32 factors, launched with the shapes the GPU launcher computes
 //! (`medley_kernels::launch`). The intermediate starts as NaN, so an expand that reads an entry
 //! no shrink wrote poisons its rows; rows without an adapter must stay unchanged bit for bit.
+//! Each case also runs with `y` as a column range of a wider output (rows `y_stride` apart, as
+//! q is of a stacked q/k/v product): the columns beyond it must stay unchanged too.
 
 use medley_kernels::launch::{
     expand_launch, grouped_expand_launch, grouped_kernel_names, grouped_shrink_launch,
@@ -26,6 +28,9 @@ enum Mapping {
 struct Case {
     /// Launch the expand over one block of outputs fewer than it needs (the failure test).
     short_expand: bool,
+    /// Pass `out` as the expand's row stride of `y` whatever its buffer's (the stride failure
+    /// test).
+    ignore_stride: bool,
     rows: usize,
     in_features: usize,
     out_features: usize,
@@ -34,9 +39,11 @@ struct Case {
 }
 
 /// What a run measured: the worst error relative to the largest expected output, and the
-/// elements of rows without an adapter that changed.
-fn run<T: Act>(case: &Case, seed: u64) -> (f64, usize) {
+/// elements that changed outside the mapped rows' `out` columns. `pad`: extra columns of `y`'s
+/// buffer after each row's `out` (its rows are `out + pad` apart).
+fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
     let (rows, inf, outf) = (case.rows, case.in_features, case.out_features);
+    let y_stride = outf + pad;
     let round =
         |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|e| T::from_f32(e).to_f32()).collect() };
     let x = round(values(rows * inf, seed));
@@ -62,7 +69,15 @@ fn run<T: Act>(case: &Case, seed: u64) -> (f64, usize) {
 
     // The kernels' operands, as the CUDA launcher passes them.
     let mut xs: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
-    let mut ys: Vec<T> = y0.iter().map(|&v| T::from_f32(v)).collect();
+    // y's buffer: each row's `out` values, then `pad` more that no kernel may touch.
+    let filler = round(values(rows * pad.max(1), seed + 2));
+    let y_buf: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            let own = &y0[r * outf..(r + 1) * outf];
+            own.iter().chain(&filler[r * pad..(r + 1) * pad]).copied()
+        })
+        .collect();
+    let mut ys: Vec<T> = y_buf.iter().map(|&v| T::from_f32(v)).collect();
     let mut a_ptrs: Vec<*const f32> = factors.iter().map(|(a, _)| a.as_ptr()).collect();
     let mut b_ptrs: Vec<*const f32> = factors.iter().map(|(_, b)| b.as_ptr()).collect();
     let mut ranks: Vec<u32> = case.ranks.iter().map(|&r| r as u32).collect();
@@ -73,6 +88,7 @@ fn run<T: Act>(case: &Case, seed: u64) -> (f64, usize) {
     };
     let (n, t_stride) = (case.ranks.len() as u32, max_rank as u32);
     let (mut in_f, mut out_f, mut stride) = (inf as u32, outf as u32, t_stride);
+    let mut y_stride_u = if case.ignore_stride { outf } else { y_stride } as u32;
     let (mut x_p, mut y_p) = (xs.as_mut_ptr(), ys.as_mut_ptr());
     let (mut a_p, mut b_p) = (a_ptrs.as_mut_ptr(), b_ptrs.as_mut_ptr());
     let (mut ranks_p, mut map_p) = (ranks.as_mut_ptr(), map.as_mut_ptr());
@@ -144,7 +160,8 @@ fn run<T: Act>(case: &Case, seed: u64) -> (f64, usize) {
     if grouped {
         params.extend([param(&mut rows_u), param(&mut splits_param)]);
     }
-    // SAFETY: as above; y holds rows × out values.
+    params.push(param(&mut y_stride_u));
+    // SAFETY: as above; y holds rows × y_stride values.
     unsafe { launch(&expand, expand_shape, &mut params) }.expect("expand");
 
     let mut mapped = vec![false; rows];
@@ -160,12 +177,13 @@ fn run<T: Act>(case: &Case, seed: u64) -> (f64, usize) {
     }
     let (mut err, mut scale, mut changed) = (0f64, 0f64, 0usize);
     for (r, &m) in mapped.iter().enumerate() {
-        for o in r * outf..(r + 1) * outf {
-            let got = ys[o].to_f32();
-            if m {
-                err = err.max((got as f64 - want[o] as f64).abs());
-                scale = scale.max((want[o] as f64).abs());
-            } else if got.to_bits() != y0[o].to_bits() {
+        for c in 0..y_stride {
+            let (got, before) = (ys[r * y_stride + c].to_f32(), y_buf[r * y_stride + c]);
+            if m && c < outf {
+                let want = want[r * outf + c] as f64;
+                err = err.max((got as f64 - want).abs());
+                scale = scale.max(want.abs());
+            } else if got.to_bits() != before.to_bits() {
                 changed += 1;
             }
         }
@@ -186,6 +204,7 @@ fn cases() -> Vec<Case> {
         for mapping in [Mapping::PerRow(table.clone()), Mapping::Grouped(table)] {
             out.push(Case {
                 short_expand: false,
+                ignore_stride: false,
                 rows: 32,
                 in_features: 2048,
                 out_features: 600,
@@ -205,6 +224,7 @@ fn cases() -> Vec<Case> {
         }
         out.push(Case {
             short_expand: false,
+            ignore_stride: false,
             rows: start + 10,
             in_features: 1000,
             out_features: 333,
@@ -216,6 +236,7 @@ fn cases() -> Vec<Case> {
     for mapping in [Mapping::PerRow(table.clone()), Mapping::Grouped(table)] {
         out.push(Case {
             short_expand: false,
+            ignore_stride: false,
             rows: 45,
             in_features: 1000,
             out_features: 333,
@@ -228,16 +249,18 @@ fn cases() -> Vec<Case> {
 
 fn check_all<T: Act>() {
     for (k, case) in cases().iter().enumerate() {
-        let (err, changed) = run::<T>(case, 100 + k as u64);
-        assert!(
-            err <= T::TOLERANCE && changed == 0,
-            "{} case {k} ({:?}, ranks {:?}): relative error {err:.2e} (bound {:.0e}), {changed} \
-             unmapped elements changed",
-            T::SUFFIX,
-            case.mapping_name(),
-            case.ranks,
-            T::TOLERANCE
-        );
+        for pad in [0, 7] {
+            let (err, changed) = run::<T>(case, 100 + k as u64, pad);
+            assert!(
+                err <= T::TOLERANCE && changed == 0,
+                "{} case {k} ({:?}, ranks {:?}, {pad} columns beyond y): relative error \
+                 {err:.2e} (bound {:.0e}), {changed} elements outside the mapped rows' y changed",
+                T::SUFFIX,
+                case.mapping_name(),
+                case.ranks,
+                T::TOLERANCE
+            );
+        }
     }
 }
 
@@ -284,6 +307,23 @@ fn a_short_launch_is_caught() {
         short_expand: true,
         ..case
     };
-    let (err, changed) = run::<f32>(&short, 7);
+    let (err, changed) = run::<f32>(&short, 7, 0);
     assert!(err > 1e-3 && changed == 0, "{err} {changed}");
+}
+
+/// The check can fail: expand kernels told that `y`'s rows are `out` apart when they are
+/// further apart write into the columns beyond `out` (and miss later rows' own), and the
+/// comparison sees both.
+#[test]
+fn a_wrong_row_stride_is_caught() {
+    for case in cases().into_iter().take(3) {
+        let name = case.mapping_name();
+        let wrong = Case {
+            ignore_stride: true,
+            ..case
+        };
+        let (err, changed) = run::<f32>(&wrong, 7, 7);
+        assert!(err > 1e-3 && changed > 0, "{name}: {err} {changed}");
+        assert_eq!(run::<f32>(&wrong, 7, 0).1, 0, "{name}: no padding, no harm");
+    }
 }

@@ -14,6 +14,7 @@ use medley_kernels::Segment;
 use super::lora_op::{KernelRows, LoraFactors, add_lora};
 use super::store::{AdapterStore, LoraBackend};
 use super::weights::{DeviceModule, LORA_DTYPE};
+use crate::model::row_span::RowSpan;
 use crate::model::{LoraDelta, RowSlots, TargetModule};
 
 impl LoraDelta for AdapterStore {
@@ -67,9 +68,16 @@ fn apply_kernels(
         out_dtype
     };
     let x = x.to_dtype(work)?.contiguous()?;
-    // `y` is this projection's own fresh output (nothing else holds it): add in place instead
-    // of copying it. `to_dtype` and `contiguous` return it unchanged when there is nothing to do.
-    let y = y.to_dtype(work)?.contiguous()?;
+    // `y` is this projection's own fresh output, or a column range of one whose other columns
+    // belong to other projections (stacked q/k/v): add in place instead of copying it. The GPU
+    // kernels write a column range at its row stride; the CPU kernels take contiguous rows.
+    // `to_dtype` and `contiguous` return `y` unchanged when there is nothing to do.
+    let y = y.to_dtype(work)?;
+    let y = if y.device().is_cuda() && RowSpan::of(y.layout()).is_some() {
+        y
+    } else {
+        y.contiguous()?
+    };
     let adapter_of = |slot: u32| used.binary_search_by_key(&slot, |(s, _)| *s).ok();
     let segments: Vec<Segment> = rows
         .runs()

@@ -82,8 +82,10 @@ impl KernelRows {
     }
 }
 
-/// Adds the LoRA products to `y` (`[rows, out]`, contiguous, a fresh tensor nobody else reads)
-/// in place. `x` is `[rows, in]`, contiguous, on `y`'s device.
+/// Adds the LoRA products to `y` (`[rows, out]`, a fresh tensor nobody else reads) in place.
+/// `x` is `[rows, in]`, contiguous, on `y`'s device. On the CPU `y` is contiguous; on a GPU it
+/// may also be a column range of a wider tensor (each row contiguous), whose other columns the
+/// op leaves alone.
 pub fn add_lora(
     x: &Tensor,
     y: &Tensor,

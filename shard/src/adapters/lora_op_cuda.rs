@@ -28,6 +28,7 @@ use medley_kernels::cuda::{
 
 use super::lora_op::{BgmvKernels, KernelRows, LoraFactors};
 use super::upload_cache::{UploadCache, pack_words};
+use crate::model::row_span::RowSpan;
 
 /// The name the PTX module is cached under in candle's device.
 const MODULE: &str = "medley_lora";
@@ -176,9 +177,10 @@ impl CudaLoraOp {
                 self.units
             );
         }
-        let (Some((x0, x1)), Some((y0, y1))) = (xl.contiguous_offsets(), yl.contiguous_offsets())
-        else {
-            candle_core::bail!("lora op: x and y must be contiguous");
+        // y may be a column range of a wider output (its rows `y_span.stride` apart): the
+        // expand kernels write only its columns.
+        let (Some((x0, x1)), Some(y_span)) = (xl.contiguous_offsets(), RowSpan::of(yl)) else {
+            candle_core::bail!("lora op: x must be contiguous and y rows of contiguous columns");
         };
         if self.units == 0 || rows == 0 {
             return Ok(());
@@ -197,7 +199,8 @@ impl CudaLoraOp {
         };
         let x = xs.as_cuda_slice::<T>()?.slice(x0..x1);
         let y_all = ys.as_cuda_slice_mut::<T>()?;
-        let mut y = y_all.slice_mut(y0..y1);
+        let mut y = y_all.slice_mut(y_span.start..y_span.end);
+        let y_stride = y_span.stride as u32;
         let t_stride = self.max_rank;
         let (in_f, out_f) = (in_features as u32, out_features as u32);
         if self.grouped {
@@ -220,9 +223,14 @@ impl CudaLoraOp {
             let func = dev.get_or_load_custom_func(&expand, MODULE, LORA_PTX)?;
             let mut launch = func.builder();
             launch.arg(&t).arg(&map).arg(&b).arg(&ranks).arg(&mut y);
-            launch.arg(&out_f).arg(&t_stride).arg(&rows).arg(&splits);
+            launch
+                .arg(&out_f)
+                .arg(&t_stride)
+                .arg(&rows)
+                .arg(&splits)
+                .arg(&y_stride);
             let cfg = config(grouped_expand_launch(n, out_f, rows));
-            // SAFETY: as above; y has rows × out elements.
+            // SAFETY: as above; y has rows rows of out elements, y_stride apart.
             unsafe { launch.launch(cfg) }.w()?;
             return Ok(());
         }
@@ -252,9 +260,9 @@ impl CudaLoraOp {
         let (grid_dim, block_dim) = expand_launch(self.units, out_f, self.longest);
         let mut launch = func.builder();
         launch.arg(&t).arg(&map).arg(&b).arg(&ranks).arg(&mut y);
-        launch.arg(&out_f).arg(&t_stride);
+        launch.arg(&out_f).arg(&t_stride).arg(&y_stride);
         let cfg = config((grid_dim, block_dim, 0));
-        // SAFETY: as above; y has rows × out elements.
+        // SAFETY: as above; y has rows rows of out elements, y_stride apart.
         unsafe { launch.launch(cfg) }.w()?;
         Ok(())
     }

@@ -189,11 +189,7 @@ impl Attention {
         let rows = x.dim(0)?;
         let slots = &plan.row_slots;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [q, k, v]: [Tensor; 3] = self
-            .qkv
-            .forward(x)?
-            .try_into()
-            .map_err(|_| ModelError::InvalidBatch("attention: not three projections".into()))?;
+        let [q, k, v] = self.qkv.forward(x)?;
         let q = lora.apply(layer, TargetModule::Q, x, q, slots)?;
         let k = lora.apply(layer, TargetModule::K, x, k, slots)?;
         let v = lora.apply(layer, TargetModule::V, x, v, slots)?;

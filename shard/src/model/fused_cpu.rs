@@ -10,19 +10,19 @@ use super::layers::cpu_f32_slice;
 /// Values per parallel chunk (64 KiB of each operand).
 const CHUNK: usize = 16 << 10;
 
-/// Whether [`silu_mul`] takes both operands: contiguous f32 CPU tensors of one shape.
+/// Whether [`silu_mul`] takes both operands: f32 CPU tensors of one shape.
 pub(crate) fn serves(gate: &Tensor, up: &Tensor) -> bool {
-    let f32_cpu = |t: &Tensor| {
-        t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
-    };
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     f32_cpu(gate) && f32_cpu(up) && gate.shape() == up.shape()
 }
 
 /// `silu(gate) * up` = `gate / (1 + e^-gate) * up` in one pass (the exponential within ~2 ulp
 /// of `expf`, `kernel_math::exp_approx`; the division and the product rounded as candle's
-/// `silu` then `mul` round them). Callers check [`serves`].
+/// `silu` then `mul` round them). Callers check [`serves`]. Views (a stacked gate/up
+/// product's column ranges) are copied to contiguous operands first.
 pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    gate.apply_op2_no_bwd(up, &SiluMulOp)
+    gate.contiguous()?
+        .apply_op2_no_bwd(&up.contiguous()?, &SiluMulOp)
 }
 
 struct SiluMulOp;
@@ -126,5 +126,19 @@ mod tests {
             assert!((a - b).abs() <= tol, "{i}: {a} vs {b}");
         }
         assert!(!serves(&gt, &ut.t().unwrap()));
+        // Column ranges of one wider tensor (a stacked gate/up product) give the same values.
+        let stacked = Tensor::cat(&[&gt, &ut], 1).unwrap();
+        let (gv, uv) = (
+            stacked.narrow(1, 0, 7).unwrap(),
+            stacked.narrow(1, 7, 7).unwrap(),
+        );
+        assert!(serves(&gv, &uv));
+        let from_views: Vec<f32> = silu_mul(&gv, &uv)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(from_views, got);
     }
 }

@@ -5,6 +5,7 @@
 //! multiply). `MEDLEY_CUDA_FUSED=off` keeps the chains (for comparisons).
 
 use super::cuda_launch::launch_config;
+use super::row_span::RowSpan;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -48,10 +49,14 @@ pub(crate) fn add_rms_norm(
     Ok((both.get(0)?, both.get(1)?))
 }
 
-/// `silu(gate) * up` for two tensors of one shape.
+/// `silu(gate) * up` for two `[rows, width]` tensors: contiguous, or column ranges of wider
+/// ones (a stacked gate/up product) read at their row stride; others are copied first.
 pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    gate.contiguous()?
-        .apply_op2_no_bwd(&up.contiguous()?, &Fused::SiluMul)
+    let rows = |t: &Tensor| match RowSpan::of(t.layout()) {
+        Some(_) => Ok(t.clone()),
+        None => t.contiguous(),
+    };
+    rows(gate)?.apply_op2_no_bwd(&rows(up)?, &Fused::SiluMul)
 }
 
 enum Fused {
@@ -63,6 +68,14 @@ fn range(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(a..b),
         None => candle_core::bail!("fused kernels: an operand is not contiguous"),
+    }
+}
+
+/// The elements from `l`'s first row to the end of its last (rows at any stride).
+fn span(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
+    match RowSpan::of(l) {
+        Some(s) => Ok(s.start..s.end),
+        None => candle_core::bail!("fused kernels: an operand is not rows of contiguous columns"),
     }
 }
 
@@ -78,8 +91,13 @@ impl Fused {
         let dev = s1.device.clone();
         let shape = l1.shape().clone();
         let n = shape.elem_count();
-        let a = s1.as_cuda_slice::<T>()?.slice(range(l1)?);
-        let b = s2.as_cuda_slice::<T>()?.slice(range(l2)?);
+        // The operands' rows: contiguous for the norm; at their row strides for SiLU·mul.
+        let (r1, r2) = match self {
+            Self::RmsNorm { .. } => (range(l1)?, range(l2)?),
+            Self::SiluMul => (span(l1)?, span(l2)?),
+        };
+        let a = s1.as_cuda_slice::<T>()?.slice(r1);
+        let b = s2.as_cuda_slice::<T>()?.slice(r2);
         let names = fused_kernel_names(suffix);
         // SAFETY: every launch below writes all n elements (none when n is 0).
         let mut out = unsafe { dev.alloc::<T>(n) }?;
@@ -101,15 +119,20 @@ impl Fused {
                 unsafe { launch.launch(launch_config(rms_norm_launch(rows as u32))) }.w()?;
             }
             Self::SiluMul => {
+                let (Some(g), Some(u)) = (RowSpan::of(l1), RowSpan::of(l2)) else {
+                    candle_core::bail!("silu_mul: operands are not rows of contiguous columns");
+                };
                 if l2.shape() != &shape || u32::try_from(n).is_err() {
                     candle_core::bail!("silu_mul: gate {shape:?}, up {:?}", l2.shape());
                 }
                 let func = dev.get_or_load_custom_func(&names[1], MODULE, FUSED_PTX)?;
                 let mut launch = func.builder();
-                let n32 = n as u32;
+                let [n32, width, g_stride, u_stride] =
+                    [n, g.width, g.stride, u.stride].map(|v| v as u32);
                 launch.arg(&a).arg(&b).arg(&mut out).arg(&n32);
-                // SAFETY: matches medley_silu_mul_* in kernels/cuda/fused.cu; all three have n
-                // elements.
+                launch.arg(&width).arg(&g_stride).arg(&u_stride);
+                // SAFETY: matches medley_silu_mul_* in kernels/cuda/fused.cu; out has n elements,
+                // gate and up rows × width at their row strides, inside their slices (`span`).
                 unsafe { launch.launch(launch_config(elementwise_launch(n32))) }.w()?;
             }
         }

@@ -110,6 +110,15 @@ pub fn check_fused_ops(device: &Device) -> Result<Vec<KernelCheck>, ModelError> 
             rel_err: rel_err(&silu_mul(&gate, &up)?, &(silu(&gate)? * &up)?)?,
             tolerance,
         });
+        // gate and up as the two column ranges of a stacked gate/up product.
+        let stacked = Tensor::cat(&[&gate, &up], 1)?;
+        let (g, u) = (stacked.narrow(1, 0, n)?, stacked.narrow(1, n, n)?);
+        out.push(KernelCheck {
+            name: format!("fused silu·mul {dtype:?} {rows}×{n} of a stacked gate/up"),
+            rows,
+            rel_err: rel_err(&silu_mul(&g, &u)?, &(silu(&gate)? * &up)?)?,
+            tolerance,
+        });
     }
     Ok(out)
 }

@@ -190,9 +190,10 @@ impl Linear {
 }
 
 /// Projections of one input, told apart by their output rows (q, k and v of an attention
-/// block): one matmul over their stacked weights when they are dense and stacking is asked for
-/// (`--stack-projections`), else one matmul each. Stacked, each output is a column range of the
-/// one product (a view; its rows are contiguous, `width` apart).
+/// block; gate and up of an MLP): one matmul over their stacked weights when they are dense and
+/// stacking is asked for (`--stack-projections`), else one matmul each. Stacked, each output is
+/// a column range of the one product (a view; its rows are contiguous, the product's width
+/// apart).
 #[derive(Debug, Clone)]
 pub enum Projections {
     /// One matmul; the widths of the parts, in order.
@@ -232,10 +233,14 @@ impl Projections {
         }
     }
 
-    /// `x: [rows, in]` → each part's `[rows, out]` in the compute dtype.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        match self {
-            Self::Each(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+    /// `x: [rows, in]` → each of the `N` parts' `[rows, out]` in the compute dtype (an error
+    /// when there are not `N` parts).
+    pub fn forward<const N: usize>(&self, x: &Tensor) -> candle_core::Result<[Tensor; N]> {
+        let parts: Vec<Tensor> = match self {
+            Self::Each(parts) => parts
+                .iter()
+                .map(|p| p.forward(x))
+                .collect::<Result<_, _>>()?,
             Self::Stacked { linear, widths } => {
                 let y = linear.forward(x)?;
                 let mut start = 0;
@@ -246,9 +251,13 @@ impl Projections {
                         start += w;
                         part
                     })
-                    .collect()
+                    .collect::<Result<_, _>>()?
             }
-        }
+        };
+        let n = parts.len();
+        parts
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg(format!("{n} projections where {N} were built")))
     }
 
     /// Bytes the weights take in memory.

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention::{self, Attention, AttentionStep, AttentionWeights, Rope};
 use super::batch::{BatchPlan, ForwardBatch};
 use super::embedding::{Embedding, EmbeddingSpec};
-use super::layers::{Linear, RmsNorm, silu_mul};
+use super::layers::{Linear, Projections, RmsNorm, silu_mul};
 use super::lora::{LoraDelta, RowSlots, TargetModule};
 use super::quant::{Quantize, quantize_weight};
 use super::vocab;
@@ -20,8 +20,8 @@ use crate::kv_cache::KvCache;
 /// The SiLU-gated MLP of one decoder layer.
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up, stacked into one matmul when asked (see [`Projections`]).
+    gate_up: Projections,
     down: Linear,
 }
 
@@ -33,8 +33,9 @@ impl Mlp {
         lora: &dyn LoraDelta,
         slots: &RowSlots,
     ) -> candle_core::Result<Tensor> {
-        let gate = lora.apply(layer, TargetModule::Gate, x, self.gate.forward(x)?, slots)?;
-        let up = lora.apply(layer, TargetModule::Up, x, self.up.forward(x)?, slots)?;
+        let [gate, up] = self.gate_up.forward(x)?;
+        let gate = lora.apply(layer, TargetModule::Gate, x, gate, slots)?;
+        let up = lora.apply(layer, TargetModule::Up, x, up, slots)?;
         let act = silu_mul(&gate, &up)?;
         lora.apply(
             layer,
@@ -167,15 +168,20 @@ impl LlamaModel {
                 attn: Attention::new(&cfg, attn, &local, opts.stack_projections)?,
                 post_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate: linear(
-                        format!("{p}.mlp.gate_proj.weight"),
-                        &[inter, hid],
-                        rows(local.mlp_rows.clone()),
-                    )?,
-                    up: linear(
-                        format!("{p}.mlp.up_proj.weight"),
-                        &[inter, hid],
-                        rows(local.mlp_rows.clone()),
+                    gate_up: Projections::new(
+                        vec![
+                            linear(
+                                format!("{p}.mlp.gate_proj.weight"),
+                                &[inter, hid],
+                                rows(local.mlp_rows.clone()),
+                            )?,
+                            linear(
+                                format!("{p}.mlp.up_proj.weight"),
+                                &[inter, hid],
+                                rows(local.mlp_rows.clone()),
+                            )?,
+                        ],
+                        opts.stack_projections,
                     )?,
                     down: linear(
                         format!("{p}.mlp.down_proj.weight"),
@@ -244,11 +250,7 @@ impl LlamaModel {
             .layers
             .iter()
             .map(|l| {
-                l.attn.weight_bytes()
-                    + [&l.mlp.gate, &l.mlp.up, &l.mlp.down]
-                        .iter()
-                        .map(|w| w.weight_bytes())
-                        .sum::<usize>()
+                l.attn.weight_bytes() + l.mlp.gate_up.weight_bytes() + l.mlp.down.weight_bytes()
             })
             .sum();
         layers + self.lm_head.weight_bytes()

@@ -159,8 +159,10 @@ pub trait LoraDelta: Send + Sync {
     /// Returns `y` plus the LoRA contribution of `module` in `layer` for every row whose slot is
     /// non-zero. `x`: `[rows, in]` input of the projection, `y`: `[rows, out]` base output (both in
     /// the model's compute dtype), `rows`: the adapter slot of every row, grouped once per step.
-    /// An implementation may add into `y`'s storage in place: pass the projection's own fresh
-    /// output, never a tensor that shares its storage with one still in use.
+    /// An implementation may add into `y`'s elements in place (and touches no others): pass the
+    /// projection's own fresh output, or a column range of a fresh output whose other columns
+    /// are other projections' outputs (stacked q/k/v), never a tensor that shares its elements
+    /// with one still in use.
     fn apply(
         &self,
         layer: usize,

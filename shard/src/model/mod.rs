@@ -46,6 +46,7 @@ pub mod quant;
 mod quant_matmul;
 #[cfg(feature = "cuda")]
 mod rope_cuda;
+pub(crate) mod row_span;
 pub mod tp;
 mod vocab;
 pub mod weights;

@@ -14,6 +14,7 @@ use medley_kernels::cuda::{ATTENTION_PTX, attention_kernel_names, kv_write_launc
 
 use super::attention_cuda::{AttentionShape, DeviceIndex, MODULE, dtype_suffix};
 use super::cuda_launch::launch_config;
+use super::row_span::RowSpan;
 
 /// What one launch reads and writes.
 pub(crate) struct RopeKvWrite<'a> {
@@ -133,19 +134,15 @@ fn rows_at<T: CudaDType + DeviceRepr>(
     what: &str,
 ) -> candle_core::Result<(u64, usize)> {
     let (storage, layout) = t.storage_and_layout();
-    let (rows, w) = layout.shape().dims2()?;
-    let stride = layout.stride();
-    if w != width || (w > 1 && stride[1] != 1) {
+    let Some(span) = RowSpan::of(layout).filter(|s| s.width == width) else {
         candle_core::bail!(
             "rope + kv write: {what} {:?} is not rows of {width}",
             t.shape()
         );
-    }
-    let row_stride = if rows > 1 { stride[0] } else { width };
-    let end = layout.start_offset() + (rows.max(1) - 1) * row_stride + width;
+    };
     Ok((
-        address::<T>(&storage, layout, end, stream, what)?,
-        row_stride,
+        address::<T>(&storage, layout, span.end, stream, what)?,
+        span.stride,
     ))
 }
 

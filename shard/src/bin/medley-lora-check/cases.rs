@@ -23,6 +23,10 @@ pub struct Case {
     pub mapping: KernelRows,
     /// Start from `y = 0` instead of random values (every written element then shows).
     pub zero_y: bool,
+    /// `y` as a column range of a wider tensor (a stacked q/k/v or gate/up product): this many
+    /// columns before it and after it, which must stay unchanged. GPU only (the CPU op takes
+    /// contiguous rows).
+    pub y_within: Option<(usize, usize)>,
 }
 
 /// What one case measured.
@@ -30,7 +34,8 @@ pub struct Case {
 pub struct Outcome {
     /// max |got − want| / max |want| over the mapped rows.
     pub rel_err: f64,
-    /// Elements of unmapped rows that changed (must be 0, bit for bit).
+    /// Elements of unmapped rows, or of the columns around a `y_within` range, that changed
+    /// (must be 0, bit for bit).
     pub unmapped_changed: usize,
     /// The bound the case must meet.
     pub tolerance: f64,
@@ -55,8 +60,8 @@ pub fn tolerance(dtype: DType) -> f64 {
 }
 
 /// The cases run on `device`: every kernel (BGMV decode tables, SGMV ragged segments with gaps),
-/// ranks 8/16/64 alone and mixed, rows without an adapter (slot 0), odd feature counts, and
-/// every activation dtype the device supports.
+/// ranks 8/16/64 alone and mixed, rows without an adapter (slot 0), odd feature counts, `y` as
+/// a column range of a wider tensor (on a GPU), and every activation dtype the device supports.
 pub fn cases(device: &Device) -> Vec<Case> {
     let dtypes: &[DType] = if device.is_cpu() {
         &[DType::F32]
@@ -85,6 +90,7 @@ pub fn cases(device: &Device) -> Vec<Case> {
                 ranks: ranks.clone(),
                 mapping: KernelRows::PerRow(table),
                 zero_y: false,
+                y_within: None,
             });
             // Prefill: ragged segments with gaps (rows 40..45 and 150..160 have no adapter).
             let lens = [1usize, 7, 33, 5, 100];
@@ -107,6 +113,7 @@ pub fn cases(device: &Device) -> Vec<Case> {
                 ranks,
                 mapping: KernelRows::Segments(segments),
                 zero_y: false,
+                y_within: None,
             });
         }
         // Every output element of a mapped row is written: y starts at zero.
@@ -119,6 +126,7 @@ pub fn cases(device: &Device) -> Vec<Case> {
             ranks: vec![16, 16],
             mapping: KernelRows::PerRow(vec![0, 1, 0, 1, 1, 0, 0]),
             zero_y: true,
+            y_within: None,
         });
         // An input width that splits unevenly, and adapters with more rows than the grouped
         // kernels take at once (8): 45 rows, 20 of them on adapter 0.
@@ -130,9 +138,41 @@ pub fn cases(device: &Device) -> Vec<Case> {
             in_features: 1000,
             out_features: 333,
             ranks: vec![8, 16, 64, 128],
-            mapping: KernelRows::PerRow(table),
+            mapping: KernelRows::PerRow(table.clone()),
             zero_y: false,
+            y_within: None,
         });
+        if !device.is_cpu() {
+            // y as k of a stacked q/k/v product: columns of q before it, of v after it.
+            let segments = vec![
+                Segment {
+                    start: 0,
+                    len: 20,
+                    adapter: 1,
+                },
+                Segment {
+                    start: 25,
+                    len: 20,
+                    adapter: 3,
+                },
+            ];
+            for (kind, mapping) in [
+                ("bgmv", KernelRows::PerRow(table)),
+                ("sgmv", KernelRows::Segments(segments)),
+            ] {
+                out.push(Case {
+                    name: format!("{kind} {dtype:?} r8/16/64/128 y within 2048+333+261"),
+                    dtype,
+                    rows: 45,
+                    in_features: 1000,
+                    out_features: 333,
+                    ranks: vec![8, 16, 64, 128],
+                    mapping,
+                    zero_y: false,
+                    y_within: Some((2048, 261)),
+                });
+            }
+        }
     }
     out
 }
@@ -169,7 +209,22 @@ pub fn run(case: &Case, device: &Device, seed: u64) -> candle_core::Result<Outco
             .to_device(device)
     };
     let xt = on_device(&x, (rows, inf), case.dtype)?;
-    let yt = on_device(&y0, (rows, outf), case.dtype)?;
+    let (before, after) = case.y_within.unwrap_or((0, 0));
+    let wide = before + outf + after;
+    let around = rounded(&values(rows * (before + after), seed + 2), case.dtype)?;
+    let y_wide: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            let row = &around[r * (before + after)..(r + 1) * (before + after)];
+            let own = &y0[r * outf..(r + 1) * outf];
+            row[..before]
+                .iter()
+                .chain(own)
+                .chain(&row[before..])
+                .copied()
+        })
+        .collect();
+    let y_all = on_device(&y_wide, (rows, wide), case.dtype)?;
+    let yt = y_all.narrow(1, before, outf)?;
     let ft: Vec<(Tensor, Tensor)> = host
         .iter()
         .zip(&case.ranks)
@@ -187,7 +242,18 @@ pub fn run(case: &Case, device: &Device, seed: u64) -> candle_core::Result<Outco
         .collect();
     add_lora(&xt, &yt, &case.mapping, &factors)?;
     let got: Vec<f32> = yt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok(compare(case, &y0, &want, &got))
+    let mut outcome = compare(case, &y0, &want, &got);
+    let all: Vec<f32> = y_all.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    outcome.unmapped_changed += all
+        .iter()
+        .zip(&y_wide)
+        .enumerate()
+        .filter(|(i, (g, y))| {
+            let c = i % wide;
+            (c < before || c >= before + outf) && g.to_bits() != y.to_bits()
+        })
+        .count();
+    Ok(outcome)
 }
 
 fn compare(case: &Case, y0: &[f32], want: &[f32], got: &[f32]) -> Outcome {
