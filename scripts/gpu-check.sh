@@ -31,8 +31,8 @@
 #      (reported only in the CPU dry run); on a GPU, transformers with sdpa attention too
 #      (report only: how far the oracle moves against itself in bf16), and a bf16 server on
 #      the grouped BGMV kernels when they passed (tokens report only, and its speed rows), and
-#      one with q, k and v stacked into one matmul (MEDLEY_STACK_PROJECTIONS=1; tokens report
-#      only, and its base speed rows)
+#      one with q/k/v and gate/up stacked into one matmul each (MEDLEY_STACK_PROJECTIONS=1;
+#      tokens report only, and its base and 8-merge speed rows)
 #   4. decode tokens/s at 1, 8, 32 streams for base, one adapter and 8 distinct merges (bf16),
 #      and transformers' generate at batch 1 and 32 (bf16, eager and sdpa attention), each the
 #      best of 3 runs; then issue 11's speed targets computed from them (the LoRA bandwidth
@@ -45,7 +45,7 @@
 # (about 25 MB) with
 #   scripts/gpu-check.sh --bin-dir target/release-cuda      (OUT set by the tool; ~7 min: the
 #   three runs of 2026-12-04 took 200-246 s, before the repeated speed runs, transformers' sdpa
-#   timing, the trained demo model and the grouped-kernel and stacked-q/k/v servers were added)
+#   timing, the trained demo model and the grouped-kernel and stacked-projection servers were added)
 # and commit the returned report under bench/results/.
 set -uo pipefail
 
@@ -287,11 +287,12 @@ if [ "$mode" = gpu ] && grep -q '(grouped) .* | ok |$' "$res/lora-kernels.md" 2>
   && ! grep '(grouped)' "$res/lora-kernels.md" | grep -q 'FAIL'; then
   variant_server grouped "grouped LoRA kernels" "1 adapter,8 merges" MEDLEY_LORA_BGMV=grouped
 fi
-# q, k and v as one matmul (MEDLEY_STACK_PROJECTIONS=1, off by default): the base speed rows
-# again, for the A/B that decides the default, and its tokens against the oracle (report only:
-# another GEMM shape may sum in another order and move bf16 near-ties).
+# q/k/v and gate/up as one matmul each (MEDLEY_STACK_PROJECTIONS=1, off by default; LoRA and
+# SiLU·mul then work on the product's column ranges): the base and 8-merge speed rows again, for
+# the A/B that decides the default, and its tokens against the oracle (report only: another GEMM
+# shape may sum in another order and move bf16 near-ties).
 if [ "$mode" = gpu ]; then
-  variant_server stacked "stacked q/k/v" base MEDLEY_STACK_PROJECTIONS=1
+  variant_server stacked "stacked projections" "base,8 merges" MEDLEY_STACK_PROJECTIONS=1
 fi
 # On the GPU both sides run cuBLAS bf16 GEMMs: the first 16 tokens must agree. On the CPU the
 # dry run only reports: Medley's CPU bf16 path multiplies f32-widened weights (see

@@ -400,8 +400,8 @@ def report(args):
     if os.path.exists(st):
         s = read(st)
         lines += speed_table(
-            "Medley decode speed with q, k and v as one matmul (MEDLEY_STACK_PROJECTIONS=1; "
-            "otherwise as above)", [("adapters", "config"), ("streams", "streams")], s["rows"])
+            "Medley decode speed with q/k/v and gate/up as one matmul each "
+            "(MEDLEY_STACK_PROJECTIONS=1; otherwise as above)", [("adapters", "config"), ("streams", "streams")], s["rows"])
     hs = os.path.join(d, "speed-hf.json")
     if os.path.exists(hs):
         s = read(hs)

@@ -133,9 +133,9 @@ pub struct ShardArgs {
     /// ~/.cache/huggingface/hub).
     #[arg(long, env = "HUGGINGFACE_HUB_CACHE")]
     pub huggingface_hub_cache: Option<PathBuf>,
-    /// Multiply each attention block's q, k and v projections as one matmul (dense weights):
-    /// fewer GEMM launches per step on a GPU, but another GEMM shape than transformers', so
-    /// half-precision results may differ from it by a rounding.
+    /// Multiply each attention block's q, k and v projections, and each MLP's gate and up, as
+    /// one matmul (dense weights): fewer GEMM launches per step on a GPU, but another GEMM shape
+    /// than transformers', so half-precision results may differ from it by a rounding.
     #[arg(
         long,
         env = "MEDLEY_STACK_PROJECTIONS",

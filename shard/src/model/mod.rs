@@ -82,10 +82,10 @@ pub struct LoadOptions {
     pub comm: std::sync::Arc<dyn crate::comm::Comm>,
     /// How projection weights are held (quantized or dense).
     pub quantize: quant::Quantize,
-    /// Multiply each attention block's q, k and v projections as one matmul over their stacked
-    /// weights (dense weights only; see [`layers::Projections`]): two GEMM launches fewer per
-    /// layer on a GPU. Off by default: transformers runs them apart, and another GEMM shape may
-    /// sum in another order.
+    /// Multiply each attention block's q, k and v projections, and each MLP's gate and up, as
+    /// one matmul over their stacked weights (dense weights only; see [`layers::Projections`]):
+    /// three GEMM launches fewer per layer on a GPU. Off by default: transformers runs them
+    /// apart, and another GEMM shape may sum in another order.
     pub stack_projections: bool,
 }
 
