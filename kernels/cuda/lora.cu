@@ -9,10 +9,12 @@
 // Adapters are passed as device arrays of pointers (`a`, `b_t`) and ranks (`ranks`), indexed by
 // the segment's or row's adapter index. A row whose index is NO_ADAPTER (0xffffffff) is skipped.
 //
-// Shrink: one warp per (row, j): t[row, j] = dot(x[row, :], A_i[j, :]), lanes striding `in`
-//   (coalesced), then a warp reduction. Block = 8 warps = 8 consecutive j of one row (BGMV) or of
-//   SGMV_ROWS consecutive rows of one segment, which the block walks (SGMV: A_i's rows stay hot
-//   in L1 across them; the third grid dimension spreads a long segment over many blocks).
+// Shrink: one block per (row, j): t[row, j] = dot(x[row, :], A_i[j, :]), the block's 256 threads
+//   striding `in` four values at a time when the rows allow it (one vector load each, else one
+//   value), then a block reduction. A decode step's shrink is latency-bound (a few MB over
+//   thousands of short dot products): a block per dot product keeps many loads in flight. SGMV
+//   blocks walk SGMV_ROWS consecutive rows of one segment for their j (A_i's row stays hot in
+//   L1 across them; the third grid dimension spreads a long segment over many blocks).
 // Expand: one thread per (row, o): y[row, o] += sum_j t[row, j] * B_i^T[j, o]; t's row is staged
 //   in shared memory, B^T reads are coalesced over o. SGMV blocks walk SGMV_ROWS rows of a segment.
 //
@@ -29,17 +31,32 @@
 
 #include "common.cuh"
 
-// t[row, j] for the warp's j (if j < rank): a coalesced dot product over `in`.
+// t[row, j] = x[row, :] · A[j, :] by the whole block (WARPS warps), written by thread 0.
+// Contains barriers: call it from every thread of the block.
 template <typename T>
 __device__ __forceinline__ void shrink_row(const T* __restrict__ x, const float* __restrict__ a,
                                            float* __restrict__ t, uint32_t row, uint32_t j,
                                            uint32_t in, uint32_t t_stride) {
+  __shared__ float partial[WARPS];
   const T* xr = x + (size_t)row * in;
   const float* ar = a + (size_t)j * in;
   float acc = 0.f;
-  for (uint32_t k = threadIdx.x % 32; k < in; k += 32) acc += to_f32(xr[k]) * ar[k];
+  if (rows_by_four(xr, ar, in)) {
+#pragma unroll 4
+    for (uint32_t k = 4 * threadIdx.x; k < in; k += 4 * blockDim.x)
+      acc += dot4(load4(xr + k), load4(ar + k));
+  } else {
+    for (uint32_t k = threadIdx.x; k < in; k += blockDim.x) acc += to_f32(xr[k]) * ar[k];
+  }
   acc = warp_sum(acc);
-  if (threadIdx.x % 32 == 0) t[(size_t)row * t_stride + j] = acc;
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.f;
+    for (uint32_t w = 0; w < WARPS; ++w) sum += partial[w];
+    t[(size_t)row * t_stride + j] = sum;
+  }
+  __syncthreads();  // partial is reused by the block's next row
 }
 
 // y[row, o] += t[row, :rank] . B^T[:rank, o] for the thread's o; `trow` is t's row in shared
@@ -54,15 +71,14 @@ __device__ __forceinline__ void expand_row(const float* trow, const float* __res
   *yp = from_f32<T>(to_f32(*yp) + acc);
 }
 
-// BGMV shrink. grid = (rows, ceil(max_rank / WARPS)), block = 32 * WARPS.
+// BGMV shrink. grid = (rows, max_rank), block = 32 * WARPS.
 template <typename T>
 __device__ void bgmv_shrink(const T* x, const uint32_t* row_adapter, const float* const* a,
                             const uint32_t* ranks, float* t, uint32_t in, uint32_t t_stride) {
   uint32_t row = blockIdx.x;
   uint32_t i = row_adapter[row];
-  if (i == NO_ADAPTER) return;
-  uint32_t j = blockIdx.y * WARPS + threadIdx.x / 32;
-  if (j >= ranks[i]) return;
+  uint32_t j = blockIdx.y;
+  if (i == NO_ADAPTER || j >= ranks[i]) return;  // uniform over the block
   shrink_row(x, a[i], t, row, j, in, t_stride);
 }
 
@@ -75,16 +91,16 @@ __device__ __forceinline__ void sgmv_rows(const uint32_t* s, uint32_t* r0, uint3
   *r1 = start + min(first + SGMV_ROWS, len);
 }
 
-// SGMV shrink. segments = [start, len, adapter] triples; grid = (segments, ceil(max_rank /
-// WARPS), ceil(longest segment / SGMV_ROWS)), block = 32 * WARPS.
+// SGMV shrink. segments = [start, len, adapter] triples; grid = (segments, max_rank,
+// ceil(longest segment / SGMV_ROWS)), block = 32 * WARPS.
 template <typename T>
 __device__ void sgmv_shrink(const T* x, const uint32_t* segments, const float* const* a,
                             const uint32_t* ranks, float* t, uint32_t in, uint32_t t_stride) {
   const uint32_t* s = segments + 3 * blockIdx.x;
   uint32_t i = s[2], r0, r1;
   sgmv_rows(s, &r0, &r1);
-  uint32_t j = blockIdx.y * WARPS + threadIdx.x / 32;
-  if (j >= ranks[i]) return;
+  uint32_t j = blockIdx.y;
+  if (j >= ranks[i]) return;  // uniform over the block
   for (uint32_t row = r0; row < r1; ++row) shrink_row(x, a[i], t, row, j, in, t_stride);
 }
 
@@ -179,11 +195,24 @@ __device__ void bgmv_shrink_grouped(const T* __restrict__ x, const uint32_t* row
       xr[g] = x + (size_t)list[g0 + min(g, gn - 1)] * in;
       acc[g] = 0.f;
     }
-    for (uint32_t k = k0 + lane; k < k1; k += 32) {
-      float av = ar[k];
+    // Four values a lane at a time when every row allows it (split_len is a multiple of 32).
+    bool by_four = rows_by_four(xr[0], ar, in);
 #pragma unroll
-      for (uint32_t g = 0; g < GROUP_ROWS; ++g)
-        if (g < gn) acc[g] += to_f32(xr[g][k]) * av;
+    for (uint32_t g = 1; g < GROUP_ROWS; ++g) by_four = by_four && aligned_to(xr[g], 4 * sizeof(T));
+    if (by_four) {
+      for (uint32_t k = k0 + 4 * lane; k < k1; k += 128) {
+        const Vec4<float> av = load4(ar + k);
+#pragma unroll
+        for (uint32_t g = 0; g < GROUP_ROWS; ++g)
+          if (g < gn) acc[g] += dot4(load4(xr[g] + k), av);
+      }
+    } else {
+      for (uint32_t k = k0 + lane; k < k1; k += 32) {
+        float av = ar[k];
+#pragma unroll
+        for (uint32_t g = 0; g < GROUP_ROWS; ++g)
+          if (g < gn) acc[g] += to_f32(xr[g][k]) * av;
+      }
     }
 #pragma unroll
     for (uint32_t g = 0; g < GROUP_ROWS; ++g) {

@@ -3,7 +3,8 @@
 //! (`kernels/emu`) launch the same grids from here.
 //!
 //! Launch shapes (one thread block per row or segment, and per slice of the output):
-//! * shrink: grid `(rows or segments, ceil(max rank / 8))`, block 256 (8 warps, one `j` each);
+//! * shrink: grid `(rows or segments, max rank)`, block 256 (the block's threads share one `j`'s
+//!   dot product);
 //! * expand: grid `(rows or segments, ceil(out / 256))`, block 256;
 //! * grouped BGMV: one block per adapter instead of per row (see [`grouped_splits`]).
 //!
@@ -137,10 +138,7 @@ pub fn shrink_launch(
     max_rank: u32,
     longest: u32,
 ) -> ((u32, u32, u32), (u32, u32, u32)) {
-    (
-        (units, max_rank.div_ceil(8).max(1), row_blocks(longest)),
-        (256, 1, 1),
-    )
+    ((units, max_rank.max(1), row_blocks(longest)), (256, 1, 1))
 }
 
 /// The `(grid, block)` of an expand launch over `units` rows or segments (`longest` as for
@@ -214,13 +212,14 @@ mod tests {
 
     #[test]
     fn launch_shapes_cover_every_rank_and_output() {
-        assert_eq!(shrink_launch(5, 16, 1), ((5, 2, 1), (256, 1, 1)));
-        assert_eq!(shrink_launch(5, 17, 1), ((5, 3, 1), (256, 1, 1)));
-        assert_eq!(shrink_launch(1, 128, 1), ((1, 16, 1), (256, 1, 1)));
+        assert_eq!(shrink_launch(5, 16, 1), ((5, 16, 1), (256, 1, 1)));
+        assert_eq!(shrink_launch(5, 17, 1), ((5, 17, 1), (256, 1, 1)));
+        assert_eq!(shrink_launch(1, 128, 1), ((1, 128, 1), (256, 1, 1)));
+        assert_eq!(shrink_launch(1, 0, 1), ((1, 1, 1), (256, 1, 1)));
         assert_eq!(expand_launch(3, 2048, 1), ((3, 8, 1), (256, 1, 1)));
         assert_eq!(expand_launch(3, 2049, 1), ((3, 9, 1), (256, 1, 1)));
         // A 32-row segment spreads over 8 blocks of 4 rows; 33 rows over 9.
-        assert_eq!(shrink_launch(1, 16, 32), ((1, 2, 8), (256, 1, 1)));
+        assert_eq!(shrink_launch(1, 16, 32), ((1, 16, 8), (256, 1, 1)));
         assert_eq!(expand_launch(2, 256, 33), ((2, 1, 9), (256, 1, 1)));
     }
 

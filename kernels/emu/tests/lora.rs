@@ -232,6 +232,36 @@ fn cases() -> Vec<Case> {
             mapping: Mapping::Segments(segments),
         });
     }
+    // An input width that is not a multiple of 4: the shrinks read one value at a time (the
+    // widths above take their four-value loads).
+    let table: Vec<u32> = vec![0, 1, NO_ADAPTER, 1, 0, 0, NO_ADAPTER, 1, 1];
+    let segments = vec![
+        Segment {
+            start: 0,
+            len: 2,
+            adapter: 1,
+        },
+        Segment {
+            start: 4,
+            len: 5,
+            adapter: 0,
+        },
+    ];
+    for mapping in [
+        Mapping::PerRow(table.clone()),
+        Mapping::Grouped(table),
+        Mapping::Segments(segments),
+    ] {
+        out.push(Case {
+            short_expand: false,
+            ignore_stride: false,
+            rows: 9,
+            in_features: 999,
+            out_features: 77,
+            ranks: vec![16, 8],
+            mapping,
+        });
+    }
     let table = heavy_decode_table(45);
     for mapping in [Mapping::PerRow(table.clone()), Mapping::Grouped(table)] {
         out.push(Case {
