@@ -2,44 +2,94 @@
 // (SGMV / BGMV shrink and expand) for f32, bf16 and f16 activations, accumulating in f32. The
 // LoRA factors are f32 whatever the activations (the shard keeps them in f32, as PEFT does).
 //
-// Layouts (row-major), as in kernels/src/lib.rs:
-//   x: [rows, in]      y: [rows, out], rows `y_stride` apart (y_stride ≥ out: a column range
-//   of a wider output, such as q of a stacked q/k/v product)      t: [rows, t_stride] (f32)
-//   per adapter i:  A_i: [rank_i, in]   B_i^T (scale folded in): [rank_i, out]   (f32)
+// One launch pair serves `parts` projections of one input whose outputs sit side by side in y
+// (a stacked q/k/v or gate/up product; parts = 1 for a lone projection). Layouts (row-major):
+//   x: [rows, in]
+//   y: [rows, out], rows `y_stride` apart (y_stride >= out: y may be a column range of a wider
+//      output); part p owns columns [col_ends[p - 1], col_ends[p]) (col_ends[-1] = 0,
+//      col_ends[parts - 1] = out)
+//   per adapter i and part p (entry e = i * parts + p):
+//      A_e: [rank_e, in]   B_e^T (scale folded in): [rank_e, width of part p]   (f32)
+//      rank_e may be 0: the adapter has no factors for that part, whose columns it leaves alone
+//   t: [rows, t_stride] (f32), adapter i's parts' ranks concatenated along j
 // Adapters are passed as device arrays of pointers (`a`, `b_t`) and ranks (`ranks`), indexed by
-// the segment's or row's adapter index. A row whose index is NO_ADAPTER (0xffffffff) is skipped.
+// entry. A row whose adapter index is NO_ADAPTER (0xffffffff) is skipped.
 //
-// Shrink: one block per (row, j): t[row, j] = dot(x[row, :], A_i[j, :]), the block's 256 threads
-//   striding `in` four values at a time when the rows allow it (one vector load each, else one
-//   value), then a block reduction. A decode step's shrink is latency-bound (a few MB over
-//   thousands of short dot products): a block per dot product keeps many loads in flight. SGMV
-//   blocks walk SGMV_ROWS consecutive rows of one segment for their j (A_i's row stays hot in
-//   L1 across them; the third grid dimension spreads a long segment over many blocks).
-// Expand: one thread per (row, o): y[row, o] += sum_j t[row, j] * B_i^T[j, o]; t's row is staged
-//   in shared memory, B^T reads are coalesced over o. SGMV blocks walk SGMV_ROWS rows of a segment.
+// Shrink: one block per (row, j): t[row, j] = dot(x[row, :], A_e[j', :]) for the part and row j'
+//   that j falls in, the block's 256 threads striding `in` four values at a time when the rows
+//   allow it (one vector load each, else one value), then a block reduction. A decode step's
+//   shrink is latency-bound (a few MB over thousands of short dot products): a block per dot
+//   product keeps many loads in flight. SGMV blocks walk SGMV_ROWS consecutive rows of one
+//   segment for their j (A's row stays hot in L1 across them; the third grid dimension spreads
+//   a long segment over many blocks).
+// Expand: one thread per (row, o): y[row, o] += sum_j' t[row, offset_p + j'] * B_e^T[j', o - start_p]
+//   for the part p that column o falls in; t's row is staged in shared memory, B^T reads are
+//   coalesced over o. SGMV blocks walk SGMV_ROWS rows of a segment.
 //
-// Every (row, j < rank_i) of t and every (row, o < out) of y of a mapped row is written exactly
-// once; nothing else is touched (in particular the columns of y's rows beyond `out`).
+// Every (row, j < total rank of its adapter) of t, and every (row, o) of a mapped row whose part
+// has factors, is written exactly once; nothing else is touched (in particular the columns of
+// y's rows beyond `out`).
 
 #include <stdint.h>
 
 #define NO_ADAPTER 0xffffffffu
 #define WARPS 8
 #define MAX_RANK 128
+#define MAX_PARTS 3
 #define EXPAND_THREADS 256
 #define SGMV_ROWS 4
 
 #include "common.cuh"
 
-// t[row, j] = x[row, :] · A[j, :] by the whole block (WARPS warps), written by thread 0.
+// The sum of adapter i's ranks over its parts (its row length in t).
+__device__ __forceinline__ uint32_t total_rank(const uint32_t* ranks, uint32_t i, uint32_t parts) {
+  uint32_t r = 0;
+  for (uint32_t p = 0; p < parts; ++p) r += ranks[i * parts + p];
+  return r;
+}
+
+// The factor entry of adapter i holding j of its concatenated ranks, and j's row within that
+// entry's A; false when j is past the adapter's total rank.
+__device__ __forceinline__ bool rank_entry(const uint32_t* ranks, uint32_t i, uint32_t parts,
+                                           uint32_t j, uint32_t* entry, uint32_t* row) {
+  for (uint32_t p = 0; p < parts; ++p) {
+    const uint32_t r = ranks[i * parts + p];
+    if (j < r) {
+      *entry = i * parts + p;
+      *row = j;
+      return true;
+    }
+    j -= r;
+  }
+  return false;
+}
+
+// Column o's part: its first column, its width, and the offset of adapter i's ranks for it in
+// t's row; the part index is returned.
+__device__ __forceinline__ uint32_t column_part(const uint32_t* col_ends, const uint32_t* ranks,
+                                                uint32_t i, uint32_t parts, uint32_t o,
+                                                uint32_t* start, uint32_t* width,
+                                                uint32_t* t_offset) {
+  uint32_t p = 0, first = 0, offset = 0;
+  while (p + 1 < parts && o >= col_ends[p]) {
+    first = col_ends[p];
+    offset += ranks[i * parts + p];
+    ++p;
+  }
+  *start = first;
+  *width = col_ends[p] - first;
+  *t_offset = offset;
+  return p;
+}
+
+// t[row, j] = x[row, :] · ar (a row of A) by the whole block (WARPS warps), written by thread 0.
 // Contains barriers: call it from every thread of the block.
 template <typename T>
-__device__ __forceinline__ void shrink_row(const T* __restrict__ x, const float* __restrict__ a,
+__device__ __forceinline__ void shrink_row(const T* __restrict__ x, const float* __restrict__ ar,
                                            float* __restrict__ t, uint32_t row, uint32_t j,
                                            uint32_t in, uint32_t t_stride) {
   __shared__ float partial[WARPS];
   const T* xr = x + (size_t)row * in;
-  const float* ar = a + (size_t)j * in;
   float acc = 0.f;
   if (rows_by_four(xr, ar, in)) {
 #pragma unroll 4
@@ -59,27 +109,33 @@ __device__ __forceinline__ void shrink_row(const T* __restrict__ x, const float*
   __syncthreads();  // partial is reused by the block's next row
 }
 
-// y[row, o] += t[row, :rank] . B^T[:rank, o] for the thread's o; `trow` is t's row in shared
-// memory.
+// y[row, o] += t's part (trow, `rank` values) . B^T[:rank, o - start] for the thread's column o,
+// when its part has factors.
 template <typename T>
-__device__ __forceinline__ void expand_row(const float* trow, const float* __restrict__ b_t,
-                                           T* __restrict__ y, uint32_t row, uint32_t o,
-                                           uint32_t rank, uint32_t out, uint32_t y_stride) {
+__device__ __forceinline__ void expand_col(const float* trow, const float* const* b_t,
+                                           const uint32_t* ranks, const uint32_t* col_ends,
+                                           uint32_t i, uint32_t parts, T* __restrict__ y,
+                                           uint32_t row, uint32_t o, uint32_t y_stride) {
+  uint32_t start, width, offset;
+  const uint32_t p = column_part(col_ends, ranks, i, parts, o, &start, &width, &offset);
+  const uint32_t e = i * parts + p, rank = ranks[e];
+  if (rank == 0) return;
+  const float* b = b_t[e] + (o - start);
   float acc = 0.f;
-  for (uint32_t j = 0; j < rank; ++j) acc += trow[j] * b_t[(size_t)j * out + o];
+  for (uint32_t j = 0; j < rank; ++j) acc += trow[offset + j] * b[(size_t)j * width];
   T* yp = y + (size_t)row * y_stride + o;
   *yp = from_f32<T>(to_f32(*yp) + acc);
 }
 
-// BGMV shrink. grid = (rows, max_rank), block = 32 * WARPS.
+// BGMV shrink. grid = (rows, max total rank), block = 32 * WARPS.
 template <typename T>
 __device__ void bgmv_shrink(const T* x, const uint32_t* row_adapter, const float* const* a,
-                            const uint32_t* ranks, float* t, uint32_t in, uint32_t t_stride) {
-  uint32_t row = blockIdx.x;
+                            const uint32_t* ranks, uint32_t parts, float* t, uint32_t in,
+                            uint32_t t_stride) {
+  uint32_t row = blockIdx.x, j = blockIdx.y, e, jr;
   uint32_t i = row_adapter[row];
-  uint32_t j = blockIdx.y;
-  if (i == NO_ADAPTER || j >= ranks[i]) return;  // uniform over the block
-  shrink_row(x, a[i], t, row, j, in, t_stride);
+  if (i == NO_ADAPTER || !rank_entry(ranks, i, parts, j, &e, &jr)) return;  // uniform
+  shrink_row(x, a[e] + (size_t)jr * in, t, row, j, in, t_stride);
 }
 
 // The rows of a segment that block z of an SGMV launch takes: SGMV_ROWS consecutive ones, so
@@ -91,53 +147,58 @@ __device__ __forceinline__ void sgmv_rows(const uint32_t* s, uint32_t* r0, uint3
   *r1 = start + min(first + SGMV_ROWS, len);
 }
 
-// SGMV shrink. segments = [start, len, adapter] triples; grid = (segments, max_rank,
+// SGMV shrink. segments = [start, len, adapter] triples; grid = (segments, max total rank,
 // ceil(longest segment / SGMV_ROWS)), block = 32 * WARPS.
 template <typename T>
 __device__ void sgmv_shrink(const T* x, const uint32_t* segments, const float* const* a,
-                            const uint32_t* ranks, float* t, uint32_t in, uint32_t t_stride) {
+                            const uint32_t* ranks, uint32_t parts, float* t, uint32_t in,
+                            uint32_t t_stride) {
   const uint32_t* s = segments + 3 * blockIdx.x;
-  uint32_t i = s[2], r0, r1;
+  uint32_t i = s[2], r0, r1, e, jr;
   sgmv_rows(s, &r0, &r1);
   uint32_t j = blockIdx.y;
-  if (j >= ranks[i]) return;  // uniform over the block
-  for (uint32_t row = r0; row < r1; ++row) shrink_row(x, a[i], t, row, j, in, t_stride);
+  if (!rank_entry(ranks, i, parts, j, &e, &jr)) return;  // uniform over the block
+  for (uint32_t row = r0; row < r1; ++row)
+    shrink_row(x, a[e] + (size_t)jr * in, t, row, j, in, t_stride);
+}
+
+// Stages t's row (`rank` values) in shared memory. Contains a barrier.
+__device__ __forceinline__ void stage_row(const float* t, float* trow, uint32_t row,
+                                          uint32_t rank, uint32_t t_stride) {
+  for (uint32_t j = threadIdx.x; j < rank; j += blockDim.x) trow[j] = t[(size_t)row * t_stride + j];
+  __syncthreads();
 }
 
 // BGMV expand. grid = (rows, ceil(out / EXPAND_THREADS)), block = EXPAND_THREADS.
 template <typename T>
 __device__ void bgmv_expand(const float* t, const uint32_t* row_adapter, const float* const* b_t,
-                            const uint32_t* ranks, T* y, uint32_t out, uint32_t t_stride,
-                            uint32_t y_stride) {
-  __shared__ float trow[MAX_RANK];
+                            const uint32_t* ranks, uint32_t parts, const uint32_t* col_ends,
+                            T* y, uint32_t out, uint32_t t_stride, uint32_t y_stride) {
+  __shared__ float trow[MAX_PARTS * MAX_RANK];
   uint32_t row = blockIdx.x;
   uint32_t i = row_adapter[row];
   if (i == NO_ADAPTER) return;
-  uint32_t rank = ranks[i];
-  for (uint32_t j = threadIdx.x; j < rank; j += blockDim.x) trow[j] = t[(size_t)row * t_stride + j];
-  __syncthreads();
+  stage_row(t, trow, row, total_rank(ranks, i, parts), t_stride);
   uint32_t o = blockIdx.y * blockDim.x + threadIdx.x;
-  if (o < out) expand_row(trow, b_t[i], y, row, o, rank, out, y_stride);
+  if (o < out) expand_col(trow, b_t, ranks, col_ends, i, parts, y, row, o, y_stride);
 }
 
 // SGMV expand. grid = (segments, ceil(out / EXPAND_THREADS), ceil(longest segment /
 // SGMV_ROWS)), block = EXPAND_THREADS.
 template <typename T>
 __device__ void sgmv_expand(const float* t, const uint32_t* segments, const float* const* b_t,
-                            const uint32_t* ranks, T* y, uint32_t out, uint32_t t_stride,
-                            uint32_t y_stride) {
-  __shared__ float trow[MAX_RANK];
+                            const uint32_t* ranks, uint32_t parts, const uint32_t* col_ends,
+                            T* y, uint32_t out, uint32_t t_stride, uint32_t y_stride) {
+  __shared__ float trow[MAX_PARTS * MAX_RANK];
   const uint32_t* s = segments + 3 * blockIdx.x;
   uint32_t i = s[2], r0, r1;
   sgmv_rows(s, &r0, &r1);
-  uint32_t rank = ranks[i];
+  const uint32_t rank = total_rank(ranks, i, parts);
   uint32_t o = blockIdx.y * blockDim.x + threadIdx.x;
   for (uint32_t row = r0; row < r1; ++row) {
     __syncthreads();  // the previous row's trow is no longer read
-    for (uint32_t j = threadIdx.x; j < rank; j += blockDim.x)
-      trow[j] = t[(size_t)row * t_stride + j];
-    __syncthreads();
-    if (o < out) expand_row(trow, b_t[i], y, row, o, rank, out, y_stride);
+    stage_row(t, trow, row, rank, t_stride);
+    if (o < out) expand_col(trow, b_t, ranks, col_ends, i, parts, y, row, o, y_stride);
   }
 }
 
@@ -147,14 +208,15 @@ __device__ void sgmv_expand(const float* t, const uint32_t* segments, const floa
 // (in any order) with shared-memory atomics and accumulates GROUP_ROWS of them per factor
 // value read, so each factor value is read once per block.
 //
-// Shrink: grid (adapters, ceil(max_rank / WARPS), splits), block 32 * WARPS, dynamic shared
-//   memory rows * 4 bytes. Warp w takes j = blockIdx.y * WARPS + w and the slice
-//   [z * split_len, (z + 1) * split_len) of `in` (z = blockIdx.z), and writes the partial dot
-//   product of each of its rows to t[z][row][j] (t: [splits][rows][t_stride]); every split
-//   writes every (row, j < rank) of its adapter's rows, an empty slice a zero.
+// Shrink: grid (adapters, ceil(max total rank / WARPS), splits), block 32 * WARPS, dynamic
+//   shared memory rows * 4 bytes. Warp w takes j = blockIdx.y * WARPS + w (of the adapter's
+//   concatenated ranks) and the slice [z * split_len, (z + 1) * split_len) of `in`
+//   (z = blockIdx.z), and writes the partial dot product of each of its rows to t[z][row][j]
+//   (t: [splits][rows][t_stride]); every split writes every (row, j < total rank) of its
+//   adapter's rows, an empty slice a zero.
 // Expand: grid (adapters, ceil(out / EXPAND_THREADS)), block EXPAND_THREADS, dynamic shared
-//   memory rows * 4 bytes: sums the splits of GROUP_ROWS rows' t into shared memory, then
-//   y[row, o] += sum_j t[row, j] * B^T[j, o] for the thread's o and each of those rows.
+//   memory rows * 4 bytes: sums the splits of GROUP_ROWS rows' t into shared memory, then adds
+//   each of those rows' product for the thread's column o (as expand_col).
 
 #define GROUP_ROWS 8
 
@@ -173,18 +235,19 @@ __device__ __forceinline__ uint32_t rows_of_adapter(const uint32_t* __restrict__
 
 template <typename T>
 __device__ void bgmv_shrink_grouped(const T* __restrict__ x, const uint32_t* row_adapter,
-                                    const float* const* a, const uint32_t* ranks,
+                                    const float* const* a, const uint32_t* ranks, uint32_t parts,
                                     float* __restrict__ t, uint32_t in, uint32_t t_stride,
                                     uint32_t rows, uint32_t split_len) {
   extern __shared__ uint32_t list[];
-  uint32_t i = blockIdx.x;
+  uint32_t i = blockIdx.x, e, jr;
   uint32_t n = rows_of_adapter(row_adapter, rows, i, list);
   uint32_t j = blockIdx.y * WARPS + threadIdx.x / 32;
-  if (n == 0 || j >= ranks[i]) return;  // uniform over the warp: no barrier follows
+  // Uniform over the warp: no barrier follows.
+  if (n == 0 || !rank_entry(ranks, i, parts, j, &e, &jr)) return;
   uint32_t lane = threadIdx.x % 32;
   uint32_t k0 = min(blockIdx.z * split_len, in);
   uint32_t k1 = min(k0 + split_len, in);
-  const float* ar = a[i] + (size_t)j * in;
+  const float* ar = a[e] + (size_t)jr * in;
   float* tz = t + (size_t)blockIdx.z * rows * t_stride;
   for (uint32_t g0 = 0; g0 < n; g0 += GROUP_ROWS) {
     uint32_t gn = min(n - g0, (uint32_t)GROUP_ROWS);
@@ -225,36 +288,44 @@ __device__ void bgmv_shrink_grouped(const T* __restrict__ x, const uint32_t* row
 template <typename T>
 __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t* row_adapter,
                                     const float* const* b_t, const uint32_t* ranks,
+                                    uint32_t parts, const uint32_t* col_ends,
                                     T* __restrict__ y, uint32_t out, uint32_t t_stride,
-                                    uint32_t rows, uint32_t splits, uint32_t y_stride) {
+                                    uint32_t y_stride, uint32_t rows, uint32_t splits) {
   extern __shared__ uint32_t list[];
-  __shared__ float trows[GROUP_ROWS][MAX_RANK];
+  __shared__ float trows[GROUP_ROWS][MAX_PARTS * MAX_RANK];
   uint32_t i = blockIdx.x;
   uint32_t n = rows_of_adapter(row_adapter, rows, i, list);
   if (n == 0) return;  // uniform over the block
-  uint32_t rank = ranks[i];
-  uint32_t o = blockIdx.y * blockDim.x + threadIdx.x;
-  const float* b = b_t[i];
+  const uint32_t rank = total_rank(ranks, i, parts);
+  const uint32_t o = blockIdx.y * blockDim.x + threadIdx.x;
+  // The thread's column: its part, and that part's factors for this adapter.
+  uint32_t start = 0, width = 0, offset = 0, part_rank = 0;
+  const float* b = nullptr;
+  if (o < out) {
+    const uint32_t p = column_part(col_ends, ranks, i, parts, o, &start, &width, &offset);
+    part_rank = ranks[i * parts + p];
+    b = b_t[i * parts + p] + (o - start);
+  }
   for (uint32_t g0 = 0; g0 < n; g0 += GROUP_ROWS) {
     uint32_t gn = min(n - g0, (uint32_t)GROUP_ROWS);
     __syncthreads();  // the previous group's trows are no longer read
-    for (uint32_t e = threadIdx.x; e < gn * rank; e += blockDim.x) {
-      uint32_t g = e / rank, j = e % rank;
+    for (uint32_t el = threadIdx.x; el < gn * rank; el += blockDim.x) {
+      uint32_t g = el / rank, j = el % rank;
       const float* tp = t + (size_t)list[g0 + g] * t_stride + j;
       float sum = 0.f;
       for (uint32_t z = 0; z < splits; ++z) sum += tp[(size_t)z * rows * t_stride];
       trows[g][j] = sum;
     }
     __syncthreads();
-    if (o >= out) continue;
+    if (o >= out || part_rank == 0) continue;
     float acc[GROUP_ROWS];
 #pragma unroll
     for (uint32_t g = 0; g < GROUP_ROWS; ++g) acc[g] = 0.f;
-    for (uint32_t j = 0; j < rank; ++j) {
-      float bv = b[(size_t)j * out + o];
+    for (uint32_t j = 0; j < part_rank; ++j) {
+      float bv = b[(size_t)j * width];
 #pragma unroll
       for (uint32_t g = 0; g < GROUP_ROWS; ++g)
-        if (g < gn) acc[g] += trows[g][j] * bv;
+        if (g < gn) acc[g] += trows[g][offset + j] * bv;
     }
 #pragma unroll
     for (uint32_t g = 0; g < GROUP_ROWS; ++g) {
@@ -268,36 +339,39 @@ __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t*
 
 #define LORA_ENTRY_POINTS(SUFFIX, T)                                                            \
   extern "C" __global__ void medley_bgmv_shrink_##SUFFIX(                                       \
-      const T* x, const uint32_t* row_adapter, const float* const* a, const uint32_t* ranks,        \
-      float* t, uint32_t in, uint32_t t_stride) {                                               \
-    bgmv_shrink<T>(x, row_adapter, a, ranks, t, in, t_stride);                                  \
+      const T* x, const uint32_t* row_adapter, const float* const* a, const uint32_t* ranks,    \
+      uint32_t parts, float* t, uint32_t in, uint32_t t_stride) {                               \
+    bgmv_shrink<T>(x, row_adapter, a, ranks, parts, t, in, t_stride);                           \
   }                                                                                             \
   extern "C" __global__ void medley_sgmv_shrink_##SUFFIX(                                       \
-      const T* x, const uint32_t* segments, const float* const* a, const uint32_t* ranks, float* t, \
-      uint32_t in, uint32_t t_stride) {                                                         \
-    sgmv_shrink<T>(x, segments, a, ranks, t, in, t_stride);                                     \
+      const T* x, const uint32_t* segments, const float* const* a, const uint32_t* ranks,       \
+      uint32_t parts, float* t, uint32_t in, uint32_t t_stride) {                               \
+    sgmv_shrink<T>(x, segments, a, ranks, parts, t, in, t_stride);                              \
   }                                                                                             \
   extern "C" __global__ void medley_bgmv_expand_##SUFFIX(                                       \
-      const float* t, const uint32_t* row_adapter, const float* const* b_t, const uint32_t* ranks,  \
-      T* y, uint32_t out, uint32_t t_stride, uint32_t y_stride) {                               \
-    bgmv_expand<T>(t, row_adapter, b_t, ranks, y, out, t_stride, y_stride);                     \
+      const float* t, const uint32_t* row_adapter, const float* const* b_t,                     \
+      const uint32_t* ranks, uint32_t parts, const uint32_t* col_ends, T* y, uint32_t out,      \
+      uint32_t t_stride, uint32_t y_stride) {                                                   \
+    bgmv_expand<T>(t, row_adapter, b_t, ranks, parts, col_ends, y, out, t_stride, y_stride);    \
   }                                                                                             \
   extern "C" __global__ void medley_sgmv_expand_##SUFFIX(                                       \
-      const float* t, const uint32_t* segments, const float* const* b_t, const uint32_t* ranks,     \
-      T* y, uint32_t out, uint32_t t_stride, uint32_t y_stride) {                               \
-    sgmv_expand<T>(t, segments, b_t, ranks, y, out, t_stride, y_stride);                        \
+      const float* t, const uint32_t* segments, const float* const* b_t, const uint32_t* ranks, \
+      uint32_t parts, const uint32_t* col_ends, T* y, uint32_t out, uint32_t t_stride,          \
+      uint32_t y_stride) {                                                                      \
+    sgmv_expand<T>(t, segments, b_t, ranks, parts, col_ends, y, out, t_stride, y_stride);       \
   }                                                                                             \
   extern "C" __global__ void medley_bgmv_shrink_grouped_##SUFFIX(                               \
-      const T* x, const uint32_t* row_adapter, const float* const* a, const uint32_t* ranks,        \
-      float* t, uint32_t in, uint32_t t_stride, uint32_t rows, uint32_t split_len) {              \
-    bgmv_shrink_grouped<T>(x, row_adapter, a, ranks, t, in, t_stride, rows, split_len);         \
+      const T* x, const uint32_t* row_adapter, const float* const* a, const uint32_t* ranks,    \
+      uint32_t parts, float* t, uint32_t in, uint32_t t_stride, uint32_t rows,                  \
+      uint32_t split_len) {                                                                     \
+    bgmv_shrink_grouped<T>(x, row_adapter, a, ranks, parts, t, in, t_stride, rows, split_len);  \
   }                                                                                             \
   extern "C" __global__ void medley_bgmv_expand_grouped_##SUFFIX(                               \
-      const float* t, const uint32_t* row_adapter, const float* const* b_t, const uint32_t* ranks,  \
-      T* y, uint32_t out, uint32_t t_stride, uint32_t rows, uint32_t splits,                      \
-      uint32_t y_stride) {                                                                      \
-    bgmv_expand_grouped<T>(t, row_adapter, b_t, ranks, y, out, t_stride, rows, splits,          \
-                           y_stride);                                                           \
+      const float* t, const uint32_t* row_adapter, const float* const* b_t,                     \
+      const uint32_t* ranks, uint32_t parts, const uint32_t* col_ends, T* y, uint32_t out,      \
+      uint32_t t_stride, uint32_t y_stride, uint32_t rows, uint32_t splits) {                   \
+    bgmv_expand_grouped<T>(t, row_adapter, b_t, ranks, parts, col_ends, y, out, t_stride,       \
+                           y_stride, rows, splits);                                             \
   }
 
 LORA_ENTRY_POINTS(f32, float)

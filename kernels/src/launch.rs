@@ -10,7 +10,9 @@
 //!
 //! Segments travel as `u32` triples `(start, len, adapter)`; per-row mappings as one `u32` per
 //! row ([`crate::NO_ADAPTER`] skips the row); adapters as device arrays of factor pointers and
-//! ranks. Ranks are at most [`MAX_RANK`].
+//! ranks, one entry per (adapter, part) when a launch serves several projections side by side
+//! (up to [`MAX_PARTS`]), with the parts' end columns. Ranks are at most [`MAX_RANK`] per part;
+//! the launch shapes' `max_rank` is the largest sum over one adapter's parts.
 
 /// Activation types of the fused kernels.
 pub const FUSED_DTYPES: [&str; 2] = ["bf16", "f16"];
@@ -60,8 +62,12 @@ pub fn attention_launch(rows: u32, heads: u32) -> ((u32, u32, u32), (u32, u32, u
     ((rows.max(1), heads.max(1), 1), (128, 1, 1))
 }
 
-/// Largest rank the expand kernels stage in shared memory.
+/// Largest rank of one adapter's factors for one projection (the expand kernels stage
+/// [`MAX_PARTS`] of them per row in shared memory).
 pub const MAX_RANK: usize = 128;
+
+/// Most projections one launch pair serves (their outputs side by side: q, k and v).
+pub const MAX_PARTS: usize = 3;
 
 /// Activation types the kernels are built for (the suffix of their names).
 pub const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];

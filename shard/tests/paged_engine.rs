@@ -52,6 +52,10 @@ fn store(model: &LlamaModel) -> AdapterStore {
     store
         .install(2, loader.build(&sources, Some(&ties)).unwrap().adapter)
         .unwrap();
+    // An adapter without q, k or o (v and the MLP only): a stacked q/k/v call then has slots
+    // with and without factors for each part.
+    let partial = loader.build(&[source(ADAPTERS[2])], None).unwrap();
+    store.install(3, partial.adapter).unwrap();
     store
 }
 
@@ -285,11 +289,12 @@ fn device_choices_give_the_samplers_tokens() {
     }
 }
 
-/// q, k and v as one matmul over their stacked weights (`--stack-projections`) give the tokens
-/// and logprobs of three matmuls, for the base model, an adapter and a TIES merge: their LoRA
-/// deltas go to column ranges of the one product, in place when a step has one row (the ranges
-/// are then contiguous) and through copies when it has more. The CPU kernel sums each output in
-/// the same order whatever the number of outputs, so the logprobs match to f32 rounding.
+/// q/k/v and gate/up as one matmul each over their stacked weights (`--stack-projections`) give
+/// the tokens and logprobs of separate matmuls, for the base model, an adapter, a TIES merge
+/// and an adapter with only some of the stacked modules, in one batch and alone: the LoRA deltas
+/// of a stacked product's modules go through one call (`LoraDelta::apply_stacked`; on the CPU
+/// part by part over copies of the columns). The CPU kernel sums each output in the same order
+/// whatever the number of outputs, so the logprobs match to f32 rounding.
 #[test]
 fn stacked_projections_give_the_same_tokens() {
     let stacked = LoadOptions {
@@ -298,12 +303,19 @@ fn stacked_projections_give_the_same_tokens() {
     };
     let mut apart = engine(4096, 16, false, 7);
     let mut together = engine_loaded(4096, 16, false, (7, 0), &stacked);
-    let want = run_alone(&mut apart, mixed_requests(10));
-    let got = run_alone(&mut together, mixed_requests(10));
-    for id in 10..13 {
+    // Base, a full adapter, a TIES merge and an adapter with only some of the stacked modules,
+    // in one batch.
+    let batch = || {
+        let mut requests = mixed_requests(10);
+        requests.push(request(13, prompt(7, 33), 3, 6, true));
+        requests
+    };
+    let want = run_alone(&mut apart, batch());
+    let got = run_alone(&mut together, batch());
+    for id in 10..14 {
         assert_same(&want[&id], &got[&id], &format!("request {id}"));
     }
-    for slot in 0..3 {
+    for slot in 0..4 {
         let one = || vec![request(20, prompt(4, 9), slot, 5, true)];
         let (want, got) = (
             run_alone(&mut apart, one()),

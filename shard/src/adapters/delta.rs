@@ -2,16 +2,17 @@
 //! whose slot holds an adapter with that module.
 //!
 //! The rows were grouped once for the step ([`RowSlots`]). The kernel path hands the runs of
-//! consecutive rows to [`add_lora`] as SGMV segments (prefill) or, when every run is one row
-//! long (decode), as a BGMV row table: `medley_kernels` on the CPU, its CUDA kernels on a GPU,
-//! reading the activations and the slot factors in place. The candle path gathers each slot's
+//! consecutive rows to [`add_lora_parts`] as SGMV segments (prefill) or, when every run is one
+//! row long (decode), as a BGMV row table: `medley_kernels` on the CPU, its CUDA kernels on a
+//! GPU, reading the activations and the slot factors in place. Stacked projections (q/k/v,
+//! gate/up as one product) go through in one call, each slot with or without each module. The candle path gathers each slot's
 //! rows with `index_select`, multiplies, and scatters with `index_add`. In half precision the
 //! product runs in f32 and is added to the f32-widened base output, which is rounded once.
 
 use candle_core::Tensor;
 use medley_kernels::Segment;
 
-use super::lora_op::{KernelRows, LoraFactors, add_lora};
+use super::lora_op::{KernelRows, LoraFactors, PartFactors, add_lora_parts};
 use super::store::{AdapterStore, LoraBackend};
 use super::weights::{DeviceModule, LORA_DTYPE};
 use crate::model::row_span::RowSpan;
@@ -26,40 +27,89 @@ impl LoraDelta for AdapterStore {
         y: Tensor,
         rows: &RowSlots,
     ) -> candle_core::Result<Tensor> {
+        let width = y.dim(1)?;
+        self.apply_stacked(layer, &[module], x, y, &[width], rows)?
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("lora: no output".into()))
+    }
+
+    fn apply_stacked(
+        &self,
+        layer: usize,
+        modules: &[TargetModule],
+        x: &Tensor,
+        y: Tensor,
+        widths: &[usize],
+        rows: &RowSlots,
+    ) -> candle_core::Result<Vec<Tensor>> {
         if !rows.has_adapters() {
-            return Ok(y);
+            return split(&y, widths);
         }
-        // The slots of this step that have the module, ascending.
-        let mut used: Vec<(u32, &DeviceModule)> = Vec::with_capacity(rows.groups().len());
+        // The slots of this step that have any of the modules, ascending, with each module's
+        // factors.
+        let mut used: Vec<(u32, Vec<Option<&DeviceModule>>)> =
+            Vec::with_capacity(rows.groups().len());
         for (slot, _) in rows.groups() {
             let adapter = self
                 .get(*slot)
                 .ok_or_else(|| candle_core::Error::Msg(format!("adapter slot {slot} is empty")))?;
-            if let Some(m) = adapter.module(layer, module) {
-                used.push((*slot, m));
+            let found: Vec<Option<&DeviceModule>> =
+                modules.iter().map(|&m| adapter.module(layer, m)).collect();
+            if found.iter().any(Option::is_some) {
+                used.push((*slot, found));
             }
         }
-        let Some(first) = used.first() else {
-            return Ok(y);
-        };
-        if self.backend() == LoraBackend::Kernels {
-            apply_kernels(x, y, rows, &used)
-        } else {
-            let (out_dtype, dtype) = (y.dtype(), first.1.a.dtype());
-            let x = x.to_dtype(dtype)?.contiguous()?;
-            let y = y.to_dtype(dtype)?.contiguous()?;
-            apply_candle(&x, y, rows, &used)?.to_dtype(out_dtype)
+        if used.is_empty() {
+            return split(&y, widths);
         }
+        if self.backend() == LoraBackend::Kernels {
+            return split(&apply_kernels(x, y, rows, &used, widths)?, widths);
+        }
+        // The candle path, module by module over the slots that have it.
+        let mut start = 0;
+        let mut out = Vec::with_capacity(widths.len());
+        for (p, &width) in widths.iter().enumerate() {
+            let part = y.narrow(1, start, width)?;
+            start += width;
+            let used: Vec<(u32, &DeviceModule)> = used
+                .iter()
+                .filter_map(|(slot, found)| found[p].map(|m| (*slot, m)))
+                .collect();
+            let Some(first) = used.first() else {
+                out.push(part);
+                continue;
+            };
+            let (out_dtype, dtype) = (part.dtype(), first.1.a.dtype());
+            let x = x.to_dtype(dtype)?.contiguous()?;
+            let part = part.to_dtype(dtype)?.contiguous()?;
+            out.push(apply_candle(&x, part, rows, &used)?.to_dtype(out_dtype)?);
+        }
+        Ok(out)
     }
 }
 
-/// Through [`add_lora`]: on the CPU in f32 (half-precision operands are widened and the result
-/// rounded once), on a GPU in the activations' own dtype (the kernels accumulate in f32).
+/// The column ranges of `y` (`widths`, in order).
+fn split(y: &Tensor, widths: &[usize]) -> candle_core::Result<Vec<Tensor>> {
+    let mut start = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let part = y.narrow(1, start, w);
+            start += w;
+            part
+        })
+        .collect()
+}
+
+/// Through [`add_lora_parts`], every module of `widths` in one call: on the CPU in f32
+/// (half-precision operands are widened and the result rounded once), on a GPU in the
+/// activations' own dtype (the kernels accumulate in f32). Returns `y` with the deltas.
 fn apply_kernels(
     x: &Tensor,
     y: Tensor,
     rows: &RowSlots,
-    used: &[(u32, &DeviceModule)],
+    used: &[(u32, Vec<Option<&DeviceModule>>)],
+    widths: &[usize],
 ) -> candle_core::Result<Tensor> {
     let out_dtype = y.dtype();
     let work = if y.device().is_cpu() {
@@ -68,10 +118,10 @@ fn apply_kernels(
         out_dtype
     };
     let x = x.to_dtype(work)?.contiguous()?;
-    // `y` is this projection's own fresh output, or a column range of one whose other columns
-    // belong to other projections (stacked q/k/v): add in place instead of copying it. The GPU
-    // kernels write a column range at its row stride; the CPU kernels take contiguous rows.
-    // `to_dtype` and `contiguous` return `y` unchanged when there is nothing to do.
+    // `y` is the projections' own fresh output, or a column range of one whose other columns
+    // belong to other projections: add in place instead of copying it. The GPU kernels write
+    // a column range at its row stride; the CPU kernels take contiguous rows. `to_dtype` and
+    // `contiguous` return `y` unchanged when there is nothing to do.
     let y = y.to_dtype(work)?;
     let y = if y.device().is_cuda() && RowSpan::of(y.layout()).is_some() {
         y
@@ -90,15 +140,23 @@ fn apply_kernels(
             })
         })
         .collect();
-    let factors: Vec<LoraFactors<'_>> = used
+    let entries = used
         .iter()
-        .map(|(_, m)| LoraFactors {
-            rank: m.rank,
-            a: &m.a,
-            b_t: &m.b_t,
+        .flat_map(|(_, found)| {
+            found.iter().map(|m| {
+                m.map(|m| LoraFactors {
+                    rank: m.rank,
+                    a: &m.a,
+                    b_t: &m.b_t,
+                })
+            })
         })
         .collect();
-    add_lora(
+    let factors = PartFactors {
+        widths: widths.to_vec(),
+        entries,
+    };
+    add_lora_parts(
         &x,
         &y,
         &KernelRows::from_segments(rows.len(), segments),

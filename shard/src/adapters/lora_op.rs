@@ -5,6 +5,10 @@
 //! The rows arrive as [`KernelRows`]: SGMV segments (runs of rows sharing an adapter: prefill) or,
 //! when every run is one row long (decode), a BGMV table with one adapter index per row.
 //!
+//! One call may serve several projections of one input whose outputs sit side by side in `y`
+//! (a stacked q/k/v or gate/up product, [`add_lora_parts`]): on a GPU one launch pair for all
+//! of them, each adapter with or without factors for each part.
+//!
 //! Operand types: on the CPU `x` and `y` are f32; on a GPU they are f32, bf16 or f16 (the same
 //! for both), accumulated in f32 and rounded once into `y`. The factors are f32
 //! ([`super::LORA_DTYPE`]) everywhere, as PEFT keeps them.
@@ -73,12 +77,79 @@ impl KernelRows {
         Ok(())
     }
 
+    /// The mapping with each adapter index `a` replaced by `keep[a]`: rows whose adapter maps
+    /// to `None` (or past `keep`) then have none (segments are dropped).
+    pub fn restricted(&self, keep: &[Option<usize>]) -> Self {
+        let kept = |a: usize| keep.get(a).copied().flatten();
+        match self {
+            Self::Segments(s) => Self::Segments(
+                s.iter()
+                    .filter_map(|s| {
+                        kept(s.adapter).map(|adapter| Segment {
+                            start: s.start,
+                            len: s.len,
+                            adapter,
+                        })
+                    })
+                    .collect(),
+            ),
+            Self::PerRow(t) => Self::PerRow(
+                t.iter()
+                    .map(|&a| match kept(a as usize) {
+                        Some(k) if a != NO_ADAPTER => k as u32,
+                        _ => NO_ADAPTER,
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
     /// The kernels' view of the mapping.
     pub fn mapping(&self) -> RowMapping<'_> {
         match self {
             Self::Segments(s) => RowMapping::Segments(s),
             Self::PerRow(t) => RowMapping::PerRow(t),
         }
+    }
+}
+
+/// The factors of one call over the projections side by side in `y`: `widths` (their output
+/// columns, in order) and, for each adapter of the row mapping and each part, its factors or
+/// `None` (adapter-major: `entries[adapter * widths.len() + part]`).
+#[derive(Debug, Clone)]
+pub struct PartFactors<'a> {
+    /// Output columns of each part.
+    pub widths: Vec<usize>,
+    /// One entry per (adapter, part).
+    pub entries: Vec<Option<LoraFactors<'a>>>,
+}
+
+impl<'a> PartFactors<'a> {
+    /// One projection of `out` columns, every adapter with factors for it.
+    pub fn single(out: usize, factors: &[LoraFactors<'a>]) -> Self {
+        Self {
+            widths: vec![out],
+            entries: factors.iter().copied().map(Some).collect(),
+        }
+    }
+
+    /// Adapters (entries per part).
+    pub fn adapters(&self) -> usize {
+        self.entries.len() / self.widths.len().max(1)
+    }
+
+    /// Part `p`'s factors and, for each adapter, its index among them (`None` without).
+    pub fn part(&self, p: usize) -> (Vec<LoraFactors<'a>>, Vec<Option<usize>>) {
+        let mut factors = Vec::new();
+        let keep = (0..self.adapters())
+            .map(|i| {
+                self.entries[i * self.widths.len() + p].map(|f| {
+                    factors.push(f);
+                    factors.len() - 1
+                })
+            })
+            .collect();
+        (factors, keep)
     }
 }
 
@@ -92,7 +163,32 @@ pub fn add_lora(
     rows: &KernelRows,
     factors: &[LoraFactors<'_>],
 ) -> candle_core::Result<()> {
-    if factors.is_empty() {
+    add_lora_parts(x, y, rows, &PartFactors::single(y.dim(1)?, factors))
+}
+
+/// [`add_lora`] for several projections of `x` whose outputs sit side by side in `y`
+/// (`factors.widths`, summing to `y`'s columns): one launch pair on a GPU; on the CPU one pass
+/// of the kernels per part over a copy of its columns.
+pub fn add_lora_parts(
+    x: &Tensor,
+    y: &Tensor,
+    rows: &KernelRows,
+    factors: &PartFactors<'_>,
+) -> candle_core::Result<()> {
+    let parts = factors.widths.len();
+    if parts == 0
+        || parts > medley_kernels::launch::MAX_PARTS
+        || factors.entries.len() != factors.adapters() * parts
+        || factors.widths.iter().sum::<usize>() != y.dim(1)?
+    {
+        candle_core::bail!(
+            "lora kernels: {} entries over parts {:?} do not fit y {:?}",
+            factors.entries.len(),
+            factors.widths,
+            y.shape()
+        );
+    }
+    if factors.entries.iter().all(Option::is_none) {
         return Ok(());
     }
     if y.device().is_cpu() {
@@ -186,31 +282,53 @@ fn add_lora_cpu(
     x: &Tensor,
     y: &Tensor,
     rows: &KernelRows,
-    factors: &[LoraFactors<'_>],
+    factors: &PartFactors<'_>,
 ) -> candle_core::Result<()> {
-    let guards: Vec<(StorageRef<'_>, &Layout)> = factors
-        .iter()
-        .flat_map(|f| [f.a.storage_and_layout(), f.b_t.storage_and_layout()])
+    // Per part: the adapters with factors for it, and the rows restricted to them.
+    let parts: Vec<(Vec<LoraFactors<'_>>, KernelRows)> = (0..factors.widths.len())
+        .map(|p| {
+            let (fs, keep) = factors.part(p);
+            (fs, rows.restricted(&keep))
+        })
         .collect();
-    let mut slices = Vec::with_capacity(factors.len());
-    for (pair, f) in guards.chunks_exact(2).zip(factors) {
-        slices.push(Factors {
-            rank: f.rank,
-            a: cpu_f32(&pair[0].0, pair[0].1)?,
-            b_t: cpu_f32(&pair[1].0, pair[1].1)?,
+    let guards: Vec<Vec<(StorageRef<'_>, &Layout)>> = parts
+        .iter()
+        .map(|(fs, _)| {
+            fs.iter()
+                .flat_map(|f| [f.a.storage_and_layout(), f.b_t.storage_and_layout()])
+                .collect()
+        })
+        .collect();
+    let mut op_parts = Vec::with_capacity(parts.len());
+    for (((fs, part_rows), guards), &width) in parts.iter().zip(&guards).zip(&factors.widths) {
+        let mut slices = Vec::with_capacity(fs.len());
+        for (pair, f) in guards.chunks_exact(2).zip(fs) {
+            slices.push(Factors {
+                rank: f.rank,
+                a: cpu_f32(&pair[0].0, pair[0].1)?,
+                b_t: cpu_f32(&pair[1].0, pair[1].1)?,
+            });
+        }
+        op_parts.push(CpuPart {
+            width,
+            mapping: part_rows.mapping(),
+            factors: slices,
         });
     }
-    let op = CpuLoraOp {
-        mapping: rows.mapping(),
-        factors: slices,
-    };
-    y.inplace_op2(x, &op)
+    y.inplace_op2(x, &CpuLoraOp { parts: op_parts })
 }
 
-/// `y += LoRA(x)` as an in-place candle op over the CPU storages of `y` (first operand) and `x`.
-struct CpuLoraOp<'a> {
+/// One part of [`CpuLoraOp`]: its columns' width, its rows and its adapters' factors.
+struct CpuPart<'a> {
+    width: usize,
     mapping: RowMapping<'a>,
     factors: Vec<Factors<'a, [f32]>>,
+}
+
+/// `y += LoRA(x)` as an in-place candle op over the CPU storages of `y` (first operand) and `x`,
+/// part by part (a lone part in place, each of several on a copy of its columns).
+struct CpuLoraOp<'a> {
+    parts: Vec<CpuPart<'a>>,
 }
 
 impl InplaceOp2 for CpuLoraOp<'_> {
@@ -232,19 +350,34 @@ impl InplaceOp2 for CpuLoraOp<'_> {
         }
         let out = cpu_f32_slice_mut(ys, yl)?;
         let x = cpu_f32_slice(xs, xl)?;
-        CpuKernels
-            .apply(
-                KernelShape {
-                    rows,
-                    in_features,
-                    out_features,
-                },
-                x,
-                self.mapping,
-                &self.factors,
-                out,
-            )
-            .map_err(|e| candle_core::Error::Msg(format!("lora kernel: {e}")))
+        let apply = |part: &CpuPart<'_>, y: &mut [f32]| {
+            if part.factors.is_empty() {
+                return Ok(());
+            }
+            let shape = KernelShape {
+                rows,
+                in_features,
+                out_features: part.width,
+            };
+            CpuKernels
+                .apply(shape, x, part.mapping, &part.factors, y)
+                .map_err(|e| candle_core::Error::Msg(format!("lora kernel: {e}")))
+        };
+        if let [part] = self.parts.as_slice() {
+            return apply(part, out);
+        }
+        let mut start = 0;
+        for part in &self.parts {
+            let columns =
+                |r: usize| r * out_features + start..r * out_features + start + part.width;
+            let mut cols: Vec<f32> = (0..rows).flat_map(|r| out[columns(r)].to_vec()).collect();
+            apply(part, &mut cols)?;
+            for (r, row) in cols.chunks_exact(part.width.max(1)).enumerate() {
+                out[columns(r)].copy_from_slice(row);
+            }
+            start += part.width;
+        }
+        Ok(())
     }
 }
 
@@ -278,5 +411,76 @@ mod tests {
         assert!(prefill.check(4, 2).is_ok());
         assert!(prefill.check(3, 2).is_err());
         assert!(prefill.check(4, 1).is_err());
+    }
+
+    #[test]
+    fn restricted_mappings_drop_the_adapters_left_out() {
+        let keep = [None, Some(0)];
+        let decode = KernelRows::PerRow(vec![1, NO_ADAPTER, 0, 1]);
+        assert_eq!(
+            decode.restricted(&keep),
+            KernelRows::PerRow(vec![0, NO_ADAPTER, NO_ADAPTER, 0])
+        );
+        let prefill = KernelRows::Segments(vec![seg(0, 3, 1), seg(3, 1, 0)]);
+        assert_eq!(
+            prefill.restricted(&keep),
+            KernelRows::Segments(vec![seg(0, 3, 0)])
+        );
+    }
+
+    /// Two projections side by side in one call, one adapter without factors for the first:
+    /// the same values as one call per projection over its own columns.
+    #[test]
+    fn parts_side_by_side_match_one_call_each() {
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        let t = |n: usize, shape: (usize, usize), seed: u64| {
+            Tensor::from_vec(medley_kernels::testing::values(n, seed), shape, &dev).unwrap()
+        };
+        let (rows, inf, widths) = (5, 12, [7usize, 3]);
+        let x = t(rows * inf, (rows, inf), 1);
+        let y = t(rows * 10, (rows, 10), 2);
+        let a: Vec<Tensor> = (0..4).map(|k| t(2 * inf, (2, inf), 10 + k)).collect();
+        let b: Vec<Tensor> = (0..4)
+            .map(|k| {
+                t(
+                    2 * widths[k as usize % 2],
+                    (2, widths[k as usize % 2]),
+                    20 + k,
+                )
+            })
+            .collect();
+        let f = |k: usize| LoraFactors {
+            rank: 2,
+            a: &a[k],
+            b_t: &b[k],
+        };
+        // Adapter 0: both parts (entries 0, 1); adapter 1: the second part only (entry 3).
+        let rows_map =
+            KernelRows::from_segments(rows, vec![seg(0, 2, 0), seg(2, 1, 1), seg(4, 1, 0)]);
+        let together = y.copy().unwrap();
+        let factors = PartFactors {
+            widths: widths.to_vec(),
+            entries: vec![Some(f(0)), Some(f(1)), None, Some(f(3))],
+        };
+        add_lora_parts(&x, &together, &rows_map, &factors).unwrap();
+        let first = y.narrow(1, 0, 7).unwrap().contiguous().unwrap();
+        add_lora(&x, &first, &rows_map.restricted(&[Some(0), None]), &[f(0)]).unwrap();
+        let second = y.narrow(1, 7, 3).unwrap().contiguous().unwrap();
+        add_lora(&x, &second, &rows_map, &[f(1), f(3)]).unwrap();
+        let apart = Tensor::cat(&[&first, &second], 1).unwrap();
+        let diff = (&together - apart).unwrap().abs().unwrap();
+        let max: f32 = diff.max_all().unwrap().to_scalar().unwrap();
+        assert_eq!(max, 0.0);
+        // Something was added to the mapped rows; row 3 (no adapter) and adapter 1's columns
+        // of the first part (row 2) kept their values.
+        let (before, after) = (
+            y.to_vec2::<f32>().unwrap(),
+            together.to_vec2::<f32>().unwrap(),
+        );
+        assert_ne!(before[0], after[0]);
+        assert_eq!(before[3], after[3]);
+        assert_eq!(before[2][..7], after[2][..7]);
+        assert_ne!(before[2][7..], after[2][7..]);
     }
 }

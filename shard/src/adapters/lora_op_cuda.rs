@@ -26,7 +26,7 @@ use medley_kernels::cuda::{
     shrink_launch,
 };
 
-use super::lora_op::{BgmvKernels, KernelRows, LoraFactors};
+use super::lora_op::{BgmvKernels, KernelRows, LoraFactors, PartFactors};
 use super::upload_cache::{UploadCache, pack_words};
 use crate::model::row_span::RowSpan;
 
@@ -63,7 +63,7 @@ pub(super) fn add_lora(
     x: &Tensor,
     y: &Tensor,
     rows: &KernelRows,
-    factors: &[LoraFactors<'_>],
+    factors: &PartFactors<'_>,
 ) -> candle_core::Result<()> {
     let Device::Cuda(dev) = y.device() else {
         candle_core::bail!("lora kernels: y is not on a CUDA device");
@@ -75,36 +75,52 @@ pub(super) fn add_lora(
             y.dtype()
         );
     }
-    let max_rank = factors.iter().map(|f| f.rank).max().unwrap_or(1).max(1);
-    if max_rank > MAX_RANK {
-        candle_core::bail!(
-            "lora kernels: rank {max_rank} is above the largest supported, {MAX_RANK}"
-        );
+    let rank = |f: &Option<LoraFactors<'_>>| f.map_or(0, |f| f.rank);
+    if let Some(r) = factors.entries.iter().map(rank).find(|&r| r > MAX_RANK) {
+        candle_core::bail!("lora kernels: rank {r} is above the largest supported, {MAX_RANK}");
     }
-    rows.check(y.dims2()?.0, factors.len())?;
+    let parts = factors.widths.len();
+    // The intermediate's row: an adapter's ranks over its parts, concatenated.
+    let max_rank = factors
+        .entries
+        .chunks(parts)
+        .map(|e| e.iter().map(rank).sum::<usize>())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let n = factors.adapters();
+    rows.check(y.dims2()?.0, n)?;
     let stream = dev.cuda_stream();
-    // The factor pointers: every A, then every Bᵀ. The guards keep the storages (and their
-    // read events) alive until the kernels are queued.
-    let guards: Vec<(StorageRef<'_>, &Layout)> = factors
+    // The factor pointers, one per (adapter, part) entry (0 where there are none): every A,
+    // then every Bᵀ. The guards keep the storages (and their read events) alive until the
+    // kernels are queued.
+    let guards: Vec<Option<[(StorageRef<'_>, &Layout); 2]>> = factors
+        .entries
         .iter()
-        .flat_map(|f| [f.a.storage_and_layout(), f.b_t.storage_and_layout()])
+        .map(|f| f.map(|f| [f.a.storage_and_layout(), f.b_t.storage_and_layout()]))
         .collect();
-    let mut a_ptrs = Vec::with_capacity(factors.len());
-    let mut b_ptrs = Vec::with_capacity(factors.len());
-    let mut syncs = Vec::with_capacity(guards.len());
-    for (k, (storage, layout)) in guards.iter().enumerate() {
-        let Storage::Cuda(cs) = &**storage else {
-            candle_core::bail!("lora kernels: a factor is not on the GPU");
+    let mut a_ptrs = Vec::with_capacity(guards.len());
+    let mut b_ptrs = Vec::with_capacity(guards.len());
+    let mut syncs = Vec::with_capacity(2 * guards.len());
+    for pair in &guards {
+        let Some(pair) = pair else {
+            a_ptrs.push(0);
+            b_ptrs.push(0);
+            continue;
         };
-        let Some((start, _)) = layout.contiguous_offsets() else {
-            candle_core::bail!("lora kernels: a factor is not contiguous");
-        };
-        let (ptr, sync) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
-        syncs.push(sync);
-        let ptr = ptr + (start * std::mem::size_of::<f32>()) as u64;
-        if k % 2 == 0 { &mut a_ptrs } else { &mut b_ptrs }.push(ptr);
+        for (k, (storage, layout)) in pair.iter().enumerate() {
+            let Storage::Cuda(cs) = &**storage else {
+                candle_core::bail!("lora kernels: a factor is not on the GPU");
+            };
+            let Some((start, _)) = layout.contiguous_offsets() else {
+                candle_core::bail!("lora kernels: a factor is not contiguous");
+            };
+            let (ptr, sync) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+            syncs.push(sync);
+            let ptr = ptr + (start * std::mem::size_of::<f32>()) as u64;
+            if k == 0 { &mut a_ptrs } else { &mut b_ptrs }.push(ptr);
+        }
     }
-    let n = factors.len();
     let (per_row, map) = match rows {
         KernelRows::PerRow(t) => (true, t.clone()),
         KernelRows::Segments(s) => (false, segment_triples(s)),
@@ -117,10 +133,21 @@ pub(super) fn add_lora(
         KernelRows::PerRow(_) => 1,
         KernelRows::Segments(s) => s.iter().map(|s| s.len).max().unwrap_or(1),
     };
-    // The factor table: the A pointers, the Bᵀ pointers, then the ranks packed two u32 words
-    // to a u64; the row table: the mapping's words, packed the same way.
-    let ranks = pack_words(factors.iter().map(|f| f.rank as u32));
-    let factor_table: Vec<u64> = a_ptrs.into_iter().chain(b_ptrs).chain(ranks).collect();
+    // The factor table: the A pointers, the Bᵀ pointers, then the ranks and the parts' end
+    // columns packed two u32 words to a u64; the row table: the mapping's words, packed the
+    // same way.
+    let col_ends = factors.widths.iter().scan(0u32, |end, &w| {
+        *end += w as u32;
+        Some(*end)
+    });
+    let words = pack_words(
+        factors
+            .entries
+            .iter()
+            .map(|f| rank(f) as u32)
+            .chain(col_ends),
+    );
+    let factor_table: Vec<u64> = a_ptrs.into_iter().chain(b_ptrs).chain(words).collect();
     let words = map.len();
     let grouped =
         per_row && units <= GROUPED_MAX_ROWS && BgmvKernels::current() == BgmvKernels::Grouped;
@@ -130,6 +157,7 @@ pub(super) fn add_lora(
         rows: device_table(&ROW_TABLES, dev, pack_words(map))?,
         words,
         adapters: n,
+        parts: parts as u32,
         per_row,
         units: units as u32,
         longest: longest as u32,
@@ -144,14 +172,16 @@ pub(super) fn add_lora(
 struct CudaLoraOp {
     /// Decode rows through the grouped BGMV kernels ([`BgmvKernels::Grouped`]).
     grouped: bool,
-    /// `adapters` A pointers, `adapters` Bᵀ pointers, then the `adapters` ranks as u32 words
-    /// (little-endian, two to a u64).
+    /// `adapters × parts` A pointers, as many Bᵀ pointers, then their ranks and the `parts`
+    /// end columns as u32 words (little-endian, two to a u64).
     factors: Table,
     /// The row table (one u32 per row) or the segment triples, packed the same way.
     rows: Table,
     /// u32 words in `rows`.
     words: usize,
     adapters: usize,
+    /// Projections side by side in y.
+    parts: u32,
     per_row: bool,
     /// Rows (BGMV) or segments (SGMV).
     units: u32,
@@ -186,14 +216,21 @@ impl CudaLoraOp {
             return Ok(());
         }
         let dev = ys.device.clone();
-        let n = self.adapters;
-        let a: CudaView<'_, u64> = self.factors.slice(0..n);
-        let b: CudaView<'_, u64> = self.factors.slice(n..2 * n);
-        // SAFETY (both): the tails hold `n` and `words` u32 words (little-endian x86-64 and
-        // GPU), in bounds.
-        let Some(ranks) = (unsafe { self.factors.slice(2 * n..).transmute::<u32>(n) }) else {
+        let (n, parts) = (self.adapters, self.parts);
+        let entries = n * parts as usize;
+        let a: CudaView<'_, u64> = self.factors.slice(0..entries);
+        let b: CudaView<'_, u64> = self.factors.slice(entries..2 * entries);
+        // SAFETY (all three): the tails hold `entries + parts` and `words` u32 words
+        // (little-endian x86-64 and GPU), in bounds.
+        let Some(words) = (unsafe {
+            self.factors
+                .slice(2 * entries..)
+                .transmute::<u32>(entries + parts as usize)
+        }) else {
             candle_core::bail!("lora op: the factor table is short");
         };
+        let ranks = words.slice(0..entries);
+        let col_ends = words.slice(entries..);
         let Some(map) = (unsafe { self.rows.slice(0..).transmute::<u32>(self.words) }) else {
             candle_core::bail!("lora op: the row table is short");
         };
@@ -212,23 +249,33 @@ impl CudaLoraOp {
             let [shrink, expand] = grouped_kernel_names(suffix);
             let func = dev.get_or_load_custom_func(&shrink, MODULE, LORA_PTX)?;
             let mut launch = func.builder();
-            launch.arg(&x).arg(&map).arg(&a).arg(&ranks).arg(&mut t);
+            launch
+                .arg(&x)
+                .arg(&map)
+                .arg(&a)
+                .arg(&ranks)
+                .arg(&parts)
+                .arg(&mut t);
             launch.arg(&in_f).arg(&t_stride).arg(&rows).arg(&split_len);
             let cfg = config(grouped_shrink_launch(n, self.max_rank, splits, rows));
             // SAFETY: the arguments match the kernel's signature in kernels/cuda/lora.cu; x has
-            // rows × in elements, t splits × rows × t_stride, the tables n entries and one
-            // entry per row, each below n or NO_ADAPTER; every rank is at most t_stride; the
-            // shared memory holds `rows` u32 (rows ≤ GROUPED_MAX_ROWS).
+            // rows × in elements, t splits × rows × t_stride, the tables n × parts entries
+            // (null factors only where the rank is 0) and one entry per row, each below n or
+            // NO_ADAPTER; every adapter's total rank is at most t_stride, every part's at most
+            // MAX_RANK; col_ends has `parts` ascending ends, the last out; the shared memory
+            // holds `rows` u32 (rows ≤ GROUPED_MAX_ROWS).
             unsafe { launch.launch(cfg) }.w()?;
             let func = dev.get_or_load_custom_func(&expand, MODULE, LORA_PTX)?;
             let mut launch = func.builder();
-            launch.arg(&t).arg(&map).arg(&b).arg(&ranks).arg(&mut y);
             launch
-                .arg(&out_f)
-                .arg(&t_stride)
-                .arg(&rows)
-                .arg(&splits)
-                .arg(&y_stride);
+                .arg(&t)
+                .arg(&map)
+                .arg(&b)
+                .arg(&ranks)
+                .arg(&parts)
+                .arg(&col_ends);
+            launch.arg(&mut y).arg(&out_f).arg(&t_stride).arg(&y_stride);
+            launch.arg(&rows).arg(&splits);
             let cfg = config(grouped_expand_launch(n, out_f, rows));
             // SAFETY: as above; y has rows rows of out elements, y_stride apart.
             unsafe { launch.launch(cfg) }.w()?;
@@ -247,20 +294,32 @@ impl CudaLoraOp {
         let func = dev.get_or_load_custom_func(shrink, MODULE, LORA_PTX)?;
         let (grid_dim, block_dim) = shrink_launch(self.units, self.max_rank, self.longest);
         let mut launch = func.builder();
-        launch.arg(&x).arg(&map).arg(&a).arg(&ranks).arg(&mut t);
+        launch
+            .arg(&x)
+            .arg(&map)
+            .arg(&a)
+            .arg(&ranks)
+            .arg(&parts)
+            .arg(&mut t);
         launch.arg(&in_f).arg(&t_stride);
         let cfg = config((grid_dim, block_dim, 0));
         // SAFETY: the arguments match the kernel's signature in kernels/cuda/lora.cu; x has
-        // rows × in elements, t rows × t_stride, the tables n entries and one entry per row
-        // (or three per segment) whose indices are below n and rows (checked by the caller's
-        // mapping); every rank is at most t_stride.
+        // rows × in elements, t rows × t_stride, the tables n × parts entries (as for the
+        // grouped kernels above) and one entry per row (or three per segment) whose indices
+        // are below n and rows (checked by the caller's mapping).
         unsafe { launch.launch(cfg) }.w()?;
 
         let func = dev.get_or_load_custom_func(expand, MODULE, LORA_PTX)?;
         let (grid_dim, block_dim) = expand_launch(self.units, out_f, self.longest);
         let mut launch = func.builder();
-        launch.arg(&t).arg(&map).arg(&b).arg(&ranks).arg(&mut y);
-        launch.arg(&out_f).arg(&t_stride).arg(&y_stride);
+        launch
+            .arg(&t)
+            .arg(&map)
+            .arg(&b)
+            .arg(&ranks)
+            .arg(&parts)
+            .arg(&col_ends);
+        launch.arg(&mut y).arg(&out_f).arg(&t_stride).arg(&y_stride);
         let cfg = config((grid_dim, block_dim, 0));
         // SAFETY: as above; y has rows rows of out elements, y_stride apart.
         unsafe { launch.launch(cfg) }.w()?;

@@ -189,10 +189,8 @@ impl Attention {
         let rows = x.dim(0)?;
         let slots = &plan.row_slots;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [q, k, v] = self.qkv.forward(x)?;
-        let q = lora.apply(layer, TargetModule::Q, x, q, slots)?;
-        let k = lora.apply(layer, TargetModule::K, x, k, slots)?;
-        let v = lora.apply(layer, TargetModule::V, x, v, slots)?;
+        let modules = [TargetModule::Q, TargetModule::K, TargetModule::V];
+        let [q, k, v] = self.qkv.forward_lora(x, layer, modules, lora, slots)?;
         let attn = match step.gpu {
             Some(index) if fused_rope() => self.gpu_fused(layer, (&q, &k, &v), rope, kv, index)?,
             gpu => {

@@ -23,6 +23,8 @@ use medley_kernels::Shape as KernelShape;
 use medley_kernels::matmul::{Isa, matmul_nt};
 use medley_kernels::qmatmul::Packed;
 
+use super::lora::{LoraDelta, RowSlots, TargetModule};
+
 /// The dtype matmuls run in for activations of `compute` dtype on `device`.
 pub fn matmul_dtype(device: &Device, compute: DType) -> DType {
     if device.is_cpu() && compute == DType::BF16 {
@@ -233,31 +235,35 @@ impl Projections {
         }
     }
 
-    /// `x: [rows, in]` → each of the `N` parts' `[rows, out]` in the compute dtype (an error
-    /// when there are not `N` parts).
-    pub fn forward<const N: usize>(&self, x: &Tensor) -> candle_core::Result<[Tensor; N]> {
+    /// `x: [rows, in]` → each of the `N` parts' `[rows, out]` in the compute dtype, the LoRA
+    /// deltas of `modules` (the parts' modules, in order) added: one call for all of them when
+    /// stacked ([`LoraDelta::apply_stacked`]). An error when there are not `N` parts.
+    pub fn forward_lora<const N: usize>(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        modules: [TargetModule; N],
+        lora: &dyn LoraDelta,
+        rows: &RowSlots,
+    ) -> candle_core::Result<[Tensor; N]> {
         let parts: Vec<Tensor> = match self {
             Self::Each(parts) => parts
                 .iter()
-                .map(|p| p.forward(x))
+                .zip(modules)
+                .map(|(p, m)| lora.apply(layer, m, x, p.forward(x)?, rows))
                 .collect::<Result<_, _>>()?,
             Self::Stacked { linear, widths } => {
-                let y = linear.forward(x)?;
-                let mut start = 0;
-                widths
-                    .iter()
-                    .map(|w| {
-                        let part = y.narrow(1, start, *w);
-                        start += w;
-                        part
-                    })
-                    .collect::<Result<_, _>>()?
+                lora.apply_stacked(layer, &modules, x, linear.forward(x)?, widths, rows)?
             }
         };
-        let n = parts.len();
-        parts
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg(format!("{n} projections where {N} were built")))
+        let built = match self {
+            Self::Each(parts) => parts.len(),
+            Self::Stacked { widths, .. } => widths.len(),
+        };
+        match parts.try_into() {
+            Ok(parts) if built == N => Ok(parts),
+            _ => candle_core::bail!("{N} projections asked of {built}"),
+        }
     }
 
     /// Bytes the weights take in memory.

@@ -33,9 +33,8 @@ impl Mlp {
         lora: &dyn LoraDelta,
         slots: &RowSlots,
     ) -> candle_core::Result<Tensor> {
-        let [gate, up] = self.gate_up.forward(x)?;
-        let gate = lora.apply(layer, TargetModule::Gate, x, gate, slots)?;
-        let up = lora.apply(layer, TargetModule::Up, x, up, slots)?;
+        let modules = [TargetModule::Gate, TargetModule::Up];
+        let [gate, up] = self.gate_up.forward_lora(x, layer, modules, lora, slots)?;
         let act = silu_mul(&gate, &up)?;
         lora.apply(
             layer,

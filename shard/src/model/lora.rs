@@ -171,6 +171,31 @@ pub trait LoraDelta: Send + Sync {
         y: Tensor,
         rows: &RowSlots,
     ) -> candle_core::Result<Tensor>;
+
+    /// [`LoraDelta::apply`] for several projections of one input at once: `y` holds their base
+    /// outputs side by side (`widths` columns each, in the order of `modules`; one fresh
+    /// tensor), and each module's columns come back, deltas added. The default applies each
+    /// module to its column range; an implementation may add all of them in one pass.
+    fn apply_stacked(
+        &self,
+        layer: usize,
+        modules: &[TargetModule],
+        x: &Tensor,
+        y: Tensor,
+        widths: &[usize],
+        rows: &RowSlots,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let mut start = 0;
+        modules
+            .iter()
+            .zip(widths)
+            .map(|(&module, &width)| {
+                let part = y.narrow(1, start, width)?;
+                start += width;
+                self.apply(layer, module, x, part, rows)
+            })
+            .collect()
+    }
 }
 
 /// The base model: every projection output is returned unchanged.

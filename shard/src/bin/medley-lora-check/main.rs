@@ -104,7 +104,7 @@ fn lora_checks(
                 case.name,
                 case.rows,
                 case.in_features,
-                case.out_features,
+                case.out_features(),
                 o.rel_err,
                 o.tolerance,
                 o.unmapped_changed,
