@@ -105,9 +105,7 @@ pub(crate) fn gpu_index(
 ) -> Result<Option<GpuIndex>, ModelError> {
     #[cfg(feature = "cuda")]
     {
-        static GATHER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let gather = *GATHER
-            .get_or_init(|| std::env::var("MEDLEY_CUDA_ATTENTION").is_ok_and(|v| v == "gather"));
+        let gather = super::cuda_launch::env_is!("MEDLEY_CUDA_ATTENTION", "gather");
         if kv.device().is_cuda() && attention_cuda::supported(kv.dtype(), head_dim) && !gather {
             let index = super::paged_index::PagedIndex::new(plan, kv)?;
             return Ok(Some(GpuIndex::upload(&index, kv.device())?));

@@ -18,8 +18,7 @@ const MODULE: &str = "medley_fused";
 /// Whether `MEDLEY_CUDA_FUSED=off` turned the fused kernels off (these, and the rotary
 /// embedding with the KV write of [`super::rope_cuda`]).
 pub(crate) fn turned_off() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("MEDLEY_CUDA_FUSED").is_ok_and(|v| v == "off"))
+    super::cuda_launch::env_is!("MEDLEY_CUDA_FUSED", "off")
 }
 
 /// Whether the fused kernels serve activations `x` (bf16 or f16 on a GPU, not turned off).

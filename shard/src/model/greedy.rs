@@ -13,9 +13,7 @@ use candle_core::Tensor;
 pub fn device_greedy(logits: &Tensor) -> candle_core::Result<Option<Vec<(u32, f32)>>> {
     #[cfg(feature = "cuda")]
     {
-        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let off =
-            *OFF.get_or_init(|| std::env::var("MEDLEY_CUDA_GREEDY").is_ok_and(|v| v == "off"));
+        let off = super::cuda_launch::env_is!("MEDLEY_CUDA_GREEDY", "off");
         if !off && logits.device().is_cuda() {
             return cuda::greedy(logits).map(Some);
         }
