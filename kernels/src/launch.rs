@@ -17,10 +17,40 @@
 /// Activation types of the fused kernels.
 pub const FUSED_DTYPES: [&str; 2] = ["bf16", "f16"];
 
+/// For each kernel kind, its names for the activation types of [`DTYPES`], in order, as string
+/// literals (`medley_<kind>_f32`, `_bf16`, `_f16`): the launchers look kernels up by them on
+/// every call, with no name to format.
+macro_rules! names_by_dtype {
+    ($($kind:literal),+) => {
+        [$([
+            concat!("medley_", $kind, "_f32"),
+            concat!("medley_", $kind, "_bf16"),
+            concat!("medley_", $kind, "_f16"),
+        ]),+]
+    };
+}
+
+/// A name that no kernel has, for an activation type without kernels (loading it fails with
+/// the name in the error).
+const NO_SUCH_DTYPE: &str = "medley_kernel_for_an_unsupported_dtype";
+
+/// The names of `kinds` (from [`names_by_dtype`]) for activations of type `dtype`.
+fn pick<const N: usize>(kinds: &[[&'static str; 3]; N], dtype: &str) -> [&'static str; N] {
+    let index = DTYPES.iter().position(|d| *d == dtype);
+    kinds.map(|k| index.map_or(NO_SUCH_DTYPE, |i| k[i]))
+}
+
+const FUSED_NAMES: [[&str; 3]; 3] = names_by_dtype!("rms_norm", "silu_mul", "add_rms_norm");
+const ATTENTION_NAMES: [[&str; 3]; 3] =
+    names_by_dtype!("kv_write", "paged_attention", "rope_kv_write");
+const LORA_NAMES: [[&str; 3]; 4] =
+    names_by_dtype!("bgmv_shrink", "sgmv_shrink", "bgmv_expand", "sgmv_expand");
+const GROUPED_NAMES: [[&str; 3]; 2] = names_by_dtype!("bgmv_shrink_grouped", "bgmv_expand_grouped");
+
 /// The fused kernel names for activations of type `dtype` (one of [`FUSED_DTYPES`]): RMSNorm,
 /// SiLU·mul, residual add + RMSNorm.
-pub fn fused_kernel_names(dtype: &str) -> [String; 3] {
-    ["rms_norm", "silu_mul", "add_rms_norm"].map(|k| format!("medley_{k}_{dtype}"))
+pub fn fused_kernel_names(dtype: &str) -> [&'static str; 3] {
+    pick(&FUSED_NAMES, dtype)
 }
 
 /// The `(grid, block)` of a fused RMSNorm (or residual add + RMSNorm) over `rows` rows.
@@ -47,8 +77,8 @@ pub const MAX_HEAD_DIM: usize = 256;
 
 /// The attention kernel names for activations of type `dtype` (one of [`DTYPES`]): the KV
 /// write, the paged attention, the rotary embedding with the KV write.
-pub fn attention_kernel_names(dtype: &str) -> [String; 3] {
-    ["kv_write", "paged_attention", "rope_kv_write"].map(|k| format!("medley_{k}_{dtype}"))
+pub fn attention_kernel_names(dtype: &str) -> [&'static str; 3] {
+    pick(&ATTENTION_NAMES, dtype)
 }
 
 /// The `(grid, block)` of a KV write, or a rotary embedding with the KV write, over `rows`
@@ -74,16 +104,15 @@ pub const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
 
 /// The kernel names for activations of type `dtype` (one of [`DTYPES`]): BGMV shrink, SGMV
 /// shrink, BGMV expand, SGMV expand.
-pub fn kernel_names(dtype: &str) -> [String; 4] {
-    ["bgmv_shrink", "sgmv_shrink", "bgmv_expand", "sgmv_expand"]
-        .map(|k| format!("medley_{k}_{dtype}"))
+pub fn kernel_names(dtype: &str) -> [&'static str; 4] {
+    pick(&LORA_NAMES, dtype)
 }
 
 /// The grouped BGMV kernel names for activations of type `dtype` (one of [`DTYPES`]): shrink,
 /// expand. They take a decode step's rows one adapter per block (see `lora.cu`), so an adapter's
 /// factors are read once per block instead of once per row.
-pub fn grouped_kernel_names(dtype: &str) -> [String; 2] {
-    ["bgmv_shrink_grouped", "bgmv_expand_grouped"].map(|k| format!("medley_{k}_{dtype}"))
+pub fn grouped_kernel_names(dtype: &str) -> [&'static str; 2] {
+    pick(&GROUPED_NAMES, dtype)
 }
 
 /// Most rows a grouped BGMV launch takes (their list sits in shared memory, 4 bytes a row).
@@ -227,6 +256,26 @@ mod tests {
         // A 32-row segment spreads over 8 blocks of 4 rows; 33 rows over 9.
         assert_eq!(shrink_launch(1, 16, 32), ((1, 16, 8), (256, 1, 1)));
         assert_eq!(expand_launch(2, 256, 33), ((2, 1, 9), (256, 1, 1)));
+    }
+
+    #[test]
+    fn kernel_names_follow_the_dtype() {
+        assert_eq!(
+            kernel_names("bf16"),
+            [
+                "medley_bgmv_shrink_bf16",
+                "medley_sgmv_shrink_bf16",
+                "medley_bgmv_expand_bf16",
+                "medley_sgmv_expand_bf16"
+            ]
+        );
+        assert_eq!(
+            grouped_kernel_names("f32")[1],
+            "medley_bgmv_expand_grouped_f32"
+        );
+        assert_eq!(attention_kernel_names("f16")[2], "medley_rope_kv_write_f16");
+        assert_eq!(fused_kernel_names("bf16")[0], "medley_rms_norm_bf16");
+        assert_eq!(fused_kernel_names("i64"), [NO_SUCH_DTYPE; 3]);
     }
 
     #[test]

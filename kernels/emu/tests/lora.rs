@@ -290,14 +290,14 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
                     Mapping::Segments(s) => (
                         s.len() as u32,
                         s.iter().map(|s| s.len).max().unwrap_or(1) as u32,
-                        &names[1],
-                        &names[3],
+                        names[1],
+                        names[3],
                     ),
-                    _ => (rows as u32, 1, &names[0], &names[2]),
+                    _ => (rows as u32, 1, names[0], names[2]),
                 };
                 let (sg, sb) = shrink_launch(units, t_stride, longest);
                 let (eg, eb) = expand_launch(units, out_f, longest);
-                (s.clone(), e.clone(), (sg, sb, 0), (eg, eb, 0), 1, 0)
+                (s, e, (sg, sb, 0), (eg, eb, 0), 1, 0)
             }
         };
     if case.short_expand {
@@ -323,7 +323,7 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
     }
     // SAFETY: the parameters are the kernel's, in order; the buffers hold what the launch
     // reads and writes (t: splits × rows × t_stride).
-    unsafe { launch(&shrink, shrink_shape, &mut params) }.expect("shrink");
+    unsafe { launch(shrink, shrink_shape, &mut params) }.expect("shrink");
     let mut params = vec![
         param(&mut t_p),
         param(&mut map_p),
@@ -340,7 +340,7 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
         params.extend([param(&mut rows_u), param(&mut splits_param)]);
     }
     // SAFETY: as above; y holds rows × y_stride values.
-    unsafe { launch(&expand, expand_shape, &mut params) }.expect("expand");
+    unsafe { launch(expand, expand_shape, &mut params) }.expect("expand");
 
     let (mut err, mut scale, mut changed) = (0f64, 0f64, 0usize);
     for r in 0..rows {

@@ -28,6 +28,7 @@ use medley_kernels::cuda::{
 
 use super::lora_op::{BgmvKernels, KernelRows, LoraFactors, PartFactors};
 use super::upload_cache::{UploadCache, pack_words};
+use crate::model::cuda_launch::kernel;
 use crate::model::row_span::RowSpan;
 
 /// The name the PTX module is cached under in candle's device.
@@ -247,8 +248,9 @@ impl CudaLoraOp {
             // and j below its adapter's rank; the expand reads exactly those entries.
             let mut t = unsafe { dev.alloc::<f32>((splits * rows * t_stride) as usize) }?;
             let [shrink, expand] = grouped_kernel_names(suffix);
-            let func = dev.get_or_load_custom_func(&shrink, MODULE, LORA_PTX)?;
-            let mut launch = func.builder();
+            let func = kernel(&dev, MODULE, LORA_PTX, shrink)?;
+            let stream = dev.cuda_stream();
+            let mut launch = stream.launch_builder(&func);
             launch
                 .arg(&x)
                 .arg(&map)
@@ -265,8 +267,9 @@ impl CudaLoraOp {
             // MAX_RANK; col_ends has `parts` ascending ends, the last out; the shared memory
             // holds `rows` u32 (rows ≤ GROUPED_MAX_ROWS).
             unsafe { launch.launch(cfg) }.w()?;
-            let func = dev.get_or_load_custom_func(&expand, MODULE, LORA_PTX)?;
-            let mut launch = func.builder();
+            let func = kernel(&dev, MODULE, LORA_PTX, expand)?;
+            let stream = dev.cuda_stream();
+            let mut launch = stream.launch_builder(&func);
             launch
                 .arg(&t)
                 .arg(&map)
@@ -286,14 +289,15 @@ impl CudaLoraOp {
         let mut t = unsafe { dev.alloc::<f32>(rows * t_stride as usize) }?;
         let names = kernel_names(suffix);
         let (shrink, expand) = if self.per_row {
-            (&names[0], &names[2])
+            (names[0], names[2])
         } else {
-            (&names[1], &names[3])
+            (names[1], names[3])
         };
 
-        let func = dev.get_or_load_custom_func(shrink, MODULE, LORA_PTX)?;
+        let func = kernel(&dev, MODULE, LORA_PTX, shrink)?;
         let (grid_dim, block_dim) = shrink_launch(self.units, self.max_rank, self.longest);
-        let mut launch = func.builder();
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
         launch
             .arg(&x)
             .arg(&map)
@@ -309,9 +313,10 @@ impl CudaLoraOp {
         // are below n and rows (checked by the caller's mapping).
         unsafe { launch.launch(cfg) }.w()?;
 
-        let func = dev.get_or_load_custom_func(expand, MODULE, LORA_PTX)?;
+        let func = kernel(&dev, MODULE, LORA_PTX, expand)?;
         let (grid_dim, block_dim) = expand_launch(self.units, out_f, self.longest);
-        let mut launch = func.builder();
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
         launch
             .arg(&t)
             .arg(&map)

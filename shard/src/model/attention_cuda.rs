@@ -15,7 +15,7 @@ use medley_kernels::cuda::{
 };
 
 use super::ModelError;
-use super::cuda_launch::launch_config;
+use super::cuda_launch::{kernel, launch_config};
 use super::paged_index::PagedIndex;
 use crate::kv_cache::KvCache;
 
@@ -172,12 +172,13 @@ impl KvWrite<'_> {
         }
         let (pr, sr) = (range(pl, "the pool")?, range(sl, "the rows")?);
         let dev = pool.device.clone();
-        let name = &attention_kernel_names(dtype_suffix(pool.dtype())?)[0];
-        let func = dev.get_or_load_custom_func(name, MODULE, ATTENTION_PTX)?;
+        let name = attention_kernel_names(dtype_suffix(pool.dtype())?)[0];
+        let func = kernel(&dev, MODULE, ATTENTION_PTX, name)?;
         let src = src.as_cuda_slice::<T>()?.slice(sr);
         let mut dst = pool.as_cuda_slice_mut::<T>()?.slice_mut(pr);
         let width = (kvh * d) as u32;
-        let mut launch = func.builder();
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
         launch
             .arg(&src)
             .arg(&mut dst)
@@ -267,12 +268,13 @@ impl PagedAttention<'_> {
         let q = qs.as_cuda_slice::<T>()?.slice(range(ql, "q")?);
         let k = ks.as_cuda_slice::<T>()?.slice(range(kl, "the key pool")?);
         let v = vs.as_cuda_slice::<T>()?.slice(range(vl, "the value pool")?);
-        let name = &attention_kernel_names(dtype_suffix(qs.dtype())?)[1];
-        let func = dev.get_or_load_custom_func(name, MODULE, ATTENTION_PTX)?;
+        let name = attention_kernel_names(dtype_suffix(qs.dtype())?)[1];
+        let func = kernel(&dev, MODULE, ATTENTION_PTX, name)?;
         let (rows_u, heads_u, kvh_u, d_u) = (rows as u32, heads as u32, kvh as u32, d as u32);
         let bt = s.block_tokens as u32;
         let window = s.window.unwrap_or(0) as u32;
-        let mut launch = func.builder();
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
         launch
             .arg(&q)
             .arg(&k)

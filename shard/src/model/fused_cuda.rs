@@ -4,7 +4,7 @@
 //! add before it, the add too) and of the MLP's `silu(gate) * up` (widen, SiLU, narrow,
 //! multiply). `MEDLEY_CUDA_FUSED=off` keeps the chains (for comparisons).
 
-use super::cuda_launch::launch_config;
+use super::cuda_launch::{kernel, launch_config};
 use super::row_span::RowSpan;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
@@ -109,8 +109,9 @@ impl Fused {
                 if l2.shape().dims1()? != hidden {
                     candle_core::bail!("rms_norm: x {shape:?}, weight {:?}", l2.shape());
                 }
-                let func = dev.get_or_load_custom_func(&names[0], MODULE, FUSED_PTX)?;
-                let mut launch = func.builder();
+                let func = kernel(&dev, MODULE, FUSED_PTX, names[0])?;
+                let stream = dev.cuda_stream();
+                let mut launch = stream.launch_builder(&func);
                 let hidden = hidden as u32;
                 launch.arg(&a).arg(&b).arg(&mut out).arg(&hidden).arg(eps);
                 // SAFETY: matches medley_rms_norm_* in kernels/cuda/fused.cu; x and out have
@@ -124,8 +125,9 @@ impl Fused {
                 if l2.shape() != &shape || u32::try_from(n).is_err() {
                     candle_core::bail!("silu_mul: gate {shape:?}, up {:?}", l2.shape());
                 }
-                let func = dev.get_or_load_custom_func(&names[1], MODULE, FUSED_PTX)?;
-                let mut launch = func.builder();
+                let func = kernel(&dev, MODULE, FUSED_PTX, names[1])?;
+                let stream = dev.cuda_stream();
+                let mut launch = stream.launch_builder(&func);
                 let [n32, width, g_stride, u_stride] =
                     [n, g.width, g.stride, u.stride].map(|v| v as u32);
                 launch.arg(&a).arg(&b).arg(&mut out).arg(&n32);
@@ -209,9 +211,10 @@ impl AddRmsNorm {
         let a = sa.as_cuda_slice::<T>()?.slice(range(la)?);
         let w = sw.as_cuda_slice::<T>()?.slice(range(lw)?);
         let (mut sum, mut out) = both.split_at_mut(n);
-        let name = &fused_kernel_names(suffix)[2];
-        let func = dev.get_or_load_custom_func(name, MODULE, FUSED_PTX)?;
-        let mut launch = func.builder();
+        let name = fused_kernel_names(suffix)[2];
+        let func = kernel(&dev, MODULE, FUSED_PTX, name)?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
         let hidden = hidden as u32;
         launch.arg(&x).arg(&a).arg(&w).arg(&mut sum).arg(&mut out);
         launch.arg(&hidden).arg(&self.eps);

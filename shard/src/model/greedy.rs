@@ -24,7 +24,7 @@ pub fn device_greedy(logits: &Tensor) -> candle_core::Result<Option<Vec<(u32, f3
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::super::cuda_launch::launch_config;
+    use super::super::cuda_launch::{kernel, launch_config};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{DType, Storage, Tensor};
@@ -53,8 +53,9 @@ mod cuda {
         let src = cs.as_cuda_slice::<f32>()?.slice(start..end);
         // SAFETY: the launch writes all 2 × rows words (one block per row writes both of its).
         let mut out = unsafe { dev.alloc::<u32>(2 * rows) }?;
-        let func = dev.get_or_load_custom_func(GREEDY_KERNEL, MODULE, SAMPLING_PTX)?;
-        let mut launch = func.builder();
+        let func = kernel(&dev, MODULE, SAMPLING_PTX, GREEDY_KERNEL)?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
         let (n, v) = (rows as u32, vocab as u32);
         launch.arg(&src).arg(&mut out).arg(&n).arg(&v);
         let cfg = launch_config(greedy_launch(n));

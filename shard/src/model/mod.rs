@@ -27,7 +27,7 @@ pub mod batch;
 pub mod config;
 mod cpu_storage;
 #[cfg(feature = "cuda")]
-mod cuda_launch;
+pub(crate) mod cuda_launch;
 mod embedding;
 mod fused_cpu;
 #[cfg(feature = "cuda")]

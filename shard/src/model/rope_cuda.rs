@@ -13,7 +13,7 @@ use candle_core::{CudaStorage, DType, Device, Layout, Storage, Tensor};
 use medley_kernels::cuda::{ATTENTION_PTX, attention_kernel_names, kv_write_launch};
 
 use super::attention_cuda::{AttentionShape, DeviceIndex, MODULE, dtype_suffix};
-use super::cuda_launch::launch_config;
+use super::cuda_launch::{kernel, launch_config};
 use super::row_span::RowSpan;
 
 /// What one launch reads and writes.
@@ -92,11 +92,11 @@ impl RopeKvWrite<'_> {
         let vpool = whole_at::<T>(self.pools.1, self.pools.1.elem_count(), &stream, "values")?;
         // SAFETY: the launch writes every one of the rows × heads × d elements.
         let mut out = unsafe { dev.alloc::<T>(rows * h * d) }?;
-        let name = &attention_kernel_names(dtype_suffix(self.q.dtype())?)[2];
-        let func = dev.get_or_load_custom_func(name, MODULE, ATTENTION_PTX)?;
+        let name = attention_kernel_names(dtype_suffix(self.q.dtype())?)[2];
+        let func = kernel(dev, MODULE, ATTENTION_PTX, name)?;
         let strides = [q_stride, k_stride, v_stride].map(|x| x as u32);
         let (hu, gu, du) = (h as u32, g as u32, d as u32);
-        let mut launch = func.builder();
+        let mut launch = stream.launch_builder(&func);
         launch
             .arg(&q)
             .arg(&k)
