@@ -121,8 +121,8 @@ fn run(model: &LlamaModel) -> Vec<Vec<Vec<f32>>> {
     out
 }
 
-/// Set in the child processes [`rank_process`] runs in: `rank,world,model dir,group path,output
-/// path`.
+/// Set in the child processes [`rank_process`] runs in: `rank,world,stack,model dir,group
+/// path,output path` (`stack`: 1 to stack q/k/v and gate/up, `--stack-projections`).
 const RANK_ENV: &str = "MEDLEY_TEST_TP_RANK";
 
 /// One rank of [`run_group`] (a no-op unless started by it): loads its slice, runs, and writes
@@ -132,25 +132,27 @@ fn rank_process() {
     let Ok(spec) = std::env::var(RANK_ENV) else {
         return;
     };
-    let parts: Vec<&str> = spec.splitn(5, ',').collect();
+    let parts: Vec<&str> = spec.splitn(6, ',').collect();
     let (rank, world): (usize, usize) = (parts[0].parse().unwrap(), parts[1].parse().unwrap());
-    let comm = ShmComm::join(&ShmCommConfig::new(parts[3], rank, world)).unwrap();
+    let comm = ShmComm::join(&ShmCommConfig::new(parts[4], rank, world)).unwrap();
     let opts = LoadOptions {
         tp: TpLayout::new(rank, world).unwrap(),
         comm: Arc::new(comm),
+        stack_projections: parts[2] == "1",
         ..LoadOptions::default()
     };
-    let model = LlamaModel::load(Path::new(parts[2]), &opts).unwrap();
+    let model = LlamaModel::load(Path::new(parts[3]), &opts).unwrap();
     model.take_comm_ns();
     let logits = run(&model);
     // The steps' collectives are timed (what the shard reports as comm_ns).
     assert!(model.take_comm_ns() > 0, "no time in collectives");
-    std::fs::write(parts[4], serde_json::to_vec(&logits).unwrap()).unwrap();
+    std::fs::write(parts[5], serde_json::to_vec(&logits).unwrap()).unwrap();
 }
 
 /// The logits of every rank of a group of `world` processes serving `model` (threads of one
-/// process would share candle's CPU thread pool, whose threads block in the collectives).
-fn run_group(world: usize, model: &Path) -> Vec<Vec<Vec<Vec<f32>>>> {
+/// process would share candle's CPU thread pool, whose threads block in the collectives), with
+/// stacked projections when `stack` is set.
+fn run_group(world: usize, model: &Path, stack: bool) -> Vec<Vec<Vec<Vec<f32>>>> {
     let dir = tempfile::tempdir().unwrap();
     let group = dir.path().join("group");
     let exe = std::env::current_exe().unwrap();
@@ -158,7 +160,8 @@ fn run_group(world: usize, model: &Path) -> Vec<Vec<Vec<Vec<f32>>>> {
         .map(|rank| {
             let out = dir.path().join(format!("rank{rank}.json"));
             let spec = format!(
-                "{rank},{world},{},{},{}",
+                "{rank},{world},{},{},{},{}",
+                u8::from(stack),
                 model.display(),
                 group.display(),
                 out.display()
@@ -189,7 +192,15 @@ fn run_group(world: usize, model: &Path) -> Vec<Vec<Vec<Vec<f32>>>> {
 
 #[test]
 fn split_models_match_the_whole_model() {
-    check_split(&tiny(), &[2, 4], 1e-4);
+    check_split(&tiny(), &[2, 4], false, 1e-4);
+}
+
+/// Each rank stacks its own slices of q/k/v and gate/up (`--stack-projections`), and adds its
+/// slices of the adapters' LoRA to the stacked products in one call (slot 2 is a TIES merge
+/// with every module, slot 1 an adapter with every module).
+#[test]
+fn split_stacked_models_match_the_whole_model() {
+    check_split(&tiny(), &[2], true, 1e-4);
 }
 
 /// A GGUF file's Q8_0 blocks kept quantized on every rank (`auto` on the CPU): rows split
@@ -207,12 +218,13 @@ fn split_kept_quantized_models_match_the_whole_model() {
     // differs in its last f32 bit (the split's summation order) can round to the neighbouring
     // level, a step of 2^-15 of the block's largest value, which the following layers carry on
     // (measured: 3.7e-4 at most, against 1e-4 for the f32 model).
-    check_split(&view, &[2], 1e-3);
+    check_split(&view, &[2], false, 1e-3);
 }
 
-/// `model` split over each of `worlds` gives the single rank's logits (within `tolerance`) and
-/// tokens, and every rank the same logits.
-fn check_split(model: &Path, worlds: &[usize], tolerance: f32) {
+/// `model` split over each of `worlds` (projections stacked when `stack` is set) gives the
+/// single unstacked rank's logits (within `tolerance`) and tokens, and every rank the same
+/// logits.
+fn check_split(model: &Path, worlds: &[usize], stack: bool, tolerance: f32) {
     let whole = run(&LlamaModel::load(model, &LoadOptions::default()).unwrap());
     let tokens = |steps: &Vec<Vec<Vec<f32>>>| -> Vec<Vec<u32>> {
         steps
@@ -221,7 +233,7 @@ fn check_split(model: &Path, worlds: &[usize], tolerance: f32) {
             .collect()
     };
     for &world in worlds {
-        let ranks = run_group(world, model);
+        let ranks = run_group(world, model, stack);
         for (rank, got) in ranks.iter().enumerate() {
             assert_eq!(
                 got, &ranks[0],
