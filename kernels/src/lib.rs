@@ -123,6 +123,100 @@ pub mod testing {
         Ok(y)
     }
 
+    /// [`adapter_factors`] for each of several projections side by side (`widths`): entry
+    /// `[p][i]` holds adapter `i`'s factors for part `p`, of rank `ranks[i][p]` (empty for 0).
+    pub fn part_factors(
+        ranks: &[Vec<usize>],
+        in_features: usize,
+        widths: &[usize],
+        seed: u64,
+    ) -> Vec<Vec<(Vec<f32>, Vec<f32>)>> {
+        widths
+            .iter()
+            .enumerate()
+            .map(|(p, &width)| {
+                let part: Vec<usize> = ranks.iter().map(|r| r[p]).collect();
+                adapter_factors(&part, in_features, width, seed + 100 * p as u64)
+            })
+            .collect()
+    }
+
+    /// `y0` plus the LoRA of several projections whose outputs sit side by side in `y`
+    /// (`widths`, in order; `[rows, Σ widths]`), each by the reference loops over the adapters
+    /// with factors for it (`ranks[i][p] > 0`, factors `factors[p][i]` from
+    /// [`adapter_factors`]); and whether each element of `y` gets a product (the others must
+    /// keep their values).
+    #[allow(clippy::too_many_arguments)]
+    pub fn reference_parts(
+        rows: usize,
+        in_features: usize,
+        widths: &[usize],
+        x: &[f32],
+        y0: &[f32],
+        mapping: crate::RowMapping<'_>,
+        ranks: &[Vec<usize>],
+        factors: &[Vec<(Vec<f32>, Vec<f32>)>],
+    ) -> Result<(Vec<f32>, Vec<bool>), crate::KernelError> {
+        let out: usize = widths.iter().sum();
+        let (mut want, mut touched) = (y0.to_vec(), vec![false; rows * out]);
+        let adapter_of = crate::reference::row_adapters(rows, mapping);
+        let mut start = 0;
+        for (p, &width) in widths.iter().enumerate() {
+            // The adapters with factors for this part, renumbered, and the rows of the others
+            // dropped from the mapping.
+            let (mut keep, mut part_ranks, mut part_factors) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, r) in ranks.iter().enumerate() {
+                keep.push((r[p] > 0).then_some(part_ranks.len()));
+                if r[p] > 0 {
+                    part_ranks.push(r[p]);
+                    part_factors.push(factors[p][i].clone());
+                }
+            }
+            let (table, segments): (Vec<u32>, Vec<crate::Segment>) = match mapping {
+                crate::RowMapping::PerRow(t) => (
+                    t.iter()
+                        .map(|&a| match keep.get(a as usize).copied().flatten() {
+                            Some(k) if a != crate::NO_ADAPTER => k as u32,
+                            _ => crate::NO_ADAPTER,
+                        })
+                        .collect(),
+                    Vec::new(),
+                ),
+                crate::RowMapping::Segments(s) => (
+                    Vec::new(),
+                    s.iter()
+                        .filter_map(|s| {
+                            keep[s.adapter].map(|adapter| crate::Segment { adapter, ..*s })
+                        })
+                        .collect(),
+                ),
+            };
+            let part_mapping = match mapping {
+                crate::RowMapping::PerRow(_) => crate::RowMapping::PerRow(&table),
+                crate::RowMapping::Segments(_) => crate::RowMapping::Segments(&segments),
+            };
+            let columns: Vec<f32> = (0..rows)
+                .flat_map(|r| y0[r * out + start..r * out + start + width].to_vec())
+                .collect();
+            let shape = crate::Shape {
+                rows,
+                in_features,
+                out_features: width,
+            };
+            let part =
+                reference_output(shape, x, &columns, part_mapping, &part_ranks, &part_factors)?;
+            for &(r, a) in &adapter_of {
+                if ranks[a][p] > 0 {
+                    let (dst, src) = (r * out + start, r * width);
+                    want[dst..dst + width].copy_from_slice(&part[src..src + width]);
+                    touched[dst..dst + width].fill(true);
+                }
+            }
+            start += width;
+        }
+        Ok((want, touched))
+    }
+
     /// Median seconds of `f(i)` over calls cycling `i` through `copies` weight copies (at least
     /// 7 calls and about a quarter of a second), after one untimed call: the benchmarks' timer.
     pub fn median_s(copies: usize, mut f: impl FnMut(usize)) -> f64 {

@@ -12,8 +12,8 @@ use medley_kernels::launch::{
     expand_launch, grouped_expand_launch, grouped_kernel_names, grouped_shrink_launch,
     grouped_splits, kernel_names, segment_triples, shrink_launch,
 };
-use medley_kernels::testing::{adapter_factors, heavy_decode_table, reference_output, values};
-use medley_kernels::{NO_ADAPTER, RowMapping, Segment, Shape};
+use medley_kernels::testing::{heavy_decode_table, part_factors, reference_parts, values};
+use medley_kernels::{NO_ADAPTER, RowMapping, Segment};
 use medley_kernels_emu::{Act, launch, param};
 
 /// Which kernels a case runs.
@@ -28,53 +28,11 @@ enum Mapping {
 }
 
 impl Mapping {
-    /// The mapping with each adapter index `a` replaced by `keep[a]` (rows of adapters mapped
-    /// to `None` then have none).
-    fn restricted(&self, keep: &[Option<usize>]) -> Mapping {
-        let row = |a: u32| match keep.get(a as usize).copied().flatten() {
-            Some(k) => k as u32,
-            None => NO_ADAPTER,
-        };
-        match self {
-            Self::PerRow(t) => Self::PerRow(t.iter().map(|&a| row(a)).collect()),
-            Self::Grouped(t) => Self::Grouped(t.iter().map(|&a| row(a)).collect()),
-            Self::Segments(s) => Self::Segments(
-                s.iter()
-                    .filter_map(|s| {
-                        keep[s.adapter].map(|adapter| Segment {
-                            start: s.start,
-                            len: s.len,
-                            adapter,
-                        })
-                    })
-                    .collect(),
-            ),
-        }
-    }
-
     fn kernel_rows(&self) -> RowMapping<'_> {
         match self {
             Self::PerRow(t) | Self::Grouped(t) => RowMapping::PerRow(t),
             Self::Segments(s) => RowMapping::Segments(s),
         }
-    }
-
-    /// Each row's adapter index, if any.
-    fn row_adapters(&self, rows: usize) -> Vec<Option<usize>> {
-        let mut out = vec![None; rows];
-        match self {
-            Self::PerRow(t) | Self::Grouped(t) => {
-                for (r, &a) in t.iter().enumerate() {
-                    out[r] = (a != NO_ADAPTER).then_some(a as usize);
-                }
-            }
-            Self::Segments(s) => {
-                for s in s {
-                    out[s.start..s.start + s.len].fill(Some(s.adapter));
-                }
-            }
-        }
-        out
     }
 }
 
@@ -130,68 +88,6 @@ impl Case {
     }
 }
 
-/// A case's expected output.
-struct Expected {
-    /// `want[row * out + o]`.
-    want: Vec<f32>,
-    /// Whether column `o` of row `r` gets a product (`touched[r * out + o]`); the others must
-    /// stay unchanged.
-    touched: Vec<bool>,
-}
-
-/// `y0` plus every part's LoRA by the reference loops, each part over the adapters that have
-/// factors for it.
-fn expected(case: &Case, x: &[f32], y0: &[f32], factors: &[Vec<(Vec<f32>, Vec<f32>)>]) -> Expected {
-    let (rows, inf, outf) = (case.rows, case.in_features, case.out_features());
-    let mut want = y0.to_vec();
-    let mut touched = vec![false; rows * outf];
-    let row_adapter = case.mapping.row_adapters(rows);
-    let mut start = 0;
-    for (p, &width) in case.parts.iter().enumerate() {
-        // The adapters with factors for this part, renumbered.
-        let mut keep = Vec::new();
-        let (mut ranks, mut part_factors) = (Vec::new(), Vec::new());
-        for (i, r) in case.ranks.iter().enumerate() {
-            if r[p] > 0 {
-                keep.push(Some(ranks.len()));
-                ranks.push(r[p]);
-                part_factors.push(factors[p][i].clone());
-            } else {
-                keep.push(None);
-            }
-        }
-        let columns = |v: &[f32]| -> Vec<f32> {
-            (0..rows)
-                .flat_map(|r| v[r * outf + start..r * outf + start + width].to_vec())
-                .collect()
-        };
-        let shape = Shape {
-            rows,
-            in_features: inf,
-            out_features: width,
-        };
-        let mapping = case.mapping.restricted(&keep);
-        let part = reference_output(
-            shape,
-            x,
-            &columns(y0),
-            mapping.kernel_rows(),
-            &ranks,
-            &part_factors,
-        )
-        .expect("reference");
-        for r in 0..rows {
-            let has = row_adapter[r].is_some_and(|a| case.ranks[a][p] > 0);
-            for c in 0..width {
-                want[r * outf + start + c] = part[r * width + c];
-                touched[r * outf + start + c] = has;
-            }
-        }
-        start += width;
-    }
-    Expected { want, touched }
-}
-
 /// What a run measured: the worst error relative to the largest expected output, and the
 /// elements that changed outside the products' columns. `pad`: extra columns of `y`'s buffer
 /// after each row's `out` (its rows are `out + pad` apart).
@@ -203,16 +99,18 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
     let x = round(values(rows * inf, seed));
     let y0 = round(values(rows * outf, seed + 1));
     // factors[p][i]: adapter i's factors for part p (empty for rank 0).
-    let factors: Vec<Vec<(Vec<f32>, Vec<f32>)>> = case
-        .parts
-        .iter()
-        .enumerate()
-        .map(|(p, &width)| {
-            let ranks: Vec<usize> = case.ranks.iter().map(|r| r[p]).collect();
-            adapter_factors(&ranks, inf, width, seed + 100 * p as u64)
-        })
-        .collect();
-    let exp = expected(case, &x, &y0, &factors);
+    let factors = part_factors(&case.ranks, inf, &case.parts, seed);
+    let (want, touched) = reference_parts(
+        rows,
+        inf,
+        &case.parts,
+        &x,
+        &y0,
+        case.mapping.kernel_rows(),
+        &case.ranks,
+        &factors,
+    )
+    .expect("reference");
 
     // The kernels' operands, as the CUDA launcher passes them.
     let n_parts = case.parts.len();
@@ -346,8 +244,8 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
     for r in 0..rows {
         for c in 0..y_stride {
             let (got, before) = (ys[r * y_stride + c].to_f32(), y_buf[r * y_stride + c]);
-            if c < outf && exp.touched[r * outf + c] {
-                let want = exp.want[r * outf + c] as f64;
+            if c < outf && touched[r * outf + c] {
+                let want = want[r * outf + c] as f64;
                 err = err.max((got as f64 - want).abs());
                 scale = scale.max(want.abs());
             } else if got.to_bits() != before.to_bits() {

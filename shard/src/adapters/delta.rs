@@ -15,6 +15,7 @@ use medley_kernels::Segment;
 use super::lora_op::{KernelRows, LoraFactors, PartFactors, add_lora_parts};
 use super::store::{AdapterStore, LoraBackend};
 use super::weights::{DeviceModule, LORA_DTYPE};
+use crate::model::lora::split_columns;
 use crate::model::row_span::RowSpan;
 use crate::model::{LoraDelta, RowSlots, TargetModule};
 
@@ -43,7 +44,7 @@ impl LoraDelta for AdapterStore {
         rows: &RowSlots,
     ) -> candle_core::Result<Vec<Tensor>> {
         if !rows.has_adapters() {
-            return split(&y, widths);
+            return split_columns(&y, widths);
         }
         // The slots of this step that have any of the modules, ascending, with each module's
         // factors.
@@ -60,17 +61,14 @@ impl LoraDelta for AdapterStore {
             }
         }
         if used.is_empty() {
-            return split(&y, widths);
+            return split_columns(&y, widths);
         }
         if self.backend() == LoraBackend::Kernels {
-            return split(&apply_kernels(x, y, rows, &used, widths)?, widths);
+            return split_columns(&apply_kernels(x, y, rows, &used, widths)?, widths);
         }
         // The candle path, module by module over the slots that have it.
-        let mut start = 0;
         let mut out = Vec::with_capacity(widths.len());
-        for (p, &width) in widths.iter().enumerate() {
-            let part = y.narrow(1, start, width)?;
-            start += width;
+        for (p, part) in split_columns(&y, widths)?.into_iter().enumerate() {
             let used: Vec<(u32, &DeviceModule)> = used
                 .iter()
                 .filter_map(|(slot, found)| found[p].map(|m| (*slot, m)))
@@ -86,19 +84,6 @@ impl LoraDelta for AdapterStore {
         }
         Ok(out)
     }
-}
-
-/// The column ranges of `y` (`widths`, in order).
-fn split(y: &Tensor, widths: &[usize]) -> candle_core::Result<Vec<Tensor>> {
-    let mut start = 0;
-    widths
-        .iter()
-        .map(|&w| {
-            let part = y.narrow(1, start, w);
-            start += w;
-            part
-        })
-        .collect()
 }
 
 /// Through [`add_lora_parts`], every module of `widths` in one call: on the CPU in f32

@@ -241,81 +241,53 @@ impl CudaLoraOp {
         let y_stride = y_span.stride as u32;
         let t_stride = self.max_rank;
         let (in_f, out_f) = (in_features as u32, out_features as u32);
-        if self.grouped {
-            let (rows, n) = (rows as u32, n as u32);
-            let (splits, split_len) = grouped_splits(n, self.max_rank, in_f);
-            // SAFETY: every split of the shrink writes t[split, row, j] for every mapped row
-            // and j below its adapter's rank; the expand reads exactly those entries.
-            let mut t = unsafe { dev.alloc::<f32>((splits * rows * t_stride) as usize) }?;
+        // The kernels and their launch shapes. The grouped ones split the input (the
+        // intermediate holds one partial product per split) and take two more arguments each:
+        // the rows, and the split length (shrink) or count (expand).
+        let (rows_u, n_u) = (rows as u32, n as u32);
+        let (shrink, expand, shrink_cfg, expand_cfg, grouped) = if self.grouped {
+            let (splits, split_len) = grouped_splits(n_u, self.max_rank, in_f);
             let [shrink, expand] = grouped_kernel_names(suffix);
-            let func = kernel(&dev, MODULE, LORA_PTX, shrink)?;
-            let stream = dev.cuda_stream();
-            let mut launch = stream.launch_builder(&func);
-            launch
-                .arg(&x)
-                .arg(&map)
-                .arg(&a)
-                .arg(&ranks)
-                .arg(&parts)
-                .arg(&mut t);
-            launch.arg(&in_f).arg(&t_stride).arg(&rows).arg(&split_len);
-            let cfg = config(grouped_shrink_launch(n, self.max_rank, splits, rows));
-            // SAFETY: the arguments match the kernel's signature in kernels/cuda/lora.cu; x has
-            // rows × in elements, t splits × rows × t_stride, the tables n × parts entries
-            // (null factors only where the rank is 0) and one entry per row, each below n or
-            // NO_ADAPTER; every adapter's total rank is at most t_stride, every part's at most
-            // MAX_RANK; col_ends has `parts` ascending ends, the last out; the shared memory
-            // holds `rows` u32 (rows ≤ GROUPED_MAX_ROWS).
-            unsafe { launch.launch(cfg) }.w()?;
-            let func = kernel(&dev, MODULE, LORA_PTX, expand)?;
-            let stream = dev.cuda_stream();
-            let mut launch = stream.launch_builder(&func);
-            launch
-                .arg(&t)
-                .arg(&map)
-                .arg(&b)
-                .arg(&ranks)
-                .arg(&parts)
-                .arg(&col_ends);
-            launch.arg(&mut y).arg(&out_f).arg(&t_stride).arg(&y_stride);
-            launch.arg(&rows).arg(&splits);
-            let cfg = config(grouped_expand_launch(n, out_f, rows));
-            // SAFETY: as above; y has rows rows of out elements, y_stride apart.
-            unsafe { launch.launch(cfg) }.w()?;
-            return Ok(());
-        }
-        // SAFETY: the shrink kernel writes t[row, j] for every mapped row and j below its
-        // adapter's rank before the expand kernel reads exactly those entries.
-        let mut t = unsafe { dev.alloc::<f32>(rows * t_stride as usize) }?;
-        let names = kernel_names(suffix);
-        let (shrink, expand) = if self.per_row {
-            (names[0], names[2])
+            (
+                shrink,
+                expand,
+                grouped_shrink_launch(n_u, self.max_rank, splits, rows_u),
+                grouped_expand_launch(n_u, out_f, rows_u),
+                Some((splits, split_len)),
+            )
         } else {
-            (names[1], names[3])
+            let names = kernel_names(suffix);
+            let (shrink, expand) = if self.per_row {
+                (names[0], names[2])
+            } else {
+                (names[1], names[3])
+            };
+            let (sg, sb) = shrink_launch(self.units, self.max_rank, self.longest);
+            let (eg, eb) = expand_launch(self.units, out_f, self.longest);
+            (shrink, expand, (sg, sb, 0), (eg, eb, 0), None)
         };
+        let splits = grouped.map_or(1, |(splits, _)| splits);
+        // SAFETY: the shrink writes t[split, row, j] for every split, mapped row and j below
+        // its adapter's total rank before the expand reads exactly those entries.
+        let mut t = unsafe { dev.alloc::<f32>(splits as usize * rows * t_stride as usize) }?;
+        let stream = dev.cuda_stream();
 
         let func = kernel(&dev, MODULE, LORA_PTX, shrink)?;
-        let (grid_dim, block_dim) = shrink_launch(self.units, self.max_rank, self.longest);
-        let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&func);
-        launch
-            .arg(&x)
-            .arg(&map)
-            .arg(&a)
-            .arg(&ranks)
-            .arg(&parts)
-            .arg(&mut t);
-        launch.arg(&in_f).arg(&t_stride);
-        let cfg = config((grid_dim, block_dim, 0));
+        launch.arg(&x).arg(&map).arg(&a).arg(&ranks).arg(&parts);
+        launch.arg(&mut t).arg(&in_f).arg(&t_stride);
+        if let Some((_, split_len)) = &grouped {
+            launch.arg(&rows_u).arg(split_len);
+        }
         // SAFETY: the arguments match the kernel's signature in kernels/cuda/lora.cu; x has
-        // rows × in elements, t rows × t_stride, the tables n × parts entries (as for the
-        // grouped kernels above) and one entry per row (or three per segment) whose indices
-        // are below n and rows (checked by the caller's mapping).
-        unsafe { launch.launch(cfg) }.w()?;
+        // rows × in elements, t splits × rows × t_stride, the tables n × parts entries (null
+        // factors only where the rank is 0) and one entry per row (or three per segment) whose
+        // indices are below n and rows (checked by the caller's mapping); every adapter's total
+        // rank is at most t_stride, every part's at most MAX_RANK; the grouped kernels' shared
+        // memory holds `rows` u32 (rows ≤ GROUPED_MAX_ROWS).
+        unsafe { launch.launch(config(shrink_cfg)) }.w()?;
 
         let func = kernel(&dev, MODULE, LORA_PTX, expand)?;
-        let (grid_dim, block_dim) = expand_launch(self.units, out_f, self.longest);
-        let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&func);
         launch
             .arg(&t)
@@ -325,9 +297,12 @@ impl CudaLoraOp {
             .arg(&parts)
             .arg(&col_ends);
         launch.arg(&mut y).arg(&out_f).arg(&t_stride).arg(&y_stride);
-        let cfg = config((grid_dim, block_dim, 0));
-        // SAFETY: as above; y has rows rows of out elements, y_stride apart.
-        unsafe { launch.launch(cfg) }.w()?;
+        if let Some((splits, _)) = &grouped {
+            launch.arg(&rows_u).arg(splits);
+        }
+        // SAFETY: as above; y has rows rows of out elements, y_stride apart; col_ends has
+        // `parts` ascending ends, the last out.
+        unsafe { launch.launch(config(expand_cfg)) }.w()?;
         Ok(())
     }
 }

@@ -185,17 +185,25 @@ pub trait LoraDelta: Send + Sync {
         widths: &[usize],
         rows: &RowSlots,
     ) -> candle_core::Result<Vec<Tensor>> {
-        let mut start = 0;
-        modules
-            .iter()
-            .zip(widths)
-            .map(|(&module, &width)| {
-                let part = y.narrow(1, start, width)?;
-                start += width;
-                self.apply(layer, module, x, part, rows)
-            })
+        split_columns(&y, widths)?
+            .into_iter()
+            .zip(modules)
+            .map(|(part, &module)| self.apply(layer, module, x, part, rows))
             .collect()
     }
+}
+
+/// The column ranges of `y` (`[rows, Σ widths]`), `widths` columns each, in order (views).
+pub fn split_columns(y: &Tensor, widths: &[usize]) -> candle_core::Result<Vec<Tensor>> {
+    let mut start = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let part = y.narrow(1, start, w);
+            start += w;
+            part
+        })
+        .collect()
 }
 
 /// The base model: every projection output is returned unchanged.

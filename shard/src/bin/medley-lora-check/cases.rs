@@ -2,8 +2,8 @@
 //! loops, f64 accumulation) on the host, over random inputs.
 
 use candle_core::{DType, Device, Tensor};
-use medley_kernels::testing::{adapter_factors, heavy_decode_table, reference_output, values};
-use medley_kernels::{NO_ADAPTER, Segment, Shape};
+use medley_kernels::testing::{heavy_decode_table, part_factors, reference_parts, values};
+use medley_kernels::{NO_ADAPTER, Segment};
 use medley_shard::adapters::lora_op::{KernelRows, LoraFactors, PartFactors, add_lora_parts};
 
 /// One checked call.
@@ -230,68 +230,6 @@ fn rounded(v: &[f32], dtype: DType) -> candle_core::Result<Vec<f32>> {
         .to_vec1()
 }
 
-/// Each row's adapter under `mapping`, if any.
-fn row_adapters(mapping: &KernelRows, rows: usize) -> Vec<Option<usize>> {
-    let mut out = vec![None; rows];
-    match mapping {
-        KernelRows::PerRow(t) => {
-            for (r, &a) in t.iter().enumerate() {
-                out[r] = (a != NO_ADAPTER).then_some(a as usize);
-            }
-        }
-        KernelRows::Segments(s) => {
-            for seg in s {
-                out[seg.start..seg.start + seg.len].fill(Some(seg.adapter));
-            }
-        }
-    }
-    out
-}
-
-/// `y0` plus every part's LoRA by the reference loops, each part over the adapters with
-/// factors for it (`host[p][i]`), and whether each element gets a product.
-fn expected(
-    case: &Case,
-    x: &[f32],
-    y0: &[f32],
-    host: &[Vec<(Vec<f32>, Vec<f32>)>],
-) -> candle_core::Result<(Vec<f32>, Vec<bool>)> {
-    let (rows, outf) = (case.rows, case.out_features());
-    let (mut want, mut touched) = (y0.to_vec(), vec![false; rows * outf]);
-    let adapter = row_adapters(&case.mapping, rows);
-    let mut start = 0;
-    for (p, &width) in case.parts.iter().enumerate() {
-        let (mut keep, mut ranks, mut factors) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, r) in case.ranks.iter().enumerate() {
-            keep.push((r[p] > 0).then_some(ranks.len()));
-            if r[p] > 0 {
-                ranks.push(r[p]);
-                factors.push(host[p][i].clone());
-            }
-        }
-        let columns: Vec<f32> = (0..rows)
-            .flat_map(|r| y0[r * outf + start..r * outf + start + width].to_vec())
-            .collect();
-        let shape = Shape {
-            rows,
-            in_features: case.in_features,
-            out_features: width,
-        };
-        let mapping = case.mapping.restricted(&keep);
-        let part = reference_output(shape, x, &columns, mapping.mapping(), &ranks, &factors)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        for r in 0..rows {
-            let has = adapter[r].is_some_and(|a| case.ranks[a][p] > 0);
-            for c in 0..width {
-                want[r * outf + start + c] = part[r * width + c];
-                touched[r * outf + start + c] = has;
-            }
-        }
-        start += width;
-    }
-    Ok((want, touched))
-}
-
 /// Runs one case on `device` and compares it with the reference.
 pub fn run(case: &Case, device: &Device, seed: u64) -> candle_core::Result<Outcome> {
     let (rows, inf, outf) = (case.rows, case.in_features, case.out_features());
@@ -302,16 +240,18 @@ pub fn run(case: &Case, device: &Device, seed: u64) -> candle_core::Result<Outco
         rounded(&values(rows * outf, seed + 1), case.dtype)?
     };
     // host[p][i]: adapter i's factors for part p (empty for rank 0).
-    let host: Vec<Vec<(Vec<f32>, Vec<f32>)>> = case
-        .parts
-        .iter()
-        .enumerate()
-        .map(|(p, &width)| {
-            let ranks: Vec<usize> = case.ranks.iter().map(|r| r[p]).collect();
-            adapter_factors(&ranks, inf, width, seed + 100 * p as u64)
-        })
-        .collect();
-    let (want, touched) = expected(case, &x, &y0, &host)?;
+    let host = part_factors(&case.ranks, inf, &case.parts, seed);
+    let (want, touched) = reference_parts(
+        rows,
+        inf,
+        &case.parts,
+        &x,
+        &y0,
+        case.mapping.mapping(),
+        &case.ranks,
+        &host,
+    )
+    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
 
     let on_device = |v: &[f32], shape: (usize, usize), dtype: DType| {
         Tensor::from_slice(v, shape, &Device::Cpu)?
