@@ -1,12 +1,13 @@
-//! The CUDA side of [`super::lora_op::add_lora`]: launches `medley_kernels::cuda`'s SGMV/BGMV
-//! shrink and expand kernels (PTX loaded once per device) on candle's stream of `y`'s device.
+//! The CUDA side of [`super::lora_op::add_lora_parts`]: launches `medley_kernels::cuda`'s
+//! SGMV/BGMV shrink and expand kernels (looked up once per device) on candle's stream of `y`'s
+//! device, one launch pair for every projection side by side in `y`.
 //!
-//! A call reads two small device tables: the factors' (the A and Bᵀ pointers and the ranks) and
-//! the row mapping. Both come from content-keyed caches ([`super::upload_cache`]): a projection's
+//! A call reads two small device tables: the factors' (the A and Bᵀ pointers and the ranks of
+//! every (adapter, part), and the parts' end columns) and the row mapping. Both come from content-keyed caches ([`super::upload_cache`]): a projection's
 //! factor table is uploaded when its batch's adapter set first appears and reused by every
 //! later step, and a step's row mapping is uploaded by its first projection and reused by the
-//! rest (and by later steps over the same rows). A call then allocates only the `[rows, max
-//! rank]` f32 intermediate (uninitialised: the shrink kernel writes what the expand kernel
+//! rest (and by later steps over the same rows). A call then allocates only the `[rows, largest
+//! total rank]` f32 intermediate (uninitialised: the shrink kernel writes what the expand kernel
 //! reads); the factors themselves are read in place. Allocations and frees are stream-ordered,
 //! so nothing is freed under a running kernel.
 
