@@ -22,9 +22,9 @@
 //   product keeps many loads in flight. SGMV blocks walk SGMV_ROWS consecutive rows of one
 //   segment for their j (A's row stays hot in L1 across them; the third grid dimension spreads
 //   a long segment over many blocks).
-// Expand: one thread per (row, o): y[row, o] += sum_j' t[row, offset_p + j'] * B_e^T[j', o - start_p]
-//   for the part p that column o falls in; t's row is staged in shared memory, B^T reads are
-//   coalesced over o. SGMV blocks walk SGMV_ROWS rows of a segment.
+// Expand: one thread per (row, o), for the part p that column o falls in:
+//   y[row, o] += sum_j' t[row, offset_p + j'] * B_e^T[j', o - start_p]; t's row is staged in
+//   shared memory, B^T reads are coalesced over o. SGMV blocks walk SGMV_ROWS rows of a segment.
 //
 // Every (row, j < total rank of its adapter) of t, and every (row, o) of a mapped row whose part
 // has factors, is written exactly once; nothing else is touched (in particular the columns of

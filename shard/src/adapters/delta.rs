@@ -5,9 +5,10 @@
 //! consecutive rows to [`add_lora_parts`] as SGMV segments (prefill) or, when every run is one
 //! row long (decode), as a BGMV row table: `medley_kernels` on the CPU, its CUDA kernels on a
 //! GPU, reading the activations and the slot factors in place. Stacked projections (q/k/v,
-//! gate/up as one product) go through in one call, each slot with or without each module. The candle path gathers each slot's
-//! rows with `index_select`, multiplies, and scatters with `index_add`. In half precision the
-//! product runs in f32 and is added to the f32-widened base output, which is rounded once.
+//! gate/up as one product) go through in one call, each slot with or without each module. The
+//! candle path gathers each slot's rows with `index_select`, multiplies, and scatters with
+//! `index_add`. In half precision the product runs in f32 and is added to the f32-widened base
+//! output, which is rounded once.
 
 use candle_core::Tensor;
 use medley_kernels::Segment;

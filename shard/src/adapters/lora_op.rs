@@ -17,7 +17,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, StorageRef, Tensor};
 use medley_kernels::cpu::CpuKernels;
-use medley_kernels::{Factors, NO_ADAPTER, RowMapping, Segment, Shape as KernelShape};
+use medley_kernels::{
+    Factors, NO_ADAPTER, RowMapping, Segment, Shape as KernelShape, restrict_rows,
+    restrict_segments,
+};
 
 use crate::model::layers::{cpu_f32_slice, cpu_f32_slice_mut};
 
@@ -80,27 +83,9 @@ impl KernelRows {
     /// The mapping with each adapter index `a` replaced by `keep[a]`: rows whose adapter maps
     /// to `None` (or past `keep`) then have none (segments are dropped).
     pub fn restricted(&self, keep: &[Option<usize>]) -> Self {
-        let kept = |a: usize| keep.get(a).copied().flatten();
         match self {
-            Self::Segments(s) => Self::Segments(
-                s.iter()
-                    .filter_map(|s| {
-                        kept(s.adapter).map(|adapter| Segment {
-                            start: s.start,
-                            len: s.len,
-                            adapter,
-                        })
-                    })
-                    .collect(),
-            ),
-            Self::PerRow(t) => Self::PerRow(
-                t.iter()
-                    .map(|&a| match kept(a as usize) {
-                        Some(k) if a != NO_ADAPTER => k as u32,
-                        _ => NO_ADAPTER,
-                    })
-                    .collect(),
-            ),
+            Self::Segments(s) => Self::Segments(restrict_segments(s, keep)),
+            Self::PerRow(t) => Self::PerRow(restrict_rows(t, keep)),
         }
     }
 

@@ -3,10 +3,11 @@
 //! device, one launch pair for every projection side by side in `y`.
 //!
 //! A call reads two small device tables: the factors' (the A and Bᵀ pointers and the ranks of
-//! every (adapter, part), and the parts' end columns) and the row mapping. Both come from content-keyed caches ([`super::upload_cache`]): a projection's
-//! factor table is uploaded when its batch's adapter set first appears and reused by every
-//! later step, and a step's row mapping is uploaded by its first projection and reused by the
-//! rest (and by later steps over the same rows). A call then allocates only the `[rows, largest
+//! every (adapter, part), and the parts' end columns) and the row mapping. Both come from
+//! content-keyed caches ([`super::upload_cache`]): a projection's factor table is uploaded when
+//! its batch's adapter set first appears and reused by every later step, and a step's row
+//! mapping is uploaded by its first projection and reused by the rest (and by later steps over
+//! the same rows). A call then allocates only the `[rows, largest
 //! total rank]` f32 intermediate (uninitialised: the shrink kernel writes what the expand kernel
 //! reads); the factors themselves are read in place. Allocations and frees are stream-ordered,
 //! so nothing is freed under a running kernel.

@@ -70,10 +70,10 @@ fn range(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
     }
 }
 
-/// The elements from `l`'s first row to the end of its last (rows at any stride).
-fn span(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
+/// Where `l`'s rows lie (each contiguous, at any stride).
+fn span(l: &Layout) -> candle_core::Result<RowSpan> {
     match RowSpan::of(l) {
-        Some(s) => Ok(s.start..s.end),
+        Some(s) => Ok(s),
         None => candle_core::bail!("fused kernels: an operand is not rows of contiguous columns"),
     }
 }
@@ -90,10 +90,18 @@ impl Fused {
         let dev = s1.device.clone();
         let shape = l1.shape().clone();
         let n = shape.elem_count();
-        // The operands' rows: contiguous for the norm; at their row strides for SiLU·mul.
-        let (r1, r2) = match self {
-            Self::RmsNorm { .. } => (range(l1)?, range(l2)?),
-            Self::SiluMul => (span(l1)?, span(l2)?),
+        // The operands' elements: contiguous for the norm; for SiLU·mul from the first row to
+        // the end of the last, with the rows' width and strides.
+        let (r1, r2, strided) = match self {
+            Self::RmsNorm { .. } => (range(l1)?, range(l2)?, None),
+            Self::SiluMul => {
+                let (g, u) = (span(l1)?, span(l2)?);
+                (
+                    g.start..g.end,
+                    u.start..u.end,
+                    Some((g.width, g.stride, u.stride)),
+                )
+            }
         };
         let a = s1.as_cuda_slice::<T>()?.slice(r1);
         let b = s2.as_cuda_slice::<T>()?.slice(r2);
@@ -119,7 +127,7 @@ impl Fused {
                 unsafe { launch.launch(launch_config(rms_norm_launch(rows as u32))) }.w()?;
             }
             Self::SiluMul => {
-                let (Some(g), Some(u)) = (RowSpan::of(l1), RowSpan::of(l2)) else {
+                let Some((width, g_stride, u_stride)) = strided else {
                     candle_core::bail!("silu_mul: operands are not rows of contiguous columns");
                 };
                 if l2.shape() != &shape || u32::try_from(n).is_err() {
@@ -129,7 +137,7 @@ impl Fused {
                 let stream = dev.cuda_stream();
                 let mut launch = stream.launch_builder(&func);
                 let [n32, width, g_stride, u_stride] =
-                    [n, g.width, g.stride, u.stride].map(|v| v as u32);
+                    [n, width, g_stride, u_stride].map(|v| v as u32);
                 launch.arg(&a).arg(&b).arg(&mut out).arg(&n32);
                 launch.arg(&width).arg(&g_stride).arg(&u_stride);
                 // SAFETY: matches medley_silu_mul_* in kernels/cuda/fused.cu; out has n elements,

@@ -246,6 +246,13 @@ impl Projections {
         lora: &dyn LoraDelta,
         rows: &RowSlots,
     ) -> candle_core::Result<[Tensor; N]> {
+        let built = match self {
+            Self::Each(parts) => parts.len(),
+            Self::Stacked { widths, .. } => widths.len(),
+        };
+        if built != N {
+            candle_core::bail!("{N} projections asked of {built}");
+        }
         let parts: Vec<Tensor> = match self {
             Self::Each(parts) => parts
                 .iter()
@@ -256,14 +263,10 @@ impl Projections {
                 lora.apply_stacked(layer, &modules, x, linear.forward(x)?, widths, rows)?
             }
         };
-        let built = match self {
-            Self::Each(parts) => parts.len(),
-            Self::Stacked { widths, .. } => widths.len(),
-        };
-        match parts.try_into() {
-            Ok(parts) if built == N => Ok(parts),
-            _ => candle_core::bail!("{N} projections asked of {built}"),
-        }
+        let n = parts.len();
+        parts
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg(format!("{n} outputs of {N} projections")))
     }
 
     /// Bytes the weights take in memory.
