@@ -19,8 +19,8 @@
 # short still says what finished):
 #   1. versions (GPU, driver, Python packages, library paths, what the binary links)
 #   1b. the batched LoRA kernels against the reference loops (f32/bf16/f16, ranks 8-128, BGMV
-#      and ragged SGMV, rows without an adapter; BGMV through both the per-row and the grouped
-#      kernels) and their bandwidth vs a device copy, host-paced and GPU-timed; what the ops of
+#      and ragged SGMV, rows without an adapter; BGMV through the per-row, the grouped and the
+#      fused kernels) and their bandwidth vs a device copy, host-paced and GPU-timed; what the ops of
 #      a decode step cost, host-paced vs GPU; on a GPU also the paged attention (vs f64) and the
 #      fused RMSNorm / SiLU·mul and rotary embedding + KV write (vs the op chains) and the greedy
 #      argmax (vs the host sampler): a family that fails is switched off for the rest of the run
@@ -37,8 +37,8 @@
 #      so that everything required lands within one 10-minute call: transformers with sdpa
 #      attention (how far the oracle moves against itself in bf16), a bf16 server with q/k/v
 #      and gate/up stacked into one matmul each (MEDLEY_STACK_PROJECTIONS=1; tokens, and its
-#      base and 8-merge speed rows), and one on the grouped BGMV kernels when they passed
-#      (tokens, and its adapter and merge speed rows)
+#      base and 8-merge speed rows), then one on the fused and one on the grouped BGMV kernels
+#      when they passed (tokens, and their adapter and merge speed rows)
 # Writes <out>/gpu-<date>.md (--cpu: cpu-dry-<date>.md) and <out>/gpu-check-logs.tar.xz.
 # Exit status: 0 when every token comparison passed, 1 otherwise.
 #
@@ -354,14 +354,21 @@ if [ "$mode" = gpu ]; then
   optional "stacked projections server" \
     variant_server stacked "stacked projections" "base,8 merges" MEDLEY_STACK_PROJECTIONS=1
 fi
-# The grouped BGMV kernels (MEDLEY_LORA_BGMV=grouped; the servers above use the per-row ones):
-# when they passed their check, the adapter and merge speed rows again through them, and their
-# tokens against the oracle (report only: another summation order moves bf16 near-ties).
-if [ "$mode" = gpu ] && grep -q '(grouped) .* | ok |$' "$res/lora-kernels.md" 2>/dev/null \
-  && ! grep '(grouped)' "$res/lora-kernels.md" | grep -q 'FAIL'; then
-  optional "grouped LoRA kernels server" \
-    variant_server grouped "grouped LoRA kernels" "1 adapter,8 merges" MEDLEY_LORA_BGMV=grouped
-fi
+# The other BGMV kernel sets (the servers above use the per-row ones): the fused kernel
+# (MEDLEY_LORA_BGMV=fused: shrink and expand in one launch), then the grouped ones. Each, when
+# it passed its check: the adapter and merge speed rows again through it, and its tokens
+# against the oracle (report only: another summation order moves bf16 near-ties).
+# kernels_passed NAME: every "(NAME)" row of the kernel table is ok.
+kernels_passed() {
+  grep -q "($1) .* | ok |\$" "$res/lora-kernels.md" 2>/dev/null \
+    && ! grep "($1)" "$res/lora-kernels.md" | grep -q 'FAIL'
+}
+for kernels in fused grouped; do
+  if [ "$mode" = gpu ] && kernels_passed "$kernels"; then
+    optional "$kernels LoRA kernels server" variant_server "$kernels" "$kernels LoRA kernels" \
+      "1 adapter,8 merges" "MEDLEY_LORA_BGMV=$kernels"
+  fi
+done
 
 report
 echo "gpu-check: report $out_dir/$report_name"

@@ -337,6 +337,114 @@ __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t*
   }
 }
 
+// ---- Fused BGMV (shrink and expand in one launch) --------------------------------------------
+// A decode step's LoRA is latency-bound: two dependent launches cost two launch gaps and two
+// ramp-ups and drains, about what moving the few MB of factors takes. These run both halves in
+// one launch whose blocks take tickets in the order they start (an atomic counter): the first
+// rows * max_rank tickets are the per-row shrink's (row, j) dot products, the rest the per-row
+// expand's (row, column block) items. An expand item loads its y values and first factor values,
+// then waits until its row's shrink items are all done (a per-row counter); since every item it
+// waits on holds an earlier ticket, that item's block is already running and the wait ends
+// (no deadlock, whatever the order blocks start in or how many fit on the GPU at once).
+//
+// grid (rows * max_rank + rows * ceil(out / EXPAND_THREADS)), block EXPAND_THREADS (= 32 *
+// WARPS). sync: FUSED_SYNC_WORDS + rows u32 counters (the ticket, the blocks finished, then one
+// per row), zero before the launch; the last block to finish sets them back to zero for the
+// next launch on the stream. t: [rows, t_stride] as for the per-row kernels.
+
+#define FUSED_PREFETCH 16
+#define FUSED_SYNC_WORDS 2
+// A wait longer than this (about 20 s at 1.7 GHz) means the counters are wrong: trap (the
+// launch fails with an error) rather than hang.
+#define SPIN_LIMIT_CYCLES (1ll << 35)
+
+// Waits until *counter reaches target (one thread), then fences so that what the counted
+// blocks wrote before counting is visible.
+__device__ __forceinline__ void wait_count(const uint32_t* counter, uint32_t target) {
+  const volatile uint32_t* c = counter;
+  const long long start = clock64();
+  while (*c < target) {
+    __nanosleep(32);
+    if (clock64() - start > SPIN_LIMIT_CYCLES) __trap();
+  }
+  __threadfence();
+}
+
+template <typename T>
+__device__ void bgmv_fused(const T* __restrict__ x, const uint32_t* row_adapter,
+                           const float* const* a, const float* const* b_t, const uint32_t* ranks,
+                           uint32_t parts, const uint32_t* col_ends, float* t, T* y, uint32_t in,
+                           uint32_t out, uint32_t t_stride, uint32_t y_stride, uint32_t rows,
+                           uint32_t max_rank, uint32_t* sync) {
+  __shared__ uint32_t ticket_s;
+  __shared__ bool last_s;
+  __shared__ float trow[MAX_PARTS * MAX_RANK];
+  if (threadIdx.x == 0) ticket_s = atomicAdd(&sync[0], 1u);
+  __syncthreads();
+  const uint32_t ticket = ticket_s;
+  uint32_t* row_done = sync + FUSED_SYNC_WORDS;
+  const uint32_t shrinks = rows * max_rank;
+  if (ticket < shrinks) {
+    const uint32_t row = ticket / max_rank, j = ticket % max_rank;
+    const uint32_t i = row_adapter[row];
+    uint32_t e, jr;
+    if (i != NO_ADAPTER && rank_entry(ranks, i, parts, j, &e, &jr))  // uniform over the block
+      shrink_row(x, a[e] + (size_t)jr * in, t, row, j, in, t_stride);
+    // Every shrink item counts, idle or not: a row is done at max_rank.
+    if (threadIdx.x == 0) {
+      __threadfence();
+      atomicAdd(&row_done[row], 1u);
+    }
+  } else {
+    const uint32_t k = ticket - shrinks, col_blocks = (out + blockDim.x - 1) / blockDim.x;
+    const uint32_t row = k / col_blocks, o = (k % col_blocks) * blockDim.x + threadIdx.x;
+    const uint32_t i = row < rows ? row_adapter[row] : NO_ADAPTER;
+    if (i != NO_ADAPTER) {  // uniform over the block
+      // Before the wait: the thread's column, its part's factors, y's value and the first
+      // FUSED_PREFETCH factor values.
+      uint32_t start = 0, width = 0, offset = 0, prank = 0;
+      const float* b = nullptr;
+      float yv = 0.f, bpre[FUSED_PREFETCH];
+      if (o < out) {
+        const uint32_t p = column_part(col_ends, ranks, i, parts, o, &start, &width, &offset);
+        prank = ranks[i * parts + p];
+        if (prank != 0) {
+          b = b_t[i * parts + p] + (o - start);
+          yv = to_f32(y[(size_t)row * y_stride + o]);
+#pragma unroll
+          for (uint32_t j = 0; j < FUSED_PREFETCH; ++j)
+            if (j < prank) bpre[j] = b[(size_t)j * width];
+        }
+      }
+      if (threadIdx.x == 0) wait_count(&row_done[row], max_rank);
+      __syncthreads();
+      const uint32_t rank = total_rank(ranks, i, parts);
+      // L2 reads (__ldcg): t was written by other blocks during this launch.
+      for (uint32_t j = threadIdx.x; j < rank; j += blockDim.x)
+        trow[j] = __ldcg(t + (size_t)row * t_stride + j);
+      __syncthreads();
+      if (prank != 0) {
+        float acc = 0.f;
+#pragma unroll
+        for (uint32_t j = 0; j < FUSED_PREFETCH; ++j)
+          if (j < prank) acc += trow[offset + j] * bpre[j];
+        for (uint32_t j = FUSED_PREFETCH; j < prank; ++j)
+          acc += trow[offset + j] * b[(size_t)j * width];
+        y[(size_t)row * y_stride + o] = from_f32<T>(yv + acc);
+      }
+    }
+  }
+  // The last block to finish clears the counters for the next launch.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last_s = atomicAdd(&sync[1], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last_s)
+    for (uint32_t w = threadIdx.x; w < FUSED_SYNC_WORDS + rows; w += blockDim.x) sync[w] = 0;
+}
+
 #define LORA_ENTRY_POINTS(SUFFIX, T)                                                            \
   extern "C" __global__ void medley_bgmv_shrink_##SUFFIX(                                       \
       const T* x, const uint32_t* row_adapter, const float* const* a, const uint32_t* ranks,    \
@@ -372,6 +480,14 @@ __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t*
       uint32_t t_stride, uint32_t y_stride, uint32_t rows, uint32_t splits) {                   \
     bgmv_expand_grouped<T>(t, row_adapter, b_t, ranks, parts, col_ends, y, out, t_stride,       \
                            y_stride, rows, splits);                                             \
+  }                                                                                             \
+  extern "C" __global__ void medley_bgmv_fused_##SUFFIX(                                        \
+      const T* x, const uint32_t* row_adapter, const float* const* a, const float* const* b_t,  \
+      const uint32_t* ranks, uint32_t parts, const uint32_t* col_ends, float* t, T* y,          \
+      uint32_t in, uint32_t out, uint32_t t_stride, uint32_t y_stride, uint32_t rows,           \
+      uint32_t max_rank, uint32_t* sync) {                                                      \
+    bgmv_fused<T>(x, row_adapter, a, b_t, ranks, parts, col_ends, t, y, in, out, t_stride,      \
+                  y_stride, rows, max_rank, sync);                                              \
   }
 
 LORA_ENTRY_POINTS(f32, float)

@@ -46,6 +46,7 @@ const ATTENTION_NAMES: [[&str; 3]; 3] =
 const LORA_NAMES: [[&str; 3]; 4] =
     names_by_dtype!("bgmv_shrink", "sgmv_shrink", "bgmv_expand", "sgmv_expand");
 const GROUPED_NAMES: [[&str; 3]; 2] = names_by_dtype!("bgmv_shrink_grouped", "bgmv_expand_grouped");
+const FUSED_BGMV_NAMES: [[&str; 3]; 1] = names_by_dtype!("bgmv_fused");
 
 /// The fused kernel names for activations of type `dtype` (one of [`FUSED_DTYPES`]): RMSNorm,
 /// SiLU·mul, residual add + RMSNorm.
@@ -113,6 +114,30 @@ pub fn kernel_names(dtype: &str) -> [&'static str; 4] {
 /// factors are read once per block instead of once per row.
 pub fn grouped_kernel_names(dtype: &str) -> [&'static str; 2] {
     pick(&GROUPED_NAMES, dtype)
+}
+
+/// The fused BGMV kernel's name for activations of type `dtype` (one of [`DTYPES`]): a decode
+/// step's shrink and expand in one launch (see `lora.cu`).
+pub fn fused_bgmv_kernel_name(dtype: &str) -> &'static str {
+    pick(&FUSED_BGMV_NAMES, dtype)[0]
+}
+
+/// The fused BGMV kernel's counters ahead of its per-row ones (a launch over `rows` rows needs
+/// `FUSED_BGMV_SYNC_WORDS + rows` u32, zero before it; it leaves them zero).
+pub const FUSED_BGMV_SYNC_WORDS: usize = 2;
+
+/// Most rows a fused BGMV launch takes (the size of its per-row counters).
+pub const FUSED_BGMV_MAX_ROWS: usize = 8192;
+
+/// The `(grid, block)` of a fused BGMV launch over `rows` rows: one block per shrink item
+/// (row, j < `max_rank`) and per expand item (row, 256 outputs), in one dimension.
+pub fn fused_bgmv_launch(
+    rows: u32,
+    max_rank: u32,
+    out_features: u32,
+) -> ((u32, u32, u32), (u32, u32, u32)) {
+    let items = rows * (max_rank.max(1) + out_features.div_ceil(256).max(1));
+    ((items.max(1), 1, 1), (256, 1, 1))
 }
 
 /// Most rows a grouped BGMV launch takes (their list sits in shared memory, 4 bytes a row).
@@ -256,6 +281,9 @@ mod tests {
         // A 32-row segment spreads over 8 blocks of 4 rows; 33 rows over 9.
         assert_eq!(shrink_launch(1, 16, 32), ((1, 16, 8), (256, 1, 1)));
         assert_eq!(expand_launch(2, 256, 33), ((2, 1, 9), (256, 1, 1)));
+        // 32 rows of rank 16 into 4096 outputs: 512 shrink items and 512 expand items.
+        assert_eq!(fused_bgmv_launch(32, 16, 4096), ((1024, 1, 1), (256, 1, 1)));
+        assert_eq!(fused_bgmv_launch(3, 0, 257), ((9, 1, 1), (256, 1, 1)));
     }
 
     #[test]
@@ -273,6 +301,8 @@ mod tests {
             grouped_kernel_names("f32")[1],
             "medley_bgmv_expand_grouped_f32"
         );
+        assert_eq!(fused_bgmv_kernel_name("f16"), "medley_bgmv_fused_f16");
+        assert_eq!(fused_bgmv_kernel_name("u8"), NO_SUCH_DTYPE);
         assert_eq!(attention_kernel_names("f16")[2], "medley_rope_kv_write_f16");
         assert_eq!(fused_kernel_names("bf16")[0], "medley_rms_norm_bf16");
         assert_eq!(fused_kernel_names("i64"), [NO_SUCH_DTYPE; 3]);

@@ -390,18 +390,12 @@ def report(args):
             "runs; queueing = the forward's part until the model returned, on a GPU the host "
             "issuing the step's kernels)",
             [("adapters", "config"), ("streams", "streams")], s["rows"])
-    mg = os.path.join(d, "speed-medley-grouped.json")
-    if os.path.exists(mg):
-        s = read(mg)
-        lines += speed_table(
-            f"Medley decode speed through the grouped BGMV kernels (MEDLEY_LORA_BGMV=grouped; "
-            f"otherwise as above)", [("adapters", "config"), ("streams", "streams")], s["rows"])
-    st = os.path.join(d, "speed-medley-stacked.json")
-    if os.path.exists(st):
-        s = read(st)
-        lines += speed_table(
-            "Medley decode speed with q/k/v and gate/up as one matmul each "
-            "(MEDLEY_STACK_PROJECTIONS=1; otherwise as above)", [("adapters", "config"), ("streams", "streams")], s["rows"])
+    for name, what in VARIANT_SERVERS:
+        path = os.path.join(d, f"speed-medley-{name}.json")
+        if os.path.exists(path):
+            lines += speed_table(f"Medley decode speed {what}; otherwise as above)",
+                                 [("adapters", "config"), ("streams", "streams")],
+                                 read(path)["rows"])
     hs = os.path.join(d, "speed-hf.json")
     if os.path.exists(hs):
         s = read(hs)
@@ -413,6 +407,16 @@ def report(args):
     if os.path.exists(steps):
         lines += ["## Steps", "", "```", open(steps).read().strip(), "```", ""]
     print("\n".join(lines))
+
+
+# The report-only servers of gpu-check.sh's step 5: (name, how they differ, up to a closing
+# parenthesis).
+VARIANT_SERVERS = [
+    ("stacked", "with q/k/v and gate/up as one matmul each (MEDLEY_STACK_PROJECTIONS=1"),
+    ("fused", "through the fused BGMV kernel, shrink and expand in one launch "
+              "(MEDLEY_LORA_BGMV=fused"),
+    ("grouped", "through the grouped BGMV kernels (MEDLEY_LORA_BGMV=grouped"),
+]
 
 
 def speed_table(title, keys, rows):

@@ -16,6 +16,9 @@
 //   `T* name = emu::dynamic_shared<T>();`, the launch's dynamic shared memory, which starts as
 //   garbage bytes.
 // * atomicAdd: the fibers of a block never run at once, so a plain read-add-write.
+// * __threadfence / __ldcg: plain (blocks run in turn: an earlier block's writes are visible to
+//   later ones). A bounded wait for another block (clock64 and __trap) aborts the launch after
+//   a few turns: that block has either run already or never will.
 // * bf16 and f16: include/cuda_bf16.h and include/cuda_fp16.h, rounding to nearest even like
 //   the GPU's conversions.
 //
@@ -298,6 +301,23 @@ inline uint32_t atomicAdd(uint32_t* p, uint32_t v) {
   uint32_t old = *p;
   *p = old + v;
   return old;
+}
+
+// Memory order between blocks: blocks run one after another, so every earlier block's writes
+// are already visible.
+inline void __threadfence() {}
+inline float __ldcg(const float* p) { return *p; }
+inline void __nanosleep(unsigned) {}
+// A clock that moves fast: a kernel's bounded wait (a spin on a counter that only another block
+// can move, which here has either run already or never will) gives up after a few turns.
+inline long long clock64() {
+  static long long now = 0;
+  return now += 1ll << 33;
+}
+inline void __trap() {
+  std::fprintf(stderr, "cuda emulator: __trap() in block (%u, %u, %u)\n", emu::running()->index.x,
+               emu::running()->index.y, emu::running()->index.z);
+  std::abort();
 }
 
 inline uint32_t min(uint32_t a, uint32_t b) { return a < b ? a : b; }

@@ -1,5 +1,5 @@
 //! `kernels/cuda/lora.cu` on the CPU emulator against `medley_kernels::reference` (f64
-//! accumulation): every entry point (BGMV per row and grouped, SGMV), f32/bf16/f16 activations
+//! accumulation): every entry point (BGMV per row, grouped and fused, SGMV), f32/bf16/f16 activations
 //! with f32 factors, launched with the shapes the GPU launcher computes
 //! (`medley_kernels::launch`). The intermediate starts as NaN, so an expand that reads an entry
 //! no shrink wrote poisons its rows; rows without an adapter must stay unchanged bit for bit.
@@ -9,8 +9,9 @@
 //! for a part included: that part's columns of their rows must stay unchanged.
 
 use medley_kernels::launch::{
-    expand_launch, grouped_expand_launch, grouped_kernel_names, grouped_shrink_launch,
-    grouped_splits, kernel_names, segment_triples, shrink_launch,
+    FUSED_BGMV_SYNC_WORDS, expand_launch, fused_bgmv_kernel_name, fused_bgmv_launch,
+    grouped_expand_launch, grouped_kernel_names, grouped_shrink_launch, grouped_splits,
+    kernel_names, segment_triples, shrink_launch,
 };
 use medley_kernels::testing::{heavy_decode_table, part_factors, reference_parts, values};
 use medley_kernels::{NO_ADAPTER, RowMapping, Segment};
@@ -23,6 +24,8 @@ enum Mapping {
     PerRow(Vec<u32>),
     /// BGMV through the grouped kernels.
     Grouped(Vec<u32>),
+    /// BGMV through the fused kernel (shrink and expand in one launch).
+    Fused(Vec<u32>),
     /// SGMV over segments.
     Segments(Vec<Segment>),
 }
@@ -30,7 +33,7 @@ enum Mapping {
 impl Mapping {
     fn kernel_rows(&self) -> RowMapping<'_> {
         match self {
-            Self::PerRow(t) | Self::Grouped(t) => RowMapping::PerRow(t),
+            Self::PerRow(t) | Self::Grouped(t) | Self::Fused(t) => RowMapping::PerRow(t),
             Self::Segments(s) => RowMapping::Segments(s),
         }
     }
@@ -83,6 +86,7 @@ impl Case {
         match self.mapping {
             Mapping::PerRow(_) => "bgmv",
             Mapping::Grouped(_) => "bgmv grouped",
+            Mapping::Fused(_) => "bgmv fused",
             Mapping::Segments(_) => "sgmv",
         }
     }
@@ -147,7 +151,7 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
         })
         .collect();
     let mut map: Vec<u32> = match &case.mapping {
-        Mapping::PerRow(t) | Mapping::Grouped(t) => t.to_vec(),
+        Mapping::PerRow(t) | Mapping::Grouped(t) | Mapping::Fused(t) => t.to_vec(),
         Mapping::Segments(s) => segment_triples(s),
     };
     let max_total = case
@@ -165,6 +169,45 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
     let (mut a_p, mut b_p) = (a_ptrs.as_mut_ptr(), b_ptrs.as_mut_ptr());
     let (mut ranks_p, mut map_p) = (ranks.as_mut_ptr(), map.as_mut_ptr());
     let mut ends_p = col_ends.as_mut_ptr();
+    if matches!(case.mapping, Mapping::Fused(_)) {
+        let (grid, block) = fused_bgmv_launch(rows as u32, t_stride, out_f);
+        let mut shape = (grid, block, 0);
+        if case.short_expand {
+            shape.0.0 -= 1;
+        }
+        let mut t = vec![f32::NAN; rows * max_total];
+        let mut t_p = t.as_mut_ptr();
+        let mut sync = vec![0u32; FUSED_BGMV_SYNC_WORDS + rows];
+        let mut sync_p = sync.as_mut_ptr();
+        let (mut rows_u, mut max_rank) = (rows as u32, t_stride);
+        let mut params = vec![
+            param(&mut x_p),
+            param(&mut map_p),
+            param(&mut a_p),
+            param(&mut b_p),
+            param(&mut ranks_p),
+            param(&mut parts),
+            param(&mut ends_p),
+            param(&mut t_p),
+            param(&mut y_p),
+            param(&mut in_f),
+            param(&mut out_f),
+            param(&mut stride),
+            param(&mut y_stride_u),
+            param(&mut rows_u),
+            param(&mut max_rank),
+            param(&mut sync_p),
+        ];
+        let name = fused_bgmv_kernel_name(T::SUFFIX);
+        // SAFETY: the parameters are the kernel's, in order; t holds rows × t_stride values, y
+        // rows × y_stride, sync FUSED_BGMV_SYNC_WORDS + rows zeros.
+        unsafe { launch(name, shape, &mut params) }.expect("fused");
+        assert!(
+            sync.iter().all(|&w| w == 0),
+            "the fused kernel leaves its counters as it found them: {sync:?}"
+        );
+        return measure(&ys, &y_buf, &want, &touched, rows, outf, y_stride);
+    }
     // Per mapping: the kernels, their launch shapes, the intermediate's splits (grouped
     // shrinks split the input), and the grouped kernels' two extra parameters.
     let names = kernel_names(T::SUFFIX);
@@ -240,6 +283,20 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
     // SAFETY: as above; y holds rows × y_stride values.
     unsafe { launch(expand, expand_shape, &mut params) }.expect("expand");
 
+    measure(&ys, &y_buf, &want, &touched, rows, outf, y_stride)
+}
+
+/// The worst error of `ys` against `want` over the `touched` elements relative to the largest
+/// expected value, and the elements of `ys` outside them that differ from `y_buf` (bit for bit).
+fn measure<T: Act>(
+    ys: &[T],
+    y_buf: &[f32],
+    want: &[f32],
+    touched: &[bool],
+    rows: usize,
+    outf: usize,
+    y_stride: usize,
+) -> (f64, usize) {
     let (mut err, mut scale, mut changed) = (0f64, 0f64, 0usize);
     for r in 0..rows {
         for c in 0..y_stride {
@@ -267,7 +324,11 @@ fn cases() -> Vec<Case> {
         let table: Vec<u32> = (0..32u32)
             .map(|r| if r % 3 == 0 { NO_ADAPTER } else { r % n })
             .collect();
-        for mapping in [Mapping::PerRow(table.clone()), Mapping::Grouped(table)] {
+        for mapping in [
+            Mapping::PerRow(table.clone()),
+            Mapping::Grouped(table.clone()),
+            Mapping::Fused(table),
+        ] {
             out.push(Case::single(32, 2048, 600, &ranks, mapping));
         }
         let mut segments = Vec::new();
@@ -306,12 +367,17 @@ fn cases() -> Vec<Case> {
     for mapping in [
         Mapping::PerRow(table.clone()),
         Mapping::Grouped(table.clone()),
+        Mapping::Fused(table.clone()),
         Mapping::Segments(segments.clone()),
     ] {
         out.push(Case::single(9, 999, 77, &[16, 8], mapping));
     }
     let heavy = heavy_decode_table(45);
-    for mapping in [Mapping::PerRow(heavy.clone()), Mapping::Grouped(heavy)] {
+    for mapping in [
+        Mapping::PerRow(heavy.clone()),
+        Mapping::Grouped(heavy.clone()),
+        Mapping::Fused(heavy),
+    ] {
         out.push(Case::single(45, 1000, 333, &[8, 16, 64, 128], mapping));
     }
     // Stacked q/k/v (widths 300, 40, 40) and gate/up (two of 200): one adapter has factors for
@@ -349,6 +415,7 @@ fn cases() -> Vec<Case> {
         for mapping in [
             Mapping::PerRow(table3.iter().copied().chain([0]).collect()),
             Mapping::Grouped(table3.iter().copied().chain([1]).collect()),
+            Mapping::Fused(table3.iter().copied().chain([2]).collect()),
             Mapping::Segments(segments3.clone()),
         ] {
             out.push(Case {
@@ -406,19 +473,23 @@ fn an_unknown_kernel_is_refused() {
 }
 
 /// The check can fail: a grouped expand launched over one output block too few leaves the last
-/// outputs of every mapped row unwritten, and the comparison sees it.
+/// outputs of every mapped row unwritten, and a fused launch one block short the last outputs
+/// of the last row; the comparison sees both.
 #[test]
 fn a_short_launch_is_caught() {
-    let case = cases()
+    for case in cases()
         .into_iter()
-        .find(|c| matches!(c.mapping, Mapping::Grouped(_)))
-        .unwrap();
-    let short = Case {
-        short_expand: true,
-        ..case
-    };
-    let (err, changed) = run::<f32>(&short, 7, 0);
-    assert!(err > 1e-3 && changed == 0, "{err} {changed}");
+        .filter(|c| matches!(c.mapping, Mapping::Grouped(_) | Mapping::Fused(_)))
+        .take(2)
+    {
+        let name = case.mapping_name();
+        let short = Case {
+            short_expand: true,
+            ..case
+        };
+        let (err, changed) = run::<f32>(&short, 7, 0);
+        assert!(err > 1e-3 && changed == 0, "{name}: {err} {changed}");
+    }
 }
 
 /// The check can fail: expand kernels told that `y`'s rows are `out` apart when they are
@@ -426,7 +497,7 @@ fn a_short_launch_is_caught() {
 /// comparison sees both.
 #[test]
 fn a_wrong_row_stride_is_caught() {
-    for case in cases().into_iter().take(3) {
+    for case in cases().into_iter().take(4) {
         let name = case.mapping_name();
         let wrong = Case {
             ignore_stride: true,

@@ -50,13 +50,15 @@ impl KernelRows {
         if !segments.iter().all(|s| s.len == 1) {
             return Self::Segments(segments);
         }
-        let mut table = vec![NO_ADAPTER; rows];
-        for s in &segments {
-            if let Some(entry) = table.get_mut(s.start) {
-                *entry = s.adapter as u32;
-            }
+        Self::PerRow(row_table(rows, &segments))
+    }
+
+    /// The same mapping as one adapter index per row (of `rows`).
+    pub fn per_row(&self, rows: usize) -> Self {
+        match self {
+            Self::Segments(s) => Self::PerRow(row_table(rows, s)),
+            Self::PerRow(t) => Self::PerRow(t.clone()),
         }
-        Self::PerRow(table)
     }
 
     /// Checks that every row and adapter index is in range for `rows` rows and `adapters`
@@ -96,6 +98,19 @@ impl KernelRows {
             Self::PerRow(t) => RowMapping::PerRow(t),
         }
     }
+}
+
+/// One adapter index per row of `rows` from `segments` ([`NO_ADAPTER`] outside them; rows past
+/// `rows` are ignored).
+fn row_table(rows: usize, segments: &[Segment]) -> Vec<u32> {
+    let mut table = vec![NO_ADAPTER; rows];
+    for s in segments {
+        let end = s.start.saturating_add(s.len).min(rows);
+        if let Some(run) = table.get_mut(s.start.min(end)..end) {
+            run.fill(s.adapter as u32);
+        }
+    }
+    table
 }
 
 /// The factors of one call over the projections side by side in `y`: `widths` (their output
@@ -186,7 +201,9 @@ pub fn add_lora_parts(
     candle_core::bail!("lora kernels: no implementation for {:?}", y.device())
 }
 
-/// The CUDA kernels a decode step's rows ([`KernelRows::PerRow`]) go through.
+/// The CUDA kernels a decode step's rows ([`KernelRows::PerRow`]) go through. The fused kernel
+/// also takes segment mappings of up to [`FUSED_SEGMENT_ROWS`] rows (a decode step whose
+/// neighbouring rows share an adapter), as one adapter index per row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BgmvKernels {
     /// One block per row (and slice of the rank or output): an adapter's factors are read once
@@ -195,29 +212,40 @@ pub enum BgmvKernels {
     /// One block per adapter (and slice): its rows are found in the kernel and accumulated
     /// together, so its factors are read once per block.
     Grouped,
+    /// The per-row shrink and expand in one launch (blocks take tickets; an expand block waits
+    /// for its row's shrink blocks): one launch gap instead of two.
+    Fused,
 }
+
+/// Most rows of a segment mapping that [`BgmvKernels::Fused`] takes (per row, in one launch):
+/// a decode step's batch. Longer mappings (prefill) go through the SGMV kernels, whose blocks
+/// reuse an adapter's factor rows over several rows of its segment.
+pub const FUSED_SEGMENT_ROWS: usize = 64;
 
 /// [`BgmvKernels`] in use: 0 until first asked, then 1 + its index.
 static BGMV_KERNELS: AtomicU8 = AtomicU8::new(0);
 
 impl BgmvKernels {
-    /// Both, for checks and benchmarks.
-    pub const ALL: [Self; 2] = [Self::PerRow, Self::Grouped];
+    /// All of them, for checks and benchmarks.
+    pub const ALL: [Self; 3] = [Self::PerRow, Self::Grouped, Self::Fused];
 
-    /// The kernels in use: [`set_bgmv_kernels`]'s choice, else `MEDLEY_LORA_BGMV` (`row` or
-    /// `grouped`), else per-row (the kernels the GPU runs of 2026-12-04 checked end to end).
+    /// The kernels in use: [`set_bgmv_kernels`]'s choice, else `MEDLEY_LORA_BGMV` (`row`,
+    /// `grouped` or `fused`), else per-row (the kernels the GPU runs of 2026-12-04 checked end
+    /// to end).
     pub fn current() -> Self {
         match BGMV_KERNELS.load(Ordering::Relaxed) {
             1 => Self::PerRow,
             2 => Self::Grouped,
+            3 => Self::Fused,
             _ => {
                 let chosen = match std::env::var("MEDLEY_LORA_BGMV").as_deref() {
                     Ok("grouped") => Self::Grouped,
+                    Ok("fused") => Self::Fused,
                     Ok("row") | Err(_) => Self::PerRow,
                     Ok(other) => {
                         tracing::warn!(
                             value = other,
-                            "MEDLEY_LORA_BGMV is row or grouped; using row"
+                            "MEDLEY_LORA_BGMV is row, grouped or fused; using row"
                         );
                         Self::PerRow
                     }
@@ -228,11 +256,12 @@ impl BgmvKernels {
         }
     }
 
-    /// A short name (`row`, `grouped`), as `MEDLEY_LORA_BGMV` takes it.
+    /// A short name (`row`, `grouped`, `fused`), as `MEDLEY_LORA_BGMV` takes it.
     pub fn name(self) -> &'static str {
         match self {
             Self::PerRow => "row",
             Self::Grouped => "grouped",
+            Self::Fused => "fused",
         }
     }
 }
@@ -242,6 +271,7 @@ pub fn set_bgmv_kernels(kernels: BgmvKernels) {
     let code = match kernels {
         BgmvKernels::PerRow => 1,
         BgmvKernels::Grouped => 2,
+        BgmvKernels::Fused => 3,
     };
     BGMV_KERNELS.store(code, Ordering::Relaxed);
 }
@@ -396,6 +426,16 @@ mod tests {
         assert!(prefill.check(4, 2).is_ok());
         assert!(prefill.check(3, 2).is_err());
         assert!(prefill.check(4, 1).is_err());
+        // Per row: each segment's rows take its adapter, the rest none; rows past the count
+        // are dropped.
+        assert_eq!(
+            prefill.per_row(5),
+            KernelRows::PerRow(vec![1, 1, 1, 0, NO_ADAPTER])
+        );
+        assert_eq!(prefill.per_row(2), KernelRows::PerRow(vec![1, 1]));
+        let far = KernelRows::Segments(vec![seg(7, 2, 0)]);
+        assert_eq!(far.per_row(3), KernelRows::PerRow(vec![NO_ADAPTER; 3]));
+        assert_eq!(decode.per_row(4), decode);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! reads); the factors themselves are read in place. Allocations and frees are stream-ordered,
 //! so nothing is freed under a running kernel.
 
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use candle_core::backend::BackendStorage;
@@ -23,12 +24,13 @@ use candle_core::{
     CudaDevice, CudaStorage, DType, Device, InplaceOp2, Layout, Storage, StorageRef, Tensor,
 };
 use medley_kernels::cuda::{
-    GROUPED_MAX_ROWS, LORA_PTX, MAX_RANK, expand_launch, grouped_expand_launch,
+    FUSED_BGMV_MAX_ROWS, FUSED_BGMV_SYNC_WORDS, GROUPED_MAX_ROWS, LORA_PTX, MAX_RANK,
+    expand_launch, fused_bgmv_kernel_name, fused_bgmv_launch, grouped_expand_launch,
     grouped_kernel_names, grouped_shrink_launch, grouped_splits, kernel_names, segment_triples,
     shrink_launch,
 };
 
-use super::lora_op::{BgmvKernels, KernelRows, LoraFactors, PartFactors};
+use super::lora_op::{BgmvKernels, FUSED_SEGMENT_ROWS, KernelRows, LoraFactors, PartFactors};
 use super::upload_cache::{UploadCache, pack_words};
 use crate::model::cuda_launch::kernel;
 use crate::model::row_span::RowSpan;
@@ -46,6 +48,24 @@ static FACTOR_TABLES: LazyLock<Tables> = LazyLock::new(|| Mutex::new(UploadCache
 
 /// Row mappings: one per step, shared by its projections.
 static ROW_TABLES: LazyLock<Tables> = LazyLock::new(|| Mutex::new(UploadCache::new(64)));
+
+/// The fused BGMV kernel's counters, one buffer per device (each candle device has its own
+/// stream, and launches on one stream run in turn): zeroed when allocated, and left zero by
+/// every launch.
+static FUSED_SYNC: LazyLock<Mutex<HashMap<DeviceId, Arc<CudaSlice<u32>>>>> =
+    LazyLock::new(Default::default);
+
+/// `dev`'s fused BGMV counters.
+fn fused_sync(dev: &CudaDevice) -> candle_core::Result<Arc<CudaSlice<u32>>> {
+    // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
+    let mut map = FUSED_SYNC.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(sync) = map.get(&dev.id()) {
+        return Ok(sync.clone());
+    }
+    let sync = Arc::new(dev.alloc_zeros::<u32>(FUSED_BGMV_SYNC_WORDS + FUSED_BGMV_MAX_ROWS)?);
+    map.insert(dev.id(), sync.clone());
+    Ok(sync)
+}
 
 /// Tables uploaded so far: `(factor tables, row tables)`.
 pub(super) fn table_uploads() -> (u64, u64) {
@@ -124,6 +144,15 @@ pub(super) fn add_lora(
             if k == 0 { &mut a_ptrs } else { &mut b_ptrs }.push(ptr);
         }
     }
+    let y_rows = y.dims2()?.0;
+    let kernels = BgmvKernels::current();
+    // The fused kernel takes a short segment mapping (a decode step whose neighbours share an
+    // adapter) one row at a time.
+    let per_row_segments = (kernels == BgmvKernels::Fused
+        && matches!(rows, KernelRows::Segments(_))
+        && y_rows <= FUSED_SEGMENT_ROWS)
+        .then(|| rows.per_row(y_rows));
+    let rows = per_row_segments.as_ref().unwrap_or(rows);
     let (per_row, map) = match rows {
         KernelRows::PerRow(t) => (true, t.clone()),
         KernelRows::Segments(s) => (false, segment_triples(s)),
@@ -152,10 +181,18 @@ pub(super) fn add_lora(
     );
     let factor_table: Vec<u64> = a_ptrs.into_iter().chain(b_ptrs).chain(words).collect();
     let words = map.len();
-    let grouped =
-        per_row && units <= GROUPED_MAX_ROWS && BgmvKernels::current() == BgmvKernels::Grouped;
+    let kernels = if per_row {
+        kernels
+    } else {
+        BgmvKernels::PerRow
+    };
+    let grouped = kernels == BgmvKernels::Grouped && units <= GROUPED_MAX_ROWS;
+    let fused = (kernels == BgmvKernels::Fused && units <= FUSED_BGMV_MAX_ROWS)
+        .then(|| fused_sync(dev))
+        .transpose()?;
     let op = CudaLoraOp {
         grouped,
+        fused,
         factors: device_table(&FACTOR_TABLES, dev, factor_table)?,
         rows: device_table(&ROW_TABLES, dev, pack_words(map))?,
         words,
@@ -175,6 +212,8 @@ pub(super) fn add_lora(
 struct CudaLoraOp {
     /// Decode rows through the grouped BGMV kernels ([`BgmvKernels::Grouped`]).
     grouped: bool,
+    /// Decode rows through the fused BGMV kernel ([`BgmvKernels::Fused`]): its counters.
+    fused: Option<Arc<CudaSlice<u32>>>,
     /// `adapters × parts` A pointers, as many Bᵀ pointers, then their ranks and the `parts`
     /// end columns as u32 words (little-endian, two to a u64).
     factors: Table,
@@ -243,6 +282,45 @@ impl CudaLoraOp {
         let y_stride = y_span.stride as u32;
         let t_stride = self.max_rank;
         let (in_f, out_f) = (in_features as u32, out_features as u32);
+        let stream = dev.cuda_stream();
+        if let Some(sync) = &self.fused {
+            // Shrink and expand in one launch (see lora.cu).
+            // SAFETY: every (row, j) the expand reads is written by the launch's shrink items
+            // before their row's counter lets the expand read it.
+            let mut t = unsafe { dev.alloc::<f32>(rows * t_stride as usize) }?;
+            // The kernel updates the counters through this view (device memory: no host
+            // reference aliases it).
+            let sync = sync.slice(0..FUSED_BGMV_SYNC_WORDS + rows);
+            let func = kernel(&dev, MODULE, LORA_PTX, fused_bgmv_kernel_name(suffix))?;
+            let mut launch = stream.launch_builder(&func);
+            launch
+                .arg(&x)
+                .arg(&map)
+                .arg(&a)
+                .arg(&b)
+                .arg(&ranks)
+                .arg(&parts);
+            launch
+                .arg(&col_ends)
+                .arg(&mut t)
+                .arg(&mut y)
+                .arg(&in_f)
+                .arg(&out_f);
+            let rows_u = rows as u32;
+            launch
+                .arg(&t_stride)
+                .arg(&y_stride)
+                .arg(&rows_u)
+                .arg(&self.max_rank);
+            launch.arg(&sync);
+            let shape = fused_bgmv_launch(rows_u, self.max_rank, out_f);
+            // SAFETY: the arguments match medley_bgmv_fused's signature in lora.cu; the
+            // operands are as for the two-launch kernels below, t has rows × t_stride
+            // elements, and sync FUSED_BGMV_SYNC_WORDS + rows zeroed counters (zero since
+            // allocation: every launch on this device's stream leaves them zero).
+            unsafe { launch.launch(config((shape.0, shape.1, 0))) }.w()?;
+            return Ok(());
+        }
         // The kernels and their launch shapes. The grouped ones split the input (the
         // intermediate holds one partial product per split) and take two more arguments each:
         // the rows, and the split length (shrink) or count (expand).
@@ -272,7 +350,6 @@ impl CudaLoraOp {
         // SAFETY: the shrink writes t[split, row, j] for every split, mapped row and j below
         // its adapter's total rank before the expand reads exactly those entries.
         let mut t = unsafe { dev.alloc::<f32>(splits as usize * rows * t_stride as usize) }?;
-        let stream = dev.cuda_stream();
 
         let func = kernel(&dev, MODULE, LORA_PTX, shrink)?;
         let mut launch = stream.launch_builder(&func);

@@ -56,7 +56,7 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<bool> {
     let device = cli.device.open(0)?;
-    // Decode (BGMV) rows go through both CUDA kernel sets; the CPU has one.
+    // Decode (BGMV) rows go through every CUDA kernel set; the CPU has one.
     let variants: &[BgmvKernels] = if device.is_cpu() {
         &[BgmvKernels::PerRow]
     } else {
@@ -96,8 +96,8 @@ fn lora_checks(
             let o = cases::run(&case, device, 100 + k as u64)?;
             all_ok &= o.passed();
             let label = match v {
-                BgmvKernels::Grouped => " (grouped)",
-                BgmvKernels::PerRow => "",
+                BgmvKernels::PerRow => String::new(),
+                other => format!(" ({})", other.name()),
             };
             println!(
                 "| {}{label} | {} | {} → {} | {:.2e} | {:.0e} | {} | {} |",
