@@ -22,7 +22,9 @@ use std::process::ExitCode;
 
 use candle_core::DType;
 use clap::Parser;
-use medley_shard::adapters::lora_op::{BgmvKernels, KernelRows, set_bgmv_kernels};
+use medley_shard::adapters::lora_op::{
+    BgmvKernels, FUSED_SEGMENT_ROWS, KernelRows, set_bgmv_kernels,
+};
 use medley_shard::device::DeviceSpec;
 
 #[derive(Parser)]
@@ -87,11 +89,20 @@ fn lora_checks(
     println!("|---|---:|---|---:|---:|---:|---|");
     let mut all_ok = true;
     for (k, case) in cases::cases(device).into_iter().enumerate() {
-        let kernels: &[BgmvKernels] = match case.mapping {
-            KernelRows::PerRow(_) => variants,
-            KernelRows::Segments(_) => &[BgmvKernels::PerRow],
+        // Segments go through the SGMV kernels, and through the fused BGMV kernel too when
+        // it takes them (short mappings, one row at a time).
+        let kernels: Vec<BgmvKernels> = match case.mapping {
+            KernelRows::PerRow(_) => variants.to_vec(),
+            KernelRows::Segments(_) => variants
+                .iter()
+                .copied()
+                .filter(|&v| {
+                    v == BgmvKernels::PerRow
+                        || (v == BgmvKernels::Fused && case.rows <= FUSED_SEGMENT_ROWS)
+                })
+                .collect(),
         };
-        for &v in kernels {
+        for v in kernels {
             set_bgmv_kernels(v);
             let o = cases::run(&case, device, 100 + k as u64)?;
             all_ok &= o.passed();
