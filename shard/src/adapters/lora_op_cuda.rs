@@ -1,16 +1,18 @@
 //! The CUDA side of [`super::lora_op::add_lora_parts`]: launches `medley_kernels::cuda`'s
 //! SGMV/BGMV shrink and expand kernels (looked up once per device) on candle's stream of `y`'s
-//! device, one launch pair for every projection side by side in `y`.
+//! device: one launch pair (one launch through the fused BGMV kernel) for every projection side
+//! by side in `y`.
 //!
 //! A call reads two small device tables: the factors' (the A and Bᵀ pointers and the ranks of
 //! every (adapter, part), and the parts' end columns) and the row mapping. Both come from
 //! content-keyed caches ([`super::upload_cache`]): a projection's factor table is uploaded when
 //! its batch's adapter set first appears and reused by every later step, and a step's row
 //! mapping is uploaded by its first projection and reused by the rest (and by later steps over
-//! the same rows). A call then allocates only the `[rows, largest
-//! total rank]` f32 intermediate (uninitialised: the shrink kernel writes what the expand kernel
-//! reads); the factors themselves are read in place. Allocations and frees are stream-ordered,
-//! so nothing is freed under a running kernel.
+//! the same rows). The `[rows, largest total rank]` f32 intermediate (uninitialised: the shrink
+//! writes what the expand reads) and the fused kernel's counters are a per-device workspace
+//! that every call reuses, so a call allocates nothing on the device; the factors themselves are
+//! read in place. The workspace grows by stream-ordered reallocation, so nothing is freed under
+//! a running kernel.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -49,22 +51,50 @@ static FACTOR_TABLES: LazyLock<Tables> = LazyLock::new(|| Mutex::new(UploadCache
 /// Row mappings: one per step, shared by its projections.
 static ROW_TABLES: LazyLock<Tables> = LazyLock::new(|| Mutex::new(UploadCache::new(64)));
 
-/// The fused BGMV kernel's counters, one buffer per device (each candle device has its own
-/// stream, and launches on one stream run in turn): zeroed when allocated, and left zero by
-/// every launch.
-static FUSED_SYNC: LazyLock<Mutex<HashMap<DeviceId, Arc<CudaSlice<u32>>>>> =
+/// A device's LoRA workspace, shared by every call on its stream: the f32 intermediate between
+/// shrink and expand (grown to the largest a call has needed), and the fused kernel's counters
+/// (zeroed when allocated, and left zero by every launch). A call holds it from its first launch
+/// to its last; launches on one stream run in turn, so the next call's kernels start after this
+/// call's are done with it. Each candle device has its own stream, hence a workspace per device.
+#[derive(Default)]
+struct Scratch {
+    t: Option<CudaSlice<f32>>,
+    sync: Option<CudaSlice<u32>>,
+}
+
+impl Scratch {
+    /// The intermediate, at least `len` values (uninitialised), and with `sync`, the counters.
+    fn buffers(
+        &mut self,
+        dev: &CudaDevice,
+        len: usize,
+        sync: bool,
+    ) -> candle_core::Result<(&mut CudaSlice<f32>, Option<&CudaSlice<u32>>)> {
+        if self.t.as_ref().is_none_or(|t| t.len() < len) {
+            let grown = len.max(2 * self.t.as_ref().map_or(0, |t| t.len()));
+            // SAFETY: every call's shrink writes the entries its expand reads (see lora.cu);
+            // the old buffer is freed in stream order, after the kernels that used it.
+            self.t = Some(unsafe { dev.alloc::<f32>(grown) }?);
+        }
+        if sync && self.sync.is_none() {
+            self.sync = Some(dev.alloc_zeros::<u32>(FUSED_BGMV_SYNC_WORDS + FUSED_BGMV_MAX_ROWS)?);
+        }
+        match &mut self.t {
+            Some(t) => Ok((t, self.sync.as_ref().filter(|_| sync))),
+            None => candle_core::bail!("lora op: no intermediate buffer"),
+        }
+    }
+}
+
+/// The workspaces, by device.
+static SCRATCH: LazyLock<Mutex<HashMap<DeviceId, Arc<Mutex<Scratch>>>>> =
     LazyLock::new(Default::default);
 
-/// `dev`'s fused BGMV counters.
-fn fused_sync(dev: &CudaDevice) -> candle_core::Result<Arc<CudaSlice<u32>>> {
+/// `dev`'s workspace.
+fn scratch(dev: &CudaDevice) -> Arc<Mutex<Scratch>> {
     // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
-    let mut map = FUSED_SYNC.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(sync) = map.get(&dev.id()) {
-        return Ok(sync.clone());
-    }
-    let sync = Arc::new(dev.alloc_zeros::<u32>(FUSED_BGMV_SYNC_WORDS + FUSED_BGMV_MAX_ROWS)?);
-    map.insert(dev.id(), sync.clone());
-    Ok(sync)
+    let mut map = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(dev.id()).or_default().clone()
 }
 
 /// Tables uploaded so far: `(factor tables, row tables)`.
@@ -187,9 +217,7 @@ pub(super) fn add_lora(
         BgmvKernels::PerRow
     };
     let grouped = kernels == BgmvKernels::Grouped && units <= GROUPED_MAX_ROWS;
-    let fused = (kernels == BgmvKernels::Fused && units <= FUSED_BGMV_MAX_ROWS)
-        .then(|| fused_sync(dev))
-        .transpose()?;
+    let fused = kernels == BgmvKernels::Fused && units <= FUSED_BGMV_MAX_ROWS;
     let op = CudaLoraOp {
         grouped,
         fused,
@@ -212,8 +240,8 @@ pub(super) fn add_lora(
 struct CudaLoraOp {
     /// Decode rows through the grouped BGMV kernels ([`BgmvKernels::Grouped`]).
     grouped: bool,
-    /// Decode rows through the fused BGMV kernel ([`BgmvKernels::Fused`]): its counters.
-    fused: Option<Arc<CudaSlice<u32>>>,
+    /// Decode rows through the fused BGMV kernel ([`BgmvKernels::Fused`]).
+    fused: bool,
     /// `adapters × parts` A pointers, as many Bᵀ pointers, then their ranks and the `parts`
     /// end columns as u32 words (little-endian, two to a u64).
     factors: Table,
@@ -283,11 +311,17 @@ impl CudaLoraOp {
         let t_stride = self.max_rank;
         let (in_f, out_f) = (in_features as u32, out_features as u32);
         let stream = dev.cuda_stream();
-        if let Some(sync) = &self.fused {
-            // Shrink and expand in one launch (see lora.cu).
-            // SAFETY: every (row, j) the expand reads is written by the launch's shrink items
-            // before their row's counter lets the expand read it.
-            let mut t = unsafe { dev.alloc::<f32>(rows * t_stride as usize) }?;
+        let scratch = scratch(&dev);
+        // A poisoned lock only means another thread panicked between launches: the buffers
+        // hold nothing that outlives a call.
+        let mut scratch = scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if self.fused {
+            // Shrink and expand in one launch (see lora.cu): every (row, j) the expand reads is
+            // written by the launch's shrink items before their row's counter lets it read.
+            let (t, sync) = scratch.buffers(&dev, rows * t_stride as usize, true)?;
+            let Some(sync) = sync else {
+                candle_core::bail!("lora op: no counters for the fused kernel");
+            };
             // The kernel updates the counters through this view (device memory: no host
             // reference aliases it).
             let sync = sync.slice(0..FUSED_BGMV_SYNC_WORDS + rows);
@@ -302,7 +336,7 @@ impl CudaLoraOp {
                 .arg(&parts);
             launch
                 .arg(&col_ends)
-                .arg(&mut t)
+                .arg(t)
                 .arg(&mut y)
                 .arg(&in_f)
                 .arg(&out_f);
@@ -315,7 +349,7 @@ impl CudaLoraOp {
             launch.arg(&sync);
             let shape = fused_bgmv_launch(rows_u, self.max_rank, out_f);
             // SAFETY: the arguments match medley_bgmv_fused's signature in lora.cu; the
-            // operands are as for the two-launch kernels below, t has rows × t_stride
+            // operands are as for the two-launch kernels below, t has at least rows × t_stride
             // elements, and sync FUSED_BGMV_SYNC_WORDS + rows zeroed counters (zero since
             // allocation: every launch on this device's stream leaves them zero).
             unsafe { launch.launch(config((shape.0, shape.1, 0))) }.w()?;
@@ -347,14 +381,14 @@ impl CudaLoraOp {
             (shrink, expand, (sg, sb, 0), (eg, eb, 0), None)
         };
         let splits = grouped.map_or(1, |(splits, _)| splits);
-        // SAFETY: the shrink writes t[split, row, j] for every split, mapped row and j below
-        // its adapter's total rank before the expand reads exactly those entries.
-        let mut t = unsafe { dev.alloc::<f32>(splits as usize * rows * t_stride as usize) }?;
+        // The shrink writes t[split, row, j] for every split, mapped row and j below its
+        // adapter's total rank before the expand reads exactly those entries.
+        let (t, _) = scratch.buffers(&dev, splits as usize * rows * t_stride as usize, false)?;
 
         let func = kernel(&dev, MODULE, LORA_PTX, shrink)?;
         let mut launch = stream.launch_builder(&func);
         launch.arg(&x).arg(&map).arg(&a).arg(&ranks).arg(&parts);
-        launch.arg(&mut t).arg(&in_f).arg(&t_stride);
+        launch.arg(&mut *t).arg(&in_f).arg(&t_stride);
         if let Some((_, split_len)) = &grouped {
             launch.arg(&rows_u).arg(split_len);
         }
@@ -369,7 +403,7 @@ impl CudaLoraOp {
         let func = kernel(&dev, MODULE, LORA_PTX, expand)?;
         let mut launch = stream.launch_builder(&func);
         launch
-            .arg(&t)
+            .arg(&*t)
             .arg(&map)
             .arg(&b)
             .arg(&ranks)
