@@ -34,11 +34,12 @@
 #      best of 3 runs; then issue 11's speed targets computed from them (the LoRA bandwidth
 #      both host-paced and GPU-timed, see shard/src/bin/medley-lora-check/bench.rs)
 #   5. report only, on a GPU, and only while the check is under 420 s (MEDLEY_GPU_CHECK_SOFT_S),
-#      so that everything required lands within one 10-minute call: transformers with sdpa
-#      attention (how far the oracle moves against itself in bf16), a bf16 server with q/k/v
-#      and gate/up stacked into one matmul each (MEDLEY_STACK_PROJECTIONS=1; tokens, and its
-#      base and 8-merge speed rows), then one on the fused and one on the grouped BGMV kernels
-#      when they passed (tokens, and their adapter and merge speed rows)
+#      so that everything required lands within one 10-minute call: bf16 servers with the
+#      opt-in speed-ups (tokens against the oracle, and speed rows): q/k/v and gate/up stacked
+#      into one matmul each (MEDLEY_STACK_PROJECTIONS=1) together with the fused BGMV kernel
+#      (MEDLEY_LORA_BGMV=fused), then stacking alone, the fused kernel alone and the grouped
+#      BGMV kernels (each kernel set only when it passed its check); last, transformers with
+#      sdpa attention (how far the oracle moves against itself in bf16)
 # Writes <out>/gpu-<date>.md (--cpu: cpu-dry-<date>.md) and <out>/gpu-check-logs.tar.xz.
 # Exit status: 0 when every token comparison passed, 1 otherwise.
 #
@@ -317,8 +318,51 @@ optional() {
     report
   fi
 }
+# variant_server NAME LABEL CONFIGS VAR=VALUE...: a bf16 server with the variables set: its
+# tokens against the oracle (report only: another GEMM shape or summation order may move bf16
+# near-ties) and its speed rows for CONFIGS (-> speed-medley-NAME.json).
+variant_server() {
+  local name="$1" label="$2" configs="$3"
+  shift 3
+  export "$@" speed_file="speed-medley-$name.json" speed_configs="$configs"
+  step "medley cuda bf16 tokens + speed, $label" 300 \
+    medley_tokens_and_speed "cuda-bf16-$name" cuda bf16
+  unset "${@%%=*}" speed_file speed_configs
+  step "compare bf16 $name" 30 compare "medley cuda bf16 $label vs transformers+peft cuda bf16" \
+    tokens-hf-bf16.json "tokens-medley-cuda-bf16-$name.json" --require 0
+}
+# kernels_passed NAME: every "(NAME)" row of the kernel table is ok.
+kernels_passed() {
+  grep -q "($1) .* | ok |\$" "$res/lora-kernels.md" 2>/dev/null \
+    && ! grep "($1)" "$res/lora-kernels.md" | grep -q 'FAIL'
+}
+# The opt-in speed-ups, most telling first, for the A/B that decides their defaults:
+# - both opt-ins together: q/k/v and gate/up as one matmul each (MEDLEY_STACK_PROJECTIONS=1;
+#   LoRA and SiLU·mul then work on the product's column ranges) and the fused BGMV kernel
+#   (MEDLEY_LORA_BGMV=fused: a LoRA product's shrink and expand in one launch), when it passed
+#   its check: every speed row;
+# - stacked projections alone (base and 8 merges);
+# - the fused kernel alone, then the grouped BGMV kernels (one block per adapter), each when it
+#   passed its check (1 adapter and 8 merges).
+# The servers above use the defaults: projections apart, per-row BGMV kernels.
+if [ "$mode" = gpu ]; then
+  if kernels_passed fused; then
+    optional "stacked projections + fused LoRA server" variant_server stacked-fused \
+      "stacked projections + fused LoRA kernel" "base,1 adapter,8 merges" \
+      MEDLEY_STACK_PROJECTIONS=1 MEDLEY_LORA_BGMV=fused
+  fi
+  optional "stacked projections server" \
+    variant_server stacked "stacked projections" "base,8 merges" MEDLEY_STACK_PROJECTIONS=1
+  for kernels in fused grouped; do
+    if kernels_passed "$kernels"; then
+      optional "$kernels LoRA kernels server" variant_server "$kernels" "$kernels LoRA kernels" \
+        "1 adapter,8 merges" "MEDLEY_LORA_BGMV=$kernels"
+    fi
+  done
+fi
 # How far the oracle itself moves in bf16: transformers with its fused (sdpa) attention against
-# its eager attention (report only), and Medley against the sdpa oracle.
+# its eager attention (report only; the 2026-12-04 runs measured it), and Medley against the
+# sdpa oracle.
 if [ "$mode" = gpu ]; then
   optional "transformers+peft bf16 tokens, sdpa" \
     step "transformers+peft $device bf16 tokens, sdpa" 240 \
@@ -333,42 +377,6 @@ if [ "$mode" = gpu ]; then
       tokens-hf-sdpa-bf16.json "tokens-medley-$device-bf16.json" --require 0
   fi
 fi
-# variant_server NAME LABEL CONFIGS VAR=VALUE...: a bf16 server with the variables set: its
-# tokens against the oracle (report only) and its speed rows for CONFIGS
-# (-> speed-medley-NAME.json).
-variant_server() {
-  local name="$1" label="$2" configs="$3"
-  shift 3
-  export "$@" speed_file="speed-medley-$name.json" speed_configs="$configs"
-  step "medley cuda bf16 tokens + speed, $label" 300 \
-    medley_tokens_and_speed "cuda-bf16-$name" cuda bf16
-  unset "${@%%=*}" speed_file speed_configs
-  step "compare bf16 $name" 30 compare "medley cuda bf16 $label vs transformers+peft cuda bf16" \
-    tokens-hf-bf16.json "tokens-medley-cuda-bf16-$name.json" --require 0
-}
-# q/k/v and gate/up as one matmul each (MEDLEY_STACK_PROJECTIONS=1, off by default; LoRA and
-# SiLU·mul then work on the product's column ranges, one LoRA launch pair per product): the base
-# and 8-merge speed rows again, for the A/B that decides the default, and its tokens against the
-# oracle (report only: another GEMM shape may sum in another order and move bf16 near-ties).
-if [ "$mode" = gpu ]; then
-  optional "stacked projections server" \
-    variant_server stacked "stacked projections" "base,8 merges" MEDLEY_STACK_PROJECTIONS=1
-fi
-# The other BGMV kernel sets (the servers above use the per-row ones): the fused kernel
-# (MEDLEY_LORA_BGMV=fused: shrink and expand in one launch), then the grouped ones. Each, when
-# it passed its check: the adapter and merge speed rows again through it, and its tokens
-# against the oracle (report only: another summation order moves bf16 near-ties).
-# kernels_passed NAME: every "(NAME)" row of the kernel table is ok.
-kernels_passed() {
-  grep -q "($1) .* | ok |\$" "$res/lora-kernels.md" 2>/dev/null \
-    && ! grep "($1)" "$res/lora-kernels.md" | grep -q 'FAIL'
-}
-for kernels in fused grouped; do
-  if [ "$mode" = gpu ] && kernels_passed "$kernels"; then
-    optional "$kernels LoRA kernels server" variant_server "$kernels" "$kernels LoRA kernels" \
-      "1 adapter,8 merges" "MEDLEY_LORA_BGMV=$kernels"
-  fi
-done
 
 report
 echo "gpu-check: report $out_dir/$report_name"

@@ -412,6 +412,8 @@ def report(args):
 # The report-only servers of gpu-check.sh's step 5: (name, how they differ, up to a closing
 # parenthesis).
 VARIANT_SERVERS = [
+    ("stacked-fused", "with q/k/v and gate/up as one matmul each and the fused BGMV kernel "
+                      "(MEDLEY_STACK_PROJECTIONS=1 MEDLEY_LORA_BGMV=fused"),
     ("stacked", "with q/k/v and gate/up as one matmul each (MEDLEY_STACK_PROJECTIONS=1"),
     ("fused", "through the fused BGMV kernel, shrink and expand in one launch "
               "(MEDLEY_LORA_BGMV=fused"),
@@ -505,6 +507,17 @@ def targets(d):
                             f"≥ {need:g}×" if config == "base" else "report only",
                             f"{m / t:.2f}× ({m:.0f} / {t:.0f} tok/s)",
                             m >= need * t if config == "base" else None))
+    # The report-only servers against the default one, row by row at 32 streams (what decides
+    # the opt-ins' defaults).
+    for name, _ in VARIANT_SERVERS:
+        path = os.path.join(d, f"speed-medley-{name}.json")
+        rows = read(path)["rows"] if os.path.exists(path) else []
+        for r in rows:
+            base = medley.get((r.get("config"), r.get("streams")))
+            if r.get("streams") == 32 and base and r.get("tokens_per_s"):
+                out.append((f"{name} server / default server, {r['config']}, 32 streams",
+                            "report only", f"{r['tokens_per_s'] / base:.2f}× "
+                            f"({r['tokens_per_s']:.0f} / {base:.0f} tok/s)", None))
     if not out:
         return []
     verdict = {True: "met", False: "**not met**", None: ""}
