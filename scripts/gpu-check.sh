@@ -19,11 +19,12 @@
 # short still says what finished):
 #   1. versions (GPU, driver, Python packages, library paths, what the binary links)
 #   1b. the batched LoRA kernels against the reference loops (f32/bf16/f16, ranks 8-128, BGMV
-#      and ragged SGMV, rows without an adapter; BGMV through the per-row, the grouped and the
-#      fused kernels) and their bandwidth vs a device copy, host-paced and GPU-timed; what the ops of
-#      a decode step cost, host-paced vs GPU; on a GPU also the paged attention (vs f64) and the
-#      fused RMSNorm / SiLU·mul and rotary embedding + KV write (vs the op chains) and the greedy
-#      argmax (vs the host sampler): a family that fails is switched off for the rest of the run
+#      and ragged SGMV, rows without an adapter; BGMV through the per-row, grouped, fused and
+#      fused grouped kernels) and their bandwidth vs a device copy, host-paced and GPU-timed;
+#      what the ops of a decode step cost, host-paced vs GPU; on a GPU also the paged attention
+#      (vs f64), the fused RMSNorm / SiLU·mul and rotary embedding + KV write (vs the op chains)
+#      and the greedy argmax (vs the host sampler): a family that fails is switched off for the
+#      rest of the run
 #   2. a random TinyLlama-shaped f32 checkpoint and 8 rank-16 PEFT adapters (the repo's fixtures)
 #   3. greedy tokens of base / adapter a0 / TIES merge of a0..a2 from Medley on the GPU (f32 and
 #      bf16) and on the CPU (f32), and from transformers + PEFT on the GPU (f32 and bf16);
@@ -37,8 +38,8 @@
 #      so that everything required lands within one 10-minute call: bf16 servers with the
 #      opt-in speed-ups (tokens against the oracle, and speed rows): q/k/v and gate/up stacked
 #      into one matmul each (MEDLEY_STACK_PROJECTIONS=1) together with the fused BGMV kernel
-#      (MEDLEY_LORA_BGMV=fused), then stacking alone, the fused kernel alone and the grouped
-#      BGMV kernels (each kernel set only when it passed its check); last, transformers with
+#      (MEDLEY_LORA_BGMV=fused), then stacking alone, the fused, fused grouped and grouped BGMV
+#      kernels alone (each kernel set only when it passed its check); last, transformers with
 #      sdpa attention (how far the oracle moves against itself in bf16)
 # Writes <out>/gpu-<date>.md (--cpu: cpu-dry-<date>.md) and <out>/gpu-check-logs.tar.xz.
 # Exit status: 0 when every token comparison passed, 1 otherwise.
@@ -342,8 +343,9 @@ kernels_passed() {
 #   (MEDLEY_LORA_BGMV=fused: a LoRA product's shrink and expand in one launch), when it passed
 #   its check: every speed row;
 # - stacked projections alone (base and 8 merges);
-# - the fused kernel alone, then the grouped BGMV kernels (one block per adapter), each when it
-#   passed its check (1 adapter and 8 merges).
+# - the fused kernel alone, the fused grouped kernel (the grouped shrink and expand in one
+#   launch), then the grouped BGMV kernels (one block per adapter), each when it passed its check
+#   (1 adapter and 8 merges).
 # The servers above use the defaults: projections apart, per-row BGMV kernels.
 if [ "$mode" = gpu ]; then
   if kernels_passed fused; then
@@ -353,7 +355,7 @@ if [ "$mode" = gpu ]; then
   fi
   optional "stacked projections server" \
     variant_server stacked "stacked projections" "base,8 merges" MEDLEY_STACK_PROJECTIONS=1
-  for kernels in fused grouped; do
+  for kernels in fused fused-grouped grouped; do
     if kernels_passed "$kernels"; then
       optional "$kernels LoRA kernels server" variant_server "$kernels" "$kernels LoRA kernels" \
         "1 adapter,8 merges" "MEDLEY_LORA_BGMV=$kernels"

@@ -41,6 +41,49 @@
 
 #include "common.cuh"
 
+// The fused kernels (shrink and expand in one launch, see below): factor values an expand
+// thread loads before it waits, their counters ahead of the per-row (per-adapter) ones, and the
+// longest wait (about 20 s at 1.7 GHz) before a launch traps (fails with an error) rather than
+// hang on counters that are wrong.
+#define FUSED_PREFETCH 16
+#define FUSED_SYNC_WORDS 2
+#define SPIN_LIMIT_CYCLES (1ll << 35)
+
+// Waits until *counter reaches target (one thread), then fences so that what the counted
+// blocks wrote before counting is visible.
+__device__ __forceinline__ void wait_count(const uint32_t* counter, uint32_t target) {
+  const volatile uint32_t* c = counter;
+  const long long start = clock64();
+  while (*c < target) {
+    __nanosleep(32);
+    if (clock64() - start > SPIN_LIMIT_CYCLES) __trap();
+  }
+  __threadfence();
+}
+
+// A fused launch's ticket: blocks count themselves in the order they start (the first block to
+// start takes 0). Contains a barrier.
+__device__ __forceinline__ uint32_t take_ticket(uint32_t* sync) {
+  __shared__ uint32_t ticket;
+  if (threadIdx.x == 0) ticket = atomicAdd(&sync[0], 1u);
+  __syncthreads();
+  return ticket;
+}
+
+// The end of a fused launch's block: the last block to finish clears the launch's `words`
+// counters for the next launch on the stream. Contains barriers.
+__device__ __forceinline__ void finish_fused(uint32_t* sync, uint32_t words) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&sync[1], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last)
+    for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) sync[w] = 0;
+}
+
 // The sum of adapter i's ranks over its parts (its row length in t).
 __device__ __forceinline__ uint32_t total_rank(const uint32_t* ranks, uint32_t i, uint32_t parts) {
   uint32_t r = 0;
@@ -233,22 +276,25 @@ __device__ __forceinline__ uint32_t rows_of_adapter(const uint32_t* __restrict__
   return count;
 }
 
+// The grouped shrink's work for adapter i, rank block jy (WARPS values of j) and split z.
+// Contains a barrier first, none after it: call it from every thread of the block.
 template <typename T>
-__device__ void bgmv_shrink_grouped(const T* __restrict__ x, const uint32_t* row_adapter,
+__device__ void grouped_shrink_item(const T* __restrict__ x, const uint32_t* row_adapter,
                                     const float* const* a, const uint32_t* ranks, uint32_t parts,
                                     float* __restrict__ t, uint32_t in, uint32_t t_stride,
-                                    uint32_t rows, uint32_t split_len) {
+                                    uint32_t rows, uint32_t split_len, uint32_t i, uint32_t jy,
+                                    uint32_t z) {
   extern __shared__ uint32_t list[];
-  uint32_t i = blockIdx.x, e, jr;
+  uint32_t e, jr;
   uint32_t n = rows_of_adapter(row_adapter, rows, i, list);
-  uint32_t j = blockIdx.y * WARPS + threadIdx.x / 32;
+  uint32_t j = jy * WARPS + threadIdx.x / 32;
   // Uniform over the warp: no barrier follows.
   if (n == 0 || !rank_entry(ranks, i, parts, j, &e, &jr)) return;
   uint32_t lane = threadIdx.x % 32;
-  uint32_t k0 = min(blockIdx.z * split_len, in);
+  uint32_t k0 = min(z * split_len, in);
   uint32_t k1 = min(k0 + split_len, in);
   const float* ar = a[e] + (size_t)jr * in;
-  float* tz = t + (size_t)blockIdx.z * rows * t_stride;
+  float* tz = t + (size_t)z * rows * t_stride;
   for (uint32_t g0 = 0; g0 < n; g0 += GROUP_ROWS) {
     uint32_t gn = min(n - g0, (uint32_t)GROUP_ROWS);
     const T* xr[GROUP_ROWS];
@@ -285,26 +331,40 @@ __device__ void bgmv_shrink_grouped(const T* __restrict__ x, const uint32_t* row
   }
 }
 
+// The grouped expand's work for adapter i and column block ob. With `ready` (a fused launch),
+// first waits until *ready reaches ready_target (the adapter's shrink items are done); the
+// thread's first FUSED_PREFETCH factor values are loaded before that, and serve every group of
+// rows. t is read through L2 (__ldcg: in a fused launch other blocks wrote it). Contains
+// barriers: call it from every thread of the block.
 template <typename T>
-__device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t* row_adapter,
+__device__ void grouped_expand_item(const float* t, const uint32_t* row_adapter,
                                     const float* const* b_t, const uint32_t* ranks,
                                     uint32_t parts, const uint32_t* col_ends,
                                     T* __restrict__ y, uint32_t out, uint32_t t_stride,
-                                    uint32_t y_stride, uint32_t rows, uint32_t splits) {
+                                    uint32_t y_stride, uint32_t rows, uint32_t splits,
+                                    uint32_t i, uint32_t ob, const uint32_t* ready,
+                                    uint32_t ready_target) {
   extern __shared__ uint32_t list[];
   __shared__ float trows[GROUP_ROWS][MAX_PARTS * MAX_RANK];
-  uint32_t i = blockIdx.x;
   uint32_t n = rows_of_adapter(row_adapter, rows, i, list);
   if (n == 0) return;  // uniform over the block
   const uint32_t rank = total_rank(ranks, i, parts);
-  const uint32_t o = blockIdx.y * blockDim.x + threadIdx.x;
+  const uint32_t o = ob * blockDim.x + threadIdx.x;
   // The thread's column: its part, and that part's factors for this adapter.
   uint32_t start = 0, width = 0, offset = 0, part_rank = 0;
   const float* b = nullptr;
+  float bpre[FUSED_PREFETCH];
   if (o < out) {
     const uint32_t p = column_part(col_ends, ranks, i, parts, o, &start, &width, &offset);
     part_rank = ranks[i * parts + p];
     b = b_t[i * parts + p] + (o - start);
+#pragma unroll
+    for (uint32_t j = 0; j < FUSED_PREFETCH; ++j)
+      if (j < part_rank) bpre[j] = b[(size_t)j * width];
+  }
+  if (ready != nullptr) {
+    if (threadIdx.x == 0) wait_count(ready, ready_target);
+    __syncthreads();
   }
   for (uint32_t g0 = 0; g0 < n; g0 += GROUP_ROWS) {
     uint32_t gn = min(n - g0, (uint32_t)GROUP_ROWS);
@@ -313,7 +373,7 @@ __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t*
       uint32_t g = el / rank, j = el % rank;
       const float* tp = t + (size_t)list[g0 + g] * t_stride + j;
       float sum = 0.f;
-      for (uint32_t z = 0; z < splits; ++z) sum += tp[(size_t)z * rows * t_stride];
+      for (uint32_t z = 0; z < splits; ++z) sum += __ldcg(tp + (size_t)z * rows * t_stride);
       trows[g][j] = sum;
     }
     __syncthreads();
@@ -321,7 +381,15 @@ __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t*
     float acc[GROUP_ROWS];
 #pragma unroll
     for (uint32_t g = 0; g < GROUP_ROWS; ++g) acc[g] = 0.f;
-    for (uint32_t j = 0; j < part_rank; ++j) {
+#pragma unroll
+    for (uint32_t j = 0; j < FUSED_PREFETCH; ++j) {
+      if (j < part_rank) {
+#pragma unroll
+        for (uint32_t g = 0; g < GROUP_ROWS; ++g)
+          if (g < gn) acc[g] += trows[g][offset + j] * bpre[j];
+      }
+    }
+    for (uint32_t j = FUSED_PREFETCH; j < part_rank; ++j) {
       float bv = b[(size_t)j * width];
 #pragma unroll
       for (uint32_t g = 0; g < GROUP_ROWS; ++g)
@@ -352,36 +420,14 @@ __device__ void bgmv_expand_grouped(const float* __restrict__ t, const uint32_t*
 // per row), zero before the launch; the last block to finish sets them back to zero for the
 // next launch on the stream. t: [rows, t_stride] as for the per-row kernels.
 
-#define FUSED_PREFETCH 16
-#define FUSED_SYNC_WORDS 2
-// A wait longer than this (about 20 s at 1.7 GHz) means the counters are wrong: trap (the
-// launch fails with an error) rather than hang.
-#define SPIN_LIMIT_CYCLES (1ll << 35)
-
-// Waits until *counter reaches target (one thread), then fences so that what the counted
-// blocks wrote before counting is visible.
-__device__ __forceinline__ void wait_count(const uint32_t* counter, uint32_t target) {
-  const volatile uint32_t* c = counter;
-  const long long start = clock64();
-  while (*c < target) {
-    __nanosleep(32);
-    if (clock64() - start > SPIN_LIMIT_CYCLES) __trap();
-  }
-  __threadfence();
-}
-
 template <typename T>
 __device__ void bgmv_fused(const T* __restrict__ x, const uint32_t* row_adapter,
                            const float* const* a, const float* const* b_t, const uint32_t* ranks,
                            uint32_t parts, const uint32_t* col_ends, float* t, T* y, uint32_t in,
                            uint32_t out, uint32_t t_stride, uint32_t y_stride, uint32_t rows,
                            uint32_t max_rank, uint32_t* sync) {
-  __shared__ uint32_t ticket_s;
-  __shared__ bool last_s;
   __shared__ float trow[MAX_PARTS * MAX_RANK];
-  if (threadIdx.x == 0) ticket_s = atomicAdd(&sync[0], 1u);
-  __syncthreads();
-  const uint32_t ticket = ticket_s;
+  const uint32_t ticket = take_ticket(sync);
   uint32_t* row_done = sync + FUSED_SYNC_WORDS;
   const uint32_t shrinks = rows * max_rank;
   if (ticket < shrinks) {
@@ -434,15 +480,47 @@ __device__ void bgmv_fused(const T* __restrict__ x, const uint32_t* row_adapter,
       }
     }
   }
-  // The last block to finish clears the counters for the next launch.
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  finish_fused(sync, FUSED_SYNC_WORDS + rows);
+}
+
+// ---- Fused grouped BGMV ---------------------------------------------------------------------
+// The grouped kernels' items in one launch, ticketed as in bgmv_fused: first the shrink items
+// (adapter i, rank block jy of WARPS values, split z of `in`), then the expand items (adapter i,
+// column block ob). An expand item finds its adapter's rows and loads its first factor values,
+// then waits until the adapter's counter has all of its shrink items.
+//
+// grid (adapters * ceil(max_rank / WARPS) * splits + adapters * ceil(out / EXPAND_THREADS)),
+// block 32 * WARPS (= EXPAND_THREADS), dynamic shared memory rows * 4 bytes. t: [splits][rows]
+// [t_stride] as for the grouped kernels. sync: FUSED_SYNC_WORDS + adapters u32 counters, zero
+// before the launch, zero again after it.
+template <typename T>
+__device__ void bgmv_fused_grouped(const T* x, const uint32_t* row_adapter, const float* const* a,
+                                   const float* const* b_t, const uint32_t* ranks, uint32_t parts,
+                                   const uint32_t* col_ends, float* t, T* y, uint32_t in,
+                                   uint32_t out, uint32_t t_stride, uint32_t y_stride,
+                                   uint32_t rows, uint32_t adapters, uint32_t max_rank,
+                                   uint32_t splits, uint32_t split_len, uint32_t* sync) {
+  const uint32_t ticket = take_ticket(sync);
+  uint32_t* adapter_done = sync + FUSED_SYNC_WORDS;
+  const uint32_t per_adapter = (max_rank + WARPS - 1) / WARPS * splits;
+  const uint32_t shrinks = adapters * per_adapter;
+  if (ticket < shrinks) {
+    const uint32_t i = ticket / per_adapter, item = ticket % per_adapter;
+    grouped_shrink_item<T>(x, row_adapter, a, ranks, parts, t, in, t_stride, rows, split_len, i,
+                           item / splits, item % splits);
+    // Each warp's lane 0 wrote its rows' values: every writer fences before the item counts.
     __threadfence();
-    last_s = atomicAdd(&sync[1], 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(&adapter_done[i], 1u);
+  } else {
+    const uint32_t k = ticket - shrinks, col_blocks = (out + blockDim.x - 1) / blockDim.x;
+    const uint32_t i = k / col_blocks;
+    if (i < adapters)
+      grouped_expand_item<T>(t, row_adapter, b_t, ranks, parts, col_ends, y, out, t_stride,
+                             y_stride, rows, splits, i, k % col_blocks, &adapter_done[i],
+                             per_adapter);
   }
-  __syncthreads();
-  if (last_s)
-    for (uint32_t w = threadIdx.x; w < FUSED_SYNC_WORDS + rows; w += blockDim.x) sync[w] = 0;
+  finish_fused(sync, FUSED_SYNC_WORDS + adapters);
 }
 
 #define LORA_ENTRY_POINTS(SUFFIX, T)                                                            \
@@ -472,14 +550,15 @@ __device__ void bgmv_fused(const T* __restrict__ x, const uint32_t* row_adapter,
       const T* x, const uint32_t* row_adapter, const float* const* a, const uint32_t* ranks,    \
       uint32_t parts, float* t, uint32_t in, uint32_t t_stride, uint32_t rows,                  \
       uint32_t split_len) {                                                                     \
-    bgmv_shrink_grouped<T>(x, row_adapter, a, ranks, parts, t, in, t_stride, rows, split_len);  \
+    grouped_shrink_item<T>(x, row_adapter, a, ranks, parts, t, in, t_stride, rows, split_len,   \
+                           blockIdx.x, blockIdx.y, blockIdx.z);                                 \
   }                                                                                             \
   extern "C" __global__ void medley_bgmv_expand_grouped_##SUFFIX(                               \
       const float* t, const uint32_t* row_adapter, const float* const* b_t,                     \
       const uint32_t* ranks, uint32_t parts, const uint32_t* col_ends, T* y, uint32_t out,      \
       uint32_t t_stride, uint32_t y_stride, uint32_t rows, uint32_t splits) {                   \
-    bgmv_expand_grouped<T>(t, row_adapter, b_t, ranks, parts, col_ends, y, out, t_stride,       \
-                           y_stride, rows, splits);                                             \
+    grouped_expand_item<T>(t, row_adapter, b_t, ranks, parts, col_ends, y, out, t_stride,       \
+                           y_stride, rows, splits, blockIdx.x, blockIdx.y, nullptr, 0);         \
   }                                                                                             \
   extern "C" __global__ void medley_bgmv_fused_##SUFFIX(                                        \
       const T* x, const uint32_t* row_adapter, const float* const* a, const float* const* b_t,  \
@@ -488,6 +567,16 @@ __device__ void bgmv_fused(const T* __restrict__ x, const uint32_t* row_adapter,
       uint32_t max_rank, uint32_t* sync) {                                                      \
     bgmv_fused<T>(x, row_adapter, a, b_t, ranks, parts, col_ends, t, y, in, out, t_stride,      \
                   y_stride, rows, max_rank, sync);                                              \
+  }                                                                                             \
+  extern "C" __global__ void medley_bgmv_fused_grouped_##SUFFIX(                                \
+      const T* x, const uint32_t* row_adapter, const float* const* a, const float* const* b_t,  \
+      const uint32_t* ranks, uint32_t parts, const uint32_t* col_ends, float* t, T* y,          \
+      uint32_t in, uint32_t out, uint32_t t_stride, uint32_t y_stride, uint32_t rows,           \
+      uint32_t adapters, uint32_t max_rank, uint32_t splits, uint32_t split_len,                \
+      uint32_t* sync) {                                                                         \
+    bgmv_fused_grouped<T>(x, row_adapter, a, b_t, ranks, parts, col_ends, t, y, in, out,        \
+                          t_stride, y_stride, rows, adapters, max_rank, splits, split_len,      \
+                          sync);                                                                \
   }
 
 LORA_ENTRY_POINTS(f32, float)

@@ -46,7 +46,7 @@ const ATTENTION_NAMES: [[&str; 3]; 3] =
 const LORA_NAMES: [[&str; 3]; 4] =
     names_by_dtype!("bgmv_shrink", "sgmv_shrink", "bgmv_expand", "sgmv_expand");
 const GROUPED_NAMES: [[&str; 3]; 2] = names_by_dtype!("bgmv_shrink_grouped", "bgmv_expand_grouped");
-const FUSED_BGMV_NAMES: [[&str; 3]; 1] = names_by_dtype!("bgmv_fused");
+const FUSED_BGMV_NAMES: [[&str; 3]; 2] = names_by_dtype!("bgmv_fused", "bgmv_fused_grouped");
 
 /// The fused kernel names for activations of type `dtype` (one of [`FUSED_DTYPES`]): RMSNorm,
 /// SiLU·mul, residual add + RMSNorm.
@@ -122,8 +122,15 @@ pub fn fused_bgmv_kernel_name(dtype: &str) -> &'static str {
     pick(&FUSED_BGMV_NAMES, dtype)[0]
 }
 
-/// The fused BGMV kernel's counters ahead of its per-row ones (a launch over `rows` rows needs
-/// `FUSED_BGMV_SYNC_WORDS + rows` u32, zero before it; it leaves them zero).
+/// The fused grouped BGMV kernel's name for activations of type `dtype` (one of [`DTYPES`]):
+/// the grouped shrink and expand in one launch.
+pub fn fused_grouped_kernel_name(dtype: &str) -> &'static str {
+    pick(&FUSED_BGMV_NAMES, dtype)[1]
+}
+
+/// The fused BGMV kernels' counters ahead of their per-row (fused grouped: per-adapter) ones (a
+/// launch over `rows` rows needs `FUSED_BGMV_SYNC_WORDS + rows` u32, zero before it; it leaves
+/// them zero).
 pub const FUSED_BGMV_SYNC_WORDS: usize = 2;
 
 /// Most rows a fused BGMV launch takes (the size of its per-row counters).
@@ -138,6 +145,21 @@ pub fn fused_bgmv_launch(
 ) -> ((u32, u32, u32), (u32, u32, u32)) {
     let items = rows * (max_rank.max(1) + out_features.div_ceil(256).max(1));
     ((items.max(1), 1, 1), (256, 1, 1))
+}
+
+/// The `(grid, block, shared bytes)` of a fused grouped BGMV launch over `rows` rows of
+/// `adapters` adapters whose shrink splits the input `splits` ways ([`grouped_splits`]): the
+/// grouped shrink's blocks then the grouped expand's, in one dimension.
+pub fn fused_grouped_launch(
+    adapters: u32,
+    max_rank: u32,
+    splits: u32,
+    out_features: u32,
+    rows: u32,
+) -> ((u32, u32, u32), (u32, u32, u32), u32) {
+    let ((sx, sy, sz), block, shared) = grouped_shrink_launch(adapters, max_rank, splits, rows);
+    let ((ex, ey, _), _, _) = grouped_expand_launch(adapters, out_features, rows);
+    ((sx * sy * sz + ex * ey, 1, 1), block, shared)
 }
 
 /// Most rows a grouped BGMV launch takes (their list sits in shared memory, 4 bytes a row).
@@ -284,6 +306,11 @@ mod tests {
         // 32 rows of rank 16 into 4096 outputs: 512 shrink items and 512 expand items.
         assert_eq!(fused_bgmv_launch(32, 16, 4096), ((1024, 1, 1), (256, 1, 1)));
         assert_eq!(fused_bgmv_launch(3, 0, 257), ((9, 1, 1), (256, 1, 1)));
+        // 8 adapters of rank 16 split 16 ways: 8 × 2 × 16 shrink blocks, 8 × 16 expand blocks.
+        assert_eq!(
+            fused_grouped_launch(8, 16, 16, 4096, 32),
+            ((384, 1, 1), (256, 1, 1), 128)
+        );
     }
 
     #[test]
@@ -303,6 +330,10 @@ mod tests {
         );
         assert_eq!(fused_bgmv_kernel_name("f16"), "medley_bgmv_fused_f16");
         assert_eq!(fused_bgmv_kernel_name("u8"), NO_SUCH_DTYPE);
+        assert_eq!(
+            fused_grouped_kernel_name("bf16"),
+            "medley_bgmv_fused_grouped_bf16"
+        );
         assert_eq!(attention_kernel_names("f16")[2], "medley_rope_kv_write_f16");
         assert_eq!(fused_kernel_names("bf16")[0], "medley_rms_norm_bf16");
         assert_eq!(fused_kernel_names("i64"), [NO_SUCH_DTYPE; 3]);

@@ -417,6 +417,8 @@ VARIANT_SERVERS = [
     ("stacked", "with q/k/v and gate/up as one matmul each (MEDLEY_STACK_PROJECTIONS=1"),
     ("fused", "through the fused BGMV kernel, shrink and expand in one launch "
               "(MEDLEY_LORA_BGMV=fused"),
+    ("fused-grouped", "through the fused grouped BGMV kernel, the grouped shrink and expand in "
+                      "one launch (MEDLEY_LORA_BGMV=fused-grouped"),
     ("grouped", "through the grouped BGMV kernels (MEDLEY_LORA_BGMV=grouped"),
 ]
 

@@ -8,6 +8,7 @@
   MEDLEY_EMU_KERNEL(medley_bgmv_shrink_##S), MEDLEY_EMU_KERNEL(medley_sgmv_shrink_##S),   \
       MEDLEY_EMU_KERNEL(medley_bgmv_expand_##S), MEDLEY_EMU_KERNEL(medley_sgmv_expand_##S), \
       MEDLEY_EMU_KERNEL(medley_bgmv_shrink_grouped_##S),                                  \
-      MEDLEY_EMU_KERNEL(medley_bgmv_expand_grouped_##S), MEDLEY_EMU_KERNEL(medley_bgmv_fused_##S)
+      MEDLEY_EMU_KERNEL(medley_bgmv_expand_grouped_##S), MEDLEY_EMU_KERNEL(medley_bgmv_fused_##S),  \
+      MEDLEY_EMU_KERNEL(medley_bgmv_fused_grouped_##S)
 
 MEDLEY_EMU_REGISTRY(lora, LORA_KERNELS(f32), LORA_KERNELS(bf16), LORA_KERNELS(f16))

@@ -1,5 +1,5 @@
 //! `kernels/cuda/lora.cu` on the CPU emulator against `medley_kernels::reference` (f64
-//! accumulation): every entry point (BGMV per row, grouped and fused, SGMV), f32/bf16/f16 activations
+//! accumulation): every entry point (BGMV per row, grouped, fused and fused grouped, SGMV), f32/bf16/f16 activations
 //! with f32 factors, launched with the shapes the GPU launcher computes
 //! (`medley_kernels::launch`). The intermediate starts as NaN, so an expand that reads an entry
 //! no shrink wrote poisons its rows; rows without an adapter must stay unchanged bit for bit.
@@ -10,8 +10,8 @@
 
 use medley_kernels::launch::{
     FUSED_BGMV_SYNC_WORDS, expand_launch, fused_bgmv_kernel_name, fused_bgmv_launch,
-    grouped_expand_launch, grouped_kernel_names, grouped_shrink_launch, grouped_splits,
-    kernel_names, segment_triples, shrink_launch,
+    fused_grouped_kernel_name, fused_grouped_launch, grouped_expand_launch, grouped_kernel_names,
+    grouped_shrink_launch, grouped_splits, kernel_names, segment_triples, shrink_launch,
 };
 use medley_kernels::testing::{heavy_decode_table, part_factors, reference_parts, values};
 use medley_kernels::{NO_ADAPTER, RowMapping, Segment};
@@ -26,6 +26,8 @@ enum Mapping {
     Grouped(Vec<u32>),
     /// BGMV through the fused kernel (shrink and expand in one launch).
     Fused(Vec<u32>),
+    /// BGMV through the fused grouped kernel (the grouped shrink and expand in one launch).
+    FusedGrouped(Vec<u32>),
     /// SGMV over segments.
     Segments(Vec<Segment>),
 }
@@ -33,7 +35,9 @@ enum Mapping {
 impl Mapping {
     fn kernel_rows(&self) -> RowMapping<'_> {
         match self {
-            Self::PerRow(t) | Self::Grouped(t) | Self::Fused(t) => RowMapping::PerRow(t),
+            Self::PerRow(t) | Self::Grouped(t) | Self::Fused(t) | Self::FusedGrouped(t) => {
+                RowMapping::PerRow(t)
+            }
             Self::Segments(s) => RowMapping::Segments(s),
         }
     }
@@ -87,6 +91,7 @@ impl Case {
             Mapping::PerRow(_) => "bgmv",
             Mapping::Grouped(_) => "bgmv grouped",
             Mapping::Fused(_) => "bgmv fused",
+            Mapping::FusedGrouped(_) => "bgmv fused grouped",
             Mapping::Segments(_) => "sgmv",
         }
     }
@@ -151,7 +156,9 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
         })
         .collect();
     let mut map: Vec<u32> = match &case.mapping {
-        Mapping::PerRow(t) | Mapping::Grouped(t) | Mapping::Fused(t) => t.to_vec(),
+        Mapping::PerRow(t) | Mapping::Grouped(t) | Mapping::Fused(t) | Mapping::FusedGrouped(t) => {
+            t.to_vec()
+        }
         Mapping::Segments(s) => segment_triples(s),
     };
     let max_total = case
@@ -169,17 +176,32 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
     let (mut a_p, mut b_p) = (a_ptrs.as_mut_ptr(), b_ptrs.as_mut_ptr());
     let (mut ranks_p, mut map_p) = (ranks.as_mut_ptr(), map.as_mut_ptr());
     let mut ends_p = col_ends.as_mut_ptr();
-    if matches!(case.mapping, Mapping::Fused(_)) {
-        let (grid, block) = fused_bgmv_launch(rows as u32, t_stride, out_f);
-        let mut shape = (grid, block, 0);
+    if matches!(case.mapping, Mapping::Fused(_) | Mapping::FusedGrouped(_)) {
+        let grouped = matches!(case.mapping, Mapping::FusedGrouped(_));
+        let (rows_u, n) = (rows as u32, case.ranks.len() as u32);
+        let (splits, mut split_len) = grouped_splits(n, t_stride, in_f);
+        let (name, mut shape, t_len) = if grouped {
+            (
+                fused_grouped_kernel_name(T::SUFFIX),
+                fused_grouped_launch(n, t_stride, splits, out_f, rows_u),
+                splits as usize * rows * max_total,
+            )
+        } else {
+            let (grid, block) = fused_bgmv_launch(rows_u, t_stride, out_f);
+            (
+                fused_bgmv_kernel_name(T::SUFFIX),
+                (grid, block, 0),
+                rows * max_total,
+            )
+        };
         if case.short_expand {
             shape.0.0 -= 1;
         }
-        let mut t = vec![f32::NAN; rows * max_total];
+        let mut t = vec![f32::NAN; t_len];
         let mut t_p = t.as_mut_ptr();
         let mut sync = vec![0u32; FUSED_BGMV_SYNC_WORDS + rows];
         let mut sync_p = sync.as_mut_ptr();
-        let (mut rows_u, mut max_rank) = (rows as u32, t_stride);
+        let (mut rows_u, mut max_rank, mut n, mut splits) = (rows_u, t_stride, n, splits);
         let mut params = vec![
             param(&mut x_p),
             param(&mut map_p),
@@ -195,12 +217,20 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
             param(&mut stride),
             param(&mut y_stride_u),
             param(&mut rows_u),
-            param(&mut max_rank),
-            param(&mut sync_p),
         ];
-        let name = fused_bgmv_kernel_name(T::SUFFIX);
-        // SAFETY: the parameters are the kernel's, in order; t holds rows × t_stride values, y
-        // rows × y_stride, sync FUSED_BGMV_SYNC_WORDS + rows zeros.
+        if grouped {
+            params.extend([
+                param(&mut n),
+                param(&mut max_rank),
+                param(&mut splits),
+                param(&mut split_len),
+            ]);
+        } else {
+            params.push(param(&mut max_rank));
+        }
+        params.push(param(&mut sync_p));
+        // SAFETY: the parameters are the kernel's, in order; t holds what its shrink writes, y
+        // rows × y_stride values, sync FUSED_BGMV_SYNC_WORDS + rows zeros (adapters <= rows).
         unsafe { launch(name, shape, &mut params) }.expect("fused");
         assert!(
             sync.iter().all(|&w| w == 0),
@@ -327,7 +357,8 @@ fn cases() -> Vec<Case> {
         for mapping in [
             Mapping::PerRow(table.clone()),
             Mapping::Grouped(table.clone()),
-            Mapping::Fused(table),
+            Mapping::Fused(table.clone()),
+            Mapping::FusedGrouped(table),
         ] {
             out.push(Case::single(32, 2048, 600, &ranks, mapping));
         }
@@ -368,6 +399,7 @@ fn cases() -> Vec<Case> {
         Mapping::PerRow(table.clone()),
         Mapping::Grouped(table.clone()),
         Mapping::Fused(table.clone()),
+        Mapping::FusedGrouped(table.clone()),
         Mapping::Segments(segments.clone()),
     ] {
         out.push(Case::single(9, 999, 77, &[16, 8], mapping));
@@ -376,7 +408,8 @@ fn cases() -> Vec<Case> {
     for mapping in [
         Mapping::PerRow(heavy.clone()),
         Mapping::Grouped(heavy.clone()),
-        Mapping::Fused(heavy),
+        Mapping::Fused(heavy.clone()),
+        Mapping::FusedGrouped(heavy),
     ] {
         out.push(Case::single(45, 1000, 333, &[8, 16, 64, 128], mapping));
     }
@@ -416,6 +449,7 @@ fn cases() -> Vec<Case> {
             Mapping::PerRow(table3.iter().copied().chain([0]).collect()),
             Mapping::Grouped(table3.iter().copied().chain([1]).collect()),
             Mapping::Fused(table3.iter().copied().chain([2]).collect()),
+            Mapping::FusedGrouped(table3.iter().copied().chain([0]).collect()),
             Mapping::Segments(segments3.clone()),
         ] {
             out.push(Case {
@@ -479,8 +513,13 @@ fn an_unknown_kernel_is_refused() {
 fn a_short_launch_is_caught() {
     for case in cases()
         .into_iter()
-        .filter(|c| matches!(c.mapping, Mapping::Grouped(_) | Mapping::Fused(_)))
-        .take(2)
+        .filter(|c| {
+            matches!(
+                c.mapping,
+                Mapping::Grouped(_) | Mapping::Fused(_) | Mapping::FusedGrouped(_)
+            )
+        })
+        .take(3)
     {
         let name = case.mapping_name();
         let short = Case {
@@ -497,7 +536,7 @@ fn a_short_launch_is_caught() {
 /// comparison sees both.
 #[test]
 fn a_wrong_row_stride_is_caught() {
-    for case in cases().into_iter().take(4) {
+    for case in cases().into_iter().take(5) {
         let name = case.mapping_name();
         let wrong = Case {
             ignore_stride: true,

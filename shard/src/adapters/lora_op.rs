@@ -201,8 +201,8 @@ pub fn add_lora_parts(
     candle_core::bail!("lora kernels: no implementation for {:?}", y.device())
 }
 
-/// The CUDA kernels a decode step's rows ([`KernelRows::PerRow`]) go through. The fused kernel
-/// also takes segment mappings of up to [`FUSED_SEGMENT_ROWS`] rows (a decode step whose
+/// The CUDA kernels a decode step's rows ([`KernelRows::PerRow`]) go through. The fused kernels
+/// also take segment mappings of up to [`FUSED_SEGMENT_ROWS`] rows (a decode step whose
 /// neighbouring rows share an adapter), as one adapter index per row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BgmvKernels {
@@ -215,9 +215,12 @@ pub enum BgmvKernels {
     /// The per-row shrink and expand in one launch (blocks take tickets; an expand block waits
     /// for its row's shrink blocks): one launch gap instead of two.
     Fused,
+    /// The grouped shrink and expand in one launch (an expand block waits for its adapter's
+    /// shrink blocks).
+    FusedGrouped,
 }
 
-/// Most rows of a segment mapping that [`BgmvKernels::Fused`] takes (per row, in one launch):
+/// Most rows of a segment mapping that the fused kernels ([`BgmvKernels::is_fused`]) take (per row, in one launch):
 /// a decode step's batch. Longer mappings (prefill) go through the SGMV kernels, whose blocks
 /// reuse an adapter's factor rows over several rows of its segment.
 pub const FUSED_SEGMENT_ROWS: usize = 64;
@@ -227,25 +230,27 @@ static BGMV_KERNELS: AtomicU8 = AtomicU8::new(0);
 
 impl BgmvKernels {
     /// All of them, for checks and benchmarks.
-    pub const ALL: [Self; 3] = [Self::PerRow, Self::Grouped, Self::Fused];
+    pub const ALL: [Self; 4] = [Self::PerRow, Self::Grouped, Self::Fused, Self::FusedGrouped];
 
     /// The kernels in use: [`set_bgmv_kernels`]'s choice, else `MEDLEY_LORA_BGMV` (`row`,
-    /// `grouped` or `fused`), else per-row (the kernels the GPU runs of 2026-12-04 checked end
+    /// `grouped`, `fused` or `fused-grouped`), else per-row (the kernels the GPU runs of 2026-12-04 checked end
     /// to end).
     pub fn current() -> Self {
         match BGMV_KERNELS.load(Ordering::Relaxed) {
             1 => Self::PerRow,
             2 => Self::Grouped,
             3 => Self::Fused,
+            4 => Self::FusedGrouped,
             _ => {
                 let chosen = match std::env::var("MEDLEY_LORA_BGMV").as_deref() {
                     Ok("grouped") => Self::Grouped,
                     Ok("fused") => Self::Fused,
+                    Ok("fused-grouped") => Self::FusedGrouped,
                     Ok("row") | Err(_) => Self::PerRow,
                     Ok(other) => {
                         tracing::warn!(
                             value = other,
-                            "MEDLEY_LORA_BGMV is row, grouped or fused; using row"
+                            "MEDLEY_LORA_BGMV is row, grouped, fused or fused-grouped; using row"
                         );
                         Self::PerRow
                     }
@@ -256,13 +261,21 @@ impl BgmvKernels {
         }
     }
 
-    /// A short name (`row`, `grouped`, `fused`), as `MEDLEY_LORA_BGMV` takes it.
+    /// A short name (`row`, `grouped`, `fused`, `fused-grouped`), as `MEDLEY_LORA_BGMV` takes
+    /// it.
     pub fn name(self) -> &'static str {
         match self {
             Self::PerRow => "row",
             Self::Grouped => "grouped",
             Self::Fused => "fused",
+            Self::FusedGrouped => "fused-grouped",
         }
+    }
+
+    /// Whether a decode step's LoRA product is one launch (and short segment mappings go per
+    /// row through it, see [`FUSED_SEGMENT_ROWS`]).
+    pub fn is_fused(self) -> bool {
+        matches!(self, Self::Fused | Self::FusedGrouped)
     }
 }
 
@@ -272,6 +285,7 @@ pub fn set_bgmv_kernels(kernels: BgmvKernels) {
         BgmvKernels::PerRow => 1,
         BgmvKernels::Grouped => 2,
         BgmvKernels::Fused => 3,
+        BgmvKernels::FusedGrouped => 4,
     };
     BGMV_KERNELS.store(code, Ordering::Relaxed);
 }

@@ -27,9 +27,9 @@ use candle_core::{
 };
 use medley_kernels::cuda::{
     FUSED_BGMV_MAX_ROWS, FUSED_BGMV_SYNC_WORDS, GROUPED_MAX_ROWS, LORA_PTX, MAX_RANK,
-    expand_launch, fused_bgmv_kernel_name, fused_bgmv_launch, grouped_expand_launch,
-    grouped_kernel_names, grouped_shrink_launch, grouped_splits, kernel_names, segment_triples,
-    shrink_launch,
+    expand_launch, fused_bgmv_kernel_name, fused_bgmv_launch, fused_grouped_kernel_name,
+    fused_grouped_launch, grouped_expand_launch, grouped_kernel_names, grouped_shrink_launch,
+    grouped_splits, kernel_names, segment_triples, shrink_launch,
 };
 
 use super::lora_op::{BgmvKernels, FUSED_SEGMENT_ROWS, KernelRows, LoraFactors, PartFactors};
@@ -176,9 +176,9 @@ pub(super) fn add_lora(
     }
     let y_rows = y.dims2()?.0;
     let kernels = BgmvKernels::current();
-    // The fused kernel takes a short segment mapping (a decode step whose neighbours share an
+    // The fused kernels take a short segment mapping (a decode step whose neighbours share an
     // adapter) one row at a time.
-    let per_row_segments = (kernels == BgmvKernels::Fused
+    let per_row_segments = (kernels.is_fused()
         && matches!(rows, KernelRows::Segments(_))
         && y_rows <= FUSED_SEGMENT_ROWS)
         .then(|| rows.per_row(y_rows));
@@ -211,16 +211,21 @@ pub(super) fn add_lora(
     );
     let factor_table: Vec<u64> = a_ptrs.into_iter().chain(b_ptrs).chain(words).collect();
     let words = map.len();
-    let kernels = if per_row {
+    // Segments, and more rows (or adapters) than a kernel set takes, go through the per-row
+    // (SGMV) launch pairs.
+    let fits = match kernels {
+        BgmvKernels::PerRow => true,
+        BgmvKernels::Grouped => units <= GROUPED_MAX_ROWS,
+        BgmvKernels::Fused => units <= FUSED_BGMV_MAX_ROWS,
+        BgmvKernels::FusedGrouped => units.max(n) <= FUSED_BGMV_MAX_ROWS,
+    };
+    let kernels = if per_row && fits {
         kernels
     } else {
         BgmvKernels::PerRow
     };
-    let grouped = kernels == BgmvKernels::Grouped && units <= GROUPED_MAX_ROWS;
-    let fused = kernels == BgmvKernels::Fused && units <= FUSED_BGMV_MAX_ROWS;
     let op = CudaLoraOp {
-        grouped,
-        fused,
+        kernels,
         factors: device_table(&FACTOR_TABLES, dev, factor_table)?,
         rows: device_table(&ROW_TABLES, dev, pack_words(map))?,
         words,
@@ -238,10 +243,8 @@ pub(super) fn add_lora(
 
 /// One `y += LoRA(x)` call on the GPU: the device tables and the launch sizes.
 struct CudaLoraOp {
-    /// Decode rows through the grouped BGMV kernels ([`BgmvKernels::Grouped`]).
-    grouped: bool,
-    /// Decode rows through the fused BGMV kernel ([`BgmvKernels::Fused`]).
-    fused: bool,
+    /// The kernels of decode rows (per-row for segments).
+    kernels: BgmvKernels,
     /// `adapters × parts` A pointers, as many Bᵀ pointers, then their ranks and the `parts`
     /// end columns as u32 words (little-endian, two to a u64).
     factors: Table,
@@ -315,71 +318,93 @@ impl CudaLoraOp {
         // A poisoned lock only means another thread panicked between launches: the buffers
         // hold nothing that outlives a call.
         let mut scratch = scratch.lock().unwrap_or_else(|e| e.into_inner());
-        if self.fused {
-            // Shrink and expand in one launch (see lora.cu): every (row, j) the expand reads is
-            // written by the launch's shrink items before their row's counter lets it read.
-            let (t, sync) = scratch.buffers(&dev, rows * t_stride as usize, true)?;
+        let (rows_u, n_u) = (rows as u32, n as u32);
+        if self.kernels.is_fused() {
+            // Shrink and expand in one launch (see lora.cu): every entry of t an expand block
+            // reads is written by the launch's shrink blocks before their row's (adapter's)
+            // counter lets it read.
+            let grouped = self.kernels == BgmvKernels::FusedGrouped;
+            let (splits, split_len) = if grouped {
+                grouped_splits(n_u, self.max_rank, in_f)
+            } else {
+                (1, 0)
+            };
+            let t_len = splits as usize * rows * t_stride as usize;
+            let (t, sync) = scratch.buffers(&dev, t_len, true)?;
             let Some(sync) = sync else {
-                candle_core::bail!("lora op: no counters for the fused kernel");
+                candle_core::bail!("lora op: no counters for the fused kernels");
             };
             // The kernel updates the counters through this view (device memory: no host
-            // reference aliases it).
-            let sync = sync.slice(0..FUSED_BGMV_SYNC_WORDS + rows);
-            let func = kernel(&dev, MODULE, LORA_PTX, fused_bgmv_kernel_name(suffix))?;
+            // reference aliases it): one per row, or per adapter (both at most
+            // FUSED_BGMV_MAX_ROWS: checked when the kernels were chosen).
+            let counters = if grouped { rows.max(n) } else { rows };
+            let sync = sync.slice(0..FUSED_BGMV_SYNC_WORDS + counters);
+            let (name, cfg) = if grouped {
+                (
+                    fused_grouped_kernel_name(suffix),
+                    fused_grouped_launch(n_u, self.max_rank, splits, out_f, rows_u),
+                )
+            } else {
+                let (grid, block) = fused_bgmv_launch(rows_u, self.max_rank, out_f);
+                (fused_bgmv_kernel_name(suffix), (grid, block, 0))
+            };
+            let func = kernel(&dev, MODULE, LORA_PTX, name)?;
             let mut launch = stream.launch_builder(&func);
+            launch.arg(&x).arg(&map).arg(&a).arg(&b).arg(&ranks);
             launch
-                .arg(&x)
-                .arg(&map)
-                .arg(&a)
-                .arg(&b)
-                .arg(&ranks)
-                .arg(&parts);
-            launch
+                .arg(&parts)
                 .arg(&col_ends)
                 .arg(t)
                 .arg(&mut y)
-                .arg(&in_f)
-                .arg(&out_f);
-            let rows_u = rows as u32;
+                .arg(&in_f);
             launch
+                .arg(&out_f)
                 .arg(&t_stride)
                 .arg(&y_stride)
-                .arg(&rows_u)
-                .arg(&self.max_rank);
+                .arg(&rows_u);
+            if grouped {
+                launch
+                    .arg(&n_u)
+                    .arg(&self.max_rank)
+                    .arg(&splits)
+                    .arg(&split_len);
+            } else {
+                launch.arg(&self.max_rank);
+            }
             launch.arg(&sync);
-            let shape = fused_bgmv_launch(rows_u, self.max_rank, out_f);
-            // SAFETY: the arguments match medley_bgmv_fused's signature in lora.cu; the
-            // operands are as for the two-launch kernels below, t has at least rows × t_stride
-            // elements, and sync FUSED_BGMV_SYNC_WORDS + rows zeroed counters (zero since
-            // allocation: every launch on this device's stream leaves them zero).
-            unsafe { launch.launch(config((shape.0, shape.1, 0))) }.w()?;
+            // SAFETY: the arguments match medley_bgmv_fused(_grouped)'s signature in lora.cu;
+            // the operands are as for the launch pairs below, t has at least splits × rows ×
+            // t_stride elements, and sync FUSED_BGMV_SYNC_WORDS + max(rows, adapters) zeroed
+            // counters (zero since allocation: every launch on this stream leaves them zero);
+            // the grouped kernel's shared memory holds `rows` u32.
+            unsafe { launch.launch(config(cfg)) }.w()?;
             return Ok(());
         }
         // The kernels and their launch shapes. The grouped ones split the input (the
         // intermediate holds one partial product per split) and take two more arguments each:
         // the rows, and the split length (shrink) or count (expand).
-        let (rows_u, n_u) = (rows as u32, n as u32);
-        let (shrink, expand, shrink_cfg, expand_cfg, grouped) = if self.grouped {
-            let (splits, split_len) = grouped_splits(n_u, self.max_rank, in_f);
-            let [shrink, expand] = grouped_kernel_names(suffix);
-            (
-                shrink,
-                expand,
-                grouped_shrink_launch(n_u, self.max_rank, splits, rows_u),
-                grouped_expand_launch(n_u, out_f, rows_u),
-                Some((splits, split_len)),
-            )
-        } else {
-            let names = kernel_names(suffix);
-            let (shrink, expand) = if self.per_row {
-                (names[0], names[2])
+        let (shrink, expand, shrink_cfg, expand_cfg, grouped) =
+            if self.kernels == BgmvKernels::Grouped {
+                let (splits, split_len) = grouped_splits(n_u, self.max_rank, in_f);
+                let [shrink, expand] = grouped_kernel_names(suffix);
+                (
+                    shrink,
+                    expand,
+                    grouped_shrink_launch(n_u, self.max_rank, splits, rows_u),
+                    grouped_expand_launch(n_u, out_f, rows_u),
+                    Some((splits, split_len)),
+                )
             } else {
-                (names[1], names[3])
+                let names = kernel_names(suffix);
+                let (shrink, expand) = if self.per_row {
+                    (names[0], names[2])
+                } else {
+                    (names[1], names[3])
+                };
+                let (sg, sb) = shrink_launch(self.units, self.max_rank, self.longest);
+                let (eg, eb) = expand_launch(self.units, out_f, self.longest);
+                (shrink, expand, (sg, sb, 0), (eg, eb, 0), None)
             };
-            let (sg, sb) = shrink_launch(self.units, self.max_rank, self.longest);
-            let (eg, eb) = expand_launch(self.units, out_f, self.longest);
-            (shrink, expand, (sg, sb, 0), (eg, eb, 0), None)
-        };
         let splits = grouped.map_or(1, |(splits, _)| splits);
         // The shrink writes t[split, row, j] for every split, mapped row and j below its
         // adapter's total rank before the expand reads exactly those entries.

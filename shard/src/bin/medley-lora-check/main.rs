@@ -89,16 +89,15 @@ fn lora_checks(
     println!("|---|---:|---|---:|---:|---:|---|");
     let mut all_ok = true;
     for (k, case) in cases::cases(device).into_iter().enumerate() {
-        // Segments go through the SGMV kernels, and through the fused BGMV kernel too when
-        // it takes them (short mappings, one row at a time).
+        // Segments go through the SGMV kernels, and through the fused BGMV kernels too when
+        // they take them (short mappings, one row at a time).
         let kernels: Vec<BgmvKernels> = match case.mapping {
             KernelRows::PerRow(_) => variants.to_vec(),
             KernelRows::Segments(_) => variants
                 .iter()
                 .copied()
                 .filter(|&v| {
-                    v == BgmvKernels::PerRow
-                        || (v == BgmvKernels::Fused && case.rows <= FUSED_SEGMENT_ROWS)
+                    v == BgmvKernels::PerRow || (v.is_fused() && case.rows <= FUSED_SEGMENT_ROWS)
                 })
                 .collect(),
         };
