@@ -202,7 +202,12 @@ report
 # --- 1b. LoRA kernels ---------------------------------------------------------------------------
 kernel_iters=200
 [ "$mode" = gpu ] || kernel_iters=3
-step "LoRA + attention kernels vs reference, bandwidth" 120 lora_kernels "$kernel_iters"
+step "LoRA + attention kernels vs reference, bandwidth" 120 \
+  lora_kernels "$kernel_iters" lora-kernels.md --bgmv row,grouped
+# The fused BGMV kernels (opt-in, not yet run on a GPU) in a process of their own: should one of
+# them fail (a trap ends the CUDA context), the established kernels' results above stand.
+step "fused LoRA kernels vs reference, bandwidth" 90 \
+  lora_kernels "$kernel_iters" lora-kernels-fused.md --bgmv fused,fused-grouped --lora-only
 # The paged attention kernel serves every GPU step below. Should its check fail (or crash), the
 # servers fall back to the per-sequence candle path, so the rest of the check still measures a
 # correct model, and the report says so.
@@ -334,8 +339,9 @@ variant_server() {
 }
 # kernels_passed NAME: every "(NAME)" row of the kernel table is ok.
 kernels_passed() {
-  grep -q "($1) .* | ok |\$" "$res/lora-kernels.md" 2>/dev/null \
-    && ! grep "($1)" "$res/lora-kernels.md" | grep -q 'FAIL'
+  local tables=("$res/lora-kernels.md" "$res/lora-kernels-fused.md")
+  cat "${tables[@]}" 2>/dev/null | grep -q "($1) .* | ok |\$" \
+    && ! cat "${tables[@]}" 2>/dev/null | grep "($1)" | grep -q 'FAIL'
 }
 # The opt-in speed-ups, most telling first, for the A/B that decides their defaults:
 # - both opt-ins together: q/k/v and gate/up as one matmul each (MEDLEY_STACK_PROJECTIONS=1;

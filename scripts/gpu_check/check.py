@@ -353,9 +353,10 @@ def report(args):
     env = os.path.join(d, "versions.txt")
     if os.path.exists(env):
         lines += ["## Versions", "", "```", open(env).read().strip(), "```", ""]
-    kernels = os.path.join(d, "lora-kernels.md")
-    if os.path.exists(kernels):
-        lines += [open(kernels).read().strip().replace("## ", "### "), ""]
+    for name in LORA_TABLES:
+        kernels = os.path.join(d, name)
+        if os.path.exists(kernels):
+            lines += [open(kernels).read().strip().replace("## ", "### "), ""]
     lines += [f"## Greedy tokens ({STEPS} per prompt, 2 prompts; base, adapter a0, TIES merge a0+a1+a2)", "",
               "| comparison | requirement | base | adapter | ties | result |", "|---|---|---|---|---|---|"]
     for f in sorted(x for x in os.listdir(d) if x.startswith("compare-")):
@@ -446,6 +447,11 @@ def speed_table(title, keys, rows):
     return lines + [""]
 
 
+# medley-lora-check's reports: the established kernels (and attention, fused, greedy), then the
+# fused BGMV kernels in a run of their own (gpu-check.sh step 1b).
+LORA_TABLES = ["lora-kernels.md", "lora-kernels-fused.md"]
+
+
 def lora_bandwidth_rows(path):
     """The header and rows (lists of cells) of medley-lora-check's bandwidth table."""
     rows, head = [], None
@@ -469,15 +475,21 @@ def targets(d):
         except ValueError:
             return None
 
-    out = []
-    kernels = os.path.join(d, "lora-kernels.md")
-    if os.path.exists(kernels):
+    out, seen = [], set()
+    for name in LORA_TABLES:
+        kernels = os.path.join(d, name)
+        if not os.path.exists(kernels):
+            continue
         head, rows = lora_bandwidth_rows(kernels)
         share_cols = [i for i, h in enumerate(head) if h == "of copy"]  # host-paced, then GPU
         # One line per kernel set (the `kernels` column; older tables have none).
         kcol = head.index("kernels") if "kernels" in head else None
         sets = list(dict.fromkeys(r[kcol] for r in rows)) if kcol is not None else [None]
         for kset in sets:
+            # A set measured by both runs (the CPU's one set) counts once.
+            if kset in seen:
+                continue
+            seen.add(kset)
             at32 = [r for r in rows if r[head.index("rows")] == "32"
                     and (kcol is None or r[kcol] == kset)]
             for label, col in zip(("host-paced", "GPU time"), share_cols):

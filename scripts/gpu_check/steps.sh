@@ -16,13 +16,16 @@ make_fixtures() {
   du -sh "$model" "$adapters"
 }
 
-# lora_kernels ITERS: the batched LoRA kernels against the reference loops, and their bandwidth
-# (ITERS timed calls per row) -> lora-kernels.md.
+# lora_kernels ITERS FILE [ARGS...]: the batched LoRA kernels against the reference loops, and
+# their bandwidth (ITERS timed calls per row), medley-lora-check's other ARGS passed on -> FILE.
 lora_kernels() {
-  "$work/bin/medley-lora-check" --device "$device" --bench --iters "$1" >"$res/lora-kernels.md.tmp"
+  local iters="$1" file="$2"
+  shift 2
+  "$work/bin/medley-lora-check" --device "$device" --bench --iters "$iters" "$@" \
+    >"$res/$file.tmp"
   local rc=$?
-  mv "$res/lora-kernels.md.tmp" "$res/lora-kernels.md"
-  cat "$res/lora-kernels.md"
+  mv "$res/$file.tmp" "$res/$file"
+  cat "$res/$file"
   return $rc
 }
 

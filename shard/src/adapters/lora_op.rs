@@ -225,40 +225,38 @@ pub enum BgmvKernels {
 /// reuse an adapter's factor rows over several rows of its segment.
 pub const FUSED_SEGMENT_ROWS: usize = 64;
 
-/// [`BgmvKernels`] in use: 0 until first asked, then 1 + its index.
+/// [`BgmvKernels`] in use: 0 until first asked, then 1 + its index in [`BgmvKernels::ALL`].
 static BGMV_KERNELS: AtomicU8 = AtomicU8::new(0);
 
 impl BgmvKernels {
     /// All of them, for checks and benchmarks.
     pub const ALL: [Self; 4] = [Self::PerRow, Self::Grouped, Self::Fused, Self::FusedGrouped];
 
-    /// The kernels in use: [`set_bgmv_kernels`]'s choice, else `MEDLEY_LORA_BGMV` (`row`,
-    /// `grouped`, `fused` or `fused-grouped`), else per-row (the kernels the GPU runs of 2026-12-04 checked end
+    /// The kernels in use: [`set_bgmv_kernels`]'s choice, else `MEDLEY_LORA_BGMV` (one of the
+    /// [`name`](Self::name)s), else per-row (the kernels the GPU runs of 2026-12-04 checked end
     /// to end).
     pub fn current() -> Self {
-        match BGMV_KERNELS.load(Ordering::Relaxed) {
-            1 => Self::PerRow,
-            2 => Self::Grouped,
-            3 => Self::Fused,
-            4 => Self::FusedGrouped,
-            _ => {
-                let chosen = match std::env::var("MEDLEY_LORA_BGMV").as_deref() {
-                    Ok("grouped") => Self::Grouped,
-                    Ok("fused") => Self::Fused,
-                    Ok("fused-grouped") => Self::FusedGrouped,
-                    Ok("row") | Err(_) => Self::PerRow,
-                    Ok(other) => {
-                        tracing::warn!(
-                            value = other,
-                            "MEDLEY_LORA_BGMV is row, grouped, fused or fused-grouped; using row"
-                        );
-                        Self::PerRow
-                    }
-                };
-                set_bgmv_kernels(chosen);
-                chosen
-            }
+        let code = BGMV_KERNELS.load(Ordering::Relaxed);
+        if let Some(&kernels) = Self::ALL.get((code as usize).wrapping_sub(1)) {
+            return kernels;
         }
+        let chosen = match std::env::var("MEDLEY_LORA_BGMV") {
+            Err(_) => Self::PerRow,
+            Ok(value) => Self::from_name(&value).unwrap_or_else(|| {
+                tracing::warn!(
+                    value,
+                    "MEDLEY_LORA_BGMV is row, grouped, fused or fused-grouped; using row"
+                );
+                Self::PerRow
+            }),
+        };
+        set_bgmv_kernels(chosen);
+        chosen
+    }
+
+    /// The kernels of short name `name` ([`name`](Self::name)).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
     }
 
     /// A short name (`row`, `grouped`, `fused`, `fused-grouped`), as `MEDLEY_LORA_BGMV` takes
@@ -281,13 +279,8 @@ impl BgmvKernels {
 
 /// Makes the CUDA op run decode rows through `kernels` from now on (all threads).
 pub fn set_bgmv_kernels(kernels: BgmvKernels) {
-    let code = match kernels {
-        BgmvKernels::PerRow => 1,
-        BgmvKernels::Grouped => 2,
-        BgmvKernels::Fused => 3,
-        BgmvKernels::FusedGrouped => 4,
-    };
-    BGMV_KERNELS.store(code, Ordering::Relaxed);
+    let index = BgmvKernels::ALL.iter().position(|&k| k == kernels);
+    BGMV_KERNELS.store(index.map_or(0, |i| i as u8 + 1), Ordering::Relaxed);
 }
 
 /// Device tables the CUDA op has uploaded since the start: `(factor tables, row tables)`. Each
@@ -450,6 +443,24 @@ mod tests {
         let far = KernelRows::Segments(vec![seg(7, 2, 0)]);
         assert_eq!(far.per_row(3), KernelRows::PerRow(vec![NO_ADAPTER; 3]));
         assert_eq!(decode.per_row(4), decode);
+    }
+
+    #[test]
+    fn kernel_sets_round_trip_through_their_names() {
+        for k in BgmvKernels::ALL {
+            assert_eq!(BgmvKernels::from_name(k.name()), Some(k));
+        }
+        assert_eq!(
+            BgmvKernels::from_name("fused-grouped"),
+            Some(BgmvKernels::FusedGrouped)
+        );
+        assert_eq!(BgmvKernels::from_name("Row"), None);
+        let before = BgmvKernels::current();
+        for k in BgmvKernels::ALL {
+            set_bgmv_kernels(k);
+            assert_eq!(BgmvKernels::current(), k);
+        }
+        set_bgmv_kernels(before);
     }
 
     #[test]
