@@ -285,7 +285,7 @@ impl CudaLoraOp {
         let (Some((x0, x1)), Some(y_span)) = (xl.contiguous_offsets(), RowSpan::of(yl)) else {
             candle_core::bail!("lora op: x must be contiguous and y rows of contiguous columns");
         };
-        if self.units == 0 || rows == 0 {
+        if self.units == 0 || rows == 0 || out_features == 0 || in_features == 0 {
             return Ok(());
         }
         let dev = ys.device.clone();
