@@ -115,29 +115,27 @@ fn apply_kernels(
         y.contiguous()?
     };
     let adapter_of = |slot: u32| used.binary_search_by_key(&slot, |(s, _)| *s).ok();
-    let segments: Vec<Segment> = rows
-        .runs()
-        .iter()
-        .filter_map(|r| {
-            adapter_of(r.slot).map(|adapter| Segment {
-                start: r.start,
-                len: r.len,
-                adapter,
+    // Sized up front: a decode step makes one segment per row, and this runs for every
+    // projection of every layer.
+    let runs = rows.runs();
+    let mut segments = Vec::with_capacity(runs.len());
+    segments.extend(runs.iter().filter_map(|r| {
+        adapter_of(r.slot).map(|adapter| Segment {
+            start: r.start,
+            len: r.len,
+            adapter,
+        })
+    }));
+    let mut entries = Vec::with_capacity(used.len() * widths.len());
+    entries.extend(used.iter().flat_map(|(_, found)| {
+        found.iter().map(|m| {
+            m.map(|m| LoraFactors {
+                rank: m.rank,
+                a: &m.a,
+                b_t: &m.b_t,
             })
         })
-        .collect();
-    let entries = used
-        .iter()
-        .flat_map(|(_, found)| {
-            found.iter().map(|m| {
-                m.map(|m| LoraFactors {
-                    rank: m.rank,
-                    a: &m.a,
-                    b_t: &m.b_t,
-                })
-            })
-        })
-        .collect();
+    }));
     let factors = PartFactors {
         widths: widths.to_vec(),
         entries,

@@ -22,8 +22,10 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+
 use candle_core::{
     CudaDevice, CudaStorage, DType, Device, InplaceOp2, Layout, Storage, StorageRef, Tensor,
+    TensorId,
 };
 use medley_kernels::cuda::{
     FUSED_BGMV_MAX_ROWS, FUSED_BGMV_SYNC_WORDS, GROUPED_MAX_ROWS, LORA_PTX, MAX_RANK,
@@ -44,9 +46,22 @@ const MODULE: &str = "medley_lora";
 type Table = Arc<CudaSlice<u64>>;
 type Tables = Mutex<UploadCache<(DeviceId, Vec<u64>), Table>>;
 
+/// A factor table's key: per (adapter, part) entry the ids of its A and Bᵀ tensors and its rank
+/// (`None` without factors), then the parts' widths. Candle never reuses a tensor id within a
+/// process and a tensor's storage never moves, so the key names one table's content: a hit
+/// costs no storage lock and no pointer lookup, which a call with 8 adapters and 3 parts would
+/// otherwise take 48 of. An adapter evicted and another loaded in its place has new tensors,
+/// hence new ids.
+type FactorKey = (
+    DeviceId,
+    Vec<Option<(TensorId, TensorId, usize)>>,
+    Vec<usize>,
+);
+
 /// Factor tables: one per (layer, projection, adapter set) in use; 7 projections × 80 layers of
 /// a 70B model fit about 7 adapter sets.
-static FACTOR_TABLES: LazyLock<Tables> = LazyLock::new(|| Mutex::new(UploadCache::new(4096)));
+static FACTOR_TABLES: LazyLock<Mutex<UploadCache<FactorKey, Table>>> =
+    LazyLock::new(|| Mutex::new(UploadCache::new(4096)));
 
 /// Row mappings: one per step, shared by its projections.
 static ROW_TABLES: LazyLock<Tables> = LazyLock::new(|| Mutex::new(UploadCache::new(64)));
@@ -99,8 +114,16 @@ fn scratch(dev: &CudaDevice) -> Arc<Mutex<Scratch>> {
 
 /// Tables uploaded so far: `(factor tables, row tables)`.
 pub(super) fn table_uploads() -> (u64, u64) {
-    let uploads = |c: &Tables| c.lock().unwrap_or_else(|e| e.into_inner()).uploads();
-    (uploads(&FACTOR_TABLES), uploads(&ROW_TABLES))
+    // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
+    let factors = FACTOR_TABLES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .uploads();
+    let rows = ROW_TABLES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .uploads();
+    (factors, rows)
 }
 
 /// The device copy of `table` (packed words) on `dev`, from `cache` or uploaded.
@@ -143,10 +166,84 @@ pub(super) fn add_lora(
         .max(1);
     let n = factors.adapters();
     rows.check(y.dims2()?.0, n)?;
+    let y_rows = y.dims2()?.0;
+    let kernels = BgmvKernels::current();
+    // The fused kernels take a short segment mapping (a decode step whose neighbours share an
+    // adapter) one row at a time.
+    let per_row_segments = (kernels.is_fused()
+        && matches!(rows, KernelRows::Segments(_))
+        && y_rows <= FUSED_SEGMENT_ROWS)
+        .then(|| rows.per_row(y_rows));
+    let rows = per_row_segments.as_ref().unwrap_or(rows);
+    let (per_row, map) = match rows {
+        KernelRows::PerRow(t) => (true, t.clone()),
+        KernelRows::Segments(s) => (false, segment_triples(s)),
+    };
+    let units = if per_row { map.len() } else { map.len() / 3 };
+    if units == 0 {
+        return Ok(());
+    }
+    let longest = match rows {
+        KernelRows::PerRow(_) => 1,
+        KernelRows::Segments(s) => s.iter().map(|s| s.len).max().unwrap_or(1),
+    };
+    let words = map.len();
+    // Segments, and more rows (or adapters) than a kernel set takes, go through the per-row
+    // (SGMV) launch pairs.
+    let fits = match kernels {
+        BgmvKernels::PerRow => true,
+        BgmvKernels::Grouped => units <= GROUPED_MAX_ROWS,
+        BgmvKernels::Fused => units <= FUSED_BGMV_MAX_ROWS,
+        BgmvKernels::FusedGrouped => units.max(n) <= FUSED_BGMV_MAX_ROWS,
+    };
+    let kernels = if per_row && fits {
+        kernels
+    } else {
+        BgmvKernels::PerRow
+    };
+    let op = CudaLoraOp {
+        kernels,
+        factors: factor_table(dev, factors)?,
+        rows: device_table(&ROW_TABLES, dev, pack_words(map))?,
+        words,
+        adapters: n,
+        parts: parts as u32,
+        per_row,
+        units: units as u32,
+        longest: longest as u32,
+        max_rank: max_rank as u32,
+    };
+    y.inplace_op2(x, &op)?;
+    Ok(())
+}
+
+/// The device copy of `factors`' table on `dev` (see [`pointer_table`]), from the cache by the
+/// tensors' ids ([`FactorKey`]) or built and uploaded.
+fn factor_table(dev: &CudaDevice, factors: &PartFactors<'_>) -> candle_core::Result<Table> {
+    let entries = factors.entries.iter();
+    let key: FactorKey = (
+        dev.id(),
+        entries
+            .map(|f| f.map(|f| (f.a.id(), f.b_t.id(), f.rank)))
+            .collect(),
+        factors.widths.clone(),
+    );
+    // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
+    let mut cache = FACTOR_TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    cache.get_or_upload(key, |_| {
+        let table = pointer_table(dev, factors)?;
+        dev.clone_htod(table.as_slice()).map(Arc::new)
+    })
+}
+
+/// A factor table's content: the A pointers, the Bᵀ pointers (one per (adapter, part) entry, 0
+/// where there are none), then the ranks and the parts' end columns packed two u32 words to a
+/// u64.
+fn pointer_table(dev: &CudaDevice, factors: &PartFactors<'_>) -> candle_core::Result<Vec<u64>> {
     let stream = dev.cuda_stream();
-    // The factor pointers, one per (adapter, part) entry (0 where there are none): every A,
-    // then every Bᵀ. The guards keep the storages (and their read events) alive until the
-    // kernels are queued.
+    // The guards hold the storages while their pointers are read. The tensors outlive the
+    // call (the adapter store holds them) and are never written again; their memory is freed
+    // in stream order after the kernels that read it.
     let guards: Vec<Option<[(StorageRef<'_>, &Layout); 2]>> = factors
         .entries
         .iter()
@@ -174,71 +271,17 @@ pub(super) fn add_lora(
             if k == 0 { &mut a_ptrs } else { &mut b_ptrs }.push(ptr);
         }
     }
-    let y_rows = y.dims2()?.0;
-    let kernels = BgmvKernels::current();
-    // The fused kernels take a short segment mapping (a decode step whose neighbours share an
-    // adapter) one row at a time.
-    let per_row_segments = (kernels.is_fused()
-        && matches!(rows, KernelRows::Segments(_))
-        && y_rows <= FUSED_SEGMENT_ROWS)
-        .then(|| rows.per_row(y_rows));
-    let rows = per_row_segments.as_ref().unwrap_or(rows);
-    let (per_row, map) = match rows {
-        KernelRows::PerRow(t) => (true, t.clone()),
-        KernelRows::Segments(s) => (false, segment_triples(s)),
-    };
-    let units = if per_row { map.len() } else { map.len() / 3 };
-    if units == 0 {
-        return Ok(());
-    }
-    let longest = match rows {
-        KernelRows::PerRow(_) => 1,
-        KernelRows::Segments(s) => s.iter().map(|s| s.len).max().unwrap_or(1),
-    };
-    // The factor table: the A pointers, the Bᵀ pointers, then the ranks and the parts' end
-    // columns packed two u32 words to a u64; the row table: the mapping's words, packed the
-    // same way.
     let col_ends = factors.widths.iter().scan(0u32, |end, &w| {
         *end += w as u32;
         Some(*end)
     });
-    let words = pack_words(
-        factors
-            .entries
-            .iter()
-            .map(|f| rank(f) as u32)
-            .chain(col_ends),
-    );
-    let factor_table: Vec<u64> = a_ptrs.into_iter().chain(b_ptrs).chain(words).collect();
-    let words = map.len();
-    // Segments, and more rows (or adapters) than a kernel set takes, go through the per-row
-    // (SGMV) launch pairs.
-    let fits = match kernels {
-        BgmvKernels::PerRow => true,
-        BgmvKernels::Grouped => units <= GROUPED_MAX_ROWS,
-        BgmvKernels::Fused => units <= FUSED_BGMV_MAX_ROWS,
-        BgmvKernels::FusedGrouped => units.max(n) <= FUSED_BGMV_MAX_ROWS,
-    };
-    let kernels = if per_row && fits {
-        kernels
-    } else {
-        BgmvKernels::PerRow
-    };
-    let op = CudaLoraOp {
-        kernels,
-        factors: device_table(&FACTOR_TABLES, dev, factor_table)?,
-        rows: device_table(&ROW_TABLES, dev, pack_words(map))?,
-        words,
-        adapters: n,
-        parts: parts as u32,
-        per_row,
-        units: units as u32,
-        longest: longest as u32,
-        max_rank: max_rank as u32,
-    };
-    y.inplace_op2(x, &op)?;
+    let ranks = factors
+        .entries
+        .iter()
+        .map(|f| f.map_or(0, |f| f.rank as u32));
+    let words = pack_words(ranks.chain(col_ends));
     drop(syncs);
-    Ok(())
+    Ok(a_ptrs.into_iter().chain(b_ptrs).chain(words).collect())
 }
 
 /// One `y += LoRA(x)` call on the GPU: the device tables and the launch sizes.

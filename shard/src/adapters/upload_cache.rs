@@ -7,25 +7,33 @@
 //! hit is correct whatever happened in between (an adapter evicted and another loaded at the
 //! same address included). When full the cache is emptied: tables are small and rebuilt on the
 //! next miss, and the bound only keeps a long-running server from collecting stale ones.
+//!
+//! A step looks tables up a few hundred times, so a lookup is cheap: the key last asked for is
+//! compared first (a step's projections share its row mapping), then a map with a fast
+//! non-cryptographic hash (the keys are the server's own tables, and the map is bounded).
 
-use std::collections::HashMap;
 use std::hash::Hash;
+
+use rustc_hash::FxHashMap;
 
 /// Device copies of host tables, keyed by `K` (the device and the table's content).
 #[derive(Debug)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct UploadCache<K, V> {
-    entries: HashMap<K, V>,
+    entries: FxHashMap<K, V>,
+    /// The key last asked for and its copy.
+    last: Option<(K, V)>,
     capacity: usize,
     uploads: u64,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-impl<K: Hash + Eq, V: Clone> UploadCache<K, V> {
+impl<K: Hash + Eq + Clone, V: Clone> UploadCache<K, V> {
     /// An empty cache of at most `capacity` (at least 1) tables.
     pub fn new(capacity: usize) -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: FxHashMap::default(),
+            last: None,
             capacity: capacity.max(1),
             uploads: 0,
         }
@@ -38,15 +46,24 @@ impl<K: Hash + Eq, V: Clone> UploadCache<K, V> {
         key: K,
         upload: impl FnOnce(&K) -> Result<V, E>,
     ) -> Result<V, E> {
-        if let Some(v) = self.entries.get(&key) {
+        if let Some((last, v)) = &self.last
+            && *last == key
+        {
             return Ok(v.clone());
         }
-        let v = upload(&key)?;
-        self.uploads += 1;
-        if self.entries.len() >= self.capacity {
-            self.entries.clear();
-        }
-        self.entries.insert(key, v.clone());
+        let v = match self.entries.get(&key) {
+            Some(v) => v.clone(),
+            None => {
+                let v = upload(&key)?;
+                self.uploads += 1;
+                if self.entries.len() >= self.capacity {
+                    self.entries.clear();
+                }
+                self.entries.insert(key.clone(), v.clone());
+                v
+            }
+        };
+        self.last = Some((key, v.clone()));
         Ok(v)
     }
 
@@ -67,8 +84,8 @@ impl<K: Hash + Eq, V: Clone> UploadCache<K, V> {
 /// back as `u32`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn pack_words(words: impl IntoIterator<Item = u32>) -> Vec<u64> {
-    let mut out = Vec::new();
     let mut words = words.into_iter();
+    let mut out = Vec::with_capacity(words.size_hint().0.div_ceil(2));
     while let Some(lo) = words.next() {
         let hi = words.next().unwrap_or(0);
         out.push(lo as u64 | (hi as u64) << 32);
@@ -104,6 +121,22 @@ mod tests {
         assert_eq!(cache.len(), 0);
         assert_eq!(cache.get_or_upload(vec![7], |_| Ok::<_, &str>(7)), Ok(7));
         assert_eq!(cache.uploads(), 1);
+    }
+
+    #[test]
+    fn the_last_table_is_served_again_and_others_from_the_map() {
+        let mut cache = UploadCache::new(4);
+        let up = |k: &u32| Ok::<_, ()>(*k * 10);
+        for k in [1, 1, 2, 1, 2, 2] {
+            assert_eq!(cache.get_or_upload(k, up), Ok(k * 10));
+        }
+        assert_eq!(cache.uploads(), 2);
+        // Emptied when full: the last table is still the one asked for.
+        let mut small = UploadCache::new(1);
+        assert_eq!(small.get_or_upload(1, up), Ok(10));
+        assert_eq!(small.get_or_upload(2, up), Ok(20));
+        assert_eq!(small.get_or_upload(1, |_| Err(())), Err(()));
+        assert_eq!(small.get_or_upload(2, up), Ok(20));
     }
 
     #[test]
