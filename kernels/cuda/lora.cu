@@ -41,10 +41,10 @@
 
 #include "common.cuh"
 
-// The fused kernels (shrink and expand in one launch, see below): factor values an expand
-// thread loads before it waits, their counters ahead of the per-row (per-adapter) ones, and the
-// longest wait (about 20 s at 1.7 GHz) before a launch traps (fails with an error) rather than
-// hang on counters that are wrong.
+// Factor values an expand thread loads once for its column (ExpandCol; the fused kernels load
+// them before they wait). The fused kernels (shrink and expand in one launch, see below): their
+// counters ahead of the per-row (per-adapter) ones, and the longest wait (about 20 s at 1.7 GHz)
+// before a launch traps (fails with an error) rather than hang on counters that are wrong.
 #define FUSED_PREFETCH 16
 #define FUSED_SYNC_WORDS 2
 #define SPIN_LIMIT_CYCLES (1ll << 35)
@@ -152,22 +152,49 @@ __device__ __forceinline__ void shrink_row(const T* __restrict__ x, const float*
   __syncthreads();  // partial is reused by the block's next row
 }
 
-// y[row, o] += t's part (trow, `rank` values) . B^T[:rank, o - start] for the thread's column o,
-// when its part has factors.
-template <typename T>
-__device__ __forceinline__ void expand_col(const float* trow, const float* const* b_t,
-                                           const uint32_t* ranks, const uint32_t* col_ends,
-                                           uint32_t i, uint32_t parts, T* __restrict__ y,
-                                           uint32_t row, uint32_t o, uint32_t y_stride) {
-  uint32_t start, width, offset;
-  const uint32_t p = column_part(col_ends, ranks, i, parts, o, &start, &width, &offset);
-  const uint32_t e = i * parts + p, rank = ranks[e];
-  if (rank == 0) return;
-  const float* b = b_t[e] + (o - start);
+// A thread's output column o for adapter i: its part's Bᵀ column (`b`, `width` apart), the
+// part's rank (0: no factors) and offset in t's row, and the first FUSED_PREFETCH factor values
+// (loaded once, for every row the thread adds to; the fused kernels load them before waiting).
+struct ExpandCol {
+  const float* b;
+  uint32_t width, offset, rank;
+  float pre[FUSED_PREFETCH];
+};
+
+__device__ __forceinline__ ExpandCol expand_col_begin(const float* const* b_t,
+                                                      const uint32_t* ranks,
+                                                      const uint32_t* col_ends, uint32_t i,
+                                                      uint32_t parts, uint32_t o) {
+  ExpandCol c;
+  uint32_t start;
+  const uint32_t p = column_part(col_ends, ranks, i, parts, o, &start, &c.width, &c.offset);
+  c.rank = ranks[i * parts + p];
+  c.b = c.rank == 0 ? nullptr : b_t[i * parts + p] + (o - start);
+#pragma unroll
+  for (uint32_t j = 0; j < FUSED_PREFETCH; ++j)
+    if (j < c.rank) c.pre[j] = c.b[(size_t)j * c.width];
+  return c;
+}
+
+// t's part of one row (trow) . the column's Bᵀ values, j in order.
+__device__ __forceinline__ float expand_col_sum(const ExpandCol& c, const float* trow) {
   float acc = 0.f;
-  for (uint32_t j = 0; j < rank; ++j) acc += trow[offset + j] * b[(size_t)j * width];
+#pragma unroll
+  for (uint32_t j = 0; j < FUSED_PREFETCH; ++j)
+    if (j < c.rank) acc += trow[c.offset + j] * c.pre[j];
+  for (uint32_t j = FUSED_PREFETCH; j < c.rank; ++j)
+    acc += trow[c.offset + j] * c.b[(size_t)j * c.width];
+  return acc;
+}
+
+// y[row, o] += t's row (trow) . the column's Bᵀ values, when its part has factors.
+template <typename T>
+__device__ __forceinline__ void expand_col(const ExpandCol& c, const float* trow,
+                                           T* __restrict__ y, uint32_t row, uint32_t o,
+                                           uint32_t y_stride) {
+  if (c.rank == 0) return;
   T* yp = y + (size_t)row * y_stride + o;
-  *yp = from_f32<T>(to_f32(*yp) + acc);
+  *yp = from_f32<T>(to_f32(*yp) + expand_col_sum(c, trow));
 }
 
 // BGMV shrink. grid = (rows, max total rank), block = 32 * WARPS.
@@ -223,7 +250,8 @@ __device__ void bgmv_expand(const float* t, const uint32_t* row_adapter, const f
   if (i == NO_ADAPTER) return;
   stage_row(t, trow, row, total_rank(ranks, i, parts), t_stride);
   uint32_t o = blockIdx.y * blockDim.x + threadIdx.x;
-  if (o < out) expand_col(trow, b_t, ranks, col_ends, i, parts, y, row, o, y_stride);
+  if (o < out) expand_col(expand_col_begin(b_t, ranks, col_ends, i, parts, o), trow, y, row, o,
+                          y_stride);
 }
 
 // SGMV expand. grid = (segments, ceil(out / EXPAND_THREADS), ceil(longest segment /
@@ -238,10 +266,12 @@ __device__ void sgmv_expand(const float* t, const uint32_t* segments, const floa
   sgmv_rows(s, &r0, &r1);
   const uint32_t rank = total_rank(ranks, i, parts);
   uint32_t o = blockIdx.y * blockDim.x + threadIdx.x;
+  ExpandCol c = {};
+  if (o < out) c = expand_col_begin(b_t, ranks, col_ends, i, parts, o);
   for (uint32_t row = r0; row < r1; ++row) {
     __syncthreads();  // the previous row's trow is no longer read
     stage_row(t, trow, row, rank, t_stride);
-    if (o < out) expand_col(trow, b_t, ranks, col_ends, i, parts, y, row, o, y_stride);
+    if (o < out) expand_col(c, trow, y, row, o, y_stride);
   }
 }
 
@@ -350,18 +380,8 @@ __device__ void grouped_expand_item(const float* t, const uint32_t* row_adapter,
   if (n == 0) return;  // uniform over the block
   const uint32_t rank = total_rank(ranks, i, parts);
   const uint32_t o = ob * blockDim.x + threadIdx.x;
-  // The thread's column: its part, and that part's factors for this adapter.
-  uint32_t start = 0, width = 0, offset = 0, part_rank = 0;
-  const float* b = nullptr;
-  float bpre[FUSED_PREFETCH];
-  if (o < out) {
-    const uint32_t p = column_part(col_ends, ranks, i, parts, o, &start, &width, &offset);
-    part_rank = ranks[i * parts + p];
-    b = b_t[i * parts + p] + (o - start);
-#pragma unroll
-    for (uint32_t j = 0; j < FUSED_PREFETCH; ++j)
-      if (j < part_rank) bpre[j] = b[(size_t)j * width];
-  }
+  ExpandCol c = {};  // rank 0 past the last column
+  if (o < out) c = expand_col_begin(b_t, ranks, col_ends, i, parts, o);
   if (ready != nullptr) {
     if (threadIdx.x == 0) wait_count(ready, ready_target);
     __syncthreads();
@@ -377,23 +397,23 @@ __device__ void grouped_expand_item(const float* t, const uint32_t* row_adapter,
       trows[g][j] = sum;
     }
     __syncthreads();
-    if (o >= out || part_rank == 0) continue;
+    if (c.rank == 0) continue;
     float acc[GROUP_ROWS];
 #pragma unroll
     for (uint32_t g = 0; g < GROUP_ROWS; ++g) acc[g] = 0.f;
 #pragma unroll
     for (uint32_t j = 0; j < FUSED_PREFETCH; ++j) {
-      if (j < part_rank) {
+      if (j < c.rank) {
 #pragma unroll
         for (uint32_t g = 0; g < GROUP_ROWS; ++g)
-          if (g < gn) acc[g] += trows[g][offset + j] * bpre[j];
+          if (g < gn) acc[g] += trows[g][c.offset + j] * c.pre[j];
       }
     }
-    for (uint32_t j = FUSED_PREFETCH; j < part_rank; ++j) {
-      float bv = b[(size_t)j * width];
+    for (uint32_t j = FUSED_PREFETCH; j < c.rank; ++j) {
+      float bv = c.b[(size_t)j * c.width];
 #pragma unroll
       for (uint32_t g = 0; g < GROUP_ROWS; ++g)
-        if (g < gn) acc[g] += trows[g][offset + j] * bv;
+        if (g < gn) acc[g] += trows[g][c.offset + j] * bv;
     }
 #pragma unroll
     for (uint32_t g = 0; g < GROUP_ROWS; ++g) {
@@ -446,21 +466,12 @@ __device__ void bgmv_fused(const T* __restrict__ x, const uint32_t* row_adapter,
     const uint32_t row = k / col_blocks, o = (k % col_blocks) * blockDim.x + threadIdx.x;
     const uint32_t i = row < rows ? row_adapter[row] : NO_ADAPTER;
     if (i != NO_ADAPTER) {  // uniform over the block
-      // Before the wait: the thread's column, its part's factors, y's value and the first
-      // FUSED_PREFETCH factor values.
-      uint32_t start = 0, width = 0, offset = 0, prank = 0;
-      const float* b = nullptr;
-      float yv = 0.f, bpre[FUSED_PREFETCH];
+      // Before the wait: the thread's column, its first factor values and y's value.
+      ExpandCol c = {};  // rank 0 past the last column
+      float yv = 0.f;
       if (o < out) {
-        const uint32_t p = column_part(col_ends, ranks, i, parts, o, &start, &width, &offset);
-        prank = ranks[i * parts + p];
-        if (prank != 0) {
-          b = b_t[i * parts + p] + (o - start);
-          yv = to_f32(y[(size_t)row * y_stride + o]);
-#pragma unroll
-          for (uint32_t j = 0; j < FUSED_PREFETCH; ++j)
-            if (j < prank) bpre[j] = b[(size_t)j * width];
-        }
+        c = expand_col_begin(b_t, ranks, col_ends, i, parts, o);
+        if (c.rank != 0) yv = to_f32(y[(size_t)row * y_stride + o]);
       }
       if (threadIdx.x == 0) wait_count(&row_done[row], max_rank);
       __syncthreads();
@@ -469,15 +480,7 @@ __device__ void bgmv_fused(const T* __restrict__ x, const uint32_t* row_adapter,
       for (uint32_t j = threadIdx.x; j < rank; j += blockDim.x)
         trow[j] = __ldcg(t + (size_t)row * t_stride + j);
       __syncthreads();
-      if (prank != 0) {
-        float acc = 0.f;
-#pragma unroll
-        for (uint32_t j = 0; j < FUSED_PREFETCH; ++j)
-          if (j < prank) acc += trow[offset + j] * bpre[j];
-        for (uint32_t j = FUSED_PREFETCH; j < prank; ++j)
-          acc += trow[offset + j] * b[(size_t)j * width];
-        y[(size_t)row * y_stride + o] = from_f32<T>(yv + acc);
-      }
+      if (c.rank != 0) y[(size_t)row * y_stride + o] = from_f32<T>(yv + expand_col_sum(c, trow));
     }
   }
   finish_fused(sync, FUSED_SYNC_WORDS + rows);

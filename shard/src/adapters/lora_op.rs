@@ -220,9 +220,9 @@ pub enum BgmvKernels {
     FusedGrouped,
 }
 
-/// Most rows of a segment mapping that the fused kernels ([`BgmvKernels::is_fused`]) take (per row, in one launch):
-/// a decode step's batch. Longer mappings (prefill) go through the SGMV kernels, whose blocks
-/// reuse an adapter's factor rows over several rows of its segment.
+/// Most rows of a segment mapping that the fused kernels ([`BgmvKernels::is_fused`]) take (per
+/// row, in one launch): a decode step's batch. Longer mappings (prefill) go through the SGMV
+/// kernels, whose blocks reuse an adapter's factor rows over several rows of its segment.
 pub const FUSED_SEGMENT_ROWS: usize = 64;
 
 /// [`BgmvKernels`] in use: 0 until first asked, then 1 + its index in [`BgmvKernels::ALL`].

@@ -22,7 +22,6 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
-
 use candle_core::{
     CudaDevice, CudaStorage, DType, Device, InplaceOp2, Layout, Storage, StorageRef, Tensor,
     TensorId,
@@ -165,8 +164,8 @@ pub(super) fn add_lora(
         .unwrap_or(1)
         .max(1);
     let n = factors.adapters();
-    rows.check(y.dims2()?.0, n)?;
     let y_rows = y.dims2()?.0;
+    rows.check(y_rows, n)?;
     let kernels = BgmvKernels::current();
     // The fused kernels take a short segment mapping (a decode step whose neighbours share an
     // adapter) one row at a time.
