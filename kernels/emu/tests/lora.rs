@@ -1,8 +1,9 @@
 //! `kernels/cuda/lora.cu` on the CPU emulator against `medley_kernels::reference` (f64
-//! accumulation): every entry point (BGMV per row, grouped, fused and fused grouped, SGMV), f32/bf16/f16 activations
-//! with f32 factors, launched with the shapes the GPU launcher computes
-//! (`medley_kernels::launch`). The intermediate starts as NaN, so an expand that reads an entry
-//! no shrink wrote poisons its rows; rows without an adapter must stay unchanged bit for bit.
+//! accumulation): every entry point (BGMV per row, grouped, fused and fused grouped, SGMV),
+//! f32/bf16/f16 activations with f32 factors, launched with the shapes the GPU launcher computes
+//! (`medley_kernels::launch`). The fused kernels must leave their counters at zero. The
+//! intermediate starts as NaN, so an expand that reads an entry no shrink wrote poisons its
+//! rows; rows without an adapter must stay unchanged bit for bit.
 //! Each case also runs with `y` as a column range of a wider output (rows `y_stride` apart, as
 //! q is of a stacked q/k/v product): the columns beyond it must stay unchanged too. Stacked
 //! cases run several projections' LoRA in one launch pair (`parts`), adapters with no factors
