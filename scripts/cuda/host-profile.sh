@@ -80,7 +80,7 @@ fi
     --log "$work/fake.log" --vocab 32000 --configs "$configs" --streams "$streams" \
     --new-tokens "$new_tokens"
   echo
-  echo "wall: the requests' time over the tokens per stream. forward: the shard's forward pass, logits read-back included; queueing: its part until the model returned (issuing the calls). step as the router sees it: forward, sampling and the reply. Host µs and the calls: medians over the decode steps of the whole batch, between two reads of the logits (the fake's log)."
+  echo "wall: the requests' time over the tokens per stream. forward: the shard's forward pass, logits read-back included; queueing: its part until the model returned (issuing the calls). step as the router sees it: the call to the shard and its answer; shard's step: from its engine starting the step to its answer (a step run ahead starts before the router asks, so the router may wait less); sampling: the shard's sampling, stopping criteria and detokenization. Host µs and the calls: medians over the decode steps of the whole batch, between two reads of the logits (the fake's log)."
   if [ -n "$kernels" ]; then
     echo
     echo "Launches per kernel in the last decode step:"

@@ -64,8 +64,9 @@ def main():
     ap.add_argument("--configs", default="base",
                     help="comma-separated subset of: " + ", ".join(CONFIGS))
     args = ap.parse_args()
-    heads = ["adapters", "streams", "wall ms/step", "forward ms/step", "of it queueing", "step as the router sees it",
-             "host µs between read-backs", "decode steps"] + [f"{c}/step" for c in COLUMNS]
+    heads = ["adapters", "streams", "wall ms/step", "step as the router sees it", "shard's step",
+             "forward ms/step", "of it queueing", "sampling", "host µs between read-backs",
+             "decode steps"] + [f"{c}/step" for c in COLUMNS]
     print("| " + " | ".join(heads) + " |")
     print("|" + "---:|" * len(heads))
     for config in args.configs.split(","):
@@ -88,8 +89,9 @@ def row(args, config, params, streams):
     cols = step_columns(before, decode_step_totals(args.url))
     read_back = (4 * streams * args.vocab, 8 * streams)
     counts = step_counts(log_lines(args.log)[seen:], read_back) or {}
-    cells = [config, streams, f"{wall:.2f}", cols.get("forward_ms_per_step", "-"),
-             cols.get("launch_ms_per_step", "-"), cols.get("step_ms_per_step", "-"),
+    cells = [config, streams, f"{wall:.2f}", cols.get("step_ms_per_step", "-"),
+             cols.get("shard_ms_per_step", "-"), cols.get("forward_ms_per_step", "-"),
+             cols.get("launch_ms_per_step", "-"), cols.get("sample_ms_per_step", "-"),
              f"{counts.get('host_us', float('nan')):.0f}", counts.get("steps", 0)]
     cells += [f"{counts.get(c, float('nan')):.0f}" for c in COLUMNS]
     return "| " + " | ".join(str(x) for x in cells) + " |"

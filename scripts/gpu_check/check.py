@@ -102,13 +102,15 @@ def medley_tokens(args):
 
 def decode_step_totals(url):
     """Sums and counts of the router's decode-step histograms (the whole step as the router
-    waits for it, the forward pass, and its part in tensor-parallel collectives), from /metrics."""
+    waits for it, the shard's step, its forward pass, its part in tensor-parallel collectives,
+    its sampling), from /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
         for name in ("medley_batch_inference_duration", "medley_batch_forward_duration",
-                     "medley_batch_comm_duration", "medley_batch_launch_duration"):
+                     "medley_batch_comm_duration", "medley_batch_launch_duration",
+                     "medley_batch_shard_duration", "medley_batch_decode_duration"):
             for part in ("sum", "count"):
                 key = f'{name}_{part}{{method="decode"}}'
                 if line.startswith(key + " "):
@@ -118,9 +120,12 @@ def decode_step_totals(url):
 
 def step_columns(before, after):
     """Decode steps between two scrapes, and milliseconds per step: the step as the router waits
-    for it (forward, sampling, the shard's reply), the forward pass, its part until the model
-    returned (on a GPU the host queueing the kernels; the rest waits for the device), and its
-    part in collectives."""
+    for it (the call to the shards and their answer), the shard's step (from its engine starting
+    it to its answer; a step run ahead starts before the router asks, so the router may wait
+    less than the shard's step: what is left of it plus the call's way there and back), the
+    forward pass, its part until the model returned (on a GPU the host queueing the kernels;
+    the rest waits for the device), its part in collectives, and the shard's sampling
+    (stopping criteria and detokenization included)."""
     delta = lambda name, part: after.get((name, part), 0.0) - before.get((name, part), 0.0)
     steps = delta("medley_batch_forward_duration", "count")
     if steps <= 0:
@@ -128,6 +133,8 @@ def step_columns(before, after):
     per_step = lambda name: round(1e3 * delta(name, "sum") / steps, 3)
     return dict(decode_steps=int(steps),
                 step_ms_per_step=per_step("medley_batch_inference_duration"),
+                shard_ms_per_step=per_step("medley_batch_shard_duration"),
+                sample_ms_per_step=per_step("medley_batch_decode_duration"),
                 forward_ms_per_step=per_step("medley_batch_forward_duration"),
                 launch_ms_per_step=per_step("medley_batch_launch_duration"),
                 comm_ms_per_step=per_step("medley_batch_comm_duration"))
@@ -388,8 +395,11 @@ def report(args):
         lines += speed_table(
             f"Medley decode speed (bf16, {s['new_tokens']} new tokens per stream, HTTP /generate; "
             "8 merges = linear merges of two adapters, stream i uses merge i mod 8; best of the "
-            "runs; queueing = the forward's part until the model returned, on a GPU the host "
-            "issuing the step's kernels)",
+            "runs; per decode step: the router's step = its wait for the shards' answer, the "
+            "shard's step = from its engine starting the step to its answer (run ahead, it "
+            "starts before the router asks), queueing = the forward's part until "
+            "the model returned, on a GPU the host issuing the step's kernels; sampling = the "
+            "shard's sampling, stopping criteria and detokenization)",
             [("adapters", "config"), ("streams", "streams")], s["rows"])
     for name, what in VARIANT_SERVERS:
         path = os.path.join(d, f"speed-medley-{name}.json")
@@ -415,6 +425,8 @@ def report(args):
 VARIANT_SERVERS = [
     ("stacked-fused", "with q/k/v and gate/up as one matmul each and the fused BGMV kernel "
                       "(MEDLEY_STACK_PROJECTIONS=1 MEDLEY_LORA_BGMV=fused"),
+    ("no-ahead", "without decode ahead: the shard waits for the router's call before each step "
+                 "(MEDLEY_DECODE_AHEAD=false"),
     ("stacked", "with q/k/v and gate/up as one matmul each (MEDLEY_STACK_PROJECTIONS=1"),
     ("fused", "through the fused BGMV kernel, shrink and expand in one launch "
               "(MEDLEY_LORA_BGMV=fused"),
@@ -426,11 +438,14 @@ VARIANT_SERVERS = [
 
 def speed_table(title, keys, rows):
     """A markdown table of speed rows: the `keys` columns (header, field), then tokens, seconds
-    and tokens/s (and the decode step's forward and collective times when measured), or why the
-    row was skipped."""
-    extra = [(h, f) for h, f in (("forward ms/step", "forward_ms_per_step"),
+    and tokens/s (and the decode step's parts when measured: see `step_columns`), or why the row
+    was skipped."""
+    extra = [(h, f) for h, f in (("router's step ms", "step_ms_per_step"),
+                                 ("shard's step ms", "shard_ms_per_step"),
+                                 ("forward ms/step", "forward_ms_per_step"),
                                  ("of it queueing ms/step", "launch_ms_per_step"),
                                  ("collectives ms/step", "comm_ms_per_step"),
+                                 ("sampling ms/step", "sample_ms_per_step"),
                                  ("tokens/s of each run", "runs"))
              if any(f in r for r in rows)]
     heads = [h for h, _ in keys] + ["tokens", "seconds", "tokens/s"] + [h for h, _ in extra]

@@ -337,4 +337,32 @@ async fn info_tokenize_and_metrics() {
             .unwrap_or(0.0)
             >= 1.0
     );
+    // The decode step's parts: the shard's whole step holds its forward pass and sampling.
+    // (The router's wait may be shorter: the shard runs a step ahead before it is asked.)
+    let (_, metrics) = s.get("/metrics").await.unwrap();
+    let sum = |name: &str| {
+        let key = format!("{name}_sum{{method=\"decode\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {key} in /metrics:\n{metrics}"))
+    };
+    let (router, shard) = (
+        sum("medley_batch_inference_duration"),
+        sum("medley_batch_shard_duration"),
+    );
+    let (forward, decode) = (
+        sum("medley_batch_forward_duration"),
+        sum("medley_batch_decode_duration"),
+    );
+    assert!(
+        forward > 0.0 && decode > 0.0,
+        "forward {forward}, decode {decode}"
+    );
+    assert!(
+        forward + decode <= shard,
+        "{forward} + {decode} > shard step {shard}"
+    );
+    assert!(router > 0.0, "the router's wait {router}");
 }

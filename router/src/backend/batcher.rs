@@ -45,6 +45,13 @@ mod names {
     /// The part of the forward pass until the shard's model returned, before the logits were
     /// read back (on a GPU: the host's time to queue the step).
     pub const LAUNCH: &str = "medley_batch_launch_duration";
+    /// The shard's sampling, stopping criteria and detokenization after the forward pass.
+    pub const DECODE: &str = "medley_batch_decode_duration";
+    /// The shard's whole step, from its engine starting the step to its answer (rank 0's). A
+    /// step the shard ran ahead started before the router asked: the router's wait is then
+    /// shorter, what is left of the step after the call arrived plus the way there and back.
+    pub const SHARD: &str = "medley_batch_shard_duration";
+    /// The step as the router waits for it: the call to the shards and their answer.
     pub const STEP: &str = "medley_batch_inference_duration";
 }
 
@@ -310,6 +317,8 @@ fn record_timings(t: Option<&pb::Timings>, method: &'static str, start: Instant)
         metrics::histogram!(names::FORWARD, "method" => method).record(t.forward_ns as f64 / 1e9);
         metrics::histogram!(names::COMM, "method" => method).record(t.comm_ns as f64 / 1e9);
         metrics::histogram!(names::LAUNCH, "method" => method).record(t.launch_ns as f64 / 1e9);
+        metrics::histogram!(names::DECODE, "method" => method).record(t.decode_ns as f64 / 1e9);
+        metrics::histogram!(names::SHARD, "method" => method).record(t.total_ns as f64 / 1e9);
     }
     metrics::histogram!(names::STEP, "method" => method).record(start.elapsed().as_secs_f64());
 }
