@@ -38,9 +38,11 @@
 #      so that everything required lands within one 10-minute call: bf16 servers with the
 #      opt-in speed-ups (tokens against the oracle, and speed rows): q/k/v and gate/up stacked
 #      into one matmul each (MEDLEY_STACK_PROJECTIONS=1) together with the fused BGMV kernel
-#      (MEDLEY_LORA_BGMV=fused), then stacking alone, the fused, fused grouped and grouped BGMV
-#      kernels alone (each kernel set only when it passed its check); last, transformers with
-#      sdpa attention (how far the oracle moves against itself in bf16)
+#      (MEDLEY_LORA_BGMV=fused), then the default server without decode ahead
+#      (MEDLEY_DECODE_AHEAD=false: what overlapping the router's part of a step with the shard's
+#      gains), stacking alone, the fused, fused grouped and grouped BGMV kernels alone (each
+#      kernel set only when it passed its check); last, transformers with sdpa attention (how
+#      far the oracle moves against itself in bf16)
 # Writes <out>/gpu-<date>.md (--cpu: cpu-dry-<date>.md) and <out>/gpu-check-logs.tar.xz.
 # Exit status: 0 when every token comparison passed, 1 otherwise.
 #
@@ -348,17 +350,21 @@ kernels_passed() {
 #   LoRA and SiLU·mul then work on the product's column ranges) and the fused BGMV kernel
 #   (MEDLEY_LORA_BGMV=fused: a LoRA product's shrink and expand in one launch), when it passed
 #   its check: every speed row;
+# - decode ahead off (MEDLEY_DECODE_AHEAD=false: the shard waits for the router's call before
+#   each step), base and 8 merges: what the default's overlap of the two gains on a GPU;
 # - stacked projections alone (base and 8 merges);
 # - the fused kernel alone, the fused grouped kernel (the grouped shrink and expand in one
 #   launch), then the grouped BGMV kernels (one block per adapter), each when it passed its check
 #   (1 adapter and 8 merges).
-# The servers above use the defaults: projections apart, per-row BGMV kernels.
+# The servers above use the defaults: projections apart, per-row BGMV kernels, decode ahead.
 if [ "$mode" = gpu ]; then
   if kernels_passed fused; then
     optional "stacked projections + fused LoRA server" variant_server stacked-fused \
       "stacked projections + fused LoRA kernel" "base,1 adapter,8 merges" \
       MEDLEY_STACK_PROJECTIONS=1 MEDLEY_LORA_BGMV=fused
   fi
+  optional "server without decode ahead" \
+    variant_server no-ahead "without decode ahead" "base,8 merges" MEDLEY_DECODE_AHEAD=false
   optional "stacked projections server" \
     variant_server stacked "stacked projections" "base,8 merges" MEDLEY_STACK_PROJECTIONS=1
   for kernels in fused fused-grouped grouped; do

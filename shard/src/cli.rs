@@ -151,6 +151,17 @@ pub struct ShardArgs {
     /// system (glibc `malloc_trim`, on the engine thread between commands); 0 never trims.
     #[arg(long, env = "HEAP_TRIM_INTERVAL_MS", default_value_t = 1000)]
     pub heap_trim_interval_ms: u64,
+    /// After answering a step, run the batch's next decode step at once, before the router
+    /// asks for it, so the router's part of a step (answering the streams, the next call)
+    /// overlaps the shard's. Same tokens; `false` waits for each call.
+    #[arg(
+        long,
+        env = "MEDLEY_DECODE_AHEAD",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub decode_ahead: bool,
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
@@ -444,6 +455,7 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
     let thread = EngineThreadSettings {
         heap_trim_interval: (args.heap_trim_interval_ms > 0)
             .then(|| std::time::Duration::from_millis(args.heap_trim_interval_ms)),
+        decode_ahead: args.decode_ahead,
     };
     let (handle, join) = EngineHandle::spawn_with(engine, thread)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

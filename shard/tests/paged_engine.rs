@@ -8,255 +8,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod engine_harness;
 
-use candle_core::Device;
-use medley_hub::HubSettings;
-use medley_merge::{MergeSpec, SignMethod, Strategy};
-use medley_shard::adapters::{
-    AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
-};
-use medley_shard::engine::{
-    Batch, CachedBatch, Engine, EngineInfo, Request, SamplingParams, StopParams, TextContext,
-    WarmupParams,
-};
+use engine_harness::*;
+use medley_shard::engine::{Batch, Engine};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{LlamaModel, LoadOptions};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-const ADAPTERS: [&str; 3] = ["strong_a_r8", "strong_b_r8_attn", "strong_c_r8_rslora"];
-
-/// Slot 1: one PEFT adapter; slot 2: a TIES merge of three.
-fn store(model: &LlamaModel) -> AdapterStore {
-    let mut settings = AdapterSettings::new(HubSettings::from_vars(None, |_| None));
-    settings.roots = vec![fixtures().join("adapters")];
-    settings.merge_threads = 1;
-    let loader = AdapterLoader::new(
-        &settings,
-        BaseModules::from_config(model.config()),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let source = |id: &str| loader.sources().resolve_local(id).unwrap();
-    let mut store = AdapterStore::new(4, 1 << 30, LoraBackend::Kernels);
-    let single = loader.build(&[source(ADAPTERS[0])], None).unwrap();
-    store.install(1, single.adapter).unwrap();
-    let ties = MergeSpec::new(Strategy::Ties, vec![1.0, 0.6, -0.3])
-        .with_density(0.5)
-        .with_sign_method(SignMethod::Total);
-    let sources: Vec<_> = ADAPTERS.iter().map(|id| source(id)).collect();
-    store
-        .install(2, loader.build(&sources, Some(&ties)).unwrap().adapter)
-        .unwrap();
-    // An adapter without q, k or o (v and the MLP only): a stacked q/k/v call then has slots
-    // with and without factors for each part.
-    let partial = loader.build(&[source(ADAPTERS[2])], None).unwrap();
-    store.install(3, partial.adapter).unwrap();
-    store
-}
-
-/// An engine whose steps compute at most `step_tokens` prompt tokens.
-fn engine(kv_tokens: usize, block: usize, prefix: bool, step_tokens: u32) -> Engine {
-    engine_with(kv_tokens, block, prefix, step_tokens, 0)
-}
-
-/// An engine whose steps compute at most `step_tokens` prompt tokens while sequences decode
-/// in them, `idle_tokens` when none does.
-fn engine_with(
-    kv_tokens: usize,
-    block: usize,
-    prefix: bool,
-    step_tokens: u32,
-    idle_tokens: u32,
-) -> Engine {
-    engine_loaded(
-        kv_tokens,
-        block,
-        prefix,
-        (step_tokens, idle_tokens),
-        &LoadOptions::default(),
-    )
-}
-
-/// [`engine_with`] over the model loaded with `opts`.
-fn engine_loaded(
-    kv_tokens: usize,
-    block: usize,
-    prefix: bool,
-    (step_tokens, idle_tokens): (u32, u32),
-    opts: &LoadOptions,
-) -> Engine {
-    let dir = fixtures().join("tiny-llama");
-    let model = LlamaModel::load(&dir, opts).unwrap();
-    let cfg = model.config().clone();
-    let kv = KvCache::new(
-        model.kv_config(),
-        model.dtype(),
-        model.device(),
-        KvCacheConfig {
-            capacity_tokens: kv_tokens,
-            block_tokens: block,
-            prefix_caching: prefix,
-        },
-    )
-    .unwrap();
-    let adapters = store(&model);
-    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    let mut e = Engine::new(
-        model,
-        kv,
-        TextContext::new(tokenizer, cfg.eos_token_ids.clone()),
-        EngineInfo {
-            model_id: "tiny".into(),
-            rank: 0,
-            world_size: 1,
-        },
-        adapters,
-    );
-    e.warmup(&WarmupParams {
-        max_input_tokens: step_tokens,
-        max_prefill_tokens: step_tokens,
-        max_idle_prefill_tokens: idle_tokens,
-    })
-    .unwrap();
-    e
-}
-
-fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32)
-        .map(|i| 3 + (i * 37 + seed * 101) % 500)
-        .collect()
-}
-
-fn request(id: u64, input_ids: Vec<u32>, slot: u32, new: u32, logprobs: bool) -> Request {
-    Request {
-        id,
-        input_ids,
-        sampling: SamplingParams::default(),
-        stopping: StopParams {
-            max_new_tokens: new,
-            ignore_eos_token: true,
-            ..Default::default()
-        },
-        prefill_logprobs: logprobs,
-        top_n_tokens: 0,
-        adapter_slot: slot,
-    }
-}
-
-/// What a request produced: generated ids, their logprobs, prompt logprobs, cached tokens.
-#[derive(Debug, Default, Clone)]
-struct Output {
-    ids: Vec<u32>,
-    logprobs: Vec<f32>,
-    prompt_logprobs: Vec<f32>,
-    cached: Option<u32>,
-    /// Step index of each generated token.
-    steps: Vec<usize>,
-}
-
-/// Drives the engine: `arrivals[k]` joins (as a new batch, with the running batch) at step
-/// `k`'s position in the list; returns every request's output and the steps that saw a
-/// preempted request.
-struct Driver {
-    outputs: HashMap<u64, Output>,
-    running: Option<CachedBatch>,
-    step: usize,
-    preempted_steps: usize,
-}
-
-impl Driver {
-    fn new() -> Self {
-        Self {
-            outputs: HashMap::new(),
-            running: None,
-            step: 0,
-            preempted_steps: 0,
-        }
-    }
-
-    fn absorb(&mut self, r: medley_shard::engine::StepResponse) {
-        for g in r.generations {
-            let o = self.outputs.entry(g.request_id).or_default();
-            if let Some(p) = g.prefill_tokens {
-                o.prompt_logprobs = p.logprobs;
-            }
-            if g.cached_tokens.is_some() {
-                o.cached = g.cached_tokens;
-            }
-            o.ids.extend(&g.tokens.ids);
-            o.logprobs.extend(&g.tokens.logprobs);
-            o.steps.push(self.step);
-        }
-        if r.batch.as_ref().is_some_and(|b| b.preempted > 0) {
-            self.preempted_steps += 1;
-        }
-        self.running = r.batch;
-        self.step += 1;
-    }
-
-    fn join(&mut self, e: &mut Engine, batch_id: u64, requests: Vec<Request>) {
-        let running = self.running.take().into_iter().collect();
-        let r = e
-            .prefill(
-                Batch {
-                    id: batch_id,
-                    requests,
-                    max_tokens: 0,
-                },
-                running,
-            )
-            .unwrap();
-        self.absorb(r);
-    }
-
-    fn decode(&mut self, e: &mut Engine) -> bool {
-        let Some(b) = self.running.take() else {
-            return false;
-        };
-        let r = e.decode(vec![b]).unwrap();
-        self.absorb(r);
-        true
-    }
-
-    fn finish(&mut self, e: &mut Engine) {
-        while self.decode(e) {}
-    }
-}
-
-fn assert_same(a: &Output, b: &Output, what: &str) {
-    assert_eq!(a.ids, b.ids, "{what}: tokens");
-    for (name, x, y) in [
-        ("logprobs", &a.logprobs, &b.logprobs),
-        ("prompt logprobs", &a.prompt_logprobs, &b.prompt_logprobs),
-    ] {
-        assert_eq!(x.len(), y.len(), "{what}: {name}");
-        for (i, (p, q)) in x.iter().zip(y).enumerate() {
-            let same = (p.is_nan() && q.is_nan()) || (p - q).abs() <= 1e-5;
-            assert!(same, "{what}: {name}[{i}] {p} vs {q}");
-        }
-    }
-}
-
-/// Base, adapter and merge requests (one with prompt logprobs).
-fn mixed_requests(first_id: u64) -> Vec<Request> {
-    vec![
-        request(first_id, prompt(1, 45), 0, 6, true),
-        request(first_id + 1, prompt(2, 38), 1, 6, false),
-        request(first_id + 2, prompt(3, 51), 2, 6, true),
-    ]
-}
-
-fn run_alone(e: &mut Engine, requests: Vec<Request>) -> HashMap<u64, Output> {
-    let mut d = Driver::new();
-    d.join(e, 1, requests);
-    d.finish(e);
-    d.outputs
-}
 
 #[test]
 fn chunked_prefill_matches_one_step_prefill() {
@@ -328,14 +85,14 @@ fn stacked_projections_give_the_same_tokens() {
 /// Request 1 (a `first_len`-token prompt, 30 new tokens) starts alone; after one decode step
 /// a 60-token prompt on `slot2` joins and is chunked 8 tokens a step while request 1 keeps
 /// decoding. Checks request 1's token steps (`first_steps`), request 2's first token after
-/// the 8th chunk, and that both equal the same requests run alone unchunked.
+/// the 8th chunk, and that both equal the same requests run alone unchunked. Driven by `d`.
 fn a_prompt_joins_a_decoding_stream(
     e: &mut Engine,
+    mut d: Driver,
     first_len: usize,
     slot2: u32,
     first_steps: std::ops::Range<usize>,
 ) {
-    let mut d = Driver::new();
     let first = || request(1, prompt(5, first_len), 0, 30, false);
     let second = || request(2, prompt(6, 60), slot2, 4, false);
     d.join(e, 1, vec![first()]);
@@ -355,6 +112,7 @@ fn a_prompt_joins_a_decoding_stream(
         "first token after the 8th chunk"
     );
     d.finish(e);
+    assert_eq!(d.ahead_steps > 0, d.ahead, "steps run ahead");
     let mut plain = engine(4096, 16, false, 4096);
     let alone1 = run_alone(&mut plain, vec![first()]);
     let alone2 = run_alone(&mut plain, vec![second()]);
@@ -365,14 +123,19 @@ fn a_prompt_joins_a_decoding_stream(
 #[test]
 fn running_streams_keep_decoding_while_a_long_prompt_is_chunked() {
     // A 6-token prompt gives its first token in step 0.
-    a_prompt_joins_a_decoding_stream(&mut engine(4096, 16, false, 8), 6, 1, 0..10);
+    for d in [Driver::new(), Driver::ahead()] {
+        a_prompt_joins_a_decoding_stream(&mut engine(4096, 16, false, 8), d, 6, 1, 0..10);
+    }
 }
 
 #[test]
 fn a_step_without_decodes_takes_the_idle_budget() {
     // Alone, a 60-token prompt takes 40 tokens, then 20: its first token comes in step 1;
     // once it decodes, the joining prompt gets the busy budget of 8 tokens a step.
-    a_prompt_joins_a_decoding_stream(&mut engine_with(4096, 16, false, 8, 40), 60, 2, 1..10);
+    for d in [Driver::new(), Driver::ahead()] {
+        let mut e = engine_with(4096, 16, false, 8, 40);
+        a_prompt_joins_a_decoding_stream(&mut e, d, 60, 2, 1..10);
+    }
 }
 
 #[test]
@@ -456,17 +219,22 @@ fn a_full_pool_preempts_and_recomputes_with_the_same_results() {
     let mut roomy = engine(4096, 8, false, 4096);
     let want = run_alone(&mut roomy, reqs());
     // Six sequences of up to 49 tokens in a pool of 128: two or three fit at a time.
-    for prefix in [false, true] {
+    for (prefix, ahead) in [(false, false), (true, false), (false, true), (true, true)] {
         let mut tight = engine(128, 8, prefix, 4096);
-        let mut d = Driver::new();
+        let mut d = if ahead {
+            Driver::ahead()
+        } else {
+            Driver::new()
+        };
         d.join(&mut tight, 1, reqs());
         d.finish(&mut tight);
         assert!(d.preempted_steps > 0, "the pool never ran out");
+        assert_eq!(d.ahead_steps > 0, ahead, "steps run ahead");
         for id in 100..106 {
             assert_same(
                 &want[&id],
                 &d.outputs[&id],
-                &format!("request {id} (prefix {prefix})"),
+                &format!("request {id} (prefix {prefix}, ahead {ahead})"),
             );
             assert_eq!(d.outputs[&id].ids.len(), 24);
         }
@@ -548,4 +316,91 @@ fn chunked_logits_equal_one_step_logits() {
             .fold(0f32, f32::max);
         assert!(worst <= 1e-5, "slot {slot}: logits differ by {worst}");
     }
+}
+
+/// Decode ahead (after answering a step the engine runs the kept batch's next decode step
+/// before the router asks, see `engine/ahead.rs`) gives the tokens, logprobs and steps of the
+/// plain path: chunked prompts with prompt logprobs, an adapter and a TIES merge, each finishing
+/// in a step run ahead. (The prompt joining decoding streams and the full pool above run both
+/// ways too.)
+#[test]
+fn steps_run_ahead_give_the_same_results() {
+    let want = run_alone(&mut engine(4096, 16, false, 7), mixed_requests(10));
+    let mut d = Driver::ahead();
+    let mut e = engine(4096, 16, false, 7);
+    d.join(&mut e, 1, mixed_requests(10));
+    d.finish(&mut e);
+    // 134 prompt tokens at 7 a step, then 6 tokens each: the last 5 steps ran ahead.
+    assert!(d.ahead_steps >= 5, "{} steps ran ahead", d.ahead_steps);
+    for id in 10..13 {
+        assert_same(&want[&id], &d.outputs[&id], &format!("request {id}"));
+        assert_eq!(want[&id].steps, d.outputs[&id].steps, "request {id}: steps");
+    }
+}
+
+/// A filter after a step ran ahead drops the removed request's token; a request that finished
+/// in that step stays in the batch's handle until its last token is handed over.
+#[test]
+fn a_filter_after_a_step_run_ahead_drops_the_removed_tokens() {
+    let reqs = || {
+        vec![
+            request(1, prompt(1, 9), 0, 6, false),
+            request(2, prompt(2, 7), 1, 2, false),
+            request(3, prompt(3, 8), 2, 6, false),
+        ]
+    };
+    let want = run_alone(&mut engine(4096, 16, false, 4096), reqs());
+    let mut e = engine(4096, 16, false, 4096);
+    let mut d = Driver::ahead();
+    // The first tokens; then, ahead, the second ones: request 2's last.
+    d.join(&mut e, 1, reqs());
+    d.filter(&mut e, &[1, 2]);
+    let b = d.running.clone().unwrap();
+    assert_eq!(
+        b.request_ids,
+        vec![1, 2],
+        "request 2 ended ahead, 3 removed"
+    );
+    assert_eq!(e.active_sequences(), 1, "only request 1 holds blocks");
+    d.finish(&mut e);
+    assert_same(&want[&1], &d.outputs[&1], "request 1");
+    assert_same(&want[&2], &d.outputs[&2], "request 2");
+    assert_eq!(
+        d.outputs[&3].ids,
+        want[&3].ids[..1],
+        "request 3: its first token only"
+    );
+    assert_eq!(e.active_sequences(), 0, "every block released");
+}
+
+/// A step run ahead that fails (the pool cannot hold the only sequence's next token) fails the
+/// call that takes its batch, as that call's own step would have, and frees the sequence.
+#[test]
+fn a_failed_step_run_ahead_fails_the_next_call() {
+    let fails_at = |ahead: bool| {
+        // 30 prompt tokens in a 32-token pool: tokens 31 and 32 fit, the third does not.
+        let mut e = engine(32, 8, false, 4096);
+        let mut d = if ahead {
+            Driver::ahead()
+        } else {
+            Driver::new()
+        };
+        d.join(&mut e, 1, vec![request(1, prompt(1, 30), 0, 10, false)]);
+        let mut calls = 0;
+        let err = loop {
+            calls += 1;
+            let b = d.running.take().unwrap();
+            match e.decode(vec![b]) {
+                Ok(r) => d.running = r.batch,
+                Err(err) => break err,
+            }
+            if ahead {
+                e.decode_ahead();
+            }
+        };
+        assert!(err.to_string().contains("cannot hold"), "{err}");
+        assert_eq!(e.active_sequences(), 0);
+        calls
+    };
+    assert_eq!(fails_at(true), fails_at(false));
 }

@@ -55,12 +55,16 @@ impl Drop for RunningGuard {
 pub struct EngineThreadSettings {
     /// Shortest time between two heap trims (see `heap.rs`); `None` never trims.
     pub heap_trim_interval: Option<Duration>,
+    /// After answering a step, run the kept batch's next decode step before the router asks
+    /// for it ([`Engine::decode_ahead`]).
+    pub decode_ahead: bool,
 }
 
 impl Default for EngineThreadSettings {
     fn default() -> Self {
         Self {
             heap_trim_interval: Some(TRIM_INTERVAL),
+            decode_ahead: true,
         }
     }
 }
@@ -196,9 +200,15 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>, settings: EngineThreadSe
             }
             Command::Prefill(batch, running, r) => {
                 let _ = r.send(step(engine.prefill(batch, running)));
+                if settings.decode_ahead {
+                    engine.decode_ahead();
+                }
             }
             Command::Decode(batches, r) => {
                 let _ = r.send(step(engine.decode(batches)));
+                if settings.decode_ahead {
+                    engine.decode_ahead();
+                }
             }
             Command::Filter(id, ids, r) => {
                 let _ = r.send(engine.filter(id, &ids));

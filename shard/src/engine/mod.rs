@@ -3,6 +3,7 @@
 //! never interleave.
 
 mod adapters;
+mod ahead;
 mod handle;
 mod heap;
 mod schedule;
@@ -22,7 +23,7 @@ use crate::model::{ForwardBatch, LlamaModel, SeqChunk};
 
 pub use handle::{EngineHandle, EngineThreadSettings};
 pub use heap::keep_freed_memory;
-use schedule::{StepBudget, StepPlan};
+use schedule::{Outside, StepBudget, StepPlan};
 use sequence::{SeqLimits, Sequence};
 #[doc(hidden)]
 #[cfg(any(test, feature = "testing"))]
@@ -97,6 +98,8 @@ type SampleResult = Result<Option<sequence::StepOutput>, EngineError>;
 /// A batch whose KV state lives here.
 struct BatchState {
     seqs: Vec<Sequence>,
+    /// What a step run ahead left for the batch's next call.
+    ahead: Option<ahead::Ahead>,
 }
 
 /// Owns the model, the KV cache, the adapter slots and every cached batch.
@@ -111,6 +114,8 @@ pub struct Engine {
     step_prompt_tokens: StepBudget,
     /// Arrival counter of sequences.
     arrivals: u64,
+    /// The batch the last prefill or decode kept: the one [`Engine::decode_ahead`] may run.
+    last_kept: Option<u64>,
 }
 
 /// Default prompt tokens per step until the router's warm-up sets it.
@@ -137,6 +142,7 @@ impl Engine {
             batches: HashMap::new(),
             step_prompt_tokens: DEFAULT_STEP_PROMPT_TOKENS,
             arrivals: 0,
+            last_kept: None,
         }
     }
 
@@ -295,9 +301,9 @@ impl Engine {
         }
         let id = running.first().map_or(batch.id, |b| b.id);
         let queued = router_queued(&running);
-        let mut seqs = self.take_batches(&running);
+        let (mut seqs, ahead) = self.take_batches(&running);
         seqs.extend(fresh);
-        self.run(id, seqs, queued, start)
+        self.run(id, seqs, ahead, queued, start)
     }
 
     /// Merges the given cached batches into the first one and runs one step: a token for
@@ -312,8 +318,8 @@ impl Engine {
             return Err(EngineError::UnknownBatch(missing.id));
         }
         let queued = router_queued(&batches);
-        let seqs = self.take_batches(&batches);
-        self.run(id, seqs, queued, start)
+        let (seqs, ahead) = self.take_batches(&batches);
+        self.run(id, seqs, ahead, queued, start)
     }
 
     /// Whether a cached batch holds request `id` (a preempted one has no KV entry).
@@ -323,37 +329,77 @@ impl Engine {
             .any(|b| b.seqs.iter().any(|s| s.id == id))
     }
 
-    /// Removes the given batches, returning their sequences in arrival order.
-    fn take_batches(&mut self, batches: &[CachedBatch]) -> Vec<Sequence> {
+    /// Removes the given batches, returning their sequences in arrival order and what steps
+    /// run ahead left for them.
+    fn take_batches(&mut self, batches: &[CachedBatch]) -> (Vec<Sequence>, ahead::Delivered) {
         let mut seqs = vec![];
+        let mut delivered = ahead::Delivered::default();
         for b in batches {
             if let Some(state) = self.batches.remove(&b.id) {
                 seqs.extend(state.seqs);
+                if let Some(a) = state.ahead {
+                    delivered.add(a);
+                }
             }
         }
         seqs.sort_by_key(|s| s.arrival);
-        seqs
+        (seqs, delivered)
     }
 
     /// Plans and runs one step over `seqs` (while `queued` requests wait in the router's
-    /// queues), keeping the survivors as batch `id`.
+    /// queues), keeping the survivors as batch `id`. The sequences decoded ahead are not in
+    /// the step: their generations come from `ahead` (whose failure fails the call).
     fn run(
         &mut self,
         id: u64,
         seqs: Vec<Sequence>,
+        ahead: ahead::Delivered,
         queued: u32,
         start: Instant,
     ) -> Result<StepResponse, EngineError> {
-        let (generations, kept, mut timings) = self.step(seqs, queued)?;
-        let cached = self.store(id, kept);
+        if let Some(e) = ahead.failure {
+            self.free_all(&seqs);
+            return Err(e);
+        }
+        let (done, rest): (Vec<_>, Vec<_>) = seqs.into_iter().partition(|s| s.decoded_ahead);
+        let (mut generations, mut kept, timings) = match (rest.is_empty(), ahead.timings) {
+            // Everything was computed ahead: that step's timings.
+            (true, Some(t)) => (vec![], vec![], t),
+            _ => {
+                let outside = Outside {
+                    queued,
+                    decoded_ahead: u32::try_from(done.len()).unwrap_or(u32::MAX),
+                };
+                let (generations, kept, mut timings) = match self.step(rest, outside) {
+                    Ok(stepped) => stepped,
+                    Err(e) => {
+                        self.free_all(&done);
+                        return Err(e);
+                    }
+                };
+                timings.comm_ns = self.model.take_comm_ns();
+                timings.total_ns = start.elapsed().as_nanos() as u64;
+                (generations, kept, timings)
+            }
+        };
+        generations.splice(0..0, ahead.generations);
+        kept.extend(done.into_iter().map(|mut s| {
+            s.decoded_ahead = false;
+            s
+        }));
+        kept.sort_by_key(|s| s.arrival);
+        let cached = self.keep(
+            id,
+            BatchState {
+                seqs: kept,
+                ahead: None,
+            },
+        );
+        self.last_kept = cached.as_ref().map(|b| b.id);
         Ok(StepResponse {
             generations,
             batch: cached,
-            timings: {
-                timings.comm_ns = self.model.take_comm_ns();
-                timings.total_ns = start.elapsed().as_nanos() as u64;
-                timings
-            },
+            timings,
             kv: self.kv.stats(),
         })
     }
@@ -364,10 +410,15 @@ impl Engine {
     fn step(
         &mut self,
         mut seqs: Vec<Sequence>,
-        queued: u32,
+        outside: Outside,
     ) -> Result<(Vec<Generation>, Vec<Sequence>, StepTimings), EngineError> {
-        let planned = schedule::plan_step(&mut seqs, &mut self.kv, self.step_prompt_tokens, queued);
+        let planned =
+            schedule::plan_step(&mut seqs, &mut self.kv, self.step_prompt_tokens, outside);
         let plan = match planned {
+            // Sequences decoded ahead hold blocks that free up as they go on: the others wait.
+            Ok(p) if p.chunks.is_empty() && outside.decoded_ahead > 0 => {
+                return Ok((vec![], seqs, StepTimings::default()));
+            }
             Ok(p) if p.chunks.is_empty() && !seqs.is_empty() => Err(EngineError::KvCache(format!(
                 "the kv cache ({} tokens) cannot hold the oldest sequence ({} tokens)",
                 self.kv.capacity_tokens(),
@@ -470,7 +521,8 @@ impl Engine {
 
     /// Advances every scheduled sequence from its logits rows: prompt logprobs from the
     /// rows of a chunk that asked for them, and a sampled token for each sequence whose
-    /// tokens are now all computed. Runs in parallel over the sequences on the model's pool.
+    /// tokens are now all computed. Runs in parallel over the sequences on the model's pool when
+    /// some row is sampled on the host (rows the device chose run in turn).
     /// Returns `(index, output)` per scheduled sequence, `None` for a chunk that did not
     /// reach the end of its sequence.
     fn sample_all(
@@ -525,7 +577,12 @@ impl Engine {
             });
             (c.index, out)
         };
-        if work.len() < 2 {
+        // A row the device chose costs the host a token's detokenization: waking the pool for
+        // those costs more than it saves. Sampling from logits rows is worth spreading.
+        let host_sampling = work
+            .iter()
+            .any(|(_, _, row)| matches!(row, RowInput::Logits(_)));
+        if work.len() < 2 || !host_sampling {
             return work.into_iter().map(run).collect();
         }
         self.model
@@ -533,13 +590,14 @@ impl Engine {
             .with_context(|| work.into_par_iter().map(run).collect())
     }
 
-    /// Keeps `seqs` as batch `id` and returns its handle (None when empty).
-    fn store(&mut self, id: u64, seqs: Vec<Sequence>) -> Option<CachedBatch> {
-        if seqs.is_empty() {
+    /// Keeps `state` as batch `id` and returns its handle (None when it holds no sequence
+    /// and nothing run ahead).
+    fn keep(&mut self, id: u64, state: BatchState) -> Option<CachedBatch> {
+        if state.seqs.is_empty() && state.ahead.is_none() {
             return None;
         }
-        let cached = cached_batch(id, &seqs, &self.kv);
-        self.batches.insert(id, BatchState { seqs });
+        let cached = cached_batch(id, &state, &self.kv);
+        self.batches.insert(id, state);
         Some(cached)
     }
 
@@ -561,7 +619,10 @@ impl Engine {
         for s in &drop {
             self.kv.free(s.id);
         }
-        Ok(self.store(batch_id, keep))
+        let ahead = state
+            .ahead
+            .and_then(|mut a| a.retain(request_ids).then_some(a));
+        Ok(self.keep(batch_id, BatchState { seqs: keep, ahead }))
     }
 
     /// Drops batch `id`, or every batch.
@@ -590,11 +651,18 @@ fn router_queued(batches: &[CachedBatch]) -> u32 {
     batches.iter().map(|b| b.queued).max().unwrap_or(0)
 }
 
-fn cached_batch(id: u64, seqs: &[Sequence], kv: &KvCache) -> CachedBatch {
+/// The router's handle of batch `id`. Requests whose sequence ended in a step run ahead are
+/// still in it until that step's generations are handed over.
+fn cached_batch(id: u64, state: &BatchState, kv: &KvCache) -> CachedBatch {
+    let seqs = &state.seqs;
+    let mut request_ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
+    if let Some(a) = &state.ahead {
+        request_ids.extend(a.ended_ids(seqs));
+    }
     CachedBatch {
         id,
-        request_ids: seqs.iter().map(|s| s.id).collect(),
-        size: seqs.len() as u32,
+        size: request_ids.len() as u32,
+        request_ids,
         max_tokens: seqs.iter().map(|s| s.max_tokens as u32).sum(),
         current_tokens: seqs.iter().map(|s| kv.len(s.id).unwrap_or(0) as u32).sum(),
         pending_tokens: seqs
