@@ -7,23 +7,16 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod engine_harness;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use medley_hub::HubSettings;
+use engine_harness::{ADAPTERS, adapter_loader, fixtures, tiny};
 use medley_merge::{MergeSpec, SignMethod, Strategy};
-use medley_shard::adapters::{
-    AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
-};
+use medley_shard::adapters::{AdapterStore, LoraBackend};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, SeqChunk};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-const ADAPTERS: [&str; 3] = ["strong_a_r8", "strong_b_r8_attn", "strong_c_r8_rslora"];
 
 /// A golden case: its name (key prefix in the goldens) and how to build it.
 struct Case {
@@ -88,16 +81,8 @@ impl Goldens {
 
 /// The base model and a store with every case installed (case `i` in slot `i + 1`).
 fn setup(backend: LoraBackend) -> (LlamaModel, AdapterStore) {
-    let model = LlamaModel::load(&fixtures().join("tiny-llama"), &LoadOptions::default()).unwrap();
-    let mut settings = AdapterSettings::new(HubSettings::from_vars(None, |_| None));
-    settings.roots = vec![fixtures().join("adapters")];
-    settings.merge_threads = 1;
-    let loader = AdapterLoader::new(
-        &settings,
-        BaseModules::from_config(model.config()),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = LlamaModel::load(&tiny(), &LoadOptions::default()).unwrap();
+    let loader = adapter_loader(&model);
     let mut store = AdapterStore::new(8, 1 << 30, backend);
     for (i, case) in cases().into_iter().enumerate() {
         let ids: &[&str] = match case.merge {

@@ -4,22 +4,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+mod engine_harness;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use engine_harness::{engine_over, tiny};
 use medley_shard::adapters::{AdapterStore, LoraBackend};
 use medley_shard::comm::{Comm, CommError};
-use medley_shard::engine::{
-    Batch, Engine, EngineError, EngineHandle, EngineInfo, Request, SamplingParams, StopParams,
-    TextContext,
-};
+use medley_shard::engine::{Batch, EngineError, EngineHandle, Request, SamplingParams, StopParams};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{LlamaModel, LoadOptions, TpLayout};
-
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
-}
 
 /// Rank 0 of a group of two whose peer answers nothing useful: collectives leave the buffers
 /// as they are (wrong numbers, but this test only looks at failures) until the group breaks.
@@ -92,26 +87,14 @@ async fn a_broken_group_fails_health_and_steps_with_group_broken() {
         ..Default::default()
     };
     let model = LlamaModel::load(&tiny(), &opts).unwrap();
-    let cfg = model.kv_config().clone();
     let kv = KvCache::new(
-        &cfg,
+        model.kv_config(),
         model.dtype(),
         model.device(),
         KvCacheConfig::tokens(256),
     )
     .unwrap();
-    let tokenizer = tokenizers::Tokenizer::from_file(tiny().join("tokenizer.json")).unwrap();
-    let engine = Engine::new(
-        model,
-        kv,
-        TextContext::new(tokenizer, cfg.eos_token_ids.clone()),
-        EngineInfo {
-            model_id: "tiny".into(),
-            rank: 0,
-            world_size: 2,
-        },
-        AdapterStore::new(0, 0, LoraBackend::Kernels),
-    );
+    let engine = engine_over(model, kv, AdapterStore::new(0, 0, LoraBackend::Kernels), 2);
     let (handle, _join) = EngineHandle::spawn(engine).unwrap();
 
     handle.health().unwrap();

@@ -11,25 +11,15 @@
 // Helpers outside `#[test]` functions are test code too.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+mod engine_harness;
+
+use std::path::Path;
 use std::sync::Arc;
 
-use medley_hub::HubSettings;
-use medley_merge::{MergeSpec, SignMethod, Strategy};
-use medley_shard::adapters::{
-    AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
-};
+use engine_harness::{store, tiny};
 use medley_shard::comm::{ShmComm, ShmCommConfig};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, SeqChunk, TpLayout};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn tiny() -> PathBuf {
-    fixtures().join("tiny-llama")
-}
 
 const PROMPTS: [&[u32]; 3] = [
     &[1, 42, 361, 78, 81],
@@ -38,28 +28,6 @@ const PROMPTS: [&[u32]; 3] = [
 ];
 /// The adapter slot of each prompt's sequence: base, adapter, merge (on the base's prompt).
 const SLOTS: [u32; 3] = [0, 1, 2];
-const ADAPTERS: [&str; 3] = ["strong_a_r8", "strong_b_r8_attn", "strong_c_r8_rslora"];
-
-/// An adapter store for `model`'s part of the layers: slot 1 = strong_a_r8, slot 2 = a TIES merge
-/// of the three strong adapters.
-fn store_for(model: &LlamaModel) -> AdapterStore {
-    let mut settings = AdapterSettings::new(HubSettings::from_vars(None, |_| None));
-    settings.roots = vec![fixtures().join("adapters")];
-    settings.merge_threads = 1;
-    let base = BaseModules::from_config(model.config()).split(model.local_shape());
-    let loader = AdapterLoader::new(&settings, base, model.device()).unwrap();
-    let source = |id: &str| loader.sources().resolve_local(id).unwrap();
-    let mut store = AdapterStore::new(4, 1 << 30, LoraBackend::Kernels);
-    let single = loader.build(&[source(ADAPTERS[0])], None).unwrap();
-    store.install(1, single.adapter).unwrap();
-    let ties = MergeSpec::new(Strategy::Ties, vec![1.0, 0.6, -0.3])
-        .with_density(0.5)
-        .with_sign_method(SignMethod::Total);
-    let sources: Vec<_> = ADAPTERS.iter().map(|id| source(id)).collect();
-    let merged = loader.build(&sources, Some(&ties)).unwrap();
-    store.install(2, merged.adapter).unwrap();
-    store
-}
 const STEPS: usize = 6;
 
 fn chunk(seq_id: u64, tokens: Vec<u32>, start_pos: usize) -> SeqChunk {
@@ -84,7 +52,7 @@ fn argmax(v: &[f32]) -> u32 {
 /// One prefill of every prompt in one batch, then greedy decode steps of all; every step's
 /// logits (one row per sequence).
 fn run(model: &LlamaModel) -> Vec<Vec<Vec<f32>>> {
-    let store = store_for(model);
+    let adapters = store(model);
     let mut kv = KvCache::new(
         model.kv_config(),
         model.dtype(),
@@ -104,7 +72,7 @@ fn run(model: &LlamaModel) -> Vec<Vec<Vec<f32>>> {
     let mut out = Vec::new();
     for _ in 0..STEPS {
         let logits = model
-            .forward(&ForwardBatch { chunks }, &mut kv, &store)
+            .forward(&ForwardBatch { chunks }, &mut kv, &adapters)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use medley_hub::HubSettings;
 use medley_merge::{MergeSpec, SignMethod, Strategy};
 use medley_shard::adapters::{
@@ -23,19 +22,27 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
+/// The tiny random Llama fixture.
+pub fn tiny() -> PathBuf {
+    fixtures().join("tiny-llama")
+}
+
 pub const ADAPTERS: [&str; 3] = ["strong_a_r8", "strong_b_r8_attn", "strong_c_r8_rslora"];
 
-/// Slot 1: one PEFT adapter; slot 2: a TIES merge of three.
-pub fn store(model: &LlamaModel) -> AdapterStore {
+/// A loader of the fixture adapters for `model`'s part of the layers (all of them at world
+/// size 1), merging on one thread.
+pub fn adapter_loader(model: &LlamaModel) -> AdapterLoader {
     let mut settings = AdapterSettings::new(HubSettings::from_vars(None, |_| None));
     settings.roots = vec![fixtures().join("adapters")];
     settings.merge_threads = 1;
-    let loader = AdapterLoader::new(
-        &settings,
-        BaseModules::from_config(model.config()),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let base = BaseModules::from_config(model.config()).split(model.local_shape());
+    AdapterLoader::new(&settings, base, model.device()).unwrap()
+}
+
+/// Slot 1: one PEFT adapter; slot 2: a TIES merge of three; slot 3: an adapter without q, k
+/// or o.
+pub fn store(model: &LlamaModel) -> AdapterStore {
+    let loader = adapter_loader(model);
     let source = |id: &str| loader.sources().resolve_local(id).unwrap();
     let mut store = AdapterStore::new(4, 1 << 30, LoraBackend::Kernels);
     let single = loader.build(&[source(ADAPTERS[0])], None).unwrap();
@@ -85,9 +92,7 @@ pub fn engine_loaded(
     (step_tokens, idle_tokens): (u32, u32),
     opts: &LoadOptions,
 ) -> Engine {
-    let dir = fixtures().join("tiny-llama");
-    let model = LlamaModel::load(&dir, opts).unwrap();
-    let cfg = model.config().clone();
+    let model = LlamaModel::load(&tiny(), opts).unwrap();
     let kv = KvCache::new(
         model.kv_config(),
         model.dtype(),
@@ -100,18 +105,7 @@ pub fn engine_loaded(
     )
     .unwrap();
     let adapters = store(&model);
-    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    let mut e = Engine::new(
-        model,
-        kv,
-        TextContext::new(tokenizer, cfg.eos_token_ids.clone()),
-        EngineInfo {
-            model_id: "tiny".into(),
-            rank: 0,
-            world_size: 1,
-        },
-        adapters,
-    );
+    let mut e = engine_over(model, kv, adapters, 1);
     e.warmup(&WarmupParams {
         max_input_tokens: step_tokens,
         max_prefill_tokens: step_tokens,
@@ -119,6 +113,29 @@ pub fn engine_loaded(
     })
     .unwrap();
     e
+}
+
+/// An engine over `model` (with the tiny fixture's tokenizer), `kv` and `adapters`, as rank 0
+/// of `world_size`.
+pub fn engine_over(
+    model: LlamaModel,
+    kv: KvCache,
+    adapters: AdapterStore,
+    world_size: u32,
+) -> Engine {
+    let tokenizer = tokenizers::Tokenizer::from_file(tiny().join("tokenizer.json")).unwrap();
+    let eos = model.config().eos_token_ids.clone();
+    Engine::new(
+        model,
+        kv,
+        TextContext::new(tokenizer, eos),
+        EngineInfo {
+            model_id: "tiny".into(),
+            rank: 0,
+            world_size,
+        },
+        adapters,
+    )
 }
 
 pub fn prompt(seed: u32, len: usize) -> Vec<u32> {
