@@ -243,9 +243,11 @@ impl BgmvKernels {
         let chosen = match std::env::var("MEDLEY_LORA_BGMV") {
             Err(_) => Self::PerRow,
             Ok(value) => Self::from_name(&value).unwrap_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
                 tracing::warn!(
                     value,
-                    "MEDLEY_LORA_BGMV is row, grouped, fused or fused-grouped; using row"
+                    names = names.join(", "),
+                    "MEDLEY_LORA_BGMV names no BGMV kernel set; using row"
                 );
                 Self::PerRow
             }),
