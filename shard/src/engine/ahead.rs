@@ -6,8 +6,10 @@
 //! The step is the one the router's next `Decode` would run (a token for every sequence, from
 //! the same state), so the tokens are the same; only its timing moves:
 //! - the next `Decode` of the batch answers with the held generations;
-//! - a `Prefill` that the batch joins computes only the new requests and the sequences not
-//!   decoded ahead, and answers with the held generations too;
+//! - a `Prefill` that the batch joins (or a `Decode` with sequences that were not decoded ahead,
+//!   preempted ones) runs its step over every sequence: those decoded ahead get their next
+//!   token too, so the answer carries two tokens for each of them (the held one first), and no
+//!   forward pass is spent on part of the batch;
 //! - a `Filter` drops the held generations of the requests it removes;
 //! - a step ahead that failed answers the next call that takes its batch with its error.
 //!
@@ -19,7 +21,6 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use super::schedule::Outside;
 use super::sequence::Sequence;
 use super::types::{Generation, StepTimings};
 use super::{BatchState, Engine, EngineError};
@@ -127,7 +128,7 @@ impl Engine {
         };
         let start = Instant::now();
         let request_ids: Vec<u64> = state.seqs.iter().map(|s| s.id).collect();
-        let (seqs, ahead) = match self.step(state.seqs, Outside::default()) {
+        let (seqs, ahead) = match self.step(state.seqs, 0) {
             Ok((generations, mut kept, mut timings)) => {
                 timings.comm_ns = self.model.take_comm_ns();
                 timings.total_ns = start.elapsed().as_nanos() as u64;

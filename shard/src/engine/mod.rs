@@ -23,7 +23,7 @@ use crate::model::{ForwardBatch, LlamaModel, SeqChunk};
 
 pub use handle::{EngineHandle, EngineThreadSettings};
 pub use heap::keep_freed_memory;
-use schedule::{Outside, StepBudget, StepPlan};
+use schedule::{StepBudget, StepPlan};
 use sequence::{SeqLimits, Sequence};
 #[doc(hidden)]
 #[cfg(any(test, feature = "testing"))]
@@ -347,8 +347,11 @@ impl Engine {
     }
 
     /// Plans and runs one step over `seqs` (while `queued` requests wait in the router's
-    /// queues), keeping the survivors as batch `id`. The sequences decoded ahead are not in
-    /// the step: their generations come from `ahead` (whose failure fails the call).
+    /// queues), keeping the survivors as batch `id`, after the generations of the steps run
+    /// ahead for them (`ahead`; its failure fails the call). When every sequence was decoded
+    /// ahead, those generations are the answer and no step runs; otherwise the step takes every
+    /// sequence, so one decoded ahead gets its next token too (two in this answer) and no
+    /// forward pass is spent on part of the batch.
     fn run(
         &mut self,
         id: u64,
@@ -361,33 +364,25 @@ impl Engine {
             self.free_all(&seqs);
             return Err(e);
         }
-        let (done, rest): (Vec<_>, Vec<_>) = seqs.into_iter().partition(|s| s.decoded_ahead);
-        let (mut generations, mut kept, timings) = match (rest.is_empty(), ahead.timings) {
+        let all_ahead = seqs.iter().all(|s| s.decoded_ahead);
+        let (mut generations, mut kept, timings) = match (all_ahead, ahead.timings) {
             // Everything was computed ahead: that step's timings.
-            (true, Some(t)) => (vec![], vec![], t),
+            (true, Some(t)) => (vec![], seqs, t),
             _ => {
-                let outside = Outside {
-                    queued,
-                    decoded_ahead: u32::try_from(done.len()).unwrap_or(u32::MAX),
-                };
-                let (generations, kept, mut timings) = match self.step(rest, outside) {
-                    Ok(stepped) => stepped,
-                    Err(e) => {
-                        self.free_all(&done);
-                        return Err(e);
-                    }
-                };
+                let mut seqs = seqs;
+                for s in &mut seqs {
+                    s.decoded_ahead = false;
+                }
+                let (generations, kept, mut timings) = self.step(seqs, queued)?;
                 timings.comm_ns = self.model.take_comm_ns();
                 timings.total_ns = start.elapsed().as_nanos() as u64;
                 (generations, kept, timings)
             }
         };
         generations.splice(0..0, ahead.generations);
-        kept.extend(done.into_iter().map(|mut s| {
+        for s in &mut kept {
             s.decoded_ahead = false;
-            s
-        }));
-        kept.sort_by_key(|s| s.arrival);
+        }
         let cached = self.keep(
             id,
             BatchState {
@@ -410,15 +405,10 @@ impl Engine {
     fn step(
         &mut self,
         mut seqs: Vec<Sequence>,
-        outside: Outside,
+        queued: u32,
     ) -> Result<(Vec<Generation>, Vec<Sequence>, StepTimings), EngineError> {
-        let planned =
-            schedule::plan_step(&mut seqs, &mut self.kv, self.step_prompt_tokens, outside);
+        let planned = schedule::plan_step(&mut seqs, &mut self.kv, self.step_prompt_tokens, queued);
         let plan = match planned {
-            // Sequences decoded ahead hold blocks that free up as they go on: the others wait.
-            Ok(p) if p.chunks.is_empty() && outside.decoded_ahead > 0 => {
-                return Ok((vec![], seqs, StepTimings::default()));
-            }
             Ok(p) if p.chunks.is_empty() && !seqs.is_empty() => Err(EngineError::KvCache(format!(
                 "the kv cache ({} tokens) cannot hold the oldest sequence ({} tokens)",
                 self.kv.capacity_tokens(),

@@ -15,27 +15,16 @@ use super::sequence::Sequence;
 
 pub(crate) use medley_proto::step::StepBudget;
 
-/// Requests that count for a step's budget without being in its list of sequences.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Outside {
-    /// Requests waiting in the router's queues for their first token.
-    pub queued: u32,
-    /// Sequences of the step's batches whose next token a step run ahead computed (see
-    /// `ahead.rs`): they decode, and their next step waits for this one.
-    pub decoded_ahead: u32,
-}
-
-/// The budget of a step over `seqs`: by its decoding sequences (and those decoded ahead) and
-/// the requests waiting for their first token, those still prefilling here (preempted ones wait
-/// for blocks, not for this step) and the router's queued ones.
-fn step_budget(budget: StepBudget, seqs: &[Sequence], outside: Outside) -> usize {
+/// The budget of a step over `seqs`: by its decoding sequences and the requests waiting for
+/// their first token, those still prefilling here (preempted ones wait for blocks, not for
+/// this step) and the `queued` ones of the router.
+fn step_budget(budget: StepBudget, seqs: &[Sequence], queued: u32) -> usize {
     let count = |f: fn(&Sequence) -> bool| {
         let n = seqs.iter().filter(|s| !s.preempted && f(s)).count();
         u32::try_from(n).unwrap_or(u32::MAX)
     };
-    let waiting = count(|s| !s.decoding()).saturating_add(outside.queued);
-    let decoding = count(Sequence::decoding).saturating_add(outside.decoded_ahead);
-    budget.prompt_tokens(decoding, waiting) as usize
+    let waiting = count(|s| !s.decoding()).saturating_add(queued);
+    budget.prompt_tokens(count(Sequence::decoding), waiting) as usize
 }
 
 /// What a step plan says about one sequence.
@@ -60,17 +49,17 @@ pub(crate) struct StepPlan {
     pub preempted: usize,
 }
 
-/// Plans one step over `seqs` (in arrival order) within `budget`'s prompt tokens, with the
-/// `outside` requests counted. Resumes preempted sequences first (through the prefix cache),
-/// then reserves blocks in arrival order.
+/// Plans one step over `seqs` (in arrival order) within `budget`'s prompt tokens, while
+/// `queued` requests wait in the router's queues. Resumes preempted sequences first (through
+/// the prefix cache), then reserves blocks in arrival order.
 pub(crate) fn plan_step(
     seqs: &mut [Sequence],
     kv: &mut KvCache,
     budget: StepBudget,
-    outside: Outside,
+    queued: u32,
 ) -> Result<StepPlan, EngineError> {
     let mut plan = StepPlan::default();
-    let mut budget = step_budget(budget, seqs, outside);
+    let mut budget = step_budget(budget, seqs, queued);
     for i in 0..seqs.len() {
         let resumed = seqs[i].preempted;
         if resumed {
