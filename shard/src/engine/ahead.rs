@@ -18,7 +18,6 @@
 //! state alone, so every rank of a tensor-parallel group makes the same one and their
 //! collectives stay paired.
 
-use std::collections::HashSet;
 use std::time::Instant;
 
 use super::sequence::Sequence;
@@ -27,7 +26,7 @@ use super::{BatchState, Engine, EngineError};
 
 /// What a step run ahead left for its batch's next call.
 pub(super) enum Ahead {
-    /// The step's generations (the sequences it advanced are marked `decoded_ahead`).
+    /// The step's generations: one per sequence it advanced.
     Done {
         generations: Vec<Generation>,
         timings: StepTimings,
@@ -129,13 +128,9 @@ impl Engine {
         let start = Instant::now();
         let request_ids: Vec<u64> = state.seqs.iter().map(|s| s.id).collect();
         let (seqs, ahead) = match self.step(state.seqs, 0) {
-            Ok((generations, mut kept, mut timings)) => {
+            Ok((generations, kept, mut timings)) => {
                 timings.comm_ns = self.model.take_comm_ns();
                 timings.total_ns = start.elapsed().as_nanos() as u64;
-                let stepped: HashSet<u64> = generations.iter().map(|g| g.request_id).collect();
-                for s in &mut kept {
-                    s.decoded_ahead = stepped.contains(&s.id);
-                }
                 let ahead = Ahead::Done {
                     generations,
                     timings,

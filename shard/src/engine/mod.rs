@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use rayon::prelude::*;
+use rustc_hash::FxHashSet;
 
 use crate::adapters::{AdapterError, AdapterStore};
 use crate::kv_cache::{AdapterIdentity, KvCache};
@@ -364,15 +365,13 @@ impl Engine {
             self.free_all(&seqs);
             return Err(e);
         }
-        let all_ahead = seqs.iter().all(|s| s.decoded_ahead);
-        let (mut generations, mut kept, timings) = match (all_ahead, ahead.timings) {
+        // A sequence the steps ahead advanced has its generation held.
+        let held: FxHashSet<u64> = ahead.generations.iter().map(|g| g.request_id).collect();
+        let all_ahead = seqs.iter().all(|s| held.contains(&s.id));
+        let (mut generations, kept, timings) = match (all_ahead, ahead.timings) {
             // Everything was computed ahead: that step's timings.
             (true, Some(t)) => (vec![], seqs, t),
             _ => {
-                let mut seqs = seqs;
-                for s in &mut seqs {
-                    s.decoded_ahead = false;
-                }
                 let (generations, kept, mut timings) = self.step(seqs, queued)?;
                 timings.comm_ns = self.model.take_comm_ns();
                 timings.total_ns = start.elapsed().as_nanos() as u64;
@@ -380,9 +379,6 @@ impl Engine {
             }
         };
         generations.splice(0..0, ahead.generations);
-        for s in &mut kept {
-            s.decoded_ahead = false;
-        }
         let cached = self.keep(
             id,
             BatchState {

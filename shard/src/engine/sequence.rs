@@ -31,8 +31,6 @@ pub(crate) struct Sequence {
     pub preempted: bool,
     /// Times this sequence was preempted.
     pub preemptions: u32,
-    /// Its next token was computed by a step run ahead and waits in its batch (see `ahead.rs`).
-    pub decoded_ahead: bool,
     /// What its keys and values depend on besides the tokens (the adapter slot's weights).
     pub identity: AdapterIdentity,
     /// Prompt tokens found in the prefix cache when the sequence arrived.
@@ -119,7 +117,6 @@ impl Sequence {
             computed: 0,
             preempted: false,
             preemptions: 0,
-            decoded_ahead: false,
             identity,
             cached_tokens: 0,
             prompt_logprobs: vec![f32::NAN],
