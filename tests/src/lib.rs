@@ -452,6 +452,22 @@ impl Server {
 
     /// Current value of a Prometheus metric (sum over label sets), if exported.
     pub async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
+        self.metric_where(name, |_| true).await
+    }
+
+    /// Current value of a Prometheus metric with exactly the label set `labels` (as written
+    /// between the braces, e.g. `method="decode"`), if exported.
+    pub async fn metric_labeled(&self, name: &str, labels: &str) -> anyhow::Result<Option<f64>> {
+        let want = format!("{{{labels}}}");
+        self.metric_where(name, |l| l == want).await
+    }
+
+    /// Sum of the samples of metric `name` whose label part (`{...}`, or empty) passes `keep`.
+    async fn metric_where(
+        &self,
+        name: &str,
+        keep: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<Option<f64>> {
         let (_, text) = self.get("/metrics").await?;
         let mut found = None;
         for line in text.lines() {
@@ -461,8 +477,8 @@ impl Server {
             let Some((key, value)) = line.rsplit_once(' ') else {
                 continue;
             };
-            let metric = key.split('{').next().unwrap_or(key);
-            if metric == name {
+            let (metric, labels) = key.split_at(key.find('{').unwrap_or(key.len()));
+            if metric == name && keep(labels) {
                 *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
             }
         }

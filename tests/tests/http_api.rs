@@ -304,12 +304,10 @@ async fn client_disconnect_stops_generation() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // Generation stopped: far fewer decode steps ran than the 1000 tokens asked for.
-    let (_, metrics) = s.get("/metrics").await.unwrap();
-    let steps = metrics
-        .lines()
-        .find(|l| l.starts_with("medley_batch_inference_duration_count{method=\"decode\"}"))
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse::<f64>().ok())
+    let steps = s
+        .metric_labeled("medley_batch_inference_duration_count", "method=\"decode\"")
+        .await
+        .unwrap()
         .unwrap_or(0.0);
     assert!(steps < 500.0, "{steps} decode steps after the client left");
 }
@@ -339,23 +337,15 @@ async fn info_tokenize_and_metrics() {
     );
     // The decode step's parts: the shard's whole step holds its forward pass and sampling.
     // (The router's wait may be shorter: the shard runs a step ahead before it is asked.)
-    let (_, metrics) = s.get("/metrics").await.unwrap();
-    let sum = |name: &str| {
-        let key = format!("{name}_sum{{method=\"decode\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(key.as_str()))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {key} in /metrics:\n{metrics}"))
+    let s = &s;
+    let sum = |name: &'static str| async move {
+        let sum = s.metric_labeled(name, "method=\"decode\"").await.unwrap();
+        sum.unwrap_or_else(|| panic!("no {name}{{method=\"decode\"}} in /metrics"))
     };
-    let (router, shard) = (
-        sum("medley_batch_inference_duration"),
-        sum("medley_batch_shard_duration"),
-    );
-    let (forward, decode) = (
-        sum("medley_batch_forward_duration"),
-        sum("medley_batch_decode_duration"),
-    );
+    let router = sum("medley_batch_inference_duration_sum").await;
+    let shard = sum("medley_batch_shard_duration_sum").await;
+    let forward = sum("medley_batch_forward_duration_sum").await;
+    let decode = sum("medley_batch_decode_duration_sum").await;
     assert!(
         forward > 0.0 && decode > 0.0,
         "forward {forward}, decode {decode}"
