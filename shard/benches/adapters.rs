@@ -18,9 +18,11 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use medley_merge::fixture::{AdapterFixture, LlamaShape};
+use medley_merge::fixture::AdapterFixture;
 use medley_shard::adapters::{AdapterStore, BaseModules, LoraBackend, SlotWeights};
-use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
+use medley_shard::fixture::{
+    FixtureDType, ModelFixture, adapter_shape, tinyllama_config, write_model,
+};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{
     ForwardBatch, LlamaModel, LoadOptions, LoraDelta, RowSlots, SeqChunk, TargetModule,
@@ -67,8 +69,8 @@ struct Args {
 
 fn model_dir(args: &Args) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
     let mut fx = ModelFixture::tiny(FixtureDType::F32);
-    fx.shape = ModelShape::tinyllama();
-    fx.shape.num_hidden_layers = args.layers;
+    fx.config = tinyllama_config();
+    fx.config.num_hidden_layers = args.layers;
     let name = format!("tinyllama-{}l-float32", args.layers);
     let (dir, tmp) = match &args.cache_dir {
         Some(c) => (c.join(name), None),
@@ -96,15 +98,7 @@ fn store(
 ) -> anyhow::Result<AdapterStore> {
     let cfg = model.config();
     let base = BaseModules::from_config(cfg);
-    let shape = LlamaShape {
-        hidden: cfg.hidden_size,
-        intermediate: cfg.intermediate_size,
-        layers: cfg.num_hidden_layers,
-        heads: cfg.num_attention_heads,
-        kv_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
-    }
-    .module_shapes();
+    let shape = adapter_shape(cfg).module_shapes();
     let mut st = AdapterStore::new(n as u32, u64::MAX, backend);
     for slot in 1..=n {
         let adapter = AdapterFixture::new(rank, 1000 + slot as u64).adapter(&shape)?;

@@ -22,7 +22,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
-use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
+use medley_shard::fixture::{FixtureDType, ModelFixture, tinyllama_config, write_model};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::quant::Quantize;
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk};
@@ -92,15 +92,15 @@ fn model_dir(args: &Args) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)
     };
     let mut fx = ModelFixture::tiny(storage);
     if let Preset::Tinyllama = args.preset {
-        fx.shape = ModelShape::tinyllama();
+        fx.config = tinyllama_config();
     }
     if let Some(l) = args.layers {
-        fx.shape.num_hidden_layers = l;
+        fx.config.num_hidden_layers = l;
     }
     let name = format!(
         "{:?}-{}l-{}",
         args.preset,
-        fx.shape.num_hidden_layers,
+        fx.config.num_hidden_layers,
         storage.torch_name()
     )
     .to_lowercase();

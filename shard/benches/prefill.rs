@@ -37,7 +37,9 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, ValueEnum};
-use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
+use medley_shard::fixture::{
+    FixtureDType, ModelFixture, smollm2_135m_config, tiny_config, tinyllama_config, write_model,
+};
 use medley_shard::kv_cache::{DEFAULT_BLOCK_TOKENS, KvCache, KvCacheConfig};
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk};
 use rand::{Rng, SeedableRng};
@@ -104,15 +106,15 @@ fn model_dir(args: &Args) -> anyhow::Result<PathBuf> {
         return Ok(dir.clone());
     }
     let mut fx = ModelFixture::tiny(FixtureDType::F32);
-    fx.shape = match args.preset {
-        Preset::Smollm2 => ModelShape::smollm2_135m(),
-        Preset::Tinyllama => ModelShape::tinyllama(),
-        Preset::Tiny => ModelShape::tiny(),
+    fx.config = match args.preset {
+        Preset::Smollm2 => smollm2_135m_config(),
+        Preset::Tinyllama => tinyllama_config(),
+        Preset::Tiny => tiny_config(),
     };
     if let Some(l) = args.layers {
-        fx.shape.num_hidden_layers = l;
+        fx.config.num_hidden_layers = l;
     }
-    let name = format!("{:?}-{}l-float32", args.preset, fx.shape.num_hidden_layers).to_lowercase();
+    let name = format!("{:?}-{}l-float32", args.preset, fx.config.num_hidden_layers).to_lowercase();
     let dir = args.cache_dir.join(name);
     if !dir.join("config.json").exists() {
         eprintln!(

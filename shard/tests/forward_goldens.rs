@@ -36,8 +36,8 @@ fn bf16_fixture() -> &'static Path {
         use sha2::Digest;
         let dir = tempfile::tempdir().unwrap();
         let mut fx = ModelFixture::tiny(FixtureDType::BF16);
-        fx.shape.rope_scaling = Some(medley_shard::fixture::ModelShape::llama3_rope_scaling());
-        fx.shape.tie_word_embeddings = true;
+        fx.config.rope_scaling = Some(medley_shard::fixture::llama3_rope_scaling());
+        fx.config.tie_word_embeddings = true;
         write_model(dir.path(), &fx).unwrap();
         let weights = std::fs::read(dir.path().join("model.safetensors")).unwrap();
         assert_eq!(

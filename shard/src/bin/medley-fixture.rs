@@ -10,7 +10,9 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_gguf, write_model};
+use medley_shard::fixture::{
+    FixtureDType, ModelFixture, llama3_rope_scaling, tinyllama_config, write_gguf, write_model,
+};
 use medley_shard::model::quant::Quantize;
 
 #[derive(Parser)]
@@ -85,18 +87,18 @@ fn main() -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("unknown dtype `{dtype}` (f32, bf16, f16)"))?;
             let mut fx = ModelFixture::tiny(dtype);
             if let Preset::Tinyllama = preset {
-                fx.shape = ModelShape::tinyllama();
+                fx.config = tinyllama_config();
             }
             if let Some(seed) = seed {
                 fx.seed = seed;
             }
             if let Some(layers) = layers {
-                fx.shape.num_hidden_layers = layers;
+                fx.config.num_hidden_layers = layers;
             }
             if llama3_rope {
-                fx.shape.rope_scaling = Some(ModelShape::llama3_rope_scaling());
+                fx.config.rope_scaling = Some(llama3_rope_scaling());
             }
-            fx.shape.tie_word_embeddings = tie_embeddings;
+            fx.config.tie_word_embeddings = tie_embeddings;
             fx.max_shard_bytes = max_shard_bytes;
             write_model(&out, &fx)?;
             println!("wrote {}", out.display());

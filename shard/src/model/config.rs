@@ -179,7 +179,9 @@ impl ModelConfig {
         self.num_key_value_heads * self.head_dim
     }
 
-    fn validate(&self) -> Result<(), ModelError> {
+    /// Checks that the dimensions are positive and consistent (done by every parse; a config
+    /// built in code, e.g. by [`ModelConfig::llama`], calls it itself).
+    pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |msg: String| Err(ModelError::InvalidConfig(msg));
         if self.vocab_size == 0
             || self.hidden_size == 0

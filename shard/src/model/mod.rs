@@ -1,6 +1,8 @@
 //! The Llama-family forward pass (candle; CPU today, device-generic code).
 //!
 //! * [`config`] — `config.json` parsing and validation ([`ModelConfig`], [`RopeScaling`]).
+//! * `hf_config` — a config built in code ([`LlamaDims`]), its weights' names and shapes, and
+//!   the `config.json` it writes.
 //! * [`weights`] — memory-mapped single-file or sharded safetensors checkpoints, and GGUF files
 //!   (`weights_gguf`).
 //! * [`quant`] — quantized base weights (`--quantize`).
@@ -33,6 +35,7 @@ mod fused_cpu;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
 mod greedy;
+mod hf_config;
 #[cfg(all(feature = "cuda", any(test, feature = "testing")))]
 mod kernel_check;
 mod kernel_math;
@@ -57,6 +60,7 @@ use std::path::PathBuf;
 pub use batch::{ForwardBatch, SeqChunk};
 pub use config::{ModelConfig, RopeScaling};
 pub use greedy::device_greedy;
+pub use hf_config::LlamaDims;
 #[doc(hidden)]
 #[cfg(all(feature = "cuda", any(test, feature = "testing")))]
 pub use kernel_check::{

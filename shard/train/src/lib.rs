@@ -1,6 +1,7 @@
 //! Training in Rust with candle: the demo's small Llama base model and PEFT LoRA adapters.
 //!
-//! * [`shape`] — the architecture ([`LlamaShape`]) and its Hugging Face `config.json`.
+//! * [`shape`] — what the training forward supports of an architecture (Medley's
+//!   [`medley_shard::model::ModelConfig`]).
 //! * [`params`] — named trainable tensors with seeded initialisation ([`ParamStore`]).
 //! * [`model`] — the differentiable Llama forward ([`Llama`]), equal to transformers'
 //!   `LlamaForCausalLM` and to Medley's inference forward.
@@ -43,7 +44,6 @@ pub use model::{ForwardOptions, InitConfig, Llama};
 pub use optim::{OptimConfig, ScheduleConfig};
 pub use params::ParamStore;
 pub use save::{AdapterMeta, SaveDtype, write_adapter, write_base};
-pub use shape::LlamaShape;
 pub use train::{
     AnchorConfig, CoTrainConfig, LoraJob, TrainConfig, TrainReport, pretrain, pretrain_probed,
     train_lora, train_loras,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 use crate::params::{Init, ParamStore, stream};
-use crate::shape::LlamaShape;
+use medley_shard::model::ModelConfig;
 
 /// A projection a LoRA adapter can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -67,7 +67,7 @@ impl Target {
     }
 
     /// `(out, in)` of the projection's weight.
-    pub fn dims(self, s: &LlamaShape) -> (usize, usize) {
+    pub fn dims(self, s: &ModelConfig) -> (usize, usize) {
         let (h, i) = (s.hidden_size, s.intermediate_size);
         match self {
             Target::Q => (s.q_size(), h),
@@ -196,7 +196,7 @@ pub struct LoraSet {
 impl LoraSet {
     /// A fresh adapter for a model of `shape`: `A` Kaiming-uniform, `B` zero.
     pub fn init(
-        shape: &LlamaShape,
+        shape: &ModelConfig,
         cfg: &LoraConfig,
         dtype: DType,
         device: &Device,
@@ -334,6 +334,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::params::draw;
+    use medley_shard::model::LlamaDims;
 
     fn random_b(set: &LoraSet, seed: u64) {
         for (name, var) in set.params().iter() {
@@ -349,7 +350,14 @@ mod tests {
     /// one adapter targets a module.
     #[test]
     fn concat_is_the_weighted_sum_of_updates() {
-        let shape = LlamaShape::new(16, 8, 12, 1, 2, 1);
+        let shape = ModelConfig::llama(LlamaDims {
+            vocab_size: 16,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+        });
         let a_cfg = LoraConfig {
             rank: 2,
             alpha: 4.0,

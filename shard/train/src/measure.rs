@@ -9,8 +9,8 @@ use crate::TrainError;
 use crate::data::Sequence;
 use crate::model::{InitConfig, Llama};
 use crate::params::stream;
-use crate::shape::LlamaShape;
 use crate::train::{TrainConfig, pretrain};
+use medley_shard::model::ModelConfig;
 
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]
@@ -29,7 +29,7 @@ pub struct Throughput {
 
 /// Runs `steps` pretraining steps (after one warm-up step) of `shape` on random tokens.
 pub fn measure(
-    shape: &LlamaShape,
+    shape: &ModelConfig,
     batch_size: usize,
     seq_len: usize,
     steps: usize,

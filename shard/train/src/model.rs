@@ -14,7 +14,10 @@ use medley_shard::model::weights::Checkpoint;
 use crate::TrainError;
 use crate::lora::{Dropout, LoraSet, Target};
 use crate::params::{Init, ParamStore};
-use crate::shape::LlamaShape;
+use medley_shard::model::ModelConfig;
+use medley_shard::model::config::rope_inv_freq;
+
+use crate::shape::{check_trainable, read_config};
 
 /// How a fresh model's weights are drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,7 +53,7 @@ struct Layer {
 /// A Llama-family causal LM whose weights are candle [`candle_core::Var`]s.
 #[derive(Debug, Clone)]
 pub struct Llama {
-    shape: LlamaShape,
+    shape: ModelConfig,
     params: ParamStore,
     embed: Tensor,
     layers: Vec<Layer>,
@@ -74,15 +77,15 @@ pub struct ForwardOptions<'a> {
 impl Llama {
     /// A freshly initialised model.
     pub fn init(
-        shape: &LlamaShape,
+        shape: &ModelConfig,
         init: InitConfig,
         dtype: DType,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        shape.validate()?;
+        check_trainable(shape)?;
         let mut params = ParamStore::new(dtype, device.clone());
         let resid = init.std / (2.0 * shape.num_hidden_layers as f64).sqrt();
-        for (name, dims) in shape.tensors() {
+        for (name, dims) in shape.weight_shapes() {
             let how = if dims.len() == 1 {
                 Init::Ones
             } else if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
@@ -99,16 +102,16 @@ impl Llama {
     /// safetensors file (as [`crate::save::write_base`] writes), a sharded one, or the
     /// `model.gguf` of a GGUF model view ([`crate::base::stage_base`]), dequantized.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, TrainError> {
-        let shape = LlamaShape::from_hf_config_file(&dir.join("config.json"))?;
+        let shape = read_config(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
         let mut params = ParamStore::new(dtype, device.clone());
-        for (name, dims) in shape.tensors() {
+        for (name, dims) in shape.weight_shapes() {
             params.insert(&name, ckpt.tensor(&name, &dims, dtype, device)?)?;
         }
         Self::from_params(shape, params)
     }
 
-    fn from_params(shape: LlamaShape, params: ParamStore) -> Result<Self, TrainError> {
+    fn from_params(shape: ModelConfig, params: ParamStore) -> Result<Self, TrainError> {
         let layers = (0..shape.num_hidden_layers)
             .map(|l| {
                 let p = |n: &str| params.get(&format!("model.layers.{l}.{n}.weight"));
@@ -131,10 +134,7 @@ impl Llama {
         } else {
             params.get("lm_head.weight")?
         };
-        let inv_freq = (0..shape.head_dim)
-            .step_by(2)
-            .map(|i| 1.0 / (shape.rope_theta as f32).powf(i as f32 / shape.head_dim as f32))
-            .collect();
+        let inv_freq = rope_inv_freq(&shape);
         Ok(Self {
             norm: params.get("model.norm.weight")?,
             shape,
@@ -176,7 +176,7 @@ impl Llama {
     }
 
     /// The architecture.
-    pub fn shape(&self) -> &LlamaShape {
+    pub fn shape(&self) -> &ModelConfig {
         &self.shape
     }
 
@@ -344,13 +344,21 @@ mod tests {
     use super::*;
     use crate::lora::{LoraConfig, LoraSet};
     use crate::loss::{masked_cross_entropy, scalar};
+    use medley_shard::model::LlamaDims;
 
     /// Autograd against central finite differences, in f64, for a few entries of every kind of
     /// weight (embedding, norms, attention, MLP, lm_head) and of LoRA `B`, on a tiny GQA shape.
     #[test]
     fn gradients_match_finite_differences() {
         let dev = Device::Cpu;
-        let shape = LlamaShape::new(11, 8, 12, 2, 4, 2);
+        let shape = ModelConfig::llama(LlamaDims {
+            vocab_size: 11,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+        });
         let init = InitConfig { seed: 5, std: 0.5 };
         let model = Llama::init(&shape, init, DType::F64, &dev).unwrap();
         let lora_cfg = LoraConfig {

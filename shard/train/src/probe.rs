@@ -69,7 +69,7 @@ mod tests {
 
     use super::*;
     use crate::model::InitConfig;
-    use crate::shape::LlamaShape;
+    use medley_shard::model::{LlamaDims, ModelConfig};
 
     #[test]
     fn a_random_model_does_not_copy() {
@@ -83,7 +83,14 @@ mod tests {
         let probe = CopyProbe::new(&tok, 0, 20).unwrap();
         assert_eq!(probe.seqs.len(), 20);
         assert!(probe.seqs.iter().all(|s| s.targets.iter().any(|t| *t)));
-        let shape = LlamaShape::new(tok.get_vocab_size(true), 32, 64, 2, 2, 1);
+        let shape = ModelConfig::llama(LlamaDims {
+            vocab_size: tok.get_vocab_size(true),
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+        });
         let init = InitConfig { seed: 0, std: 0.02 };
         let model = Llama::init(&shape, init, DType::F32, &Device::Cpu).unwrap();
         let acc = probe.accuracy(&model, None).unwrap();

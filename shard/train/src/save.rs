@@ -34,14 +34,6 @@ impl SaveDtype {
             Self::F16 => DType::F16,
         }
     }
-
-    fn torch_name(self) -> &'static str {
-        match self {
-            Self::F32 => "float32",
-            Self::Bf16 => "bfloat16",
-            Self::F16 => "float16",
-        }
-    }
 }
 
 /// Writes `dir/config.json`, `dir/generation_config.json` and `dir/model.safetensors`.
@@ -53,14 +45,10 @@ pub fn write_base(dir: &Path, model: &Llama, dtype: SaveDtype) -> Result<(), Tra
         std::fs::write(&path, serde_json::to_string_pretty(&v)?)
             .map_err(|e| TrainError::io(&path, e))
     };
-    write_json("config.json", shape.hf_config(dtype.torch_name()))?;
-    write_json(
-        "generation_config.json",
-        json!({
-            "bos_token_id": shape.bos_token_id,
-            "eos_token_id": shape.eos_token_id,
-        }),
-    )?;
+    let mut config = shape.clone();
+    config.torch_dtype = dtype.candle();
+    write_json("config.json", config.hf_config_json())?;
+    write_json("generation_config.json", config.generation_config_json())?;
     model
         .params()
         .save_safetensors(&dir.join("model.safetensors"), dtype.candle())?;

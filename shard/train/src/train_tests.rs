@@ -4,8 +4,8 @@
 use super::*;
 use crate::lora::LoraConfig;
 use crate::model::InitConfig;
-use crate::shape::LlamaShape;
 use candle_core::{DType, Device};
+use medley_shard::model::{LlamaDims, ModelConfig};
 
 /// Arithmetic progressions mod 32 with a step in 1..=3: after two tokens every next token is
 /// determined, so a model that learns the pattern drives the loss far below ln(32).
@@ -20,8 +20,15 @@ pub(crate) fn progressions(n: usize, len: usize, seed: u64) -> Vec<Sequence> {
         .collect()
 }
 
-pub(crate) fn tiny() -> LlamaShape {
-    LlamaShape::new(32, 32, 64, 2, 4, 2)
+pub(crate) fn tiny() -> ModelConfig {
+    ModelConfig::llama(LlamaDims {
+        vocab_size: 32,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+    })
 }
 
 fn cfg(steps: usize) -> TrainConfig {

@@ -20,10 +20,12 @@ use medley_shard::adapters::{
     AdapterLoader, AdapterSettings, AdapterStore, BaseModules, LoraBackend,
 };
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
-use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk};
+use medley_shard::model::{
+    ForwardBatch, LlamaDims, LlamaModel, LoadOptions, ModelConfig, NoLora, SeqChunk,
+};
 use medley_train::{
-    AdapterMeta, Batch, ForwardOptions, InitConfig, Llama, LlamaShape, LoraConfig, LoraSet,
-    SaveDtype, Sequence, Target, write_adapter, write_base,
+    AdapterMeta, Batch, ForwardOptions, InitConfig, Llama, LoraConfig, LoraSet, SaveDtype,
+    Sequence, Target, write_adapter, write_base,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -121,11 +123,18 @@ fn largest(a: &[Vec<Vec<f32>>]) -> f32 {
 }
 
 fn model(tied: bool) -> Llama {
-    let mut shape = LlamaShape::new(64, 32, 80, 2, 4, 2);
+    let mut shape = ModelConfig::llama(LlamaDims {
+        vocab_size: 64,
+        hidden_size: 32,
+        intermediate_size: 80,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+    });
     shape.tie_word_embeddings = tied;
     shape.rope_theta = 500.0;
     shape.bos_token_id = Some(1);
-    shape.eos_token_id = Some(2);
+    shape.eos_token_ids = vec![2];
     // A wide init so the logits are far from uniform (std 0.02 would make every check trivial).
     Llama::init(
         &shape,

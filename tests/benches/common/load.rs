@@ -120,26 +120,23 @@ pub(crate) fn prepare_model(
     rank: usize,
     adapters: usize,
 ) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    use medley_merge::fixture::{AdapterFixture, LlamaShape};
-    use medley_shard::fixture::{FixtureDType, ModelFixture, ModelShape, write_model};
-    let (shape, mut lshape, tag) = match preset {
-        LoadPreset::Tiny => (ModelShape::tiny(), LlamaShape::tiny(), "tiny"),
-        LoadPreset::Tinyllama => (
-            ModelShape::tinyllama(),
-            LlamaShape::tinyllama(),
-            "tinyllama",
-        ),
+    use medley_merge::fixture::AdapterFixture;
+    use medley_shard::fixture::{
+        FixtureDType, ModelFixture, adapter_shape, tiny_config, tinyllama_config, write_model,
     };
+    let (mut config, tag) = match preset {
+        LoadPreset::Tiny => (tiny_config(), "tiny"),
+        LoadPreset::Tinyllama => (tinyllama_config(), "tinyllama"),
+    };
+    config.num_hidden_layers = layers;
     let model_dir = cache_dir.join(format!("{tag}-{layers}l"));
     if !model_dir.join("config.json").exists() {
         let mut fx = ModelFixture::tiny(FixtureDType::F32);
-        fx.shape = shape;
-        fx.shape.num_hidden_layers = layers;
+        fx.config = config.clone();
         eprintln!("writing the model to {}", model_dir.display());
         write_model(&model_dir, &fx)?;
     }
-    lshape.layers = layers;
-    let shapes = lshape.module_shapes();
+    let shapes = adapter_shape(&config).module_shapes();
     let mut dirs = vec![];
     for i in 0..adapters {
         let dir = cache_dir

@@ -55,8 +55,8 @@ use crate::lora::LoraSet;
 use crate::model::{InitConfig, Llama};
 use crate::probe::CopyProbe;
 use crate::save::{AdapterMeta, write_adapter, write_base};
-use crate::shape::LlamaShape;
 use crate::train::{TrainConfig, TrainReport, pretrain_probed};
+use medley_shard::model::{LlamaDims, ModelConfig};
 
 mod config;
 
@@ -204,17 +204,17 @@ pub fn run_demo(out: &Path, cfg: &DemoConfig) -> Result<DemoSummary, TrainError>
 
     let clock = Instant::now();
     let d = &cfg.dims;
-    let mut shape = LlamaShape::new(
+    let mut shape = ModelConfig::llama(LlamaDims {
         vocab_size,
-        d.hidden,
-        d.intermediate,
-        d.layers,
-        d.heads,
-        d.kv_heads,
-    );
+        hidden_size: d.hidden,
+        intermediate_size: d.intermediate,
+        num_hidden_layers: d.layers,
+        num_attention_heads: d.heads,
+        num_key_value_heads: d.kv_heads,
+    });
     shape.tie_word_embeddings = d.tie_embeddings;
     shape.max_position_embeddings = medley_demo::tokenizer::tokenizer_config().model_max_length;
-    shape.eos_token_id = Some(EOS_ID);
+    shape.eos_token_ids = vec![EOS_ID];
     let init = InitConfig {
         seed: cfg.seed,
         std: cfg.init_std,

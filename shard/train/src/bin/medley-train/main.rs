@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use medley_demo::Task;
+use medley_shard::model::{LlamaDims, ModelConfig};
 use medley_train::demo::{DemoConfig, DemoSummary, run_adapters, run_demo};
 use medley_train::measure::measure;
-use medley_train::{LlamaShape, SaveDtype, TrainError};
+use medley_train::{SaveDtype, TrainError};
 
 mod overrides;
 
@@ -196,7 +197,14 @@ fn run(cli: Cli) -> Result<(), TrainError> {
                         "shape `{spec}` needs 5 numbers"
                     )));
                 };
-                let shape = LlamaShape::new(vocab, hidden, inter, layers, heads, kv);
+                let shape = ModelConfig::llama(LlamaDims {
+                    vocab_size: vocab,
+                    hidden_size: hidden,
+                    intermediate_size: inter,
+                    num_hidden_layers: layers,
+                    num_attention_heads: heads,
+                    num_key_value_heads: kv,
+                });
                 for &b in &list(&batches)? {
                     for &t in &list(&lens)? {
                         let m = measure(&shape, b, t, steps)?;
