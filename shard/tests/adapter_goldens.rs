@@ -12,7 +12,7 @@ mod engine_harness;
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use engine_harness::{ADAPTERS, adapter_loader, fixtures, tiny};
+use engine_harness::{ADAPTERS, adapter_loader, argmax, fixtures, max_abs_diff, tiny};
 use medley_merge::{MergeSpec, SignMethod, Strategy};
 use medley_shard::adapters::{AdapterStore, LoraBackend};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
@@ -130,24 +130,6 @@ fn forward(
         .unwrap()
         .to_vec2::<f32>()
         .unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Prompt logits (one prefill with every row's logits) and 20 greedy tokens (decode through the

@@ -6,21 +6,20 @@
 // Helpers outside `#[test]` functions are test code too.
 #![allow(clippy::unwrap_used)]
 
+mod engine_harness;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
+use engine_harness::{argmax, fixtures, max_abs_diff, tiny};
 use medley_shard::fixture::{FixtureDType, ModelFixture, write_model};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{
     ForwardBatch, LlamaModel, LoadOptions, LoraDelta, ModelError, NoLora, RowSlots, SeqChunk,
     TargetModule,
 };
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 /// SHA-256 of the bf16 fixture's `model.safetensors` the goldens were computed on. The fixture is
 /// not committed (it is made by code); if the generator changes, this check fails first: rerun
@@ -87,25 +86,6 @@ fn compare(a: &[f32], b: &[f32], tol: impl Fn(f32) -> f32) -> (f32, bool) {
     assert_eq!(a.len(), b.len());
     let ok = a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol(*y));
     (max_abs_diff(a, b), ok)
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// First index of the maximum, like `torch.argmax`.
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 struct Golden {
@@ -190,7 +170,7 @@ fn check_goldens(model: &LlamaModel, name: &str, tol: impl Fn(f32) -> f32) {
 /// is ~1e-5 relative.
 #[test]
 fn f32_matches_transformers() {
-    let model = load(&fixtures().join("tiny-llama"));
+    let model = load(&tiny());
     assert_eq!(model.dtype(), DType::F32);
     check_goldens(&model, "f32", |_| 1e-4);
 }
@@ -271,7 +251,7 @@ fn mistral_sliding_window_matches_transformers() {
 /// f32 results agree to ~1e-6; 1e-5 is the bound.
 #[test]
 fn ragged_batch_matches_sequential() {
-    let model = load(&fixtures().join("tiny-llama"));
+    let model = load(&tiny());
     let prompts: [Vec<u32>; 3] = [
         (3..10).collect(),
         vec![1, 77, 300],
@@ -399,7 +379,7 @@ impl LoraDelta for Recorder {
 
 #[test]
 fn lora_hook_sees_every_projection_and_row_slots() {
-    let model = load(&fixtures().join("tiny-llama"));
+    let model = load(&tiny());
     let cfg = model.config().clone();
     let mut kv = kv_for(&model);
     kv.allocate(1, 16).unwrap();
@@ -455,7 +435,7 @@ fn lora_hook_sees_every_projection_and_row_slots() {
 
 #[test]
 fn invalid_batches_are_errors_and_leave_the_cache_unchanged() {
-    let model = load(&fixtures().join("tiny-llama"));
+    let model = load(&tiny());
     let mut kv = kv_for(&model);
     kv.allocate(1, 4).unwrap();
     step(&model, &mut kv, vec![chunk(1, vec![1, 2], 0, false)]);
@@ -512,7 +492,7 @@ fn broken_copy(
     edit_config: impl FnOnce(&mut serde_json::Value),
     edit_tensors: impl FnOnce(&mut HashMap<String, Tensor>),
 ) -> tempfile::TempDir {
-    let src = fixtures().join("tiny-llama");
+    let src = tiny();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
@@ -601,7 +581,7 @@ fn sharded_checkpoint_matches_single_file() {
     assert!(dir.path().join("model.safetensors.index.json").exists());
     assert!(!dir.path().join("model.safetensors").exists());
     let sharded = load(dir.path());
-    let single = load(&fixtures().join("tiny-llama"));
+    let single = load(&tiny());
     let tokens: Vec<u32> = (1..20).collect();
     let run = |m: &LlamaModel| {
         let mut kv = kv_for(m);

@@ -16,7 +16,7 @@ mod engine_harness;
 use std::path::Path;
 use std::sync::Arc;
 
-use engine_harness::{store, tiny};
+use engine_harness::{argmax, store, tiny};
 use medley_shard::comm::{ShmComm, ShmCommConfig};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, SeqChunk, TpLayout};
@@ -38,15 +38,6 @@ fn chunk(seq_id: u64, tokens: Vec<u32>, start_pos: usize) -> SeqChunk {
         adapter_slot: SLOTS[seq_id as usize],
         all_logits: false,
     }
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
-            if x > best.1 { (i, x) } else { best }
-        })
-        .0 as u32
 }
 
 /// One prefill of every prompt in one batch, then greedy decode steps of all; every step's

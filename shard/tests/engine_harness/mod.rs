@@ -1,5 +1,5 @@
-//! The engine test harness: the tiny fixture model with adapters in slots, requests, and a
-//! driver that runs an engine step by step the way the router does.
+//! The engine test harness: the tiny fixture model with adapters in slots, requests, a driver
+//! that runs an engine step by step the way the router does, and the comparisons of logits rows.
 
 #![allow(clippy::unwrap_used, dead_code)]
 
@@ -20,6 +20,26 @@ use medley_shard::model::{LlamaModel, LoadOptions};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// The largest absolute difference between two equally long rows.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// First index of the maximum, like `torch.argmax`.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// The tiny random Llama fixture.
