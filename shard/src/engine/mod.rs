@@ -6,21 +6,22 @@ mod adapters;
 mod ahead;
 mod handle;
 mod heap;
+mod sample;
 mod schedule;
 mod sequence;
 mod step_logits;
 mod text;
 mod types;
+mod warmup;
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use rustc_hash::FxHashSet;
 
 use crate::adapters::{AdapterError, AdapterStore};
 use crate::kv_cache::{AdapterIdentity, KvCache};
-use crate::model::{ForwardBatch, LlamaModel, SeqChunk};
+use crate::model::{ForwardBatch, LlamaModel};
 
 pub use handle::{EngineHandle, EngineThreadSettings};
 pub use heap::keep_freed_memory;
@@ -29,7 +30,7 @@ use sequence::{SeqLimits, Sequence};
 #[doc(hidden)]
 #[cfg(any(test, feature = "testing"))]
 pub use step_logits::choose_on_host;
-use step_logits::{RowInput, StepLogits, read_logits, row_inputs};
+use step_logits::read_logits;
 pub use text::TextContext;
 pub use types::{
     AdapterSlotInfo, Batch, CachedBatch, FinishReason, GeneratedText, Generation, Request,
@@ -92,9 +93,6 @@ pub struct EngineInfo {
     /// Number of ranks.
     pub world_size: u32,
 }
-
-/// The outcome of one scheduled sequence in a step.
-type SampleResult = Result<Option<sequence::StepOutput>, EngineError>;
 
 /// A batch whose KV state lives here.
 struct BatchState {
@@ -181,54 +179,6 @@ impl Engine {
             max_adapter_slots: self.adapters.max_slots(),
             kv_block_tokens: self.kv.block_tokens() as u32,
         }
-    }
-
-    /// Sets the per-step prompt-token budget to the router's prefill budget and runs that
-    /// worst-case step (split into requests of at most `max_input_tokens`, and cut to what the
-    /// KV pool holds) to check the model runs, then frees it. Returns the KV capacity.
-    pub fn warmup(&mut self, req: &WarmupParams) -> Result<WarmupResult, EngineError> {
-        self.step_prompt_tokens =
-            StepBudget::new(req.max_prefill_tokens, req.max_idle_prefill_tokens);
-        let per_req = (req.max_input_tokens as usize).clamp(1, self.max_positions() - 1);
-        // The largest step: one in which no sequence decodes.
-        let mut remaining = self.step_prompt_tokens.idle as usize;
-        let mut blocks_left = self.kv.available_blocks();
-        let mut chunks = vec![];
-        let mut id = u64::MAX;
-        while remaining > 0 && blocks_left > 0 {
-            let n = remaining
-                .min(per_req)
-                .min(blocks_left * self.kv.block_tokens());
-            blocks_left -= n.div_ceil(self.kv.block_tokens());
-            let tokens = (0..n).map(|i| (i % self.vocab()) as u32).collect();
-            chunks.push(SeqChunk {
-                seq_id: id,
-                tokens,
-                start_pos: 0,
-                adapter_slot: 0,
-                all_logits: false,
-            });
-            remaining -= n;
-            id -= 1;
-        }
-        let ids: Vec<u64> = chunks.iter().map(|c| c.seq_id).collect();
-        let result = (|| {
-            for c in &chunks {
-                self.kv
-                    .allocate(c.seq_id, c.tokens.len())
-                    .map_err(|e| EngineError::KvCache(e.to_string()))?;
-            }
-            self.model
-                .forward(&ForwardBatch { chunks }, &mut self.kv, &self.adapters)
-                .map_err(|e| EngineError::Model(e.to_string()))
-        })();
-        for id in ids {
-            self.kv.free(id);
-        }
-        result?;
-        Ok(WarmupResult {
-            max_supported_total_tokens: self.kv.capacity_tokens() as u64,
-        })
     }
 
     /// Admits a new batch and runs one step over it together with the `running` batches
@@ -503,77 +453,6 @@ impl Engine {
         for s in seqs {
             self.kv.free(s.id);
         }
-    }
-
-    /// Advances every scheduled sequence from its logits rows: prompt logprobs from the
-    /// rows of a chunk that asked for them, and a sampled token for each sequence whose
-    /// tokens are now all computed. Runs in parallel over the sequences on the model's pool when
-    /// some row is sampled on the host (rows the device chose run in turn).
-    /// Returns `(index, output)` per scheduled sequence, `None` for a chunk that did not
-    /// reach the end of its sequence.
-    fn sample_all(
-        &self,
-        seqs: &mut [Sequence],
-        scheduled: &[schedule::Scheduled],
-        logits: &StepLogits,
-    ) -> Vec<(usize, SampleResult)> {
-        let vocab = self.vocab();
-        let max_positions = self.max_positions();
-        let text = &self.text;
-        let rows = match row_inputs(logits, scheduled, vocab) {
-            Ok(rows) => rows,
-            Err(msg) => {
-                return scheduled
-                    .iter()
-                    .map(|c| (c.index, Err(EngineError::Model(msg.clone()))))
-                    .collect();
-            }
-        };
-        // Pair each scheduled chunk with its sequence and logits rows.
-        let mut work = Vec::with_capacity(scheduled.len());
-        let mut slots: Vec<Option<&mut Sequence>> = seqs.iter_mut().map(Some).collect();
-        for (c, row) in scheduled.iter().zip(rows) {
-            if let Some(s) = slots.get_mut(c.index).and_then(Option::take) {
-                work.push((*c, s, row));
-            }
-        }
-        let run = |(c, s, row): (schedule::Scheduled, &mut Sequence, RowInput<'_>)| {
-            if let (true, RowInput::Logits(block)) = (c.all_logits, row) {
-                s.take_prompt_rows(block, vocab, c.start);
-            }
-            s.computed = c.start + c.len;
-            if s.pending() > 0 {
-                return (c.index, Ok(None));
-            }
-            let first = s.generated() == 0;
-            let stepped = match row {
-                RowInput::Logits(block) => {
-                    s.step(&block[block.len() - vocab..], text, max_positions)
-                }
-                RowInput::Chosen(id, logprob) => s.step_chosen(id, logprob, text, max_positions),
-            };
-            let out = stepped.map(|mut out| {
-                if first {
-                    if s.prefill_logprobs {
-                        out.generation.prefill_tokens = Some(s.prompt_tokens(text));
-                    }
-                    out.generation.cached_tokens = Some(s.cached_tokens as u32);
-                }
-                Some(out)
-            });
-            (c.index, out)
-        };
-        // A row the device chose costs the host a token's detokenization: waking the pool for
-        // those costs more than it saves. Sampling from logits rows is worth spreading.
-        let host_sampling = work
-            .iter()
-            .any(|(_, _, row)| matches!(row, RowInput::Logits(_)));
-        if work.len() < 2 || !host_sampling {
-            return work.into_iter().map(run).collect();
-        }
-        self.model
-            .device()
-            .with_context(|| work.into_par_iter().map(run).collect())
     }
 
     /// Keeps `state` as batch `id` and returns its handle (None when it holds no sequence

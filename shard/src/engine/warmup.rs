@@ -1,0 +1,55 @@
+//! The router's warm-up call: the worst-case step run once before serving.
+
+use super::schedule::StepBudget;
+use super::{Engine, EngineError, WarmupParams, WarmupResult};
+use crate::model::{ForwardBatch, SeqChunk};
+
+impl Engine {
+    /// Sets the per-step prompt-token budget to the router's prefill budget and runs that
+    /// worst-case step (split into requests of at most `max_input_tokens`, and cut to what the
+    /// KV pool holds) to check the model runs, then frees it. Returns the KV capacity.
+    pub fn warmup(&mut self, req: &WarmupParams) -> Result<WarmupResult, EngineError> {
+        self.step_prompt_tokens =
+            StepBudget::new(req.max_prefill_tokens, req.max_idle_prefill_tokens);
+        let per_req = (req.max_input_tokens as usize).clamp(1, self.max_positions() - 1);
+        // The largest step: one in which no sequence decodes.
+        let mut remaining = self.step_prompt_tokens.idle as usize;
+        let mut blocks_left = self.kv.available_blocks();
+        let mut chunks = vec![];
+        let mut id = u64::MAX;
+        while remaining > 0 && blocks_left > 0 {
+            let n = remaining
+                .min(per_req)
+                .min(blocks_left * self.kv.block_tokens());
+            blocks_left -= n.div_ceil(self.kv.block_tokens());
+            let tokens = (0..n).map(|i| (i % self.vocab()) as u32).collect();
+            chunks.push(SeqChunk {
+                seq_id: id,
+                tokens,
+                start_pos: 0,
+                adapter_slot: 0,
+                all_logits: false,
+            });
+            remaining -= n;
+            id -= 1;
+        }
+        let ids: Vec<u64> = chunks.iter().map(|c| c.seq_id).collect();
+        let result = (|| {
+            for c in &chunks {
+                self.kv
+                    .allocate(c.seq_id, c.tokens.len())
+                    .map_err(|e| EngineError::KvCache(e.to_string()))?;
+            }
+            self.model
+                .forward(&ForwardBatch { chunks }, &mut self.kv, &self.adapters)
+                .map_err(|e| EngineError::Model(e.to_string()))
+        })();
+        for id in ids {
+            self.kv.free(id);
+        }
+        result?;
+        Ok(WarmupResult {
+            max_supported_total_tokens: self.kv.capacity_tokens() as u64,
+        })
+    }
+}
