@@ -21,7 +21,7 @@ use clap::Parser;
 use medley_merge::fixture::AdapterFixture;
 use medley_shard::adapters::{AdapterStore, BaseModules, LoraBackend, SlotWeights};
 use medley_shard::fixture::{
-    FixtureDType, ModelFixture, adapter_shape, tinyllama_config, write_model,
+    CachedModel, FixtureDType, ModelFixture, adapter_shape, tinyllama_config,
 };
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::{
@@ -67,26 +67,12 @@ struct Args {
     bench: bool,
 }
 
-fn model_dir(args: &Args) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+fn model_dir(args: &Args) -> anyhow::Result<CachedModel> {
     let mut fx = ModelFixture::tiny(FixtureDType::F32);
     fx.config = tinyllama_config();
     fx.config.num_hidden_layers = args.layers;
     let name = format!("tinyllama-{}l-float32", args.layers);
-    let (dir, tmp) = match &args.cache_dir {
-        Some(c) => (c.join(name), None),
-        None => {
-            let t = tempfile::tempdir()?;
-            (t.path().join(name), Some(t))
-        }
-    };
-    if !dir.join("config.json").exists() {
-        eprintln!(
-            "writing a random TinyLlama-shaped model to {}",
-            dir.display()
-        );
-        write_model(&dir, &fx)?;
-    }
-    Ok((dir, tmp))
+    Ok(fx.cached(args.cache_dir.as_deref(), &name)?)
 }
 
 /// A store with `n` rank-`rank` adapters in slots `1..=n`.
@@ -235,8 +221,9 @@ fn main() -> anyhow::Result<()> {
         args.batch > 0 && args.adapters > 0 && args.decode_steps > 0 && args.rounds > 0,
         "batch, adapters, decode steps and rounds must be positive"
     );
-    let (dir, _tmp) = model_dir(&args)?;
-    let model = LlamaModel::load(&dir, &LoadOptions::default())
+    let model_dir = model_dir(&args)?;
+    let dir = &model_dir.dir;
+    let model = LlamaModel::load(dir, &LoadOptions::default())
         .with_context(|| format!("loading {}", dir.display()))?;
     let kernels = store(&model, args.adapters, args.rank, LoraBackend::Kernels)?;
     let candle = store(&model, args.adapters, args.rank, LoraBackend::Candle)?;

@@ -22,7 +22,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
-use medley_shard::fixture::{FixtureDType, ModelFixture, tinyllama_config, write_model};
+use medley_shard::fixture::{CachedModel, FixtureDType, ModelFixture, tinyllama_config};
 use medley_shard::kv_cache::{KvCache, KvCacheConfig};
 use medley_shard::model::quant::Quantize;
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk};
@@ -81,10 +81,10 @@ fn parse_dtype(s: &str) -> anyhow::Result<(DType, FixtureDType)> {
     }
 }
 
-/// The model directory to benchmark, plus a temp dir to keep alive while it is used.
-fn model_dir(args: &Args) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+/// The model directory to benchmark (a temporary one is removed when the result drops).
+fn model_dir(args: &Args) -> anyhow::Result<CachedModel> {
     if let Some(dir) = &args.model_dir {
-        return Ok((dir.clone(), None));
+        return Ok(dir.clone().into());
     }
     let storage = match &args.dtype {
         Some(s) => parse_dtype(s)?.1,
@@ -104,24 +104,7 @@ fn model_dir(args: &Args) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)
         storage.torch_name()
     )
     .to_lowercase();
-    let (dir, tmp) = match &args.cache_dir {
-        Some(c) => (c.join(name), None),
-        None => {
-            let t = tempfile::tempdir()?;
-            (t.path().join(name), Some(t))
-        }
-    };
-    if !dir.join("config.json").exists() {
-        eprintln!(
-            "writing random {:?} model to {}",
-            args.preset,
-            dir.display()
-        );
-        let t = Instant::now();
-        write_model(&dir, &fx)?;
-        eprintln!("  done in {:.1}s", t.elapsed().as_secs_f64());
-    }
-    Ok((dir, tmp))
+    Ok(fx.cached(args.cache_dir.as_deref(), &name)?)
 }
 
 struct Row {
@@ -204,7 +187,8 @@ fn main() -> anyhow::Result<()> {
         args.prompt_len > 0 && args.decode_steps > 0,
         "need a prompt and decode steps"
     );
-    let (dir, _tmp) = model_dir(&args)?;
+    let model_dir = model_dir(&args)?;
+    let dir = &model_dir.dir;
     let dtype = args
         .dtype
         .as_deref()
@@ -213,7 +197,7 @@ fn main() -> anyhow::Result<()> {
         .map(|d| d.0);
     let t = Instant::now();
     let model = LlamaModel::load(
-        &dir,
+        dir,
         &LoadOptions {
             dtype,
             device: Device::Cpu,

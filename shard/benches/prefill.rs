@@ -38,7 +38,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, ValueEnum};
 use medley_shard::fixture::{
-    FixtureDType, ModelFixture, smollm2_135m_config, tiny_config, tinyllama_config, write_model,
+    FixtureDType, ModelFixture, smollm2_135m_config, tiny_config, tinyllama_config,
 };
 use medley_shard::kv_cache::{DEFAULT_BLOCK_TOKENS, KvCache, KvCacheConfig};
 use medley_shard::model::{ForwardBatch, LlamaModel, LoadOptions, NoLora, SeqChunk};
@@ -115,18 +115,7 @@ fn model_dir(args: &Args) -> anyhow::Result<PathBuf> {
         fx.config.num_hidden_layers = l;
     }
     let name = format!("{:?}-{}l-float32", args.preset, fx.config.num_hidden_layers).to_lowercase();
-    let dir = args.cache_dir.join(name);
-    if !dir.join("config.json").exists() {
-        eprintln!(
-            "writing random {:?} model to {}",
-            args.preset,
-            dir.display()
-        );
-        let t = Instant::now();
-        write_model(&dir, &fx)?;
-        eprintln!("  done in {:.1}s", t.elapsed().as_secs_f64());
-    }
-    Ok(dir)
+    Ok(fx.cached(Some(&args.cache_dir), &name)?.dir)
 }
 
 /// Seconds of the prefill of `tokens` with a fresh cache, in forward steps of at most `chunk`

@@ -122,20 +122,16 @@ pub(crate) fn prepare_model(
 ) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
     use medley_merge::fixture::AdapterFixture;
     use medley_shard::fixture::{
-        FixtureDType, ModelFixture, adapter_shape, tiny_config, tinyllama_config, write_model,
+        FixtureDType, ModelFixture, adapter_shape, tiny_config, tinyllama_config,
     };
     let (mut config, tag) = match preset {
         LoadPreset::Tiny => (tiny_config(), "tiny"),
         LoadPreset::Tinyllama => (tinyllama_config(), "tinyllama"),
     };
     config.num_hidden_layers = layers;
-    let model_dir = cache_dir.join(format!("{tag}-{layers}l"));
-    if !model_dir.join("config.json").exists() {
-        let mut fx = ModelFixture::tiny(FixtureDType::F32);
-        fx.config = config.clone();
-        eprintln!("writing the model to {}", model_dir.display());
-        write_model(&model_dir, &fx)?;
-    }
+    let mut fx = ModelFixture::tiny(FixtureDType::F32);
+    fx.config = config.clone();
+    let model_dir = fx.cached(Some(cache_dir), &format!("{tag}-{layers}l"))?.dir;
     let shapes = adapter_shape(&config).module_shapes();
     let mut dirs = vec![];
     for i in 0..adapters {
