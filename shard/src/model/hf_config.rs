@@ -147,7 +147,7 @@ fn special_tokens(cfg: &ModelConfig, obj: &mut Map<String, Value>) {
 }
 
 /// The `torch_dtype` name of a storage dtype (float32 for anything but bf16/f16).
-fn torch_dtype_name(dtype: DType) -> &'static str {
+pub(crate) fn torch_dtype_name(dtype: DType) -> &'static str {
     match dtype {
         DType::BF16 => "bfloat16",
         DType::F16 => "float16",

@@ -61,6 +61,7 @@ pub use batch::{ForwardBatch, SeqChunk};
 pub use config::{ModelConfig, RopeScaling};
 pub use greedy::device_greedy;
 pub use hf_config::LlamaDims;
+pub(crate) use hf_config::torch_dtype_name;
 #[doc(hidden)]
 #[cfg(all(feature = "cuda", any(test, feature = "testing")))]
 pub use kernel_check::{

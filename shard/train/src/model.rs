@@ -9,14 +9,13 @@
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor};
+use medley_shard::model::ModelConfig;
+use medley_shard::model::config::rope_inv_freq;
 use medley_shard::model::weights::Checkpoint;
 
 use crate::TrainError;
 use crate::lora::{Dropout, LoraSet, Target};
 use crate::params::{Init, ParamStore};
-use medley_shard::model::ModelConfig;
-use medley_shard::model::config::rope_inv_freq;
-
 use crate::shape::{check_trainable, read_config};
 
 /// How a fresh model's weights are drawn.
