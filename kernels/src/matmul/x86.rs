@@ -62,9 +62,18 @@ trait Vector: Copy {
     /// `p` must be valid for writing `LANES` f32 values (no alignment needed).
     unsafe fn store(self, p: *mut f32, v: Self::V);
     /// Asks for the cache line at `p` to be brought into L2 (any address; never faults).
-    fn prefetch(self, p: *const f32);
+    #[inline(always)]
+    fn prefetch(self, p: *const f32) {
+        // SAFETY: prefetching is a hint that never faults, whatever the address; SSE is implied
+        // by every x86-64 CPU.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+    }
     /// Asks for the cache line at `p` to be brought into L1 (any address; never faults).
-    fn prefetch_l1(self, p: *const f32);
+    #[inline(always)]
+    fn prefetch_l1(self, p: *const f32) {
+        // SAFETY: as for `prefetch`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
     /// `a · b + c` lane-wise, rounded once.
     fn fma(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// The sum of the lanes.
@@ -97,18 +106,6 @@ impl Vector for Avx512 {
     unsafe fn store(self, p: *mut f32, v: __m512) {
         // SAFETY: the caller guarantees 16 writable values at `p`; `self` proves AVX-512F.
         unsafe { _mm512_storeu_ps(p, v) }
-    }
-
-    #[inline(always)]
-    fn prefetch(self, p: *const f32) {
-        // SAFETY: prefetching is a hint that never faults, whatever the address; SSE is implied.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
-    }
-
-    #[inline(always)]
-    fn prefetch_l1(self, p: *const f32) {
-        // SAFETY: as for `prefetch`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
 
     #[inline(always)]
@@ -150,18 +147,6 @@ impl Vector for Avx2Fma {
     unsafe fn store(self, p: *mut f32, v: __m256) {
         // SAFETY: the caller guarantees 8 writable values at `p`; `self` proves AVX.
         unsafe { _mm256_storeu_ps(p, v) }
-    }
-
-    #[inline(always)]
-    fn prefetch(self, p: *const f32) {
-        // SAFETY: prefetching is a hint that never faults, whatever the address; SSE is implied.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
-    }
-
-    #[inline(always)]
-    fn prefetch_l1(self, p: *const f32) {
-        // SAFETY: as for `prefetch`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
 
     #[inline(always)]
