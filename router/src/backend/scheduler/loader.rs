@@ -384,3 +384,93 @@ pub(crate) async fn loader_task<S: ShardApi>(shard: Guarded<S>, scheduler: Sched
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::testing::{merge, single};
+    use medley_spec::Strategy;
+
+    /// Each shard status a prepare can end with becomes the error its requests get, with the
+    /// HTTP and gRPC status the fronts answer, and is remembered or not.
+    #[test]
+    fn prepare_failures_map_shard_codes_to_request_errors() {
+        use axum::http::StatusCode as Http;
+        use tonic::Code;
+        let cases = [
+            (Code::NotFound, Http::NOT_FOUND, Code::NotFound, true),
+            (
+                Code::PermissionDenied,
+                Http::FORBIDDEN,
+                Code::PermissionDenied,
+                true,
+            ),
+            (
+                Code::Unauthenticated,
+                Http::FORBIDDEN,
+                Code::PermissionDenied,
+                true,
+            ),
+            (
+                Code::InvalidArgument,
+                Http::UNPROCESSABLE_ENTITY,
+                Code::InvalidArgument,
+                true,
+            ),
+            (
+                Code::Unavailable,
+                Http::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                false,
+            ),
+            (
+                Code::Cancelled,
+                Http::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                false,
+            ),
+            (
+                Code::Internal,
+                Http::FAILED_DEPENDENCY,
+                Code::FailedPrecondition,
+                true,
+            ),
+        ];
+        for (shard, http, grpc, cache) in cases {
+            let status = tonic::Status::new(shard, "what the shard said");
+            let f = prepare_failure(&single("org/a"), ClientError::Rpc(status));
+            assert_eq!(f.error.http_status(), http, "{shard:?}: {}", f.error);
+            assert_eq!(f.error.grpc_code(), grpc, "{shard:?}: {}", f.error);
+            assert_eq!(f.cache, cache, "{shard:?}");
+            assert!(
+                f.error.to_string().contains("what the shard said"),
+                "{}",
+                f.error
+            );
+        }
+        // A lost connection is no verdict on the adapter: not remembered.
+        let f = prepare_failure(&single("org/a"), ClientError::Stopped);
+        assert_eq!(f.error.grpc_code(), Code::Unavailable);
+        assert!(!f.cache);
+    }
+
+    /// A missing adapter is named: the adapter and its source, or the merge it belongs to.
+    #[test]
+    fn not_found_names_the_adapter_or_the_merge() {
+        let status = || ClientError::Rpc(tonic::Status::not_found("no such repo"));
+        let one = prepare_failure(&single("org/a"), status())
+            .error
+            .to_string();
+        assert!(
+            one.contains("`org/a`") && one.contains("no such repo"),
+            "{one}"
+        );
+        let spec = merge(&["org/a", "org/b"], Strategy::Linear);
+        let merged = prepare_failure(&spec, status()).error.to_string();
+        assert!(
+            merged.contains("org/a") && merged.contains("org/b"),
+            "{merged}"
+        );
+        assert!(merged.contains("merge"), "{merged}");
+    }
+}
