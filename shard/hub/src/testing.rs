@@ -1,5 +1,6 @@
 //! Helpers for tests of hub-cache consumers (here, in the shard and in the launcher): a fake
-//! cache layout ([`fake_cache`]) and a fake hub server on loopback ([`fake_hub`]).
+//! cache layout ([`fake_cache`]), a fake hub server on loopback ([`fake_hub`]) and the
+//! loopback server under it ([`serve_loopback`]).
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,18 @@ pub fn fake_cache(
     std::fs::create_dir_all(ref_path.parent().expect("parent")).expect("mkdir refs");
     std::fs::write(ref_path, format!("{SHA}\n")).expect("ref");
     snapshot
+}
+
+/// Serves `app` on a free loopback port from a background task; returns its `http://` URL.
+pub async fn serve_loopback(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
 }
 
 /// A minimal hub: the repo listing API and `resolve/` with HTTP ranges, ETag and
@@ -83,14 +96,7 @@ pub mod fake_hub {
             .route("/api/models/{org}/{name}/revision/{rev}", get(listing))
             .route("/{org}/{name}/resolve/{rev}/{*file}", get(resolve))
             .with_state(hub);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        format!("http://{addr}")
+        super::serve_loopback(app).await
     }
 
     async fn listing(
