@@ -57,6 +57,14 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "application/xml")], body).into_response()
 }
 
+fn no_such_bucket() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "NoSuchBucket",
+        "The specified bucket does not exist",
+    )
+}
+
 fn etag(body: &[u8]) -> String {
     format!("\"{}\"", hex::encode(&Sha256::digest(body)[..16]))
 }
@@ -92,11 +100,7 @@ async fn list(
     }
     let buckets = s3.buckets.lock().expect("lock");
     let Some(objects) = buckets.get(&bucket) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "NoSuchBucket",
-            "The specified bucket does not exist",
-        );
+        return no_such_bucket();
     };
     let prefix = q.get("prefix").cloned().unwrap_or_default();
     let mut contents = String::new();
@@ -142,11 +146,7 @@ async fn object(
     let body = {
         let buckets = s3.buckets.lock().expect("lock");
         let Some(objects) = buckets.get(&bucket) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "NoSuchBucket",
-                "The specified bucket does not exist",
-            );
+            return no_such_bucket();
         };
         let Some(body) = objects.get(&key) else {
             return error(
