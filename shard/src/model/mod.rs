@@ -61,6 +61,7 @@ pub use batch::{ForwardBatch, SeqChunk};
 pub use config::{ModelConfig, RopeScaling};
 pub use greedy::device_greedy;
 pub use hf_config::LlamaDims;
+#[cfg(any(test, feature = "testing"))]
 pub(crate) use hf_config::torch_dtype_name;
 #[doc(hidden)]
 #[cfg(all(feature = "cuda", any(test, feature = "testing")))]
