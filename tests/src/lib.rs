@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod affinity;
+mod bins;
 pub mod prom;
 pub mod real_model;
+
+use bins::bin_dir;
+pub use bins::binaries;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -55,61 +59,6 @@ pub fn tiny_model_with_chat_template(template: &str) -> anyhow::Result<tempfile:
         .insert("chat_template".into(), chat_template);
     std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;
     Ok(dir)
-}
-
-/// Directory holding the binaries of the current profile (next to this test executable).
-fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test-exe>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .context("cannot locate the target directory from the test executable")
-}
-
-/// Builds `medley`, `medley-router` and `medley-shard` once per test process (a no-op when up to date) and
-/// returns the directory holding them.
-pub fn binaries() -> anyhow::Result<&'static Path> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let dir = bin_dir().map_err(|e| e.to_string())?;
-        let profile = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("debug")
-            .to_string();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root()).args([
-            "build",
-            "-p",
-            "medley",
-            "-p",
-            "medley-router",
-            "-p",
-            "medley-shard",
-            "--bins",
-        ]);
-        if profile == "release" {
-            cmd.arg("--release");
-        } else if profile != "debug" {
-            cmd.args(["--profile", &profile]);
-        }
-        if let Some(target) = dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target);
-        }
-        let status = cmd
-            .status()
-            .map_err(|e| format!("running cargo build: {e}"))?;
-        if !status.success() {
-            return Err(format!("cargo build of the binaries failed: {status}"));
-        }
-        Ok(dir)
-    });
-    match built {
-        Ok(p) => Ok(p.as_path()),
-        Err(e) => bail!("{e}"),
-    }
 }
 
 /// The committed PEFT adapter fixtures.
