@@ -7,8 +7,9 @@
 # for models, `medley-merge-dev` for PEFT adapters, `medley-lora-check` for the kernels),
 # stripped (profile `release-cuda`) and
 # compressed with xz for the trip to a GPU machine.
-# A clean build takes about 15-20 minutes on 2 cores, most of it nvcc compiling candle's kernels
-# for CUDA_COMPUTE_CAP (default 90); later builds reuse the target directory.
+# A clean build takes about 20 minutes on 2 cores (1189 s on 2026-12-07), ~10 of them nvcc compiling
+# candle's kernels for CUDA_COMPUTE_CAP (default 90) beside the Rust build: both cores stay busy,
+# so more nvcc jobs (CUDAFORGE_THREADS=2) do not shorten it; later builds reuse the target directory.
 #
 # The binaries need, at run time, the NVIDIA driver (libcuda.so.1) and the CUDA 13 libraries
 # cuBLAS/cuBLASLt, cuRAND and the runtime (e.g. the `nvidia-*-cu13` wheels, via LD_LIBRARY_PATH).
