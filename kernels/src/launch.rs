@@ -11,8 +11,9 @@
 //! Segments travel as `u32` triples `(start, len, adapter)`; per-row mappings as one `u32` per
 //! row ([`crate::NO_ADAPTER`] skips the row); adapters as device arrays of factor pointers and
 //! ranks, one entry per (adapter, part) when a launch serves several projections side by side
-//! (up to [`MAX_PARTS`]), with the parts' end columns. Ranks are at most [`MAX_RANK`] per part;
-//! the launch shapes' `max_rank` is the largest sum over one adapter's parts.
+//! (up to [`MAX_PARTS`]), with the parts' end columns. Ranks are at most [`MAX_RANK`] per part in
+//! one launch (larger ones take several passes, [`rank_passes`]); the launch shapes' `max_rank`
+//! is the largest sum over one adapter's parts.
 
 /// Activation types of the fused kernels.
 pub const FUSED_DTYPES: [&str; 2] = ["bf16", "f16"];
@@ -93,9 +94,44 @@ pub fn attention_launch(rows: u32, heads: u32) -> ((u32, u32, u32), (u32, u32, u
     ((rows.max(1), heads.max(1), 1), (128, 1, 1))
 }
 
-/// Largest rank of one adapter's factors for one projection (the expand kernels stage
-/// [`MAX_PARTS`] of them per row in shared memory).
+/// Largest rank of one adapter's factors for one projection in one launch (the expand kernels
+/// stage [`MAX_PARTS`] of them per row in shared memory). A larger rank goes through several
+/// launches, each over a slice of it ([`rank_passes`], [`RankSlice`]).
 pub const MAX_RANK: usize = 128;
+
+/// The slice of a factor pair's rank that one pass of launches takes: rows
+/// `first .. first + rank` of `A` (`[r, in]`) and of `scale · Bᵀ` (`[r, out]`). The LoRA product
+/// is a sum over its rank, `x Aᵀ Bᵀ = Σ_j (x · A[j, :]) B[:, j]`, so the passes' products, each
+/// added to `y`, add up to the whole; a pass whose slice is empty leaves the entry out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankSlice {
+    /// The slice's first row of `A` and `Bᵀ`.
+    pub first: usize,
+    /// Its rows (at most [`MAX_RANK`]; 0 when the rank ends before this pass).
+    pub rank: usize,
+}
+
+impl RankSlice {
+    /// Pass `pass`'s slice of a rank-`rank` factor pair.
+    pub fn of(rank: usize, pass: usize) -> Self {
+        let first = pass.saturating_mul(MAX_RANK).min(rank);
+        Self {
+            first,
+            rank: (rank - first).min(MAX_RANK),
+        }
+    }
+}
+
+/// The passes a call over factor pairs of these ranks takes: one per [`MAX_RANK`] of the
+/// largest (at least one).
+pub fn rank_passes(ranks: impl IntoIterator<Item = usize>) -> usize {
+    ranks
+        .into_iter()
+        .map(|r| r.div_ceil(MAX_RANK))
+        .max()
+        .unwrap_or(1)
+        .max(1)
+}
 
 /// Most projections one launch pair serves (their outputs side by side: q, k and v).
 pub const MAX_PARTS: usize = 3;
@@ -256,6 +292,48 @@ pub fn segment_triples(segments: &[crate::Segment]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rank_slices_cover_each_rank_once_in_passes_of_max_rank() {
+        assert_eq!(rank_passes([]), 1);
+        assert_eq!(rank_passes([0, 0]), 1);
+        assert_eq!(rank_passes([8, 128]), 1);
+        assert_eq!(rank_passes([8, 129]), 2);
+        assert_eq!(rank_passes([256, 16]), 2);
+        assert_eq!(rank_passes([4, 300, 200]), 3);
+        for rank in [0, 1, 8, 127, 128, 129, 192, 255, 256, 257, 300, 1024] {
+            let passes = rank_passes([rank, 8]);
+            let mut next = 0;
+            for pass in 0..passes + 2 {
+                let slice = RankSlice::of(rank, pass);
+                assert!(slice.rank <= MAX_RANK, "{rank} {pass}: {slice:?}");
+                if slice.rank > 0 {
+                    assert_eq!(slice.first, next, "{rank} {pass}: slices in order, no gap");
+                    assert!(pass < passes, "{rank} {pass}: no slice past the passes");
+                }
+                next = slice.first + slice.rank;
+            }
+            assert_eq!(next, rank, "{rank}: the slices end at the rank");
+        }
+        assert_eq!(
+            RankSlice::of(300, 2),
+            RankSlice {
+                first: 256,
+                rank: 44
+            }
+        );
+        assert_eq!(
+            RankSlice::of(100, 1),
+            RankSlice {
+                first: 100,
+                rank: 0
+            }
+        );
+        assert_eq!(
+            RankSlice::of(5, usize::MAX),
+            RankSlice { first: 5, rank: 0 }
+        );
+    }
 
     #[test]
     fn grouped_splits_cover_the_input_in_warp_multiples() {

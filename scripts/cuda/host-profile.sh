@@ -4,7 +4,8 @@
 # (scripts/cuda/fake-gpu.sh: no kernel runs, every call is counted) and prints, per stream count,
 # the step's times and its calls (kernel launches, GEMMs, allocations, copies) as a markdown table,
 # for the base model, one adapter and 8 distinct merges (8 rank-16 PEFT adapters, the GPU
-# check's speed configurations).
+# check's speed configurations). Before the table, a `cat` merge whose rank passes the LoRA
+# kernels' 128 must be served beside other requests (see host_profile.py).
 #   scripts/cuda/host-profile.sh [--bin target/release-cuda/medley] [--layers N] [--out FILE]
 #                                [--kernels]   # also list the launches per kernel name
 #                                [--configs "base,1 adapter,8 merges"] [--streams 1,8,32]
@@ -51,6 +52,10 @@ for i in 0 1 2 3 4 5 6 7; do
   LD_LIBRARY_PATH="$work/fake" "$merge_dev" fixture --preset tinyllama --layers "$layers" \
     --rank 16 --alpha 32 --seed "$((100 + i))" --out "$work/adapters/a$i" >/dev/null
 done
+# Rank 144 on q_proj: a `cat` merge with a0 passes the LoRA kernels' rank 128 (host_profile.py's
+# first check).
+LD_LIBRARY_PATH="$work/fake" "$merge_dev" fixture --preset tinyllama --layers "$layers" \
+  --rank 144 --targets q_proj --seed 99 --out "$work/adapters/wide" >/dev/null
 port=$((20000 + ($$ % 5000) * 2))
 env MEDLEY_FAKE_CUDA_LOG="$work/fake.log" ${kernels:+MEDLEY_FAKE_CUDA_KERNELS=1} \
   LD_LIBRARY_PATH="$work/fake" "$bin" serve --model "$work/model" --device cuda --dtype bf16 \

@@ -8,6 +8,11 @@ waits for the device) and the router's step histograms, and prints a markdown ta
 
 No kernel runs on the fake, so the times are the host's alone: issuing the step's calls (without
 the driver's own cost per call), reading the logits back, sampling, and the router. stdlib only.
+
+First it checks that requests the table does not send get through the same CUDA paths: a `cat`
+merge of adapters `a0` (rank 16) and `wide` (rank 144, q_proj only: scripts/cuda/host-profile.sh
+makes it), whose q_proj rank of 160 passes the LoRA kernels' 128 and takes two launch passes,
+served together with a request on one adapter and one on the base model.
 """
 
 import argparse
@@ -64,6 +69,7 @@ def main():
     ap.add_argument("--configs", default="base",
                     help="comma-separated subset of: " + ", ".join(CONFIGS))
     args = ap.parse_args()
+    check_rank_passes(args.url)
     heads = ["adapters", "streams", "wall ms/step", "step as the router sees it", "shard's step",
              "forward ms/step", "of it queueing", "sampling", "host µs between read-backs",
              "decode steps"] + [f"{c}/step" for c in COLUMNS]
@@ -75,6 +81,20 @@ def main():
             generate(args.url, SPEED_PROMPT, params(i), 2)
         for streams in args.streams:
             print(row(args, config, params, streams), flush=True)
+
+
+def check_rank_passes(url, new_tokens=16):
+    """The `cat` merge over the kernels' rank at once with a request on one adapter and one on
+    the base model, so that they share decode steps: each must succeed (`generate` exits on an
+    HTTP error)."""
+    wide = {"adapter_source": "local", "merged_adapters": {
+        "ids": ["a0", "wide"], "weights": [1.0, 0.5], "merge_strategy": "cat"}}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        runs = [pool.submit(generate, url, SPEED_PROMPT, p, new_tokens)
+                for p in (wide, case_params("adapter"), {})]
+        for run in runs:
+            if len(run.result()) != new_tokens:
+                raise SystemExit(f"{url}: a request of the rank check ended early")
 
 
 def row(args, config, params, streams):

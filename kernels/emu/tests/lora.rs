@@ -7,12 +7,14 @@
 //! Each case also runs with `y` as a column range of a wider output (rows `y_stride` apart, as
 //! q is of a stacked q/k/v product): the columns beyond it must stay unchanged too. Stacked
 //! cases run several projections' LoRA in one launch pair (`parts`), adapters with no factors
-//! for a part included: that part's columns of their rows must stay unchanged.
+//! for a part included: that part's columns of their rows must stay unchanged. Ranks above
+//! `MAX_RANK` run in passes over slices of the rank, as the CUDA launcher runs them.
 
 use medley_kernels::launch::{
-    FUSED_BGMV_SYNC_WORDS, expand_launch, fused_bgmv_kernel_name, fused_bgmv_launch,
+    FUSED_BGMV_SYNC_WORDS, RankSlice, expand_launch, fused_bgmv_kernel_name, fused_bgmv_launch,
     fused_grouped_kernel_name, fused_grouped_launch, grouped_expand_launch, grouped_kernel_names,
-    grouped_shrink_launch, grouped_splits, kernel_names, segment_triples, shrink_launch,
+    grouped_shrink_launch, grouped_splits, kernel_names, rank_passes, segment_triples,
+    shrink_launch,
 };
 use medley_kernels::testing::{heavy_decode_table, part_factors, reference_parts, values};
 use medley_kernels::{NO_ADAPTER, RowMapping, Segment};
@@ -122,17 +124,6 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
     )
     .expect("reference");
 
-    // The kernels' operands, as the CUDA launcher passes them.
-    let n_parts = case.parts.len();
-    let entries = |side: usize| -> Vec<*const f32> {
-        (0..case.ranks.len())
-            .flat_map(|i| (0..n_parts).map(move |p| (i, p)))
-            .map(|(i, p)| {
-                let (a, b) = &factors[p][i];
-                if side == 0 { a.as_ptr() } else { b.as_ptr() }
-            })
-            .collect()
-    };
     // y's buffer: each row's `out` values, then `pad` more that no kernel may touch.
     let filler = round(values(rows * pad.max(1), seed + 2));
     let y_buf: Vec<f32> = (0..rows)
@@ -143,8 +134,54 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
         .collect();
     let mut xs: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
     let mut ys: Vec<T> = y_buf.iter().map(|&v| T::from_f32(v)).collect();
-    let (mut a_ptrs, mut b_ptrs) = (entries(0), entries(1));
-    let mut ranks: Vec<u32> = case.ranks.iter().flatten().map(|&r| r as u32).collect();
+    // Ranks above MAX_RANK take several passes, each over a slice of every factor pair's rank,
+    // as the CUDA launcher runs them: the kernels' operands for each, at the slice's first row.
+    let n_parts = case.parts.len();
+    for pass in 0..rank_passes(case.ranks.iter().flatten().copied()) {
+        let entries = (0..case.ranks.len()).flat_map(|i| (0..n_parts).map(move |p| (i, p)));
+        let mut operands = Operands {
+            a: Vec::new(),
+            b: Vec::new(),
+            ranks: Vec::new(),
+        };
+        for (i, p) in entries {
+            let (a, b) = &factors[p][i];
+            let slice = RankSlice::of(case.ranks[i][p], pass);
+            // SAFETY: the slice's rows are within the factor's rank rows (an empty slice
+            // points one past them, never read).
+            unsafe {
+                operands.a.push(a.as_ptr().add(slice.first * inf));
+                operands.b.push(b.as_ptr().add(slice.first * case.parts[p]));
+            }
+            operands.ranks.push(slice.rank as u32);
+        }
+        launch_pass(case, operands, &mut xs, &mut ys, y_stride);
+    }
+    measure(&ys, &y_buf, &want, &touched, rows, outf, y_stride)
+}
+
+/// One pass's factor operands (one entry per (adapter, part)): the A and Bᵀ pointers and ranks.
+struct Operands {
+    a: Vec<*const f32>,
+    b: Vec<*const f32>,
+    ranks: Vec<u32>,
+}
+
+/// Launches `case`'s kernels once over `xs` and `ys` (rows `y_stride` apart) with `operands`.
+fn launch_pass<T: Act>(
+    case: &Case,
+    operands: Operands,
+    xs: &mut [T],
+    ys: &mut [T],
+    y_stride: usize,
+) {
+    let (rows, inf, outf) = (case.rows, case.in_features, case.out_features());
+    let n_parts = case.parts.len();
+    let Operands {
+        a: mut a_ptrs,
+        b: mut b_ptrs,
+        mut ranks,
+    } = operands;
     if case.drop_first_part {
         ranks[0] = 0;
     }
@@ -162,10 +199,9 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
         }
         Mapping::Segments(s) => segment_triples(s),
     };
-    let max_total = case
-        .ranks
-        .iter()
-        .map(|r| r.iter().sum::<usize>())
+    let max_total = ranks
+        .chunks(n_parts)
+        .map(|r| r.iter().sum::<u32>() as usize)
         .max()
         .unwrap_or(1)
         .max(1);
@@ -237,7 +273,7 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
             sync.iter().all(|&w| w == 0),
             "the fused kernel leaves its counters as it found them: {sync:?}"
         );
-        return measure(&ys, &y_buf, &want, &touched, rows, outf, y_stride);
+        return;
     }
     // Per mapping: the kernels, their launch shapes, the intermediate's splits (grouped
     // shrinks split the input), and the grouped kernels' two extra parameters.
@@ -313,8 +349,6 @@ fn run<T: Act>(case: &Case, seed: u64, pad: usize) -> (f64, usize) {
     }
     // SAFETY: as above; y holds rows × y_stride values.
     unsafe { launch(expand, expand_shape, &mut params) }.expect("expand");
-
-    measure(&ys, &y_buf, &want, &touched, rows, outf, y_stride)
 }
 
 /// The worst error of `ys` against `want` over the `touched` elements relative to the largest
@@ -346,8 +380,8 @@ fn measure<T: Act>(
 
 /// The cases of `medley-lora-check` (its decode table with every third row unmapped, its
 /// ragged segments with gaps) plus a decode table with an adapter of 20 rows (more than the
-/// grouped kernels take at once) over an input width that splits unevenly, and stacked
-/// projections.
+/// grouped kernels take at once) over an input width that splits unevenly, stacked
+/// projections, and ranks above MAX_RANK (several passes).
 fn cases() -> Vec<Case> {
     let mut out = Vec::new();
     for ranks in [vec![8], vec![16], vec![64], vec![8, 16, 64, 128]] {
@@ -445,7 +479,15 @@ fn cases() -> Vec<Case> {
             adapter: 0,
         },
     ];
-    for ((parts, ranks), in_features) in [(qkv, 512), (gate_up, 999)] {
+    // Ranks above MAX_RANK (a `cat` merge of large adapters), in passes of slices: a lone
+    // projection with one adapter under the limit, one just over it and one of three passes;
+    // stacked, one adapter over it in the first and last parts and none in the middle.
+    let over = (vec![200], vec![vec![8], vec![129], vec![300]]);
+    let over_qkv = (
+        vec![100, 20, 20],
+        vec![vec![16, 16, 16], vec![200, 0, 256], vec![8, 0, 8]],
+    );
+    for ((parts, ranks), in_features) in [(qkv, 512), (gate_up, 999), (over, 260), (over_qkv, 96)] {
         for mapping in [
             Mapping::PerRow(table3.iter().copied().chain([0]).collect()),
             Mapping::Grouped(table3.iter().copied().chain([1]).collect()),

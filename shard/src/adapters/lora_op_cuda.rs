@@ -1,7 +1,9 @@
 //! The CUDA side of [`super::lora_op::add_lora_parts`]: launches `medley_kernels::cuda`'s
 //! SGMV/BGMV shrink and expand kernels (looked up once per device) on candle's stream of `y`'s
 //! device: one launch pair (one launch through the fused BGMV kernel) for every projection side
-//! by side in `y`.
+//! by side in `y`, and another for each further [`MAX_RANK`](medley_kernels::cuda::MAX_RANK) of
+//! the largest rank (a `cat` merge's rank is the sum of its adapters'): each pass takes a slice
+//! of every factor pair's rank ([`RankSlice`]), and their products add up in `y`.
 //!
 //! A call reads two small device tables: the factors' (the A and Bᵀ pointers and the ranks of
 //! every (adapter, part), and the parts' end columns) and the row mapping. Both come from
@@ -27,10 +29,10 @@ use candle_core::{
     TensorId,
 };
 use medley_kernels::cuda::{
-    FUSED_BGMV_MAX_ROWS, FUSED_BGMV_SYNC_WORDS, GROUPED_MAX_ROWS, LORA_PTX, MAX_RANK,
+    FUSED_BGMV_MAX_ROWS, FUSED_BGMV_SYNC_WORDS, GROUPED_MAX_ROWS, LORA_PTX, RankSlice,
     expand_launch, fused_bgmv_kernel_name, fused_bgmv_launch, fused_grouped_kernel_name,
     fused_grouped_launch, grouped_expand_launch, grouped_kernel_names, grouped_shrink_launch,
-    grouped_splits, kernel_names, segment_triples, shrink_launch,
+    grouped_splits, kernel_names, rank_passes, segment_triples, shrink_launch,
 };
 
 use super::lora_op::{BgmvKernels, FUSED_SEGMENT_ROWS, KernelRows, LoraFactors, PartFactors};
@@ -46,7 +48,7 @@ type Table = Arc<CudaSlice<u64>>;
 type Tables = Mutex<UploadCache<(DeviceId, Vec<u64>), Table>>;
 
 /// A factor table's key: per (adapter, part) entry the ids of its A and Bᵀ tensors and its rank
-/// (`None` without factors), then the parts' widths. Candle never reuses a tensor id within a
+/// (`None` without factors), then the parts' widths and the rank pass ([`RankSlice`]). Candle never reuses a tensor id within a
 /// process and a tensor's storage never moves, so the key names one table's content: a hit
 /// costs no storage lock and no pointer lookup, which a call with 8 adapters and 3 parts would
 /// otherwise take 48 of. An adapter evicted and another loaded in its place has new tensors,
@@ -55,6 +57,7 @@ type FactorKey = (
     DeviceId,
     Vec<Option<(TensorId, TensorId, usize)>>,
     Vec<usize>,
+    usize,
 );
 
 /// Factor tables: one per (layer, projection, adapter set) in use; 7 projections × 80 layers of
@@ -150,19 +153,10 @@ pub(super) fn add_lora(
             y.dtype()
         );
     }
-    let rank = |f: &Option<LoraFactors<'_>>| f.map_or(0, |f| f.rank);
-    if let Some(r) = factors.entries.iter().map(rank).find(|&r| r > MAX_RANK) {
-        candle_core::bail!("lora kernels: rank {r} is above the largest supported, {MAX_RANK}");
-    }
     let parts = factors.widths.len();
-    // The intermediate's row: an adapter's ranks over its parts, concatenated.
-    let max_rank = factors
-        .entries
-        .chunks(parts)
-        .map(|e| e.iter().map(rank).sum::<usize>())
-        .max()
-        .unwrap_or(1)
-        .max(1);
+    // Ranks above MAX_RANK (a `cat` merge, a large PEFT rank) go through several passes, each
+    // over a slice of every entry's rank: their products add up in y.
+    let passes = rank_passes(factors.entries.iter().map(|f| f.map_or(0, |f| f.rank)));
     let n = factors.adapters();
     let y_rows = y.dims2()?.0;
     rows.check(y_rows, n)?;
@@ -200,25 +194,41 @@ pub(super) fn add_lora(
     } else {
         BgmvKernels::PerRow
     };
-    let op = CudaLoraOp {
-        kernels,
-        factors: factor_table(dev, factors)?,
-        rows: device_table(&ROW_TABLES, dev, pack_words(map))?,
-        words,
-        adapters: n,
-        parts: parts as u32,
-        per_row,
-        units: units as u32,
-        longest: longest as u32,
-        max_rank: max_rank as u32,
-    };
-    y.inplace_op2(x, &op)?;
+    let rows = device_table(&ROW_TABLES, dev, pack_words(map))?;
+    for pass in 0..passes {
+        let slice = |f: &Option<LoraFactors<'_>>| f.map_or(0, |f| RankSlice::of(f.rank, pass).rank);
+        // The intermediate's row: an adapter's ranks over its parts, concatenated.
+        let max_rank = factors
+            .entries
+            .chunks(parts)
+            .map(|e| e.iter().map(slice).sum::<usize>())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let op = CudaLoraOp {
+            kernels,
+            factors: factor_table(dev, factors, pass)?,
+            rows: rows.clone(),
+            words,
+            adapters: n,
+            parts: parts as u32,
+            per_row,
+            units: units as u32,
+            longest: longest as u32,
+            max_rank: max_rank as u32,
+        };
+        y.inplace_op2(x, &op)?;
+    }
     Ok(())
 }
 
-/// The device copy of `factors`' table on `dev` (see [`pointer_table`]), from the cache by the
-/// tensors' ids ([`FactorKey`]) or built and uploaded.
-fn factor_table(dev: &CudaDevice, factors: &PartFactors<'_>) -> candle_core::Result<Table> {
+/// The device copy of `factors`' table for rank pass `pass` on `dev` (see [`pointer_table`]),
+/// from the cache by the tensors' ids ([`FactorKey`]) or built and uploaded.
+fn factor_table(
+    dev: &CudaDevice,
+    factors: &PartFactors<'_>,
+    pass: usize,
+) -> candle_core::Result<Table> {
     let entries = factors.entries.iter();
     let key: FactorKey = (
         dev.id(),
@@ -226,47 +236,66 @@ fn factor_table(dev: &CudaDevice, factors: &PartFactors<'_>) -> candle_core::Res
             .map(|f| f.map(|f| (f.a.id(), f.b_t.id(), f.rank)))
             .collect(),
         factors.widths.clone(),
+        pass,
     );
     // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
     let mut cache = FACTOR_TABLES.lock().unwrap_or_else(|e| e.into_inner());
     cache.get_or_upload(key, |_| {
-        let table = pointer_table(dev, factors)?;
+        let table = pointer_table(dev, factors, pass)?;
         dev.clone_htod(table.as_slice()).map(Arc::new)
     })
 }
 
-/// A factor table's content: the A pointers, the Bᵀ pointers (one per (adapter, part) entry, 0
-/// where there are none), then the ranks and the parts' end columns packed two u32 words to a
-/// u64.
-fn pointer_table(dev: &CudaDevice, factors: &PartFactors<'_>) -> candle_core::Result<Vec<u64>> {
+/// A factor table's content for rank pass `pass` ([`RankSlice`]): the A pointers, the Bᵀ
+/// pointers (one per (adapter, part) entry, at the first row of the pass's slice; 0 where there
+/// are none or the slice is empty), then the slices' ranks and the parts' end columns packed two
+/// u32 words to a u64.
+fn pointer_table(
+    dev: &CudaDevice,
+    factors: &PartFactors<'_>,
+    pass: usize,
+) -> candle_core::Result<Vec<u64>> {
     let stream = dev.cuda_stream();
+    let sliced: Vec<Option<(LoraFactors<'_>, RankSlice)>> = factors
+        .entries
+        .iter()
+        .map(|f| {
+            f.map(|f| (f, RankSlice::of(f.rank, pass)))
+                .filter(|(_, s)| s.rank > 0)
+        })
+        .collect();
     // The guards hold the storages while their pointers are read. The tensors outlive the
     // call (the adapter store holds them) and are never written again; their memory is freed
     // in stream order after the kernels that read it.
-    let guards: Vec<Option<[(StorageRef<'_>, &Layout); 2]>> = factors
-        .entries
+    let guards: Vec<Option<[(StorageRef<'_>, &Layout); 2]>> = sliced
         .iter()
-        .map(|f| f.map(|f| [f.a.storage_and_layout(), f.b_t.storage_and_layout()]))
+        .map(|e| e.map(|(f, _)| [f.a.storage_and_layout(), f.b_t.storage_and_layout()]))
         .collect();
     let mut a_ptrs = Vec::with_capacity(guards.len());
     let mut b_ptrs = Vec::with_capacity(guards.len());
     let mut syncs = Vec::with_capacity(2 * guards.len());
-    for pair in &guards {
-        let Some(pair) = pair else {
+    for (pair, entry) in guards.iter().zip(&sliced) {
+        let (Some(pair), Some((f, slice))) = (pair, entry) else {
             a_ptrs.push(0);
             b_ptrs.push(0);
             continue;
         };
-        for (k, (storage, layout)) in pair.iter().enumerate() {
+        for (k, ((storage, layout), tensor)) in pair.iter().zip([f.a, f.b_t]).enumerate() {
             let Storage::Cuda(cs) = &**storage else {
                 candle_core::bail!("lora kernels: a factor is not on the GPU");
             };
             let Some((start, _)) = layout.contiguous_offsets() else {
                 candle_core::bail!("lora kernels: a factor is not contiguous");
             };
+            // The slice's first row of the `[rank, columns]` factor.
+            let (rank, columns) = tensor.dims2()?;
+            if slice.first + slice.rank > rank {
+                candle_core::bail!("lora kernels: a rank {rank} factor, slice {slice:?}");
+            }
             let (ptr, sync) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
             syncs.push(sync);
-            let ptr = ptr + (start * std::mem::size_of::<f32>()) as u64;
+            let offset = start + slice.first * columns;
+            let ptr = ptr + (offset * std::mem::size_of::<f32>()) as u64;
             if k == 0 { &mut a_ptrs } else { &mut b_ptrs }.push(ptr);
         }
     }
@@ -274,10 +303,7 @@ fn pointer_table(dev: &CudaDevice, factors: &PartFactors<'_>) -> candle_core::Re
         *end += w as u32;
         Some(*end)
     });
-    let ranks = factors
-        .entries
-        .iter()
-        .map(|f| f.map_or(0, |f| f.rank as u32));
+    let ranks = sliced.iter().map(|e| e.map_or(0, |(_, s)| s.rank as u32));
     let words = pack_words(ranks.chain(col_ends));
     drop(syncs);
     Ok(a_ptrs.into_iter().chain(b_ptrs).chain(words).collect())

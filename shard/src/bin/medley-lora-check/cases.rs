@@ -107,9 +107,10 @@ fn ragged(lens: &[usize], adapters: usize) -> (Vec<Segment>, usize) {
 }
 
 /// The cases run on `device`: every kernel (BGMV decode tables, SGMV ragged segments with gaps),
-/// ranks 8/16/64 alone and mixed, rows without an adapter (slot 0), odd feature counts, stacked
-/// projections in one call (an adapter without factors for some of them), `y` as a column range
-/// of a wider tensor (on a GPU), and every activation dtype the device supports.
+/// ranks 8/16/64 alone and mixed, ranks above 128 (several passes), rows without an adapter
+/// (slot 0), odd feature counts, stacked projections in one call (an adapter without factors for
+/// some of them), `y` as a column range of a wider tensor (on a GPU), and every activation dtype
+/// the device supports.
 pub fn cases(device: &Device) -> Vec<Case> {
     let dtypes: &[DType] = if device.is_cpu() {
         &[DType::F32]
@@ -157,6 +158,23 @@ pub fn cases(device: &Device) -> Vec<Case> {
                 KernelRows::PerRow(vec![0, 1, 0, 1, 1, 0, 0]),
             )
         });
+        // Ranks above the kernels' 128 (a `cat` merge's): passes over slices of the rank.
+        let table: Vec<u32> = (0..32u32)
+            .map(|r| if r % 3 == 0 { NO_ADAPTER } else { r % 3 })
+            .collect();
+        let (segments, rows) = ragged(&[1, 7, 33, 5, 100], 3);
+        for (kind, rows, mapping) in [
+            ("bgmv", 32, KernelRows::PerRow(table)),
+            ("sgmv", rows, KernelRows::Segments(segments)),
+        ] {
+            out.push(Case::single(
+                format!("{kind} {dtype:?} r8/129/300 (rank passes)"),
+                dtype,
+                (rows, 1000, 333),
+                &[8, 129, 300],
+                mapping,
+            ));
+        }
         // An input width that splits unevenly, and adapters with more rows than the grouped
         // kernels take at once (8): 45 rows, 20 of them on adapter 0.
         let table = heavy_decode_table(45);
