@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use super::AdapterError;
 use super::base::{BaseModules, module_index};
 use crate::model::TargetModule;
+use crate::model::error_text::Plain;
 
 /// The dtype adapter factors are stored and multiplied in: f32 on every device and for every
 /// compute dtype. That is PEFT's arithmetic for half-precision models (`autocast_adapter_dtype`,
@@ -100,8 +101,9 @@ impl SlotWeights {
         let mut layers: Vec<[Option<DeviceModule>; 7]> =
             (0..base.layers()).map(|_| Default::default()).collect();
         let mut bytes = 0u64;
-        let internal =
-            |e: candle_core::Error| AdapterError::Internal(format!("adapter upload: {e}"));
+        let internal = |e: candle_core::Error| {
+            AdapterError::Internal(format!("adapter upload: {}", Plain(&e)))
+        };
         for ((layer, module), m) in &self.modules {
             // A tensor-parallel rank takes the columns of A (input features) and of Bᵀ (output
             // features) its part of the projection has: for output-split layers A is whole and

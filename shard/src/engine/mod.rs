@@ -21,6 +21,7 @@ use rustc_hash::FxHashSet;
 
 use crate::adapters::{AdapterError, AdapterStore};
 use crate::kv_cache::{AdapterIdentity, KvCache};
+use crate::model::error_text::Plain;
 use crate::model::{ForwardBatch, LlamaModel};
 
 pub use handle::{EngineHandle, EngineThreadSettings};
@@ -388,7 +389,7 @@ impl Engine {
             .map_err(|e| EngineError::Model(e.to_string()))
             .and_then(|t| {
                 launch_ns = t0.elapsed().as_nanos() as u64;
-                read_logits(&t, argmax_only).map_err(|e| EngineError::Model(e.to_string()))
+                read_logits(&t, argmax_only).map_err(|e| EngineError::Model(Plain(&e).to_string()))
             });
         let logits = match logits {
             Ok(l) => l,

@@ -64,7 +64,7 @@ pub enum KvCacheError {
     #[error("kv cache misuse: {0}")]
     Invalid(String),
     /// Tensor operation failure.
-    #[error("kv cache tensor error: {0}")]
+    #[error("kv cache tensor error: {}", crate::model::error_text::Plain(.0))]
     Candle(#[from] candle_core::Error),
 }
 

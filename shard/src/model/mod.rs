@@ -31,6 +31,7 @@ mod cpu_storage;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_launch;
 mod embedding;
+pub mod error_text;
 mod fused_cpu;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
@@ -151,6 +152,6 @@ pub enum ModelError {
     #[error(transparent)]
     KvCache(#[from] KvCacheError),
     /// Tensor operation failure.
-    #[error("tensor error: {0}")]
+    #[error("tensor error: {}", error_text::Plain(.0))]
     Candle(#[from] candle_core::Error),
 }
