@@ -48,11 +48,11 @@ type Table = Arc<CudaSlice<u64>>;
 type Tables = Mutex<UploadCache<(DeviceId, Vec<u64>), Table>>;
 
 /// A factor table's key: per (adapter, part) entry the ids of its A and Bᵀ tensors and its rank
-/// (`None` without factors), then the parts' widths and the rank pass ([`RankSlice`]). Candle never reuses a tensor id within a
-/// process and a tensor's storage never moves, so the key names one table's content: a hit
-/// costs no storage lock and no pointer lookup, which a call with 8 adapters and 3 parts would
-/// otherwise take 48 of. An adapter evicted and another loaded in its place has new tensors,
-/// hence new ids.
+/// (`None` without factors), then the parts' widths and the rank pass ([`RankSlice`]). Candle
+/// never reuses a tensor id within a process and a tensor's storage never moves, so the key
+/// names one table's content: a hit costs no storage lock and no pointer lookup, which a call
+/// with 8 adapters and 3 parts would otherwise take 48 of. An adapter evicted and another loaded
+/// in its place has new tensors, hence new ids.
 type FactorKey = (
     DeviceId,
     Vec<Option<(TensorId, TensorId, usize)>>,

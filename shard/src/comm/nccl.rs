@@ -23,6 +23,7 @@ use candle_core::{CudaDevice, CudaStorage, CustomOp1, DType, Device, Layout, Sha
 
 use super::backend::NCCL_ID_BYTES;
 use super::{Comm, CommError};
+use crate::model::error_text::Plain;
 
 /// A fresh NCCL unique id (starts NCCL's bootstrap listener in this process, which must outlive
 /// the group's start-up).
@@ -114,7 +115,7 @@ impl NcclComm {
         CommError::Nccl {
             rank: self.rank,
             op,
-            reason: e.to_string(),
+            reason: Plain(&e).to_string(),
         }
     }
 
