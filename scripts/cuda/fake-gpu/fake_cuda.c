@@ -3,7 +3,8 @@
  * binary). Memory is host memory, copies are memcpy, and every kernel launch, GEMM and
  * collective is counted and then skipped: outputs are never computed. It exists to run the
  * CUDA build's host side on a machine without a GPU, to measure what the host does per step
- * (API calls, launches, allocations, copies, host time) and to profile it with perf.
+ * (API calls, launches, allocations, copies, host time) and to profile it with perf. A launch
+ * whose shape a real GPU would refuse fails here too (see cuLaunchKernel).
  *
  * MEDLEY_FAKE_CUDA_LOG=FILE appends one line per point where the host waits for the device: a
  * stream synchronisation, or a copy to host memory (a decode step ends with one, when the logits
@@ -147,9 +148,25 @@ static void *current_ctx;
 int cuCtxGetCurrent(void **ctx) { *ctx = current_ctx; return 0; }
 int cuCtxSetCurrent(void *ctx) { current_ctx = ctx; return 0; }
 int cuCtxDestroy_v2(void *ctx) { (void)ctx; return 0; }
-int cuEventCreate(void **ev, unsigned flags) { (void)flags; *ev = HANDLE(2); return 0; }
-int cuEventDestroy_v2(void *ev) { (void)ev; return 0; }
-int cuEventRecord(void *ev, void *s) { (void)ev; (void)s; counts[C_EVENT]++; return 0; }
+/* An event holds the host time it was last recorded at (no work is queued, so an event is done
+ * once recorded): elapsed times are the host's. */
+int cuEventCreate(void **ev, unsigned flags) {
+  (void)flags;
+  *ev = calloc(1, sizeof(double));
+  return *ev ? 0 : 2;
+}
+int cuEventDestroy_v2(void *ev) { free(ev); return 0; }
+int cuEventRecord(void *ev, void *s) {
+  (void)s;
+  counts[C_EVENT]++;
+  *(double *)ev = now_us();
+  return 0;
+}
+int cuEventSynchronize(void *ev) { (void)ev; report("sync"); return 0; }
+int cuEventElapsedTime_v2(float *ms, void *start, void *end) {
+  *ms = (float)((*(double *)end - *(double *)start) / 1e3);
+  return 0;
+}
 int cuStreamWaitEvent(void *s, void *ev, unsigned f) { (void)s; (void)ev; (void)f; counts[C_WAIT]++; return 0; }
 int cuStreamIsCapturing(void *s, int *status) { (void)s; *status = 0; return 0; }
 int cuStreamSynchronize(void *s) { (void)s; report("sync"); return 0; }
@@ -157,8 +174,19 @@ int cuStreamDestroy_v2(void *s) { (void)s; return 0; }
 int cuGetErrorString(int e, const char **s) { (void)e; *s = "fake CUDA error"; return 0; }
 int cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                    unsigned bz, unsigned smem, void *s, void **params, void **extra) {
-  (void)f; (void)gx; (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)smem; (void)s;
-  (void)params; (void)extra;
+  (void)s; (void)params; (void)extra;
+  /* A launch a real GPU refuses (CUDA_ERROR_INVALID_VALUE): an empty or oversized grid or block,
+   * or dynamic shared memory past the 48 KiB a kernel gets without opting in (nothing here calls
+   * cuFuncSetAttribute to opt in). The limits are an H100/H200's (cuDeviceGetAttribute above). */
+  unsigned long long threads = (unsigned long long)bx * by * bz;
+  if (!gx || !gy || !gz || !bx || !by || !bz || gx > 2147483647u || gy > 65535 || gz > 65535 ||
+      bx > 1024 || by > 1024 || bz > 64 || threads > 1024 || smem > 49152) {
+    fprintf(stderr,
+            "fake-gpu: refused launch of %s: grid (%u, %u, %u), block (%u, %u, %u), %u bytes of "
+            "dynamic shared memory\n",
+            (const char *)f, gx, gy, gz, bx, by, bz, smem);
+    return 1;
+  }
   counts[C_LAUNCH]++;
   tally((const char *)f);
   return 0;
