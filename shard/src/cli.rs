@@ -429,6 +429,10 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| args.model_dir.display().to_string()),
         rank: args.rank,
         world_size: args.world_size,
+        device_ranks: match args.device {
+            DeviceSpec::CudaShared { .. } => args.world_size,
+            _ => 1,
+        },
     };
     let text = TextContext::new(tokenizer, cfg.eos_token_ids.clone());
     let settings = args.adapter_settings();

@@ -191,6 +191,40 @@ fn keep_freed_memory(dev: &candle_core::CudaDevice) -> Result<(), String> {
     }
 }
 
+/// Free and total bytes of `device`'s memory, as the driver reports them (memory the stream's
+/// pool keeps for reuse counts as used); `None` on the CPU.
+pub fn memory_info(device: &candle_core::Device) -> Option<Result<DeviceMemory, String>> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        return Some(cuda_memory_info(dev));
+    }
+    let _ = device;
+    None
+}
+
+/// A device's memory, in bytes ([`memory_info`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Not allocated by any process.
+    pub free: u64,
+    /// The device's whole memory.
+    pub total: u64,
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_memory_info(dev: &candle_core::CudaDevice) -> Result<DeviceMemory, String> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    dev.cuda_stream()
+        .context()
+        .bind_to_thread()
+        .map_err(|e| e.to_string())?;
+    let (free, total) = result::mem_get_info().map_err(|e| e.to_string())?;
+    Ok(DeviceMemory {
+        free: free as u64,
+        total: total as u64,
+    })
+}
+
 /// The driver's error in words: its first line (candle appends a backtrace) and, for the codes
 /// a misconfigured machine produces, what they mean.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]

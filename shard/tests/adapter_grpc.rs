@@ -79,6 +79,7 @@ async fn start() -> Shard {
         model_id: "tiny".into(),
         rank: 0,
         world_size: 1,
+        device_ranks: 1,
     };
     let engine = Engine::new(
         model,

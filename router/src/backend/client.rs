@@ -157,9 +157,22 @@ impl ShardedClient {
 }
 
 impl ShardApi for ShardedClient {
+    /// Rank 0's answer, with the smallest adapter budget of any rank (each rank fits its own to
+    /// its GPU's free memory at warm-up).
     async fn info(&self) -> Result<pb::InfoResponse, ClientError> {
-        self.all(|mut c| async move { c.info(pb::InfoRequest {}).await })
-            .await
+        let results = try_join_all(
+            self.clients
+                .iter()
+                .cloned()
+                .map(|mut c| async move { c.info(pb::InfoRequest {}).await }),
+        )
+        .await?;
+        let mut infos = results.into_iter().map(tonic::Response::into_inner);
+        let mut first = infos.next().ok_or(ClientError::NoShards)?;
+        for other in infos {
+            first.adapter_memory_bytes = first.adapter_memory_bytes.min(other.adapter_memory_bytes);
+        }
+        Ok(first)
     }
 
     async fn health(&self) -> Result<u64, ClientError> {

@@ -212,6 +212,9 @@ impl<S: ShardApi> ShardBackend<S> {
                 max_idle_prefill_tokens: config.batching.idle_prefill_tokens(),
             })
             .await?;
+        // The shards fit their adapter budget to the GPU memory the warm-up step left: read it
+        // again.
+        let info = client.info().await?;
         let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
         if capacity == 0 || capacity < limits.max_total_tokens {
             return Err(BackendError::Config(format!(

@@ -465,6 +465,35 @@ async fn concurrent_first_loads_never_overcommit_the_shards() {
 }
 
 #[tokio::test]
+async fn the_budget_a_shard_fits_at_warmup_is_the_one_kept() {
+    // A GPU shard caps its adapter budget to the memory the warm-up step left (1000 bytes
+    // before, 30 after): the router plans with the budget it reports after the warm-up, so
+    // four 10-byte adapters requested at once never over-commit it.
+    let shard = FakeShard::new(FakeShardConfig {
+        slots: 8,
+        budget: 1000,
+        warmup_budget: Some(30),
+        step_delay: Duration::from_millis(2),
+        adapters: adapters(&["a", "b", "c", "d"]),
+        ..Default::default()
+    });
+    let backend = start(&shard, &config(128, 2000, None)).await;
+    assert_eq!(backend.info().adapter_memory_bytes, 30);
+    let names = ["a", "b", "c", "d"];
+    let results = join_all(
+        names
+            .iter()
+            .map(|n| run(&backend, request(single(n), 2, 6))),
+    )
+    .await;
+    for (name, (result, _)) in names.iter().zip(results) {
+        assert_eq!(result.expect(name), text(name, 6));
+    }
+    assert!(shard.violations().is_empty(), "{:?}", shard.violations());
+    assert_eq!(shard.max_used_bytes(), 30, "exactly three fit at once");
+}
+
+#[tokio::test]
 async fn preloads_pin_and_unloads_go_through_the_loader() {
     use super::adapters::{AdapterState, AdminError};
     let shard = shard(2, 1000, 0);

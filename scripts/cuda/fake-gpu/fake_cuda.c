@@ -39,9 +39,28 @@ typedef struct block { struct block *next; size_t size; } block;
 static block *pool[POOL_BUCKETS];
 static size_t bucket(size_t n) { return (n * 11400714819323198485ull) >> 52; }
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+/* MEDLEY_FAKE_CUDA_MEMORY=BYTES: the device's memory (default 80 GiB); an allocation that would
+ * take the bytes in use past it fails with CUDA_ERROR_OUT_OF_MEMORY, as on a full GPU. As with
+ * the driver's stream-ordered pool under Medley's release threshold, memory once allocated stays
+ * reserved: cuMemGetInfo's free memory is the device's less the most ever in use. */
+static size_t in_use, reserved, capacity;
+static size_t device_memory(void) { /* under pool_lock */
+  if (!capacity) {
+    const char *c = getenv("MEDLEY_FAKE_CUDA_MEMORY");
+    capacity = c ? strtoull(c, NULL, 10) : 0;
+    if (!capacity) capacity = 80ull << 30;
+  }
+  return capacity;
+}
 static void *dev_alloc(size_t n) {
   counts[C_ALLOC]++;
   pthread_mutex_lock(&pool_lock);
+  if (in_use + n > device_memory()) {
+    pthread_mutex_unlock(&pool_lock);
+    return NULL;
+  }
+  in_use += n;
+  if (in_use > reserved) reserved = in_use;
   for (block **b = &pool[bucket(n)]; *b; b = &(*b)->next)
     if ((*b)->size == n) {
       block *hit = *b;
@@ -52,7 +71,12 @@ static void *dev_alloc(size_t n) {
     }
   pthread_mutex_unlock(&pool_lock);
   block *fresh = calloc(1, sizeof(block) + (n ? n : 1));
-  if (!fresh) return NULL;
+  if (!fresh) {
+    pthread_mutex_lock(&pool_lock);
+    in_use -= n;
+    pthread_mutex_unlock(&pool_lock);
+    return NULL;
+  }
   fresh->size = n;
   return fresh + 1;
 }
@@ -61,6 +85,7 @@ static void dev_free(void *p) {
   if (!p) return;
   block *b = (block *)p - 1;
   pthread_mutex_lock(&pool_lock);
+  in_use -= b->size;
   b->next = pool[bucket(b->size)];
   pool[bucket(b->size)] = b;
   pthread_mutex_unlock(&pool_lock);
@@ -189,6 +214,13 @@ int cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
   }
   counts[C_LAUNCH]++;
   tally((const char *)f);
+  return 0;
+}
+int cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
+  pthread_mutex_lock(&pool_lock);
+  *total = device_memory();
+  *free_bytes = *total - reserved;
+  pthread_mutex_unlock(&pool_lock);
   return 0;
 }
 int cuMemAlloc_v2(dptr *p, size_t n) { *p = (dptr)(uintptr_t)dev_alloc(n); return *p ? 0 : 2; }

@@ -71,6 +71,12 @@ impl AdapterStore {
         self.budget
     }
 
+    /// Sets the memory budget (the engine fits it to the device's free memory at warm-up, before
+    /// any slot is filled).
+    pub fn set_budget(&mut self, budget: u64) {
+        self.budget = budget;
+    }
+
     /// Bytes held by all slots.
     pub fn used_bytes(&self) -> u64 {
         self.used

@@ -6,6 +6,7 @@ mod adapters;
 mod ahead;
 mod handle;
 mod heap;
+mod memory;
 mod sample;
 mod schedule;
 mod sequence;
@@ -93,6 +94,10 @@ pub struct EngineInfo {
     pub rank: u32,
     /// Number of ranks.
     pub world_size: u32,
+    /// Ranks of the group on this rank's device, this one included (the world size on
+    /// `cuda:N:shared`, else 1): they share its free memory when the adapter budget is fitted
+    /// to it at warm-up.
+    pub device_ranks: u32,
 }
 
 /// A batch whose KV state lives here.

@@ -1,5 +1,6 @@
 //! The router's warm-up call: the worst-case step run once before serving.
 
+use super::memory::{BudgetFit, fit_budget, headroom};
 use super::schedule::StepBudget;
 use super::{Engine, EngineError, WarmupParams, WarmupResult};
 use crate::model::{ForwardBatch, SeqChunk};
@@ -34,6 +35,7 @@ impl Engine {
             id -= 1;
         }
         let ids: Vec<u64> = chunks.iter().map(|c| c.seq_id).collect();
+        let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let result = (|| {
             for c in &chunks {
                 self.kv
@@ -42,14 +44,62 @@ impl Engine {
             }
             self.model
                 .forward(&ForwardBatch { chunks }, &mut self.kv, &self.adapters)
-                .map_err(|e| EngineError::Model(e.to_string()))
+                .map_err(|e| {
+                    EngineError::Model(format!("warm-up step of {tokens} prompt tokens: {e}"))
+                })
         })();
         for id in ids {
             self.kv.free(id);
         }
         result?;
+        self.fit_adapter_budget()?;
         Ok(WarmupResult {
             max_supported_total_tokens: self.kv.capacity_tokens() as u64,
         })
+    }
+
+    /// Caps the adapter budget to the GPU memory left after the warm-up step (see
+    /// [`memory`](super::memory)); nothing on the CPU.
+    fn fit_adapter_budget(&mut self) -> Result<(), EngineError> {
+        let Some(measured) = crate::device::memory_info(self.model.device()) else {
+            return Ok(());
+        };
+        let mem = match measured {
+            Ok(mem) => mem,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the GPU's free memory: the adapter budget stays as set");
+                return Ok(());
+            }
+        };
+        let budget = self.adapters.budget();
+        match fit_budget(
+            budget,
+            self.adapters.max_slots(),
+            mem,
+            self.info.device_ranks,
+        ) {
+            Ok(BudgetFit::Fits) => {
+                tracing::info!(
+                    free_mib = mem.free >> 20,
+                    total_mib = mem.total >> 20,
+                    adapter_budget_mib = budget >> 20,
+                    "GPU memory after the warm-up step"
+                );
+                Ok(())
+            }
+            Ok(BudgetFit::Capped(bytes)) => {
+                tracing::warn!(
+                    free_mib = mem.free >> 20,
+                    total_mib = mem.total >> 20,
+                    headroom_mib = headroom(mem.total) >> 20,
+                    requested_mib = budget >> 20,
+                    adapter_budget_mib = bytes >> 20,
+                    "the adapter memory budget does not fit the GPU's free memory: capped"
+                );
+                self.adapters.set_budget(bytes);
+                Ok(())
+            }
+            Err(e) => Err(EngineError::Model(e)),
+        }
     }
 }

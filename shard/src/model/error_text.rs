@@ -22,9 +22,40 @@ impl fmt::Display for Plain<'_> {
     }
 }
 
+/// The error codes that mean the device's memory is exhausted: the driver's (candle's
+/// allocations), the runtime's and cuBLAS's (its workspace).
+const OUT_OF_MEMORY: [&str; 3] = [
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "cudaErrorMemoryAllocation",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+];
+
+/// Whether `e` (or an error it wraps) is the device running out of memory.
+pub fn is_out_of_memory(e: &Error) -> bool {
+    let text = Plain(e).to_string();
+    OUT_OF_MEMORY.iter().any(|code| text.contains(code))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_memory_is_told_apart() {
+        let oom = Error::Msg(r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#.into())
+            .context("layer 3");
+        assert!(is_out_of_memory(&oom));
+        assert!(!is_out_of_memory(&Error::Msg(
+            "lora kernels: bad rank".into()
+        )));
+        let model = crate::model::ModelError::from(oom);
+        let text = model.to_string();
+        assert!(
+            text.starts_with("out of GPU memory (layer 3: DriverError(CUDA_ERROR_OUT_OF_MEMORY"),
+            "{text}"
+        );
+        assert!(text.contains("--num-shard"), "{text}");
+    }
 
     fn with_backtrace(inner: Error) -> Error {
         Error::WithBacktrace {

@@ -151,7 +151,25 @@ pub enum ModelError {
     /// KV cache failure (unknown sequence, reservation exceeded, ...).
     #[error(transparent)]
     KvCache(#[from] KvCacheError),
+    /// The device ran out of memory (the error's text, without backtraces). Converted from a
+    /// candle error that says so ([`error_text::is_out_of_memory`]).
+    #[error(
+        "out of GPU memory ({0}): the weights, the KV cache (--kv-cache-tokens), the adapters \
+         (--adapter-memory-budget) and the largest step (--max-batch-prefill-tokens) must fit \
+         the device together; lower one, or use more shards (--num-shard) or --quantize"
+    )]
+    OutOfMemory(String),
     /// Tensor operation failure.
     #[error("tensor error: {}", error_text::Plain(.0))]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        if error_text::is_out_of_memory(&e) {
+            Self::OutOfMemory(error_text::Plain(&e).to_string())
+        } else {
+            Self::Candle(e)
+        }
+    }
 }

@@ -196,8 +196,12 @@ fn safetensors_part(
             )));
         }
     };
-    let t = Tensor::from_raw_buffer(&bytes, stored, &part_shape, device)
-        .map_err(|e| ModelError::Weights(format!("loading `{name}`: {e}")))?;
+    let t = Tensor::from_raw_buffer(&bytes, stored, &part_shape, device).map_err(|e| {
+        match ModelError::from(e) {
+            ModelError::OutOfMemory(m) => ModelError::OutOfMemory(format!("loading `{name}`: {m}")),
+            other => ModelError::Weights(format!("loading `{name}`: {other}")),
+        }
+    })?;
     drop(bytes);
     release_pages(data);
     Ok(t.to_dtype(dtype)?)

@@ -153,6 +153,7 @@ pub fn engine_over(
             model_id: "tiny".into(),
             rank: 0,
             world_size,
+            device_ranks: 1,
         },
         adapters,
     )

@@ -71,6 +71,9 @@ pub(crate) struct FakeShardConfig {
     pub slots: u32,
     /// Adapter bytes the shard holds.
     pub budget: u64,
+    /// The budget the shard fits itself to at warm-up, as a GPU shard does to its free memory
+    /// (`Info` reports `budget` before and this after).
+    pub warmup_budget: Option<u64>,
     /// Pause before every prefill and decode step.
     pub step_delay: Duration,
     /// Known adapters by id.
@@ -84,6 +87,7 @@ impl Default for FakeShardConfig {
         Self {
             slots: 4,
             budget: 1000,
+            warmup_budget: None,
             step_delay: Duration::ZERO,
             adapters: HashMap::new(),
             cached_tokens: 0,
@@ -121,6 +125,8 @@ struct State {
     cached_blocks: u32,
     /// Every prefill and decode call.
     calls: Vec<Call>,
+    /// The adapter byte budget (the config's, until a warm-up fits it).
+    budget: u64,
 }
 
 /// The fake shard; clones share state.
@@ -152,11 +158,13 @@ fn label(spec: &pb::AdapterSpec) -> String {
 impl FakeShard {
     /// A fake shard with `cfg`.
     pub fn new(cfg: FakeShardConfig) -> Self {
+        let budget = cfg.budget;
         Self {
             cfg: Arc::new(cfg),
             state: Arc::new(Mutex::new(State {
                 prefill_budget: u32::MAX,
                 idle_budget: u32::MAX,
+                budget,
                 ..State::default()
             })),
             gates: Arc::default(),
@@ -328,7 +336,7 @@ impl ShardApi for FakeShard {
             max_position_embeddings: 1024,
             eos_token_ids: vec![2],
             kv_cache_tokens: u64::from(BLOCK_TOKENS * TOTAL_BLOCKS),
-            adapter_memory_bytes: self.cfg.budget,
+            adapter_memory_bytes: self.lock().budget,
             max_adapter_slots: self.cfg.slots,
             kv_block_tokens: BLOCK_TOKENS,
         })
@@ -340,6 +348,9 @@ impl ShardApi for FakeShard {
 
     async fn warmup(&self, req: pb::WarmupRequest) -> Result<u64, ClientError> {
         self.alive()?;
+        if let Some(budget) = self.cfg.warmup_budget {
+            self.lock().budget = budget;
+        }
         if req.max_prefill_tokens > 0 {
             let mut state = self.lock();
             state.prefill_budget = req.max_prefill_tokens;
@@ -466,12 +477,12 @@ impl ShardApi for FakeShard {
             .filter(|(s, _)| **s != slot)
             .map(|(_, l)| l.bytes)
             .sum();
-        if used + staged.bytes > self.cfg.budget {
+        let budget = state.budget;
+        if used + staged.bytes > budget {
             state.violations.push(format!(
-                "install of {} bytes into slot {slot} with {} of {} bytes free",
+                "install of {} bytes into slot {slot} with {} of {budget} bytes free",
                 staged.bytes,
-                self.cfg.budget.saturating_sub(used),
-                self.cfg.budget
+                budget.saturating_sub(used),
             ));
             return Err(ClientError::Rpc(tonic::Status::internal(
                 "the router over-committed the adapter memory budget",

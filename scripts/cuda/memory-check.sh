@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# GPU memory limits, checked on the fake GPU (scripts/cuda/fake-gpu.sh, whose device memory
+# MEDLEY_FAKE_CUDA_MEMORY sets and whose allocations fail past it as a full GPU's do). Serves a
+# 2-layer TinyLlama-shaped bf16 model with 8 rank-64 PEFT adapters (about 18 MiB each on the
+# device) and checks:
+#   1. with room after the warm-up step for about 3 adapters, the shard caps its adapter budget
+#      to it (the 1 GiB default does not fit) and requests over all 8 adapters, 4 at a time,
+#      all succeed: the router evicts idle adapters instead of the GPU running out of memory;
+#   2. with less room than adapters need, `medley serve` stops at start-up with the reason;
+#   3. with less memory than the weights, it stops with "out of GPU memory" naming the tensor.
+#   scripts/cuda/memory-check.sh [--bin target/release-cuda/medley]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+bin="$root/target/release-cuda/medley"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin) bin="$2"; shift 2 ;;
+    *) echo "memory-check: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+work="$(mktemp -d)"
+pid=
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+"$root/scripts/cuda/fake-gpu.sh" "$work/fake" "$bin" 2>/dev/null
+export LD_LIBRARY_PATH="$work/fake"
+fixture="$(dirname "$bin")/medley-fixture"
+merge_dev="$(dirname "$bin")/medley-merge-dev"
+"$fixture" model --preset tinyllama --layers 2 --dtype bf16 --out "$work/model" >/dev/null
+for i in 0 1 2 3 4 5 6 7; do
+  "$merge_dev" fixture --preset tinyllama --layers 2 --rank 64 --seed "$((200 + i))" \
+    --out "$work/adapters/m$i" >/dev/null
+done
+port=$((22000 + ($$ % 4000) * 2))
+fail() {
+  echo "memory-check: $1" >&2
+  grep -E "ERROR|WARN" "$work/server.log" | tail -n 8 >&2 || true
+  exit 1
+}
+# serve MEMORY: starts the server on a device of MEMORY bytes; returns 0 once it answers health,
+# 1 when it exits first (its log in $work/server.log).
+serve() {
+  MEDLEY_FAKE_CUDA_MEMORY="$1" "$bin" serve --model "$work/model" --device cuda --dtype bf16 \
+    --kv-cache-tokens 4096 --adapter-root "$work/adapters" --port "$port" \
+    --grpc-port "$((port + 1))" --shard-uds-path "$work/sock" >"$work/server.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 120); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" || true; pid=; return 1; }
+    sleep 0.5
+  done
+  fail "the server neither answered nor stopped within 60 s"
+}
+stop() { kill "$pid"; wait "$pid" || true; pid=; }
+field() { # field NAME: the last value of NAME=... in the server's log
+  grep -o "$1=[0-9]*" "$work/server.log" | tail -n 1 | cut -d= -f2
+}
+mib=$((1 << 20))
+
+# What the weights, the KV cache and the warm-up step take: measured on an 80 GiB device.
+serve 0 || fail "the server did not start on an 80 GiB device"
+total=$(field total_mib) free=$(field free_mib)
+[ -n "$total" ] && [ -n "$free" ] || fail "no 'GPU memory after the warm-up step' in the log"
+used=$(((total - free) * mib))
+stop
+echo "memory-check: the weights, the KV cache and the warm-up step take $((used / mib)) MiB"
+
+# 1. Room for about 3 adapters beyond the 256 MiB of headroom.
+serve $((used + 256 * mib + 56 * mib)) || fail "the server did not start with 56 MiB for adapters"
+grep -q "adapter memory budget does not fit" "$work/server.log" || fail "the budget was not capped"
+budget=$(field adapter_budget_mib)
+[ "$budget" -ge 40 ] && [ "$budget" -le 56 ] || fail "adapter budget $budget MiB, expected 40-56"
+python3 - "http://127.0.0.1:$port" <<'PY' || fail "requests over 8 adapters failed"
+import concurrent.futures, json, sys, urllib.request
+url = sys.argv[1]
+def one(i):
+    body = {"inputs": "hello world " * (1 + i % 5),
+            "parameters": {"max_new_tokens": 6, "ignore_eos_token": True,
+                           "adapter_id": f"m{i % 8}", "adapter_source": "local"}}
+    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, ""
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()[:300]
+with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(one, range(32)))
+bad = [r for r in results if r[0] != 200]
+for r in bad[:3]:
+    print("memory-check:", r, file=sys.stderr)
+with urllib.request.urlopen(url + "/v1/adapters") as r:
+    listing = json.load(r)
+print(f"memory-check: 32 requests over 8 adapters, {len(results) - len(bad)} succeeded; "
+      f"adapter memory {listing['memory']}")
+sys.exit(1 if bad else 0)
+PY
+! grep -q "OUT_OF_MEMORY" "$work/server.log" || fail "the fake GPU ran out of memory while serving"
+stop
+echo "memory-check: a budget capped to $budget MiB served 8 adapters of ~18 MiB without running out"
+
+# 2. Too little room for adapters: a clear stop at start-up.
+if serve $((used + 256 * mib + 4 * mib)); then fail "the server started with 4 MiB for adapters"; fi
+grep -q "less than the .* MiB of headroom" "$work/server.log" \
+  || fail "no reason given for stopping with 4 MiB for adapters"
+echo "memory-check: 4 MiB for adapters stops the start-up with the reason"
+
+# 3. Less memory than the weights.
+if serve $((used / 2)); then fail "the server started on half the memory its weights need"; fi
+grep -q "out of GPU memory (loading \`" "$work/server.log" \
+  || fail "no 'out of GPU memory (loading ...' when the weights do not fit"
+echo "memory-check: weights that do not fit stop the start-up with 'out of GPU memory'"
