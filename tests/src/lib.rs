@@ -17,9 +17,20 @@ pub mod real_model;
 use bins::bin_dir;
 pub use bins::binaries;
 
-/// The workspace root.
+/// The workspace root: the parent of this package's directory as cargo gives it to the test
+/// process at run time, else as it was when this crate was compiled.
+///
+/// Run time first: checkouts that share a target directory (a CI clone built into the
+/// developer's) also share this crate's compiled tests, since cargo's artifact names and
+/// freshness do not depend on the checkout's path; a test compiled in another checkout would
+/// otherwise build that checkout's binaries into the shared directory (see [`binaries`]) and
+/// read its fixtures.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
