@@ -38,11 +38,8 @@ while [ $# -gt 0 ]; do
     *) echo "host-profile: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-work="$(mktemp -d)"
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-"$root/scripts/cuda/fake-gpu.sh" "$work/fake" "$bin"
+source "$root/scripts/cuda/fake-session.sh"
+fake_session "$bin"
 fixture="$(dirname "$bin")/medley-fixture"
 [ -x "$fixture" ] || fixture="$root/target/release/medley-fixture"
 LD_LIBRARY_PATH="$work/fake" "$fixture" model --preset tinyllama --layers "$layers" --dtype bf16 \

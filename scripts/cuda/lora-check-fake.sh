@@ -17,9 +17,8 @@ while [ $# -gt 0 ]; do
     *) echo "lora-check-fake: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-"$root/scripts/cuda/fake-gpu.sh" "$work/fake" "$bin" >/dev/null
+source "$root/scripts/cuda/fake-session.sh"
+fake_session "$bin"
 out="${out:-$work/lora-check.md}"
 rc=0
 LD_LIBRARY_PATH="$work/fake" "$bin" --device cuda --bench --iters 5 >"$out" 2>"$work/stderr" || rc=$?

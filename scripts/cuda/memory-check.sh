@@ -18,11 +18,8 @@ while [ $# -gt 0 ]; do
     *) echo "memory-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-work="$(mktemp -d)"
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-"$root/scripts/cuda/fake-gpu.sh" "$work/fake" "$bin" 2>/dev/null
+source "$root/scripts/cuda/fake-session.sh"
+fake_session "$bin"
 export LD_LIBRARY_PATH="$work/fake"
 fixture="$(dirname "$bin")/medley-fixture"
 merge_dev="$(dirname "$bin")/medley-merge-dev"

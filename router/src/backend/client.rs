@@ -141,17 +141,30 @@ impl ShardedClient {
         Ok(Self { clients })
     }
 
+    /// Sends the same call to every rank concurrently; returns every rank's response, in rank
+    /// order.
+    async fn each<T, F, Fut>(&self, call: F) -> Result<Vec<T>, ClientError>
+    where
+        F: Fn(RankClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let results = try_join_all(self.clients.iter().cloned().map(call)).await?;
+        Ok(results
+            .into_iter()
+            .map(tonic::Response::into_inner)
+            .collect())
+    }
+
     /// Sends the same call to every rank concurrently; returns rank 0's response.
     async fn all<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
         F: Fn(RankClient) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let results = try_join_all(self.clients.iter().cloned().map(call)).await?;
-        results
+        self.each(call)
+            .await?
             .into_iter()
             .next()
-            .map(tonic::Response::into_inner)
             .ok_or(ClientError::NoShards)
     }
 }
@@ -160,43 +173,32 @@ impl ShardApi for ShardedClient {
     /// Rank 0's answer, with the smallest adapter budget of any rank (each rank fits its own to
     /// its GPU's free memory at warm-up).
     async fn info(&self) -> Result<pb::InfoResponse, ClientError> {
-        let results = try_join_all(
-            self.clients
-                .iter()
-                .cloned()
-                .map(|mut c| async move { c.info(pb::InfoRequest {}).await }),
-        )
-        .await?;
-        let mut infos = results.into_iter().map(tonic::Response::into_inner);
-        let mut first = infos.next().ok_or(ClientError::NoShards)?;
-        for other in infos {
-            first.adapter_memory_bytes = first.adapter_memory_bytes.min(other.adapter_memory_bytes);
-        }
+        let infos = self
+            .each(|mut c| async move { c.info(pb::InfoRequest {}).await })
+            .await?;
+        let budget = infos.iter().map(|i| i.adapter_memory_bytes).min();
+        let mut first = infos.into_iter().next().ok_or(ClientError::NoShards)?;
+        first.adapter_memory_bytes = budget.unwrap_or(first.adapter_memory_bytes);
         Ok(first)
     }
 
     async fn health(&self) -> Result<u64, ClientError> {
-        let results = try_join_all(
-            self.clients
-                .iter()
-                .cloned()
-                .map(|mut c| async move { c.health(pb::HealthRequest {}).await }),
-        )
-        .await?;
-        Ok(group_instance(
-            results.into_iter().map(|r| r.into_inner().instance),
-        ))
+        let answers = self
+            .each(|mut c| async move { c.health(pb::HealthRequest {}).await })
+            .await?;
+        Ok(group_instance(answers.into_iter().map(|h| h.instance)))
     }
 
     async fn warmup(&self, req: pb::WarmupRequest) -> Result<u64, ClientError> {
-        let results = try_join_all(self.clients.iter().cloned().map(|mut c| {
-            let req = req.clone();
-            async move { c.warmup(req).await }
-        }))
-        .await?;
-        results
+        let answers = self
+            .each(|mut c| {
+                let req = req.clone();
+                async move { c.warmup(req).await }
+            })
+            .await?;
+        answers
             .into_iter()
-            .map(|r| r.into_inner().max_supported_total_tokens)
+            .map(|w| w.max_supported_total_tokens)
             .min()
             .ok_or(ClientError::NoShards)
     }

@@ -448,18 +448,7 @@ async fn concurrent_first_loads_never_overcommit_the_shards() {
     // never refuse an install (the fake shard records any over-budget install as a violation).
     let shard = shard(8, 30, 2);
     let backend = start(&shard, &config(128, 2000, None)).await;
-    let names = ["a", "b", "c", "d"];
-    let results = join_all(
-        names
-            .iter()
-            .map(|n| run(&backend, request(single(n), 2, 6))),
-    )
-    .await;
-    for (name, (result, _)) in names.iter().zip(results) {
-        assert_eq!(result.expect(name), text(name, 6));
-    }
-    assert!(shard.violations().is_empty(), "{:?}", shard.violations());
-    assert_eq!(shard.max_used_bytes(), 30, "exactly three fit at once");
+    four_loads_at_once_fit_30_bytes(&shard, &backend).await;
     assert_eq!(shard.loads().len(), 4, "one prepare each, no retries");
     assert_eq!(shard.staged(), 0, "nothing left staged");
 }
@@ -479,13 +468,17 @@ async fn the_budget_a_shard_fits_at_warmup_is_the_one_kept() {
     });
     let backend = start(&shard, &config(128, 2000, None)).await;
     assert_eq!(backend.info().adapter_memory_bytes, 30);
+    four_loads_at_once_fit_30_bytes(&shard, &backend).await;
+}
+
+/// Requests on four 10-byte adapters `a`..`d` at once all succeed, and the shard never held
+/// more than its 30-byte budget (no install over it: no violation).
+async fn four_loads_at_once_fit_30_bytes(
+    shard: &FakeShard,
+    backend: &Arc<ShardBackend<FakeShard>>,
+) {
     let names = ["a", "b", "c", "d"];
-    let results = join_all(
-        names
-            .iter()
-            .map(|n| run(&backend, request(single(n), 2, 6))),
-    )
-    .await;
+    let results = join_all(names.iter().map(|n| run(backend, request(single(n), 2, 6)))).await;
     for (name, (result, _)) in names.iter().zip(results) {
         assert_eq!(result.expect(name), text(name, 6));
     }
