@@ -302,6 +302,13 @@ e = expect_error(
     ),
 )
 assert "temperature" in e.message, e.body
+assert e.body["param"] == "temperature", e.body
+# The OpenAI parameter is named (LoRAX's is max_new_tokens).
+e = expect_error(
+    openai.BadRequestError,
+    lambda: client.completions.create(model=model_id, prompt=PROMPT, max_tokens=10**6),
+)
+assert e.body["param"] == "max_tokens" and "`max_tokens`" in e.message, e.body
 plain_id = plain.models.list().data[0].id
 assert plain.completions.create(model=plain_id, prompt=PROMPT, max_tokens=2).usage
 e = expect_error(

@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 use super::super::error::ApiError;
 use super::super::extract::JsonBody;
 use super::template::TemplateError;
+use super::validation::{self, Translated};
 use crate::error::InferError;
 
 /// OpenAI's `type` of client errors.
@@ -53,6 +54,10 @@ pub enum OpenAiError {
         /// Why (the adapter error).
         detail: String,
     },
+    /// A validation error of the shared pipeline in OpenAI's words (400; see
+    /// [`super::validation`]).
+    #[error("{}", .0.message)]
+    Validation(Translated),
     /// The chat template is missing, broken, or refused the conversation.
     #[error(transparent)]
     Template(#[from] TemplateError),
@@ -76,6 +81,7 @@ impl OpenAiError {
             Self::InvalidRequest { param, .. } => {
                 (StatusCode::BAD_REQUEST, INVALID_REQUEST, None, *param)
             }
+            Self::Validation(t) => (StatusCode::BAD_REQUEST, INVALID_REQUEST, t.code, t.param),
             Self::ModelNotFound { .. } => (
                 StatusCode::NOT_FOUND,
                 INVALID_REQUEST,
@@ -133,6 +139,11 @@ impl From<ApiError> for OpenAiError {
 
 impl From<InferError> for OpenAiError {
     fn from(e: InferError) -> Self {
+        if let InferError::Validation(v) = &e
+            && let Some(t) = validation::translate(v)
+        {
+            return Self::Validation(t);
+        }
         Self::Api(ApiError::from(e))
     }
 }

@@ -31,6 +31,7 @@ pub mod template;
 #[cfg(test)]
 mod tests;
 pub mod types;
+pub mod validation;
 
 use std::sync::Arc;
 

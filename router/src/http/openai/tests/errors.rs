@@ -70,36 +70,55 @@ async fn invalid_and_unsupported_parameters_are_400() {
         assert_error(&got, 400, None, message);
         assert_eq!(got.1["error"]["param"], param, "{body}");
     }
-    // Validation errors of the shared pipeline (422 on the LoRAX routes) are 400 here.
+    // Validation errors of the shared pipeline (422 on the LoRAX routes) are 400 here, naming
+    // the OpenAI parameter at fault where there is one.
     let validation = [
         (
             json!({"prompt": "hi", "temperature": -1}),
             "`temperature` must be >= 0",
+            json!("temperature"),
         ),
         (
             json!({"prompt": "hi", "max_tokens": 0}),
-            "`max_new_tokens` must be strictly positive",
+            "`max_tokens` must be strictly positive",
+            json!("max_tokens"),
         ),
         (
             json!({"prompt": "hi", "presence_penalty": 3}),
             "`presence_penalty` must be in [-2, 2]",
+            json!("presence_penalty"),
+        ),
+        (
+            json!({"prompt": "hi", "stop": ["a", ""]}),
+            "`stop` sequences cannot be empty strings",
+            json!("stop"),
         ),
         (
             json!({"prompt": "hi", "best_of": 2}),
             "`best_of` > 1 is not supported",
+            json!(null),
         ),
         (
             json!({"prompt": "hi", "response_format": {"type": "json_object"}}),
             "`response_format`",
+            json!(null),
         ),
-        (json!({"prompt": "hi", "logprobs": 6}), "<= 5"),
-        (json!({"prompt": ""}), "`inputs` cannot be empty"),
-        (json!({"prompt": "hi", "adapter_source": "gcs"}), "gcs"),
+        (json!({"prompt": "hi", "logprobs": 6}), "<= 5", json!(null)),
+        (
+            json!({"prompt": ""}),
+            "`inputs` cannot be empty",
+            json!(null),
+        ),
+        (
+            json!({"prompt": "hi", "adapter_source": "gcs"}),
+            "gcs",
+            json!(null),
+        ),
     ];
-    for (body, message) in validation {
+    for (body, message, param) in validation {
         let got = post(&server, "/v1/completions", &body).await;
         assert_error(&got, 400, None, message);
-        assert_eq!(got.1["error"]["param"], json!(null), "{body}");
+        assert_eq!(got.1["error"]["param"], param, "{body}");
     }
     assert!(server.backend.requests().is_empty());
     server.stop().await;
@@ -191,4 +210,27 @@ async fn server_failing() -> crate::infer::testing::TestServer {
         None,
     )
     .await
+}
+
+#[tokio::test]
+async fn requests_past_the_context_are_context_length_exceeded() {
+    // The test limits: prompts of at most 32 tokens, 64 tokens with the completion.
+    let server = server(FakeBackend::new(), Some(PLAIN_TEMPLATE)).await;
+    let words = |n: usize| vec!["hi"; n].join(" ");
+    for (body, message) in [
+        (
+            json!({"prompt": words(20), "max_tokens": 60}),
+            "This model's maximum context length is 64 tokens",
+        ),
+        (
+            json!({"prompt": words(40), "max_tokens": 4}),
+            "This model's maximum prompt length is 32 tokens",
+        ),
+    ] {
+        let got = post(&server, "/v1/completions", &body).await;
+        assert_error(&got, 400, Some("context_length_exceeded"), message);
+        assert_eq!(got.1["error"]["param"], json!(null), "{body}");
+    }
+    assert!(server.backend.requests().is_empty());
+    server.stop().await;
 }
