@@ -190,18 +190,10 @@ pub async fn connect(
 impl<S: ShardApi> ShardBackend<S> {
     /// Sets up `client` (see [`connect`]) and starts the background tasks.
     pub async fn start(client: S, config: &RouterConfig) -> Result<Self, BackendError> {
-        let info = client.info().await?;
         let instance = client.health().await?;
         client.clear_cache(None).await?;
         clear_adapter_slots(&client).await;
         let limits = &config.limits;
-        if limits.max_total_tokens as u64 > info.max_position_embeddings as u64 {
-            tracing::warn!(
-                max_total_tokens = limits.max_total_tokens,
-                max_position_embeddings = info.max_position_embeddings,
-                "--max-total-tokens exceeds the model's positions; sequences stop at the model limit"
-            );
-        }
         let t0 = Instant::now();
         let capacity = client
             .warmup(pb::WarmupRequest {
@@ -212,9 +204,15 @@ impl<S: ShardApi> ShardBackend<S> {
                 max_idle_prefill_tokens: config.batching.idle_prefill_tokens(),
             })
             .await?;
-        // The shards fit their adapter budget to the GPU memory the warm-up step left: read it
-        // again.
+        // After the warm-up: the shards fit their adapter budget to the GPU memory it left.
         let info = client.info().await?;
+        if limits.max_total_tokens as u64 > info.max_position_embeddings as u64 {
+            tracing::warn!(
+                max_total_tokens = limits.max_total_tokens,
+                max_position_embeddings = info.max_position_embeddings,
+                "--max-total-tokens exceeds the model's positions; sequences stop at the model limit"
+            );
+        }
         let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
         if capacity == 0 || capacity < limits.max_total_tokens {
             return Err(BackendError::Config(format!(
