@@ -32,6 +32,7 @@ def expect_everything_on(case: str, docs: list[dict[str, Any]], values: dict[str
     args = [str(a) for a in container(docs)["args"]]
     for name, want in [
         ("--kv-cache-tokens", "4096"),
+        ("--gpu-memory-utilization", "0.85"),
         ("--kv-block-size", "32"),
         ("--prefix-caching", "off"),
         ("--max-idle-prefill-tokens", "1024"),
@@ -51,6 +52,7 @@ INLINE_CASES: dict[str, tuple[dict[str, Any], Callable[..., None] | None]] = {
                 "id": "org/name",
                 "revision": "v1",
                 "kvCacheTokens": 4096,
+                "gpuMemoryUtilization": 0.85,
                 "kvBlockSize": 32,
                 "prefixCaching": False,
             },

@@ -7,7 +7,11 @@
 #      to it (the 1 GiB default does not fit) and requests over all 8 adapters, 4 at a time,
 #      all succeed: the router evicts idle adapters instead of the GPU running out of memory;
 #   2. with less room than adapters need, `medley serve` stops at start-up with the reason;
-#   3. with less memory than the weights, it stops with "out of GPU memory" naming the tensor.
+#   3. with less memory than the weights, it stops with "out of GPU memory" naming the tensor;
+#   4. without --kv-cache-tokens, the KV cache takes what the weights, the warm-up step, the
+#      adapter budget and the reserve leave (--gpu-memory-utilization), requests then succeed
+#      without running out, a lower utilization keeps more free, and a device with no room for
+#      one request stops the start-up with the reason.
 #   scripts/cuda/memory-check.sh [--bin target/release-cuda/medley]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -34,11 +38,15 @@ fail() {
   grep -E "ERROR|WARN" "$work/server.log" | tail -n 8 >&2 || true
   exit 1
 }
-# serve MEMORY: starts the server on a device of MEMORY bytes; returns 0 once it answers health,
-# 1 when it exits first (its log in $work/server.log).
+# serve MEMORY [FLAG...]: starts the server on a device of MEMORY bytes (with a 4096-token KV
+# cache unless FLAGs are given); returns 0 once it answers health, 1 when it exits first (its log
+# in $work/server.log).
 serve() {
-  MEDLEY_FAKE_CUDA_MEMORY="$1" "$bin" serve --model "$work/model" --device cuda --dtype bf16 \
-    --kv-cache-tokens 4096 --adapter-root "$work/adapters" --port "$port" \
+  local memory="$1"
+  shift
+  [ $# -gt 0 ] || set -- --kv-cache-tokens 4096
+  MEDLEY_FAKE_CUDA_MEMORY="$memory" "$bin" serve --model "$work/model" --device cuda --dtype bf16 \
+    "$@" --adapter-root "$work/adapters" --port "$port" \
     --grpc-port "$((port + 1))" --shard-uds-path "$work/sock" >"$work/server.log" 2>&1 &
   pid=$!
   for _ in $(seq 120); do
@@ -48,26 +56,9 @@ serve() {
   done
   fail "the server neither answered nor stopped within 60 s"
 }
-stop() { kill "$pid"; wait "$pid" || true; pid=; }
-field() { # field NAME: the last value of NAME=... in the server's log
-  grep -o "$1=[0-9]*" "$work/server.log" | tail -n 1 | cut -d= -f2
-}
-mib=$((1 << 20))
-
-# What the weights, the KV cache and the warm-up step take: measured on an 80 GiB device.
-serve 0 || fail "the server did not start on an 80 GiB device"
-total=$(field total_mib) free=$(field free_mib)
-[ -n "$total" ] && [ -n "$free" ] || fail "no 'GPU memory after the warm-up step' in the log"
-used=$(((total - free) * mib))
-stop
-echo "memory-check: the weights, the KV cache and the warm-up step take $((used / mib)) MiB"
-
-# 1. Room for about 3 adapters beyond the 256 MiB of headroom.
-serve $((used + 256 * mib + 56 * mib)) || fail "the server did not start with 56 MiB for adapters"
-grep -q "adapter memory budget does not fit" "$work/server.log" || fail "the budget was not capped"
-budget=$(field adapter_budget_mib)
-[ "$budget" -ge 40 ] && [ "$budget" -le 56 ] || fail "adapter budget $budget MiB, expected 40-56"
-python3 - "http://127.0.0.1:$port" <<'PY' || fail "requests over 8 adapters failed"
+# requests_over_8_adapters: 32 requests over the 8 adapters, 4 at a time; fails unless all succeed.
+requests_over_8_adapters() {
+python3 - "http://127.0.0.1:$port" <<'PY'
 import concurrent.futures, json, sys, urllib.request
 url = sys.argv[1]
 def one(i):
@@ -92,6 +83,27 @@ print(f"memory-check: 32 requests over 8 adapters, {len(results) - len(bad)} suc
       f"adapter memory {listing['memory']}")
 sys.exit(1 if bad else 0)
 PY
+}
+stop() { kill "$pid"; wait "$pid" || true; pid=; }
+field() { # field NAME: the last value of NAME=... in the server's log
+  grep -o "$1=[0-9]*" "$work/server.log" | tail -n 1 | cut -d= -f2
+}
+mib=$((1 << 20))
+
+# What the weights, the KV cache and the warm-up step take: measured on an 80 GiB device.
+serve 0 || fail "the server did not start on an 80 GiB device"
+total=$(field total_mib) free=$(field free_mib)
+[ -n "$total" ] && [ -n "$free" ] || fail "no 'GPU memory after the warm-up step' in the log"
+used=$(((total - free) * mib))
+stop
+echo "memory-check: the weights, the KV cache and the warm-up step take $((used / mib)) MiB"
+
+# 1. Room for about 3 adapters beyond the 256 MiB of headroom.
+serve $((used + 256 * mib + 56 * mib)) || fail "the server did not start with 56 MiB for adapters"
+grep -q "adapter memory budget does not fit" "$work/server.log" || fail "the budget was not capped"
+budget=$(field adapter_budget_mib)
+[ "$budget" -ge 40 ] && [ "$budget" -le 56 ] || fail "adapter budget $budget MiB, expected 40-56"
+requests_over_8_adapters || fail "requests over 8 adapters failed"
 ! grep -q "OUT_OF_MEMORY" "$work/server.log" || fail "the fake GPU ran out of memory while serving"
 stop
 echo "memory-check: a budget capped to $budget MiB served 8 adapters of ~18 MiB without running out"
@@ -107,3 +119,40 @@ if serve $((used / 2)); then fail "the server started on half the memory its wei
 grep -q "out of GPU memory (loading \`" "$work/server.log" \
   || fail "no 'out of GPU memory (loading ...' when the weights do not fit"
 echo "memory-check: weights that do not fit stop the start-up with 'out of GPU memory'"
+
+# 4. The KV cache sized from the device's memory (no --kv-cache-tokens).
+kv_fit() { # kv_fit NAME: NAME=... on the "KV cache sized" line
+  grep "KV cache sized from the GPU's memory" "$work/server.log" | grep -o "$1=[0-9]*" | tail -n 1 \
+    | cut -d= -f2
+}
+# Room for the 1 GiB adapter budget, the 256 MiB of headroom and about 64 MiB of KV cache beyond
+# what case 1 measured (whose 4096-token cache took 8 MiB of it).
+serve $((used + 1280 * mib + 64 * mib)) --adapter-memory-budget 1GiB \
+  || fail "the server did not start with 64 MiB for a KV cache sized from memory"
+kv=$(kv_fit kv_cache_mib)
+[ -n "$kv" ] || fail "no 'KV cache sized from the GPU's memory' in the log"
+[ "$kv" -ge 48 ] && [ "$kv" -le 80 ] || fail "KV cache of $kv MiB, expected 48-80"
+! grep -q "adapter memory budget does not fit" "$work/server.log" \
+  || fail "the KV cache left no room for the adapter budget"
+requests_over_8_adapters || fail "requests over 8 adapters failed with a KV cache sized from memory"
+! grep -q "OUT_OF_MEMORY" "$work/server.log" || fail "the fake GPU ran out of memory while serving"
+stop
+echo "memory-check: a KV cache sized from memory ($kv MiB) left the adapter budget room and served"
+
+# ... and the share kept free follows --gpu-memory-utilization (8 GiB: 10% is 819 MiB, half 4 GiB).
+serve $((8 << 30)) --gpu-memory-utilization 0.9 || fail "the server did not start on 8 GiB"
+[ "$(kv_fit reserve_mib)" = 819 ] || fail "reserve $(kv_fit reserve_mib) MiB at 0.9, expected 819"
+tokens_default=$(kv_fit kv_cache_tokens)
+stop
+serve $((8 << 30)) --gpu-memory-utilization 0.5 || fail "the server did not start at 0.5"
+[ "$(kv_fit reserve_mib)" = 4096 ] || fail "reserve $(kv_fit reserve_mib) MiB at 0.5, expected 4096"
+tokens_half=$(kv_fit kv_cache_tokens)
+stop
+[ "$tokens_half" -lt "$tokens_default" ] || fail "0.5 gave $tokens_half tokens, 0.9 $tokens_default"
+echo "memory-check: 8 GiB, utilization 0.9: $tokens_default KV tokens; 0.5: $tokens_half"
+
+# ... and no room for one request stops the start-up with the reason.
+if serve $((used + 1280 * mib - 16 * mib)) --adapter-memory-budget 1GiB; then fail "the server started with no room for a KV cache"; fi
+grep -q "less than one request of --max-total-tokens" "$work/server.log" \
+  || fail "no reason given for stopping with no room for a KV cache"
+echo "memory-check: no room for a KV cache stops the start-up with the reason"

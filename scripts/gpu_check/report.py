@@ -2,6 +2,7 @@
 kernel tables, the token comparisons, the speed tables and issue 11's targets). stdlib only."""
 
 import os
+import re
 
 from common import CASES, PROMPTS, STEPS, read
 
@@ -65,6 +66,7 @@ def report(args):
             f"transformers `generate` ({s['dtype']}, {s['new_tokens']} new tokens, greedy)",
             [("attention", "attn"), ("batch", "batch")], s["rows"])
     lines += targets(d)
+    lines += memory_table(d)
     steps = os.path.join(d, "steps.txt")
     if os.path.exists(steps):
         lines += ["## Steps", "", "```", open(steps).read().strip(), "```", ""]
@@ -85,6 +87,40 @@ VARIANT_SERVERS = [
                       "one launch (MEDLEY_LORA_BGMV=fused-grouped"),
     ("grouped", "through the grouped BGMV kernels (MEDLEY_LORA_BGMV=grouped"),
 ]
+
+
+# The shards' start-up lines memory_table reads, and the fields it shows of each.
+KV_LINE = "KV cache sized from the GPU's memory"
+BUDGET_LINE = "GPU memory after the warm-up step"
+MEMORY_FIELDS = ["kv_cache_tokens", "kv_cache_mib", "free_mib", "total_mib", "step_peak_mib",
+                 "reserve_mib", "adapter_budget_mib"]
+
+
+def memory_table(d):
+    """Each GPU server's KV cache as its shards sized it from the GPU's memory at the warm-up,
+    and the memory left free after it (from the server logs)."""
+    rows = []
+    for f in sorted(x for x in os.listdir(d) if x.startswith("server-") and x.endswith(".log")):
+        kv, after = {}, {}
+        for line in open(os.path.join(d, f), errors="replace"):
+            line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+            rank = (re.findall(r"\brank=(\d+)", line) or ["0"])[0]
+            fields = dict(re.findall(r"\b(\w+)=([0-9.]+)", line))
+            if KV_LINE in line:
+                kv[rank] = fields
+            elif BUDGET_LINE in line:
+                after[rank] = fields
+        for rank in sorted(kv, key=int):
+            rows.append([f[len("server-"):-len(".log")], rank]
+                        + [kv[rank].get(k, "") for k in MEMORY_FIELDS]
+                        + [after.get(rank, {}).get("free_mib", "")])
+    if not rows:
+        return []
+    heads = ["server", "rank"] + MEMORY_FIELDS + ["free_mib after"]
+    return (["## GPU memory at start-up (KV cache sized from the GPU's memory at the warm-up; "
+             "MiB unless named tokens)", "", "| " + " | ".join(heads) + " |",
+             "|" + "---|" * len(heads)]
+            + ["| " + " | ".join(r) + " |" for r in rows] + [""])
 
 
 def speed_table(title, keys, rows):

@@ -13,7 +13,10 @@ use crate::adapters::{
 };
 use crate::comm::{Comm, CommBackend, CommKind, ShmComm, ShmCommConfig, Single};
 use crate::device::DeviceSpec;
-use crate::engine::{Engine, EngineHandle, EngineInfo, EngineThreadSettings, TextContext};
+use crate::engine::{
+    DEFAULT_GPU_MEMORY_UTILIZATION, Engine, EngineHandle, EngineInfo, EngineThreadSettings,
+    KvSizing, TextContext,
+};
 use crate::kv_cache::{DEFAULT_BLOCK_TOKENS, KvCache, KvCacheConfig};
 use crate::model::{LlamaModel, LoadOptions, TpLayout};
 use medley_hub::HubSettings;
@@ -37,9 +40,14 @@ impl Switch {
     }
 }
 
-/// Default `--kv-cache-bytes`: a fixed 2 GiB KV-cache budget per shard, whatever the device's
-/// memory. The capacity in tokens is this divided by [`KvCache::bytes_per_token`].
+/// Default `--kv-cache-bytes` on the CPU: a fixed 2 GiB KV-cache budget per shard. The capacity
+/// in tokens is this divided by [`KvCache::bytes_per_token`]. On a GPU the default is to size
+/// the cache from the GPU's memory at the warm-up ([`KvSizing::GpuMemory`]).
 pub const DEFAULT_KV_CACHE_BYTES: usize = 2 << 30;
+
+/// Tokens of the KV cache a shard sizing it from the GPU's memory allocates at load, before
+/// the warm-up replaces it (requests come only after the warm-up).
+const PROVISIONAL_KV_TOKENS: usize = 4096;
 
 /// Flags of one shard process (each also readable from the environment).
 #[derive(clap::Args, Debug, Clone)]
@@ -90,10 +98,16 @@ pub struct ShardArgs {
     /// KV-cache capacity in tokens (overrides --kv-cache-bytes).
     #[arg(long, env = "KV_CACHE_TOKENS")]
     pub kv_cache_tokens: Option<usize>,
-    /// KV-cache budget in bytes (default 2 GiB); the capacity in tokens is this divided by the
-    /// bytes one token takes (layers x KV heads x head dim x dtype size, for K and V).
-    #[arg(long, env = "KV_CACHE_BYTES", default_value_t = DEFAULT_KV_CACHE_BYTES)]
-    pub kv_cache_bytes: usize,
+    /// KV-cache budget in bytes; the capacity in tokens is this divided by the bytes one token
+    /// takes (layers x KV heads x head dim x dtype size, for K and V). Unset: 2 GiB on the CPU;
+    /// on a GPU, what --gpu-memory-utilization leaves, measured at the warm-up.
+    #[arg(long, env = "KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<usize>,
+    /// Share of the GPU's memory the shard may fill (weights, activations, adapters and a KV
+    /// cache sized to the rest at the warm-up), in (0, 1]; default 0.9. Only on a GPU, and
+    /// only when neither --kv-cache-tokens nor --kv-cache-bytes sets the cache's size.
+    #[arg(long, env = "GPU_MEMORY_UTILIZATION", value_parser = parse_utilization)]
+    pub gpu_memory_utilization: Option<f64>,
     /// Tokens per KV-cache block (the pool's unit of allocation and of prefix reuse).
     #[arg(long, env = "KV_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_TOKENS as u32,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -209,7 +223,36 @@ pub unsafe fn configure_threads(requested: Option<u16>) -> usize {
     n
 }
 
+/// A `--gpu-memory-utilization` value: a share in (0, 1].
+pub fn parse_utilization(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(u) if u > 0.0 && u <= 1.0 => Ok(u),
+        _ => Err(format!(
+            "`{s}` is not a share of the GPU's memory in (0, 1], e.g. 0.9"
+        )),
+    }
+}
+
 impl ShardArgs {
+    /// How the KV cache is sized: on a GPU (`on_gpu`) from its memory unless the size is set;
+    /// on the CPU as set, or 2 GiB.
+    pub fn kv_sizing(&self, on_gpu: bool) -> KvSizing {
+        let set = self.kv_cache_tokens.is_some() || self.kv_cache_bytes.is_some();
+        if !on_gpu || set {
+            if self.gpu_memory_utilization.is_some() {
+                tracing::warn!(
+                    "--gpu-memory-utilization applies only on a GPU without --kv-cache-tokens or --kv-cache-bytes: ignored"
+                );
+            }
+            return KvSizing::Fixed;
+        }
+        KvSizing::GpuMemory {
+            utilization: self
+                .gpu_memory_utilization
+                .unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION),
+        }
+    }
+
     /// The adapter settings these flags describe (the parsed-adapter cache is as large as the
     /// slot budget).
     pub fn adapter_settings(&self) -> AdapterSettings {
@@ -394,9 +437,14 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
     let cfg = model.config().clone();
     let tokenizer = tokenizers::Tokenizer::from_file(args.model_dir.join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("loading tokenizer.json: {e}"))?;
-    let capacity = args.kv_cache_tokens.unwrap_or_else(|| {
-        args.kv_cache_bytes / KvCache::bytes_per_token(model.kv_config(), model.dtype()).max(1)
-    });
+    let sizing = args.kv_sizing(device.is_cuda());
+    let bytes_per_token = KvCache::bytes_per_token(model.kv_config(), model.dtype()).max(1);
+    let capacity = match (args.kv_cache_tokens, args.kv_cache_bytes, sizing) {
+        (Some(tokens), _, _) => tokens,
+        (None, Some(bytes), _) => bytes / bytes_per_token,
+        (None, None, KvSizing::GpuMemory { .. }) => PROVISIONAL_KV_TOKENS,
+        (None, None, KvSizing::Fixed) => DEFAULT_KV_CACHE_BYTES / bytes_per_token,
+    };
     let kv = KvCache::new(
         model.kv_config(),
         model.dtype(),
@@ -416,6 +464,7 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
         model = %args.model_dir.display(),
         dtype = ?model.dtype(),
         kv_cache_tokens = kv.capacity_tokens(),
+        kv_sizing = ?sizing,
         kv_block_size = args.kv_block_size,
         prefix_caching = kv.prefix_caching(),
         threads = rayon::current_num_threads(),
@@ -455,7 +504,7 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
         settings.memory_budget,
         args.lora_backend,
     );
-    let engine = Engine::new(model, kv, text, info, store);
+    let engine = Engine::new(model, kv, text, info, store).with_kv_sizing(sizing);
     let thread = EngineThreadSettings {
         heap_trim_interval: (args.heap_trim_interval_ms > 0)
             .then(|| std::time::Duration::from_millis(args.heap_trim_interval_ms)),
@@ -492,6 +541,38 @@ mod tests {
     fn parse(extra: &[&str]) -> Result<ShardArgs, clap::Error> {
         let base = ["shard", "--model-dir", "/m", "--uds-path", "/s"];
         Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.args)
+    }
+
+    #[test]
+    fn the_kv_cache_is_sized_from_gpu_memory_unless_set_or_on_the_cpu() {
+        let gpu = |u: f64| KvSizing::GpuMemory { utilization: u };
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.kv_sizing(true), gpu(DEFAULT_GPU_MEMORY_UTILIZATION));
+        assert_eq!(a.kv_sizing(false), KvSizing::Fixed);
+        let a = parse(&["--gpu-memory-utilization", "0.5"]).unwrap();
+        assert_eq!(a.kv_sizing(true), gpu(0.5));
+        assert_eq!(a.kv_sizing(false), KvSizing::Fixed);
+        for set in [
+            ["--kv-cache-tokens", "4096"],
+            ["--kv-cache-bytes", "1000000"],
+        ] {
+            let a = parse(&set).unwrap();
+            assert_eq!(a.kv_sizing(true), KvSizing::Fixed, "{set:?}");
+        }
+        assert_eq!(
+            parse(&["--gpu-memory-utilization", "1"])
+                .unwrap()
+                .gpu_memory_utilization,
+            Some(1.0)
+        );
+        for bad in ["0", "-0.1", "1.01", "90%", "nan", ""] {
+            let flag = format!("--gpu-memory-utilization={bad}");
+            let e = parse(&[&flag]).expect_err(bad).to_string();
+            assert!(
+                e.contains("share of the GPU's memory in (0, 1]"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -96,12 +96,19 @@ pub struct ServeArgs {
     /// hidden `shard` subcommand.
     #[arg(long, env = "MEDLEY_SHARD_BIN")]
     pub shard_bin: Option<PathBuf>,
-    /// Tokens the KV cache of each shard may hold. Unset, each shard sizes it from a fixed 2 GiB
-    /// budget (the shard's `KV_CACHE_BYTES`, inherited from this environment) divided by the
-    /// bytes one token takes for the model (K and V over layers x KV heads x head dim x dtype
-    /// size), whatever the device's memory; set this to choose the token count.
+    /// Tokens the KV cache of each shard may hold. Unset, a shard on a GPU sizes it at the
+    /// warm-up to what --gpu-memory-utilization leaves of the GPU's memory, and a shard on the
+    /// CPU from a fixed 2 GiB budget; either budget (or the shard's `KV_CACHE_BYTES`, inherited
+    /// from this environment) is divided by the bytes one token takes for the model (K and V
+    /// over layers x KV heads x head dim x dtype size). Set this to choose the token count.
     #[arg(long, env = "KV_CACHE_TOKENS")]
     pub kv_cache_tokens: Option<u64>,
+    /// Share of each GPU's memory a shard may fill: the weights, the largest step's
+    /// activations, the adapter budget and a KV cache sized to the rest at the warm-up; the
+    /// remainder stays free (default 0.9, as vLLM's). Ignored on the CPU and with
+    /// --kv-cache-tokens.
+    #[arg(long, env = "GPU_MEMORY_UTILIZATION", value_parser = medley_shard::cli::parse_utilization)]
+    pub gpu_memory_utilization: Option<f64>,
     /// Tokens per KV-cache block (`medley-shard --kv-block-size`, default 16): the unit the
     /// pool is allocated in and prefixes are shared at.
     #[arg(long, env = "KV_BLOCK_SIZE", value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -246,68 +253,80 @@ mod tests {
         }
     }
 
-    /// Wording that would claim the KV cache is sized from the device's memory (it is not).
-    const MEMORY_DERIVATION: [&str; 3] = ["available memory", "free memory", "derives from"];
-
-    /// `--kv-cache-tokens`'s help states the real default: the shard's fixed 2 GiB budget
-    /// (`medley_shard::cli::DEFAULT_KV_CACHE_BYTES`) divided by the bytes per token.
+    /// `--kv-cache-tokens`'s help states the real defaults: sized from the GPU's memory at the
+    /// warm-up (`--gpu-memory-utilization`), and on the CPU the shard's fixed 2 GiB budget
+    /// (`medley_shard::cli::DEFAULT_KV_CACHE_BYTES`), each divided by the bytes per token.
     #[test]
-    fn kv_cache_tokens_help_states_the_fixed_budget() {
+    fn kv_cache_tokens_help_states_the_defaults() {
         assert_eq!(
             medley_shard::cli::DEFAULT_KV_CACHE_BYTES,
             2 << 30,
-            "the shard's default KV-cache budget changed: update the `--kv-cache-tokens` help, \
-             the chart's `kvCacheTokens` comment and the README"
+            "the shard's default KV-cache budget on the CPU changed: update the \
+             `--kv-cache-tokens` help, the chart's `kvCacheTokens` comment and the README"
+        );
+        assert_eq!(
+            medley_shard::engine::DEFAULT_GPU_MEMORY_UTILIZATION,
+            0.9,
+            "the default --gpu-memory-utilization changed: update its help, the chart's \
+             `gpuMemoryUtilization` and the README"
         );
         let mut cli = <Cli as clap::CommandFactory>::command();
         let serve = cli.find_subcommand_mut("serve").expect("serve subcommand");
-        let arg = serve
-            .get_arguments()
-            .find(|a| a.get_long() == Some("kv-cache-tokens"))
-            .expect("--kv-cache-tokens");
-        let help = arg
-            .get_long_help()
-            .or(arg.get_help())
-            .expect("help text")
-            .to_string();
+        let help = |long: &str| {
+            let arg = serve
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .unwrap_or_else(|| panic!("--{long}"));
+            arg.get_long_help()
+                .or(arg.get_help())
+                .expect("help text")
+                .to_string()
+        };
+        let tokens = help("kv-cache-tokens");
+        let share = help("gpu-memory-utilization");
         // The rendered help, with line wrapping undone.
         let rendered = serve.render_long_help().to_string();
         let rendered = rendered.split_whitespace().collect::<Vec<_>>().join(" ");
-        for text in [&help, &rendered] {
+        for text in [&tokens, &rendered] {
             assert!(text.contains("2 GiB"), "{text}");
             assert!(text.contains("bytes one token takes"), "{text}");
+            assert!(
+                text.contains("--gpu-memory-utilization leaves of the GPU's memory"),
+                "{text}"
+            );
         }
-        for wrong in MEMORY_DERIVATION {
-            assert!(!help.contains(wrong), "{wrong:?} in {help}");
-        }
+        assert!(share.contains("default 0.9"), "{share}");
     }
 
-    /// The chart's comment on `model.kvCacheTokens` states the same default as the flag.
+    /// The chart's comments on `model.kvCacheTokens` and `model.gpuMemoryUtilization` state the
+    /// same defaults as the flags.
     #[test]
-    fn chart_kv_cache_tokens_comment_states_the_fixed_budget() {
+    fn chart_kv_comments_state_the_defaults() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../deploy/helm/medley/values.yaml");
         let values = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
         let lines: Vec<&str> = values.lines().map(str::trim).collect();
-        let key = lines
-            .iter()
-            .position(|l| l.starts_with("kvCacheTokens:"))
-            .expect("kvCacheTokens in values.yaml");
-        let first = lines[..key]
-            .iter()
-            .rposition(|l| !l.starts_with('#'))
-            .map_or(0, |i| i + 1);
-        let comment = lines[first..key]
-            .iter()
-            .map(|l| l.trim_start_matches('#').trim())
-            .collect::<Vec<_>>()
-            .join(" ");
-        assert!(!comment.is_empty(), "no comment above kvCacheTokens");
-        assert!(comment.contains("2 GiB"), "{comment}");
-        for wrong in MEMORY_DERIVATION {
-            assert!(!comment.contains(wrong), "{wrong:?} in {comment}");
-        }
+        let comment_above = |key: &str| {
+            let at = lines
+                .iter()
+                .position(|l| l.starts_with(key))
+                .unwrap_or_else(|| panic!("{key} in values.yaml"));
+            let first = lines[..at]
+                .iter()
+                .rposition(|l| !l.starts_with('#'))
+                .map_or(0, |i| i + 1);
+            lines[first..at]
+                .iter()
+                .map(|l| l.trim_start_matches('#').trim())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let tokens = comment_above("kvCacheTokens:");
+        assert!(tokens.contains("2 GiB"), "{tokens}");
+        assert!(tokens.contains("gpuMemoryUtilization"), "{tokens}");
+        let share = comment_above("gpuMemoryUtilization:");
+        assert!(share.contains("0.9"), "{share}");
     }
 
     /// Runs `env_probe` in a child process of this test binary with `env` as its whole
@@ -349,6 +368,7 @@ mod tests {
                 ("SHARD_UDS_PATH", "/tmp/env-sock"),
                 ("MEDLEY_SHARD_BIN", "/env/medley-shard"),
                 ("KV_CACHE_TOKENS", "77"),
+                ("GPU_MEMORY_UTILIZATION", "0.8"),
                 ("ADAPTER_MEMORY_BUDGET", "4096"),
                 ("MAX_ADAPTER_SLOTS", "3"),
                 ("ADAPTER_ROOTS", "/a,/b"),
@@ -383,6 +403,7 @@ mod tests {
             assert_eq!(args.shard_uds_path, PathBuf::from("/tmp/medley-server"));
             assert_eq!(args.shard_bin, None);
             assert_eq!(args.kv_cache_tokens, None);
+            assert_eq!(args.gpu_memory_utilization, None);
             assert_eq!(args.adapter_memory_budget, None);
             assert_eq!(args.max_adapter_slots, None);
             assert!(args.router.adapter_roots.is_empty());
@@ -402,6 +423,7 @@ mod tests {
         assert_eq!(args.shard_uds_path, PathBuf::from("/tmp/env-sock"));
         assert_eq!(args.shard_bin, Some(PathBuf::from("/env/medley-shard")));
         assert_eq!(args.kv_cache_tokens, Some(77));
+        assert_eq!(args.gpu_memory_utilization, Some(0.8));
         assert_eq!(args.adapter_memory_budget, Some(4096));
         assert_eq!(args.max_adapter_slots, Some(3));
         assert_eq!(

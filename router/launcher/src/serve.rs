@@ -158,6 +158,7 @@ where
             quantize: args.quantize,
             kv: ShardKvFlags {
                 tokens: args.kv_cache_tokens,
+                gpu_memory_utilization: args.gpu_memory_utilization,
                 block_size: args.kv_block_size,
                 prefix_caching: args.prefix_caching,
             },

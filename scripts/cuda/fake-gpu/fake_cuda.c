@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include "fake_cuda.h"
@@ -33,17 +34,27 @@ static FILE *log_file;
 /* Freed blocks are kept by size and handed out again, as the driver's stream-ordered pool does:
  * an allocation is then about as cheap as the real one. A new block is zeroed, and so is a
  * reused one of up to 64 KiB: no kernel writes the outputs, and a small one read back (token ids
- * chosen on the device) must hold valid values, not an earlier call's bytes. */
+ * chosen on the device) must hold valid values, not an earlier call's bytes.
+ *
+ * A block of LARGE bytes or more is its own mapping, reserved lazily (MAP_NORESERVE) and unmapped
+ * when freed, and zeroing it (cuMemsetD8 with 0) hands its pages back (MADV_DONTNEED): a KV cache
+ * sized to a large fake device (tens of GiB) then takes host memory only where it is written. */
 #define POOL_BUCKETS 4096
-typedef struct block { struct block *next; size_t size; } block;
+#define LARGE (64ull << 20)
+/* 32 bytes: the pointers handed out stay 16-byte aligned. */
+typedef struct block { struct block *next; size_t size; size_t mapped; size_t pad; } block;
 static block *pool[POOL_BUCKETS];
 static size_t bucket(size_t n) { return (n * 11400714819323198485ull) >> 52; }
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 /* MEDLEY_FAKE_CUDA_MEMORY=BYTES: the device's memory (default 80 GiB); an allocation that would
  * take the bytes in use past it fails with CUDA_ERROR_OUT_OF_MEMORY, as on a full GPU. As with
  * the driver's stream-ordered pool under Medley's release threshold, memory once allocated stays
- * reserved: cuMemGetInfo's free memory is the device's less the most ever in use. */
+ * reserved until cuMemPoolTrimTo: cuMemGetInfo's free memory is the device's less the most in use
+ * since the last trim. */
 static size_t in_use, reserved, capacity;
+/* The pool's attributes (cuMemPoolGetAttribute): the most in use and the most reserved since
+ * their last reset; cuMemPoolTrimTo releases reserved memory not in use. */
+static size_t used_high, reserved_high;
 static size_t device_memory(void) { /* under pool_lock */
   if (!capacity) {
     const char *c = getenv("MEDLEY_FAKE_CUDA_MEMORY");
@@ -61,6 +72,23 @@ static void *dev_alloc(size_t n) {
   }
   in_use += n;
   if (in_use > reserved) reserved = in_use;
+  if (in_use > used_high) used_high = in_use;
+  if (reserved > reserved_high) reserved_high = reserved;
+  if (n >= LARGE) {
+    pthread_mutex_unlock(&pool_lock);
+    void *m = mmap(NULL, sizeof(block) + n, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+      pthread_mutex_lock(&pool_lock);
+      in_use -= n;
+      pthread_mutex_unlock(&pool_lock);
+      return NULL;
+    }
+    block *mapped = m;
+    mapped->size = n;
+    mapped->mapped = 1;
+    return mapped + 1;
+  }
   for (block **b = &pool[bucket(n)]; *b; b = &(*b)->next)
     if ((*b)->size == n) {
       block *hit = *b;
@@ -86,6 +114,11 @@ static void dev_free(void *p) {
   block *b = (block *)p - 1;
   pthread_mutex_lock(&pool_lock);
   in_use -= b->size;
+  if (b->mapped) {
+    pthread_mutex_unlock(&pool_lock);
+    munmap(b, sizeof(block) + b->size);
+    return;
+  }
   b->next = pool[bucket(b->size)];
   pool[bucket(b->size)] = b;
   pthread_mutex_unlock(&pool_lock);
@@ -166,7 +199,38 @@ int cuDeviceGetAttribute(int *v, int attr, int dev) {
   return 0;
 }
 int cuDeviceGetMemPool(void **pool, int dev) { (void)dev; *pool = HANDLE(0); return 0; }
-int cuMemPoolSetAttribute(void *pool, int attr, void *value) { (void)pool; (void)attr; (void)value; return 0; }
+/* CUmemPool_attribute: 4 release threshold (ignored: memory stays reserved until trimmed),
+ * 5/6 reserved now/most, 7/8 in use now/most; the two "most" reset to "now" when set (to 0). */
+int cuMemPoolSetAttribute(void *pool, int attr, void *value) {
+  (void)pool; (void)value;
+  pthread_mutex_lock(&pool_lock);
+  if (attr == 6) reserved_high = reserved;
+  if (attr == 8) used_high = in_use;
+  pthread_mutex_unlock(&pool_lock);
+  return 0;
+}
+int cuMemPoolGetAttribute(void *pool, int attr, void *value) {
+  (void)pool;
+  unsigned long long v;
+  pthread_mutex_lock(&pool_lock);
+  switch (attr) {
+    case 5: v = reserved; break;
+    case 6: v = reserved_high; break;
+    case 7: v = in_use; break;
+    case 8: v = used_high; break;
+    default: pthread_mutex_unlock(&pool_lock); return 1; /* CUDA_ERROR_INVALID_VALUE */
+  }
+  pthread_mutex_unlock(&pool_lock);
+  *(unsigned long long *)value = v;
+  return 0;
+}
+int cuMemPoolTrimTo(void *pool, size_t keep) {
+  (void)pool;
+  pthread_mutex_lock(&pool_lock);
+  if (reserved > keep) reserved = keep > in_use ? keep : in_use;
+  pthread_mutex_unlock(&pool_lock);
+  return 0;
+}
 int cuDevicePrimaryCtxRetain(void **ctx, int dev) { (void)dev; *ctx = HANDLE(1); return 0; }
 int cuDevicePrimaryCtxRelease_v2(int dev) { (void)dev; return 0; }
 static void *current_ctx;
@@ -249,7 +313,18 @@ int cuMemcpyPeerAsync(dptr d, void *dc, dptr src, void *sc, size_t n, void *s) {
 }
 int cuMemsetD8Async(dptr d, unsigned char v, size_t n, void *s) {
   (void)s; counts[C_MEMSET]++;
-  memset((void *)(uintptr_t)d, v, n);
+  char *p = (char *)(uintptr_t)d;
+  if (v == 0 && n >= LARGE) { /* within one LARGE block's mapping (see dev_alloc) */
+    const uintptr_t page = 4096;
+    char *lo = (char *)(((uintptr_t)p + page - 1) & ~(page - 1));
+    char *hi = (char *)(((uintptr_t)(p + n)) & ~(page - 1));
+    memset(p, 0, (size_t)(lo - p));
+    memset(hi, 0, (size_t)(p + n - hi));
+    if (hi > lo && madvise(lo, (size_t)(hi - lo), MADV_DONTNEED) == 0) return 0;
+    memset(lo, 0, (size_t)(hi - lo));
+    return 0;
+  }
+  memset(p, v, n);
   return 0;
 }
 int cuModuleLoad(void **m, const char *path) { (void)path; *m = HANDLE(3); return 0; }

@@ -1,9 +1,14 @@
-//! The adapter memory budget against the GPU's memory: after the warm-up step (the largest one
-//! the router will send, whose activations the device's memory pool keeps for reuse), the
-//! adapter slots may take what is free less some headroom. A budget above that (1 GiB by
-//! default, or `--adapter-memory-budget`) would only turn into out-of-memory failures of whole
-//! batches once enough adapters are resident; capped, the router evicts idle adapters to stay
-//! within it instead.
+//! The shard's budgets against the GPU's memory, decided at the warm-up (the largest step the
+//! router will send, whose activations the device's memory pool keeps for reuse).
+//!
+//! - The KV cache, unless its size is set (`--kv-cache-tokens`, `--kv-cache-bytes`), takes what
+//!   the weights, the warm-up step's activations, the adapter budget and a reserve leave of the
+//!   GPU's memory ([`fit_kv`]); the reserve is the share `--gpu-memory-utilization` keeps free
+//!   (10% by default, as vLLM's), and at least the headroom below.
+//! - The adapter slots may take what is free after that less some headroom ([`fit_budget`]). A
+//!   budget above that (1 GiB by default, or `--adapter-memory-budget`) would only turn into
+//!   out-of-memory failures of whole batches once enough adapters are resident; capped, the
+//!   router evicts idle adapters to stay within it instead.
 
 use crate::device::DeviceMemory;
 
@@ -63,6 +68,59 @@ pub(crate) fn fit_budget(
     Ok(BudgetFit::Capped(available))
 }
 
+/// Default `--gpu-memory-utilization`: the share of the GPU's memory a shard may fill (weights,
+/// KV cache, activations, adapters), as vLLM's default.
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
+
+/// What [`fit_kv`] sizes the KV cache from, measured after the warm-up step with the step's
+/// cache dropped and the memory pool trimmed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct KvFitInput {
+    /// The device's memory: the weights (of every rank on it) and other processes are used.
+    pub memory: DeviceMemory,
+    /// The most the warm-up step had allocated at once beyond its KV cache: the activations
+    /// every later step of at most that size finds again in the pool.
+    pub step_peak: u64,
+    /// The adapter budget to leave room for (0 without adapter slots).
+    pub adapter_budget: u64,
+    /// `--gpu-memory-utilization`.
+    pub utilization: f64,
+    /// Ranks sharing the device (`cuda:N:shared`); each sizes its own cache from its share.
+    pub device_ranks: u32,
+    /// Bytes of one KV block.
+    pub block_bytes: u64,
+}
+
+/// What [`fit_kv`] decided, in bytes of this rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KvFit {
+    /// Blocks of the KV cache (0 when nothing is left for it).
+    pub blocks: u64,
+    /// This rank's share of the free memory.
+    pub share: u64,
+    /// Kept free: this rank's part of `1 - utilization` of the device, at least [`headroom`].
+    pub reserve: u64,
+}
+
+/// Sizes the KV cache: this rank's share of the free memory less the warm-up step's peak, the
+/// adapter budget and the reserve, in whole blocks.
+pub(crate) fn fit_kv(input: &KvFitInput) -> KvFit {
+    let ranks = u64::from(input.device_ranks.max(1));
+    let kept =
+        ((1.0 - input.utilization).clamp(0.0, 1.0) * input.memory.total as f64).round() as u64;
+    let reserve = (kept / ranks).max(headroom(input.memory.total));
+    let share = input.memory.free / ranks;
+    let left = share
+        .saturating_sub(input.step_peak)
+        .saturating_sub(input.adapter_budget)
+        .saturating_sub(reserve);
+    KvFit {
+        blocks: left / input.block_bytes.max(1),
+        share,
+        reserve,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +175,76 @@ mod tests {
         assert_eq!(fit_budget(GIB, 0, tight, 1), Ok(BudgetFit::Fits));
         let e = fit_budget(GIB, 64, memory(400 * MIB, 8 * GIB), 2).expect_err("200 MiB each");
         assert!(e.contains("(200 MiB for each of the 2 ranks on it)"), "{e}");
+    }
+
+    fn kv_input(free: u64, total: u64) -> KvFitInput {
+        KvFitInput {
+            memory: memory(free, total),
+            step_peak: 0,
+            adapter_budget: 0,
+            utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
+            device_ranks: 1,
+            block_bytes: MIB,
+        }
+    }
+
+    #[test]
+    fn the_kv_cache_takes_what_the_weights_step_adapters_and_reserve_leave() {
+        // An 80 GiB GPU with 16 GiB of weights: 64 GiB free, 8 GiB (10%) kept, a 2 GiB step,
+        // 1 GiB of adapters: 53 GiB of 1 MiB blocks.
+        let fit = fit_kv(&KvFitInput {
+            step_peak: 2 * GIB,
+            adapter_budget: GIB,
+            ..kv_input(64 * GIB, 80 * GIB)
+        });
+        assert_eq!(fit.share, 64 * GIB);
+        assert_eq!(fit.reserve, 8 * GIB);
+        assert_eq!(fit.blocks, 53 * 1024);
+        // Partial blocks are left out.
+        let fit = fit_kv(&KvFitInput {
+            block_bytes: 3 * MIB,
+            ..kv_input(64 * GIB, 80 * GIB)
+        });
+        assert_eq!(fit.blocks, (56 * GIB / MIB) / 3);
+    }
+
+    #[test]
+    fn utilization_sets_the_reserve_but_never_below_the_headroom() {
+        let total = 80 * GIB;
+        let half = fit_kv(&KvFitInput {
+            utilization: 0.5,
+            ..kv_input(64 * GIB, total)
+        });
+        assert_eq!(half.reserve, 40 * GIB);
+        assert_eq!(half.blocks, 24 * 1024);
+        // At 1.0 nothing is kept by the fraction: the headroom (2% of the device) still is.
+        let all = fit_kv(&KvFitInput {
+            utilization: 1.0,
+            ..kv_input(64 * GIB, total)
+        });
+        assert_eq!(all.reserve, headroom(total));
+        // A small device: 256 MiB of headroom beats 10% of 1 GiB.
+        assert_eq!(fit_kv(&kv_input(GIB, GIB)).reserve, 256 * MIB);
+    }
+
+    #[test]
+    fn ranks_sharing_a_device_split_its_free_memory_and_reserve() {
+        // cuda:0:shared with 2 ranks: 64 GiB free, 8 GiB kept: each 32 - 4 - 1 (step) GiB.
+        let fit = fit_kv(&KvFitInput {
+            step_peak: GIB,
+            device_ranks: 2,
+            ..kv_input(64 * GIB, 80 * GIB)
+        });
+        assert_eq!((fit.share, fit.reserve), (32 * GIB, 4 * GIB));
+        assert_eq!(fit.blocks, 27 * 1024);
+    }
+
+    #[test]
+    fn nothing_left_is_zero_blocks_not_an_underflow() {
+        let fit = fit_kv(&KvFitInput {
+            step_peak: 2 * GIB,
+            ..kv_input(GIB, 80 * GIB)
+        });
+        assert_eq!(fit.blocks, 0);
     }
 }

@@ -6,6 +6,7 @@ mod adapters;
 mod ahead;
 mod handle;
 mod heap;
+mod kv_fit;
 mod memory;
 mod sample;
 mod schedule;
@@ -27,6 +28,7 @@ use crate::model::{ForwardBatch, LlamaModel};
 
 pub use handle::{EngineHandle, EngineThreadSettings};
 pub use heap::keep_freed_memory;
+pub use memory::DEFAULT_GPU_MEMORY_UTILIZATION;
 use schedule::{StepBudget, StepPlan};
 use sequence::{SeqLimits, Sequence};
 #[doc(hidden)]
@@ -34,6 +36,7 @@ use sequence::{SeqLimits, Sequence};
 pub use step_logits::choose_on_host;
 use step_logits::read_logits;
 pub use text::TextContext;
+pub use types::KvSizing;
 pub use types::{
     AdapterSlotInfo, Batch, CachedBatch, FinishReason, GeneratedText, Generation, Request,
     SamplingParams, ShardInfo, StepResponse, StepTimings, StopParams, Tokens, WarmupParams,
@@ -95,8 +98,8 @@ pub struct EngineInfo {
     /// Number of ranks.
     pub world_size: u32,
     /// Ranks of the group on this rank's device, this one included (the world size on
-    /// `cuda:N:shared`, else 1): they share its free memory when the adapter budget is fitted
-    /// to it at warm-up.
+    /// `cuda:N:shared`, else 1): they share its free memory when the KV cache and the adapter
+    /// budget are fitted to it at warm-up.
     pub device_ranks: u32,
 }
 
@@ -121,6 +124,8 @@ pub struct Engine {
     arrivals: u64,
     /// The batch the last prefill or decode kept: the one [`Engine::decode_ahead`] may run.
     last_kept: Option<u64>,
+    /// How the warm-up sizes the KV cache.
+    kv_sizing: KvSizing,
 }
 
 /// Default prompt tokens per step until the router's warm-up sets it.
@@ -148,7 +153,15 @@ impl Engine {
             step_prompt_tokens: DEFAULT_STEP_PROMPT_TOKENS,
             arrivals: 0,
             last_kept: None,
+            kv_sizing: KvSizing::Fixed,
         }
+    }
+
+    /// Sizes the KV cache at the warm-up as `sizing` says (by default it keeps the cache it was
+    /// built with).
+    pub fn with_kv_sizing(mut self, sizing: KvSizing) -> Self {
+        self.kv_sizing = sizing;
+        self
     }
 
     /// The communicator of the model's tensor-parallel group.

@@ -145,6 +145,24 @@ pub struct WarmupParams {
     /// (0 means `max_prefill_tokens`). The warm-up runs a step of this many tokens, split into
     /// requests of at most `max_input_tokens`.
     pub max_idle_prefill_tokens: u32,
+    /// Longest request (prompt and generated tokens): a KV cache sized from the GPU's memory
+    /// ([`KvSizing::GpuMemory`]) must hold at least one.
+    pub max_total_tokens: u32,
+}
+
+/// How a shard's KV cache is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum KvSizing {
+    /// As allocated at load (`--kv-cache-tokens`, `--kv-cache-bytes`, or the CPU's 2 GiB).
+    #[default]
+    Fixed,
+    /// At the warm-up, from the GPU's memory: what the weights, the warm-up step, the adapter
+    /// budget and a reserve leave, the reserve being what `utilization` (the share of the GPU
+    /// the shard may fill, `--gpu-memory-utilization`) keeps free (see `engine::memory`).
+    GpuMemory {
+        /// Share of the device's memory to fill, in (0, 1].
+        utilization: f64,
+    },
 }
 
 /// What a warm-up found.
@@ -173,7 +191,8 @@ pub struct ShardInfo {
     pub max_position_embeddings: u32,
     /// Ids that end generation.
     pub eos_token_ids: Vec<u32>,
-    /// Tokens the KV cache can hold in total, from the configured byte budget.
+    /// Tokens the KV cache can hold in total (as configured, or as the warm-up sized it from
+    /// the GPU's memory).
     pub kv_cache_tokens: u64,
     /// Bytes of adapter weights the shard may hold in its slots.
     pub adapter_memory_bytes: u64,

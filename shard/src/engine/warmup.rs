@@ -2,26 +2,46 @@
 
 use super::memory::{BudgetFit, fit_budget, headroom};
 use super::schedule::StepBudget;
-use super::{Engine, EngineError, WarmupParams, WarmupResult};
+use super::{Engine, EngineError, KvSizing, WarmupParams, WarmupResult};
 use crate::model::{ForwardBatch, SeqChunk};
 
 impl Engine {
     /// Sets the per-step prompt-token budget to the router's prefill budget and runs that
-    /// worst-case step (split into requests of at most `max_input_tokens`, and cut to what the
-    /// KV pool holds) to check the model runs, then frees it. Returns the KV capacity.
+    /// worst-case step (split into requests of at most `max_input_tokens`) to check the model
+    /// runs, then frees it. With [`KvSizing::GpuMemory`] the KV cache is then sized from what
+    /// the step left of the GPU's memory (see [`kv_fit`](super::kv_fit)); otherwise the step
+    /// is cut to what the KV pool holds. Last, the adapter budget is fitted to the GPU's
+    /// memory. Returns the KV capacity.
     pub fn warmup(&mut self, req: &WarmupParams) -> Result<WarmupResult, EngineError> {
         self.step_prompt_tokens =
             StepBudget::new(req.max_prefill_tokens, req.max_idle_prefill_tokens);
+        match self.kv_sizing {
+            KvSizing::GpuMemory { utilization } if self.kv_can_be_fitted() => {
+                self.warmup_fitting_kv(req, utilization)?
+            }
+            _ => {
+                let chunks = self.warmup_chunks(req, self.kv.available_blocks());
+                self.run_warmup_step(chunks)?
+            }
+        }
+        self.fit_adapter_budget()?;
+        Ok(WarmupResult {
+            max_supported_total_tokens: self.kv.capacity_tokens() as u64,
+        })
+    }
+
+    /// The largest step, one in which no sequence decodes: the idle prefill budget in requests
+    /// of at most `max_input_tokens`, within `blocks` KV blocks.
+    pub(super) fn warmup_chunks(&self, req: &WarmupParams, blocks: usize) -> Vec<SeqChunk> {
         let per_req = (req.max_input_tokens as usize).clamp(1, self.max_positions() - 1);
-        // The largest step: one in which no sequence decodes.
         let mut remaining = self.step_prompt_tokens.idle as usize;
-        let mut blocks_left = self.kv.available_blocks();
+        let mut blocks_left = blocks;
         let mut chunks = vec![];
         let mut id = u64::MAX;
         while remaining > 0 && blocks_left > 0 {
             let n = remaining
                 .min(per_req)
-                .min(blocks_left * self.kv.block_tokens());
+                .min(blocks_left.saturating_mul(self.kv.block_tokens()));
             blocks_left -= n.div_ceil(self.kv.block_tokens());
             let tokens = (0..n).map(|i| (i % self.vocab()) as u32).collect();
             chunks.push(SeqChunk {
@@ -34,6 +54,11 @@ impl Engine {
             remaining -= n;
             id -= 1;
         }
+        chunks
+    }
+
+    /// Runs `chunks` as one prefill step and frees their KV blocks.
+    pub(super) fn run_warmup_step(&mut self, chunks: Vec<SeqChunk>) -> Result<(), EngineError> {
         let ids: Vec<u64> = chunks.iter().map(|c| c.seq_id).collect();
         let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let result = (|| {
@@ -51,11 +76,7 @@ impl Engine {
         for id in ids {
             self.kv.free(id);
         }
-        result?;
-        self.fit_adapter_budget()?;
-        Ok(WarmupResult {
-            max_supported_total_tokens: self.kv.capacity_tokens() as u64,
-        })
+        result.map(|_| ())
     }
 
     /// Caps the adapter budget to the GPU memory left after the warm-up step (see

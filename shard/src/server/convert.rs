@@ -127,13 +127,13 @@ impl From<CachedBatch> for pb::CachedBatch {
 }
 
 impl From<&pb::WarmupRequest> for WarmupParams {
-    /// The warm-up batch and `max_total_tokens` are not used: the engine builds its own
-    /// worst-case prefill, and the KV capacity comes from its byte budget.
+    /// The warm-up batch is not used: the engine builds its own worst-case prefill.
     fn from(r: &pb::WarmupRequest) -> Self {
         Self {
             max_input_tokens: r.max_input_tokens,
             max_prefill_tokens: r.max_prefill_tokens,
             max_idle_prefill_tokens: r.max_idle_prefill_tokens,
+            max_total_tokens: r.max_total_tokens,
         }
     }
 }

@@ -130,6 +130,7 @@ pub fn engine_loaded(
         max_input_tokens: step_tokens,
         max_prefill_tokens: step_tokens,
         max_idle_prefill_tokens: idle_tokens,
+        max_total_tokens: step_tokens,
     })
     .unwrap();
     e

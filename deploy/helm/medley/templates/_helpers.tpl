@@ -96,6 +96,9 @@ from values first, then extraArgs in their order. A pair with an empty value is 
 {{- with $v.model.kvCacheTokens }}
 {{- $args = append $args (dict "name" "--kv-cache-tokens" "value" (. | int64 | toString)) }}
 {{- end }}
+{{- with $v.model.gpuMemoryUtilization }}
+{{- $args = append $args (dict "name" "--gpu-memory-utilization" "value" (toString .)) }}
+{{- end }}
 {{- with $v.model.kvBlockSize }}
 {{- $args = append $args (dict "name" "--kv-block-size" "value" (. | int64 | toString)) }}
 {{- end }}

@@ -10,10 +10,12 @@ use medley_shard::model::quant::Quantize;
 use crate::args::DType;
 
 /// KV-cache flags passed to every shard; `None` keeps the shard's default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ShardKvFlags {
     /// `--kv-cache-tokens`.
     pub tokens: Option<u64>,
+    /// `--gpu-memory-utilization`.
+    pub gpu_memory_utilization: Option<f64>,
     /// `--kv-block-size`.
     pub block_size: Option<u32>,
     /// `--prefix-caching`.
@@ -90,6 +92,9 @@ impl ShardCommand {
         ]);
         if let Some(tokens) = self.kv.tokens {
             args.extend(["--kv-cache-tokens".into(), tokens.to_string().into()]);
+        }
+        if let Some(share) = self.kv.gpu_memory_utilization {
+            args.extend(["--gpu-memory-utilization".into(), share.to_string().into()]);
         }
         if let Some(size) = self.kv.block_size {
             args.extend(["--kv-block-size".into(), size.to_string().into()]);

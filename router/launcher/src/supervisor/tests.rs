@@ -101,6 +101,7 @@ pub(crate) fn config(dir: &Path, mode: &str, world_size: usize) -> SupervisorCon
             quantize: Quantize::Auto,
             kv: ShardKvFlags {
                 tokens: Some(64),
+                gpu_memory_utilization: None,
                 block_size: Some(8),
                 prefix_caching: Some(medley_shard::cli::Switch::Off),
             },
@@ -210,16 +211,18 @@ fn command_line() {
         program_args: vec![],
         kv: ShardKvFlags {
             tokens: Some(4096),
+            gpu_memory_utilization: Some(0.75),
             ..Default::default()
         },
         ..command
     };
     let args = with_kv.args(0, 1, Path::new("/s"));
-    let pos = args
-        .iter()
-        .position(|a| a == "--kv-cache-tokens")
-        .expect("flag");
-    assert_eq!(args[pos + 1], "4096");
+    let value = |flag: &str| {
+        let pos = args.iter().position(|a| a == flag).expect(flag);
+        args[pos + 1].clone()
+    };
+    assert_eq!(value("--kv-cache-tokens"), "4096");
+    assert_eq!(value("--gpu-memory-utilization"), "0.75");
     assert_eq!(
         socket_path(Path::new("/tmp/medley-server"), 3),
         PathBuf::from("/tmp/medley-server-3")

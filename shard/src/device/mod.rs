@@ -7,8 +7,12 @@
 //! feature (`scripts/cuda/build.sh`); a CPU binary has no CUDA code and links no CUDA library, so
 //! asking it for a GPU is a start-up error, as is a CUDA binary on a machine without a usable GPU.
 
+mod memory;
+
 use std::fmt;
 use std::str::FromStr;
+
+pub use memory::{DeviceMemory, PoolUsage, memory_info, pool_usage, reset_pool_peak, trim_pool};
 
 /// A `--device` value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -152,7 +156,7 @@ fn open_cuda(_: DeviceSpec, ordinal: usize, rank: u32) -> Result<candle_core::De
                 // waited on and recorded for every buffer of every op) then only costs host
                 // time. It applies to buffers allocated from here on: all of the model's.
                 unsafe { dev.disable_event_tracking() };
-                if let Err(e) = keep_freed_memory(dev) {
+                if let Err(e) = memory::keep_freed_memory(dev) {
                     tracing::warn!(ordinal, error = %e, "cannot raise the CUDA memory pool's release threshold");
                 }
             }
@@ -161,68 +165,6 @@ fn open_cuda(_: DeviceSpec, ordinal: usize, rank: u32) -> Result<candle_core::De
         Ok(Err(e)) => Err(unavailable(explain_driver_error(&e.to_string()))),
         Err(panic) => Err(unavailable(panic_text(panic.as_ref()))),
     }
-}
-
-/// Raises the release threshold of the device's current memory pool (the one candle's
-/// stream-ordered allocations come from) to its maximum, so memory a step frees stays in the
-/// pool for the next step.
-///
-/// With the driver's default threshold of 0, every stream synchronisation (one per step, when
-/// the logits are copied to the host) hands the pool's free memory back to the driver, and the
-/// next step's first allocations map it again. The memory stays reserved to this process
-/// either way: the KV pool is sized by `--kv-cache-tokens` / `--kv-cache-bytes`, not from the
-/// GPU's free memory.
-#[cfg(feature = "cuda")]
-fn keep_freed_memory(dev: &candle_core::CudaDevice) -> Result<(), String> {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
-    let stream = dev.cuda_stream();
-    let ctx = stream.context();
-    ctx.bind_to_thread().map_err(|e| e.to_string())?;
-    let mut threshold = u64::MAX;
-    // SAFETY: the device handle is the context's own; the attribute's value is a u64.
-    unsafe {
-        let pool = result::device::get_mem_pool(ctx.cu_device()).map_err(|e| e.to_string())?;
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-        .map_err(|e| e.to_string())
-    }
-}
-
-/// Free and total bytes of `device`'s memory, as the driver reports them (memory the stream's
-/// pool keeps for reuse counts as used); `None` on the CPU.
-pub fn memory_info(device: &candle_core::Device) -> Option<Result<DeviceMemory, String>> {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = device {
-        return Some(cuda_memory_info(dev));
-    }
-    let _ = device;
-    None
-}
-
-/// A device's memory, in bytes ([`memory_info`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceMemory {
-    /// Not allocated by any process.
-    pub free: u64,
-    /// The device's whole memory.
-    pub total: u64,
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_memory_info(dev: &candle_core::CudaDevice) -> Result<DeviceMemory, String> {
-    use candle_core::cuda_backend::cudarc::driver::result;
-    dev.cuda_stream()
-        .context()
-        .bind_to_thread()
-        .map_err(|e| e.to_string())?;
-    let (free, total) = result::mem_get_info().map_err(|e| e.to_string())?;
-    Ok(DeviceMemory {
-        free: free as u64,
-        total: total as u64,
-    })
 }
 
 /// The driver's error in words: its first line (candle appends a backtrace) and, for the codes

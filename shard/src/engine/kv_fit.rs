@@ -1,0 +1,192 @@
+//! Sizing the KV cache from the GPU's memory at the warm-up ([`KvSizing::GpuMemory`]), as vLLM
+//! and TGI do: run the largest step with a cache just large enough for it, measure what the
+//! step allocated beyond it (the memory pool's peak), drop that cache, hand the pool's idle
+//! memory back to the driver, read the free memory and give the KV cache what the adapter
+//! budget and the reserve leave ([`fit_kv`]).
+//!
+//! Ranks of a tensor-parallel group agree on the smallest cache (their block schedules must
+//! match step for step), and ranks sharing a device measure it together: every rank has
+//! trimmed before any reads the free memory, and every rank has read it before any allocates.
+
+use candle_core::Device;
+
+use super::memory::{KvFit, KvFitInput, fit_kv};
+use super::{Engine, EngineError, KvSizing, WarmupParams};
+use crate::comm::Comm;
+use crate::device::{self, DeviceMemory};
+use crate::kv_cache::{KvCache, KvCacheConfig};
+
+impl Engine {
+    /// Whether the warm-up may size the KV cache from the device's memory: on a GPU, with no
+    /// sequence holding blocks (a router reconnecting to live shards warms them up again).
+    pub(super) fn kv_can_be_fitted(&self) -> bool {
+        matches!(self.kv_sizing, KvSizing::GpuMemory { .. })
+            && matches!(self.model.device(), Device::Cuda(_))
+            && self.kv.num_sequences() == 0
+    }
+
+    /// The warm-up of [`KvSizing::GpuMemory`]: the worst-case step on a cache of its size, then
+    /// the cache sized from the memory left (see the module doc).
+    pub(super) fn warmup_fitting_kv(
+        &mut self,
+        req: &WarmupParams,
+        utilization: f64,
+    ) -> Result<(), EngineError> {
+        let device = self.model.device().clone();
+        let chunks = self.warmup_chunks(req, usize::MAX);
+        let block = self.kv.block_tokens();
+        let step_blocks: usize = chunks.iter().map(|c| c.tokens.len().div_ceil(block)).sum();
+        self.replace_kv(step_blocks.max(1))?;
+        synchronize(&device)?;
+        gpu(device::reset_pool_peak(&device))?;
+        let before = gpu(device::pool_usage(&device))?.used;
+        if before == 0 {
+            // The step's cache is allocated, so candle allocates outside the pool (a device
+            // without stream-ordered allocation): its peak reads as 0, and the reserve alone
+            // covers the activations.
+            tracing::warn!(
+                "the GPU's memory pool is not in use: the warm-up step's peak cannot be measured"
+            );
+        }
+        self.run_warmup_step(chunks)?;
+        synchronize(&device)?;
+        let step_peak = gpu(device::pool_usage(&device))?
+            .peak
+            .saturating_sub(before);
+
+        self.replace_kv(1)?;
+        synchronize(&device)?;
+        gpu(device::trim_pool(&device))?;
+        let comm = self.comm();
+        group(comm.barrier())?;
+        let memory = gpu(device::memory_info(&device))?;
+        let input = KvFitInput {
+            memory,
+            step_peak,
+            adapter_budget: match self.adapters.max_slots() {
+                0 => 0,
+                _ => self.adapters.budget(),
+            },
+            utilization,
+            device_ranks: self.info.device_ranks,
+            block_bytes: (KvCache::bytes_per_token(self.model.kv_config(), self.model.dtype())
+                * block) as u64,
+        };
+        let fit = fit_kv(&input);
+        let blocks = smallest_over_ranks(comm.as_ref(), fit.blocks)?;
+        let tokens = blocks.saturating_mul(block as u64);
+        if tokens < u64::from(req.max_total_tokens.max(1)) {
+            let step = self.step_prompt_tokens.idle;
+            return Err(EngineError::Model(too_small(
+                &input, &fit, tokens, step, req,
+            )));
+        }
+        self.replace_kv(usize::try_from(blocks).unwrap_or(usize::MAX))?;
+        synchronize(&device)?;
+        group(comm.barrier())?;
+        tracing::info!(
+            kv_cache_tokens = self.kv.capacity_tokens(),
+            kv_cache_mib = (blocks * input.block_bytes) >> 20,
+            free_mib = memory.free >> 20,
+            total_mib = memory.total >> 20,
+            step_peak_mib = step_peak >> 20,
+            reserve_mib = fit.reserve >> 20,
+            adapter_budget_mib = input.adapter_budget >> 20,
+            utilization,
+            "KV cache sized from the GPU's memory"
+        );
+        Ok(())
+    }
+
+    /// Replaces the KV cache by one of `blocks` blocks (same block size and prefix caching),
+    /// the old one freed first so that the two never hold device memory together.
+    fn replace_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
+        let block_tokens = self.kv.block_tokens();
+        let prefix_caching = self.kv.prefix_caching();
+        let config = |blocks: usize| KvCacheConfig {
+            capacity_tokens: blocks.saturating_mul(block_tokens),
+            block_tokens,
+            prefix_caching,
+        };
+        let new = |blocks: usize, engine: &Self| {
+            KvCache::new(
+                engine.model.kv_config(),
+                engine.model.dtype(),
+                engine.model.device(),
+                config(blocks),
+            )
+            .map_err(|e| {
+                EngineError::Model(format!("allocating a KV cache of {blocks} blocks: {e}"))
+            })
+        };
+        self.kv = new(1, self)?;
+        if blocks > 1 {
+            self.kv = new(blocks, self)?;
+        }
+        Ok(())
+    }
+}
+
+/// The smallest of every rank's `blocks`.
+fn smallest_over_ranks(comm: &dyn Comm, blocks: u64) -> Result<u64, EngineError> {
+    if comm.world_size() == 1 {
+        return Ok(blocks);
+    }
+    // Block counts as f32: exact below 2^24, and every rank reads the same values either way.
+    let mut all = vec![0f32; comm.world_size()];
+    group(comm.all_gather(&[blocks as f32], &mut all))?;
+    Ok(all.iter().fold(blocks, |m, &b| m.min(b as u64)))
+}
+
+/// Why the memory left holds less than one request, with the numbers and what to change.
+fn too_small(
+    input: &KvFitInput,
+    fit: &KvFit,
+    tokens: u64,
+    step_tokens: u32,
+    req: &WarmupParams,
+) -> String {
+    let DeviceMemory { free, total } = input.memory;
+    format!(
+        "the KV cache sized from the GPU's memory holds {tokens} tokens, less than one request \
+         of --max-total-tokens {}: of the GPU's {} MiB, {} MiB are free after the weights{}; \
+         the warm-up step of {} prompt tokens takes {} MiB, the adapters {} MiB, and {} MiB \
+         stay free (--gpu-memory-utilization {}); raise --gpu-memory-utilization, lower the \
+         largest step (--max-batch-prefill-tokens), --max-total-tokens or \
+         --adapter-memory-budget, use more shards (--num-shard) or --quantize, or set \
+         --kv-cache-tokens",
+        req.max_total_tokens,
+        total >> 20,
+        free >> 20,
+        match input.device_ranks {
+            0 | 1 => String::new(),
+            n => format!(" ({} MiB for each of the {n} ranks on it)", fit.share >> 20),
+        },
+        step_tokens,
+        input.step_peak >> 20,
+        input.adapter_budget >> 20,
+        fit.reserve >> 20,
+        input.utilization,
+    )
+}
+
+fn synchronize(device: &Device) -> Result<(), EngineError> {
+    device
+        .synchronize()
+        .map_err(|e| EngineError::Model(format!("waiting for the device: {e}")))
+}
+
+/// A GPU memory reading (`None` only on the CPU, where this never runs).
+fn gpu<T>(reading: Option<Result<T, String>>) -> Result<T, EngineError> {
+    match reading {
+        Some(Ok(value)) => Ok(value),
+        Some(Err(e)) => Err(EngineError::Model(format!("reading the GPU's memory: {e}"))),
+        None => Err(EngineError::Model(
+            "the KV cache is sized from GPU memory only on a GPU".into(),
+        )),
+    }
+}
+
+fn group<T>(result: Result<T, crate::comm::CommError>) -> Result<T, EngineError> {
+    result.map_err(|e| EngineError::GroupBroken(e.to_string()))
+}
