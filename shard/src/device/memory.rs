@@ -51,8 +51,9 @@ pub fn reset_pool_peak(device: &candle_core::Device) -> Option<Result<(), String
     None
 }
 
-/// Hands the memory the pool keeps for reuse (see [`keep_freed_memory`]) back to the driver, so
-/// that [`memory_info`] counts it as free; `None` on the CPU. Call it with the stream idle.
+/// Hands the memory the pool keeps for reuse (a device is opened with the pool keeping what is
+/// freed) back to the driver, so that [`memory_info`] counts it as free; `None` on the CPU.
+/// Call it with the stream idle.
 pub fn trim_pool(device: &candle_core::Device) -> Option<Result<(), String>> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = device {

@@ -9,7 +9,7 @@ impl Engine {
     /// Sets the per-step prompt-token budget to the router's prefill budget and runs that
     /// worst-case step (split into requests of at most `max_input_tokens`) to check the model
     /// runs, then frees it. With [`KvSizing::GpuMemory`] the KV cache is then sized from what
-    /// the step left of the GPU's memory (see [`kv_fit`](super::kv_fit)); otherwise the step
+    /// the step left of the GPU's memory (see the `kv_fit` module); otherwise the step
     /// is cut to what the KV pool holds. Last, the adapter budget is fitted to the GPU's
     /// memory. Returns the KV capacity.
     pub fn warmup(&mut self, req: &WarmupParams) -> Result<WarmupResult, EngineError> {
