@@ -91,8 +91,13 @@ pub enum ValidationError {
         actual: String,
     },
     /// The request asks for a feature this server does not provide.
-    #[error("{0}")]
-    Unsupported(String),
+    #[error("{message}")]
+    Unsupported {
+        /// The request parameter asking for it.
+        param: &'static str,
+        /// What is not supported and what to do instead.
+        message: String,
+    },
     /// Tokenization failed.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),

@@ -309,6 +309,21 @@ e = expect_error(
     lambda: client.completions.create(model=model_id, prompt=PROMPT, max_tokens=10**6),
 )
 assert e.body["param"] == "max_tokens" and "`max_tokens`" in e.message, e.body
+# Unsupported features and too many alternatives name their parameter too.
+e = expect_error(
+    openai.BadRequestError,
+    lambda: client.chat.completions.create(
+        model=model_id, messages=messages, max_tokens=2, response_format={"type": "json_object"}
+    ),
+)
+assert e.body["param"] == "response_format", e.body
+e = expect_error(
+    openai.BadRequestError,
+    lambda: client.chat.completions.create(
+        model=model_id, messages=messages, max_tokens=2, logprobs=True, top_logprobs=20
+    ),
+)
+assert e.body["param"] == "top_logprobs" and "`top_logprobs` must be <=" in e.message, e.body
 plain_id = plain.models.list().data[0].id
 assert plain.completions.create(model=plain_id, prompt=PROMPT, max_tokens=2).usage
 e = expect_error(

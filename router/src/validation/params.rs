@@ -72,21 +72,28 @@ fn check_unsupported(p: &GenerateParameters) -> Result<(), ValidationError> {
             return Err(range_error("best_of", "strictly positive", best_of));
         }
         if best_of > 1 {
-            return Err(ValidationError::Unsupported(format!(
-                "`best_of` > 1 is not supported by this server (given: {best_of}); send several requests with different seeds instead"
-            )));
+            return Err(ValidationError::Unsupported {
+                param: "best_of",
+                message: format!(
+                    "`best_of` > 1 is not supported by this server (given: {best_of}); send several requests with different seeds instead"
+                ),
+            });
         }
     }
     if p.watermark == Some(true) {
-        return Err(ValidationError::Unsupported(
-            "`watermark` is not supported by this server; set it to false or omit it".into(),
-        ));
+        return Err(ValidationError::Unsupported {
+            param: "watermark",
+            message: "`watermark` is not supported by this server; set it to false or omit it"
+                .into(),
+        });
     }
     if p.response_format.as_ref().is_some_and(|f| !f.is_null()) {
-        return Err(ValidationError::Unsupported(
-            "`response_format` (constrained generation) is not supported by this server; omit it"
-                .into(),
-        ));
+        return Err(ValidationError::Unsupported {
+            param: "response_format",
+            message:
+                "`response_format` (constrained generation) is not supported by this server; omit it"
+                    .into(),
+        });
     }
     Ok(())
 }
@@ -505,8 +512,12 @@ mod tests {
             ),
         ] {
             match check(p).unwrap_err() {
-                ValidationError::Unsupported(m) => {
-                    assert!(m.contains(needle) && m.contains("not supported"), "{m}")
+                ValidationError::Unsupported { param, message } => {
+                    assert_eq!(param, needle);
+                    assert!(
+                        message.contains(needle) && message.contains("not supported"),
+                        "{message}"
+                    )
                 }
                 other => panic!("{other:?}"),
             }

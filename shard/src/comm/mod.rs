@@ -27,6 +27,8 @@ use std::time::Duration;
 use candle_core::{DType, Tensor};
 
 pub use backend::{CommBackend, CommKind};
+#[cfg(test)]
+pub(crate) use shm::tests::on_ranks;
 pub use shm::{ShmComm, ShmCommConfig};
 pub use timed::Timed;
 

@@ -408,4 +408,4 @@ impl Comm for ShmComm {
 
 #[cfg(test)]
 #[path = "shm_tests.rs"]
-mod tests;
+pub(crate) mod tests;

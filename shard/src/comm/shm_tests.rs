@@ -16,7 +16,7 @@ fn config(path: &Path, rank: usize, world: usize, slot_elems: usize) -> ShmCommC
 
 /// Runs `f(comm)` on `world` threads, each a rank with its own mapping; returns their results
 /// in rank order.
-fn on_ranks<T: Send + 'static>(
+pub(crate) fn on_ranks<T: Send + 'static>(
     world: usize,
     slot_elems: usize,
     f: impl Fn(ShmComm) -> T + Send + Sync + 'static,

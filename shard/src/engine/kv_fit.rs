@@ -190,3 +190,53 @@ fn gpu<T>(reading: Option<Result<T, String>>) -> Result<T, EngineError> {
 fn group<T>(result: Result<T, crate::comm::CommError>) -> Result<T, EngineError> {
     result.map_err(|e| EngineError::GroupBroken(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::{Single, on_ranks};
+
+    #[test]
+    fn every_rank_takes_the_smallest_cache_of_the_group() {
+        let sizes = [900u64, 700, 1_000_000, 800];
+        let agreed = on_ranks(sizes.len(), 64, move |comm| {
+            smallest_over_ranks(&comm, sizes[comm.rank()]).expect("gather")
+        });
+        assert_eq!(agreed, vec![700; 4]);
+        assert_eq!(smallest_over_ranks(&Single, 123).expect("alone"), 123);
+    }
+
+    #[test]
+    fn no_room_for_one_request_says_what_took_the_memory_and_what_to_change() {
+        const MIB: u64 = 1 << 20;
+        let input = KvFitInput {
+            memory: DeviceMemory {
+                free: 1381 * MIB,
+                total: 1800 * MIB,
+            },
+            step_peak: 98 * MIB,
+            adapter_budget: 1024 * MIB,
+            utilization: 0.9,
+            device_ranks: 2,
+            block_bytes: MIB,
+        };
+        let fit = fit_kv(&input);
+        let req = WarmupParams {
+            max_input_tokens: 1024,
+            max_prefill_tokens: 2048,
+            max_idle_prefill_tokens: 2048,
+            max_total_tokens: 2048,
+        };
+        let text = too_small(&input, &fit, 0, 2048, &req);
+        for part in [
+            "holds 0 tokens, less than one request of --max-total-tokens 2048",
+            "of the GPU's 1800 MiB, 1381 MiB are free after the weights (690 MiB for each of \
+             the 2 ranks on it)",
+            "the warm-up step of 2048 prompt tokens takes 98 MiB, the adapters 1024 MiB, and 256 \
+             MiB stay free (--gpu-memory-utilization 0.9)",
+            "or set --kv-cache-tokens",
+        ] {
+            assert!(text.contains(part), "{part:?} not in {text}");
+        }
+    }
+}

@@ -212,7 +212,12 @@ mod tests {
     fn shared_errors_translate_to_openai_vocabulary() {
         let cases = [
             (
-                InferError::Validation(ValidationError::EmptyInput),
+                // No OpenAI parameter to name: the shared message.
+                InferError::Validation(ValidationError::Range {
+                    field: "top_k",
+                    requirement: "strictly positive".into(),
+                    given: "0".into(),
+                }),
                 (400, INVALID_REQUEST, None),
             ),
             (

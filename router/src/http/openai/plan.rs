@@ -26,6 +26,16 @@ pub enum Endpoint {
     Chat,
 }
 
+impl Endpoint {
+    /// The route's parameter for the alternatives per token.
+    pub fn logprobs_param(self) -> &'static str {
+        match self {
+            Self::Completions => "logprobs",
+            Self::Chat => "top_logprobs",
+        }
+    }
+}
+
 /// What differs between the routes before planning.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteInput {
@@ -108,6 +118,14 @@ impl Plan {
     ) -> Result<Self, OpenAiError> {
         let limit = state.config.limits.max_concurrent_requests;
         let n = choices_per_prompt(common.n, input.prompts.len(), limit)?;
+        let max_alternatives = state.config.limits.max_top_n_tokens;
+        if let Some(k) = input.logprobs.filter(|&k| k > max_alternatives) {
+            let name = input.endpoint.logprobs_param();
+            return Err(OpenAiError::invalid(
+                name,
+                format!("`{name}` must be <= {max_alternatives}. Given: {k}"),
+            ));
+        }
         if common.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
             return Err(OpenAiError::invalid(
                 "logit_bias",

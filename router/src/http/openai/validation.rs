@@ -73,6 +73,11 @@ pub fn translate(e: &ValidationError) -> Option<Translated> {
         ValidationError::StopSequences { .. } | ValidationError::EmptyStopSequence => {
             Some(param("stop", e.to_string()))
         }
+        ValidationError::EmptyInput => Some(param("prompt", "`prompt` cannot be empty".into())),
+        ValidationError::Unsupported {
+            param: name @ ("response_format" | "best_of"),
+            ..
+        } => Some(param(name, e.to_string())),
         _ => None,
     }
 }
@@ -114,7 +119,21 @@ mod tests {
             given: "0".into(),
         };
         assert_eq!(translate(&e), None);
-        assert_eq!(translate(&ValidationError::EmptyInput), None);
+        let unsupported = |param| ValidationError::Unsupported {
+            param,
+            message: "not supported".into(),
+        };
+        assert_eq!(translate(&unsupported("watermark")), None);
+        let t = translate(&unsupported("response_format")).expect("an OpenAI parameter");
+        assert_eq!(
+            (t.param, t.message.as_str()),
+            (Some("response_format"), "not supported")
+        );
+        let t = translate(&ValidationError::EmptyInput).expect("the prompt");
+        assert_eq!(
+            (t.param, t.message.as_str()),
+            (Some("prompt"), "`prompt` cannot be empty")
+        );
     }
 
     #[test]

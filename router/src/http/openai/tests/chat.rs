@@ -96,6 +96,11 @@ async fn chat_logprobs_and_max_completion_tokens() {
     let bad = json!({"messages": user(json!("hello")), "top_logprobs": 2});
     let got = post(&server, "/v1/chat/completions", &bad).await;
     assert_error(&got, 400, None, "needs `logprobs: true`");
+    // More alternatives than the server returns name the chat parameter.
+    let many = json!({"messages": user(json!("hello")), "logprobs": true, "top_logprobs": 6});
+    let got = post(&server, "/v1/chat/completions", &many).await;
+    assert_error(&got, 400, None, "`top_logprobs` must be <= 5. Given: 6");
+    assert_eq!(got.1["error"]["param"], "top_logprobs");
     server.stop().await;
 }
 

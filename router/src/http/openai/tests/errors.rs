@@ -96,18 +96,22 @@ async fn invalid_and_unsupported_parameters_are_400() {
         (
             json!({"prompt": "hi", "best_of": 2}),
             "`best_of` > 1 is not supported",
-            json!(null),
+            json!("best_of"),
         ),
         (
             json!({"prompt": "hi", "response_format": {"type": "json_object"}}),
             "`response_format`",
-            json!(null),
+            json!("response_format"),
         ),
-        (json!({"prompt": "hi", "logprobs": 6}), "<= 5", json!(null)),
+        (
+            json!({"prompt": "hi", "logprobs": 6}),
+            "`logprobs` must be <= 5. Given: 6",
+            json!("logprobs"),
+        ),
         (
             json!({"prompt": ""}),
-            "`inputs` cannot be empty",
-            json!(null),
+            "`prompt` cannot be empty",
+            json!("prompt"),
         ),
         (
             json!({"prompt": "hi", "adapter_source": "gcs"}),
