@@ -1,5 +1,5 @@
 # Sourced by the scripts that run a CUDA build on the fake GPU (host-profile.sh, memory-check.sh,
-# lora-check-fake.sh): `fake_session BIN` makes a work directory ($work), removed on exit
+# lora-check-fake.sh, tp-fake.sh): `fake_session BIN` makes a work directory ($work), removed on exit
 # together with the server whose pid is in $pid (if any), and builds the fake GPU's libraries
 # for BIN into $work/fake (scripts/cuda/fake-gpu.sh).
 fake_session() {

@@ -8,7 +8,10 @@
  *
  * MEDLEY_FAKE_CUDA_LOG=FILE appends one line per point where the host waits for the device: a
  * stream synchronisation, or a copy to host memory (a decode step ends with one, when the logits
- * are read back): the calls since the previous line and the host microseconds between them. */
+ * are read back): the calls since the previous line and the host microseconds between them.
+ *
+ * MEDLEY_FAKE_CUDA_DEVICES=N gives the fake N GPUs (default 1), ordinals 0 to N-1; each process
+ * has its own memory (MEDLEY_FAKE_CUDA_MEMORY), as a rank on a GPU of its own. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdint.h>
@@ -169,6 +172,11 @@ static void report(const char *what) {
 void fake_cuda_count(int kind) { if (kind >= 0 && kind < C_N) counts[kind]++; }
 void *fake_cuda_alloc(size_t n) { return dev_alloc(n); }
 void fake_cuda_free(void *p) { dev_free(p); }
+int fake_cuda_device_count(void) {
+  const char *c = getenv("MEDLEY_FAKE_CUDA_DEVICES");
+  int n = c ? atoi(c) : 1;
+  return n > 0 ? n : 1;
+}
 void fake_cuda_sync(void) { report("sync"); }
 
 static int dummy_handle[64];
@@ -176,7 +184,10 @@ static int dummy_handle[64];
 
 /* ---- driver API (libcuda.so.1) ------------------------------------------------------------ */
 int cuInit(unsigned flags) { (void)flags; return 0; }
-int cuDeviceGet(int *dev, int ordinal) { *dev = ordinal; return ordinal == 0 ? 0 : 101; }
+int cuDeviceGet(int *dev, int ordinal) {
+  *dev = ordinal;
+  return ordinal >= 0 && ordinal < fake_cuda_device_count() ? 0 : 101; /* INVALID_DEVICE */
+}
 int cuDeviceGetAttribute(int *v, int attr, int dev) {
   (void)dev;
   switch (attr) {

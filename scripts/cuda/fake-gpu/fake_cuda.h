@@ -13,3 +13,5 @@ void *fake_cuda_alloc(size_t n);
 void fake_cuda_free(void *p);
 /* A point where the host waits for the device: one log line. */
 void fake_cuda_sync(void);
+/* The GPUs the fake has (MEDLEY_FAKE_CUDA_DEVICES, default 1). */
+int fake_cuda_device_count(void);

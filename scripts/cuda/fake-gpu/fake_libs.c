@@ -5,15 +5,20 @@
 
 #include "fake_cuda.h"
 
-static int dummy_handle[8];
+static int dummy_handle[8] __attribute__((unused));
 #define HANDLE(i) ((void *)&dummy_handle[i])
 
 #ifdef FAKE_RUNTIME
 #include <string.h>
 typedef struct { unsigned x, y, z; } dim3;
-int cudaGetDeviceCount(int *n) { *n = 1; return 0; }
-int cudaGetDevice(int *d) { *d = 0; return 0; }
-int cudaSetDevice(int d) { return d == 0 ? 0 : 101; }
+int cudaGetDeviceCount(int *n) { *n = fake_cuda_device_count(); return 0; }
+static int current_device;
+int cudaGetDevice(int *d) { *d = current_device; return 0; }
+int cudaSetDevice(int d) {
+  if (d < 0 || d >= fake_cuda_device_count()) return 101;
+  current_device = d;
+  return 0;
+}
 int cudaDeviceGetAttribute(int *v, int attr, int dev) {
   (void)attr; (void)dev;
   *v = attr == 16 ? 132 : attr == 75 ? 9 : attr == 76 ? 0 : 1;
@@ -79,14 +84,86 @@ int curandSetStream(void *g, void *s) { (void)g; (void)s; return 0; }
 #endif
 
 #ifdef FAKE_NCCL
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
+/* NCCL's bootstrap, between processes through files: ncclGetUniqueId makes an id of its own
+ * ("fake-nccl-" with the process and the time), and ncclCommInitRank leaves a file named by the
+ * id, the world size and the rank in MEDLEY_FAKE_NCCL_DIR (default TMPDIR or /tmp), then waits,
+ * as NCCL does, until every rank of the group has left its own: ranks given different ids or
+ * world sizes never meet, and fail after 60 s (ncclSystemError) instead of hanging. An id not
+ * made by ncclGetUniqueId, or a rank outside the world, is ncclInvalidArgument. Each join is
+ * one line "id world rank" in MEDLEY_FAKE_NCCL_LOG when set.
+ *
+ * Collectives exchange nothing: an all-reduce or broadcast leaves each rank's buffer as it was,
+ * and an all-gather gives each rank its own input in every rank's slot (what it would get from
+ * ranks holding the same values, as when the ranks agree on a size they each computed alike). */
+typedef struct { int world, rank; } fake_comm;
 typedef struct { char internal[128]; } ncclUniqueId;
-int ncclGetUniqueId(ncclUniqueId *id) { memset(id, 0, sizeof *id); return 0; }
-int ncclCommInitRank(void **c, int n, ncclUniqueId id, int rank) {
-  (void)n; (void)id; (void)rank; *c = HANDLE(4); return 0;
+int ncclGetUniqueId(ncclUniqueId *id) {
+  struct timespec t;
+  clock_gettime(CLOCK_REALTIME, &t);
+  memset(id, 0, sizeof *id);
+  snprintf(id->internal, sizeof id->internal, "fake-nccl-%d-%lld-%ld", (int)getpid(),
+           (long long)t.tv_sec, t.tv_nsec);
+  return 0;
 }
-int ncclCommAbort(void *c) { (void)c; return 0; }
+static const char *nccl_dir(void) {
+  const char *d = getenv("MEDLEY_FAKE_NCCL_DIR");
+  if (!d) d = getenv("TMPDIR");
+  return d ? d : "/tmp";
+}
+int ncclCommInitRank(void **c, int n, ncclUniqueId id, int rank) {
+  char tag[129], path[1024];
+  memcpy(tag, id.internal, 128);
+  tag[128] = 0;
+  if (strncmp(tag, "fake-nccl-", 10) != 0 || strchr(tag, '/') || n < 1 || rank < 0 || rank >= n)
+    return 4; /* ncclInvalidArgument */
+  snprintf(path, sizeof path, "%s/%s.%d.%d", nccl_dir(), tag, n, rank);
+  FILE *mine = fopen(path, "w");
+  if (!mine) return 2;
+  fclose(mine);
+  for (int waited = 0;; waited++) {
+    int joined = 0;
+    for (int r = 0; r < n; r++) {
+      snprintf(path, sizeof path, "%s/%s.%d.%d", nccl_dir(), tag, n, r);
+      joined += access(path, F_OK) == 0;
+    }
+    if (joined == n) break;
+    if (waited >= 600) return 2; /* ncclSystemError: the group never formed */
+    usleep(100000);
+  }
+  const char *log = getenv("MEDLEY_FAKE_NCCL_LOG");
+  FILE *f = log ? fopen(log, "a") : NULL;
+  if (f) {
+    fprintf(f, "%s %d %d\n", tag, n, rank);
+    fclose(f);
+  }
+  fake_comm *comm = malloc(sizeof *comm);
+  if (!comm) return 2;
+  comm->world = n;
+  comm->rank = rank;
+  *c = comm;
+  return 0;
+}
+int ncclCommAbort(void *c) { free(c); return 0; }
 int ncclAllReduce(void) { fake_cuda_count(C_COLL); return 0; }
-int ncclAllGather(void) { fake_cuda_count(C_COLL); return 0; }
+/* ncclDataType_t: int8, uint8, int32, uint32, int64, uint64, float16, float32, float64, bfloat16,
+ * then the 1-byte float8 types. */
+static size_t nccl_type_size(int type) {
+  static const size_t sizes[] = {1, 1, 4, 4, 8, 8, 2, 4, 8, 2, 1, 1};
+  return type >= 0 && type < 12 ? sizes[type] : 0;
+}
+int ncclAllGather(const void *send, void *recv, size_t count, int type, void *c, void *stream) {
+  (void)stream;
+  fake_cuda_count(C_COLL);
+  const fake_comm *comm = c;
+  size_t bytes = count * nccl_type_size(type);
+  if (!comm || (count && !bytes)) return 4; /* ncclInvalidArgument */
+  for (int r = 0; r < comm->world; r++) memmove((char *)recv + r * bytes, send, bytes);
+  return 0;
+}
 int ncclBroadcast(void) { fake_cuda_count(C_COLL); return 0; }
 #endif
