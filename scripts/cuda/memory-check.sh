@@ -14,17 +14,8 @@
 #      one request stops the start-up with the reason.
 #   scripts/cuda/memory-check.sh [--bin target/release-cuda/medley]
 set -euo pipefail
-root="$(cd "$(dirname "$0")/../.." && pwd)"
-bin="$root/target/release-cuda/medley"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --bin) bin="$2"; shift 2 ;;
-    *) echo "memory-check: unknown argument $1" >&2; exit 2 ;;
-  esac
-done
-source "$root/scripts/cuda/fake-session.sh"
-fake_session "$bin"
-export LD_LIBRARY_PATH="$work/fake"
+source "$(dirname "$0")/fake-session.sh"
+fake_server_check memory-check "$@"
 fixture="$(dirname "$bin")/medley-fixture"
 merge_dev="$(dirname "$bin")/medley-merge-dev"
 "$fixture" model --preset tinyllama --layers 2 --dtype bf16 --out "$work/model" >/dev/null

@@ -12,17 +12,9 @@
 #   3. with one GPU, the same command stops at start-up naming rank 1's missing GPU.
 #   scripts/cuda/tp-fake.sh [--bin target/release-cuda/medley]
 set -euo pipefail
-root="$(cd "$(dirname "$0")/../.." && pwd)"
-bin="$root/target/release-cuda/medley"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --bin) bin="$2"; shift 2 ;;
-    *) echo "tp-fake: unknown argument $1" >&2; exit 2 ;;
-  esac
-done
-source "$root/scripts/cuda/fake-session.sh"
-fake_session "$bin"
-export LD_LIBRARY_PATH="$work/fake" MEDLEY_FAKE_NCCL_DIR="$work/nccl"
+source "$(dirname "$0")/fake-session.sh"
+fake_server_check tp-fake "$@"
+export MEDLEY_FAKE_NCCL_DIR="$work/nccl"
 export MEDLEY_FAKE_NCCL_LOG="$work/nccl.log" MEDLEY_FAKE_CUDA_LOG="$work/calls.log"
 mkdir -p "$MEDLEY_FAKE_NCCL_DIR"
 "$(dirname "$bin")/medley-fixture" model --preset tinyllama --layers 2 --dtype bf16 \
