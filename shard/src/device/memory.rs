@@ -2,6 +2,19 @@
 //! memory pool candle allocates from (its release threshold, its usage and peak, trimming it).
 //! Everything here answers `None` on the CPU, which has no such accounting.
 
+/// `Some($op(dev))` when `$device` is a GPU, else `None` (always `None` without the `cuda`
+/// feature, where `$op` is not compiled).
+macro_rules! on_gpu {
+    ($device:expr, $op:path) => {{
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = $device {
+            return Some($op(dev));
+        }
+        let _ = $device;
+        None
+    }};
+}
+
 /// A device's memory, in bytes ([`memory_info`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceMemory {
@@ -14,12 +27,7 @@ pub struct DeviceMemory {
 /// Free and total bytes of `device`'s memory, as the driver reports them (memory the stream's
 /// pool keeps for reuse counts as used); `None` on the CPU.
 pub fn memory_info(device: &candle_core::Device) -> Option<Result<DeviceMemory, String>> {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = device {
-        return Some(cuda::memory_info(dev));
-    }
-    let _ = device;
-    None
+    on_gpu!(device, cuda::memory_info)
 }
 
 /// What this process has allocated from the device's memory pool, in bytes.
@@ -33,34 +41,19 @@ pub struct PoolUsage {
 
 /// The current usage of `device`'s memory pool; `None` on the CPU.
 pub fn pool_usage(device: &candle_core::Device) -> Option<Result<PoolUsage, String>> {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = device {
-        return Some(cuda::pool_usage(dev));
-    }
-    let _ = device;
-    None
+    on_gpu!(device, cuda::pool_usage)
 }
 
 /// Restarts the pool's peak ([`PoolUsage::peak`]) from what is in use now; `None` on the CPU.
 pub fn reset_pool_peak(device: &candle_core::Device) -> Option<Result<(), String>> {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = device {
-        return Some(cuda::reset_pool_peak(dev));
-    }
-    let _ = device;
-    None
+    on_gpu!(device, cuda::reset_pool_peak)
 }
 
 /// Hands the memory the pool keeps for reuse (a device is opened with the pool keeping what is
 /// freed) back to the driver, so that [`memory_info`] counts it as free; `None` on the CPU.
 /// Call it with the stream idle.
 pub fn trim_pool(device: &candle_core::Device) -> Option<Result<(), String>> {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = device {
-        return Some(cuda::trim_pool(dev));
-    }
-    let _ = device;
-    None
+    on_gpu!(device, cuda::trim_pool)
 }
 
 #[cfg(feature = "cuda")]
