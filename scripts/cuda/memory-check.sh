@@ -8,10 +8,10 @@
 #      all succeed: the router evicts idle adapters instead of the GPU running out of memory;
 #   2. with less room than adapters need, `medley serve` stops at start-up with the reason;
 #   3. with less memory than the weights, it stops with "out of GPU memory" naming the tensor;
-#   4. without --kv-cache-tokens, the KV cache takes what the weights, the warm-up step, the
-#      adapter budget and the reserve leave (--gpu-memory-utilization), requests then succeed
-#      without running out, a lower utilization keeps more free, and a device with no room for
-#      one request stops the start-up with the reason.
+#   4. without --kv-cache-tokens, the KV cache takes what the weights, the warm-up step and the
+#      adapter budget leave of the shard's budget (--gpu-memory-utilization) within the free
+#      memory, requests then succeed without running out, a lower utilization keeps more free,
+#      and a device with no room for one request stops the start-up with the reason.
 #   scripts/cuda/memory-check.sh [--bin target/release-cuda/medley]
 set -euo pipefail
 source "$(dirname "$0")/fake-session.sh"
@@ -130,13 +130,21 @@ requests_over_8_adapters || fail "requests over 8 adapters failed with a KV cach
 stop
 echo "memory-check: a KV cache sized from memory ($kv MiB) left the adapter budget room and served"
 
-# ... and the share kept free follows --gpu-memory-utilization (8 GiB: 10% is 819 MiB, half 4 GiB).
+# ... and what the shard may use follows --gpu-memory-utilization (of 8 GiB: 7372 MiB at 0.9,
+# 4096 MiB at 0.5), the cache taking that budget less the weights, the step and the adapters.
+# budget_check UTILIZATION BUDGET_MIB: the server's budget, and its cache filling it.
+budget_check() {
+  [ "$(kv_fit budget_mib)" = "$2" ] || fail "budget $(kv_fit budget_mib) MiB at $1, expected $2"
+  local used_mib=$(($(kv_fit weights_mib) + $(kv_fit step_peak_mib) + $(kv_fit adapter_budget_mib)))
+  local left=$(($2 - used_mib - $(kv_fit kv_cache_mib)))
+  [ "$left" -ge 0 ] && [ "$left" -le 2 ] || fail "at $1 the cache left $left MiB of the budget"
+}
 serve $((8 << 30)) --gpu-memory-utilization 0.9 || fail "the server did not start on 8 GiB"
-[ "$(kv_fit reserve_mib)" = 819 ] || fail "reserve $(kv_fit reserve_mib) MiB at 0.9, expected 819"
+budget_check 0.9 7372
 tokens_default=$(kv_fit kv_cache_tokens)
 stop
 serve $((8 << 30)) --gpu-memory-utilization 0.5 || fail "the server did not start at 0.5"
-[ "$(kv_fit reserve_mib)" = 4096 ] || fail "reserve $(kv_fit reserve_mib) MiB at 0.5, expected 4096"
+budget_check 0.5 4096
 tokens_half=$(kv_fit kv_cache_tokens)
 stop
 [ "$tokens_half" -lt "$tokens_default" ] || fail "0.5 gave $tokens_half tokens, 0.9 $tokens_default"

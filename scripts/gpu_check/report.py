@@ -92,8 +92,8 @@ VARIANT_SERVERS = [
 # The shards' start-up lines memory_table reads, and the fields it shows of each.
 KV_LINE = "KV cache sized from the GPU's memory"
 BUDGET_LINE = "GPU memory after the warm-up step"
-MEMORY_FIELDS = ["kv_cache_tokens", "kv_cache_mib", "free_mib", "total_mib", "step_peak_mib",
-                 "reserve_mib", "adapter_budget_mib"]
+MEMORY_FIELDS = ["kv_cache_tokens", "kv_cache_mib", "budget_mib", "weights_mib", "step_peak_mib",
+                 "adapter_budget_mib", "free_mib", "total_mib"]
 
 
 def memory_table(d):

@@ -1,8 +1,9 @@
 //! Sizing the KV cache from the GPU's memory at the warm-up ([`KvSizing::GpuMemory`]), as vLLM
 //! and TGI do: run the largest step with a cache just large enough for it, measure what the
 //! step allocated beyond it (the memory pool's peak), drop that cache, hand the pool's idle
-//! memory back to the driver, read the free memory and give the KV cache what the adapter
-//! budget and the reserve leave ([`fit_kv`]).
+//! memory back to the driver, read what the shard holds (its weights) and what is free, and give
+//! the KV cache what is left of the shard's budget (`--gpu-memory-utilization` of the GPU) and
+//! of the free memory ([`fit_kv`]).
 //!
 //! Ranks of a tensor-parallel group agree on the smallest cache (their block schedules must
 //! match step for step), and ranks sharing a device measure it together: every rank has
@@ -10,10 +11,10 @@
 
 use candle_core::Device;
 
-use super::memory::{KvFit, KvFitInput, fit_kv};
+use super::memory::{KvFit, KvFitInput, fit_kv, headroom};
 use super::{Engine, EngineError, KvSizing, WarmupParams};
 use crate::comm::Comm;
-use crate::device::{self, DeviceMemory};
+use crate::device;
 use crate::kv_cache::{KvCache, KvCacheConfig};
 
 impl Engine {
@@ -42,8 +43,8 @@ impl Engine {
         let before = gpu(device::pool_usage(&device))?.used;
         if before == 0 {
             // The step's cache is allocated, so candle allocates outside the pool (a device
-            // without stream-ordered allocation): its peak reads as 0, and the reserve alone
-            // covers the activations.
+            // without stream-ordered allocation): the step's peak and the weights read as 0,
+            // and only the free memory and its headroom bound the cache.
             tracing::warn!(
                 "the GPU's memory pool is not in use: the warm-up step's peak cannot be measured"
             );
@@ -57,11 +58,13 @@ impl Engine {
         self.replace_kv(1)?;
         synchronize(&device)?;
         gpu(device::trim_pool(&device))?;
+        let own = gpu(device::pool_usage(&device))?.used;
         let comm = self.comm();
         group(comm.barrier())?;
         let memory = gpu(device::memory_info(&device))?;
         let input = KvFitInput {
             memory,
+            own,
             step_peak,
             adapter_budget: match self.adapters.max_slots() {
                 0 => 0,
@@ -89,10 +92,12 @@ impl Engine {
             kv_cache_mib = (blocks * input.block_bytes) >> 20,
             free_mib = memory.free >> 20,
             total_mib = memory.total >> 20,
+            budget_mib = fit.budget >> 20,
+            weights_mib = own >> 20,
             step_peak_mib = step_peak >> 20,
-            reserve_mib = fit.reserve >> 20,
             adapter_budget_mib = input.adapter_budget >> 20,
             utilization,
+            by_free_memory = fit.by_free_memory,
             "KV cache sized from the GPU's memory"
         );
         Ok(())
@@ -146,27 +151,34 @@ fn too_small(
     step_tokens: u32,
     req: &WarmupParams,
 ) -> String {
-    let DeviceMemory { free, total } = input.memory;
+    let total = input.memory.total;
+    let ranks = match input.device_ranks {
+        0 | 1 => String::new(),
+        n => format!(" (for each of the {n} ranks on it)"),
+    };
     format!(
         "the KV cache sized from the GPU's memory holds {tokens} tokens, less than one request \
-         of --max-total-tokens {}: of the GPU's {} MiB, {} MiB are free after the weights{}; \
-         the warm-up step of {} prompt tokens takes {} MiB, the adapters {} MiB, and {} MiB \
-         stay free (--gpu-memory-utilization {}); raise --gpu-memory-utilization, lower the \
-         largest step (--max-batch-prefill-tokens), --max-total-tokens or \
-         --adapter-memory-budget, use more shards (--num-shard) or --quantize, or set \
-         --kv-cache-tokens",
+         of --max-total-tokens {}: the shard may use {} MiB{ranks} of the GPU's {} MiB \
+         (--gpu-memory-utilization {}), of which its weights take {} MiB, the warm-up step of \
+         {} prompt tokens {} MiB and the adapters {} MiB; {} MiB{ranks} are free, {} MiB of it \
+         kept free; lower the largest step (--max-batch-prefill-tokens), --max-total-tokens or \
+         --adapter-memory-budget, raise --gpu-memory-utilization{}, use more shards \
+         (--num-shard) or --quantize, or set --kv-cache-tokens",
         req.max_total_tokens,
+        fit.budget >> 20,
         total >> 20,
-        free >> 20,
-        match input.device_ranks {
-            0 | 1 => String::new(),
-            n => format!(" ({} MiB for each of the {n} ranks on it)", fit.share >> 20),
-        },
+        input.utilization,
+        input.own >> 20,
         step_tokens,
         input.step_peak >> 20,
         input.adapter_budget >> 20,
-        fit.reserve >> 20,
-        input.utilization,
+        fit.share >> 20,
+        headroom(total) >> 20,
+        if fit.by_free_memory {
+            " (other processes hold the rest of the GPU: it would not help)"
+        } else {
+            ""
+        },
     )
 }
 
@@ -195,6 +207,7 @@ fn group<T>(result: Result<T, crate::comm::CommError>) -> Result<T, EngineError>
 mod tests {
     use super::*;
     use crate::comm::{Single, on_ranks};
+    use crate::device::DeviceMemory;
 
     #[test]
     fn every_rank_takes_the_smallest_cache_of_the_group() {
@@ -214,6 +227,7 @@ mod tests {
                 free: 1381 * MIB,
                 total: 1800 * MIB,
             },
+            own: 400 * MIB,
             step_peak: 98 * MIB,
             adapter_budget: 1024 * MIB,
             utilization: 0.9,
@@ -230,10 +244,11 @@ mod tests {
         let text = too_small(&input, &fit, 0, 2048, &req);
         for part in [
             "holds 0 tokens, less than one request of --max-total-tokens 2048",
-            "of the GPU's 1800 MiB, 1381 MiB are free after the weights (690 MiB for each of \
-             the 2 ranks on it)",
-            "the warm-up step of 2048 prompt tokens takes 98 MiB, the adapters 1024 MiB, and 256 \
-             MiB stay free (--gpu-memory-utilization 0.9)",
+            "the shard may use 810 MiB (for each of the 2 ranks on it) of the GPU's 1800 MiB \
+             (--gpu-memory-utilization 0.9), of which its weights take 400 MiB, the warm-up \
+             step of 2048 prompt tokens 98 MiB and the adapters 1024 MiB; 690 MiB (for each of \
+             the 2 ranks on it) are free, 256 MiB of it kept free",
+            "raise --gpu-memory-utilization, use more shards",
             "or set --kv-cache-tokens",
         ] {
             assert!(text.contains(part), "{part:?} not in {text}");

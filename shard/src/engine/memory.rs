@@ -2,9 +2,10 @@
 //! router will send, whose activations the device's memory pool keeps for reuse).
 //!
 //! - The KV cache, unless its size is set (`--kv-cache-tokens`, `--kv-cache-bytes`), takes what
-//!   the weights, the warm-up step's activations, the adapter budget and a reserve leave of the
-//!   GPU's memory ([`fit_kv`]); the reserve is the share `--gpu-memory-utilization` keeps free
-//!   (10% by default, as vLLM's), and at least the headroom below.
+//!   is left of this shard's share of the GPU ([`fit_kv`]): `--gpu-memory-utilization` of the
+//!   device (0.9 by default) is what the shard may use, as vLLM's flag means it (per instance:
+//!   two servers at 0.45 share a GPU), less its weights, the warm-up step's activations and the
+//!   adapter budget; and never more than is free, less a headroom.
 //! - The adapter slots may take what is free after that less some headroom ([`fit_budget`]). A
 //!   budget above that (1 GiB by default, or `--adapter-memory-budget`) would only turn into
 //!   out-of-memory failures of whole batches once enough adapters are resident; capped, the
@@ -76,8 +77,10 @@ pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
 /// cache dropped and the memory pool trimmed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct KvFitInput {
-    /// The device's memory: the weights (of every rank on it) and other processes are used.
+    /// The device's memory (what every process on it holds is used).
     pub memory: DeviceMemory,
+    /// What this shard holds of the device's memory pool: its weights.
+    pub own: u64,
     /// The most the warm-up step had allocated at once beyond its KV cache: the activations
     /// every later step of at most that size finds again in the pool.
     pub step_peak: u64,
@@ -96,28 +99,30 @@ pub(crate) struct KvFitInput {
 pub(crate) struct KvFit {
     /// Blocks of the KV cache (0 when nothing is left for it).
     pub blocks: u64,
+    /// What this rank may use: its share of `utilization` of the device.
+    pub budget: u64,
     /// This rank's share of the free memory.
     pub share: u64,
-    /// Kept free: this rank's part of `1 - utilization` of the device, at least [`headroom`].
-    pub reserve: u64,
+    /// Whether the free memory (other processes on the GPU), not the budget, set the size.
+    pub by_free_memory: bool,
 }
 
-/// Sizes the KV cache: this rank's share of the free memory less the warm-up step's peak, the
-/// adapter budget and the reserve, in whole blocks.
+/// Sizes the KV cache: the smaller of the rank's budget less what it holds (weights, the
+/// warm-up step's peak, the adapter budget) and its share of the free memory less the step's
+/// peak, the adapter budget and the [`headroom`], in whole blocks.
 pub(crate) fn fit_kv(input: &KvFitInput) -> KvFit {
     let ranks = u64::from(input.device_ranks.max(1));
-    let kept =
-        ((1.0 - input.utilization).clamp(0.0, 1.0) * input.memory.total as f64).round() as u64;
-    let reserve = (kept / ranks).max(headroom(input.memory.total));
+    let total = input.memory.total;
+    let budget = (input.utilization.clamp(0.0, 1.0) * total as f64).round() as u64 / ranks;
     let share = input.memory.free / ranks;
-    let left = share
-        .saturating_sub(input.step_peak)
-        .saturating_sub(input.adapter_budget)
-        .saturating_sub(reserve);
+    let needs = input.step_peak.saturating_add(input.adapter_budget);
+    let by_budget = budget.saturating_sub(input.own).saturating_sub(needs);
+    let by_free = share.saturating_sub(needs).saturating_sub(headroom(total));
     KvFit {
-        blocks: left / input.block_bytes.max(1),
+        blocks: by_budget.min(by_free) / input.block_bytes.max(1),
+        budget,
         share,
-        reserve,
+        by_free_memory: by_free < by_budget,
     }
 }
 
@@ -180,6 +185,7 @@ mod tests {
     fn kv_input(free: u64, total: u64) -> KvFitInput {
         KvFitInput {
             memory: memory(free, total),
+            own: 0,
             step_peak: 0,
             adapter_budget: 0,
             utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -189,59 +195,88 @@ mod tests {
     }
 
     #[test]
-    fn the_kv_cache_takes_what_the_weights_step_adapters_and_reserve_leave() {
-        // An 80 GiB GPU with 16 GiB of weights: 64 GiB free, 8 GiB (10%) kept, a 2 GiB step,
-        // 1 GiB of adapters: 53 GiB of 1 MiB blocks.
-        let fit = fit_kv(&KvFitInput {
+    fn the_kv_cache_takes_the_budget_less_weights_step_and_adapters() {
+        // An 80 GiB GPU, 16 GiB of weights (64 GiB free), a 2 GiB step, 1 GiB of adapters: the
+        // shard may use 72 GiB (0.9), so the cache gets 72 - 16 - 2 - 1 = 53 GiB of 1 MiB blocks.
+        let input = KvFitInput {
+            own: 16 * GIB,
             step_peak: 2 * GIB,
             adapter_budget: GIB,
             ..kv_input(64 * GIB, 80 * GIB)
-        });
-        assert_eq!(fit.share, 64 * GIB);
-        assert_eq!(fit.reserve, 8 * GIB);
+        };
+        let fit = fit_kv(&input);
+        assert_eq!((fit.budget, fit.share), (72 * GIB, 64 * GIB));
         assert_eq!(fit.blocks, 53 * 1024);
+        assert!(!fit.by_free_memory);
         // Partial blocks are left out.
         let fit = fit_kv(&KvFitInput {
             block_bytes: 3 * MIB,
-            ..kv_input(64 * GIB, 80 * GIB)
+            ..input
         });
-        assert_eq!(fit.blocks, (56 * GIB / MIB) / 3);
+        assert_eq!(fit.blocks, (53 * GIB / MIB) / 3);
     }
 
     #[test]
-    fn utilization_sets_the_reserve_but_never_below_the_headroom() {
+    fn two_servers_at_half_utilization_share_a_gpu() {
+        // Each holds 10 GiB of weights and may use 40 GiB: 29 GiB of cache (1 GiB of step).
         let total = 80 * GIB;
-        let half = fit_kv(&KvFitInput {
+        let first = fit_kv(&KvFitInput {
+            own: 10 * GIB,
+            step_peak: GIB,
             utilization: 0.5,
-            ..kv_input(64 * GIB, total)
+            ..kv_input(70 * GIB, total)
         });
-        assert_eq!(half.reserve, 40 * GIB);
-        assert_eq!(half.blocks, 24 * 1024);
-        // At 1.0 nothing is kept by the fraction: the headroom (2% of the device) still is.
+        assert_eq!(first.blocks, 29 * 1024);
+        // The second starts with the first's 40 GiB and its own weights taken: 30 GiB free, of
+        // which the headroom stays free, so it gets a little less than its budget, not nothing.
+        let second = fit_kv(&KvFitInput {
+            own: 10 * GIB,
+            step_peak: GIB,
+            utilization: 0.5,
+            ..kv_input(30 * GIB, total)
+        });
+        assert!(second.by_free_memory);
+        assert_eq!(second.blocks, (29 * GIB - headroom(total)) / MIB);
+    }
+
+    #[test]
+    fn other_processes_leave_less_free_and_the_free_memory_decides() {
+        // 0.9 of 80 GiB is 72 GiB, but another process holds 50 GiB: of the 14 GiB free after
+        // 16 GiB of weights, the step (2 GiB) and the headroom (2% of the device) stay out.
+        let total = 80 * GIB;
+        let fit = fit_kv(&KvFitInput {
+            own: 16 * GIB,
+            step_peak: 2 * GIB,
+            ..kv_input(14 * GIB, total)
+        });
+        assert!(fit.by_free_memory);
+        assert_eq!(fit.blocks, (12 * GIB - headroom(total)) / MIB);
+        // At 1.0 the headroom still stays free.
         let all = fit_kv(&KvFitInput {
             utilization: 1.0,
             ..kv_input(64 * GIB, total)
         });
-        assert_eq!(all.reserve, headroom(total));
-        // A small device: 256 MiB of headroom beats 10% of 1 GiB.
-        assert_eq!(fit_kv(&kv_input(GIB, GIB)).reserve, 256 * MIB);
+        assert_eq!(all.blocks, (64 * GIB - headroom(total)) / MIB);
     }
 
     #[test]
-    fn ranks_sharing_a_device_split_its_free_memory_and_reserve() {
-        // cuda:0:shared with 2 ranks: 64 GiB free, 8 GiB kept: each 32 - 4 - 1 (step) GiB.
+    fn ranks_sharing_a_device_split_its_budget_and_free_memory() {
+        // cuda:0:shared with 2 ranks, 8 GiB of weights each (64 GiB free): each may use 36 GiB,
+        // less its 8 GiB of weights and 1 GiB of step.
         let fit = fit_kv(&KvFitInput {
+            own: 8 * GIB,
             step_peak: GIB,
             device_ranks: 2,
             ..kv_input(64 * GIB, 80 * GIB)
         });
-        assert_eq!((fit.share, fit.reserve), (32 * GIB, 4 * GIB));
+        assert_eq!((fit.budget, fit.share), (36 * GIB, 32 * GIB));
         assert_eq!(fit.blocks, 27 * 1024);
     }
 
     #[test]
     fn nothing_left_is_zero_blocks_not_an_underflow() {
         let fit = fit_kv(&KvFitInput {
+            own: 79 * GIB,
             step_peak: 2 * GIB,
             ..kv_input(GIB, 80 * GIB)
         });

@@ -156,9 +156,9 @@ pub enum KvSizing {
     /// As allocated at load (`--kv-cache-tokens`, `--kv-cache-bytes`, or the CPU's 2 GiB).
     #[default]
     Fixed,
-    /// At the warm-up, from the GPU's memory: what the weights, the warm-up step, the adapter
-    /// budget and a reserve leave, the reserve being what `utilization` (the share of the GPU
-    /// the shard may fill, `--gpu-memory-utilization`) keeps free (see `engine::memory`).
+    /// At the warm-up, from the GPU's memory: what the weights, the warm-up step and the
+    /// adapter budget leave of `utilization` of the GPU (the share the shard may fill,
+    /// `--gpu-memory-utilization`), within what is free (see `engine::memory`).
     GpuMemory {
         /// Share of the device's memory to fill, in (0, 1].
         utilization: f64,
