@@ -175,7 +175,7 @@ fn too_small(
         fit.share >> 20,
         headroom(total) >> 20,
         if fit.by_free_memory {
-            " (other processes hold the rest of the GPU: it would not help)"
+            " (the free memory ran out before the budget: it would not help)"
         } else {
             ""
         },
