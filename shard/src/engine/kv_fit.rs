@@ -8,11 +8,13 @@
 //! Ranks of a tensor-parallel group agree on the smallest cache (their block schedules must
 //! match step for step), and ranks sharing a device measure it together: every rank has
 //! trimmed before any reads the free memory, and every rank has read it before any allocates.
+//!
+//! [`KvSizing::GpuMemory`]: super::KvSizing::GpuMemory
 
 use candle_core::Device;
 
 use super::memory::{KvFit, KvFitInput, fit_kv, headroom};
-use super::{Engine, EngineError, KvSizing, WarmupParams};
+use super::{Engine, EngineError, WarmupParams};
 use crate::comm::Comm;
 use crate::device;
 use crate::kv_cache::{KvCache, KvCacheConfig};
@@ -21,12 +23,10 @@ impl Engine {
     /// Whether the warm-up may size the KV cache from the device's memory: on a GPU, with no
     /// sequence holding blocks (a router reconnecting to live shards warms them up again).
     pub(super) fn kv_can_be_fitted(&self) -> bool {
-        matches!(self.kv_sizing, KvSizing::GpuMemory { .. })
-            && matches!(self.model.device(), Device::Cuda(_))
-            && self.kv.num_sequences() == 0
+        matches!(self.model.device(), Device::Cuda(_)) && self.kv.num_sequences() == 0
     }
 
-    /// The warm-up of [`KvSizing::GpuMemory`]: the worst-case step on a cache of its size, then
+    /// The warm-up of `KvSizing::GpuMemory`: the worst-case step on a cache of its size, then
     /// the cache sized from the memory left (see the module doc).
     pub(super) fn warmup_fitting_kv(
         &mut self,
@@ -84,7 +84,8 @@ impl Engine {
                 &input, &fit, tokens, step, req,
             )));
         }
-        self.replace_kv(usize::try_from(blocks).unwrap_or(usize::MAX))?;
+        // The one-block cache is all the old one left: no need to free it first.
+        self.kv = self.new_kv(usize::try_from(blocks).unwrap_or(usize::MAX))?;
         synchronize(&device)?;
         group(comm.barrier())?;
         tracing::info!(
@@ -103,32 +104,31 @@ impl Engine {
         Ok(())
     }
 
-    /// Replaces the KV cache by one of `blocks` blocks (same block size and prefix caching),
-    /// the old one freed first so that the two never hold device memory together.
+    /// Replaces the KV cache by one of `blocks` blocks, the old one freed first (a one-block
+    /// cache takes its place) so that the two never hold device memory together.
     fn replace_kv(&mut self, blocks: usize) -> Result<(), EngineError> {
-        let block_tokens = self.kv.block_tokens();
-        let prefix_caching = self.kv.prefix_caching();
-        let config = |blocks: usize| KvCacheConfig {
-            capacity_tokens: blocks.saturating_mul(block_tokens),
-            block_tokens,
-            prefix_caching,
-        };
-        let new = |blocks: usize, engine: &Self| {
-            KvCache::new(
-                engine.model.kv_config(),
-                engine.model.dtype(),
-                engine.model.device(),
-                config(blocks),
-            )
-            .map_err(|e| {
-                EngineError::Model(format!("allocating a KV cache of {blocks} blocks: {e}"))
-            })
-        };
-        self.kv = new(1, self)?;
+        self.kv = self.new_kv(1)?;
         if blocks > 1 {
-            self.kv = new(blocks, self)?;
+            self.kv = self.new_kv(blocks)?;
         }
         Ok(())
+    }
+
+    /// A KV cache of `blocks` blocks, with the current one's block size and prefix caching.
+    fn new_kv(&self, blocks: usize) -> Result<KvCache, EngineError> {
+        let block_tokens = self.kv.block_tokens();
+        let config = KvCacheConfig {
+            capacity_tokens: blocks.saturating_mul(block_tokens),
+            block_tokens,
+            prefix_caching: self.kv.prefix_caching(),
+        };
+        KvCache::new(
+            self.model.kv_config(),
+            self.model.dtype(),
+            self.model.device(),
+            config,
+        )
+        .map_err(|e| EngineError::Model(format!("allocating a KV cache of {blocks} blocks: {e}")))
     }
 }
 
