@@ -1,5 +1,6 @@
 //! With the `cuda` feature: compiles each of [`SOURCES`] (`cuda/lora.cu`, `cuda/attention.cu`,
-//! `cuda/fused.cu`, which include `cuda/common.cuh`, `cuda/sampling.cu` and `cuda/timing.cu`) to PTX with nvcc
+//! `cuda/fused.cu`, which include `cuda/common.cuh`, `cuda/sampling.cu`, `cuda/gather.cu` and
+//! `cuda/timing.cu`) to PTX with nvcc
 //! (`NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on `PATH`; `scripts/cuda/env.sh` sets them
 //! up from the PyPI wheels) for `compute_$CUDA_COMPUTE_CAP` (default 80, the oldest GPU with
 //! bf16; the driver compiles the PTX for newer ones). Without the feature nothing is built and no
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The CUDA sources, each compiled to `$OUT_DIR/<name>.ptx`.
-const SOURCES: [&str; 5] = ["lora", "attention", "fused", "sampling", "timing"];
+const SOURCES: [&str; 6] = ["lora", "attention", "fused", "sampling", "gather", "timing"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

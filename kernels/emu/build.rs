@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 /// The CUDA sources emulated, each with its `cpp/<name>.cpp` registry.
-const SOURCES: [&str; 4] = ["lora", "fused", "attention", "sampling"];
+const SOURCES: [&str; 5] = ["lora", "fused", "attention", "sampling", "gather"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));

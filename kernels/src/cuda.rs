@@ -4,7 +4,7 @@
 //! attention and KV-cache write of `kernels/cuda/attention.cu` ([`ATTENTION_PTX`]), and the
 //! half-precision RMSNorm (alone or after the residual add) and SiLU·mul of
 //! `kernels/cuda/fused.cu` ([`FUSED_PTX`]); the greedy argmax of `kernels/cuda/sampling.cu`
-//! ([`SAMPLING_PTX`]); and for
+//! ([`SAMPLING_PTX`]); the row gathers of `kernels/cuda/gather.cu` ([`GATHER_PTX`]); and for
 //! benchmarks, the stream-holding kernel of `kernels/cuda/timing.cu` ([`TIMING_PTX`]).
 //!
 //! Names and launch shapes are in [`crate::launch`], re-exported here.
@@ -22,6 +22,9 @@ pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"))
 
 /// The PTX module of the greedy kernel ([`GREEDY_KERNEL`]).
 pub const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+
+/// The PTX module of the row gathers ([`gather_kernel_name`]).
+pub const GATHER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gather.ptx"));
 
 /// The PTX module of `medley_spin(ns)`, which holds its stream for `ns` nanoseconds (grid 1,
 /// block 1) so that the calls queued behind it are timed on the GPU alone.
@@ -75,5 +78,9 @@ mod tests {
         }
         assert!(TIMING_PTX.contains(&format!(".entry {SPIN_KERNEL}(")));
         assert!(SAMPLING_PTX.contains(&format!(".entry {GREEDY_KERNEL}(")));
+        for bytes in [2, 4] {
+            let name = gather_kernel_name(bytes).expect("2 and 4 bytes have a kernel");
+            assert!(GATHER_PTX.contains(&format!(".entry {name}(")), "{name}");
+        }
     }
 }

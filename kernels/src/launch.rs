@@ -74,6 +74,22 @@ pub fn greedy_launch(rows: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
     ((rows.max(1), 1, 1), (256, 1, 1))
 }
 
+/// The row-gather kernel (`kernels/cuda/gather.cu`) for values of `bytes` bytes (2: bf16/f16,
+/// 4: f32/u32); `None` for other sizes.
+pub fn gather_kernel_name(bytes: usize) -> Option<&'static str> {
+    match bytes {
+        2 => Some("medley_gather_rows_b16"),
+        4 => Some("medley_gather_rows_b32"),
+        _ => None,
+    }
+}
+
+/// The `(grid, block)` of a row gather of `rows` rows of `width` values: one block row per
+/// output row, 256 values per block.
+pub fn gather_launch(rows: u32, width: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((rows.max(1), width.div_ceil(256).max(1), 1), (256, 1, 1))
+}
+
 /// Largest head dimension the attention kernel holds in registers.
 pub const MAX_HEAD_DIM: usize = 256;
 

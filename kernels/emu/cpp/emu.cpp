@@ -10,12 +10,13 @@ MEDLEY_EMU_SOURCE_ENTRY(lora)
 MEDLEY_EMU_SOURCE_ENTRY(fused)
 MEDLEY_EMU_SOURCE_ENTRY(attention)
 MEDLEY_EMU_SOURCE_ENTRY(sampling)
+MEDLEY_EMU_SOURCE_ENTRY(gather)
 
 // Launches kernel `name` from whichever source has it; 1 when none does.
 extern "C" int medley_emu_launch(const char* name, const uint32_t* grid, const uint32_t* block,
                                  size_t shared, void** params) {
   for (auto entry : {medley_emu_launch_lora, medley_emu_launch_fused, medley_emu_launch_attention,
-                     medley_emu_launch_sampling})
+                     medley_emu_launch_sampling, medley_emu_launch_gather})
     if (entry(name, grid, block, shared, params) == 0) return 0;
   return 1;
 }
