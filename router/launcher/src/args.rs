@@ -117,6 +117,11 @@ pub struct ServeArgs {
     /// merge (`medley-shard --prefix-caching`; on by default).
     #[arg(long, env = "PREFIX_CACHING", value_enum)]
     pub prefix_caching: Option<medley_shard::cli::Switch>,
+    /// Replay decode steps from CUDA graphs (`medley-shard --cuda-graphs`; off by default): on
+    /// a GPU at world size 1, each batch's decode step is recorded once and then launched as
+    /// one graph instead of a few hundred kernels. Ignored on the CPU.
+    #[arg(long, env = "CUDA_GRAPHS", value_enum)]
+    pub cuda_graphs: Option<medley_shard::cli::Switch>,
     /// Bytes of adapter weights each shard may hold in its adapter slots (`medley-shard
     /// --adapter-memory-budget`); defaults to the shard's own choice.
     /// Plain bytes or with a unit (`512MiB`, `2GiB`).

@@ -161,6 +161,7 @@ where
                 gpu_memory_utilization: args.gpu_memory_utilization,
                 block_size: args.kv_block_size,
                 prefix_caching: args.prefix_caching,
+                cuda_graphs: args.cuda_graphs,
             },
             adapter_roots: router_config.limits.adapters.adapter_roots.clone(),
             builtin_adapters: match model.source {

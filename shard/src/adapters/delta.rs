@@ -35,6 +35,19 @@ impl LoraDelta for AdapterStore {
             .ok_or_else(|| candle_core::Error::Msg("lora: no output".into()))
     }
 
+    /// Every row's slot, then each used slot's adapter serial: the kernels and their tables
+    /// follow from the rows' slots and the adapters' factors. Only the kernel path records.
+    fn graph_key(&self, rows: &RowSlots) -> Option<Vec<u64>> {
+        if rows.has_adapters() && self.backend() != LoraBackend::Kernels {
+            return None;
+        }
+        let mut key: Vec<u64> = rows.slots().iter().map(|&s| u64::from(s)).collect();
+        for (slot, _) in rows.groups() {
+            key.push(self.get(*slot)?.serial());
+        }
+        Some(key)
+    }
+
     fn apply_stacked(
         &self,
         layer: usize,
@@ -284,6 +297,38 @@ mod tests {
 
     /// f32: sums of at most 176 products of values below 1 in magnitude, f32 vs f64 accumulation:
     /// well below 1e-5. bf16: one rounding of the result to bf16 (relative 2⁻⁸).
+    /// The graph key names every row's slot and each used slot's adapter: equal for the same
+    /// rows over the same adapters, different when a row moves or a slot's adapter is loaded
+    /// again (new tensors); the candle path is not recorded, the base model always is.
+    #[test]
+    fn graph_keys_name_the_rows_and_their_adapters() {
+        let mut st = store(LoraBackend::Kernels);
+        let rows = RowSlots::new(vec![1, 0, 3, 1]);
+        let key = st.graph_key(&rows).expect("kernels record");
+        assert_eq!(
+            st.graph_key(&RowSlots::new(vec![1, 0, 3, 1])),
+            Some(key.clone())
+        );
+        assert_ne!(
+            st.graph_key(&RowSlots::new(vec![3, 0, 1, 1])),
+            Some(key.clone())
+        );
+        assert_eq!(st.graph_key(&RowSlots::new(vec![0, 0])), Some(vec![0, 0]));
+        assert_eq!(st.graph_key(&RowSlots::new(vec![2])), None, "an empty slot");
+        // The same adapter loaded again into slot 3: other tensors, another key.
+        let again = store(LoraBackend::Kernels);
+        let reloaded = again.get(3).expect("slot 3").clone();
+        st.install(3, reloaded).expect("install");
+        assert_ne!(st.graph_key(&rows), Some(key));
+        let candle = store(LoraBackend::Candle);
+        assert_eq!(candle.graph_key(&rows), None);
+        assert_eq!(
+            candle.graph_key(&RowSlots::new(vec![0, 0])),
+            Some(vec![0, 0])
+        );
+        assert_eq!(crate::model::NoLora.graph_key(&rows), Some(Vec::new()));
+    }
+
     #[test]
     fn both_backends_match_the_dense_formula() {
         let prefill = [0, 1, 1, 1, 3, 3, 0, 1];

@@ -73,10 +73,18 @@ static ROW_TABLES: LazyLock<Tables> = LazyLock::new(|| Mutex::new(UploadCache::n
 /// (zeroed when allocated, and left zero by every launch). A call holds it from its first launch
 /// to its last; launches on one stream run in turn, so the next call's kernels start after this
 /// call's are done with it. Each candle device has its own stream, hence a workspace per device.
+///
+/// A CUDA graph records the buffers' addresses: an intermediate outgrown after one was recorded
+/// is kept (`recorded`) rather than freed, since the graph still writes it. Each growth doubles,
+/// so those kept add up to less than the largest.
 #[derive(Default)]
 struct Scratch {
     t: Option<CudaSlice<f32>>,
     sync: Option<CudaSlice<u32>>,
+    /// Whether a graph recorded `t`.
+    in_graph: bool,
+    /// Intermediates outgrown after a graph recorded them.
+    recorded: Vec<CudaSlice<f32>>,
 }
 
 impl Scratch {
@@ -87,13 +95,28 @@ impl Scratch {
         len: usize,
         sync: bool,
     ) -> candle_core::Result<(&mut CudaSlice<f32>, Option<&CudaSlice<u32>>)> {
+        let recording = crate::model::graphs::recording();
         if self.t.as_ref().is_none_or(|t| t.len() < len) {
+            if recording {
+                // Memory allocated in a graph is the graph's: the eager step before a
+                // recording grows the workspace instead.
+                candle_core::bail!("lora op: the workspace would grow inside a CUDA graph");
+            }
             let grown = len.max(2 * self.t.as_ref().map_or(0, |t| t.len()));
             // SAFETY: every call's shrink writes the entries its expand reads (see lora.cu);
             // the old buffer is freed in stream order, after the kernels that used it.
-            self.t = Some(unsafe { dev.alloc::<f32>(grown) }?);
+            let old = self.t.replace(unsafe { dev.alloc::<f32>(grown) }?);
+            if let Some(old) = old.filter(|_| std::mem::take(&mut self.in_graph)) {
+                self.recorded.push(old);
+            }
+        }
+        if recording {
+            self.in_graph = true;
         }
         if sync && self.sync.is_none() {
+            if recording {
+                candle_core::bail!("lora op: the counters would be allocated inside a CUDA graph");
+            }
             self.sync = Some(dev.alloc_zeros::<u32>(FUSED_BGMV_SYNC_WORDS + FUSED_BGMV_MAX_ROWS)?);
         }
         match &mut self.t {
@@ -132,9 +155,16 @@ pub(super) fn table_uploads() -> (u64, u64) {
 fn device_table(cache: &Tables, dev: &CudaDevice, table: Vec<u64>) -> candle_core::Result<Table> {
     // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    cache.get_or_upload((dev.id(), table), |(_, t)| {
+    let table = cache.get_or_upload((dev.id(), table), |(_, t)| {
         dev.clone_htod(t.as_slice()).map(Arc::new)
-    })
+    })?;
+    kept_by_graph(&table);
+    Ok(table)
+}
+
+/// Keeps `table` alive with the CUDA graph being recorded, if one is (its cache may evict it).
+fn kept_by_graph(table: &Table) {
+    crate::model::graphs::keep(|| table.clone());
 }
 
 pub(super) fn add_lora(
@@ -240,10 +270,12 @@ fn factor_table(
     );
     // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
     let mut cache = FACTOR_TABLES.lock().unwrap_or_else(|e| e.into_inner());
-    cache.get_or_upload(key, |_| {
+    let table = cache.get_or_upload(key, |_| {
         let table = pointer_table(dev, factors, pass)?;
         dev.clone_htod(table.as_slice()).map(Arc::new)
-    })
+    })?;
+    kept_by_graph(&table);
+    Ok(table)
 }
 
 /// A factor table's content for rank pass `pass` ([`RankSlice`]): the A pointers, the Bᵀ

@@ -132,6 +132,7 @@ impl SlotWeights {
         // copies here rather than let the engine thread's stream race them.
         device.synchronize().map_err(internal)?;
         Ok(SlotAdapter {
+            serial: next_serial(),
             layers,
             bytes,
             rank: self.rank() as u32,
@@ -187,13 +188,27 @@ pub struct DeviceModule {
 /// An adapter ready to serve from a slot.
 #[derive(Debug, Clone)]
 pub struct SlotAdapter {
+    /// Unique to these device tensors in this process (clones share them, and it).
+    serial: u64,
     layers: Vec<[Option<DeviceModule>; 7]>,
     bytes: u64,
     rank: u32,
     content_hash: String,
 }
 
+/// The serial of the next [`SlotAdapter`] made.
+fn next_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl SlotAdapter {
+    /// A number no other upload of adapter factors in this process has: what a CUDA graph that
+    /// reads these factors is recorded for (an adapter evicted and loaded again gets another).
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
     /// The factors of `module` in `layer`, if the adapter has them.
     pub fn module(&self, layer: usize, module: TargetModule) -> Option<&DeviceModule> {
         self.layers.get(layer)?[module_index(module)].as_ref()

@@ -111,6 +111,11 @@ pub struct ShardArgs {
     /// Reuse the KV blocks of prompt prefixes already computed under the same adapter or merge.
     #[arg(long, env = "PREFIX_CACHING", value_enum, default_value_t = Switch::On)]
     pub prefix_caching: Switch,
+    /// Replay decode steps from CUDA graphs: each batch's decode step is recorded once (its
+    /// second step) and then launched as one graph instead of a few hundred kernels. On a GPU at
+    /// world size 1 with a dense embedding; elsewhere ignored.
+    #[arg(long, env = "CUDA_GRAPHS", value_enum, default_value_t = Switch::Off)]
+    pub cuda_graphs: Switch,
     /// Directory local adapters may be loaded from (repeat the flag, or separate with commas).
     /// Relative adapter ids resolve under the first root; absolute ids must lie inside one.
     /// Without roots, local adapters are refused.

@@ -183,7 +183,9 @@ pub fn run(args: ShardArgs) -> anyhow::Result<()> {
         settings.memory_budget,
         args.lora_backend,
     );
-    let engine = Engine::new(model, kv, text, info, store).with_kv_sizing(sizing);
+    let engine = Engine::new(model, kv, text, info, store)
+        .with_kv_sizing(sizing)
+        .with_cuda_graphs(args.cuda_graphs == Switch::On);
     let thread = EngineThreadSettings {
         heap_trim_interval: (args.heap_trim_interval_ms > 0)
             .then(|| std::time::Duration::from_millis(args.heap_trim_interval_ms)),

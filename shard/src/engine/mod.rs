@@ -4,6 +4,7 @@
 
 mod adapters;
 mod ahead;
+mod forward;
 mod handle;
 mod heap;
 mod kv_fit;
@@ -23,8 +24,8 @@ use rustc_hash::FxHashSet;
 
 use crate::adapters::{AdapterError, AdapterStore};
 use crate::kv_cache::{AdapterIdentity, KvCache};
+use crate::model::LlamaModel;
 use crate::model::error_text::Plain;
-use crate::model::{ForwardBatch, LlamaModel};
 
 pub use handle::{EngineHandle, EngineThreadSettings};
 pub use heap::keep_freed_memory;
@@ -126,6 +127,8 @@ pub struct Engine {
     last_kept: Option<u64>,
     /// How the warm-up sizes the KV cache.
     kv_sizing: KvSizing,
+    /// Decode steps replayed from CUDA graphs (`--cuda-graphs`).
+    graphs: forward::StepGraphs,
 }
 
 /// Default prompt tokens per step until the router's warm-up sets it.
@@ -154,6 +157,7 @@ impl Engine {
             arrivals: 0,
             last_kept: None,
             kv_sizing: KvSizing::Fixed,
+            graphs: Default::default(),
         }
     }
 
@@ -402,8 +406,7 @@ impl Engine {
             .iter()
             .all(|c| !c.all_logits && seqs.get(c.index).is_some_and(Sequence::argmax_only));
         let logits = self
-            .model
-            .forward(&ForwardBatch { chunks }, &mut self.kv, &self.adapters)
+            .forward_step(chunks)
             .map_err(|e| EngineError::Model(e.to_string()))
             .and_then(|t| {
                 launch_ns = t0.elapsed().as_nanos() as u64;

@@ -15,6 +15,8 @@ impl Engine {
     pub fn warmup(&mut self, req: &WarmupParams) -> Result<WarmupResult, EngineError> {
         self.step_prompt_tokens =
             StepBudget::new(req.max_prefill_tokens, req.max_idle_prefill_tokens);
+        self.reset_graphs(req.max_total_tokens as usize)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
         match self.kv_sizing {
             KvSizing::GpuMemory { utilization } if self.kv_can_be_fitted() => {
                 self.warmup_fitting_kv(req, utilization)?

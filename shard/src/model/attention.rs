@@ -55,6 +55,55 @@ impl Rope {
     }
 }
 
+/// cos/sin of every position below [`RopeTable::len`], `[len, head_dim / 2]` each in the
+/// compute dtype, computed as [`Rope::tables`] computes a step's (elementwise, hence the same
+/// values bit for bit): a step whose positions are on the GPU gathers its rows from it
+/// ([`RopeTable::at`]) instead of computing them.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct RopeTable {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// The table of positions `0..len` in `dtype`.
+    pub fn table(&self, len: usize, dtype: DType) -> candle_core::Result<RopeTable> {
+        let positions: Vec<u32> = (0..len as u32).collect();
+        let t = self.tables(&positions, dtype)?;
+        let half = self.inv_freq.dim(1)?;
+        Ok(RopeTable {
+            cos: t.cos.reshape((len, half))?,
+            sin: t.sin.reshape((len, half))?,
+        })
+    }
+}
+
+impl RopeTable {
+    /// Positions it holds.
+    pub fn len(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// Whether it holds no position.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows of `positions` (`[rows]` u32 on the GPU): a step's tables.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn at(&self, positions: &Tensor) -> candle_core::Result<RopeTables> {
+        let rows = positions.dim(0)?;
+        let half = self.cos.dim(1)?;
+        let gather =
+            |t: &Tensor| super::gather_cuda::gather_rows(t, positions)?.reshape((rows, 1, half));
+        Ok(RopeTables {
+            cos: gather(&self.cos)?,
+            sin: gather(&self.sin)?,
+        })
+    }
+}
+
 impl RopeTables {
     /// The cos and sin tables, `[rows, 1, head_dim / 2]` each.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -104,15 +153,27 @@ pub(crate) fn gpu_index(
     head_dim: usize,
 ) -> Result<Option<GpuIndex>, ModelError> {
     #[cfg(feature = "cuda")]
-    {
-        let gather = super::cuda_launch::env_is!("MEDLEY_CUDA_ATTENTION", "gather");
-        if kv.device().is_cuda() && attention_cuda::supported(kv.dtype(), head_dim) && !gather {
-            let index = super::paged_index::PagedIndex::new(plan, kv)?;
-            return Ok(Some(GpuIndex::upload(&index, kv.device())?));
-        }
+    if paged_kernels(kv, head_dim) {
+        let index = super::paged_index::PagedIndex::new(plan, kv)?;
+        return Ok(Some(GpuIndex::upload(&index, kv.device())?));
     }
     let _ = (plan, kv, head_dim);
     Ok(None)
+}
+
+/// Whether the paged CUDA kernels serve `kv` (see [`gpu_index`]).
+#[cfg(feature = "cuda")]
+fn paged_kernels(kv: &KvCache, head_dim: usize) -> bool {
+    let gather = super::cuda_launch::env_is!("MEDLEY_CUDA_ATTENTION", "gather");
+    kv.device().is_cuda() && attention_cuda::supported(kv.dtype(), head_dim) && !gather
+}
+
+/// Whether a step's attention over `kv` is Medley's kernels alone: the paged kernels, rotating
+/// and writing in one launch (what a CUDA graph can record; candle's rotary path copies
+/// strided tensors, which uploads their shapes).
+#[cfg(feature = "cuda")]
+pub(crate) fn recordable(kv: &KvCache, head_dim: usize) -> bool {
+    paged_kernels(kv, head_dim) && fused_rope()
 }
 
 /// Whether the paged CUDA kernels rotate and write in one launch (not `MEDLEY_CUDA_FUSED=off`).
@@ -547,6 +608,32 @@ mod tests {
                         .sum();
                     let got = out[i][hh * 4 + x] as f64;
                     assert!((got - want).abs() < 1e-5, "{i} {hh} {x}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// The table's rows are a step's tables at those positions, bit for bit, in every dtype
+    /// (a step on the GPU gathers its rows from the table instead of computing them).
+    #[test]
+    fn the_table_holds_each_positions_tables() {
+        let rope = Rope::new(&cfg(None), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let table = rope.table(50, dtype).unwrap();
+            assert_eq!(table.len(), 50);
+            let positions = [0u32, 49, 7, 7, 31];
+            let step = rope.tables(&positions, dtype).unwrap();
+            for (r, &p) in positions.iter().enumerate() {
+                for (all, one) in [(&table.cos, &step.cos), (&table.sin, &step.sin)] {
+                    let want = one.get(r).unwrap().flatten_all().unwrap();
+                    let got = all.get(p as usize).unwrap();
+                    let bits =
+                        |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                    let (w, g) = (bits(&want), bits(&got));
+                    assert!(
+                        w.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype:?} position {p}"
+                    );
                 }
             }
         }

@@ -43,6 +43,25 @@ impl DeviceIndex {
     }
 }
 
+impl DeviceIndex {
+    /// Writes `index` over this one in place (a CUDA graph's index: the same rows and table
+    /// stride, hence the same length).
+    pub fn rewrite(&mut self, index: &PagedIndex, device: &Device) -> candle_core::Result<()> {
+        let Device::Cuda(dev) = device else {
+            candle_core::bail!("paged attention index: not a CUDA device");
+        };
+        if index.words.len() != self.words.len()
+            || index.rows as u32 != self.rows
+            || index.table_stride as u32 != self.table_stride
+        {
+            candle_core::bail!("paged attention index: rewritten with another layout");
+        }
+        dev.cuda_stream()
+            .memcpy_htod(&index.words, &mut self.words)
+            .w()
+    }
+}
+
 /// The heads of one attention call.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AttentionShape {

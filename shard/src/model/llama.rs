@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{self, Attention, AttentionStep, AttentionWeights, Rope};
+use super::attention::{self, Attention, AttentionStep, AttentionWeights, Rope, RopeTable};
 use super::batch::{BatchPlan, ForwardBatch};
 use super::embedding::{Embedding, EmbeddingSpec};
 use super::layers::{Linear, Projections, RmsNorm, silu_mul};
@@ -72,6 +72,27 @@ pub struct LlamaModel {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    /// The rotary tables of every position a request may reach, on a GPU at world size 1 with a
+    /// dense embedding ([`LlamaModel::build_rope_table`]): steps then read their token ids and
+    /// positions on the device ([`StepInputs`]).
+    rope_table: Option<RopeTable>,
+}
+
+/// A step's token ids and positions (`[rows]` u32 each) on the device.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct DeviceIds {
+    pub ids: Tensor,
+    pub positions: Tensor,
+}
+
+/// What a step reads besides the activations: its ids and positions on the device (`None`: the
+/// lookup and the rotary tables take them from the plan on the host) and the paged attention's
+/// index (the CUDA kernels). A CUDA graph replays a step over its own, rewritten in place.
+#[derive(Default)]
+pub(crate) struct StepInputs {
+    pub ids: Option<DeviceIds>,
+    pub gpu: Option<attention::GpuIndex>,
 }
 
 impl LlamaModel {
@@ -239,6 +260,7 @@ impl LlamaModel {
             norm: final_norm,
             lm_head,
             rope,
+            rope_table: None,
         })
     }
 
@@ -322,6 +344,44 @@ impl LlamaModel {
         kv: &mut KvCache,
         lora: &dyn LoraDelta,
     ) -> Result<Tensor, ModelError> {
+        let plan = self.prepare(batch, kv)?;
+        let inputs = self.upload_inputs(&plan, kv)?;
+        let logits = self.compute(&plan, kv, &inputs, lora)?;
+        Self::commit(&plan, kv)?;
+        Ok(logits)
+    }
+
+    /// Builds the rotary table of positions `0..positions` (a request's longest) when steps can
+    /// read their inputs on the device: a GPU, world size 1, a dense embedding. The table is
+    /// kept by the model (`positions × head_dim` values of the compute dtype).
+    pub fn build_rope_table(&mut self, positions: usize) -> Result<(), ModelError> {
+        let dense = self.embed.dense().is_some();
+        if !cfg!(feature = "cuda")
+            || !self.device.is_cuda()
+            || self.comm.world_size() != 1
+            || !dense
+        {
+            return Ok(());
+        }
+        if self.rope_table.as_ref().is_none_or(|t| t.len() < positions) {
+            self.rope_table = Some(self.rope.table(positions, self.dtype)?);
+        }
+        Ok(())
+    }
+
+    /// Positions the rotary table holds (0 without one): a step whose positions are all below
+    /// reads its inputs on the device.
+    pub(crate) fn device_positions(&self) -> usize {
+        self.rope_table.as_ref().map_or(0, RopeTable::len)
+    }
+
+    /// The host side of a step: checks, the flattened plan, and every chunk's KV blocks
+    /// reserved (see [`LlamaModel::forward`]).
+    pub(crate) fn prepare(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvCache,
+    ) -> Result<BatchPlan, ModelError> {
         kv.check_compatible(&self.kv_cfg, self.dtype)?;
         if !kv.device().same_device(&self.device) {
             return Err(ModelError::InvalidBatch(
@@ -332,16 +392,59 @@ impl LlamaModel {
         for c in &plan.chunks {
             kv.reserve(c.seq_id, c.start + c.len)?;
         }
+        Ok(plan)
+    }
+
+    /// `plan`'s inputs uploaded for one step: its ids and positions when the rotary table holds
+    /// its positions, and the paged attention's index.
+    pub(crate) fn upload_inputs(
+        &self,
+        plan: &BatchPlan,
+        kv: &KvCache,
+    ) -> Result<StepInputs, ModelError> {
+        let below = plan
+            .positions
+            .iter()
+            .all(|&p| (p as usize) < self.device_positions());
+        let ids = if below {
+            let rows = plan.num_rows();
+            Some(DeviceIds {
+                ids: Tensor::from_slice(&plan.tokens, rows, &self.device)?,
+                positions: Tensor::from_slice(&plan.positions, rows, &self.device)?,
+            })
+        } else {
+            None
+        };
+        Ok(StepInputs {
+            ids,
+            gpu: attention::gpu_index(plan, kv, self.cfg.head_dim)?,
+        })
+    }
+
+    /// The device side of a step: the layers over `plan` with `inputs`, writing the step's keys
+    /// and values into `kv`'s reserved blocks; the logits as [`LlamaModel::forward`] returns
+    /// them. Nothing on the host changes (see [`LlamaModel::commit`]).
+    pub(crate) fn compute(
+        &self,
+        plan: &BatchPlan,
+        kv: &KvCache,
+        inputs: &StepInputs,
+        lora: &dyn LoraDelta,
+    ) -> Result<Tensor, ModelError> {
         let rows = plan.num_rows();
         let comm = self.comm.as_ref();
-        let mut x = vocab::lookup(&self.embed, &self.local.vocab_rows, &plan.tokens, comm)?;
-        let rope = self.rope.tables(&plan.positions, self.dtype)?;
-        let gpu = attention::gpu_index(&plan, kv, self.cfg.head_dim)?;
+        let (mut x, rope) = match (&inputs.ids, &self.rope_table) {
+            (Some(d), Some(table)) => self.device_lookup(d, table)?,
+            _ => (
+                vocab::lookup(&self.embed, &self.local.vocab_rows, &plan.tokens, comm)?,
+                self.rope.tables(&plan.positions, self.dtype)?,
+            ),
+        };
         let step = AttentionStep {
             rope: &rope,
-            plan: &plan,
+            plan,
             kv,
-            gpu: gpu.as_ref(),
+            gpu: inputs.gpu.as_ref(),
         };
         // Each residual add goes with the RMSNorm after it (one kernel on a GPU in half
         // precision): `h` is the normalised input of the next sublayer.
@@ -369,11 +472,33 @@ impl LlamaModel {
             x.index_select(&idx, 0)?
         };
         let logits = self.lm_head.forward_f32(&self.norm.forward(&x)?)?;
-        let logits = vocab::gather_logits(&logits, self.cfg.vocab_size, comm)?;
+        Ok(vocab::gather_logits(&logits, self.cfg.vocab_size, comm)?)
+    }
+
+    /// The embedding rows and the rotary tables of a step whose ids and positions are on the
+    /// device.
+    fn device_lookup(
+        &self,
+        d: &DeviceIds,
+        table: &RopeTable,
+    ) -> Result<(Tensor, attention::RopeTables), ModelError> {
+        #[cfg(feature = "cuda")]
+        if let Some(embed) = self.embed.dense() {
+            let x = super::gather_cuda::gather_rows(embed, &d.ids)?;
+            return Ok((x, table.at(&d.positions)?));
+        }
+        let _ = (d, table);
+        Err(ModelError::InvalidBatch(
+            "step inputs on the device need a dense embedding on a GPU".into(),
+        ))
+    }
+
+    /// Advances every chunk's KV entry past its tokens once its step has run.
+    pub(crate) fn commit(plan: &BatchPlan, kv: &mut KvCache) -> Result<(), ModelError> {
         for c in &plan.chunks {
             kv.commit(c.seq_id, &plan.tokens[c.offset..c.offset + c.len])?;
         }
-        Ok(logits)
+        Ok(())
     }
 }
 

@@ -172,6 +172,15 @@ pub trait LoraDelta: Send + Sync {
         rows: &RowSlots,
     ) -> candle_core::Result<Tensor>;
 
+    /// Words that name what this delta launches for a step over `rows`, when a CUDA graph can
+    /// record it: two steps with equal words launch the same kernels over the same device
+    /// buffers (every row's slot, and which adapter each slot holds). `None` when it cannot be
+    /// recorded (the default).
+    fn graph_key(&self, rows: &RowSlots) -> Option<Vec<u64>> {
+        let _ = rows;
+        None
+    }
+
     /// [`LoraDelta::apply`] for several projections of one input at once: `y` holds their base
     /// outputs side by side (`widths` columns each, in the order of `modules`; one fresh
     /// tensor), and each module's columns come back, deltas added. The default applies each
@@ -220,6 +229,10 @@ impl LoraDelta for NoLora {
         _rows: &RowSlots,
     ) -> candle_core::Result<Tensor> {
         Ok(y)
+    }
+
+    fn graph_key(&self, _rows: &RowSlots) -> Option<Vec<u64>> {
+        Some(Vec::new())
     }
 }
 

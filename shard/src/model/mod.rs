@@ -35,6 +35,10 @@ pub mod error_text;
 mod fused_cpu;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
+#[cfg(feature = "cuda")]
+pub(crate) mod gather_cuda;
+#[cfg(feature = "cuda")]
+pub mod graphs;
 mod greedy;
 mod hf_config;
 #[cfg(all(feature = "cuda", any(test, feature = "testing")))]

@@ -24,6 +24,16 @@ pub(crate) struct PagedIndex {
 impl PagedIndex {
     /// The index of `plan` over `kv`'s block tables (blocks for every row must be reserved).
     pub fn new(plan: &BatchPlan, kv: &KvCache) -> Result<Self, ModelError> {
+        Self::with_stride(plan, kv, 1)
+    }
+
+    /// [`PagedIndex::new`] with block tables of at least `min_stride` entries (a CUDA graph
+    /// replays steps over one index layout while the sequences grow).
+    pub fn with_stride(
+        plan: &BatchPlan,
+        kv: &KvCache,
+        min_stride: usize,
+    ) -> Result<Self, ModelError> {
         let bt = kv.block_tokens();
         let rows = plan.num_rows();
         let mut tables = Vec::with_capacity(plan.chunks.len());
@@ -42,7 +52,13 @@ impl PagedIndex {
             }
             tables.push(&blocks[..used]);
         }
-        let table_stride = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+        let table_stride = tables
+            .iter()
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(0)
+            .max(min_stride)
+            .max(1);
         let mut words = Vec::with_capacity(3 * rows + tables.len() * table_stride);
         for (c, table) in plan.chunks.iter().zip(&tables) {
             for pos in c.start..c.start + c.len {
@@ -197,6 +213,19 @@ mod tests {
         let rows = 4;
         assert_eq!(index.rows, rows);
         assert_eq!(&index.words[rows..3 * rows], &[0, 1, 1, 1, 5, 0, 1, 2]);
+        // Wider tables (a CUDA graph's layout): the same rows, each table padded with zeros.
+        let wide = PagedIndex::with_stride(&plan, &kv, 5).unwrap();
+        assert_eq!((wide.rows, wide.table_stride), (rows, 5));
+        assert_eq!(wide.words[..3 * rows], index.words[..3 * rows]);
+        for chunk in 0..2 {
+            let natural =
+                &index.words[3 * rows + chunk * index.table_stride..][..index.table_stride];
+            let padded = &wide.words[3 * rows + chunk * 5..][..5];
+            assert_eq!(&padded[..natural.len()], natural);
+            assert!(padded[natural.len()..].iter().all(|&w| w == 0));
+        }
+        // A stride below the natural one changes nothing.
+        assert_eq!(PagedIndex::with_stride(&plan, &kv, 1).unwrap(), index);
 
         let q = randn(rows * HEADS * D, 3);
         let k_new = randn(rows * KV_HEADS * D, 4);

@@ -9,7 +9,7 @@ use medley_shard::model::quant::Quantize;
 
 use crate::args::DType;
 
-/// KV-cache flags passed to every shard; `None` keeps the shard's default.
+/// KV-cache and decode-step flags passed to every shard; `None` keeps the shard's default.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ShardKvFlags {
     /// `--kv-cache-tokens`.
@@ -20,6 +20,8 @@ pub struct ShardKvFlags {
     pub block_size: Option<u32>,
     /// `--prefix-caching`.
     pub prefix_caching: Option<medley_shard::cli::Switch>,
+    /// `--cuda-graphs`.
+    pub cuda_graphs: Option<medley_shard::cli::Switch>,
 }
 
 /// The shard command line, identical for every rank but the rank-specific flags.
@@ -101,6 +103,9 @@ impl ShardCommand {
         }
         if let Some(switch) = self.kv.prefix_caching {
             args.extend(["--prefix-caching".into(), switch.as_arg().into()]);
+        }
+        if let Some(switch) = self.kv.cuda_graphs {
+            args.extend(["--cuda-graphs".into(), switch.as_arg().into()]);
         }
         for root in &self.adapter_roots {
             args.extend(["--adapter-root".into(), root.clone().into()]);

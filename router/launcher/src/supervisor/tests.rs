@@ -104,6 +104,7 @@ pub(crate) fn config(dir: &Path, mode: &str, world_size: usize) -> SupervisorCon
                 gpu_memory_utilization: None,
                 block_size: Some(8),
                 prefix_caching: Some(medley_shard::cli::Switch::Off),
+                cuda_graphs: None,
             },
             adapter_roots: vec![],
             builtin_adapters: vec![],
@@ -212,6 +213,7 @@ fn command_line() {
         kv: ShardKvFlags {
             tokens: Some(4096),
             gpu_memory_utilization: Some(0.75),
+            cuda_graphs: Some(medley_shard::cli::Switch::On),
             ..Default::default()
         },
         ..command
@@ -223,6 +225,7 @@ fn command_line() {
     };
     assert_eq!(value("--kv-cache-tokens"), "4096");
     assert_eq!(value("--gpu-memory-utilization"), "0.75");
+    assert_eq!(value("--cuda-graphs"), "on");
     assert_eq!(
         socket_path(Path::new("/tmp/medley-server"), 3),
         PathBuf::from("/tmp/medley-server-3")

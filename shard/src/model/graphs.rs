@@ -1,0 +1,386 @@
+//! Decode steps replayed from CUDA graphs (`--cuda-graphs`).
+//!
+//! A decode step launches a few hundred small kernels (about 280 for a 22-layer model with an
+//! adapter). Issued one by one, each costs the host its launch and the GPU a gap before the
+//! next; recorded once into a CUDA graph, the whole step is one launch that the GPU runs back to
+//! back. vLLM, TGI and LoRAX replay their decode steps this way.
+//!
+//! **What is recorded.** A step in which every sequence decodes one token, on a GPU at world
+//! size 1, whose ids and positions the model reads on the device ([`LlamaModel::build_rope_table`])
+//! and whose LoRA delta can be recorded ([`LoraDelta::graph_key`]). Its key is the number of
+//! rows and the LoRA key (every row's slot and the identity of each slot's adapter): two steps
+//! with one key launch the same kernels with the same arguments over the same buffers, only the
+//! token ids, positions and paged index differ. The first [`RECORD_AFTER`] steps of a key run
+//! eagerly (the first also fills the caches the recorded kernels read: kernel modules, LoRA
+//! tables, the LoRA workspace); the next is recorded and launched; later ones are replayed. A
+//! batch that changes every few steps (requests joining and leaving) is never recorded; the
+//! next step in this direction is rows padded to a few sizes and the LoRA mapping as an input
+//! (vLLM's way), which needs slot-indexed LoRA tables.
+//!
+//! **Inputs.** Each graph owns its ids, positions and paged index (block tables padded to the
+//! longest a request may reach, so that one layout serves while the sequences grow) and its
+//! logits. A replay writes the step's words into them, then launches. Every buffer the recorded
+//! kernels read that a cache owns (LoRA tables and workspace) is kept alive by the graph
+//! ([`keep`]), and every tensor the step allocates is freed within it.
+//!
+//! **What cannot go in a graph**, and fails the recording instead (the step then runs eagerly,
+//! and after [`MAX_FAILURES`] failures recording stops): copies from host memory (candle's
+//! `index_select` and its ops on strided tensors upload their shapes; the step's own inputs are
+//! written before the launch instead), synchronisation, reading back. Other threads (adapter
+//! uploads) work on their own per-thread streams, which a recording on the engine thread's does
+//! not capture.
+//!
+//! **Memory.** A graph's intermediate tensors come from the driver's graph memory, apart from the
+//! pool the KV cache was fitted to (about one decode step's activations per graph, plus its
+//! logits; at most [`DEFAULT_CAPACITY`] graphs are kept, the least recently used dropped).
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::GpuIndex;
+use super::batch::{BatchPlan, ForwardBatch};
+use super::gather_cuda::write_words;
+use super::llama::{DeviceIds, LlamaModel, StepInputs};
+use super::paged_index::PagedIndex;
+use super::{LoraDelta, ModelError};
+use crate::kv_cache::KvCache;
+
+/// Graphs kept at most.
+pub const DEFAULT_CAPACITY: usize = 16;
+
+/// Largest step (rows) recorded.
+pub const MAX_ROWS: usize = 256;
+
+/// Steps of one key run eagerly before it is recorded. A batch's composition (its rows, their
+/// adapters) changes as requests join and leave; recording costs about one more step, so a key
+/// is recorded only once it has lasted: under constant churn steps run as without graphs, in
+/// steady decoding nearly every step is replayed.
+pub const RECORD_AFTER: u32 = 3;
+
+/// Failed recordings after which no more are tried.
+pub const MAX_FAILURES: u32 = 3;
+
+/// A device buffer a graph reads, kept alive with it.
+pub type Kept = Arc<dyn Any + Send + Sync>;
+
+thread_local! {
+    /// The buffers the graph being recorded on this thread reads (`None`: not recording).
+    static KEPT: RefCell<Option<Vec<Kept>>> = const { RefCell::new(None) };
+}
+
+/// Keeps the buffer `make` returns alive as long as the graph being recorded on this thread,
+/// if one is: a cached device table or workspace that recorded kernels read, which its cache
+/// could otherwise free or replace while the graph still points at it. `make` runs only while
+/// recording.
+pub fn keep(make: impl FnOnce() -> Kept) {
+    KEPT.with(|k| {
+        if let Some(kept) = k.borrow_mut().as_mut() {
+            kept.push(make());
+        }
+    });
+}
+
+/// Whether a graph is being recorded on this thread.
+pub fn recording() -> bool {
+    KEPT.with(|k| k.borrow().is_some())
+}
+
+/// Counts of the steps [`DecodeGraphs::forward`] ran, by how.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Steps run eagerly (not recordable, or a key's first step).
+    pub eager: u64,
+    /// Graphs recorded.
+    pub recorded: u64,
+    /// Steps replayed from a graph.
+    pub replayed: u64,
+    /// Recordings that failed.
+    pub failed: u64,
+}
+
+/// What a graph is recorded for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    rows: usize,
+    lora: Vec<u64>,
+}
+
+/// A recorded graph. The driver's graph objects may be used from any thread as long as the calls
+/// on one are serialised: an entry is only used through `&mut` [`DecodeGraphs`], which its
+/// engine's thread owns.
+struct Graph(CudaGraph);
+
+// SAFETY: see [`Graph`]: calls on one graph never run concurrently (exclusive access).
+unsafe impl Send for Graph {}
+
+/// One recorded step and the buffers it reads and writes.
+struct Entry {
+    graph: Graph,
+    inputs: StepInputs,
+    logits: Tensor,
+    _kept: Vec<Kept>,
+    used: u64,
+}
+
+/// The decode-step graphs of one engine.
+pub struct DecodeGraphs {
+    entries: HashMap<Key, Entry>,
+    /// Keys run eagerly, not recorded yet: how many of their steps ran.
+    seen: HashMap<Key, u32>,
+    /// Keys whose recording failed: they run eagerly.
+    refused: HashSet<Key>,
+    capacity: usize,
+    clock: u64,
+    failures: u32,
+    stats: GraphStats,
+}
+
+impl DecodeGraphs {
+    /// No graphs yet; at most `capacity` kept.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            seen: HashMap::new(),
+            refused: HashSet::new(),
+            capacity: capacity.max(1),
+            clock: 0,
+            failures: 0,
+            stats: GraphStats::default(),
+        }
+    }
+
+    /// Drops every graph (their buffers may be gone: a new KV cache, another model).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.seen.clear();
+        self.refused.clear();
+    }
+
+    /// Graphs kept.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The steps run so far, by how.
+    pub fn stats(&self) -> GraphStats {
+        self.stats
+    }
+
+    /// [`LlamaModel::forward`], replayed from a graph when the step can be (see the module
+    /// docs); the same logits either way.
+    pub fn forward(
+        &mut self,
+        model: &LlamaModel,
+        batch: &ForwardBatch,
+        kv: &mut KvCache,
+        lora: &dyn LoraDelta,
+    ) -> Result<Tensor, ModelError> {
+        let plan = model.prepare(batch, kv)?;
+        let logits = match self.key(model, &plan, kv, lora) {
+            Some(key) if !self.refused.contains(&key) => {
+                self.graphed(model, &plan, kv, lora, key)?
+            }
+            _ => self.eager(model, &plan, kv, lora)?,
+        };
+        LlamaModel::commit(&plan, kv)?;
+        Ok(logits)
+    }
+
+    fn eager(
+        &mut self,
+        model: &LlamaModel,
+        plan: &BatchPlan,
+        kv: &KvCache,
+        lora: &dyn LoraDelta,
+    ) -> Result<Tensor, ModelError> {
+        self.stats.eager += 1;
+        let inputs = model.upload_inputs(plan, kv)?;
+        model.compute(plan, kv, &inputs, lora)
+    }
+
+    /// The step's key when it can be recorded.
+    fn key(
+        &self,
+        model: &LlamaModel,
+        plan: &BatchPlan,
+        kv: &KvCache,
+        lora: &dyn LoraDelta,
+    ) -> Option<Key> {
+        let rows = plan.num_rows();
+        let decode = plan.chunks.iter().all(|c| c.len == 1) && plan.logit_rows.len() == rows;
+        let positions = model.device_positions();
+        let inside = plan.positions.iter().all(|&p| (p as usize) < positions);
+        let kernels = super::attention::recordable(kv, model.config().head_dim);
+        if self.failures >= MAX_FAILURES
+            || !kernels
+            || !decode
+            || !inside
+            || rows == 0
+            || rows > MAX_ROWS
+        {
+            return None;
+        }
+        Some(Key {
+            rows,
+            lora: lora.graph_key(&plan.row_slots)?,
+        })
+    }
+
+    fn graphed(
+        &mut self,
+        model: &LlamaModel,
+        plan: &BatchPlan,
+        kv: &KvCache,
+        lora: &dyn LoraDelta,
+        key: Key,
+    ) -> Result<Tensor, ModelError> {
+        self.clock += 1;
+        // Block tables as long as a request may grow: one layout while the sequences grow.
+        let stride = model.device_positions().div_ceil(kv.block_tokens());
+        let index = || PagedIndex::with_stride(plan, kv, stride);
+        if let Some(entry) = self.entries.get_mut(&key) {
+            entry.write(plan, &index()?, model.device())?;
+            entry.graph.0.launch().w()?;
+            entry.used = self.clock;
+            self.stats.replayed += 1;
+            return Ok(entry.logits.clone());
+        }
+        if self.seen.len() > 4 * self.capacity {
+            self.seen.clear();
+        }
+        let runs = self.seen.entry(key.clone()).or_insert(0);
+        *runs += 1;
+        if *runs < RECORD_AFTER {
+            return self.eager(model, plan, kv, lora);
+        }
+        let t0 = std::time::Instant::now();
+        let entry = match record(model, plan, kv, lora, &index()?, self.clock) {
+            Ok(entry) => entry,
+            Err(e) => {
+                self.seen.remove(&key);
+                if self.refused.len() > 4 * self.capacity {
+                    self.refused.clear();
+                }
+                self.refused.insert(key.clone());
+                self.failures += 1;
+                self.stats.failed += 1;
+                tracing::warn!(
+                    rows = key.rows,
+                    error = %e,
+                    failures = self.failures,
+                    "a decode step could not be recorded into a CUDA graph: it runs eagerly{}",
+                    if self.failures >= MAX_FAILURES { "; no more are recorded" } else { "" }
+                );
+                return self.eager(model, plan, kv, lora);
+            }
+        };
+        entry.graph.0.launch().w()?;
+        let logits = entry.logits.clone();
+        self.stats.recorded += 1;
+        tracing::debug!(
+            rows = key.rows,
+            graphs = self.entries.len() + 1,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "decode step recorded into a CUDA graph"
+        );
+        if self.entries.len() >= self.capacity
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(k, _)| k.clone())
+        {
+            self.entries.remove(&oldest);
+        }
+        self.seen.remove(&key);
+        self.entries.insert(key, entry);
+        Ok(logits)
+    }
+}
+
+impl Entry {
+    /// Writes a step's ids, positions and index over the graph's.
+    fn write(
+        &mut self,
+        plan: &BatchPlan,
+        index: &PagedIndex,
+        device: &Device,
+    ) -> Result<(), ModelError> {
+        let (Some(ids), Some(gpu)) = (self.inputs.ids.as_ref(), self.inputs.gpu.as_mut()) else {
+            return Err(ModelError::InvalidBatch(
+                "a CUDA graph without its inputs".into(),
+            ));
+        };
+        write_words(&ids.ids, &plan.tokens)?;
+        write_words(&ids.positions, &plan.positions)?;
+        gpu.rewrite(index, device)?;
+        Ok(())
+    }
+}
+
+/// Records `plan`'s step (not launched): its inputs uploaded, the layers captured from the
+/// engine thread's stream, the logits copied into a tensor the graph owns.
+fn record(
+    model: &LlamaModel,
+    plan: &BatchPlan,
+    kv: &KvCache,
+    lora: &dyn LoraDelta,
+    index: &PagedIndex,
+    used: u64,
+) -> Result<Entry, ModelError> {
+    let device = model.device();
+    let Device::Cuda(dev) = device else {
+        return Err(ModelError::InvalidBatch("CUDA graphs need a GPU".into()));
+    };
+    let rows = plan.num_rows();
+    let inputs = StepInputs {
+        ids: Some(DeviceIds {
+            ids: Tensor::from_slice(&plan.tokens, rows, device)?,
+            positions: Tensor::from_slice(&plan.positions, rows, device)?,
+        }),
+        gpu: Some(GpuIndex::upload(index, device)?),
+    };
+    let vocab = model.config().vocab_size;
+    let logits = Tensor::zeros((plan.logit_rows.len(), vocab), DType::F32, device)?;
+    let stream = dev.cuda_stream();
+    KEPT.with(|k| *k.borrow_mut() = Some(Vec::new()));
+    let begun = stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .w();
+    let step = begun.map_err(ModelError::from).and_then(|()| {
+        // Every tensor of the step but `logits` is dropped before the capture ends: the graph
+        // frees what it allocates.
+        let out = model.compute(plan, kv, &inputs, lora)?;
+        logits.slice_set(&out, 0, 0)?;
+        Ok(())
+    });
+    // The calls that failed inside a broken capture (frees among them) left their error in the
+    // context, where the next call reports it, and `end_capture` makes such a call before it
+    // ends the capture: cleared first, or the stream would stay capturing and every later step
+    // fail. Cleared again after (a capture that ends broken).
+    let _ = stream.context().check_err();
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
+    let _ = stream.context().check_err();
+    let kept = KEPT.with(|k| k.borrow_mut().take()).unwrap_or_default();
+    step?;
+    let graph =
+        graph?.ok_or_else(|| ModelError::InvalidBatch("the capture gave no graph".into()))?;
+    Ok(Entry {
+        graph: Graph(graph),
+        inputs,
+        logits,
+        _kept: kept,
+        used,
+    })
+}
