@@ -35,7 +35,9 @@
 #      best of 3 runs; then issue 11's speed targets computed from them (the LoRA bandwidth
 #      both host-paced and GPU-timed, see shard/src/bin/medley-lora-check/bench.rs)
 #   5. report only, on a GPU, and only while the check is under 420 s (MEDLEY_GPU_CHECK_SOFT_S),
-#      so that everything required lands within one 10-minute call: bf16 servers with the
+#      so that everything required lands within one 10-minute call: first CUDA graphs
+#      (--cuda-graphs on: f32 tokens against the oracle, bf16 tokens against the eager server's
+#      and the oracle's, speed rows), then bf16 servers with the
 #      opt-in speed-ups (tokens against the oracle, and speed rows): q/k/v and gate/up stacked
 #      into one matmul each (MEDLEY_STACK_PROJECTIONS=1) together with the fused BGMV kernel
 #      (MEDLEY_LORA_BGMV=fused), then the default server without decode ahead
@@ -345,6 +347,29 @@ kernels_passed() {
   cat "${tables[@]}" 2>/dev/null | grep -q "($1) .* | ok |\$" \
     && ! cat "${tables[@]}" 2>/dev/null | grep "($1)" | grep -q 'FAIL'
 }
+# CUDA graphs (--cuda-graphs on; off by default), first of the report-only runs: decode steps
+# recorded once per batch shape and replayed. Their f32 tokens against the oracle, all 32 like
+# the eager server's (a replay over stale inputs or buffers shows here), their bf16 tokens
+# against the eager bf16 server's (the same kernels; report only: cuBLAS may pick other GEMM
+# algorithms while capturing) and the oracle's, and speed rows for the A/B that decides the
+# default. The dry run runs the f32 step too (the CPU ignores the flag), so the steps cannot rot.
+graphs_f32() {
+  CUDA_GRAPHS=on step "medley $device f32 tokens, CUDA graphs" 120 \
+    medley_tokens "$device-f32-graphs" "$device" f32 &&
+    step "compare f32 graphs" 30 compare \
+      "medley $device f32 CUDA graphs vs transformers+peft $device f32" \
+      tokens-hf-f32.json "tokens-medley-$device-f32-graphs.json"
+}
+optional "CUDA graphs f32 server" graphs_f32
+if [ "$mode" = gpu ]; then
+  optional "CUDA graphs server" \
+    variant_server graphs "CUDA graphs" "base,1 adapter,8 merges" CUDA_GRAPHS=on
+  if [ -f "$res/tokens-medley-cuda-bf16-graphs.json" ]; then
+    step "compare bf16 graphs vs eager" 30 compare \
+      "medley cuda bf16 CUDA graphs vs medley cuda bf16 (eager)" \
+      tokens-medley-cuda-bf16.json tokens-medley-cuda-bf16-graphs.json --require 0
+  fi
+fi
 # The opt-in speed-ups, most telling first, for the A/B that decides their defaults:
 # - both opt-ins together: q/k/v and gate/up as one matmul each (MEDLEY_STACK_PROJECTIONS=1;
 #   LoRA and SiLU·mul then work on the product's column ranges) and the fused BGMV kernel

@@ -1,5 +1,5 @@
 # Sourced by the scripts that run a CUDA build on the fake GPU (host-profile.sh, memory-check.sh,
-# lora-check-fake.sh, tp-fake.sh): `fake_session BIN` makes a work directory ($work), removed on exit
+# lora-check-fake.sh, tp-fake.sh, graphs-fake.sh): `fake_session BIN` makes a work directory ($work), removed on exit
 # together with the server whose pid is in $pid (if any), and builds the fake GPU's libraries
 # for BIN into $work/fake (scripts/cuda/fake-gpu.sh).
 fake_session() {
@@ -25,4 +25,24 @@ fake_server_check() {
   done
   fake_session "$bin"
   export LD_LIBRARY_PATH="$work/fake"
+}
+
+# `fake_serving NAME SEED PORT_BASE`: what the checks that serve 2-layer TinyLlama-shaped models
+# share (tp-fake.sh, graphs-fake.sh): two rank-16 PEFT adapters a0 and a1 (seeds SEED and
+# SEED + 1) in $work/adapters, a port of this process ($port, and $url) and `fail MESSAGE`, which
+# prints the message and the server log's last warnings, then exits 1.
+fake_serving() {
+  local i
+  for i in 0 1; do
+    "$(dirname "$bin")/medley-merge-dev" fixture --preset tinyllama --layers 2 --rank 16 \
+      --seed "$(($2 + i))" --out "$work/adapters/a$i" >/dev/null
+  done
+  port=$(($3 + ($$ % 2000) * 2))
+  url="http://127.0.0.1:$port"
+  fake_name="$1"
+  fail() {
+    echo "$fake_name: $1" >&2
+    grep -E "ERROR|WARN|fake-gpu" "$work/server.log" | tail -n 12 >&2 || true
+    exit 1
+  }
 }

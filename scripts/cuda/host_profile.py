@@ -35,7 +35,7 @@ CONFIGS = {
         "merge_strategy": "linear"}},
 }
 
-COLUMNS = ["launch", "gemm", "alloc", "htod", "dtoh", "get_function"]
+COLUMNS = ["launch", "gemm", "alloc", "htod", "dtoh", "get_function", "graph_launch"]
 
 
 def log_lines(path):

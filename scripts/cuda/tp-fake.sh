@@ -19,17 +19,7 @@ export MEDLEY_FAKE_NCCL_LOG="$work/nccl.log" MEDLEY_FAKE_CUDA_LOG="$work/calls.l
 mkdir -p "$MEDLEY_FAKE_NCCL_DIR"
 "$(dirname "$bin")/medley-fixture" model --preset tinyllama --layers 2 --dtype bf16 \
   --out "$work/model" >/dev/null
-for i in 0 1; do
-  "$(dirname "$bin")/medley-merge-dev" fixture --preset tinyllama --layers 2 --rank 16 \
-    --seed "$((300 + i))" --out "$work/adapters/a$i" >/dev/null
-done
-port=$((24000 + ($$ % 4000) * 2))
-url="http://127.0.0.1:$port"
-fail() {
-  echo "tp-fake: $1" >&2
-  grep -E "ERROR|WARN" "$work/server.log" | tail -n 8 >&2 || true
-  exit 1
-}
+fake_serving tp-fake 300 24000
 # serve GPUS: starts 2 ranks on GPUS fake GPUs; 0 once healthy, 1 when the server exits first.
 serve() {
   MEDLEY_FAKE_CUDA_DEVICES="$1" "$bin" serve --model "$work/model" --device cuda --num-shard 2 \

@@ -76,6 +76,7 @@ def report(args):
 # The report-only servers of gpu-check.sh's step 5: (name, how they differ, up to a closing
 # parenthesis).
 VARIANT_SERVERS = [
+    ("graphs", "with decode steps replayed from CUDA graphs (--cuda-graphs on, CUDA_GRAPHS=on"),
     ("stacked-fused", "with q/k/v and gate/up as one matmul each and the fused BGMV kernel "
                       "(MEDLEY_STACK_PROJECTIONS=1 MEDLEY_LORA_BGMV=fused"),
     ("no-ahead", "without decode ahead: the shard waits for the router's call before each step "

@@ -11,7 +11,10 @@
  * are read back): the calls since the previous line and the host microseconds between them.
  *
  * MEDLEY_FAKE_CUDA_DEVICES=N gives the fake N GPUs (default 1), ordinals 0 to N-1; each process
- * has its own memory (MEDLEY_FAKE_CUDA_MEMORY), as a rank on a GPU of its own. */
+ * has its own memory (MEDLEY_FAKE_CUDA_MEMORY), as a rank on a GPU of its own.
+ *
+ * Stream capture and CUDA graphs are emulated strictly (see "stream capture" below): what a real
+ * capture refuses fails here too, and is reported on stderr. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdint.h>
@@ -28,7 +31,7 @@ typedef unsigned long long dptr;
 /* ---- counters ---------------------------------------------------------------------------- */
 static const char *NAMES[C_N] = {"launch", "rt_launch", "gemm", "alloc", "free", "htod",
                                  "dtoh", "dtod", "memset", "event", "wait", "collective",
-                                 "get_function"};
+                                 "get_function", "graph_launch"};
 static unsigned long long counts[C_N], bytes_htod, bytes_dtoh, syncs;
 static double last_sync_us;
 static FILE *log_file;
@@ -168,8 +171,65 @@ static void report(const char *what) {
   last_sync_us = now_us();
 }
 
+/* ---- stream capture ----------------------------------------------------------------------
+ * A capture belongs to the thread that began it, as on the per-thread default streams candle
+ * issues its work to (another thread's work goes to its own stream and is not captured). While a
+ * thread captures, its launches, GEMMs, collectives, device-to-device copies and memsets are
+ * recorded, not run; its allocations are the graph's (kept until the graph is destroyed, and
+ * reused by every launch) and its frees of them are recorded. What a real capture refuses fails
+ * with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED (900), is reported on stderr and invalidates the
+ * capture, whose later calls then fail with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED (901), as does
+ * its end: a copy from or to host memory, a synchronisation, a synchronous allocation or free,
+ * a free of memory the graph did not allocate. Stricter than the driver: a graph that does not
+ * free everything it allocates fails to instantiate (Medley's graphs must). A launch replays the
+ * recorded copies and memsets and counts the recorded launches, GEMMs and collectives. */
+enum { N_LAUNCH, N_COUNT, N_DTOD, N_MEMSET };
+typedef struct { int kind; dptr d, s; size_t n; unsigned char v; const char *name; } gnode;
+typedef struct {
+  gnode *nodes;
+  size_t len, cap;
+  void **allocs;
+  size_t nallocs, acap, live;
+} fake_graph;
+static __thread fake_graph *capturing;
+static __thread int invalidated;
+static int memset_dev(dptr d, unsigned char v, size_t n);
+
+static int record(gnode n) {
+  fake_graph *g = capturing;
+  if (g->len == g->cap) {
+    size_t cap = g->cap ? 2 * g->cap : 256;
+    gnode *grown = realloc(g->nodes, cap * sizeof *grown);
+    if (!grown) return 2;
+    g->nodes = grown;
+    g->cap = cap;
+  }
+  g->nodes[g->len++] = n;
+  return 0;
+}
+/* A call a capture refuses: reported, and the capture invalidated. */
+static int refuse(const char *what, size_t bytes) {
+  fprintf(stderr, "fake-gpu: %s (%zu bytes) during stream capture: refused\n", what, bytes);
+  invalidated = 1;
+  return 900;
+}
+static void graph_free(fake_graph *g) {
+  if (!g) return;
+  for (size_t i = 0; i < g->nallocs; i++) dev_free(g->allocs[i]);
+  free(g->allocs);
+  free(g->nodes);
+  free(g);
+}
+
 /* Shared with the other fake libraries (fake_cuda.h). */
-void fake_cuda_count(int kind) { if (kind >= 0 && kind < C_N) counts[kind]++; }
+void fake_cuda_count(int kind) {
+  if (kind < 0 || kind >= C_N) return;
+  if (capturing && (kind == C_GEMM || kind == C_COLL)) {
+    if (!invalidated) record((gnode){.kind = N_COUNT, .n = (size_t)kind});
+    return;
+  }
+  counts[kind]++;
+}
 void *fake_cuda_alloc(size_t n) { return dev_alloc(n); }
 void fake_cuda_free(void *p) { dev_free(p); }
 int fake_cuda_device_count(void) {
@@ -262,14 +322,78 @@ int cuEventRecord(void *ev, void *s) {
   *(double *)ev = now_us();
   return 0;
 }
-int cuEventSynchronize(void *ev) { (void)ev; report("sync"); return 0; }
+int cuEventSynchronize(void *ev) {
+  (void)ev;
+  if (capturing) return refuse("an event synchronisation", 0);
+  report("sync");
+  return 0;
+}
 int cuEventElapsedTime_v2(float *ms, void *start, void *end) {
   *ms = (float)((*(double *)end - *(double *)start) / 1e3);
   return 0;
 }
 int cuStreamWaitEvent(void *s, void *ev, unsigned f) { (void)s; (void)ev; (void)f; counts[C_WAIT]++; return 0; }
-int cuStreamIsCapturing(void *s, int *status) { (void)s; *status = 0; return 0; }
-int cuStreamSynchronize(void *s) { (void)s; report("sync"); return 0; }
+int cuStreamIsCapturing(void *s, int *status) {
+  (void)s;
+  *status = capturing ? (invalidated ? 2 : 1) : 0;
+  return 0;
+}
+int cuStreamSynchronize(void *s) {
+  (void)s;
+  if (capturing) return refuse("a stream synchronisation", 0);
+  report("sync");
+  return 0;
+}
+int cuStreamBeginCapture_v2(void *s, int mode) {
+  (void)s; (void)mode;
+  if (capturing) return 401; /* CUDA_ERROR_ILLEGAL_STATE */
+  capturing = calloc(1, sizeof *capturing);
+  invalidated = 0;
+  return capturing ? 0 : 2;
+}
+int cuStreamEndCapture(void *s, void **out) {
+  (void)s;
+  fake_graph *g = capturing;
+  if (!g) return 401;
+  capturing = NULL;
+  if (invalidated) {
+    graph_free(g);
+    *out = NULL;
+    return 901;
+  }
+  *out = g;
+  return 0;
+}
+int cuGraphInstantiateWithFlags(void **exec, void *graph, unsigned long long flags) {
+  (void)flags;
+  fake_graph *g = graph;
+  if (g->live) {
+    fprintf(stderr, "fake-gpu: a graph keeps %zu of its allocations after it ends: refused\n",
+            g->live);
+    return 1;
+  }
+  *exec = g; /* the executable graph is the graph itself */
+  return 0;
+}
+int cuGraphUpload(void *exec, void *s) { (void)exec; (void)s; return 0; }
+int cuGraphLaunch(void *exec, void *s) {
+  (void)s;
+  if (capturing) return refuse("a graph launch", 0);
+  fake_graph *g = exec;
+  counts[C_GRAPH]++;
+  for (size_t i = 0; i < g->len; i++) {
+    gnode *n = &g->nodes[i];
+    switch (n->kind) {
+      case N_LAUNCH: counts[C_LAUNCH]++; tally(n->name); break;
+      case N_COUNT: counts[n->n]++; break;
+      case N_DTOD: counts[C_DTOD]++; memmove((void *)(uintptr_t)n->d, (void *)(uintptr_t)n->s, n->n); break;
+      case N_MEMSET: counts[C_MEMSET]++; memset_dev(n->d, n->v, n->n); break;
+    }
+  }
+  return 0;
+}
+int cuGraphExecDestroy(void *exec) { (void)exec; return 0; }
+int cuGraphDestroy(void *graph) { graph_free(graph); return 0; }
 int cuStreamDestroy_v2(void *s) { (void)s; return 0; }
 int cuGetErrorString(int e, const char **s) { (void)e; *s = "fake CUDA error"; return 0; }
 int cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
@@ -287,6 +411,7 @@ int cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
             (const char *)f, gx, gy, gz, bx, by, bz, smem);
     return 1;
   }
+  if (capturing) return invalidated ? 901 : record((gnode){.kind = N_LAUNCH, .name = f});
   counts[C_LAUNCH]++;
   tally((const char *)f);
   return 0;
@@ -298,23 +423,70 @@ int cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
   pthread_mutex_unlock(&pool_lock);
   return 0;
 }
-int cuMemAlloc_v2(dptr *p, size_t n) { *p = (dptr)(uintptr_t)dev_alloc(n); return *p ? 0 : 2; }
-int cuMemAllocAsync(dptr *p, size_t n, void *s) { (void)s; return cuMemAlloc_v2(p, n); }
-int cuMemFree_v2(dptr p) { dev_free((void *)(uintptr_t)p); return 0; }
-int cuMemFreeAsync(dptr p, void *s) { (void)s; return cuMemFree_v2(p); }
+int cuMemAlloc_v2(dptr *p, size_t n) {
+  if (capturing) return refuse("a synchronous allocation", n);
+  *p = (dptr)(uintptr_t)dev_alloc(n);
+  return *p ? 0 : 2;
+}
+int cuMemAllocAsync(dptr *p, size_t n, void *s) {
+  (void)s;
+  fake_graph *g = capturing;
+  if (g && invalidated) return 901;
+  void *m = dev_alloc(n);
+  if (!m) return 2;
+  if (g) {
+    if (g->nallocs == g->acap) {
+      size_t cap = g->acap ? 2 * g->acap : 64;
+      void **grown = realloc(g->allocs, cap * sizeof *grown);
+      if (!grown) return 2;
+      g->allocs = grown;
+      g->acap = cap;
+    }
+    g->allocs[g->nallocs++] = m;
+    g->live++;
+  }
+  *p = (dptr)(uintptr_t)m;
+  return 0;
+}
+int cuMemFree_v2(dptr p) {
+  if (capturing) return refuse("a synchronous free", 0);
+  dev_free((void *)(uintptr_t)p);
+  return 0;
+}
+int cuMemFreeAsync(dptr p, void *s) {
+  (void)s;
+  fake_graph *g = capturing;
+  if (!g) {
+    dev_free((void *)(uintptr_t)p);
+    return 0;
+  }
+  if (invalidated) return 901;
+  for (size_t i = 0; i < g->nallocs; i++)
+    if (g->allocs[i] == (void *)(uintptr_t)p) {
+      g->live--; /* the graph's memory: kept for its launches, released with it */
+      return 0;
+    }
+  return refuse("a free of memory allocated outside the graph", 0);
+}
 int cuMemcpyHtoDAsync_v2(dptr d, const void *h, size_t n, void *s) {
-  (void)s; counts[C_HTOD]++; bytes_htod += n;
+  (void)s;
+  if (capturing) return invalidated ? 901 : refuse("a copy from host memory", n);
+  counts[C_HTOD]++; bytes_htod += n;
   memcpy((void *)(uintptr_t)d, h, n);
   return 0;
 }
 int cuMemcpyDtoHAsync_v2(void *h, dptr d, size_t n, void *s) {
-  (void)s; counts[C_DTOH]++; bytes_dtoh += n;
+  (void)s;
+  if (capturing) return invalidated ? 901 : refuse("a copy to host memory", n);
+  counts[C_DTOH]++; bytes_dtoh += n;
   memcpy(h, (void *)(uintptr_t)d, n);
   report("dtoh"); /* a copy to pageable memory returns once done: the host waits here */
   return 0;
 }
 int cuMemcpyDtoDAsync_v2(dptr d, dptr src, size_t n, void *s) {
-  (void)s; counts[C_DTOD]++;
+  (void)s;
+  if (capturing) return invalidated ? 901 : record((gnode){.kind = N_DTOD, .d = d, .s = src, .n = n});
+  counts[C_DTOD]++;
   memmove((void *)(uintptr_t)d, (void *)(uintptr_t)src, n);
   return 0;
 }
@@ -323,7 +495,12 @@ int cuMemcpyPeerAsync(dptr d, void *dc, dptr src, void *sc, size_t n, void *s) {
   return cuMemcpyDtoDAsync_v2(d, src, n, s);
 }
 int cuMemsetD8Async(dptr d, unsigned char v, size_t n, void *s) {
-  (void)s; counts[C_MEMSET]++;
+  (void)s;
+  if (capturing) return invalidated ? 901 : record((gnode){.kind = N_MEMSET, .d = d, .v = v, .n = n});
+  counts[C_MEMSET]++;
+  return memset_dev(d, v, n);
+}
+static int memset_dev(dptr d, unsigned char v, size_t n) {
   char *p = (char *)(uintptr_t)d;
   if (v == 0 && n >= LARGE) { /* within one LARGE block's mapping (see dev_alloc) */
     const uintptr_t page = 4096;

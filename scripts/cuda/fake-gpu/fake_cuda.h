@@ -4,9 +4,10 @@
 #include <stddef.h>
 
 enum { C_LAUNCH, C_RT_LAUNCH, C_GEMM, C_ALLOC, C_FREE, C_HTOD, C_DTOH, C_DTOD, C_MEMSET,
-       C_EVENT, C_WAIT, C_COLL, C_GETFN, C_N };
+       C_EVENT, C_WAIT, C_COLL, C_GETFN, C_GRAPH, C_N };
 
-/* Counts one call of `kind`. */
+/* Counts one call of `kind` (while this thread captures a stream, a GEMM or a collective is
+ * recorded into the graph instead, and counted when the graph is launched). */
 void fake_cuda_count(int kind);
 /* Device memory (host memory here) and its release. */
 void *fake_cuda_alloc(size_t n);
