@@ -181,14 +181,17 @@ static void report(const char *what) {
  * capture, whose later calls then fail with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED (901), as does
  * its end: a copy from or to host memory, a synchronisation, a synchronous allocation or free,
  * a free of memory the graph did not allocate. Stricter than the driver: a graph that does not
- * free everything it allocates fails to instantiate (Medley's graphs must). A launch replays the
- * recorded copies and memsets and counts the recorded launches, GEMMs and collectives. */
+ * free everything it allocates fails to instantiate (Medley's graphs must). As the driver's graph
+ * memory does, an allocation reuses the memory of one the graph freed before (of the same size
+ * here), so a graph holds about its step's peak, not the sum of its allocations. A launch replays
+ * the recorded copies and memsets and counts the recorded launches, GEMMs and collectives. */
 enum { N_LAUNCH, N_COUNT, N_DTOD, N_MEMSET };
 typedef struct { int kind; dptr d, s; size_t n; unsigned char v; const char *name; } gnode;
 typedef struct {
   gnode *nodes;
   size_t len, cap;
   void **allocs;
+  char *freed; /* per allocation: freed within the graph, its memory free for a later one */
   size_t nallocs, acap, live;
 } fake_graph;
 static __thread fake_graph *capturing;
@@ -217,6 +220,7 @@ static void graph_free(fake_graph *g) {
   if (!g) return;
   for (size_t i = 0; i < g->nallocs; i++) dev_free(g->allocs[i]);
   free(g->allocs);
+  free(g->freed);
   free(g->nodes);
   free(g);
 }
@@ -432,16 +436,27 @@ int cuMemAllocAsync(dptr *p, size_t n, void *s) {
   (void)s;
   fake_graph *g = capturing;
   if (g && invalidated) return 901;
+  if (g)
+    for (size_t i = 0; i < g->nallocs; i++)
+      if (g->freed[i] && ((block *)g->allocs[i] - 1)->size == n) {
+        g->freed[i] = 0;
+        g->live++;
+        *p = (dptr)(uintptr_t)g->allocs[i];
+        return 0;
+      }
   void *m = dev_alloc(n);
   if (!m) return 2;
   if (g) {
     if (g->nallocs == g->acap) {
       size_t cap = g->acap ? 2 * g->acap : 64;
       void **grown = realloc(g->allocs, cap * sizeof *grown);
-      if (!grown) return 2;
-      g->allocs = grown;
+      char *grown_freed = realloc(g->freed, cap);
+      if (grown) g->allocs = grown;
+      if (grown_freed) g->freed = grown_freed;
+      if (!grown || !grown_freed) return 2;
       g->acap = cap;
     }
+    g->freed[g->nallocs] = 0;
     g->allocs[g->nallocs++] = m;
     g->live++;
   }
@@ -462,8 +477,9 @@ int cuMemFreeAsync(dptr p, void *s) {
   }
   if (invalidated) return 901;
   for (size_t i = 0; i < g->nallocs; i++)
-    if (g->allocs[i] == (void *)(uintptr_t)p) {
-      g->live--; /* the graph's memory: kept for its launches, released with it */
+    if (g->allocs[i] == (void *)(uintptr_t)p && !g->freed[i]) {
+      g->freed[i] = 1; /* the graph's memory: kept for its launches, released with it */
+      g->live--;
       return 0;
     }
   return refuse("a free of memory allocated outside the graph", 0);

@@ -74,6 +74,14 @@ impl Engine {
         if self.graphs.on() {
             let positions = max_total_tokens.clamp(1, self.max_positions());
             self.model.build_rope_table(positions)?;
+            if self.model.device_positions() == 0 {
+                tracing::warn!(
+                    "--cuda-graphs on has no effect here: decode steps are recorded on a GPU at \
+                     world size 1 with a dense embedding"
+                );
+            } else {
+                tracing::info!(positions, "decode steps are replayed from CUDA graphs");
+            }
         }
         Ok(())
     }
