@@ -1,5 +1,5 @@
 //! The engine's forward steps: run as they come, or, with `--cuda-graphs`, decode steps replayed
-//! from CUDA graphs ([`crate::model::graphs`]).
+//! from CUDA graphs (`medley_shard::model::graphs`, CUDA builds).
 
 use candle_core::Tensor;
 
@@ -49,7 +49,7 @@ impl StepGraphs {
 
 impl Engine {
     /// Replays decode steps from CUDA graphs when `on` (`--cuda-graphs`; see
-    /// [`crate::model::graphs`]): on a GPU at world size 1 with a dense embedding, from the
+    /// `medley_shard::model::graphs`): on a GPU at world size 1 with a dense embedding, from the
     /// warm-up on. Without a GPU, or in a build without CUDA, steps run as they come.
     pub fn with_cuda_graphs(mut self, on: bool) -> Self {
         self.graphs = StepGraphs::new(on);

@@ -58,7 +58,7 @@ impl Rope {
 /// cos/sin of every position below [`RopeTable::len`], `[len, head_dim / 2]` each in the
 /// compute dtype, computed as [`Rope::tables`] computes a step's (elementwise, hence the same
 /// values bit for bit): a step whose positions are on the GPU gathers its rows from it
-/// ([`RopeTable::at`]) instead of computing them.
+/// (`RopeTable::at`, CUDA builds) instead of computing them.
 #[derive(Debug, Clone)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub struct RopeTable {
