@@ -76,6 +76,8 @@ for dtype in bf16 f16 f32; do
     fail "$dtype: a decode step could not be recorded"
   fi
   [ "$mixed" -gt 0 ] || fail "$dtype: no decode step of the mixed batches was replayed"
+  grep -q "decode steps replayed from CUDA graphs" "$work/server.log" \
+    || fail "$dtype: the shard never logged its graph counts"
   [ "$alone" -ge 40 ] || fail "$dtype: only $alone of the lone stream's 47 decode steps were replayed"
   echo "graphs-fake: $dtype: $mixed decode steps of the mixed batches and $alone of the lone stream's 47 replayed" >&2
   kill "$pid"

@@ -67,6 +67,7 @@ def report(args):
             [("attention", "attn"), ("batch", "batch")], s["rows"])
     lines += targets(d)
     lines += memory_table(d)
+    lines += graph_table(d)
     steps = os.path.join(d, "steps.txt")
     if os.path.exists(steps):
         lines += ["## Steps", "", "```", open(steps).read().strip(), "```", ""]
@@ -121,6 +122,37 @@ def memory_table(d):
     return (["## GPU memory at start-up (KV cache sized from the GPU's memory at the warm-up; "
              "MiB unless named tokens)", "", "| " + " | ".join(heads) + " |",
              "|" + "---|" * len(heads)]
+            + ["| " + " | ".join(r) + " |" for r in rows] + [""])
+
+
+# The shard's periodic CUDA-graph line (shard/src/model/graphs.rs) and the fields graph_table
+# shows of the last one of each server.
+GRAPHS_LINE = "decode steps replayed from CUDA graphs"
+GRAPH_FIELDS = ["replayed", "recorded", "eager", "failed", "graphs"]
+GRAPH_FAILED_LINE = "could not be recorded into a CUDA graph"
+
+
+def graph_table(d):
+    """Each CUDA-graph server's decode steps by how they ran (the last count its log gave, at a
+    power-of-two number of replays) and its first failed recording, if any."""
+    rows = []
+    for f in sorted(x for x in os.listdir(d) if x.startswith("server-") and x.endswith(".log")):
+        last, failed = None, ""
+        for line in open(os.path.join(d, f), errors="replace"):
+            line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+            if GRAPHS_LINE in line:
+                last = dict(re.findall(r"\b(\w+)=([0-9.]+)", line))
+            elif GRAPH_FAILED_LINE in line and not failed:
+                failed = (re.findall(r"error=(.*?)(?: failures=|$)", line) or [line.strip()])[0]
+        if last is not None or failed:
+            last = last or {}
+            rows.append([f[len("server-"):-len(".log")]] + [last.get(k, "") for k in GRAPH_FIELDS]
+                        + [failed.replace("|", "/")[:160]])
+    if not rows:
+        return []
+    heads = ["server"] + GRAPH_FIELDS + ["first failed recording"]
+    return (["## CUDA graphs (--cuda-graphs on: decode steps by how they ran, at the log's last "
+             "count)", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
             + ["| " + " | ".join(r) + " |" for r in rows] + [""])
 
 

@@ -253,8 +253,21 @@ impl DecodeGraphs {
             entry.write(plan, &index()?, model.device())?;
             entry.graph.0.launch().w()?;
             entry.used = self.clock;
+            let logits = entry.logits.clone();
             self.stats.replayed += 1;
-            return Ok(entry.logits.clone());
+            // At the 1st, 2nd, 4th, 8th... replay: a log line whose spacing grows with the run.
+            if self.stats.replayed.is_power_of_two() {
+                let s = self.stats;
+                tracing::info!(
+                    replayed = s.replayed,
+                    recorded = s.recorded,
+                    eager = s.eager,
+                    failed = s.failed,
+                    graphs = self.entries.len(),
+                    "decode steps replayed from CUDA graphs"
+                );
+            }
+            return Ok(logits);
         }
         if self.seen.len() > 4 * self.capacity {
             self.seen.clear();
