@@ -46,7 +46,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention::GpuIndex;
 use super::batch::{BatchPlan, ForwardBatch};
 use super::gather_cuda::write_words;
-use super::llama::{DeviceIds, LlamaModel, StepInputs};
+use super::llama::{LlamaModel, StepInputs};
 use super::paged_index::PagedIndex;
 use super::{LoraDelta, ModelError};
 use crate::kv_cache::KvCache;
@@ -93,8 +93,8 @@ pub fn recording() -> bool {
 
 /// Counts of the steps [`DecodeGraphs::forward`] ran, by how.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GraphStats {
-    /// Steps run eagerly (not recordable, or a key's first step).
+struct GraphStats {
+    /// Steps run eagerly (not recordable, or before their key is recorded).
     pub eager: u64,
     /// Graphs recorded.
     pub recorded: u64,
@@ -162,21 +162,6 @@ impl DecodeGraphs {
         self.refused.clear();
     }
 
-    /// Graphs kept.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether none is kept.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The steps run so far, by how.
-    pub fn stats(&self) -> GraphStats {
-        self.stats
-    }
-
     /// [`LlamaModel::forward`], replayed from a graph when the step can be (see the module
     /// docs); the same logits either way.
     pub fn forward(
@@ -219,8 +204,7 @@ impl DecodeGraphs {
     ) -> Option<Key> {
         let rows = plan.num_rows();
         let decode = plan.chunks.iter().all(|c| c.len == 1) && plan.logit_rows.len() == rows;
-        let positions = model.device_positions();
-        let inside = plan.positions.iter().all(|&p| (p as usize) < positions);
+        let inside = model.reads_ids_on_device(plan);
         let kernels = super::attention::recordable(kv, model.config().head_dim);
         if self.failures >= MAX_FAILURES
             || !kernels
@@ -356,12 +340,8 @@ fn record(
     let Device::Cuda(dev) = device else {
         return Err(ModelError::InvalidBatch("CUDA graphs need a GPU".into()));
     };
-    let rows = plan.num_rows();
     let inputs = StepInputs {
-        ids: Some(DeviceIds {
-            ids: Tensor::from_slice(&plan.tokens, rows, device)?,
-            positions: Tensor::from_slice(&plan.positions, rows, device)?,
-        }),
+        ids: Some(model.upload_ids(plan)?),
         gpu: Some(GpuIndex::upload(index, device)?),
     };
     let vocab = model.config().vocab_size;

@@ -395,23 +395,31 @@ impl LlamaModel {
         Ok(plan)
     }
 
-    /// `plan`'s inputs uploaded for one step: its ids and positions when the rotary table holds
-    /// its positions, and the paged attention's index.
+    /// Whether `plan`'s step reads its ids and positions on the device: the rotary table holds
+    /// every one of its positions.
+    pub(crate) fn reads_ids_on_device(&self, plan: &BatchPlan) -> bool {
+        let positions = self.device_positions();
+        positions > 0 && plan.positions.iter().all(|&p| (p as usize) < positions)
+    }
+
+    /// `plan`'s token ids and positions uploaded to the device.
+    pub(crate) fn upload_ids(&self, plan: &BatchPlan) -> Result<DeviceIds, ModelError> {
+        let rows = plan.num_rows();
+        Ok(DeviceIds {
+            ids: Tensor::from_slice(&plan.tokens, rows, &self.device)?,
+            positions: Tensor::from_slice(&plan.positions, rows, &self.device)?,
+        })
+    }
+
+    /// `plan`'s inputs uploaded for one step: its ids and positions when it reads them on the
+    /// device, and the paged attention's index.
     pub(crate) fn upload_inputs(
         &self,
         plan: &BatchPlan,
         kv: &KvCache,
     ) -> Result<StepInputs, ModelError> {
-        let below = plan
-            .positions
-            .iter()
-            .all(|&p| (p as usize) < self.device_positions());
-        let ids = if below {
-            let rows = plan.num_rows();
-            Some(DeviceIds {
-                ids: Tensor::from_slice(&plan.tokens, rows, &self.device)?,
-                positions: Tensor::from_slice(&plan.positions, rows, &self.device)?,
-            })
+        let ids = if self.reads_ids_on_device(plan) {
+            Some(self.upload_ids(plan)?)
         } else {
             None
         };
