@@ -352,13 +352,19 @@ kernels_passed() {
 # the eager server's (a replay over stale inputs or buffers shows here), their bf16 tokens
 # against the eager bf16 server's (the same kernels; report only: cuBLAS may pick other GEMM
 # algorithms while capturing) and the oracle's, and speed rows for the A/B that decides the
-# default. The dry run runs the f32 step too (the CPU ignores the flag), so the steps cannot rot.
+# default. Then the same requests all at once on that server: 6 rows of base, adapter and merge
+# in one batch, padded to a graph's 8 rows, the LoRA row table written before each replay; their
+# tokens against the oracle too. The dry run runs the f32 steps too (the CPU ignores the flag),
+# so the steps cannot rot.
 graphs_f32() {
-  CUDA_GRAPHS=on step "medley $device f32 tokens, CUDA graphs" 120 \
-    medley_tokens "$device-f32-graphs" "$device" f32 &&
+  CUDA_GRAPHS=on step "medley $device f32 tokens, CUDA graphs" 150 \
+    medley_tokens_and_batch "$device-f32-graphs" "$device" f32 &&
     step "compare f32 graphs" 30 compare \
       "medley $device f32 CUDA graphs vs transformers+peft $device f32" \
-      tokens-hf-f32.json "tokens-medley-$device-f32-graphs.json"
+      tokens-hf-f32.json "tokens-medley-$device-f32-graphs.json" &&
+    step "compare f32 graphs, one batch" 30 compare \
+      "medley $device f32 CUDA graphs, one batch vs transformers+peft $device f32" \
+      tokens-hf-f32.json "tokens-medley-$device-f32-graphs-batch.json"
 }
 optional "CUDA graphs f32 server" graphs_f32
 if [ "$mode" = gpu ]; then

@@ -3,7 +3,7 @@
 client, the comparisons and the report. Each subcommand writes one JSON file, so the shell
 driver can run the steps under time limits and a partial run still reports what finished.
 
-    check.py medley-tokens --url URL --out F        greedy tokens of every case from a server
+    check.py medley-tokens --url URL --out F [--at-once]  greedy tokens of every case from a server
     check.py hf-tokens --model DIR --adapters DIR --dtype D --device DEV --out F
     check.py compare --name N --reference F --candidate F [--require K] --out F
     check.py medley-speed --url URL --streams 1,8,32 --new-tokens N [--configs base,...] --out F
@@ -88,11 +88,21 @@ def stream_decode_rate(url, prompt, params, new_tokens):
 
 
 def medley_tokens(args):
-    out = {"prompts": [], "cases": {}}
+    """Greedy tokens of every (case, prompt), one request at a time or, with `--at-once`, all
+    together: one batch of base, adapter and merge rows (with CUDA graphs, padded to a graph's
+    size and with a row table per replay)."""
+    out = {"prompts": [], "cases": {case: [] for case in CASES}}
     for prompt in PROMPTS:
         out["prompts"].append([t["id"] for t in post(f"{args.url}/tokenize", {"inputs": prompt})])
-    for case in CASES:
-        out["cases"][case] = [generate(args.url, p, case_params(case), STEPS) for p in PROMPTS]
+    jobs = [(case, prompt) for case in CASES for prompt in PROMPTS]
+    run = lambda job: generate(args.url, job[1], case_params(job[0]), STEPS)
+    if args.at_once:
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(run, jobs))
+    else:
+        got = [run(job) for job in jobs]
+    for (case, _), tokens in zip(jobs, got):
+        out["cases"][case].append(tokens)
     write(args.out, out)
 
 
@@ -364,6 +374,8 @@ def main():
     p.add_argument("--url", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--merge-adapters", type=int, default=3, choices=[2, 3], help=merge_help)
+    p.add_argument("--at-once", action="store_true",
+                   help="send every request together (one batch) instead of one at a time")
     p = sub.add_parser("hf-tokens")
     for a in ("--model", "--adapters", "--out"):
         p.add_argument(a, required=True)

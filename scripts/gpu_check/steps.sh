@@ -84,6 +84,14 @@ medley_tokens() {
     --merge-adapters "${merge_adapters:-3}"
 }
 
+# medley_tokens_and_batch NAME DEVICE DTYPE: the tokens, then the same requests all at once on
+# that server (one batch) -> tokens-medley-NAME-batch.json.
+medley_tokens_and_batch() {
+  medley_tokens "$@" || return 1
+  "$py" "$check" medley-tokens --url "$server_url" --out "$res/tokens-medley-$1-batch.json" \
+    --merge-adapters "${merge_adapters:-3}" --at-once
+}
+
 # medley_tokens_and_speed NAME DEVICE DTYPE: the tokens, then the speed table, on one server
 # (-> $speed_file, default speed-medley.json; configs $speed_configs, default all three).
 medley_tokens_and_speed() {

@@ -35,15 +35,16 @@ impl LoraDelta for AdapterStore {
             .ok_or_else(|| candle_core::Error::Msg("lora: no output".into()))
     }
 
-    /// Every row's slot, then each used slot's adapter serial: the kernels and their tables
-    /// follow from the rows' slots and the adapters' factors. Only the kernel path records.
+    /// Each distinct slot of the step and its adapter's serial: with the uniform mapping the
+    /// kernels and their factor tables follow from them, the row table is the graph's input.
+    /// Only the kernel path records.
     fn graph_key(&self, rows: &RowSlots) -> Option<Vec<u64>> {
         if rows.has_adapters() && self.backend() != LoraBackend::Kernels {
             return None;
         }
-        let mut key: Vec<u64> = rows.slots().iter().map(|&s| u64::from(s)).collect();
+        let mut key = Vec::with_capacity(2 * rows.groups().len());
         for (slot, _) in rows.groups() {
-            key.push(self.get(*slot)?.serial());
+            key.extend([u64::from(*slot), self.get(*slot)?.serial()]);
         }
         Some(key)
     }
@@ -60,8 +61,8 @@ impl LoraDelta for AdapterStore {
         if !rows.has_adapters() {
             return split_columns(&y, widths);
         }
-        // The slots of this step that have any of the modules, ascending, with each module's
-        // factors.
+        // The slots of this step that have any of the modules (every slot with the uniform
+        // mapping), ascending, with each module's factors.
         let mut used: Vec<(u32, Vec<Option<&DeviceModule>>)> =
             Vec::with_capacity(rows.groups().len());
         for (slot, _) in rows.groups() {
@@ -70,11 +71,14 @@ impl LoraDelta for AdapterStore {
                 .ok_or_else(|| candle_core::Error::Msg(format!("adapter slot {slot} is empty")))?;
             let found: Vec<Option<&DeviceModule>> =
                 modules.iter().map(|&m| adapter.module(layer, m)).collect();
-            if found.iter().any(Option::is_some) {
+            if rows.uniform() || found.iter().any(Option::is_some) {
                 used.push((*slot, found));
             }
         }
-        if used.is_empty() {
+        if used
+            .iter()
+            .all(|(_, found)| found.iter().all(Option::is_none))
+        {
             return split_columns(&y, widths);
         }
         if self.backend() == LoraBackend::Kernels {
@@ -127,18 +131,24 @@ fn apply_kernels(
     } else {
         y.contiguous()?
     };
-    let adapter_of = |slot: u32| used.binary_search_by_key(&slot, |(s, _)| *s).ok();
-    // Sized up front: a decode step makes one segment per row, and this runs for every
-    // projection of every layer.
-    let runs = rows.runs();
-    let mut segments = Vec::with_capacity(runs.len());
-    segments.extend(runs.iter().filter_map(|r| {
-        adapter_of(r.slot).map(|adapter| Segment {
-            start: r.start,
-            len: r.len,
-            adapter,
-        })
-    }));
+    let mapping = if rows.uniform() {
+        // `used` holds every slot of the step, in the groups' order.
+        KernelRows::PerRow(rows.group_indices())
+    } else {
+        let adapter_of = |slot: u32| used.binary_search_by_key(&slot, |(s, _)| *s).ok();
+        // Sized up front: a decode step makes one segment per row, and this runs for every
+        // projection of every layer.
+        let runs = rows.runs();
+        let mut segments = Vec::with_capacity(runs.len());
+        segments.extend(runs.iter().filter_map(|r| {
+            adapter_of(r.slot).map(|adapter| Segment {
+                start: r.start,
+                len: r.len,
+                adapter,
+            })
+        }));
+        KernelRows::from_segments(rows.len(), segments)
+    };
     let mut entries = Vec::with_capacity(used.len() * widths.len());
     entries.extend(used.iter().flat_map(|(_, found)| {
         found.iter().map(|m| {
@@ -153,12 +163,7 @@ fn apply_kernels(
         widths: widths.to_vec(),
         entries,
     };
-    add_lora_parts(
-        &x,
-        &y,
-        &KernelRows::from_segments(rows.len(), segments),
-        &factors,
-    )?;
+    add_lora_parts(&x, &y, &mapping, &factors)?;
     y.to_dtype(out_dtype)
 }
 
@@ -260,11 +265,14 @@ mod tests {
         out
     }
 
+    /// `st`'s delta of `module` over rows of `slots` (uniformly mapped when `uniform`), and
+    /// the dense formula's.
     fn run(
         st: &AdapterStore,
         module: TargetModule,
         slots: &[u32],
         dtype: DType,
+        uniform: bool,
     ) -> (Vec<f32>, Vec<f32>) {
         let (out, inp) = BaseModules::from_config(&tiny_config()).shape(module);
         let n = slots.len();
@@ -275,9 +283,9 @@ mod tests {
         let y = Tensor::from_slice(&yv, (n, out), &Device::Cpu)
             .and_then(|t| t.to_dtype(dtype))
             .expect("y");
-        let got = st
-            .apply(1, module, &x, y, &RowSlots::new(slots.to_vec()))
-            .expect("apply");
+        let rows = RowSlots::new(slots.to_vec());
+        let rows = if uniform { rows.into_uniform() } else { rows };
+        let got = st.apply(1, module, &x, y, &rows).expect("apply");
         assert_eq!(got.dtype(), dtype);
         let got = got
             .to_dtype(DType::F32)
@@ -295,25 +303,25 @@ mod tests {
         (got, dense(st, module, &round(&xv), &round(&yv), slots))
     }
 
-    /// f32: sums of at most 176 products of values below 1 in magnitude, f32 vs f64 accumulation:
-    /// well below 1e-5. bf16: one rounding of the result to bf16 (relative 2⁻⁸).
-    /// The graph key names every row's slot and each used slot's adapter: equal for the same
-    /// rows over the same adapters, different when a row moves or a slot's adapter is loaded
-    /// again (new tensors); the candle path is not recorded, the base model always is.
+    /// The graph key names the step's slots and their adapters, not which row uses which
+    /// (the uniform mapping's row table is the graph's input): equal for the same adapters
+    /// over other rows, different for another set or when a slot's adapter is loaded again
+    /// (new tensors); the candle path is not recorded, the base model always is.
     #[test]
-    fn graph_keys_name_the_rows_and_their_adapters() {
+    fn graph_keys_name_the_step_s_adapters() {
         let mut st = store(LoraBackend::Kernels);
         let rows = RowSlots::new(vec![1, 0, 3, 1]);
         let key = st.graph_key(&rows).expect("kernels record");
         assert_eq!(
-            st.graph_key(&RowSlots::new(vec![1, 0, 3, 1])),
-            Some(key.clone())
-        );
-        assert_ne!(
             st.graph_key(&RowSlots::new(vec![3, 0, 1, 1])),
             Some(key.clone())
         );
-        assert_eq!(st.graph_key(&RowSlots::new(vec![0, 0])), Some(vec![0, 0]));
+        assert_eq!(st.graph_key(&RowSlots::new(vec![3, 1])), Some(key.clone()));
+        assert_ne!(
+            st.graph_key(&RowSlots::new(vec![0, 3, 3])),
+            Some(key.clone())
+        );
+        assert_eq!(st.graph_key(&RowSlots::new(vec![0, 0])), Some(vec![]));
         assert_eq!(st.graph_key(&RowSlots::new(vec![2])), None, "an empty slot");
         // The same adapter loaded again into slot 3: other tensors, another key.
         let again = store(LoraBackend::Kernels);
@@ -322,13 +330,14 @@ mod tests {
         assert_ne!(st.graph_key(&rows), Some(key));
         let candle = store(LoraBackend::Candle);
         assert_eq!(candle.graph_key(&rows), None);
-        assert_eq!(
-            candle.graph_key(&RowSlots::new(vec![0, 0])),
-            Some(vec![0, 0])
-        );
+        assert_eq!(candle.graph_key(&RowSlots::new(vec![0, 0])), Some(vec![]));
         assert_eq!(crate::model::NoLora.graph_key(&rows), Some(Vec::new()));
     }
 
+    /// f32: sums of at most 176 products of values below 1 in magnitude, f32 vs f64 accumulation:
+    /// well below 1e-5. bf16: one rounding of the result to bf16 (relative 2⁻⁸). The kernel
+    /// path also with the uniform mapping, where slot 1 takes part in the calls of the modules
+    /// it lacks (no factors: its rows are left alone).
     #[test]
     fn both_backends_match_the_dense_formula() {
         let prefill = [0, 1, 1, 1, 3, 3, 0, 1];
@@ -347,23 +356,32 @@ mod tests {
                 .is_err()
             );
             let decode = [3, 1, 0, 3, 1, 0, 1];
+            let mappings: &[bool] = match backend {
+                LoraBackend::Kernels => &[false, true],
+                LoraBackend::Candle => &[false],
+            };
             for module in TargetModule::ALL {
-                for slots in [&prefill[..], &decode[..]] {
-                    let (got, want) = run(&st, module, slots, DType::F32);
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!((g - w).abs() <= 1e-5, "{backend:?} {module:?}: {g} vs {w}");
-                    }
-                    let (got, want) = run(&st, module, slots, DType::BF16);
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (g - w).abs() <= 2f32.powi(-8) * w.abs() + 1e-6,
-                            "{backend:?} bf16 {module:?}: {g} vs {w}"
-                        );
+                for &uniform in mappings {
+                    for slots in [&prefill[..], &decode[..]] {
+                        let (got, want) = run(&st, module, slots, DType::F32, uniform);
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!(
+                                (g - w).abs() <= 1e-5,
+                                "{backend:?} {module:?} uniform {uniform}: {g} vs {w}"
+                            );
+                        }
+                        let (got, want) = run(&st, module, slots, DType::BF16, uniform);
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!(
+                                (g - w).abs() <= 2f32.powi(-8) * w.abs() + 1e-6,
+                                "{backend:?} bf16 {module:?} uniform {uniform}: {g} vs {w}"
+                            );
+                        }
                     }
                 }
             }
             // Rows of the base model are returned unchanged, bit for bit.
-            let (got, want) = run(&st, TargetModule::K, &[0, 0], DType::F32);
+            let (got, want) = run(&st, TargetModule::K, &[0, 0], DType::F32, false);
             assert_eq!(got, want);
             st.set_backend(LoraBackend::Candle);
         }

@@ -224,7 +224,18 @@ pub(super) fn add_lora(
     } else {
         BgmvKernels::PerRow
     };
-    let rows = device_table(&ROW_TABLES, dev, pack_words(map))?;
+    // A step recorded into a CUDA graph reads the graph's own row table, which each replay
+    // rewrites: the step's uniform mapping, one adapter index per row.
+    let rows = if crate::model::graphs::recording() {
+        match crate::model::graphs::recorded_rows(&map).filter(|_| per_row) {
+            Some(table) => table,
+            None => {
+                candle_core::bail!("lora op: a recorded step's rows are not the graph's row table")
+            }
+        }
+    } else {
+        device_table(&ROW_TABLES, dev, pack_words(map))?
+    };
     for pass in 0..passes {
         let slice = |f: &Option<LoraFactors<'_>>| f.map_or(0, |f| RankSlice::of(f.rank, pass).rank);
         // The intermediate's row: an adapter's ranks over its parts, concatenated.

@@ -21,7 +21,7 @@ mod delta;
 mod error;
 #[cfg(feature = "cuda")]
 mod lora_op_cuda;
-mod upload_cache;
+pub(crate) mod upload_cache;
 
 pub mod base;
 pub mod config;

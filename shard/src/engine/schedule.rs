@@ -125,6 +125,10 @@ fn fit(
         if needed <= available {
             return Ok(Some(want));
         }
+        // The padding rows of CUDA graph steps give their block back first.
+        if kv.release_pad_block() {
+            continue;
+        }
         if !decoding {
             // A prompt chunk takes what fits in the blocks left, if anything.
             let room = room(kv, id, computed, want)?;

@@ -146,6 +146,8 @@ pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     pool: BlockPool,
     seqs: HashMap<u64, SeqEntry>,
+    /// The block padding rows write into ([`KvCache::pad_block`]).
+    pad: Option<u32>,
 }
 
 impl std::fmt::Debug for KvCache {
@@ -195,6 +197,7 @@ impl KvCache {
             layers,
             pool: BlockPool::new(num_blocks),
             seqs: HashMap::new(),
+            pad: None,
         })
     }
 
@@ -299,6 +302,31 @@ impl KvCache {
     /// The block table of `seq_id`.
     pub fn blocks(&self, seq_id: u64) -> Option<&[u32]> {
         self.seqs.get(&seq_id).map(|e| e.blocks.as_slice())
+    }
+
+    /// A block no sequence holds, for the padding rows of CUDA graph steps to write their
+    /// keys and values into (`BatchPlan::padded`): taken from the free blocks on first use
+    /// (never evicting a cached one) and kept until [`KvCache::release_pad_block`]. `None`
+    /// when no block is free.
+    pub fn pad_block(&mut self) -> Option<u32> {
+        if self.pad.is_none() {
+            self.pad = self.pool.alloc_free();
+        }
+        self.pad
+    }
+
+    /// The pad block, if one is held ([`KvCache::pad_block`]).
+    pub fn held_pad_block(&self) -> Option<u32> {
+        self.pad
+    }
+
+    /// Gives the pad block back to the pool (a sequence needs it); `true` when one was held.
+    pub fn release_pad_block(&mut self) -> bool {
+        let Some(block) = self.pad.take() else {
+            return false;
+        };
+        self.pool.release(block);
+        true
     }
 
     /// Tokens per block.

@@ -100,6 +100,13 @@ impl BlockPool {
         Some(block)
     }
 
+    /// Takes a free block (refcount 1), never evicting a cached one. `None` when none is free.
+    pub fn alloc_free(&mut self) -> Option<u32> {
+        let block = self.free.pop()?;
+        self.refcount[block as usize] = 1;
+        Some(block)
+    }
+
     /// Adds a holder to an in-use block (a fork).
     pub fn retain(&mut self, block: u32) {
         self.refcount[block as usize] += 1;

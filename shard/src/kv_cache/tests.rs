@@ -233,3 +233,25 @@ fn a_shared_partial_block_is_copied_on_write() {
     kv.free(2);
     assert_eq!(kv.stats().used_blocks, 0);
 }
+
+/// The pad block is a free block, kept until released, never a cached one.
+#[test]
+fn the_pad_block_takes_a_free_block_only() {
+    let mut kv = cache(16, 4, true);
+    let a = AdapterIdentity::BASE;
+    let p: Vec<u32> = (0..12).collect();
+    kv.allocate_cached(1, 64, a, &p).unwrap();
+    append(&mut kv, 1, 1.0, &p);
+    let pad = kv.pad_block().expect("one block is free");
+    assert!(!kv.blocks(1).unwrap().contains(&pad));
+    assert_eq!(kv.pad_block(), Some(pad), "kept");
+    assert_eq!((kv.available_blocks(), kv.stats().used_blocks), (0, 4));
+    assert!(kv.release_pad_block() && !kv.release_pad_block());
+    assert_eq!(kv.available_blocks(), 1);
+    // Sequence 1's blocks are cached once it is freed: none is free, so no pad block.
+    kv.free(1);
+    kv.allocate(2, 64).unwrap();
+    kv.reserve(2, 4).unwrap();
+    assert_eq!(kv.pad_block(), None);
+    assert_eq!(kv.stats().evictions, 0);
+}

@@ -368,6 +368,13 @@ impl Attention {
                 let qc = q.narrow(0, c.offset, c.len)?;
                 outs.push(self.attend(&qc, &keys, &values, c.start, lo)?);
             }
+            // Padding rows (`BatchPlan::padded`) attend to nothing here: zero, as the CPU
+            // kernel leaves them.
+            let pad = plan.pad_rows();
+            if pad > 0 {
+                let width = self.num_heads * self.head_dim;
+                outs.push(Tensor::zeros((pad, width), q.dtype(), q.device())?);
+            }
             if outs.len() == 1 {
                 outs.swap_remove(0)
             } else {

@@ -45,6 +45,21 @@ impl ForwardBatch {
     }
 }
 
+/// The size a decode step of `rows` rows is padded to for a CUDA graph: 1, 2 and 4, then the
+/// next multiple of 8 (vLLM's sizes): a graph serves a batch while requests join and leave,
+/// and a step computes at most 7 rows more than it needs.
+#[cfg_attr(
+    not(feature = "cuda"),
+    allow(dead_code, reason = "CUDA graphs use it; tests elsewhere")
+)]
+pub(crate) fn graph_rows(rows: usize) -> usize {
+    match rows {
+        0..=2 => rows,
+        3..=4 => 4,
+        _ => rows.next_multiple_of(8),
+    }
+}
+
 /// Where one chunk's rows sit in the flattened batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ChunkPlan {
@@ -66,6 +81,8 @@ pub(crate) struct BatchPlan {
     pub row_slots: RowSlots,
     /// Rows whose logits are returned, in output order.
     pub logit_rows: Vec<u32>,
+    /// The KV block the padding rows write into ([`BatchPlan::padded`]).
+    pub pad_block: Option<u32>,
 }
 
 impl BatchPlan {
@@ -88,6 +105,7 @@ impl BatchPlan {
             positions: Vec::with_capacity(total),
             row_slots: RowSlots::default(),
             logit_rows: Vec::with_capacity(batch.num_logit_rows()),
+            pad_block: None,
         };
         for c in &batch.chunks {
             let n = c.tokens.len();
@@ -144,5 +162,57 @@ impl BatchPlan {
     /// Number of rows in the flattened batch.
     pub fn num_rows(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// Rows past the last chunk's ([`BatchPlan::padded`]).
+    pub fn pad_rows(&self) -> usize {
+        let chunked = self.chunks.last().map_or(0, |c| c.offset + c.len);
+        self.num_rows() - chunked
+    }
+
+    /// This decode step grown to `rows` rows (a CUDA graph's size, `model::graphs`) with the
+    /// uniform LoRA mapping ([`RowSlots::uniform`]). Each added row decodes token 0 at
+    /// position 0 with the base model, in no chunk: on a GPU it writes its key and value into
+    /// `pad_block` (a KV block no sequence holds) and attends to that one position; elsewhere
+    /// its attention output is zero. Its logits follow the step's. Rows are independent, so
+    /// the step's own rows come out as they would alone.
+    #[cfg_attr(
+        not(feature = "cuda"),
+        allow(dead_code, reason = "CUDA graphs use it; tests elsewhere")
+    )]
+    pub fn padded(&self, rows: usize, pad_block: u32) -> Self {
+        let extra = rows.saturating_sub(self.num_rows());
+        let mut plan = self.clone();
+        let first = plan.num_rows() as u32;
+        plan.tokens.extend(std::iter::repeat_n(0, extra));
+        plan.positions.extend(std::iter::repeat_n(0, extra));
+        let mut slots = self.row_slots.slots().to_vec();
+        slots.extend(std::iter::repeat_n(0, extra));
+        plan.row_slots = RowSlots::new(slots).into_uniform();
+        plan.logit_rows.extend(first..first + extra as u32);
+        plan.pad_block = (extra > 0).then_some(pad_block);
+        plan
+    }
+
+    /// This step with the uniform LoRA mapping ([`RowSlots::uniform`]), not padded.
+    #[cfg_attr(
+        not(feature = "cuda"),
+        allow(dead_code, reason = "CUDA graphs use it; tests elsewhere")
+    )]
+    pub fn with_uniform_rows(mut self) -> Self {
+        self.row_slots = self.row_slots.into_uniform();
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn graph_sizes_are_1_2_4_and_multiples_of_8() {
+        let sizes: Vec<usize> = (1..=17).map(super::graph_rows).collect();
+        let want = [1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 24];
+        assert_eq!(sizes, want);
+        assert_eq!(super::graph_rows(249), 256);
+        assert_eq!(super::graph_rows(256), 256);
     }
 }

@@ -7,21 +7,28 @@
 //!
 //! **What is recorded.** A step in which every sequence decodes one token, on a GPU at world
 //! size 1, whose ids and positions the model reads on the device ([`LlamaModel::build_rope_table`])
-//! and whose LoRA delta can be recorded ([`LoraDelta::graph_key`]). Its key is the number of
-//! rows and the LoRA key (every row's slot and the identity of each slot's adapter): two steps
-//! with one key launch the same kernels with the same arguments over the same buffers, only the
-//! token ids, positions and paged index differ. The first [`RECORD_AFTER`] steps of a key run
-//! eagerly (the first also fills the caches the recorded kernels read: kernel modules, LoRA
-//! tables, the LoRA workspace); the next is recorded and launched; later ones are replayed. A
-//! batch that changes every few steps (requests joining and leaving) is never recorded; the
-//! next step in this direction is rows padded to a few sizes and the LoRA mapping as an input
-//! (vLLM's way), which needs slot-indexed LoRA tables.
+//! and whose LoRA delta can be recorded ([`LoraDelta::graph_key`]). Its rows are padded to a
+//! graph's size ([`graph_rows`]: 1, 2, 4, then multiples of 8, as vLLM does), and every LoRA
+//! call of the step maps rows to adapters the same way ([`super::RowSlots::uniform`]): one
+//! adapter index per row among the step's adapters. Its key is the padded size and the step's
+//! adapters (their slots and which adapter each holds), not which row uses which: two steps
+//! with one key launch the same kernels with the same arguments over the same buffers, only
+//! their inputs differ. So a batch keeps its graph while requests leave it (down to the next
+//! size) and while its rows move between its adapters. The first [`RECORD_AFTER`] steps of a
+//! key run eagerly (the first also fills the caches the recorded kernels read: kernel modules,
+//! LoRA tables, the LoRA workspace); the next is recorded and launched; later ones are replayed.
 //!
-//! **Inputs.** Each graph owns its ids, positions and paged index (block tables padded to the
-//! longest a request may reach, so that one layout serves while the sequences grow) and its
-//! logits. A replay writes the step's words into them, then launches. Every buffer the recorded
-//! kernels read that a cache owns (LoRA tables and workspace) is kept alive by the graph
-//! ([`keep`]), and every tensor the step allocates is freed within it.
+//! **Padding.** An added row decodes token 0 at position 0 with the base model and writes its
+//! key and value into the KV cache's pad block ([`KvCache::pad_block`]: a block no sequence
+//! holds, taken when one is free and given back first when a sequence needs it), so it touches
+//! no sequence's cache; its logits are computed and dropped. Without a pad block the step is
+//! recorded at its own size.
+//!
+//! **Inputs.** Each graph owns its ids, positions, paged index (block tables padded to the
+//! longest a request may reach, so that one layout serves while the sequences grow), LoRA row
+//! table and logits. A replay writes the step's words into them, then launches. Every buffer
+//! the recorded kernels read that a cache owns (LoRA factor tables and workspace) is kept alive
+//! by the graph ([`keep`]), and every tensor the step allocates is freed within it.
 //!
 //! **What cannot go in a graph**, and fails the recording instead (the step then runs eagerly,
 //! and after [`MAX_FAILURES`] failures recording stops): copies from host memory (candle's
@@ -40,15 +47,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, sys};
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::GpuIndex;
-use super::batch::{BatchPlan, ForwardBatch};
+use super::batch::{BatchPlan, ForwardBatch, graph_rows};
 use super::gather_cuda::write_words;
 use super::llama::{LlamaModel, StepInputs};
 use super::paged_index::PagedIndex;
 use super::{LoraDelta, ModelError};
+use crate::adapters::upload_cache::pack_words;
 use crate::kv_cache::KvCache;
 
 /// Graphs kept at most.
@@ -69,9 +77,15 @@ pub const MAX_FAILURES: u32 = 3;
 /// A device buffer a graph reads, kept alive with it.
 pub type Kept = Arc<dyn Any + Send + Sync>;
 
+/// A graph's LoRA row table (one adapter index per row, packed two to a word): an input that a
+/// replay writes.
+pub type RowTable = Arc<CudaSlice<u64>>;
+
 thread_local! {
     /// The buffers the graph being recorded on this thread reads (`None`: not recording).
     static KEPT: RefCell<Option<Vec<Kept>>> = const { RefCell::new(None) };
+    /// The LoRA row table of the graph being recorded on this thread, and its words.
+    static ROWS: RefCell<Option<(RowTable, Vec<u32>)>> = const { RefCell::new(None) };
 }
 
 /// Keeps the buffer `make` returns alive as long as the graph being recorded on this thread,
@@ -91,6 +105,18 @@ pub fn recording() -> bool {
     KEPT.with(|k| k.borrow().is_some())
 }
 
+/// The LoRA row table of the graph being recorded on this thread, if `map` is its content:
+/// every LoRA call of a recorded step reads its rows from the graph's own table, which each
+/// replay rewrites (the step's uniform mapping, [`super::RowSlots::uniform`]).
+pub fn recorded_rows(map: &[u32]) -> Option<RowTable> {
+    ROWS.with(|r| {
+        r.borrow()
+            .as_ref()
+            .filter(|(_, words)| words.as_slice() == map)
+            .map(|(table, _)| table.clone())
+    })
+}
+
 /// Counts of the steps [`DecodeGraphs::forward`] ran, by how.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct GraphStats {
@@ -107,7 +133,9 @@ struct GraphStats {
 /// What a graph is recorded for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
+    /// Rows of the recorded step (padded, [`graph_rows`]).
     rows: usize,
+    /// [`LoraDelta::graph_key`].
     lora: Vec<u64>,
 }
 
@@ -123,6 +151,8 @@ unsafe impl Send for Graph {}
 struct Entry {
     graph: Graph,
     inputs: StepInputs,
+    /// The LoRA row table, when the step has adapters.
+    lora_rows: Option<RowTable>,
     logits: Tensor,
     _kept: Vec<Kept>,
     used: u64,
@@ -194,12 +224,13 @@ impl DecodeGraphs {
         model.compute(plan, kv, &inputs, lora)
     }
 
-    /// The step's key when it can be recorded.
+    /// The step's key when it can be recorded: its rows padded to a graph's size when the KV
+    /// cache has a block for the padding rows to write into (else as many as it has).
     fn key(
         &self,
         model: &LlamaModel,
         plan: &BatchPlan,
-        kv: &KvCache,
+        kv: &mut KvCache,
         lora: &dyn LoraDelta,
     ) -> Option<Key> {
         let rows = plan.num_rows();
@@ -215,10 +246,14 @@ impl DecodeGraphs {
         {
             return None;
         }
-        Some(Key {
-            rows,
-            lora: lora.graph_key(&plan.row_slots)?,
-        })
+        let lora = lora.graph_key(&plan.row_slots)?;
+        let padded = graph_rows(rows);
+        let rows = if padded > rows && kv.pad_block().is_some() {
+            padded
+        } else {
+            rows
+        };
+        Some(Key { rows, lora })
     }
 
     fn graphed(
@@ -230,14 +265,29 @@ impl DecodeGraphs {
         key: Key,
     ) -> Result<Tensor, ModelError> {
         self.clock += 1;
+        let rows = plan.num_rows();
+        // The step as recorded: padded to the key's rows, one LoRA row table for every call.
+        let step = match kv.held_pad_block() {
+            Some(pad) if key.rows > rows => plan.padded(key.rows, pad),
+            _ => plan.clone().with_uniform_rows(),
+        };
+        if step.num_rows() != key.rows {
+            return Err(ModelError::InvalidBatch(format!(
+                "a CUDA graph step of {} rows for a key of {}",
+                step.num_rows(),
+                key.rows
+            )));
+        }
         // Block tables as long as a request may grow: one layout while the sequences grow.
         let stride = model.device_positions().div_ceil(kv.block_tokens());
-        let index = || PagedIndex::with_stride(plan, kv, stride);
+        let index = || PagedIndex::with_stride(&step, kv, stride);
+        // The step's own rows of the graph's logits.
+        let own = |logits: &Tensor| logits.narrow(0, 0, plan.logit_rows.len());
         if let Some(entry) = self.entries.get_mut(&key) {
-            entry.write(plan, &index()?, model.device())?;
+            entry.write(&step, &index()?, model.device())?;
             entry.graph.0.launch().w()?;
             entry.used = self.clock;
-            let logits = entry.logits.clone();
+            let logits = own(&entry.logits)?;
             self.stats.replayed += 1;
             // At the 1st, 2nd, 4th, 8th... replay: a log line whose spacing grows with the run.
             if self.stats.replayed.is_power_of_two() {
@@ -259,10 +309,11 @@ impl DecodeGraphs {
         let runs = self.seen.entry(key.clone()).or_insert(0);
         *runs += 1;
         if *runs < RECORD_AFTER {
-            return self.eager(model, plan, kv, lora);
+            // Not padded: the step's own rows, mapped as the recording will map them.
+            return self.eager(model, &plan.clone().with_uniform_rows(), kv, lora);
         }
         let t0 = std::time::Instant::now();
-        let entry = match record(model, plan, kv, lora, &index()?, self.clock) {
+        let entry = match record(model, &step, kv, lora, &index()?, self.clock) {
             Ok(entry) => entry,
             Err(e) => {
                 self.seen.remove(&key);
@@ -279,14 +330,15 @@ impl DecodeGraphs {
                     "a decode step could not be recorded into a CUDA graph: it runs eagerly{}",
                     if self.failures >= MAX_FAILURES { "; no more are recorded" } else { "" }
                 );
-                return self.eager(model, plan, kv, lora);
+                return self.eager(model, &plan.clone().with_uniform_rows(), kv, lora);
             }
         };
         entry.graph.0.launch().w()?;
-        let logits = entry.logits.clone();
+        let logits = own(&entry.logits)?;
         self.stats.recorded += 1;
         tracing::debug!(
             rows = key.rows,
+            own_rows = rows,
             graphs = self.entries.len() + 1,
             ms = t0.elapsed().as_secs_f64() * 1e3,
             "decode step recorded into a CUDA graph"
@@ -307,10 +359,10 @@ impl DecodeGraphs {
 }
 
 impl Entry {
-    /// Writes a step's ids, positions and index over the graph's.
+    /// Writes a step's ids, positions, index and LoRA rows over the graph's.
     fn write(
         &mut self,
-        plan: &BatchPlan,
+        step: &BatchPlan,
         index: &PagedIndex,
         device: &Device,
     ) -> Result<(), ModelError> {
@@ -319,18 +371,32 @@ impl Entry {
                 "a CUDA graph without its inputs".into(),
             ));
         };
-        write_words(&ids.ids, &plan.tokens)?;
-        write_words(&ids.positions, &plan.positions)?;
+        write_words(&ids.ids, &step.tokens)?;
+        write_words(&ids.positions, &step.positions)?;
         gpu.rewrite(index, device)?;
+        if let Some(table) = self.lora_rows.as_mut() {
+            let (Device::Cuda(dev), Some(table)) = (device, Arc::get_mut(table)) else {
+                return Err(ModelError::InvalidBatch(
+                    "a CUDA graph's LoRA rows are shared".into(),
+                ));
+            };
+            let words = pack_words(step.row_slots.group_indices());
+            if words.len() != table.len() {
+                return Err(ModelError::InvalidBatch(
+                    "a CUDA graph's LoRA rows rewritten with another length".into(),
+                ));
+            }
+            dev.cuda_stream().memcpy_htod(&words, table).w()?;
+        }
         Ok(())
     }
 }
 
-/// Records `plan`'s step (not launched): its inputs uploaded, the layers captured from the
+/// Records `step`'s step (not launched): its inputs uploaded, the layers captured from the
 /// engine thread's stream, the logits copied into a tensor the graph owns.
 fn record(
     model: &LlamaModel,
-    plan: &BatchPlan,
+    step: &BatchPlan,
     kv: &KvCache,
     lora: &dyn LoraDelta,
     index: &PagedIndex,
@@ -341,20 +407,27 @@ fn record(
         return Err(ModelError::InvalidBatch("CUDA graphs need a GPU".into()));
     };
     let inputs = StepInputs {
-        ids: Some(model.upload_ids(plan)?),
+        ids: Some(model.upload_ids(step)?),
         gpu: Some(GpuIndex::upload(index, device)?),
     };
+    let map = step.row_slots.group_indices();
+    let lora_rows = if step.row_slots.has_adapters() {
+        Some(Arc::new(dev.clone_htod(&pack_words(map.iter().copied()))?))
+    } else {
+        None
+    };
     let vocab = model.config().vocab_size;
-    let logits = Tensor::zeros((plan.logit_rows.len(), vocab), DType::F32, device)?;
+    let logits = Tensor::zeros((step.logit_rows.len(), vocab), DType::F32, device)?;
     let stream = dev.cuda_stream();
     KEPT.with(|k| *k.borrow_mut() = Some(Vec::new()));
+    ROWS.with(|r| *r.borrow_mut() = lora_rows.clone().map(|t| (t, map)));
     let begun = stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .w();
-    let step = begun.map_err(ModelError::from).and_then(|()| {
+    let captured = begun.map_err(ModelError::from).and_then(|()| {
         // Every tensor of the step but `logits` is dropped before the capture ends: the graph
         // frees what it allocates.
-        let out = model.compute(plan, kv, &inputs, lora)?;
+        let out = model.compute(step, kv, &inputs, lora)?;
         logits.slice_set(&out, 0, 0)?;
         Ok(())
     });
@@ -366,12 +439,14 @@ fn record(
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
     let _ = stream.context().check_err();
     let kept = KEPT.with(|k| k.borrow_mut().take()).unwrap_or_default();
-    step?;
+    ROWS.with(|r| r.borrow_mut().take());
+    captured?;
     let graph =
         graph?.ok_or_else(|| ModelError::InvalidBatch("the capture gave no graph".into()))?;
     Ok(Entry {
         graph: Graph(graph),
         inputs,
+        lora_rows,
         logits,
         _kept: kept,
         used,

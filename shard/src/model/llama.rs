@@ -533,3 +533,7 @@ fn load_linear(
     }
     Ok(Linear::new(w, dtype)?)
 }
+
+#[cfg(test)]
+#[path = "padding_tests.rs"]
+mod padding_tests;

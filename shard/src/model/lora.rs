@@ -89,6 +89,8 @@ pub struct RowSlots {
     slots: Vec<u32>,
     runs: Vec<SlotRun>,
     groups: Vec<(u32, Vec<u32>)>,
+    /// One row mapping for every LoRA call of the step ([`RowSlots::uniform`]).
+    uniform: bool,
 }
 
 impl RowSlots {
@@ -114,7 +116,37 @@ impl RowSlots {
             slots,
             runs,
             groups: groups.into_iter().collect(),
+            uniform: false,
         }
+    }
+
+    /// The same rows, with one LoRA row mapping for every call of the step
+    /// ([`RowSlots::uniform`]).
+    pub fn into_uniform(mut self) -> Self {
+        self.uniform = true;
+        self
+    }
+
+    /// Whether every LoRA call of the step maps its rows the same way: one adapter index per
+    /// row, [`RowSlots::group_indices`], over every slot of the step whether or not its adapter
+    /// has the call's modules. A CUDA graph's step: what its kernels launch then depends on the
+    /// step's set of adapters only, and its row table is an input written before each replay.
+    /// Otherwise each call takes the slots with its modules, as segments when rows share them.
+    pub fn uniform(&self) -> bool {
+        self.uniform
+    }
+
+    /// Each row's index among [`RowSlots::groups`] (its slot's place among the step's distinct
+    /// slots, ascending), [`medley_kernels::NO_ADAPTER`] for the base model.
+    pub fn group_indices(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .map(|&slot| {
+                self.groups
+                    .binary_search_by_key(&slot, |(s, _)| *s)
+                    .map_or(medley_kernels::NO_ADAPTER, |i| i as u32)
+            })
+            .collect()
     }
 
     /// The slot of every row.
@@ -172,10 +204,11 @@ pub trait LoraDelta: Send + Sync {
         rows: &RowSlots,
     ) -> candle_core::Result<Tensor>;
 
-    /// Words that name what this delta launches for a step over `rows`, when a CUDA graph can
-    /// record it: two steps with equal words launch the same kernels over the same device
-    /// buffers (every row's slot, and which adapter each slot holds). `None` when it cannot be
-    /// recorded (the default).
+    /// Words that name what this delta launches for a step over `rows` with the uniform row
+    /// mapping ([`RowSlots::uniform`]), when a CUDA graph can record it: two steps of as many
+    /// rows with equal words launch the same kernels over the same device buffers, their row
+    /// tables aside (the step's distinct slots, and which adapter each holds; not which row
+    /// uses which). `None` when it cannot be recorded (the default).
     fn graph_key(&self, rows: &RowSlots) -> Option<Vec<u64>> {
         let _ = rows;
         None
@@ -263,5 +296,9 @@ mod tests {
         assert_eq!(rows.groups(), &[(1, vec![3, 6, 7]), (3, vec![1, 2, 5])][..]);
         let base = RowSlots::from(vec![0, 0]);
         assert!(!base.has_adapters() && base.groups().is_empty());
+        let none = medley_kernels::NO_ADAPTER;
+        assert_eq!(rows.group_indices(), vec![none, 1, 1, 0, none, 1, 0, 0]);
+        assert!(!rows.uniform() && rows.clone().into_uniform().uniform());
+        assert_eq!(base.group_indices(), vec![none, none]);
     }
 }

@@ -10,7 +10,8 @@ use super::batch::BatchPlan;
 
 /// The index of one step, laid out as the kernels read it: `rows` slots, `rows` chunk numbers,
 /// `rows` positions, then one block table of `table_stride` entries per chunk (the blocks the
-/// chunk's positions use, padded with zeros that are never read).
+/// chunk's positions use, padded with zeros that are never read). A padding row
+/// ([`BatchPlan::padded`]) is a chunk of its own whose table is the pad block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PagedIndex {
     /// The words, in the order above.
@@ -52,6 +53,17 @@ impl PagedIndex {
             }
             tables.push(&blocks[..used]);
         }
+        let pad_rows = plan.pad_rows();
+        let pad = match plan.pad_block {
+            Some(block) => [block],
+            None if pad_rows == 0 => [0],
+            None => {
+                return Err(ModelError::InvalidBatch(
+                    "padding rows without a pad block".into(),
+                ));
+            }
+        };
+        tables.extend(std::iter::repeat_n(&pad[..], pad_rows));
         let table_stride = tables
             .iter()
             .map(|t| t.len())
@@ -60,6 +72,7 @@ impl PagedIndex {
             .max(min_stride)
             .max(1);
         let mut words = Vec::with_capacity(3 * rows + tables.len() * table_stride);
+        let pad_slot = kv.slot(&pad, 0).and_then(|s| u32::try_from(s).ok());
         for (c, table) in plan.chunks.iter().zip(&tables) {
             for pos in c.start..c.start + c.len {
                 let slot = kv
@@ -74,9 +87,17 @@ impl PagedIndex {
                 words.push(slot);
             }
         }
+        if pad_rows > 0 {
+            let slot = pad_slot.ok_or_else(|| {
+                ModelError::InvalidBatch(format!("pad block {} has no slot", pad[0]))
+            })?;
+            words.extend(std::iter::repeat_n(slot, pad_rows));
+        }
         for (i, c) in plan.chunks.iter().enumerate() {
             words.extend(std::iter::repeat_n(i as u32, c.len));
         }
+        let chunks = plan.chunks.len() as u32;
+        words.extend(chunks..chunks + pad_rows as u32);
         words.extend_from_slice(&plan.positions);
         for table in &tables {
             words.extend_from_slice(table);
@@ -226,6 +247,23 @@ mod tests {
         }
         // A stride below the natural one changes nothing.
         assert_eq!(PagedIndex::with_stride(&plan, &kv, 1).unwrap(), index);
+        // Padded to 6 rows (a CUDA graph's size): the step's rows as before; each padding row
+        // writes position 0 of the pad block, in a chunk of its own whose table is that block.
+        let pad = kv.pad_block().unwrap();
+        assert!(PagedIndex::new(&plan.padded(6, pad), &kv).is_ok());
+        let mut no_block = plan.padded(6, pad);
+        no_block.pad_block = None;
+        assert!(PagedIndex::new(&no_block, &kv).is_err());
+        let padded = PagedIndex::with_stride(&plan.padded(6, pad), &kv, 5).unwrap();
+        assert_eq!((padded.rows, padded.table_stride), (6, 5));
+        let w = &padded.words;
+        assert_eq!(w[..rows], index.words[..rows]);
+        assert_eq!(w[rows..6], [pad * 2, pad * 2]);
+        assert_eq!(w[6..12], [0, 1, 1, 1, 2, 3]);
+        assert_eq!(w[12..18], [5, 0, 1, 2, 0, 0]);
+        assert_eq!(w[18..28], wide.words[3 * rows..]);
+        assert_eq!(w[28..], [pad, 0, 0, 0, 0, pad, 0, 0, 0, 0]);
+        assert_eq!(plan.padded(4, pad).pad_block, None, "nothing to pad");
 
         let q = randn(rows * HEADS * D, 3);
         let k_new = randn(rows * KV_HEADS * D, 4);
