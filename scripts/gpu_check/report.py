@@ -129,7 +129,7 @@ def memory_table(d):
 # shows of the last one of each server.
 GRAPHS_LINE = "decode steps replayed from CUDA graphs"
 GRAPH_FIELDS = ["replayed", "recorded", "eager", "failed", "graphs"]
-GRAPH_FAILED_LINE = "could not be recorded into a CUDA graph"
+GRAPH_FAILED_LINE = "CUDA graph: it runs eagerly"  # a failed recording (or replay)
 
 
 def graph_table(d):

@@ -198,3 +198,69 @@ pub(crate) fn allocate(s: &Sequence, kv: &mut KvCache) -> Result<usize, KvCacheE
 fn kv_error(e: KvCacheError) -> EngineError {
     EngineError::KvCache(e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::engine::sequence::SeqLimits;
+    use crate::engine::types::Request;
+    use crate::generation::{SamplingParams, StopParams};
+    use crate::kv_cache::KvCacheConfig;
+    use crate::kv_cache::prefix::AdapterIdentity;
+
+    fn sequence(id: u64, prompt: usize) -> Sequence {
+        let req = Request {
+            id,
+            input_ids: (1..=prompt as u32).collect(),
+            sampling: SamplingParams::default(),
+            stopping: StopParams {
+                max_new_tokens: 64,
+                ..StopParams::default()
+            },
+            prefill_logprobs: false,
+            top_n_tokens: 0,
+            adapter_slot: 0,
+        };
+        let limits = SeqLimits {
+            vocab_size: 64,
+            max_positions: 256,
+            eos_token_ids: &[],
+        };
+        Sequence::new(&req, id, AdapterIdentity::BASE, limits).expect("sequence")
+    }
+
+    /// A pool of 4 blocks of 4 tokens, one of them the pad block of CUDA graph steps: two
+    /// prompts of 8 tokens get their blocks, the pad block first given back, no one preempted.
+    #[test]
+    fn the_pad_block_is_given_back_before_anyone_is_preempted() {
+        let cfg = crate::fixture::tiny_config();
+        let config = KvCacheConfig {
+            capacity_tokens: 16,
+            block_tokens: 4,
+            prefix_caching: false,
+        };
+        let mut kv = KvCache::new(&cfg, DType::F32, &Device::Cpu, config).expect("kv");
+        let mut seqs = vec![sequence(1, 8), sequence(2, 8)];
+        for s in &seqs {
+            allocate(s, &mut kv).expect("allocate");
+        }
+        let pad = kv.pad_block().expect("a free block");
+        let budget = StepBudget::new(64, 64);
+        let plan = plan_step(&mut seqs, &mut kv, budget, 0).expect("plan");
+        assert_eq!(plan.preempted, 0);
+        assert_eq!(
+            plan.chunks.iter().map(|c| c.tokens.len()).sum::<usize>(),
+            16
+        );
+        assert_eq!(kv.held_pad_block(), None);
+        assert!(
+            kv.blocks(1)
+                .into_iter()
+                .chain(kv.blocks(2))
+                .flatten()
+                .any(|&b| b == pad)
+        );
+    }
+}

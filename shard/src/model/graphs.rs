@@ -284,7 +284,13 @@ impl DecodeGraphs {
         // The step's own rows of the graph's logits.
         let own = |logits: &Tensor| logits.narrow(0, 0, plan.logit_rows.len());
         if let Some(entry) = self.entries.get_mut(&key) {
-            entry.write(&step, &index()?, model.device())?;
+            if let Err(e) = entry.write(&step, &index()?, model.device()) {
+                // Not expected (a graph's buffers are its own): the graph is dropped and the
+                // step runs eagerly.
+                self.entries.remove(&key);
+                self.refuse(key, &e, "could not write the inputs of its");
+                return self.eager(model, &plan.clone().with_uniform_rows(), kv, lora);
+            }
             entry.graph.0.launch().w()?;
             entry.used = self.clock;
             let logits = own(&entry.logits)?;
@@ -316,20 +322,7 @@ impl DecodeGraphs {
         let entry = match record(model, &step, kv, lora, &index()?, self.clock) {
             Ok(entry) => entry,
             Err(e) => {
-                self.seen.remove(&key);
-                if self.refused.len() > 4 * self.capacity {
-                    self.refused.clear();
-                }
-                self.refused.insert(key.clone());
-                self.failures += 1;
-                self.stats.failed += 1;
-                tracing::warn!(
-                    rows = key.rows,
-                    error = %e,
-                    failures = self.failures,
-                    "a decode step could not be recorded into a CUDA graph: it runs eagerly{}",
-                    if self.failures >= MAX_FAILURES { "; no more are recorded" } else { "" }
-                );
+                self.refuse(key, &e, "could not be recorded into a");
                 return self.eager(model, &plan.clone().with_uniform_rows(), kv, lora);
             }
         };
@@ -355,6 +348,28 @@ impl DecodeGraphs {
         self.seen.remove(&key);
         self.entries.insert(key, entry);
         Ok(logits)
+    }
+}
+
+impl DecodeGraphs {
+    /// Runs `key`'s steps eagerly from now on (a failed recording or replay: the step `what`
+    /// its graph), and stops recording after [`MAX_FAILURES`].
+    fn refuse(&mut self, key: Key, error: &ModelError, what: &str) {
+        self.seen.remove(&key);
+        if self.refused.len() > 4 * self.capacity {
+            self.refused.clear();
+        }
+        let rows = key.rows;
+        self.refused.insert(key);
+        self.failures += 1;
+        self.stats.failed += 1;
+        tracing::warn!(
+            rows,
+            error = %error,
+            failures = self.failures,
+            "a decode step {what} CUDA graph: it runs eagerly{}",
+            if self.failures >= MAX_FAILURES { "; no more are recorded" } else { "" }
+        );
     }
 }
 
