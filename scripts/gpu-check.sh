@@ -31,13 +31,14 @@
 #      required: f32 all 32 tokens equal (GPU vs transformers, GPU vs CPU), bf16 the first 16
 #      (reported only in the CPU dry run), on the random model and on the trained demo model
 #   4. decode tokens/s at 1, 8, 32 streams for base, one adapter and 8 distinct merges (bf16),
-#      and transformers' generate at batch 1 and 32 (bf16, eager and sdpa attention), each the
+#      and 8 merges staggered (at 8 and 32 streams, stream i of n asks for (i + 1) / n of the
+#      tokens: the batch shrinks as it runs), and transformers' generate at batch 1 and 32 (bf16, eager and sdpa attention), each the
 #      best of 3 runs; then issue 11's speed targets computed from them (the LoRA bandwidth
 #      both host-paced and GPU-timed, see shard/src/bin/medley-lora-check/bench.rs)
 #   5. report only, on a GPU, and only while the check is under 420 s (MEDLEY_GPU_CHECK_SOFT_S),
 #      so that everything required lands within one 10-minute call: first CUDA graphs
-#      (--cuda-graphs on: f32 tokens against the oracle, bf16 tokens against the eager server's
-#      and the oracle's, speed rows), then bf16 servers with the
+#      (--cuda-graphs on: f32 tokens against the oracle, one request at a time and all at once,
+#      bf16 tokens against the eager server's and the oracle's, speed rows), then bf16 servers with the
 #      opt-in speed-ups (tokens against the oracle, and speed rows): q/k/v and gate/up stacked
 #      into one matmul each (MEDLEY_STACK_PROJECTIONS=1) together with the fused BGMV kernel
 #      (MEDLEY_LORA_BGMV=fused), then the default server without decode ahead
@@ -369,7 +370,8 @@ graphs_f32() {
 optional "CUDA graphs f32 server" graphs_f32
 if [ "$mode" = gpu ]; then
   optional "CUDA graphs server" \
-    variant_server graphs "CUDA graphs" "base,1 adapter,8 merges" CUDA_GRAPHS=on
+    variant_server graphs "CUDA graphs" "base,1 adapter,8 merges,8 merges staggered" \
+      CUDA_GRAPHS=on
   if [ -f "$res/tokens-medley-cuda-bf16-graphs.json" ]; then
     step "compare bf16 graphs vs eager" 30 compare \
       "medley cuda bf16 CUDA graphs vs medley cuda bf16 (eager)" \

@@ -163,19 +163,32 @@ def best_of(repeats, deadline, run):
     return dict(best, runs=[r["tokens_per_s"] for r in runs])
 
 
+def merge_params(i):
+    """Stream i's request of the "8 merges" configuration: linear merge i mod 8."""
+    return {"adapter_source": "local", "merged_adapters": {
+        "ids": SPEED_MERGES[i % 8]["ids"], "weights": SPEED_MERGES[i % 8]["weights"],
+        "merge_strategy": "linear"}}
+
+
 def medley_speed(args):
     rows = []
     deadline = time.monotonic() + args.budget_s
-    configs = [("base", lambda i: {}), ("1 adapter", lambda i: case_params("adapter")),
-               ("8 merges", lambda i: {"adapter_source": "local", "merged_adapters": {
-                   "ids": SPEED_MERGES[i % 8]["ids"], "weights": SPEED_MERGES[i % 8]["weights"],
-                   "merge_strategy": "linear"}})]
+    full = lambda i, streams: args.new_tokens
+    # "8 merges staggered": stream i of n asks for (i + 1) / n of the tokens, so the batch
+    # loses a request every few steps (a CUDA graph server pads to fewer rows as it shrinks).
+    staggered = lambda i, streams: max(2, args.new_tokens * (i + 1) // streams)
+    configs = [("base", lambda i: {}, full),
+               ("1 adapter", lambda i: case_params("adapter"), full),
+               ("8 merges", merge_params, full),
+               ("8 merges staggered", merge_params, staggered)]
     configs = [c for c in configs if c[0] in args.configs.split(",")]
-    for name, params in configs:
+    for name, params, tokens in configs:
         # Warm-up: loads the adapters and computes the merges once, outside the timing.
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: generate(args.url, SPEED_PROMPT, params(i), 2), range(8)))
         for streams in args.streams:
+            if tokens is staggered and streams < 2:
+                continue
             if time.monotonic() > deadline:
                 rows.append(dict(config=name, streams=streams, skipped="time budget"))
                 continue
@@ -184,7 +197,8 @@ def medley_speed(args):
                 t0 = time.monotonic()
                 with concurrent.futures.ThreadPoolExecutor(streams) as pool:
                     got = list(pool.map(
-                        lambda i: generate(args.url, SPEED_PROMPT, params(i), args.new_tokens),
+                        lambda i: generate(args.url, SPEED_PROMPT, params(i),
+                                           tokens(i, streams)),
                         range(streams)))
                 dt = time.monotonic() - t0
                 n = sum(len(g) for g in got)
@@ -398,8 +412,8 @@ def main():
     p.add_argument("--budget-s", type=float, default=120)
     p.add_argument("--decode-reps", type=int, default=0,
                    help="at 1 stream, also measure decode-only tok/s over this many streamed requests (best)")
-    p.add_argument("--configs", default="base,1 adapter,8 merges",
-                   help="comma-separated subset of: base, 1 adapter, 8 merges")
+    p.add_argument("--configs", default="base,1 adapter,8 merges,8 merges staggered",
+                   help="comma-separated subset of: base, 1 adapter, 8 merges, 8 merges staggered")
     p.add_argument("--repeats", type=int, default=3, help="runs per row; the best is reported")
     p = sub.add_parser("hf-speed")
     for a in ("--model", "--out"):

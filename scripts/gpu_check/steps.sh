@@ -93,11 +93,11 @@ medley_tokens_and_batch() {
 }
 
 # medley_tokens_and_speed NAME DEVICE DTYPE: the tokens, then the speed table, on one server
-# (-> $speed_file, default speed-medley.json; configs $speed_configs, default all three).
+# (-> $speed_file, default speed-medley.json; configs $speed_configs, default all four).
 medley_tokens_and_speed() {
   medley_tokens "$@" || return 1
   "$py" "$check" medley-speed --url "$server_url" --out "$res/${speed_file:-speed-medley.json}" \
-    --configs "${speed_configs:-base,1 adapter,8 merges}" --new-tokens "$new_tokens" --budget-s 150
+    --configs "${speed_configs:-base,1 adapter,8 merges,8 merges staggered}" --new-tokens "$new_tokens" --budget-s 150
 }
 
 # compare NAME REFERENCE CANDIDATE [--require K]: token comparison -> compare-NAME.json.
