@@ -25,8 +25,8 @@
 //! recorded at its own size.
 //!
 //! **Inputs.** Each graph owns its ids, positions, paged index (block tables padded to the
-//! longest a request may reach, so that one layout serves while the sequences grow), LoRA row
-//! table and logits. A replay writes the step's words into them, then launches. Every buffer
+//! longest a request may reach, so that one layout serves while the sequences grow) and LoRA
+//! row table, and writes its logits into rows of a buffer all graphs share. A replay writes the step's words into them, then launches. Every buffer
 //! the recorded kernels read that a cache owns (LoRA factor tables and workspace) is kept alive
 //! by the graph ([`keep`]), and every tensor the step allocates is freed within it.
 //!
@@ -38,8 +38,10 @@
 //! not capture.
 //!
 //! **Memory.** A graph's intermediate tensors come from the driver's graph memory, apart from the
-//! pool the KV cache was fitted to (about one decode step's activations per graph, plus its
-//! logits; at most [`DEFAULT_CAPACITY`] graphs are kept, the least recently used dropped).
+//! pool the KV cache was fitted to (about one decode step's activations per graph; at most
+//! [`DEFAULT_CAPACITY`] graphs are kept, the least recently used dropped). The graphs share one
+//! logits buffer, grown by doubling: with the outgrown ones that older graphs keep, at most
+//! twice the largest graph's rows.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -153,6 +155,7 @@ struct Entry {
     inputs: StepInputs,
     /// The LoRA row table, when the step has adapters.
     lora_rows: Option<RowTable>,
+    /// Its rows of the logits buffer ([`DecodeGraphs::logits`]; keeps that buffer alive).
     logits: Tensor,
     _kept: Vec<Kept>,
     used: u64,
@@ -169,6 +172,8 @@ pub struct DecodeGraphs {
     clock: u64,
     failures: u32,
     stats: GraphStats,
+    /// The logits buffer the graphs write their rows into (see [`DecodeGraphs::logits`]).
+    logits: Option<Tensor>,
 }
 
 impl DecodeGraphs {
@@ -182,6 +187,29 @@ impl DecodeGraphs {
             clock: 0,
             failures: 0,
             stats: GraphStats::default(),
+            logits: None,
+        }
+    }
+
+    /// The first `rows` rows of the logits buffer that graphs write into, `[rows, vocab]` f32.
+    /// One buffer serves every graph: a step's logits are read (sampled on the device or
+    /// copied back) before the next step is launched on the stream, so graphs of different
+    /// sizes need not each hold theirs (up to 128 MiB at 256 rows of a 128k vocabulary). It
+    /// grows by doubling; a graph keeps the buffer it was recorded with.
+    fn logits(&mut self, rows: usize, vocab: usize, device: &Device) -> Result<Tensor, ModelError> {
+        let held = self.logits.as_ref().map_or(0, |t| t.dim(0).unwrap_or(0));
+        if held < rows
+            || self
+                .logits
+                .as_ref()
+                .is_some_and(|t| t.dim(1).ok() != Some(vocab))
+        {
+            let grown = rows.max(2 * held).min(MAX_ROWS.max(rows));
+            self.logits = Some(Tensor::zeros((grown, vocab), DType::F32, device)?);
+        }
+        match &self.logits {
+            Some(t) => Ok(t.narrow(0, 0, rows)?),
+            None => Err(ModelError::InvalidBatch("no logits buffer".into())),
         }
     }
 
@@ -190,6 +218,7 @@ impl DecodeGraphs {
         self.entries.clear();
         self.seen.clear();
         self.refused.clear();
+        self.logits = None;
     }
 
     /// [`LlamaModel::forward`], replayed from a graph when the step can be (see the module
@@ -319,7 +348,12 @@ impl DecodeGraphs {
             return self.eager(model, &plan.clone().with_uniform_rows(), kv, lora);
         }
         let t0 = std::time::Instant::now();
-        let entry = match record(model, &step, kv, lora, &index()?, self.clock) {
+        let logits = self.logits(
+            step.logit_rows.len(),
+            model.config().vocab_size,
+            model.device(),
+        )?;
+        let entry = match record(model, &step, kv, lora, &index()?, logits, self.clock) {
             Ok(entry) => entry,
             Err(e) => {
                 self.refuse(key, &e, "could not be recorded into a");
@@ -408,13 +442,15 @@ impl Entry {
 }
 
 /// Records `step`'s step (not launched): its inputs uploaded, the layers captured from the
-/// engine thread's stream, the logits copied into a tensor the graph owns.
+/// engine thread's stream, the logits copied into `logits` (`[rows, vocab]` f32, outside the
+/// graph's memory).
 fn record(
     model: &LlamaModel,
     step: &BatchPlan,
     kv: &KvCache,
     lora: &dyn LoraDelta,
     index: &PagedIndex,
+    logits: Tensor,
     used: u64,
 ) -> Result<Entry, ModelError> {
     let device = model.device();
@@ -431,8 +467,6 @@ fn record(
     } else {
         None
     };
-    let vocab = model.config().vocab_size;
-    let logits = Tensor::zeros((step.logit_rows.len(), vocab), DType::F32, device)?;
     let stream = dev.cuda_stream();
     KEPT.with(|k| *k.borrow_mut() = Some(Vec::new()));
     ROWS.with(|r| *r.borrow_mut() = lora_rows.clone().map(|t| (t, map)));
