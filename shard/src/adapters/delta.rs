@@ -11,11 +11,11 @@
 //! output, which is rounded once.
 
 use candle_core::Tensor;
-use medley_kernels::Segment;
+use medley_kernels::{NO_ADAPTER, Segment};
 
 use super::lora_op::{KernelRows, LoraFactors, PartFactors, add_lora_parts};
 use super::store::{AdapterStore, LoraBackend};
-use super::weights::{DeviceModule, LORA_DTYPE};
+use super::weights::{DeviceModule, LORA_DTYPE, SlotAdapter};
 use crate::model::lora::split_columns;
 use crate::model::row_span::RowSpan;
 use crate::model::{LoraDelta, RowSlots, TargetModule};
@@ -35,18 +35,38 @@ impl LoraDelta for AdapterStore {
             .ok_or_else(|| candle_core::Error::Msg("lora: no output".into()))
     }
 
-    /// Each distinct slot of the step and its adapter's serial: with the uniform mapping the
-    /// kernels and their factor tables follow from them, the row table is the graph's input.
-    /// Only the kernel path records.
+    /// Every occupied slot and its adapter's serial when some row uses an adapter (nothing
+    /// otherwise: no LoRA launch): with the uniform mapping the kernels and their factor tables
+    /// follow from them, the row table is the graph's input. Only the kernel path records.
     fn graph_key(&self, rows: &RowSlots) -> Option<Vec<u64>> {
-        if rows.has_adapters() && self.backend() != LoraBackend::Kernels {
+        if !rows.has_adapters() {
+            return Some(Vec::new());
+        }
+        if self.backend() != LoraBackend::Kernels {
             return None;
         }
-        let mut key = Vec::with_capacity(2 * rows.groups().len());
+        // Every row's adapter must be there (the step fails otherwise, recorded or not).
         for (slot, _) in rows.groups() {
-            key.extend([u64::from(*slot), self.get(*slot)?.serial()]);
+            self.get(*slot)?;
         }
-        Some(key)
+        Some(
+            self.occupied()
+                .flat_map(|(slot, a)| [u64::from(slot), a.serial()])
+                .collect(),
+        )
+    }
+
+    /// Each row's place among the occupied slots (the uniform mapping's adapters).
+    fn graph_rows(&self, rows: &RowSlots) -> Vec<u32> {
+        let occupied: Vec<u32> = self.occupied().map(|(slot, _)| slot).collect();
+        rows.slots()
+            .iter()
+            .map(|slot| {
+                occupied
+                    .binary_search(slot)
+                    .map_or(NO_ADAPTER, |i| i as u32)
+            })
+            .collect()
     }
 
     fn apply_stacked(
@@ -61,19 +81,24 @@ impl LoraDelta for AdapterStore {
         if !rows.has_adapters() {
             return split_columns(&y, widths);
         }
-        // The slots of this step that have any of the modules (every slot with the uniform
-        // mapping), ascending, with each module's factors.
+        // The slots of this step that have any of the modules, ascending, with each module's
+        // factors; with the uniform mapping every occupied slot, whether or not it has them.
         let mut used: Vec<(u32, Vec<Option<&DeviceModule>>)> =
             Vec::with_capacity(rows.groups().len());
         for (slot, _) in rows.groups() {
             let adapter = self
                 .get(*slot)
                 .ok_or_else(|| candle_core::Error::Msg(format!("adapter slot {slot} is empty")))?;
-            let found: Vec<Option<&DeviceModule>> =
-                modules.iter().map(|&m| adapter.module(layer, m)).collect();
-            if rows.uniform() || found.iter().any(Option::is_some) {
+            let found = modules_of(adapter, layer, modules);
+            if !rows.uniform() && found.iter().any(Option::is_some) {
                 used.push((*slot, found));
             }
+        }
+        if rows.uniform() {
+            used.extend(
+                self.occupied()
+                    .map(|(slot, a)| (slot, modules_of(a, layer, modules))),
+            );
         }
         if used
             .iter()
@@ -82,7 +107,12 @@ impl LoraDelta for AdapterStore {
             return split_columns(&y, widths);
         }
         if self.backend() == LoraBackend::Kernels {
-            return split_columns(&apply_kernels(x, y, rows, &used, widths)?, widths);
+            // `used` holds every occupied slot with the uniform mapping, in `graph_rows`' order.
+            let mapping = rows
+                .uniform()
+                .then(|| KernelRows::PerRow(self.graph_rows(rows)));
+            let y = apply_kernels(x, y, rows, mapping, &used, widths)?;
+            return split_columns(&y, widths);
         }
         // The candle path, module by module over the slots that have it.
         let mut out = Vec::with_capacity(widths.len());
@@ -107,10 +137,13 @@ impl LoraDelta for AdapterStore {
 /// Through [`add_lora_parts`], every module of `widths` in one call: on the CPU in f32
 /// (half-precision operands are widened and the result rounded once), on a GPU in the
 /// activations' own dtype (the kernels accumulate in f32). Returns `y` with the deltas.
+/// The rows' mapping is `mapping` when given (the uniform one), else built from the runs of
+/// `rows` over the slots of `used`.
 fn apply_kernels(
     x: &Tensor,
     y: Tensor,
     rows: &RowSlots,
+    mapping: Option<KernelRows>,
     used: &[(u32, Vec<Option<&DeviceModule>>)],
     widths: &[usize],
 ) -> candle_core::Result<Tensor> {
@@ -131,10 +164,7 @@ fn apply_kernels(
     } else {
         y.contiguous()?
     };
-    let mapping = if rows.uniform() {
-        // `used` holds every slot of the step, in the groups' order.
-        KernelRows::PerRow(rows.group_indices())
-    } else {
+    let mapping = mapping.unwrap_or_else(|| {
         let adapter_of = |slot: u32| used.binary_search_by_key(&slot, |(s, _)| *s).ok();
         // Sized up front: a decode step makes one segment per row, and this runs for every
         // projection of every layer.
@@ -148,7 +178,7 @@ fn apply_kernels(
             })
         }));
         KernelRows::from_segments(rows.len(), segments)
-    };
+    });
     let mut entries = Vec::with_capacity(used.len() * widths.len());
     entries.extend(used.iter().flat_map(|(_, found)| {
         found.iter().map(|m| {
@@ -165,6 +195,15 @@ fn apply_kernels(
     };
     add_lora_parts(&x, &y, &mapping, &factors)?;
     y.to_dtype(out_dtype)
+}
+
+/// `adapter`'s factors of each of `modules` in `layer`.
+fn modules_of<'a>(
+    adapter: &'a SlotAdapter,
+    layer: usize,
+    modules: &[TargetModule],
+) -> Vec<Option<&'a DeviceModule>> {
+    modules.iter().map(|&m| adapter.module(layer, m)).collect()
 }
 
 fn apply_candle(
@@ -303,26 +342,24 @@ mod tests {
         (got, dense(st, module, &round(&xv), &round(&yv), slots))
     }
 
-    /// The graph key names the step's slots and their adapters, not which row uses which
-    /// (the uniform mapping's row table is the graph's input): equal for the same adapters
-    /// over other rows, different for another set or when a slot's adapter is loaded again
-    /// (new tensors); the candle path is not recorded, the base model always is.
+    /// The graph key names the adapters loaded, not which row uses which (the uniform
+    /// mapping's row table is the graph's input): equal for any rows on them, different when a
+    /// slot's adapter is loaded again (new tensors), nothing for the base model alone; the
+    /// candle path is not recorded. The row table indexes the loaded slots.
     #[test]
-    fn graph_keys_name_the_step_s_adapters() {
+    fn graph_keys_name_the_loaded_adapters() {
         let mut st = store(LoraBackend::Kernels);
         let rows = RowSlots::new(vec![1, 0, 3, 1]);
         let key = st.graph_key(&rows).expect("kernels record");
-        assert_eq!(
-            st.graph_key(&RowSlots::new(vec![3, 0, 1, 1])),
-            Some(key.clone())
-        );
-        assert_eq!(st.graph_key(&RowSlots::new(vec![3, 1])), Some(key.clone()));
-        assert_ne!(
-            st.graph_key(&RowSlots::new(vec![0, 3, 3])),
-            Some(key.clone())
-        );
+        assert_eq!(key.len(), 4, "two slots and their serials");
+        for other in [vec![3, 0, 1, 1], vec![3, 1], vec![0, 3, 3]] {
+            assert_eq!(st.graph_key(&RowSlots::new(other)), Some(key.clone()));
+        }
         assert_eq!(st.graph_key(&RowSlots::new(vec![0, 0])), Some(vec![]));
         assert_eq!(st.graph_key(&RowSlots::new(vec![2])), None, "an empty slot");
+        let none = NO_ADAPTER;
+        assert_eq!(st.graph_rows(&rows), vec![0, none, 1, 0]);
+        assert_eq!(st.graph_rows(&RowSlots::new(vec![3, 0])), vec![1, none]);
         // The same adapter loaded again into slot 3: other tensors, another key.
         let again = store(LoraBackend::Kernels);
         let reloaded = again.get(3).expect("slot 3").clone();

@@ -158,6 +158,14 @@ impl AdapterStore {
         Ok(freed)
     }
 
+    /// Every occupied slot with its adapter, ascending.
+    pub fn occupied(&self) -> impl Iterator<Item = (u32, &SlotAdapter)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.as_deref().map(|a| (i as u32 + 1, a)))
+    }
+
     /// The occupied slots, ascending.
     pub fn list(&self) -> Vec<AdapterSlotInfo> {
         self.slots

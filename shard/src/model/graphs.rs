@@ -10,11 +10,12 @@
 //! and whose LoRA delta can be recorded ([`LoraDelta::graph_key`]). Its rows are padded to a
 //! graph's size ([`graph_rows`]: 1, 2, 4, then multiples of 8, as vLLM does), and every LoRA
 //! call of the step maps rows to adapters the same way ([`super::RowSlots::uniform`]): one
-//! adapter index per row among the step's adapters. Its key is the padded size and the step's
-//! adapters (their slots and which adapter each holds), not which row uses which: two steps
-//! with one key launch the same kernels with the same arguments over the same buffers, only
-//! their inputs differ. So a batch keeps its graph while requests leave it (down to the next
-//! size) and while its rows move between its adapters. The first [`RECORD_AFTER`] steps of a
+//! adapter index per row among every adapter loaded ([`LoraDelta::graph_rows`]). Its key is
+//! the padded size and, when a row uses an adapter, the loaded adapters (their slots and which
+//! adapter each holds), not which row uses which: two steps with one key launch the same
+//! kernels with the same arguments over the same buffers, only their inputs differ. So a batch
+//! keeps its graph while requests leave it (down to the next size), join it (up to it) or
+//! move between adapters; loading or evicting an adapter (a new merge) starts new graphs. The first [`RECORD_AFTER`] steps of a
 //! key run eagerly (the first also fills the caches the recorded kernels read: kernel modules,
 //! LoRA tables, the LoRA workspace); the next is recorded and launched; later ones are replayed.
 //!
@@ -313,7 +314,7 @@ impl DecodeGraphs {
         // The step's own rows of the graph's logits.
         let own = |logits: &Tensor| logits.narrow(0, 0, plan.logit_rows.len());
         if let Some(entry) = self.entries.get_mut(&key) {
-            if let Err(e) = entry.write(&step, &index()?, model.device()) {
+            if let Err(e) = entry.write(&step, &index()?, lora, model.device()) {
                 // Not expected (a graph's buffers are its own): the graph is dropped and the
                 // step runs eagerly.
                 self.entries.remove(&key);
@@ -408,11 +409,12 @@ impl DecodeGraphs {
 }
 
 impl Entry {
-    /// Writes a step's ids, positions, index and LoRA rows over the graph's.
+    /// Writes a step's ids, positions, index and LoRA rows (of `lora`) over the graph's.
     fn write(
         &mut self,
         step: &BatchPlan,
         index: &PagedIndex,
+        lora: &dyn LoraDelta,
         device: &Device,
     ) -> Result<(), ModelError> {
         let (Some(ids), Some(gpu)) = (self.inputs.ids.as_ref(), self.inputs.gpu.as_mut()) else {
@@ -429,7 +431,7 @@ impl Entry {
                     "a CUDA graph's LoRA rows are shared".into(),
                 ));
             };
-            let words = pack_words(step.row_slots.group_indices());
+            let words = pack_words(lora.graph_rows(&step.row_slots));
             if words.len() != table.len() {
                 return Err(ModelError::InvalidBatch(
                     "a CUDA graph's LoRA rows rewritten with another length".into(),
@@ -461,7 +463,7 @@ fn record(
         ids: Some(model.upload_ids(step)?),
         gpu: Some(GpuIndex::upload(index, device)?),
     };
-    let map = step.row_slots.group_indices();
+    let map = lora.graph_rows(&step.row_slots);
     let lora_rows = if step.row_slots.has_adapters() {
         Some(Arc::new(dev.clone_htod(&pack_words(map.iter().copied()))?))
     } else {

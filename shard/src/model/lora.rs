@@ -128,10 +128,11 @@ impl RowSlots {
     }
 
     /// Whether every LoRA call of the step maps its rows the same way: one adapter index per
-    /// row, [`RowSlots::group_indices`], over every slot of the step whether or not its adapter
-    /// has the call's modules. A CUDA graph's step: what its kernels launch then depends on the
-    /// step's set of adapters only, and its row table is an input written before each replay.
-    /// Otherwise each call takes the slots with its modules, as segments when rows share them.
+    /// row ([`LoraDelta::graph_rows`]) over every adapter the delta holds, whether or not a row
+    /// uses it or it has the call's modules. A CUDA graph's step: what its kernels launch then
+    /// depends on the adapters held only, and its row table is an input written before each
+    /// replay. Otherwise each call takes the step's slots with its modules, as segments when
+    /// rows share them.
     pub fn uniform(&self) -> bool {
         self.uniform
     }
@@ -207,11 +208,19 @@ pub trait LoraDelta: Send + Sync {
     /// Words that name what this delta launches for a step over `rows` with the uniform row
     /// mapping ([`RowSlots::uniform`]), when a CUDA graph can record it: two steps of as many
     /// rows with equal words launch the same kernels over the same device buffers, their row
-    /// tables aside (the step's distinct slots, and which adapter each holds; not which row
+    /// tables ([`LoraDelta::graph_rows`]) aside (which adapters the delta holds; not which row
     /// uses which). `None` when it cannot be recorded (the default).
     fn graph_key(&self, rows: &RowSlots) -> Option<Vec<u64>> {
         let _ = rows;
         None
+    }
+
+    /// The uniform mapping's row table of a step over `rows`: each row's adapter index as the
+    /// kernels read it, [`medley_kernels::NO_ADAPTER`] for the base model. A CUDA graph's
+    /// replay writes it into the graph's table. The default indexes the step's own slots
+    /// ([`RowSlots::group_indices`]).
+    fn graph_rows(&self, rows: &RowSlots) -> Vec<u32> {
+        rows.group_indices()
     }
 
     /// [`LoraDelta::apply`] for several projections of one input at once: `y` holds their base

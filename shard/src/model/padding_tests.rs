@@ -44,11 +44,17 @@ fn padded_step(dtype: DType) {
     let cfg = model.config().clone();
     let base = BaseModules::from_config(&cfg);
     let mut store = AdapterStore::new(4, 1 << 30, LoraBackend::Kernels);
-    // Slot 1 lacks k, o, gate and up: with the uniform mapping its rows are in those calls
-    // without factors.
+    // Slot 1 lacks k, o, gate and up: with the uniform mapping it is in those calls without
+    // factors.
     let mut partial = AdapterFixture::new(4, 31);
     partial.targets = vec!["q_proj".into(), "v_proj".into(), "down_proj".into()];
-    for (slot, fx) in [(1, partial), (2, AdapterFixture::new(8, 32))] {
+    // Slot 3 (rank 16) is loaded but used by no row: the uniform mapping's calls take it too.
+    let slots_loaded = [
+        (1, partial),
+        (2, AdapterFixture::new(8, 32)),
+        (3, AdapterFixture::new(16, 33)),
+    ];
+    for (slot, fx) in slots_loaded {
         let adapter = fx.adapter(&adapter_shape(&cfg).module_shapes()).unwrap();
         let w = SlotWeights::from_adapter(&adapter, &base).unwrap();
         store
