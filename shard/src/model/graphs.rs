@@ -15,9 +15,10 @@
 //! adapter each holds), not which row uses which: two steps with one key launch the same
 //! kernels with the same arguments over the same buffers, only their inputs differ. So a batch
 //! keeps its graph while requests leave it (down to the next size), join it (up to it) or
-//! move between adapters; loading or evicting an adapter (a new merge) starts new graphs. The first [`RECORD_AFTER`] steps of a
-//! key run eagerly (the first also fills the caches the recorded kernels read: kernel modules,
-//! LoRA tables, the LoRA workspace); the next is recorded and launched; later ones are replayed.
+//! move between adapters; loading or evicting an adapter (a new merge) starts new graphs.
+//! The first [`RECORD_AFTER`] steps of a key run eagerly (the first also fills the caches the
+//! recorded kernels read: kernel modules, LoRA tables, the LoRA workspace); the next is
+//! recorded and launched; later ones are replayed.
 //!
 //! **Padding.** An added row decodes token 0 at position 0 with the base model and writes its
 //! key and value into the KV cache's pad block ([`KvCache::pad_block`]: a block no sequence
@@ -27,9 +28,10 @@
 //!
 //! **Inputs.** Each graph owns its ids, positions, paged index (block tables padded to the
 //! longest a request may reach, so that one layout serves while the sequences grow) and LoRA
-//! row table, and writes its logits into rows of a buffer all graphs share. A replay writes the step's words into them, then launches. Every buffer
-//! the recorded kernels read that a cache owns (LoRA factor tables and workspace) is kept alive
-//! by the graph ([`keep`]), and every tensor the step allocates is freed within it.
+//! row table, and writes its logits into rows of a buffer all graphs share. A replay writes
+//! the step's words into them, then launches. Every buffer the recorded kernels read that a
+//! cache owns (LoRA factor tables and workspace) is kept alive by the graph ([`keep`]), and
+//! every tensor the step allocates is freed within it.
 //!
 //! **What cannot go in a graph**, and fails the recording instead (the step then runs eagerly,
 //! and after [`MAX_FAILURES`] failures recording stops): copies from host memory (candle's
@@ -296,10 +298,16 @@ impl DecodeGraphs {
     ) -> Result<Tensor, ModelError> {
         self.clock += 1;
         let rows = plan.num_rows();
-        // The step as recorded: padded to the key's rows, one LoRA row table for every call.
+        // The step as run eagerly (its own rows) and as recorded (padded to the key's rows),
+        // both with one LoRA row table for every call.
+        let uniform = plan.clone().with_uniform_rows();
+        let padded;
         let step = match kv.held_pad_block() {
-            Some(pad) if key.rows > rows => plan.padded(key.rows, pad),
-            _ => plan.clone().with_uniform_rows(),
+            Some(pad) if key.rows > rows => {
+                padded = plan.padded(key.rows, pad);
+                &padded
+            }
+            _ => &uniform,
         };
         if step.num_rows() != key.rows {
             return Err(ModelError::InvalidBatch(format!(
@@ -310,16 +318,16 @@ impl DecodeGraphs {
         }
         // Block tables as long as a request may grow: one layout while the sequences grow.
         let stride = model.device_positions().div_ceil(kv.block_tokens());
-        let index = || PagedIndex::with_stride(&step, kv, stride);
+        let index = || PagedIndex::with_stride(step, kv, stride);
         // The step's own rows of the graph's logits.
         let own = |logits: &Tensor| logits.narrow(0, 0, plan.logit_rows.len());
         if let Some(entry) = self.entries.get_mut(&key) {
-            if let Err(e) = entry.write(&step, &index()?, lora, model.device()) {
+            if let Err(e) = entry.write(step, &index()?, lora, model.device()) {
                 // Not expected (a graph's buffers are its own): the graph is dropped and the
                 // step runs eagerly.
                 self.entries.remove(&key);
                 self.refuse(key, &e, "could not write the inputs of its");
-                return self.eager(model, &plan.clone().with_uniform_rows(), kv, lora);
+                return self.eager(model, &uniform, kv, lora);
             }
             entry.graph.0.launch().w()?;
             entry.used = self.clock;
@@ -346,7 +354,7 @@ impl DecodeGraphs {
         *runs += 1;
         if *runs < RECORD_AFTER {
             // Not padded: the step's own rows, mapped as the recording will map them.
-            return self.eager(model, &plan.clone().with_uniform_rows(), kv, lora);
+            return self.eager(model, &uniform, kv, lora);
         }
         let t0 = std::time::Instant::now();
         let logits = self.logits(
@@ -354,11 +362,11 @@ impl DecodeGraphs {
             model.config().vocab_size,
             model.device(),
         )?;
-        let entry = match record(model, &step, kv, lora, &index()?, logits, self.clock) {
+        let entry = match record(model, step, kv, lora, &index()?, logits, self.clock) {
             Ok(entry) => entry,
             Err(e) => {
                 self.refuse(key, &e, "could not be recorded into a");
-                return self.eager(model, &plan.clone().with_uniform_rows(), kv, lora);
+                return self.eager(model, &uniform, kv, lora);
             }
         };
         entry.graph.0.launch().w()?;
@@ -463,15 +471,20 @@ fn record(
         ids: Some(model.upload_ids(step)?),
         gpu: Some(GpuIndex::upload(index, device)?),
     };
-    let map = lora.graph_rows(&step.row_slots);
-    let lora_rows = if step.row_slots.has_adapters() {
-        Some(Arc::new(dev.clone_htod(&pack_words(map.iter().copied()))?))
+    // The LoRA row table and its words, when a row uses an adapter.
+    let rows = if step.row_slots.has_adapters() {
+        let map = lora.graph_rows(&step.row_slots);
+        Some((
+            Arc::new(dev.clone_htod(&pack_words(map.iter().copied()))?),
+            map,
+        ))
     } else {
         None
     };
+    let lora_rows = rows.as_ref().map(|(table, _)| table.clone());
     let stream = dev.cuda_stream();
     KEPT.with(|k| *k.borrow_mut() = Some(Vec::new()));
-    ROWS.with(|r| *r.borrow_mut() = lora_rows.clone().map(|t| (t, map)));
+    ROWS.with(|r| *r.borrow_mut() = rows);
     let begun = stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .w();
